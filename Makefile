@@ -1,0 +1,31 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= /tmp/corral-demo
+
+.PHONY: setup demo test lint typecheck unit integration clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	@scripts/demo.sh $(DEMO_DIR)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+test: lint typecheck
+	$(PY) -m pytest -q
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+integration: setup
+	$(PY) -m pytest -q -m integration
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

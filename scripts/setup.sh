@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what corral needs on a Debian 12 machine: the Debian packages of the real
+# parts it drives, and a virtual environment with its pinned Python dependencies.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBIAN_PACKAGES=(
+    grub-common        # grub-script-check validates generated GRUB files
+    python3-venv
+)
+
+missing=()
+for pkg in "${DEBIAN_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "error: missing Debian packages: ${missing[*]}; run 'sudo apt-get install ${missing[*]}' or run make as root" >&2
+        exit 2
+    fi
+    echo "+ apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+    echo "+ $PYTHON -m venv .venv"
+    "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.corral-installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp || requirements.lock -nt $stamp ]]; then
+    echo "+ pip install -e .[dev] (pinned by requirements.lock)"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev]'
+    touch "$stamp"
+fi

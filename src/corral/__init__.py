@@ -1,0 +1,3 @@
+"""corral: provision clusters from bare metal."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,60 @@
+"""The one door through which corral starts other programs.
+
+argv lists only, stdin closed, a small allow-listed environment; a failure raises
+:class:`CommandFailed` carrying the command, its exit code and the tail of stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+
+from corral.errors import CommandFailed, CorralError
+
+log = logging.getLogger(__name__)
+
+_PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR")
+
+
+def _environment(extra: Mapping[str, str] | None) -> dict[str, str]:
+    env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` to completion and return its captured output."""
+    args = [str(a) for a in argv]
+    log.debug("+ %s", shlex.join(args))
+    try:
+        proc = subprocess.run(
+            args,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=_environment(env),
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError as exc:
+        raise CorralError(
+            f"program not found: {args[0]}", "run 'make setup' to install corral's dependencies"
+        ) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise CommandFailed(args, -1, f"timed out after {timeout} s") from exc
+    if check and proc.returncode != 0:
+        raise CommandFailed(args, proc.returncode, proc.stderr)
+    return proc

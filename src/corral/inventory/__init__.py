@@ -1,0 +1,1 @@
+"""The cluster inventory: distros, profiles, groups and nodes."""

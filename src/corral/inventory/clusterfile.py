@@ -1,0 +1,109 @@
+"""The declarative cluster file: ``corral apply`` and ``corral export``.
+
+A file lists distros, profiles, groups and nodes. A node entry whose name is a noderange
+(``n[001-100]``) stands for one node per name, with each interface's ``ip`` and ``mac``
+taken as the first of consecutive addresses. Applying is idempotent: entities equal to
+their stored form are left alone. ``export`` writes one entry per node, which ``apply``
+takes back unchanged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import yaml
+
+from corral.errors import InvalidClusterFile
+from corral.inventory.noderange import expand, is_noderange
+from corral.inventory.schema import ClusterSpec, normalize_mac, parse
+from corral.inventory.store import Inventory, Kind, Outcome
+
+ORDER: tuple[Kind, ...] = ("distro", "profile", "group", "node")
+
+
+def offset_ip(ip: str, offset: int) -> str:
+    return str(ipaddress.IPv4Address(ip) + offset)
+
+
+def offset_mac(mac: str, offset: int) -> str:
+    value = int(normalize_mac(mac).replace(":", ""), 16) + offset
+    if value >= 1 << 48:
+        raise ValueError(f"MAC range starting at {mac} runs past ff:ff:ff:ff:ff:ff")
+    digits = f"{value:012x}"
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def expand_node_entries(entries: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for entry in entries:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not is_noderange(name):
+            out.append(entry)
+            continue
+        for offset, node in enumerate(expand(name)):
+            interfaces = []
+            for iface in entry.get("interfaces") or []:
+                if not isinstance(iface, dict):
+                    raise InvalidClusterFile(f"node entry {name}: each interface must be a mapping")
+                iface = dict(iface)
+                try:
+                    if iface.get("ip"):
+                        iface["ip"] = offset_ip(str(iface["ip"]), offset)
+                    if iface.get("mac"):
+                        iface["mac"] = offset_mac(str(iface["mac"]), offset)
+                except ValueError as exc:
+                    raise InvalidClusterFile(f"node entry {name}: {exc}") from None
+                interfaces.append(iface)
+            out.append(dict(entry, name=node, interfaces=interfaces))
+    return out
+
+
+def load_cluster(text: str, source: str) -> ClusterSpec:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InvalidClusterFile(f"{source}:{where}: malformed YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidClusterFile(
+            f"{source}: expected a mapping with distros, profiles, groups, nodes"
+        )
+    for key in ("distros", "profiles", "groups", "nodes"):
+        if key in data and not isinstance(data[key], list):
+            raise InvalidClusterFile(f"{source}: '{key}' must be a list")
+    if "nodes" in data:
+        data = dict(data, nodes=expand_node_entries(data["nodes"]))
+    try:
+        return parse(ClusterSpec, data, source)
+    except InvalidClusterFile:
+        raise
+    except Exception as exc:
+        raise InvalidClusterFile(str(exc)) from None
+
+
+def apply_cluster(inv: Inventory, cluster: ClusterSpec) -> dict[str, dict[Outcome, int]]:
+    """Create or update everything in ``cluster``; returns counts per kind and outcome."""
+    summary: dict[str, dict[Outcome, int]] = {}
+    for kind in ORDER:
+        specs = getattr(cluster, f"{kind}s")
+        counts: dict[Outcome, int] = {"created": 0, "changed": 0, "unchanged": 0}
+        for outcome in inv.put(kind, specs):
+            counts[outcome] += 1
+        summary[kind] = counts
+    return summary
+
+
+def export_cluster(inv: Inventory) -> str:
+    cluster = ClusterSpec(
+        distros=inv.specs("distro"),
+        profiles=inv.specs("profile"),
+        groups=inv.specs("group"),
+        nodes=inv.specs("node"),
+    )
+    data = cluster.model_dump(mode="json", exclude_defaults=True)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)

@@ -1,0 +1,96 @@
+"""Database tables. Each entity keeps its validated spec as JSON; what the database
+must enforce (unique names, MACs and IPs) or look up fast has a column of its own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    """Key/value counters; ``generation`` grows by one with every committed change."""
+
+    __tablename__ = "corral_meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer)
+
+
+class _Entity:
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    gen: Mapped[int] = mapped_column(Integer, index=True)
+
+
+class Distro(_Entity, Base):
+    __tablename__ = "distro"
+
+
+class Profile(_Entity, Base):
+    __tablename__ = "profile"
+
+
+class Group(_Entity, Base):
+    __tablename__ = "node_group"
+
+
+class Node(_Entity, Base):
+    __tablename__ = "node"
+    interfaces: Mapped[list[Interface]] = relationship(
+        back_populates="node",
+        cascade="all, delete-orphan",
+        order_by="Interface.position",
+        lazy="selectin",
+    )
+
+
+class Interface(Base):
+    __tablename__ = "interface"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("node.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    mac: Mapped[str | None] = mapped_column(String(17), unique=True)
+    ip: Mapped[str | None] = mapped_column(String(15), unique=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    node: Mapped[Node] = relationship(back_populates="interfaces")
+
+
+class Tombstone(Base):
+    """A removed entity, so that an incremental sync can remove its files."""
+
+    __tablename__ = "tombstone"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(63))
+    gen: Mapped[int] = mapped_column(Integer, index=True)
+
+
+class SyncRoot(Base):
+    """A directory that ``corral sync`` maintains, and how far it is synced."""
+
+    __tablename__ = "sync_root"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(String(4096), unique=True)
+    gen: Mapped[int] = mapped_column(Integer)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+
+
+class SyncFile(Base):
+    """A file written by ``corral sync``: its owner (a node, or '' for shared files)."""
+
+    __tablename__ = "sync_file"
+    __table_args__ = (
+        UniqueConstraint("root_id", "path"),
+        Index("ix_sync_file_owner", "root_id", "owner"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    root_id: Mapped[int] = mapped_column(ForeignKey("sync_root.id", ondelete="CASCADE"))
+    owner: Mapped[str] = mapped_column(String(63))
+    path: Mapped[str] = mapped_column(String(4096))
+    digest: Mapped[str] = mapped_column(String(64))

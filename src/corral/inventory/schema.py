@@ -1,0 +1,206 @@
+"""The inventory's fields, declared once.
+
+These models are the cluster file format, the shape the store keeps and returns, and
+(later) the REST API's schema. Validation lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from corral.errors import InvalidValue
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
+_SHA512_CRYPT_RE = re.compile(r"^\$6\$(rounds=\d+\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}$")
+
+
+def _name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"invalid name '{value}': use letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit, at most 63 characters"
+        )
+    return value
+
+
+def normalize_mac(value: str) -> str:
+    """Return ``aa:bb:cc:dd:ee:ff`` for any common spelling, or raise ValueError."""
+    text = value.strip().lower()
+    if not _MAC_RE.match(text):
+        raise ValueError(
+            f"invalid MAC address '{value}': expected six hex pairs like 52:54:00:12:34:56"
+        )
+    digits = re.sub(r"[:-]", "", text)
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def _ipv4(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value.strip()))
+    except ValueError:
+        raise ValueError(f"invalid IPv4 address '{value}'") from None
+
+
+def _netmask(value: str) -> str:
+    text = value.strip().lstrip("/")
+    try:
+        return str(ipaddress.IPv4Network(f"0.0.0.0/{text}").netmask)
+    except ValueError:
+        raise ValueError(f"invalid netmask '{value}': use 255.255.255.0 or 24") from None
+
+
+def _profile_ref(value: str) -> str:
+    _name(value.removeprefix("~"))
+    return value
+
+
+def _sha512_crypt(value: str) -> str:
+    if not _SHA512_CRYPT_RE.match(value):
+        raise ValueError(
+            "root_password_hash must be a SHA-512 crypt hash ($6$...); "
+            "set a password with 'corral profile set NAME --root-password'"
+        )
+    return value
+
+
+Name = Annotated[str, AfterValidator(_name)]
+Mac = Annotated[str, AfterValidator(normalize_mac)]
+IPv4 = Annotated[str, AfterValidator(_ipv4)]
+Netmask = Annotated[str, AfterValidator(_netmask)]
+ProfileRef = Annotated[str, AfterValidator(_profile_ref)]
+Sha512Crypt = Annotated[str, AfterValidator(_sha512_crypt)]
+Variables = dict[Annotated[str, AfterValidator(_name)], Any]
+M = TypeVar("M", bound=BaseModel)
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Family(StrEnum):
+    RHEL = "rhel"
+    FEDORA = "fedora"
+    DEBIAN = "debian"
+    UBUNTU = "ubuntu"
+
+    @property
+    def uses_kickstart(self) -> bool:
+        return self in (Family.RHEL, Family.FEDORA)
+
+
+class InstallMethod(StrEnum):
+    KICKSTART = "kickstart"
+    IMAGE = "image"
+    DISKLESS = "diskless"
+
+
+class DistroSpec(Spec):
+    name: Name
+    family: Family
+    os_version: str = Field(description="OS version for validation, e.g. RHEL9 or F40")
+    arch: str = Field("x86_64", pattern=r"^(x86_64|aarch64)$")
+    kernel: str = Field(description="kernel path or URL")
+    initrd: str = Field(description="initrd path or URL")
+    install_tree: str | None = Field(None, description="install tree URL")
+
+    @model_validator(mode="after")
+    def _known_version(self) -> DistroSpec:
+        if self.family.uses_kickstart:
+            from pykickstart.errors import KickstartVersionError
+            from pykickstart.version import stringToVersion
+
+            try:
+                stringToVersion(self.os_version)
+            except KickstartVersionError:
+                raise ValueError(
+                    f"os_version '{self.os_version}' is not a kickstart version pykickstart "
+                    "knows; use e.g. RHEL8, RHEL9, RHEL10 or F40"
+                ) from None
+        return self
+
+
+class Partition(Spec):
+    mount: str = Field(pattern=r"^(/[^\s]*|swap|biosboot)$")
+    fstype: str = Field("xfs", pattern=r"^(xfs|ext4|ext3|vfat|efi|swap|biosboot)$")
+    size_mb: int = Field(1024, ge=1)
+    grow: bool = False
+
+
+class Repo(Spec):
+    name: Name
+    baseurl: str = Field(pattern=r"^(https?|ftp|file)://\S+$")
+
+
+class ProfileSpec(Spec):
+    name: Name
+    distro: Name | None = None
+    kernel_args: list[str] = []
+    kickstart_template: str | None = Field(None, description="template file name")
+    disk: str | None = Field(None, pattern=r"^[A-Za-z0-9/_.-]+$")
+    partitions: list[Partition] = []
+    packages: list[str] = []
+    repos: list[Repo] = []
+    pre: list[str] = Field([], description="pre-install script snippets (bash)")
+    post: list[str] = Field([], description="post-install script snippets (bash)")
+    root_password_hash: Sha512Crypt | None = None
+    timezone: str | None = None
+    variables: Variables = {}
+
+
+class InterfaceSpec(Spec):
+    name: Name = "eth0"
+    mac: Mac | None = None
+    ip: IPv4 | None = None
+    netmask: Netmask = "255.255.255.0"
+    gateway: IPv4 | None = None
+    vlan: int | None = Field(None, ge=1, le=4094)
+    bond_members: list[Name] = []
+
+
+class NodeSpec(Spec):
+    name: Name
+    interfaces: list[InterfaceSpec] = []
+    groups: list[Name] = []
+    profiles: list[ProfileRef] = []
+    variables: Variables = {}
+    install_method: InstallMethod = InstallMethod.KICKSTART
+    netboot: bool = True
+
+
+class GroupSpec(Spec):
+    name: Name
+    profiles: list[ProfileRef] = []
+    variables: Variables = {}
+
+
+class ClusterSpec(Spec):
+    """A whole cluster file: what ``corral apply`` takes and ``corral export`` gives."""
+
+    distros: list[DistroSpec] = []
+    profiles: list[ProfileSpec] = []
+    groups: list[GroupSpec] = []
+    nodes: list[NodeSpec] = []
+
+
+def describe(exc: ValidationError, what: str) -> str:
+    """One line naming the first problem in a validation error."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return f"{what}: {where}: {msg}" if where else f"{what}: {msg}"
+
+
+def parse(model: type[M], data: Any, what: str) -> M:
+    """Validate ``data`` as ``model``, raising :class:`InvalidValue` with one clear line."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidValue(describe(exc, what)) from None

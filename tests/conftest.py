@@ -1,0 +1,63 @@
+"""Shared fixtures: a fresh corral home per test, and the inventory inside it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.cli import common
+from corral.config import Settings
+from corral.inventory.clusterfile import apply_cluster, load_cluster
+from corral.inventory.store import Inventory
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    path = tmp_path / "home"
+    monkeypatch.setenv("CORRAL_HOME", str(path))
+    monkeypatch.delenv("CORRAL_CONFIG", raising=False)
+    common.settings.cache_clear()
+    common.engine.cache_clear()
+    yield path
+    common.engine.cache_clear()
+    common.settings.cache_clear()
+
+
+@pytest.fixture
+def settings(home: Path) -> Settings:
+    return common.settings()
+
+
+@pytest.fixture
+def inv(home: Path) -> Iterator[Inventory]:
+    """An inventory in one open transaction (rolled back if the test raises)."""
+    with common.inventory() as inventory:
+        yield inventory
+
+
+@pytest.fixture
+def fixture_cluster(home: Path) -> None:
+    """The small cluster of tests/data/cluster.yaml, committed."""
+    with common.inventory() as inventory:
+        apply_cluster(inventory, load_cluster((DATA / "cluster.yaml").read_text(), "fixture"))
+
+
+def corral(*args: str, home: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``corral`` entry point in a subprocess."""
+    env = dict(os.environ, CORRAL_HOME=str(home))
+    return subprocess.run(
+        [sys.executable, "-m", "corral", *args],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from corral.errors import InvalidClusterFile, NodeRangeError
+from corral.inventory.clusterfile import apply_cluster, export_cluster, load_cluster
+from corral.inventory.store import Inventory
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "cluster.yaml"
+
+
+def test_range_entry_gives_consecutive_addresses() -> None:
+    cluster = load_cluster(
+        "nodes:\n  - name: n[08-11]\n"
+        "    interfaces: [{mac: '52:54:00:00:00:fe', ip: 10.0.0.254}]\n",
+        "t",
+    )
+    assert [n.name for n in cluster.nodes] == ["n08", "n09", "n10", "n11"]
+    assert [n.interfaces[0].ip for n in cluster.nodes] == [
+        "10.0.0.254",
+        "10.0.0.255",
+        "10.0.1.0",
+        "10.0.1.1",
+    ]
+    assert cluster.nodes[2].interfaces[0].mac == "52:54:00:00:01:00"
+
+
+def test_example_applies_idempotently_and_export_round_trips(inv: Inventory) -> None:
+    cluster = load_cluster(EXAMPLE.read_text(), "example")
+    first = apply_cluster(inv, cluster)
+    assert first["node"] == {"created": 100, "changed": 0, "unchanged": 0}
+    assert first["profile"]["created"] == 3
+    again = apply_cluster(inv, cluster)
+    assert all(c["created"] == c["changed"] == 0 for c in again.values())
+
+    exported = export_cluster(inv)
+    back = apply_cluster(inv, load_cluster(exported, "export"))
+    assert all(c["created"] == c["changed"] == 0 for c in back.values())
+    assert back["node"]["unchanged"] == 100
+    assert export_cluster(inv) == exported
+
+
+def test_changed_entries_are_counted(inv: Inventory) -> None:
+    apply_cluster(inv, load_cluster(EXAMPLE.read_text(), "example"))
+    text = EXAMPLE.read_text().replace("timezone: Europe/Paris", "timezone: UTC")
+    result = apply_cluster(inv, load_cluster(text, "example"))
+    assert result["profile"] == {"created": 0, "changed": 1, "unchanged": 2}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("nodes: [name: n1\n", "malformed YAML"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("nodes: {name: n1}\n", "'nodes' must be a list"),
+        ("nodes:\n  - name: n1\n    colour: red\n", "nodes.0.colour: unknown field"),
+        ("widgets: []\n", "widgets: unknown field"),
+    ],
+)
+def test_bad_files_get_one_line_errors(text: str, message: str) -> None:
+    with pytest.raises(InvalidClusterFile) as info:
+        load_cluster(text, "c.yaml")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_huge_range_entry_is_refused() -> None:
+    with pytest.raises(NodeRangeError, match="100000"):
+        load_cluster("nodes:\n  - name: n[1-200000]\n", "c.yaml")

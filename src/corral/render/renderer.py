@@ -1,0 +1,284 @@
+"""Rendering a node's files from the inventory: iPXE, pxelinux, GRUB, kickstart,
+pre- and post-install scripts."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import jinja2
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from corral.config import Settings
+from corral.errors import RenderError, UsageError
+from corral.inventory import models as m
+from corral.inventory.merge import Merged, merge_node
+from corral.inventory.schema import (
+    DistroSpec,
+    GroupSpec,
+    InstallMethod,
+    NodeSpec,
+    ProfileSpec,
+)
+from corral.inventory.tokens import node_token, site_secret
+from corral.render.environment import load_template, make_environment
+
+FileKind = Literal["ipxe", "pxelinux", "grub", "kickstart", "pre", "post"]
+FILE_KINDS: tuple[FileKind, ...] = ("ipxe", "pxelinux", "grub", "kickstart", "pre", "post")
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    path: str  # relative to the sync root
+    kind: FileKind
+    content: str
+
+
+def mac_file_id(mac: str) -> str:
+    """``aa:bb:..`` -> ``01-aa-bb-..``, the name pxelinux and GRUB look for (01 = Ethernet)."""
+    return "01-" + mac.replace(":", "-")
+
+
+def file_paths(node: NodeSpec, kind: FileKind) -> list[str]:
+    macs = [i.mac for i in node.interfaces if i.mac]
+    if kind == "ipxe":
+        return [f"ipxe/{node.name}.ipxe"]
+    if kind == "pxelinux":
+        return [f"pxelinux.cfg/{mac_file_id(mac)}" for mac in macs]
+    if kind == "grub":
+        return [f"grub/grub.cfg-{mac_file_id(mac)}" for mac in macs]
+    if kind == "kickstart":
+        return [f"kickstart/{node.name}.ks"]
+    return [f"scripts/{node.name}.{kind}.sh"]
+
+
+SHARED_FILES = {"pxelinux.cfg/default": "pxelinux-default.j2", "grub/grub.cfg": "grub-default.j2"}
+
+
+class Snapshot:
+    """The inventory as rendering needs it, loaded once per render or sync."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.distros = {
+            r.name: DistroSpec.model_validate(dict(r.spec, name=r.name))
+            for r in session.scalars(select(m.Distro))
+        }
+        self.profiles = {
+            r.name: ProfileSpec.model_validate(dict(r.spec, name=r.name))
+            for r in session.scalars(select(m.Profile))
+        }
+        self.groups = {
+            r.name: GroupSpec.model_validate(dict(r.spec, name=r.name))
+            for r in session.scalars(select(m.Group))
+        }
+
+    def nodes(self, names: Iterable[str] | None = None) -> Iterator[NodeSpec]:
+        """Nodes in name order (all, or the named ones that exist), two queries per batch."""
+        wanted = sorted(set(names)) if names is not None else None
+        batches = (
+            [wanted[i : i + 500] for i in range(0, len(wanted), 500)]
+            if wanted is not None
+            else [None]
+        )
+        for batch in batches:
+            query = select(m.Node.id, m.Node.name, m.Node.spec).order_by(m.Node.name)
+            iquery = select(m.Interface.node_id, m.Interface.spec).order_by(
+                m.Interface.node_id, m.Interface.position
+            )
+            if batch is not None:
+                query = query.where(m.Node.name.in_(batch))
+                iquery = iquery.join(m.Node).where(m.Node.name.in_(batch))
+            interfaces: dict[int, list[dict[str, Any]]] = {}
+            for node_id, spec in self.session.execute(iquery):
+                interfaces.setdefault(node_id, []).append(spec)
+            for node_id, name, spec in self.session.execute(query):
+                yield NodeSpec.model_validate(
+                    dict(spec, name=name, interfaces=interfaces.get(node_id, []))
+                )
+
+
+class Renderer:
+    def __init__(self, settings: Settings, snapshot: Snapshot) -> None:
+        self.settings = settings
+        self.snapshot = snapshot
+        self.env = make_environment(settings.templates)
+        self.server = settings.server_url.rstrip("/")
+        self.secret = site_secret(settings.home)
+        self._snippets: dict[str, jinja2.Template] = {}
+        self._merges: dict[tuple[str, ...], Merged] = {}
+
+    # -- context ------------------------------------------------------------------
+
+    def merged(self, node: NodeSpec) -> Merged:
+        return merge_node(node, self.snapshot.groups, self.snapshot.profiles, self._merges)
+
+    def distro_of(self, node: NodeSpec, merged: Merged) -> DistroSpec | None:
+        name = merged.values["distro"]
+        return self.snapshot.distros[name] if name else None
+
+    def _asset(self, distro: DistroSpec, which: str) -> tuple[str, str]:
+        """(HTTP URL, TFTP path) of a distro's kernel or initrd."""
+        source = getattr(distro, which)
+        base = posixpath.basename(source.rstrip("/")) or which
+        path = f"distros/{distro.name}/{base}"
+        url = source if source.startswith(("http://", "https://")) else f"{self.server}/{path}"
+        return url, path
+
+    def _boot(self, node: NodeSpec, distro: DistroSpec | None, merged: Merged) -> dict[str, Any]:
+        method = node.install_method
+        urls = self._urls(node)
+        boot: dict[str, Any] = {"method": method.value, "local": not node.netboot}
+        if method is InstallMethod.KICKSTART:
+            if distro is None:
+                raise RenderError(
+                    f"node {node.name}: install method kickstart needs a distro",
+                    "give one of its profiles a distro",
+                )
+            kernel_url, kernel_path = self._asset(distro, "kernel")
+            initrd_url, initrd_path = self._asset(distro, "initrd")
+            args = [f"inst.ks={urls['kickstart']}"]
+            if distro.install_tree:
+                args.append(f"inst.repo={distro.install_tree}")
+            args.append("ip=dhcp")
+        else:
+            sub = "ramdisk" if method is InstallMethod.IMAGE else f"diskless/{node.name}"
+            kernel_path, initrd_path = f"corral/{sub}/vmlinuz", f"corral/{sub}/initrd.img"
+            kernel_url, initrd_url = f"{self.server}/{kernel_path}", f"{self.server}/{initrd_path}"
+            args = [f"corral.server={self.server}", f"corral.node={node.name}", "ip=dhcp"]
+            if method is InstallMethod.DISKLESS:
+                args.append("corral.mode=diskless")
+        boot.update(
+            kernel_url=kernel_url,
+            initrd_url=initrd_url,
+            kernel_path=kernel_path,
+            initrd_path=initrd_path,
+            initrd_name=posixpath.basename(initrd_url),
+            args=" ".join(args + list(merged.values["kernel_args"])),
+        )
+        return boot
+
+    def _urls(self, node: NodeSpec) -> dict[str, str]:
+        return {
+            "kickstart": f"{self.server}/ks/{node.name}",
+            "pre": f"{self.server}/scripts/{node.name}/pre",
+            "post": f"{self.server}/scripts/{node.name}/post",
+            "events": f"{self.server}/api/v1/nodes/{node.name}/events",
+        }
+
+    def context(self, node: NodeSpec) -> dict[str, Any]:
+        merged = self.merged(node)
+        distro = self.distro_of(node, merged)
+        profile = dict(merged.values, chain=merged.chain)
+        return {
+            "node": node,
+            "distro": distro,
+            "profile": profile,
+            "vars": merged.values["variables"],
+            "urls": self._urls(node),
+            "token": node_token(self.secret, node.name),
+            "boot": self._boot(node, distro, merged),
+            "bond_member_names": {n for i in node.interfaces for n in i.bond_members},
+            "snippets": {
+                kind: [
+                    {"origin": origin, "text": text}
+                    for text, origin in zip(merged.values[kind], merged.origins[kind], strict=True)
+                ]
+                for kind in ("pre", "post")
+            },
+        }
+
+    # -- rendering ----------------------------------------------------------------
+
+    def _render(self, template_name: str, context: dict[str, Any], node: str) -> str:
+        template = load_template(self.env, template_name)
+        try:
+            return template.render(context)
+        except jinja2.TemplateError as exc:
+            raise RenderError(
+                f"node {node}: template {template_name}: {exc}",
+                "define the missing value in a profile, group or node, or fix the template",
+            ) from None
+
+    def _render_snippets(self, context: dict[str, Any], node: str) -> None:
+        for kind in ("pre", "post"):
+            for snippet in context["snippets"][kind]:
+                template = self._snippets.get(snippet["text"])
+                if template is None:
+                    try:
+                        template = self.env.from_string(snippet["text"])
+                    except jinja2.TemplateSyntaxError as exc:
+                        raise RenderError(
+                            f"{kind} snippet of {snippet['origin']}: "
+                            f"line {exc.lineno}: {exc.message}",
+                            "fix the snippet's template syntax",
+                        ) from None
+                    self._snippets[snippet["text"]] = template
+                try:
+                    snippet["text"] = template.render(context).rstrip("\n")
+                except jinja2.TemplateError as exc:
+                    raise RenderError(
+                        f"node {node}: {kind} snippet of {snippet['origin']}: {exc}"
+                    ) from None
+
+    def render_node(
+        self, node: NodeSpec, kinds: Iterable[FileKind] = FILE_KINDS
+    ) -> list[RenderedFile]:
+        """All of a node's files (of the given kinds); kinds that do not apply are skipped."""
+        context = self.context(node)
+        self._render_snippets(context, node.name)
+        wanted = set(kinds)
+        scripts = {k: self._render(f"{k}.sh.j2", context, node.name) for k in ("pre", "post")}
+        out: list[RenderedFile] = []
+
+        def emit(kind: FileKind, text: str) -> None:
+            if kind in wanted:
+                out.extend(RenderedFile(p, kind, text) for p in file_paths(node, kind))
+
+        emit("ipxe", self._render("ipxe.j2", context, node.name))
+        if node.interfaces and any(i.mac for i in node.interfaces):
+            emit("pxelinux", self._render("pxelinux.j2", context, node.name))
+            emit("grub", self._render("grub.j2", context, node.name))
+        if "kickstart" in wanted and self.uses_kickstart(node, context["distro"]):
+            template = context["profile"]["kickstart_template"] or "kickstart.ks.j2"
+            emit("kickstart", self._render(template, dict(context, scripts=scripts), node.name))
+        emit("pre", scripts["pre"])
+        emit("post", scripts["post"])
+        return out
+
+    def uses_kickstart(self, node: NodeSpec, distro: DistroSpec | None) -> bool:
+        if node.install_method is not InstallMethod.KICKSTART:
+            return False
+        if distro is None or not distro.family.uses_kickstart:
+            family = distro.family.value if distro else "none"
+            raise RenderError(
+                f"node {node.name}: install method kickstart needs a rhel or fedora distro "
+                f"(its distro is {distro.name if distro else 'not set'}, family {family})",
+                "set install_method to image, or give the node a rhel/fedora distro",
+            )
+        return True
+
+    def render_one(self, node: NodeSpec, kind: FileKind) -> str:
+        files = self.render_node(node, [kind])
+        if not files:
+            why = {
+                "kickstart": f"it installs by {node.install_method.value}",
+                "pxelinux": "it has no interface with a MAC",
+                "grub": "it has no interface with a MAC",
+            }.get(kind, "")
+            raise UsageError(f"node {node.name} has no {kind} file: {why}")
+        return files[0].content
+
+    def render_shared(self) -> list[RenderedFile]:
+        context: dict[str, Any] = {"server": self.server}
+        return [
+            RenderedFile(
+                path,
+                "grub" if path.startswith("grub/") else "pxelinux",
+                self._render(name, context, "(default)"),
+            )
+            for path, name in SHARED_FILES.items()
+        ]

@@ -1,0 +1,13 @@
+#!/bin/bash
+# corral: post-install script for img01, from profiles debian
+set -u
+CORRAL_NODE=img01
+CORRAL_EVENTS_URL=http://10.0.0.1:8080/api/v1/nodes/img01/events
+CORRAL_TOKEN=92caeb76ca7538b9ccc5b49a2a4189787ad8c57d
+corral_report() {
+  curl -fsS -m 10 -X POST -H "Authorization: Bearer $CORRAL_TOKEN" \
+    -H "Content-Type: application/json" \
+    --data "{\"phase\": \"$1\", \"message\": \"${2:-}\"}" \
+    "$CORRAL_EVENTS_URL" >/dev/null 2>&1 || true
+}
+corral_report post-install

@@ -1,0 +1,16 @@
+#!/bin/bash
+# corral: post-install script for local01, from profiles base
+set -u
+CORRAL_NODE=local01
+CORRAL_EVENTS_URL=http://10.0.0.1:8080/api/v1/nodes/local01/events
+CORRAL_TOKEN=2dcde3f983e84f8a6626e6f28178d92758614204
+corral_report() {
+  curl -fsS -m 10 -X POST -H "Authorization: Bearer $CORRAL_TOKEN" \
+    -H "Content-Type: application/json" \
+    --data "{\"phase\": \"$1\", \"message\": \"${2:-}\"}" \
+    "$CORRAL_EVENTS_URL" >/dev/null 2>&1 || true
+}
+corral_report post-install
+
+# --- profile base ---
+echo post for local01 in lab

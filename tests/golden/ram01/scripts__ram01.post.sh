@@ -1,0 +1,13 @@
+#!/bin/bash
+# corral: post-install script for ram01, from profiles debian
+set -u
+CORRAL_NODE=ram01
+CORRAL_EVENTS_URL=http://10.0.0.1:8080/api/v1/nodes/ram01/events
+CORRAL_TOKEN=9a9cb06d979b064dd65d30615dc00e3130cf577c
+corral_report() {
+  curl -fsS -m 10 -X POST -H "Authorization: Bearer $CORRAL_TOKEN" \
+    -H "Content-Type: application/json" \
+    --data "{\"phase\": \"$1\", \"message\": \"${2:-}\"}" \
+    "$CORRAL_EVENTS_URL" >/dev/null 2>&1 || true
+}
+corral_report post-install

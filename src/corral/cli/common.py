@@ -1,0 +1,75 @@
+"""What every command needs: settings, a transaction on the inventory, output helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from corral.config import Settings, load_settings
+from corral.errors import InvalidValue
+from corral.inventory.db import open_engine, transaction
+from corral.inventory.store import Inventory
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@cache
+def settings() -> Settings:
+    return load_settings()
+
+
+@cache
+def engine() -> Engine:
+    return open_engine(settings().database)
+
+
+@contextmanager
+def session() -> Iterator[Session]:
+    with transaction(engine()) as s:
+        yield s
+
+
+@contextmanager
+def inventory() -> Iterator[Inventory]:
+    """The inventory in one transaction: committed if the command succeeds, else rolled back."""
+    with session() as s:
+        yield Inventory(s)
+
+
+def parse_vars(items: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as YAML scalars (``true``, ``3``, ``text``)."""
+    result: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidValue(f"bad variable '{item}': expected key=value")
+        try:
+            result[key] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            result[key] = value
+    return result
+
+
+def read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise InvalidValue(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def print_yaml(data: Any) -> None:
+    out.print(yaml.safe_dump(data, sort_keys=False, width=100).rstrip("\n"), markup=False)
+
+
+def changes(**options: Any) -> dict[str, Any]:
+    """The options a user actually gave (None means 'not given')."""
+    return {k: v for k, v in options.items() if v is not None}

@@ -1,0 +1,48 @@
+"""corral group add|set|show|list|rm"""
+
+from __future__ import annotations
+
+import typer
+
+from corral.cli.common import changes, inventory, out, parse_vars
+from corral.cli.entities import add_common_verbs
+from corral.inventory.schema import GroupSpec, parse
+
+app = typer.Typer(help="Named sets of nodes sharing profiles and variables.", no_args_is_help=True)
+
+ProfOpt = typer.Option(None, "--profile", help="profile, in order; ~NAME drops one (repeatable)")
+VarOpt = typer.Option(None, "--var", help="KEY=VALUE (repeatable)")
+
+
+@app.command("add")
+def add(name: str, profile: list[str] | None = ProfOpt, var: list[str] | None = VarOpt) -> None:
+    """Add a group; nodes join it with `corral node set NODES --group NAME`."""
+    spec = parse(
+        GroupSpec,
+        changes(name=name, profiles=profile, variables=parse_vars(var) if var else None),
+        f"group {name}",
+    )
+    with inventory() as inv:
+        inv.add("group", [spec])
+    out.print(f"added group {name}")
+
+
+@app.command("set")
+def set_(name: str, profile: list[str] | None = ProfOpt, var: list[str] | None = VarOpt) -> None:
+    """Change a group; --profile replaces the list, --var merges keys."""
+    with inventory() as inv:
+        data = changes(profiles=profile)
+        if var:
+            data["variables"] = {**inv.get("group", name).variables, **parse_vars(var)}
+        n = inv.update("group", [name], data)
+    out.print(f"group {name}: {'changed' if n else 'unchanged'}")
+
+
+add_common_verbs(
+    app,
+    "group",
+    {
+        "profiles": lambda g: ",".join(g.profiles),
+        "variables": lambda g: ",".join(g.variables),
+    },
+)

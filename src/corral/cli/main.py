@@ -1,0 +1,56 @@
+"""The ``corral`` command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from corral.cli import boot, cluster, distro, group, node, profile
+from corral.cli.common import err
+from corral.errors import CorralError
+
+app = typer.Typer(
+    help="corral provisions clusters from bare metal.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(distro.app, name="distro")
+app.add_typer(profile.app, name="profile")
+app.add_typer(group.app, name="group")
+app.add_typer(node.app, name="node")
+app.command("apply")(cluster.apply)
+app.command("export")(cluster.export)
+app.command("render")(boot.render)
+app.command("sync")(boot.sync)
+
+_debug = False
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="log commands run and show tracebacks"),
+) -> None:
+    global _debug
+    _debug = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except CorralError as exc:
+        if _debug:
+            raise
+        err.print(f"error: {exc.message}", markup=False)
+        if exc.hint:
+            err.print(f"hint: {exc.hint}", markup=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        sys.exit(130)

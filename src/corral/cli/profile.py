@@ -1,0 +1,229 @@
+"""corral profile add|set|show|list|rm"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from corral.cli.common import changes, inventory, out, parse_vars, print_yaml, read_text
+from corral.cli.entities import add_common_verbs
+from corral.errors import InvalidValue, UsageError
+from corral.inventory.merge import merge_node
+from corral.inventory.schema import ProfileSpec, parse
+
+app = typer.Typer(
+    help="Reusable settings that nodes and groups list in order.", no_args_is_help=True
+)
+
+PARTITION_HELP = "MOUNT:FSTYPE:SIZE_MB[:grow], e.g. /:xfs:10240:grow (repeatable)"
+
+
+def parse_partition(text: str) -> dict[str, Any]:
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "grow"):
+        raise InvalidValue(f"bad partition '{text}': expected {PARTITION_HELP}")
+    if not parts[2].isdigit():
+        raise InvalidValue(f"bad partition '{text}': size '{parts[2]}' is not a number of MB")
+    return {
+        "mount": parts[0],
+        "fstype": parts[1],
+        "size_mb": int(parts[2]),
+        "grow": len(parts) == 4,
+    }
+
+
+def parse_repo(text: str) -> dict[str, str]:
+    name, sep, url = text.partition("=")
+    if not sep:
+        raise InvalidValue(f"bad repo '{text}': expected NAME=URL")
+    return {"name": name, "baseurl": url}
+
+
+def hash_password() -> str:
+    from passlib.hash import sha512_crypt
+
+    if sys.stdin.isatty():
+        password = typer.prompt("root password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        raise InvalidValue("empty root password")
+    hashed: str = sha512_crypt.hash(password)
+    return hashed
+
+
+def _fields(
+    distro: str | None,
+    kernel_arg: list[str] | None,
+    kickstart_template: str | None,
+    disk: str | None,
+    partition: list[str] | None,
+    package: list[str] | None,
+    repo: list[str] | None,
+    pre: list[Path] | None,
+    post: list[Path] | None,
+    timezone: str | None,
+    var: list[str] | None,
+    root_password: bool,
+) -> dict[str, Any]:
+    return changes(
+        distro=distro,
+        kernel_args=kernel_arg,
+        kickstart_template=kickstart_template,
+        disk=disk,
+        partitions=[parse_partition(p) for p in partition] if partition else None,
+        packages=package,
+        repos=[parse_repo(r) for r in repo] if repo else None,
+        pre=[read_text(p, "snippet") for p in pre] if pre else None,
+        post=[read_text(p, "snippet") for p in post] if post else None,
+        timezone=timezone,
+        variables=parse_vars(var) if var else None,
+        root_password_hash=hash_password() if root_password else None,
+    )
+
+
+DistroOpt = typer.Option(None, help="the distro this profile installs")
+KargOpt = typer.Option(None, "--kernel-arg", help="kernel argument (repeatable)")
+KsOpt = typer.Option(None, help="kickstart template file name")
+DiskOpt = typer.Option(None, help="target disk, e.g. sda")
+PartOpt = typer.Option(None, "--partition", help=PARTITION_HELP)
+PkgOpt = typer.Option(None, "--package", help="package or @group (repeatable)")
+RepoOpt = typer.Option(None, "--repo", help="NAME=URL (repeatable)")
+PreOpt = typer.Option(None, "--pre", help="file with a pre-install snippet (repeatable)")
+PostOpt = typer.Option(None, "--post", help="file with a post-install snippet (repeatable)")
+TzOpt = typer.Option(None, help="time zone, e.g. Europe/Paris")
+VarOpt = typer.Option(None, "--var", help="KEY=VALUE (repeatable)")
+PwOpt = typer.Option(
+    False, "--root-password", help="prompt for it (or read stdin); stores its SHA-512 crypt hash"
+)
+
+
+@app.command("add")
+def add(
+    name: str,
+    distro: str | None = DistroOpt,
+    kernel_arg: list[str] | None = KargOpt,
+    kickstart_template: str | None = KsOpt,
+    disk: str | None = DiskOpt,
+    partition: list[str] | None = PartOpt,
+    package: list[str] | None = PkgOpt,
+    repo: list[str] | None = RepoOpt,
+    pre: list[Path] | None = PreOpt,
+    post: list[Path] | None = PostOpt,
+    timezone: str | None = TzOpt,
+    var: list[str] | None = VarOpt,
+    root_password: bool = PwOpt,
+) -> None:
+    """Add a profile."""
+    data = _fields(
+        distro,
+        kernel_arg,
+        kickstart_template,
+        disk,
+        partition,
+        package,
+        repo,
+        pre,
+        post,
+        timezone,
+        var,
+        root_password,
+    )
+    spec = parse(ProfileSpec, dict(data, name=name), f"profile {name}")
+    with inventory() as inv:
+        inv.add("profile", [spec])
+    out.print(f"added profile {name}")
+
+
+@app.command("set")
+def set_(
+    name: str,
+    distro: str | None = DistroOpt,
+    kernel_arg: list[str] | None = KargOpt,
+    kickstart_template: str | None = KsOpt,
+    disk: str | None = DiskOpt,
+    partition: list[str] | None = PartOpt,
+    package: list[str] | None = PkgOpt,
+    repo: list[str] | None = RepoOpt,
+    pre: list[Path] | None = PreOpt,
+    post: list[Path] | None = PostOpt,
+    timezone: str | None = TzOpt,
+    var: list[str] | None = VarOpt,
+    root_password: bool = PwOpt,
+) -> None:
+    """Change a profile; a list option given replaces that list, --var merges keys."""
+    data = _fields(
+        distro,
+        kernel_arg,
+        kickstart_template,
+        disk,
+        partition,
+        package,
+        repo,
+        pre,
+        post,
+        timezone,
+        var,
+        root_password,
+    )
+    with inventory() as inv:
+        if "variables" in data:
+            data["variables"] = {**inv.get("profile", name).variables, **data["variables"]}
+        n = inv.update("profile", [name], data)
+    out.print(f"profile {name}: {'changed' if n else 'unchanged'}")
+
+
+@app.command("show")
+def show(
+    name: str,
+    node: str | None = typer.Option(None, help="show the node's merged settings and origins"),
+) -> None:
+    """Print a profile, or with --node the node's merged profile and where each value came from."""
+    with inventory() as inv:
+        spec = inv.get("profile", name)
+        if node is None:
+            print_yaml(spec.model_dump(mode="json", exclude_defaults=True))
+            return
+        node_spec = inv.node(node)
+        groups = {g.name: g for g in inv.specs("group", node_spec.groups)}
+        profiles = {p.name: p for p in inv.specs("profile")}
+    merged = merge_node(node_spec, groups, profiles)
+    if name not in merged.chain:
+        raise UsageError(
+            f"profile {name} is not in node {node}'s chain ({', '.join(merged.chain) or 'empty'})"
+        )
+    out.print(f"# node {node}: profiles {' > '.join(merged.chain)} (later wins)")
+    for key, value in ProfileSpec(name="x").model_dump(mode="json").items():
+        if key == "name":
+            continue
+        merged_value = merged.values[key]
+        origin = merged.origins[key]
+        if isinstance(merged_value, list):
+            dumped = ProfileSpec.model_validate({"name": "x", key: merged_value}).model_dump(
+                mode="json"
+            )[key]
+            out.print(f"{key}:" + ("" if dumped else " []"), markup=False)
+            for item, src in zip(dumped, origin, strict=True):
+                out.print(f"  - {item!r}  # {src}", markup=False)
+        elif isinstance(merged_value, dict):
+            out.print(f"{key}:" + ("" if merged_value else " {}"), markup=False)
+            for k, v in merged_value.items():
+                out.print(f"  {k}: {v!r}  # {origin[k]}", markup=False)
+        else:
+            shown = merged_value if merged_value is not None else value
+            out.print(f"{key}: {shown!r}  # {origin or 'default'}", markup=False)
+
+
+add_common_verbs(
+    app,
+    "profile",
+    {
+        "distro": lambda p: p.distro or "",
+        "packages": lambda p: str(len(p.packages)),
+        "variables": lambda p: ",".join(p.variables),
+    },
+    show=False,
+)

@@ -1,0 +1,208 @@
+"""The real ``corral`` entry point: the commands a user types, and what bad input gets."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA, corral
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def applied_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("applied") / "home"
+    result = corral("apply", "-f", str(DATA / "cluster.yaml"), home=home)
+    assert result.returncode == 0, result.stderr
+    return home
+
+
+@pytest.fixture
+def cluster_home(applied_home: Path, tmp_path: Path) -> Path:
+    """A home with the fixture cluster applied (a copy, so tests may change it)."""
+    home = tmp_path / "home"
+    shutil.copytree(applied_home, home)
+    return home
+
+
+def export(home: Path) -> str:
+    result = corral("export", home=home)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def dump(home: Path) -> list[str]:
+    """Every row of the inventory database, to prove that a failed command changed nothing."""
+    with sqlite3.connect(home / "corral.db") as db:
+        return list(db.iterdump())
+
+
+def test_node_add_assigns_consecutive_ips_and_macs_from_a_file(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    macs = tmp_path / "macs.txt"
+    macs.write_text("".join(f"52:54:00:00:10:{i:02x}\n" for i in range(1, 11)))
+    result = corral(
+        "node",
+        "add",
+        "n[001-010]",
+        "--ip",
+        "10.0.0.11",
+        "--mac-file",
+        str(macs),
+        "--netmask",
+        "24",
+        home=home,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "added 10 nodes: n[001-010]" in result.stdout
+    listing = corral("node", "list", "n[001-010],-n005", home=home).stdout
+    assert "n004" in listing and "n005" not in listing
+    assert "10.0.0.20" in listing and "52:54:00:00:10:0a" in listing
+
+
+def test_apply_reports_and_is_idempotent(cluster_home: Path) -> None:
+    again = corral("apply", "-f", str(DATA / "cluster.yaml"), home=cluster_home)
+    assert again.returncode == 0
+    assert "nodes          0 created      0 changed      6 unchanged" in again.stdout
+
+
+def test_export_then_apply_changes_nothing(cluster_home: Path, tmp_path: Path) -> None:
+    exported = tmp_path / "export.yaml"
+    assert corral("export", "-o", str(exported), home=cluster_home).returncode == 0
+    result = corral("apply", "-f", str(exported), home=cluster_home)
+    assert result.returncode == 0
+    assert " 0 created      0 changed" in result.stdout
+    assert "created" in result.stdout and " 1 changed" not in result.stdout
+
+
+def test_profile_show_for_node_gives_origins(cluster_home: Path) -> None:
+    result = corral("profile", "show", "compute", "--node", "c01", home=cluster_home)
+    assert result.returncode == 0, result.stderr
+    assert "site: 'hall-a'  # profile compute" in result.stdout
+    assert "role: 'worker'  # group compute" in result.stdout
+    assert "rack: 'r1'  # node c01" in result.stdout
+    assert "distro: 'rhel9'  # profile base" in result.stdout
+
+
+def test_render_prints_one_file(cluster_home: Path) -> None:
+    result = corral("render", "c01", "--kind", "ipxe", home=cluster_home)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("#!ipxe\n")
+    ks = corral("render", "c01", "--kind", "kickstart", home=cluster_home)
+    assert "network --device=52:54:00:00:00:01 --bootproto=static --ip=10.0.0.11" in ks.stdout
+    none = corral("render", "img01", "--kind", "kickstart", home=cluster_home)
+    assert none.returncode == 2
+    assert "installs by image" in none.stderr
+
+
+def test_set_and_rm(cluster_home: Path) -> None:
+    result = corral(
+        "node", "set", "c01", "--var", "rack=r9", "--ip", "10.0.0.99", home=cluster_home
+    )
+    assert result.returncode == 0, result.stderr
+    show = corral("node", "show", "c01", home=cluster_home).stdout
+    assert "rack: r9" in show and "ip: 10.0.0.99" in show
+    assert corral("node", "rm", "c01,bonded", home=cluster_home).returncode == 0
+    assert "c01" not in corral("node", "list", home=cluster_home).stdout
+
+
+def test_root_password_is_stored_as_sha512_crypt(cluster_home: Path) -> None:
+    result = corral(
+        "profile", "set", "compute", "--root-password", home=cluster_home, stdin="hunter2\n"
+    )
+    assert result.returncode == 0, result.stderr
+    shown = corral("profile", "show", "compute", home=cluster_home).stdout
+    assert "root_password_hash: $6$" in shown
+    assert "hunter2" not in shown
+    assert "hunter2" not in export(cluster_home)
+
+
+BAD_INPUTS = [
+    (["node", "add", "x1", "--mac", "52:54:00:zz:00:01"], "invalid MAC address"),
+    (["node", "add", "x1", "--ip", "10.0.0.256"], "invalid IPv4 address '10.0.0.256'"),
+    (["node", "add", "x1", "--mac", "52:54:00:00:00:01"], "belongs to node c01"),
+    (["node", "add", "x1", "--ip", "10.0.0.11"], "belongs to node c01"),
+    (["node", "add", "x[1-3]", "--profile", "nosuch"], "unknown profile 'nosuch'"),
+    (["profile", "add", "p9", "--distro", "nosuch"], "unknown distro 'nosuch'"),
+    (["node", "add", "x[1-200000]"], "100000"),
+    (["node", "add", "x[1-"], "bad noderange"),
+    (["node", "set", "nosuch", "--var", "a=b"], "unknown node 'nosuch'"),
+    (["profile", "rm", "base"], "cannot remove profile in use"),
+    (
+        [
+            "distro",
+            "add",
+            "r8",
+            "--family",
+            "rhel",
+            "--os-version",
+            "RHEL99",
+            "--kernel",
+            "k",
+            "--initrd",
+            "i",
+        ],
+        "os_version 'RHEL99'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    BAD_INPUTS,
+    ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(BAD_INPUTS)],
+)
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(
+    cluster_home: Path, argv: list[str], message: str
+) -> None:
+    before = dump(cluster_home)
+    result = corral(*argv, home=cluster_home)
+    assert result.returncode == 2, result.stderr
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("error: ") and message in first, result.stderr
+    assert "Traceback" not in result.stderr
+    assert dump(cluster_home) == before
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("nodes: [name: n1\n", "malformed YAML"),
+        ("nodes:\n  - name: n1\n    colour: red\n", "nodes.0.colour: unknown field"),
+        # The first node is valid: nothing of the file may land when a later entry fails.
+        ("nodes:\n  - name: ok1\n  - name: bad\n    profiles: [nosuch]\n", "unknown profile"),
+        ("nodes:\n  - {name: ok1, interfaces: [{mac: '52:54:00:00:00:01'}]}\n", "belongs to"),
+    ],
+)
+def test_bad_cluster_file_changes_nothing(
+    cluster_home: Path, tmp_path: Path, content: str, message: str
+) -> None:
+    before = dump(cluster_home)
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    result = corral("apply", "-f", str(path), home=cluster_home)
+    assert result.returncode == 2
+    assert message in result.stderr.splitlines()[0]
+    assert dump(cluster_home) == before
+
+
+def test_template_syntax_error_names_the_template(cluster_home: Path, tmp_path: Path) -> None:
+    templates = cluster_home / "templates"
+    templates.mkdir()
+    (templates / "ipxe.j2").write_text("#!ipxe\n{% if %}\n")
+    result = corral("render", "c01", "--kind", "ipxe", home=cluster_home)
+    assert result.returncode == 2
+    assert "ipxe.j2:2" in result.stderr.splitlines()[0]
+    root = tmp_path / "root"
+    sync = corral("sync", "--root", str(root), home=cluster_home)
+    assert sync.returncode == 2
+    assert not list(root.glob("ipxe/*"))
+
+
+def test_unknown_command_option_is_a_usage_error(cluster_home: Path) -> None:
+    result = corral("node", "add", "x1", "--colour", "red", home=cluster_home)
+    assert result.returncode == 2

@@ -10,7 +10,7 @@ from corral.cli import common
 from corral.config import Settings
 from corral.inventory.schema import NodeSpec, ProfileSpec
 from corral.render import sync as sync_module
-from corral.render.sync import SyncReport, Syncer
+from corral.render.sync import Syncer, SyncReport
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +60,9 @@ def test_one_node_change_rewrites_only_its_changed_files(settings: Settings, roo
     rewritten = {p for p in after if after[p] != before[p]}
     # netboot off changes the boot menus; kickstart and scripts render the same bytes.
     assert rewritten == {
-        "ipxe/c01.ipxe", "pxelinux.cfg/01-52-54-00-00-00-01", "grub/grub.cfg-01-52-54-00-00-00-01"
+        "ipxe/c01.ipxe",
+        "pxelinux.cfg/01-52-54-00-00-00-01",
+        "grub/grub.cfg-01-52-54-00-00-00-01",
     }
     assert report.written == 3
 
@@ -113,12 +115,22 @@ def test_invalid_files_write_nothing_for_that_node(
         # %end inside a snippet ends %pre early: pykickstart then meets a bogus command.
         inv.add("profile", [ProfileSpec(name="badks", pre=["%end\nnot-a-command"])])
         inv.add("profile", [ProfileSpec(name="badgrub", kernel_args=['"unbalanced'])])
-        inv.add("node", [
-            NodeSpec(name="ks1", profiles=["base", "badks"],
-                     interfaces=[{"mac": "52:54:00:00:01:01"}]),  # type: ignore[list-item]
-            NodeSpec(name="grub1", profiles=["debian", "badgrub"], install_method="image",
-                     interfaces=[{"mac": "52:54:00:00:01:02"}]),  # type: ignore[list-item,arg-type]
-        ])
+        inv.add(
+            "node",
+            [
+                NodeSpec(
+                    name="ks1",
+                    profiles=["base", "badks"],
+                    interfaces=[{"mac": "52:54:00:00:01:01"}],
+                ),  # type: ignore[list-item]
+                NodeSpec(
+                    name="grub1",
+                    profiles=["debian", "badgrub"],
+                    install_method="image",
+                    interfaces=[{"mac": "52:54:00:00:01:02"}],
+                ),  # type: ignore[list-item,arg-type]
+            ],
+        )
     report = sync(settings, root)
     messages = sorted(str(f) for f in report.failures)
     assert len(messages) == 2

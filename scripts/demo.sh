@@ -19,7 +19,7 @@ echo "== change one node, sync again: only its files are written"
 $corral node set n042 --var rack=r7 --gateway 10.0.0.254
 $corral sync --root "$demo/tftpboot"
 echo "== corral profile show gpu --node g01"
-$corral profile show gpu --node g01 | head -n 20
+$corral profile show gpu --node g01
 echo "== corral render n001 --kind ipxe"
 $corral render n001 --kind ipxe
 echo "== the tree"

@@ -58,3 +58,26 @@ def run(
     if check and proc.returncode != 0:
         raise CommandFailed(args, proc.returncode, proc.stderr)
     return proc
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdout: int | None = subprocess.DEVNULL,
+    stderr: int | None = subprocess.PIPE,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running program (a daemon kept in the foreground) and return it.
+
+    The caller owns the process: it must stop it (``terminate`` then ``wait``).
+    """
+    args = [str(a) for a in argv]
+    log.debug("+ %s &", shlex.join(args))
+    try:
+        return subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=_environment(env)
+        )
+    except FileNotFoundError as exc:
+        raise CorralError(
+            f"program not found: {args[0]}", "run 'make setup' to install corral's dependencies"
+        ) from exc

@@ -31,6 +31,17 @@ class Settings:
     server_url: str = "http://10.0.0.1:8080"
     # Site templates that override the packaged ones, file by file.
     template_dir: str = ""
+    # corral serve: where it listens, and what it runs.
+    address: str = "0.0.0.0"
+    http_port: int = 8080
+    tftp_port: int = 69
+    dhcp: str = "off"  # off | full | proxy
+    dhcp_interface: str = ""
+    dhcp_range: str = ""  # "FIRST,LAST": addresses for unknown machines (full mode)
+    # Bearer token of the admin REST API; empty: generated into $CORRAL_HOME/api-token.
+    api_token: str = ""
+    # The deploy/discovery ramdisk (vmlinuz, initrd.img) that image installs boot.
+    ramdisk_dir: str = ""
 
     @property
     def database(self) -> str:
@@ -40,23 +51,27 @@ class Settings:
     def templates(self) -> Path:
         return Path(self.template_dir) if self.template_dir else self.home / "templates"
 
+    @property
+    def ramdisk(self) -> Path:
+        return Path(self.ramdisk_dir) if self.ramdisk_dir else self.home / "ramdisk"
+
 
 def load_settings(home: Path | None = None) -> Settings:
     home = home or default_home()
     path = Path(os.environ.get("CORRAL_CONFIG", home / "corral.toml"))
-    values: dict[str, str] = {}
+    values: dict[str, object] = {}
     if path.exists():
         try:
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        known = {f.name for f in fields(Settings)} - {"home"}
+        known = {f.name: type(f.default) for f in fields(Settings) if f.name != "home"}
         for key, value in data.items():
             if key not in known:
                 raise ConfigError(
                     f"unknown key '{key}' in {path}", f"known keys: {', '.join(sorted(known))}"
                 )
-            if not isinstance(value, str):
-                raise ConfigError(f"key '{key}' in {path} must be a string")
+            if type(value) is not known[key]:
+                raise ConfigError(f"key '{key}' in {path} must be a {known[key].__name__}")
             values[key] = value
-    return Settings(home=home, **values)
+    return Settings(home=home, **values)  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -94,3 +94,36 @@ class SyncFile(Base):
     owner: Mapped[str] = mapped_column(String(63))
     path: Mapped[str] = mapped_column(String(4096))
     digest: Mapped[str] = mapped_column(String(64))
+
+
+class NodeState(Base):
+    """What a node is doing now (runtime, not part of its declared spec).
+
+    ``state`` is ``armed`` (its next network boot installs it), ``installing``,
+    ``installed`` or ``failed`` (both boot from the local disk until re-armed), or
+    ``discovered`` (an unknown machine that reported itself).
+    """
+
+    __tablename__ = "node_state"
+    node_id: Mapped[int] = mapped_column(
+        ForeignKey("node.id", ondelete="CASCADE"), primary_key=True
+    )
+    state: Mapped[str] = mapped_column(String(16))
+    # sha256 of the node's current token; the token itself is never stored.
+    token_hash: Mapped[str | None] = mapped_column(String(64))
+    phase: Mapped[str | None] = mapped_column(String(32))
+    message: Mapped[str | None] = mapped_column(String(4096))
+    facts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    updated: Mapped[float] = mapped_column(Float)
+
+
+class NodeEvent(Base):
+    """A report from a node (installer callback, agent, discovery)."""
+
+    __tablename__ = "node_event"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    node: Mapped[str] = mapped_column(String(63), index=True)
+    time: Mapped[float] = mapped_column(Float)
+    phase: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(String(4096))
+    source: Mapped[str] = mapped_column(String(45))

@@ -23,7 +23,6 @@ from corral.inventory.schema import (
     NodeSpec,
     ProfileSpec,
 )
-from corral.inventory.tokens import node_token, site_secret
 from corral.render.environment import load_template, make_environment
 
 FileKind = Literal["ipxe", "pxelinux", "grub", "kickstart", "pre", "post"]
@@ -107,7 +106,6 @@ class Renderer:
         self.snapshot = snapshot
         self.env = make_environment(settings.templates)
         self.server = settings.server_url.rstrip("/")
-        self.secret = site_secret(settings.home)
         self._snippets: dict[str, jinja2.Template] = {}
         self._merges: dict[tuple[str, ...], Merged] = {}
 
@@ -128,10 +126,18 @@ class Renderer:
         url = source if source.startswith(("http://", "https://")) else f"{self.server}/{path}"
         return url, path
 
-    def _boot(self, node: NodeSpec, distro: DistroSpec | None, merged: Merged) -> dict[str, Any]:
+    def _boot(
+        self, node: NodeSpec, distro: DistroSpec | None, merged: Merged, installer: bool
+    ) -> dict[str, Any]:
         method = node.install_method
         urls = self._urls(node)
-        boot: dict[str, Any] = {"method": method.value, "local": not node.netboot}
+        boot: dict[str, Any] = {
+            "method": method.value,
+            "local": not (node.netboot and installer),
+            "extra_initrds": [],
+        }
+        if boot["local"]:
+            return boot  # boots its disk: needs no installer (a discovered node has none)
         if method is InstallMethod.KICKSTART:
             if distro is None:
                 raise RenderError(
@@ -151,6 +157,12 @@ class Renderer:
             args = [f"corral.server={self.server}", f"corral.node={node.name}", "ip=dhcp"]
             if method is InstallMethod.DISKLESS:
                 args.append("corral.mode=diskless")
+            # The node's token reaches its ramdisk as a second initrd fetched at boot,
+            # never on the kernel command line.
+            token_path = f"boot/token/{node.name}.cpio"
+            boot["extra_initrds"] = [
+                {"url": f"{self.server}/{token_path}", "path": token_path, "name": "token.cpio"}
+            ]
         boot.update(
             kernel_url=kernel_url,
             initrd_url=initrd_url,
@@ -169,7 +181,11 @@ class Renderer:
             "events": f"{self.server}/api/v1/nodes/{node.name}/events",
         }
 
-    def context(self, node: NodeSpec) -> dict[str, Any]:
+    def context(
+        self, node: NodeSpec, token: str | None = None, installer: bool = True
+    ) -> dict[str, Any]:
+        """The template context; ``token`` is the node's install token when serving live,
+        ``installer`` False when the node must boot from its local disk (installed)."""
         merged = self.merged(node)
         distro = self.distro_of(node, merged)
         profile = dict(merged.values, chain=merged.chain)
@@ -179,8 +195,8 @@ class Renderer:
             "profile": profile,
             "vars": merged.values["variables"],
             "urls": self._urls(node),
-            "token": node_token(self.secret, node.name),
-            "boot": self._boot(node, distro, merged),
+            "token": token or "",
+            "boot": self._boot(node, distro, merged, installer),
             "bond_member_names": {n for i in node.interfaces for n in i.bond_members},
             "snippets": {
                 kind: [
@@ -225,10 +241,14 @@ class Renderer:
                     ) from None
 
     def render_node(
-        self, node: NodeSpec, kinds: Iterable[FileKind] = FILE_KINDS
+        self,
+        node: NodeSpec,
+        kinds: Iterable[FileKind] = FILE_KINDS,
+        token: str | None = None,
+        installer: bool = True,
     ) -> list[RenderedFile]:
         """All of a node's files (of the given kinds); kinds that do not apply are skipped."""
-        context = self.context(node)
+        context = self.context(node, token, installer)
         self._render_snippets(context, node.name)
         wanted = set(kinds)
         scripts = {k: self._render(f"{k}.sh.j2", context, node.name) for k in ("pre", "post")}
@@ -261,8 +281,10 @@ class Renderer:
             )
         return True
 
-    def render_one(self, node: NodeSpec, kind: FileKind) -> str:
-        files = self.render_node(node, [kind])
+    def render_one(
+        self, node: NodeSpec, kind: FileKind, token: str | None = None, installer: bool = True
+    ) -> str:
+        files = self.render_node(node, [kind], token, installer)
         if not files:
             why = {
                 "kickstart": f"it installs by {node.install_method.value}",

@@ -3,7 +3,7 @@
 set -u
 CORRAL_NODE=bonded
 CORRAL_EVENTS_URL=http://10.0.0.1:8080/api/v1/nodes/bonded/events
-CORRAL_TOKEN=223676124d672b96a01834c1afe91628bdf6118f
+CORRAL_TOKEN=
 corral_report() {
   curl -fsS -m 10 -X POST -H "Authorization: Bearer $CORRAL_TOKEN" \
     -H "Content-Type: application/json" \

@@ -3,7 +3,7 @@
 set -u
 CORRAL_NODE=c01
 CORRAL_EVENTS_URL=http://10.0.0.1:8080/api/v1/nodes/c01/events
-CORRAL_TOKEN=231e08d38faafc8514fc16e4b61ab2755d0612dd
+CORRAL_TOKEN=
 corral_report() {
   curl -fsS -m 10 -X POST -H "Authorization: Bearer $CORRAL_TOKEN" \
     -H "Content-Type: application/json" \

@@ -3,7 +3,7 @@
 set -u
 CORRAL_NODE=fed01
 CORRAL_EVENTS_URL=http://10.0.0.1:8080/api/v1/nodes/fed01/events
-CORRAL_TOKEN=f3ba881d2a1e67a4fbfc0fddc259fd0170c22b50
+CORRAL_TOKEN=
 corral_report() {
   curl -fsS -m 10 -X POST -H "Authorization: Bearer $CORRAL_TOKEN" \
     -H "Content-Type: application/json" \

@@ -3,7 +3,7 @@
 set -u
 CORRAL_NODE=img01
 CORRAL_EVENTS_URL=http://10.0.0.1:8080/api/v1/nodes/img01/events
-CORRAL_TOKEN=92caeb76ca7538b9ccc5b49a2a4189787ad8c57d
+CORRAL_TOKEN=
 corral_report() {
   curl -fsS -m 10 -X POST -H "Authorization: Bearer $CORRAL_TOKEN" \
     -H "Content-Type: application/json" \

@@ -3,7 +3,7 @@
 set -u
 CORRAL_NODE=local01
 CORRAL_EVENTS_URL=http://10.0.0.1:8080/api/v1/nodes/local01/events
-CORRAL_TOKEN=2dcde3f983e84f8a6626e6f28178d92758614204
+CORRAL_TOKEN=
 corral_report() {
   curl -fsS -m 10 -X POST -H "Authorization: Bearer $CORRAL_TOKEN" \
     -H "Content-Type: application/json" \

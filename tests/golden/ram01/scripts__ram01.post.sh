@@ -3,7 +3,7 @@
 set -u
 CORRAL_NODE=ram01
 CORRAL_EVENTS_URL=http://10.0.0.1:8080/api/v1/nodes/ram01/events
-CORRAL_TOKEN=9a9cb06d979b064dd65d30615dc00e3130cf577c
+CORRAL_TOKEN=
 corral_report() {
   curl -fsS -m 10 -X POST -H "Authorization: Bearer $CORRAL_TOKEN" \
     -H "Content-Type: application/json" \

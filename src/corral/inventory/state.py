@@ -1,0 +1,184 @@
+"""What nodes are doing: install state, tokens, events and discovery.
+
+A node's network boot installs it only while it is *armed*. When its install reports
+success (or failure) it is disarmed and boots from its local disk until an
+administrator re-arms it with ``corral node reinstall``: no node loops into
+reinstalling itself.
+
+Tokens are random, issued when a node starts an install (with its kickstart, or in
+its boot ramdisk) and only their sha256 is stored; they are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from corral.errors import UsageError
+from corral.inventory import models as m
+from corral.inventory.schema import InterfaceSpec, NodeSpec, normalize_mac
+from corral.inventory.store import Inventory
+
+ARMED, INSTALLING, INSTALLED, FAILED, DISCOVERED = (
+    "armed",
+    "installing",
+    "installed",
+    "failed",
+    "discovered",
+)
+# Phases a node reports; the last two end an install.
+PHASES = ("booted", "pre-install", "post-install", "progress", "install-finished", "failed")
+MAX_MESSAGE = 4000
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    name: str
+    state: str
+    phase: str | None
+    message: str | None
+    updated: float | None
+    facts: dict[str, Any] | None
+
+    @property
+    def boots_installer(self) -> bool:
+        return self.state in (ARMED, INSTALLING)
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class NodeStates:
+    """Runtime state of nodes, in the caller's transaction."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.inventory = Inventory(session)
+
+    def _node_id(self, name: str) -> int:
+        node_id = self.session.scalar(select(m.Node.id).where(m.Node.name == name))
+        if node_id is None:
+            self.inventory.node(name)  # raises NotFound
+        assert node_id is not None
+        return node_id
+
+    def _row(self, name: str) -> m.NodeState:
+        node_id = self._node_id(name)
+        row = self.session.get(m.NodeState, node_id)
+        if row is None:
+            # A node never seen before is armed: its first network boot installs it.
+            row = m.NodeState(node_id=node_id, state=ARMED, updated=time.time())
+            self.session.add(row)
+        return row
+
+    def status(self, name: str) -> NodeStatus:
+        row = self._row(name)
+        return NodeStatus(name, row.state, row.phase, row.message, row.updated, row.facts)
+
+    def statuses(self, names: list[str] | None = None) -> list[NodeStatus]:
+        query = (
+            select(m.Node.name, m.NodeState)
+            .outerjoin(m.NodeState, m.NodeState.node_id == m.Node.id)
+            .order_by(m.Node.name)
+        )
+        if names is not None:
+            query = query.where(m.Node.name.in_(names))
+        out = []
+        for name, row in self.session.execute(query):
+            if row is None:
+                out.append(NodeStatus(name, ARMED, None, None, None, None))
+            else:
+                out.append(
+                    NodeStatus(name, row.state, row.phase, row.message, row.updated, row.facts)
+                )
+        return out
+
+    def arm(self, names: list[str]) -> None:
+        """Make the nodes' next network boot install them (``corral node reinstall``)."""
+        for name in names:
+            row = self._row(name)
+            row.state, row.token_hash, row.phase, row.message = ARMED, None, None, None
+            row.updated = time.time()
+            self._event(name, "armed", "re-armed for install", "admin")
+
+    def issue_token(self, name: str) -> str:
+        """A fresh token for the node's install; any previous one stops working."""
+        row = self._row(name)
+        token = secrets.token_urlsafe(32)
+        row.token_hash = _hash(token)
+        row.updated = time.time()
+        return token
+
+    def check_token(self, name: str, token: str | None) -> bool:
+        row = self.session.get(m.NodeState, self._node_id(name))
+        expected = row.token_hash if row is not None else None
+        # Compare even when there is nothing to compare with, in constant time.
+        return hmac.compare_digest(expected or "!" * 64, _hash(token or "")) and bool(expected)
+
+    def record(self, name: str, phase: str, message: str, source: str) -> NodeStatus:
+        """Store a node's report and move its state on."""
+        if phase not in PHASES:
+            raise UsageError(f"unknown phase '{phase}'", f"use one of: {', '.join(PHASES)}")
+        row = self._row(name)
+        message = message[:MAX_MESSAGE]
+        row.phase, row.message, row.updated = phase, message, time.time()
+        if phase == "install-finished":
+            row.state = INSTALLED
+        elif phase == "failed":
+            row.state = FAILED
+        elif row.state == ARMED:
+            row.state = INSTALLING
+        self._event(name, phase, message, source)
+        return self.status(name)
+
+    def _event(self, name: str, phase: str, message: str, source: str) -> None:
+        self.session.add(
+            m.NodeEvent(node=name, time=time.time(), phase=phase, message=message, source=source)
+        )
+
+    def events(self, name: str, limit: int = 50) -> list[m.NodeEvent]:
+        query = (
+            select(m.NodeEvent)
+            .where(m.NodeEvent.node == name)
+            .order_by(m.NodeEvent.id.desc())
+            .limit(limit)
+        )
+        return list(reversed(list(self.session.scalars(query))))
+
+    def discover(self, mac: str, facts: dict[str, Any], source: str) -> str:
+        """Register an unknown machine as a node in state ``discovered``; returns its name.
+
+        The node is named after its MAC and does not netboot; adopt it with
+        ``corral node set NAME --profile ... --ip ...`` and ``corral node reinstall NAME``.
+        """
+        mac = normalize_mac(mac)
+        owner = self.session.scalar(
+            select(m.Node.name).join(m.Interface).where(m.Interface.mac == mac)
+        )
+        name = owner or "d" + mac.replace(":", "")
+        if owner is None:
+            self.inventory.add(
+                "node",
+                [
+                    NodeSpec(
+                        name=name,
+                        interfaces=[InterfaceSpec(name="eth0", mac=mac)],
+                        netboot=False,
+                    )
+                ],
+            )
+        row = self._row(name)
+        if owner is None:
+            row.state = DISCOVERED
+        row.facts = facts
+        row.updated = time.time()
+        self._event(name, "discovered", f"mac={mac}", source)
+        return name

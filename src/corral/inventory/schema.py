@@ -100,6 +100,12 @@ class InstallMethod(StrEnum):
     DISKLESS = "diskless"
 
 
+class BootLoader(StrEnum):
+    IPXE = "ipxe"
+    PXELINUX = "pxelinux"
+    GRUB = "grub"
+
+
 class DistroSpec(Spec):
     name: Name
     family: Family
@@ -171,6 +177,8 @@ class NodeSpec(Spec):
     variables: Variables = {}
     install_method: InstallMethod = InstallMethod.KICKSTART
     netboot: bool = True
+    # What DHCP hands this machine: iPXE, or pxelinux / GRUB (UEFI) for sites using them.
+    boot_loader: BootLoader = BootLoader.IPXE
 
 
 class GroupSpec(Spec):

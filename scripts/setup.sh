@@ -8,6 +8,16 @@ cd "$(dirname "$0")/.."
 DEBIAN_PACKAGES=(
     grub-common        # grub-script-check validates generated GRUB files
     python3-venv
+    iproute2           # network namespaces for the integration tests
+    postgresql         # the PostgreSQL test runs a throwaway server
+    dnsmasq-base       # DHCP (corral serve --dhcp)
+    ipxe               # undionly.kpxe, ipxe.efi
+    pxelinux           # pxelinux.0
+    syslinux-common    # ldlinux.c32
+    grub-efi-amd64-bin # grubnetx64.efi
+    tftp-hpa atftp curl          # real TFTP clients for the tests
+    busybox-static cpio          # the test VMs' initramfs, udhcpc
+    qemu-system-x86 ipxe-qemu ovmf   # the VMs that PXE-boot in the tests
 )
 
 missing=()
@@ -31,7 +41,7 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 stamp=.venv/.corral-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp || requirements.lock -nt $stamp ]]; then
-    echo "+ pip install -e .[dev] (pinned by requirements.lock)"
-    .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev]'
+    echo "+ pip install -e .[dev,postgres] (pinned by requirements.lock)"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev,postgres]'
     touch "$stamp"
 fi

@@ -38,6 +38,7 @@ class Settings:
     dhcp: str = "off"  # off | full | proxy
     dhcp_interface: str = ""
     dhcp_range: str = ""  # "FIRST,LAST": addresses for unknown machines (full mode)
+    dhcp_ipv6_ra: bool = False  # router advertisements on a boot network without a router
     # Bearer token of the admin REST API; empty: generated into $CORRAL_HOME/api-token.
     api_token: str = ""
     # The deploy/discovery ramdisk (vmlinuz, initrd.img) that image installs boot.

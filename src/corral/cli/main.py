@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from corral.cli import boot, cluster, distro, group, node, profile
+from corral.cli import boot, cluster, distro, group, node, profile, serve
 from corral.cli.common import err
 from corral.errors import CorralError
 
@@ -25,6 +25,7 @@ app.command("apply")(cluster.apply)
 app.command("export")(cluster.export)
 app.command("render")(boot.render)
 app.command("sync")(boot.sync)
+app.command("serve")(serve.serve)
 
 _debug = False
 
@@ -36,8 +37,8 @@ def _options(
     global _debug
     _debug = debug
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
 

@@ -171,3 +171,32 @@ add_common_verbs(
         "netboot": lambda n: "yes" if n.netboot else "no",
     },
 )
+
+
+@app.command("reinstall")
+def reinstall(noderange: str) -> None:
+    """Re-arm nodes: their next network boot installs them again."""
+    from corral.inventory.state import NodeStates
+
+    names = expand(noderange)
+    with inventory() as inv:
+        NodeStates(inv.session).arm(names)
+    out.print(f"armed {len(names)} node{'s' if len(names) != 1 else ''} for install: {fold(names)}")
+
+
+@app.command("status")
+def status(noderange: str | None = typer.Argument(None, metavar="NODERANGE")) -> None:
+    """Install state, last phase and message of nodes."""
+    import time
+
+    from rich.table import Table
+
+    from corral.inventory.state import NodeStates
+
+    with inventory() as inv:
+        rows = NodeStates(inv.session).statuses(expand(noderange) if noderange else None)
+    table = Table("name", "state", "phase", "since", "message", box=None, pad_edge=False)
+    for row in rows:
+        since = time.strftime("%H:%M:%S", time.localtime(row.updated)) if row.updated else ""
+        table.add_row(row.name, row.state, row.phase or "", since, (row.message or "")[:60])
+    out.print(table)

@@ -159,9 +159,9 @@ class Renderer:
                 args.append("corral.mode=diskless")
             # The node's token reaches its ramdisk as a second initrd fetched at boot,
             # never on the kernel command line.
-            token_path = f"boot/token/{node.name}.cpio"
+            token_path = f"boot/token/{node.name}.cpio.gz"
             boot["extra_initrds"] = [
-                {"url": f"{self.server}/{token_path}", "path": token_path, "name": "token.cpio"}
+                {"url": f"{self.server}/{token_path}", "path": token_path, "name": "token.cpio.gz"}
             ]
         boot.update(
             kernel_url=kernel_url,

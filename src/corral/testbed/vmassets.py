@@ -15,6 +15,9 @@ What ``/init`` reads from the kernel command line:
     ``/api/v1/nodes/<node>/events``.
 ``corral.discover=1``
     post a hardware report to ``<server>/api/v1/discover`` instead of a boot event.
+``corral.phase=PHASE``
+    optional; the phase the boot event reports (default ``booted``), e.g.
+    ``install-finished`` to play a node whose install succeeded.
 
 A bearer token is read from ``/etc/corral/node-token`` when present; it usually arrives
 as a second initrd (see :func:`build_overlay_initrd`). What ``/init`` prints on the
@@ -25,7 +28,7 @@ serial console:
 - ``CORRAL-TEST-POST ok`` or ``CORRAL-TEST-POST failed <url>`` before either marker;
 - ``CORRAL-TEST-FAILED <reason>`` when it gives up (no NIC, no DHCP lease).
 
-The boot event body is ``{"phase": "booted", "message": "ip=<ip> mac=<mac>"}``; the
+The boot event body is ``{"phase": "<phase>", "message": "ip=<ip> mac=<mac>"}``; the
 discovery body is ``{"mac": ..., "cpus": N, "memory_mb": N, "disks": [{"name": ...,
 "size_bytes": N}], "nics": [{"name": ..., "mac": ...}]}``.
 """
@@ -82,6 +85,7 @@ server=
 node=
 event_path=
 discover=
+phase=
 set -f
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
@@ -89,6 +93,7 @@ for arg in $(cat /proc/cmdline); do
     corral.node=*) node=${arg#corral.node=} ;;
     corral.event_path=*) event_path=${arg#corral.event_path=} ;;
     corral.discover=*) discover=${arg#corral.discover=} ;;
+    corral.phase=*) phase=${arg#corral.phase=} ;;
   esac
 done
 set +f
@@ -165,7 +170,7 @@ if [ "$discover" = 1 ]; then
   report "$server/api/v1/discover" "$body"
   echo "CORRAL-TEST-DISCOVERED mac=$mac"
 else
-  body=$(printf '{"phase": "booted", "message": %s}' "$(json_str "ip=$ip mac=$mac")")
+  body=$(printf '{"phase": "%s", "message": %s}' "${phase:-booted}" "$(json_str "ip=$ip mac=$mac")")
   report "$server${event_path:-/api/v1/nodes/$node/events}" "$body"
   echo "CORRAL-TEST-BOOTED node=$node ip=$ip"
 fi

@@ -1,0 +1,242 @@
+"""What the boot server does for nodes, shared by its HTTP and TFTP faces.
+
+Every file is rendered live from the inventory, so no sync is needed: a node's boot
+script reflects its profiles and its install state at the moment it asks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from corral.config import Settings
+from corral.errors import CorralError, NotFound
+from corral.inventory import models as m
+from corral.inventory.db import transaction
+from corral.inventory.schema import NodeSpec, normalize_mac
+from corral.inventory.state import NodeStates
+from corral.inventory.store import Inventory
+from corral.render.renderer import Renderer, Snapshot
+from corral.serve.cpio import newc_archive
+
+log = logging.getLogger("corral.serve")
+
+_MAC_FILE = re.compile(r"^01-([0-9a-f]{2}(?:-[0-9a-f]{2}){5})$")
+
+
+class Forbidden(CorralError):
+    """A request the node is not allowed to make (wrong token, wrong address)."""
+
+
+class BootService:
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.server = settings.server_url.rstrip("/")
+        self._renderer: tuple[int, Renderer] | None = None
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with transaction(self.engine) as s:
+            yield s
+
+    def renderer(self, session: Session) -> Renderer:
+        """A renderer for the inventory as it is now (rebuilt when it changes)."""
+        generation = Inventory(session).generation
+        with self._lock:
+            if self._renderer is None or self._renderer[0] != generation:
+                self._renderer = (generation, Renderer(self.settings, Snapshot(session)))
+            return self._renderer[1]
+
+    # -- finding the asker ----------------------------------------------------------
+
+    def node_by_mac(self, session: Session, mac: str) -> NodeSpec | None:
+        try:
+            mac = normalize_mac(mac)
+        except ValueError:
+            return None
+        name = session.scalar(select(m.Node.name).join(m.Interface).where(m.Interface.mac == mac))
+        return Inventory(session).node(name) if name else None
+
+    def _require_source(self, node: NodeSpec, client_ip: str, what: str) -> None:
+        """Install secrets go only to the node's own address (its DHCP reservation)."""
+        if client_ip not in {i.ip for i in node.interfaces if i.ip}:
+            log.warning(
+                "refused %s of node %s to %s: not the node's address", what, node.name, client_ip
+            )
+            raise Forbidden(f"{what} of node {node.name} is served only to its own address")
+
+    # -- boot files -----------------------------------------------------------------
+
+    def ipxe_entry(self) -> str:
+        """What DHCP hands every iPXE client: chain to the script for its MAC."""
+        return f"#!ipxe\nchain {self.server}/boot/${{net0/mac:hexhyp}}.ipxe\n"
+
+    def ipxe_for_mac(self, mac: str) -> str:
+        with self.session() as s:
+            node = self.node_by_mac(s, mac)
+            if node is None:
+                return self.discovery_ipxe(mac)
+            status = NodeStates(s).status(node.name)
+            return self.renderer(s).render_one(node, "ipxe", installer=status.boots_installer)
+
+    def discovery_ipxe(self, mac: str) -> str:
+        ramdisk = f"{self.server}/corral/ramdisk"
+        log.info("unknown MAC %s: handing out the discovery ramdisk", mac)
+        return (
+            "#!ipxe\n"
+            f"echo corral: unknown machine {mac}: discovery\n"
+            f"kernel {ramdisk}/vmlinuz initrd=initrd.img corral.server={self.server} "
+            "corral.discover=1 ip=dhcp console=ttyS0\n"
+            f"initrd {ramdisk}/initrd.img\n"
+            "boot\n"
+        )
+
+    def menu_for_mac(self, kind: str, mac: str) -> str | None:
+        """pxelinux or GRUB menu of the node with this MAC; None for an unknown MAC."""
+        with self.session() as s:
+            node = self.node_by_mac(s, mac)
+            if node is None:
+                return None
+            status = NodeStates(s).status(node.name)
+            return self.renderer(s).render_one(
+                node, "pxelinux" if kind == "pxelinux" else "grub", installer=status.boots_installer
+            )
+
+    def shared_file(self, path: str) -> str:
+        with self.session() as s:
+            files = {f.path: f.content for f in self.renderer(s).render_shared()}
+        return files[path]
+
+    def token_cpio(self, name: str, client_ip: str) -> bytes:
+        """A fresh install token for the node, as an initrd its ramdisk unpacks."""
+        with self.session() as s:
+            node = Inventory(s).node(name)
+            self._require_source(node, client_ip, "token")
+            states = NodeStates(s)
+            if not states.status(name).boots_installer:
+                raise Forbidden(f"node {name} is not armed for install")
+            token = states.issue_token(name)
+        log.info("issued install token to node %s at %s", name, client_ip)
+        archive = newc_archive({"etc/corral/node-token": (token.encode() + b"\n", 0o600)})
+        # Compressed: the kernel finds a gzip stream at any offset, while a plain cpio
+        # must start 4-byte aligned, which UEFI's initrd concatenation does not ensure.
+        return gzip.compress(archive, mtime=0)
+
+    def kickstart(self, name: str, client_ip: str) -> str:
+        """The node's kickstart, carrying a fresh install token for its callbacks."""
+        with self.session() as s:
+            node = Inventory(s).node(name)
+            self._require_source(node, client_ip, "kickstart")
+            states = NodeStates(s)
+            if not states.status(name).boots_installer:
+                raise Forbidden(
+                    f"node {name} is not armed for install",
+                    f"re-arm it with 'corral node reinstall {name}'",
+                )
+            token = states.issue_token(name)
+            text = self.renderer(s).render_one(node, "kickstart", token=token)
+        log.info("served kickstart to node %s at %s", name, client_ip)
+        return text
+
+    def script(self, name: str, kind: str, token: str | None, client_ip: str) -> str:
+        with self.session() as s:
+            node = Inventory(s).node(name)
+            self.authorize(s, name, token, client_ip)
+            return self.renderer(s).render_one(
+                node, "pre" if kind == "pre" else "post", token=token
+            )
+
+    def authorize(self, session: Session, name: str, token: str | None, client_ip: str) -> None:
+        if not NodeStates(session).check_token(name, token):
+            log.warning(
+                "refused request for node %s from %s: %s token",
+                name,
+                client_ip,
+                "wrong" if token else "missing",
+            )
+            raise Forbidden(f"bad or missing token for node {name}")
+
+    # -- reports --------------------------------------------------------------------
+
+    def event(
+        self, name: str, token: str | None, phase: str, message: str, client_ip: str
+    ) -> dict[str, Any]:
+        with self.session() as s:
+            Inventory(s).node(name)
+            self.authorize(s, name, token, client_ip)
+            status = NodeStates(s).record(name, phase, message, client_ip)
+        log.info("node %s: %s %s (from %s)", name, phase, message, client_ip)
+        return {"node": name, "state": status.state, "phase": status.phase}
+
+    def discover(self, facts: dict[str, Any], client_ip: str) -> str:
+        mac = str(facts.get("mac", ""))
+        with self.session() as s:
+            name = NodeStates(s).discover(mac, facts, client_ip)
+        log.info("discovered machine %s at %s as node %s", mac, client_ip, name)
+        return name
+
+    # -- TFTP -----------------------------------------------------------------------
+
+    def tftp_resolve(self, path: str, client_ip: str) -> bytes | None:
+        """Files TFTP clients get rendered live; None means 'look in the TFTP root'.
+
+        Raises PermissionError for a file this client may not have (TFTP error 2)."""
+        try:
+            return self._tftp_resolve(path, client_ip)
+        except Forbidden as exc:
+            raise PermissionError(exc.message) from None
+        except NotFound:
+            return None
+        except CorralError as exc:
+            log.error("TFTP %s for %s: %s", path, client_ip, exc)
+            return None
+
+    def _tftp_resolve(self, path: str, client_ip: str) -> bytes | None:
+        directory, _, name = path.rpartition("/")
+        if directory == "pxelinux.cfg" or (directory == "grub" and name.startswith("grub.cfg")):
+            kind = "pxelinux" if directory == "pxelinux.cfg" else "grub"
+            match = _MAC_FILE.match(name.removeprefix("grub.cfg-"))
+            if match:
+                text = self.menu_for_mac(kind, match.group(1).replace("-", ":"))
+                return text.encode() if text is not None else None
+            if path in ("pxelinux.cfg/default", "grub/grub.cfg"):
+                return self.shared_file(path).encode()
+            return None
+        if directory == "boot/token" and name.endswith(".cpio.gz"):
+            return self.token_cpio(name.removesuffix(".cpio.gz"), client_ip)
+        if directory.startswith("distros/"):
+            local = self.distro_file(directory.removeprefix("distros/"), name)
+            return local.read_bytes() if local else None
+        if directory == "corral/ramdisk":
+            local = self.ramdisk_file(name)
+            return local.read_bytes() if local else None
+        return None
+
+    def distro_file(self, distro: str, name: str) -> Path | None:
+        """A distro's kernel or initrd, when the inventory names a local file."""
+        with self.session() as s:
+            try:
+                spec = Inventory(s).distro(distro)
+            except NotFound:
+                return None
+        for source in (spec.kernel, spec.initrd):
+            if Path(source).name == name and not source.startswith(("http://", "https://")):
+                return Path(source) if Path(source).is_file() else None
+        return None
+
+    def ramdisk_file(self, name: str) -> Path | None:
+        if name not in ("vmlinuz", "initrd.img"):
+            return None
+        path = self.settings.ramdisk / name
+        return path if path.is_file() else None

@@ -1,0 +1,250 @@
+"""corral's HTTP face: boot files for nodes, their reports, and the admin REST API.
+
+Routes only parse and answer; the work is done by :class:`BootService` (nodes) and
+:class:`~corral.inventory.store.Inventory` (admin), the same code the CLI calls.
+"""
+
+import hmac
+import logging
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
+
+from corral import __version__
+from corral.errors import AlreadyExists, CorralError, NotFound, UsageError
+from corral.inventory.schema import DistroSpec, GroupSpec, NodeSpec, ProfileSpec, Spec
+from corral.inventory.state import PHASES, NodeStates
+from corral.inventory.store import Inventory, Kind
+from corral.serve.boot import BootService, Forbidden
+
+log = logging.getLogger("corral.serve")
+TEXT = "text/plain; charset=utf-8"
+
+
+class Event(BaseModel):
+    phase: str = Field(description=f"one of: {', '.join(PHASES)}")
+    message: str = ""
+
+
+class Facts(BaseModel):
+    mac: str
+    cpus: int | None = None
+    memory_mb: int | None = None
+    disks: list[dict[str, Any]] = []
+    nics: list[dict[str, Any]] = []
+
+
+class NodeStatusOut(BaseModel):
+    name: str
+    state: str
+    phase: str | None
+    message: str | None
+    updated: float | None
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+def create_app(service: BootService, api_token: str) -> FastAPI:
+    app = FastAPI(
+        title="corral",
+        version=__version__,
+        description="Boot files for nodes, their reports, and the inventory's admin API.",
+    )
+
+    @app.exception_handler(CorralError)
+    def _corral_error(request: Request, exc: CorralError) -> JSONResponse:
+        status = 500
+        if isinstance(exc, Forbidden):
+            status = 403
+        elif isinstance(exc, NotFound):
+            status = 404
+        elif isinstance(exc, AlreadyExists):
+            status = 409
+        elif isinstance(exc, UsageError):
+            status = 422
+        return JSONResponse({"detail": exc.message, "hint": exc.hint}, status_code=status)
+
+    app.include_router(_boot_router(service))
+    app.include_router(_node_router(service))
+    app.include_router(_admin_router(service, api_token), prefix="/api/v1")
+    return app
+
+
+def _boot_router(service: BootService) -> APIRouter:
+    router = APIRouter(tags=["boot"])
+
+    @router.get("/boot/ipxe", response_class=PlainTextResponse)
+    def ipxe_entry() -> Response:
+        """The script DHCP hands iPXE clients: chains to the one for their MAC."""
+        return PlainTextResponse(service.ipxe_entry())
+
+    @router.get("/boot/{mac}.ipxe", response_class=PlainTextResponse)
+    def ipxe_script(mac: str) -> Response:
+        """The node's iPXE script, rendered live (a discovery script for unknown MACs)."""
+        return PlainTextResponse(service.ipxe_for_mac(mac.replace("-", ":")))
+
+    @router.get("/boot/token/{name}.cpio.gz")
+    def token(name: str, request: Request) -> Response:
+        """The node's install token as an initrd; only to the node's own address."""
+        return Response(
+            service.token_cpio(name, _client(request)), media_type="application/octet-stream"
+        )
+
+    @router.get("/ks/{name}", response_class=PlainTextResponse)
+    def kickstart(name: str, request: Request) -> Response:
+        """The node's kickstart with a fresh token; only to its own address while armed."""
+        return PlainTextResponse(service.kickstart(name, _client(request)))
+
+    @router.get("/scripts/{name}/{kind}", response_class=PlainTextResponse)
+    def script(
+        name: str,
+        kind: str,
+        request: Request,
+        token: Annotated[str | None, Query()] = None,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        """The node's pre- or post-install script; needs its token."""
+        if kind not in ("pre", "post"):
+            raise HTTPException(404, f"no script '{kind}': use pre or post")
+        text = service.script(name, kind, token or _bearer(authorization), _client(request))
+        return PlainTextResponse(text)
+
+    @router.get("/distros/{distro}/{name}")
+    def distro_file(distro: str, name: str) -> Response:
+        """A distro's kernel or initrd (Range requests supported)."""
+        path = service.distro_file(distro, name)
+        if path is None:
+            raise HTTPException(404, f"distro {distro} has no local file {name}")
+        return FileResponse(path)
+
+    @router.get("/corral/ramdisk/{name}")
+    def ramdisk_file(name: str) -> Response:
+        """The deploy and discovery ramdisk (Range requests supported)."""
+        path = service.ramdisk_file(name)
+        if path is None:
+            raise HTTPException(404, f"no ramdisk file {name}: run 'corral ramdisk build'")
+        return FileResponse(path)
+
+    return router
+
+
+def _node_router(service: BootService) -> APIRouter:
+    """What nodes call: their reports (token) and discovery (unknown machines)."""
+    router = APIRouter(prefix="/api/v1", tags=["nodes report"])
+
+    @router.post("/nodes/{name}/events")
+    def event(
+        name: str,
+        body: Event,
+        request: Request,
+        token: Annotated[str | None, Query()] = None,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> dict[str, Any]:
+        """A node reports a phase of its install; needs the node's token."""
+        return service.event(
+            name, token or _bearer(authorization), body.phase, body.message, _client(request)
+        )
+
+    @router.post("/discover")
+    def discover(body: Facts, request: Request) -> dict[str, str]:
+        """An unknown machine reports itself; it is registered as a discovered node."""
+        return {"node": service.discover(body.model_dump(), _client(request))}
+
+    return router
+
+
+def _admin_router(service: BootService, api_token: str) -> APIRouter:
+    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
+        presented = _bearer(authorization) or ""
+        if not hmac.compare_digest(presented.encode(), api_token.encode()):
+            log.warning(
+                "refused admin API request: %s bearer token", "wrong" if presented else "missing"
+            )
+            raise HTTPException(401, "admin API needs 'Authorization: Bearer <api token>'")
+
+    router = APIRouter(dependencies=[Depends(require_admin)], tags=["admin"])
+
+    def session() -> Iterator[Session]:
+        with service.session() as s:
+            yield s
+
+    Db = Annotated[Session, Depends(session)]
+    specs: dict[Kind, type[Spec]] = {
+        "distro": DistroSpec,
+        "profile": ProfileSpec,
+        "group": GroupSpec,
+        "node": NodeSpec,
+    }
+    for kind, model in specs.items():
+        _crud(router, kind, model, Db)
+
+    @router.get("/nodes/{name}/status", response_model=NodeStatusOut)
+    def status(name: str, db: Db) -> Any:
+        return NodeStates(db).status(name)
+
+    @router.post("/nodes/{name}/reinstall", response_model=NodeStatusOut)
+    def reinstall(name: str, db: Db) -> Any:
+        """Re-arm the node: its next network boot installs it."""
+        states = NodeStates(db)
+        states.arm([name])
+        return states.status(name)
+
+    return router
+
+
+def _crud(router: APIRouter, kind: Kind, model: type[Spec], db: Any) -> None:
+    plural = f"/{kind}s"
+
+    def list_(session: Any) -> list[Any]:
+        return [s.model_dump(mode="json") for s in Inventory(session).specs(kind)]
+
+    def get(name: str, session: Any) -> Any:
+        return Inventory(session).get(kind, name).model_dump(mode="json")
+
+    def create(body: Any, session: Any) -> Any:
+        Inventory(session).add(kind, [body])
+        return body.model_dump(mode="json")
+
+    def update(name: str, body: dict[str, Any], session: Any) -> Any:
+        inv = Inventory(session)
+        inv.update(kind, [name], body)
+        return inv.get(kind, name).model_dump(mode="json")
+
+    def delete(name: str, session: Any) -> Response:
+        Inventory(session).remove(kind, [name])
+        return Response(status_code=204)
+
+    # FastAPI reads parameter types from annotations: give these the real ones.
+    for fn in (list_, get, create, update, delete):
+        fn.__annotations__["session"] = db
+    create.__annotations__["body"] = model
+    endpoints: list[tuple[str, str, Callable[..., Any], int]] = [
+        ("GET", plural, list_, 200),
+        ("GET", plural + "/{name}", get, 200),
+        ("POST", plural, create, 201),
+        ("PATCH", plural + "/{name}", update, 200),
+        ("DELETE", plural + "/{name}", delete, 204),
+    ]
+    for method, path, fn, code in endpoints:
+        verb = fn.__name__.strip("_")
+        router.add_api_route(
+            path,
+            fn,
+            methods=[method],
+            status_code=code,
+            name=f"{verb}_{kind}",
+            tags=[f"{kind}s"],
+            summary=f"{verb} {kind}",
+        )

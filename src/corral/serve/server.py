@@ -1,0 +1,180 @@
+"""``corral serve``: HTTP (uvicorn), TFTP and DHCP (dnsmasq) in one foreground process.
+
+uvicorn owns the main thread and its SIGINT/SIGTERM handling; TFTP runs in its own
+threads, dnsmasq is a supervised child, and a watcher thread reloads dnsmasq whenever
+the inventory changes. Everything is stopped on the way out, whatever the reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from corral.config import Settings
+from corral.errors import ConfigError
+from corral.inventory import models as m
+from corral.inventory.store import Inventory
+from corral.serve.assets import api_token, prepare_tftp_root
+from corral.serve.boot import BootService
+from corral.serve.http import create_app
+
+log = logging.getLogger("corral.serve")
+WATCH_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    address: str
+    http_port: int
+    tftp_port: int  # 0: no TFTP
+    dhcp: str  # off | full | proxy
+    dhcp_interface: str
+    dhcp_range: str
+
+
+def reservations(session: Session) -> list[tuple[str, str, str, str]]:
+    """(mac, ip, hostname, loader) for each node's first interface with both a MAC and
+    an IP; a bond's address goes to its first member's MAC, the NIC that network-boots."""
+    out: list[tuple[str, str, str, str]] = []
+    rows = session.execute(
+        select(m.Node.name, m.Node.spec, m.Interface.spec)
+        .join(m.Interface)
+        .order_by(m.Node.name, m.Interface.position)
+    )
+    by_node: dict[str, list[dict[str, object]]] = {}
+    loaders: dict[str, str] = {}
+    for name, node_spec, spec in rows:
+        by_node.setdefault(name, []).append(spec)
+        loaders[name] = str(node_spec.get("boot_loader", "ipxe"))
+    for name, ifaces in by_node.items():
+        macs = {str(i["name"]): i.get("mac") for i in ifaces}
+        taken = False
+        for iface in ifaces:
+            mac, ip = iface.get("mac"), iface.get("ip")
+            members = iface.get("bond_members") or []
+            if not mac and ip and isinstance(members, list) and members:
+                mac = macs.get(str(members[0]))
+            if mac and ip and not taken:
+                out.append((str(mac), str(ip), name, loaders[name]))
+                taken = True  # one address per node: the first that can boot
+    return out
+
+
+class Watcher(threading.Thread):
+    """Keeps dnsmasq's reservations in step with the inventory, and dnsmasq alive."""
+
+    def __init__(self, engine: Engine, dhcp: object) -> None:
+        super().__init__(name="corral-watch", daemon=True)
+        self.engine = engine
+        self.dhcp = dhcp
+        self.stopping = threading.Event()
+        self.generation = -1
+
+    def tick(self) -> None:
+        from corral.inventory.db import transaction
+        from corral.serve.dhcp import Reservation
+
+        with transaction(self.engine) as s:
+            generation = Inventory(s).generation
+            if generation != self.generation:
+                hosts = [Reservation(*r) for r in reservations(s)]
+                self.dhcp.reload(hosts)  # type: ignore[attr-defined]
+                self.generation = generation
+        self.dhcp.check()  # type: ignore[attr-defined]
+
+    def run(self) -> None:
+        while not self.stopping.wait(WATCH_SECONDS):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("watcher: keeping DHCP in step failed; retrying")
+
+
+def _dhcp_config(settings: Settings, options: ServeOptions) -> object:
+    from corral.serve.dhcp import DhcpConfig
+
+    if not options.dhcp_interface:
+        raise ConfigError("--dhcp needs --dhcp-interface", "name the interface nodes boot on")
+    server_ip = options.address
+    if server_ip in ("0.0.0.0", ""):
+        raise ConfigError("--dhcp needs --address: the server's IP on the boot network")
+    network = ipaddress.IPv4Network(f"{server_ip}/24", strict=False)
+    first_last = None
+    if options.dhcp_range:
+        first, _, last = options.dhcp_range.partition(",")
+        try:
+            ipaddress.IPv4Address(first)
+            ipaddress.IPv4Address(last)
+        except ValueError:
+            raise ConfigError(
+                f"bad --dhcp-range '{options.dhcp_range}'",
+                "give FIRST,LAST, e.g. 10.0.0.200,10.0.0.250",
+            ) from None
+        first_last = (first, last)
+    return DhcpConfig(
+        mode=options.dhcp,  # type: ignore[arg-type]
+        interface=options.dhcp_interface,
+        server_ip=server_ip,
+        http_url=settings.server_url.rstrip("/"),
+        tftp_port=options.tftp_port,
+        range=first_last,
+        netmask=str(network.netmask),
+        ipv6_ra=settings.dhcp_ipv6_ra,
+        state_dir=settings.home / "dhcp",
+    )
+
+
+def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
+    if options.dhcp not in ("off", "full", "proxy"):
+        raise ConfigError(f"bad --dhcp '{options.dhcp}'", "use off, full or proxy")
+    service = BootService(settings, engine)
+    app = create_app(service, settings.api_token or api_token(settings.home))
+    tftp = None
+    dhcp = None
+    watcher = None
+    try:
+        if options.tftp_port:
+            from corral.serve.tftp import TftpServer
+
+            root = settings.home / "tftpboot"
+            prepare_tftp_root(root)
+            tftp = TftpServer(
+                root, service.tftp_resolve, host=options.address, port=options.tftp_port
+            )
+            tftp.start()
+            log.info("TFTP on %s:%d, root %s", options.address, tftp.port, root)
+        if options.dhcp != "off":
+            from corral.serve.dhcp import Dnsmasq
+
+            dhcp = Dnsmasq(_dhcp_config(settings, options))  # type: ignore[arg-type]
+            watcher = Watcher(engine, dhcp)
+            dhcp.start([])
+            watcher.tick()
+            watcher.start()
+            log.info("DHCP (%s) on %s", options.dhcp, options.dhcp_interface)
+        # log_config=None: uvicorn's loggers go to corral's root handler, in one format
+        # (its own dictConfig would also remove the handlers corral set up).
+        config = uvicorn.Config(
+            app, host=options.address, port=options.http_port, log_config=None, access_log=True
+        )
+        uvicorn.Server(config).run()
+    finally:
+        if watcher is not None:
+            watcher.stopping.set()
+            watcher.join(timeout=5)
+        if dhcp is not None:
+            dhcp.stop()
+        if tftp is not None:
+            tftp.stop()
+        log.info("corral serve stopped")
+
+
+def tftp_root(settings: Settings) -> Path:
+    return settings.home / "tftpboot"

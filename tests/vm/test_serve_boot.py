@@ -1,0 +1,211 @@
+"""Real firmware against `corral serve`: qemu VMs PXE-boot through corral's own DHCP
+(dnsmasq), TFTP and HTTP, into a test kernel and initramfs that report back.
+
+One server runs for the module, in a network namespace with a bridge; each test boots
+a VM on a tap of that bridge and checks what corral recorded for the node.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from corral.testbed.netns import PxeNetwork, run_prefix
+from corral.testbed.qemu import VM
+from corral.testbed.vmassets import build_test_boot_assets, default_cache_dir
+from tests.conftest import corral
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(os.geteuid() != 0, reason="VM tests need root (namespaces, taps)"),
+]
+BOOT_TIMEOUT = 240
+
+CLUSTER = """
+profiles:
+  - {name: console, kernel_args: [console=ttyS0]}
+  - {name: finish, kernel_args: [corral.phase=install-finished]}
+nodes:
+  - {name: bios1, install_method: image, profiles: [console],
+     interfaces: [{mac: "52:54:00:00:01:01", ip: 10.88.0.51}]}
+  - {name: uefi1, install_method: image, profiles: [console],
+     interfaces: [{mac: "52:54:00:00:01:02", ip: 10.88.0.52}]}
+  - {name: efipxe1, install_method: image, profiles: [console],
+     interfaces: [{mac: "52:54:00:00:01:03", ip: 10.88.0.53}]}
+  - {name: pxl1, install_method: image, profiles: [console], boot_loader: pxelinux,
+     interfaces: [{mac: "52:54:00:00:01:04", ip: 10.88.0.54}]}
+  - {name: once1, install_method: image, profiles: [console, finish],
+     interfaces: [{mac: "52:54:00:00:01:05", ip: 10.88.0.55}]}
+"""
+
+
+@dataclass
+class Server:
+    net: PxeNetwork
+    home: Path
+    work: Path
+    log: Path
+
+    def status(self, node: str) -> str:
+        result = corral("node", "status", node, home=self.home)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def events(self, node: str) -> str:
+        """``phase|message|source`` lines of what the node reported."""
+        with sqlite3.connect(self.home / "corral.db") as db:
+            rows = db.execute(
+                "SELECT phase, message, source FROM node_event WHERE node = ?", (node,)
+            ).fetchall()
+        return "\n".join("|".join(row) for row in rows)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    # dnsmasq reads its files as 'nobody': the home must be world-readable.
+    work = Path(tempfile.mkdtemp(prefix="corral-vm-"))
+    work.chmod(0o755)
+    home = work / "home"
+    assets = build_test_boot_assets(work / "assets", default_cache_dir())
+    (home / "ramdisk").mkdir(parents=True)
+    shutil.copyfile(assets.kernel, home / "ramdisk" / "vmlinuz")
+    shutil.copyfile(assets.initrd, home / "ramdisk" / "initrd.img")
+    (home / "corral.toml").write_text("dhcp_ipv6_ra = true\n")
+    (work / "cluster.yaml").write_text(CLUSTER)
+    applied = corral("apply", "-f", str(work / "cluster.yaml"), home=home)
+    assert applied.returncode == 0, applied.stderr
+    log = work / "serve.log"
+    with PxeNetwork(run_prefix() + "srv", address="10.88.0.1/24", address6="fd00:88::1/64") as net:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                net.exec(
+                    [
+                        sys.executable,
+                        "-m",
+                        "corral",
+                        "serve",
+                        "--address",
+                        "10.88.0.1",
+                        "--http-port",
+                        "8080",
+                        "--tftp-port",
+                        "69",
+                        "--dhcp",
+                        "full",
+                        "--dhcp-interface",
+                        net.bridge,
+                        "--dhcp-range",
+                        "10.88.0.100,10.88.0.150",
+                    ]
+                ),
+                env=dict(os.environ, CORRAL_HOME=str(home)),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 30
+            while "Uvicorn running" not in log.read_text():
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            yield Server(net, home, work, log)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def boot(server: Server, tmp_path: Path, mac: str, pattern: str, **vm: object) -> str:
+    tap = f"tap{mac[-2:]}"
+    with VM(server.net, workdir=tmp_path, mac=mac, tap=tap, **vm) as machine:  # type: ignore[arg-type]
+        try:
+            match = machine.wait_for(pattern, timeout=BOOT_TIMEOUT)
+        except Exception:
+            print(server.log.read_text()[-3000:])
+            raise
+        return match.group(0)
+
+
+def test_bios_ipxe_boot_reports_for_the_right_node(server: Server, tmp_path: Path) -> None:
+    marker = boot(server, tmp_path, "52:54:00:00:01:01", r"CORRAL-TEST-BOOTED node=\S+ ip=\S+")
+    assert marker == "CORRAL-TEST-BOOTED node=bios1 ip=10.88.0.51"
+    events = server.events("bios1")
+    # The token reached the ramdisk as a second initrd: the authenticated event landed,
+    # sent from the node's reserved address.
+    assert "booted|ip=10.88.0.51 mac=52:54:00:00:01:01|10.88.0.51" in events
+    assert "installing" in server.status("bios1")
+
+
+def test_uefi_ipxe_boot(server: Server, tmp_path: Path) -> None:
+    marker = boot(
+        server,
+        tmp_path,
+        "52:54:00:00:01:02",
+        r"CORRAL-TEST-BOOTED node=\S+ ip=\S+",
+        firmware="uefi",
+    )
+    assert marker == "CORRAL-TEST-BOOTED node=uefi1 ip=10.88.0.52"
+    assert "booted|ip=10.88.0.52" in server.events("uefi1")
+
+
+def test_uefi_firmware_pxe_loads_ipxe_over_tftp(server: Server, tmp_path: Path) -> None:
+    """No iPXE ROM: OVMF's own PXE asks DHCP (arch 7), gets ipxe.efi over corral's TFTP,
+    which asks DHCP again and gets its script over HTTP."""
+    marker = boot(
+        server,
+        tmp_path,
+        "52:54:00:00:01:03",
+        r"CORRAL-TEST-BOOTED node=\S+ ip=\S+",
+        firmware="uefi",
+        option_rom=False,
+    )
+    assert marker == "CORRAL-TEST-BOOTED node=efipxe1 ip=10.88.0.53"
+    assert "ipxe.efi" in server.log.read_text()
+
+
+def test_pxelinux_boot_over_tftp(server: Server, tmp_path: Path) -> None:
+    marker = boot(server, tmp_path, "52:54:00:00:01:04", r"CORRAL-TEST-BOOTED node=\S+ ip=\S+")
+    assert marker == "CORRAL-TEST-BOOTED node=pxl1 ip=10.88.0.54"
+    log = server.log.read_text()
+    assert "pxelinux.cfg/01-52-54-00-00-01-04" in log
+    assert "booted|ip=10.88.0.54" in server.events("pxl1")
+
+
+def test_unknown_machine_is_discovered(server: Server, tmp_path: Path) -> None:
+    marker = boot(server, tmp_path, "52:54:00:00:01:99", r"CORRAL-TEST-DISCOVERED mac=\S+")
+    assert marker == "CORRAL-TEST-DISCOVERED mac=52:54:00:00:01:99"
+    status = server.status("d525400000199")
+    assert "discovered" in status
+    shown = corral("node", "show", "d525400000199", home=server.home)
+    assert "52:54:00:00:01:99" in shown.stdout
+
+
+def test_finished_node_boots_from_disk_until_reinstalled(server: Server, tmp_path: Path) -> None:
+    marker = boot(server, tmp_path / "1", "52:54:00:00:01:05", r"CORRAL-TEST-BOOTED node=\S+")
+    assert marker == "CORRAL-TEST-BOOTED node=once1"
+    assert "installed" in server.status("once1")
+    # The next network boot gets "boot from local disk": no reinstall loop.
+    script = subprocess.run(
+        server.net.exec(["curl", "-sf", "http://10.88.0.1:8080/boot/52-54-00-00-01-05.ipxe"]),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "boots from its local disk" in script
+    assert corral("node", "reinstall", "once1", home=server.home).returncode == 0
+    assert "armed" in server.status("once1")

@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= /tmp/corral-demo
 
-.PHONY: setup demo test lint typecheck unit integration clean
+.PHONY: setup demo test lint typecheck unit integration vm clean
 
 setup:
 	@scripts/setup.sh
@@ -26,6 +26,9 @@ unit: setup
 
 integration: setup
 	$(PY) -m pytest -q -m integration
+
+vm: setup
+	$(PY) -m pytest -q -m vm
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -47,6 +47,8 @@ nodes:
      interfaces: [{mac: "52:54:00:00:01:04", ip: 10.88.0.54}]}
   - {name: once1, install_method: image, profiles: [console, finish],
      interfaces: [{mac: "52:54:00:00:01:05", ip: 10.88.0.55}]}
+  - {name: grub1, install_method: image, profiles: [console], boot_loader: grub,
+     interfaces: [{mac: "52:54:00:00:01:06", ip: 10.88.0.56}]}
 """
 
 
@@ -184,6 +186,21 @@ def test_pxelinux_boot_over_tftp(server: Server, tmp_path: Path) -> None:
     log = server.log.read_text()
     assert "pxelinux.cfg/01-52-54-00-00-01-04" in log
     assert "booted|ip=10.88.0.54" in server.events("pxl1")
+
+
+def test_grub_network_boot_over_tftp(server: Server, tmp_path: Path) -> None:
+    """UEFI firmware PXE -> grubnetx64.efi over TFTP -> its grub.cfg-01-<mac> -> kernel."""
+    marker = boot(
+        server,
+        tmp_path,
+        "52:54:00:00:01:06",
+        r"CORRAL-TEST-BOOTED node=\S+ ip=\S+",
+        firmware="uefi",
+        option_rom=False,
+    )
+    assert marker == "CORRAL-TEST-BOOTED node=grub1 ip=10.88.0.56"
+    assert "grub/grub.cfg-01-52:54:00:00:01:06" in server.log.read_text()
+    assert "booted|ip=10.88.0.56" in server.events("grub1")
 
 
 def test_unknown_machine_is_discovered(server: Server, tmp_path: Path) -> None:

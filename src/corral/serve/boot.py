@@ -30,7 +30,8 @@ from corral.serve.cpio import newc_archive
 
 log = logging.getLogger("corral.serve")
 
-_MAC_FILE = re.compile(r"^01-([0-9a-f]{2}(?:-[0-9a-f]{2}){5})$")
+# 01-<mac> as pxelinux and GRUB ask for it; GRUB's $net_default_mac has colons.
+_MAC_FILE = re.compile(r"^01-([0-9a-fA-F]{2}(?:[-:][0-9a-fA-F]{2}){5})$")
 
 
 class Forbidden(CorralError):
@@ -208,7 +209,7 @@ class BootService:
             kind = "pxelinux" if directory == "pxelinux.cfg" else "grub"
             match = _MAC_FILE.match(name.removeprefix("grub.cfg-"))
             if match:
-                text = self.menu_for_mac(kind, match.group(1).replace("-", ":"))
+                text = self.menu_for_mac(kind, match.group(1).replace("-", ":").lower())
                 return text.encode() if text is not None else None
             if path in ("pxelinux.cfg/default", "grub/grub.cfg"):
                 return self.shared_file(path).encode()

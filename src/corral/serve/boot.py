@@ -19,6 +19,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from corral.config import Settings
+from corral.cpio import newc_archive
 from corral.errors import CorralError, NotFound
 from corral.inventory import models as m
 from corral.inventory.db import transaction
@@ -26,7 +27,6 @@ from corral.inventory.schema import NodeSpec, normalize_mac
 from corral.inventory.state import NodeStates
 from corral.inventory.store import Inventory
 from corral.render.renderer import Renderer, Snapshot
-from corral.serve.cpio import newc_archive
 
 log = logging.getLogger("corral.serve")
 

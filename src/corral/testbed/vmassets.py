@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import lzma
 import os
 import re
@@ -47,6 +46,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.cpio import CpioWriter
 from corral.errors import CorralError
 from corral.run import run
 
@@ -210,68 +210,6 @@ class BootAssets:
 
 class AssetError(CorralError):
     """The test kernel or initramfs could not be built."""
-
-
-# --- cpio (newc) -----------------------------------------------------------------------
-
-_S_IFDIR = 0o040000
-_S_IFREG = 0o100000
-_S_IFCHR = 0o020000
-
-
-class CpioWriter:
-    """Writes a ``newc`` cpio archive (the format the kernel unpacks as an initramfs)."""
-
-    def __init__(self, out: io.BufferedIOBase) -> None:
-        self._out = out
-        self._ino = 1
-        self._dirs: set[str] = set()
-
-    def _entry(
-        self, name: str, mode: int, data: bytes = b"", *, rdev: tuple[int, int] = (0, 0)
-    ) -> None:
-        encoded = name.encode() + b"\0"
-        fields = (
-            self._ino,
-            mode,
-            0,  # uid
-            0,  # gid
-            2 if mode & _S_IFDIR else 1,  # nlink
-            0,  # mtime: fixed, so that the archive is reproducible
-            len(data),
-            0,  # devmajor
-            0,  # devminor
-            rdev[0],
-            rdev[1],
-            len(encoded),
-            0,  # check
-        )
-        self._ino += 1
-        header = b"070701" + b"".join(b"%08X" % f for f in fields)
-        self._out.write(header + encoded + b"\0" * (-(len(header) + len(encoded)) % 4))
-        self._out.write(data + b"\0" * (-len(data) % 4))
-
-    def directory(self, name: str, mode: int = 0o755) -> None:
-        """Add a directory (and its parents, once each)."""
-        name = name.strip("/")
-        if not name or name in self._dirs:
-            return
-        self.directory(os.path.dirname(name))
-        self._dirs.add(name)
-        self._entry(name, _S_IFDIR | mode)
-
-    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        name = name.strip("/")
-        self.directory(os.path.dirname(name))
-        self._entry(name, _S_IFREG | mode, data)
-
-    def char_device(self, name: str, major: int, minor: int, mode: int = 0o600) -> None:
-        name = name.strip("/")
-        self.directory(os.path.dirname(name))
-        self._entry(name, _S_IFCHR | mode, rdev=(major, minor))
-
-    def finish(self) -> None:
-        self._entry("TRAILER!!!", 0)
 
 
 def build_overlay_initrd(dest: Path, files: Mapping[str, bytes]) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.testbed.netns import PxeNetwork, run_prefix
+from corral.testbed.netns import PxeNetwork, namespace_pids, run_prefix
 from corral.testbed.qemu import VM
 from corral.testbed.vmassets import build_test_boot_assets, default_cache_dir
 from tests.conftest import corral
@@ -129,6 +129,9 @@ def server() -> Iterator[Server]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        # SIGTERM is a clean stop: corral ended its dnsmasq before exiting.
+        assert proc.returncode == 0, log.read_text()[-2000:]
+        assert namespace_pids(net.name) == [], "something corral started outlived it"
     shutil.rmtree(work, ignore_errors=True)
 
 

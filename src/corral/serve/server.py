@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import uvicorn
 from sqlalchemy import Engine, select
@@ -148,7 +150,10 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
             tftp = TftpServer(
                 root, service.tftp_resolve, host=options.address, port=options.tftp_port
             )
-            tftp.start()
+            try:
+                tftp.start()
+            except OSError as exc:
+                raise _cannot_listen("TFTP", options.address, options.tftp_port, exc) from None
             log.info("TFTP on %s:%d, root %s", options.address, tftp.port, root)
         if options.dhcp != "off":
             from corral.serve.dhcp import Dnsmasq
@@ -164,7 +169,7 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
         config = uvicorn.Config(
             app, host=options.address, port=options.http_port, log_config=None, access_log=True
         )
-        uvicorn.Server(config).run()
+        _Server(config).run(sockets=[_listen(options.address, options.http_port)])
     finally:
         if watcher is not None:
             watcher.stopping.set()
@@ -176,5 +181,32 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
         log.info("corral serve stopped")
 
 
-def tftp_root(settings: Settings) -> Path:
-    return settings.home / "tftpboot"
+class _Server(uvicorn.Server):
+    """uvicorn, minus re-raising SIGTERM/SIGINT once it has shut down: that would kill
+    the process before corral stops TFTP and dnsmasq."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
+def _cannot_listen(what: str, address: str, port: int, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"cannot listen for {what} on {address}:{port}: {exc.strerror}",
+        f"stop whatever uses that port, or choose another with --{what.lower()}-port",
+    )
+
+
+def _listen(address: str, port: int) -> socket.socket:
+    """The HTTP socket, bound here so that a busy port is a clear error, not a log line."""
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+    except OSError as exc:
+        sock.close()
+        raise _cannot_listen("HTTP", address, port, exc) from None
+    sock.listen(2048)
+    return sock

@@ -1,0 +1,1 @@
+"""Building what nodes boot: the deploy ramdisk, and later OS images."""

@@ -50,3 +50,13 @@ def test_cache_shares_merges_without_leaking_node_variables() -> None:
     assert len(cache) == 1
     assert a.values["variables"]["k"] == "a"
     assert b.values["variables"]["k"] == 1
+
+
+def test_profiles_choose_an_image_and_layers() -> None:
+    profiles = {
+        "base": ProfileSpec(name="base", image="debian:2", layers=["compute"]),
+        "gpu": ProfileSpec(name="gpu", image="debian-gpu", layers=["gpu"]),
+    }
+    merged = merge_node(NodeSpec(name="g1", profiles=["base", "gpu"]), {}, profiles)
+    assert merged.values["image"] == "debian-gpu"
+    assert merged.values["layers"] == ["compute", "gpu"]

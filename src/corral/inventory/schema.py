@@ -146,6 +146,9 @@ class Repo(Spec):
 class ProfileSpec(Spec):
     name: Name
     distro: Name | None = None
+    # Image installs: the image (NAME or NAME:VERSION) and the layers to put on it.
+    image: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]*(:[0-9]+)?$")
+    layers: list[Name] = []
     kernel_args: list[str] = []
     kickstart_template: str | None = Field(None, description="template file name")
     disk: str | None = Field(None, pattern=r"^[A-Za-z0-9/_.-]+$")

@@ -18,7 +18,7 @@ DEBIAN_PACKAGES=(
     tftp-hpa atftp curl          # real TFTP clients for the tests
     busybox-static cpio          # the test VMs' initramfs, udhcpc
     qemu-system-x86 ipxe-qemu ovmf   # the VMs that PXE-boot in the tests
-    debootstrap squashfs-tools zstd rsync acl   # images: build, export (acl: its tests)
+    debootstrap debian-archive-keyring squashfs-tools zstd rsync acl   # images, ramdisk
 )
 
 missing=()

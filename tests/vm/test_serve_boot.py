@@ -117,7 +117,7 @@ def server() -> Iterator[Server]:
             )
         try:
             deadline = time.monotonic() + 30
-            while "Uvicorn running" not in log.read_text():
+            while "Application startup complete" not in log.read_text():
                 assert proc.poll() is None, log.read_text()
                 assert time.monotonic() < deadline, log.read_text()
                 time.sleep(0.2)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import typer
 
-from corral.cli import boot, cluster, distro, group, node, profile, serve
+from corral.cli import boot, cluster, distro, group, image, layer, node, profile, ramdisk, serve
 from corral.cli.common import err
 from corral.errors import CorralError
 
@@ -21,6 +22,9 @@ app.add_typer(distro.app, name="distro")
 app.add_typer(profile.app, name="profile")
 app.add_typer(group.app, name="group")
 app.add_typer(node.app, name="node")
+app.add_typer(image.app, name="image")
+app.add_typer(layer.app, name="layer")
+app.add_typer(ramdisk.app, name="ramdisk")
 app.command("apply")(cluster.apply)
 app.command("export")(cluster.export)
 app.command("render")(boot.render)
@@ -42,7 +46,13 @@ def _options(
     )
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so that a build unmounts its chroot on the way out.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except CorralError as exc:

@@ -1,0 +1,350 @@
+"""The agent's life: network up, report to corral, then wait for work (or power off).
+
+Later work plugs in as methods of :class:`Agent` (fetch a plan, partition, receive an
+image) and steps of :meth:`Agent.run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from corral.agent import facts as hw
+from corral.agent.cmdline import EXIT_ACTIONS, BootOrders
+from corral.agent.network import (
+    NetworkError,
+    interface_ipv4,
+    read_lease,
+    source_address,
+    write_udhcpc_script,
+)
+from corral.agent.report import PHASES, Client, Rejected, ReportError
+
+log = logging.getLogger("corral.agent")
+
+#: The server keeps at most this many characters of an event message.
+MAX_MESSAGE = 4000
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the agent reads and writes; tests point these at temporary directories."""
+
+    proc: Path = Path("/proc")
+    sysfs: Path = Path("/sys")
+    token: Path = Path("/etc/corral/node-token")
+    log: Path = Path("/var/log/corral-agent.log")
+    run: Path = Path("/run/corral")
+    resolv: Path = Path("/etc/resolv.conf")
+
+
+@dataclass(frozen=True)
+class Link:
+    """The NIC the agent talks through."""
+
+    interface: str
+    mac: str
+    ip: str | None
+
+
+@dataclass
+class Settings:
+    """Knobs of the agent's patience."""
+
+    tries: int = 5
+    backoff: float = 1.0
+    http_timeout: float = 15.0
+    nic_timeout: float = 20.0
+    dhcp_tries: int = 10
+    poll: float = 0.2
+    wait_interval: float = 60.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(
+        self,
+        orders: BootOrders,
+        paths: Paths | None = None,
+        settings: Settings | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.orders = orders
+        self.paths = paths or Paths()
+        self.settings = settings or Settings()
+        self.sleep = sleep
+        self.link: Link | None = None
+        self._client: Client | None = None
+
+    # --- reading the machine -------------------------------------------------------
+
+    @property
+    def token(self) -> str | None:
+        text = hw.read_text(self.paths.token)
+        return "".join(text.split()) if text else None
+
+    def interface_ipv4(self, name: str) -> str | None:
+        return interface_ipv4(name)
+
+    def facts(self) -> hw.Facts:
+        sysfs = self.paths.sysfs
+        nics = [
+            hw.Nic(
+                name=name,
+                mac=hw.nic_mac(sysfs, name),
+                carrier=hw.nic_carrier(sysfs, name),
+                driver=hw.nic_driver(sysfs, name),
+                ipv4=self.interface_ipv4(name),
+            )
+            for name in hw.physical_nics(sysfs)
+        ]
+        return hw.Facts(
+            kernel=hw.kernel_release(self.paths.proc),
+            cpus=hw.cpu_count(self.paths.proc),
+            memory_mb=hw.memory_mb(self.paths.proc),
+            disks=hw.disks(sysfs),
+            nics=nics,
+            vendor=hw.dmi(sysfs, "sys_vendor"),
+            product=hw.dmi(sysfs, "product_name"),
+        )
+
+    # --- commands ------------------------------------------------------------------
+
+    def command(self, argv: Sequence[str], timeout: float = 60) -> int:
+        """Run ``argv``, log its output, return its exit code (127 if missing)."""
+        env = dict(os.environ, **self.settings.extra_env)
+        log.debug("+ %s", " ".join(argv))
+        try:
+            proc = subprocess.run(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+                check=False,
+            )
+        except FileNotFoundError:
+            log.error("%s: not found", argv[0])
+            return 127
+        except subprocess.TimeoutExpired:
+            log.error("%s: no answer after %.0f s", argv[0], timeout)
+            return 124
+        for line in (proc.stdout + proc.stderr).splitlines():
+            log.debug("%s: %s", os.path.basename(argv[0]), line)
+        if proc.returncode != 0:
+            log.warning("%s exited with %d", " ".join(argv), proc.returncode)
+        return proc.returncode
+
+    # --- the network ---------------------------------------------------------------
+
+    def _candidates(self) -> list[str]:
+        names = hw.physical_nics(self.paths.sysfs)
+        boot_mac = self.orders.boot_mac
+        if boot_mac:
+            names.sort(key=lambda n: hw.nic_mac(self.paths.sysfs, n) != boot_mac)
+        return names
+
+    def _wait(self, ready: Callable[[], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if time.monotonic() >= deadline:
+                return False
+            self.sleep(self.settings.poll)
+        return True
+
+    def network_up(self) -> Link:
+        """The first NIC with a carrier, configured by DHCP unless it already has an address.
+
+        NICs named by ``BOOTIF=`` come first. Raises :class:`NetworkError` if none gets a lease.
+        """
+        sysfs = self.paths.sysfs
+        if not self._wait(lambda: bool(self._candidates()), self.settings.nic_timeout):
+            raise NetworkError("no network interface appeared (is its driver loaded?)")
+        names = self._candidates()
+        for name in names:
+            ip = self.interface_ipv4(name)
+            if ip:
+                log.info("%s is already configured: %s", name, ip)
+                self.link = Link(name, hw.nic_mac(sysfs, name), ip)
+                return self.link
+        self.command(["ip", "link", "set", "dev", "lo", "up"])
+        for name in names:
+            self.command(["ip", "link", "set", "dev", name, "up"])
+        self._wait(lambda: any(hw.nic_carrier(sysfs, n) for n in names), self.settings.nic_timeout)
+        with_carrier = [n for n in names if hw.nic_carrier(sysfs, n)]
+        if not with_carrier:
+            log.warning("no carrier on %s: trying DHCP anyway", ", ".join(names))
+        script = write_udhcpc_script(self.paths.run, self.paths.resolv)
+        for name in with_carrier or names:
+            argv = ["udhcpc", "-i", name, "-q", "-n", "-t", str(self.settings.dhcp_tries)]
+            argv += ["-s", str(script)]
+            if self.orders.node:
+                argv += ["-x", f"hostname:{self.orders.node}"]
+            log.info("%s: asking for an address (DHCP)", name)
+            rc = self.command(argv, timeout=self.settings.dhcp_tries * 4 + 15)
+            lease = read_lease(self.paths.run, name)
+            if rc == 0 and lease:
+                log.info(
+                    "%s: %s/%s via %s", name, lease["ip"], lease.get("mask"), lease.get("router")
+                )
+                self.link = Link(name, hw.nic_mac(sysfs, name), lease["ip"])
+                return self.link
+            log.warning("%s: no DHCP lease", name)
+        raise NetworkError(f"no DHCP lease on {', '.join(with_carrier or names)}")
+
+    # --- talking to corral ---------------------------------------------------------
+
+    @property
+    def client(self) -> Client | None:
+        if self._client is None and self.orders.server:
+            self._client = Client(
+                self.orders.server,
+                self.token,
+                tries=self.settings.tries,
+                backoff=self.settings.backoff,
+                timeout=self.settings.http_timeout,
+                sleep=self.sleep,
+            )
+        return self._client
+
+    def report(self, phase: str, message: str = "") -> bool:
+        """Post an event for this node; False (logged) if it could not be delivered."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}: one of {', '.join(PHASES)}")
+        client, node = self.client, self.orders.node
+        if client is None or not node:
+            log.warning("no corral.server= or corral.node= on the command line: %s not sent", phase)
+            return False
+        path = f"/api/v1/nodes/{urllib.parse.quote(node, safe='')}/events"
+        try:
+            client.post(path, {"phase": phase, "message": message[:MAX_MESSAGE]})
+        except Rejected as exc:
+            log.error("corral refused the %s event: %s", phase, exc)
+            return False
+        except ReportError as exc:
+            log.error("%s", exc)
+            return False
+        log.info("reported %s to %s: %s", phase, client.server, message)
+        return True
+
+    def discover(self, facts: hw.Facts, link: Link) -> str | None:
+        """Register this unknown machine; returns the node name corral gave it."""
+        client = self.client
+        if client is None:
+            log.warning("no corral.server= on the command line: discovery not sent")
+            return None
+        try:
+            answer = client.post("/api/v1/discover", facts.discovery(link.mac), auth=False)
+        except ReportError as exc:
+            log.error("discovery failed: %s", exc)
+            return None
+        node = answer.get("node") if isinstance(answer, dict) else None
+        log.info("discovered as node %s", node)
+        return str(node) if node else None
+
+    # --- the life cycle ------------------------------------------------------------
+
+    def wait_for_instructions(self) -> None:
+        """Stay up for the operator or for work to come (a plan to fetch, later)."""
+        log.info("waiting for instructions")
+        while True:
+            self.sleep(self.settings.wait_interval)
+
+    def finish(self) -> int:
+        action = self.orders.agent_exit
+        if action in ("poweroff", "reboot"):
+            log.info("%s", "powering off" if action == "poweroff" else "rebooting")
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os.sync()
+            rc = self.command([action, "-f"])
+            return 0 if rc == 0 else 1
+        if action == "wait":
+            self.wait_for_instructions()
+        return 0
+
+    def run(self) -> int:
+        orders = self.orders
+        log.info(
+            "corral agent: server=%s node=%s mode=%s",
+            orders.server or "-",
+            orders.node or "-",
+            "discover" if orders.discover else orders.mode or "-",
+        )
+        try:
+            link = self.network_up()
+        except NetworkError as exc:
+            log.error("network: %s", exc)
+            self.finish()
+            return 1
+        facts = self.facts()
+        ip = link.ip
+        if self.client is not None:
+            ip = source_address(self.client.host, self.client.port) or ip
+        if orders.discover:
+            self.discover(facts, link)
+        else:
+            self.report("booted", facts.summary(ip, link.mac))
+        return self.finish()
+
+
+def setup_logging(log_file: Path, verbose: bool = False) -> list[logging.Handler]:
+    """Log to the console (stderr) and to ``log_file``; returns the handlers added."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    fmt = logging.Formatter("%(asctime)s corral-agent: %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(log_file)
+    except OSError as exc:
+        log.warning("cannot write %s: %s", log_file, exc)
+        return [console]
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.addHandler(file)
+    return [console, file]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    default = Paths()
+    parser = argparse.ArgumentParser(prog="corral-agent", description=__doc__)
+    parser.add_argument("--cmdline", type=Path, help="kernel command line file [PROC/cmdline]")
+    parser.add_argument("--proc", type=Path, default=default.proc)
+    parser.add_argument("--sys", dest="sysfs", type=Path, default=default.sysfs)
+    parser.add_argument("--token-file", type=Path, default=default.token)
+    parser.add_argument("--log-file", type=Path, default=default.log)
+    parser.add_argument("--run-dir", type=Path, default=default.run)
+    parser.add_argument("--resolv", type=Path, default=default.resolv)
+    parser.add_argument("--exit", choices=EXIT_ACTIONS, help="overrides corral.agent_exit=")
+    parser.add_argument("--tries", type=int, default=5, help="tries of each report")
+    parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay (s)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    paths = Paths(args.proc, args.sysfs, args.token_file, args.log_file, args.run_dir, args.resolv)
+    handlers = setup_logging(paths.log, args.verbose)
+    cmdline = hw.read_text(args.cmdline or paths.proc / "cmdline", "") or ""
+    orders = BootOrders.from_cmdline(cmdline)
+    if args.exit:
+        orders = replace(orders, agent_exit=args.exit)
+    settings = Settings(tries=args.tries, backoff=args.backoff)
+    try:
+        return Agent(orders, paths, settings).run()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for handler in handlers:
+            logging.getLogger().removeHandler(handler)
+            handler.close()

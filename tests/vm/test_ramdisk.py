@@ -1,0 +1,223 @@
+"""The deploy ramdisk for real: built from Debian packages, PXE-booted by a qemu VM
+through `corral serve`, its agent reports `booted` for the node from the node's address.
+
+The build is cached (``$CORRAL_TESTBED_CACHE/ramdisk``): only the first run pays for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.images.ramdisk import BOOT_MODULES, REQUIRED_TOOLS, RamdiskResult, build_ramdisk
+from corral.testbed.netns import PxeNetwork, run_prefix
+from corral.testbed.qemu import VM
+from corral.testbed.vmassets import default_cache_dir
+from tests.conftest import corral
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(os.geteuid() != 0, reason="VM tests need root (namespaces, taps)"),
+]
+BOOT_TIMEOUT = 300
+MAX_INITRD = 60 * 1000 * 1000
+
+MAC = "52:54:00:00:02:01"
+IP = "10.88.0.61"
+CLUSTER = f"""
+profiles:
+  - {{name: agent, kernel_args: [console=ttyS0, corral.agent_exit=poweroff]}}
+nodes:
+  - {{name: agent1, install_method: image, profiles: [agent],
+     interfaces: [{{mac: "{MAC}", ip: {IP}}}]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def ramdisk(tmp_path_factory: pytest.TempPathFactory) -> RamdiskResult:
+    dest = tmp_path_factory.mktemp("ramdisk")
+    result = build_ramdisk(dest, cache=default_cache_dir() / "ramdisk")
+    print(
+        f"ramdisk: initrd {result.initrd_size / 1e6:.1f} MB "
+        f"({result.initrd_unpacked_size / 1e6:.1f} MB unpacked), kernel "
+        f"{result.kernel_size / 1e6:.1f} MB, built in {result.build_seconds:.0f} s"
+        + (" (cached)" if result.cached else "")
+    )
+    return result
+
+
+@dataclass
+class Server:
+    net: PxeNetwork
+    home: Path
+    log: Path
+
+    def events(self, node: str) -> list[tuple[str, str, str]]:
+        with sqlite3.connect(self.home / "corral.db") as db:
+            rows = db.execute(
+                "SELECT phase, message, source FROM node_event WHERE node = ?", (node,)
+            ).fetchall()
+        return [(str(p), str(m), str(s)) for p, m, s in rows]
+
+    def facts(self, node: str) -> dict[str, Any]:
+        with sqlite3.connect(self.home / "corral.db") as db:
+            row = db.execute(
+                "SELECT s.facts FROM node_state s JOIN node n ON n.id = s.node_id WHERE n.name = ?",
+                (node,),
+            ).fetchone()
+        assert row is not None and row[0], f"no facts for {node}"
+        facts = json.loads(row[0])
+        assert isinstance(facts, dict)
+        return facts
+
+
+@pytest.fixture(scope="module")
+def server(ramdisk: RamdiskResult) -> Iterator[Server]:
+    # dnsmasq reads its files as 'nobody': the home must be world-readable.
+    work = Path(tempfile.mkdtemp(prefix="corral-vm-"))
+    work.chmod(0o755)
+    home = work / "home"
+    (home / "ramdisk").mkdir(parents=True)
+    shutil.copyfile(ramdisk.kernel, home / "ramdisk" / "vmlinuz")
+    shutil.copyfile(ramdisk.initrd, home / "ramdisk" / "initrd.img")
+    (home / "corral.toml").write_text("dhcp_ipv6_ra = true\n")
+    (work / "cluster.yaml").write_text(CLUSTER)
+    applied = corral("apply", "-f", str(work / "cluster.yaml"), home=home)
+    assert applied.returncode == 0, applied.stderr
+    log = work / "serve.log"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with PxeNetwork(
+            run_prefix() + "rd", address="10.88.0.1/24", address6="fd00:88::1/64"
+        ) as net:
+            try:
+                with open(log, "w") as out:
+                    proc = subprocess.Popen(
+                        net.exec(
+                            [
+                                sys.executable,
+                                "-m",
+                                "corral",
+                                "serve",
+                                "--address",
+                                "10.88.0.1",
+                                "--http-port",
+                                "8080",
+                                "--tftp-port",
+                                "69",
+                                "--dhcp",
+                                "full",
+                                "--dhcp-interface",
+                                net.bridge,
+                                "--dhcp-range",
+                                "10.88.0.100,10.88.0.150",
+                            ]
+                        ),
+                        env=dict(os.environ, CORRAL_HOME=str(home)),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                deadline = time.monotonic() + 90
+                # uvicorn logs "Uvicorn running" only when it binds the socket itself.
+                while "Application startup complete" not in log.read_text():
+                    assert proc.poll() is None, log.read_text()
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.2)
+                yield Server(net, home, log)
+            finally:
+                if proc is not None and proc.poll() is None:
+                    os.kill(proc.pid, signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        os.kill(proc.pid, signal.SIGKILL)
+                        proc.wait()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _listing(initrd: Path, tmp: Path) -> set[str]:
+    cpio = tmp / "initrd.cpio"
+    subprocess.run(["zstd", "-q", "-d", "-f", str(initrd), "-o", str(cpio)], check=True)
+    out = subprocess.run(
+        ["cpio", "-t", "--quiet", "-F", str(cpio)], capture_output=True, text=True, check=True
+    )
+    return set(out.stdout.split())
+
+
+def test_initramfs_has_the_tools_and_fits(ramdisk: RamdiskResult, tmp_path: Path) -> None:
+    assert ramdisk.initrd_size <= MAX_INITRD, f"initrd is {ramdisk.initrd_size / 1e6:.1f} MB"
+    names = _listing(ramdisk.initrd, tmp_path)
+    missing = [tool for tool in REQUIRED_TOOLS if tool not in names]
+    assert not missing, missing
+    assert "usr/lib/corral-agent/corral/agent/main.py" in names
+    assert "dev/console" in names
+    # kmod's modprobe (modalias loading of NIC drivers) needs depmod's binary index.
+    assert f"usr/lib/modules/{ramdisk.kernel_version}/modules.dep.bin" in names
+    modules = {os.path.basename(n).removesuffix(".ko") for n in names if n.endswith(".ko")}
+    for wanted in ("virtio_net", "virtio_blk", "virtio_scsi", "xfs"):
+        assert wanted in modules and wanted in BOOT_MODULES
+    # Pruned: documentation, locales, the Python test suite, apt/dpkg state.
+    for prefix in ("usr/share/doc/", "usr/share/man/", "usr/share/locale/", "var/lib/dpkg/"):
+        assert not [n for n in names if n.startswith(prefix)], prefix
+    assert not [n for n in names if n.startswith("usr/lib/python3.11/test/")]
+    assert not [n for n in names if "/perl" in n]
+
+
+def test_agent_reports_booted_from_the_reserved_address(
+    server: Server, ramdisk: RamdiskResult, tmp_path: Path
+) -> None:
+    with VM(server.net, workdir=tmp_path, mac=MAC, tap="tap201", memory_mb=1024) as vm:
+        try:
+            vm.wait_for(r"reported booted", timeout=BOOT_TIMEOUT)
+            seconds = vm.elapsed
+            vm.wait_exit(timeout=60)  # corral.agent_exit=poweroff
+        except Exception:
+            print(server.log.read_text()[-3000:])
+            raise
+    print(f"booted event {seconds:.1f} s after qemu started (TCG)")
+    events = server.events("agent1")
+    booted = [e for e in events if e[0] == "booted"]
+    assert booted, events
+    _, message, source = booted[-1]
+    assert source == IP
+    assert message.startswith(f"ip={IP} mac={MAC} kernel={ramdisk.kernel_version} cpus=1 ")
+    status = corral("node", "status", "agent1", home=server.home)
+    assert status.returncode == 0 and "installing" in status.stdout
+
+
+def test_unknown_machine_is_discovered_with_its_hardware(server: Server, tmp_path: Path) -> None:
+    """No node has this MAC: corral hands out the same ramdisk with corral.discover=1 and
+    the agent registers the machine, disk and NIC included; then it waits for work."""
+    disk = tmp_path / "disk.img"
+    with disk.open("wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    mac = "52:54:00:00:02:99"
+    with VM(
+        server.net, workdir=tmp_path, mac=mac, tap="tap299", memory_mb=1024, disks=[disk]
+    ) as vm:
+        try:
+            match = vm.wait_for(r"discovered as node (\S+)", timeout=BOOT_TIMEOUT)
+        except Exception:
+            print(server.log.read_text()[-3000:])
+            raise
+        vm.wait_for(r"waiting for instructions", timeout=30)
+    name = match.group(1)
+    assert name == "d525400000299"
+    facts = server.facts(name)
+    assert facts["mac"] == mac and facts["cpus"] == 1
+    assert [(d["name"], d["size_bytes"]) for d in facts["disks"]] == [("vda", 64 * 1024 * 1024)]
+    assert [(n["mac"], n["driver"]) for n in facts["nics"]] == [(mac, "virtio_net")]

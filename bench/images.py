@@ -16,6 +16,7 @@ from pathlib import Path
 
 from corral.images.build import BuildSpec, build_image
 from corral.images.exports import build_exports
+from corral.images.layers import Layer
 from corral.images.ramdisk import build_ramdisk
 from corral.images.store import ImageStore
 
@@ -42,8 +43,11 @@ FULL = [
 def measure(store: ImageStore, name: str, packages: list[str]) -> dict[str, object]:
     staging = store.root / f".bench-{name}"
     start = time.perf_counter()
+    # Extra packages go in a layer (apt-get in the chroot): debootstrap's own resolver
+    # fails on large --include sets with alternatives.
+    layers = [Layer(name=name, packages=packages)] if packages else []
     spec = BuildSpec(
-        distro="debian-12", family="debian", release="bookworm", packages=packages, cache_dir=CACHE
+        distro="debian-12", family="debian", release="bookworm", layers=layers, cache_dir=CACHE
     )
     result = build_image(spec, staging)
     built = time.perf_counter() - start

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from corral.kmod import load_order
 from corral.run import spawn
 from corral.testbed.netns import PxeNetwork, cleanup_stale, list_namespaces, run_prefix
 from corral.testbed.qemu import IPXE_ROM, ROM_CODE_EFI, ROM_CODE_X86, VM, Firmware, rom_code_types
@@ -33,7 +34,6 @@ from corral.testbed.vmassets import (
     build_token_initrd,
     decompress_module,
     default_cache_dir,
-    module_load_order,
 )
 
 BOOT_TIMEOUT = 180.0  # seconds, per VM, under TCG
@@ -288,7 +288,7 @@ def test_module_order_puts_dependencies_first(tmp_path: Path) -> None:
         "virtio": (tmp_path, ["virtio_ring"]),
         "virtio_ring": (tmp_path, []),
     }
-    order = module_load_order(table, ["virtio_net", "virtio_blk"], builtin={"virtio_blk"})
+    order = load_order(table, ["virtio_net", "virtio_blk"], builtin={"virtio_blk"})
     assert order == ["failover", "net_failover", "virtio_ring", "virtio", "virtio_net"]
 
 

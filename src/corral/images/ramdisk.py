@@ -38,12 +38,13 @@ import struct
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from corral.cpio import CpioWriter
 from corral.errors import CorralError, InvalidValue
+from corral.kmod import builtin_modules, load_order, read_modules_dep
 from corral.run import run
 
 log = logging.getLogger("corral.images")
@@ -803,48 +804,6 @@ def smoke_test(root: Path, stdlib: Path) -> None:
 # --- kernel modules --------------------------------------------------------------------
 
 
-def _module_name(path: str) -> str:
-    base = os.path.basename(path)
-    for suffix in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    return base.replace("-", "_")
-
-
-def read_modules_dep(moddir: Path) -> dict[str, tuple[str, list[str]]]:
-    """modules.dep as ``name -> (relative path, dependency names)``."""
-    table: dict[str, tuple[str, list[str]]] = {}
-    for line in (moddir / "modules.dep").read_text().splitlines():
-        target, sep, deps = line.partition(":")
-        if sep:
-            table[_module_name(target)] = (target, [_module_name(d) for d in deps.split()])
-    return table
-
-
-def module_closure(
-    table: Mapping[str, tuple[str, Sequence[str]]], roots: Iterable[str]
-) -> list[str]:
-    """``roots`` (those in ``table``) and what they need, each after its dependencies."""
-    order: list[str] = []
-    visiting: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name in order or name not in table:
-            return
-        if name in visiting:
-            raise RamdiskError(f"kernel module dependency cycle through {name}")
-        visiting.add(name)
-        for dep in reversed(table[name][1]):
-            visit(dep)
-        visiting.discard(name)
-        order.append(name)
-
-    for root in roots:
-        visit(root)
-    return order
-
-
 def _depmod(busybox: Path, base: Path, version: str) -> None:
     run([str(busybox), "depmod", "-b", str(base), version], timeout=300)
 
@@ -866,17 +825,14 @@ def install_kernel(kernel_tree: Path, root: Path, out: Path) -> tuple[str, list[
     busybox = root / "usr" / "bin" / "busybox"
     _depmod(busybox, kernel_tree, version)
     table = read_modules_dep(src)
-    builtin = (
-        {_module_name(line) for line in (src / "modules.builtin").read_text().split()}
-        if (src / "modules.builtin").exists()
-        else set()
-    )
+    builtin = builtin_modules(src)
     wanted = (*BOOT_MODULES, *NIC_MODULES)
     absent = [m for m in wanted if m not in table and m not in builtin]
     if absent:
         log.info("kernel %s has no %s: left out", version, ", ".join(absent))
-    boot = module_closure(table, BOOT_MODULES)
-    everything = module_closure(table, wanted)
+    present = [m for m in wanted if m in table]
+    boot = load_order(table, [m for m in BOOT_MODULES if m in table], builtin)
+    everything = load_order(table, present, builtin)
     dst = root / "usr" / "lib" / "modules" / version
     for name in everything:
         rel = table[name][0]

@@ -42,12 +42,13 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from corral.cpio import CpioWriter
 from corral.errors import CorralError
+from corral.kmod import COMPRESSED_SUFFIXES, builtin_modules, load_order, read_modules_dep
 from corral.run import run
 
 #: Bump when the layout of the initramfs changes in a way the inputs below do not show.
@@ -316,17 +317,6 @@ def download_kernel_package(cache: Path) -> tuple[Path, str]:
 
 # --- kernel modules --------------------------------------------------------------------
 
-_COMPRESSED_SUFFIXES = (".ko.xz", ".ko.gz", ".ko.zst")
-
-
-def _module_name(path: str) -> str:
-    base = os.path.basename(path)
-    for suffix in (*_COMPRESSED_SUFFIXES, ".ko"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    return base.replace("-", "_")
-
 
 def decompress_module(path: Path) -> Path:
     """Replace ``x.ko.xz``/``x.ko.gz`` by ``x.ko`` (busybox insmod reads plain ELF only)."""
@@ -345,46 +335,9 @@ def decompress_module(path: Path) -> Path:
     return plain
 
 
-def _read_modules_dep(moddir: Path) -> dict[str, tuple[Path, list[str]]]:
-    """modules.dep as ``name -> (file, names of its dependencies)``."""
-    table: dict[str, tuple[Path, list[str]]] = {}
-    for line in (moddir / "modules.dep").read_text().splitlines():
-        target, sep, deps = line.partition(":")
-        if not sep:
-            continue
-        table[_module_name(target)] = (moddir / target, [_module_name(d) for d in deps.split()])
-    return table
-
-
-def module_load_order(
-    table: Mapping[str, tuple[Path, Sequence[str]]], roots: Iterable[str], builtin: set[str]
-) -> list[str]:
-    """``roots`` and everything they need, each after its dependencies."""
-    order: list[str] = []
-    visiting: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name in order or name in builtin:
-            return
-        if name in visiting:
-            raise AssetError(f"module dependency cycle through {name}")
-        if name not in table:
-            raise AssetError(f"kernel module {name} is neither in modules.dep nor built in")
-        visiting.add(name)
-        # modprobe loads the listed dependencies last-to-first.
-        for dep in reversed(table[name][1]):
-            visit(dep)
-        visiting.discard(name)
-        order.append(name)
-
-    for root in roots:
-        visit(root)
-    return order
-
-
-def _prepare_modules(root: Path, version: str) -> dict[str, tuple[Path, list[str]]]:
+def _prepare_modules(root: Path, version: str) -> dict[str, tuple[str, list[str]]]:
     moddir = root / "lib" / "modules" / version
-    compressed = [p for s in _COMPRESSED_SUFFIXES for p in moddir.rglob("*" + s)]
+    compressed = [p for s in COMPRESSED_SUFFIXES for p in moddir.rglob("*" + s)]
     for path in compressed:
         decompress_module(path)
     if compressed or not (moddir / "modules.dep").exists():
@@ -393,7 +346,7 @@ def _prepare_modules(root: Path, version: str) -> dict[str, tuple[Path, list[str
         depmod = shutil.which("depmod")
         argv = [depmod] if depmod else [str(BUSYBOX), "depmod"]
         run([*argv, "-b", str(root), version])
-    return _read_modules_dep(moddir)
+    return read_modules_dep(moddir)
 
 
 # --- building --------------------------------------------------------------------------
@@ -427,14 +380,9 @@ def _build_into(out: Path, deb: Path, busybox: bytes) -> None:
             raise AssetError(f"{deb.name}: expected one boot/vmlinuz-*, found {len(kernels)}")
         version = kernels[0].name.removeprefix("vmlinuz-")
         table = _prepare_modules(root, version)
-        builtin_file = root / "lib" / "modules" / version / "modules.builtin"
-        builtin = (
-            {_module_name(line) for line in builtin_file.read_text().split()}
-            if builtin_file.exists()
-            else set()
-        )
-        order = module_load_order(table, MODULE_ROOTS, builtin)
-        modules = [(name, table[name][0].read_bytes()) for name in order]
+        moddir = root / "lib" / "modules" / version
+        order = load_order(table, MODULE_ROOTS, builtin_modules(moddir))
+        modules = [(name, (moddir / table[name][0]).read_bytes()) for name in order]
         shutil.copyfile(kernels[0], out / "vmlinuz")
         _build_initramfs(out / "initrd.gz", busybox, modules, {})
         (out / "kernel-version").write_text(version + "\n")

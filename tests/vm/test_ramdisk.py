@@ -6,27 +6,18 @@ The build is cached (``$CORRAL_TESTBED_CACHE/ramdisk``): only the first run pays
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import signal
-import sqlite3
 import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from corral.images.ramdisk import BOOT_MODULES, REQUIRED_TOOLS, RamdiskResult, build_ramdisk
-from corral.testbed.netns import PxeNetwork, run_prefix
 from corral.testbed.qemu import VM
 from corral.testbed.vmassets import default_cache_dir
 from tests.conftest import corral
+from tests.vm.serving import Server, corral_server
 
 pytestmark = [
     pytest.mark.vm,
@@ -59,94 +50,10 @@ def ramdisk(tmp_path_factory: pytest.TempPathFactory) -> RamdiskResult:
     return result
 
 
-@dataclass
-class Server:
-    net: PxeNetwork
-    home: Path
-    log: Path
-
-    def events(self, node: str) -> list[tuple[str, str, str]]:
-        with sqlite3.connect(self.home / "corral.db") as db:
-            rows = db.execute(
-                "SELECT phase, message, source FROM node_event WHERE node = ?", (node,)
-            ).fetchall()
-        return [(str(p), str(m), str(s)) for p, m, s in rows]
-
-    def facts(self, node: str) -> dict[str, Any]:
-        with sqlite3.connect(self.home / "corral.db") as db:
-            row = db.execute(
-                "SELECT s.facts FROM node_state s JOIN node n ON n.id = s.node_id WHERE n.name = ?",
-                (node,),
-            ).fetchone()
-        assert row is not None and row[0], f"no facts for {node}"
-        facts = json.loads(row[0])
-        assert isinstance(facts, dict)
-        return facts
-
-
 @pytest.fixture(scope="module")
 def server(ramdisk: RamdiskResult) -> Iterator[Server]:
-    # dnsmasq reads its files as 'nobody': the home must be world-readable.
-    work = Path(tempfile.mkdtemp(prefix="corral-vm-"))
-    work.chmod(0o755)
-    home = work / "home"
-    (home / "ramdisk").mkdir(parents=True)
-    shutil.copyfile(ramdisk.kernel, home / "ramdisk" / "vmlinuz")
-    shutil.copyfile(ramdisk.initrd, home / "ramdisk" / "initrd.img")
-    (home / "corral.toml").write_text("dhcp_ipv6_ra = true\n")
-    (work / "cluster.yaml").write_text(CLUSTER)
-    applied = corral("apply", "-f", str(work / "cluster.yaml"), home=home)
-    assert applied.returncode == 0, applied.stderr
-    log = work / "serve.log"
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        with PxeNetwork(
-            run_prefix() + "rd", address="10.88.0.1/24", address6="fd00:88::1/64"
-        ) as net:
-            try:
-                with open(log, "w") as out:
-                    proc = subprocess.Popen(
-                        net.exec(
-                            [
-                                sys.executable,
-                                "-m",
-                                "corral",
-                                "serve",
-                                "--address",
-                                "10.88.0.1",
-                                "--http-port",
-                                "8080",
-                                "--tftp-port",
-                                "69",
-                                "--dhcp",
-                                "full",
-                                "--dhcp-interface",
-                                net.bridge,
-                                "--dhcp-range",
-                                "10.88.0.100,10.88.0.150",
-                            ]
-                        ),
-                        env=dict(os.environ, CORRAL_HOME=str(home)),
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                    )
-                deadline = time.monotonic() + 90
-                # uvicorn logs "Uvicorn running" only when it binds the socket itself.
-                while "Application startup complete" not in log.read_text():
-                    assert proc.poll() is None, log.read_text()
-                    assert time.monotonic() < deadline, log.read_text()
-                    time.sleep(0.2)
-                yield Server(net, home, log)
-            finally:
-                if proc is not None and proc.poll() is None:
-                    os.kill(proc.pid, signal.SIGTERM)
-                    try:
-                        proc.wait(timeout=20)
-                    except subprocess.TimeoutExpired:
-                        os.kill(proc.pid, signal.SIGKILL)
-                        proc.wait()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with corral_server("rd", CLUSTER, ramdisk.kernel, ramdisk.initrd) as server:
+        yield server
 
 
 def _listing(initrd: Path, tmp: Path) -> set[str]:
@@ -189,7 +96,7 @@ def test_agent_reports_booted_from_the_reserved_address(
             print(server.log.read_text()[-3000:])
             raise
     print(f"booted event {seconds:.1f} s after qemu started (TCG)")
-    events = server.events("agent1")
+    events = server.event_rows("agent1")
     booted = [e for e in events if e[0] == "booted"]
     assert booted, events
     _, message, source = booted[-1]

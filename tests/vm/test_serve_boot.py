@@ -8,23 +8,16 @@ a VM on a tap of that bridge and checks what corral recorded for the node.
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import sqlite3
 import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from corral.testbed.netns import PxeNetwork, namespace_pids, run_prefix
 from corral.testbed.qemu import VM
 from corral.testbed.vmassets import build_test_boot_assets, default_cache_dir
 from tests.conftest import corral
+from tests.vm.serving import Server, corral_server
 
 pytestmark = [
     pytest.mark.vm,
@@ -52,87 +45,11 @@ nodes:
 """
 
 
-@dataclass
-class Server:
-    net: PxeNetwork
-    home: Path
-    work: Path
-    log: Path
-
-    def status(self, node: str) -> str:
-        result = corral("node", "status", node, home=self.home)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
-
-    def events(self, node: str) -> str:
-        """``phase|message|source`` lines of what the node reported."""
-        with sqlite3.connect(self.home / "corral.db") as db:
-            rows = db.execute(
-                "SELECT phase, message, source FROM node_event WHERE node = ?", (node,)
-            ).fetchall()
-        return "\n".join("|".join(row) for row in rows)
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    # dnsmasq reads its files as 'nobody': the home must be world-readable.
-    work = Path(tempfile.mkdtemp(prefix="corral-vm-"))
-    work.chmod(0o755)
-    home = work / "home"
-    assets = build_test_boot_assets(work / "assets", default_cache_dir())
-    (home / "ramdisk").mkdir(parents=True)
-    shutil.copyfile(assets.kernel, home / "ramdisk" / "vmlinuz")
-    shutil.copyfile(assets.initrd, home / "ramdisk" / "initrd.img")
-    (home / "corral.toml").write_text("dhcp_ipv6_ra = true\n")
-    (work / "cluster.yaml").write_text(CLUSTER)
-    applied = corral("apply", "-f", str(work / "cluster.yaml"), home=home)
-    assert applied.returncode == 0, applied.stderr
-    log = work / "serve.log"
-    with PxeNetwork(run_prefix() + "srv", address="10.88.0.1/24", address6="fd00:88::1/64") as net:
-        with open(log, "w") as out:
-            proc = subprocess.Popen(
-                net.exec(
-                    [
-                        sys.executable,
-                        "-m",
-                        "corral",
-                        "serve",
-                        "--address",
-                        "10.88.0.1",
-                        "--http-port",
-                        "8080",
-                        "--tftp-port",
-                        "69",
-                        "--dhcp",
-                        "full",
-                        "--dhcp-interface",
-                        net.bridge,
-                        "--dhcp-range",
-                        "10.88.0.100,10.88.0.150",
-                    ]
-                ),
-                env=dict(os.environ, CORRAL_HOME=str(home)),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            deadline = time.monotonic() + 30
-            while "Application startup complete" not in log.read_text():
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
-            yield Server(net, home, work, log)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        # SIGTERM is a clean stop: corral ended its dnsmasq before exiting.
-        assert proc.returncode == 0, log.read_text()[-2000:]
-        assert namespace_pids(net.name) == [], "something corral started outlived it"
-    shutil.rmtree(work, ignore_errors=True)
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    assets = build_test_boot_assets(tmp_path_factory.mktemp("assets"), default_cache_dir())
+    with corral_server("srv", CLUSTER, assets.kernel, assets.initrd) as server:
+        yield server
 
 
 def boot(server: Server, tmp_path: Path, mac: str, pattern: str, **vm: object) -> str:

@@ -679,6 +679,40 @@ WantedBy=multi-user.target
 """
 
 
+def _layer_steps(
+    layers: Sequence[Layer], root: Path, install: Callable[[Layer], list[str]]
+) -> list[Step]:
+    """Each layer's package install (``install`` gives its argv), then its overlay."""
+    steps: list[Step] = []
+    for layer in layers:
+        if layer.packages:
+            steps.append(
+                Step(
+                    f"install the packages of layer '{layer.name}'",
+                    tuple(install(layer)),
+                    inside=True,
+                    mounts="cache",
+                    layer=layer.name,
+                    timeout=3600,
+                )
+            )
+        if layer.overlay is not None:
+            steps.append(
+                Step(
+                    f"copy the overlay of layer '{layer.name}'",
+                    action=partial(copy_overlay, layer.overlay, root),
+                    layer=layer.name,
+                )
+            )
+    return steps
+
+
+def _dnf_layer_argv(layer: Layer) -> list[str]:
+    argv = install_argv("dnf", layer.packages)
+    argv[1:1] = ["--repo=corral-*"]  # only the image's own repositories, not the host's
+    return argv
+
+
 class DebootstrapBuilder(_PlanBuilder):
     """Debian and Ubuntu trees, made by debootstrap and finished with apt in a chroot."""
 
@@ -790,26 +824,7 @@ class DebootstrapBuilder(_PlanBuilder):
                     timeout=1800,
                 ),
             ]
-        for layer in spec.layers:
-            if layer.packages:
-                steps.append(
-                    Step(
-                        f"install the packages of layer '{layer.name}'",
-                        tuple(install_argv("apt", layer.packages)),
-                        inside=True,
-                        mounts="cache",
-                        layer=layer.name,
-                        timeout=3600,
-                    )
-                )
-            if layer.overlay is not None:
-                steps.append(
-                    Step(
-                        f"copy the overlay of layer '{layer.name}'",
-                        action=partial(copy_overlay, layer.overlay, root),
-                        layer=layer.name,
-                    )
-                )
+        steps += _layer_steps(spec.layers, root, lambda layer: install_argv("apt", layer.packages))
         if any(layer.packages for layer in spec.layers):
             steps.append(Step("restore the image's resolv.conf", action=dns.restore))
         steps += [
@@ -947,28 +962,7 @@ class DnfBuilder(_PlanBuilder):
             Step("install the base system", tuple(dnf), mounts="base", timeout=3600),
             Step("use the build host's DNS resolver", action=dns.use),
         ]
-        for layer in spec.layers:
-            if layer.packages:
-                argv = install_argv("dnf", layer.packages)
-                argv[1:1] = ["--repo=corral-*"]
-                steps.append(
-                    Step(
-                        f"install the packages of layer '{layer.name}'",
-                        tuple(argv),
-                        inside=True,
-                        mounts="cache",
-                        layer=layer.name,
-                        timeout=3600,
-                    )
-                )
-            if layer.overlay is not None:
-                steps.append(
-                    Step(
-                        f"copy the overlay of layer '{layer.name}'",
-                        action=partial(copy_overlay, layer.overlay, root),
-                        layer=layer.name,
-                    )
-                )
+        steps += _layer_steps(spec.layers, root, _dnf_layer_argv)
         steps += [
             Step("restore the image's resolv.conf", action=dns.restore),
             Step("remove the machine's identity and caches", action=partial(self._clean, root)),

@@ -19,6 +19,9 @@ DEBIAN_PACKAGES=(
     busybox-static cpio          # the test VMs' initramfs, udhcpc
     qemu-system-x86 ipxe-qemu ovmf   # the VMs that PXE-boot in the tests
     debootstrap debian-archive-keyring squashfs-tools zstd rsync acl   # images, ramdisk
+    openssh-client openssh-server   # image capture over SSH; node host keys (ssh-keygen)
+    fdisk gdisk e2fsprogs xfsprogs dosfstools   # the agent partitions and formats disks
+    grub-pc-bin grub2-common        # the agent installs GRUB on a node's disk
 )
 
 missing=()

@@ -1,0 +1,158 @@
+"""The install plan: what corral's server tells a node's agent to do, and how it answers.
+
+The server builds a plan with :meth:`Plan.to_dict` and serves it as JSON; the agent reads it
+with :meth:`Plan.from_dict`. Both sides import this module, so it is stdlib-only like the
+rest of the agent.
+
+The conversation, all over HTTP with ``Authorization: Bearer <node token>``:
+
+``GET  /api/v1/nodes/{node}/plan``
+    200 with a plan, or 204 when the node has nothing to do (the agent asks again later).
+``POST /api/v1/deployments/{deployment}/nodes/{node}/progress``
+    a :class:`Progress` as JSON, about once a second and at every change of phase; the
+    answer is ``{"cancel": bool}`` (true: stop, the deployment was cancelled).
+``GET  {transport.params["base"]}/chunks/{index:08d}.bin`` (transport ``http``)
+    one chunk of the image's zstd tar stream; ``Range: bytes=N-`` resumes inside it.
+
+A chunk is checked against ``image.chunks[index].sha256`` before its bytes are unpacked;
+a chunk that does not match is fetched again (``Settings.tries`` times), and the whole
+stream is checked against ``image.stream_sha256`` at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: Phases of a node in a deployment, in order; ``done`` and ``failed`` end it.
+PHASES = (
+    "waiting",  # armed, the node has not asked for its plan yet
+    "partitioning",
+    "receiving",  # image bytes arriving and being unpacked
+    "configuring",  # identity: hostname, network, fstab, SSH keys
+    "bootloader",
+    "post-install",
+    "done",
+    "failed",
+)
+FINAL_PHASES = ("done", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    ref: str  # NAME:VERSION
+    stream_sha256: str  # of the whole compressed stream
+    stream_size: int
+    chunk_size: int
+    chunks: list[Chunk]
+    tree_bytes: int  # unpacked size: what the root filesystem must hold
+    files: int
+
+
+@dataclass(frozen=True)
+class TransportInfo:
+    """``name`` picks the agent's receiver; ``params`` are that receiver's own.
+
+    - ``http``: ``{"base": "http://server:port/images/NAME/VERSION"}``
+    - ``rsync``: ``{"url": "rsync://server:port/MODULE/"}``
+    """
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Partition:
+    mount: str  # "/", "/boot", "swap", "biosboot" ...
+    fstype: str  # ext4, xfs, vfat, efi, swap, biosboot
+    size_mb: int
+    grow: bool = False
+
+
+@dataclass(frozen=True)
+class Disk:
+    #: Block device to install on; "" means the first disk the agent finds.
+    device: str
+    label: str  # "gpt" or "dos"
+    partitions: list[Partition]
+
+
+@dataclass(frozen=True)
+class Interface:
+    name: str
+    mac: str | None
+    ip: str | None  # None: DHCP
+    netmask: str
+    gateway: str | None
+
+
+@dataclass(frozen=True)
+class Identity:
+    hostname: str
+    interfaces: list[Interface]
+    #: file name under /etc/ssh -> content (private keys and their .pub), kept by the
+    #: server so that a re-deployed node keeps its host keys
+    ssh_host_keys: dict[str, str]
+    authorized_keys: list[str]  # for root
+    root_password_hash: str | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    deployment: int
+    node: str
+    image: ImageInfo
+    transport: TransportInfo
+    disk: Disk
+    identity: Identity
+    bootloader: str  # "grub" or "none"
+    post_script: str  # bash, run in the installed system's chroot; "" for none
+    report_interval: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """Build a plan from its JSON form; raises ValueError naming a missing or bad key."""
+        try:
+            image = dict(data["image"])
+            image["chunks"] = [Chunk(**c) for c in image["chunks"]]
+            disk = dict(data["disk"])
+            disk["partitions"] = [Partition(**p) for p in disk["partitions"]]
+            identity = dict(data["identity"])
+            identity["interfaces"] = [Interface(**i) for i in identity["interfaces"]]
+            return cls(
+                deployment=int(data["deployment"]),
+                node=str(data["node"]),
+                image=ImageInfo(**image),
+                transport=TransportInfo(**data["transport"]),
+                disk=Disk(**disk),
+                identity=Identity(**identity),
+                bootloader=str(data["bootloader"]),
+                post_script=str(data.get("post_script", "")),
+                report_interval=float(data.get("report_interval", 1.0)),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed plan: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One report of a node's progress in a deployment."""
+
+    phase: str
+    bytes: int = 0  # image bytes received so far (compressed stream, or rsync's count)
+    total: int = 0  # bytes expected; 0 when unknown
+    message: str = ""
+    #: the last lines of the agent's log, sent with ``failed`` (and ``done``)
+    log_tail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -43,6 +43,11 @@ class Settings:
     api_token: str = ""
     # The deploy/discovery ramdisk (vmlinuz, initrd.img) that image installs boot.
     ramdisk_dir: str = ""
+    # Deployments: the rsync daemon corral starts for the rsync transport, a node silent
+    # this many seconds mid-install is failed, and one that never asks for its plan.
+    rsync_port: int = 873
+    deploy_node_timeout: float = 30.0
+    deploy_boot_timeout: float = 900.0
 
     @property
     def database(self) -> str:

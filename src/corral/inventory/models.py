@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -127,3 +137,49 @@ class NodeEvent(Base):
     phase: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(String(4096))
     source: Mapped[str] = mapped_column(String(45))
+
+
+class Deployment(Base):
+    """One ``corral deploy``: an image (or each node's own) onto a set of nodes.
+
+    ``state`` is ``running`` until every node has ended, then ``done`` (all done),
+    ``failed`` (some failed) or ``cancelled``.
+    """
+
+    __tablename__ = "deployment"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created: Mapped[float] = mapped_column(Float)
+    finished: Mapped[float | None] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    noderange: Mapped[str] = mapped_column(String(4096))
+    image: Mapped[str | None] = mapped_column(String(128))  # as asked; None: profiles'
+    transport: Mapped[str] = mapped_column(String(32))  # as asked
+    nodes: Mapped[list[DeploymentNode]] = relationship(
+        back_populates="deployment",
+        cascade="all, delete-orphan",
+        order_by="DeploymentNode.node",
+        lazy="selectin",
+    )
+
+
+class DeploymentNode(Base):
+    """A node's part in a deployment: what it gets and how far it is."""
+
+    __tablename__ = "deployment_node"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(
+        ForeignKey("deployment.id", ondelete="CASCADE"), index=True
+    )
+    node: Mapped[str] = mapped_column(String(63), index=True)
+    image: Mapped[str] = mapped_column(String(128))  # NAME:VERSION
+    transport: Mapped[str] = mapped_column(String(32))
+    phase: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    total: Mapped[int] = mapped_column(BigInteger)
+    message: Mapped[str] = mapped_column(String(4096))
+    log_tail: Mapped[str] = mapped_column(Text)
+    powered: Mapped[float | None] = mapped_column(Float)  # when corral power-cycled it
+    started: Mapped[float | None] = mapped_column(Float)  # first report
+    updated: Mapped[float] = mapped_column(Float)
+    finished: Mapped[float | None] = mapped_column(Float)
+    deployment: Mapped[Deployment] = relationship(back_populates="nodes")

@@ -15,11 +15,13 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from corral import __version__
+from corral.deploy.service import DeployService
 from corral.errors import AlreadyExists, CorralError, NotFound, UsageError
 from corral.inventory.schema import DistroSpec, GroupSpec, NodeSpec, ProfileSpec, Spec
 from corral.inventory.state import PHASES, NodeStates
 from corral.inventory.store import Inventory, Kind
 from corral.serve.boot import BootService, Forbidden
+from corral.serve.deployments import admin_routes, agent_router
 
 log = logging.getLogger("corral.serve")
 TEXT = "text/plain; charset=utf-8"
@@ -56,7 +58,9 @@ def _bearer(authorization: str | None) -> str | None:
     return None
 
 
-def create_app(service: BootService, api_token: str) -> FastAPI:
+def create_app(
+    service: BootService, api_token: str, deploy: DeployService | None = None
+) -> FastAPI:
     app = FastAPI(
         title="corral",
         version=__version__,
@@ -76,9 +80,13 @@ def create_app(service: BootService, api_token: str) -> FastAPI:
             status = 422
         return JSONResponse({"detail": exc.message, "hint": exc.hint}, status_code=status)
 
+    deploy = deploy or DeployService(service.settings, service.session, service.authorize)
     app.include_router(_boot_router(service))
     app.include_router(_node_router(service))
-    app.include_router(_admin_router(service, api_token), prefix="/api/v1")
+    app.include_router(agent_router(deploy, _client, _bearer))
+    admin = _admin_router(service, api_token)
+    admin_routes(admin, deploy)
+    app.include_router(admin, prefix="/api/v1")
     return app
 
 

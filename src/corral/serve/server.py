@@ -20,6 +20,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from corral.config import Settings
+from corral.deploy.service import DeployService, Manager
 from corral.errors import ConfigError
 from corral.inventory import models as m
 from corral.inventory.store import Inventory
@@ -137,7 +138,9 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
     if options.dhcp not in ("off", "full", "proxy"):
         raise ConfigError(f"bad --dhcp '{options.dhcp}'", "use off, full or proxy")
     service = BootService(settings, engine)
-    app = create_app(service, settings.api_token or api_token(settings.home))
+    deploy = DeployService(settings, service.session, service.authorize)
+    app = create_app(service, settings.api_token or api_token(settings.home), deploy)
+    manager = Manager(deploy)
     tftp = None
     dhcp = None
     watcher = None
@@ -164,6 +167,7 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
             watcher.tick()
             watcher.start()
             log.info("DHCP (%s) on %s", options.dhcp, options.dhcp_interface)
+        manager.start()
         # log_config=None: uvicorn's loggers go to corral's root handler, in one format
         # (its own dictConfig would also remove the handlers corral set up).
         config = uvicorn.Config(
@@ -171,6 +175,8 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
         )
         _Server(config).run(sockets=[_listen(options.address, options.http_port)])
     finally:
+        if manager.is_alive():
+            manager.stop()
         if watcher is not None:
             watcher.stopping.set()
             watcher.join(timeout=5)

@@ -1,0 +1,170 @@
+"""corral deploy, corral deployment list|show|cancel"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
+from rich.table import Table
+
+from corral.agent.plan import FINAL_PHASES
+from corral.cli.common import err, out, print_yaml, session, settings
+from corral.deploy.store import RUNNING, Deployments, new_deployment
+from corral.deploy.transports import names as transport_names
+from corral.images.catalog import image_store
+from corral.inventory import models as m
+from corral.serve.deployments import deployment_out
+
+app = typer.Typer(help="Deployments: list, show and cancel them.", no_args_is_help=True)
+
+#: Nodes shown with a bar of their own in the live view; the rest are counted by phase.
+BARS = 24
+
+
+def deploy(
+    nodes: str = typer.Argument(..., help="noderange, e.g. n[001-100]"),
+    image: str | None = typer.Option(
+        None, help="NAME or NAME:VERSION for every node [default: each node's profile image]"
+    ),
+    transport: str = typer.Option(
+        "http", help=f"how the image travels: {', '.join(transport_names())}"
+    ),
+    wait: bool = typer.Option(False, "--wait", help="follow the deployment until it ends"),
+) -> None:
+    """Install an image on nodes: `corral deploy n[001-100] --image compute --wait`.
+
+    Returns once the deployment is stored and its nodes armed; `corral serve` power-cycles
+    them (node variable power_command) and follows them. Exit status with --wait: 0 if every
+    node is done, 1 if any failed.
+    """
+    with session() as s:
+        ident = new_deployment(
+            s, image_store(settings().home), nodes, image, transport, transport_names()
+        )
+        count = len(Deployments(s).get(ident).nodes)
+    out.print(f"deployment {ident}: {count} node(s), transport {transport}")
+    if wait:
+        raise typer.Exit(follow(ident))
+
+
+def _snapshot(ident: int) -> dict[str, Any]:
+    with session() as s:
+        return deployment_out(Deployments(s).get(ident))
+
+
+def follow(ident: int, interval: float = 0.5) -> int:
+    """A live view of the deployment until it ends; returns the exit status."""
+    data = _snapshot(ident)
+    nodes = data["nodes"]
+    shown = nodes[:BARS]
+    bars = Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.fields[phase]}"),
+        console=err,
+    )
+    tasks: dict[str, TaskID] = {
+        n["node"]: bars.add_task(n["node"], total=n["total"] or None, phase=n["phase"])
+        for n in shown
+    }
+    overall = Progress(
+        TextColumn("[bold]all {task.fields[count]} nodes"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.fields[phases]}"),
+        console=err,
+    )
+    total_task = overall.add_task("all", total=None, count=len(nodes), phases="")
+    start = time.monotonic()
+    with Live(Group(bars, overall), console=err, refresh_per_second=4, transient=False):
+        while True:
+            for n in data["nodes"]:
+                if n["node"] in tasks:
+                    bars.update(
+                        tasks[n["node"]],
+                        completed=n["bytes"],
+                        total=n["total"] or None,
+                        phase=n["phase"],
+                    )
+            phases = Counter(n["phase"] for n in data["nodes"])
+            overall.update(
+                total_task,
+                completed=sum(n["bytes"] for n in data["nodes"]),
+                total=sum(n["total"] for n in data["nodes"]) or None,
+                phases="  ".join(f"{p} {c}" for p, c in sorted(phases.items())),
+            )
+            if data["state"] != RUNNING:
+                break
+            time.sleep(interval)
+            data = _snapshot(ident)
+    _summary(data, time.monotonic() - start)
+    return 0 if data["state"] == "done" else 1
+
+
+def _summary(data: dict[str, Any], elapsed: float) -> None:
+    phases = Counter(n["phase"] for n in data["nodes"])
+    out.print(
+        f"deployment {data['id']} {data['state']} after {elapsed:.1f} s: "
+        + ", ".join(f"{c} {p}" for p, c in sorted(phases.items()))
+    )
+    for n in data["nodes"]:
+        if n["phase"] in FINAL_PHASES and n["phase"] != "done":
+            out.print(f"  {n['node']}: {n['phase']}: {n['message']}", markup=False)
+
+
+@app.command("list")
+def list_() -> None:
+    """Recent deployments, newest first."""
+    with session() as s:
+        rows = Deployments(s).recent()
+        table = Table("id", "state", "nodes", "image", "transport", "created", box=None)
+        for d in rows:
+            phases = Counter(n.phase for n in d.nodes)
+            table.add_row(
+                str(d.id),
+                d.state,
+                f"{len(d.nodes)} ({', '.join(f'{c} {p}' for p, c in sorted(phases.items()))})",
+                d.image or "(profiles)",
+                d.transport,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.created)),
+            )
+    out.print(table)
+
+
+@app.command("show")
+def show(
+    ident: int = typer.Argument(..., metavar="ID"),
+    log: str | None = typer.Option(None, "--log", metavar="NODE", help="print a node's log tail"),
+    follow_: bool = typer.Option(False, "--follow", "-f", help="live view until it ends"),
+) -> None:
+    """A deployment and each node's phase, bytes and message."""
+    if follow_:
+        raise typer.Exit(follow(ident))
+    with session() as s:
+        store = Deployments(s)
+        if log:
+            row: m.DeploymentNode = store.member(ident, log)
+            out.print(row.log_tail or "(no log received)", markup=False)
+            return
+        data = deployment_out(store.get(ident))
+    nodes = data.pop("nodes")
+    print_yaml(data)
+    table = Table("node", "image", "phase", "bytes", "message", box=None)
+    for n in nodes:
+        done = f"{n['bytes'] / 1e6:.1f}/{n['total'] / 1e6:.1f} MB"
+        table.add_row(n["node"], n["image"], n["phase"], done, n["message"])
+    out.print(table)
+
+
+@app.command("cancel")
+def cancel(ident: int = typer.Argument(..., metavar="ID")) -> None:
+    """Stop a running deployment; its nodes' agents stop at their next report."""
+    with session() as s:
+        going = Deployments(s).cancel(ident)
+    out.print(f"deployment {ident} cancelled ({going} node(s) were still going)")

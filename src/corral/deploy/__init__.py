@@ -1,0 +1,1 @@
+"""Image deployment: deployments, install plans, transports and the manager in corral serve."""

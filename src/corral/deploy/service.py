@@ -1,0 +1,300 @@
+"""The deployment side of ``corral serve``: plans for nodes, their progress reports, access
+to image chunks, and a manager thread that starts, watches and ends deployments.
+
+Everything a deployment is lives in the database, so a restarted server picks up where the
+last one stopped: the manager prepares the transports of running deployments again, and
+nodes, which retry their reports, carry on; a node that stays silent longer than
+``deploy_node_timeout`` is failed with that reason, without holding up the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from corral.agent.plan import (
+    FINAL_PHASES,
+    Chunk,
+    Disk,
+    Identity,
+    ImageInfo,
+    Interface,
+    Partition,
+    Plan,
+    Progress,
+    TransportInfo,
+)
+from corral.config import Settings
+from corral.deploy.keys import host_keys
+from corral.deploy.store import RUNNING, Deployments, install_disk
+from corral.deploy.transports import Transports
+from corral.errors import CorralError, NotFound
+from corral.images.catalog import image_store
+from corral.images.exports import STREAM_INDEX
+from corral.images.store import ImageVersion
+from corral.inventory import models as m
+from corral.inventory.merge import merge_node
+from corral.render.renderer import Renderer, Snapshot
+from corral.run import run
+
+log = logging.getLogger("corral.deploy")
+TICK = 1.0
+DEFAULT_LAYOUT = [Partition(mount="/", fstype="ext4", size_mb=1024, grow=True)]
+
+
+class DeployService:
+    def __init__(
+        self,
+        settings: Settings,
+        session: Callable[[], AbstractContextManager[Session]],
+        authorize: Callable[[Session, str, str | None, str], None],
+    ) -> None:
+        self.settings = settings
+        self.session = session
+        self.authorize = authorize
+        self.images = image_store(settings.home)
+        self.transports = Transports(settings)
+        self._versions: dict[str, ImageVersion] = {}
+        #: node -> time of its last report (memory only: after a restart, all get grace)
+        self.seen: dict[str, float] = {}
+
+    def version(self, ref: str) -> ImageVersion:
+        if ref not in self._versions:
+            self._versions[ref] = self.images.get_ref(ref)
+        return self._versions[ref]
+
+    # -- what nodes ask -----------------------------------------------------------------
+
+    def plan(self, node: str, token: str | None, client_ip: str) -> dict[str, Any] | None:
+        """The node's install plan, or None when it is not in a running deployment."""
+        with self.session() as s:
+            self.authorize(s, node, token, client_ip)
+            row = Deployments(s).active(node)
+            if row is None:
+                return None
+            version = self.version(row.image)
+            transport = self.transports.get(row.transport)
+            transport.prepare(version)
+            plan = self._build_plan(s, row, version, transport.params(version, node))
+            self.seen[node] = time.time()
+            log.info("node %s fetched its plan (deployment %d)", node, row.deployment_id)
+            return plan.to_dict()
+
+    def _build_plan(
+        self, session: Session, row: m.DeploymentNode, version: ImageVersion, params: dict[str, Any]
+    ) -> Plan:
+        snapshot = Snapshot(session)
+        node = next(iter(snapshot.nodes([row.node])))
+        merged = merge_node(node, snapshot.groups, snapshot.profiles)
+        values = merged.values
+        stream = _stream_index(version)
+        size = int(stream["chunk_size"])
+        chunks = [
+            Chunk(sha256=h, size=min(size, stream["size"] - i * size))
+            for i, h in enumerate(stream["chunks"])
+        ]
+        partitions = [
+            Partition(mount=p.mount, fstype=p.fstype, size_mb=p.size_mb, grow=p.grow)
+            for p in values["partitions"]
+        ] or DEFAULT_LAYOUT
+        variables = values["variables"]
+        keys = variables.get("ssh_authorized_keys") or []
+        post = Renderer(self.settings, snapshot).render_one(node, "post") if values["post"] else ""
+        return Plan(
+            deployment=row.deployment_id,
+            node=row.node,
+            image=ImageInfo(
+                ref=version.ref,
+                stream_sha256=stream["sha256"],
+                stream_size=stream["size"],
+                chunk_size=stream["chunk_size"],
+                chunks=chunks,
+                tree_bytes=int(version.manifest.get("size_bytes", 0)),
+                files=int(version.manifest.get("file_count", 0)),
+            ),
+            transport=TransportInfo(name=row.transport, params=params),
+            disk=Disk(
+                device=install_disk(node, merged),
+                label=str(variables.get("disk_label", "gpt")),
+                partitions=partitions,
+            ),
+            identity=Identity(
+                hostname=node.name,
+                interfaces=[
+                    Interface(name=i.name, mac=i.mac, ip=i.ip, netmask=i.netmask, gateway=i.gateway)
+                    for i in node.interfaces
+                ],
+                ssh_host_keys=host_keys(self.settings.home, node.name),
+                authorized_keys=[str(k) for k in (keys if isinstance(keys, list) else [keys])],
+                root_password_hash=values["root_password_hash"],
+            ),
+            bootloader=str(variables.get("bootloader", "grub")),
+            post_script=post,
+        )
+
+    def progress(
+        self, deployment: int, node: str, token: str | None, body: dict[str, Any], client_ip: str
+    ) -> dict[str, Any]:
+        progress = Progress(
+            phase=str(body.get("phase", "")),
+            bytes=int(body.get("bytes", 0)),
+            total=int(body.get("total", 0)),
+            message=str(body.get("message", "")),
+            log_tail=str(body.get("log_tail", "")),
+        )
+        with self.session() as s:
+            self.authorize(s, node, token, client_ip)
+            store = Deployments(s)
+            before = store.member(deployment, node).phase
+            row = store.report(deployment, node, progress, client_ip)
+            self.seen[node] = time.time()
+            if row.phase != before:
+                log.info(
+                    "node %s: %s%s",
+                    node,
+                    row.phase,
+                    f" ({progress.message})" if progress.message else "",
+                )
+            return {"cancel": row.phase == "cancelled", "phase": row.phase}
+
+    def chunk_path(self, name: str, version: int, index: str, token: str | None, ip: str) -> Path:
+        """The chunk file, for a node whose running deployment installs this image."""
+        ref = f"{name}:{version}"
+        with self.session() as s:
+            node = _node_at(s, ip)
+            self.authorize(s, node or "", token, ip)
+            row = Deployments(s).active(node or "")
+            if row is None or row.image != ref:
+                raise NotFound("image chunk for node", f"{node} ({ref})")
+        if not index.isdigit():
+            raise NotFound("image chunk", index)
+        path = self.version(ref).path / "exports" / "chunks" / f"{int(index):08d}.bin"
+        if not path.is_file():
+            raise NotFound("image chunk", f"{ref}/{index}")
+        return path
+
+    # -- the manager ----------------------------------------------------------------------
+
+    def tick(self, pool: ThreadPoolExecutor) -> None:
+        """One pass: start new nodes, time out silent ones."""
+        now = time.time()
+        settings = self.settings
+        boot_timeout = settings.deploy_boot_timeout
+        with self.session() as s:
+            store = Deployments(s)
+            for deployment in store.running():
+                for row in deployment.nodes:
+                    if row.phase in FINAL_PHASES:
+                        continue
+                    if row.powered is None:
+                        self._start_node(s, row, pool)
+                        continue
+                    last = max(self.seen.setdefault(row.node, now), row.updated)
+                    if row.phase != "waiting" and now - last > settings.deploy_node_timeout:
+                        store.fail(
+                            row,
+                            f"no report for {now - last:.0f} s in phase {row.phase}: "
+                            "the node died or lost its network",
+                        )
+                        log.warning("node %s: %s", row.node, row.message)
+                    elif row.phase == "waiting" and now - row.powered > boot_timeout:
+                        store.fail(
+                            row,
+                            f"did not ask for its plan within {boot_timeout:.0f} s "
+                            "(did it network-boot the deploy ramdisk?)",
+                        )
+                        log.warning("node %s: %s", row.node, row.message)
+                if deployment.state != RUNNING:
+                    log.info("deployment %d ended: %s", deployment.id, deployment.state)
+
+    def _start_node(
+        self, session: Session, row: m.DeploymentNode, pool: ThreadPoolExecutor
+    ) -> None:
+        """Get the node's image ready, then reboot it into the deploy ramdisk."""
+        try:
+            version = self.version(row.image)
+            self.transports.get(row.transport).prepare(version)
+        except CorralError as exc:
+            Deployments(session).fail(row, f"cannot serve image {row.image}: {exc.message}")
+            log.error("node %s: %s", row.node, row.message)
+            return
+        row.powered = time.time()
+        snapshot = Snapshot(session)
+        node = next(iter(snapshot.nodes([row.node])))
+        command = (
+            merge_node(node, snapshot.groups, snapshot.profiles)
+            .values["variables"]
+            .get("power_command")
+        )
+        if not command:
+            row.message = "waiting for the node to network-boot (power it on or reboot it)"
+            return
+        argv = [word.format(node=row.node) for word in shlex.split(str(command))]
+        row.message = "power-cycled"
+        pool.submit(self._power, row.deployment_id, row.node, argv)
+
+    def _power(self, deployment: int, node: str, argv: list[str]) -> None:
+        try:
+            run(argv, timeout=60)
+            log.info("node %s: power-cycled (%s)", node, shlex.join(argv))
+        except CorralError as exc:
+            log.error("node %s: power command failed: %s", node, exc.message)
+            with self.session() as s:
+                Deployments(s).fail(
+                    Deployments(s).member(deployment, node), f"power command failed: {exc.message}"
+                )
+
+
+class Manager(threading.Thread):
+    """Runs :meth:`DeployService.tick` every second until stopped."""
+
+    def __init__(self, service: DeployService) -> None:
+        super().__init__(name="corral-deploy", daemon=True)
+        self.service = service
+        self.stopping = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="corral-power")
+
+    def run(self) -> None:
+        while not self.stopping.wait(TICK):
+            try:
+                self.service.tick(self.pool)
+            except Exception:
+                log.exception("deployment manager: this pass failed; retrying")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=10)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.service.transports.close()
+
+
+def _stream_index(version: ImageVersion) -> dict[str, Any]:
+    import json
+
+    path = version.path / STREAM_INDEX
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotFound(
+            "stream export of image",
+            version.ref,
+            f"make it with 'corral image export {version.ref}'",
+        ) from None
+    return data
+
+
+def _node_at(session: Session, ip: str) -> str | None:
+    from sqlalchemy import select
+
+    return session.scalar(
+        select(m.Node.name).join(m.Interface).where(m.Interface.ip == ip).limit(1)
+    )

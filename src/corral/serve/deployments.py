@@ -1,0 +1,153 @@
+"""HTTP routes of deployments: what agents call (plan, progress, image chunks, all with
+the node's token) and the admin API (create, list, show, cancel, with the API token)."""
+
+
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import FileResponse, Response
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
+
+from corral.agent.plan import PHASES
+from corral.deploy.service import DeployService
+from corral.deploy.store import Deployments, new_deployment
+from corral.deploy.transports import names as transport_names
+from corral.inventory import models as m
+
+
+class ProgressIn(BaseModel):
+    phase: str = Field(description=f"one of: {', '.join(PHASES)}")
+    bytes: int = 0
+    total: int = 0
+    message: str = ""
+    log_tail: str = ""
+
+
+class DeploymentIn(BaseModel):
+    nodes: str = Field(description="noderange, e.g. n[001-100]")
+    image: str | None = Field(None, description="NAME or NAME:VERSION; default: profiles'")
+    transport: str = "http"
+
+
+class DeploymentNodeOut(BaseModel):
+    node: str
+    image: str
+    transport: str
+    phase: str
+    bytes: int
+    total: int
+    message: str
+    started: float | None
+    updated: float
+    finished: float | None
+
+
+class DeploymentOut(BaseModel):
+    id: int
+    state: str
+    noderange: str
+    image: str | None
+    transport: str
+    created: float
+    finished: float | None
+    nodes: list[DeploymentNodeOut]
+
+
+def deployment_out(row: m.Deployment) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "state": row.state,
+        "noderange": row.noderange,
+        "image": row.image,
+        "transport": row.transport,
+        "created": row.created,
+        "finished": row.finished,
+        "nodes": [
+            {
+                k: getattr(n, k)
+                for k in DeploymentNodeOut.model_fields  # the same fields, by name
+            }
+            for n in row.nodes
+        ],
+    }
+
+
+def agent_router(
+    deploy: DeployService,
+    client: Callable[[Request], str],
+    bearer: Callable[[str | None], str | None],
+) -> APIRouter:
+    router = APIRouter(tags=["deployment (nodes)"])
+
+    @router.get("/api/v1/nodes/{name}/plan")
+    def plan(
+        name: str, request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> Response:
+        """The node's install plan (204: nothing to do yet); needs the node's token."""
+        data = deploy.plan(name, bearer(authorization), client(request))
+        if data is None:
+            return Response(status_code=204)
+        import json
+
+        return Response(json.dumps(data), media_type="application/json")
+
+    @router.post("/api/v1/deployments/{ident}/nodes/{name}/progress")
+    def progress(
+        ident: int,
+        name: str,
+        body: ProgressIn,
+        request: Request,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> dict[str, Any]:
+        """A node's progress; the answer says whether to stop (cancelled)."""
+        return deploy.progress(
+            ident, name, bearer(authorization), body.model_dump(), client(request)
+        )
+
+    @router.get("/images/{name}/{version}/chunks/{index}.bin")
+    def chunk(
+        name: str,
+        version: int,
+        index: str,
+        request: Request,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        """One chunk of an image's stream (Range requests supported), for the nodes that
+        are installing that image."""
+        path = deploy.chunk_path(name, version, index, bearer(authorization), client(request))
+        return FileResponse(path, media_type="application/octet-stream")
+
+    return router
+
+
+def admin_routes(router: APIRouter, deploy: DeployService) -> None:
+    def session() -> Iterator[Session]:
+        with deploy.session() as s:
+            yield s
+
+    Db = Annotated[Session, Depends(session)]
+
+    @router.get("/deployments", response_model=list[DeploymentOut], tags=["deployments"])
+    def list_deployments(db: Db) -> Any:
+        return [deployment_out(d) for d in Deployments(db).recent()]
+
+    @router.get("/deployments/{ident}", response_model=DeploymentOut, tags=["deployments"])
+    def show_deployment(ident: int, db: Db) -> Any:
+        return deployment_out(Deployments(db).get(ident))
+
+    @router.post(
+        "/deployments", response_model=DeploymentOut, status_code=201, tags=["deployments"]
+    )
+    def create_deployment(body: DeploymentIn, db: Db) -> Any:
+        """Deploy an image to nodes; returns at once, the manager does the rest."""
+        ident = new_deployment(
+            db, deploy.images, body.nodes, body.image, body.transport, transport_names()
+        )
+        return deployment_out(Deployments(db).get(ident))
+
+    @router.post("/deployments/{ident}/cancel", response_model=DeploymentOut, tags=["deployments"])
+    def cancel_deployment(ident: int, db: Db) -> Any:
+        Deployments(db).cancel(ident)
+        return deployment_out(Deployments(db).get(ident))

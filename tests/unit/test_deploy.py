@@ -1,0 +1,255 @@
+"""Deployments: the checks before anything is written, progress, cancel, time-outs, plans.
+
+The transport here is a fake (recording what it was asked): these tests are about the
+orchestration around transports; the real ones are exercised in tests/integration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from sqlalchemy.orm import Session
+
+from corral.agent.plan import Plan, Progress
+from corral.cli import common
+from corral.config import Settings
+from corral.deploy import transports
+from corral.deploy.service import DeployService
+from corral.deploy.store import DeployError, Deployments, new_deployment
+from corral.errors import NotFound
+from corral.images.catalog import image_store
+from corral.images.store import ImageNotFound, ImageVersion
+from corral.inventory.schema import InterfaceSpec, NodeSpec, Partition, ProfileSpec
+from corral.inventory.state import NodeStates
+from corral.serve.boot import Forbidden
+
+
+class FakeTransport:
+    name = "fake"
+    export = "stream"
+    prepared: ClassVar[list[str]] = []
+
+    def __init__(self, settings: Settings) -> None:
+        pass
+
+    def prepare(self, version: ImageVersion) -> None:
+        FakeTransport.prepared.append(version.ref)
+
+    def params(self, version: ImageVersion, node: str) -> dict[str, Any]:
+        return {"where": f"fake://{version.ref}/{node}"}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def fake_transport() -> Iterator[None]:
+    transports.register("fake", FakeTransport)
+    FakeTransport.prepared = []
+    yield
+    transports.REGISTRY.pop("fake", None)
+
+
+@pytest.fixture
+def image(home: Path, tmp_path: Path) -> ImageVersion:
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "os-release").write_text("ID=test\n")
+    (tree / "bin").mkdir()
+    (tree / "bin" / "tool").write_bytes(b"\x7fELF" + bytes(5000))
+    return image_store(home).import_tree("small", tree)
+
+
+@pytest.fixture
+def nodes(home: Path) -> None:
+    with common.inventory() as inv:
+        inv.add(
+            "profile",
+            [
+                ProfileSpec(
+                    name="img",
+                    image="small",
+                    partitions=[Partition(mount="/", fstype="ext4", size_mb=512, grow=True)],
+                    variables={
+                        "power_command": "true {node}",
+                        "ssh_authorized_keys": ["ssh-ed25519 AAAA x"],
+                    },
+                )
+            ],
+        )
+        inv.add(
+            "node",
+            [
+                NodeSpec(
+                    name=f"n{i:02d}",
+                    profiles=["img"],
+                    install_method="image",
+                    interfaces=[
+                        InterfaceSpec(mac=f"52:54:00:00:01:{i:02x}", ip=f"10.0.0.{10 + i}")
+                    ],
+                )
+                for i in range(1, 5)
+            ],
+        )
+
+
+def start(noderange: str, image: str | None = None, transport: str = "fake") -> int:
+    with common.session() as s:
+        return new_deployment(
+            s, image_store(common.settings().home), noderange, image, transport, transports.names()
+        )
+
+
+def test_a_deployment_arms_its_nodes_and_waits(nodes: None, image: ImageVersion) -> None:
+    ident = start("n[01-03]")
+    with common.session() as s:
+        d = Deployments(s).get(ident)
+        assert [n.node for n in d.nodes] == ["n01", "n02", "n03"]
+        assert {n.phase for n in d.nodes} == {"waiting"}
+        assert {n.image for n in d.nodes} == {"small:1"}
+        assert d.nodes[0].total > 0  # the stream export was made
+        assert NodeStates(s).status("n01").state == "armed"
+        assert NodeStates(s).events("n01")[-1].phase == "armed"
+        assert NodeStates(s).events("n04") == []
+
+
+@pytest.mark.parametrize(
+    ("noderange", "img", "transport", "error", "words"),
+    [
+        ("n[01-09]", None, "fake", NotFound, "n[05-09]"),
+        ("n01", "nosuch", "fake", ImageNotFound, "nosuch"),
+        ("n01", None, "carrier-pigeon", DeployError, "unknown transport"),
+    ],
+)
+def test_bad_requests_write_nothing(
+    nodes: None,
+    image: ImageVersion,
+    noderange: str,
+    img: str | None,
+    transport: str,
+    error: type[Exception],
+    words: str,
+) -> None:
+    with pytest.raises(error, match=words.replace("[", r"\[")):
+        start(noderange, img, transport)
+    with common.session() as s:
+        assert Deployments(s).recent() == []
+        assert NodeStates(s).events("n01") == []
+
+
+def test_a_node_already_deploying_is_refused(nodes: None, image: ImageVersion) -> None:
+    first = start("n[01-02]")
+    with pytest.raises(DeployError, match=rf"n02 already deploying \(deployment {first}\)"):
+        start("n[02-03]")
+
+
+def test_a_node_without_an_image_is_refused(nodes: None, image: ImageVersion) -> None:
+    with common.inventory() as inv:
+        inv.update("profile", ["img"], {"image": None})
+    with pytest.raises(DeployError, match="n01 has no image"):
+        start("n01")
+    start("n01", image="small")  # --image fills in
+
+
+def test_a_disk_known_to_be_too_small_is_refused(nodes: None, image: ImageVersion) -> None:
+    with common.session() as s:
+        NodeStates(s)._row("n01").facts = {"disks": [{"name": "vda", "size_bytes": 100 << 20}]}
+    with pytest.raises(DeployError, match="n01: disk of 100 MiB is too small"):
+        start("n01")
+
+
+def test_layers_a_profile_asks_for_must_be_in_the_image(nodes: None, image: ImageVersion) -> None:
+    with common.inventory() as inv:
+        inv.update("profile", ["img"], {"layers": ["gpu"]})
+    with pytest.raises(DeployError, match="was not built with layer gpu"):
+        start("n01")
+
+
+def test_progress_to_done_and_failed_ends_the_deployment(nodes: None, image: ImageVersion) -> None:
+    ident = start("n[01-02]")
+    with common.session() as s:
+        store = Deployments(s)
+        store.report(ident, "n01", Progress("receiving", 10, 100), "10.0.0.11")
+        store.report(ident, "n01", Progress("done", 100, 100), "10.0.0.11")
+        assert store.get(ident).state == "running"
+        store.report(ident, "n02", Progress("failed", 5, 100, "disk gone", "tail"), "10.0.0.12")
+        d = store.get(ident)
+        assert d.state == "failed" and d.finished
+        assert NodeStates(s).status("n01").state == "installed"
+        assert NodeStates(s).status("n02").state == "failed"
+        assert store.member(ident, "n02").log_tail == "tail"
+        # a late report changes nothing
+        store.report(ident, "n01", Progress("receiving", 1, 100), "10.0.0.11")
+        assert store.member(ident, "n01").phase == "done"
+    start("n[01-02]")  # both free again
+
+
+def test_cancel(nodes: None, image: ImageVersion) -> None:
+    ident = start("n[01-02]")
+    with common.session() as s:
+        assert Deployments(s).cancel(ident) == 2
+        assert {n.phase for n in Deployments(s).get(ident).nodes} == {"cancelled"}
+    with common.session() as s, pytest.raises(DeployError, match="has ended"):
+        Deployments(s).cancel(ident)
+
+
+@contextmanager
+def _service(home: Path) -> Iterator[DeployService]:
+    def authorize(session: Session, name: str, token: str | None, ip: str) -> None:
+        if token != "good":
+            raise Forbidden(f"bad or missing token for node {name}")
+
+    yield DeployService(common.settings(), common.session, authorize)
+
+
+def test_the_plan_says_what_the_node_gets(home: Path, nodes: None, image: ImageVersion) -> None:
+    ident = start("n01")
+    with _service(home) as service:
+        with pytest.raises(Forbidden):
+            service.plan("n01", None, "10.0.0.11")
+        assert service.plan("n02", "good", "10.0.0.12") is None  # nothing to do: 204
+        plan = Plan.from_dict(service.plan("n01", "good", "10.0.0.11") or {})
+    assert plan.deployment == ident and plan.node == "n01"
+    assert plan.transport.params == {"where": "fake://small:1/n01"}
+    assert plan.image.ref == "small:1" and plan.image.chunks
+    assert sum(c.size for c in plan.image.chunks) == plan.image.stream_size
+    assert [p.mount for p in plan.disk.partitions] == ["/"]
+    assert plan.identity.hostname == "n01"
+    assert plan.identity.interfaces[0].ip == "10.0.0.11"
+    assert plan.identity.authorized_keys == ["ssh-ed25519 AAAA x"]
+    assert set(plan.identity.ssh_host_keys) >= {"ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"}
+    # the same keys the next time: a re-deployed node keeps its host keys
+    with _service(home) as service:
+        again = Plan.from_dict(service.plan("n01", "good", "10.0.0.11") or {})
+    assert again.identity.ssh_host_keys == plan.identity.ssh_host_keys
+
+
+def test_the_manager_powers_nodes_and_fails_silent_ones(
+    home: Path, nodes: None, image: ImageVersion, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ident = start("n[01-02]")
+    with _service(home) as service, ThreadPoolExecutor(2) as pool:
+        service.tick(pool)
+        assert FakeTransport.prepared  # made ready before any node is rebooted
+        with common.session() as s:
+            rows = Deployments(s).get(ident).nodes
+            assert all(r.powered for r in rows) and rows[0].message == "power-cycled"
+        service.progress(ident, "n01", "good", {"phase": "receiving", "bytes": 5}, "10.0.0.11")
+        service.progress(ident, "n02", "good", {"phase": "receiving", "bytes": 5}, "10.0.0.12")
+        # n02 goes silent: 31 s later only it is failed
+        import time as time_module
+
+        now = time_module.time() + service.settings.deploy_node_timeout + 1
+        service.seen["n01"] = now
+        monkeypatch.setattr("corral.deploy.service.time.time", lambda: now)
+        service.tick(pool)
+    with common.session() as s:
+        rows = {r.node: r for r in Deployments(s).get(ident).nodes}
+        assert rows["n01"].phase == "receiving"
+        assert rows["n02"].phase == "failed"
+        assert "no report for" in rows["n02"].message

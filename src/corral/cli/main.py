@@ -8,7 +8,19 @@ import sys
 
 import typer
 
-from corral.cli import boot, cluster, distro, group, image, layer, node, profile, ramdisk, serve
+from corral.cli import (
+    boot,
+    cluster,
+    deploy,
+    distro,
+    group,
+    image,
+    layer,
+    node,
+    profile,
+    ramdisk,
+    serve,
+)
 from corral.cli.common import err
 from corral.errors import CorralError
 
@@ -30,6 +42,8 @@ app.command("export")(cluster.export)
 app.command("render")(boot.render)
 app.command("sync")(boot.sync)
 app.command("serve")(serve.serve)
+app.command("deploy")(deploy.deploy)
+app.add_typer(deploy.app, name="deployment")
 
 _debug = False
 

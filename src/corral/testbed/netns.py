@@ -220,3 +220,77 @@ class PxeNetwork:
 
     def remove_link(self, name: str) -> None:
         run(["ip", "-n", self.name, "link", "del", name], check=False)
+
+
+# --- many namespaces at once (the testbed's hundreds) ----------------------------------
+
+NETNS_DIR = "/run/netns"
+
+
+def namespace_pid_map(prefix: str) -> dict[str, list[int]]:
+    """Processes of every namespace named ``<prefix>...``, by namespace, in one /proc scan.
+
+    What ``ip netns pids`` does for one namespace (compare each process's ``ns/net`` with
+    the namespace's bind mount), without a subprocess per namespace.
+    """
+    wanted: dict[tuple[int, int], str] = {}
+    try:
+        entries = os.listdir(NETNS_DIR)
+    except FileNotFoundError:
+        return {}
+    for name in entries:
+        if name.startswith(prefix):
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(NETNS_DIR, name))
+                wanted[(st.st_dev, st.st_ino)] = name
+    found: dict[str, list[int]] = {name: [] for name in wanted.values()}
+    if not wanted:
+        return found
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            st = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue  # gone, or a kernel thread
+        owner = wanted.get((st.st_dev, st.st_ino))
+        if owner is not None and int(entry) != os.getpid():
+            found[owner].append(int(entry))
+    return found
+
+
+def process_running(pid: int) -> bool:
+    """True for a live process; False for a gone one or a zombie (dead, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # The state follows the command name, which is in parentheses and may hold any byte.
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X", b"")
+
+
+def stop_processes(pids: Sequence[int], grace: float = 5.0) -> list[int]:
+    """SIGTERM ``pids``, SIGKILL those still running after ``grace`` s; returns survivors.
+
+    Zombies that are this process's children are reaped, so a caller that started them
+    does not wait the whole grace period for processes that are already dead.
+    """
+    left = [p for p in dict.fromkeys(pids) if p != os.getpid()]
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while left:
+            for pid in left:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            left = [p for p in left if process_running(p)]
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if not left:
+            return []
+    log.warning("processes %s survive SIGKILL", left)
+    return left

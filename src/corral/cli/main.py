@@ -20,6 +20,7 @@ from corral.cli import (
     profile,
     ramdisk,
     serve,
+    testbed,
 )
 from corral.cli.common import err
 from corral.errors import CorralError
@@ -37,6 +38,7 @@ app.add_typer(node.app, name="node")
 app.add_typer(image.app, name="image")
 app.add_typer(layer.app, name="layer")
 app.add_typer(ramdisk.app, name="ramdisk")
+app.add_typer(testbed.app, name="testbed")
 app.command("apply")(cluster.apply)
 app.command("export")(cluster.export)
 app.command("render")(boot.render)

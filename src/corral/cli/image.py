@@ -1,4 +1,4 @@
-"""corral image build|import|exec|shell|export|list|show|rm"""
+"""corral image build|import|capture|exec|shell|export|list|show|rm"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from corral.cli.common import err, out, print_yaml, settings
+from corral.cli.common import err, inventory, out, print_yaml, settings
 
 app = typer.Typer(help="OS images: built in a chroot, versioned, exported.", no_args_is_help=True)
 
@@ -97,6 +97,114 @@ def import_(name: str, source: Path) -> None:
         store.import_tree(name, source) if source.is_dir() else store.import_tarball(name, source)
     )
     out.print(f"imported {version.ref} from {source}", markup=False)
+
+
+def _size(n: float) -> str:
+    """Bytes for people: 812 B, 3.4 kB, 12.0 MB, 1,234.5 GB."""
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB"):
+        n /= 1000
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:,.1f} GB"
+
+
+def _capture_host(node: str) -> tuple[str, str | None]:
+    """Where NODE is: an inventory node's first IP, else NODE itself (an address or a host
+    name). Returns the address and the inventory node it came from (None: literal)."""
+    from corral.images.capture import is_address, node_address
+
+    if is_address(node):
+        return node, None
+    with inventory() as inv:
+        if not inv.exists("node", node):
+            return node, None
+        return node_address(inv.node(node)), node
+
+
+@app.command("capture")
+def capture(
+    node: str = typer.Argument(..., help="inventory node, host name or IP address"),
+    name: str = typer.Option(..., "--name", help="image the capture becomes a version of"),
+    exclude: list[str] | None = typer.Option(
+        None,
+        "--exclude",
+        help="rsync pattern to leave out on top of the defaults (repeatable); "
+        "a leading / anchors it at the root of the tree, DIR/* keeps DIR itself",
+    ),
+    ssh_key: Path | None = typer.Option(None, "--ssh-key", help="private key to log in with"),
+    ssh_port: int = typer.Option(22, "--ssh-port", help="the node's SSH port"),
+    user: str = typer.Option("root", "--user", help="login on the node (it must read all)"),
+    source_path: str = typer.Option(
+        "/", "--source-path", help="directory on the node to capture (e.g. a mounted disk)"
+    ),
+    exports: bool = typer.Option(True, "--exports/--no-exports", help="build the exports too"),
+) -> None:
+    """Capture a running node's root tree over rsync+SSH as the next version of an image."""
+    from rich.progress import BarColumn, TaskProgressColumn, TextColumn
+    from rich.progress import Progress as ProgressBar
+
+    from corral.images.capture import Progress, Source, SourceError
+    from corral.images.capture import capture as capture_tree
+    from corral.images.catalog import image_store
+    from corral.images.store import check_name
+
+    check_name(name)
+    if ssh_key is not None and not (ssh_key.is_file() and os.access(ssh_key, os.R_OK)):
+        raise SourceError(f"cannot read the SSH key {ssh_key}", "give a private key file")
+    host, node_name = _capture_host(node)
+    source = Source(
+        host=host,
+        path=source_path,
+        user=user,
+        port=ssh_port,
+        key=ssh_key,
+        known_hosts=settings().home / "ssh" / "known_hosts",
+        node=node_name,
+    )
+    store = image_store(settings().home)
+    bar = ProgressBar(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[detail]}"),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    if err.is_terminal:  # with the bar; a log or a script gets the summary line only
+        err.print(f"capturing {source.where}:{source.path} into {name}", markup=False)
+    with bar:
+        task = bar.add_task("connecting", total=100, detail="")
+
+        def show(progress: Progress) -> None:
+            detail = f"{_size(progress.bytes)}  {progress.rate}"
+            if progress.files_left is not None:
+                detail += f"  {progress.files_left} files to check"
+            bar.update(task, completed=progress.percent, detail=detail)
+
+        result = capture_tree(
+            store,
+            name,
+            source,
+            list(exclude or []),
+            on_step=lambda text: bar.update(task, description=text),
+            on_progress=show,
+        )
+    m = result.version.manifest
+    received = result.received_bytes
+    sent = f", {_size(received)} received" if received is not None else ""
+    seeded = f" (on top of {result.seeded_from})" if result.seeded_from else ""
+    out.print(
+        f"captured {result.version.ref} from {source.where}:{source.path}{seeded}: "
+        f"{_size(m['size_bytes'])} in {m['file_count']:,} files{sent}, {result.seconds:.0f} s",
+        markup=False,
+    )
+    if len(result.filesystems) > 1:
+        out.print(f"  filesystems: {' '.join(result.filesystems)}", markup=False)
+    if exports:
+        _export(result.version.ref)
 
 
 def _change(ref: str, origin: str, work: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import typer
 from rich.table import Table
@@ -118,12 +119,14 @@ def status() -> None:
 def power(
     node: str = typer.Argument(..., help="a testbed node, e.g. tb001"),
     action: str = typer.Argument(..., help="on, off or cycle"),
+    home: Path | None = typer.Option(None, help="corral's home [$CORRAL_HOME]"),
 ) -> None:
     """Boot a node (on, cycle: its firmware fetches its token, then runs the agent) or
     power it off (kill what runs on it)."""
+    from corral.config import load_settings
     from corral.testbed.cluster import Testbed
 
-    pid = Testbed(settings()).power(node, action)
+    pid = Testbed(load_settings(home) if home else settings()).power(node, action)
     if pid is None:
         out.print(f"{node}: off", markup=False)
     else:

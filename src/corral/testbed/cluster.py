@@ -40,7 +40,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from corral.config import Settings
-from corral.errors import CorralError, InvalidValue, NotFound, UsageError
+from corral.errors import CommandFailed, CorralError, InvalidValue, NotFound, UsageError
 from corral.inventory.noderange import expand, is_noderange
 from corral.run import run, spawn
 from corral.testbed.netns import (
@@ -62,10 +62,16 @@ SERVER_IP = "10.77.0.1"
 MAX_NODES = 250
 GROUP = "testbed"
 POWER_ACTIONS = ("on", "off", "cycle")
-#: What the deployment manager runs, with {node} filled in, to boot a node into its ramdisk.
-POWER_COMMAND = f"{shlex.quote(sys.executable)} -m corral testbed power {{node}} cycle"
 TBF_LATENCY = "50ms"
 STATE_VERSION = 1
+
+
+def power_command(home: Path) -> str:
+    """What the deployment manager runs, with {node} filled in, to boot a node into its
+    ramdisk. It names the home: the manager runs commands with a minimal environment."""
+    python, where = shlex.quote(sys.executable), shlex.quote(str(home))
+    return f"{python} -m corral testbed power {{node}} cycle --home {where}"
+
 
 _NODE = re.compile(r"^tb(\d{3})$")
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$", re.IGNORECASE)
@@ -301,7 +307,8 @@ def loss_filter(device: str, loss: float) -> list[str]:
     machines among them). A classic BPF filter on the clsact egress hook does the same:
     ``ld rand`` (a fresh random u32 per packet), then pass (TC_ACT_OK) or drop
     (TC_ACT_SHOT). It runs before the root qdisc, so dropped packets cost no tbf tokens,
-    as netem's loss in front of a tbf child would.
+    as netem's loss in front of a tbf child would. Like netem's, the loss is per packet as
+    the kernel sees it: a TCP segment that veth carries as one GSO packet is lost whole.
     """
     threshold = min(round(loss * 2**32), 2**32 - 1)
     program = f"4,32 0 0 {2**32 - 0x1000 + 56},53 0 1 {threshold},6 0 0 0,6 0 0 2"
@@ -571,7 +578,7 @@ class Testbed:
                 others = [i for i in data.get("interfaces", []) if i["name"] != "eth0"]
                 groups = [g for g in data.get("groups", []) if g != GROUP] + [GROUP]
                 variables = dict(data.get("variables", {}))
-                variables.update(disk=node.loop, power_command=POWER_COMMAND)
+                variables.update(disk=node.loop, power_command=power_command(self.settings.home))
                 data.update(
                     name=node.name,
                     interfaces=[eth0, *others],
@@ -634,7 +641,7 @@ class Testbed:
         self._save(state)
         deadline = time.monotonic() + 60
         probe = ["ip", "netns", "exec", SERVER_NS, sys.executable, "-c", _PROBE, url + "/boot/ipxe"]
-        while run(probe, check=False, timeout=15).returncode != 0:
+        while not self._answers(probe):
             if not process_running(pid) or time.monotonic() > deadline:
                 tail = " | ".join(self.serve_log.read_text(errors="replace").splitlines()[-3:])
                 raise TestbedError(
@@ -642,7 +649,21 @@ class Testbed:
                 )
             time.sleep(0.2)
         self.progress(f"corral serve answers at {url}")
+        if self.settings.server_url not in (Settings.server_url, url):
+            log.warning(
+                "server_url in corral's config is %s: boot files and plans will name it, "
+                "but the testbed's nodes reach corral at %s",
+                self.settings.server_url,
+                url,
+            )
         return state
+
+    @staticmethod
+    def _answers(probe: list[str]) -> bool:
+        try:
+            return run(probe, check=False, timeout=15).returncode == 0
+        except CommandFailed:  # the probe timed out
+            return False
 
     def _save(self, state: TestbedState) -> None:
         from corral.render.sync import write_atomic
@@ -724,9 +745,8 @@ class Testbed:
             run(["ip", "-force", "-batch", "-"], input=lines, check=False)
         report.namespaces = len(namespaces)
         shutil.rmtree(self.disks, ignore_errors=True)
-        if self.nodes_dir.exists():
-            for token in self.nodes_dir.glob("*/token"):
-                token.unlink(missing_ok=True)
+        for stale in [*self.nodes_dir.glob("*/token"), *self.nodes_dir.glob("*/pid")]:
+            stale.unlink(missing_ok=True)
         self.state_path.unlink(missing_ok=True)
         report.forgotten, report.kept_nodes = self._inventory_nodes(forget)
         left_ns = [n for n in list_namespaces() if n.startswith(PREFIX)]
@@ -774,23 +794,3 @@ def summarize_rates(state: TestbedState) -> str:
 
 def loss_text(loss: float) -> str:
     return f"{loss * 100:g}%" if loss else "none"
-
-
-__all__ = [
-    "MAX_NODES",
-    "DownReport",
-    "NodeInfo",
-    "Testbed",
-    "TestbedError",
-    "TestbedExists",
-    "TestbedState",
-    "format_rate",
-    "node_ip",
-    "node_mac",
-    "node_name",
-    "parse_loss",
-    "parse_rate",
-    "parse_size",
-    "parse_slow",
-    "plan",
-]

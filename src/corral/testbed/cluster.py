@@ -631,6 +631,10 @@ class Testbed:
             time.sleep(0.02)
         raise TestbedError(f"{argv[0]} did not start in {namespace}", f"see {output}")
 
+    def start_server(self) -> TestbedState:
+        """Start corral serve again (after it stopped or was stopped), as ``up`` does."""
+        return self._start_server(self.require_state())
+
     def _start_server(self, state: TestbedState) -> TestbedState:
         url = f"http://{state.server_ip}:{state.http_port}"
         port = str(state.http_port)

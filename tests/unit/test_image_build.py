@@ -84,7 +84,7 @@ def test_debootstrap_commands() -> None:
     assert commands == [
         [
             "debootstrap", "--variant=minbase", "--arch=amd64", "--components=main",
-            f"--include={BOOT_DEBIAN},less,vim-tiny", f"--cache-dir={cache}/archives",
+            f"--include={BOOT_DEBIAN}", f"--cache-dir={cache}/archives",
             "bookworm", "/srv/stage", "http://mirror.example/debian",
         ],
         [
@@ -93,9 +93,42 @@ def test_debootstrap_commands() -> None:
         ],
         ["chroot", "/srv/stage", "update-initramfs", "-c", "-k", "all"],
         ["chroot", "/srv/stage", "apt-get", "update"],
+        ["chroot", "/srv/stage", *APT_INSTALL, "less", "vim-tiny"],
         ["chroot", "/srv/stage", *APT_INSTALL, "slurmd", "munge"],
         ["chroot", "/srv/stage", "apt-get", "clean"],
     ]  # fmt: skip
+
+
+def test_image_packages_are_installed_by_apt_not_debootstrap() -> None:
+    # debootstrap's --include resolves no alternatives nor virtual packages (bsd-mailx,
+    # "Depends: default-mta | mail-transport-agent", fails there, bookworm 2026-11), so
+    # the image's own packages go to apt inside the tree instead.
+    packages = ["less", "vim-tiny", "bsd-mailx", "less", "python3-numpy"]
+    spec = debian_spec(packages=packages, layers=[], cache_dir=None)
+    commands = builder_for("debian").commands(spec, ROOT)
+    include = next(a for a in commands[0] if a.startswith("--include="))
+    assert include == f"--include={BOOT_DEBIAN}"
+    assert commands[3:] == [
+        ["chroot", "/srv/stage", "apt-get", "update"],
+        ["chroot", "/srv/stage", *APT_INSTALL, "less", "vim-tiny", "bsd-mailx", "python3-numpy"],
+        ["chroot", "/srv/stage", "apt-get", "clean"],
+    ]  # fmt: skip
+    whats = [step.what for step in DebootstrapBuilder().plan(spec, ROOT)]
+    assert whats.index("use the build host's DNS resolver") < whats.index(
+        "install the image's packages"
+    )
+    assert whats.index("restore the image's resolv.conf") > whats.index(
+        "install the image's packages"
+    )
+
+
+def test_cli_packages_are_comma_separated_or_repeated() -> None:
+    from corral.cli.image import _split_packages
+
+    assert _split_packages(["less,vim-tiny", " htop ", "a,,b"]) == [
+        "less", "vim-tiny", "htop", "a", "b",
+    ]  # fmt: skip
+    assert _split_packages(None) == []
 
 
 def test_debootstrap_steps_say_what_they_need() -> None:
@@ -107,6 +140,9 @@ def test_debootstrap_steps_say_what_they_need() -> None:
     assert by_what["make the initramfs"].mounts == "base"
     assert by_what["install the packages of layer 'hpc'"].mounts == "cache"
     assert by_what["install the packages of layer 'hpc'"].layer == "hpc"
+    assert by_what["install the image's packages"].mounts == "cache"
+    assert by_what["install the image's packages"].layer is None
+    assert by_what["install the image's packages"].inside
     assert by_what["remove downloaded packages"].mounts == "none"  # the cache is not bound
     assert builder.binds(debian_spec()) == {
         "/var/cache/apt/archives": CACHE / "debootstrap/debian-bookworm-amd64/archives",
@@ -199,7 +235,14 @@ def test_dnf_commands() -> None:
             "--setopt=install_weak_deps=False",
             "--setopt=cachedir=/var/cache/corral/dnf/rhel-9-x86_64", "--setopt=keepcache=True",
             "-y", "install", "@core", "kernel", "grub2-pc", "grub2-efi-x64", "shim-x64",
-            "efibootmgr", "dracut", "openssh-server", "vim-enhanced",
+            "efibootmgr", "dracut", "openssh-server",
+        ],
+        [
+            "dnf", "--installroot=/srv/stage", "--releasever=9",
+            "--setopt=reposdir=/srv/stage/etc/yum.repos.d", "--repo=corral-*",
+            "--setopt=install_weak_deps=False",
+            "--setopt=cachedir=/var/cache/corral/dnf/rhel-9-x86_64", "--setopt=keepcache=True",
+            "-y", "install", "vim-enhanced",
         ],
         [
             "chroot", "/srv/stage", "dnf", "--repo=corral-*", "-y",
@@ -208,7 +251,11 @@ def test_dnf_commands() -> None:
         ],
     ]  # fmt: skip
     steps = DnfBuilder().plan(rocky_spec(), ROOT)
-    assert [s.mounts for s in steps if s.argv] == ["base", "cache"]  # scriptlets need /proc
+    # Scriptlets need /proc, for the base system and the image's packages alike.
+    assert [s.mounts for s in steps if s.argv] == ["base", "base", "cache"]
+    assert [s.inside for s in steps if s.argv] == [False, False, True]
+    bare = builder_for("rhel").commands(rocky_spec(packages=[], layers=[]), ROOT)
+    assert len(bare) == 1 and bare[0][-1] == "openssh-server"
     assert DnfBuilder().binds(rocky_spec()) == {"/var/cache/dnf": CACHE / "dnf/rhel-9-x86_64"}
 
 
@@ -348,6 +395,39 @@ def test_unknown_package_in_a_layer() -> None:
     )
     assert str(error) == "unknown package 'slurm-nope' in layer 'hpc' (rocky9: rhel 9)"
     assert error.hint is not None and "dnf search" in error.hint
+
+
+APT_VIRTUAL = """\
+Reading package lists...
+Building dependency tree...
+Reading state information...
+Package mail-transport-agent is a virtual package provided by:
+  postfix 3.7.11-0+deb12u1
+  exim4-daemon-light 4.96-15+deb12u6
+  exim4-daemon-heavy 4.96-15+deb12u6
+
+You should explicitly select one to install.
+
+E: Package 'mail-transport-agent' has no installation candidate
+"""
+
+
+def test_virtual_package_names_its_providers() -> None:
+    error = explain(
+        APT_VIRTUAL,
+        what="install the image's packages",
+        returncode=100,
+        spec=debian_spec(packages=["mail-transport-agent"]),
+        root=ROOT,
+    )
+    assert isinstance(error, UnknownPackage)
+    assert str(error) == (
+        "unknown package 'mail-transport-agent' in the image's packages (debian12: debian bookworm)"
+    )
+    assert error.hint == (
+        "'mail-transport-agent' is a virtual package: name one of the packages that provide "
+        "it instead (postfix, exim4-daemon-light, exim4-daemon-heavy)"
+    )
 
 
 def test_unknown_boot_package_says_so() -> None:
@@ -858,11 +938,35 @@ def test_failed_build_names_the_package_and_empties_staging(
 
     fake.on_command["apt-get"] = apt
     staging = tmp_path / "staging"
-    spec = debian_spec(layers=[Layer("tools", ["corral-no-such-package"])])
+    spec = debian_spec(packages=[], layers=[Layer("tools", ["corral-no-such-package"])])
     with pytest.raises(UnknownPackage, match="'corral-no-such-package', 'another-one' in layer"):
         builder.build(spec, staging)
     assert fake.under(staging) == []
     assert staging.is_dir() and list(staging.iterdir()) == []
+
+
+def test_unknown_image_package_is_named(
+    fake_builder: tuple[DebootstrapBuilder, FakeSystem], tmp_path: Path
+) -> None:
+    builder, fake = fake_builder
+
+    def apt(argv: Sequence[str]) -> tuple[int, str, str] | None:
+        if "install" in argv:
+            return 100, "Reading package lists...\n", "E: Unable to locate package nosuchpkg\n"
+        return None
+
+    fake.on_command["apt-get"] = apt
+    staging = tmp_path / "staging"
+    spec = debian_spec(packages=["less", "nosuchpkg"], layers=[])
+    with pytest.raises(UnknownPackage) as caught:
+        builder.build(spec, staging)
+    assert str(caught.value) == (
+        "unknown package 'nosuchpkg' in the image's packages (debian12: debian bookworm)"
+    )
+    assert "\n" not in str(caught.value)
+    debootstrap = next(c for c in fake.commands if c[0] == "debootstrap")
+    assert not any("nosuchpkg" in a for a in debootstrap)  # apt met it, not debootstrap
+    assert list(staging.iterdir()) == []
 
 
 def test_interrupted_build_leaves_nothing(

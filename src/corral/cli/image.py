@@ -48,11 +48,21 @@ def _export(ref: str) -> None:
     out.print(f"exported {version.ref} in {time.monotonic() - start:.1f} s", markup=False)
 
 
+def _split_packages(given: list[str] | None) -> list[str]:
+    """``--packages a,b --packages c`` -> ``[a, b, c]``."""
+    return [name.strip() for item in given or [] for name in item.split(",") if name.strip()]
+
+
 @app.command("build")
 def build(
     name: str,
     distro: str = typer.Option(..., help="e.g. debian-12, ubuntu-24.04, rocky-9"),
-    package: list[str] | None = typer.Option(None, "--package", help="extra package"),
+    package: list[str] | None = typer.Option(
+        None,
+        "--packages",
+        "--package",
+        help="extra packages, comma-separated or repeated (installed by apt/dnf after the base)",
+    ),
     layer: list[str] | None = typer.Option(None, "--layer", help="layer to apply, in order"),
     mirror: str | None = typer.Option(None, help="package mirror (Debian: the host's apt)"),
     exports: bool = typer.Option(True, "--exports/--no-exports", help="build the exports too"),
@@ -68,7 +78,7 @@ def build(
         family=release.family,
         release=release.release,
         mirror=mirror,
-        packages=list(package or []),
+        packages=_split_packages(package),
         layers=layers,
         cache_dir=settings().home / "cache",
     )

@@ -8,9 +8,16 @@ for a distribution family.
 
 - ``debootstrap`` (Debian, Ubuntu): ``debootstrap --variant=minbase`` with the packages a
   disk boot needs (kernel, initramfs-tools, GRUB for BIOS and UEFI, systemd, networkd with
-  DHCP, OpenSSH), then each layer's packages installed by apt inside the tree.
+  DHCP, OpenSSH), then the spec's packages and each layer's installed by apt inside the
+  tree.
 - ``dnf`` (RHEL and its rebuilds, Fedora): ``dnf --installroot`` of ``@core``, kernel,
-  GRUB, shim and dracut from the spec's mirror, then the layers by dnf inside the tree.
+  GRUB, shim and dracut from the spec's mirror, then the spec's packages by a second
+  ``dnf --installroot``, then the layers by dnf inside the tree.
+
+The spec's own packages are never part of the base system's command: debootstrap's
+``--include`` resolves dependencies naively (no alternatives, no virtual packages, no
+version constraints), so a big or unusual package set fails there while apt installs it.
+A separate step also names the packages at fault correctly when one does not exist.
 
 Downloaded packages are kept in ``spec.cache_dir`` (one directory per family, release and
 architecture, locked while a build uses it), so the next build downloads only what changed.
@@ -412,6 +419,21 @@ def unknown_packages(output: str) -> list[str]:
     return names
 
 
+def virtual_providers(output: str, name: str) -> list[str]:
+    """The packages apt lists as providing ``name`` when it refuses to pick one for a
+    virtual package (empty when ``name`` is not one)."""
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == f"Package {name} is a virtual package provided by:":
+            providers = []
+            for follow in lines[i + 1 :]:
+                if not follow.startswith(" ") or not follow.strip():
+                    break
+                providers.append(follow.split()[0])
+            return providers
+    return []
+
+
 def full_directory(
     output: str, root: Path, binds: Mapping[str, Path] | None = None, *, bound: bool = False
 ) -> Path | None:
@@ -465,12 +487,19 @@ def explain(
             where = "in the image's packages"
         debian = spec.family in ("debian", "ubuntu")
         check = "'apt-cache policy NAME'" if debian else "'dnf search NAME'"
-        return UnknownPackage(
-            names,
-            f"{where} ({spec.distro}: {spec.family} {spec.release})",
+        hint = (
             f"no such package in {spec.mirror or 'the mirror'} for {spec.release}; check the "
-            f"name with {check} on a {spec.family} {spec.release} system",
+            f"name with {check} on a {spec.family} {spec.release} system"
         )
+        for name in names:
+            providers = virtual_providers(output, name)
+            if providers:
+                hint = (
+                    f"'{name}' is a virtual package: name one of the packages that provide "
+                    f"it instead ({', '.join(providers[:6])})"
+                )
+                break
+        return UnknownPackage(names, f"{where} ({spec.distro}: {spec.family} {spec.release})", hint)
     if "Release signed by unknown key" in output or "NO_PUBKEY" in output:
         return BuildError(
             f"{what}: cannot verify {spec.mirror}: signed by an unknown key",
@@ -707,6 +736,25 @@ def _layer_steps(
     return steps
 
 
+def _package_steps(
+    spec: BuildSpec, install: Callable[[list[str]], list[str]], *, inside: bool, mounts: Mounts
+) -> list[Step]:
+    """The install of the spec's own packages (``install`` gives its argv) after the base
+    system, as a step of its own like a layer's; none when the spec has none."""
+    if not spec.packages:
+        return []
+    argv = install(_dedupe(spec.packages))
+    return [
+        Step(
+            "install the image's packages",
+            tuple(argv),
+            inside=inside,
+            mounts=mounts,
+            timeout=3600,
+        )
+    ]
+
+
 def _dnf_layer_argv(layer: Layer) -> list[str]:
     argv = install_argv("dnf", layer.packages)
     argv[1:1] = ["--repo=corral-*"]  # only the image's own repositories, not the host's
@@ -770,7 +818,7 @@ class DebootstrapBuilder(_PlanBuilder):
 
     def plan(self, spec: BuildSpec, root: Path) -> list[Step]:
         cache = spec.cache_for(self.name)
-        include = _dedupe([*self.boot_packages(spec), *spec.packages])
+        include = self.boot_packages(spec)  # the spec's packages: by apt, below
         debootstrap = [
             "debootstrap",
             "--variant=minbase",
@@ -813,7 +861,8 @@ class DebootstrapBuilder(_PlanBuilder):
                     timeout=1800,
                 ),
             ]
-        if any(layer.packages for layer in spec.layers):
+        apt = bool(spec.packages) or any(layer.packages for layer in spec.layers)
+        if apt:
             steps += [
                 Step("use the build host's DNS resolver", action=dns.use),
                 Step(
@@ -824,8 +873,9 @@ class DebootstrapBuilder(_PlanBuilder):
                     timeout=1800,
                 ),
             ]
+        steps += _package_steps(spec, partial(install_argv, "apt"), inside=True, mounts="cache")
         steps += _layer_steps(spec.layers, root, lambda layer: install_argv("apt", layer.packages))
-        if any(layer.packages for layer in spec.layers):
+        if apt:
             steps.append(Step("restore the image's resolv.conf", action=dns.restore))
         steps += [
             Step("remove downloaded packages", ("apt-get", "clean"), inside=True),
@@ -951,7 +1001,7 @@ class DnfBuilder(_PlanBuilder):
         ]
         if cache is not None:
             dnf += [f"--setopt=cachedir={cache}", "--setopt=keepcache=True"]
-        dnf += ["-y", "install", *_dedupe([*self.boot_packages(spec), *spec.packages])]
+        base = [*dnf, "-y", "install", *self.boot_packages(spec)]
         dns = _HostDns(root)
         steps = [
             Step(
@@ -959,9 +1009,13 @@ class DnfBuilder(_PlanBuilder):
                 action=partial(_write, root / self.REPO_FILE, repo_text),
             ),
             # Package scripts (dracut, grub2) run chrooted into the tree: it needs /proc...
-            Step("install the base system", tuple(dnf), mounts="base", timeout=3600),
-            Step("use the build host's DNS resolver", action=dns.use),
+            Step("install the base system", tuple(base), mounts="base", timeout=3600),
         ]
+        # ...and so do those of the spec's packages, installed into the tree the same way.
+        steps += _package_steps(
+            spec, lambda names: [*dnf, "-y", "install", *names], inside=False, mounts="base"
+        )
+        steps.append(Step("use the build host's DNS resolver", action=dns.use))
         steps += _layer_steps(spec.layers, root, _dnf_layer_argv)
         steps += [
             Step("restore the image's resolv.conf", action=dns.restore),

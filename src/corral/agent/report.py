@@ -1,4 +1,5 @@
-"""Talking to corral's server: JSON POSTs with a bearer token, retried with backoff."""
+"""Talking to corral's server: JSON requests and binary downloads with a bearer token,
+retried with backoff."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class Rejected(ReportError):
 
 
 class Client:
-    """POSTs JSON to ``server`` (``http://host:port[/prefix]``).
+    """Talks JSON to ``server`` (``http://host:port[/prefix]``) and downloads from it.
 
     ``tries`` attempts, sleeping ``backoff``, 2x``backoff``, 4x``backoff``... between them.
     """
@@ -62,30 +63,66 @@ class Client:
         self.sleep = sleep
 
     def _connection(self) -> http.client.HTTPConnection:
-        if self.scheme == "https":
+        return self._connection_to(self.scheme, self.host, self.port)
+
+    def _connection_to(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
+        if scheme == "https":
             import ssl
 
             context = ssl.create_default_context()
-            return http.client.HTTPSConnection(
-                self.host, self.port, timeout=self.timeout, context=context
-            )
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            return http.client.HTTPSConnection(host, port, timeout=self.timeout, context=context)
+        return http.client.HTTPConnection(host, port, timeout=self.timeout)
 
-    def _send_once(self, path: str, body: bytes, auth: bool) -> tuple[int, bytes]:
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-            "User-Agent": "corral-agent",
-        }
+    def _send_once(
+        self, method: str, path: str, body: bytes | None, auth: bool
+    ) -> tuple[int, bytes]:
+        headers = {"Accept": "application/json", "User-Agent": "corral-agent"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         if auth and self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         conn = self._connection()
         try:
-            conn.request("POST", self.prefix + path, body=body, headers=headers)
+            conn.request(method, self.prefix + path, body=body, headers=headers)
             response = conn.getresponse()
             return response.status, response.read()
         finally:
             conn.close()
+
+    def _retry(self, what: str, attempt: int, error: str) -> None:
+        """Sleep before the next try; the caller raises once the tries are spent."""
+        delay = self.backoff * 2 ** (attempt - 1)
+        log.warning(
+            "%s failed (try %d of %d): %s; again in %.0f s",
+            what,
+            attempt,
+            self.tries,
+            error,
+            delay,
+        )
+        self.sleep(delay)
+
+    def _json(self, method: str, path: str, body: bytes | None, auth: bool) -> tuple[int, Any]:
+        what = f"{method} {self.server}{path}"
+        error = ""
+        for attempt in range(1, self.tries + 1):
+            try:
+                status, data = self._send_once(method, path, body, auth)
+            except (OSError, http.client.HTTPException) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            else:
+                text = data.decode("utf-8", "replace")
+                if 200 <= status < 300:
+                    try:
+                        return status, json.loads(text) if text.strip() else None
+                    except ValueError:
+                        return status, text
+                if 400 <= status < 500 and status not in _RETRY_STATUS:
+                    raise Rejected(status, text)
+                error = f"HTTP {status}: {text[:200]}"
+            if attempt < self.tries:
+                self._retry(what, attempt, error)
+        raise ReportError(f"{what} failed {self.tries} times: {error}")
 
     def post(self, path: str, payload: dict[str, Any], *, auth: bool = True) -> Any:
         """POST ``payload`` as JSON to ``path``; return the decoded JSON answer.
@@ -93,33 +130,95 @@ class Client:
         Raises :class:`Rejected` at once for a 4xx answer, :class:`ReportError` when every
         try failed (connection errors, timeouts, 5xx).
         """
-        body = json.dumps(payload).encode()
+        return self._json("POST", path, json.dumps(payload).encode(), auth)[1]
+
+    def get(self, path: str, *, auth: bool = True) -> tuple[int, Any]:
+        """GET ``path``; return ``(status, decoded JSON or None)``.
+
+        The status is returned because 204 ("nothing for you yet") means something different
+        from a 200 with a body. Errors as for :meth:`post`.
+        """
+        return self._json("GET", path, None, auth)
+
+    def download(self, url: str, *, start: int = 0, auth: bool = True) -> Download:
+        """Open a binary GET of ``url`` (absolute, or a path on the server), from byte
+        ``start`` on (``Range: bytes=start-``).
+
+        Only opening is retried (connection errors, 5xx, with backoff); a connection that
+        drops while its body is read is the caller's to resume, since only the caller knows
+        how many bytes it kept. The answer may be 200 (whole body: the server ignored the
+        range) or 206. Raises :class:`Rejected` for a 4xx answer.
+        """
+        target = urllib.parse.urlsplit(url)
+        if target.scheme:
+            if target.scheme not in ("http", "https") or not target.hostname:
+                raise ReportError(f"bad download URL {url!r}")
+            scheme = target.scheme
+            host = target.hostname
+            port = target.port or (443 if scheme == "https" else 80)
+            path = target.path or "/"
+        else:
+            scheme, host, port, path = self.scheme, self.host, self.port, self.prefix + url
+        if target.query:
+            path += "?" + target.query
+        headers = {"User-Agent": "corral-agent", "Accept": "application/octet-stream"}
+        if start:
+            headers["Range"] = f"bytes={start}-"
+        if auth and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        what = f"GET {url}" + (f" from byte {start}" if start else "")
         error = ""
         for attempt in range(1, self.tries + 1):
+            conn = self._connection_to(scheme, host, port)
             try:
-                status, data = self._send_once(path, body, auth)
+                conn.request("GET", path, headers=headers)
+                response = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
+                conn.close()
                 error = f"{type(exc).__name__}: {exc}"
             else:
-                text = data.decode("utf-8", "replace")
-                if 200 <= status < 300:
-                    try:
-                        return json.loads(text) if text.strip() else None
-                    except ValueError:
-                        return text
-                if 400 <= status < 500 and status not in _RETRY_STATUS:
-                    raise Rejected(status, text)
-                error = f"HTTP {status}: {text[:200]}"
+                if response.status in (200, 206):
+                    return Download(conn, response, start if response.status == 206 else 0)
+                text = response.read(4096).decode("utf-8", "replace")
+                conn.close()
+                if 400 <= response.status < 500 and response.status not in _RETRY_STATUS:
+                    raise Rejected(response.status, text)
+                error = f"HTTP {response.status}: {text[:200]}"
             if attempt < self.tries:
-                delay = self.backoff * 2 ** (attempt - 1)
-                log.warning(
-                    "POST %s%s failed (try %d of %d): %s; again in %.0f s",
-                    self.server,
-                    path,
-                    attempt,
-                    self.tries,
-                    error,
-                    delay,
-                )
-                self.sleep(delay)
-        raise ReportError(f"POST {self.server}{path} failed {self.tries} times: {error}")
+                self._retry(what, attempt, error)
+        raise ReportError(f"{what} failed {self.tries} times: {error}")
+
+
+class Download:
+    """An open binary answer; ``offset`` is where its first byte sits in the whole file."""
+
+    def __init__(
+        self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse, offset: int
+    ) -> None:
+        self._conn = conn
+        self.response = response
+        self.status = response.status
+        self.offset = offset
+        length = response.getheader("Content-Length")
+        self.length = int(length) if length and length.isdigit() else None
+
+    def read(self, size: int = 1 << 16) -> bytes:
+        """Up to ``size`` bytes; b"" at the end. Raises OSError or
+        http.client.HTTPException when the connection breaks."""
+        return self.response.read1(size)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the body ended where the server said it would (a connection that broke
+        early ends the body too, but short of its Content-Length)."""
+        return self.response.length in (None, 0)
+
+    def close(self) -> None:
+        self.response.close()
+        self._conn.close()
+
+    def __enter__(self) -> Download:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -56,6 +56,10 @@ class BootOrders:
     agent_exit: str = "wait"
     #: MAC of the NIC the machine booted from (``BOOTIF=01-aa-bb-...``), if given.
     boot_mac: str | None = None
+    #: ``corral.disk=``: the disk to install on, over the plan's choice
+    disk: str | None = None
+    #: ``corral.interface=``: the NIC to talk through, used as it is configured
+    interface: str | None = None
     raw: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -73,6 +77,8 @@ class BootOrders:
             discover=_flag(args.get("corral.discover")) or mode == "discover",
             agent_exit=exit_action,
             boot_mac=_bootif_mac(args.get("BOOTIF")),
+            disk=args.get("corral.disk", "").strip() or None,
+            interface=args.get("corral.interface", "").strip() or None,
             raw=args,
         )
 

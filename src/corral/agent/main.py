@@ -1,14 +1,18 @@
-"""The agent's life: network up, report to corral, then wait for work (or power off).
+"""The agent's life: network up, report to corral, then install (``corral.mode=deploy``)
+or wait for work, and finally what ``corral.agent_exit=`` says (power off, reboot...).
 
-Later work plugs in as methods of :class:`Agent` (fetch a plan, partition, receive an
-image) and steps of :meth:`Agent.run`.
+In deploy mode the agent asks corral for its install plan (asking again while the answer is
+204, "nothing yet") and hands it to :class:`corral.agent.deploy.Installer`.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -19,6 +23,8 @@ from pathlib import Path
 
 from corral.agent import facts as hw
 from corral.agent.cmdline import EXIT_ACTIONS, BootOrders
+from corral.agent.deploy import Installer, InstallSettings
+from corral.agent.disk import Runner, SubprocessRunner
 from corral.agent.network import (
     NetworkError,
     interface_ipv4,
@@ -26,12 +32,16 @@ from corral.agent.network import (
     source_address,
     write_udhcpc_script,
 )
+from corral.agent.plan import Plan
 from corral.agent.report import PHASES, Client, Rejected, ReportError
 
 log = logging.getLogger("corral.agent")
 
 #: The server keeps at most this many characters of an event message.
 MAX_MESSAGE = 4000
+
+#: ioctl that reads an interface's hardware address (linux/sockios.h).
+_SIOCGIFHWADDR = 0x8927
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,8 @@ class Paths:
     log: Path = Path("/var/log/corral-agent.log")
     run: Path = Path("/run/corral")
     resolv: Path = Path("/etc/resolv.conf")
+    #: where the node's filesystems are mounted while it is installed
+    target: Path = Path("/run/corral/target")
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,10 @@ class Settings:
     poll: float = 0.2
     wait_interval: float = 60.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: how long to keep asking for an install plan while corral has none (204)
+    plan_timeout: float = 600.0
+    plan_poll: float = 5.0
+    post_timeout: float = 3600.0
 
 
 class Agent:
@@ -77,13 +93,16 @@ class Agent:
         settings: Settings | None = None,
         *,
         sleep: Callable[[float], None] = time.sleep,
+        runner: Runner | None = None,
     ) -> None:
         self.orders = orders
         self.paths = paths or Paths()
         self.settings = settings or Settings()
         self.sleep = sleep
+        self.runner: Runner = runner or SubprocessRunner(self.settings.extra_env)
         self.link: Link | None = None
         self._client: Client | None = None
+        self.installer: Installer | None = None
 
     # --- reading the machine -------------------------------------------------------
 
@@ -94,6 +113,31 @@ class Agent:
 
     def interface_ipv4(self, name: str) -> str | None:
         return interface_ipv4(name)
+
+    def interface_mac(self, name: str) -> str:
+        """From sysfs, else from the kernel (a network namespace may see the host's sysfs)."""
+        mac = hw.nic_mac(self.paths.sysfs, name)
+        if mac:
+            return mac
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                packed = struct.pack("256s", name.encode()[:15])
+                data = fcntl.ioctl(sock.fileno(), _SIOCGIFHWADDR, packed)
+        except OSError:
+            return ""
+        return ":".join(f"{b:02x}" for b in data[18:24])
+
+    def install_disk(self) -> str | None:
+        """The disk named on the command line, else the first fixed disk the kernel shows."""
+        if self.orders.disk:
+            return self.orders.disk
+        disks = hw.disks(self.paths.sysfs)
+        fixed = [d for d in disks if not d.removable] or disks
+        return f"/dev/{fixed[0].name}" if fixed else None
+
+    @property
+    def efi(self) -> bool:
+        return (self.paths.sysfs / "firmware" / "efi").is_dir()
 
     def facts(self) -> hw.Facts:
         sysfs = self.paths.sysfs
@@ -148,6 +192,14 @@ class Agent:
     # --- the network ---------------------------------------------------------------
 
     def _candidates(self) -> list[str]:
+        if self.orders.interface:
+            # named on the command line: whatever it is (a veth in a network namespace has
+            # no device behind it), as long as this network namespace has it
+            try:
+                socket.if_nametoindex(self.orders.interface)
+            except OSError:
+                return []
+            return [self.orders.interface]
         names = hw.physical_nics(self.paths.sysfs)
         boot_mac = self.orders.boot_mac
         if boot_mac:
@@ -175,7 +227,7 @@ class Agent:
             ip = self.interface_ipv4(name)
             if ip:
                 log.info("%s is already configured: %s", name, ip)
-                self.link = Link(name, hw.nic_mac(sysfs, name), ip)
+                self.link = Link(name, self.interface_mac(name), ip)
                 return self.link
         self.command(["ip", "link", "set", "dev", "lo", "up"])
         for name in names:
@@ -197,7 +249,7 @@ class Agent:
                 log.info(
                     "%s: %s/%s via %s", name, lease["ip"], lease.get("mask"), lease.get("router")
                 )
-                self.link = Link(name, hw.nic_mac(sysfs, name), lease["ip"])
+                self.link = Link(name, self.interface_mac(name), lease["ip"])
                 return self.link
             log.warning("%s: no DHCP lease", name)
         raise NetworkError(f"no DHCP lease on {', '.join(with_carrier or names)}")
@@ -252,6 +304,74 @@ class Agent:
         log.info("discovered as node %s", node)
         return str(node) if node else None
 
+    def fetch_plan(self) -> Plan | None:
+        """This node's install plan, asked for until corral has one or
+        ``settings.plan_timeout`` has passed; None (reported as ``failed``) without one."""
+        client, node = self.client, self.orders.node
+        if client is None or not node:
+            log.error("deploy mode needs corral.server= and corral.node= on the command line")
+            return None
+        path = f"/api/v1/nodes/{urllib.parse.quote(node, safe='')}/plan"
+        waited = 0.0
+        said = False
+        while True:
+            try:
+                status, body = client.get(path)
+            except Rejected as exc:
+                log.error("corral refused to give the install plan: %s", exc)
+                self.report("failed", f"no install plan: {exc}")
+                return None
+            except ReportError as exc:
+                log.warning("%s", exc)
+                status, body = 0, None
+            if status == 200 and isinstance(body, dict):
+                try:
+                    plan = Plan.from_dict(body)
+                except ValueError as exc:
+                    log.error("%s", exc)
+                    self.report("failed", str(exc))
+                    return None
+                log.info(
+                    "install plan: deployment %d, image %s by %s onto %s",
+                    plan.deployment,
+                    plan.image.ref,
+                    plan.transport.name,
+                    plan.disk.device or "the first disk",
+                )
+                return plan
+            if status == 200:
+                log.warning("the plan is not a JSON object: asking again")
+            if waited >= self.settings.plan_timeout:
+                message = f"no install plan after {waited:.0f} s"
+                log.error("%s", message)
+                self.report("failed", message)
+                return None
+            if not said:
+                log.info("no install plan yet: asking every %.0f s", self.settings.plan_poll)
+                said = True
+            self.sleep(self.settings.plan_poll)
+            waited += self.settings.plan_poll
+
+    def deploy(self) -> int:
+        """Fetch the plan and install it; 0 once the node is installed."""
+        plan = self.fetch_plan()
+        if plan is None:
+            return 1
+        settings = InstallSettings(
+            work_dir=self.paths.target,
+            disk=self.orders.disk or (None if plan.disk.device else self.install_disk()),
+            efi=self.efi,
+            tries=self.settings.tries,
+            post_timeout=self.settings.post_timeout,
+        )
+        self.installer = Installer(plan, self.client, self.runner, settings, sleep=self.sleep)
+        final = self.installer.run()
+        if final.phase == "done":
+            log.info("installed: %s", final.message)
+            return 0
+        log.error("not installed: %s", final.message)
+        return 1
+
     # --- the life cycle ------------------------------------------------------------
 
     def wait_for_instructions(self) -> None:
@@ -291,11 +411,14 @@ class Agent:
         ip = link.ip
         if self.client is not None:
             ip = source_address(self.client.host, self.client.port) or ip
+        rc = 0
         if orders.discover:
             self.discover(facts, link)
         else:
             self.report("booted", facts.summary(ip, link.mac))
-        return self.finish()
+            if orders.mode == "deploy":
+                rc = self.deploy()
+        return self.finish() or rc
 
 
 def setup_logging(log_file: Path, verbose: bool = False) -> list[logging.Handler]:
@@ -331,15 +454,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--exit", choices=EXIT_ACTIONS, help="overrides corral.agent_exit=")
     parser.add_argument("--tries", type=int, default=5, help="tries of each report")
     parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay (s)")
+    parser.add_argument(
+        "--interface",
+        metavar="NAME",
+        help="talk through this NIC as it is configured (overrides corral.interface=)",
+    )
+    parser.add_argument(
+        "--disk", metavar="DEVICE", help="install on this disk (overrides the plan, corral.disk=)"
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the node's filesystems are mounted while installing [RUN_DIR/target]",
+    )
+    parser.add_argument(
+        "--plan-timeout",
+        type=float,
+        default=Settings.plan_timeout,
+        metavar="SECONDS",
+        help="how long to wait for an install plan in deploy mode",
+    )
+    parser.add_argument(
+        "--plan-poll",
+        type=float,
+        default=Settings.plan_poll,
+        metavar="SECONDS",
+        help="how often to ask for it",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    paths = Paths(args.proc, args.sysfs, args.token_file, args.log_file, args.run_dir, args.resolv)
+    paths = Paths(
+        args.proc,
+        args.sysfs,
+        args.token_file,
+        args.log_file,
+        args.run_dir,
+        args.resolv,
+        args.work_dir or args.run_dir / "target",
+    )
     handlers = setup_logging(paths.log, args.verbose)
     cmdline = hw.read_text(args.cmdline or paths.proc / "cmdline", "") or ""
     orders = BootOrders.from_cmdline(cmdline)
     if args.exit:
         orders = replace(orders, agent_exit=args.exit)
-    settings = Settings(tries=args.tries, backoff=args.backoff)
+    if args.interface:
+        orders = replace(orders, interface=args.interface)
+    if args.disk:
+        orders = replace(orders, disk=args.disk)
+    settings = Settings(
+        tries=args.tries,
+        backoff=args.backoff,
+        plan_timeout=args.plan_timeout,
+        plan_poll=args.plan_poll,
+    )
     try:
         return Agent(orders, paths, settings).run()
     except KeyboardInterrupt:

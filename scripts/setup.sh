@@ -45,7 +45,7 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 stamp=.venv/.corral-installed
 if [[ ! -f $stamp || pyproject.toml -nt $stamp || requirements.lock -nt $stamp ]]; then
-    echo "+ pip install -e .[dev,postgres] (pinned by requirements.lock)"
-    .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev,postgres]'
+    echo "+ pip install -e .[dev,postgres,bench] (pinned by requirements.lock)"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev,postgres,bench]'
     touch "$stamp"
 fi

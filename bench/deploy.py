@@ -1,0 +1,233 @@
+"""Benchmark: deploying an image to N virtual nodes, per transport.
+
+On the virtual cluster (``corral testbed``: a namespace per node, tbf-shaped links, the
+real agent writing a loop-device disk, corral serve in its own namespace), for each
+transport and each N, deploys an image whose stream is about ``--size-mib`` MiB and
+measures:
+
+- T: the last node's completion, from the deployment's start (``T_boot`` includes the
+  power-cycle and the agent's start; ``T`` counts from the first node's first report);
+- T / (S/B): against one node alone on its link B;
+- the unicast bound ``max(S/B, N x S / B_server)`` and T against it;
+- server egress / S, from the server interface's tx_bytes;
+- the spread of completion times (last - first);
+- host CPU use over the run; a run above ``--cpu-limit`` measured the host, not the
+  transport, and is marked invalid.
+
+Every node's disk is discarded before each run, so each run is a full install.
+Results: one JSON line per run on stdout, a Markdown table and a PNG plot
+(``--markdown``, ``--png``). Transports plug in by name (``corral.deploy.transports``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from corral.cli import common
+from corral.deploy.store import Deployments, new_deployment
+from corral.deploy.transports import names as transport_names
+from corral.images.catalog import image_store
+from corral.images.exports import build_exports
+from corral.images.store import ImageVersion
+from corral.inventory.schema import ProfileSpec
+from corral.testbed import cluster
+from corral.testbed.cluster import parse_rate
+
+HOME = Path.home() / ".cache" / "corral-bench" / "deploy-home"
+IMAGE = "bench"
+
+
+def make_image(size_mib: int) -> ImageVersion:
+    """A tree whose stream is about ``size_mib``: mostly incompressible data (as binaries
+    and compressed packages are), plus a few thousand small text files."""
+    store = image_store(HOME)
+    for version in store.versions(IMAGE) if IMAGE in store.names() else []:
+        stream = version.manifest.get("exports", {}).get("stream", {})
+        if version.manifest.get("bench_size_mib") == size_mib and stream:
+            return version
+    tree = HOME / "bench-tree"
+    subprocess.run(["rm", "-rf", str(tree)], check=True)
+    rng = random.Random(size_mib)
+    for d in ("etc", "usr/lib/data", "usr/share/doc", "proc", "sys", "dev", "run", "tmp"):
+        (tree / d).mkdir(parents=True)
+    (tree / "etc" / "os-release").write_text("ID=corralbench\n")
+    blob = max(1, size_mib - 3)
+    for i in range(blob):
+        (tree / "usr" / "lib" / "data" / f"blob{i:03d}.bin").write_bytes(rng.randbytes(1 << 20))
+    words = ["node", "cluster", "image", "deploy", "kernel", "package", "rack", "switch"]
+    for i in range(3000):
+        text = " ".join(rng.choice(words) for _ in range(300))
+        (tree / "usr" / "share" / "doc" / f"doc{i:04d}.txt").write_text(text + "\n")
+    version = store.import_tree(IMAGE, tree)
+    build_exports(version, which=["stream"])
+    version = store.get(IMAGE, version.version)
+    manifest_path = version.path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["bench_size_mib"] = size_mib
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    subprocess.run(["rm", "-rf", str(tree)], check=True)
+    return store.get(IMAGE, version.version)
+
+
+def cpu_times() -> tuple[int, int]:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def wipe(bed: cluster.Testbed, names: list[str]) -> None:
+    """Discard every byte of the nodes' disks: the next deployment is a full install."""
+    state = bed.require_state()
+    for info in state.nodes:
+        if info.name in names:
+            subprocess.run(["blkdiscard", "-f", info.loop], check=True, capture_output=True)
+            subprocess.run(["partx", "-d", info.loop], check=False, capture_output=True)
+
+
+def run_once(bed: cluster.Testbed, transport: str, n: int, version: ImageVersion) -> dict[str, Any]:
+    names = [cluster.node_name(i) for i in range(1, n + 1)]
+    noderange = f"tb[001-{n:03d}]"
+    wipe(bed, names)
+    egress0 = bed.server_egress_bytes()
+    busy0, total0 = cpu_times()
+    with common.session() as s:
+        ident = new_deployment(
+            s, image_store(HOME), noderange, version.ref, transport, transport_names()
+        )
+    while True:
+        time.sleep(1.0)
+        with common.session() as s:
+            d = Deployments(s).get(ident)
+            if d.state != "running":
+                rows = [(r.node, r.phase, r.started, r.finished, r.message) for r in d.nodes]
+                created = d.created
+                break
+    busy1, total1 = cpu_times()
+    egress = bed.server_egress_bytes() - egress0
+    done = [r for r in rows if r[1] == "done"]
+    failed = [(r[0], r[4]) for r in rows if r[1] != "done"]
+    finish = [r[3] for r in done if r[3]]
+    starts = [r[2] for r in rows if r[2]]
+    return {
+        "ident": ident,
+        "done": len(done),
+        "failed": failed,
+        "t_boot": max(finish) - created if finish else None,
+        "t": max(finish) - min(starts) if finish and starts else None,
+        "spread": max(finish) - min(finish) if finish else None,
+        "egress": egress,
+        "cpu": (busy1 - busy0) / max(1, total1 - total0),
+    }
+
+
+def markdown(results: list[dict[str, Any]], args: argparse.Namespace, s_bytes: int) -> str:
+    lines = [
+        f"Image stream S = {s_bytes / 2**20:.1f} MiB; node link B = {args.link}; server link "
+        f"B_server = {args.server_link}; S/B = {results[0]['s_over_b']:.1f} s. "
+        f"T counts from the first node's first report to the last node's completion; "
+        f"T_boot adds the power-cycle and the agent's start.",
+        "",
+        "| transport | N | T (s) | T ÷ S/B | unicast bound (s) | T ÷ bound | T_boot (s) "
+        "| egress ÷ S | spread (s) | host CPU | failed | valid |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        t = r["t"] or float("nan")
+        lines.append(
+            f"| {r['transport']} | {r['n']} | {t:.1f} | {t / r['s_over_b']:.2f} "
+            f"| {r['bound']:.1f} | {t / r['bound']:.2f} | {r['t_boot'] or float('nan'):.1f} "
+            f"| {r['egress'] / s_bytes:.2f} | {r['spread'] or 0:.1f} | {r['cpu']:.0%} "
+            f"| {len(r['failed'])} | {'yes' if r['valid'] else 'no (CPU)'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for transport in sorted({r["transport"] for r in results}):
+        rs = [r for r in results if r["transport"] == transport and r["t"]]
+        ax.plot([r["n"] for r in rs], [r["t"] for r in rs], marker="o", label=transport)
+    rs = sorted({r["n"]: r for r in results}.values(), key=lambda r: r["n"])
+    ax.plot([r["n"] for r in rs], [r["bound"] for r in rs], "k--", label="unicast bound")
+    ax.plot([r["n"] for r in rs], [r["s_over_b"] for r in rs], "k:", label="S/B (one copy)")
+    ax.set_xlabel("nodes (N)")
+    ax.set_ylabel("time to the last node done, T (s)")
+    ax.set_title("corral deploy on the virtual cluster")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--transports", default="http,rsync")
+    parser.add_argument("--nodes", default="1,10,50,100", help="comma-separated N values")
+    parser.add_argument("--size-mib", type=int, default=64)
+    parser.add_argument("--link", default="20mbit", help="each node's link B")
+    parser.add_argument("--server-link", default="200mbit", help="the server's link")
+    parser.add_argument("--cpu-limit", type=float, default=0.9)
+    parser.add_argument("--markdown", type=Path, help="write the table here")
+    parser.add_argument("--png", type=Path, help="write the plot here")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench/deploy.py needs root (namespaces, loop devices)", file=sys.stderr)
+        return 2
+    os.environ["CORRAL_HOME"] = str(HOME)
+    common.settings.cache_clear()
+    common.engine.cache_clear()
+    counts = sorted(int(x) for x in args.nodes.split(","))
+    version = make_image(args.size_mib)
+    s_bytes = int(version.manifest["exports"]["stream"]["size"])
+    b = parse_rate(args.link)
+    b_server = parse_rate(args.server_link)
+    bed = cluster.Testbed(common.settings())
+    bed.down(forget=True)
+    results: list[dict[str, Any]] = []
+    try:
+        bed.up(max(counts), args.link, server_link=args.server_link, disk_size="512M")
+        with common.inventory() as inv:
+            if not inv.exists("profile", "bench"):
+                inv.add("profile", [ProfileSpec(name="bench", variables={"bootloader": "none"})])
+                inv.update("group", [cluster.GROUP], {"profiles": ["bench"]})
+        for transport in args.transports.split(","):
+            for n in counts:
+                r = run_once(bed, transport, n, version)
+                s_over_b = s_bytes * 8 / b
+                r.update(
+                    transport=transport,
+                    n=n,
+                    s_mib=s_bytes / 2**20,
+                    s_over_b=s_over_b,
+                    bound=max(s_over_b, n * s_bytes * 8 / b_server),
+                    valid=r["cpu"] <= args.cpu_limit,
+                )
+                results.append(r)
+                print(json.dumps(r), flush=True)
+    finally:
+        bed.down(forget=True)
+    table = markdown(results, args, s_bytes)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table)
+    if args.png:
+        plot(results, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

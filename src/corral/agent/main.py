@@ -72,6 +72,9 @@ class Settings:
     """Knobs of the agent's patience."""
 
     tries: int = 5
+    #: seconds a request keeps being retried when the server cannot be reached (a server
+    #: restarting mid-install); corral fails a node silent for 30 s, not one waiting on it
+    patience: float = 0.0
     backoff: float = 1.0
     http_timeout: float = 15.0
     nic_timeout: float = 20.0
@@ -266,6 +269,7 @@ class Agent:
                 backoff=self.settings.backoff,
                 timeout=self.settings.http_timeout,
                 sleep=self.sleep,
+                patience=self.settings.patience,
             )
         return self._client
 
@@ -455,6 +459,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tries", type=int, default=5, help="tries of each report")
     parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay (s)")
     parser.add_argument(
+        "--patience",
+        type=float,
+        default=120.0,
+        help="keep retrying an unreachable server this long (s)",
+    )
+    parser.add_argument(
         "--interface",
         metavar="NAME",
         help="talk through this NIC as it is configured (overrides corral.interface=)",
@@ -505,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(
         tries=args.tries,
         backoff=args.backoff,
+        patience=args.patience,
         plan_timeout=args.plan_timeout,
         plan_poll=args.plan_poll,
     )

@@ -8,13 +8,16 @@ import json
 import logging
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger("corral.agent")
 
 #: Phases corral's server accepts in ``POST /api/v1/nodes/{node}/events``.
 PHASES = ("booted", "pre-install", "post-install", "progress", "install-finished", "failed")
+
+#: The longest wait between two tries (s).
+MAX_DELAY = 10.0
 
 #: HTTP statuses worth another try; any other 4xx is an answer that will not change.
 _RETRY_STATUS = (408, 425, 429)
@@ -47,6 +50,7 @@ class Client:
         backoff: float = 1.0,
         timeout: float = 15.0,
         sleep: Callable[[float], None] = time.sleep,
+        patience: float = 0.0,
     ) -> None:
         url = urllib.parse.urlsplit(server)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -58,6 +62,7 @@ class Client:
         self.prefix = url.path.rstrip("/")
         self.token = token
         self.tries = max(1, tries)
+        self.patience = patience
         self.backoff = backoff
         self.timeout = timeout
         self.sleep = sleep
@@ -89,23 +94,31 @@ class Client:
         finally:
             conn.close()
 
-    def _retry(self, what: str, attempt: int, error: str) -> None:
-        """Sleep before the next try; the caller raises once the tries are spent."""
-        delay = self.backoff * 2 ** (attempt - 1)
-        log.warning(
-            "%s failed (try %d of %d): %s; again in %.0f s",
-            what,
-            attempt,
-            self.tries,
-            error,
-            delay,
-        )
+    def _attempts(self) -> Iterator[tuple[int, bool]]:
+        """(attempt number, whether it is the last): ``tries`` of them, and more while
+        within ``patience`` seconds of the first (a server restarting mid-install is back
+        within that)."""
+        start = time.monotonic()
+        attempt = 1
+        while True:
+            last = attempt >= self.tries and time.monotonic() - start >= self.patience
+            yield attempt, last
+            if last:
+                return
+            attempt += 1
+
+    def _retry(self, what: str, attempt: int, last: bool, error: str) -> None:
+        """Sleep before the next try, unless that was the last; the caller then raises."""
+        if last:
+            return
+        delay = min(self.backoff * 2 ** (attempt - 1), MAX_DELAY)
+        log.warning("%s failed (try %d): %s; again in %.0f s", what, attempt, error, delay)
         self.sleep(delay)
 
     def _json(self, method: str, path: str, body: bytes | None, auth: bool) -> tuple[int, Any]:
         what = f"{method} {self.server}{path}"
         error = ""
-        for attempt in range(1, self.tries + 1):
+        for attempt, last in self._attempts():
             try:
                 status, data = self._send_once(method, path, body, auth)
             except (OSError, http.client.HTTPException) as exc:
@@ -120,9 +133,8 @@ class Client:
                 if 400 <= status < 500 and status not in _RETRY_STATUS:
                     raise Rejected(status, text)
                 error = f"HTTP {status}: {text[:200]}"
-            if attempt < self.tries:
-                self._retry(what, attempt, error)
-        raise ReportError(f"{what} failed {self.tries} times: {error}")
+            self._retry(what, attempt, last, error)
+        raise ReportError(f"{what} failed {attempt} times: {error}")
 
     def post(self, path: str, payload: dict[str, Any], *, auth: bool = True) -> Any:
         """POST ``payload`` as JSON to ``path``; return the decoded JSON answer.
@@ -168,7 +180,7 @@ class Client:
             headers["Authorization"] = f"Bearer {self.token}"
         what = f"GET {url}" + (f" from byte {start}" if start else "")
         error = ""
-        for attempt in range(1, self.tries + 1):
+        for attempt, last in self._attempts():
             conn = self._connection_to(scheme, host, port)
             try:
                 conn.request("GET", path, headers=headers)
@@ -184,9 +196,8 @@ class Client:
                 if 400 <= response.status < 500 and response.status not in _RETRY_STATUS:
                     raise Rejected(response.status, text)
                 error = f"HTTP {response.status}: {text[:200]}"
-            if attempt < self.tries:
-                self._retry(what, attempt, error)
-        raise ReportError(f"{what} failed {self.tries} times: {error}")
+            self._retry(what, attempt, last, error)
+        raise ReportError(f"{what} failed {attempt} times: {error}")
 
 
 class Download:

@@ -30,6 +30,8 @@ from corral.serve.http import create_app
 
 log = logging.getLogger("corral.serve")
 WATCH_SECONDS = 2.0
+#: Seconds open requests get to finish once corral serve is told to stop.
+GRACEFUL_STOP = 5
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,14 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
         # log_config=None: uvicorn's loggers go to corral's root handler, in one format
         # (its own dictConfig would also remove the handlers corral set up).
         config = uvicorn.Config(
-            app, host=options.address, port=options.http_port, log_config=None, access_log=True
+            app,
+            host=options.address,
+            port=options.http_port,
+            log_config=None,
+            access_log=True,
+            # a node pulling an image over a slow link must not hold a stop for minutes:
+            # its agent resumes with a Range request once corral is back
+            timeout_graceful_shutdown=GRACEFUL_STOP,
         )
         _Server(config).run(sockets=[_listen(options.address, options.http_port)])
     finally:

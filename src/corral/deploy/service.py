@@ -48,7 +48,12 @@ from corral.run import run
 
 log = logging.getLogger("corral.deploy")
 TICK = 1.0
-DEFAULT_LAYOUT = [Partition(mount="/", fstype="ext4", size_mb=1024, grow=True)]
+
+
+def default_layout(version: ImageVersion) -> list[Partition]:
+    """One ext4 root filling the disk, at least the image's size and a fifth to spare."""
+    need = int(version.manifest.get("size_bytes", 0) * 1.2) >> 20
+    return [Partition(mount="/", fstype="ext4", size_mb=max(64, need), grow=True)]
 
 
 class DeployService:
@@ -105,7 +110,7 @@ class DeployService:
         partitions = [
             Partition(mount=p.mount, fstype=p.fstype, size_mb=p.size_mb, grow=p.grow)
             for p in values["partitions"]
-        ] or DEFAULT_LAYOUT
+        ] or default_layout(version)
         variables = values["variables"]
         keys = variables.get("ssh_authorized_keys") or []
         post = Renderer(self.settings, snapshot).render_one(node, "post") if values["post"] else ""

@@ -1,0 +1,295 @@
+"""``corral deploy`` end to end on the virtual cluster: corral serve in its namespace, the
+real agent in each node's namespace writing a loop-device disk, over http and rsync.
+
+Each deployment must leave every node's root filesystem holding exactly the image's files
+(sha256, mode, symlink targets), apart from the identity files the agent writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.cli import common
+from corral.deploy.store import Deployments
+from corral.images.catalog import image_store
+from corral.images.store import ImageVersion
+from corral.inventory.schema import ProfileSpec
+from corral.run import run
+from corral.testbed import cluster
+from corral.testbed.netns import list_namespaces, process_running
+from tests.conftest import corral
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and loop devices"),
+]
+
+NODES = 5
+RANGE = f"tb[001-{NODES:03d}]"
+#: Files the agent writes into the installed system: the node's identity.
+IDENTITY = {
+    "etc/hostname",
+    "etc/hosts",
+    "etc/fstab",
+    "etc/machine-id",
+    "etc/shadow",
+    "root/.ssh/authorized_keys",
+    # directories the agent makes for them when the image has none
+    "root",
+    "root/.ssh",
+    "etc/ssh",
+    "etc/systemd",
+    "etc/systemd/network",
+    "etc/network",
+    "etc/corral",
+}
+IDENTITY_DIRS = ("etc/ssh/", "etc/systemd/network/", "etc/network/", "etc/corral/")
+
+
+def make_tree(root: Path, seed: int = 0, random_mb: int = 2) -> None:
+    """A small system-like tree: text, a random blob, symlinks, a hard link, odd modes."""
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "os-release").write_text("ID=corraltest\nVERSION_ID=1\n")
+    (root / "usr" / "bin").mkdir(parents=True)
+    blob = hashlib.sha256(str(seed).encode()).digest() * (3 << 15)  # 3 MiB, compressible-ish
+    (root / "usr" / "bin" / "tool").write_bytes(os.urandom(random_mb << 20) + blob)
+    (root / "usr" / "bin" / "tool").chmod(0o755)
+    os.link(root / "usr" / "bin" / "tool", root / "usr" / "bin" / "tool-link")
+    (root / "bin").symlink_to("usr/bin")
+    (root / "srv" / "data").mkdir(parents=True)
+    for i in range(200):
+        (root / "srv" / "data" / f"f{i:03d}.txt").write_text(f"file {i} seed {seed}\n" * 50)
+    (root / "etc" / "secret").write_text("s3cret\n")
+    (root / "etc" / "secret").chmod(0o600)
+    for d in ("proc", "sys", "dev", "run", "tmp", "boot"):
+        (root / d).mkdir()
+
+
+def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
+    """relative path -> (sha256 or link target, mode), identity files left out."""
+    out: dict[str, tuple[str, int]] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if rel in IDENTITY or rel.startswith(IDENTITY_DIRS) or rel.startswith("lost+found"):
+            continue
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            out[rel] = ("-> " + os.readlink(path), 0)
+        elif stat.S_ISREG(st.st_mode):
+            out[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), stat.S_IMODE(st.st_mode))
+        elif stat.S_ISDIR(st.st_mode):
+            out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+    return out
+
+
+def node_root_digest(loop: str, where: Path) -> dict[str, tuple[str, int]]:
+    """Mount the node's root partition read-only here and digest it."""
+    where.mkdir(parents=True, exist_ok=True)
+    parts = sorted(Path("/dev").glob(Path(loop).name + "p*"))
+    assert parts, f"no partitions on {loop}"
+    root = None
+    for part in parts:
+        kind = run(["blkid", "-o", "value", "-s", "TYPE", str(part)], check=False).stdout.strip()
+        if kind in ("ext4", "xfs"):
+            root = part
+    assert root is not None, f"no root filesystem on {loop}"
+    run(["mount", "-o", "ro", str(root), str(where)])
+    try:
+        return tree_digest(where)
+    finally:
+        run(["umount", str(where)])
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Testbed]:
+    if any(n.startswith(cluster.PREFIX) for n in list_namespaces()):
+        pytest.fail("a ctb-* testbed is up already: take it down with 'corral testbed down'")
+    home = tmp_path_factory.mktemp("deploy") / "home"
+    os.environ["CORRAL_HOME"] = str(home)
+    common.settings.cache_clear()
+    common.engine.cache_clear()
+    bed = cluster.Testbed(common.settings())
+    try:
+        bed.up(NODES, "400mbit", disk_size="256M", http_port=8080)
+        with common.inventory() as inv:
+            inv.add(
+                "profile",
+                [
+                    ProfileSpec(
+                        name="tbimage",
+                        image="small",
+                        variables={
+                            "bootloader": "none",
+                            "ssh_authorized_keys": ["ssh-ed25519 AAAAC3 t@x"],
+                        },
+                    )
+                ],
+            )
+            inv.update("group", [cluster.GROUP], {"profiles": ["tbimage"]})
+        yield bed
+    finally:
+        bed.down(forget=True)
+        common.engine.cache_clear()
+        common.settings.cache_clear()
+        os.environ.pop("CORRAL_HOME", None)
+
+
+def add_image(home: Path, tmp: Path, seed: int, random_mb: int = 2) -> ImageVersion:
+    tree = tmp / f"tree{seed}"
+    make_tree(tree, seed, random_mb)
+    return image_store(home).import_tree("small", tree)
+
+
+def deploy(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return corral("deploy", RANGE, *args, "--wait", home=home)
+
+
+def check_nodes(bed: cluster.Testbed, version: ImageVersion, tmp: Path) -> None:
+    expected = tree_digest(version.rootfs)
+    state = bed.require_state()
+    for info in state.nodes:
+        got = node_root_digest(info.loop, tmp / f"mnt-{info.name}")
+        missing = sorted(set(expected) - set(got))[:5]
+        extra = sorted(set(got) - set(expected))[:5]
+        wrong = sorted(k for k in expected if k in got and got[k] != expected[k])[:5]
+        assert not (missing or extra or wrong), f"{info.name}: {missing=} {extra=} {wrong=}"
+
+
+def test_http_then_rsync_with_a_changed_image(testbed: cluster.Testbed, tmp_path: Path) -> None:
+    home = testbed.settings.home
+    v1 = add_image(home, tmp_path, seed=1)
+    result = deploy(home, "--transport", "http")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{NODES} done" in result.stdout
+    check_nodes(testbed, v1, tmp_path)
+    with common.session() as s:
+        d = Deployments(s).recent()[0]
+        assert d.state == "done"
+        assert all(n.bytes == n.total > 0 for n in d.nodes)
+    # the identity is the node's own
+    info = testbed.require_state().nodes[0]
+
+    # a new version with one file changed goes out by rsync: the layout is kept and only
+    # the change travels
+    tree2 = tmp_path / "tree2"
+    subprocess.run(["cp", "-a", str(v1.rootfs), str(tree2)], check=True)
+    (tree2 / "srv" / "data" / "f000.txt").write_text("changed in version 2\n")
+    v2 = image_store(home).import_tree("small", tree2)
+    egress = testbed.server_egress_bytes()
+    result = deploy(home, "--transport", "rsync", "--image", v2.ref)
+    assert result.returncode == 0, result.stdout + result.stderr
+    check_nodes(testbed, v2, tmp_path)
+    with common.session() as s:
+        d = Deployments(s).recent()[0]
+        assert d.state == "done" and d.transport == "rsync"
+    egress = testbed.server_egress_bytes() - egress
+    # five nodes, a 5 MB image: what went out is the change and rsync's file lists
+    assert egress < v2.manifest["size_bytes"] // 2, f"rsync sent {egress} bytes to {NODES} nodes"
+    mnt = tmp_path / "identity"
+    mnt.mkdir()
+    part = sorted(Path("/dev").glob(Path(info.loop).name + "p*"))[-1]
+    run(["mount", "-o", "ro", str(part), str(mnt)])
+    try:
+        assert (mnt / "etc" / "hostname").read_text().strip() == info.name
+        assert "ssh-ed25519 AAAAC3 t@x" in (mnt / "root" / ".ssh" / "authorized_keys").read_text()
+        assert (mnt / "etc" / "ssh" / "ssh_host_ed25519_key").stat().st_mode & 0o777 == 0o600
+        assert "UUID=" in (mnt / "etc" / "fstab").read_text()
+    finally:
+        run(["umount", str(mnt)])
+
+
+def test_bad_requests_are_refused_before_anything_is_written(testbed: cluster.Testbed) -> None:
+    home = testbed.settings.home
+    for args, words in [
+        (["tb[001-009]"], "tb[006-009]"),
+        ([RANGE, "--image", "nosuch"], "nosuch"),
+        ([RANGE, "--transport", "pigeon"], "unknown transport"),
+    ]:
+        result = corral("deploy", *args, home=home)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert words in result.stderr
+    with common.session() as s:
+        before = len(Deployments(s).recent())
+    assert corral("deployment", "list", home=home).returncode == 0
+    with common.session() as s:
+        assert len(Deployments(s).recent()) == before
+
+
+def test_a_killed_node_fails_alone_and_a_server_restart_loses_nothing(
+    testbed: cluster.Testbed, tmp_path: Path
+) -> None:
+    home = testbed.settings.home
+    state = testbed.require_state()
+    slow = state.nodes[-1]
+    # tb005 gets a slow link so that it is still receiving when it is killed
+    run(["ip", "netns", "exec", "ctb-hub", "tc", "qdisc", "change", "dev", slow.port, "root",
+         "tbf", "rate", "512kbit", "burst", "32k", "latency", "400ms"])  # fmt: skip
+    try:
+        v = add_image(home, tmp_path, seed=3, random_mb=4)
+        result = corral("deploy", RANGE, "--image", v.ref, home=home)
+        assert result.returncode == 0, result.stderr
+        ident = int(result.stdout.split()[1].rstrip(":"))
+        phase = lambda n: _phase(ident, n)  # noqa: E731
+        _wait(lambda: phase(slow.name) == "receiving", 120, "tb005 receiving")
+        # corral serve restarts while tb005 receives
+        pid = testbed.require_state().server_pid
+        assert pid
+        os.kill(pid, signal.SIGTERM)
+        _wait(lambda: not process_running(pid), 30, "corral serve to stop")
+        testbed.start_server()
+        _wait(
+            lambda: phase(slow.name) == "receiving" and _bytes(ident, slow.name) > 0,
+            60,
+            lambda: f"tb005 receiving after the restart: {_row(ident, slow.name)}",
+        )
+        killed = time.monotonic()
+        testbed.power(slow.name, "off")
+        _wait(lambda: phase(slow.name) == "failed", 60, "tb005 reported failed")
+        assert time.monotonic() - killed <= 45  # the 30 s timeout, and a few ticks
+        _wait(lambda: _state(ident) != "running", 120, "the deployment to end")
+        with common.session() as s:
+            rows = {n.node: n for n in Deployments(s).get(ident).nodes}
+        assert "no report for" in rows[slow.name].message
+        others = {n.name: (rows[n.name].phase, rows[n.name].message) for n in state.nodes[:-1]}
+        assert all(p == "done" for p, _ in others.values()), others
+    finally:
+        run(["ip", "netns", "exec", "ctb-hub", "tc", "qdisc", "replace", "dev", slow.port,
+             "root", "tbf", "rate", "400mbit", "burst", "200k", "latency", "50ms"])  # fmt: skip
+
+
+def _phase(ident: int, node: str) -> str:
+    with common.session() as s:
+        return Deployments(s).member(ident, node).phase
+
+
+def _row(ident: int, node: str) -> tuple[str, int, str]:
+    with common.session() as s:
+        row = Deployments(s).member(ident, node)
+        return row.phase, row.bytes, row.message
+
+
+def _bytes(ident: int, node: str) -> int:
+    with common.session() as s:
+        return Deployments(s).member(ident, node).bytes
+
+
+def _state(ident: int) -> str:
+    with common.session() as s:
+        return Deployments(s).get(ident).state
+
+
+def _wait(check: Callable[[], bool], timeout: float, what: str | Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what() if callable(what) else what}")
+        time.sleep(0.5)

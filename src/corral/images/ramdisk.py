@@ -71,6 +71,9 @@ PACKAGES: tuple[str, ...] = (
     "grub-pc-bin",
     "grub-efi-amd64-bin",
     "grub2-common",  # grub-install
+    "tar",  # GNU tar: the image stream keeps xattrs and ACLs (busybox tar drops them)
+    "zstd",  # zstd -d: the image stream is zstd-compressed
+    "util-linux",  # partx, mkswap -U (busybox's mkswap cannot set a UUID)
 )
 
 #: Dependencies declared but not needed in a ramdisk: maintainer-script tooling, the
@@ -90,7 +93,6 @@ LEFT_OUT: tuple[str, ...] = (
     "python3",
     "python3.11",
     "readline-common",
-    "tar",
     "tzdata",
     "usr-is-merged",
     "usrmerge",
@@ -109,6 +111,10 @@ REQUIRED_TOOLS: tuple[str, ...] = (
     "usr/sbin/mkfs.xfs",
     "usr/sbin/mkfs.vfat",
     "usr/sbin/grub-install",
+    "usr/bin/tar",
+    "usr/bin/zstd",
+    "usr/bin/partx",
+    "usr/sbin/mkswap",
     "usr/sbin/modprobe",
     "usr/bin/corral-agent",
     "init",

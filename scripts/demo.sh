@@ -1,27 +1,63 @@
 #!/usr/bin/env bash
-# The main job on a built-in default: the sample 100-node cluster of examples/,
-# applied to a fresh inventory and rendered into a boot tree.
+# The main job on a built-in default: a virtual cluster of 20 nodes on this machine
+# (network namespaces, shaped links, loop-device disks, corral serve in its own namespace),
+# a bootable Debian 12 image built from scratch (once; later runs reuse it), deployed to
+# every node with live progress. Before that, a taste of the inventory: the sample
+# 100-node cluster applied and rendered into a boot tree. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 demo=${1:-/tmp/corral-demo}
+nodes=${DEMO_NODES:-20}
 export CORRAL_HOME=$demo/home
 corral=.venv/bin/corral
 
-rm -rf "$demo"
-mkdir -p "$demo"
-echo "== corral apply -f examples/cluster.yaml   (inventory in $CORRAL_HOME)"
+if [[ $(id -u) -ne 0 ]]; then
+    echo "error: the demo builds namespaces and loop devices; run it as root" >&2
+    exit 2
+fi
+trap '$corral testbed down --forget >/dev/null 2>&1 || true' EXIT
+$corral testbed down --forget >/dev/null 2>&1 || true
+# Start afresh, but keep the image store and package cache: the image is built once.
+mkdir -p "$CORRAL_HOME"
+find "$demo" -mindepth 1 -maxdepth 1 ! -name home -exec rm -rf {} +
+find "$CORRAL_HOME" -mindepth 1 -maxdepth 1 ! -name images ! -name cache -exec rm -rf {} +
+
+echo "== 1. the inventory: corral apply -f examples/cluster.yaml, twice (the second changes nothing)"
 $corral apply -f examples/cluster.yaml
-echo "== corral apply again: nothing changes"
 $corral apply -f examples/cluster.yaml
-echo "== corral sync --root $demo/tftpboot"
+echo "== corral sync --root $demo/tftpboot, then one node changes and only its files are rewritten"
 $corral sync --root "$demo/tftpboot"
-echo "== change one node, sync again: only its files are written"
 $corral node set n042 --var rack=r7 --gateway 10.0.0.254
 $corral sync --root "$demo/tftpboot"
-echo "== corral profile show gpu --node g01"
-$corral profile show gpu --node g01
-echo "== corral render n001 --kind ipxe"
-$corral render n001 --kind ipxe
-echo "== the tree"
-(cd "$demo/tftpboot" && for d in */; do printf '%-14s %5d files\n' "$d" "$(find "$d" -type f | wc -l)"; done)
-echo "demo done: files in $demo/tftpboot, inventory in $CORRAL_HOME"
+$corral node rm 'n[001-100],g[01-08]' >/dev/null 2>&1 || true
+
+echo "== 2. an image: Debian 12 built from scratch in a chroot (reused when it exists)"
+if ! $corral image show demo >/dev/null 2>&1; then
+    $corral image build demo --distro debian-12
+fi
+$corral image list
+
+echo "== 3. a virtual cluster of $nodes nodes: corral testbed up"
+$corral testbed up --nodes "$nodes" --link 200mbit --server-link 1gbit --disk-size 2G
+$corral profile add demo --image demo
+$corral group set testbed --profile demo
+
+echo "== 4. corral deploy 'tb[001-$(printf %03d "$nodes")]' --image demo --wait"
+status=0
+$corral deploy "tb[001-$(printf %03d "$nodes")]" --image demo --transport http --wait || status=$?
+$corral deployment show 1 | head -12
+
+echo "== 5. what tb001's disk holds now"
+loop=$($corral testbed status | awk '$1 == "tb001" {print $4}')
+mnt=$demo/tb001
+mkdir -p "$mnt"
+root=$(lsblk -nrpo NAME,FSTYPE "$loop" | awk '$2 == "ext4" {p=$1} END {print p}')
+if [[ -n $root ]]; then
+    mount -o ro "$root" "$mnt"
+    echo "hostname: $(cat "$mnt/etc/hostname"); $(grep PRETTY_NAME "$mnt/etc/os-release")"
+    echo "fstab: $(grep -v '^#' "$mnt/etc/fstab" | head -1)"
+    ls "$mnt/boot" | head -5
+    umount "$mnt"
+fi
+echo "demo done (status $status): logs in $CORRAL_HOME/testbed, image in $CORRAL_HOME/images"
+exit $status

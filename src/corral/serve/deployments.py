@@ -1,7 +1,6 @@
 """HTTP routes of deployments: what agents call (plan, progress, image chunks, all with
 the node's token) and the admin API (create, list, show, cancel, with the API token)."""
 
-
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 

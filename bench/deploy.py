@@ -197,13 +197,16 @@ def main() -> int:
     b_server = parse_rate(args.server_link)
     bed = cluster.Testbed(common.settings())
     bed.down(forget=True)
+    with common.session() as s:  # left running by an interrupted run
+        for old in Deployments(s).running():
+            Deployments(s).cancel(old.id)
     results: list[dict[str, Any]] = []
     try:
         bed.up(max(counts), args.link, server_link=args.server_link, disk_size="512M")
         with common.inventory() as inv:
             if not inv.exists("profile", "bench"):
                 inv.add("profile", [ProfileSpec(name="bench", variables={"bootloader": "none"})])
-                inv.update("group", [cluster.GROUP], {"profiles": ["bench"]})
+            inv.update("group", [cluster.GROUP], {"profiles": ["bench"]})
         for transport in args.transports.split(","):
             for n in counts:
                 r = run_once(bed, transport, n, version)

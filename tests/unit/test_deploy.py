@@ -29,7 +29,7 @@ from corral.inventory.state import NodeStates
 from corral.serve.boot import Forbidden
 
 
-class FakeTransport:
+class FakeTransport(transports.Unicast):
     name = "fake"
     export = "stream"
     prepared: ClassVar[list[str]] = []
@@ -253,3 +253,42 @@ def test_the_manager_powers_nodes_and_fails_silent_ones(
         assert rows["n01"].phase == "receiving"
         assert rows["n02"].phase == "failed"
         assert "no report for" in rows["n02"].message
+
+
+def test_sessions_start_once_per_image_and_end_with_their_nodes(
+    home: Path, nodes: None, image: ImageVersion
+) -> None:
+    started: list[tuple[int, str, list[str]]] = []
+    finished: list[tuple[int, str]] = []
+
+    class Broadcast(FakeTransport):
+        def start(self, deployment: int, version: ImageVersion, members: Any) -> None:
+            started.append((deployment, version.ref, [(x.node, x.ip) for x in members]))
+
+        def finish(self, deployment: int, version: ImageVersion) -> None:
+            finished.append((deployment, version.ref))
+
+    transports.register("fake", Broadcast)
+    ident = start("n[01-02]")
+    with _service(home) as service, ThreadPoolExecutor(2) as pool:
+        service.tick(pool)
+        service.tick(pool)
+        assert started == [(ident, "small:1", [("n01", "10.0.0.11"), ("n02", "10.0.0.12")])]
+        for node in ("n01", "n02"):
+            service.progress(ident, node, "good", {"phase": "done"}, "10.0.0.1")
+        service.tick(pool)
+    assert finished == [(ident, "small:1")]
+
+
+def test_a_node_removed_from_the_inventory_ends_its_part(
+    home: Path, nodes: None, image: ImageVersion
+) -> None:
+    ident = start("n[01-02]")
+    with common.inventory() as inv:
+        inv.remove("node", ["n02"])
+    with _service(home) as service, ThreadPoolExecutor(2) as pool:
+        service.tick(pool)
+    with common.session() as s:
+        row = Deployments(s).member(ident, "n02")
+        assert row.phase == "failed" and "removed" in row.message
+        assert Deployments(s).cancel(ident) == 1  # n01 only; no error for the removed one

@@ -36,13 +36,14 @@ from corral.agent.plan import (
 from corral.config import Settings
 from corral.deploy.keys import host_keys
 from corral.deploy.store import RUNNING, Deployments, install_disk
-from corral.deploy.transports import Transports
+from corral.deploy.transports import Member, Transports
 from corral.errors import CorralError, NotFound
 from corral.images.catalog import image_store
 from corral.images.exports import STREAM_INDEX
 from corral.images.store import ImageVersion
 from corral.inventory import models as m
 from corral.inventory.merge import merge_node
+from corral.inventory.store import Inventory
 from corral.render.renderer import Renderer, Snapshot
 from corral.run import run
 
@@ -71,6 +72,8 @@ class DeployService:
         self._versions: dict[str, ImageVersion] = {}
         #: node -> time of its last report (memory only: after a restart, all get grace)
         self.seen: dict[str, float] = {}
+        #: (deployment, image, transport) of the transfer sessions started
+        self._sessions: set[tuple[int, str, str]] = set()
 
     def version(self, ref: str) -> ImageVersion:
         if ref not in self._versions:
@@ -196,9 +199,17 @@ class DeployService:
         boot_timeout = settings.deploy_boot_timeout
         with self.session() as s:
             store = Deployments(s)
-            for deployment in store.running():
+            inventory = Inventory(s)
+            running = store.running()
+            for ident in {k[0] for k in self._sessions} - {d.id for d in running}:
+                self._end_sessions(store.get(ident))  # ended by a report or a cancel
+            for deployment in running:
+                self._sessions_of(s, deployment)
                 for row in deployment.nodes:
                     if row.phase in FINAL_PHASES:
+                        continue
+                    if not inventory.exists("node", row.node):
+                        store.fail(row, "the node was removed from the inventory")
                         continue
                     if row.powered is None:
                         self._start_node(s, row, pool)
@@ -218,8 +229,57 @@ class DeployService:
                             "(did it network-boot the deploy ramdisk?)",
                         )
                         log.warning("node %s: %s", row.node, row.message)
+                self._end_sessions(deployment)
                 if deployment.state != RUNNING:
                     log.info("deployment %d ended: %s", deployment.id, deployment.state)
+
+    def _sessions_of(self, session: Session, deployment: m.Deployment) -> None:
+        """Start a transfer session for each (image, transport) of the deployment's nodes
+        still going, once per server life (again after a restart)."""
+        groups: dict[tuple[str, str], list[m.DeploymentNode]] = {}
+        for row in deployment.nodes:
+            if row.phase not in FINAL_PHASES:
+                groups.setdefault((row.image, row.transport), []).append(row)
+        for (image, transport_name), rows in groups.items():
+            key = (deployment.id, image, transport_name)
+            if key in self._sessions:
+                continue
+            try:
+                version = self.version(image)
+                transport = self.transports.get(transport_name)
+                transport.prepare(version)
+                ips = _node_ips(session, [r.node for r in rows])
+                transport.start(
+                    deployment.id, version, [Member(r.node, ips.get(r.node)) for r in rows]
+                )
+            except CorralError as exc:
+                for row in rows:
+                    Deployments(session).fail(row, f"cannot serve image {image}: {exc.message}")
+                log.error("deployment %d: cannot serve %s: %s", deployment.id, image, exc.message)
+                continue
+            self._sessions.add(key)
+            log.info(
+                "deployment %d: %s session for %s, %d node(s)",
+                deployment.id,
+                transport_name,
+                image,
+                len(rows),
+            )
+
+    def _end_sessions(self, deployment: m.Deployment) -> None:
+        for key in [k for k in self._sessions if k[0] == deployment.id]:
+            _, image, transport_name = key
+            rows = [
+                r for r in deployment.nodes if (r.image, r.transport) == (image, transport_name)
+            ]
+            if all(r.phase in FINAL_PHASES for r in rows):
+                self._sessions.discard(key)
+                try:
+                    self.transports.get(transport_name).finish(deployment.id, self.version(image))
+                except Exception:
+                    log.exception(
+                        "ending the %s session of deployment %d", transport_name, deployment.id
+                    )
 
     def _start_node(
         self, session: Session, row: m.DeploymentNode, pool: ThreadPoolExecutor
@@ -295,6 +355,23 @@ def _stream_index(version: ImageVersion) -> dict[str, Any]:
             f"make it with 'corral image export {version.ref}'",
         ) from None
     return data
+
+
+def _node_ips(session: Session, names: list[str]) -> dict[str, str]:
+    """Each node's first address (the one it boots and receives on)."""
+    from sqlalchemy import select
+
+    rows = session.execute(
+        select(m.Node.name, m.Interface.ip)
+        .join(m.Interface)
+        .where(m.Node.name.in_(names), m.Interface.ip.is_not(None))
+        .order_by(m.Node.name, m.Interface.position)
+    )
+    ips: dict[str, str] = {}
+    for name, ip in rows:
+        if ip:
+            ips.setdefault(name, ip)
+    return ips
 
 
 def _node_at(session: Session, ip: str) -> str | None:

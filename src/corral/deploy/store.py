@@ -279,9 +279,10 @@ class Deployments:
             return
         now = time.time()
         row.phase, row.message, row.updated, row.finished = phase, reason[:MAX_TEXT], now, now
-        NodeStates(self.session).record(
-            row.node, "failed", f"deployment {row.deployment_id}: {reason}", "corral"
-        )
+        if Inventory(self.session).exists("node", row.node):  # it may have been removed
+            NodeStates(self.session).record(
+                row.node, "failed", f"deployment {row.deployment_id}: {reason}", "corral"
+            )
         self._maybe_finish(row.deployment)
 
     def cancel(self, ident: int) -> int:

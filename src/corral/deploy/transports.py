@@ -21,7 +21,8 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,19 +35,50 @@ from corral.run import spawn
 log = logging.getLogger("corral.deploy")
 
 
+@dataclass(frozen=True)
+class Member:
+    """A node in a transfer session: its name and the address it receives on."""
+
+    node: str
+    ip: str | None
+
+
 class ServerTransport(Protocol):
+    """The server's side of a transport.
+
+    The manager calls :meth:`prepare` for each image version a deployment needs, then
+    :meth:`start` once per session (the nodes of one deployment that get the same image by
+    this transport) before it reboots them, and :meth:`finish` when every node of the
+    session has ended; after a restart of corral serve, :meth:`start` is called again with
+    the nodes still going. :meth:`params` goes into each node's plan.
+    """
+
     name: str
     #: the export the transport sends: "stream" (chunked tar) or "tree"
     export: str
 
     def prepare(self, version: ImageVersion) -> None: ...
 
+    def start(self, deployment: int, version: ImageVersion, members: Sequence[Member]) -> None: ...
+
     def params(self, version: ImageVersion, node: str) -> dict[str, Any]: ...
+
+    def finish(self, deployment: int, version: ImageVersion) -> None: ...
 
     def close(self) -> None: ...
 
 
-class HttpTransport:
+class Unicast:
+    """Sessions mean nothing to a transport that serves each node on its own."""
+
+    def start(self, deployment: int, version: ImageVersion, members: Sequence[Member]) -> None:
+        pass
+
+    def finish(self, deployment: int, version: ImageVersion) -> None:
+        pass
+
+
+class HttpTransport(Unicast):
     name = "http"
     export = "stream"
 
@@ -71,7 +103,7 @@ def rsync_module(version: ImageVersion) -> str:
     return f"{version.name}-{version.version}"
 
 
-class RsyncTransport:
+class RsyncTransport(Unicast):
     """An rsync daemon whose config lists a read-only module per prepared version.
 
     The daemon reads its config again for every connection, so adding a module is

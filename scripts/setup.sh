@@ -22,6 +22,7 @@ DEBIAN_PACKAGES=(
     openssh-client openssh-server   # image capture over SSH; node host keys (ssh-keygen)
     fdisk gdisk e2fsprogs xfsprogs dosfstools   # the agent partitions and formats disks
     grub-pc-bin grub2-common        # the agent installs GRUB on a node's disk
+    udpcast                         # multicast image transfer (udp-sender, udp-receiver)
 )
 
 missing=()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import http.client
 import logging
 import os
@@ -567,3 +568,10 @@ class RsyncReceiver(Receiver):
         )
         progress_callback(count, total)
         return Received(count, stats)
+
+
+#: Modules of further receivers; each registers its class with :func:`register` on import.
+BUILTIN: tuple[str, ...] = ()
+
+for _module in BUILTIN:
+    importlib.import_module(_module)

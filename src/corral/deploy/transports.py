@@ -16,6 +16,7 @@ Broadcast transports (multicast, BitTorrent, chain) register here the same way.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import subprocess
@@ -235,3 +236,10 @@ class Transports:
                 except Exception:
                     log.exception("closing transport %s", transport.name)
             self._live.clear()
+
+
+#: Modules of further transports; each calls :func:`register` when imported.
+BUILTIN: tuple[str, ...] = ()
+
+for _module in BUILTIN:
+    importlib.import_module(_module)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import http.client
+import importlib
 import logging
 import os
 import re

@@ -60,6 +60,8 @@ def _options(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not debug:  # a fresh database's migrations are not news
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _terminate(signum: int, frame: object) -> None:

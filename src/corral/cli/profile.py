@@ -68,9 +68,13 @@ def _fields(
     timezone: str | None,
     var: list[str] | None,
     root_password: bool,
+    image: str | None = None,
+    layer: list[str] | None = None,
 ) -> dict[str, Any]:
     return changes(
         distro=distro,
+        image=image,
+        layers=layer,
         kernel_args=kernel_arg,
         kickstart_template=kickstart_template,
         disk=disk,
@@ -96,6 +100,8 @@ PreOpt = typer.Option(None, "--pre", help="file with a pre-install snippet (repe
 PostOpt = typer.Option(None, "--post", help="file with a post-install snippet (repeatable)")
 TzOpt = typer.Option(None, help="time zone, e.g. Europe/Paris")
 VarOpt = typer.Option(None, "--var", help="KEY=VALUE (repeatable)")
+ImageOpt = typer.Option(None, help="image installs: NAME or NAME:VERSION of the image")
+LayerOpt = typer.Option(None, "--layer", help="layer the image must be built with (repeatable)")
 PwOpt = typer.Option(
     False, "--root-password", help="prompt for it (or read stdin); stores its SHA-512 crypt hash"
 )
@@ -116,6 +122,8 @@ def add(
     timezone: str | None = TzOpt,
     var: list[str] | None = VarOpt,
     root_password: bool = PwOpt,
+    image: str | None = ImageOpt,
+    layer: list[str] | None = LayerOpt,
 ) -> None:
     """Add a profile."""
     data = _fields(
@@ -131,6 +139,8 @@ def add(
         timezone,
         var,
         root_password,
+        image,
+        layer,
     )
     spec = parse(ProfileSpec, dict(data, name=name), f"profile {name}")
     with inventory() as inv:
@@ -153,6 +163,8 @@ def set_(
     timezone: str | None = TzOpt,
     var: list[str] | None = VarOpt,
     root_password: bool = PwOpt,
+    image: str | None = ImageOpt,
+    layer: list[str] | None = LayerOpt,
 ) -> None:
     """Change a profile; a list option given replaces that list, --var merges keys."""
     data = _fields(
@@ -168,6 +180,8 @@ def set_(
         timezone,
         var,
         root_password,
+        image,
+        layer,
     )
     with inventory() as inv:
         if "variables" in data:

@@ -1,0 +1,1128 @@
+"""The ``chain`` receiver: the image flows from node to node over TCP, as in Kadeploy's
+Kascade, so the server sends it about once whatever the number of nodes.
+
+The wire protocol and the server's side (the head of the chain) are described in
+:mod:`corral.deploy.chain`; the code of both ends is here, because the agent is stdlib-only
+and cannot import the server's modules (the server imports this one).
+
+What one node does, in :meth:`ChainReceiver.receive`:
+
+- it listens on :data:`RELAY_PORT` for nodes after it (:class:`Relay`);
+- it connects *upstream* (:class:`Picker`): to the node just before it, or to the head for
+  the first node, says which chunk it needs next, and reads pieces of chunks;
+- every piece is put in a :class:`Window` as it arrives and forwarded at once to whoever
+  pulls from this node (cut-through: a hop costs one 16 KiB piece, not a 4 MiB chunk, so
+  a hundred hops add about a second, not minutes); a whole chunk is checked against the
+  plan's sha256 before a byte of it is unpacked, and a node that pulled a corrupt piece
+  finds out the same way;
+- it feeds the checked chunks to ``zstd -d | tar -x`` (:class:`~corral.agent.receive.Unpacker`).
+
+Why nodes pull (connect upstream) rather than push: a node's recovery is then its own
+decision, made with the one fact that matters, the next chunk *it* needs, which it says in
+its hello; no upstream has to find out that its successor died and which node should
+take its place, and a node whose upstream died does not wait for someone to come. Nodes
+are ordered by name and a node only ever pulls from a node before it (or the head), so
+the lists a server hands out before and after a restart can never make a cycle.
+
+Failures, without restarting anyone:
+
+- the upstream drops, or goes silent for :data:`SILENCE` seconds (it sends a heartbeat
+  every second while it has nothing): the node tries it again for
+  :data:`RECONNECT_GRACE` seconds, then pulls from the node before it, and so on up to the
+  head; the one it reaches resumes from the chunk the hello names. A direct predecessor
+  that has not started listening yet gets :data:`START_PATIENCE` seconds (nodes boot at
+  slightly different times) before it is bypassed;
+- the upstream no longer holds the chunk it needs (a relay keeps the last
+  :data:`WINDOW_CHUNKS` chunks in memory, since what is unpacked is gone): it says so
+  (``SKIP``) and the node fetches the gap from the server over HTTP
+  (:meth:`~corral.agent.receive.HttpReceiver.fetch_chunk`, checked), then goes on
+  reading from the same upstream;
+- the upstream lags its own upstream by :data:`LAG_CHUNKS` chunks (a slow node): the node
+  pulls from the node before it instead, so one slow node does not slow everyone after it;
+- the head cannot be reached either: one chunk over HTTP, then the head again.
+
+When a node has the whole image it keeps serving until the node after it has everything
+too, or nobody came or was served for :data:`DRAIN_IDLE` seconds, then closes its relay;
+it waits for that up to :data:`LINGER` seconds, then goes on with its install while the
+relay serves on in the background (as long as the agent runs: its exit waits for it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from corral.agent.plan import Plan
+from corral.agent.receive import (
+    Cancelled,
+    Context,
+    HttpReceiver,
+    ProgressCallback,
+    Received,
+    ReceiveError,
+    Receiver,
+    Unpacker,
+    register,
+)
+
+log = logging.getLogger("corral.agent")
+
+#: TCP port every node's relay listens on (each node has its own address, so one number
+#: serves the whole chain; the head's port is the server's, in the plan).
+RELAY_PORT = 7731
+#: Bytes a relay reads before forwarding them: what a hop adds to the chain's latency
+#: (6.5 ms at 20 Mbit/s; 100 hops, 0.7 s), against a Python loop turn per piece.
+PIECE = 16 << 10
+#: The most a frame carries: a sender that fell behind sends what piled up in bigger
+#: frames (fewer turns), up to this.
+FRAME_MAX = 64 << 10
+#: Whole chunks a relay keeps for nodes that (re)connect behind it: 8 x 4 MiB = 32 MiB of
+#: the node's RAM, 13 s of data at 20 Mbit/s, enough for a bypassing node to resume.
+WINDOW_CHUNKS = 8
+#: A relay with nothing to send says so this often, so that silence means death.
+HEARTBEAT = 1.0
+#: Seconds without a byte from the upstream (heartbeats included) before it is dead.
+SILENCE = 10.0
+CONNECT_TIMEOUT = 3.0
+#: Seconds to wait for the other side's hello or its answer.
+HELLO_TIMEOUT = 5.0
+#: How long a node waits for its direct predecessor to start listening before bypassing it.
+START_PATIENCE = 30.0
+#: How long an upstream that answered and then dropped is tried again before it is bypassed.
+RECONNECT_GRACE = 3.0
+#: Nodes passed in a row without reaching one before a node goes straight to the head (a
+#: powered-off node costs a connect timeout; nodes that finished have gone away).
+MAX_WALK = 4
+#: Pause between two connection attempts to the same upstream.
+RETRY_DELAY = 0.5
+#: A node with the whole image closes its relay after this long without a successor
+#: connecting or being served (longer than START_PATIENCE: a successor may still be
+#: waiting for a dead node between us before it comes).
+DRAIN_IDLE = 35.0
+#: How long :meth:`ChainReceiver.receive` itself waits for that before it returns (the
+#: node right behind is milliseconds behind); past it, the relay goes on serving from a
+#: thread of its own, so that a slow successor never holds up this node's install.
+LINGER = 5.0
+#: An upstream this many chunks behind its own upstream is a slow node: pull past it.
+LAG_CHUNKS = 3
+#: Socket buffers of relay connections (the kernel doubles them). The lag above travels in
+#: the frames, behind the data queued in these buffers: small buffers keep it fresh (about
+#: 1 MiB in flight: 8 ms at 1 Gbit/s, plenty on a LAN) and keep a hop's queue short.
+SOCKET_BUFFER = 256 << 10
+
+MAGIC = b"CRLY"
+VERSION = 1
+#: answer statuses
+OK, WRONG_SESSION, CLOSING, BAD_HELLO = 0, 1, 2, 3
+STATUS_TEXT = {OK: "ok", WRONG_SESSION: "wrong session", CLOSING: "closing", BAD_HELLO: "bad hello"}
+#: frame kinds
+DATA, SKIP, IDLE = 1, 2, 3
+
+_HELLO = struct.Struct("!4sBBH")  # magic, version, flags (0), tag length; tag
+_HELLO_TAIL = struct.Struct("!IB")  # next chunk, name length; name
+_ANSWER = struct.Struct("!4sBIH")  # magic, status, have, message length; message
+#: kind, chunk, offset, length, have (the sender's whole chunks), frontier (its upstream's)
+FRAME = struct.Struct("!BIIIII")
+
+
+class ProtocolError(Exception):
+    """The other side said something this protocol does not allow."""
+
+
+class Gone(Exception):
+    """The chunk asked for is older than anything the relay still holds."""
+
+    def __init__(self, low: int) -> None:
+        super().__init__(f"the window starts at chunk {low}")
+        self.low = low
+
+
+class Closed(Exception):
+    """The relay is shutting down."""
+
+
+class Silent(ConnectionError):
+    """The other side sent nothing, not even a heartbeat, for too long."""
+
+
+def session_tag(deployment: int, ref: str, stream_sha256: str) -> str:
+    """What both ends of every connection must agree on: a node of another deployment, or
+    one holding another image, is never served and never serves."""
+    return f"{deployment}/{ref}/{stream_sha256}"
+
+
+# --- framing -----------------------------------------------------------------------
+
+
+def pack_hello(tag: str, index: int, name: str) -> bytes:
+    raw_tag, raw_name = tag.encode(), name.encode()[:255]
+    return (
+        _HELLO.pack(MAGIC, VERSION, 0, len(raw_tag))
+        + raw_tag
+        + _HELLO_TAIL.pack(index, len(raw_name))
+        + raw_name
+    )
+
+
+@dataclass(frozen=True)
+class Hello:
+    tag: str
+    index: int
+    name: str
+
+
+def read_hello(read: Callable[[int], bytes]) -> Hello:
+    magic, version, _flags, tag_len = _HELLO.unpack(read(_HELLO.size))
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError(f"not a chain hello (magic {magic!r}, version {version})")
+    if tag_len > 1024:
+        raise ProtocolError(f"a session tag of {tag_len} bytes")
+    tag = read(tag_len).decode("utf-8", "replace")
+    index, name_len = _HELLO_TAIL.unpack(read(_HELLO_TAIL.size))
+    name = read(name_len).decode("utf-8", "replace")
+    return Hello(tag, index, name)
+
+
+def pack_answer(status: int, have: int, message: str = "") -> bytes:
+    raw = message.encode()[:1000]
+    return _ANSWER.pack(MAGIC, status, have, len(raw)) + raw
+
+
+def read_answer(read: Callable[[int], bytes]) -> tuple[int, int, str]:
+    """(status, the upstream's whole chunks, message)."""
+    magic, status, have, length = _ANSWER.unpack(read(_ANSWER.size))
+    if magic != MAGIC:
+        raise ProtocolError(f"not a chain answer (magic {magic!r})")
+    return status, have, read(length).decode("utf-8", "replace")
+
+
+def pack_frame(
+    kind: int, chunk: int, offset: int = 0, data: bytes = b"", have: int = 0, frontier: int = 0
+) -> bytes:
+    return FRAME.pack(kind, chunk, offset, len(data), have, frontier) + data
+
+
+def read_exact(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from a blocking socket; ConnectionError at the end of the stream."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise ConnectionError("the connection closed")
+        got += k
+    return bytes(buf)
+
+
+def tune(sock: socket.socket) -> None:
+    """Find a dead peer in seconds, not the kernel's minutes: keepalive probes after 2 s of
+    quiet, and a send that no one acknowledges for 10 s fails. Buffers: see
+    :data:`SOCKET_BUFFER` (set before connecting, or on the listening socket, for the
+    receive side's window to scale to it)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 2), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(SILENCE * 1000))
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    """Whether the downstream end has closed: it never sends anything after its hello, so
+    a readable socket means its end of the stream (or a peer breaking the protocol)."""
+    try:
+        ready, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(ready)
+
+
+# --- what a sender reads from -------------------------------------------------------
+
+
+class Source(Protocol):
+    @property
+    def have(self) -> int: ...
+
+    @property
+    def frontier(self) -> int: ...
+
+    def read(self, index: int, offset: int, size: int, timeout: float) -> bytes | None:
+        """Up to ``size`` bytes of chunk ``index`` from ``offset``; None if they are not
+        here yet after ``timeout``; :class:`Gone` if they never will be; :class:`Closed`."""
+        ...
+
+
+class Window:
+    """A relay's memory of the stream: the last ``keep`` whole, checked chunks, and the
+    pieces of the chunk arriving now (forwarded before it is checked; each node checks for
+    itself). Chunks arrive in order; everything below :attr:`have` was checked."""
+
+    def __init__(self, sizes: list[int], keep: int = WINDOW_CHUNKS) -> None:
+        self.sizes = sizes
+        self.keep = max(1, keep)
+        self.cond = threading.Condition()
+        self.chunks: dict[int, bytes] = {}
+        self._have = 0
+        self.partial = bytearray()
+        self._frontier = 0
+        self.closed = False
+
+    @property
+    def have(self) -> int:
+        return self._have
+
+    @property
+    def frontier(self) -> int:
+        return max(self._frontier, self._have)
+
+    def set_frontier(self, value: int) -> None:
+        """What this node's upstream says it holds (a lag past it means we are slow)."""
+        self._frontier = value
+
+    @property
+    def low(self) -> int:
+        return min(self.chunks) if self.chunks else self._have
+
+    def restart(self) -> None:
+        """The chunk arriving starts again from its first byte (a new upstream, or a chunk
+        that did not match). Senders ahead in it wait until it is back where they are:
+        the bytes are the same."""
+        with self.cond:
+            self.partial = bytearray()
+
+    def extend(self, data: bytes) -> None:
+        with self.cond:
+            self.partial += data
+            self.cond.notify_all()
+
+    def complete(self, index: int, data: bytes) -> None:
+        """Chunk ``index`` (the next one) arrived whole and matched."""
+        with self.cond:
+            if index != self._have:
+                raise ValueError(f"chunk {index} completed while chunk {self._have} was due")
+            self.chunks[index] = data
+            self._have = index + 1
+            self.partial = bytearray()
+            for old in [k for k in self.chunks if k < self._have - self.keep]:
+                del self.chunks[old]
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def read(self, index: int, offset: int, size: int, timeout: float) -> bytes | None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                if self.closed:
+                    raise Closed()
+                if index < self.low:
+                    raise Gone(self.low)
+                if index in self.chunks:
+                    return self.chunks[index][offset : offset + size]
+                if index == self._have and len(self.partial) > offset:
+                    return bytes(self.partial[offset : offset + size])
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
+
+
+class FileSource:
+    """The head's source: the chunk files of the export, any of them at any time."""
+
+    def __init__(self, path_of: Callable[[int], Path], count: int) -> None:
+        self.path_of = path_of
+        self.count = count
+        self._cached: tuple[int, bytes] | None = None
+
+    @property
+    def have(self) -> int:
+        return self.count
+
+    @property
+    def frontier(self) -> int:
+        return self.count
+
+    def read(self, index: int, offset: int, size: int, timeout: float) -> bytes | None:
+        if self._cached is None or self._cached[0] != index:
+            self._cached = (index, self.path_of(index).read_bytes())
+        return self._cached[1][offset : offset + size]
+
+
+class Sender:
+    """Serves one downstream connection from a source, from the chunk its hello named.
+
+    Used by the relays and by the server's head alike. It ends when the downstream closes
+    (after the last chunk: :attr:`complete`), on any socket error, or when the source closes.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        source: Source,
+        sizes: list[int],
+        start: int,
+        peer: str,
+        *,
+        heartbeat: float = HEARTBEAT,
+        wait_close: float = 2 * SILENCE,
+    ) -> None:
+        self.sock = sock
+        self.source = source
+        self.sizes = sizes
+        self.start = start
+        self.peer = peer
+        self.heartbeat = heartbeat
+        self.wait_close = wait_close
+        self.sent = 0
+        self.skips = 0
+        self.complete = False
+        self.last_activity = time.monotonic()
+        self.last_progress = self.last_activity
+        self.done = threading.Event()
+        self.error = ""
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except (OSError, Closed) as exc:
+            self.error = str(exc) or type(exc).__name__
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.last_activity = self.last_progress = time.monotonic()
+            self.done.set()
+
+    def _send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+        self.last_activity = time.monotonic()
+
+    def _run(self) -> None:
+        index, offset = self.start, 0
+        count = len(self.sizes)
+        source = self.source
+        while index < count:
+            try:
+                data = source.read(index, offset, FRAME_MAX, self.heartbeat)
+            except Gone as gone:
+                log.info("chain: %s needs chunk %d, held from %d", self.peer, index, gone.low)
+                self._send(pack_frame(SKIP, gone.low, have=source.have, frontier=source.frontier))
+                self.skips += 1
+                index, offset = gone.low, 0
+                continue
+            if data is None:
+                if peer_closed(self.sock):
+                    return
+                self._send(pack_frame(IDLE, index, offset, b"", source.have, source.frontier))
+                continue
+            self._send(pack_frame(DATA, index, offset, data, source.have, source.frontier))
+            self.last_progress = self.last_activity
+            self.sent += len(data)
+            offset += len(data)
+            if offset >= self.sizes[index]:
+                index, offset = index + 1, 0
+        # everything went out; the downstream closes once it has checked the last chunk
+        deadline = time.monotonic() + self.wait_close
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.sock], [], [], self.heartbeat)
+            if ready:
+                self.complete = not self.sock.recv(1)
+                return
+
+
+def answer_hello(
+    sock: socket.socket, have_for: Callable[[str], int | None], closing: bool = False
+) -> Hello | None:
+    """Read a downstream's hello and answer it; the hello if it is to be served.
+
+    ``have_for(tag)`` is how many whole chunks this end holds for that session, or None
+    if it is not one of this end's sessions."""
+    sock.settimeout(HELLO_TIMEOUT)
+    try:
+        hello = read_hello(lambda n: read_exact(sock, n))
+    except (ProtocolError, struct.error, UnicodeError) as exc:
+        with contextlib.suppress(OSError):
+            sock.sendall(pack_answer(BAD_HELLO, 0, str(exc)))
+        return None
+    have = have_for(hello.tag)
+    if have is None:
+        log.warning("chain: %s asked for session %s, not one of ours", hello.name, hello.tag)
+        sock.sendall(pack_answer(WRONG_SESSION, 0, "not a session of this end"))
+        return None
+    if closing:
+        sock.sendall(pack_answer(CLOSING, have, "done serving"))
+        return None
+    sock.sendall(pack_answer(OK, have))
+    sock.settimeout(None)
+    return hello
+
+
+# --- the node's relay ---------------------------------------------------------------
+
+
+class Relay:
+    """This node's listener: serves whoever comes after it in the chain from the window."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        tag: str,
+        window: Window,
+        *,
+        heartbeat: float = HEARTBEAT,
+    ) -> None:
+        self.tag = tag
+        self.window = window
+        self.heartbeat = heartbeat
+        self.senders: list[Sender] = []
+        self.closing = False
+        self.last_event = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.sock: socket.socket | None = self._listen(address)
+        self._thread = threading.Thread(target=self._accept, name="corral-relay", daemon=True)
+
+    @staticmethod
+    def _listen(address: tuple[str, int]) -> socket.socket | None:
+        """A listening socket on this node's address (any address if that one is not
+        ours: a DHCP lease may differ from the inventory); None if the port is taken,
+        and then the nodes after this one pull past it."""
+        for host in dict.fromkeys((address[0], "")):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tune(sock)
+            try:
+                sock.bind((host, address[1]))
+                sock.listen(16)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    log.warning("chain: cannot listen on port %d: %s", address[1], exc)
+                    return None
+        return None
+
+    def start(self) -> None:
+        if self.sock is not None:
+            self._thread.start()
+
+    def _accept(self) -> None:
+        sock = self.sock
+        assert sock is not None
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([sock], [], [], 0.2)
+                if not ready:
+                    continue
+                conn, peer = sock.accept()
+            except (OSError, ValueError):
+                return
+            threading.Thread(
+                target=self._serve, args=(conn, peer[0]), name="corral-relay-out", daemon=True
+            ).start()
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        try:
+            tune(conn)
+            hello = answer_hello(conn, self._have_for, self.closing)
+        except OSError:
+            hello = None
+        if hello is None:
+            conn.close()
+            return
+        sender = Sender(
+            conn, self.window, self.window.sizes, hello.index, f"{hello.name} ({peer})",
+            heartbeat=self.heartbeat,
+        )  # fmt: skip
+        with self._lock:
+            if self.closing:
+                conn.close()
+                return
+            self.senders.append(sender)
+            self.last_event = time.monotonic()
+        log.info("chain: serving %s from chunk %d", sender.peer, hello.index)
+        sender.run()
+        log.info(
+            "chain: %s %s after %d bytes%s",
+            sender.peer,
+            "has everything" if sender.complete else "left",
+            sender.sent,
+            f" ({sender.error})" if sender.error else "",
+        )
+
+    def _have_for(self, tag: str) -> int | None:
+        return self.window.have if tag == self.tag else None
+
+    @property
+    def served(self) -> int:
+        with self._lock:
+            return sum(s.sent for s in self.senders)
+
+    def drained(self, is_last: bool, idle: float) -> bool:
+        """Whether this node, holding the whole image, may stop serving: nobody is being
+        served (a downstream that took nothing for ``idle`` seconds no longer counts) and
+        someone got everything from it, or it is last in the chain, or nothing happened
+        for ``idle`` seconds."""
+        if self.sock is None:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            if any(not s.done.is_set() and now - s.last_progress < idle for s in self.senders):
+                return False
+            latest = max([self.last_event, *(s.last_progress for s in self.senders)])
+            complete = any(s.complete for s in self.senders)
+        return is_last or complete or now - latest >= idle
+
+    def drain(
+        self, cancel: threading.Event, is_last: bool, idle: float = DRAIN_IDLE, limit: float = 0
+    ) -> bool:
+        """Wait until :meth:`drained` (at most ``limit`` seconds if given); whether it is."""
+        deadline = time.monotonic() + limit if limit else None
+        while not self.drained(is_last, idle):
+            if cancel.wait(0.2) or (deadline is not None and time.monotonic() > deadline):
+                return False
+        return True
+
+    def close_when_drained(self, is_last: bool, idle: float = DRAIN_IDLE) -> None:
+        """Serve on from a thread of this relay's own, and close once drained.
+
+        The thread is not a daemon: an agent that exits after its install (its final
+        report sent) waits for it, so a successor still pulling is not cut off. An agent
+        that reboots or powers off the node cuts it; the successor then pulls from further
+        up the chain."""
+
+        def wait_then_close() -> None:
+            self.drain(threading.Event(), is_last, idle)
+            log.info("chain: relay closed after serving %d bytes", self.served)
+            self.close()
+
+        threading.Thread(target=wait_then_close, name="corral-relay-end", daemon=False).start()
+
+    def close(self) -> None:
+        with self._lock:
+            self.closing = True
+            senders = list(self.senders)
+        self._stop.set()
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+        self.window.close()
+        for sender in senders:
+            with contextlib.suppress(OSError):
+                sender.sock.shutdown(socket.SHUT_RDWR)
+        if self._thread.is_alive():
+            self._thread.join(2)
+
+
+# --- choosing the upstream ----------------------------------------------------------
+
+
+@dataclass
+class Upstream:
+    name: str
+    address: tuple[str, int]
+    head: bool = False
+
+
+class Picker:
+    """Which upstream to pull from: the nearest node before this one that works, else the
+    head, else (for one chunk at a time) HTTP.
+
+    ``chain`` is nearest first and ends with the head. How long a candidate that refuses
+    or drops is tried again before it is passed:
+
+    - the direct predecessor before it ever answered: ``start_patience`` (it may still be
+      booting);
+    - a candidate that answered us before (it started, so it died, or it finished and
+      left): ``grace``, in case the drop was a blip;
+    - any other node: not at all (it died or finished: nodes do not start late, the
+      direct predecessor aside). After ``max_walk`` of those in a row, the head.
+
+    There is no way back: a node that died rarely returns in time to matter, and one that
+    returns starts from the beginning, behind us.
+    """
+
+    def __init__(
+        self,
+        chain: list[Upstream],
+        *,
+        start_patience: float = START_PATIENCE,
+        grace: float = RECONNECT_GRACE,
+        max_walk: int = MAX_WALK,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not chain or not chain[-1].head:
+            raise ValueError("the chain of upstreams must end with the head")
+        self.chain = chain
+        self.start_patience = start_patience
+        self.grace = grace
+        self.max_walk = max_walk
+        self.clock = clock
+        self.index = 0
+        self.since: float | None = None
+        self.contact = chain[0].head  # the current candidate answered us once
+        self.walked = 0
+        self.http_once = False
+        self.switches = 0
+
+    def current(self) -> Upstream | None:
+        """Whom to connect to now; None: fetch the next chunk over HTTP."""
+        return None if self.http_once else self.chain[self.index]
+
+    def farther(self) -> Upstream | None:
+        """The node a lagging upstream would be passed for (never the head: pulling from
+        it doubles what the server sends)."""
+        nxt = self.chain[self.index + 1] if self.index + 1 < len(self.chain) else None
+        return nxt if nxt is not None and not nxt.head else None
+
+    def answered(self) -> None:
+        """The current candidate accepted the connection: it has started."""
+        self.contact = True
+        self.walked = 0
+
+    def succeeded(self) -> None:
+        """The current upstream delivered a whole chunk: its next failure is a new one."""
+        self.answered()
+        self.since = None
+
+    def failed(self, *, fatal: bool = False) -> bool:
+        """The current upstream refused, dropped or went silent; True if it is passed."""
+        now = self.clock()
+        if self.since is None:
+            self.since = now
+        if self.contact:
+            patience = self.grace
+        elif self.index == 0:
+            patience = self.start_patience
+        else:
+            patience = 0.0
+        if fatal or now - self.since >= patience:
+            self._advance()
+            return True
+        return False
+
+    def pass_lagging(self) -> None:
+        """The current upstream is a slow node: pull from the one before it."""
+        if self.farther() is not None:
+            self._advance()
+
+    def after_http(self) -> None:
+        self.http_once = False
+
+    def _advance(self) -> None:
+        if self.chain[self.index].head:
+            self.http_once = True
+        else:
+            self.walked = 0 if self.contact else self.walked + 1
+            self.index += 1
+            if self.walked >= self.max_walk:
+                self.index = len(self.chain) - 1
+            self.switches += 1
+            self.contact = self.chain[self.index].head
+        self.since = None
+
+
+# --- the receiver -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainParams:
+    """The plan's ``transport.params`` for ``chain`` (made by :mod:`corral.deploy.chain`)."""
+
+    session: str
+    position: int
+    members: list[tuple[str, str | None]]
+    relay_port: int
+    head: tuple[str, int]
+    base: str
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> ChainParams:
+        try:
+            members = [(str(m[0]), None if m[1] is None else str(m[1])) for m in params["members"]]
+            head = params["head"]
+            value = cls(
+                session=str(params["session"]),
+                position=int(params["position"]),
+                members=members,
+                relay_port=int(params["relay_port"]),
+                head=(str(head[0]), int(head[1])),
+                base=str(params["base"]),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ReceiveError(f"transport chain: bad parameters in the plan: {exc}") from None
+        if not 0 <= value.position < len(members):
+            raise ReceiveError(
+                f"transport chain: position {value.position} in a chain of {len(members)}"
+            )
+        return value
+
+    @property
+    def me(self) -> tuple[str, str | None]:
+        return self.members[self.position]
+
+    @property
+    def is_last(self) -> bool:
+        return self.position == len(self.members) - 1
+
+    def upstreams(self) -> list[Upstream]:
+        """The nodes before this one, nearest first (those with an address), then the head."""
+        chain = [
+            Upstream(name, (ip, self.relay_port))
+            for name, ip in reversed(self.members[: self.position])
+            if ip
+        ]
+        return [*chain, Upstream("head", self.head, head=True)]
+
+
+class _Switch(Exception):
+    """Stop reading this upstream (at a chunk boundary) and pick again."""
+
+    def __init__(
+        self, why: str, *, failure: bool, fatal: bool = False, lagging: bool = False
+    ) -> None:
+        super().__init__(why)
+        self.failure = failure
+        self.fatal = fatal
+        self.lagging = lagging
+
+
+@dataclass
+class _State:
+    """What one receive has done so far."""
+
+    total: int
+    next: int = 0
+    done: int = 0
+    whole: Any = field(default_factory=hashlib.sha256)
+    from_relay: int = 0
+    from_http: int = 0
+    bad: int = 0
+    skips: int = 0
+    lag_passes: int = 0
+
+
+@register
+class ChainReceiver(Receiver):
+    """Pulls the stream from the node before it, forwards it to the node after it."""
+
+    name = "chain"
+
+    # knobs, as attributes so that the tests can make them short
+    window_chunks = WINDOW_CHUNKS
+    heartbeat = HEARTBEAT
+    silence = SILENCE
+    start_patience = START_PATIENCE
+    grace = RECONNECT_GRACE
+    drain_idle = DRAIN_IDLE
+    linger = LINGER
+    lag_chunks = LAG_CHUNKS
+    unpacker: Callable[[Path], Unpacker] = Unpacker
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.http = HttpReceiver(context)
+        self.picker: Picker | None = None
+        self.relay: Relay | None = None
+
+    def expected_bytes(self, plan: Plan) -> int:
+        return plan.image.stream_size
+
+    def receive(
+        self,
+        plan: Plan,
+        target_dir: Path,
+        progress_callback: ProgressCallback,
+        cancel_event: threading.Event,
+    ) -> Received:
+        params = ChainParams.from_dict(plan.transport.params)
+        image = plan.image
+        sizes = [c.size for c in image.chunks]
+        window = Window(sizes, self.window_chunks)
+        name, ip = params.me
+        self.relay = relay = Relay(
+            (ip or "", params.relay_port), params.session, window, heartbeat=self.heartbeat
+        )
+        relay.start()
+        self.picker = Picker(
+            params.upstreams(), start_patience=self.start_patience, grace=self.grace
+        )
+        state = _State(total=image.stream_size)
+        log.info(
+            "chain: %s is %d of %d in session %s",
+            name,
+            params.position + 1,
+            len(params.members),
+            params.session,
+        )
+        try:
+            unpacker = self.unpacker(target_dir)
+            try:
+                self._pull(plan, params, window, unpacker, state, progress_callback, cancel_event)
+                unpacker.finish()
+            except BaseException:
+                unpacker.abort()
+                raise
+            digest = state.whole.hexdigest()
+            if state.done != image.stream_size or digest != image.stream_sha256:
+                raise ReceiveError(
+                    f"image {image.ref}: the stream is {state.done} bytes with sha256 {digest}, "
+                    f"the plan says {image.stream_size} bytes with sha256 {image.stream_sha256}"
+                )
+            drained = relay.drain(cancel_event, params.is_last, self.drain_idle, self.linger)
+            if cancel_event.is_set():
+                raise Cancelled()
+        except BaseException:
+            relay.close()
+            raise
+        if drained:
+            relay.close()
+        else:
+            log.info("chain: still serving after the image is in; going on meanwhile")
+            relay.close_when_drained(params.is_last, self.drain_idle)
+        details = {
+            "chunks": len(sizes),
+            "from_relay": state.from_relay,
+            "from_http": state.from_http,
+            "bad": state.bad,
+            "skips": state.skips,
+            "switches": self.picker.switches,
+            "lag_passes": state.lag_passes,
+            "served_bytes": relay.served,
+        }
+        log.info("chain: received %s: %s", image.ref, details)
+        return Received(state.done, details)
+
+    # -- pulling ------------------------------------------------------------------
+
+    def _accept(
+        self,
+        index: int,
+        data: bytes,
+        window: Window,
+        unpacker: Unpacker,
+        state: _State,
+        progress: ProgressCallback,
+    ) -> None:
+        """A checked chunk: forward it, unpack it, count it."""
+        window.complete(index, data)
+        log.debug("chain: chunk %d whole", index)
+        unpacker.write(data)
+        state.whole.update(data)
+        state.done += len(data)
+        state.next = index + 1
+        progress(state.done, state.total)
+
+    def _fetch_http(
+        self,
+        plan: Plan,
+        window: Window,
+        unpacker: Unpacker,
+        state: _State,
+        progress: ProgressCallback,
+        cancel: threading.Event,
+    ) -> None:
+        index = state.next
+        client = self.context.client
+        if client is None:
+            raise ReceiveError(f"chunk {index:08d}: no server to fetch it from over HTTP")
+        window.restart()
+
+        def partial(n: int, base: int = state.done) -> None:
+            progress(base + n, state.total)
+
+        data = self.http.fetch_chunk(client, plan, index, partial, cancel)
+        state.from_http += 1
+        self._accept(index, data, window, unpacker, state, progress)
+
+    def _pull(
+        self,
+        plan: Plan,
+        params: ChainParams,
+        window: Window,
+        unpacker: Unpacker,
+        state: _State,
+        progress: ProgressCallback,
+        cancel: threading.Event,
+    ) -> None:
+        picker = self.picker
+        assert picker is not None
+        count = len(plan.image.chunks)
+        me = params.me[0]
+        while state.next < count:
+            if cancel.is_set():
+                raise Cancelled()
+            upstream = picker.current()
+            if upstream is None:
+                log.info("chain: chunk %d over HTTP (no upstream answers)", state.next)
+                self._fetch_http(plan, window, unpacker, state, progress, cancel)
+                picker.after_http()
+                continue
+            try:
+                sock = self._connect(upstream, params.session, state.next, me, picker)
+            except _Switch as exc:
+                log.info("chain: %s: %s", upstream.name, exc)
+                if picker.failed(fatal=exc.fatal):
+                    log.warning("chain: passing %s (%s)", upstream.name, exc)
+                elif cancel.wait(RETRY_DELAY):
+                    raise Cancelled() from None
+                continue
+            log.info("chain: pulling from %s at chunk %d", upstream.name, state.next)
+            try:
+                self._stream(sock, plan, window, unpacker, state, progress, cancel)
+            except _Switch as exc:
+                if not exc.failure:
+                    log.info("chain: leaving %s: %s", upstream.name, exc)
+                    if exc.lagging:
+                        state.lag_passes += 1
+                        picker.pass_lagging()
+                elif picker.failed(fatal=exc.fatal):
+                    log.warning("chain: passing %s (%s)", upstream.name, exc)
+                else:
+                    log.info("chain: %s: %s", upstream.name, exc)
+            finally:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _connect(
+        self, upstream: Upstream, tag: str, index: int, me: str, picker: Picker
+    ) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            tune(sock)
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(upstream.address)
+        except OSError as exc:
+            sock.close()
+            raise _Switch(f"cannot connect: {exc}", failure=True) from None
+        picker.answered()
+        try:
+            sock.settimeout(HELLO_TIMEOUT)
+            sock.sendall(pack_hello(tag, index, me))
+            status, _have, message = read_answer(lambda n: read_exact(sock, n))
+        except (OSError, ProtocolError, struct.error) as exc:
+            sock.close()
+            raise _Switch(f"no answer to the hello: {exc}", failure=True) from None
+        if status != OK:
+            sock.close()
+            text = STATUS_TEXT.get(status, str(status))
+            raise _Switch(f"refused: {text} {message}".rstrip(), failure=True, fatal=True)
+        return sock
+
+    def _read(self, sock: socket.socket, n: int, cancel: threading.Event) -> bytes:
+        """``n`` bytes, looking at the cancel flag and the upstream's silence meanwhile."""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        quiet_since = time.monotonic()
+        sock.settimeout(0.2)
+        while got < n:
+            try:
+                k = sock.recv_into(view[got:])
+            except TimeoutError:
+                if cancel.is_set():
+                    raise Cancelled() from None
+                if time.monotonic() - quiet_since > self.silence:
+                    raise Silent(f"nothing for {self.silence:.0f} s") from None
+                continue
+            if not k:
+                raise ConnectionError("the connection closed")
+            got += k
+            quiet_since = time.monotonic()
+        return bytes(buf)
+
+    def _stream(
+        self,
+        sock: socket.socket,
+        plan: Plan,
+        window: Window,
+        unpacker: Unpacker,
+        state: _State,
+        progress: ProgressCallback,
+        cancel: threading.Event,
+    ) -> None:
+        """Read frames until the stream is whole; :class:`_Switch` to leave this upstream."""
+        picker = self.picker
+        assert picker is not None
+        chunks = plan.image.chunks
+        count = len(chunks)
+        buf = bytearray()
+        window.restart()
+        tries = max(1, self.context.tries)
+        while state.next < count:
+            if cancel.is_set():
+                raise Cancelled()
+            try:
+                header = self._read(sock, FRAME.size, cancel)
+                kind, index, offset, length, have, frontier = FRAME.unpack(header)
+                if kind == IDLE:
+                    continue
+                window.set_frontier(have)
+                if kind == SKIP:
+                    if buf:
+                        raise ProtocolError("a skip in the middle of a chunk")
+                    state.skips += 1
+                    end = min(index, count)
+                    log.info("chain: chunks %d to %d over HTTP", state.next, end - 1)
+                    while state.next < end:
+                        self._fetch_http(plan, window, unpacker, state, progress, cancel)
+                    window.restart()
+                    continue
+                size = chunks[state.next].size
+                if kind != DATA or index != state.next or offset != len(buf):
+                    raise ProtocolError(
+                        f"frame {kind} for chunk {index} at {offset}, "
+                        f"expected chunk {state.next} at {len(buf)}"
+                    )
+                if not 0 < length <= size - offset:
+                    raise ProtocolError(f"{length} bytes at {offset} of a {size}-byte chunk")
+                while length:
+                    piece = self._read(sock, min(length, PIECE), cancel)
+                    length -= len(piece)
+                    buf += piece
+                    window.extend(piece)
+                    progress(state.done + len(buf), state.total)
+            except (OSError, ProtocolError, struct.error) as exc:
+                fatal = isinstance(exc, ProtocolError)
+                raise _Switch(f"{type(exc).__name__}: {exc}", failure=True, fatal=fatal) from None
+            if len(buf) < size:
+                continue
+            data = bytes(buf)
+            buf = bytearray()
+            if hashlib.sha256(data).hexdigest() != chunks[state.next].sha256:
+                state.bad += 1
+                window.restart()
+                log.warning("chain: chunk %d from upstream does not match its sha256", state.next)
+                if state.bad % tries:
+                    raise _Switch("a chunk did not match: asking again", failure=False)
+                # the same upstream sent it wrong `tries` times: HTTP for it, and pass it
+                self._fetch_http(plan, window, unpacker, state, progress, cancel)
+                raise _Switch("its chunks do not match", failure=True, fatal=True)
+            state.from_relay += 1
+            self._accept(state.next, data, window, unpacker, state, progress)
+            picker.succeeded()
+            # a slow upstream: it holds `have` chunks, its own upstream `frontier`
+            if frontier - have >= self.lag_chunks and picker.farther() is not None:
+                raise _Switch(
+                    f"it lags its upstream ({have} chunks of {frontier})",
+                    failure=False,
+                    lagging=True,
+                )

@@ -1,0 +1,320 @@
+"""The ``chain`` transport: a pipelined TCP relay after Kadeploy's Kascade. The server sends
+the image once, to the first node; each node writes every chunk and forwards it to the next.
+
+The session's nodes are ordered by name. The server runs the *head*: one TCP listener
+(:data:`HEAD_PORT` on ``settings.address``, shared by all sessions and told apart by the
+session tag) that streams the export's chunk files. Each node's agent
+(:mod:`corral.agent.rx_chain`) listens on :data:`~corral.agent.rx_chain.RELAY_PORT` and
+*pulls* from the node before it (the first node from the head); why pull, and how a dead or
+slow node is bypassed without restarting the others, is told there.
+
+One listener rather than a port per session: a plan handed to a node names the head's
+port, and after a restart of corral serve (sessions are started again, nodes go on with
+the plans they have) a fixed port is still the right one.
+
+:meth:`ChainTransport.params` gives each node::
+
+    session     "DEPLOYMENT/NAME:VERSION/STREAM_SHA256", the tag both ends must agree on
+    position    the node's index in members
+    members     [[node, ip], ...] the whole session in chain order (ip may be null: such a
+                node pulls but cannot be pulled from)
+    relay_port  the port every node listens on
+    head        [host, port] of the head
+    base        http://server/images/NAME/VERSION, for chunks fetched over HTTP
+
+The wire protocol (all integers big-endian), version 1
+------------------------------------------------------
+
+A downstream node connects and says hello::
+
+    "CRLY"  u8 version=1  u8 flags=0  u16 tag length  tag (utf-8)
+    u32 index of the first chunk it needs   u8 name length  name (utf-8, for the logs)
+
+The upstream answers::
+
+    "CRLY"  u8 status  u32 have  u16 length  message (utf-8)
+
+with status 0 ok, 1 wrong session (the tags differ: a node that rejoins from another
+deployment or with another image is never served, and never serves), 2 closing (it is done
+serving), 3 bad hello; ``have`` is how many whole chunks, from the first, the upstream
+holds. Anything but 0 is followed by the close. After 0, the upstream sends frames and the
+downstream sends nothing more::
+
+    u8 kind  u32 chunk  u32 offset  u32 length  u32 have  u32 frontier  payload[length]
+
+``DATA`` (1)
+    bytes ``[offset, offset + length)`` of ``chunk``. Chunks come in order, from the index
+    of the hello, each from offset 0 with no gap; a relay forwards a piece as soon as it
+    has it (16 KiB pieces; at most 64 KiB in a frame), before its chunk is whole and checked, and every node checks
+    each whole chunk against the plan's sha256 before unpacking it.
+``SKIP`` (2)
+    "the chunks you need before ``chunk`` are no longer here": the downstream fetches them
+    from the server over HTTP, and the next ``DATA`` is ``chunk`` from offset 0.
+``IDLE`` (3)
+    nothing to send for a second: a heartbeat, so that silence means a dead upstream.
+
+``have`` is the sender's count of whole chunks and ``frontier`` its own upstream's: a node
+whose upstream lags its frontier by a few chunks pulls past it. The downstream closes the
+connection when it holds the whole stream, or to resume elsewhere: a new connection's hello
+names the chunk to resume from (a chunk cut in the middle starts again).
+
+A node's upstream that does not answer is retried for a while, then the node before it, up
+to the head; a node that finds nobody fetches that chunk over HTTP and tries again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import select
+import socket
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from corral.agent.rx_chain import (
+    RELAY_PORT,
+    FileSource,
+    Sender,
+    answer_hello,
+    session_tag,
+    tune,
+)
+from corral.config import Settings
+from corral.deploy.transports import Member, _url_host, register
+from corral.errors import ConfigError, CorralError
+from corral.images.exports import STREAM_INDEX, chunk_name, verify_export
+from corral.images.store import ImageVersion
+
+log = logging.getLogger("corral.deploy")
+
+#: TCP port of the head, on ``settings.address``; one for every session of the server.
+HEAD_PORT = 7730
+
+
+class ChainError(CorralError):
+    """A node asked for a chain it is not part of (yet)."""
+
+
+@dataclass
+class ChainSession:
+    """The nodes of one deployment getting one image by chain, in chain order."""
+
+    deployment: int
+    version: ImageVersion
+    tag: str
+    members: list[Member]
+    sizes: list[int]
+    senders: list[Sender] = field(default_factory=list)
+
+    def position(self, node: str) -> int:
+        return next(i for i, m in enumerate(self.members) if m.node == node)
+
+
+def order(members: Sequence[Member]) -> list[Member]:
+    """Chain order: by name. Any subset of a session (after a restart, with some nodes
+    ended) is then ordered the same way, so no two plans can make a node pull from a node
+    that pulls from it."""
+    return sorted({m.node: m for m in members}.values(), key=lambda m: m.node)
+
+
+def stream_index(version: ImageVersion) -> dict[str, Any]:
+    path = version.path / STREAM_INDEX
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"image {version.ref} has no readable stream export ({path}: {exc})",
+            f"make it with 'corral image export {version.ref}'",
+        ) from None
+    return data
+
+
+def chunk_sizes(index: dict[str, Any]) -> list[int]:
+    size, total = int(index["chunk_size"]), int(index["size"])
+    return [min(size, total - i * size) for i in range(len(index["chunks"]))]
+
+
+class Head:
+    """The head of every chain: one listener; each connection is served from the chunk
+    files of its session, in a thread of its own."""
+
+    def __init__(self, address: str, port: int, transport: ChainTransport) -> None:
+        self.transport = transport
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tune(self.sock)
+        try:
+            self.sock.bind((address if address not in ("", "0.0.0.0") else "", port))
+            self.sock.listen(64)
+        except OSError as exc:
+            self.sock.close()
+            hint = "stop what holds it" if exc.errno == errno.EADDRINUSE else ""
+            raise ConfigError(
+                f"the chain head cannot listen on {address or '*'}:{port}: {exc.strerror}",
+                hint or "check 'address' in corral.toml",
+            ) from None
+        self.port = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="corral-chain-head", daemon=True)
+        self._thread.start()
+        log.info("chain head listening on port %d", self.port)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ready, _, _ = select.select([self.sock], [], [], 0.2)
+                if not ready:
+                    continue
+                conn, peer = self.sock.accept()
+            except (OSError, ValueError):
+                return
+            threading.Thread(
+                target=self._serve, args=(conn, peer[0]), name="corral-chain-out", daemon=True
+            ).start()
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        transport = self.transport
+        try:
+            tune(conn)
+            hello = answer_hello(conn, transport.have_for)
+        except OSError:
+            hello = None
+        session = transport.session(hello.tag) if hello is not None else None
+        if hello is None or session is None:
+            conn.close()
+            return
+        version = session.version
+        source = FileSource(lambda i: version.path / chunk_name(i), len(session.sizes))
+        sender = Sender(conn, source, session.sizes, hello.index, f"{hello.name} ({peer})")
+        with transport.lock:
+            session.senders.append(sender)
+        log.info(
+            "chain %s: the head serves %s from chunk %d",
+            session.tag,
+            sender.peer,
+            hello.index,
+        )
+        try:
+            sender.run()
+        finally:
+            with transport.lock, contextlib.suppress(ValueError):
+                session.senders.remove(sender)
+        log.info(
+            "chain %s: %s %s after %d bytes from the head%s",
+            session.tag,
+            sender.peer,
+            "has everything" if sender.complete else "left",
+            sender.sent,
+            f" ({sender.error})" if sender.error else "",
+        )
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self._thread.join(2)
+
+
+class ChainTransport:
+    name = "chain"
+    export = "stream"
+
+    def __init__(self, settings: Settings, head_port: int = HEAD_PORT) -> None:
+        self.address = settings.address
+        self.head_host = _url_host(settings.server_url)
+        self.server = settings.server_url.rstrip("/")
+        self.head_port = head_port
+        self.relay_port = RELAY_PORT
+        self.lock = threading.Lock()
+        self.sessions: dict[str, ChainSession] = {}  # by tag
+        self.by_node: dict[str, str] = {}  # node -> tag of its session
+        self.head: Head | None = None
+        self._checked: set[str] = set()
+
+    def prepare(self, version: ImageVersion) -> None:
+        """Check every chunk against the manifest once, before the first byte is served."""
+        if version.ref not in self._checked:
+            verify_export(version, "stream")
+            self._checked.add(version.ref)
+
+    def start(self, deployment: int, version: ImageVersion, members: Sequence[Member]) -> None:
+        index = stream_index(version)
+        tag = session_tag(deployment, version.ref, str(index["sha256"]))
+        session = ChainSession(deployment, version, tag, order(members), chunk_sizes(index))
+        with self.lock:
+            if self.head is None:
+                self.head = Head(self.address, self.head_port, self)
+                self.head_port = self.head.port
+            old = self.sessions.get(tag)
+            if old is not None:
+                session.senders = old.senders
+            self.sessions[tag] = session
+            for member in session.members:
+                self.by_node[member.node] = tag
+        log.info(
+            "chain %s: %s",
+            tag,
+            " -> ".join(["head", *(m.node for m in session.members)]),
+        )
+
+    def session(self, tag: str) -> ChainSession | None:
+        with self.lock:
+            return self.sessions.get(tag)
+
+    def have_for(self, tag: str) -> int | None:
+        """The head holds every chunk of the sessions it runs, and nothing of others."""
+        session = self.session(tag)
+        return None if session is None else len(session.sizes)
+
+    def params(self, version: ImageVersion, node: str) -> dict[str, Any]:
+        with self.lock:
+            session = self.sessions.get(self.by_node.get(node, ""))
+        if session is None or session.version.ref != version.ref:
+            raise ChainError(
+                f"node {node} is in no chain session for {version.ref} yet",
+                "the deploy manager starts sessions every second: the agent asks again",
+            )
+        return {
+            "session": session.tag,
+            "position": session.position(node),
+            "members": [[m.node, m.ip] for m in session.members],
+            "relay_port": self.relay_port,
+            "head": [self.head_host, self.head_port],
+            "base": f"{self.server}/images/{version.name}/{version.version}",
+        }
+
+    def finish(self, deployment: int, version: ImageVersion) -> None:
+        with self.lock:
+            ended = [
+                s
+                for s in self.sessions.values()
+                if s.deployment == deployment and s.version.ref == version.ref
+            ]
+            for session in ended:
+                del self.sessions[session.tag]
+                for member in session.members:
+                    if self.by_node.get(member.node) == session.tag:
+                        del self.by_node[member.node]
+            senders = [sender for s in ended for sender in s.senders]
+        for sender in senders:
+            with contextlib.suppress(OSError):
+                sender.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with self.lock:
+            head, self.head = self.head, None
+            senders = [sender for s in self.sessions.values() for sender in s.senders]
+            self.sessions.clear()
+            self.by_node.clear()
+        for sender in senders:
+            with contextlib.suppress(OSError):
+                sender.sock.shutdown(socket.SHUT_RDWR)
+        if head is not None:
+            head.close()
+
+
+register("chain", ChainTransport)

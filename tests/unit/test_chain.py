@@ -1,0 +1,806 @@
+"""The chain transport on localhost: framing, the window, the choice of upstream, and
+whole chains of receivers (each on its own 127.0.0.x address, as each node has its own IP)
+fed by a real head or by a window the test controls."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from corral.agent import rx_chain
+from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
+from corral.agent.receive import (
+    Cancelled,
+    Context,
+    Received,
+    ReceiveError,
+    Unpacker,
+    receiver_class,
+)
+from corral.agent.report import Client
+from corral.agent.rx_chain import (
+    DATA,
+    IDLE,
+    OK,
+    SKIP,
+    WRONG_SESSION,
+    ChainParams,
+    ChainReceiver,
+    Gone,
+    Picker,
+    ProtocolError,
+    Relay,
+    Sender,
+    Upstream,
+    Window,
+    answer_hello,
+    pack_answer,
+    pack_frame,
+    pack_hello,
+    read_answer,
+    read_exact,
+    read_hello,
+    session_tag,
+)
+from corral.config import Settings
+from corral.deploy import transports
+from corral.deploy.chain import ChainError, ChainTransport, order
+from corral.deploy.transports import Member
+from corral.images.store import ImageVersion
+
+TAG = session_tag(7, "img:1", "ab" * 32)
+
+
+# --- framing -------------------------------------------------------------------------
+
+
+def reader(data: bytes) -> Any:
+    buf = bytearray(data)
+
+    def read(n: int) -> bytes:
+        if len(buf) < n:
+            raise ConnectionError("short")
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    return read
+
+
+def test_hello_answer_and_frames_round_trip() -> None:
+    hello = read_hello(reader(pack_hello(TAG, 12, "tb003")))
+    assert (hello.tag, hello.index, hello.name) == (TAG, 12, "tb003")
+    assert read_answer(reader(pack_answer(WRONG_SESSION, 3, "no"))) == (WRONG_SESSION, 3, "no")
+    frame = pack_frame(DATA, 4, 65536, b"xyz", have=4, frontier=9)
+    assert len(frame) == rx_chain.FRAME.size + 3
+    assert rx_chain.FRAME.unpack(frame[: rx_chain.FRAME.size]) == (DATA, 4, 65536, 3, 4, 9)
+
+
+def test_a_hello_from_something_else_is_refused() -> None:
+    with pytest.raises(ProtocolError, match="not a chain hello"):
+        read_hello(reader(b"GET / HTTP/1.1\r\n\r\n"))
+    with pytest.raises(ProtocolError, match="not a chain answer"):
+        read_answer(reader(b"HTTP/1.1 200 OK\r\n\r\n"))
+
+
+def test_answer_hello_refuses_another_session_and_serves_ours() -> None:
+    for tag, status in ((TAG, OK), ("8/img:1/" + "ab" * 32, WRONG_SESSION)):
+        a, b = socket.socketpair()
+        with a, b:
+            b.sendall(pack_hello(tag, 5, "tb002"))
+            hello = answer_hello(a, lambda t: 3 if t == TAG else None)
+            got = read_answer(lambda n, b=b: read_exact(b, n))  # type: ignore[misc]
+            assert got[0] == status
+            assert (hello is not None) == (status == OK)
+            if hello:
+                assert hello.index == 5 and got[1] == 3
+
+
+# --- the window ----------------------------------------------------------------------
+
+
+def test_the_window_serves_pieces_before_the_chunk_is_whole_and_forgets_old_chunks() -> None:
+    window = Window([10, 10, 10, 10], keep=2)
+    assert window.read(0, 0, 4, timeout=0) is None
+    window.extend(b"abcdef")
+    assert window.read(0, 0, 4, timeout=0) == b"abcd"
+    assert window.read(0, 4, 4, timeout=0) == b"ef"
+    assert window.read(0, 6, 4, timeout=0) is None  # not arrived yet
+    window.restart()  # a new upstream: the chunk starts again; same bytes will come
+    assert window.read(0, 0, 4, timeout=0) is None
+    for i in range(3):
+        window.complete(i, bytes([i]) * 10)
+    assert window.have == 3 and window.low == 1  # chunk 0 forgotten (keep=2)
+    with pytest.raises(Gone) as gone:
+        window.read(0, 0, 4, timeout=0)
+    assert gone.value.low == 1
+    assert window.read(2, 8, 4, timeout=0) == b"\x02\x02"
+    with pytest.raises(ValueError):
+        window.complete(1, b"")  # chunks come in order
+
+
+def test_a_reader_waits_for_the_next_piece_and_wakes_on_close() -> None:
+    window = Window([10], keep=2)
+    got: list[bytes | None] = []
+    t = threading.Thread(target=lambda: got.append(window.read(0, 0, 10, timeout=5)))
+    t.start()
+    time.sleep(0.05)
+    window.extend(b"12345")
+    t.join(2)
+    assert got == [b"12345"]
+    window.close()
+    with pytest.raises(rx_chain.Closed):
+        window.read(0, 5, 5, timeout=5)
+
+
+def test_frontier_is_what_the_upstream_holds() -> None:
+    window = Window([1, 1, 1], keep=2)
+    window.set_frontier(3)
+    assert window.frontier == 3
+    window.complete(0, b"x")
+    assert window.frontier == 3
+
+
+# --- choosing the upstream -----------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def chain_of(*names: str) -> list[Upstream]:
+    ups = [Upstream(n, ("127.0.0.1", 1)) for n in names]
+    return [*ups, Upstream("head", ("127.0.0.1", 2), head=True)]
+
+
+def test_the_direct_predecessor_gets_time_to_start_then_is_bypassed() -> None:
+    clock = Clock()
+    picker = Picker(chain_of("tb003", "tb002", "tb001"), start_patience=30, grace=3, clock=clock)
+    current = picker.current()
+    assert current is not None and current.name == "tb003"
+    assert not picker.failed()  # refused: not listening yet
+    clock.now = 29
+    assert not picker.failed()
+    clock.now = 30.5
+    assert picker.failed()
+    current = picker.current()
+    assert current is not None and current.name == "tb002"
+    # a farther node does not start late: refused means dead or finished
+    assert picker.failed()
+    current = picker.current()
+    assert current is not None and current.name == "tb001" and picker.switches == 2
+
+
+def test_an_upstream_that_answered_then_dropped_gets_the_grace_only() -> None:
+    clock = Clock()
+    picker = Picker(chain_of("tb003", "tb002"), start_patience=30, grace=3, clock=clock)
+    picker.answered()  # it took the connection (then died before a whole chunk came)
+    clock.now = 100
+    assert not picker.failed()
+    clock.now = 102
+    picker.succeeded()  # it came back and delivered: the clock starts over
+    clock.now = 104
+    assert not picker.failed()
+    clock.now = 107.5
+    assert picker.failed()
+    current = picker.current()
+    assert current is not None and current.name == "tb002"
+
+
+def test_after_a_few_nodes_gone_in_a_row_the_head() -> None:
+    picker = Picker(chain_of("tb006", "tb005", "tb004", "tb003", "tb002", "tb001"), max_walk=4)
+    assert picker.failed(fatal=True)
+    picker.answered()  # tb005 answers, then dies: the walk starts again from it
+    assert picker.failed(fatal=True)
+    for _ in range(3):
+        assert picker.failed()
+        current = picker.current()
+        assert current is not None and not current.head
+    assert picker.failed()  # a fourth in a row without an answer
+    current = picker.current()
+    assert current is not None and current.head
+
+
+def test_a_refusal_passes_at_once_and_after_the_head_comes_http() -> None:
+    clock = Clock()
+    picker = Picker(chain_of("tb001"), clock=clock)
+    assert picker.failed(fatal=True)  # wrong session or closing
+    current = picker.current()
+    assert current is not None and current.head
+    assert picker.farther() is None  # a lagging head is never passed for... the head
+    assert picker.failed(fatal=True)
+    assert picker.current() is None  # one chunk over HTTP
+    picker.after_http()
+    current = picker.current()
+    assert current is not None and current.head
+
+
+def test_a_lagging_upstream_is_passed_for_the_node_before_it_never_for_the_head() -> None:
+    picker = Picker(chain_of("tb003", "tb002"))
+    farther = picker.farther()
+    assert farther is not None and farther.name == "tb002"
+    picker.pass_lagging()
+    current = picker.current()
+    assert current is not None and current.name == "tb002"
+    assert picker.farther() is None
+    picker.pass_lagging()  # nothing to pass to but the head: stay
+    current = picker.current()
+    assert current is not None and current.name == "tb002"
+    with pytest.raises(ValueError):
+        Picker([Upstream("tb001", ("x", 1))])
+
+
+def test_params_give_the_upstreams_nearest_first_without_addressless_nodes() -> None:
+    params = ChainParams.from_dict(
+        {
+            "session": TAG,
+            "position": 3,
+            "members": [
+                ["tb001", "10.0.0.2"],
+                ["tb002", None],
+                ["tb003", "10.0.0.4"],
+                ["tb004", "10.0.0.5"],
+                ["tb005", "10.0.0.6"],
+            ],
+            "relay_port": 7731,
+            "head": ["10.0.0.1", 7730],
+            "base": "http://10.0.0.1:8080/images/img/1",
+        }
+    )
+    assert params.me == ("tb004", "10.0.0.5") and not params.is_last
+    assert [(u.name, u.address, u.head) for u in params.upstreams()] == [
+        ("tb003", ("10.0.0.4", 7731), False),
+        ("tb001", ("10.0.0.2", 7731), False),
+        ("head", ("10.0.0.1", 7730), True),
+    ]
+    with pytest.raises(ReceiveError, match="bad parameters"):
+        ChainParams.from_dict({"session": TAG})
+    with pytest.raises(ReceiveError, match="position 9"):
+        ChainParams.from_dict({**params.__dict__, "position": 9, "head": ["h", 1]})
+
+
+# --- a sender on a socket pair -------------------------------------------------------
+
+
+def frames(sock: socket.socket, n: int) -> list[tuple[int, int, int, bytes]]:
+    out = []
+    for _ in range(n):
+        kind, chunk, offset, length, _have, _front = rx_chain.FRAME.unpack(
+            read_exact(sock, rx_chain.FRAME.size)
+        )
+        out.append((kind, chunk, offset, read_exact(sock, length) if length else b""))
+    return out
+
+
+def data_frames(sock: socket.socket, nbytes: int) -> list[tuple[int, int, int, bytes]]:
+    """DATA frames (heartbeats left out) until ``nbytes`` of payload came."""
+    out: list[tuple[int, int, int, bytes]] = []
+    while sum(len(f[3]) for f in out) < nbytes:
+        out += [f for f in frames(sock, 1) if f[0] == DATA]
+    return out
+
+
+def test_a_sender_skips_what_its_window_forgot_and_knows_when_the_downstream_has_all() -> None:
+    sizes = [100_000, 10, 10]
+    window = Window(sizes, keep=2)
+    chunks = [os.urandom(100_000), b"b" * 10, b"c" * 10]
+    for i, data in enumerate(chunks):
+        window.complete(i, data)
+    a, b = socket.socketpair()
+    sender = Sender(a, window, sizes, 0, "test", heartbeat=0.05, wait_close=5)
+    t = threading.Thread(target=sender.run)
+    t.start()
+    with b:
+        got = frames(b, 3)
+        assert got[0] == (SKIP, 1, 0, b"")  # chunk 0 is gone: fetch it over HTTP
+        assert got[1:] == [(DATA, 1, 0, b"b" * 10), (DATA, 2, 0, b"c" * 10)]
+    t.join(5)
+    assert sender.complete and sender.sent == 20 and sender.skips == 1
+
+
+def test_a_sender_cuts_chunks_in_pieces_and_sends_heartbeats_while_waiting() -> None:
+    sizes = [150_000, 5]
+    window = Window(sizes)
+    data = os.urandom(150_000)
+    a, b = socket.socketpair()
+    sender = Sender(a, window, sizes, 0, "test", heartbeat=0.05, wait_close=5)
+    t = threading.Thread(target=sender.run)
+    t.start()
+    with b:
+        assert frames(b, 1)[0][0] == IDLE  # nothing yet
+        window.extend(data[:100_000])  # forwarded before the chunk is whole
+        pieces = data_frames(b, 100_000)
+        assert [(f[2], len(f[3])) for f in pieces] == [(0, 65536), (65536, 100_000 - 65536)]
+        # (a sender that finds more than a frame's worth sends it in frames of 64 KiB)
+        window.complete(0, data)
+        window.complete(1, b"12345")
+        rest = data_frames(b, 50_005)
+        assert b"".join(f[3] for f in pieces + rest) == data + b"12345"
+    t.join(5)
+    assert sender.complete
+
+
+def test_when_a_relay_holding_everything_may_stop_serving() -> None:
+    window = Window([1])
+    relay = Relay(("127.0.0.1", 0), TAG, window)
+    a, b = socket.socketpair()
+    try:
+        assert relay.drained(is_last=True, idle=10)  # nobody comes after the last
+        assert not relay.drained(is_last=False, idle=10)  # the next may still come
+        relay.last_event -= 11
+        assert relay.drained(is_last=False, idle=10)  # it did not, for `idle` seconds
+        sender = Sender(a, window, [1], 0, "tb002")
+        relay.senders.append(sender)
+        assert not relay.drained(is_last=True, idle=10)  # being served
+        sender.last_progress -= 11
+        assert relay.drained(is_last=True, idle=10)  # took nothing for `idle`: not waited for
+        sender.done.set()
+        sender.last_progress = time.monotonic()
+        assert not relay.drained(is_last=False, idle=10)  # it left without everything
+        sender.complete = True
+        assert relay.drained(is_last=False, idle=10)  # it has everything
+    finally:
+        a.close()
+        b.close()
+        relay.close()
+
+
+# --- whole chains on localhost ---------------------------------------------------------
+
+
+@dataclass
+class FakeDownload:
+    data: bytes
+    offset: int = 0
+    complete: bool = True
+
+    def read(self, size: int = 65536) -> bytes:
+        piece, self.data = self.data[:size], self.data[size:]
+        return piece
+
+    def __enter__(self) -> FakeDownload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+@dataclass
+class ChunkServer:
+    """The server's HTTP chunks, for the nodes' catch-up."""
+
+    chunks: list[bytes]
+    gets: list[int] = field(default_factory=list)
+
+    def download(self, url: str, *, start: int = 0, auth: bool = True) -> FakeDownload:
+        index = int(url.rsplit("/", 1)[-1].split(".")[0])
+        self.gets.append(index)
+        return FakeDownload(self.chunks[index][start:], start)
+
+
+class Collect:
+    """An unpacker that keeps what it is given (optionally slowly)."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.data = bytearray()
+        self.delay = delay
+        self.finished = False
+        self.aborted = False
+
+    def __call__(self, target: Path) -> Unpacker:
+        return cast(Unpacker, self)
+
+    def write(self, data: bytes) -> None:
+        time.sleep(self.delay)
+        self.data += data
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class FastChain(ChainReceiver):
+    heartbeat = 0.1
+    silence = 3.0
+    start_patience = 3.0
+    grace = 0.5
+    drain_idle = 3.0
+    linger = 2.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def make_plan(chunks: list[bytes], params: dict[str, Any], node: str) -> Plan:
+    return Plan(
+        deployment=7,
+        node=node,
+        image=ImageInfo(
+            "img:1",
+            hashlib.sha256(b"".join(chunks)).hexdigest(),
+            sum(map(len, chunks)),
+            max(map(len, chunks)),
+            [Chunk(hashlib.sha256(c).hexdigest(), len(c)) for c in chunks],
+            tree_bytes=1,
+            files=1,
+        ),
+        transport=TransportInfo("chain", params),
+        disk=Disk("", "gpt", []),
+        identity=Identity(node, [], {}, [], None),
+        bootloader="none",
+        post_script="",
+    )
+
+
+@dataclass
+class Node:
+    name: str
+    plan: Plan
+    receiver: ChainReceiver
+    unpacker: Collect
+    cancel: threading.Event = field(default_factory=threading.Event)
+    result: Received | None = None
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        def run() -> None:
+            try:
+                self.result = self.receiver.receive(
+                    self.plan, Path("/nonexistent"), lambda d, t: None, self.cancel
+                )
+            except BaseException as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float = 30) -> None:
+        assert self.thread is not None
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"{self.name} still receiving"
+
+
+def nodes_for(
+    chunks: list[bytes],
+    head: tuple[str, int],
+    count: int,
+    server: ChunkServer,
+    *,
+    tag: str = TAG,
+    delays: dict[int, float] | None = None,
+    cls: type[ChainReceiver] = FastChain,
+) -> list[Node]:
+    port = free_port()
+    members = [[f"tb{i + 1:03d}", f"127.0.0.{i + 2}"] for i in range(count)]
+    out = []
+    for i in range(count):
+        params = {
+            "session": tag,
+            "position": i,
+            "members": members,
+            "relay_port": port,
+            "head": list(head),
+            "base": "http://127.0.0.1:1/images/img/1",
+        }
+        unpacker = Collect((delays or {}).get(i, 0.0))
+        receiver = cls(Context(cast(Client, server), tries=2))
+        receiver.unpacker = unpacker
+        out.append(
+            Node(members[i][0], make_plan(chunks, params, members[i][0]), receiver, unpacker)
+        )
+    return out
+
+
+@pytest.fixture
+def test_head() -> Iterator[tuple[Relay, Window]]:
+    """A head whose window the test fills chunk by chunk."""
+    window: Window | None = None
+    relay: Relay | None = None
+
+    def make(sizes: list[int], keep: int = 64) -> tuple[Relay, Window]:
+        nonlocal window, relay
+        window = Window(sizes, keep)
+        relay = Relay(("127.0.0.1", 0), TAG, window, heartbeat=0.1)
+        relay.start()
+        return relay, window
+
+    yield make  # type: ignore[misc]
+    if relay is not None:
+        relay.close()
+
+
+def wait_for(check: Any, what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def head_address(relay: Relay) -> tuple[str, int]:
+    assert relay.sock is not None
+    host, port = relay.sock.getsockname()
+    return host, port
+
+
+def test_three_nodes_in_a_chain_each_forward_to_the_next(test_head: Any) -> None:
+    chunks = [os.urandom(150_000) for _ in range(6)] + [os.urandom(1234)]
+    relay, window = test_head([len(c) for c in chunks])
+    server = ChunkServer(chunks)
+    nodes = nodes_for(chunks, head_address(relay), 3, server)
+    for node in nodes:
+        node.start()
+    for i, data in enumerate(chunks):
+        window.complete(i, data)
+    for node in nodes:
+        node.join()
+    whole = b"".join(chunks)
+    for node in nodes:
+        assert node.error is None, f"{node.name}: {node.error!r}"
+        assert node.unpacker.data == whole and node.unpacker.finished
+        assert node.result is not None
+        assert node.result.details["from_relay"] == len(chunks)
+        assert node.result.details["from_http"] == 0
+    # each served the next one the whole stream; the last served nobody
+    served = [n.result.details["served_bytes"] for n in nodes if n.result]
+    assert served == [len(whole), len(whole), 0]
+    assert relay.served == len(whole)  # the head sent it once
+    assert server.gets == []
+
+
+def test_a_node_dying_mid_stream_is_bypassed_and_its_successor_resumes(test_head: Any) -> None:
+    chunks = [os.urandom(100_000) for _ in range(8)]
+    relay, window = test_head([len(c) for c in chunks])
+    server = ChunkServer(chunks)
+    nodes = nodes_for(chunks, head_address(relay), 3, server)
+    for node in nodes:
+        node.start()
+    for i in range(3):
+        window.complete(i, chunks[i])
+    # wait until the last node has the three chunks, then the middle one dies
+    wait_for(lambda: len(nodes[2].unpacker.data) == 300_000, "tb003 to have 3 chunks")
+    nodes[1].cancel.set()
+    nodes[1].join()
+    assert isinstance(nodes[1].error, Cancelled)
+    for i in range(3, len(chunks)):
+        window.complete(i, chunks[i])
+    for node in (nodes[0], nodes[2]):
+        node.join()
+        assert node.error is None, f"{node.name}: {node.error!r}"
+        assert node.unpacker.data == b"".join(chunks)
+    last = nodes[2].result
+    assert last is not None
+    assert last.details["switches"] == 1  # tb002 passed, tb001 took over
+    assert last.details["from_http"] == 0  # tb001 still held what tb003 needed
+    assert server.gets == []
+
+
+def test_a_slow_node_is_passed_by_the_node_after_it(
+    test_head: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # small buffers, as a 4 MiB chunk is to 256 KiB ones: the lag is not hidden in them
+    monkeypatch.setattr(rx_chain, "SOCKET_BUFFER", 4096)
+    chunks = [os.urandom(50_000) for _ in range(16)]
+    relay, window = test_head([len(c) for c in chunks])
+    server = ChunkServer(chunks)
+    # tb002 unpacks slowly: it falls behind tb001, and tb003 pulls from tb001 instead
+    nodes = nodes_for(chunks, head_address(relay), 3, server, delays={1: 0.3})
+    for node in nodes:
+        node.start()
+    for i, data in enumerate(chunks):
+        window.complete(i, data)
+    for node in nodes:
+        node.join()
+        assert node.error is None, f"{node.name}: {node.error!r}"
+        assert node.unpacker.data == b"".join(chunks)
+    last = nodes[2].result
+    assert last is not None and last.details["lag_passes"] == 1
+    assert nodes[2].receiver.picker is not None
+    current = nodes[2].receiver.picker.current()
+    assert current is not None and current.name == "tb001"
+
+
+def test_what_the_window_lost_comes_over_http(test_head: Any) -> None:
+    chunks = [os.urandom(20_000) for _ in range(6)]
+    relay, window = test_head([len(c) for c in chunks], keep=2)
+    for i, data in enumerate(chunks[:4]):
+        window.complete(i, data)  # the head moved on before the node came: 0 and 1 are gone
+    server = ChunkServer(chunks)
+    (node,) = nodes_for(chunks, head_address(relay), 1, server)
+    node.start()
+    wait_for(lambda: len(node.unpacker.data) == 80_000, "the node to have chunks 0-3")
+    for i in (4, 5):
+        window.complete(i, chunks[i])
+    node.join()
+    assert node.error is None, repr(node.error)
+    assert node.unpacker.data == b"".join(chunks)
+    assert server.gets == [0, 1]
+    assert node.result is not None and node.result.details["skips"] == 1
+
+
+def test_a_corrupt_chunk_is_asked_again_then_fetched_over_http(test_head: Any) -> None:
+    chunks = [os.urandom(20_000) for _ in range(3)]
+    relay, window = test_head([len(c) for c in chunks])
+    window.complete(0, chunks[0])
+    window.complete(1, b"x" + chunks[1][1:])  # this upstream holds it wrong
+    window.complete(2, chunks[2])
+    server = ChunkServer(chunks)
+    (node,) = nodes_for(chunks, head_address(relay), 1, server)
+    node.start()
+    node.join()
+    assert node.error is None, repr(node.error)
+    assert node.unpacker.data == b"".join(chunks)
+    assert node.result is not None
+    assert node.result.details["bad"] == 2  # asked twice (tries=2), then over HTTP
+    assert server.gets[0] == 1
+
+
+def test_a_head_of_another_session_is_never_taken_from(test_head: Any) -> None:
+    chunks = [os.urandom(1000) for _ in range(3)]
+    relay, window = test_head([len(c) for c in chunks])
+    for i, data in enumerate(chunks):
+        window.complete(i, b"wrong" + data[5:])  # another image altogether
+    server = ChunkServer(chunks)
+    other = session_tag(8, "img:1", "ab" * 32)
+    (node,) = nodes_for(chunks, head_address(relay), 1, server, tag=other)
+    node.start()
+    node.join()
+    assert node.error is None, repr(node.error)
+    assert node.unpacker.data == b"".join(chunks)
+    assert server.gets == [0, 1, 2] and relay.served == 0
+
+
+# --- the server side -------------------------------------------------------------------
+
+
+def make_version(tmp: Path, chunks: list[bytes]) -> ImageVersion:
+    exports = tmp / "v1" / "exports"
+    (exports / "chunks").mkdir(parents=True)
+    for i, data in enumerate(chunks):
+        (exports / "chunks" / f"{i:08d}.bin").write_bytes(data)
+    size = max(map(len, chunks))
+    (exports / "stream.json").write_text(
+        json.dumps(
+            {
+                "chunk_size": size,
+                "count": len(chunks),
+                "size": sum(map(len, chunks)),
+                "sha256": hashlib.sha256(b"".join(chunks)).hexdigest(),
+                "chunks": [hashlib.sha256(c).hexdigest() for c in chunks],
+            }
+        )
+    )
+    return ImageVersion("img", 1, tmp / "v1", tmp / "v1" / "rootfs", {})
+
+
+@pytest.fixture
+def transport(tmp_path: Path) -> Iterator[ChainTransport]:
+    settings = Settings(home=tmp_path, server_url="http://127.0.0.1:8080", address="127.0.0.1")
+    chain = ChainTransport(settings, head_port=0)
+    yield chain
+    chain.close()
+
+
+def test_the_transport_is_registered_on_both_sides() -> None:
+    assert transports.REGISTRY["chain"] is ChainTransport
+    assert receiver_class("chain") is ChainReceiver
+
+
+def test_sessions_order_nodes_by_name_and_give_each_its_place(
+    transport: ChainTransport, tmp_path: Path
+) -> None:
+    chunks = [b"a" * 100, b"b" * 50]
+    version = make_version(tmp_path, chunks)
+    with pytest.raises(ChainError, match="no chain session"):
+        transport.params(version, "tb002")
+    members = [Member("tb003", "10.0.0.4"), Member("tb001", "10.0.0.2"), Member("tb002", None)]
+    transport.start(7, version, members)
+    params = transport.params(version, "tb002")
+    sha = hashlib.sha256(b"".join(chunks)).hexdigest()
+    assert params == {
+        "session": f"7/img:1/{sha}",
+        "position": 1,
+        "members": [["tb001", "10.0.0.2"], ["tb002", None], ["tb003", "10.0.0.4"]],
+        "relay_port": rx_chain.RELAY_PORT,
+        "head": ["127.0.0.1", transport.head_port],
+        "base": "http://127.0.0.1:8080/images/img/1",
+    }
+    assert transport.head_port != 0
+    # started again after a restart, with fewer nodes: the same order, the same tag
+    transport.start(7, version, [Member("tb003", "10.0.0.4"), Member("tb002", None)])
+    again = transport.params(version, "tb003")
+    assert again["position"] == 1 and again["session"] == params["session"]
+    transport.finish(7, version)
+    with pytest.raises(ChainError):
+        transport.params(version, "tb003")
+
+
+def test_order_is_by_name_and_drops_duplicates() -> None:
+    got = order([Member("b", "1"), Member("a", "2"), Member("b", "1")])
+    assert [m.node for m in got] == ["a", "b"]
+
+
+def test_the_head_streams_the_chunk_files_of_its_session_only(
+    transport: ChainTransport, tmp_path: Path
+) -> None:
+    chunks = [os.urandom(70_000), os.urandom(10)]
+    version = make_version(tmp_path, chunks)
+    transport.start(7, version, [Member("tb001", "127.0.0.2")])
+    tag = transport.params(version, "tb001")["session"]
+    address = ("127.0.0.1", transport.head_port)
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(pack_hello("7/img:1/" + "00" * 32, 0, "tb001"))
+        status, _, _ = read_answer(lambda n: read_exact(sock, n))
+        assert status == WRONG_SESSION
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(pack_hello(tag, 0, "tb001"))
+        assert read_answer(lambda n: read_exact(sock, n)) == (OK, 2, "")
+        got = frames(sock, 3)
+        assert [(f[0], f[1], f[2]) for f in got] == [(DATA, 0, 0), (DATA, 0, 65536), (DATA, 1, 0)]
+        assert b"".join(f[3] for f in got) == b"".join(chunks)
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(pack_hello(tag, 1, "tb001"))  # resume at chunk 1
+        assert read_answer(lambda n: read_exact(sock, n))[0] == OK
+        assert frames(sock, 1) == [(DATA, 1, 0, chunks[1])]
+
+
+def test_a_real_head_and_real_unpacking_through_three_nodes(
+    transport: ChainTransport, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    (tree / "usr").mkdir(parents=True)
+    (tree / "usr" / "blob").write_bytes(os.urandom(300_000))
+    (tree / "etc").mkdir()
+    (tree / "etc" / "hostname").write_text("x\n")
+    stream = subprocess.run(
+        ["sh", "-c", f"tar -C {tree} -cf - . | zstd -q -c"], check=True, capture_output=True
+    ).stdout
+    chunks = [stream[i : i + 100_000] for i in range(0, len(stream), 100_000)]
+    version = make_version(tmp_path, chunks)
+    members = [Member(f"tb{i:03d}", f"127.0.0.{i + 1}") for i in (1, 2, 3)]
+    transport.start(7, version, members)
+    port = free_port()
+    out = []
+    threads = []
+    for member in members:
+        params = transport.params(version, member.node) | {"relay_port": port}
+        plan = make_plan(chunks, params, member.node)
+        target = tmp_path / member.node
+        target.mkdir()
+        out.append(target)
+        receiver = FastChain(Context(None))
+        threads.append(
+            threading.Thread(
+                target=receiver.receive, args=(plan, target, lambda d, t: None, threading.Event())
+            )
+        )
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    for target in out:
+        assert (target / "usr" / "blob").read_bytes() == (tree / "usr" / "blob").read_bytes()
+        assert (target / "etc" / "hostname").read_text() == "x\n"

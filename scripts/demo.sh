@@ -51,12 +51,13 @@ echo "== 5. what tb001's disk holds now"
 loop=$($corral testbed status | awk '$1 == "tb001" {print $4}')
 mnt=$demo/tb001
 mkdir -p "$mnt"
-root=$(lsblk -nrpo NAME,FSTYPE "$loop" | awk '$2 == "ext4" {p=$1} END {print p}')
+root=$(for p in "$loop"p*; do [[ $(blkid -o value -s LABEL "$p") == root ]] && echo "$p"; done | head -1)
 if [[ -n $root ]]; then
     mount -o ro "$root" "$mnt"
     echo "hostname: $(cat "$mnt/etc/hostname"); $(grep PRETTY_NAME "$mnt/etc/os-release")"
     echo "fstab: $(grep -v '^#' "$mnt/etc/fstab" | head -1)"
-    ls "$mnt/boot" | head -5
+    echo "boot: $(ls "$mnt/boot" | tr '\n' ' ')"
+    echo "GRUB in the disk's first sectors: $(dd if="$loop" bs=512 count=1 2>/dev/null | grep -ac GRUB) match"
     umount "$mnt"
 fi
 echo "demo done (status $status): logs in $CORRAL_HOME/testbed, image in $CORRAL_HOME/images"

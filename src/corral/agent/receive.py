@@ -571,7 +571,7 @@ class RsyncReceiver(Receiver):
 
 
 #: Modules of further receivers; each registers its class with :func:`register` on import.
-BUILTIN: tuple[str, ...] = ("corral.agent.rx_chain",)
+BUILTIN: tuple[str, ...] = ("corral.agent.rx_bittorrent", "corral.agent.rx_chain")
 
 for _module in BUILTIN:
     importlib.import_module(_module)

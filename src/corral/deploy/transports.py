@@ -239,7 +239,7 @@ class Transports:
 
 
 #: Modules of further transports; each calls :func:`register` when imported.
-BUILTIN: tuple[str, ...] = ("corral.deploy.chain",)
+BUILTIN: tuple[str, ...] = ("corral.deploy.bittorrent", "corral.deploy.chain")
 
 for _module in BUILTIN:
     importlib.import_module(_module)

@@ -1,0 +1,646 @@
+"""The ``bittorrent`` transport: corral seeds the image's stream to a swarm of the session's
+nodes, which exchange pieces among themselves, so the server sends about one copy.
+
+What a session is made of (:meth:`BitTorrentTransport.start`):
+
+- **The torrent.** A private, v1, multi-file torrent whose files are the stream export's
+  chunk files (``chunks/00000000.bin`` ...), named ``chunks`` so that libtorrent, with
+  ``save_path`` the version's ``exports`` directory, seeds the files where they lie: no copy
+  of the image is made, and a node sees chunk boundaries as file boundaries. A single file
+  (the chunks concatenated) would have needed that copy on the server. The piece size
+  (:func:`piece_size_for`) divides the chunk size, so every chunk is a run of whole pieces
+  and a node knows exactly which pieces it needs before it can check and unpack the next
+  chunk. The info dictionary carries ``source = "corral deployment D image NAME:V"``: each
+  deployment has its own info-hash, so the torrent and its swarm are private to the
+  deployment, and the same deployment gets the same torrent again after a restart of
+  corral serve (the torrent is built deterministically from the files, no creation date).
+- **The tracker** (:class:`Tracker`): a tiny HTTP tracker in this module on its own port
+  (:data:`TRACKER_PORT`), stdlib ``http.server`` in a thread of corral serve. It answers
+  only for the info-hashes of running sessions, and only to the session's members' addresses
+  (and the server's own); anything else gets a ``failure reason``. Embedding it keeps the
+  deployment self-contained (no opentracker to install, configure and supervise), and it
+  only has to know a few hundred peers.
+- **The seed** (:class:`Seeder`): one libtorrent session in corral serve, seeding every
+  session's torrent in ``seed_mode`` (the export was checked against its manifest by
+  :meth:`prepare`, so libtorrent need not read it all before serving).
+
+A node's plan (:meth:`params`) holds the torrent (base64), the tracker's URL and the HTTP
+base of the chunks, which the agent falls back on for chunks the swarm does not deliver.
+:meth:`finish` removes the torrent from the seed and the tracker; the last one stops both.
+The agent's side is :mod:`corral.agent.rx_bittorrent`.
+
+Knobs that are module constants (a site should not need them, so they are not settings):
+:data:`TRACKER_PORT`, :data:`SEED_PORT`, :data:`ANNOUNCE_INTERVAL`, :data:`MAX_PEERS`,
+and the piece sizes.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import importlib
+import ipaddress
+import json
+import logging
+import random
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from corral.agent.rx_bittorrent import bencode
+from corral.config import Settings
+from corral.deploy.transports import Member, register
+from corral.errors import ConfigError
+from corral.images.exports import STREAM_INDEX, chunk_name, verify_export
+from corral.images.store import ImageVersion
+
+log = logging.getLogger("corral.deploy")
+
+#: The tracker's port, on corral serve's address.
+TRACKER_PORT = 6969
+#: The seed's listening port (the agents use :data:`corral.agent.rx_bittorrent.PEER_PORT`).
+SEED_PORT = 6881
+#: Seconds between two announces of a peer. BitTorrent's usual 30 min suits swarms that
+#: live for days; a deployment lives for minutes, and nodes boot over a few seconds.
+#: Peers find each other from a node's first announce anyway (each connects to the peers it
+#: is given); the re-announces only refresh the tracker's view, e.g. after a restart of
+#: corral serve, so 10 s is often enough for that and costs nothing on a LAN.
+ANNOUNCE_INTERVAL = 10
+#: Peers a node gets in one answer. Every node of a LAN swarm can reach every other, but a
+#: connection costs memory and CPU on both ends and each piece a HAVE message on each:
+#: 50 (the usual numwant) gives a well-mixed swarm; the nodes given to each other connect
+#: both ways, so each ends with about twice as many.
+MAX_PEERS = 50
+#: A peer not heard of for this many intervals has left.
+EXPIRE_INTERVALS = 3
+
+#: Piece sizes (see :func:`piece_size_for`).
+MIN_PIECE = 256 << 10
+MAX_PIECE = 4 << 20
+TARGET_PIECES = 1024
+#: The torrent's top directory: the name of the export's chunk directory.
+TORRENT_NAME = "chunks"
+
+
+def piece_size_for(stream_size: int, chunk_size: int) -> int:
+    """The piece size of an image's torrent: the smallest power of two from
+    :data:`MIN_PIECE` that keeps the piece count near :data:`TARGET_PIECES`, at most
+    :data:`MAX_PIECE`, and dividing ``chunk_size``.
+
+    Why small pieces on a LAN: a peer passes on a piece only once it is whole and verified,
+    so the piece is the swarm's pipelining unit; at 256 KiB a node re-shares what it got
+    from the seed 0.1 s later on a 20 Mbit/s link (2 ms at 1 Gbit/s), and a 64 MiB stream
+    has 256 pieces, more than the nodes of a large session, so the seed's first round gives
+    them different pieces. Why not smaller: each piece costs 20 bytes in the torrent, which
+    every plan carries, a HAVE message to every connected peer and piece-picker work, and
+    libtorrent requests 16 KiB blocks regardless. About a thousand pieces keeps the torrent
+    near 20 KiB; beyond 256 MiB the pieces grow instead (1 GiB: 1 MiB pieces, 4 GiB: 4 MiB).
+    Dividing the chunk size makes each chunk a run of whole pieces, so the agent knows
+    exactly which pieces complete the next chunk to unpack.
+    """
+    size = MIN_PIECE
+    while size < MAX_PIECE and stream_size > size * TARGET_PIECES:
+        size *= 2
+    while size > 16 << 10 and chunk_size % size:
+        size //= 2  # a chunk size that is no multiple of a power of two this large
+    return size
+
+
+def piece_hashes(paths: Iterable[Path], piece_size: int) -> bytes:
+    """The SHA-1 of each ``piece_size`` bytes of the files read one after the other."""
+    out: list[bytes] = []
+    digest = hashlib.sha1()
+    filled = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                view = memoryview(block)
+                while view:
+                    take = min(len(view), piece_size - filled)
+                    digest.update(view[:take])
+                    filled += take
+                    view = view[take:]
+                    if filled == piece_size:
+                        out.append(digest.digest())
+                        digest, filled = hashlib.sha1(), 0
+    if filled:
+        out.append(digest.digest())
+    return b"".join(out)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An image version's stream as torrent files and pieces (the same for every session)."""
+
+    files: tuple[tuple[str, int], ...]  # (file name under TORRENT_NAME, size)
+    piece_size: int
+    hashes: bytes
+
+
+def stream_layout(version: ImageVersion) -> Layout:
+    """Read the version's stream index and hash its chunk files into pieces."""
+    try:
+        index = json.loads((version.path / STREAM_INDEX).read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"image {version.ref} has no stream export",
+            f"make it with 'corral image export {version.ref}'",
+        ) from None
+    size, chunk_size, count = int(index["size"]), int(index["chunk_size"]), len(index["chunks"])
+    files = tuple(
+        (Path(chunk_name(i)).name, min(chunk_size, size - i * chunk_size)) for i in range(count)
+    )
+    piece = piece_size_for(size, chunk_size)
+    paths = [version.path / chunk_name(i) for i in range(count)]
+    return Layout(files, piece, piece_hashes(paths, piece))
+
+
+@dataclass(frozen=True)
+class Torrent:
+    data: bytes  # the .torrent file
+    info_hash: bytes  # SHA-1 of its bencoded info dictionary
+
+
+def make_torrent(layout: Layout, tracker: str, source: str) -> Torrent:
+    """The .torrent of ``layout``: private, announcing to ``tracker``, deterministic (no
+    creation date), ``source`` in the info dictionary to make its info-hash unique."""
+    info = {
+        "name": TORRENT_NAME,
+        "piece length": layout.piece_size,
+        "pieces": layout.hashes,
+        "private": 1,
+        "source": source,
+        "files": [{"length": size, "path": [name]} for name, size in layout.files],
+    }
+    data = bencode({"announce": tracker, "created by": "corral", "info": info})
+    return Torrent(data, hashlib.sha1(bencode(info)).digest())
+
+
+# --- the tracker -----------------------------------------------------------------------
+
+
+@dataclass
+class _Peer:
+    ip: str
+    port: int
+    left: int
+    seen: float
+
+
+@dataclass
+class _Swarm:
+    allowed: frozenset[str] | None  # None: any address
+    peers: dict[bytes, _Peer] = field(default_factory=dict)  # peer_id -> peer
+
+
+class Swarms:
+    """The tracker's state: who is in which session's swarm. Thread-safe, no I/O."""
+
+    def __init__(
+        self,
+        *,
+        interval: int = ANNOUNCE_INTERVAL,
+        max_peers: int = MAX_PEERS,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.interval = interval
+        self.max_peers = max_peers
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._swarms: dict[bytes, _Swarm] = {}
+        self._lock = threading.Lock()
+
+    def open(self, info_hash: bytes, allowed: Iterable[str] | None) -> None:
+        with self._lock:
+            old = self._swarms.get(info_hash)
+            self._swarms[info_hash] = _Swarm(
+                None if allowed is None else frozenset(allowed), old.peers if old else {}
+            )
+
+    def close(self, info_hash: bytes) -> None:
+        with self._lock:
+            self._swarms.pop(info_hash, None)
+
+    def __len__(self) -> int:
+        return len(self._swarms)
+
+    def announce(self, query: Mapping[str, bytes], ip: str) -> dict[str, Any]:
+        """The answer to one announce (BEP 3, compact peers of BEP 23) from ``ip``."""
+        try:
+            info_hash, peer_id = query["info_hash"], query["peer_id"]
+            port = int(query["port"])
+            left = int(query.get("left", b"0"))
+            numwant = int(query.get("numwant", b"50"))
+        except (KeyError, ValueError):
+            return {"failure reason": "bad announce: info_hash, peer_id and port are needed"}
+        event = query.get("event", b"").decode("ascii", "replace")
+        now = self.clock()
+        with self._lock:
+            swarm = self._swarms.get(info_hash)
+            if swarm is None:
+                return {"failure reason": "unknown torrent: not a running corral deployment"}
+            if swarm.allowed is not None and ip not in swarm.allowed:
+                return {"failure reason": f"{ip} is not a member of this deployment"}
+            expired = now - EXPIRE_INTERVALS * self.interval
+            for key in [k for k, p in swarm.peers.items() if p.seen < expired]:
+                del swarm.peers[key]
+            if event == "stopped":
+                swarm.peers.pop(peer_id, None)
+            else:
+                swarm.peers[peer_id] = _Peer(ip, port, left, now)
+            # A peer that has everything (corral's seed, a node lingering after its
+            # download) is given no peers: the others connect to it. Its own connections
+            # would mostly reach nodes that keep the seed away on purpose (see the agent).
+            others = [
+                p
+                for k, p in swarm.peers.items()
+                if left > 0 and k != peer_id and (p.ip, p.port) != (ip, port)
+            ]
+            complete = sum(1 for p in swarm.peers.values() if p.left == 0)
+            incomplete = len(swarm.peers) - complete
+        want = max(0, min(numwant, self.max_peers)) if event != "stopped" else 0
+        chosen = self.rng.sample(others, min(want, len(others)))
+        return {
+            "interval": self.interval,
+            "min interval": max(1, self.interval // 2),
+            "complete": complete,
+            "incomplete": incomplete,
+            "peers": b"".join(_compact(p.ip, p.port) for p in chosen),
+        }
+
+
+def _compact(ip: str, port: int) -> bytes:
+    address = ipaddress.ip_address(ip)
+    if address.version != 4:
+        return b""  # BEP 23 compact lists are IPv4; corral's node networks are too
+    return address.packed + port.to_bytes(2, "big")
+
+
+def parse_query(query: str) -> dict[str, bytes]:
+    """An announce's query string as raw bytes (info_hash and peer_id are binary)."""
+    out: dict[str, bytes] = {}
+    for part in query.split("&"):
+        if part:
+            key, _, value = part.partition("=")
+            out[urllib.parse.unquote(key)] = urllib.parse.unquote_to_bytes(value)
+    return out
+
+
+class _TrackerHandler(BaseHTTPRequestHandler):
+    server: _TrackerServer
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        path, _, query = self.path.partition("?")
+        if path != "/announce":
+            self.send_error(404, "this tracker only answers /announce")
+            return
+        answer = self.server.swarms.announce(parse_query(query), self.client_address[0])
+        if "failure reason" in answer:
+            log.warning("tracker: %s: %s", self.client_address[0], answer["failure reason"])
+        body = bencode(answer)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("tracker: %s %s", self.client_address[0], format % args)
+
+
+class _TrackerServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    swarms: Swarms
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A peer that hangs up before its answer (a node leaving gives its tracker one
+        second) is no reason for a traceback on corral serve's stderr."""
+        log.debug("tracker: %s went away", client_address[0], exc_info=True)
+
+
+class Tracker:
+    """The HTTP tracker of corral's BitTorrent sessions, in a thread of corral serve."""
+
+    def __init__(self, address: str, port: int, swarms: Swarms | None = None) -> None:
+        self.swarms = swarms or Swarms()
+        try:
+            self.httpd = _TrackerServer((address, port), _TrackerHandler)
+        except OSError as exc:
+            raise ConfigError(
+                f"the BitTorrent tracker cannot listen on {address}:{port}: {exc.strerror}",
+                f"free port {port} (another tracker?) or use another transport",
+            ) from None
+        self.httpd.swarms = self.swarms
+        self.port = int(self.httpd.server_address[1])
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever,
+            kwargs={"poll_interval": 0.5},
+            name="corral-tracker",
+            daemon=True,
+        )
+        self.thread.start()
+        log.info("BitTorrent tracker on %s:%d", address, self.port)
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+# --- the seed --------------------------------------------------------------------------
+
+
+def seed_settings(lt: Any, address: str, port: int) -> dict[str, Any]:
+    """libtorrent settings of corral's seed, chosen for a swarm of nodes on one LAN; the
+    agent's (:func:`corral.agent.rx_bittorrent.session_settings`) make the same choices."""
+    return {
+        "listen_interfaces": f"{address}:{port}",
+        "user_agent": "corral",
+        # Peers come from corral's tracker only. DHT and local service discovery would
+        # announce the deployment beyond it (and private torrents forbid them anyway);
+        # UPnP and NAT-PMP map ports on a home router, which a cluster LAN does not have.
+        "enable_dht": False,
+        "enable_lsd": False,
+        "enable_upnp": False,
+        "enable_natpmp": False,
+        # uTP's congestion control (LEDBAT) yields to any other traffic by design and runs
+        # in user space: on a LAN dedicated to the deployment plain TCP is faster and
+        # cheaper on CPU, which a host running many agents is short of.
+        "enable_outgoing_utp": False,
+        "enable_incoming_utp": False,
+        # Protocol encryption hides BitTorrent from ISPs' shapers; there are none here, and
+        # RC4 would cost CPU on every byte.
+        "out_enc_policy": int(lt.enc_policy.disabled),
+        "in_enc_policy": int(lt.enc_policy.disabled),
+        # Every peer is a deployment member admitted by the tracker. Several agents behind
+        # one address (a test bench, a NAT'd rack) must still all be served.
+        "allow_multiple_connections_per_ip": True,
+        # Choking exists to make strangers reciprocate (tit-for-tat). The nodes are not
+        # strangers and there are no free riders to punish, so every peer that asks is
+        # unchoked (fixed slots, unlimited): the seed's link is shared among all who
+        # want pieces, which keeps pieces diverse, and no peer waits for an optimistic
+        # unchoke every 30 s. With every peer unchoked, the seed's choking order
+        # (round robin) only decides who goes first if a limit is ever set.
+        "choking_algorithm": int(lt.choking_algorithm_t.fixed_slots_choker),
+        "unchoke_slots_limit": -1,
+        "seed_choking_algorithm": int(lt.seed_choking_algorithm_t.round_robin),
+        # Hundreds of nodes may connect to the seed.
+        "connections_limit": 1000,
+        # LAN round trips are sub-millisecond: a peer that does not answer within a few
+        # seconds is dead or overloaded, and its requests are better sent elsewhere.
+        "peer_connect_timeout": 3,
+        "handshake_timeout": 5,
+        "request_timeout": 10,
+        "piece_timeout": 10,
+        "peer_timeout": 30,
+        "min_reconnect_time": 2,
+        "connection_speed": 100,
+        "smooth_connects": False,
+        "stop_tracker_timeout": 1,
+        # the seed reads a disk that serves many peers: more I/O threads than a node's
+        "aio_threads": 4,
+        "alert_mask": int(lt.alert.category_t.error_notification),
+    }
+
+
+class Seeder:
+    """One libtorrent session in corral serve seeding the sessions' torrents in place."""
+
+    def __init__(self, lt: ModuleType, address: str, port: int) -> None:
+        self.lt = lt
+        self.session = lt.session(seed_settings(lt, address, port), 0)  # no plugins
+        # libtorrent puts peers on private networks in its "local" class, which ignores
+        # unchoke slots (and rate limits): on a LAN every node would be unchoked and the
+        # seed's slot limit would mean nothing
+        local = self.session.local_peer_class_id
+        peer_class = self.session.get_peer_class(local)
+        peer_class["ignore_unchoke_slots"] = False
+        self.session.set_peer_class(local, peer_class)
+        deadline = time.monotonic() + 2
+        while not self.session.is_listening() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not self.session.is_listening():
+            raise ConfigError(
+                f"the BitTorrent seed cannot listen on {address}:{port}",
+                f"free port {port} or use another transport",
+            )
+        self.port = int(self.session.listen_port())
+        self.handles: dict[bytes, Any] = {}
+        log.info("BitTorrent seed on %s:%d", address, self.port)
+
+    def add(self, torrent: Torrent, save_path: Path) -> None:
+        key = torrent.info_hash
+        if key in self.handles:
+            return
+        lt = self.lt
+        params = lt.add_torrent_params()
+        params.ti = lt.torrent_info(lt.bdecode(torrent.data))
+        params.save_path = str(save_path)
+        flags = lt.torrent_flags
+        params.flags = (
+            (params.flags & ~flags.auto_managed & ~flags.paused)
+            | flags.seed_mode  # checked by prepare(): serve without reading it all first
+            | flags.disable_dht
+            | flags.disable_lsd
+            | flags.disable_pex
+        )
+        self.handles[key] = self.session.add_torrent(params)
+
+    def remove(self, key: bytes) -> None:
+        handle = self.handles.pop(key, None)
+        if handle is not None:
+            self.session.remove_torrent(handle)  # never delete_files: they are the image
+
+    def uploaded(self, key: bytes) -> int:
+        handle = self.handles.get(key)
+        return int(handle.status(0).total_payload_upload) if handle is not None else 0
+
+    def errors(self) -> list[str]:
+        return [a.message() for a in self.session.pop_alerts()]
+
+    def close(self) -> None:
+        for key in list(self.handles):
+            self.remove(key)
+        del self.session  # joins libtorrent's threads
+
+
+def _import_libtorrent() -> ModuleType:
+    try:
+        return importlib.import_module("libtorrent")
+    except ImportError as exc:
+        raise ConfigError(
+            f"the bittorrent transport needs libtorrent: {exc}",
+            "install corral's dependencies again (libtorrent is on PyPI)",
+        ) from None
+
+
+# --- the transport ---------------------------------------------------------------------
+
+
+@dataclass
+class _Session:
+    deployment: int
+    ref: str
+    torrent: Torrent
+    nodes: tuple[str, ...]  # sorted: a node's stripe is its position
+
+
+class BitTorrentTransport:
+    """corral's seed and tracker for the BitTorrent sessions of its deployments."""
+
+    name = "bittorrent"
+    export = "stream"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        tracker_port: int = TRACKER_PORT,
+        seed_port: int = SEED_PORT,
+        engine: Callable[[], ModuleType] = _import_libtorrent,
+    ) -> None:
+        self.server = settings.server_url.rstrip("/")
+        self.host = urllib.parse.urlsplit(settings.server_url).hostname or "localhost"
+        self.address = settings.address or "0.0.0.0"
+        self.tracker_port = tracker_port
+        self.seed_port = seed_port
+        self.engine = engine
+        self.layouts: dict[str, Layout] = {}
+        self.sessions: dict[tuple[int, str], _Session] = {}
+        self.tracker: Tracker | None = None
+        self.seeder: Seeder | None = None
+        self._lock = threading.RLock()
+
+    @property
+    def tracker_url(self) -> str:
+        port = self.tracker.port if self.tracker else self.tracker_port
+        return f"http://{self.host}:{port}/announce"
+
+    def prepare(self, version: ImageVersion) -> None:
+        """Check the export against its manifest and hash it into pieces, once per version."""
+        with self._lock:
+            if version.ref not in self.layouts:
+                started = time.monotonic()
+                verify_export(version, "stream")
+                self.layouts[version.ref] = layout = stream_layout(version)
+                log.info(
+                    "bittorrent: %s is %d pieces of %d KiB (hashed in %.1f s)",
+                    version.ref,
+                    len(layout.hashes) // 20,
+                    layout.piece_size >> 10,
+                    time.monotonic() - started,
+                )
+
+    def start(self, deployment: int, version: ImageVersion, members: Sequence[Member]) -> None:
+        """Make the session's torrent, admit its members at the tracker and seed it."""
+        self.prepare(version)
+        with self._lock:
+            if self.tracker is None:
+                self.tracker = Tracker(self.address, self.tracker_port)
+            if self.seeder is None:
+                self.seeder = Seeder(self.engine(), self.address, self.seed_port)
+            source = f"corral deployment {deployment} image {version.ref}"
+            torrent = make_torrent(self.layouts[version.ref], self.tracker_url, source)
+            session = _Session(
+                deployment,
+                version.ref,
+                torrent,
+                tuple(sorted({m.node for m in members})),
+            )
+            self.sessions[(deployment, version.ref)] = session
+            self.tracker.swarms.open(session.torrent.info_hash, self._admitted(members))
+            self.seeder.add(torrent, version.exports_dir)
+            log.info(
+                "bittorrent: deployment %d seeds %s to %d node(s), info-hash %s",
+                deployment,
+                version.ref,
+                len(members),
+                session.torrent.info_hash.hex(),
+            )
+
+    def _admitted(self, members: Sequence[Member]) -> set[str] | None:
+        """The addresses the tracker answers: the members' and the server's own; None (any
+        address) if a member's address is not known (a node on DHCP)."""
+        if any(not m.ip for m in members):
+            return None
+        allowed = {str(m.ip) for m in members} | {"127.0.0.1"}
+        if self.address not in ("", "0.0.0.0"):
+            allowed.add(self.address)
+        with contextlib.suppress(OSError):
+            allowed |= {str(a[4][0]) for a in socket.getaddrinfo(self.host, None, socket.AF_INET)}
+        return allowed
+
+    def params(self, version: ImageVersion, node: str) -> dict[str, Any]:
+        base = f"{self.server}/images/{version.name}/{version.version}"
+        with self._lock:
+            sessions = [s for s in self.sessions.values() if s.ref == version.ref]
+            mine = [s for s in sessions if node in s.nodes] or sessions[-1:]
+        if not mine:
+            # the manager starts sessions before it boots their nodes; only a node asking
+            # in the second after a restart of corral serve can get here: it uses HTTP
+            log.warning("bittorrent: no session of %s for node %s yet", version.ref, node)
+            return {"base": base}
+        session = mine[-1]
+        params: dict[str, Any] = {
+            "torrent": base64.b64encode(session.torrent.data).decode("ascii"),
+            "tracker": self.tracker_url,
+            "info_hash": session.torrent.info_hash.hex(),
+            "base": base,
+        }
+        if self.seeder is not None:
+            params["seed"] = f"{self.seed_host}:{self.seeder.port}"
+        if node in session.nodes:
+            params["stripe"] = [session.nodes.index(node), len(session.nodes)]
+        return params
+
+    @property
+    def seed_host(self) -> str:
+        """Where the nodes reach the seed: corral's address, or its URL's host."""
+        return self.address if self.address not in ("", "0.0.0.0") else self.host
+
+    def finish(self, deployment: int, version: ImageVersion) -> None:
+        with self._lock:
+            session = self.sessions.pop((deployment, version.ref), None)
+            if session is None:
+                return
+            if self.seeder is not None:
+                log.info(
+                    "bittorrent: deployment %d done with %s; the seed sent %d bytes",
+                    deployment,
+                    version.ref,
+                    self.seeder.uploaded(session.torrent.info_hash),
+                )
+                self.seeder.remove(session.torrent.info_hash)
+            if self.tracker is not None:
+                self.tracker.swarms.close(session.torrent.info_hash)
+            if not self.sessions:
+                self._stop()
+
+    def close(self) -> None:
+        with self._lock:
+            self.sessions.clear()
+            self._stop()
+
+    def _stop(self) -> None:
+        if self.seeder is not None:
+            for message in self.seeder.errors():
+                log.warning("bittorrent seed: %s", message)
+            self.seeder.close()
+            self.seeder = None
+        if self.tracker is not None:
+            self.tracker.stop()
+            self.tracker = None
+
+
+register("bittorrent", BitTorrentTransport)

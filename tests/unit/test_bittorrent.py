@@ -1,0 +1,561 @@
+"""The bittorrent transport's parts: piece sizes and hashes, the torrent libtorrent reads,
+the tracker's answers, the LAN settings, and the agent's in-order feed with a fake swarm."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import libtorrent as lt
+import pytest
+
+from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
+from corral.agent.receive import RECEIVERS, Cancelled, ReceiveError
+from corral.agent.rx_bittorrent import (
+    BitTorrentReceiver,
+    Feeder,
+    PieceMap,
+    _stripe,
+    bencode,
+    linger,
+    session_settings,
+    stripe,
+)
+from corral.deploy import transports
+from corral.deploy.bittorrent import (
+    MAX_PEERS,
+    BitTorrentTransport,
+    Layout,
+    Swarms,
+    Tracker,
+    make_torrent,
+    parse_query,
+    piece_hashes,
+    piece_size_for,
+    seed_settings,
+)
+
+KiB, MiB = 1 << 10, 1 << 20
+ENGINE: Any = lt  # the module as corral uses it (untyped, imported by name)
+
+
+# --- torrent ---------------------------------------------------------------------------
+
+
+def test_registered_on_both_sides() -> None:
+    assert transports.REGISTRY["bittorrent"] is BitTorrentTransport
+    assert RECEIVERS["bittorrent"] is BitTorrentReceiver
+    assert BitTorrentTransport.export == "stream"
+
+
+@pytest.mark.parametrize(
+    ("stream", "chunk", "piece"),
+    [
+        (1 * KiB, 4 * MiB, 256 * KiB),  # tiny images: the floor
+        (64 * MiB, 4 * MiB, 256 * KiB),  # 256 pieces
+        (256 * MiB, 4 * MiB, 256 * KiB),  # 1024 pieces
+        (300 * MiB, 4 * MiB, 512 * KiB),
+        (1 << 30, 4 * MiB, 1 * MiB),
+        (4 << 30, 4 * MiB, 4 * MiB),
+        (64 << 30, 4 * MiB, 4 * MiB),  # the ceiling: a chunk
+        (64 * MiB, 1 * MiB, 256 * KiB),
+        (1 << 30, 1 * MiB, 1 * MiB),  # never more than a chunk
+        (64 * MiB, 3 * 64 * KiB, 64 * KiB),  # must divide the chunk
+    ],
+)
+def test_piece_size(stream: int, chunk: int, piece: int) -> None:
+    assert piece_size_for(stream, chunk) == piece
+    assert chunk % piece == 0
+
+
+def test_piece_hashes_run_across_files(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 1000  # 256000 bytes, cut into files that are not pieces
+    paths = []
+    for i, (a, b) in enumerate([(0, 100000), (100000, 100001), (100001, 256000)]):
+        paths.append(tmp_path / f"{i}.bin")
+        paths[-1].write_bytes(data[a:b])
+    piece = 64 * KiB
+    expected = b"".join(
+        hashlib.sha1(data[i : i + piece]).digest() for i in range(0, len(data), piece)
+    )
+    assert piece_hashes(paths, piece) == expected
+    assert len(expected) == 20 * 4  # the last piece is short
+
+
+def test_bencode() -> None:
+    assert bencode({"b": [1, -2, b"x"], "a": "\u00e9"}) == b"d1:a2:\xc3\xa91:bli1ei-2e1:xee"
+    assert bencode({b"\x00": 0}) == b"d1:\x00i0ee"
+    with pytest.raises(TypeError):
+        bencode(1.5)
+    with pytest.raises(TypeError):
+        bencode(True)
+
+
+def _layout(tmp_path: Path, sizes: Sequence[int], piece: int) -> tuple[Layout, bytes]:
+    data = hashlib.sha256(b"seed").digest() * (sum(sizes) // 32 + 1)
+    data = data[: sum(sizes)]
+    chunks = tmp_path / "exports" / "chunks"
+    chunks.mkdir(parents=True)
+    at, files = 0, []
+    for i, size in enumerate(sizes):
+        (chunks / f"{i:08d}.bin").write_bytes(data[at : at + size])
+        files.append((f"{i:08d}.bin", size))
+        at += size
+    paths = [chunks / name for name, _ in files]
+    return Layout(tuple(files), piece, piece_hashes(paths, piece)), data
+
+
+def test_the_torrent_is_private_deterministic_and_read_by_libtorrent(tmp_path: Path) -> None:
+    layout, _ = _layout(tmp_path, [128 * KiB, 128 * KiB, 50 * KiB], 32 * KiB)
+    url = "http://10.0.0.1:6969/announce"
+    torrent = make_torrent(layout, url, "corral deployment 7 image small:1")
+    assert make_torrent(layout, url, "corral deployment 7 image small:1") == torrent
+    other = make_torrent(layout, url, "corral deployment 8 image small:1")
+    assert other.info_hash != torrent.info_hash  # private to its deployment
+    info = lt.torrent_info(torrent.data)
+    assert info.priv()
+    assert info.piece_length() == 32 * KiB
+    assert info.num_pieces() == 10  # 306 KiB / 32 KiB
+    assert info.total_size() == 306 * KiB
+    files = info.layout()
+    assert [files.file_path(i) for i in range(files.num_files())] == [
+        "chunks/00000000.bin",
+        "chunks/00000001.bin",
+        "chunks/00000002.bin",
+    ]
+    assert b"8:announce%d:%s" % (len(url), url.encode()) in torrent.data
+    assert bytes.fromhex(str(info.info_hash())) == torrent.info_hash
+
+
+# --- the tracker -----------------------------------------------------------------------
+
+H1, H2 = b"\x01" * 20, b"\x02" * 20
+
+
+def announce(
+    swarms: Swarms, ip: str, peer: bytes, port: int = 6881, **extra: Any
+) -> dict[str, Any]:
+    query = {"info_hash": H1, "peer_id": peer, "port": str(port).encode()}
+    query.update({k: str(v).encode() for k, v in extra.items()})
+    return swarms.announce(query, ip)
+
+
+def peers(answer: dict[str, Any]) -> set[tuple[str, int]]:
+    raw = answer["peers"]
+    return {
+        (".".join(str(b) for b in raw[i : i + 4]), int.from_bytes(raw[i + 4 : i + 6], "big"))
+        for i in range(0, len(raw), 6)
+    }
+
+
+def test_the_tracker_answers_members_of_known_torrents_only() -> None:
+    swarms = Swarms()
+    assert "unknown torrent" in announce(swarms, "10.0.0.11", b"a" * 20)["failure reason"]
+    swarms.open(H1, {"10.0.0.11", "10.0.0.12", "10.0.0.13", "10.0.0.1"})
+    assert "not a member" in announce(swarms, "10.0.0.99", b"z" * 20)["failure reason"]
+    assert "bad announce" in swarms.announce({"info_hash": H1}, "10.0.0.11")["failure reason"]
+    seed = announce(swarms, "10.0.0.1", b"s" * 20, left=0)
+    assert seed["interval"] > 0 and seed["peers"] == b""
+    first = announce(swarms, "10.0.0.11", b"a" * 20, left=100)
+    assert peers(first) == {("10.0.0.1", 6881)}
+    second = announce(swarms, "10.0.0.12", b"b" * 20, left=100, event="started")
+    assert peers(second) == {("10.0.0.1", 6881), ("10.0.0.11", 6881)}
+    assert (second["complete"], second["incomplete"]) == (1, 2)
+    # a seed is given no peers: they connect to it
+    assert peers(announce(swarms, "10.0.0.1", b"s" * 20, left=0)) == set()
+    # a peer that leaves is forgotten; a finished one is still given to the others
+    announce(swarms, "10.0.0.12", b"b" * 20, left=100, event="stopped")
+    announce(swarms, "10.0.0.11", b"a" * 20, left=0, event="completed")
+    third = announce(swarms, "10.0.0.13", b"c" * 20, left=100)
+    assert peers(third) == {("10.0.0.1", 6881), ("10.0.0.11", 6881)}
+    assert (third["complete"], third["incomplete"]) == (2, 1)
+    swarms.close(H1)
+    assert "unknown torrent" in announce(swarms, "10.0.0.11", b"a" * 20)["failure reason"]
+
+
+def test_the_tracker_forgets_silent_peers_and_caps_its_answers() -> None:
+    now = [0.0]
+    swarms = Swarms(interval=10, clock=lambda: now[0])
+    swarms.open(H1, None)  # any address
+    for i in range(MAX_PEERS + 20):
+        announce(swarms, f"10.0.{i // 200}.{i % 200 + 1}", b"%020d" % i, left=1)
+    answer = announce(swarms, "10.9.9.9", b"x" * 20, left=1, numwant=500)
+    assert len(peers(answer)) == MAX_PEERS
+    assert len(peers(announce(swarms, "10.9.9.9", b"x" * 20, left=1, numwant=3))) == 3
+    now[0] = 25.0
+    announce(swarms, "10.9.9.9", b"x" * 20, left=1)
+    now[0] = 31.0  # three intervals without a word from the others
+    assert peers(announce(swarms, "10.9.9.8", b"y" * 20, left=1)) == {("10.9.9.9", 6881)}
+
+
+def test_the_tracker_over_http() -> None:
+    tracker = Tracker("127.0.0.1", 0)
+    try:
+        tracker.swarms.open(H2, None)
+        peer = b"-LT2110-" + bytes(range(200, 212))
+        url = (
+            f"http://127.0.0.1:{tracker.port}/announce?info_hash=%02%02%02%02%02%02%02%02%02"
+            "%02%02%02%02%02%02%02%02%02%02%02&peer_id=-LT2110-%c8%c9%ca%cb%cc%cd%ce%cf%d0%d1"
+            "%d2%d3&port=6881&uploaded=0&downloaded=0&left=10&compact=1&event=started"
+        )
+        assert parse_query(url.split("?")[1])["peer_id"] == peer
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            body = answer.read()
+        assert body.startswith(b"d8:completei0e10:incompletei1e8:intervali")
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"http://127.0.0.1:{tracker.port}/scrape", timeout=5)
+    finally:
+        tracker.stop()
+
+
+# --- settings --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["seed", "agent"])
+def test_lan_settings_are_accepted_by_libtorrent(which: str) -> None:
+    if which == "seed":
+        wanted = seed_settings(lt, "127.0.0.1", 0)
+    else:
+        wanted = session_settings(lt, "127.0.0.1", 0)
+    session = ENGINE.session(wanted, 0)  # a dict of settings, no plugins, as corral does
+    have = session.get_settings()
+    for key, value in wanted.items():
+        assert have[key] == value, key
+    for key in ("enable_dht", "enable_lsd", "enable_upnp", "enable_natpmp", "enable_incoming_utp"):
+        assert have[key] is False
+    assert have["in_enc_policy"] == int(lt.enc_policy.disabled)
+    assert have["allow_multiple_connections_per_ip"] is True
+
+
+# --- the agent's in-order feed ---------------------------------------------------------
+
+PIECE = 4
+
+
+def make_plan(data: bytes, chunk: int) -> Plan:
+    chunks = [
+        Chunk(hashlib.sha256(data[i : i + chunk]).hexdigest(), len(data[i : i + chunk]))
+        for i in range(0, len(data), chunk)
+    ]
+    return Plan(
+        deployment=1,
+        node="n01",
+        image=ImageInfo(
+            ref="small:1",
+            stream_sha256=hashlib.sha256(data).hexdigest(),
+            stream_size=len(data),
+            chunk_size=chunk,
+            chunks=chunks,
+            tree_bytes=0,
+            files=0,
+        ),
+        transport=TransportInfo("bittorrent", {"torrent": "", "base": "http://x"}),
+        disk=Disk("", "gpt", []),
+        identity=Identity("n01", [], {}, [], None),
+        bootloader="none",
+        post_script="",
+    )
+
+
+class FakeSwarm:
+    """Pieces arrive from a script: ``arrivals[i]`` is what the i-th wait brings."""
+
+    def __init__(self, data: bytes, arrivals: Sequence[Sequence[int]], *, bad: int = -1) -> None:
+        self.data = data
+        self.have = [False] * (-(-len(data) // PIECE))
+        self.arrivals = list(arrivals)
+        self.bad = bad  # a piece libtorrent reads back wrong
+        self.urgent: list[list[int]] = []
+        self.added: dict[int, bytes] = {}
+        self.reads: list[list[int]] = []
+        self.waits = 0
+        self.in_need = 0
+        self.avail = [1] * len(self.have)  # connected peers having each piece
+        self.calls: list[tuple[str, Any]] = []  # want and use_seed, in order
+
+    def pieces(self) -> Sequence[bool]:
+        return list(self.have)
+
+    def downloaded(self) -> int:
+        return sum(PIECE for h in self.have if h)
+
+    def read(self, pieces: Sequence[int], timeout: float) -> dict[int, bytes]:
+        self.reads.append(list(pieces))
+        out = {p: self.data[p * PIECE : (p + 1) * PIECE] for p in pieces}
+        if self.bad in out:
+            out[self.bad] = b"!" * len(out[self.bad])
+        return out
+
+    def add(self, pieces: Mapping[int, bytes]) -> None:
+        self.added.update(pieces)
+
+    def prioritize(self, urgent: Sequence[int]) -> None:
+        self.urgent.append(list(urgent))
+        self.calls.append(("prioritize", list(urgent)))
+
+    def want(self, pieces: Sequence[int] | None) -> None:
+        self.calls.append(("want", None if pieces is None else list(pieces)))
+
+    def use_seed(self, on: bool) -> None:
+        self.calls.append(("seed", on))
+
+    def availability(self) -> Sequence[int]:
+        return list(self.avail)
+
+    def peers_in_need(self) -> int:
+        return self.in_need
+
+    def wait(self, seconds: float) -> None:
+        self.waits += 1
+        for p in self.arrivals.pop(0) if self.arrivals else []:
+            self.have[p] = True
+
+
+DATA = bytes(range(40))  # 5 chunks of 8 bytes, 10 pieces of 4
+
+
+def run_feeder(
+    swarm: FakeSwarm,
+    *,
+    stall: float = 5.0,
+    cancel: threading.Event | None = None,
+    fetch_ok: bool = True,
+    mine: Sequence[int] | None = None,
+) -> tuple[Feeder, list[bytes], list[int], list[tuple[int, int]]]:
+    plan = make_plan(DATA, 8)
+    fed: list[bytes] = []
+    fetched: list[int] = []
+    progress: list[tuple[int, int]] = []
+    now = [0.0]
+    real_wait = swarm.wait
+
+    def wait(seconds: float) -> None:  # each look at the swarm takes a second
+        now[0] += 1
+        real_wait(seconds)
+
+    swarm.wait = wait  # type: ignore[method-assign]
+
+    def fetch(index: int, partial: Any) -> bytes:
+        if not fetch_ok:
+            raise ReceiveError("no server")
+        fetched.append(index)
+        partial(3)
+        now[0] += 1  # a download takes a second too, while the swarm goes on
+        for p in swarm.arrivals.pop(0) if swarm.arrivals else []:
+            swarm.have[p] = True
+        return DATA[index * 8 : index * 8 + 8]
+
+    feeder = Feeder(
+        plan,
+        swarm,
+        PieceMap(PIECE, tuple(c.size for c in plan.image.chunks)),
+        fetch,
+        fed.append,
+        lambda done, total: progress.append((done, total)),
+        cancel or threading.Event(),
+        stall=stall,
+        clock=lambda: now[0],
+        mine=mine,
+    )
+    feeder.run()
+    return feeder, fed, fetched, progress
+
+
+def test_chunks_are_fed_in_order_as_their_pieces_complete() -> None:
+    # pieces arrive rarest-first, in no order: chunk 0 (pieces 0, 1) is complete at the
+    # third look, then chunks 1-4 all at once
+    swarm = FakeSwarm(DATA, [[9, 3], [0], [1, 5], [2, 4, 6, 7, 8]])
+    feeder, fed, fetched, progress = run_feeder(swarm)
+    assert b"".join(fed) == DATA
+    assert fed == [DATA[i : i + 8] for i in range(0, 40, 8)]
+    assert fetched == []
+    assert feeder.stats.from_swarm == 5 and feeder.stats.from_http == 0
+    assert feeder.digest.hexdigest() == hashlib.sha256(DATA).hexdigest()
+    assert swarm.reads == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    # the next chunk's pieces first, each time
+    assert swarm.urgent == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    # progress counts what libtorrent holds before it is unpacked, and never goes back
+    dones = [d for d, _ in progress]
+    assert dones == sorted(dones) and dones[-1] == 40 and {t for _, t in progress} == {40}
+    assert max(d for d, _ in progress[:3]) >= 8  # pieces 9 and 3 count before chunk 0 is fed
+
+
+def test_a_chunk_that_does_not_match_the_plan_comes_over_http() -> None:
+    swarm = FakeSwarm(DATA, [list(range(10))], bad=3)
+    feeder, fed, fetched, _ = run_feeder(swarm)
+    assert b"".join(fed) == DATA
+    assert fetched == [1]
+    assert feeder.stats.mismatched == 1 and feeder.stats.from_http == 1
+    assert swarm.added == {}  # libtorrent has both pieces already
+
+
+def test_a_stalled_swarm_falls_back_to_http_until_it_moves_again() -> None:
+    # chunk 0 arrives, then nothing for 5 looks (the stall is 5 s, a look is 1 s): chunk 1
+    # comes over HTTP (a second, nothing arrives), and chunk 2 too since the swarm still
+    # has not moved; while it comes, piece 7 arrives: the swarm moves again, chunk 3 is
+    # waited for, and pieces 6, 8, 9 complete chunks 3 and 4
+    swarm = FakeSwarm(DATA, [[0, 1], [], [], [], [], [], [], [7], [6, 8, 9]])
+    feeder, fed, fetched, _ = run_feeder(swarm)
+    assert b"".join(fed) == DATA
+    assert fetched == [1, 2]
+    # fetched chunks go into libtorrent too, to be served to the peers
+    assert sorted(swarm.added) == [2, 3, 4, 5]
+    assert swarm.added[4] == DATA[16:20]
+    assert feeder.stats.from_swarm == 3 and feeder.stats.from_http == 2
+
+
+def test_chunks_the_swarm_never_brings_all_come_over_http() -> None:
+    swarm = FakeSwarm(DATA, [])
+    _, fed, fetched, progress = run_feeder(swarm, stall=2)
+    assert fetched == [0, 1, 2, 3, 4] and b"".join(fed) == DATA
+    assert swarm.waits == 2  # one stall, then one chunk after the other
+    assert (11, 40) in progress  # partial HTTP progress: chunk 1 at its byte 3
+
+
+def test_a_cancel_stops_the_feed() -> None:
+    cancel = threading.Event()
+    swarm = FakeSwarm(DATA, [[0, 1]])
+    real = swarm.wait
+
+    def wait(seconds: float) -> None:
+        real(seconds)
+        cancel.set()
+
+    swarm.wait = wait  # type: ignore[method-assign]
+    with pytest.raises(Cancelled):
+        run_feeder(swarm, cancel=cancel)
+
+
+def test_a_failing_fallback_fails_the_receive() -> None:
+    with pytest.raises(ReceiveError, match="no server"):
+        run_feeder(FakeSwarm(DATA, []), stall=1, fetch_ok=False)
+
+
+def test_piece_map_with_chunks_that_are_not_whole_pieces() -> None:
+    layout = PieceMap(4, (6, 6, 3))  # 15 bytes: pieces 0-3, the last of 3 bytes
+    assert layout.num_pieces == 4
+    assert [layout.pieces(i) for i in range(3)] == [range(0, 2), range(1, 3), range(3, 4)]
+    assert [layout.whole_pieces(i) for i in range(3)] == [range(0, 1), range(2, 3), range(3, 4)]
+    data = bytes(range(15))
+    pieces = {p: data[p * 4 : p * 4 + 4] for p in range(4)}
+    assert [layout.chunk_bytes(i, pieces) for i in range(3)] == [data[:6], data[6:12], data[12:]]
+    assert layout.split(1, data[6:12]) == {2: data[8:12]}
+    assert layout.split(2, data[12:]) == {3: data[12:]}
+    assert layout.piece_length(3) == 3
+    with pytest.raises(ValueError):
+        PieceMap(0, (1,))
+
+
+def test_linger_stays_while_peers_need_this_node() -> None:
+    swarm = FakeSwarm(DATA, [])
+    now = [0.0]
+
+    def wait(seconds: float) -> None:
+        now[0] += seconds
+        if now[0] >= 2:
+            swarm.in_need = 0
+
+    swarm.wait = wait  # type: ignore[method-assign]
+    swarm.in_need = 3
+    stayed = linger(swarm, 10, threading.Event(), clock=lambda: now[0])
+    assert 2 <= stayed <= 3  # until two looks find nobody in need
+    swarm.in_need = 3
+    now[0] = 0.0
+    swarm.wait = lambda seconds: now.__setitem__(0, now[0] + seconds)  # type: ignore[method-assign]
+    assert linger(swarm, 4, threading.Event(), clock=lambda: now[0]) == pytest.approx(4)
+    swarm.in_need = 0
+    now[0] = 0.0
+    assert linger(swarm, 4, threading.Event(), clock=lambda: now[0]) == pytest.approx(0.5)
+
+
+# --- when a node uses the seed ---------------------------------------------------------
+
+
+def test_stripes_cover_the_pieces_once() -> None:
+    stripes = [stripe(10, i, 3) for i in range(3)]
+    assert stripes == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert stripe(2, 4, 5) == []  # more nodes than pieces: nothing from the seed
+    assert stripe(4, 0, 0) == [0, 1, 2, 3]
+
+
+def test_a_node_takes_its_stripe_from_the_seed_then_the_rest_from_its_peers() -> None:
+    # stripe 1 of 2: pieces 1, 3, 5, 7, 9; chunk 0 (pieces 0 and 1) is not urgent yet
+    swarm = FakeSwarm(DATA, [[1, 3], [5, 7, 9], [0, 2, 4, 6, 8]])
+    _, fed, fetched, _ = run_feeder(swarm, mine=stripe(10, 1, 2))
+    assert b"".join(fed) == DATA and fetched == []
+    assert swarm.calls[:4] == [
+        ("want", [1, 3, 5, 7, 9]),  # nothing else can be asked of the seed
+        ("seed", False),  # the stripe is here: the seed is kept away
+        ("want", None),
+        ("prioritize", [0, 1]),  # and the next chunk comes first again
+    ]
+    assert ("seed", True) not in swarm.calls
+
+
+def test_a_node_without_a_stripe_never_asks_the_seed() -> None:
+    swarm = FakeSwarm(DATA, [list(range(10))])
+    run_feeder(swarm, mine=[])
+    assert swarm.calls[0] == ("seed", False)
+    assert ("want", None) not in swarm.calls  # it wanted everything all along
+
+
+def test_pieces_no_peer_has_are_asked_of_the_seed_until_they_come() -> None:
+    # the stripe arrives; then the peers bring pieces 0-5 but nobody has 6-9 (their
+    # member died): after RESCUE_IDLE seconds without a piece the node asks the seed, and
+    # keeps it away again as soon as they are here
+    swarm = FakeSwarm(DATA, [[0, 2], [1, 3, 4, 5], [], [], [], [6, 7, 8, 9]])
+    swarm.avail = [1] * 6 + [0] * 4
+    feeder, fed, fetched, _ = run_feeder(swarm, mine=[0, 2])
+    assert b"".join(fed) == DATA and fetched == []
+    seed = [on for call, on in swarm.calls if call == "seed"]
+    assert seed == [False, True, False]
+    assert ("want", [6, 7, 8, 9]) in swarm.calls  # those only, while the seed is in use
+    back = len(swarm.calls) - 1 - swarm.calls[::-1].index(("seed", False))
+    assert swarm.calls[back + 1] == ("want", None)  # then everything from the peers again
+    assert feeder.stats.rescues == 1
+
+
+def test_pieces_only_a_slow_peer_has_are_asked_of_the_seed_too() -> None:
+    swarm = FakeSwarm(DATA, [[0, 2, 1, 3, 4, 5, 6], [], [], [], [7, 8, 9]])
+    swarm.avail = [3] * 7 + [2, 1, 1]
+    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2])
+    assert b"".join(fed) == DATA
+    assert ("want", [8, 9]) in swarm.calls and feeder.stats.rescues == 1
+    # when every missing piece is at two peers or more, yet nothing comes: all of them
+    swarm = FakeSwarm(DATA, [[0, 2, 1, 3, 4, 5, 6], [], [], [], [7, 8, 9]])
+    swarm.avail = [3] * 10
+    run_feeder(swarm, mine=[0, 2])
+    assert ("want", [7, 8, 9]) in swarm.calls
+
+
+def test_a_late_stripe_is_given_up_for_the_peers() -> None:
+    swarm = FakeSwarm(DATA, [[0]] + [[]] * 10 + [list(range(1, 10))])
+    _, fed, _, _ = run_feeder(swarm, mine=[0, 5], stall=30)
+    assert b"".join(fed) == DATA
+    # no new piece for 2 x RESCUE_IDLE: the seed is not answering, use the peers
+    assert swarm.calls[:3] == [("want", [0, 5]), ("seed", False), ("want", None)]
+
+
+def test_the_stripe_from_the_plan() -> None:
+    assert _stripe([1, 3], 7) == [1, 4]
+    assert _stripe([0, 1], 7) is None  # a lone node: plain BitTorrent
+    assert _stripe(None, 7) is None
+    assert _stripe(["x", 2], 7) is None
+    assert _stripe([5, 3], 7) is None
+
+
+def test_a_rescue_goes_on_while_nobody_else_has_the_pieces() -> None:
+    # pieces 6-9 are at no peer; the seed sends piece 6 within RESCUE_MAX, and the rest
+    # are still at no other peer then (the seed counts for one): the rescue goes on for them
+    arrivals: list[list[int]] = [[0, 2], [1, 3, 4, 5], [], [], [6], [], [], [], [], [7, 8, 9]]
+    swarm = FakeSwarm(DATA, arrivals)
+    swarm.avail = [1] * 6 + [0] * 4
+    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2])
+    assert b"".join(fed) == DATA
+    wants = [w for call, w in swarm.calls if call == "want"]
+    assert wants == [[0, 2], None, [6, 7, 8, 9], [7, 8, 9], None]
+    assert feeder.stats.rescues == 1

@@ -292,3 +292,31 @@ def test_a_node_removed_from_the_inventory_ends_its_part(
         row = Deployments(s).member(ident, "n02")
         assert row.phase == "failed" and "removed" in row.message
         assert Deployments(s).cancel(ident) == 1  # n01 only; no error for the removed one
+
+
+def test_auto_picks_by_the_crossovers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from corral.deploy import auto
+
+    monkeypatch.setattr(
+        auto,
+        "CROSSOVERS",
+        (auto.Crossover("chain", 20, 1 << 20), auto.Crossover("multicast", 5, 1 << 20)),
+    )
+    assert auto.choose(1, 64 << 20, ["http", "chain", "multicast"]) == "http"
+    assert auto.choose(10, 64 << 20, ["http", "chain", "multicast"]) == "multicast"
+    assert auto.choose(50, 64 << 20, ["http", "chain", "multicast"]) == "chain"
+    assert auto.choose(50, 64 << 20, ["http", "multicast"]) == "multicast"
+    assert auto.choose(50, 1000, ["http", "chain", "multicast"]) == "http"  # tiny image
+
+
+def test_auto_resolves_per_image_and_is_recorded(
+    nodes: None, image: ImageVersion, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from corral.deploy import auto
+
+    monkeypatch.setattr(auto, "CROSSOVERS", (auto.Crossover("fake", 3, 0),))
+    ident = start("n[01-04]", transport="auto")
+    with common.session() as s:
+        d = Deployments(s).get(ident)
+        assert d.transport == "auto"
+        assert {n.transport for n in d.nodes} == {"fake"}

@@ -32,7 +32,9 @@ def deploy(
         None, help="NAME or NAME:VERSION for every node [default: each node's profile image]"
     ),
     transport: str = typer.Option(
-        "http", help=f"how the image travels: {', '.join(transport_names())}"
+        "http",
+        help=f"how the image travels: {', '.join(transport_names())}, or auto (picked from "
+        "the node count and image size, by crossovers measured with bench/deploy.py)",
     ),
     wait: bool = typer.Option(False, "--wait", help="follow the deployment until it ends"),
 ) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from corral.agent.plan import FINAL_PHASES, PHASES, Progress
+from corral.deploy.auto import AUTO, choose
 from corral.errors import NotFound, UsageError
 from corral.images.store import ImageStore, ImageVersion
 from corral.inventory import models as m
@@ -164,7 +165,13 @@ class Deployments:
                 "choose a smaller layout in its profile or a bigger disk",
             )
 
-    def create(self, noderange: str, image: str | None, targets: Sequence[Target]) -> int:
+    def create(
+        self,
+        noderange: str,
+        image: str | None,
+        targets: Sequence[Target],
+        requested: str | None = None,
+    ) -> int:
         """Store the deployment and arm its nodes; returns its id."""
         now = time.time()
         deployment = m.Deployment(
@@ -173,7 +180,7 @@ class Deployments:
             state=RUNNING,
             noderange=noderange,
             image=image,
-            transport=targets[0].transport if targets else "",
+            transport=requested or (targets[0].transport if targets else ""),
         )
         for t in targets:
             deployment.nodes.append(
@@ -321,13 +328,25 @@ def new_deployment(
     from corral.images.exports import build_exports
 
     store = Deployments(session)
-    targets = store.plan_targets(noderange, images, image, transport, known_transports)
+    known = [*known_transports, AUTO]
+    targets = store.plan_targets(noderange, images, image, transport, known)
     if not targets:
         raise DeployError(f"no node in '{noderange}'")
-    for version in {t.version.ref: t.version for t in targets}.values():
+    versions = {t.version.ref: images.get_ref(t.version.ref) for t in targets}
+    for version in versions.values():
         build_exports(version, which=["stream"])
+    versions = {ref: images.get_ref(ref) for ref in versions}  # with the stream's size
+    chosen: dict[str, str] = {}
+    for ref, version in versions.items():
+        count = sum(1 for t in targets if t.version.ref == ref)
+        chosen[ref] = (
+            choose(count, _stream_size(version), list(known_transports))
+            if transport == AUTO
+            else transport
+        )
     return store.create(
         noderange,
         image,
-        [Target(t.node, t.merged, images.get_ref(t.version.ref), t.transport) for t in targets],
+        [Target(t.node, t.merged, versions[t.version.ref], chosen[t.version.ref]) for t in targets],
+        requested=transport,
     )

@@ -92,7 +92,16 @@ def wipe(bed: cluster.Testbed, names: list[str]) -> None:
             subprocess.run(["partx", "-d", info.loop], check=False, capture_output=True)
 
 
-def run_once(bed: cluster.Testbed, transport: str, n: int, version: ImageVersion) -> dict[str, Any]:
+def run_once(
+    bed: cluster.Testbed,
+    transport: str,
+    n: int,
+    version: ImageVersion,
+    kill: str | None = None,
+    aside: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """One deployment to tb001..tbN. ``kill``: power that node off once it has half the
+    image; ``aside``: nodes (slow, killed) left out of ``t_others``."""
     names = [cluster.node_name(i) for i in range(1, n + 1)]
     noderange = f"tb[001-{n:03d}]"
     wipe(bed, names)
@@ -102,10 +111,24 @@ def run_once(bed: cluster.Testbed, transport: str, n: int, version: ImageVersion
         ident = new_deployment(
             s, image_store(HOME), noderange, version.ref, transport, transport_names()
         )
+    killed_at: float | None = None
+    failed_after: float | None = None
     while True:
-        time.sleep(1.0)
+        time.sleep(0.5)
         with common.session() as s:
             d = Deployments(s).get(ident)
+            if kill and killed_at is None:
+                row = Deployments(s).member(ident, kill)
+                if row.total and row.bytes >= row.total // 2:
+                    bed.power(kill, "off")
+                    killed_at = time.time()
+            if (
+                kill
+                and killed_at
+                and failed_after is None
+                and Deployments(s).member(ident, kill).phase == "failed"
+            ):
+                failed_after = time.time() - killed_at
             if d.state != "running":
                 rows = [(r.node, r.phase, r.started, r.finished, r.message) for r in d.nodes]
                 created = d.created
@@ -116,7 +139,10 @@ def run_once(bed: cluster.Testbed, transport: str, n: int, version: ImageVersion
     failed = [(r[0], r[4]) for r in rows if r[1] != "done"]
     finish = [r[3] for r in done if r[3]]
     starts = [r[2] for r in rows if r[2]]
+    others = [r[3] for r in done if r[3] and r[0] not in aside and r[0] != kill]
     return {
+        "t_others": max(others) - min(starts) if others and starts else None,
+        "killed_failed_after": failed_after,
         "ident": ident,
         "done": len(done),
         "failed": failed,
@@ -136,15 +162,18 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, s_bytes: i
         f"T_boot adds the power-cycle and the agent's start.",
         "",
         "| transport | N | T (s) | T ÷ S/B | unicast bound (s) | T ÷ bound | T_boot (s) "
-        "| egress ÷ S | spread (s) | host CPU | failed | valid |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| egress ÷ S | spread (s) | others' T ÷ S/B | killed node failed after (s) "
+        "| host CPU | failed | valid |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         t = r["t"] or float("nan")
         lines.append(
             f"| {r['transport']} | {r['n']} | {t:.1f} | {t / r['s_over_b']:.2f} "
             f"| {r['bound']:.1f} | {t / r['bound']:.2f} | {r['t_boot'] or float('nan'):.1f} "
-            f"| {r['egress'] / s_bytes:.2f} | {r['spread'] or 0:.1f} | {r['cpu']:.0%} "
+            f"| {r['egress'] / s_bytes:.2f} | {r['spread'] or 0:.1f} "
+            f"| {(r.get('t_others') or float('nan')) / r['s_over_b']:.2f} "
+            f"| {r.get('killed_failed_after') or float('nan'):.1f} | {r['cpu']:.0%} "
             f"| {len(r['failed'])} | {'yes' if r['valid'] else 'no (CPU)'} |"
         )
     return "\n".join(lines) + "\n"
@@ -157,10 +186,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for transport in sorted({r["transport"] for r in results}):
-        rs = [r for r in results if r["transport"] == transport and r["t"]]
+    plain = [r for r in results if "(" not in r["transport"]]  # scenarios are in the table
+    for transport in sorted({r["transport"] for r in plain}):
+        rs = [r for r in plain if r["transport"] == transport and r["t"]]
         ax.plot([r["n"] for r in rs], [r["t"] for r in rs], marker="o", label=transport)
-    rs = sorted({r["n"]: r for r in results}.values(), key=lambda r: r["n"])
+    rs = sorted({r["n"]: r for r in plain}.values(), key=lambda r: r["n"])
     ax.plot([r["n"] for r in rs], [r["bound"] for r in rs], "k--", label="unicast bound")
     ax.plot([r["n"] for r in rs], [r["s_over_b"] for r in rs], "k:", label="S/B (one copy)")
     ax.set_xlabel("nodes (N)")
@@ -181,8 +211,18 @@ def main() -> int:
     parser.add_argument("--link", default="20mbit", help="each node's link B")
     parser.add_argument("--server-link", default="200mbit", help="the server's link")
     parser.add_argument("--cpu-limit", type=float, default=0.9)
+    parser.add_argument("--loss", help="random loss on every node's link, e.g. 1%%")
+    parser.add_argument("--slow", action="append", default=[], help="NODE=RATE, e.g. tb050=2mbit")
+    parser.add_argument("--kill", help="power this node off when it has half the image")
+    parser.add_argument("--label", default="", help="scenario name for the table")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--png", type=Path, help="write the plot here")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="append each run's JSON line to this file; --png and --markdown then cover "
+        "every run in it (earlier transports too)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/deploy.py needs root (namespaces, loop devices)", file=sys.stderr)
@@ -202,17 +242,25 @@ def main() -> int:
             Deployments(s).cancel(old.id)
     results: list[dict[str, Any]] = []
     try:
-        bed.up(max(counts), args.link, server_link=args.server_link, disk_size="512M")
+        bed.up(
+            max(counts),
+            args.link,
+            server_link=args.server_link,
+            loss=args.loss,
+            slow=args.slow,
+            disk_size="512M",
+        )
         with common.inventory() as inv:
             if not inv.exists("profile", "bench"):
                 inv.add("profile", [ProfileSpec(name="bench", variables={"bootloader": "none"})])
             inv.update("group", [cluster.GROUP], {"profiles": ["bench"]})
         for transport in args.transports.split(","):
             for n in counts:
-                r = run_once(bed, transport, n, version)
+                aside = tuple(x.split("=")[0] for x in args.slow)
+                r = run_once(bed, transport, n, version, args.kill, aside)
                 s_over_b = s_bytes * 8 / b
                 r.update(
-                    transport=transport,
+                    transport=transport + (f" ({args.label})" if args.label else ""),
                     n=n,
                     s_mib=s_bytes / 2**20,
                     s_over_b=s_over_b,
@@ -223,6 +271,11 @@ def main() -> int:
                 print(json.dumps(r), flush=True)
     finally:
         bed.down(forget=True)
+    if args.results:
+        with open(args.results, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+        results = [json.loads(line) for line in args.results.read_text().splitlines() if line]
     table = markdown(results, args, s_bytes)
     print(table)
     if args.markdown:

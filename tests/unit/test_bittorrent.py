@@ -4,6 +4,7 @@ the tracker's answers, the LAN settings, and the agent's in-order feed with a fa
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -16,6 +17,7 @@ import pytest
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
 from corral.agent.receive import RECEIVERS, Cancelled, ReceiveError
 from corral.agent.rx_bittorrent import (
+    LINGER_SHARE,
     BitTorrentReceiver,
     Feeder,
     PieceMap,
@@ -24,6 +26,7 @@ from corral.agent.rx_bittorrent import (
     linger,
     session_settings,
     stripe,
+    tracker_pending,
 )
 from corral.deploy import transports
 from corral.deploy.bittorrent import (
@@ -208,6 +211,14 @@ def test_the_tracker_over_http() -> None:
         assert body.startswith(b"d8:completei0e10:incompletei1e8:intervali")
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(f"http://127.0.0.1:{tracker.port}/scrape", timeout=5)
+        tracker.swarms.open(H1, None, {"10.0.0.11", "10.0.0.12"})
+        pending = f"http://127.0.0.1:{tracker.port}/pending/{H1.hex()}"
+        with urllib.request.urlopen(pending, timeout=5) as answer:
+            assert json.load(answer) == {"pending": 2}
+        announce(tracker.swarms, "10.0.0.12", b"b" * 20, left=1)
+        ask = tracker_pending(f"http://127.0.0.1:{tracker.port}/announce", H1.hex())
+        assert ask() == 1
+        assert tracker_pending("http://127.0.0.1:1/announce", H1.hex())() == 0  # no tracker
     finally:
         tracker.stop()
 
@@ -276,6 +287,8 @@ class FakeSwarm:
         self.in_need = 0
         self.avail = [1] * len(self.have)  # connected peers having each piece
         self.calls: list[tuple[str, Any]] = []  # want and use_seed, in order
+        self.position = (0, 1)  # alone among the peers still downloading
+        self.min_rates: list[float] = []
 
     def pieces(self) -> Sequence[bool]:
         return list(self.have)
@@ -306,7 +319,11 @@ class FakeSwarm:
     def availability(self) -> Sequence[int]:
         return list(self.avail)
 
-    def peers_in_need(self) -> int:
+    def present(self) -> tuple[int, int]:
+        return self.position
+
+    def peers_in_need(self, min_rate: float) -> int:
+        self.min_rates.append(min_rate)
         return self.in_need
 
     def wait(self, seconds: float) -> None:
@@ -461,15 +478,35 @@ def test_linger_stays_while_peers_need_this_node() -> None:
 
     swarm.wait = wait  # type: ignore[method-assign]
     swarm.in_need = 3
-    stayed = linger(swarm, 10, threading.Event(), clock=lambda: now[0])
+    cancel = threading.Event()
+    stayed = linger(swarm, cancel, own_rate=1e6, budget=10, clock=lambda: now[0])
     assert 2 <= stayed <= 3  # until two looks find nobody in need
+    assert swarm.min_rates[0] == pytest.approx(LINGER_SHARE * 1e6)  # slow peers do not count
     swarm.in_need = 3
     now[0] = 0.0
     swarm.wait = lambda seconds: now.__setitem__(0, now[0] + seconds)  # type: ignore[method-assign]
-    assert linger(swarm, 4, threading.Event(), clock=lambda: now[0]) == pytest.approx(4)
+    assert linger(swarm, cancel, own_rate=1, budget=4, clock=lambda: now[0]) == pytest.approx(4)
     swarm.in_need = 0
     now[0] = 0.0
-    assert linger(swarm, 4, threading.Event(), clock=lambda: now[0]) == pytest.approx(0.5)
+    assert linger(swarm, cancel, own_rate=1, budget=4, clock=lambda: now[0]) == pytest.approx(0.5)
+
+
+def test_linger_waits_for_members_that_have_not_joined_yet() -> None:
+    swarm = FakeSwarm(DATA, [])
+    now = [0.0]
+    swarm.wait = lambda seconds: now.__setitem__(0, now[0] + seconds)  # type: ignore[method-assign]
+    answers = iter([2, 1, 0, 0, 0])
+    asked: list[float] = []
+
+    def pending() -> int:
+        asked.append(now[0])
+        return next(answers)
+
+    stayed = linger(
+        swarm, threading.Event(), own_rate=1, pending=pending, budget=60, clock=lambda: now[0]
+    )
+    assert asked == [0.0, 2.0, 4.0]  # every 2 s
+    assert stayed == pytest.approx(4.5)  # then two looks without a reason
 
 
 # --- when a node uses the seed ---------------------------------------------------------
@@ -559,3 +596,18 @@ def test_a_rescue_goes_on_while_nobody_else_has_the_pieces() -> None:
     wants = [w for call, w in swarm.calls if call == "want"]
     assert wants == [[0, 2], None, [6, 7, 8, 9], [7, 8, 9], None]
     assert feeder.stats.rescues == 1
+
+
+def test_peers_lacking_the_same_pieces_share_the_rescue() -> None:
+    # second of three peers in need: pieces 7 (7 % 3 == 1) first; piece 6 and 8 are
+    # the others' to fetch, and they pass them on; 9 never comes: after three times
+    # RESCUE_IDLE this node asks the seed for everything it lacks
+    arrivals = [[0, 2], [1, 3, 4, 5], [], [], [], [7], [6, 8]] + [[]] * 7 + [[9]]
+    swarm = FakeSwarm(DATA, arrivals)
+    swarm.avail = [1] * 6 + [0] * 4
+    swarm.position = (1, 3)
+    _, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60)
+    assert b"".join(fed) == DATA
+    wants = [w for call, w in swarm.calls if call == "want"]
+    assert wants[:3] == [[0, 2], None, [7]]
+    assert [9] in wants[3:]

@@ -16,18 +16,23 @@ How a node receives (:class:`Feeder`):
   stream, while the target disk must hold the unpacked tree anyway: the scratch costs the
   stream's size on it for the time of the transfer. A target with too little room for both
   (checked first) receives by plain HTTP instead.
-- Pieces come in libtorrent's rarest-first order, which is what keeps the server's egress
-  near one copy; the pieces of the next :data:`AHEAD_CHUNKS` chunks to unpack get the top
-  priority, so the stream is fed to ``zstd -d | tar -x`` nearly as it arrives.
+- The node asks corral's seed only for its *stripe* (every N-th piece, its own 1/N of the
+  stream: ``params["stripe"]``), then keeps the seed away and gets the rest from its peers,
+  going back to the seed only for pieces no peer can give it (:class:`SeedUse`): that is
+  what keeps the server's egress near one copy of the stream. Among the peers, pieces come
+  in libtorrent's rarest-first order, except that those of the next :data:`AHEAD_CHUNKS`
+  chunks to unpack come first, so the stream is fed to ``zstd -d | tar -x`` nearly as it
+  arrives.
 - Each chunk, read back through libtorrent (``read_piece``: coherent with its own disk
   cache), is checked against the plan's sha256 before a byte of it is unpacked.
 - When the swarm brings no new piece for :data:`STALL_TIMEOUT` seconds (no seed, a dead
   tracker, a server restart), the chunks still missing are fetched over HTTP with
   :meth:`HttpReceiver.fetch_chunk` and handed to libtorrent (``add_piece``) so that the
   node can serve them too; the swarm is used again as soon as it moves.
-- Once everything is unpacked the node keeps seeding while a connected peer still wants
-  pieces from it, for at most :data:`LINGER_FRACTION` of its transfer time and
-  :data:`LINGER_MAX` seconds (see :func:`linger`), then leaves and deletes the scratch.
+- Once everything is unpacked the node keeps seeding while it is of use: peers still
+  downloading at LAN speed, or members that have not joined yet (corral's tracker counts
+  them), for at most :data:`LINGER_MAX` seconds (see :func:`linger`); then it leaves and
+  deletes the scratch.
 
 libtorrent is imported lazily: the agent stays stdlib-only (the deploy ramdisk ships
 Debian's ``python3-libtorrent``); an agent without it receives by HTTP, saying so in its log.
@@ -38,11 +43,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib
+import json
 import logging
 import shutil
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,10 +78,9 @@ SPACE_MARGIN = 64 << 20
 #: The port the agent's libtorrent listens on, on the node's own address. A fixed,
 #: well-known one so that a site's firewall can let the swarm through.
 PEER_PORT = 6881
-#: Seconds without a new piece after which missing chunks are fetched over HTTP. Longer
-#: than a tracker announce and a few piece times on the slowest link worth supporting
-#: (a 4 MiB piece at 2 Mbit/s is 17 s, but the picker spreads requests over all peers),
-#: shorter than a node's patience.
+#: Seconds without a new piece after which missing chunks are fetched over HTTP: when
+#: neither the peers nor the seed deliver (the seed is down, corral serve restarts). Longer
+#: than a tracker announce and several rescues by the seed, shorter than a node's patience.
 STALL_TIMEOUT = 15.0
 #: Chunks ahead of the unpacking whose pieces get the top priority. One chunk (16 pieces of
 #: 256 KiB) keeps the unpacker fed without undoing rarest-first for the rest.
@@ -82,20 +88,24 @@ AHEAD_CHUNKS = 1
 #: How often the feeding loop looks at the swarm (s): a status call into libtorrent each
 #: time, so not too often with a hundred agents on a host.
 POLL = 0.2
-#: After the last chunk: keep seeding for at most this share of the transfer's time...
-LINGER_FRACTION = 0.1
-#: ... and at most this many seconds. The node's own completion waits for it, so it stays
-#: small; the last nodes of a swarm find every peer complete and do not wait at all.
-LINGER_MAX = 10.0
+#: After the last chunk, keep seeding for at most this many seconds (see :func:`linger`):
+#: long enough to bridge the gap between two waves of booting nodes (8 s apart on the
+#: virtual cluster), short enough that a node that never comes does not hold the others
+#: long. The node's own completion waits for it; the last nodes of a deployment find
+#: nobody in need and leave at once.
+LINGER_MAX = 20.0
+#: Peers downloading at less than this share of the node's own rate do not keep it.
+LINGER_SHARE = 0.3
 #: Seconds to wait for libtorrent to read back the pieces of one chunk.
 READ_TIMEOUT = 30.0
 #: Seconds a node may spend getting its stripe from the seed before it turns to its peers
 #: anyway (a slow link or a busy seed; its peers will ask the seed for the rest).
 STRIPE_TIMEOUT = 10.0
-#: Seconds without a new piece, with pieces missing that no connected peer has, after which
-#: the node asks the seed for them (see :class:`SeedUse`)...
+#: Seconds without a new piece after which the node asks the seed for the pieces that at
+#: most one peer has (see :class:`SeedUse`). A 256 KiB piece takes 0.1 s at 20 Mbit/s, so
+#: two seconds of nothing is trouble, not a pause.
 RESCUE_IDLE = 2.0
-#: ... for at most this long at a time.
+#: How often a rescue looks whether another peer has the pieces by now.
 RESCUE_MAX = 5.0
 
 
@@ -134,8 +144,14 @@ class Swarm(Protocol):
         """For each piece, how many connected peers have it."""
         ...
 
-    def peers_in_need(self) -> int:
-        """Connected peers that still want pieces from this node."""
+    def present(self) -> tuple[int, int]:
+        """This node's position among itself and the connected peers that still download
+        (by address), and their count."""
+        ...
+
+    def peers_in_need(self, min_rate: float) -> int:
+        """Connected peers that still want pieces from this node and download at
+        ``min_rate`` bytes/s or more (or have no rate measured yet)."""
         ...
 
     def wait(self, seconds: float) -> None:
@@ -257,8 +273,11 @@ class SeedUse:
         one connected peer has: their stripe's member died before passing it on, is slow,
         or has not come yet. Only those are wanted meanwhile, so the seed sends nothing
         the peers could, and only until they are here or, every :data:`RESCUE_MAX`
-        seconds, until a second peer has those still missing. (A node that starts long before the others gets most of the image this
-        way: unicast, since there is nobody to share with yet.)
+        seconds, until a second peer has those still missing. The peers in need (likely
+        all lacking the same pieces) share the rescue: each asks for every k-th piece
+        by their order of address, and all of them if that has not helped after three
+        times :data:`RESCUE_IDLE`. A node that starts long before the others gets most
+        of the image this way, unicast: there is nobody to share with yet.
 
     Without a stripe in the plan (a single node, an older server) the seed stays in use.
     """
@@ -305,11 +324,22 @@ class SeedUse:
             available = self.swarm.availability()  # the seed is not connected: peers only
             missing = [p for p, h in enumerate(have) if not h]
             rare = [p for p in missing if available[p] <= 1] or missing
+            # The connected peers that still download lack the same pieces, most likely:
+            # each asks the seed for its share only and gets the others' from them. If
+            # that has not worked out (they see other peers), all of them.
+            position, count = self.swarm.present()
+            if idle < 3 * RESCUE_IDLE and count > 1:
+                rare = [p for p in rare if p % count == position]
+            if not rare:
+                return False
             log.info(
-                "bittorrent: nothing new for %.0f s; asking the seed for %d pieces (%d at no peer)",
+                "bittorrent: nothing new for %.0f s; asking the seed for %d pieces "
+                "(%d missing, %d at no peer, %d peers in need)",
                 idle,
                 len(rare),
+                len(missing),
                 sum(1 for p in missing if not available[p]),
+                count,
             )
             self.phase, self.rescue, self.since = "rescue", rare, now
             self.swarm.want(rare)  # those only: the seed must not send what peers have
@@ -468,25 +498,53 @@ class Feeder:
 
 def linger(
     swarm: Swarm,
-    budget: float,
     cancel: threading.Event,
+    *,
+    own_rate: float,
+    pending: Callable[[], int] = lambda: 0,
+    budget: float | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> float:
-    """Keep seeding while a connected peer wants pieces from this node, up to ``budget``
-    seconds; the time it stayed.
+    """Keep seeding while this node is of use to the swarm, up to ``budget`` seconds
+    (:data:`LINGER_MAX`); the time it stayed.
 
-    Peers that are still downloading are the reason to stay: this node holds every piece,
-    and each one it serves is one the server does not send. Two looks in a row without a
-    peer in need end it, since a peer between two requests may look idle once.
+    Of use: a connected peer still wants pieces from it and downloads at LAN speed (at
+    least :data:`LINGER_SHARE` of ``own_rate``, this node's own average, or not measured
+    yet: it has just come); or members of the session have not joined yet (``pending``,
+    asked of corral's tracker every 2 s), since the nodes of a large deployment boot over
+    a minute or more, in waves, and each wave would otherwise have to take the whole
+    stream from the server again. Every piece this node serves is one the server does not
+    send. A slow peer is no reason to stay: the seed serves it (:class:`SeedUse`), and the
+    others would all wait for it. Two looks in a row without a reason end it, since a peer
+    between two requests may look idle once.
     """
+    budget = LINGER_MAX if budget is None else budget
     start = clock()
     idle = 0
+    asked, waiting = -1e9, 0
     while clock() - start < budget and not cancel.is_set():
-        idle = idle + 1 if swarm.peers_in_need() == 0 else 0
+        if clock() - asked >= 2.0:
+            asked, waiting = clock(), pending()
+        busy = waiting > 0 or swarm.peers_in_need(LINGER_SHARE * own_rate) > 0
+        idle = 0 if busy else idle + 1
         if idle >= 2:
             break
         swarm.wait(min(0.5, max(0.0, budget - (clock() - start))))
     return clock() - start
+
+
+def tracker_pending(tracker: str, info_hash: str) -> Callable[[], int]:
+    """Ask corral's tracker how many members have not joined yet (0 if it cannot say)."""
+    url = tracker.rsplit("/", 1)[0] + f"/pending/{info_hash}"
+
+    def pending() -> int:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                return int(json.load(answer).get("pending", 0))
+        except (OSError, ValueError, AttributeError):
+            return 0
+
+    return pending
 
 
 # --- libtorrent ------------------------------------------------------------------------
@@ -565,6 +623,7 @@ class LibtorrentSwarm:
     ) -> None:
         self.lt = lt
         self.seed = seed
+        self.address = address
         try:
             info = lt.torrent_info(lt.bdecode(torrent))
         except (RuntimeError, TypeError, ValueError) as exc:
@@ -630,12 +689,20 @@ class LibtorrentSwarm:
     def availability(self) -> Sequence[int]:
         return list(self.handle.piece_availability())
 
-    def peers_in_need(self) -> int:
+    def present(self) -> tuple[int, int]:
+        seed = self.lt.peer_info.seed
+        others = {str(peer.ip[0]) for peer in self.handle.get_peer_info() if not peer.flags & seed}
+        everyone = sorted(others | {self.address}, key=_address_key)
+        return everyone.index(self.address), len(everyone)
+
+    def peers_in_need(self, min_rate: float) -> int:
         flags = self.lt.peer_info
         return sum(
             1
             for peer in self.handle.get_peer_info()
-            if peer.flags & flags.remote_interested and not peer.flags & flags.seed
+            if peer.flags & flags.remote_interested
+            and not peer.flags & flags.seed
+            and (peer.remote_dl_rate == 0 or peer.remote_dl_rate >= min_rate)
         )
 
     def wait(self, seconds: float) -> None:
@@ -696,6 +763,14 @@ def local_address(host: str, port: int) -> str:
 
 
 # --- the receiver ----------------------------------------------------------------------
+
+
+def _address_key(address: str) -> tuple[int, str]:
+    """Sort addresses as numbers where they are IPv4 (every node must sort alike)."""
+    try:
+        return int.from_bytes(socket.inet_aton(address), "big"), address
+    except OSError:
+        return -1, address
 
 
 def _endpoint(text: str) -> tuple[str, int] | None:
@@ -805,7 +880,14 @@ class BitTorrentReceiver(Receiver):
             unpacker = None
             self._check_stream(plan, stats, feeder.digest.hexdigest())
             elapsed = time.monotonic() - started
-            stayed = linger(swarm, min(LINGER_MAX, LINGER_FRACTION * elapsed), cancel_event)
+            stayed = linger(
+                swarm,
+                cancel_event,
+                own_rate=plan.image.stream_size / max(elapsed, 0.1),
+                pending=tracker_pending(
+                    str(params.get("tracker", "")), str(params.get("info_hash", ""))
+                ),
+            )
         except BaseException:
             if unpacker is not None:
                 unpacker.abort()

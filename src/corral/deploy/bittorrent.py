@@ -198,7 +198,9 @@ class _Peer:
 @dataclass
 class _Swarm:
     allowed: frozenset[str] | None  # None: any address
+    members: frozenset[str]  # the nodes' addresses (empty: unknown)
     peers: dict[bytes, _Peer] = field(default_factory=dict)  # peer_id -> peer
+    seen: set[str] = field(default_factory=set)  # addresses that have announced
 
 
 class Swarms:
@@ -219,12 +221,26 @@ class Swarms:
         self._swarms: dict[bytes, _Swarm] = {}
         self._lock = threading.Lock()
 
-    def open(self, info_hash: bytes, allowed: Iterable[str] | None) -> None:
+    def open(
+        self, info_hash: bytes, allowed: Iterable[str] | None, members: Iterable[str] = ()
+    ) -> None:
+        """Answer for ``info_hash``, to ``allowed`` addresses (None: any); ``members`` are
+        the nodes expected to join (see :meth:`pending`)."""
         with self._lock:
             old = self._swarms.get(info_hash)
             self._swarms[info_hash] = _Swarm(
-                None if allowed is None else frozenset(allowed), old.peers if old else {}
+                None if allowed is None else frozenset(allowed),
+                frozenset(members),
+                old.peers if old else {},
+                old.seen if old else set(),
             )
+
+    def pending(self, info_hash: bytes) -> int:
+        """Members that have not joined the swarm yet: nodes still booting, which will need
+        pieces soon. The nodes that are done linger for them (see the agent's linger())."""
+        with self._lock:
+            swarm = self._swarms.get(info_hash)
+            return len(swarm.members - swarm.seen) if swarm else 0
 
     def close(self, info_hash: bytes) -> None:
         with self._lock:
@@ -253,6 +269,7 @@ class Swarms:
             expired = now - EXPIRE_INTERVALS * self.interval
             for key in [k for k, p in swarm.peers.items() if p.seen < expired]:
                 del swarm.peers[key]
+            swarm.seen.add(ip)
             if event == "stopped":
                 swarm.peers.pop(peer_id, None)
             else:
@@ -301,8 +318,11 @@ class _TrackerHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path, _, query = self.path.partition("?")
+        if path.startswith("/pending/"):
+            self._pending(path.removeprefix("/pending/"))
+            return
         if path != "/announce":
-            self.send_error(404, "this tracker only answers /announce")
+            self.send_error(404, "this tracker answers /announce and /pending/INFOHASH")
             return
         answer = self.server.swarms.announce(parse_query(query), self.client_address[0])
         if "failure reason" in answer:
@@ -310,6 +330,21 @@ class _TrackerHandler(BaseHTTPRequestHandler):
         body = bencode(answer)
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _pending(self, hexdigest: str) -> None:
+        """``{"pending": N}``: how many members have not joined yet (not BitTorrent; the
+        agents ask it while they linger)."""
+        try:
+            key = bytes.fromhex(hexdigest)
+        except ValueError:
+            self.send_error(400, "give the info-hash in hex")
+            return
+        body = json.dumps({"pending": self.server.swarms.pending(key)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -559,7 +594,11 @@ class BitTorrentTransport:
                 tuple(sorted({m.node for m in members})),
             )
             self.sessions[(deployment, version.ref)] = session
-            self.tracker.swarms.open(session.torrent.info_hash, self._admitted(members))
+            self.tracker.swarms.open(
+                session.torrent.info_hash,
+                self._admitted(members),
+                {str(m.ip) for m in members if m.ip},
+            )
             self.seeder.add(torrent, version.exports_dir)
             log.info(
                 "bittorrent: deployment %d seeds %s to %d node(s), info-hash %s",

@@ -79,8 +79,8 @@ def reader(data: bytes) -> Any:
 
 
 def test_hello_answer_and_frames_round_trip() -> None:
-    hello = read_hello(reader(pack_hello(TAG, 12, "tb003")))
-    assert (hello.tag, hello.index, hello.name) == (TAG, 12, "tb003")
+    hello = read_hello(reader(pack_hello(TAG, 12, "tb003", 65536)))
+    assert (hello.tag, hello.index, hello.name, hello.offset) == (TAG, 12, "tb003", 65536)
     assert read_answer(reader(pack_answer(WRONG_SESSION, 3, "no"))) == (WRONG_SESSION, 3, "no")
     frame = pack_frame(DATA, 4, 65536, b"xyz", have=4, frontier=9)
     assert len(frame) == rx_chain.FRAME.size + 3
@@ -425,6 +425,18 @@ class FastChain(ChainReceiver):
     linger = 2.0
 
 
+class SteadyChain(FastChain):
+    """No passing for lag: on loopback the first node can be chunks ahead for a moment."""
+
+    lag_chunks = 10**6
+
+
+class RoomyChain(FastChain):
+    """Keeps the whole (small) image: what comes late is never sent over HTTP."""
+
+    window_chunks = 64
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -549,7 +561,7 @@ def test_three_nodes_in_a_chain_each_forward_to_the_next(test_head: Any) -> None
     chunks = [os.urandom(150_000) for _ in range(6)] + [os.urandom(1234)]
     relay, window = test_head([len(c) for c in chunks])
     server = ChunkServer(chunks)
-    nodes = nodes_for(chunks, head_address(relay), 3, server)
+    nodes = nodes_for(chunks, head_address(relay), 3, server, cls=SteadyChain)
     for node in nodes:
         node.start()
     for i, data in enumerate(chunks):
@@ -574,7 +586,7 @@ def test_a_node_dying_mid_stream_is_bypassed_and_its_successor_resumes(test_head
     chunks = [os.urandom(100_000) for _ in range(8)]
     relay, window = test_head([len(c) for c in chunks])
     server = ChunkServer(chunks)
-    nodes = nodes_for(chunks, head_address(relay), 3, server)
+    nodes = nodes_for(chunks, head_address(relay), 3, server, cls=SteadyChain)
     for node in nodes:
         node.start()
     for i in range(3):
@@ -606,7 +618,7 @@ def test_a_slow_node_is_passed_by_the_node_after_it(
     relay, window = test_head([len(c) for c in chunks])
     server = ChunkServer(chunks)
     # tb002 unpacks slowly: it falls behind tb001, and tb003 pulls from tb001 instead
-    nodes = nodes_for(chunks, head_address(relay), 3, server, delays={1: 0.3})
+    nodes = nodes_for(chunks, head_address(relay), 3, server, delays={1: 0.2})
     for node in nodes:
         node.start()
     for i, data in enumerate(chunks):
@@ -620,6 +632,44 @@ def test_a_slow_node_is_passed_by_the_node_after_it(
     assert nodes[2].receiver.picker is not None
     current = nodes[2].receiver.picker.current()
     assert current is not None and current.name == "tb001"
+
+
+def test_a_node_goes_on_while_it_still_serves_a_slow_successor(test_head: Any) -> None:
+    chunks = [os.urandom(20_000) for _ in range(12)]
+    relay, window = test_head([len(c) for c in chunks])
+    for i, data in enumerate(chunks):
+        window.complete(i, data)
+    server = ChunkServer(chunks)
+    first, slow = nodes_for(chunks, head_address(relay), 2, server, delays={1: 0.4}, cls=RoomyChain)
+    first.start()
+    slow.start()
+    first.join()  # after its linger (2 s), with tb002 still taking 12 x 0.4 s
+    assert first.error is None and slow.thread is not None and slow.thread.is_alive()
+    slow.join()
+    assert slow.error is None, repr(slow.error)
+    assert slow.unpacker.data == b"".join(chunks)
+    assert server.gets == [] and relay.served == len(b"".join(chunks))  # tb001 served on
+
+
+class Breaks(Collect):
+    def write(self, data: bytes) -> None:
+        if self.data:
+            raise ReceiveError("unpacking stopped: tar exited with 2: disk full")
+        super().write(data)
+
+
+def test_an_unpacking_failure_ends_the_receive_with_its_reason(test_head: Any) -> None:
+    chunks = [os.urandom(20_000) for _ in range(5)]
+    relay, window = test_head([len(c) for c in chunks])
+    for i, data in enumerate(chunks):
+        window.complete(i, data)
+    (node,) = nodes_for(chunks, head_address(relay), 1, ChunkServer(chunks))
+    node.unpacker = Breaks()
+    node.receiver.unpacker = node.unpacker
+    node.start()
+    node.join()
+    assert isinstance(node.error, ReceiveError) and "disk full" in str(node.error)
+    assert node.unpacker.aborted and not node.unpacker.finished
 
 
 def test_what_the_window_lost_comes_over_http(test_head: Any) -> None:
@@ -764,6 +814,10 @@ def test_the_head_streams_the_chunk_files_of_its_session_only(
         sock.sendall(pack_hello(tag, 1, "tb001"))  # resume at chunk 1
         assert read_answer(lambda n: read_exact(sock, n))[0] == OK
         assert frames(sock, 1) == [(DATA, 1, 0, chunks[1])]
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(pack_hello(tag, 0, "tb001", 69_990))  # inside chunk 0
+        assert read_answer(lambda n: read_exact(sock, n))[0] == OK
+        assert frames(sock, 2) == [(DATA, 0, 69_990, chunks[0][69_990:]), (DATA, 1, 0, chunks[1])]
 
 
 def test_a_real_head_and_real_unpacking_through_three_nodes(

@@ -28,7 +28,8 @@ The wire protocol (all integers big-endian), version 1
 A downstream node connects and says hello::
 
     "CRLY"  u8 version=1  u8 flags=0  u16 tag length  tag (utf-8)
-    u32 index of the first chunk it needs   u8 name length  name (utf-8, for the logs)
+    u32 index of the first chunk it needs  u32 byte offset in that chunk
+    u8 name length  name (utf-8, for the logs)
 
 The upstream answers::
 
@@ -43,10 +44,11 @@ downstream sends nothing more::
     u8 kind  u32 chunk  u32 offset  u32 length  u32 have  u32 frontier  payload[length]
 
 ``DATA`` (1)
-    bytes ``[offset, offset + length)`` of ``chunk``. Chunks come in order, from the index
-    of the hello, each from offset 0 with no gap; a relay forwards a piece as soon as it
-    has it (16 KiB pieces; at most 64 KiB in a frame), before its chunk is whole and checked, and every node checks
-    each whole chunk against the plan's sha256 before unpacking it.
+    bytes ``[offset, offset + length)`` of ``chunk``. Chunks come in order, from the chunk
+    and offset of the hello, each then from offset 0, with no gap. A relay forwards a piece
+    as soon as it has it (16 KiB pieces; at most 64 KiB in a frame), before its chunk is
+    whole and checked; every node checks each whole chunk against the plan's sha256
+    before unpacking it.
 ``SKIP`` (2)
     "the chunks you need before ``chunk`` are no longer here": the downstream fetches them
     from the server over HTTP, and the next ``DATA`` is ``chunk`` from offset 0.
@@ -56,7 +58,8 @@ downstream sends nothing more::
 ``have`` is the sender's count of whole chunks and ``frontier`` its own upstream's: a node
 whose upstream lags its frontier by a few chunks pulls past it. The downstream closes the
 connection when it holds the whole stream, or to resume elsewhere: a new connection's hello
-names the chunk to resume from (a chunk cut in the middle starts again).
+names the chunk and byte to resume from (the bytes are the same from any upstream, and the
+whole chunk is checked once it is in).
 
 A node's upstream that does not answer is retried for a while, then the node before it, up
 to the head; a node that finds nobody fetches that chunk over HTTP and tries again.
@@ -189,7 +192,9 @@ class Head:
             return
         version = session.version
         source = FileSource(lambda i: version.path / chunk_name(i), len(session.sizes))
-        sender = Sender(conn, source, session.sizes, hello.index, f"{hello.name} ({peer})")
+        sender = Sender(
+            conn, source, session.sizes, hello.index, f"{hello.name} ({peer})", offset=hello.offset
+        )
         with transport.lock:
             session.senders.append(sender)
         log.info(

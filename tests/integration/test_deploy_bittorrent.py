@@ -240,8 +240,9 @@ def test_bittorrent_to_five_nodes(testbed: cluster.Testbed, tmp_path: Path) -> N
         ratio = deploy_and_measure(testbed, version, tmp_path)
     finally:
         shape(testbed, "400mbit")
-    # unicast would send 5 copies; the swarm brings most of them
-    assert ratio <= 3.0
+    # unicast would send 5 copies; the nodes take 1/5 each from the seed and swap them
+    # (measured: 1.02-1.29 x S)
+    assert ratio <= 2.0
 
 
 def test_bittorrent_with_one_percent_loss(testbed: cluster.Testbed, tmp_path: Path) -> None:
@@ -252,4 +253,4 @@ def test_bittorrent_with_one_percent_loss(testbed: cluster.Testbed, tmp_path: Pa
         ratio = deploy_and_measure(testbed, version, tmp_path)
     finally:
         shape(testbed, "400mbit")
-    assert ratio < NODES
+    assert ratio <= 2.0  # measured: 1.03-1.04 x S

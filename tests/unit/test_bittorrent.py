@@ -611,3 +611,20 @@ def test_peers_lacking_the_same_pieces_share_the_rescue() -> None:
     wants = [w for call, w in swarm.calls if call == "want"]
     assert wants[:3] == [[0, 2], None, [7]]
     assert [9] in wants[3:]
+
+
+def test_a_latecomer_takes_its_stripe_from_the_peers_that_have_it() -> None:
+    swarm = FakeSwarm(DATA, [[], list(range(10))])
+    swarm.avail = [2] * 10  # the seed and a node that is done
+    run_feeder(swarm, mine=[1, 3, 5])
+    assert swarm.calls[:3] == [("want", [1, 3, 5]), ("seed", False), ("want", None)]
+
+
+def test_pieces_at_no_peer_for_long_are_asked_of_the_seed_even_while_others_come() -> None:
+    # the first nodes of a deployment booting in waves: pieces keep coming from the
+    # peers, but 8 and 9 are nobody's yet; after ORPHAN_WAIT the node asks the seed
+    swarm = FakeSwarm(DATA, [[0, 2], [1], [3], [4], [5], [6], [7], [], [8, 9]])
+    swarm.avail = [1] * 8 + [0, 0]
+    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60)
+    assert b"".join(fed) == DATA
+    assert ("want", [8, 9]) in swarm.calls and feeder.stats.rescues == 1

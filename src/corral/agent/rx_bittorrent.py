@@ -107,6 +107,10 @@ STRIPE_TIMEOUT = 10.0
 RESCUE_IDLE = 2.0
 #: How often a rescue looks whether another peer has the pieces by now.
 RESCUE_MAX = 5.0
+#: Seconds that pieces may be at no peer before the node asks the seed for them even
+#: though other pieces keep coming: the first nodes of a deployment that boots in waves
+#: would otherwise wait for the stripes of the last ones.
+ORPHAN_WAIT = 5.0
 
 
 class Swarm(Protocol):
@@ -262,14 +266,16 @@ class SeedUse:
         first its stripe (:func:`stripe`), the 1/N of the pieces nobody else asks the
         seed for, and nothing else (the other pieces are not wanted yet, so no request
         for them can reach the seed); the stripes together are one copy of the stream.
-        It ends when the stripe is here, after :data:`STRIPE_TIMEOUT` seconds, or when the
-        seed sends nothing for twice :data:`RESCUE_IDLE`;
+        It ends when the stripe is here, when peers have what is left of it (a node
+        that comes late finds the others seeding), after :data:`STRIPE_TIMEOUT` seconds,
+        or when the seed sends nothing for twice :data:`RESCUE_IDLE`;
     ``swarm``
         then, the seed blocked (libtorrent's IP filter), every other piece from the peers,
         who hold each other's stripes;
     ``rescue``
         when the node has received nothing for :data:`RESCUE_IDLE` seconds (on a LAN a
-        piece takes a fraction of a second), the seed again, for the pieces that at most
+        piece takes a fraction of a second), or has lacked pieces that no peer has for
+        :data:`ORPHAN_WAIT` seconds, the seed again, for the pieces that at most
         one connected peer has: their stripe's member died before passing it on, is slow,
         or has not come yet. Only those are wanted meanwhile, so the seed sends nothing
         the peers could, and only until they are here or, every :data:`RESCUE_MAX`
@@ -294,6 +300,8 @@ class SeedUse:
         self.mine = list(mine) if mine is not None else None
         self.rescue: list[int] = []
         self.since = 0.0
+        self._looked = -1e9
+        self._orphans_since = float("inf")
         if self.mine is None:
             self.phase = "plain"
         elif self.mine:
@@ -309,18 +317,25 @@ class SeedUse:
         now = self.clock()
         if self.phase == "stripe":
             assert self.mine is not None
-            done = all(have[p] for p in self.mine)
-            if done or now - self.started >= STRIPE_TIMEOUT or idle >= 2 * RESCUE_IDLE:
+            left = [p for p in self.mine if not have[p]]
+            # a latecomer finds nodes that have everything: its stripe is theirs to give
+            shared = bool(left) and all(a >= 2 for a in self._available(left))
+            late = now - self.started >= STRIPE_TIMEOUT or idle >= 2 * RESCUE_IDLE
+            if not left or shared or late:
                 log.info(
                     "bittorrent: %s after %.1f s; the rest from the peers",
-                    "my stripe is here" if done else "my stripe is late",
+                    "my stripe is at peers"
+                    if shared
+                    else "my stripe is late"
+                    if left
+                    else "my stripe is here",
                     now - self.started,
                 )
                 self.phase = "swarm"
                 self.swarm.use_seed(False)
                 self.swarm.want(None)
                 return True
-        elif self.phase == "swarm" and idle >= RESCUE_IDLE and not all(have):
+        elif self.phase == "swarm" and not all(have) and self._rescue_due(have, idle, now):
             available = self.swarm.availability()  # the seed is not connected: peers only
             missing = [p for p, h in enumerate(have) if not h]
             rare = [p for p in missing if available[p] <= 1] or missing
@@ -360,6 +375,26 @@ class SeedUse:
             self.swarm.want(None)
             return True
         return False
+
+    def _rescue_due(self, have: Sequence[bool], idle: float, now: float) -> bool:
+        """Time to ask the seed: nothing new for :data:`RESCUE_IDLE` seconds, or pieces
+        at no peer for :data:`ORPHAN_WAIT` seconds (looked at once a second)."""
+        if idle >= RESCUE_IDLE:
+            return True
+        if now - self._looked < 1.0:
+            return False
+        self._looked = now
+        available = self.swarm.availability()
+        if any(not h and not a for h, a in zip(have, available, strict=False)):
+            self._orphans_since = min(self._orphans_since, now)
+        else:
+            self._orphans_since = float("inf")
+        return now - self._orphans_since >= ORPHAN_WAIT
+
+    def _available(self, pieces: Sequence[int]) -> list[int]:
+        """How many connected sources have each of ``pieces`` (the seed counts for one)."""
+        available = self.swarm.availability()
+        return [available[p] for p in pieces]
 
 
 class Feeder:
@@ -595,6 +630,9 @@ def session_settings(lt: Any, address: str, port: int = PEER_PORT) -> dict[str, 
         "connection_speed": 100,
         "smooth_connects": False,
         "stop_tracker_timeout": 1,
+        # announce as often as corral's tracker asks (10 s; libtorrent's floor is 5 min):
+        # a node that stays to seed must stay in the tracker's list for the latecomers
+        "min_announce_interval": 5,
         "tracker_completion_timeout": 5,
         "tracker_receive_timeout": 5,
         # a node runs its installer beside libtorrent on a small machine: few threads

@@ -443,6 +443,9 @@ def seed_settings(lt: Any, address: str, port: int) -> dict[str, Any]:
         "connection_speed": 100,
         "smooth_connects": False,
         "stop_tracker_timeout": 1,
+        # announce as often as corral's own tracker asks (libtorrent's floor is 5 min): the
+        # tracker forgets peers silent for three intervals
+        "min_announce_interval": 5,
         # the seed reads a disk that serves many peers: more I/O threads than a node's
         "aio_threads": 4,
         "alert_mask": int(lt.alert.category_t.error_notification),
@@ -502,7 +505,8 @@ class Seeder:
         return int(handle.status(0).total_payload_upload) if handle is not None else 0
 
     def errors(self) -> list[str]:
-        return [a.message() for a in self.session.pop_alerts()]
+        error = self.lt.alert.category_t.error_notification
+        return [a.message() for a in self.session.pop_alerts() if a.category() & error]
 
     def close(self) -> None:
         for key in list(self.handles):

@@ -571,7 +571,11 @@ class RsyncReceiver(Receiver):
 
 
 #: Modules of further receivers; each registers its class with :func:`register` on import.
-BUILTIN: tuple[str, ...] = ("corral.agent.rx_bittorrent", "corral.agent.rx_chain")
+BUILTIN: tuple[str, ...] = (
+    "corral.agent.rx_bittorrent",
+    "corral.agent.rx_chain",
+    "corral.agent.rx_multicast",
+)
 
 for _module in BUILTIN:
     importlib.import_module(_module)

@@ -239,7 +239,11 @@ class Transports:
 
 
 #: Modules of further transports; each calls :func:`register` when imported.
-BUILTIN: tuple[str, ...] = ("corral.deploy.bittorrent", "corral.deploy.chain")
+BUILTIN: tuple[str, ...] = (
+    "corral.deploy.bittorrent",
+    "corral.deploy.chain",
+    "corral.deploy.multicast",
+)
 
 for _module in BUILTIN:
     importlib.import_module(_module)

@@ -1,0 +1,514 @@
+"""The ``multicast`` receiver: udpcast for the bulk of the stream, HTTP for what it misses.
+
+``udp-receiver`` joins the session the plan names (``transport.params["session"]``: its
+rendezvous group and ports) and writes the stream to its stdout; the agent cuts it into
+the plan's chunks and checks each one's sha256 before a byte of it reaches
+``zstd -d | tar -x``, exactly as the http receiver does, so nothing unverified is ever
+unpacked.
+
+The session never waits for this node for long, and this node never waits for the
+session for long either. Whenever the multicast part ends early, the node goes on by HTTP
+from the first chunk it lacks (:meth:`HttpReceiver.fetch_chunk`, the same checked,
+resumable fetch), so it catches up after the others:
+
+- nobody answers within :data:`CONNECT_TIMEOUT` (the node is late: the sender started
+  or finished without it), or the sender never starts sending;
+- the sender dropped this node (it was not answering: udp-receiver exits non-zero), or
+  no byte came for :data:`STALL_TIMEOUT`;
+- a chunk did not match the plan (a corrupted datagram that UDP's checksum let through,
+  or another session's data);
+- this node's link is too slow for the session: its interface received less than
+  ``leave_below`` of the session's rate over ``leave_window`` seconds, while its own
+  unpacking was not what held it back. In acknowledged mode udpcast goes at the pace of
+  its slowest receiver, and the others keep receiving near the full rate (the
+  retransmissions for the slow one reach them too), so the slow node is the one that
+  sees little and it leaves; the sender then drops it like a dead one.
+
+The plan's chunk hashes are what keeps a rejoining or confused node from taking the wrong
+data: the session's tag (deployment / image ref / stream sha256) is checked against the
+plan before joining, but even a node that reached the wrong sender would unpack nothing,
+since the first chunk would not match and it would go on by HTTP.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import logging
+import os
+import select
+import shlex
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from corral.agent.network import interface_ipv4, source_address
+from corral.agent.plan import Plan
+from corral.agent.receive import (
+    Cancelled,
+    Context,
+    HttpReceiver,
+    ProgressCallback,
+    Received,
+    ReceiveError,
+    Unpacker,
+    _stop,
+    register,
+)
+
+log = logging.getLogger("corral.agent")
+
+#: Seconds from udp-receiver's start to "Connected": a sender that still waits for its
+#: nodes answers within a second; none answering means the session left without us.
+CONNECT_TIMEOUT = 10.0
+#: Seconds beyond the session's ``max_wait`` for the first byte once connected.
+START_MARGIN = 20.0
+#: Seconds without a byte, once bytes flowed, before the session is given up: udp-sender
+#: pauses about 3 s to drop a dead receiver, so 20 s means it is gone or dropped us.
+STALL_TIMEOUT = 20.0
+#: udp-receiver's own --receive-timeout, a backstop should the agent's watch fail.
+RECEIVE_TIMEOUT = 60
+#: Seconds to let udp-receiver end by itself after the last chunk (its final ACK lets
+#: the sender finish at once instead of dropping this node after a few seconds).
+EXIT_GRACE = 3.0
+#: Unpacking that blocks the agent for more than this fraction of the window means the
+#: node itself, not its link, is slow: it stays (leaving would not make it faster).
+BUSY_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class Session:
+    """The udpcast session a plan names (:mod:`corral.deploy.multicast` makes it)."""
+
+    tag: str
+    rdv: str
+    portbase: int
+    interface: str  # the node's address, as the server knows it: a hint
+    max_bitrate: int
+    max_wait: float
+    leave_below: float
+    leave_window: float
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> Session | None:
+        """The plan's session, or None (logged) when it has none or names another image."""
+        raw = plan.transport.params.get("session")
+        if not raw:
+            return None
+        try:
+            session = cls(
+                tag=str(raw["tag"]),
+                rdv=str(raw["rdv"]),
+                portbase=int(raw["portbase"]),
+                interface=str(raw.get("interface") or ""),
+                max_bitrate=int(raw["max_bitrate"]),
+                max_wait=float(raw["max_wait"]),
+                leave_below=float(raw.get("leave_below", 0.0)),
+                leave_window=float(raw.get("leave_window", 10.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("multicast: the plan's session is malformed (%s): using HTTP", exc)
+            return None
+        expected = f"{plan.deployment}/{plan.image.ref}/{plan.image.stream_sha256}"
+        if session.tag != expected:
+            log.warning(
+                "multicast: the session is tagged %s, this plan is %s: using HTTP",
+                session.tag,
+                expected,
+            )
+            return None
+        return session
+
+
+def receiver_argv(session: Session, address: str) -> list[str]:
+    """udp-receiver for ``session`` on the interface that holds ``address``; the stream
+    comes out on stdout."""
+    start_timeout = int(CONNECT_TIMEOUT + session.max_wait + START_MARGIN)
+    return [
+        "udp-receiver",
+        "--nokbd",
+        "--no-progress",
+        "--interface",
+        address,
+        "--portbase",
+        str(session.portbase),
+        "--mcast-rdv-address",
+        session.rdv,
+        "--start-timeout",
+        str(start_timeout),
+        "--receive-timeout",
+        str(RECEIVE_TIMEOUT),
+    ]
+
+
+class Stream:
+    """The checked part of the image's stream: chunks in order into the unpacker."""
+
+    def __init__(self, plan: Plan, unpacker: Unpacker, progress: ProgressCallback) -> None:
+        self.plan = plan
+        self.unpacker = unpacker
+        self.progress = progress
+        self.whole = hashlib.sha256()
+        self.index = 0  # the first chunk not yet unpacked
+        self.done = 0  # bytes unpacked
+        self.multicast = 0  # chunks that came by multicast
+        #: seconds spent handing chunks to the unpacker (blocked when it is slow)
+        self.busy = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.index >= len(self.plan.image.chunks)
+
+    def matches(self, data: bytes) -> bool:
+        expected = self.plan.image.chunks[self.index]
+        return len(data) == expected.size and hashlib.sha256(data).hexdigest() == expected.sha256
+
+    def add(self, data: bytes, *, multicast: bool = False) -> None:
+        """Unpack chunk ``index``, which the caller checked."""
+        started = time.monotonic()
+        self.unpacker.write(data)
+        self.busy += time.monotonic() - started
+        self.whole.update(data)
+        self.done += len(data)
+        self.index += 1
+        self.multicast += multicast
+        self.progress(self.done, self.plan.image.stream_size)
+
+
+class RateWatch:
+    """The interface's receive rate, one sample a second, over the last ``window`` s.
+
+    What counts is the best second of the window, not its average: when udp-sender pauses
+    to drop a dead receiver (2-3 s), every node receives nothing for a while and then the
+    full rate again, whereas a link too slow for the session never gets near it.
+    """
+
+    def __init__(self, read: Callable[[], int | None], window: float, period: float = 1.0) -> None:
+        self.read = read
+        self.window = window
+        self.period = period
+        self.samples: collections.deque[tuple[float, int, float]] = collections.deque()
+
+    def sample(self, now: float, busy: float) -> tuple[float, float] | None:
+        """(the best rate of one period in bits/s, the fraction of the time spent
+        unpacking) over the last full window, or None until a window has passed."""
+        if self.samples and now - self.samples[-1][0] < self.period:
+            return None
+        count = self.read()
+        if count is None:
+            return None
+        self.samples.append((now, count, busy))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+        first = self.samples[0]
+        span = now - first[0]
+        if span < self.window:
+            return None
+        pairs = zip(self.samples, list(self.samples)[1:], strict=False)
+        best = max((b[1] - a[1]) * 8 / max(b[0] - a[0], 1e-3) for a, b in pairs)
+        return best, (busy - first[2]) / span
+
+
+@register
+class MulticastReceiver(HttpReceiver):
+    """udp-receiver into checked chunks; HTTP from the first chunk it did not deliver."""
+
+    name = "multicast"
+
+    connect_timeout = CONNECT_TIMEOUT
+    start_margin = START_MARGIN
+    stall_timeout = STALL_TIMEOUT
+    exit_grace = EXIT_GRACE
+    #: seconds between two looks at the interface's counter
+    rate_period = 1.0
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        #: why the multicast part ended before the whole stream ("" if it did not)
+        self.left = ""
+        self.stderr_tail = ""
+
+    # --- what tests replace ------------------------------------------------------------
+
+    def make_unpacker(self, target_dir: Path) -> Unpacker:
+        return Unpacker(target_dir)
+
+    def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
+    def local_address(self, session: Session) -> str:
+        """This node's address toward corral (where the session's sender is), else the
+        server's idea of it."""
+        client = self.context.client
+        if client is not None:
+            found = source_address(client.host, client.port)
+            if found:
+                return found
+        return session.interface
+
+    def interface_name(self, address: str) -> str | None:
+        for _, name in socket.if_nameindex():
+            if interface_ipv4(name) == address:
+                return name
+        return None
+
+    def rx_bytes(self, interface: str) -> int | None:
+        try:
+            return int(Path(f"/sys/class/net/{interface}/statistics/rx_bytes").read_text())
+        except (OSError, ValueError):
+            return None
+
+    # --- receiving ---------------------------------------------------------------------
+
+    def receive(
+        self,
+        plan: Plan,
+        target_dir: Path,
+        progress_callback: ProgressCallback,
+        cancel_event: threading.Event,
+    ) -> Received:
+        client = self.context.client
+        if client is None:
+            raise ReceiveError("transport multicast needs corral.server= to catch up from")
+        image = plan.image
+        total = image.stream_size
+        unpacker = self.make_unpacker(target_dir)
+        stream = Stream(plan, unpacker, progress_callback)
+        try:
+            session = Session.from_plan(plan)
+            if session is None:
+                self.left = "the plan names no multicast session to join"
+            else:
+                self.join(plan, session, stream, progress_callback, cancel_event)
+            if not stream.complete:
+                log.info(
+                    "multicast: %s; by HTTP from chunk %d of %d",
+                    self.left,
+                    stream.index,
+                    len(image.chunks),
+                )
+            while not stream.complete:
+                if cancel_event.is_set():
+                    raise Cancelled()
+
+                def partial(n: int, base: int = stream.done) -> None:
+                    progress_callback(base + n, total)
+
+                stream.add(self.fetch_chunk(client, plan, stream.index, partial, cancel_event))
+            unpacker.finish()
+        except BaseException:
+            unpacker.abort()
+            raise
+        digest = stream.whole.hexdigest()
+        if stream.done != total or digest != image.stream_sha256:
+            raise ReceiveError(
+                f"image {image.ref}: the stream is {stream.done} bytes with sha256 {digest}, "
+                f"the plan says {total} bytes with sha256 {image.stream_sha256}"
+            )
+        chunks = len(image.chunks)
+        log.info(
+            "received %s: %d bytes in %d chunks, %d by multicast, %d by HTTP "
+            "(%d fetched again, %d resumed)",
+            image.ref,
+            stream.done,
+            chunks,
+            stream.multicast,
+            chunks - stream.multicast,
+            len(self.refetched),
+            len(self.resumed),
+        )
+        return Received(
+            stream.done,
+            {
+                "chunks": chunks,
+                "multicast": stream.multicast,
+                "unicast": chunks - stream.multicast,
+                "refetched": len(self.refetched),
+                "resumed": len(self.resumed),
+            },
+        )
+
+    def join(
+        self,
+        plan: Plan,
+        session: Session,
+        stream: Stream,
+        progress: ProgressCallback,
+        cancel: threading.Event,
+    ) -> None:
+        """Take checked chunks from udp-receiver until the stream is whole or the session
+        is of no more use (``self.left`` says why)."""
+        address = self.local_address(session)
+        if not address:
+            self.left = "no local address to receive the session on"
+            return
+        argv = receiver_argv(session, address)
+        log.info("+ %s", shlex.join(argv))
+        try:
+            proc = self.spawn(argv)
+        except OSError as exc:
+            self.left = f"udp-receiver did not start: {exc}"
+            return
+        interface = self.interface_name(address)
+        watch = None
+        if session.leave_below > 0 and interface is not None:
+            watch = RateWatch(
+                lambda: self.rx_bytes(interface), session.leave_window, self.rate_period
+            )
+        out, err = proc.stdout, proc.stderr
+        assert out is not None and err is not None
+        try:
+            self._pump(proc, out, err, session, stream, progress, cancel, watch)
+        finally:
+            if stream.complete:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(self.exit_grace)
+            _leave(proc)
+            for pipe in (out, err):
+                pipe.close()
+        if stream.complete:
+            self.left = ""
+        elif not self.left:
+            self.left = f"udp-receiver exited with {proc.returncode}"
+        if self.stderr_tail and self.left:
+            log.info("udp-receiver: %s", self.stderr_tail)
+
+    def _pump(
+        self,
+        proc: subprocess.Popen[bytes],
+        out: IO[bytes],
+        err: IO[bytes],
+        session: Session,
+        stream: Stream,
+        progress: ProgressCallback,
+        cancel: threading.Event,
+        watch: RateWatch | None,
+    ) -> None:
+        chunks = stream.plan.image.chunks
+        total = stream.plan.image.stream_size
+        buf = bytearray()
+        errors = bytearray()
+        started = time.monotonic()
+        connected: float | None = None
+        first: float | None = None
+        last = started
+        readers: list[IO[bytes]] = [out, err]
+        while not stream.complete:
+            if cancel.is_set():
+                raise Cancelled()
+            ready, _, _ = select.select(readers, [], [], self.context.poll)
+            now = time.monotonic()
+            for pipe in ready:
+                data = os.read(pipe.fileno(), 1 << 16)
+                if pipe is err:
+                    if not data:
+                        readers.remove(err)
+                        continue
+                    errors += data
+                    if connected is None and b"Connected as" in errors:
+                        connected = now
+                        log.info("multicast: joined session %s", session.tag)
+                    del errors[:-4096]
+                    self.stderr_tail = _lines(errors)
+                    continue
+                if not data:
+                    if err in readers:
+                        errors += _drain(err)
+                    self.stderr_tail = _lines(errors)
+                    self.left = _ended(proc, self.stderr_tail)
+                    return
+                first = first or now
+                last = now
+                buf += data
+                while not stream.complete and len(buf) >= chunks[stream.index].size:
+                    piece = bytes(buf[: chunks[stream.index].size])
+                    if not stream.matches(piece):
+                        self.left = (
+                            f"chunk {stream.index:08d} from the session did not match its sha256"
+                        )
+                        return
+                    del buf[: len(piece)]
+                    stream.add(piece, multicast=True)
+                progress(stream.done + len(buf), total)
+            if stream.complete:
+                log.info(
+                    "multicast: the whole stream in %.1f s from udp-receiver's start, "
+                    "%.1f s from the first byte (%.1f Mbit/s)",
+                    now - started,
+                    now - (first or started),
+                    total * 8 / max(now - (first or started), 1e-3) / 1e6,
+                )
+                return
+            if connected is None and now - started > self.connect_timeout:
+                self.left = f"no udpcast sender answered within {self.connect_timeout:.0f} s"
+                return
+            waited = now - connected if connected is not None and first is None else 0.0
+            if waited > session.max_wait + self.start_margin:
+                self.left = "the session did not start sending"
+                return
+            if first is not None and now - last > self.stall_timeout:
+                self.left = f"no data from the session for {self.stall_timeout:.0f} s"
+                return
+            if watch is not None and first is not None:
+                rate = watch.sample(now, stream.busy)
+                if rate is not None:
+                    bps, busy = rate
+                    if bps < session.leave_below * session.max_bitrate and busy < BUSY_FRACTION:
+                        self.left = (
+                            f"this node's link carried {bps / 1e6:.1f} Mbit/s of the session's "
+                            f"{session.max_bitrate / 1e6:.1f}: leaving it so as not to slow "
+                            "the others"
+                        )
+                        return
+
+
+def _leave(proc: subprocess.Popen[bytes]) -> None:
+    """Stop udp-receiver with SIGINT first: it then tells the sender it leaves, and the
+    sender goes on at once instead of waiting some seconds to drop it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(2.0)
+    _stop(proc, grace=2.0)
+
+
+def _lines(errors: bytearray) -> str:
+    """The last few lines udp-receiver wrote, on one line."""
+    text = errors.decode("utf-8", "replace").replace("\r", "\n")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " / ".join(lines[-3:])
+
+
+def _drain(pipe: IO[bytes], timeout: float = 2.0) -> bytes:
+    """What is left in ``pipe`` until its end (udp-receiver says why it stopped as it
+    exits), waiting at most ``timeout``."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([pipe], [], [], left)
+        if not ready:
+            break
+        piece = os.read(pipe.fileno(), 1 << 16)
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+def _ended(proc: subprocess.Popen[bytes], said: str) -> str:
+    try:
+        code = proc.wait(5)
+    except subprocess.TimeoutExpired:
+        return "udp-receiver closed its output"
+    if "Dropped by server" in said:
+        return "the sender dropped this node"
+    return f"udp-receiver ended (exit {code}) before the stream was whole"

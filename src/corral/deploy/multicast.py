@@ -1,0 +1,620 @@
+"""The ``multicast`` transport: one udpcast session per image, sent about once on the wire.
+
+For each transfer session (the nodes of one deployment that get the same image) corral
+starts one ``udp-sender`` that sends the image's stream export, the chunk files in order,
+fed through a FIFO so that no copy of the stream is made. The agent's side
+(:mod:`corral.agent.rx_multicast`) runs ``udp-receiver``, checks each chunk against the
+plan before it is unpacked, and finishes by HTTP from the first chunk it lacks when it
+joined late, was dropped, left or saw a bad chunk: the session goes on without it and it
+catches up afterwards through the ordinary chunk route (which serves any node whose
+running deployment installs that image, whatever its transport).
+
+Sessions never mix: each has its own rendezvous address, data address and port pair,
+derived from the deployment id and the image (:func:`channel_for`), and the plan tags it
+with the deployment, the image ref and the stream's sha256. What makes a mixed-up or
+rejoining node safe is the plan itself: every chunk's sha256 is in it and the agent
+unpacks nothing that does not match, so a node can never take another session's data.
+
+How udpcast is driven, and why (measured on 3-10 network namespaces with tbf-shaped
+20 Mbit/s links, 16 MiB, udpcast 20120424):
+
+- acknowledged mode (not ``--async``): receivers tell the sender what they miss, so loss
+  costs retransmissions rather than failed nodes, and ``--min-receivers`` works (in async
+  mode receivers never connect, so the sender cannot know when they are there);
+- ``--retries-until-drop``: udpcast's default (200) held a session for minutes behind a
+  killed receiver. The sender's REQACK timeout is 1.1 x its running average answer time
+  (~10 ms on a LAN) for the first ten retries and one second more for each after, so 12
+  drops a dead receiver after about 2-3 s (measured: a killed receiver cost the others
+  3.3 s; with 15, 6.5 s). A live receiver answers every REQACK, so only a process that is
+  not scheduled for seconds or twelve losses in a row get a false drop, which costs one
+  unicast catch-up, not a failure;
+- ``--min-receivers`` (all the session's nodes) with ``--max-wait``: the transfer starts
+  as soon as every node is there, or ``max_wait`` seconds after the first one came; a
+  node later than that catches up by HTTP;
+- ``--max-bitrate``: there is no congestion control in udpcast. Faster than the slowest
+  link, that node's drops become retransmissions that every node receives (no limit on
+  20 Mbit/s links: 158 % egress instead of 104 %);
+- ``--fec``: in acknowledged mode too, the sender adds redundancy blocks to each stripe,
+  and a retransmission of FEC blocks repairs different losses at different receivers.
+  With N receivers each losing p of the packets, a block is lost by somebody with
+  probability 1 - (1 - p)^N (63 % at N = 100, p = 1 %): without FEC that many blocks go
+  out twice. ``8x4/128`` (3 % more) covers a stripe's expected ~1.3 lost blocks at 1 %
+  loss for nearly every receiver;
+- a node whose link cannot carry the session's rate would hold everyone to its pace
+  (acknowledged mode waits for the slowest): measured, one 2 Mbit/s node took a 20 Mbit/s
+  session from 9 s to 72 s and 650 % egress. Its agent sees its own interface receive far
+  less than ``max_bitrate`` while the others see close to it (retransmissions for the
+  slow one reach everybody), and leaves below ``leave_below`` of the rate: it tells the
+  sender it leaves (udp-receiver's SIGINT, no drop pause) and finishes by HTTP.
+
+Site settings would belong in corral.toml; until they are there (see
+:func:`options_from_settings`), :data:`DEFAULT_OPTIONS` holds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from corral.config import Settings
+from corral.deploy.transports import HttpTransport, Member, register
+from corral.errors import CommandFailed, ConfigError, InvalidValue
+from corral.images.exports import STREAM_INDEX, chunk_name
+from corral.images.store import ImageVersion
+from corral.run import run, spawn
+
+log = logging.getLogger("corral.deploy")
+
+#: Rendezvous and data groups live in 239.192.0.0/14, the organisation-local scope of
+#: RFC 2365 (never routed off the site); the two /16s differ in the bits Ethernet maps to
+#: a multicast MAC, so a node's NIC filters each session's groups apart.
+RDV_PREFIX = "239.194"
+DATA_PREFIX = "239.195"
+#: Session slots: slot k uses ports PORT_BASE + 2k and + 1, below Linux's ephemeral range
+#: (32768-60999), so no client socket on the server holds them.
+PORT_BASE = 24000
+SLOTS = 4096
+#: Images of one deployment spread over this many neighbouring slots; deployments whose
+#: ids differ by less than SLOTS / IMAGE_SPREAD never share a slot.
+IMAGE_SPREAD = 16
+#: What the sender writes to its log every this many milliseconds (bytes, retransmits).
+STAT_PERIOD_MS = 5000
+#: The sender repeats its HELLO this often (ms) while it waits for its nodes: without it a
+#: transfer began about 1.7 s after the last node connected, with it at once (measured
+#: with 3 receivers waiting: 9.8 s -> 8.0 s for 16 MiB at 19 Mbit/s).
+HELLO_INTERVAL_MS = 200
+#: Grace for udp-sender to exit on SIGTERM before it is killed.
+STOP_GRACE = 5.0
+
+_FEC = re.compile(r"^(\d+)x(\d+)/(\d+)$")
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmg]?)(?:bit|bps|b)?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class MulticastOptions:
+    """udpcast's knobs for a site; see the module docstring for the measurements.
+
+    ``max_bitrate``
+        bits/s on the wire (udpcast counts headers, FEC and retransmissions in it). It
+        must stay under the slowest node link that should keep up: 19 Mbit/s fits the
+        20 Mbit/s node links of ``corral testbed`` and the benchmark with tbf's slack; a
+        gigabit site would set about 900 Mbit/s.
+    ``fec``
+        ``INTERLEAVExREDUNDANCY/STRIPESIZE`` or "" for none; 8x4/128 costs 3 % and absorbs
+        1 % loss at a hundred receivers without a second round for most stripes.
+    ``min_receivers``
+        start as soon as this many nodes are connected; 0 means every node of the session.
+    ``min_wait`` / ``max_wait``
+        seconds after the first node connects: never start before ``min_wait`` (0: no
+        reason to wait once all are there); start anyway at ``max_wait`` with those there.
+        30 s covers the spread of partitioning and mkfs across nodes booted together; a
+        node later than that costs one unicast copy, a longer wait would cost every node.
+    ``retries_until_drop``
+        REQACKs without an answer before a receiver is dropped; 12 is about 2-3 s.
+    ``leave_below`` / ``leave_window``
+        a receiver whose interface got less than this fraction of ``max_bitrate`` in
+        every second of the last ``leave_window`` seconds leaves the session for HTTP
+        (0: never). 0.25, because the others measured 45-100 % of the rate in each
+        second while one slow node held them back; 5 s, longer than the sender's pause
+        to drop a dead receiver (when every node receives nothing) and short enough that
+        a slow node costs the others little (it leaves with a disconnect, no pause).
+    """
+
+    max_bitrate: int = 19_000_000
+    fec: str = "8x4/128"
+    min_receivers: int = 0
+    min_wait: float = 0.0
+    max_wait: float = 30.0
+    retries_until_drop: int = 12
+    leave_below: float = 0.25
+    leave_window: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_bitrate < 100_000:
+            raise InvalidValue(
+                f"multicast max_bitrate {self.max_bitrate} bit/s is too low",
+                "give the nodes' link rate in bits/s (e.g. 900m for gigabit)",
+            )
+        if self.fec:
+            fec_parts(self.fec)
+        if self.min_receivers < 0:
+            raise InvalidValue(f"multicast min_receivers {self.min_receivers} is negative")
+        if not 0 <= self.min_wait <= self.max_wait:
+            raise InvalidValue(
+                f"multicast min_wait {self.min_wait} and max_wait {self.max_wait}",
+                "need 0 <= min_wait <= max_wait (seconds)",
+            )
+        if not 1 <= self.retries_until_drop <= 1000:
+            raise InvalidValue(
+                f"multicast retries_until_drop {self.retries_until_drop} is out of range",
+                "give 1 to 1000 (12 drops a dead receiver in about 3 s)",
+            )
+        if not 0 <= self.leave_below < 1 or self.leave_window <= 0:
+            raise InvalidValue(
+                f"multicast leave_below {self.leave_below} / leave_window {self.leave_window}",
+                "leave_below is a fraction in [0, 1), leave_window seconds > 0",
+            )
+
+    def sender_args(self, members: int) -> list[str]:
+        """udp-sender's options for these knobs, for a session of ``members`` nodes."""
+        wanted = self.min_receivers or members
+        args = [
+            "--max-bitrate",
+            str(self.max_bitrate),
+            "--min-receivers",
+            str(max(1, min(wanted, members))),
+            "--max-wait",
+            _seconds(self.max_wait),
+            "--retries-until-drop",
+            str(self.retries_until_drop),
+        ]
+        if self.min_wait:
+            args += ["--min-wait", _seconds(self.min_wait)]
+        if self.fec:
+            args += ["--fec", self.fec]
+        return args
+
+
+def fec_parts(text: str) -> tuple[int, int, int]:
+    """(interleave, redundancy, stripe size) of a ``--fec`` value, checked.
+
+    udp-sender takes any numbers and misbehaves on bad ones; its limits: a stripe has at
+    most 128 data blocks, a slice (interleave x stripe size) at most 1024, and redundancy
+    beyond the stripe size only wastes bandwidth.
+    """
+    match = _FEC.match(text.strip())
+    if not match:
+        raise InvalidValue(
+            f"bad multicast fec '{text}'", "give INTERLEAVExREDUNDANCY/STRIPESIZE, e.g. 8x4/128"
+        )
+    interleave, redundancy, stripe = (int(g) for g in match.groups())
+    if not (1 <= stripe <= 128 and 1 <= redundancy <= stripe and interleave >= 1):
+        raise InvalidValue(
+            f"bad multicast fec '{text}'",
+            "stripe size 1-128, redundancy 1 to the stripe size, interleave at least 1",
+        )
+    if interleave * stripe > 1024:
+        raise InvalidValue(
+            f"bad multicast fec '{text}': a slice of {interleave * stripe} blocks",
+            "interleave x stripe size must be at most 1024 (udpcast's largest slice)",
+        )
+    return interleave, redundancy, stripe
+
+
+def parse_bitrate(value: str | int) -> int:
+    """Bits/s from ``19000000``, ``"19m"``, ``"900mbit"``, ``"1g"``."""
+    if isinstance(value, int):
+        return value
+    match = _RATE.match(value.strip())
+    if not match:
+        raise InvalidValue(f"bad multicast max_bitrate '{value}'", "e.g. 19m, 900mbit, 1g")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[unit])
+
+
+#: The options corral uses until corral.toml has multicast keys.
+DEFAULT_OPTIONS = MulticastOptions()
+
+
+def options_from_settings(settings: Settings) -> MulticastOptions:
+    """The options, from ``multicast_<knob>`` settings where corral's config has them.
+
+    corral.toml has no multicast keys yet; once :class:`~corral.config.Settings` gains
+    ``multicast_max_bitrate`` (and the others, named after the fields here) they apply
+    without a change in this module.
+    """
+    values: dict[str, Any] = {}
+    for f in fields(MulticastOptions):
+        value = getattr(settings, f"multicast_{f.name}", None)
+        if value is None:
+            continue
+        values[f.name] = parse_bitrate(value) if f.name == "max_bitrate" else value
+    return replace(DEFAULT_OPTIONS, **values)
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+# --- addresses --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Channel:
+    """Where one session meets: rendezvous group, data group, port pair."""
+
+    slot: int
+    rdv: str
+    data: str
+    portbase: int
+
+
+def channel(slot: int) -> Channel:
+    slot %= SLOTS
+    low = f"{slot >> 8}.{slot & 0xFF}"
+    return Channel(slot, f"{RDV_PREFIX}.{low}", f"{DATA_PREFIX}.{low}", PORT_BASE + 2 * slot)
+
+
+def preferred_slot(deployment: int, ref: str) -> int:
+    """The slot a session asks for: deployments in a row get slots IMAGE_SPREAD apart, the
+    images of one deployment a spot among those by a hash of the ref (stable across
+    restarts, unlike Python's hash)."""
+    spot = int(hashlib.sha256(ref.encode()).hexdigest()[:8], 16) % IMAGE_SPREAD
+    return (deployment * IMAGE_SPREAD + spot) % SLOTS
+
+
+def channel_for(deployment: int, ref: str, taken: set[int]) -> Channel:
+    """The session's channel: its preferred slot, or the next one no live session holds."""
+    slot = preferred_slot(deployment, ref)
+    for step in range(SLOTS):
+        candidate = (slot + step) % SLOTS
+        if candidate not in taken:
+            return channel(candidate)
+    raise ConfigError(f"all {SLOTS} multicast session slots are in use")
+
+
+# --- the server's interface -------------------------------------------------------------
+
+
+def interface_holding(address: str, addr_json: str) -> str | None:
+    """The interface that holds ``address``, from ``ip -j -4 addr show``."""
+    for link in json.loads(addr_json or "[]"):
+        for info in link.get("addr_info", []):
+            if info.get("local") == address:
+                return str(link["ifname"])
+    return None
+
+
+def route_interface(route_json: str) -> tuple[str, str] | None:
+    """(device, source address) of ``ip -j route get``'s answer."""
+    routes = json.loads(route_json or "[]")
+    if not routes or "dev" not in routes[0]:
+        return None
+    return str(routes[0]["dev"]), str(routes[0].get("prefsrc", ""))
+
+
+def find_interface(address: str, peers: Sequence[str | None]) -> tuple[str, str]:
+    """(interface, its address) that the sender uses: the one holding corral's listen
+    address, or, when corral listens on every address, the one the route to the first
+    node leaves by."""
+    if address not in ("", "0.0.0.0"):
+        name = interface_holding(address, run(["ip", "-j", "-4", "addr", "show"]).stdout)
+        if name is None:
+            raise ConfigError(
+                f"no interface of this machine holds address {address}",
+                "set 'address' in corral.toml to the server's address on the nodes' network",
+            )
+        return name, address
+    for peer in peers:
+        if not peer:
+            continue
+        try:
+            found = route_interface(run(["ip", "-j", "route", "get", peer]).stdout)
+        except CommandFailed:
+            continue
+        if found is not None:
+            return found
+    raise ConfigError(
+        "cannot tell which interface reaches the nodes for multicast",
+        "set 'address' in corral.toml to the server's address on the nodes' network",
+    )
+
+
+# --- one session ------------------------------------------------------------------------
+
+
+def stream_index(version: ImageVersion) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((version.path / STREAM_INDEX).read_text())
+    return data
+
+
+@dataclass
+class Session:
+    """One udp-sender and the thread that feeds it the stream through a FIFO."""
+
+    deployment: int
+    version: ImageVersion
+    channel: Channel
+    interface: str
+    options: MulticastOptions
+    directory: Path
+    members: dict[str, str | None]
+    tag: str
+    chunks: int
+    proc: subprocess.Popen[bytes] | None = None
+    feeder: threading.Thread | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
+    fed: int = 0  # bytes written into the FIFO
+    log_start: int = 0  # where this sender's lines begin in the (appended) log
+
+    @property
+    def stem(self) -> str:
+        return f"d{self.deployment}-{self.version.name}-{self.version.version}"
+
+    @property
+    def fifo(self) -> Path:
+        return self.directory / f"{self.stem}.fifo"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / f"{self.stem}.log"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.directory / f"{self.stem}.pid"
+
+    def argv(self) -> list[str]:
+        c = self.channel
+        return [
+            "udp-sender",
+            "--file",
+            str(self.fifo),
+            "--interface",
+            self.interface,
+            "--portbase",
+            str(c.portbase),
+            "--mcast-rdv-address",
+            c.rdv,
+            "--mcast-data-address",
+            c.data,
+            *self.options.sender_args(len(self.members)),
+            "--rexmit-hello-interval",
+            str(HELLO_INTERVAL_MS),
+            "--nokbd",
+            "--stat-period",
+            str(STAT_PERIOD_MS),
+        ]
+
+    def launch(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _kill_stale(self.pid_path)
+        self.fifo.unlink(missing_ok=True)
+        os.mkfifo(self.fifo, 0o600)
+        with open(self.log_path, "ab") as out:
+            self.log_start = out.tell()
+            self.proc = spawn(self.argv(), stdout=subprocess.DEVNULL, stderr=out.fileno())
+        self.pid_path.write_text(f"{self.proc.pid}\n")
+        self.feeder = threading.Thread(
+            target=self._feed, name=f"corral-mcast-{self.stem}", daemon=True
+        )
+        self.feeder.start()
+        log.info(
+            "deployment %d: udp-sender for %s on %s (%s, rdv %s, ports %d-%d), pid %d",
+            self.deployment,
+            self.version.ref,
+            self.interface,
+            self.channel.data,
+            self.channel.rdv,
+            self.channel.portbase,
+            self.channel.portbase + 1,
+            self.proc.pid,
+        )
+
+    def _feed(self) -> None:
+        """Write the chunk files, in order, into the FIFO udp-sender reads."""
+        fd = self._open_fifo()
+        if fd is None:
+            return
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for index in range(self.chunks):
+                    if self.stopping.is_set():
+                        return
+                    with open(self.version.path / chunk_name(index), "rb") as chunk:
+                        while block := chunk.read(1 << 20):
+                            out.write(block)
+                            self.fed += len(block)
+        except BrokenPipeError:
+            if not self.stopping.is_set():
+                log.warning("udp-sender for %s stopped reading its input", self.version.ref)
+        except OSError as exc:
+            log.error("feeding udp-sender for %s: %s", self.version.ref, exc)
+
+    def _open_fifo(self) -> int | None:
+        """The FIFO's write end, once udp-sender has opened it; None if it never does."""
+        while not self.stopping.is_set():
+            try:
+                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno not in (errno.ENXIO, errno.EINTR):
+                    log.error("opening %s: %s", self.fifo, exc)
+                    return None
+            else:
+                os.set_blocking(fd, True)
+                return fd
+            if self.proc is not None and self.proc.poll() is not None:
+                return None
+            self.stopping.wait(0.05)
+        return None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def said(self) -> str:
+        """What this udp-sender wrote to its log so far."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_start)
+                return f.read().decode("utf-8", "replace").replace("\r", "\n")
+        except OSError:
+            return ""
+
+    def transmitting(self) -> bool:
+        """True once udp-sender started sending: a node that comes now is too late."""
+        return "Starting transfer" in self.said()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(STOP_GRACE)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            said = self.said()
+            stats = [line.strip() for line in said.splitlines() if line.startswith("bytes=")]
+            log.info(
+                "deployment %d: udp-sender for %s ended (exit %s, %d bytes fed, %d of %d "
+                "receivers dropped; %s)",
+                self.deployment,
+                self.version.ref,
+                self.proc.returncode,
+                self.fed,
+                said.count("Dropping client"),
+                said.count("New connection"),
+                stats[-1] if stats else "sent nothing",
+            )
+        # a feeder still blocked on opening the FIFO sees the stop flag within 50 ms
+        if self.feeder is not None:
+            self.feeder.join(timeout=STOP_GRACE)
+        self.fifo.unlink(missing_ok=True)
+        self.pid_path.unlink(missing_ok=True)
+
+
+def _kill_stale(pid_path: Path) -> None:
+    """Kill the udp-sender a crashed corral serve left for this session (it holds the
+    session's ports); only if that pid still runs udp-sender."""
+    try:
+        pid = int(pid_path.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if cmdline and os.path.basename(cmdline[0]) == b"udp-sender":
+        log.warning("killing a udp-sender left from a previous run (pid %d)", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+# --- the transport ----------------------------------------------------------------------
+
+
+class MulticastTransport:
+    """udp-sender per session; HTTP (see :class:`HttpTransport`) for nodes catching up."""
+
+    name = "multicast"
+    export = "stream"
+
+    def __init__(self, settings: Settings, options: MulticastOptions | None = None) -> None:
+        if shutil.which("udp-sender") is None:
+            raise ConfigError(
+                "udp-sender is not installed: the multicast transport needs udpcast",
+                "apt-get install udpcast (or run 'make setup')",
+            )
+        self.settings = settings
+        self.options = options or options_from_settings(settings)
+        self.http = HttpTransport(settings)
+        self.directory = settings.home / "multicast"
+        self.sessions: dict[tuple[int, str], Session] = {}
+        self._lock = threading.Lock()
+
+    def prepare(self, version: ImageVersion) -> None:
+        self.http.prepare(version)
+
+    def start(self, deployment: int, version: ImageVersion, members: Sequence[Member]) -> None:
+        key = (deployment, version.ref)
+        with self._lock:
+            old = self.sessions.pop(key, None)
+            if old is not None:
+                old.stop()
+            taken = {s.channel.slot for s in self.sessions.values()}
+            interface, _ = find_interface(self.settings.address, [m.ip for m in members])
+            index = stream_index(version)
+            session = Session(
+                deployment=deployment,
+                version=version,
+                channel=channel_for(deployment, version.ref, taken),
+                interface=interface,
+                options=self.options,
+                directory=self.directory,
+                members={m.node: m.ip for m in members},
+                tag=f"{deployment}/{version.ref}/{index['sha256']}",
+                chunks=len(index["chunks"]),
+            )
+            session.launch()
+            self.sessions[key] = session
+
+    def _session_of(self, ref: str, node: str) -> Session | None:
+        with self._lock:
+            for (_, session_ref), session in self.sessions.items():
+                if session_ref == ref and node in session.members:
+                    return session
+        return None
+
+    def params(self, version: ImageVersion, node: str) -> dict[str, Any]:
+        """The HTTP base for catching up, and the session to join while it still waits
+        for its nodes (None once it started sending, ended, or is unknown to this server
+        life: the node then goes straight to HTTP)."""
+        params = self.http.params(version, node)
+        session = self._session_of(version.ref, node)
+        if session is None or not session.running() or session.transmitting():
+            return {**params, "session": None}
+        c = session.channel
+        o = session.options
+        return {
+            **params,
+            "session": {
+                "tag": session.tag,
+                "rdv": c.rdv,
+                "portbase": c.portbase,
+                "interface": session.members.get(node) or "",
+                "max_bitrate": o.max_bitrate,
+                "max_wait": o.max_wait,
+                "leave_below": o.leave_below,
+                "leave_window": o.leave_window,
+            },
+        }
+
+    def finish(self, deployment: int, version: ImageVersion) -> None:
+        with self._lock:
+            session = self.sessions.pop((deployment, version.ref), None)
+        if session is not None:
+            session.stop()
+
+    def close(self) -> None:
+        with self._lock:
+            sessions = list(self.sessions.values())
+            self.sessions.clear()
+        for session in sessions:
+            session.stop()
+        self.http.close()
+
+
+register("multicast", MulticastTransport)

@@ -1,0 +1,705 @@
+"""The multicast transport around udpcast: the sender's command and options, the session
+addresses, the FIFO that feeds it, and the receiver's way out to HTTP, with a stand-in
+for udp-receiver (a small script); real udpcast runs in
+tests/integration/test_deploy_multicast.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from corral.agent import rx_multicast
+from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
+from corral.agent.receive import Cancelled, Context, Unpacker, receiver_class
+from corral.agent.report import Client
+from corral.agent.rx_multicast import MulticastReceiver, RateWatch, Session, receiver_argv
+from corral.config import Settings
+from corral.deploy import multicast
+from corral.deploy.multicast import (
+    PORT_BASE,
+    SLOTS,
+    MulticastOptions,
+    MulticastTransport,
+    channel,
+    channel_for,
+    fec_parts,
+    interface_holding,
+    options_from_settings,
+    parse_bitrate,
+    preferred_slot,
+    route_interface,
+)
+from corral.deploy.transports import REGISTRY, Member
+from corral.errors import InvalidValue
+from corral.images.store import ImageVersion
+
+# --- options ----------------------------------------------------------------------------
+
+
+def test_defaults_are_valid_and_documented() -> None:
+    o = MulticastOptions()
+    assert o.max_bitrate == 19_000_000 and o.fec == "8x4/128"
+    assert o.retries_until_drop == 12 and o.min_receivers == 0
+    assert fec_parts(o.fec) == (8, 4, 128)
+
+
+@pytest.mark.parametrize(
+    "fec", ["8x4", "x4/128", "8x4/129", "8x0/128", "0x4/128", "16x4/128", "8x200/128", "a"]
+)
+def test_bad_fec_is_refused(fec: str) -> None:
+    with pytest.raises(InvalidValue, match="fec"):
+        MulticastOptions(fec=fec)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"max_bitrate": 1000},
+        {"min_receivers": -1},
+        {"min_wait": 10, "max_wait": 5},
+        {"retries_until_drop": 0},
+        {"leave_below": 1.0},
+        {"leave_window": 0},
+    ],
+)
+def test_bad_options_are_refused(kw: dict[str, Any]) -> None:
+    with pytest.raises(InvalidValue):
+        MulticastOptions(**kw)
+
+
+def test_bitrates() -> None:
+    assert parse_bitrate("19m") == 19_000_000
+    assert parse_bitrate("900mbit") == 900_000_000
+    assert parse_bitrate("1.5g") == 1_500_000_000
+    assert parse_bitrate("64000") == 64000
+    assert parse_bitrate(5) == 5
+    with pytest.raises(InvalidValue):
+        parse_bitrate("fast")
+
+
+def test_sender_args() -> None:
+    args = MulticastOptions().sender_args(5)
+    assert args == [
+        "--max-bitrate", "19000000", "--min-receivers", "5", "--max-wait", "30",
+        "--retries-until-drop", "12", "--fec", "8x4/128",
+    ]  # fmt: skip
+    args = MulticastOptions(fec="", min_receivers=9, min_wait=2.5).sender_args(3)
+    assert args[args.index("--min-receivers") + 1] == "3"  # never more than there are
+    assert args[args.index("--min-wait") + 1] == "2.5"
+    assert "--fec" not in args
+
+
+def test_options_from_settings_where_corral_toml_has_them() -> None:
+    assert options_from_settings(Settings(home=Path("/x"))) == MulticastOptions()
+    settings = SimpleNamespace(multicast_max_bitrate="900m", multicast_fec="")
+    options = options_from_settings(cast(Settings, settings))
+    assert options.max_bitrate == 900_000_000 and options.fec == ""
+
+
+# --- addresses and the interface -----------------------------------------------------------
+
+
+def test_channels() -> None:
+    c = channel(0x1A5)
+    assert (c.rdv, c.data, c.portbase) == ("239.194.1.165", "239.195.1.165", PORT_BASE + 0x1A5 * 2)
+    top = channel(SLOTS - 1)
+    assert top.portbase + 1 < 32768 and top.portbase % 2 == 0
+    # stable across restarts, different for deployments in a row and images in one
+    assert preferred_slot(7, "a:1") == preferred_slot(7, "a:1")
+    slots = {preferred_slot(d, "a:1") for d in range(1, 200)}
+    assert len(slots) == 199
+    # a slot taken by a live session is not handed out again
+    first = channel_for(7, "a:1", set())
+    second = channel_for(7, "a:1", {first.slot})
+    assert second.slot == (first.slot + 1) % SLOTS
+    assert {first.rdv, first.data}.isdisjoint({second.rdv, second.data})
+
+
+def test_interface_from_ip_json() -> None:
+    addr = json.dumps(
+        [
+            {"ifname": "lo", "addr_info": [{"local": "127.0.0.1"}]},
+            {"ifname": "eth0", "addr_info": [{"local": "10.77.0.1", "prefixlen": 24}]},
+        ]
+    )
+    assert interface_holding("10.77.0.1", addr) == "eth0"
+    assert interface_holding("10.9.9.9", addr) is None
+    route = json.dumps([{"dst": "10.77.0.2", "dev": "eth0", "prefsrc": "10.77.0.1"}])
+    assert route_interface(route) == ("eth0", "10.77.0.1")
+    assert route_interface("[]") is None
+
+
+# --- the sender's session ----------------------------------------------------------------
+
+
+def make_version(tmp: Path, chunks: list[bytes]) -> ImageVersion:
+    path = tmp / "images" / "img" / "v3"
+    (path / "exports" / "chunks").mkdir(parents=True)
+    for i, data in enumerate(chunks):
+        (path / "exports" / "chunks" / f"{i:08d}.bin").write_bytes(data)
+    index = {
+        "chunk_size": max(len(c) for c in chunks),
+        "chunks": [hashlib.sha256(c).hexdigest() for c in chunks],
+        "size": sum(map(len, chunks)),
+        "sha256": hashlib.sha256(b"".join(chunks)).hexdigest(),
+    }
+    (path / "exports" / "stream.json").write_text(json.dumps(index))
+    return ImageVersion("img", 3, path, path / "rootfs", {})
+
+
+@pytest.fixture
+def transport(tmp_path: Path) -> MulticastTransport:
+    if not shutil.which("udp-sender"):
+        pytest.skip("udpcast is not installed")
+    return MulticastTransport(Settings(home=tmp_path / "home", server_url="http://10.0.0.1:8080"))
+
+
+def session_for(
+    transport: MulticastTransport, version: ImageVersion, members: dict[str, str | None]
+) -> multicast.Session:
+    return multicast.Session(
+        deployment=12,
+        version=version,
+        channel=channel_for(12, version.ref, set()),
+        interface="eth0",
+        options=transport.options,
+        directory=transport.directory,
+        members=members,
+        tag=f"12/{version.ref}/abc",
+        chunks=len(json.loads((version.path / "exports/stream.json").read_text())["chunks"]),
+    )
+
+
+def test_the_sender_command(transport: MulticastTransport, tmp_path: Path) -> None:
+    version = make_version(tmp_path, [b"a" * 10])
+    session = session_for(transport, version, {"n1": "10.0.0.2", "n2": None})
+    argv = session.argv()
+    c = session.channel
+    assert argv[0] == "udp-sender"
+    pairs = dict(zip(argv[1::2], argv[2::2], strict=False))
+    assert pairs["--file"] == str(transport.directory / "d12-img-3.fifo")
+    assert pairs["--interface"] == "eth0"
+    assert pairs["--portbase"] == str(c.portbase)
+    assert pairs["--mcast-rdv-address"] == c.rdv
+    assert pairs["--mcast-data-address"] == c.data
+    assert pairs["--min-receivers"] == "2"
+    assert "--nokbd" in argv and "--async" not in argv
+
+
+@dataclass
+class FakeProc:
+    code: int | None = None
+    pid: int = 4242
+    signals: list[str] = field(default_factory=list)
+
+    def poll(self) -> int | None:
+        return self.code
+
+    @property
+    def returncode(self) -> int | None:
+        return self.code
+
+    def terminate(self) -> None:
+        self.signals.append("TERM")
+        self.code = -15
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.code
+
+    def kill(self) -> None:
+        self.code = -9
+
+
+def test_params_name_the_session_while_it_waits_for_its_nodes(
+    transport: MulticastTransport, tmp_path: Path
+) -> None:
+    version = make_version(tmp_path, [b"a" * 10])
+    session = session_for(transport, version, {"n1": "10.0.0.2"})
+    session.proc = cast(subprocess.Popen[bytes], FakeProc())
+    transport.sessions[(12, version.ref)] = session
+    params = transport.params(version, "n1")
+    assert params["base"] == "http://10.0.0.1:8080/images/img/3"
+    assert params["session"] == {
+        "tag": "12/img:3/abc",
+        "rdv": session.channel.rdv,
+        "portbase": session.channel.portbase,
+        "interface": "10.0.0.2",
+        "max_bitrate": 19_000_000,
+        "max_wait": 30.0,
+        "leave_below": 0.25,
+        "leave_window": 5.0,
+    }
+    # a node of no session, or too late for it: straight to HTTP
+    assert transport.params(version, "n9")["session"] is None
+    transport.directory.mkdir(parents=True, exist_ok=True)
+    session.log_path.write_bytes(b"New connection from 10.0.0.2\nStarting transfer: 00000009\n")
+    assert transport.params(version, "n1")["session"] is None
+    session.log_path.unlink()
+    cast(FakeProc, session.proc).code = 0  # the sender is done
+    assert transport.params(version, "n1")["session"] is None
+    transport.finish(12, version)
+    assert not transport.sessions
+
+
+def test_the_fifo_carries_the_chunks_in_order(
+    transport: MulticastTransport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunks = [os.urandom(300_000), os.urandom(1 << 20), os.urandom(5)]
+    version = make_version(tmp_path, chunks)
+    session = session_for(transport, version, {"n1": None})
+    out = tmp_path / "received.bin"
+    # udp-sender's stand-in reads the FIFO, as it does, after a moment
+    monkeypatch.setattr(
+        multicast.Session,
+        "argv",
+        lambda self: ["sh", "-c", f"sleep 0.3; cat {self.fifo} > {out}"],
+    )
+    session.launch()
+    try:
+        assert session.pid_path.read_text().strip() == str(session.proc.pid)  # type: ignore[union-attr]
+        assert session.proc is not None and session.proc.wait(10) == 0
+        assert session.feeder is not None
+        session.feeder.join(5)
+        assert out.read_bytes() == b"".join(chunks)
+        assert session.fed == sum(map(len, chunks))
+    finally:
+        session.stop()
+    assert not session.fifo.exists() and not session.pid_path.exists()
+
+
+def test_stop_ends_a_sender_that_never_read(
+    transport: MulticastTransport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = make_version(tmp_path, [b"x" * 100])
+    session = session_for(transport, version, {"n1": None})
+    monkeypatch.setattr(multicast.Session, "argv", lambda self: ["sleep", "60"])
+    session.launch()
+    started = time.monotonic()
+    session.stop()
+    assert session.proc is not None and session.proc.returncode is not None
+    assert session.feeder is not None and not session.feeder.is_alive()
+    assert time.monotonic() - started < 5
+
+
+def test_a_stale_pid_file_kills_only_a_udp_sender(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        pid_file = tmp_path / "x.pid"
+        pid_file.write_text(f"{sleeper.pid}\n")
+        multicast._kill_stale(pid_file)
+        time.sleep(0.1)
+        assert sleeper.poll() is None  # not udp-sender: left alone
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_registered() -> None:
+    assert REGISTRY["multicast"] is MulticastTransport
+    assert receiver_class("multicast") is MulticastReceiver
+    assert Member("n1", None).ip is None
+
+
+# --- the receiver ---------------------------------------------------------------------------
+
+
+def chunk_plan(chunks: list[bytes], session: dict[str, Any] | None, deployment: int = 12) -> Plan:
+    info = ImageInfo(
+        "img:3",
+        hashlib.sha256(b"".join(chunks)).hexdigest(),
+        sum(map(len, chunks)),
+        1 << 20,
+        [Chunk(hashlib.sha256(c).hexdigest(), len(c)) for c in chunks],
+        tree_bytes=1,
+        files=1,
+    )
+    params: dict[str, Any] = {"base": "http://s/images/img/3", "session": session}
+    return Plan(
+        deployment=deployment,
+        node="n1",
+        image=info,
+        transport=TransportInfo("multicast", params),
+        disk=Disk("", "gpt", []),
+        identity=Identity("n1", [], {}, [], None),
+        bootloader="none",
+        post_script="",
+    )
+
+
+def session_params(chunks: list[bytes], **kw: Any) -> dict[str, Any]:
+    sha = hashlib.sha256(b"".join(chunks)).hexdigest()
+    values: dict[str, Any] = {
+        "tag": f"12/img:3/{sha}",
+        "rdv": "239.194.0.1",
+        "portbase": 24002,
+        "interface": "10.0.0.2",
+        "max_bitrate": 19_000_000,
+        "max_wait": 1.0,
+        "leave_below": 0.25,
+        "leave_window": 5.0,
+    }
+    values.update(kw)
+    return values
+
+
+def test_the_plan_session() -> None:
+    chunks = [b"abc"]
+    assert Session.from_plan(chunk_plan(chunks, None)) is None
+    assert Session.from_plan(chunk_plan(chunks, {"rdv": "x"})) is None  # malformed
+    assert Session.from_plan(chunk_plan(chunks, session_params(chunks), deployment=13)) is None
+    session = Session.from_plan(chunk_plan(chunks, session_params(chunks)))
+    assert session is not None and session.portbase == 24002
+    argv = receiver_argv(session, "10.0.0.7")
+    pairs = dict(zip(argv[1::2], argv[2::2], strict=False))
+    assert argv[0] == "udp-receiver" and "--nokbd" in argv and "--file" not in argv
+    assert argv[argv.index("--interface") + 1] == "10.0.0.7"
+    assert argv[argv.index("--portbase") + 1] == "24002"
+    assert argv[argv.index("--mcast-rdv-address") + 1] == "239.194.0.1"
+    assert int(argv[argv.index("--start-timeout") + 1]) > session.max_wait
+    assert pairs  # every option has its value
+
+
+def test_the_rate_watch_tells_a_slow_link_from_a_pause() -> None:
+    count = 0
+    watch = RateWatch(lambda: count, window=5, period=1)
+    rate = 19e6 / 8  # bytes per second at the session's rate
+    results = []
+    # full rate, then a 3 s pause while the sender drops a dead node, then full rate
+    for t in range(12):
+        count += 0 if 4 <= t < 7 else int(rate)
+        results.append(watch.sample(float(t), busy=0.0))
+    assert results[:5] == [None] * 5
+    assert all(r is not None and r[0] > 0.9 * 19e6 for r in results[5:])
+    # a link that carries a tenth of it, every second
+    slow = RateWatch(lambda: count, window=5, period=1)
+    for t in range(7):
+        count += int(rate / 10)
+        last = slow.sample(float(t), busy=float(t) * 0.1)
+    assert last is not None and last[0] < 0.25 * 19e6 and last[1] == pytest.approx(0.1)
+
+
+class FakeDownload:
+    def __init__(self, data: bytes, offset: int) -> None:
+        self.data = data[offset:]
+        self.offset = offset
+        self.complete = True
+
+    def read(self, size: int = 65536) -> bytes:
+        piece, self.data = self.data[:size], self.data[size:]
+        return piece
+
+    def __enter__(self) -> FakeDownload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+@dataclass
+class ChunkServer:
+    """corral's chunk route, for the catch-up; also what the client's host/port say."""
+
+    chunks: list[bytes]
+    gets: list[int] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 9
+
+    def download(self, url: str, *, start: int = 0, auth: bool = True) -> FakeDownload:
+        index = int(url.rsplit("/", 1)[-1].split(".")[0])
+        self.gets.append(index)
+        return FakeDownload(self.chunks[index], start)
+
+
+class FakeUnpacker:
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.finished = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+#: udp-receiver's stand-in: says it connected (unless told not to), writes the file it
+#: is given to stdout in small pieces, then sleeps or exits with the code it is given.
+FAKE_RECEIVER = r"""
+import os, sys, time
+data_file, code, connect, sleep = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+if connect == "yes":
+    sys.stderr.write("Udp-receiver 20120424\nConnected as #0 to 10.0.0.1\n")
+    sys.stderr.flush()
+data = open(data_file, "rb").read()
+for i in range(0, len(data), 50000):
+    os.write(1, data[i:i + 50000])
+    time.sleep(0.005)
+time.sleep(sleep)
+if code == 1:
+    sys.stderr.write("Dropped by server now=40 last=14\n")
+sys.exit(code)
+"""
+
+
+class Faked(MulticastReceiver):
+    """The receiver with udp-receiver, the unpacker and the interface replaced."""
+
+    def __init__(
+        self,
+        context: Context,
+        spawn: Callable[[list[str]], subprocess.Popen[bytes]],
+        unpacker: FakeUnpacker | None = None,
+        interface: str | None = None,
+        rx: Callable[[], int] | None = None,
+    ) -> None:
+        super().__init__(context)
+        self.spawn_fn = spawn
+        self.unpacker = unpacker
+        self.interface = interface
+        self.rx = rx
+
+    def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        return self.spawn_fn(argv)
+
+    def make_unpacker(self, target_dir: Path) -> Unpacker:
+        if self.unpacker is None:
+            return super().make_unpacker(target_dir)
+        return cast(Unpacker, self.unpacker)
+
+    def interface_name(self, address: str) -> str | None:
+        return self.interface
+
+    def rx_bytes(self, interface: str) -> int | None:
+        return self.rx() if self.rx is not None else None
+
+
+@dataclass
+class Harness:
+    tmp: Path
+    chunks: list[bytes]
+    sent: bytes  # what the stand-in writes
+    code: int = 0
+    connect: bool = True
+    sleep: float = 0.0
+    session: dict[str, Any] | None = None
+    spawned: list[list[str]] = field(default_factory=list)
+
+    def run(
+        self, interface: str | None = None, rx: Callable[[], int] | None = None, **attrs: Any
+    ) -> tuple[MulticastReceiver, ChunkServer, FakeUnpacker, list[int]]:
+        server = ChunkServer(self.chunks)
+        unpacker = FakeUnpacker()
+        script = self.tmp / "fake_udp_receiver.py"
+        script.write_text(FAKE_RECEIVER)
+        data = self.tmp / "sent.bin"
+        data.write_bytes(self.sent)
+        harness = self
+
+        def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+            harness.spawned.append(argv)
+            fake = [sys.executable, str(script), str(data), str(harness.code),
+                    "yes" if harness.connect else "no", str(harness.sleep)]  # fmt: skip
+            return subprocess.Popen(fake, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        context = Context(cast(Client, server), tries=2, poll=0.02)
+        receiver = Faked(context, spawn, unpacker, interface, rx)
+        for name, value in attrs.items():
+            setattr(receiver, name, value)
+        seen: list[int] = []
+        session = self.session if self.session is not None else session_params(self.chunks)
+        plan = chunk_plan(self.chunks, session or None)
+        receiver.receive(plan, self.tmp, lambda done, total: seen.append(done), threading.Event())
+        return receiver, server, unpacker, seen
+
+
+@pytest.fixture
+def chunks() -> list[bytes]:
+    return [os.urandom(1 << 20), os.urandom(1 << 20), os.urandom(300_000)]
+
+
+def test_all_by_multicast(tmp_path: Path, chunks: list[bytes]) -> None:
+    h = Harness(tmp_path, chunks, b"".join(chunks))
+    receiver, server, unpacker, seen = h.run()
+    assert unpacker.data == chunks and unpacker.finished
+    assert server.gets == [] and receiver.left == ""
+    assert h.spawned[0][0] == "udp-receiver"
+    # progress as the bytes arrive, not only at chunk boundaries
+    assert any(0 < n < len(chunks[0]) for n in seen)
+    assert seen[-1] == sum(map(len, chunks))
+
+
+def test_a_dropped_node_goes_on_by_http_from_the_chunk_it_lacks(
+    tmp_path: Path, chunks: list[bytes]
+) -> None:
+    sent = chunks[0] + chunks[1][:1000]  # then udp-sender dropped it
+    receiver, server, unpacker, _ = Harness(tmp_path, chunks, sent, code=1).run()
+    assert unpacker.data == chunks
+    assert server.gets == [1, 2]
+    assert receiver.left == "the sender dropped this node"
+
+
+def test_a_bad_chunk_is_never_unpacked(tmp_path: Path, chunks: list[bytes]) -> None:
+    bad = bytearray(chunks[1])
+    bad[1234] ^= 0xFF
+    sent = chunks[0] + bytes(bad) + chunks[2]
+    receiver, server, unpacker, _ = Harness(tmp_path, chunks, sent).run()
+    assert unpacker.data == chunks  # chunk 1 came from HTTP, the bad one went nowhere
+    assert server.gets == [1, 2]
+    assert "chunk 00000001 from the session did not match" in receiver.left
+
+
+def test_another_sessions_stream_is_refused_at_its_first_chunk(
+    tmp_path: Path, chunks: list[bytes]
+) -> None:
+    other = [os.urandom(len(c)) for c in chunks]
+    receiver, server, unpacker, _ = Harness(tmp_path, chunks, b"".join(other)).run()
+    assert unpacker.data == chunks and server.gets == [0, 1, 2]
+    assert "chunk 00000000" in receiver.left
+
+
+def test_a_late_node_that_finds_no_sender(tmp_path: Path, chunks: list[bytes]) -> None:
+    h = Harness(tmp_path, chunks, b"", connect=False, sleep=30)
+    started = time.monotonic()
+    receiver, server, unpacker, _ = h.run(connect_timeout=0.5)
+    assert time.monotonic() - started < 10
+    assert unpacker.data == chunks and server.gets == [0, 1, 2]
+    assert receiver.left.startswith("no udpcast sender answered")
+
+
+def test_a_stalled_session_is_left(tmp_path: Path, chunks: list[bytes]) -> None:
+    h = Harness(tmp_path, chunks, chunks[0], sleep=30)
+    receiver, server, unpacker, _ = h.run(stall_timeout=0.5)
+    assert unpacker.data == chunks and server.gets == [1, 2]
+    assert receiver.left.startswith("no data from the session")
+
+
+def test_a_session_that_never_starts(tmp_path: Path, chunks: list[bytes]) -> None:
+    h = Harness(tmp_path, chunks, b"", sleep=30, session=session_params(chunks, max_wait=0.2))
+    receiver, server, _, _ = h.run(start_margin=0.3)
+    assert server.gets == [0, 1, 2]
+    assert receiver.left == "the session did not start sending"
+
+
+def test_no_session_in_the_plan_means_http(tmp_path: Path, chunks: list[bytes]) -> None:
+    h = Harness(tmp_path, chunks, b"", session={})
+    receiver, server, unpacker, _ = h.run()
+    assert h.spawned == [] and server.gets == [0, 1, 2] and unpacker.data == chunks
+    assert receiver.left == "the plan names no multicast session to join"
+
+
+def test_a_node_whose_link_is_too_slow_leaves(tmp_path: Path, chunks: list[bytes]) -> None:
+    count = [0]
+
+    def rx_bytes() -> int:
+        count[0] += 2_000_000 // 8 // 10  # 2 Mbit/s, sampled every 0.1 s
+        return count[0]
+
+    h = Harness(
+        tmp_path,
+        chunks,
+        chunks[0],
+        sleep=30,
+        session=session_params(chunks, leave_window=0.5),
+    )
+    receiver, server, unpacker, _ = h.run(interface="eth0", rx=rx_bytes, rate_period=0.1)
+    assert unpacker.data == chunks and server.gets == [1, 2]
+    assert receiver.left.startswith("this node's link carried")
+
+
+def test_a_cancel_stops_udp_receiver(tmp_path: Path, chunks: list[bytes]) -> None:
+    script = tmp_path / "r.py"
+    script.write_text(FAKE_RECEIVER)
+    data = tmp_path / "sent.bin"
+    data.write_bytes(chunks[0])
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(
+            [sys.executable, str(script), str(data), "0", "yes", "30"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        procs.append(p)
+        return p
+
+    unpacker = FakeUnpacker()
+    receiver = Faked(Context(cast(Client, ChunkServer(chunks)), poll=0.02), spawn, unpacker)
+    event = threading.Event()
+    threading.Timer(0.5, event.set).start()
+    with pytest.raises(Cancelled):
+        receiver.receive(
+            chunk_plan(chunks, session_params(chunks)), tmp_path, lambda d, t: None, event
+        )
+    assert procs[0].returncode is not None and unpacker.aborted
+
+
+def test_udp_receiver_missing_means_http(tmp_path: Path, chunks: list[bytes]) -> None:
+    def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+        raise FileNotFoundError(2, "No such file or directory", "udp-receiver")
+
+    unpacker = FakeUnpacker()
+    receiver = Faked(Context(cast(Client, ChunkServer(chunks)), poll=0.02), spawn, unpacker)
+    got = receiver.receive(
+        chunk_plan(chunks, session_params(chunks)), tmp_path, lambda d, t: None, threading.Event()
+    )
+    assert got.details["unicast"] == 3 and got.details["multicast"] == 0
+    assert receiver.left.startswith("udp-receiver did not start")
+
+
+def test_the_real_unpacker_gets_only_checked_chunks(tmp_path: Path) -> None:
+    """End to end through zstd | tar with a stream cut into chunks, as the export is."""
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hello").write_text("hi\n")
+    (tree / "blob").write_bytes(os.urandom(700_000))
+    stream = subprocess.run(
+        f"tar -C {tree} -cf - . | zstd -q -c", shell=True, check=True, capture_output=True
+    ).stdout
+    size = 256 * 1024
+    chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
+    script = tmp_path / "r.py"
+    script.write_text(FAKE_RECEIVER)
+    data = tmp_path / "sent.bin"
+    data.write_bytes(stream[: size + 10])  # one chunk, then dropped
+
+    def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, str(script), str(data), "1", "yes", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+    receiver = Faked(Context(cast(Client, ChunkServer(chunks)), poll=0.02), spawn)
+    target = tmp_path / "target"
+    target.mkdir()
+    got = receiver.receive(
+        chunk_plan(chunks, session_params(chunks)), target, lambda d, t: None, threading.Event()
+    )
+    assert (target / "etc" / "hello").read_text() == "hi\n"
+    assert (target / "blob").read_bytes() == (tree / "blob").read_bytes()
+    assert got.details["multicast"] == 1 and got.details["unicast"] == len(chunks) - 1
+
+
+def test_the_local_address_comes_from_the_route_to_corral() -> None:
+    receiver = MulticastReceiver(Context(cast(Client, ChunkServer([]))))
+    session = Session("t", "239.194.0.1", 24000, "10.0.0.2", 19_000_000, 30, 0.25, 5)
+    assert receiver.local_address(session) == "127.0.0.1"
+    assert MulticastReceiver(Context(None)).local_address(session) == "10.0.0.2"
+    assert rx_multicast.CONNECT_TIMEOUT < rx_multicast.STALL_TIMEOUT

@@ -38,6 +38,7 @@ from corral.agent.rx_chain import (
     ChainParams,
     ChainReceiver,
     Gone,
+    LagWatch,
     Picker,
     ProtocolError,
     Relay,
@@ -243,6 +244,16 @@ def test_a_lagging_upstream_is_passed_for_the_node_before_it_never_for_the_head(
     assert current is not None and current.name == "tb002"
     with pytest.raises(ValueError):
         Picker([Upstream("tb001", ("x", 1))])
+
+
+def test_a_slow_upstream_is_one_whose_lag_grows_not_one_that_started_late() -> None:
+    late = LagWatch(3)
+    # it started 5 chunks behind the node before it and keeps pace: never slow
+    assert not any(late.slow(have, have + 5) for have in range(20))
+    slow = LagWatch(3)
+    # it keeps one chunk in four of what the node before it gets
+    verdicts = [slow.slow(have // 4, have) for have in range(20)]
+    assert verdicts.index(True) == 3 and verdicts[-1]  # a lag of 3 above its least (0)
 
 
 def test_params_give_the_upstreams_nearest_first_without_addressless_nodes() -> None:

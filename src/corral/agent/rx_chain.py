@@ -39,8 +39,9 @@ Failures, without restarting anyone:
   (``SKIP``) and the node fetches the gap from the server over HTTP
   (:meth:`~corral.agent.receive.HttpReceiver.fetch_chunk`, checked), then goes on
   reading from the same upstream;
-- the upstream lags its own upstream by :data:`LAG_CHUNKS` chunks (a slow node): the node
-  pulls from the node before it instead, so one slow node does not slow everyone after it;
+- the upstream falls behind its own upstream by :data:`LAG_CHUNKS` more chunks while the
+  node pulls from it (a slow node): the node pulls from the node before it instead, so one
+  slow node does not slow everyone after it;
 - the head cannot be reached either: one chunk over HTTP, then the head again.
 
 When a node has the whole image it keeps serving until the node after it has everything
@@ -120,7 +121,10 @@ DRAIN_IDLE = 20.0
 #: node right behind is milliseconds behind); past it, the relay goes on serving from a
 #: thread of its own, so that a slow successor never holds up this node's install.
 LINGER = 5.0
-#: An upstream this many chunks behind its own upstream is a slow node: pull past it.
+#: An upstream whose lag behind its own upstream grew by this many chunks while we pulled
+#: from it is a slow node: pull past it. The growth, not the lag: a node that started late
+#: lags as much as it started late and no more, and passing it would only share out the
+#: uplink of the node before it (every node after it would do the same).
 LAG_CHUNKS = 3
 #: Checked chunks waiting for ``zstd -d | tar -x`` (unpacked from a thread of their own, so
 #: that the socket is read meanwhile: a 4 MiB write into the pipe takes long enough to
@@ -862,6 +866,20 @@ class ChainParams:
         return [*chain, Upstream("head", self.head, head=True)]
 
 
+class LagWatch:
+    """Whether an upstream is a slow node: its lag behind its own upstream (``frontier -
+    have``, in the frames) grew by ``chunks`` above the least it was on this connection."""
+
+    def __init__(self, chunks: int = LAG_CHUNKS) -> None:
+        self.chunks = chunks
+        self.least: int | None = None
+
+    def slow(self, have: int, frontier: int) -> bool:
+        lag = frontier - have
+        self.least = lag if self.least is None else min(self.least, lag)
+        return lag - self.least >= self.chunks
+
+
 class _Switch(Exception):
     """Stop reading this upstream (at a chunk boundary) and pick again."""
 
@@ -1157,6 +1175,8 @@ class ChainReceiver(Receiver):
         count = len(chunks)
         buf = state.partial
         tries = max(1, self.context.tries)
+        watch = LagWatch(self.lag_chunks)
+        lagging = False
         while state.next < count:
             if cancel.is_set():
                 raise Cancelled()
@@ -1183,6 +1203,7 @@ class ChainReceiver(Receiver):
                     )
                 if not 0 < length <= size - offset:
                     raise ProtocolError(f"{length} bytes at {offset} of a {size}-byte chunk")
+                lagging = watch.slow(have, frontier)
                 while length:
                     piece = self._read(sock, min(length, PIECE), cancel)
                     length -= len(piece)
@@ -1210,7 +1231,7 @@ class ChainReceiver(Receiver):
             buf = state.partial
             picker.succeeded()
             # a slow upstream: it holds `have` chunks, its own upstream `frontier`
-            if frontier - have >= self.lag_chunks and picker.farther() is not None:
+            if lagging and picker.farther() is not None:
                 raise _Switch(
                     f"it lags its upstream ({have} chunks of {frontier})",
                     failure=False,

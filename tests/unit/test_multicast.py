@@ -93,7 +93,7 @@ def test_bitrates() -> None:
 def test_sender_args() -> None:
     args = MulticastOptions().sender_args(5)
     assert args == [
-        "--max-bitrate", "19000000", "--min-receivers", "5", "--max-wait", "30",
+        "--max-bitrate", "19000000", "--min-receivers", "5", "--max-wait", "60",
         "--retries-until-drop", "12", "--fec", "8x4/128",
     ]  # fmt: skip
     args = MulticastOptions(fec="", min_receivers=9, min_wait=2.5).sender_args(3)
@@ -238,7 +238,7 @@ def test_params_name_the_session_while_it_waits_for_its_nodes(
         "portbase": session.channel.portbase,
         "interface": "10.0.0.2",
         "max_bitrate": 19_000_000,
-        "max_wait": 30.0,
+        "max_wait": 60.0,
         "leave_below": 0.25,
         "leave_window": 5.0,
     }

@@ -235,6 +235,7 @@ def test_params_name_the_session_while_it_waits_for_its_nodes(
     assert params["session"] == {
         "tag": "12/img:3/abc",
         "rdv": session.channel.rdv,
+        "data": session.channel.data,
         "portbase": session.channel.portbase,
         "interface": "10.0.0.2",
         "max_bitrate": 19_000_000,
@@ -292,6 +293,42 @@ def test_stop_ends_a_sender_that_never_read(
     assert session.proc is not None and session.proc.returncode is not None
     assert session.feeder is not None and not session.feeder.is_alive()
     assert time.monotonic() - started < 5
+
+
+def test_start_params_finish_with_a_stand_in_sender(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not shutil.which("udp-sender"):
+        pytest.skip("udpcast is not installed")
+    settings = Settings(home=tmp_path / "home", address="127.0.0.1")
+    transport = MulticastTransport(settings)
+    version = make_version(tmp_path, [b"x" * 100])
+    members = [Member("n1", "127.0.0.2"), Member("n2", None)]
+    monkeypatch.setattr(multicast.Session, "argv", lambda self: ["sleep", "60"])
+    transport.start(5, version, members)
+    try:
+        session = transport.sessions[(5, version.ref)]
+        assert session.interface == "lo"  # the interface that holds corral's address
+        assert session.members == {"n1": "127.0.0.2", "n2": None}
+        assert transport.params(version, "n2")["session"]["interface"] == ""
+        # started again (after a restart): the old sender goes, a new one takes its slot
+        old = session.proc
+        transport.start(5, version, members[:1])
+        assert old is not None and old.poll() is not None
+        assert transport.sessions[(5, version.ref)].channel == session.channel
+    finally:
+        transport.close()
+    assert not transport.sessions
+    # a sender that cannot start (its port taken, say) sends the nodes to HTTP
+    monkeypatch.setattr(
+        multicast.Session, "argv", lambda self: ["sh", "-c", "echo 'bind: in use' >&2; exit 1"]
+    )
+    transport.start(6, version, members)
+    try:
+        assert "exited at once (bind: in use)" in caplog.text
+        assert transport.params(version, "n1")["session"] is None
+    finally:
+        transport.close()
 
 
 def test_a_stale_pid_file_kills_only_a_udp_sender(tmp_path: Path) -> None:

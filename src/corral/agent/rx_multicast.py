@@ -416,7 +416,7 @@ class MulticastReceiver(HttpReceiver):
                     errors += data
                     if connected is None and b"Connected as" in errors:
                         connected = now
-                        log.info("multicast: joined session %s", session.tag)
+                        log.info("multicast: joined session %s (%s)", session.tag, _lines(errors))
                     del errors[:-4096]
                     self.stderr_tail = _lines(errors)
                     continue

@@ -96,6 +96,8 @@ STAT_PERIOD_MS = 5000
 #: transfer began about 1.7 s after the last node connected, with it at once (measured
 #: with 3 receivers waiting: 9.8 s -> 8.0 s for 16 MiB at 19 Mbit/s).
 HELLO_INTERVAL_MS = 200
+#: Seconds udp-sender must live after its start to count as started.
+STARTUP_CHECK = 0.3
 #: Grace for udp-sender to exit on SIGTERM before it is killed.
 STOP_GRACE = 5.0
 
@@ -466,6 +468,16 @@ class Session:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def wait_started(self, seconds: float) -> bool:
+        """False if udp-sender exits within ``seconds`` (a port in use, a bad option)."""
+        if self.proc is None:
+            return False
+        try:
+            self.proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            return True
+        return False
+
     def said(self) -> str:
         """What this udp-sender wrote to its log so far."""
         try:
@@ -573,6 +585,14 @@ class MulticastTransport:
             )
             session.launch()
             self.sessions[key] = session
+        if not session.wait_started(STARTUP_CHECK):
+            # not fatal: params() then sends the session's nodes to HTTP
+            log.error(
+                "deployment %d: udp-sender for %s exited at once (%s): its nodes use HTTP",
+                deployment,
+                version.ref,
+                " / ".join(session.said().strip().splitlines()[-2:]) or "no output",
+            )
 
     def _session_of(self, ref: str, node: str) -> Session | None:
         with self._lock:
@@ -596,6 +616,7 @@ class MulticastTransport:
             "session": {
                 "tag": session.tag,
                 "rdv": c.rdv,
+                "data": c.data,  # the sender announces it; for the node's log
                 "portbase": c.portbase,
                 "interface": session.members.get(node) or "",
                 "max_bitrate": o.max_bitrate,

@@ -228,6 +228,10 @@ def main() -> int:
         print("bench/deploy.py needs root (namespaces, loop devices)", file=sys.stderr)
         return 2
     os.environ["CORRAL_HOME"] = str(HOME)
+    HOME.mkdir(parents=True, exist_ok=True)
+    # multicast sends at a fixed rate: just under the node link B
+    rate = int(parse_rate(args.link) * 0.95)
+    (HOME / "corral.toml").write_text(f'multicast_max_bitrate = "{rate}"\n')
     common.settings.cache_clear()
     common.engine.cache_clear()
     counts = sorted(int(x) for x in args.nodes.split(","))

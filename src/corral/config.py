@@ -48,6 +48,13 @@ class Settings:
     rsync_port: int = 873
     deploy_node_timeout: float = 30.0
     deploy_boot_timeout: float = 900.0
+    # Multicast (udpcast): the sending rate must stay under the slowest node link that
+    # should keep up ("19m" suits 20 Mbit/s links, ~"900m" a gigabit network); the FEC
+    # (INTERLEAVExREDUNDANCY/STRIPESIZE, "" for none); how long a session waits for its
+    # nodes after the first one joined.
+    multicast_max_bitrate: str = "19m"
+    multicast_fec: str = "8x4/128"
+    multicast_max_wait: float = 60.0
 
     @property
     def database(self) -> str:

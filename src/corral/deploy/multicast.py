@@ -255,9 +255,9 @@ DEFAULT_OPTIONS = MulticastOptions()
 def options_from_settings(settings: Settings) -> MulticastOptions:
     """The options, from ``multicast_<knob>`` settings where corral's config has them.
 
-    corral.toml has no multicast keys yet; once :class:`~corral.config.Settings` gains
-    ``multicast_max_bitrate`` (and the others, named after the fields here) they apply
-    without a change in this module.
+    corral.toml has ``multicast_max_bitrate``, ``multicast_fec`` and ``multicast_max_wait``;
+    any other field here becomes a key by adding ``multicast_<field>`` to
+    :class:`~corral.config.Settings`.
     """
     values: dict[str, Any] = {}
     for f in fields(MulticastOptions):

@@ -89,11 +89,12 @@ AHEAD_CHUNKS = 1
 #: time, so not too often with a hundred agents on a host.
 POLL = 0.2
 #: After the last chunk, keep seeding for at most this many seconds (see :func:`linger`):
-#: long enough to bridge the gap between two waves of booting nodes (8 s apart on the
-#: virtual cluster), short enough that a node that never comes does not hold the others
-#: long. The node's own completion waits for it; the last nodes of a deployment find
-#: nobody in need and leave at once.
-LINGER_MAX = 20.0
+#: long enough to bridge the gaps between waves of booting nodes (up to 30 s on the
+#: virtual cluster with 50 nodes, power-cycled 8 at a time), short enough that a member
+#: that never comes does not hold the others long (and corral's tracker stops counting
+#: those 3 min into the session). The node's own completion waits for it; the last nodes
+#: of a deployment find nobody in need and leave at once.
+LINGER_MAX = 60.0
 #: Peers downloading at less than this share of the node's own rate do not keep it.
 LINGER_SHARE = 0.3
 #: Seconds to wait for libtorrent to read back the pieces of one chunk.
@@ -107,6 +108,9 @@ STRIPE_TIMEOUT = 10.0
 RESCUE_IDLE = 2.0
 #: How often a rescue looks whether another peer has the pieces by now.
 RESCUE_MAX = 5.0
+#: Seconds a node looks at its peers before it asks the seed for its stripe: the tracker's
+#: answer and the connections to the peers it names take a fraction of a second on a LAN.
+LOOK_TIME = 1.0
 #: Seconds that pieces may be at no peer before the node asks the seed for them even
 #: though other pieces keep coming: the first nodes of a deployment that boots in waves
 #: would otherwise wait for the stripes of the last ones.
@@ -262,8 +266,12 @@ class SeedUse:
     most pieces many times, as many as it has time for, while the nodes' own uplinks idle.
     So a node takes from the seed only what the swarm cannot give it:
 
+    ``look``
+        for :data:`LOOK_TIME`, the seed kept away, the node meets its peers (the tracker's
+        first answer); if they have its stripe already (it comes late, the others are
+        done and seeding), it never asks the seed for anything but rescues;
     ``stripe``
-        first its stripe (:func:`stripe`), the 1/N of the pieces nobody else asks the
+        otherwise its stripe (:func:`stripe`), the 1/N of the pieces nobody else asks the
         seed for, and nothing else (the other pieces are not wanted yet, so no request
         for them can reach the seed); the stripes together are one copy of the stream.
         It ends when the stripe is here, when peers have what is left of it (a node
@@ -304,17 +312,28 @@ class SeedUse:
         self._orphans_since = float("inf")
         if self.mine is None:
             self.phase = "plain"
-        elif self.mine:
-            self.phase = "stripe"
-            swarm.want(self.mine)
         else:
-            self.phase = "swarm"
+            self.phase = "look" if self.mine else "swarm"
             swarm.use_seed(False)
 
     def step(self, have: Sequence[bool], idle: float) -> bool:
         """Move on if it is time, given the pieces here and the seconds since the last new
         one; True when the wanted pieces changed (priorities must be set again)."""
         now = self.clock()
+        if self.phase == "look" and now - self.started >= LOOK_TIME:
+            assert self.mine is not None
+            left = [p for p in self.mine if not have[p]]
+            if all(a >= 1 for a in self._available(left)):  # the seed is not connected
+                log.info(
+                    "bittorrent: my stripe is %s; all from the peers",
+                    "at peers already" if left else "here",
+                )
+                self.phase = "swarm"
+                return False
+            self.phase, self.started = "stripe", now
+            self.swarm.want(left)
+            self.swarm.use_seed(True)
+            return True
         if self.phase == "stripe":
             assert self.mine is not None
             left = [p for p in self.mine if not have[p]]
@@ -336,9 +355,11 @@ class SeedUse:
                 self.swarm.want(None)
                 return True
         elif self.phase == "swarm" and not all(have) and self._rescue_due(have, idle, now):
-            available = self.swarm.availability()  # the seed is not connected: peers only
+            available = self._counts(len(have))  # the seed is not connected: peers only
+            if available is None:
+                return False
             missing = [p for p, h in enumerate(have) if not h]
-            rare = [p for p in missing if available[p] <= 1] or missing
+            rare = [p for p in missing if available[p] <= 1]
             # The connected peers that still download lack the same pieces, most likely:
             # each asks the seed for its share only and gets the others' from them. If
             # that has not worked out (they see other peers), all of them.
@@ -357,13 +378,14 @@ class SeedUse:
                 count,
             )
             self.phase, self.rescue, self.since = "rescue", rare, now
+            self._orphans_since = float("inf")  # the others' shares get their time too
             self.swarm.want(rare)  # those only: the seed must not send what peers have
             self.swarm.use_seed(True)
             return True
         elif self.phase == "rescue" and (
             all(have[p] for p in self.rescue) or now - self.since >= RESCUE_MAX
         ):
-            available = self.swarm.availability()  # the seed counts for one
+            available = self._counts(len(have)) or [0] * len(have)  # the seed counts for 1
             rare = [p for p in self.rescue if not have[p] and available[p] <= 2]
             if rare:  # still nobody else to get them from (the peers may have left)
                 self.rescue, self.since = rare, now
@@ -384,7 +406,9 @@ class SeedUse:
         if now - self._looked < 1.0:
             return False
         self._looked = now
-        available = self.swarm.availability()
+        available = self._counts(len(have))
+        if available is None:
+            return False
         if any(not h and not a for h, a in zip(have, available, strict=False)):
             self._orphans_since = min(self._orphans_since, now)
         else:
@@ -392,9 +416,16 @@ class SeedUse:
         return now - self._orphans_since >= ORPHAN_WAIT
 
     def _available(self, pieces: Sequence[int]) -> list[int]:
-        """How many connected sources have each of ``pieces`` (the seed counts for one)."""
+        """How many connected sources have each of ``pieces`` (the seed counts for one;
+        0 if libtorrent cannot say)."""
         available = self.swarm.availability()
-        return [available[p] for p in pieces]
+        return [available[p] if p < len(available) else 0 for p in pieces]
+
+    def _counts(self, num_pieces: int) -> list[int] | None:
+        """Every piece's count of connected sources; None when libtorrent has none to
+        give (it keeps no piece picker for a torrent it considers complete)."""
+        available = list(self.swarm.availability())
+        return available if len(available) == num_pieces else None
 
 
 class Feeder:
@@ -728,8 +759,20 @@ class LibtorrentSwarm:
         return list(self.handle.piece_availability())
 
     def present(self) -> tuple[int, int]:
-        seed = self.lt.peer_info.seed
-        others = {str(peer.ip[0]) for peer in self.handle.get_peer_info() if not peer.flags & seed}
+        flags = self.lt.peer_info
+        peers = self.handle.get_peer_info()
+        log.debug(
+            "bittorrent: %d peers: %d seeds, %d connecting, %d in handshake",
+            len(peers),
+            sum(1 for p in peers if p.flags & flags.seed),
+            sum(1 for p in peers if p.flags & flags.connecting),
+            sum(1 for p in peers if p.flags & flags.handshake),
+        )
+        others = {
+            str(peer.ip[0])
+            for peer in peers
+            if not peer.flags & (flags.seed | flags.connecting | flags.handshake)
+        }
         everyone = sorted(others | {self.address}, key=_address_key)
         return everyone.index(self.address), len(everyone)
 

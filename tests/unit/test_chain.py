@@ -83,7 +83,7 @@ def test_hello_answer_and_frames_round_trip() -> None:
     hello = read_hello(reader(pack_hello(TAG, 12, "tb003", 65536)))
     assert (hello.tag, hello.index, hello.name, hello.offset) == (TAG, 12, "tb003", 65536)
     assert read_answer(reader(pack_answer(WRONG_SESSION, 3, "no"))) == (WRONG_SESSION, 3, "no")
-    frame = pack_frame(DATA, 4, 65536, b"xyz", have=4, frontier=9)
+    frame = pack_frame(DATA, 4, 65536, b"xyz", have=4, lag=9)
     assert len(frame) == rx_chain.FRAME.size + 3
     assert rx_chain.FRAME.unpack(frame[: rx_chain.FRAME.size]) == (DATA, 4, 65536, 3, 4, 9)
 
@@ -143,14 +143,6 @@ def test_a_reader_waits_for_the_next_piece_and_wakes_on_close() -> None:
     window.close()
     with pytest.raises(rx_chain.Closed):
         window.read(0, 5, 5, timeout=5)
-
-
-def test_frontier_is_what_the_upstream_holds() -> None:
-    window = Window([1, 1, 1], keep=2)
-    window.set_frontier(3)
-    assert window.frontier == 3
-    window.complete(0, b"x")
-    assert window.frontier == 3
 
 
 # --- choosing the upstream -----------------------------------------------------------
@@ -246,14 +238,16 @@ def test_a_lagging_upstream_is_passed_for_the_node_before_it_never_for_the_head(
         Picker([Upstream("tb001", ("x", 1))])
 
 
-def test_a_slow_upstream_is_one_whose_lag_grows_not_one_that_started_late() -> None:
-    late = LagWatch(3)
-    # it started 5 chunks behind the node before it and keeps pace: never slow
-    assert not any(late.slow(have, have + 5) for have in range(20))
-    slow = LagWatch(3)
-    # it keeps one chunk in four of what the node before it gets
-    verdicts = [slow.slow(have // 4, have) for have in range(20)]
-    assert verdicts.index(True) == 3 and verdicts[-1]  # a lag of 3 above its least (0)
+def test_a_node_is_slow_when_its_lag_grows_not_when_it_started_late() -> None:
+    late = LagWatch()
+    # 5 chunks behind its upstream, keeping pace: no growth
+    assert [late.growth(have + 5, have) for have in range(20)] == [0] * 20
+    slow = LagWatch()
+    # it gets one chunk for every four its upstream gets
+    growth = [slow.growth(up, up // 4) for up in range(20)]
+    assert growth[:4] == [0, 1, 2, 3] and growth[-1] == 15
+    moved = LagWatch()  # a new watch for a new upstream, 6 chunks ahead: no growth yet
+    assert moved.growth(10, 4) == 0 and moved.growth(11, 5) == 0
 
 
 def test_params_give_the_upstreams_nearest_first_without_addressless_nodes() -> None:
@@ -439,7 +433,14 @@ class FastChain(ChainReceiver):
 class SteadyChain(FastChain):
     """No passing for lag: on loopback the first node can be chunks ahead for a moment."""
 
-    lag_chunks = 10**6
+    lag_bytes = 1 << 40
+
+
+class KeenChain(FastChain):
+    """Sees a slow node at test sizes (the image is under a megabyte)."""
+
+    lag_bytes = 100_000
+    lag_seconds = 0.1
 
 
 class RoomyChain(FastChain):
@@ -629,7 +630,7 @@ def test_a_slow_node_is_passed_by_the_node_after_it(
     relay, window = test_head([len(c) for c in chunks])
     server = ChunkServer(chunks)
     # tb002 unpacks slowly: it falls behind tb001, and tb003 pulls from tb001 instead
-    nodes = nodes_for(chunks, head_address(relay), 3, server, delays={1: 0.2})
+    nodes = nodes_for(chunks, head_address(relay), 3, server, delays={1: 0.2}, cls=KeenChain)
     for node in nodes:
         node.start()
     for i, data in enumerate(chunks):

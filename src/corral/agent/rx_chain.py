@@ -39,9 +39,9 @@ Failures, without restarting anyone:
   (``SKIP``) and the node fetches the gap from the server over HTTP
   (:meth:`~corral.agent.receive.HttpReceiver.fetch_chunk`, checked), then goes on
   reading from the same upstream;
-- the upstream falls behind its own upstream by :data:`LAG_CHUNKS` more chunks while the
-  node pulls from it (a slow node): the node pulls from the node before it instead, so one
-  slow node does not slow everyone after it;
+- the upstream says it fell behind its own upstream by :data:`LAG_BYTES` and
+  :data:`LAG_SECONDS` of this node's rate (a slow node): the node pulls from the node
+  before it instead, so one slow node does not slow everyone after it;
 - the head cannot be reached either: one chunk over HTTP, then the head again.
 
 When a node has the whole image it keeps serving until the node after it has everything
@@ -98,7 +98,11 @@ WINDOW_CHUNKS = 8
 HEARTBEAT = 1.0
 #: Seconds without a byte from the upstream (heartbeats included) before it is dead.
 SILENCE = 10.0
-CONNECT_TIMEOUT = 3.0
+#: For a connection to an upstream. Long: the node is busy receiving, its download link is
+#: full and drops SYNs, retried after 1, 3 and 7 s (at 3 s, nodes alive were passed for
+#: dead and a node behind a slow one walked all the way to the head). A dead process
+#: refuses at once, and a powered-off machine fails its ARP in 3 s.
+CONNECT_TIMEOUT = 10.0
 #: Seconds to wait for the other side's hello or its answer.
 HELLO_TIMEOUT = 5.0
 #: How long a node waits for its direct predecessor to start listening before bypassing it
@@ -121,11 +125,15 @@ DRAIN_IDLE = 20.0
 #: node right behind is milliseconds behind); past it, the relay goes on serving from a
 #: thread of its own, so that a slow successor never holds up this node's install.
 LINGER = 5.0
-#: An upstream whose lag behind its own upstream grew by this many chunks while we pulled
-#: from it is a slow node: pull past it. The growth, not the lag: a node that started late
-#: lags as much as it started late and no more, and passing it would only share out the
-#: uplink of the node before it (every node after it would do the same).
-LAG_CHUNKS = 3
+#: An upstream that fell this far behind its own upstream since it connected to it is a
+#: slow node: pull past it (see :class:`LagWatch`: a node that started late, or just
+#: changed upstream, is behind but not slow, and passing it would only share out the
+#: uplink of the node before it, every node after it doing the same). At least
+#: ``LAG_BYTES``, and at least ``LAG_SECONDS`` of what this node receives, so that a stall
+#: of a second or two on a fast link passes nobody: behind a node at 2 Mbit/s on 20 Mbit/s
+#: links, a node leaves it after about 2 s.
+LAG_BYTES = 4 << 20
+LAG_SECONDS = 3.0
 #: Checked chunks waiting for ``zstd -d | tar -x`` (unpacked from a thread of their own, so
 #: that the socket is read meanwhile: a 4 MiB write into the pipe takes long enough to
 #: stall the link, and every node after this one with it). With the window, a node holds
@@ -135,6 +143,10 @@ UNPACK_QUEUE = 4
 #: the frames, behind the data queued in these buffers: small buffers keep it fresh (about
 #: 1 MiB in flight: 8 ms at 1 Gbit/s, plenty on a LAN) and keep a hop's queue short.
 SOCKET_BUFFER = 256 << 10
+#: Unsent bytes a relay socket may queue (TCP_NOTSENT_LOWAT; a sender also waits for room
+#: before it reads what to send): what a slow reader sees of the sender's state is that
+#: much older (0.3 s at 2 Mbit/s, instead of seconds).
+UNSENT = 64 << 10
 
 MAGIC = b"CRLY"
 VERSION = 1
@@ -147,7 +159,8 @@ DATA, SKIP, IDLE = 1, 2, 3
 _HELLO = struct.Struct("!4sBBH")  # magic, version, flags (0), tag length; tag
 _HELLO_TAIL = struct.Struct("!IIB")  # next chunk, byte offset in it, name length; name
 _ANSWER = struct.Struct("!4sBIH")  # magic, status, have, message length; message
-#: kind, chunk, offset, length, have (the sender's whole chunks), frontier (its upstream's)
+#: kind, chunk, offset, length, have (KiB of the stream the sender holds), lag (KiB the
+#: sender fell behind its own upstream since it connected to it)
 FRAME = struct.Struct("!BIIIII")
 
 
@@ -224,9 +237,9 @@ def read_answer(read: Callable[[int], bytes]) -> tuple[int, int, str]:
 
 
 def pack_frame(
-    kind: int, chunk: int, offset: int = 0, data: bytes = b"", have: int = 0, frontier: int = 0
+    kind: int, chunk: int, offset: int = 0, data: bytes = b"", have: int = 0, lag: int = 0
 ) -> bytes:
-    return FRAME.pack(kind, chunk, offset, len(data), have, frontier) + data
+    return FRAME.pack(kind, chunk, offset, len(data), have, lag) + data
 
 
 def read_exact(sock: socket.socket, n: int) -> bytes:
@@ -250,6 +263,8 @@ def tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT)
     for name, value in (("TCP_KEEPIDLE", 2), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, name):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
@@ -275,7 +290,10 @@ class Source(Protocol):
     def have(self) -> int: ...
 
     @property
-    def frontier(self) -> int: ...
+    def held_kib(self) -> int: ...
+
+    @property
+    def lag(self) -> int: ...
 
     def read(self, index: int, offset: int, size: int, timeout: float) -> bytes | None:
         """Up to ``size`` bytes of chunk ``index`` from ``offset``; None if they are not
@@ -290,12 +308,15 @@ class Window:
 
     def __init__(self, sizes: list[int], keep: int = WINDOW_CHUNKS) -> None:
         self.sizes = sizes
+        self.starts = [0]
+        for size in sizes:
+            self.starts.append(self.starts[-1] + size)
         self.keep = max(1, keep)
         self.cond = threading.Condition()
         self.chunks: dict[int, bytes] = {}
         self._have = 0
         self.partial = bytearray()
-        self._frontier = 0
+        self.lag = 0  # see LagWatch: what this node tells the nodes after it
         self.closed = False
 
     @property
@@ -303,12 +324,9 @@ class Window:
         return self._have
 
     @property
-    def frontier(self) -> int:
-        return max(self._frontier, self._have)
-
-    def set_frontier(self, value: int) -> None:
-        """What this node's upstream says it holds (a lag past it means we are slow)."""
-        self._frontier = value
+    def held_kib(self) -> int:
+        """KiB of the stream this node holds: the whole chunks and the one arriving."""
+        return (self.starts[self._have] + len(self.partial)) >> 10
 
     @property
     def low(self) -> int:
@@ -364,9 +382,10 @@ class Window:
 class FileSource:
     """The head's source: the chunk files of the export, any of them at any time."""
 
-    def __init__(self, path_of: Callable[[int], Path], count: int) -> None:
+    def __init__(self, path_of: Callable[[int], Path], sizes: list[int]) -> None:
         self.path_of = path_of
-        self.count = count
+        self.count = len(sizes)
+        self.size = sum(sizes)
         self._cached: tuple[int, bytes] | None = None
 
     @property
@@ -374,8 +393,12 @@ class FileSource:
         return self.count
 
     @property
-    def frontier(self) -> int:
-        return self.count
+    def held_kib(self) -> int:
+        return self.size >> 10
+
+    @property
+    def lag(self) -> int:
+        return 0  # the head sets no pace
 
     def read(self, index: int, offset: int, size: int, timeout: float) -> bytes | None:
         if self._cached is None or self._cached[0] != index:
@@ -440,20 +463,26 @@ class Sender:
             return  # a resume past the end of its chunk: not a hello of this protocol
         source = self.source
         while index < count:
+            # room first, then what to send: a frame does not wait, aging, in sendall
+            _, room, _ = select.select([], [self.sock], [], self.heartbeat)
+            if not room:
+                if peer_closed(self.sock):
+                    return
+                continue
             try:
                 data = source.read(index, offset, FRAME_MAX, self.heartbeat)
             except Gone as gone:
                 log.info("chain: %s needs chunk %d, held from %d", self.peer, index, gone.low)
-                self._send(pack_frame(SKIP, gone.low, have=source.have, frontier=source.frontier))
+                self._send(pack_frame(SKIP, gone.low, have=source.held_kib, lag=source.lag))
                 self.skips += 1
                 index, offset = gone.low, 0
                 continue
             if data is None:
                 if peer_closed(self.sock):
                     return
-                self._send(pack_frame(IDLE, index, offset, b"", source.have, source.frontier))
+                self._send(pack_frame(IDLE, index, offset, b"", source.held_kib, source.lag))
                 continue
-            self._send(pack_frame(DATA, index, offset, data, source.have, source.frontier))
+            self._send(pack_frame(DATA, index, offset, data, source.held_kib, source.lag))
             self.last_progress = self.last_activity
             self.sent += len(data)
             offset += len(data)
@@ -867,17 +896,18 @@ class ChainParams:
 
 
 class LagWatch:
-    """Whether an upstream is a slow node: its lag behind its own upstream (``frontier -
-    have``, in the frames) grew by ``chunks`` above the least it was on this connection."""
+    """How far a node fell behind its upstream since it connected to it: the growth of
+    ``what the upstream holds - what we hold`` above the least it was. The growth, not the lag:
+    a node that started late, or that just moved to an upstream further ahead, lags as
+    much as that and no more, and is as fast as any; a slow node's lag grows."""
 
-    def __init__(self, chunks: int = LAG_CHUNKS) -> None:
-        self.chunks = chunks
+    def __init__(self) -> None:
         self.least: int | None = None
 
-    def slow(self, have: int, frontier: int) -> bool:
-        lag = frontier - have
+    def growth(self, upstream_holds: int, holds: int) -> int:
+        lag = upstream_holds - holds
         self.least = lag if self.least is None else min(self.least, lag)
-        return lag - self.least >= self.chunks
+        return lag - self.least
 
 
 class _Switch(Exception):
@@ -923,7 +953,8 @@ class ChainReceiver(Receiver):
     grace = RECONNECT_GRACE
     drain_idle = DRAIN_IDLE
     linger = LINGER
-    lag_chunks = LAG_CHUNKS
+    lag_bytes = LAG_BYTES
+    lag_seconds = LAG_SECONDS
     unpacker: Callable[[Path], Unpacker] = Unpacker
 
     def __init__(self, context: Context) -> None:
@@ -1131,6 +1162,12 @@ class ChainReceiver(Receiver):
             raise _Switch(f"refused: {text} {message}".rstrip(), failure=True, fatal=True)
         return sock
 
+    def too_slow(self, lag: int, got: int, since: float) -> bool:
+        """Whether an upstream that fell ``lag`` bytes behind its own is a slow node, for
+        this node that got ``got`` bytes from it since ``since``."""
+        elapsed = max(time.monotonic() - since, self.lag_seconds)
+        return lag >= max(self.lag_bytes, got / elapsed * self.lag_seconds)
+
     def _read(self, sock: socket.socket, n: int, cancel: threading.Event) -> bytes:
         """``n`` bytes, looking at the cancel flag and the upstream's silence meanwhile."""
         buf = bytearray(n)
@@ -1166,27 +1203,30 @@ class ChainReceiver(Receiver):
     ) -> None:
         """Read frames until the stream is whole; :class:`_Switch` to leave this upstream.
 
-        What the upstream holds becomes this node's frontier, which tells the nodes after
-        it whether it lags; not the head's, which holds everything from the start: a node
-        pulling from the head is as fast as its own link."""
+        Each frame says how far the upstream fell behind its own upstream (its ``lag``):
+        past :meth:`too_slow`, this node pulls past it. This node's own lag, for the nodes
+        after it, is measured here the same way; not behind the head, which holds
+        everything from the start (a node pulling from it is as fast as its own link)."""
         picker = self.picker
         assert picker is not None
         chunks = plan.image.chunks
         count = len(chunks)
         buf = state.partial
         tries = max(1, self.context.tries)
-        watch = LagWatch(self.lag_chunks)
+        watch = LagWatch()
+        window.lag = 0
         lagging = False
+        since, before = time.monotonic(), state.done + len(buf)
         while state.next < count:
             if cancel.is_set():
                 raise Cancelled()
             try:
                 header = self._read(sock, FRAME.size, cancel)
-                kind, index, offset, length, have, frontier = FRAME.unpack(header)
+                kind, index, offset, length, have, lag = FRAME.unpack(header)
                 if kind == IDLE:
                     continue
                 if not from_head:
-                    window.set_frontier(have)
+                    window.lag = watch.growth(have, (state.done + len(buf)) >> 10)
                 if kind == SKIP:
                     state.skips += 1
                     end = min(index, count)
@@ -1203,7 +1243,7 @@ class ChainReceiver(Receiver):
                     )
                 if not 0 < length <= size - offset:
                     raise ProtocolError(f"{length} bytes at {offset} of a {size}-byte chunk")
-                lagging = watch.slow(have, frontier)
+                lagging = self.too_slow(lag << 10, state.done + len(buf) - before, since)
                 while length:
                     piece = self._read(sock, min(length, PIECE), cancel)
                     length -= len(piece)
@@ -1214,6 +1254,12 @@ class ChainReceiver(Receiver):
                 fatal = isinstance(exc, ProtocolError)
                 raise _Switch(f"{type(exc).__name__}: {exc}", failure=True, fatal=fatal) from None
             if len(buf) < size:
+                if lagging and picker.farther() is not None:
+                    raise _Switch(  # mid-chunk: the part we have is kept, resumed at its byte
+                        f"it fell {lag} KiB behind its upstream",
+                        failure=False,
+                        lagging=True,
+                    )
                 continue
             data = bytes(buf)
             buf = state.partial = bytearray()
@@ -1230,10 +1276,10 @@ class ChainReceiver(Receiver):
             self._accept(state.next, data, window, feeder, state, progress, cancel)
             buf = state.partial
             picker.succeeded()
-            # a slow upstream: it holds `have` chunks, its own upstream `frontier`
+            # a slow upstream
             if lagging and picker.farther() is not None:
                 raise _Switch(
-                    f"it lags its upstream ({have} chunks of {frontier})",
+                    f"it fell {lag} KiB behind its upstream",
                     failure=False,
                     lagging=True,
                 )

@@ -41,7 +41,7 @@ serving), 3 bad hello; ``have`` is how many whole chunks, from the first, the up
 holds. Anything but 0 is followed by the close. After 0, the upstream sends frames and the
 downstream sends nothing more::
 
-    u8 kind  u32 chunk  u32 offset  u32 length  u32 have  u32 frontier  payload[length]
+    u8 kind  u32 chunk  u32 offset  u32 length  u32 have  u32 lag  payload[length]
 
 ``DATA`` (1)
     bytes ``[offset, offset + length)`` of ``chunk``. Chunks come in order, from the chunk
@@ -55,8 +55,10 @@ downstream sends nothing more::
 ``IDLE`` (3)
     nothing to send for a second: a heartbeat, so that silence means a dead upstream.
 
-``have`` is the sender's count of whole chunks and ``frontier`` its own upstream's: a node
-whose upstream lags its frontier by a few chunks pulls past it. The downstream closes the
+``have`` is how many KiB of the stream the sender holds; ``lag`` is how many KiB it fell
+behind its own upstream since it connected to it (0 from the head, and from a node pulling
+from the head): past 4 MiB and 3 s of its own rate, the downstream pulls past it (a slow
+node). The downstream closes the
 connection when it holds the whole stream, or to resume elsewhere: a new connection's hello
 names the chunk and byte to resume from (the bytes are the same from any upstream, and the
 whole chunk is checked once it is in).
@@ -191,7 +193,7 @@ class Head:
             conn.close()
             return
         version = session.version
-        source = FileSource(lambda i: version.path / chunk_name(i), len(session.sizes))
+        source = FileSource(lambda i: version.path / chunk_name(i), session.sizes)
         sender = Sender(
             conn, source, session.sizes, hello.index, f"{hello.name} ({peer})", offset=hello.offset
         )

@@ -308,6 +308,7 @@ class FakeSwarm:
         self.calls: list[tuple[str, Any]] = []  # want and use_seed, in order
         self.position = (0, 1)  # alone among the peers still downloading
         self.min_rates: list[float] = []
+        self.tracker_answered = True
 
     def pieces(self) -> Sequence[bool]:
         return list(self.have)
@@ -340,6 +341,9 @@ class FakeSwarm:
 
     def present(self) -> tuple[int, int]:
         return self.position
+
+    def heard(self) -> bool:
+        return self.tracker_answered
 
     def peers_in_need(self, min_rate: float) -> int:
         self.min_rates.append(min_rate)
@@ -524,8 +528,8 @@ def test_linger_waits_for_members_that_have_not_joined_yet() -> None:
     stayed = linger(
         swarm, threading.Event(), own_rate=1, pending=pending, budget=60, clock=lambda: now[0]
     )
-    assert asked == [0.0, 2.0, 4.0]  # every 2 s
-    assert stayed == pytest.approx(4.5)  # then two looks without a reason
+    assert asked == [0.0, 5.0, 10.0]  # every 5 s
+    assert stayed == pytest.approx(10.5)  # then two looks without a reason
 
 
 # --- when a node uses the seed ---------------------------------------------------------
@@ -660,3 +664,16 @@ def test_pieces_at_no_peer_for_long_are_asked_of_the_seed_even_while_others_come
     feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60)
     assert b"".join(fed) == DATA
     assert ("want", [8, 9]) in swarm.calls and feeder.stats.rescues == 1
+
+
+def test_before_the_tracker_answers_nothing_is_asked_of_the_seed_but_the_stripe() -> None:
+    # a busy corral serve: no tracker answer for TRACKER_WAIT; no peer seems to have
+    # anything, but that means nothing yet
+    swarm = FakeSwarm(DATA, [[]] * 15 + [[0, 2]] + [[]] * 20 + [list(range(10))])
+    swarm.avail = [0] * 10
+    swarm.tracker_answered = False
+    run_feeder(swarm, mine=[0, 2], stall=60)
+    calls = [c for c in swarm.calls if c[0] != "prioritize"]
+    # the stripe after TRACKER_WAIT, then the seed only after another look at the peers
+    assert calls[:3] == [("seed", False), ("want", [0, 2]), ("seed", True)]
+    assert calls[3:5] == [("seed", False), ("want", None)]

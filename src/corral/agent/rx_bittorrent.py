@@ -108,9 +108,13 @@ STRIPE_TIMEOUT = 10.0
 RESCUE_IDLE = 2.0
 #: How often a rescue looks whether another peer has the pieces by now.
 RESCUE_MAX = 5.0
-#: Seconds a node looks at its peers before it asks the seed for its stripe: the tracker's
-#: answer and the connections to the peers it names take a fraction of a second on a LAN.
+#: Seconds a node looks at its peers before it asks the seed for its stripe, from the
+#: start; it also waits for the tracker's first answer (the connections to the peers it
+#: names take a fraction of a second on a LAN)...
 LOOK_TIME = 1.0
+#: ... for at most this long: without an answer, the node cannot know what its peers have,
+#: and asks the seed for nothing but its stripe until then.
+TRACKER_WAIT = 15.0
 #: Seconds that pieces may be at no peer before the node asks the seed for them even
 #: though other pieces keep coming: the first nodes of a deployment that boots in waves
 #: would otherwise wait for the stripes of the last ones.
@@ -164,6 +168,10 @@ class Swarm(Protocol):
 
     def wait(self, seconds: float) -> None:
         """Sleep until something happens in the swarm, or ``seconds``."""
+        ...
+
+    def heard(self) -> bool:
+        """Whether the tracker has answered once: before, "no peer has it" means nothing."""
         ...
 
 
@@ -267,9 +275,9 @@ class SeedUse:
     So a node takes from the seed only what the swarm cannot give it:
 
     ``look``
-        for :data:`LOOK_TIME`, the seed kept away, the node meets its peers (the tracker's
-        first answer); if they have its stripe already (it comes late, the others are
-        done and seeding), it never asks the seed for anything but rescues;
+        for :data:`LOOK_TIME` and until the tracker's first answer, the seed kept away,
+        the node meets its peers; if they have its stripe already (it comes late, the
+        others are done and seeding), it never asks the seed for anything but rescues;
     ``stripe``
         otherwise its stripe (:func:`stripe`), the 1/N of the pieces nobody else asks the
         seed for, and nothing else (the other pieces are not wanted yet, so no request
@@ -320,7 +328,10 @@ class SeedUse:
         """Move on if it is time, given the pieces here and the seconds since the last new
         one; True when the wanted pieces changed (priorities must be set again)."""
         now = self.clock()
-        if self.phase == "look" and now - self.started >= LOOK_TIME:
+        waited = now - self.started
+        if self.phase == "look" and (
+            (self.swarm.heard() and waited >= LOOK_TIME) or waited >= TRACKER_WAIT
+        ):
             assert self.mine is not None
             left = [p for p in self.mine if not have[p]]
             if all(a >= 1 for a in self._available(left)):  # the seed is not connected
@@ -354,7 +365,12 @@ class SeedUse:
                 self.swarm.use_seed(False)
                 self.swarm.want(None)
                 return True
-        elif self.phase == "swarm" and not all(have) and self._rescue_due(have, idle, now):
+        elif (
+            self.phase == "swarm"
+            and not all(have)
+            and (self.swarm.heard() or waited >= TRACKER_WAIT)
+            and self._rescue_due(have, idle, now)
+        ):
             available = self._counts(len(have))  # the seed is not connected: peers only
             if available is None:
                 return False
@@ -577,7 +593,7 @@ def linger(
     Of use: a connected peer still wants pieces from it and downloads at LAN speed (at
     least :data:`LINGER_SHARE` of ``own_rate``, this node's own average, or not measured
     yet: it has just come); or members of the session have not joined yet (``pending``,
-    asked of corral's tracker every 2 s), since the nodes of a large deployment boot over
+    asked of corral's tracker every 5 s), since the nodes of a large deployment boot over
     a minute or more, in waves, and each wave would otherwise have to take the whole
     stream from the server again. Every piece this node serves is one the server does not
     send. A slow peer is no reason to stay: the seed serves it (:class:`SeedUse`), and the
@@ -589,7 +605,7 @@ def linger(
     idle = 0
     asked, waiting = -1e9, 0
     while clock() - start < budget and not cancel.is_set():
-        if clock() - asked >= 2.0:
+        if clock() - asked >= 5.0:
             asked, waiting = clock(), pending()
         busy = waiting > 0 or swarm.peers_in_need(LINGER_SHARE * own_rate) > 0
         idle = 0 if busy else idle + 1
@@ -664,8 +680,10 @@ def session_settings(lt: Any, address: str, port: int = PEER_PORT) -> dict[str, 
         # announce as often as corral's tracker asks (10 s; libtorrent's floor is 5 min):
         # a node that stays to seed must stay in the tracker's list for the latecomers
         "min_announce_interval": 5,
-        "tracker_completion_timeout": 5,
-        "tracker_receive_timeout": 5,
+        # corral serve answers announces from a thread beside a hundred nodes' reports:
+        # give it time rather than retry later (a failed announce waits 10 s or more)
+        "tracker_completion_timeout": 30,
+        "tracker_receive_timeout": 15,
         # a node runs its installer beside libtorrent on a small machine: few threads
         "aio_threads": 2,
         "hashing_threads": 1,
@@ -712,6 +730,7 @@ class LibtorrentSwarm:
         self.handle = self.session.add_torrent(params)
         self._reads: dict[int, bytes] = {}
         self._warned: set[str] = set()
+        self._heard = False
 
     def pieces(self) -> Sequence[bool]:
         return list(self.handle.status(self.lt.status_flags_t.query_pieces).pieces)
@@ -758,6 +777,9 @@ class LibtorrentSwarm:
     def availability(self) -> Sequence[int]:
         return list(self.handle.piece_availability())
 
+    def heard(self) -> bool:
+        return self._heard
+
     def present(self) -> tuple[int, int]:
         flags = self.lt.peer_info
         peers = self.handle.get_peer_info()
@@ -794,7 +816,11 @@ class LibtorrentSwarm:
 
     def _alert(self, alert: Any) -> None:
         lt = self.lt
-        if isinstance(alert, lt.read_piece_alert):
+        if isinstance(alert, lt.tracker_reply_alert):
+            if not self._heard:
+                log.info("bittorrent: the tracker names %d peers", alert.num_peers)
+            self._heard = True
+        elif isinstance(alert, lt.read_piece_alert):
             if alert.error.value():
                 log.warning("libtorrent could not read piece %d: %s", alert.piece, alert.message())
             else:

@@ -55,13 +55,14 @@ downstream sends nothing more::
 ``IDLE`` (3)
     nothing to send for a second: a heartbeat, so that silence means a dead upstream.
 
-``have`` is how many KiB of the stream the sender holds; ``lag`` is how many KiB it fell
-behind its own upstream since it connected to it (0 from the head, and from a node pulling
-from the head): past 4 MiB and 3 s of its own rate, the downstream pulls past it (a slow
-node). The downstream closes the
-connection when it holds the whole stream, or to resume elsewhere: a new connection's hello
-names the chunk and byte to resume from (the bytes are the same from any upstream, and the
-whole chunk is checked once it is in).
+``have`` is how many KiB of the stream the sender holds (the answer's ``have`` counts whole
+chunks); ``lag`` is how many KiB it fell behind its own upstream since it connected to it
+(0 from the head, and from a node pulling from the head). When that passes 4 MiB and 3 s
+of what the downstream itself receives, the downstream pulls past it (a slow node).
+
+The downstream closes the connection when it holds the whole stream, or to resume
+elsewhere: a new connection's hello names the chunk and byte to resume from (the bytes are
+the same from any upstream, and the whole chunk is checked once it is in).
 
 A node's upstream that does not answer is retried for a while, then the node before it, up
 to the head; a node that finds nobody fetches that chunk over HTTP and tries again.

@@ -44,9 +44,10 @@ class Settings:
     # The deploy/discovery ramdisk (vmlinuz, initrd.img) that image installs boot.
     ramdisk_dir: str = ""
     # Deployments: the rsync daemon corral starts for the rsync transport, a node silent
-    # this many seconds mid-install is failed, and one that never asks for its plan.
+    # this many seconds mid-install is failed (25: reported within 30 s, with the manager's
+    # one-second tick), and one that never asks for its plan.
     rsync_port: int = 873
-    deploy_node_timeout: float = 30.0
+    deploy_node_timeout: float = 25.0
     deploy_boot_timeout: float = 900.0
     # Multicast (udpcast): the sending rate must stay under the slowest node link that
     # should keep up ("19m" suits 20 Mbit/s links, ~"900m" a gigabit network); the FEC

@@ -17,6 +17,7 @@ import pytest
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
 from corral.agent.receive import RECEIVERS, Cancelled, ReceiveError
 from corral.agent.rx_bittorrent import (
+    ALONE_WAIT,
     LINGER_SHARE,
     BitTorrentReceiver,
     Feeder,
@@ -309,6 +310,7 @@ class FakeSwarm:
         self.position = (0, 1)  # alone among the peers still downloading
         self.min_rates: list[float] = []
         self.tracker_answered = True
+        self.peers_connected = 3
 
     def pieces(self) -> Sequence[bool]:
         return list(self.have)
@@ -344,6 +346,9 @@ class FakeSwarm:
 
     def heard(self) -> bool:
         return self.tracker_answered
+
+    def connected(self) -> int:
+        return self.peers_connected
 
     def peers_in_need(self, min_rate: float) -> int:
         self.min_rates.append(min_rate)
@@ -677,3 +682,16 @@ def test_before_the_tracker_answers_nothing_is_asked_of_the_seed_but_the_stripe(
     # the stripe after TRACKER_WAIT, then the seed only after another look at the peers
     assert calls[:3] == [("seed", False), ("want", [0, 2]), ("seed", True)]
     assert calls[3:5] == [("seed", False), ("want", None)]
+
+
+def test_a_node_without_peers_waits_for_them_before_asking_the_seed() -> None:
+    # the first node of a deployment: nobody to swap with for a while
+    swarm = FakeSwarm(DATA, [[0, 2]] + [[]] * 30 + [list(range(10))])
+    swarm.avail = [0] * 10
+    swarm.peers_connected = 0
+    feeder, *_ = run_feeder(swarm, mine=[0, 2], stall=60)
+    assert feeder.stats.rescues == 1
+    seed_again = [i for i, c in enumerate(swarm.calls) if c == ("seed", True)]
+    assert len(seed_again) == 1
+    # asked ALONE_WAIT seconds after it found itself alone, not RESCUE_IDLE
+    assert swarm.waits >= ALONE_WAIT

@@ -115,6 +115,8 @@ LOOK_TIME = 1.0
 #: ... for at most this long: without an answer, the node cannot know what its peers have,
 #: and asks the seed for nothing but its stripe until then.
 TRACKER_WAIT = 15.0
+#: Seconds a node with no peer at all waits for some before it asks the seed for pieces.
+ALONE_WAIT = 10.0
 #: Seconds that pieces may be at no peer before the node asks the seed for them even
 #: though other pieces keep coming: the first nodes of a deployment that boots in waves
 #: would otherwise wait for the stripes of the last ones.
@@ -172,6 +174,10 @@ class Swarm(Protocol):
 
     def heard(self) -> bool:
         """Whether the tracker has answered once: before, "no peer has it" means nothing."""
+        ...
+
+    def connected(self) -> int:
+        """Peers connected (the seed aside, and connections not yet established)."""
         ...
 
 
@@ -318,6 +324,7 @@ class SeedUse:
         self.since = 0.0
         self._looked = -1e9
         self._orphans_since = float("inf")
+        self._alone_since = float("inf")
         if self.mine is None:
             self.phase = "plain"
         else:
@@ -415,13 +422,21 @@ class SeedUse:
         return False
 
     def _rescue_due(self, have: Sequence[bool], idle: float, now: float) -> bool:
-        """Time to ask the seed: nothing new for :data:`RESCUE_IDLE` seconds, or pieces
-        at no peer for :data:`ORPHAN_WAIT` seconds (looked at once a second)."""
-        if idle >= RESCUE_IDLE:
-            return True
+        """Time to ask the seed (looked at once a second): nothing new for
+        :data:`RESCUE_IDLE` seconds, or pieces at no peer for :data:`ORPHAN_WAIT` seconds;
+        but not while the node has no peer at all, for :data:`ALONE_WAIT` seconds (it is
+        still connecting, or the first of its deployment: the others are booting)."""
         if now - self._looked < 1.0:
             return False
         self._looked = now
+        if self.swarm.connected() == 0:
+            self._alone_since = min(self._alone_since, now)
+            if now - self._alone_since < ALONE_WAIT:
+                return False
+        else:
+            self._alone_since = float("inf")
+        if idle >= RESCUE_IDLE:
+            return True
         available = self._counts(len(have))
         if available is None:
             return False
@@ -666,9 +681,15 @@ def session_settings(lt: Any, address: str, port: int = PEER_PORT) -> dict[str, 
         "unchoke_slots_limit": -1,
         "seed_choking_algorithm": int(lt.seed_choking_algorithm_t.round_robin),
         "connections_limit": 200,
+        # A wave of nodes that boot together connects to every peer at once: the backlog
+        # of a listening socket (libtorrent's default: 5) overflows, SYNs are dropped and
+        # resent after 1 s, then 3 s. A bigger backlog, and connection attempts that
+        # outlive two resends (50 nodes on the virtual cluster were left without a
+        # single peer with a 3 s timeout).
+        "listen_queue_size": 200,
+        "peer_connect_timeout": 7,
         # LAN round trips are sub-millisecond: give up on a silent peer quickly and ask
         # another for its blocks
-        "peer_connect_timeout": 3,
         "handshake_timeout": 5,
         "request_timeout": 10,
         "piece_timeout": 10,
@@ -779,6 +800,16 @@ class LibtorrentSwarm:
 
     def heard(self) -> bool:
         return self._heard
+
+    def connected(self) -> int:
+        flags = self.lt.peer_info
+        pending = flags.connecting | flags.handshake
+        seed = self.seed[0] if self.seed else ""
+        return sum(
+            1
+            for peer in self.handle.get_peer_info()
+            if not peer.flags & pending and str(peer.ip[0]) != seed
+        )
 
     def present(self) -> tuple[int, int]:
         flags = self.lt.peer_info

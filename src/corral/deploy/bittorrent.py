@@ -459,9 +459,12 @@ def seed_settings(lt: Any, address: str, port: int) -> dict[str, Any]:
         "seed_choking_algorithm": int(lt.seed_choking_algorithm_t.round_robin),
         # Hundreds of nodes may connect to the seed.
         "connections_limit": 1000,
+        # Every node of a session may connect at once: a deep listen backlog (libtorrent's
+        # default is 5), and connection attempts that outlive two resent SYNs.
+        "listen_queue_size": 1000,
+        "peer_connect_timeout": 7,
         # LAN round trips are sub-millisecond: a peer that does not answer within a few
         # seconds is dead or overloaded, and its requests are better sent elsewhere.
-        "peer_connect_timeout": 3,
         "handshake_timeout": 5,
         "request_timeout": 10,
         "piece_timeout": 10,

@@ -788,9 +788,7 @@ def test_receivers_by_transport_name() -> None:
     assert receiver_class("http") is HttpReceiver
     assert receiver_class("rsync") is RsyncReceiver
     assert RsyncReceiver.incremental and not HttpReceiver.incremental
-    with pytest.raises(
-        ReceiveError, match="unknown transport 'udp': this agent has .*http, .*rsync"
-    ):
+    with pytest.raises(ReceiveError, match=r"unknown transport 'udp': this agent has .*http"):
         receiver_class("udp")
 
 

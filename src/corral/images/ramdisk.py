@@ -664,6 +664,12 @@ def agent_source() -> Path:
     return Path(__file__).resolve().parent.parent / "agent"
 
 
+def _receiver_modules() -> tuple[str, ...]:
+    from corral.agent import receive
+
+    return receive.BUILTIN
+
+
 def needed_stdlib(stdlib: Path, agent_root: Path) -> set[Path]:
     """Files of ``stdlib`` that running the agent can import, found statically."""
     dynload = stdlib / "lib-dynload"
@@ -672,6 +678,8 @@ def needed_stdlib(stdlib: Path, agent_root: Path) -> set[Path]:
     )
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
         script.write("import corral.agent.__main__\n")
+        # receivers are imported by name (receive.BUILTIN), which modulefinder cannot see
+        script.write("".join(f"import {m}\n" for m in _receiver_modules()))
         script.write("".join(f"import {m}\n" for m in EXTRA_STDLIB))
     try:
         with warnings.catch_warnings():

@@ -311,6 +311,7 @@ class FakeSwarm:
         self.min_rates: list[float] = []
         self.tracker_answered = True
         self.peers_connected = 3
+        self.want_at: list[int] = []  # looks at the swarm before each want()
 
     def pieces(self) -> Sequence[bool]:
         return list(self.have)
@@ -334,6 +335,7 @@ class FakeSwarm:
 
     def want(self, pieces: Sequence[int] | None) -> None:
         self.calls.append(("want", None if pieces is None else list(pieces)))
+        self.want_at.append(self.waits)
 
     def use_seed(self, on: bool) -> None:
         self.calls.append(("seed", on))
@@ -695,3 +697,13 @@ def test_a_node_without_peers_waits_for_them_before_asking_the_seed() -> None:
     assert len(seed_again) == 1
     # asked ALONE_WAIT seconds after it found itself alone, not RESCUE_IDLE
     assert swarm.waits >= ALONE_WAIT
+
+
+@pytest.mark.parametrize(("connected", "looks"), [(3, 1), (0, 4)])
+def test_a_node_looks_until_it_has_met_a_peer(connected: int, looks: int) -> None:
+    swarm = FakeSwarm(DATA, [[]] * 8 + [[0, 5]] + [list(range(10))])
+    swarm.avail = [0] * 10
+    swarm.peers_connected = connected
+    run_feeder(swarm, mine=[0, 5], stall=60)
+    assert swarm.calls[swarm.calls.index(("want", [0, 5])) + 1] == ("seed", True)
+    assert swarm.want_at[0] == looks  # LOOK_TIME, or four times that for the first node

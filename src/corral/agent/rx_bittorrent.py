@@ -281,9 +281,10 @@ class SeedUse:
     So a node takes from the seed only what the swarm cannot give it:
 
     ``look``
-        for :data:`LOOK_TIME` and until the tracker's first answer, the seed kept away,
-        the node meets its peers; if they have its stripe already (it comes late, the
-        others are done and seeding), it never asks the seed for anything but rescues;
+        for :data:`LOOK_TIME`, until the tracker's first answer and a first connection to
+        a peer (or four times :data:`LOOK_TIME`), the seed kept away, the node meets its
+        peers; if they have its stripe already (it comes late, the others are done and
+        seeding), it never asks the seed for anything but rescues;
     ``stripe``
         otherwise its stripe (:func:`stripe`), the 1/N of the pieces nobody else asks the
         seed for, and nothing else (the other pieces are not wanted yet, so no request
@@ -337,7 +338,8 @@ class SeedUse:
         now = self.clock()
         waited = now - self.started
         if self.phase == "look" and (
-            (self.swarm.heard() and waited >= LOOK_TIME) or waited >= TRACKER_WAIT
+            (self.swarm.heard() and waited >= LOOK_TIME and self._met(waited))
+            or waited >= TRACKER_WAIT
         ):
             assert self.mine is not None
             left = [p for p in self.mine if not have[p]]
@@ -420,6 +422,10 @@ class SeedUse:
             self.swarm.want(None)
             return True
         return False
+
+    def _met(self, waited: float) -> bool:
+        """Connected to a peer, or looked long enough (the first node finds nobody)."""
+        return waited >= 4 * LOOK_TIME or self.swarm.connected() > 0
 
     def _rescue_due(self, have: Sequence[bool], idle: float, now: float) -> bool:
         """Time to ask the seed (looked at once a second): nothing new for
@@ -682,12 +688,12 @@ def session_settings(lt: Any, address: str, port: int = PEER_PORT) -> dict[str, 
         "seed_choking_algorithm": int(lt.seed_choking_algorithm_t.round_robin),
         "connections_limit": 200,
         # A wave of nodes that boot together connects to every peer at once: the backlog
-        # of a listening socket (libtorrent's default: 5) overflows, SYNs are dropped and
-        # resent after 1 s, then 3 s. A bigger backlog, and connection attempts that
-        # outlive two resends (50 nodes on the virtual cluster were left without a
-        # single peer with a 3 s timeout).
+        # of a listening socket (libtorrent's default: 5) overflows, and a link that is
+        # full drops handshakes too; SYNs are resent after 1, 3, 7 s. A bigger backlog,
+        # and libtorrent's own patience with a connection attempt (nodes of a 50-node
+        # wave were left without a single peer with a 3 s timeout).
         "listen_queue_size": 200,
-        "peer_connect_timeout": 7,
+        "peer_connect_timeout": 15,
         # LAN round trips are sub-millisecond: give up on a silent peer quickly and ask
         # another for its blocks
         "handshake_timeout": 5,
@@ -752,6 +758,7 @@ class LibtorrentSwarm:
         self._reads: dict[int, bytes] = {}
         self._warned: set[str] = set()
         self._heard = False
+        self._described = 0.0
 
     def pieces(self) -> Sequence[bool]:
         return list(self.handle.status(self.lt.status_flags_t.query_pieces).pieces)
@@ -831,9 +838,19 @@ class LibtorrentSwarm:
 
     def peers_in_need(self, min_rate: float) -> int:
         flags = self.lt.peer_info
+        peers = self.handle.get_peer_info()
+        if time.monotonic() - self._described >= 10:
+            self._described = time.monotonic()
+            log.debug(
+                "bittorrent: seeding to %d peers (%d incoming, %d connecting, %d seeds)",
+                len(peers),
+                sum(1 for p in peers if not p.flags & flags.local_connection),
+                sum(1 for p in peers if p.flags & flags.connecting),
+                sum(1 for p in peers if p.flags & flags.seed),
+            )
         return sum(
             1
-            for peer in self.handle.get_peer_info()
+            for peer in peers
             if peer.flags & flags.remote_interested
             and not peer.flags & flags.seed
             and (peer.remote_dl_rate == 0 or peer.remote_dl_rate >= min_rate)

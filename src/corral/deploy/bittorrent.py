@@ -460,9 +460,9 @@ def seed_settings(lt: Any, address: str, port: int) -> dict[str, Any]:
         # Hundreds of nodes may connect to the seed.
         "connections_limit": 1000,
         # Every node of a session may connect at once: a deep listen backlog (libtorrent's
-        # default is 5), and connection attempts that outlive two resent SYNs.
+        # default is 5), and libtorrent's own patience with a connection attempt.
         "listen_queue_size": 1000,
-        "peer_connect_timeout": 7,
+        "peer_connect_timeout": 15,
         # LAN round trips are sub-millisecond: a peer that does not answer within a few
         # seconds is dead or overloaded, and its requests are better sent elsewhere.
         "handshake_timeout": 5,

@@ -163,7 +163,7 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
         spec = specs[info.name]
         assert spec.variables["disk"] == info.loop and info.loop.startswith("/dev/loop")
         assert spec.variables["power_command"] == (
-            f"{sys.executable} -m corral testbed power {{node}} cycle --home {home}"
+            f"{sys.executable} -m corral.testbed power {{node}} cycle --home {home}"
         )
         assert spec.install_method == "image" and spec.profiles == []
         assert spec.groups == ["testbed"]

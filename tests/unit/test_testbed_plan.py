@@ -348,3 +348,18 @@ def test_firmware_gives_up(token_server: TokenServer, tmp_path: Path) -> None:
             "--timeout", "0.3", "--retry", "0.05"]  # fmt: skip
     assert firmware.main(argv) == 1
     assert not (tmp_path / "token").exists()
+
+
+def test_power_entry_point_names_the_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m corral.testbed power`` (the nodes' power_command) fails in one line
+    plus a hint, with the CLI's exit code, when no testbed is up."""
+    from corral.testbed.__main__ import main
+
+    assert main(["power", "tb001", "cycle", "--home", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "error: no testbed is up",
+        "hint: start one with 'corral testbed up --nodes N'",
+    ]

@@ -35,9 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import Engine
+from typing import TYPE_CHECKING, Any
 
 from corral.config import Settings
 from corral.errors import CommandFailed, CorralError, InvalidValue, NotFound, UsageError
@@ -49,6 +47,9 @@ from corral.testbed.netns import (
     process_running,
     stop_processes,
 )
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 log = logging.getLogger("corral.testbed")
 
@@ -68,9 +69,10 @@ STATE_VERSION = 1
 
 def power_command(home: Path) -> str:
     """What the deployment manager runs, with {node} filled in, to boot a node into its
-    ramdisk. It names the home: the manager runs commands with a minimal environment."""
+    ramdisk. It names the home: the manager runs commands with a minimal environment.
+    ``corral.testbed``'s own entry point, not the CLI: a tenth of the start-up time."""
     python, where = shlex.quote(sys.executable), shlex.quote(str(home))
-    return f"{python} -m corral testbed power {{node}} cycle --home {where}"
+    return f"{python} -m corral.testbed power {{node}} cycle --home {where}"
 
 
 _NODE = re.compile(r"^tb(\d{3})$")

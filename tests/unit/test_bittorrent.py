@@ -262,6 +262,64 @@ def test_lan_settings_are_accepted_by_libtorrent(which: str) -> None:
     assert have["allow_multiple_connections_per_ip"] is True
 
 
+#: Both sides' settings as they were before the shared LAN base was factored out.
+SHARED_LAN = {
+    "allow_multiple_connections_per_ip": True,
+    "choking_algorithm": 0,
+    "connection_speed": 100,
+    "enable_dht": False,
+    "enable_incoming_utp": False,
+    "enable_lsd": False,
+    "enable_natpmp": False,
+    "enable_outgoing_utp": False,
+    "enable_upnp": False,
+    "handshake_timeout": 5,
+    "in_enc_policy": 2,
+    "min_announce_interval": 5,
+    "min_reconnect_time": 2,
+    "out_enc_policy": 2,
+    "peer_connect_timeout": 15,
+    "peer_timeout": 30,
+    "piece_timeout": 10,
+    "request_timeout": 10,
+    "seed_choking_algorithm": 0,
+    "smooth_connects": False,
+    "stop_tracker_timeout": 1,
+    "unchoke_slots_limit": -1,
+}
+
+
+def test_seed_settings_are_pinned() -> None:
+    assert seed_settings(lt, "10.0.0.1", 6881) == {
+        **SHARED_LAN,
+        "listen_interfaces": "10.0.0.1:6881",
+        "user_agent": "corral",
+        "connections_limit": 1000,
+        "listen_queue_size": 1000,
+        "aio_threads": 4,
+        "alert_mask": 1,
+    }
+
+
+def test_agent_settings_are_pinned() -> None:
+    assert session_settings(lt, "10.0.0.2", 6882) == {
+        **SHARED_LAN,
+        "listen_interfaces": "10.0.0.2:6882",
+        "outgoing_interfaces": "10.0.0.2",
+        "user_agent": "corral-agent",
+        "apply_ip_filter_to_trackers": False,
+        "close_redundant_connections": False,
+        "connections_limit": 200,
+        "listen_queue_size": 200,
+        "tracker_completion_timeout": 30,
+        "tracker_receive_timeout": 15,
+        "aio_threads": 2,
+        "hashing_threads": 1,
+        "alert_mask": 89,
+    }
+    assert session_settings(lt, "0.0.0.0", 6882)["outgoing_interfaces"] == ""
+
+
 # --- the agent's in-order feed ---------------------------------------------------------
 
 PIECE = 4

@@ -39,6 +39,9 @@ class Settings:
     dhcp_interface: str = ""
     dhcp_range: str = ""  # "FIRST,LAST": addresses for unknown machines (full mode)
     dhcp_ipv6_ra: bool = False  # router advertisements on a boot network without a router
+    # HTTP access log: every request (all), all but the installing nodes' image chunks and
+    # progress reports, which --debug shows too (quiet), or none (off).
+    access_log: str = "quiet"  # all | quiet | off
     # Bearer token of the admin REST API; empty: generated into $CORRAL_HOME/api-token.
     api_token: str = ""
     # The deploy/discovery ramdisk (vmlinuz, initrd.img) that image installs boot.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -32,6 +33,13 @@ log = logging.getLogger("corral.serve")
 WATCH_SECONDS = 2.0
 #: Seconds open requests get to finish once corral serve is told to stop.
 GRACEFUL_STOP = 5
+#: What the access log shows (config ``access_log``): every request; all but the agents'
+#: high-rate traffic (--debug shows it); nothing.
+ACCESS_LOG_MODES = ("all", "quiet", "off")
+#: The requests each installing node makes many times a second: image chunks and progress.
+AGENT_TRAFFIC = re.compile(
+    r"/images/[^/?]+/[^/?]+/chunks/[^/?]+\.bin|/api/v1/deployments/[^/?]+/nodes/[^/?]+/progress"
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,33 @@ def reservations(session: Session) -> list[tuple[str, str, str, str]]:
                 out.append((str(mac), str(ip), name, loaders[name]))
                 taken = True  # one address per node: the first that can boot
     return out
+
+
+class QuietAgentTraffic(logging.Filter):
+    """Drops uvicorn's access-log lines of the agents' successful chunk downloads and
+    progress reports: at a hundred installing nodes they would be a hundred lines a
+    second, burying the boot and admin requests. Their failures are still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        # uvicorn's access record: (client, method, path with query, http version, status)
+        if not isinstance(args, tuple) or len(args) != 5:
+            return True
+        path, status = str(args[2]).partition("?")[0], args[4]
+        if not isinstance(status, int) or status >= 400:
+            return True
+        return AGENT_TRAFFIC.fullmatch(path) is None
+
+
+def access_log_mode(settings: Settings) -> str:
+    """The config's ``access_log``; with --debug (corral's root logger at DEBUG), "quiet"
+    shows everything."""
+    mode = settings.access_log
+    if mode not in ACCESS_LOG_MODES:
+        raise ConfigError(f"bad access_log '{mode}' in the config", "use all, quiet or off")
+    if mode == "quiet" and logging.getLogger().isEnabledFor(logging.DEBUG):
+        return "all"
+    return mode
 
 
 class Watcher(threading.Thread):
@@ -139,6 +174,7 @@ def _dhcp_config(settings: Settings, options: ServeOptions) -> object:
 def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
     if options.dhcp not in ("off", "full", "proxy"):
         raise ConfigError(f"bad --dhcp '{options.dhcp}'", "use off, full or proxy")
+    access_log = access_log_mode(settings)
     service = BootService(settings, engine)
     deploy = DeployService(settings, service.session, service.authorize)
     app = create_app(service, settings.api_token or api_token(settings.home), deploy)
@@ -146,6 +182,10 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
     tftp = None
     dhcp = None
     watcher = None
+    quiet = QuietAgentTraffic()
+    access_logger = logging.getLogger("uvicorn.access")
+    if access_log == "quiet":
+        access_logger.addFilter(quiet)
     try:
         if options.tftp_port:
             from corral.serve.tftp import TftpServer
@@ -177,7 +217,7 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
             host=options.address,
             port=options.http_port,
             log_config=None,
-            access_log=True,
+            access_log=access_log != "off",
             # a node pulling an image over a slow link must not hold a stop for minutes:
             # its agent resumes with a Range request once corral is back
             timeout_graceful_shutdown=GRACEFUL_STOP,
@@ -193,6 +233,7 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
             dhcp.stop()
         if tftp is not None:
             tftp.stop()
+        access_logger.removeFilter(quiet)
         log.info("corral serve stopped")
 
 

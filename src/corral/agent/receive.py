@@ -251,6 +251,82 @@ class Unpacker:
                 f.close()
 
 
+def chunk_mismatch(plan: Plan, index: int, data: bytes) -> str:
+    """ "" if ``data`` is chunk ``index`` of the plan's stream, else what it is instead."""
+    expected = plan.image.chunks[index]
+    digest = hashlib.sha256(data).hexdigest()
+    if len(data) == expected.size and digest == expected.sha256:
+        return ""
+    return (
+        f"{len(data)} bytes with sha256 {digest}, "
+        f"the plan says {expected.size} bytes with sha256 {expected.sha256}"
+    )
+
+
+class VerifiedStream:
+    """The image's stream on its way to the unpacker: the plan's chunks in order, each
+    one checked (:meth:`matches`) before a byte of it is written, the whole stream checked
+    once more at the end (:meth:`check`).
+
+    Every receiver of the stream uses one; a receiver only decides where the bytes come
+    from. ``write`` is where checked chunks go (:meth:`Unpacker.write`, or a queue in
+    front of it); ``progress`` hears of every chunk added.
+    """
+
+    def __init__(
+        self, plan: Plan, write: Callable[[bytes], None], progress: ProgressCallback
+    ) -> None:
+        self.plan = plan
+        self.write = write
+        self.progress = progress
+        self.whole = hashlib.sha256()
+        self.index = 0  # the first chunk not yet written
+        self.done = 0  # bytes written
+        #: seconds spent in ``write`` (blocked while the unpacker is slow)
+        self.busy = 0.0
+
+    @property
+    def total(self) -> int:
+        return self.plan.image.stream_size
+
+    @property
+    def complete(self) -> bool:
+        return self.index >= len(self.plan.image.chunks)
+
+    def matches(self, data: bytes) -> bool:
+        """Whether ``data`` is the next chunk, as the plan says."""
+        return not chunk_mismatch(self.plan, self.index, data)
+
+    def add(self, data: bytes) -> None:
+        """Write the next chunk, which the caller checked, and count it."""
+        started = time.monotonic()
+        self.write(data)
+        self.busy += time.monotonic() - started
+        self.whole.update(data)
+        self.done += len(data)
+        self.index += 1
+        self.progress(self.done, self.total)
+
+    def partial(self) -> Callable[[int], None]:
+        """Progress of the next chunk while it arrives: ``partial(n)`` for n bytes of it."""
+        base = self.done
+
+        def report(n: int) -> None:
+            self.progress(base + n, self.total)
+
+        return report
+
+    def check(self) -> None:
+        """Raise :class:`ReceiveError` unless the stream is the plan's, byte for byte."""
+        image = self.plan.image
+        digest = self.whole.hexdigest()
+        if self.done != image.stream_size or digest != image.stream_sha256:
+            raise ReceiveError(
+                f"image {image.ref}: the stream is {self.done} bytes with sha256 {digest}, "
+                f"the plan says {image.stream_size} bytes with sha256 {image.stream_sha256}"
+            )
+
+
 @register
 class HttpReceiver(Receiver):
     """Chunks of the zstd tar stream over HTTP, checked one by one, unpacked on arrival."""
@@ -285,42 +361,29 @@ class HttpReceiver(Receiver):
         if client is None:
             raise ReceiveError("transport http needs corral.server= to download from")
         image = plan.image
-        total = image.stream_size
-        whole = hashlib.sha256()
-        done = 0
         unpacker = Unpacker(target_dir)
+        stream = VerifiedStream(plan, unpacker.write, progress_callback)
         try:
-            for index in range(len(image.chunks)):
+            while not stream.complete:
                 if cancel_event.is_set():
                     raise Cancelled()
-
-                def partial(n: int, base: int = done) -> None:
-                    progress_callback(base + n, total)
-
-                data = self.fetch_chunk(client, plan, index, partial, cancel_event)
-                unpacker.write(data)
-                whole.update(data)
-                done += len(data)
-                progress_callback(done, total)
+                partial = stream.partial()
+                stream.add(self.fetch_chunk(client, plan, stream.index, partial, cancel_event))
             unpacker.finish()
         except BaseException:
             unpacker.abort()
             raise
-        if done != total or whole.hexdigest() != image.stream_sha256:
-            raise ReceiveError(
-                f"image {image.ref}: the stream is {done} bytes with sha256 {whole.hexdigest()}, "
-                f"the plan says {total} bytes with sha256 {image.stream_sha256}"
-            )
+        stream.check()
         log.info(
             "received %s: %d bytes in %d chunks (%d fetched again, %d resumed)",
             image.ref,
-            done,
+            stream.done,
             len(image.chunks),
             len(self.refetched),
             len(self.resumed),
         )
         return Received(
-            done,
+            stream.done,
             {
                 "chunks": len(image.chunks),
                 "refetched": len(self.refetched),
@@ -344,20 +407,11 @@ class HttpReceiver(Receiver):
         tries = max(1, self.context.tries)
         for attempt in range(1, tries + 1):
             data = self._download(client, url, index, expected.size, partial, cancel_event)
-            digest = hashlib.sha256(data).hexdigest()
-            if len(data) == expected.size and digest == expected.sha256:
+            wrong = chunk_mismatch(plan, index, data)
+            if not wrong:
                 return data
             self.refetched.append(index)
-            log.warning(
-                "%s: %d bytes with sha256 %s, expected %d bytes with sha256 %s (try %d of %d)",
-                name,
-                len(data),
-                digest,
-                expected.size,
-                expected.sha256,
-                attempt,
-                tries,
-            )
+            log.warning("%s: %s (try %d of %d)", name, wrong, attempt, tries)
         raise ReceiveError(
             f"{name} of {plan.image.ref} did not match its sha256 after {tries} downloads"
         )

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import logging
 import os
 import select
@@ -59,6 +58,7 @@ from corral.agent.receive import (
     Received,
     ReceiveError,
     Unpacker,
+    VerifiedStream,
     _stop,
     register,
 )
@@ -148,40 +148,6 @@ def receiver_argv(session: Session, address: str) -> list[str]:
     ]
 
 
-class Stream:
-    """The checked part of the image's stream: chunks in order into the unpacker."""
-
-    def __init__(self, plan: Plan, unpacker: Unpacker, progress: ProgressCallback) -> None:
-        self.plan = plan
-        self.unpacker = unpacker
-        self.progress = progress
-        self.whole = hashlib.sha256()
-        self.index = 0  # the first chunk not yet unpacked
-        self.done = 0  # bytes unpacked
-        self.multicast = 0  # chunks that came by multicast
-        #: seconds spent handing chunks to the unpacker (blocked when it is slow)
-        self.busy = 0.0
-
-    @property
-    def complete(self) -> bool:
-        return self.index >= len(self.plan.image.chunks)
-
-    def matches(self, data: bytes) -> bool:
-        expected = self.plan.image.chunks[self.index]
-        return len(data) == expected.size and hashlib.sha256(data).hexdigest() == expected.sha256
-
-    def add(self, data: bytes, *, multicast: bool = False) -> None:
-        """Unpack chunk ``index``, which the caller checked."""
-        started = time.monotonic()
-        self.unpacker.write(data)
-        self.busy += time.monotonic() - started
-        self.whole.update(data)
-        self.done += len(data)
-        self.index += 1
-        self.multicast += multicast
-        self.progress(self.done, self.plan.image.stream_size)
-
-
 class RateWatch:
     """The interface's receive rate, one sample a second, over the last ``window`` s.
 
@@ -234,6 +200,8 @@ class MulticastReceiver(HttpReceiver):
         #: why the multicast part ended before the whole stream ("" if it did not)
         self.left = ""
         self.stderr_tail = ""
+        #: chunks that came by multicast
+        self.by_multicast = 0
 
     # --- what tests replace ------------------------------------------------------------
 
@@ -280,9 +248,9 @@ class MulticastReceiver(HttpReceiver):
         if client is None:
             raise ReceiveError("transport multicast needs corral.server= to catch up from")
         image = plan.image
-        total = image.stream_size
         unpacker = self.make_unpacker(target_dir)
-        stream = Stream(plan, unpacker, progress_callback)
+        stream = VerifiedStream(plan, unpacker.write, progress_callback)
+        self.by_multicast = 0
         try:
             session = Session.from_plan(plan)
             if session is None:
@@ -299,21 +267,13 @@ class MulticastReceiver(HttpReceiver):
             while not stream.complete:
                 if cancel_event.is_set():
                     raise Cancelled()
-
-                def partial(n: int, base: int = stream.done) -> None:
-                    progress_callback(base + n, total)
-
+                partial = stream.partial()
                 stream.add(self.fetch_chunk(client, plan, stream.index, partial, cancel_event))
             unpacker.finish()
         except BaseException:
             unpacker.abort()
             raise
-        digest = stream.whole.hexdigest()
-        if stream.done != total or digest != image.stream_sha256:
-            raise ReceiveError(
-                f"image {image.ref}: the stream is {stream.done} bytes with sha256 {digest}, "
-                f"the plan says {total} bytes with sha256 {image.stream_sha256}"
-            )
+        stream.check()
         chunks = len(image.chunks)
         log.info(
             "received %s: %d bytes in %d chunks, %d by multicast, %d by HTTP "
@@ -321,8 +281,8 @@ class MulticastReceiver(HttpReceiver):
             image.ref,
             stream.done,
             chunks,
-            stream.multicast,
-            chunks - stream.multicast,
+            self.by_multicast,
+            chunks - self.by_multicast,
             len(self.refetched),
             len(self.resumed),
         )
@@ -330,8 +290,8 @@ class MulticastReceiver(HttpReceiver):
             stream.done,
             {
                 "chunks": chunks,
-                "multicast": stream.multicast,
-                "unicast": chunks - stream.multicast,
+                "multicast": self.by_multicast,
+                "unicast": chunks - self.by_multicast,
                 "refetched": len(self.refetched),
                 "resumed": len(self.resumed),
             },
@@ -341,7 +301,7 @@ class MulticastReceiver(HttpReceiver):
         self,
         plan: Plan,
         session: Session,
-        stream: Stream,
+        stream: VerifiedStream,
         progress: ProgressCallback,
         cancel: threading.Event,
     ) -> None:
@@ -388,13 +348,13 @@ class MulticastReceiver(HttpReceiver):
         out: IO[bytes],
         err: IO[bytes],
         session: Session,
-        stream: Stream,
+        stream: VerifiedStream,
         progress: ProgressCallback,
         cancel: threading.Event,
         watch: RateWatch | None,
     ) -> None:
         chunks = stream.plan.image.chunks
-        total = stream.plan.image.stream_size
+        total = stream.total
         buf = bytearray()
         errors = bytearray()
         started = time.monotonic()
@@ -437,7 +397,8 @@ class MulticastReceiver(HttpReceiver):
                         )
                         return
                     del buf[: len(piece)]
-                    stream.add(piece, multicast=True)
+                    stream.add(piece)
+                    self.by_multicast += 1
                 progress(stream.done + len(buf), total)
             if stream.complete:
                 log.info(

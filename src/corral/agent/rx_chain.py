@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import queue
 import select
@@ -77,6 +76,7 @@ from corral.agent.receive import (
     ReceiveError,
     Receiver,
     Unpacker,
+    VerifiedStream,
     register,
 )
 
@@ -800,8 +800,11 @@ class Picker:
 class Feeder:
     """Writes checked chunks into the unpacker from a thread of its own, in order."""
 
-    def __init__(self, unpacker: Unpacker, depth: int = UNPACK_QUEUE) -> None:
+    def __init__(
+        self, unpacker: Unpacker, cancel: threading.Event, depth: int = UNPACK_QUEUE
+    ) -> None:
         self.unpacker = unpacker
+        self.cancel = cancel
         self.queue: queue.Queue[bytes | None] = queue.Queue(max(1, depth))
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="corral-unpack", daemon=True)
@@ -818,7 +821,7 @@ class Feeder:
                 except BaseException as exc:
                     self.error = exc
 
-    def put(self, data: bytes, cancel: threading.Event) -> None:
+    def put(self, data: bytes) -> None:
         while True:
             if self.error is not None:
                 raise self.error
@@ -826,7 +829,7 @@ class Feeder:
                 self.queue.put(data, timeout=0.2)
                 return
             except queue.Full:
-                if cancel.is_set():
+                if self.cancel.is_set():
                     raise Cancelled() from None
 
     def close(self) -> None:
@@ -926,17 +929,23 @@ class _Switch(Exception):
 class _State:
     """What one receive has done so far."""
 
-    total: int
-    next: int = 0
+    stream: VerifiedStream
     #: the bytes of chunk ``next`` so far: kept across upstreams (the bytes are the same)
     partial: bytearray = field(default_factory=bytearray)
-    done: int = 0
-    whole: Any = field(default_factory=hashlib.sha256)
     from_relay: int = 0
     from_http: int = 0
     bad: int = 0
     skips: int = 0
     lag_passes: int = 0
+
+    @property
+    def next(self) -> int:
+        """The first chunk not yet unpacked."""
+        return self.stream.index
+
+    @property
+    def done(self) -> int:
+        return self.stream.done
 
 
 @register
@@ -985,7 +994,6 @@ class ChainReceiver(Receiver):
         self.picker = Picker(
             params.upstreams(), start_patience=self.start_patience, grace=self.grace
         )
-        state = _State(total=image.stream_size)
         log.info(
             "chain: %s is %d of %d in session %s",
             name,
@@ -995,21 +1003,17 @@ class ChainReceiver(Receiver):
         )
         try:
             unpacker = self.unpacker(target_dir)
-            feeder = Feeder(unpacker)
+            feeder = Feeder(unpacker, cancel_event)
+            state = _State(VerifiedStream(plan, feeder.put, progress_callback))
             try:
-                self._pull(plan, params, window, feeder, state, progress_callback, cancel_event)
+                self._pull(plan, params, window, state, cancel_event)
                 feeder.close()
                 unpacker.finish()
             except BaseException:
                 unpacker.abort()
                 feeder.abort()
                 raise
-            digest = state.whole.hexdigest()
-            if state.done != image.stream_size or digest != image.stream_sha256:
-                raise ReceiveError(
-                    f"image {image.ref}: the stream is {state.done} bytes with sha256 {digest}, "
-                    f"the plan says {image.stream_size} bytes with sha256 {image.stream_sha256}"
-                )
+            state.stream.check()
             relay.finished()
             drained = relay.drain(cancel_event, params.is_last, self.drain_idle, self.linger)
             if cancel_event.is_set():
@@ -1037,57 +1041,32 @@ class ChainReceiver(Receiver):
 
     # -- pulling ------------------------------------------------------------------
 
-    def _accept(
-        self,
-        index: int,
-        data: bytes,
-        window: Window,
-        feeder: Feeder,
-        state: _State,
-        progress: ProgressCallback,
-        cancel: threading.Event,
-    ) -> None:
-        """A checked chunk: forward it, unpack it, count it."""
-        window.complete(index, data)
+    def _accept(self, data: bytes, window: Window, state: _State) -> None:
+        """The next chunk, checked: forward it, unpack it, count it."""
+        window.complete(state.next, data)
         state.partial = bytearray()
-        log.debug("chain: chunk %d whole", index)
-        feeder.put(data, cancel)
-        state.whole.update(data)
-        state.done += len(data)
-        state.next = index + 1
-        progress(state.done, state.total)
+        log.debug("chain: chunk %d whole", state.next)
+        state.stream.add(data)
 
     def _fetch_http(
-        self,
-        plan: Plan,
-        window: Window,
-        feeder: Feeder,
-        state: _State,
-        progress: ProgressCallback,
-        cancel: threading.Event,
+        self, plan: Plan, window: Window, state: _State, cancel: threading.Event
     ) -> None:
         index = state.next
         client = self.context.client
         if client is None:
             raise ReceiveError(f"chunk {index:08d}: no server to fetch it from over HTTP")
         window.restart()
-
-        def partial(n: int, base: int = state.done) -> None:
-            progress(base + n, state.total)
-
         state.partial = bytearray()
-        data = self.http.fetch_chunk(client, plan, index, partial, cancel)
+        data = self.http.fetch_chunk(client, plan, index, state.stream.partial(), cancel)
         state.from_http += 1
-        self._accept(index, data, window, feeder, state, progress, cancel)
+        self._accept(data, window, state)
 
     def _pull(
         self,
         plan: Plan,
         params: ChainParams,
         window: Window,
-        feeder: Feeder,
         state: _State,
-        progress: ProgressCallback,
         cancel: threading.Event,
     ) -> None:
         picker = self.picker
@@ -1100,7 +1079,7 @@ class ChainReceiver(Receiver):
             upstream = picker.current()
             if upstream is None:
                 log.info("chain: chunk %d over HTTP (no upstream answers)", state.next)
-                self._fetch_http(plan, window, feeder, state, progress, cancel)
+                self._fetch_http(plan, window, state, cancel)
                 picker.after_http()
                 continue
             try:
@@ -1121,7 +1100,7 @@ class ChainReceiver(Receiver):
                 len(state.partial),
             )
             try:
-                self._stream(sock, plan, window, feeder, state, progress, cancel, upstream.head)
+                self._stream(sock, plan, window, state, cancel, upstream.head)
             except _Switch as exc:
                 if not exc.failure:
                     log.info("chain: leaving %s: %s", upstream.name, exc)
@@ -1195,9 +1174,7 @@ class ChainReceiver(Receiver):
         sock: socket.socket,
         plan: Plan,
         window: Window,
-        feeder: Feeder,
         state: _State,
-        progress: ProgressCallback,
         cancel: threading.Event,
         from_head: bool = False,
     ) -> None:
@@ -1232,7 +1209,7 @@ class ChainReceiver(Receiver):
                     end = min(index, count)
                     log.info("chain: chunks %d to %d over HTTP", state.next, end - 1)
                     while state.next < end:
-                        self._fetch_http(plan, window, feeder, state, progress, cancel)
+                        self._fetch_http(plan, window, state, cancel)
                     buf = state.partial
                     continue
                 size = chunks[state.next].size
@@ -1249,7 +1226,7 @@ class ChainReceiver(Receiver):
                     length -= len(piece)
                     buf += piece
                     window.extend(piece)
-                    progress(state.done + len(buf), state.total)
+                    state.stream.progress(state.done + len(buf), state.stream.total)
             except (OSError, ProtocolError, struct.error) as exc:
                 fatal = isinstance(exc, ProtocolError)
                 raise _Switch(f"{type(exc).__name__}: {exc}", failure=True, fatal=fatal) from None
@@ -1263,17 +1240,17 @@ class ChainReceiver(Receiver):
                 continue
             data = bytes(buf)
             buf = state.partial = bytearray()
-            if hashlib.sha256(data).hexdigest() != chunks[state.next].sha256:
+            if not state.stream.matches(data):
                 state.bad += 1
                 window.restart()
                 log.warning("chain: chunk %d from upstream does not match its sha256", state.next)
                 if state.bad % tries:
                     raise _Switch("a chunk did not match: asking again", failure=False)
                 # the same upstream sent it wrong `tries` times: HTTP for it, and pass it
-                self._fetch_http(plan, window, feeder, state, progress, cancel)
+                self._fetch_http(plan, window, state, cancel)
                 raise _Switch("its chunks do not match", failure=True, fatal=True)
             state.from_relay += 1
-            self._accept(state.next, data, window, feeder, state, progress, cancel)
+            self._accept(data, window, state)
             buf = state.partial
             picker.succeeded()
             # a slow upstream

@@ -479,7 +479,7 @@ def test_chunks_are_fed_in_order_as_their_pieces_complete() -> None:
     assert fed == [DATA[i : i + 8] for i in range(0, 40, 8)]
     assert fetched == []
     assert feeder.stats.from_swarm == 5 and feeder.stats.from_http == 0
-    assert feeder.digest.hexdigest() == hashlib.sha256(DATA).hexdigest()
+    assert feeder.stream.whole.hexdigest() == hashlib.sha256(DATA).hexdigest()
     assert swarm.reads == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
     # the next chunk's pieces first, each time
     assert swarm.urgent == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]

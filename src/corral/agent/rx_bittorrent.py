@@ -41,7 +41,6 @@ Debian's ``python3-libtorrent``); an agent without it receives by HTTP, saying s
 from __future__ import annotations
 
 import base64
-import hashlib
 import importlib
 import json
 import logging
@@ -65,6 +64,8 @@ from corral.agent.receive import (
     ReceiveError,
     Receiver,
     Unpacker,
+    VerifiedStream,
+    chunk_mismatch,
     register,
 )
 
@@ -488,14 +489,13 @@ class Feeder:
         self.swarm = swarm
         self.layout = layout
         self.fetch = fetch
-        self.sink = sink
         self.progress = progress
         self.cancel = cancel
         self.stall = STALL_TIMEOUT if stall is None else stall
         self.ahead = AHEAD_CHUNKS if ahead is None else ahead
         self.clock = clock
         self.stats = FeedStats()
-        self.digest = hashlib.sha256()
+        self.stream = VerifiedStream(plan, sink, lambda _done, _total: self._report())
         self._reported = 0
         self._have = -1
         self._moved = clock()
@@ -511,11 +511,8 @@ class Feeder:
                 for p in self.layout.pieces(c)
             ]
             self._prioritize()
-            data = self._next(index)
-            self.sink(data)
-            self.digest.update(data)
-            self.stats.bytes += len(data)
-            self._report()
+            self.stream.add(self._next(index))
+            self.stats.bytes = self.stream.done
         return self.stats
 
     def _prioritize(self) -> None:
@@ -556,30 +553,21 @@ class Feeder:
             self.swarm.wait(POLL)
 
     def _from_swarm(self, index: int, span: range) -> bytes | None:
-        expected = self.plan.image.chunks[index]
         pieces = self.swarm.read(list(span), READ_TIMEOUT)
         if any(p not in pieces for p in span):
             log.warning("chunk %08d: libtorrent did not read back all its pieces", index)
             return None
         data = self.layout.chunk_bytes(index, pieces)
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != expected.size or digest != expected.sha256:
+        wrong = chunk_mismatch(self.plan, index, data)
+        if wrong:
             self.stats.mismatched += 1
-            log.warning(
-                "chunk %08d from the swarm: %d bytes with sha256 %s, the plan says %d bytes "
-                "with sha256 %s",
-                index,
-                len(data),
-                digest,
-                expected.size,
-                expected.sha256,
-            )
+            log.warning("chunk %08d from the swarm: %s", index, wrong)
             return None
         self.stats.from_swarm += 1
         return data
 
     def _from_http(self, index: int) -> bytes:
-        base = self.stats.bytes
+        base = self.stream.done
 
         def partial(n: int) -> None:
             self._report(base + n)
@@ -594,7 +582,7 @@ class Feeder:
 
     def _report(self, at_least: int = 0) -> None:
         total = self.plan.image.stream_size
-        done = max(self._reported, self.stats.bytes, at_least, self.swarm.downloaded())
+        done = max(self._reported, self.stream.done, at_least, self.swarm.downloaded())
         self._reported = min(done, total)
         self.progress(self._reported, total)
 
@@ -1059,7 +1047,7 @@ class BitTorrentReceiver(Receiver):
             stats = feeder.run()
             unpacker.finish()
             unpacker = None
-            self._check_stream(plan, stats, feeder.digest.hexdigest())
+            feeder.stream.check()
             elapsed = time.monotonic() - started
             stayed = linger(
                 swarm,
@@ -1125,15 +1113,6 @@ class BitTorrentReceiver(Receiver):
                 f"image {plan.image.ref} {len(plan.image.chunks)} chunks"
             )
         return layout
-
-    @staticmethod
-    def _check_stream(plan: Plan, stats: FeedStats, digest: str) -> None:
-        image = plan.image
-        if stats.bytes != image.stream_size or digest != image.stream_sha256:
-            raise ReceiveError(
-                f"image {image.ref}: the stream is {stats.bytes} bytes with sha256 {digest}, "
-                f"the plan says {image.stream_size} bytes with sha256 {image.stream_sha256}"
-            )
 
 
 def bencode(value: Any) -> bytes:

@@ -1,4 +1,5 @@
-"""What every command needs: settings, a transaction on the inventory, output helpers."""
+"""What every command needs: settings, a transaction on the inventory, output helpers, and
+the options that several nouns share."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 import yaml
 from rich.console import Console
 from sqlalchemy import Engine
@@ -20,6 +22,14 @@ from corral.inventory.store import Inventory
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+#: ``--var KEY=VALUE``, read with :func:`parse_vars`.
+VarsOption = Annotated[list[str] | None, typer.Option("--var", help="KEY=VALUE (repeatable)")]
+#: ``--profile NAME``: the profile chain of a node or group.
+ProfilesOption = Annotated[
+    list[str] | None,
+    typer.Option("--profile", help="profile, in order; ~NAME drops one (repeatable)"),
+]
 
 
 @cache

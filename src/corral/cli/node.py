@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
-from corral.cli.common import changes, inventory, out, parse_vars, read_text
+from corral.cli.common import (
+    ProfilesOption,
+    VarsOption,
+    changes,
+    inventory,
+    out,
+    parse_vars,
+    read_text,
+)
 from corral.cli.entities import add_common_verbs
 from corral.errors import InvalidValue
 from corral.inventory.clusterfile import offset_ip, offset_mac
@@ -16,19 +26,41 @@ from corral.inventory.schema import InstallMethod, NodeSpec, parse
 
 app = typer.Typer(help="The machines of the cluster.", no_args_is_help=True)
 
-IpOpt = typer.Option(None, help="IP of the first node; the others get consecutive ones")
-MacOpt = typer.Option(None, help="MAC of the first node; the others get consecutive ones")
-MacFileOpt = typer.Option(None, help="file with one MAC per line, in node order")
-IfOpt = typer.Option("eth0", "--interface", help="interface the address options apply to")
-MaskOpt = typer.Option(None, help="netmask, e.g. 255.255.255.0 or 24")
-GwOpt = typer.Option(None, help="default gateway")
-VlanOpt = typer.Option(None, help="VLAN id")
-BondOpt = typer.Option(None, "--bond-member", help="member interface of this bond (repeatable)")
-ProfOpt = typer.Option(None, "--profile", help="profile, in order; ~NAME drops one (repeatable)")
-GroupOpt = typer.Option(None, "--group", help="group (repeatable)")
-VarOpt = typer.Option(None, "--var", help="KEY=VALUE (repeatable)")
-MethodOpt = typer.Option(None, help="kickstart, image or diskless")
-NetbootOpt = typer.Option(None, "--netboot/--no-netboot", help="boot from the network")
+Ip = Annotated[
+    str | None, typer.Option(help="IP of the first node; the others get consecutive ones")
+]
+Mac = Annotated[
+    str | None, typer.Option(help="MAC of the first node; the others get consecutive ones")
+]
+MacFile = Annotated[Path | None, typer.Option(help="file with one MAC per line, in node order")]
+Interface = Annotated[
+    str, typer.Option("--interface", help="interface the address options apply to")
+]
+Netmask = Annotated[str | None, typer.Option(help="netmask, e.g. 255.255.255.0 or 24")]
+Gateway = Annotated[str | None, typer.Option(help="default gateway")]
+Vlan = Annotated[int | None, typer.Option(help="VLAN id")]
+BondMembers = Annotated[
+    list[str] | None,
+    typer.Option("--bond-member", help="member interface of this bond (repeatable)"),
+]
+Groups = Annotated[list[str] | None, typer.Option("--group", help="group (repeatable)")]
+Method = Annotated[InstallMethod | None, typer.Option(help="kickstart, image or diskless")]
+Netboot = Annotated[
+    bool | None, typer.Option("--netboot/--no-netboot", help="boot from the network")
+]
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """What ``node add`` or ``node set`` was given, read and checked."""
+
+    names: list[str]
+    macs: list[str | None]  # one per node, like ips
+    ips: list[str | None]
+    interface: str  # the interface that mac, ip and address apply to
+    address: dict[str, Any]  # netmask, gateway, vlan, bond_members: those given
+    fields: dict[str, Any]  # profiles, groups, install_method, netboot: those given
+    variables: dict[str, Any]  # --var, parsed
 
 
 def _macs(names: list[str], mac: str | None, mac_file: Path | None) -> list[str | None]:
@@ -66,78 +98,71 @@ def _interface(node: dict[str, Any], name: str) -> dict[str, Any]:
     return {"name": name}
 
 
+def _with_node_options(apply: Callable[[NodeOptions], None]) -> Callable[..., None]:
+    """The command that takes a node range and every node option and calls ``apply`` with
+    them read: ``add`` and ``set`` differ only in what they do with them."""
+
+    def command(
+        noderange: str,
+        ip: Ip = None,
+        mac: Mac = None,
+        mac_file: MacFile = None,
+        interface: Interface = "eth0",
+        netmask: Netmask = None,
+        gateway: Gateway = None,
+        vlan: Vlan = None,
+        bond_member: BondMembers = None,
+        profile: ProfilesOption = None,
+        group: Groups = None,
+        var: VarsOption = None,
+        install_method: Method = None,
+        netboot: Netboot = None,
+    ) -> None:
+        names = expand(noderange)
+        given = NodeOptions(
+            names=names,
+            macs=_macs(names, mac, mac_file),
+            ips=_ips(names, ip),
+            interface=interface,
+            address=changes(netmask=netmask, gateway=gateway, vlan=vlan, bond_members=bond_member),
+            fields=changes(
+                profiles=profile, groups=group, install_method=install_method, netboot=netboot
+            ),
+            variables=parse_vars(var),
+        )
+        apply(given)
+
+    command.__name__, command.__doc__ = apply.__name__, apply.__doc__
+    return command
+
+
 @app.command("add")
-def add(
-    noderange: str,
-    ip: str | None = IpOpt,
-    mac: str | None = MacOpt,
-    mac_file: Path | None = MacFileOpt,
-    interface: str = IfOpt,
-    netmask: str | None = MaskOpt,
-    gateway: str | None = GwOpt,
-    vlan: int | None = VlanOpt,
-    bond_member: list[str] | None = BondOpt,
-    profile: list[str] | None = ProfOpt,
-    group: list[str] | None = GroupOpt,
-    var: list[str] | None = VarOpt,
-    install_method: InstallMethod | None = MethodOpt,
-    netboot: bool | None = NetbootOpt,
-) -> None:
+@_with_node_options
+def add(given: NodeOptions) -> None:
     """Add nodes: `corral node add n[001-100] --ip 10.0.0.11 --mac-file macs.txt`."""
-    names = expand(noderange)
-    macs, ips = _macs(names, mac, mac_file), _ips(names, ip)
     specs = []
-    for name, node_mac, node_ip in zip(names, macs, ips, strict=True):
-        iface = changes(
-            name=interface,
-            mac=node_mac,
-            ip=node_ip,
-            netmask=netmask,
-            gateway=gateway,
-            vlan=vlan,
-            bond_members=bond_member,
-        )
-        data = changes(
-            name=name,
-            interfaces=[iface],
-            profiles=profile,
-            groups=group,
-            variables=parse_vars(var) if var else None,
-            install_method=install_method,
-            netboot=netboot,
-        )
+    for name, mac, ip in zip(given.names, given.macs, given.ips, strict=True):
+        iface = {"name": given.interface, **changes(mac=mac, ip=ip), **given.address}
+        data = {"name": name, "interfaces": [iface], **given.fields}
+        if given.variables:
+            data["variables"] = given.variables
         specs.append(parse(NodeSpec, data, f"node {name}"))
     with inventory() as inv:
         inv.add("node", specs)
-    out.print(f"added {len(specs)} node{'s' if len(specs) != 1 else ''}: {fold(names)}")
+    out.print(f"added {len(specs)} node{'s' if len(specs) != 1 else ''}: {fold(given.names)}")
 
 
 @app.command("set")
-def set_(
-    noderange: str,
-    ip: str | None = IpOpt,
-    mac: str | None = MacOpt,
-    mac_file: Path | None = MacFileOpt,
-    interface: str = IfOpt,
-    netmask: str | None = MaskOpt,
-    gateway: str | None = GwOpt,
-    vlan: int | None = VlanOpt,
-    bond_member: list[str] | None = BondOpt,
-    profile: list[str] | None = ProfOpt,
-    group: list[str] | None = GroupOpt,
-    var: list[str] | None = VarOpt,
-    install_method: InstallMethod | None = MethodOpt,
-    netboot: bool | None = NetbootOpt,
-) -> None:
+@_with_node_options
+def set_(given: NodeOptions) -> None:
     """Change nodes; --profile/--group replace the lists, --var merges keys."""
-    names = expand(noderange)
-    macs, ips = _macs(names, mac, mac_file), _ips(names, ip)
-    address = changes(netmask=netmask, gateway=gateway, vlan=vlan, bond_members=bond_member)
+    names, interface = given.names, given.interface
     with inventory() as inv:
         specs = []
-        for current, node_mac, node_ip in zip(inv.specs("node", names), macs, ips, strict=True):
+        nodes = zip(inv.specs("node", names), given.macs, given.ips, strict=True)
+        for current, mac, ip in nodes:
             data = current.model_dump(mode="json")
-            iface_changes = dict(address, **changes(mac=node_mac, ip=node_ip))
+            iface_changes = dict(given.address, **changes(mac=mac, ip=ip))
             if iface_changes:
                 iface = {**_interface(data, interface), **iface_changes}
                 others = [i for i in data["interfaces"] if i["name"] != interface]
@@ -146,13 +171,9 @@ def set_(
                     len(others),
                 )
                 data["interfaces"] = [*others[:position], iface, *others[position:]]
-            data.update(
-                changes(
-                    profiles=profile, groups=group, install_method=install_method, netboot=netboot
-                )
-            )
-            if var:
-                data["variables"] = {**data["variables"], **parse_vars(var)}
+            data.update(given.fields)
+            if given.variables:
+                data["variables"] = {**data["variables"], **given.variables}
             specs.append(parse(NodeSpec, data, f"node {current.name}"))
         outcomes = inv.put("node", specs)
     changed = outcomes.count("changed")

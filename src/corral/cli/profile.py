@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
-from corral.cli.common import changes, inventory, out, parse_vars, print_yaml, read_text
+from corral.cli.common import (
+    VarsOption,
+    changes,
+    inventory,
+    out,
+    parse_vars,
+    print_yaml,
+    read_text,
+)
 from corral.cli.entities import add_common_verbs
 from corral.errors import InvalidValue, UsageError
 from corral.inventory.merge import merge_node
@@ -55,93 +64,86 @@ def hash_password() -> str:
     return hashed
 
 
-def _fields(
-    distro: str | None,
-    kernel_arg: list[str] | None,
-    kickstart_template: str | None,
-    disk: str | None,
-    partition: list[str] | None,
-    package: list[str] | None,
-    repo: list[str] | None,
-    pre: list[Path] | None,
-    post: list[Path] | None,
-    timezone: str | None,
-    var: list[str] | None,
-    root_password: bool,
-    image: str | None = None,
-    layer: list[str] | None = None,
-) -> dict[str, Any]:
-    return changes(
-        distro=distro,
-        image=image,
-        layers=layer,
-        kernel_args=kernel_arg,
-        kickstart_template=kickstart_template,
-        disk=disk,
-        partitions=[parse_partition(p) for p in partition] if partition else None,
-        packages=package,
-        repos=[parse_repo(r) for r in repo] if repo else None,
-        pre=[read_text(p, "snippet") for p in pre] if pre else None,
-        post=[read_text(p, "snippet") for p in post] if post else None,
-        timezone=timezone,
-        variables=parse_vars(var) if var else None,
-        root_password_hash=hash_password() if root_password else None,
-    )
+Distro = Annotated[str | None, typer.Option(help="the distro this profile installs")]
+KernelArgs = Annotated[
+    list[str] | None, typer.Option("--kernel-arg", help="kernel argument (repeatable)")
+]
+KickstartTemplate = Annotated[str | None, typer.Option(help="kickstart template file name")]
+Disk = Annotated[str | None, typer.Option(help="target disk, e.g. sda")]
+Partitions = Annotated[list[str] | None, typer.Option("--partition", help=PARTITION_HELP)]
+Packages = Annotated[
+    list[str] | None, typer.Option("--package", help="package or @group (repeatable)")
+]
+Repos = Annotated[list[str] | None, typer.Option("--repo", help="NAME=URL (repeatable)")]
+PreSnippets = Annotated[
+    list[Path] | None, typer.Option("--pre", help="file with a pre-install snippet (repeatable)")
+]
+PostSnippets = Annotated[
+    list[Path] | None, typer.Option("--post", help="file with a post-install snippet (repeatable)")
+]
+Timezone = Annotated[str | None, typer.Option(help="time zone, e.g. Europe/Paris")]
+RootPassword = Annotated[
+    bool,
+    typer.Option(
+        "--root-password", help="prompt for it (or read stdin); stores its SHA-512 crypt hash"
+    ),
+]
+Image = Annotated[
+    str | None, typer.Option(help="image installs: NAME or NAME:VERSION of the image")
+]
+Layers = Annotated[
+    list[str] | None,
+    typer.Option("--layer", help="layer the image must be built with (repeatable)"),
+]
 
 
-DistroOpt = typer.Option(None, help="the distro this profile installs")
-KargOpt = typer.Option(None, "--kernel-arg", help="kernel argument (repeatable)")
-KsOpt = typer.Option(None, help="kickstart template file name")
-DiskOpt = typer.Option(None, help="target disk, e.g. sda")
-PartOpt = typer.Option(None, "--partition", help=PARTITION_HELP)
-PkgOpt = typer.Option(None, "--package", help="package or @group (repeatable)")
-RepoOpt = typer.Option(None, "--repo", help="NAME=URL (repeatable)")
-PreOpt = typer.Option(None, "--pre", help="file with a pre-install snippet (repeatable)")
-PostOpt = typer.Option(None, "--post", help="file with a post-install snippet (repeatable)")
-TzOpt = typer.Option(None, help="time zone, e.g. Europe/Paris")
-VarOpt = typer.Option(None, "--var", help="KEY=VALUE (repeatable)")
-ImageOpt = typer.Option(None, help="image installs: NAME or NAME:VERSION of the image")
-LayerOpt = typer.Option(None, "--layer", help="layer the image must be built with (repeatable)")
-PwOpt = typer.Option(
-    False, "--root-password", help="prompt for it (or read stdin); stores its SHA-512 crypt hash"
-)
+def _with_profile_options(apply: Callable[[str, dict[str, Any]], None]) -> Callable[..., None]:
+    """The command that takes every profile option and calls ``apply`` with the profile's
+    name and the fields given: ``add`` and ``set`` differ only in what they do with them."""
+
+    def command(
+        name: str,
+        distro: Distro = None,
+        kernel_arg: KernelArgs = None,
+        kickstart_template: KickstartTemplate = None,
+        disk: Disk = None,
+        partition: Partitions = None,
+        package: Packages = None,
+        repo: Repos = None,
+        pre: PreSnippets = None,
+        post: PostSnippets = None,
+        timezone: Timezone = None,
+        var: VarsOption = None,
+        root_password: RootPassword = False,
+        image: Image = None,
+        layer: Layers = None,
+    ) -> None:
+        fields = changes(
+            distro=distro,
+            image=image,
+            layers=layer,
+            kernel_args=kernel_arg,
+            kickstart_template=kickstart_template,
+            disk=disk,
+            partitions=[parse_partition(p) for p in partition] if partition else None,
+            packages=package,
+            repos=[parse_repo(r) for r in repo] if repo else None,
+            pre=[read_text(p, "snippet") for p in pre] if pre else None,
+            post=[read_text(p, "snippet") for p in post] if post else None,
+            timezone=timezone,
+            variables=parse_vars(var) if var else None,
+            root_password_hash=hash_password() if root_password else None,
+        )
+        apply(name, fields)
+
+    command.__name__, command.__doc__ = apply.__name__, apply.__doc__
+    return command
 
 
 @app.command("add")
-def add(
-    name: str,
-    distro: str | None = DistroOpt,
-    kernel_arg: list[str] | None = KargOpt,
-    kickstart_template: str | None = KsOpt,
-    disk: str | None = DiskOpt,
-    partition: list[str] | None = PartOpt,
-    package: list[str] | None = PkgOpt,
-    repo: list[str] | None = RepoOpt,
-    pre: list[Path] | None = PreOpt,
-    post: list[Path] | None = PostOpt,
-    timezone: str | None = TzOpt,
-    var: list[str] | None = VarOpt,
-    root_password: bool = PwOpt,
-    image: str | None = ImageOpt,
-    layer: list[str] | None = LayerOpt,
-) -> None:
+@_with_profile_options
+def add(name: str, data: dict[str, Any]) -> None:
     """Add a profile."""
-    data = _fields(
-        distro,
-        kernel_arg,
-        kickstart_template,
-        disk,
-        partition,
-        package,
-        repo,
-        pre,
-        post,
-        timezone,
-        var,
-        root_password,
-        image,
-        layer,
-    )
     spec = parse(ProfileSpec, dict(data, name=name), f"profile {name}")
     with inventory() as inv:
         inv.add("profile", [spec])
@@ -149,40 +151,9 @@ def add(
 
 
 @app.command("set")
-def set_(
-    name: str,
-    distro: str | None = DistroOpt,
-    kernel_arg: list[str] | None = KargOpt,
-    kickstart_template: str | None = KsOpt,
-    disk: str | None = DiskOpt,
-    partition: list[str] | None = PartOpt,
-    package: list[str] | None = PkgOpt,
-    repo: list[str] | None = RepoOpt,
-    pre: list[Path] | None = PreOpt,
-    post: list[Path] | None = PostOpt,
-    timezone: str | None = TzOpt,
-    var: list[str] | None = VarOpt,
-    root_password: bool = PwOpt,
-    image: str | None = ImageOpt,
-    layer: list[str] | None = LayerOpt,
-) -> None:
+@_with_profile_options
+def set_(name: str, data: dict[str, Any]) -> None:
     """Change a profile; a list option given replaces that list, --var merges keys."""
-    data = _fields(
-        distro,
-        kernel_arg,
-        kickstart_template,
-        disk,
-        partition,
-        package,
-        repo,
-        pre,
-        post,
-        timezone,
-        var,
-        root_password,
-        image,
-        layer,
-    )
     with inventory() as inv:
         if "variables" in data:
             data["variables"] = {**inv.get("profile", name).variables, **data["variables"]}

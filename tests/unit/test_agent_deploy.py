@@ -413,6 +413,8 @@ def test_installer_runs_the_phases_in_order(machine: tuple[Path, Path]) -> None:
         "umount",
         "umount",
     ]
+    (sync,) = [call for call in runner.calls if call[0] == "sync"]
+    assert sync[:2] == ["sync", "-f"] and len(sync) == 4  # this disk's filesystems, not all
     assert runner.calls[1] == [
         "sfdisk",
         "--quiet",

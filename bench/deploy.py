@@ -10,7 +10,9 @@ measures:
 - T / (S/B): against one node alone on its link B;
 - the unicast bound ``max(S/B, N x S / B_server)`` and T against it;
 - server egress / S, from the server interface's tx_bytes;
-- the spread of completion times (last - first);
+- the spread of completion times (last - first), and the skew of the nodes' first
+  reports (last - first): the testbed boots every node on the host's few cores, where a
+  real cluster boots them in parallel, so at 100 nodes the skew is part of T;
 - host CPU use over the run; a run above ``--cpu-limit`` measured the host, not the
   transport, and is marked invalid.
 
@@ -27,6 +29,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +86,83 @@ def cpu_times() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+FIRMWARE = "firmware (python)"
+
+
+class CpuByProcess(threading.Thread):
+    """Where the host's CPU went during a run: every second, each process's user+system
+    ticks (``/proc/PID/stat``), summed at the end by what the process is (the server, an
+    agent, udp-receiver, tar...), plus the kernel's softirq time (packets: veth, bridge,
+    tbf), which no process is charged for."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.stopping = threading.Event()
+        self.ticks: dict[tuple[int, str], tuple[str, int]] = {}  # (pid, start) -> (kind, ticks)
+        self.softirq0 = self._softirq()
+
+    @staticmethod
+    def _softirq() -> int:
+        return int(Path("/proc/stat").read_text().split("\n")[0].split()[7])
+
+    @staticmethod
+    def kind(pid: str, comm: str) -> str:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return comm
+        text = b" ".join(argv).decode(errors="replace")
+        for marker, name in (
+            ("corral.agent", "agent (python)"),
+            ("corral.testbed.firmware", FIRMWARE),
+            ("corral serve", "corral serve"),
+            ("-m corral", "corral (other)"),
+        ):
+            if marker in text:
+                return name
+        return comm
+
+    def sample(self) -> None:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            pid = stat.parent.name
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            fields = text[text.rindex(")") + 2 :].split()
+            key = (int(pid), fields[19])  # starttime: a reused pid is another process
+            ticks = int(fields[11]) + int(fields[12])
+            known = self.ticks.get(key)
+            # the firmware execs the agent: same process, another command line
+            kind = known[0] if known and known[0] != FIRMWARE else self.kind(pid, comm)
+            self.ticks[key] = (kind, ticks)
+
+    def run(self) -> None:
+        self.base = dict(self.ticks)
+        while not self.stopping.wait(1.0):
+            self.sample()
+
+    def start(self) -> None:
+        self.sample()
+        super().start()
+
+    def stop(self, top: int = 6) -> dict[str, float]:
+        """Core-seconds by kind of process, the largest ``top``, plus softirq."""
+        self.stopping.set()
+        self.join()
+        self.sample()
+        hz = os.sysconf("SC_CLK_TCK")
+        by_kind: dict[str, float] = {}
+        for key, (kind, ticks) in self.ticks.items():
+            before = self.base.get(key, (kind, 0))[1]
+            by_kind[kind] = by_kind.get(kind, 0.0) + (ticks - before) / hz
+        ranked = sorted(by_kind.items(), key=lambda kv: -kv[1])[:top]
+        result = {kind: round(sec, 1) for kind, sec in ranked}
+        result["softirq"] = round((self._softirq() - self.softirq0) / hz, 1)
+        return result
+
+
 def wipe(bed: cluster.Testbed, names: list[str]) -> None:
     """Discard every byte of the nodes' disks: the next deployment is a full install."""
     state = bed.require_state()
@@ -107,6 +187,8 @@ def run_once(
     wipe(bed, names)
     egress0 = bed.server_egress_bytes()
     busy0, total0 = cpu_times()
+    by_process = CpuByProcess()
+    by_process.start()
     with common.session() as s:
         ident = new_deployment(
             s, image_store(HOME), noderange, version.ref, transport, transport_names()
@@ -134,6 +216,7 @@ def run_once(
                 created = d.created
                 break
     busy1, total1 = cpu_times()
+    cpu_seconds = by_process.stop()
     egress = bed.server_egress_bytes() - egress0
     done = [r for r in rows if r[1] == "done"]
     failed = [(r[0], r[4]) for r in rows if r[1] != "done"]
@@ -149,8 +232,10 @@ def run_once(
         "t_boot": max(finish) - created if finish else None,
         "t": max(finish) - min(starts) if finish and starts else None,
         "spread": max(finish) - min(finish) if finish else None,
+        "skew": max(starts) - min(starts) if starts else None,
         "egress": egress,
         "cpu": (busy1 - busy0) / max(1, total1 - total0),
+        "cpu_seconds": cpu_seconds,
     }
 
 
@@ -162,9 +247,9 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, s_bytes: i
         f"T_boot adds the power-cycle and the agent's start.",
         "",
         "| transport | N | T (s) | T ÷ S/B | unicast bound (s) | T ÷ bound | T_boot (s) "
-        "| egress ÷ S | spread (s) | others' T ÷ S/B | killed node failed after (s) "
-        "| host CPU | failed | valid |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| egress ÷ S | spread (s) | start skew (s) | others' T ÷ S/B "
+        "| killed node failed after (s) | host CPU | failed | valid |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         t = r["t"] or float("nan")
@@ -172,6 +257,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, s_bytes: i
             f"| {r['transport']} | {r['n']} | {t:.1f} | {t / r['s_over_b']:.2f} "
             f"| {r['bound']:.1f} | {t / r['bound']:.2f} | {r['t_boot'] or float('nan'):.1f} "
             f"| {r['egress'] / s_bytes:.2f} | {r['spread'] or 0:.1f} "
+            f"| {r.get('skew') if r.get('skew') is not None else float('nan'):.1f} "
             f"| {(r.get('t_others') or float('nan')) / r['s_over_b']:.2f} "
             f"| {r.get('killed_failed_after') or float('nan'):.1f} | {r['cpu']:.0%} "
             f"| {len(r['failed'])} | {'yes' if r['valid'] else 'no (CPU)'} |"

@@ -364,11 +364,7 @@ class HttpReceiver(Receiver):
         unpacker = Unpacker(target_dir)
         stream = VerifiedStream(plan, unpacker.write, progress_callback)
         try:
-            while not stream.complete:
-                if cancel_event.is_set():
-                    raise Cancelled()
-                partial = stream.partial()
-                stream.add(self.fetch_chunk(client, plan, stream.index, partial, cancel_event))
+            self.fetch_rest(client, stream, cancel_event)
             unpacker.finish()
         except BaseException:
             unpacker.abort()
@@ -390,6 +386,16 @@ class HttpReceiver(Receiver):
                 "resumed": len(self.resumed),
             },
         )
+
+    def fetch_rest(
+        self, client: Client, stream: VerifiedStream, cancel_event: threading.Event
+    ) -> None:
+        """The chunks ``stream`` still lacks, in order, each fetched with :meth:`fetch_chunk`."""
+        while not stream.complete:
+            if cancel_event.is_set():
+                raise Cancelled()
+            partial = stream.partial()
+            stream.add(self.fetch_chunk(client, stream.plan, stream.index, partial, cancel_event))
 
     def fetch_chunk(
         self,

@@ -264,11 +264,7 @@ class MulticastReceiver(HttpReceiver):
                     stream.index,
                     len(image.chunks),
                 )
-            while not stream.complete:
-                if cancel_event.is_set():
-                    raise Cancelled()
-                partial = stream.partial()
-                stream.add(self.fetch_chunk(client, plan, stream.index, partial, cancel_event))
+            self.fetch_rest(client, stream, cancel_event)
             unpacker.finish()
         except BaseException:
             unpacker.abort()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -292,6 +293,49 @@ def test_refused_report_is_not_retried(server: Recorder, tmp_path: Path) -> None
     with pytest.raises(Rejected) as info:
         Client(server.url, "t", sleep=slept.append).post("/x", {})
     assert info.value.status == 404
+
+
+def test_reports_keep_their_connection_and_survive_its_close() -> None:
+    """Reports go over one kept-alive connection; when the server has closed it while
+    idle, the next report opens a new one without a retry's back-off."""
+    connections: list[int] = []
+
+    class KeepAlive(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self) -> None:
+            super().setup()
+            connections.append(1)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            answer = b'{"cancel": false}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    slept: list[float] = []
+    client = Client(f"http://127.0.0.1:{httpd.server_address[1]}", "t", sleep=slept.append)
+    try:
+        for _ in range(3):
+            assert client.post("/p", {}) == {"cancel": False}
+        assert len(connections) == 1
+        client._local.conn.sock.shutdown(socket.SHUT_RDWR)  # as if the server closed it
+        assert client.post("/p", {}) == {"cancel": False}
+        assert len(connections) == 2 and slept == []
+    finally:
+        client.close()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
 
 
 def test_unreachable_server(tmp_path: Path) -> None:

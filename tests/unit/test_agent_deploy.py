@@ -286,6 +286,9 @@ class FakeClient:
             raise ReportError("server down")
         return {"cancel": self.cancel_at is not None and payload["phase"] == self.cancel_at}
 
+    def close(self) -> None:
+        pass
+
 
 class FakeReceiver(Receiver):
     """Unpacks a few files as if the image had them; waits for a cancel when told to."""

@@ -126,15 +126,19 @@ class Reporter:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        while True:
-            try:
-                item = self._queue.get(timeout=self.interval)
-            except queue.Empty:
-                with self._lock:
-                    item = self.current
-            if isinstance(item, _Stop):
-                return
-            self.send(item)
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=self.interval)
+                except queue.Empty:
+                    with self._lock:
+                        item = self.current
+                if isinstance(item, _Stop):
+                    return
+                self.send(item)
+        finally:
+            if self.client is not None:
+                self.client.close()  # this thread's kept connection
 
     def send(self, progress: Progress) -> None:
         """POST one report; a server that does not answer is logged, never fatal."""

@@ -19,7 +19,7 @@ from corral.agent.plan import Plan, Progress
 from corral.cli import common
 from corral.config import Settings
 from corral.deploy import transports
-from corral.deploy.service import DeployService
+from corral.deploy.service import DeployService, report_interval
 from corral.deploy.store import DeployError, Deployments, new_deployment
 from corral.errors import NotFound
 from corral.images.catalog import image_store
@@ -227,6 +227,13 @@ def test_the_plan_says_what_the_node_gets(home: Path, nodes: None, image: ImageV
     with _service(home) as service:
         again = Plan.from_dict(service.plan("n01", "good", "10.0.0.11") or {})
     assert again.identity.ssh_host_keys == plan.identity.ssh_host_keys
+    assert plan.report_interval == 1.0
+
+
+@pytest.mark.parametrize(("nodes", "seconds"), [(1, 1.0), (50, 1.0), (100, 2.0), (1000, 5.0)])
+def test_report_interval_grows_with_the_deployment(nodes: int, seconds: float) -> None:
+    assert report_interval(nodes) == seconds
+    assert report_interval(nodes) < Settings(home=Path("/")).deploy_node_timeout / 4
 
 
 def test_the_manager_powers_nodes_and_fails_silent_ones(

@@ -230,7 +230,9 @@ def test_the_plan_says_what_the_node_gets(home: Path, nodes: None, image: ImageV
     assert plan.report_interval == 1.0
 
 
-@pytest.mark.parametrize(("nodes", "seconds"), [(1, 1.0), (50, 1.0), (100, 2.0), (1000, 5.0)])
+@pytest.mark.parametrize(
+    ("nodes", "seconds"), [(1, 1.0), (20, 1.0), (50, 2.5), (100, 5.0), (1000, 5.0)]
+)
 def test_report_interval_grows_with_the_deployment(nodes: int, seconds: float) -> None:
     assert report_interval(nodes) == seconds
     assert report_interval(nodes) < Settings(home=Path("/")).deploy_node_timeout / 4

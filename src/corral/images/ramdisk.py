@@ -74,6 +74,7 @@ PACKAGES: tuple[str, ...] = (
     "tar",  # GNU tar: the image stream keeps xattrs and ACLs (busybox tar drops them)
     "zstd",  # zstd -d: the image stream is zstd-compressed
     "util-linux",  # partx, mkswap -U (busybox's mkswap cannot set a UUID)
+    "python3-libtorrent",  # libtorrent: the agent's BitTorrent receiver (rx_bittorrent)
 )
 
 #: Dependencies declared but not needed in a ramdisk: maintainer-script tooling, the
@@ -97,6 +98,16 @@ LEFT_OUT: tuple[str, ...] = (
     "usr-is-merged",
     "usrmerge",
 )
+
+#: Python modules of Debian packages (``/usr/lib/python3/dist-packages``) that the
+#: ramdisk keeps, each with the standard-library modules it imports itself (a compiled
+#: module's imports are invisible to :mod:`modulefinder`). The agent imports them by
+#: name, lazily; the build fails if one does not import with the ramdisk's Python.
+DIST_PACKAGES: dict[str, tuple[str, ...]] = {
+    "libtorrent": ("datetime",),  # the binding converts times to datetime objects
+}
+
+DIST_PACKAGES_DIR = "usr/lib/python3/dist-packages"
 
 #: Programs the ramdisk must have (paths inside it); the build fails without one.
 REQUIRED_TOOLS: tuple[str, ...] = (
@@ -244,7 +255,6 @@ PRUNE: tuple[str, ...] = (
     "usr/lib/x86_64-linux-gnu/gconv",
     "usr/lib/x86_64-linux-gnu/pkgconfig",
     "usr/lib/x86_64-linux-gnu/**/*.a",
-    "usr/lib/python3",
     "usr/lib/systemd",
     "usr/lib/udev",
     "usr/lib/cron.d",
@@ -327,8 +337,9 @@ done
 """
 
 AGENT_WRAPPER = f"""#!/bin/sh
-# corral's node agent (python3 -m corral.agent), with only the standard library.
-PYTHONPATH=/{AGENT_DIR} exec python3 -S -m corral.agent "$@"
+# corral's node agent (python3 -m corral.agent): the standard library, and the Debian
+# modules the ramdisk keeps (no site.py: dist-packages is on the path by name).
+PYTHONPATH=/{AGENT_DIR}:/{DIST_PACKAGES_DIR} exec python3 -S -m corral.agent "$@"
 """
 
 AGENT_PACKAGE_INIT = '"""corral, as much of it as the deploy ramdisk carries: the agent."""\n'
@@ -670,6 +681,43 @@ def _receiver_modules() -> tuple[str, ...]:
     return receive.BUILTIN
 
 
+def _dist_packages_imports() -> list[str]:
+    return sorted({m for imports in DIST_PACKAGES.values() for m in imports})
+
+
+def prune_dist_packages(root: Path) -> int:
+    """Delete the Debian Python modules of the tree but those of :data:`DIST_PACKAGES`
+    (their metadata too); return the bytes freed."""
+    top = root / "usr" / "lib" / "python3"
+    if not top.is_dir():
+        return 0
+    kept_dir = root / DIST_PACKAGES_DIR
+
+    def kept(entry: Path) -> bool:
+        # a package directory, or a module file: libtorrent.cpython-311-x86_64-linux-gnu.so
+        # (not libtorrent.egg-info)
+        if entry.parent != kept_dir:
+            return False
+        if entry.is_dir():
+            return entry.name in DIST_PACKAGES
+        name, _, _ = entry.name.partition(".")
+        return name in DIST_PACKAGES and entry.suffix in (".py", ".so")
+
+    freed = 0
+    for dirpath, dirnames, filenames in os.walk(top, topdown=True):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not kept(here / d)]
+        for name in filenames:
+            path = here / name
+            if not kept(path):
+                freed += path.lstat().st_size
+                path.unlink()
+    for dirpath, _, _ in sorted(os.walk(top), key=lambda t: -len(t[0])):
+        if not os.listdir(dirpath):
+            os.rmdir(dirpath)
+    return freed
+
+
 def needed_stdlib(stdlib: Path, agent_root: Path) -> set[Path]:
     """Files of ``stdlib`` that running the agent can import, found statically."""
     dynload = stdlib / "lib-dynload"
@@ -681,6 +729,7 @@ def needed_stdlib(stdlib: Path, agent_root: Path) -> set[Path]:
         # receivers are imported by name (receive.BUILTIN), which modulefinder cannot see
         script.write("".join(f"import {m}\n" for m in _receiver_modules()))
         script.write("".join(f"import {m}\n" for m in EXTRA_STDLIB))
+        script.write("".join(f"import {m}\n" for m in _dist_packages_imports()))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -759,7 +808,8 @@ def tree_command(root: Path, program: str, argv0: str | None = None) -> list[str
 
 def _tree_python(root: Path, stdlib: Path) -> tuple[list[str], dict[str, str]]:
     argv = tree_command(root, f"usr/bin/{stdlib.name}")
-    env = {"PYTHONHOME": str(root / "usr"), "PYTHONPATH": str(root / AGENT_DIR)}
+    path = os.pathsep.join(str(root / d) for d in (AGENT_DIR, DIST_PACKAGES_DIR))
+    env = {"PYTHONHOME": str(root / "usr"), "PYTHONPATH": path}
     return [*argv, "-S", "-B"], env
 
 
@@ -803,15 +853,19 @@ def precompile(root: Path, stdlib: Path) -> int:
 
 def smoke_test(root: Path, stdlib: Path) -> None:
     """Run the agent's code with the pruned standard library: imports, argparse, a report
-    over HTTP to a local socket. Raises :class:`RamdiskError` if anything is missing."""
+    over HTTP to a local socket, and the import of every module of :data:`DIST_PACKAGES`.
+    Raises :class:`RamdiskError` if anything is missing."""
     argv, env = _tree_python(root, stdlib)
-    for args in ([*argv, "-m", "corral.agent", "--help"], [*argv, "-c", SMOKE_TEST]):
+    imports = "".join(f"import {m}\n" for m in DIST_PACKAGES)
+    checks = (["-m", "corral.agent", "--help"], ["-c", SMOKE_TEST], ["-c", imports])
+    for args in ([*argv, *check] for check in checks):
         out = run(args, env=env, check=False, timeout=120)
         if out.returncode != 0:
             raise RamdiskError(
                 "the agent does not run with the ramdisk's Python: "
                 + " | ".join((out.stderr or out.stdout).strip().splitlines()[-4:]),
-                "a module it imports is pruned: add it to EXTRA_STDLIB",
+                "a module it imports is pruned: add it to EXTRA_STDLIB (or to its entry in "
+                "DIST_PACKAGES)",
             )
 
 
@@ -1008,6 +1062,7 @@ def cache_key(packages: Sequence[Package], kernel: Package) -> str:
         ",".join(BOOT_MODULES),
         ",".join(NIC_MODULES),
         ",".join(EXTRA_STDLIB),
+        json.dumps(DIST_PACKAGES, sort_keys=True),
         ",".join(STDLIB_EXCLUDES),
         ",".join(PRUNE),
         str(ZSTD_LEVEL),
@@ -1040,7 +1095,7 @@ def _build(
     shutil.rmtree(kernel_tree)
 
     log.info("pruning")
-    freed = prune(root, PRUNE)
+    freed = prune(root, PRUNE) + prune_dist_packages(root)
     install_agent(root, boot_modules)
     stdlib = stdlib_dir(root)
     keep = needed_stdlib(stdlib, root / AGENT_DIR)

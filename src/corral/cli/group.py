@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from corral.cli.common import changes, inventory, out, parse_vars
+from corral.cli.common import ProfilesOption, VarsOption, changes, inventory, out, parse_vars
 from corral.cli.entities import add_common_verbs
 from corral.inventory.schema import GroupSpec, parse
 
 app = typer.Typer(help="Named sets of nodes sharing profiles and variables.", no_args_is_help=True)
 
-ProfOpt = typer.Option(None, "--profile", help="profile, in order; ~NAME drops one (repeatable)")
-VarOpt = typer.Option(None, "--var", help="KEY=VALUE (repeatable)")
-
 
 @app.command("add")
-def add(name: str, profile: list[str] | None = ProfOpt, var: list[str] | None = VarOpt) -> None:
+def add(name: str, profile: ProfilesOption = None, var: VarsOption = None) -> None:
     """Add a group; nodes join it with `corral node set NODES --group NAME`."""
     spec = parse(
         GroupSpec,
@@ -28,7 +25,7 @@ def add(name: str, profile: list[str] | None = ProfOpt, var: list[str] | None = 
 
 
 @app.command("set")
-def set_(name: str, profile: list[str] | None = ProfOpt, var: list[str] | None = VarOpt) -> None:
+def set_(name: str, profile: ProfilesOption = None, var: VarsOption = None) -> None:
     """Change a group; --profile replaces the list, --var merges keys."""
     with inventory() as inv:
         data = changes(profiles=profile)

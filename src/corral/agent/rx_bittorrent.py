@@ -79,6 +79,8 @@ SPACE_MARGIN = 64 << 20
 #: The port the agent's libtorrent listens on, on the node's own address. A fixed,
 #: well-known one so that a site's firewall can let the swarm through.
 PEER_PORT = 6881
+#: How long a new torrent may take to check its (empty) save path before pieces are added.
+CHECK_WAIT = 5.0
 #: Seconds without a new piece after which missing chunks are fetched over HTTP: when
 #: neither the peers nor the seed deliver (the seed is down, corral serve restarts). Longer
 #: than a tracker announce and several rescues by the seed, shorter than a node's patience.
@@ -773,6 +775,17 @@ class LibtorrentSwarm:
         self._warned: set[str] = set()
         self._heard = False
         self._described = 0.0
+        self._checked(CHECK_WAIT)
+
+    def _checked(self, timeout: float) -> None:
+        """Wait, at most ``timeout`` s, for libtorrent to check the (empty) save path:
+        until then it drops ``add_piece`` without a word (seen with 2.0.8 and 2.1.1), and
+        the node could not share what it took over HTTP."""
+        states = self.lt.torrent_status.states
+        checking = (states.checking_files, states.checking_resume_data)
+        deadline = time.monotonic() + timeout
+        while self.handle.status(0).state in checking and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def pieces(self) -> Sequence[bool]:
         return list(self.handle.status(self.lt.status_flags_t.query_pieces).pieces)

@@ -497,6 +497,28 @@ def test_main_reports_booted_then_powers_off(
     assert "reported booted" in capsys.readouterr().err
 
 
+def test_going_down_waits_for_threads_serving_other_nodes() -> None:
+    """A relay still serving the next node (a non-daemon thread) is let finish before a
+    reboot, but only for so long."""
+    from corral.agent.main import serving_others
+
+    release = threading.Event()
+    relay = threading.Thread(target=release.wait, args=(10,), daemon=False)
+    relay.start()
+    threading.Timer(0.2, release.set).start()
+    serving_others(5.0)
+    assert not relay.is_alive()  # waited for it
+    release.clear()
+    stuck = threading.Thread(target=release.wait, args=(10,), daemon=False)
+    stuck.start()
+    try:
+        serving_others(0.1)
+        assert stuck.is_alive()  # did not wait past the limit
+    finally:
+        release.set()
+        stuck.join()
+
+
 def test_agent_imports_only_the_standard_library(tmp_path: Path) -> None:
     """The agent runs in the ramdisk without corral's dependencies: check what it loads."""
     code = (

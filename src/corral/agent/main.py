@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -39,6 +40,8 @@ log = logging.getLogger("corral.agent")
 
 #: The server keeps at most this many characters of an event message.
 MAX_MESSAGE = 4000
+#: The longest the agent waits for a relay still serving another node before a reboot.
+LINGER_LIMIT = 60.0
 
 #: ioctl that reads an interface's hardware address (linux/sockios.h).
 _SIOCGIFHWADDR = 0x8927
@@ -387,6 +390,7 @@ class Agent:
     def finish(self) -> int:
         action = self.orders.agent_exit
         if action in ("poweroff", "reboot"):
+            serving_others(LINGER_LIMIT)
             log.info("%s", "powering off" if action == "poweroff" else "rebooting")
             for handler in logging.getLogger().handlers:
                 handler.flush()
@@ -423,6 +427,18 @@ class Agent:
             if orders.mode == "deploy":
                 rc = self.deploy()
         return self.finish() or rc
+
+
+def serving_others(limit: float) -> None:
+    """Wait, at most ``limit`` seconds, for the agent's threads that still serve other
+    nodes (a chain relay whose successor is still pulling: they are the non-daemon ones)
+    before the machine goes down under them."""
+    deadline = time.monotonic() + limit
+    for thread in threading.enumerate():
+        if thread is threading.current_thread() or thread.daemon:
+            continue
+        log.info("waiting for %s before going down", thread.name)
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def setup_logging(log_file: Path, verbose: bool = False) -> list[logging.Handler]:

@@ -659,9 +659,9 @@ class Relay:
         """Serve on from a thread of this relay's own, and close once drained.
 
         The thread is not a daemon: an agent that exits after its install (its final
-        report sent) waits for it, so a successor still pulling is not cut off. An agent
-        that reboots or powers off the node cuts it; the successor then pulls from further
-        up the chain."""
+        report sent) waits for it, and one that reboots or powers off the node waits for
+        it up to a minute (``corral.agent.main.serving_others``), so a successor still
+        pulling is not cut off; past that it pulls from further up the chain."""
 
         def wait_then_close() -> None:
             self.drain(threading.Event(), is_last, idle)

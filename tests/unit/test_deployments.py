@@ -337,6 +337,20 @@ def test_auto_picks_by_the_crossovers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert auto.choose(50, 1000, ["http", "chain", "multicast"]) == "http"  # tiny image
 
 
+def test_auto_follows_the_measured_crossovers() -> None:
+    """The shipped table: unicast up to 15 nodes or for small images, the chain beyond."""
+    from corral.deploy.auto import choose
+
+    everything = ["http", "rsync", "multicast", "bittorrent", "chain"]
+    debian = 185 << 20  # the minimal Debian 12 image's stream
+    assert choose(1, debian, everything) == "http"
+    assert choose(15, debian, everything) == "http"
+    assert choose(16, debian, everything) == "chain"
+    assert choose(100, debian, everything) == "chain"
+    assert choose(100, 10 << 20, everything) == "http"  # too small to repay a chain
+    assert choose(100, debian, ["http", "rsync"]) == "http"
+
+
 def test_auto_resolves_per_image_and_is_recorded(
     nodes: None, image: ImageVersion, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,9 +25,26 @@ class Crossover:
 
 
 #: In order of preference; the first that applies and is available wins, else "http".
-#: Measured 2026-11-25 (bench/deploy.py, 20 Mbit/s nodes, a 200 Mbit/s server link):
-#: filled in from the broadcast runs, see :data:`MEASURED`.
-CROSSOVERS: tuple[Crossover, ...] = ()
+#:
+#: Measured 2026-12-02 with ``bench/deploy.py --size-mib 32 --link 2mbit --server-link
+#: 20mbit`` (S = 29.9 MiB, S/B = 125 s, the server link 10 x a node's, as 10 GbE to 1 GbE
+#: nodes), T / (S/B) per transport and node count (docs/benchmarks.md):
+#:
+#:     N     http   multicast  chain  bittorrent
+#:     1     1.05   1.13       1.05   1.06
+#:     10    1.07   1.15       1.11   1.36
+#:     50    >= 6.2 1.28       1.15   1.94
+#:     100   >= 12  1.53       1.32   (see the docs)
+#:
+#: (http beyond 10 nodes: its unicast bound N·S/B_server times the 1.15-1.25 it kept to
+#: in the unicast runs of 2026-11-25.) Up to N = B_server/B unicast is as fast as one copy
+#: and needs nothing of the network; past it, unicast grows with N and the chain does not.
+#: The chain won every run from 50 nodes, kept egress near one copy, and needs no
+#: multicast-capable switches; the crossover is put at 16 nodes, 1.6 x the measured ratio
+#: of links, where unicast's bound is already 1.6 x one copy. Images under 64 MiB stay on
+#: http: at 10 GbE 100 nodes take them in under 6 s, the chain's measured extra start-up
+#: (its T - http's T at N = 10, 5.8 s).
+CROSSOVERS: tuple[Crossover, ...] = (Crossover("chain", 16, 64 << 20),)
 
 #: Where the figures above come from, for the record (``corral deploy --help`` shows it).
 MEASURED = "bench/deploy.py, docs/benchmarks.md"

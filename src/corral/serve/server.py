@@ -33,6 +33,8 @@ log = logging.getLogger("corral.serve")
 WATCH_SECONDS = 2.0
 #: Seconds open requests get to finish once corral serve is told to stop.
 GRACEFUL_STOP = 5
+#: Seconds an idle HTTP connection is kept open (three report intervals of a big deployment).
+KEEP_ALIVE = 15
 #: What the access log shows (config ``access_log``): every request; all but the agents'
 #: high-rate traffic (--debug shows it); nothing.
 ACCESS_LOG_MODES = ("all", "quiet", "off")
@@ -221,6 +223,9 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
             # a node pulling an image over a slow link must not hold a stop for minutes:
             # its agent resumes with a Range request once corral is back
             timeout_graceful_shutdown=GRACEFUL_STOP,
+            # agents keep one connection for their progress reports, sent up to
+            # REPORT_MAX (5 s) apart: uvicorn's 5 s would close it just before each one
+            timeout_keep_alive=KEEP_ALIVE,
         )
         _Server(config).run(sockets=[_listen(options.address, options.http_port)])
     finally:

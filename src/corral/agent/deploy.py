@@ -275,6 +275,8 @@ class Installer:
         final = Progress(final.phase, final.bytes, final.total, final.message, tail.text())
         self.phases.append(final.phase)
         self.reporter.send(final)
+        if self.client is not None:
+            self.client.close()  # the connection the final report kept, in this thread
         return final
 
     def _install(self) -> None:

@@ -33,6 +33,9 @@ class Recorder:
     requests: list[dict[str, object]] = field(default_factory=list)
     #: Statuses to answer, in order; 200 once they run out.
     script: list[int] = field(default_factory=list)
+    #: Answer in HTTP/1.1, keeping connections open; how many were opened.
+    keep_alive: bool = False
+    connections: int = 0
 
 
 @pytest.fixture
@@ -40,6 +43,12 @@ def server() -> Iterator[Recorder]:
     recorder = Recorder(url="")
 
     class Handler(BaseHTTPRequestHandler):
+        def setup(self) -> None:
+            super().setup()
+            recorder.connections += 1
+            if recorder.keep_alive:
+                self.protocol_version = "HTTP/1.1"
+
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
             body = self.rfile.read(length)
@@ -295,47 +304,22 @@ def test_refused_report_is_not_retried(server: Recorder, tmp_path: Path) -> None
     assert info.value.status == 404
 
 
-def test_reports_keep_their_connection_and_survive_its_close() -> None:
+def test_reports_keep_their_connection_and_survive_its_close(server: Recorder) -> None:
     """Reports go over one kept-alive connection; when the server has closed it while
     idle, the next report opens a new one without a retry's back-off."""
-    connections: list[int] = []
-
-    class KeepAlive(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def setup(self) -> None:
-            super().setup()
-            connections.append(1)
-
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            answer = b'{"cancel": false}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), KeepAlive)
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
+    server.keep_alive = True
     slept: list[float] = []
-    client = Client(f"http://127.0.0.1:{httpd.server_address[1]}", "t", sleep=slept.append)
+    client = Client(server.url, "t", sleep=slept.append)
+    answer = {"node": "d5254", "status": 200}
     try:
         for _ in range(3):
-            assert client.post("/p", {}) == {"cancel": False}
-        assert len(connections) == 1
+            assert client.post("/p", {}) == answer
+        assert len(server.requests) == 3 and server.connections == 1
         client._local.conn.sock.shutdown(socket.SHUT_RDWR)  # as if the server closed it
-        assert client.post("/p", {}) == {"cancel": False}
-        assert len(connections) == 2 and slept == []
+        assert client.post("/p", {}) == answer
+        assert len(server.requests) == 4 and server.connections == 2 and slept == []
     finally:
         client.close()
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
 
 
 def test_unreachable_server(tmp_path: Path) -> None:

@@ -102,8 +102,8 @@ class Client:
             conn.close()
             if kept is None:
                 raise
-            # a kept connection the server has closed meanwhile (uvicorn closes idle ones
-            # after 5 s): once more on a new one, not counted as a try (the agent's
+            # a kept connection the server has closed meanwhile (corral serve closes idle
+            # ones after 15 s): once more on a new one, not counted as a try (the agent's
             # requests are idempotent: a report states where the node stands)
             return self._send_once(method, path, body, auth)
         if response.will_close:

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corral.agent.plan import FINAL_PHASES
+from corral.agent.plan import FINAL_PHASES, PHASES
 from corral.cli import common
 from corral.deploy.store import Deployments, new_deployment
 from corral.deploy.transports import names as transport_names
@@ -95,8 +95,9 @@ FIRMWARE = "firmware (python)"
 #: cancels the deployment (a node at a tenth of B takes 10 x S/B however it gets the
 #: image; the scenario measures the others).
 ASIDE_WAIT = 30.0
-#: Phases after the image is in (polled every 0.5 s: that is the resolution of T_received).
-AFTER_RECEIVING = ("configuring", "bootloader", "post-install", "done")
+#: Phases after the image is in, up to done (polled every 0.5 s: that is the resolution
+#: of T_received).
+AFTER_RECEIVING = PHASES[PHASES.index("receiving") + 1 : PHASES.index("done") + 1]
 
 
 class CpuByProcess(threading.Thread):
@@ -193,6 +194,11 @@ def run_once(
     """One deployment to tb001..tbN. ``kill``: power that node off once it has half the
     image; ``aside``: nodes (slow, killed) left out of ``t_others``."""
     names = [cluster.node_name(i) for i in range(1, n + 1)]
+
+    def measured(node: str) -> bool:
+        """Not the slow or the killed node: the others, whose times the scenario is about."""
+        return node not in aside and node != kill
+
     noderange = f"tb[001-{n:03d}]"
     wipe(bed, names)
     egress0 = bed.server_egress_bytes()
@@ -227,9 +233,7 @@ def run_once(
                 and Deployments(s).member(ident, kill).phase == "failed"
             ):
                 failed_after = time.time() - killed_at
-            others_ended = all(
-                r.phase in FINAL_PHASES for r in d.nodes if r.node not in aside and r.node != kill
-            )
+            others_ended = all(r.phase in FINAL_PHASES for r in d.nodes if measured(r.node))
             if aside and others_ended and d.state == "running":
                 # the slow node alone: its link decides when it ends, not the transport
                 others_done_at = others_done_at or now
@@ -247,8 +251,8 @@ def run_once(
     failed = [(r[0], r[4]) for r in rows if r[1] != "done"]
     finish = [r[3] for r in done if r[3]]
     starts = [r[2] for r in rows if r[2]]
-    others = [r[3] for r in done if r[3] and r[0] not in aside and r[0] != kill]
-    got = [at for node, at in received.items() if node not in aside and node != kill]
+    others = [r[3] for r in done if r[3] and measured(r[0])]
+    got = [at for node, at in received.items() if measured(node)]
     return {
         "t_others": max(others) - min(starts) if others and starts else None,
         "killed_failed_after": failed_after,

@@ -172,7 +172,8 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
     loops = {d["name"]: d for d in json.loads(run(["losetup", "-J"]).stdout)["loopdevices"]}
     assert loops[state.nodes[0].loop]["back-file"] == str(testbed.disks / "tb001.img")
 
-    # Power: a node that is not armed is refused its token; the firmware keeps asking.
+    # Power: a node that is not armed gets a script that boots its disk; the firmware
+    # keeps asking.
     with common.session() as s:
         NodeStates(s).record("tb002", "install-finished", "installed before", "admin")
     agent = [sys.executable, "-c", STAND_IN]
@@ -180,10 +181,10 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
     assert pid is not None
     node_dir = testbed.nodes_dir / "tb002"
     console = node_dir / "console.log"
-    wait_for("the 403", lambda: " 403 " in console.read_text())
+    wait_for("the local boot", lambda: "boots the local disk" in console.read_text())
     assert re.search(
-        r"GET http://10\.77\.0\.1:8080/boot/token/tb002\.cpio\.gz: 403", console.read_text()
-    )
+        r"GET http://10\.77\.0\.1:8080/boot/02-cb-00-00-00-02\.ipxe: 200", console.read_text()
+    ), console.read_text()
     assert (node_dir / "pid").read_text().strip() == str(pid)
     assert testbed.node_power("tb002") == ("firmware", [pid])
     # Armed, it gets its token and execs the agent (here its stand-in) in its place.
@@ -197,7 +198,9 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
                         ("--work-dir", str(node_dir / "target"))]:  # fmt: skip
         assert args[args.index(flag) + 1] == value
     assert len((node_dir / "token").read_text().strip()) > 20
-    assert "corral.node=tb002 corral.mode=deploy" in (node_dir / "cmdline").read_text()
+    cmdline = (node_dir / "cmdline").read_text()
+    assert "corral.node=tb002 ip=dhcp corral.mode=deploy corral.agent_exit=reboot" in cmdline
+    assert args[args.index("--exit") + 1] == "exit"
     assert testbed.node_power("tb002")[1] == [pid]  # exec'd: the same process
     testbed.power("tb002", "off")
     assert testbed.node_power("tb002") == ("off", [])

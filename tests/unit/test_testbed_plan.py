@@ -1,10 +1,10 @@
 """The testbed's pure parts: option parsing, addressing, the commands it would run, its
-state file, and the firmware's token fetch against a local HTTP server."""
+state file, and the firmware's boot against the scripts corral serve renders."""
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import dataclasses
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,9 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from corral.agent.cmdline import BootOrders
+from corral.cli import common
 from corral.config import Settings
 from corral.cpio import newc_archive
-from corral.errors import InvalidValue, UsageError
+from corral.errors import CorralError, InvalidValue, UsageError
+from corral.inventory.state import NodeStates
+from corral.serve.boot import BootService
 from corral.testbed import cluster, firmware
 from corral.testbed.cluster import (
     MAX_NODES,
@@ -272,20 +276,34 @@ def test_read_newc() -> None:
         firmware.read_newc(b"garbage" * 20)
 
 
-class TokenServer(ThreadingHTTPServer):
-    statuses: list[int]
+class BootServer(ThreadingHTTPServer):
+    """Answers the firmware with what corral serve's BootService renders for the fixture
+    cluster (as if every request came from img01's reserved address)."""
+
+    service: BootService
     paths: list[str]
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: TokenServer
+    server: BootServer
 
     def do_GET(self) -> None:
         self.server.paths.append(self.path)
-        status = self.server.statuses.pop(0) if self.server.statuses else 200
-        body = b'{"detail": "node tb001 is not armed for install"}'
-        if status == 200:
-            body = gzip.compress(newc_archive({"etc/corral/node-token": (b"s3cret\n", 0o600)}))
+        service = self.server.service
+        status, body = 200, b""
+        try:
+            if self.path == "/boot/ipxe":
+                body = service.ipxe_entry().encode()
+            elif self.path.startswith("/boot/token/"):
+                name = self.path.removeprefix("/boot/token/").removesuffix(".cpio.gz")
+                body = service.token_cpio(name, IMG01_IP)
+            elif self.path.endswith(".ipxe"):
+                mac = self.path.removeprefix("/boot/").removesuffix(".ipxe")
+                body = service.ipxe_for_mac(mac.replace("-", ":")).encode()
+            else:
+                status, body = 404, b"not found"
+        except CorralError as exc:
+            status, body = 403, exc.message.encode()
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -295,10 +313,15 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+IMG01_MAC, IMG01_IP = "52:54:00:00:00:05", "10.0.0.15"
+
+
 @pytest.fixture
-def token_server() -> Iterator[TokenServer]:
-    server = TokenServer(("127.0.0.1", 0), _Handler)
-    server.statuses, server.paths = [], []
+def boot_server(fixture_cluster: None, home: Path) -> Iterator[BootServer]:
+    server = BootServer(("127.0.0.1", 0), _Handler)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    settings = dataclasses.replace(common.settings(), server_url=url)
+    server.service, server.paths = BootService(settings, common.engine()), []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -308,46 +331,76 @@ def token_server() -> Iterator[TokenServer]:
         server.server_close()
 
 
-def _url(server: TokenServer) -> str:
+def _url(server: BootServer) -> str:
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def test_firmware_waits_while_refused(
-    token_server: TokenServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    token_server.statuses = [403, 403]
-    args = argparse.Namespace(
-        server=_url(token_server), node="tb001", disk="/dev/loop9", dir=tmp_path / "tb001",
-        interface="eth0", timeout=10.0, retry=0.05, agent="stand-in --flag",
+def _args(server: BootServer, directory: Path, timeout: float = 10.0) -> argparse.Namespace:
+    return argparse.Namespace(
+        server=_url(server), node="img01", mac=IMG01_MAC, disk="/dev/loop9", dir=directory,
+        interface="eth0", timeout=timeout, retry=0.05, agent="stand-in --flag",
     )  # fmt: skip
-    argv = firmware.boot(args)
-    assert token_server.paths == ["/boot/token/tb001.cpio.gz"] * 3
-    directory = tmp_path / "tb001"
-    assert (directory / "token").read_bytes() == b"s3cret\n"
-    assert (directory / "token").stat().st_mode & 0o777 == 0o600
-    assert (directory / "cmdline").read_text().split() == [
-        f"corral.server={_url(token_server)}",
-        "corral.node=tb001",
-        "corral.mode=deploy",
-        "corral.agent_exit=exit",
+
+
+def test_firmware_boots_what_the_rendered_script_says(
+    boot_server: BootServer, tmp_path: Path
+) -> None:
+    """The agent's command line is the kernel line of the iPXE script corral renders for
+    the node, reached as iPXE reaches it (/boot/ipxe chains to the node's own script),
+    and its token comes from the script's token initrd."""
+    argv = firmware.boot(_args(boot_server, tmp_path / "img01"))
+    assert boot_server.paths == [
+        "/boot/ipxe",
+        "/boot/52-54-00-00-00-05.ipxe",
+        "/boot/token/img01.cpio.gz",  # not the ramdisk's own initrd: the host stands in
     ]
+    with common.session() as s:
+        rendered = BootService(boot_server.service.settings, common.engine()).ipxe_for_mac(
+            IMG01_MAC
+        )
+        assert NodeStates(s).check_token("img01", (tmp_path / "img01/token").read_text().strip())
+    kernel = next(line for line in rendered.splitlines() if line.startswith("kernel "))
+    directory = tmp_path / "img01"
+    assert (directory / "cmdline").read_text() == kernel.split(" ", 2)[2] + "\n"
+    orders = BootOrders.from_cmdline((directory / "cmdline").read_text())
+    assert (orders.mode, orders.agent_exit, orders.node) == ("deploy", "reboot", "img01")
+    assert orders.server == _url(boot_server)
+    assert (directory / "token").stat().st_mode & 0o777 == 0o600
     assert argv[:2] == ["stand-in", "--flag"]
     assert argv[2:] == [
         "--cmdline", str(directory / "cmdline"), "--token-file", str(directory / "token"),
         "--log-file", str(directory / "agent.log"), "--run-dir", str(directory / "run"),
         "--interface", "eth0", "--disk", "/dev/loop9", "--work-dir", str(directory / "target"),
+        "--exit", "exit",  # a namespace has no machine to reboot
     ]  # fmt: skip
-    console = capsys.readouterr().out
-    assert console.count("403") == 1  # the same refusal is said once, not every retry
 
 
-def test_firmware_gives_up(token_server: TokenServer, tmp_path: Path) -> None:
-    token_server.statuses = [403] * 100
-    url = _url(token_server)
-    argv = ["--server", url, "--node", "tb001", "--disk", "/dev/loop9", "--dir", str(tmp_path),
-            "--timeout", "0.3", "--retry", "0.05"]  # fmt: skip
-    assert firmware.main(argv) == 1
+def test_firmware_waits_while_the_node_boots_its_disk(
+    boot_server: BootServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with common.session() as s:
+        NodeStates(s).record("img01", "install-finished", "installed before", "admin")
+    assert firmware.main(
+        ["--server", _url(boot_server), "--node", "img01", "--mac", IMG01_MAC, "--disk",
+         "/dev/loop9", "--dir", str(tmp_path), "--timeout", "0.3", "--retry", "0.05"]
+    ) == 1  # fmt: skip
     assert not (tmp_path / "token").exists()
+    assert "/boot/token/img01.cpio.gz" not in boot_server.paths
+    console = capsys.readouterr().out
+    # the same answer is said once, not at every retry
+    assert console.count("asking again") == 1, console
+    assert "boot failed: nothing to boot after 0.3 s" in console
+
+
+def test_firmware_refuses_what_ipxe_would_not_run() -> None:
+    with pytest.raises(firmware.BootFailed, match="not an iPXE script"):
+        firmware.interpret("<html>", "52:54:00:00:00:05", "http://x/")
+    with pytest.raises(firmware.BootFailed, match="line 2: imgfetch: not a command"):
+        firmware.interpret("#!ipxe\nimgfetch x\n", "52:54:00:00:00:05", "http://x/")
+    _, chained = firmware.interpret(
+        "#!ipxe\nchain ${net0/mac:hexhyp}.ipxe\n", "52:54:00:00:00:05", "http://x/boot/ipxe"
+    )
+    assert chained == "http://x/boot/52-54-00-00-00-05.ipxe"
 
 
 def test_power_entry_point_names_the_problem(

@@ -157,6 +157,11 @@ class Renderer:
             args = [f"corral.server={self.server}", f"corral.node={node.name}", "ip=dhcp"]
             if method is InstallMethod.DISKLESS:
                 args.append("corral.mode=diskless")
+            else:
+                # The agent installs what its deployment's plan says, then reboots into the
+                # installed system (no power control needed); a profile's kernel_args come
+                # after these and win (e.g. corral.agent_exit=poweroff).
+                args += ["corral.mode=deploy", "corral.agent_exit=reboot"]
             # The node's token reaches its ramdisk as a second initrd fetched at boot,
             # never on the kernel command line.
             token_path = f"boot/token/{node.name}.cpio.gz"

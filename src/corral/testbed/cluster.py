@@ -14,8 +14,9 @@ where the packets leave: a node's download on the hub's ``tNNN``, its upload on 
 
 Each node has a sparse file attached as a loop device for its disk, is registered in the
 inventory (group ``testbed``, install method image, no profile), and is "powered on" by
-running :mod:`corral.testbed.firmware` in its namespace, which fetches its token from the
-``corral serve`` that ``up`` starts in ``ctb-srv`` and execs the real agent.
+running :mod:`corral.testbed.firmware` in its namespace, which follows the boot scripts of
+the ``corral serve`` that ``up`` starts in ``ctb-srv``, as iPXE would, and execs the real
+agent with the command line and token they give.
 """
 
 from __future__ import annotations
@@ -688,10 +689,10 @@ class Testbed:
         timeout: float | None = None,
     ) -> int | None:
         """Power a node off, or (re)boot it: kill what runs in its namespace, then run its
-        firmware there, which fetches the node's token and execs the agent.
+        firmware there, which follows the node's boot script and execs the agent.
 
         ``agent`` replaces the agent's command (tests use a stand-in); ``timeout`` is how
-        long the firmware waits for the server to hand out the token. Returns the pid.
+        long the firmware waits for the server to give it an install to boot. Returns the pid.
         """
         if action not in POWER_ACTIONS:
             raise InvalidValue(f"bad power action '{action}'", f"use {', '.join(POWER_ACTIONS)}")
@@ -712,7 +713,8 @@ class Testbed:
         # The nodes run niced: a real server has its CPUs to itself, and here a hundred
         # nodes' agents share the host's few cores with corral serve
         argv = ["nice", "-n", str(NODE_NICE), sys.executable, "-m", "corral.testbed.firmware",
-                "--server", state.server_url, "--node", info.name, "--disk", info.loop,
+                "--server", state.server_url, "--node", info.name, "--mac", info.mac,
+                "--disk", info.loop,
                 "--dir", str(directory)]  # fmt: skip
         if timeout is not None:
             argv += ["--timeout", str(timeout)]

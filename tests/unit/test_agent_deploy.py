@@ -81,24 +81,30 @@ STANDARD = [
 def test_layout_numbers_labels_and_identifies_partitions() -> None:
     layout = layout_of(STANDARD, bootloader="grub", efi_firmware=True)
     assert [(v.number, v.mount, v.fstype, v.label, v.device) for v in layout.volumes] == [
-        (1, "/boot/efi", "efi", "EFI", "/dev/sda1"),
-        (2, "/boot", "ext4", "boot", "/dev/sda2"),
-        (3, "swap", "swap", "swap", "/dev/sda3"),
-        (4, "/", "xfs", "root", "/dev/sda4"),
+        (1, "biosboot", "biosboot", "", "/dev/sda1"),
+        (2, "/boot/efi", "efi", "EFI", "/dev/sda2"),
+        (3, "/boot", "ext4", "boot", "/dev/sda3"),
+        (4, "swap", "swap", "swap", "/dev/sda4"),
+        (5, "/", "xfs", "root", "/dev/sda5"),
     ]
-    assert layout.volumes[0].uuid == "ABCD-1234"
+    assert layout.volumes[0].uuid == ""
+    assert layout.volumes[1].uuid == "ABCD-1234"
     assert layout.root.uuid == "00000000-0000-4000-8000-000000000003"
     assert layout.label_id == "00000000-0000-4000-8000-000000000004"
-    assert layout.esp is layout.volumes[0] and not layout.has_biosboot
+    assert layout.esp is layout.volumes[1] and layout.has_biosboot
 
 
-def test_grub_on_bios_gets_a_bios_boot_partition_first() -> None:
-    layout = layout_of(STANDARD[1:], bootloader="grub", efi_firmware=False)
-    first = layout.volumes[0]
-    assert (first.number, first.mount, first.size_mb) == (1, "biosboot", 1)
-    assert layout.has_biosboot and layout.root.number == 4
+def test_grub_on_gpt_gets_both_firmwares_boot_partitions_first() -> None:
+    """The default layout boots BIOS and UEFI alike: a BIOS boot partition and an ESP."""
+    for efi in (False, True):
+        layout = layout_of(STANDARD[1:], bootloader="grub", efi_firmware=efi)
+        assert [(v.number, v.mount, v.fstype, v.size_mb) for v in layout.volumes[:2]] == [
+            (1, "biosboot", "biosboot", 1),
+            (2, "/boot/efi", "efi", disk.ESP_MB),
+        ]
+        assert layout.has_biosboot and layout.esp is not None and layout.root.number == 5
     assert not layout_of(STANDARD[1:], bootloader="none").has_biosboot
-    assert not layout_of(STANDARD[1:], bootloader="grub", efi_firmware=True).has_biosboot
+    assert layout_of(STANDARD[1:], bootloader="none").esp is None
     assert not layout_of(STANDARD[1:], "dos", bootloader="grub").has_biosboot
 
 
@@ -156,6 +162,7 @@ def test_sfdisk_script_gpt() -> None:
         f"label-id: {layout.label_id}\n"
         "\n"
         f"start=2048, size=1MiB, type={disk.GPT_TYPES['biosboot']}, name=biosboot\n"
+        f"size=128MiB, type={disk.GPT_TYPES['efi']}, name=EFI\n"
         f"size=1024MiB, type={GPT_LINUX}, name=boot\n"
         f"size=2048MiB, type={disk.GPT_TYPES['swap']}, name=swap\n"
         f"type={GPT_LINUX}, name=root\n"
@@ -278,6 +285,8 @@ class FakeClient:
     paths: list[str] = field(default_factory=list)
     cancel_at: str | None = None
     fail: bool = False
+    server: str = "http://corral.test:8080"
+    token: str | None = "t0ken"
 
     def post(self, path: str, payload: dict[str, Any], *, auth: bool = True) -> Any:
         self.paths.append(path)
@@ -399,25 +408,19 @@ def test_installer_runs_the_phases_in_order(machine: tuple[Path, Path]) -> None:
     assert runner.programs() == [
         "blockdev",
         "sfdisk",
+        "mkfs.vfat",
         "mkfs.ext4",
         "mkfs.ext4",
-        "mount",
-        "mount",
-        "mount",
-        "mount",
-        "mount",
+        *["mount"] * 6,
+        "chroot /usr/sbin/grub-install",
         "chroot /usr/sbin/grub-install",
         "chroot /usr/sbin/update-grub",
         "chroot /usr/bin/bash",
         "sync",
-        "umount",
-        "umount",
-        "umount",
-        "umount",
-        "umount",
+        *["umount"] * 6,
     ]
     (sync,) = [call for call in runner.calls if call[0] == "sync"]
-    assert sync[:2] == ["sync", "-f"] and len(sync) == 4  # this disk's filesystems, not all
+    assert sync[:2] == ["sync", "-f"] and len(sync) == 5  # this disk's filesystems, not all
     assert runner.calls[1] == [
         "sfdisk",
         "--quiet",
@@ -427,12 +430,23 @@ def test_installer_runs_the_phases_in_order(machine: tuple[Path, Path]) -> None:
         "always",
         d,
     ]
-    assert "name=biosboot" in runner.inputs["sfdisk"]  # grub on BIOS, gpt
-    assert runner.calls[4][-2:] == [f"{d}3", str(work)]
-    assert runner.calls[5][-2:] == [f"{d}2", str(work / "boot")]
-    assert runner.calls[6] == ["mount", "-o", "bind", "/dev", str(work / "dev")]
-    assert runner.calls[9] == ["chroot", str(work), "/usr/sbin/grub-install", "--target=i386-pc", d]
-    assert runner.calls[11] == [
+    # grub on gpt: what BIOS and UEFI need, whichever this machine has
+    assert "name=biosboot" in runner.inputs["sfdisk"] and "name=EFI" in runner.inputs["sfdisk"]
+    assert runner.calls[5][-2:] == [f"{d}4", str(work)]
+    assert runner.calls[6][-2:] == [f"{d}3", str(work / "boot")]
+    assert runner.calls[7][-2:] == [f"{d}2", str(work / "boot/efi")]
+    assert runner.calls[8] == ["mount", "-o", "bind", "/dev", str(work / "dev")]
+    assert runner.calls[11] == ["chroot", str(work), "/usr/sbin/grub-install", "--target=i386-pc", d]
+    assert runner.calls[12] == [
+        "chroot",
+        str(work),
+        "/usr/sbin/grub-install",
+        "--target=x86_64-efi",
+        "--efi-directory=/boot/efi",
+        "--removable",
+        "--no-nvram",
+    ]
+    assert runner.calls[14] == [
         "chroot",
         str(work),
         "/usr/bin/bash",
@@ -441,11 +455,13 @@ def test_installer_runs_the_phases_in_order(machine: tuple[Path, Path]) -> None:
     env = envs[-1]
     assert env is not None and env["CORRAL_NODE"] == "n 01" and env["HOME"] == "/root"
     umounted = [c[-1] for c in runner.calls if c[0] == "umount"]
-    assert umounted == [str(work / p) for p in ("sys", "proc", "dev", "boot")] + [str(work)]
+    assert umounted == [str(work / p) for p in ("sys", "proc", "dev", "boot/efi", "boot")] + [
+        str(work)
+    ]
     assert not (work / "root/corral-post-install.sh").exists()
     assert (work / "etc/hostname").read_text() == "n01\n"
     stamp = json.loads((work / disk.STAMP).read_text())
-    assert [v["mount"] for v in stamp["volumes"]] == ["biosboot", "/boot", "/"]
+    assert [v["mount"] for v in stamp["volumes"]] == ["biosboot", "/boot/efi", "/boot", "/"]
 
 
 def test_grub_with_an_esp_on_uefi(machine: tuple[Path, Path]) -> None:
@@ -458,6 +474,7 @@ def test_grub_with_an_esp_on_uefi(machine: tuple[Path, Path]) -> None:
     assert inst.run().phase == "done"
     grub = [c[2:] for c in runner.calls if c[0] == "chroot"]
     assert grub == [
+        ["/usr/sbin/grub-install", "--target=i386-pc", str(device)],  # the same disk boots BIOS
         [
             "/usr/sbin/grub-install",
             "--target=x86_64-efi",
@@ -475,7 +492,7 @@ def test_a_disk_too_small_fails_before_writing(machine: tuple[Path, Path]) -> No
     runner, client = FakeRunner(50 * MiB), FakeClient()
     final = make_installer(make_plan(str(device)), work, runner, client).run()
     assert final.phase == "failed"
-    assert final.message.startswith(f"disk {device} is too small: 50 MiB, the layout needs 213 MiB")
+    assert final.message.startswith(f"disk {device} is too small: 50 MiB, the layout needs 341 MiB")
     assert runner.programs() == ["blockdev"]
     assert client.posts[-1]["phase"] == "failed" and client.posts[-1]["message"] == final.message
 
@@ -487,7 +504,7 @@ def test_a_failing_mkfs_names_the_filesystem_and_unmounts(machine: tuple[Path, P
     final = make_installer(make_plan(str(device)), work, runner, client).run()
     assert final.phase == "failed"
     assert final.message == (
-        f"making the /boot filesystem on {device}2: mkfs.ext4 exited with 1: "
+        f"making the /boot filesystem on {device}3: mkfs.ext4 exited with 1: "
         "while setting up superblock"
     )
     assert "mount" not in runner.programs()

@@ -52,6 +52,10 @@ MiB = 1 << 20
 STAMP = "etc/corral/layout.json"
 STAMP_FORMAT = 1
 
+#: Size of the EFI system partition added to a GRUB-booted GPT disk: FAT32 (what every
+#: firmware reads) needs at least 65,525 clusters, and GRUB's EFI files take a few MiB.
+ESP_MB = 128
+
 #: Filesystem types of a plan's partitions; ``efi`` is vfat holding an EFI system partition.
 FSTYPES = ("ext4", "xfs", "vfat", "efi", "swap", "biosboot")
 
@@ -343,8 +347,11 @@ def make_layout(
 ) -> Layout:
     """The plan's partitions, checked, numbered, with fresh labels and UUIDs.
 
-    GRUB on a BIOS machine needs a BIOS boot partition on a GPT disk to hold its core
-    image; one of 1 MiB is put first when the plan has none.
+    A GPT disk that GRUB boots gets what both firmwares need when the plan lacks it: a BIOS
+    boot partition of 1 MiB (for GRUB's core image) and an EFI system partition of
+    :data:`ESP_MB` at ``/boot/efi``, first and in that order. The same layout then boots
+    whichever firmware the machine has, also after its firmware is switched.
+    ``efi_firmware`` is kept for callers; the layout no longer depends on it.
     """
     label = disk.label.lower()
     if label not in ("gpt", "dos"):
@@ -370,9 +377,13 @@ def make_layout(
     ]
     if len(set(mounted)) != len(mounted):
         raise DiskError("two partitions have the same mount point")
-    has_biosboot = any(p.fstype == "biosboot" for p in parts)
-    if label == "gpt" and bootloader == "grub" and not efi_firmware and not has_biosboot:
-        parts.insert(0, Partition(mount="biosboot", fstype="biosboot", size_mb=1))
+    if label == "gpt" and bootloader == "grub":
+        if not any(p.fstype == "efi" for p in parts):
+            if "/boot/efi" in mounted:
+                raise DiskError("/boot/efi must be an efi partition for GRUB on UEFI")
+            parts.insert(0, Partition(mount="/boot/efi", fstype="efi", size_mb=ESP_MB))
+        if not any(p.fstype == "biosboot" for p in parts):
+            parts.insert(0, Partition(mount="biosboot", fstype="biosboot", size_mb=1))
     if label == "dos" and len(parts) > 4:
         raise DiskError(f"a dos partition table holds 4 partitions, the layout has {len(parts)}")
     volumes = []

@@ -52,6 +52,10 @@ class Settings:
     rsync_port: int = 873
     deploy_node_timeout: float = 25.0
     deploy_boot_timeout: float = 900.0
+    # A node its agent rebooted into its installed system is failed when that system has
+    # not reported its first boot within this many seconds (0: wait for ever). Servers
+    # take minutes to POST, and a first boot may resize or relabel file systems.
+    firstboot_timeout: float = 900.0
     # Multicast (udpcast): the sending rate must stay under the slowest node link that
     # should keep up ("19m" suits 20 Mbit/s links, ~"900m" a gigabit network); the FEC
     # (INTERLEAVExREDUNDANCY/STRIPESIZE, "" for none); how long a session waits for its

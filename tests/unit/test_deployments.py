@@ -26,7 +26,7 @@ from corral.images.catalog import image_store
 from corral.images.store import ImageNotFound, ImageVersion
 from corral.inventory.schema import InterfaceSpec, NodeSpec, Partition, ProfileSpec
 from corral.inventory.state import NodeStates
-from corral.serve.boot import Forbidden
+from corral.serve.boot import BootService, Forbidden
 
 
 class FakeTransport(transports.Unicast):
@@ -180,13 +180,54 @@ def test_progress_to_done_and_failed_ends_the_deployment(nodes: None, image: Ima
         store.report(ident, "n02", Progress("failed", 5, 100, "disk gone", "tail"), "10.0.0.12")
         d = store.get(ident)
         assert d.state == "failed" and d.finished
-        assert NodeStates(s).status("n01").state == "installed"
+        # the image is on its disk: "installed" is for its installed system to say
+        assert NodeStates(s).status("n01").state == "deployed"
         assert NodeStates(s).status("n02").state == "failed"
         assert store.member(ident, "n02").log_tail == "tail"
         # a late report changes nothing
         store.report(ident, "n01", Progress("receiving", 1, 100), "10.0.0.11")
         assert store.member(ident, "n01").phase == "done"
     start("n[01-02]")  # both free again
+
+
+def test_an_installed_system_proves_itself_with_its_first_boot(
+    home: Path, nodes: None, image: ImageVersion, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's done puts the image on the disk; only the installed system's first-boot
+    report, with the node's token from the node's address, makes the node installed."""
+    ident = start("n[01-03]")
+    with common.session() as s:
+        tokens = {name: NodeStates(s).issue_token(name) for name in ("n01", "n02", "n03")}
+        store = Deployments(s)
+        done = Progress("done", 100, 100, "installed", first_boot=True, reboot=True)
+        store.report(ident, "n01", done, "10.0.0.11")
+        store.report(ident, "n02", done, "10.0.0.12")
+        store.report(ident, "n03", Progress("done", 100, 100, first_boot=True), "10.0.0.13")
+        status = NodeStates(s).status("n01")
+        assert (status.state, status.phase) == ("deployed", "rebooting")
+        assert NodeStates(s).status("n03").phase == "deployed"  # did not reboot: no timer
+    service = BootService(common.settings(), common.engine())
+    with pytest.raises(Forbidden, match="only to its own address"):
+        service.event("n01", tokens["n01"], "first-boot", "up", "10.0.0.99")
+    answer = service.event("n01", tokens["n01"], "first-boot", "n01 up", "10.0.0.11")
+    assert answer["state"] == "installed"
+    with pytest.raises(Forbidden):  # the token did its job: it is spent
+        service.event("n01", tokens["n01"], "first-boot", "again", "10.0.0.11")
+    # n02 never calls back: failed once firstboot_timeout has passed, with the reason
+    clock = Clock(monkeypatch)
+    with _service(home) as deploys, ThreadPoolExecutor(1) as pool:
+        deploys.tick(pool)
+        with common.session() as s:
+            assert NodeStates(s).status("n02").state == "deployed"
+        clock.now += deploys.settings.firstboot_timeout + 1
+        deploys.tick(pool)
+    with common.session() as s:
+        status = NodeStates(s).status("n02")
+        assert status.state == "failed"
+        assert "first-boot: rebooted into its installed system at" in (status.message or "")
+        assert "did not report within 900 s" in (status.message or "")
+        assert NodeStates(s).status("n03").state == "deployed"
+        assert NodeStates(s).status("n01").state == "installed"
 
 
 def test_cancel(nodes: None, image: ImageVersion) -> None:
@@ -213,6 +254,14 @@ def test_the_plan_says_what_the_node_gets(home: Path, nodes: None, image: ImageV
         with pytest.raises(Forbidden):
             service.plan("n01", None, "10.0.0.11")
         assert service.plan("n02", "good", "10.0.0.12") is None  # nothing to do: 204
+        # ... and the node's status says so, once
+        assert service.plan("n02", "good", "10.0.0.12") is None
+        with common.session() as s:
+            status = NodeStates(s).status("n02")
+            assert status.phase == "waiting"
+            assert "no deployment includes it" in (status.message or "")
+            assert "'corral deploy n02'" in (status.message or "")
+            assert [e.phase for e in NodeStates(s).events("n02")] == ["waiting"]
         plan = Plan.from_dict(service.plan("n01", "good", "10.0.0.11") or {})
     assert plan.deployment == ident and plan.node == "n01"
     assert plan.transport.params == {"where": "fake://small:1/n01"}

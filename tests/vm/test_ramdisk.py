@@ -116,11 +116,13 @@ def test_initramfs_has_the_tools_and_fits(ramdisk: RamdiskResult, tmp_path: Path
 def test_agent_reports_booted_from_the_reserved_address(
     server: Server, ramdisk: RamdiskResult, tmp_path: Path
 ) -> None:
+    """... and, booted for an install with no deployment to run, says so on its status
+    rather than wait in silence."""
     with VM(server.net, workdir=tmp_path, mac=MAC, tap="tap201", memory_mb=1024) as vm:
         try:
             vm.wait_for(r"reported booted", timeout=BOOT_TIMEOUT)
             seconds = vm.elapsed
-            vm.wait_exit(timeout=60)  # corral.agent_exit=poweroff
+            vm.wait_for(r"no install plan yet", timeout=60)
         except Exception:
             print(server.log.read_text()[-3000:])
             raise
@@ -133,6 +135,10 @@ def test_agent_reports_booted_from_the_reserved_address(
     assert message.startswith(f"ip={IP} mac={MAC} kernel={ramdisk.kernel_version} cpus=1 ")
     status = corral("node", "status", "agent1", home=server.home)
     assert status.returncode == 0 and "installing" in status.stdout
+    assert "waiting" in status.stdout, status.stdout
+    phase, message, source = server.event_rows("agent1")[-1]
+    assert (phase, source) == ("waiting", IP)
+    assert "no deployment includes it" in message
 
 
 def test_ramdisk_python_imports_libtorrent(server: Server, tmp_path: Path) -> None:

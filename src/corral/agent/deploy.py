@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -25,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from corral.agent import disk, identity
+from corral.agent import disk, firstboot, identity
 from corral.agent.plan import PHASES, Plan, Progress
 from corral.agent.receive import (
     RECEIVERS,
@@ -67,6 +68,8 @@ class InstallSettings:
     #: seconds to wait for the kernel to show new partitions
     partition_timeout: float = 20.0
     log_lines: int = 60
+    #: the agent reboots the machine once installed (into the installed system)
+    reboot: bool = False
 
 
 class _Tail(logging.Handler):
@@ -192,6 +195,8 @@ class Installer:
         self.total = 0
         self.layout: disk.Layout | None = None
         self.reused = False
+        #: the installed system got the unit that reports its first boot
+        self.first_boot = False
         self.received: Received | None = None
         self.receiver: Receiver | None = None
 
@@ -257,7 +262,15 @@ class Installer:
                 raise DeployError(f"could not unmount {', '.join(sorted(set(left)))}")
             seconds = time.monotonic() - started
             log.info("installed %s on %s in %.0f s", self.plan.image.ref, self.device, seconds)
-            final = Progress("done", self.bytes, self.total, f"installed in {seconds:.0f} s")
+            then = "rebooting into it" if self.settings.reboot else "not rebooting"
+            final = Progress(
+                "done",
+                self.bytes,
+                self.total,
+                f"installed in {seconds:.0f} s; {then}",
+                first_boot=self.first_boot,
+                reboot=self.settings.reboot,
+            )
         except Cancelled:
             log.error("deployment cancelled")
             final = Progress("failed", self.bytes, self.total, "cancelled")
@@ -272,7 +285,7 @@ class Installer:
             self.reporter.stop()
             logger.removeHandler(tail)
             logger.setLevel(level)
-        final = Progress(final.phase, final.bytes, final.total, final.message, tail.text())
+        final = dataclasses.replace(final, log_tail=tail.text())
         self.phases.append(final.phase)
         self.reporter.send(final)
         if self.client is not None:
@@ -332,6 +345,7 @@ class Installer:
 
         self._enter("configuring", plan.identity.hostname)
         identity.configure(self.target, plan.identity, layout)
+        self.install_first_boot()
 
         chroot_ready = False
         if plan.bootloader == "grub":
@@ -350,6 +364,18 @@ class Installer:
         self.run_command(["sync", "-f", *map(str, points)], timeout=600)
 
     # --- inside the installed system -------------------------------------------------
+
+    def install_first_boot(self) -> None:
+        """Leave the unit by which the installed system tells corral it is up: only for a
+        system that corral's GRUB boots and that runs systemd."""
+        client, plan = self.client, self.plan
+        if plan.bootloader != "grub" or client is None or not client.token:
+            return
+        if not firstboot.has_systemd(self.target):
+            log.warning("the image has no systemd: corral will not hear of its first boot")
+            return
+        firstboot.install(self.target, client.server, plan.node, client.token)
+        self.first_boot = True
 
     def _chroot_mounts(self) -> None:
         """The kernel's filesystems inside the target, as tools run in it expect."""

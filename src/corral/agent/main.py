@@ -370,6 +370,7 @@ class Agent:
             efi=self.efi,
             tries=self.settings.tries,
             post_timeout=self.settings.post_timeout,
+            reboot=self.orders.agent_exit == "reboot",
         )
         self.installer = Installer(plan, self.client, self.runner, settings, sleep=self.sleep)
         final = self.installer.run()
@@ -387,8 +388,13 @@ class Agent:
         while True:
             self.sleep(self.settings.wait_interval)
 
-    def finish(self) -> int:
+    def finish(self, failed: bool = False) -> int:
         action = self.orders.agent_exit
+        if failed and action == "reboot":
+            # Rebooting would boot a disk the install left half-written: the ramdisk stays
+            # up, its console and log (and corral's status) say why
+            log.error("not rebooting: the install failed (re-arm with 'corral node reinstall')")
+            action = "wait"
         if action in ("poweroff", "reboot"):
             serving_others(LINGER_LIMIT)
             log.info("%s", "powering off" if action == "poweroff" else "rebooting")
@@ -413,7 +419,7 @@ class Agent:
             link = self.network_up()
         except NetworkError as exc:
             log.error("network: %s", exc)
-            self.finish()
+            self.finish(failed=True)
             return 1
         facts = self.facts()
         ip = link.ip
@@ -426,7 +432,7 @@ class Agent:
             self.report("booted", facts.summary(ip, link.mac))
             if orders.mode == "deploy":
                 rc = self.deploy()
-        return self.finish() or rc
+        return self.finish(failed=rc != 0) or rc
 
 
 def serving_others(limit: float) -> None:

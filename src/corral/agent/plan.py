@@ -153,6 +153,10 @@ class Progress:
     message: str = ""
     #: the last lines of the agent's log, sent with ``failed`` (and ``done``)
     log_tail: str = ""
+    #: with ``done``: the installed system will report its first boot (corral's unit)
+    first_boot: bool = False
+    #: with ``done``: the agent reboots the machine now, into the installed system
+    reboot: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

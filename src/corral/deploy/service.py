@@ -46,6 +46,7 @@ from corral.images.exports import STREAM_INDEX
 from corral.images.store import ImageVersion
 from corral.inventory import models as m
 from corral.inventory.merge import merge_node
+from corral.inventory.state import NodeStates
 from corral.inventory.store import Inventory
 from corral.render.renderer import Renderer, Snapshot
 from corral.run import run
@@ -101,6 +102,7 @@ class DeployService:
             self.authorize(s, node, token, client_ip)
             row = Deployments(s).active(node)
             if row is None:
+                self._no_deployment(s, node, client_ip)
                 return None
             version = self.version(row.image)
             transport = self.transports.get(row.transport)
@@ -109,6 +111,19 @@ class DeployService:
             self.silent[node] = 0.0
             log.info("node %s fetched its plan (deployment %d)", node, row.deployment_id)
             return plan.to_dict()
+
+    @staticmethod
+    def _no_deployment(session: Session, node: str, client_ip: str) -> None:
+        """Say on the node's status, once, that it booted the deploy ramdisk for nothing."""
+        states = NodeStates(session)
+        if states.status(node).phase == "waiting":
+            return
+        message = (
+            "booted the deploy ramdisk, but no deployment includes it: its agent asks for "
+            f"one every few seconds for 10 minutes ('corral deploy {node}')"
+        )
+        states.record(node, "waiting", message, client_ip)
+        log.warning("node %s: %s", node, message)
 
     def _build_plan(
         self, session: Session, row: m.DeploymentNode, version: ImageVersion, params: dict[str, Any]
@@ -172,6 +187,8 @@ class DeployService:
             total=int(body.get("total", 0)),
             message=str(body.get("message", "")),
             log_tail=str(body.get("log_tail", "")),
+            first_boot=body.get("first_boot") is True,
+            reboot=body.get("reboot") is True,
         )
         with self.session() as s:
             self.authorize(s, node, token, client_ip)
@@ -250,6 +267,23 @@ class DeployService:
                 self._end_sessions(deployment)
                 if deployment.state != RUNNING:
                     log.info("deployment %d ended: %s", deployment.id, deployment.state)
+            self._first_boot_timeouts(s, now)
+
+    def _first_boot_timeouts(self, session: Session, now: float) -> None:
+        """Fail nodes rebooted into their installed system that never said it came up."""
+        limit = self.settings.firstboot_timeout
+        if limit <= 0:
+            return
+        states = NodeStates(session)
+        for status in states.awaiting_first_boot():
+            if status.updated is not None and now - status.updated > limit:
+                when = time.strftime("%H:%M:%S", time.localtime(status.updated))
+                reason = (
+                    f"first-boot: rebooted into its installed system at {when}, which did not "
+                    f"report within {limit:.0f} s (did it boot from its disk? see its console)"
+                )
+                states.record(status.name, "failed", reason, "corral")
+                log.warning("node %s: %s", status.name, reason)
 
     def _sessions_of(self, session: Session, deployment: m.Deployment) -> None:
         """Start a transfer session for each (image, transport) of the deployment's nodes

@@ -271,7 +271,7 @@ class Deployments:
         if changed:
             states = NodeStates(self.session)
             if progress.phase == "done":
-                states.record(node, "install-finished", f"deployment {ident}: {row.image}", source)
+                states.record(node, *_written(ident, row.image, progress), source)
             elif progress.phase == "failed":
                 states.record(node, "failed", f"deployment {ident}: {row.message}", source)
             else:
@@ -310,6 +310,17 @@ class Deployments:
         if all(p in FINAL_PHASES for p in phases):
             deployment.state = "done" if all(p == "done" for p in phases) else "failed"
             deployment.finished = time.time()
+
+
+def _written(ident: int, image: str, progress: Progress) -> tuple[str, str]:
+    """(phase, message) of a node whose agent ended ``done``: its image is on its disk, and
+    whether corral now waits for its installed system's first-boot call."""
+    where = f"deployment {ident}: {image} is on its disk"
+    if progress.first_boot and progress.reboot:
+        return "rebooting", f"{where}; rebooting into it"
+    if progress.first_boot:
+        return "deployed", f"{where}; it reports when its installed system first boots"
+    return "deployed", f"{where} (no first-boot report: bootloader none, or no systemd)"
 
 
 def new_deployment(

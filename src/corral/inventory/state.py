@@ -5,6 +5,18 @@ success (or failure) it is disarmed and boots from its local disk until an
 administrator re-arms it with ``corral node reinstall``: no node loops into
 reinstalling itself.
 
+The life cycle of a node (``state``, moved by the ``phase`` of what it reports)::
+
+    armed ─booted─▶ installing ─install-finished (kickstart's %post)─────────▶ installed
+                      │ └─rebooting | deployed (image on disk)─▶ deployed ─first-boot─▶ installed
+                      └─failed─▶ failed ◀─first-boot timeout (rebooting, no call back)─┘
+
+An image install ends ``deployed``: the disk holds the image. Only the installed system's
+own word, the ``first-boot`` event its corral unit posts with the node's token from the
+node's address, makes it ``installed``. ``rebooting`` means the agent rebooted into it, so
+silence past ``firstboot_timeout`` fails the node; ``deployed`` alone (the agent did not
+reboot, or the image has no unit) waits for that word without a timer.
+
 Tokens are random, issued when a node starts an install (with its kickstart, or in
 its boot ramdisk) and only their sha256 is stored; they are compared in constant time.
 """
@@ -26,15 +38,31 @@ from corral.inventory import models as m
 from corral.inventory.schema import InterfaceSpec, NodeSpec, normalize_mac
 from corral.inventory.store import Inventory
 
-ARMED, INSTALLING, INSTALLED, FAILED, DISCOVERED = (
+ARMED, INSTALLING, DEPLOYED, INSTALLED, FAILED, DISCOVERED = (
     "armed",
     "installing",
+    "deployed",
     "installed",
     "failed",
     "discovered",
 )
-# Phases a node reports; the last two end an install.
-PHASES = ("booted", "pre-install", "post-install", "progress", "install-finished", "failed")
+# Phases recorded on a node: what it reports, and what corral records for it ("waiting":
+# it booted the deploy ramdisk with no deployment to run; "rebooting" and "deployed": its
+# image is on its disk; "first-boot": its installed system is up).
+PHASES = (
+    "booted",
+    "waiting",
+    "pre-install",
+    "post-install",
+    "progress",
+    "install-finished",
+    "rebooting",
+    "deployed",
+    "first-boot",
+    "failed",
+)
+#: The phase only a node's installed system reports (from the node's address).
+FIRST_BOOT = "first-boot"
 MAX_MESSAGE = 4000
 
 
@@ -117,6 +145,22 @@ class NodeStates:
         row.updated = time.time()
         return token
 
+    def revoke_token(self, name: str) -> None:
+        """The node's token stops working (its install is over)."""
+        self._row(name).token_hash = None
+
+    def awaiting_first_boot(self) -> list[NodeStatus]:
+        """Nodes whose agent rebooted them into their installed system, not heard of since."""
+        query = (
+            select(m.Node.name, m.NodeState)
+            .join(m.NodeState, m.NodeState.node_id == m.Node.id)
+            .where(m.NodeState.state == DEPLOYED, m.NodeState.phase == "rebooting")
+        )
+        return [
+            NodeStatus(name, row.state, row.phase, row.message, row.updated, row.facts)
+            for name, row in self.session.execute(query)
+        ]
+
     def check_token(self, name: str, token: str | None) -> bool:
         row = self.session.get(m.NodeState, self._node_id(name))
         expected = row.token_hash if row is not None else None
@@ -130,8 +174,10 @@ class NodeStates:
         row = self._row(name)
         message = message[:MAX_MESSAGE]
         row.phase, row.message, row.updated = phase, message, time.time()
-        if phase == "install-finished":
+        if phase in ("install-finished", FIRST_BOOT):
             row.state = INSTALLED
+        elif phase in ("rebooting", "deployed"):
+            row.state = DEPLOYED
         elif phase == "failed":
             row.state = FAILED
         elif row.state == ARMED:

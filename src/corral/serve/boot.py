@@ -24,7 +24,7 @@ from corral.errors import CorralError, NotFound
 from corral.inventory import models as m
 from corral.inventory.db import transaction
 from corral.inventory.schema import NodeSpec, normalize_mac
-from corral.inventory.state import NodeStates
+from corral.inventory.state import FIRST_BOOT, NodeStates
 from corral.inventory.store import Inventory
 from corral.render.renderer import Renderer, Snapshot
 
@@ -174,9 +174,14 @@ class BootService:
         self, name: str, token: str | None, phase: str, message: str, client_ip: str
     ) -> dict[str, Any]:
         with self.session() as s:
-            Inventory(s).node(name)
+            node = Inventory(s).node(name)
             self.authorize(s, name, token, client_ip)
-            status = NodeStates(s).record(name, phase, message, client_ip)
+            states = NodeStates(s)
+            if phase == FIRST_BOOT:
+                # the installed system's word that it is up: from the node itself, once
+                self._require_source(node, client_ip, "first-boot report")
+                states.revoke_token(name)
+            status = states.record(name, phase, message, client_ip)
         log.info("node %s: %s %s (from %s)", name, phase, message, client_ip)
         return {"node": name, "state": status.state, "phase": status.phase}
 

@@ -436,7 +436,13 @@ def test_installer_runs_the_phases_in_order(machine: tuple[Path, Path]) -> None:
     assert runner.calls[6][-2:] == [f"{d}3", str(work / "boot")]
     assert runner.calls[7][-2:] == [f"{d}2", str(work / "boot/efi")]
     assert runner.calls[8] == ["mount", "-o", "bind", "/dev", str(work / "dev")]
-    assert runner.calls[11] == ["chroot", str(work), "/usr/sbin/grub-install", "--target=i386-pc", d]
+    assert runner.calls[11] == [
+        "chroot",
+        str(work),
+        "/usr/sbin/grub-install",
+        "--target=i386-pc",
+        d,
+    ]
     assert runner.calls[12] == [
         "chroot",
         str(work),
@@ -1083,3 +1089,13 @@ def test_install_disk_and_interface_from_the_command_line(tmp_path: Path) -> Non
     link = lo.network_up()
     assert (link.interface, link.ip) == ("lo", "127.0.0.1")
     assert Agent(BootOrders(interface="no-such-nic0"), Paths(sysfs=sysfs))._candidates() == []
+
+
+def test_installed_kernel_args_reach_grubs_config(machine: tuple[Path, Path]) -> None:
+    device, work = machine
+    runner, client = FakeRunner(8 << 30), FakeClient()
+    plan = make_plan(str(device), kernel_args=["console=ttyS0,115200", "quiet"])
+    assert make_installer(plan, work, runner, client).run().phase == "done"
+    text = (work / "etc/default/grub.d/50-corral.cfg").read_text()
+    assert 'GRUB_CMDLINE_LINUX="$GRUB_CMDLINE_LINUX console=ttyS0,115200 quiet"' in text
+    assert Plan.from_dict(plan.to_dict()).kernel_args == ["console=ttyS0,115200", "quiet"]

@@ -58,9 +58,12 @@ class Server:
 
 
 @contextmanager
-def corral_server(name: str, cluster: str, kernel: Path, initrd: Path) -> Iterator[Server]:
+def corral_server(
+    name: str, cluster: str, kernel: Path, initrd: Path, images: Path | None = None
+) -> Iterator[Server]:
     """Serve ``cluster`` with ``kernel``/``initrd`` as the ramdisk; stopped with SIGTERM,
-    which must end corral (exit 0) and everything it started."""
+    which must end corral (exit 0) and everything it started. ``images``: an image store
+    to serve from (linked into the home, so that an image built once serves many runs)."""
     # dnsmasq reads its files as 'nobody': the home must be world-readable.
     work = Path(tempfile.mkdtemp(prefix="corral-vm-"))
     work.chmod(0o755)
@@ -70,6 +73,8 @@ def corral_server(name: str, cluster: str, kernel: Path, initrd: Path) -> Iterat
         shutil.copyfile(kernel, home / "ramdisk" / "vmlinuz")
         shutil.copyfile(initrd, home / "ramdisk" / "initrd.img")
         (home / "corral.toml").write_text("dhcp_ipv6_ra = true\n")
+        if images is not None:
+            (home / "images").symlink_to(images)
         (work / "cluster.yaml").write_text(cluster)
         applied = corral("apply", "-f", str(work / "cluster.yaml"), home=home)
         assert applied.returncode == 0, applied.stderr

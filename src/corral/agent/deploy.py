@@ -45,6 +45,9 @@ BOOTLOADERS = ("grub", "none")
 #: Where the post-install script is written in the installed root (and removed after).
 POST_SCRIPT = "root/corral-post-install.sh"
 
+#: GRUB settings corral adds in the installed system (the node's kernel arguments).
+GRUB_DEFAULTS = "etc/default/grub.d/50-corral.cfg"
+
 #: PATH inside the installed system.
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -418,6 +421,13 @@ class Installer:
         if install is None:
             raise DeployError("the image has no grub-install: install GRUB in it")
         timeout = self.settings.grub_timeout
+        if self.plan.kernel_args:
+            # sourced by grub-mkconfig after /etc/default/grub (the image's own settings)
+            args = " ".join(self.plan.kernel_args).replace('"', "")
+            text = f'GRUB_CMDLINE_LINUX="$GRUB_CMDLINE_LINUX {args}"\n'
+            identity.write_atomic(
+                self.target / GRUB_DEFAULTS, "# corral: installed_kernel_args\n" + text
+            )
         esp = layout.esp
         bios = layout.label == "dos" or layout.has_biosboot
         if not bios and esp is None:

@@ -114,6 +114,8 @@ class Plan:
     bootloader: str  # "grub" or "none"
     post_script: str  # bash, run in the installed system's chroot; "" for none
     report_interval: float = 1.0
+    #: words added to the installed system's kernel command line (by its GRUB config)
+    kernel_args: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +140,7 @@ class Plan:
                 bootloader=str(data["bootloader"]),
                 post_script=str(data.get("post_script", "")),
                 report_interval=float(data.get("report_interval", 1.0)),
+                kernel_args=[str(a) for a in data.get("kernel_args", [])],
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed plan: {exc}") from None

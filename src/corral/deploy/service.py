@@ -176,6 +176,7 @@ class DeployService:
             bootloader=str(variables.get("bootloader", "grub")),
             post_script=post,
             report_interval=report_interval(len(row.deployment.nodes)),
+            kernel_args=_words(variables.get("installed_kernel_args")),
         )
 
     def progress(
@@ -403,6 +404,15 @@ class Manager(threading.Thread):
         self.join(timeout=10)
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.service.transports.close()
+
+
+def _words(value: Any) -> list[str]:
+    """A variable given as a list of words or as one string of them."""
+    if not value:
+        return []
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return str(value).split()
 
 
 def _stream_index(version: ImageVersion) -> dict[str, Any]:

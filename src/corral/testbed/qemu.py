@@ -91,7 +91,8 @@ class VM:
     of ``OVMF_VARS_4M.fd``. ``romfile=None`` keeps qemu's default iPXE ROM (see the module
     documentation); ``option_rom=False`` gives the NIC no ROM at all, so that OVMF's own
     PXE client boots (SeaBIOS has none); ``disks`` are raw images attached as virtio
-    disks (``/dev/vda``...).
+    disks (``/dev/vda``...), booted after the network. ``reboot`` lets a guest's reboot
+    restart it (the OVMF variables survive it) rather than end qemu.
 
     >>> with VM(net, workdir=tmp, mac="52:54:00:00:00:01") as vm:   # doctest: +SKIP
     ...     m = vm.wait_for(r"CORRAL-TEST-BOOTED node=(\\S+) ip=(\\S+)", timeout=180)
@@ -112,6 +113,7 @@ class VM:
         option_rom: bool = True,
         disks: Sequence[Path] = (),
         extra_args: Sequence[str] = (),
+        reboot: bool = False,
     ) -> None:
         mac = mac.lower()
         if not _MAC.match(mac):
@@ -130,6 +132,7 @@ class VM:
         self.option_rom = option_rom
         self.disks = tuple(disks)
         self.extra_args = tuple(extra_args)
+        self.reboot = reboot
         self.console_log = workdir / f"{name}.console.log"
         self.qemu_log = workdir / f"{name}.qemu.log"
         self.vars_copy = workdir / f"{name}.OVMF_VARS.fd"
@@ -159,9 +162,7 @@ class VM:
             "none",
             "-serial",
             f"file:{self.console_log}",
-            "-no-reboot",
-            "-boot",
-            "n",
+            *([] if self.reboot else ["-no-reboot"]),
             "-netdev",
             f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
             "-device",
@@ -174,8 +175,15 @@ class VM:
                 "-drive",
                 f"if=pflash,format=raw,unit=1,file={_opt(self.vars_copy)}",
             ]
-        for disk in self.disks:
-            argv += ["-drive", f"if=virtio,format=raw,file={_opt(disk)}"]
+        # network first, then the disks: a node that is not armed gets a script that exits
+        # iPXE, and the firmware boots the next device, as netboot-once wants
+        for index, disk in enumerate(self.disks):
+            argv += [
+                "-drive",
+                f"if=none,id=disk{index},format=raw,file={_opt(disk)}",
+                "-device",
+                f"virtio-blk-pci,drive=disk{index},bootindex={index + 2}",
+            ]
         return argv + list(self.extra_args)
 
     # --- life cycle --------------------------------------------------------------------

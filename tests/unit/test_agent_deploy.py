@@ -3,6 +3,7 @@ tools are driven in tests/integration/test_agent_deploy.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -407,6 +408,7 @@ def test_installer_runs_the_phases_in_order(machine: tuple[Path, Path]) -> None:
     d = str(device)
     assert runner.programs() == [
         "blockdev",
+        "sfdisk",  # --json: is there a partition table corral did not make?
         "sfdisk",
         "mkfs.vfat",
         "mkfs.ext4",
@@ -421,7 +423,7 @@ def test_installer_runs_the_phases_in_order(machine: tuple[Path, Path]) -> None:
     ]
     (sync,) = [call for call in runner.calls if call[0] == "sync"]
     assert sync[:2] == ["sync", "-f"] and len(sync) == 5  # this disk's filesystems, not all
-    assert runner.calls[1] == [
+    assert runner.calls[2] == [
         "sfdisk",
         "--quiet",
         "--wipe",
@@ -432,18 +434,18 @@ def test_installer_runs_the_phases_in_order(machine: tuple[Path, Path]) -> None:
     ]
     # grub on gpt: what BIOS and UEFI need, whichever this machine has
     assert "name=biosboot" in runner.inputs["sfdisk"] and "name=EFI" in runner.inputs["sfdisk"]
-    assert runner.calls[5][-2:] == [f"{d}4", str(work)]
-    assert runner.calls[6][-2:] == [f"{d}3", str(work / "boot")]
-    assert runner.calls[7][-2:] == [f"{d}2", str(work / "boot/efi")]
-    assert runner.calls[8] == ["mount", "-o", "bind", "/dev", str(work / "dev")]
-    assert runner.calls[11] == [
+    assert runner.calls[6][-2:] == [f"{d}4", str(work)]
+    assert runner.calls[7][-2:] == [f"{d}3", str(work / "boot")]
+    assert runner.calls[8][-2:] == [f"{d}2", str(work / "boot/efi")]
+    assert runner.calls[9] == ["mount", "-o", "bind", "/dev", str(work / "dev")]
+    assert runner.calls[12] == [
         "chroot",
         str(work),
         "/usr/sbin/grub-install",
         "--target=i386-pc",
         d,
     ]
-    assert runner.calls[12] == [
+    assert runner.calls[13] == [
         "chroot",
         str(work),
         "/usr/sbin/grub-install",
@@ -452,7 +454,7 @@ def test_installer_runs_the_phases_in_order(machine: tuple[Path, Path]) -> None:
         "--removable",
         "--no-nvram",
     ]
-    assert runner.calls[14] == [
+    assert runner.calls[15] == [
         "chroot",
         str(work),
         "/usr/bin/bash",
@@ -1099,3 +1101,58 @@ def test_installed_kernel_args_reach_grubs_config(machine: tuple[Path, Path]) ->
     text = (work / "etc/default/grub.d/50-corral.cfg").read_text()
     assert 'GRUB_CMDLINE_LINUX="$GRUB_CMDLINE_LINUX console=ttyS0,115200 quiet"' in text
     assert Plan.from_dict(plan.to_dict()).kernel_args == ["console=ttyS0,115200", "quiet"]
+
+
+FOREIGN_TABLE = json.dumps(
+    {
+        "partitiontable": {
+            "label": "dos",
+            "id": "0x1234",
+            "device": "/dev/sda",
+            "partitions": [
+                {"node": "/dev/sda1", "start": 2048, "size": 1000, "type": "7"},
+                {"node": "/dev/sda2", "start": 4096, "size": 1000, "type": "83"},
+            ],
+        }
+    }
+)
+
+
+def test_a_disk_another_system_partitioned_is_not_erased_unless_told(
+    machine: tuple[Path, Path],
+) -> None:
+    device, work = machine
+    runner, client = FakeRunner(8 << 30), FakeClient()
+    runner.outputs["sfdisk"] = FOREIGN_TABLE
+    runner.fail["mount"] = (32, "wrong fs type")  # nothing corral reads on it
+    final = make_installer(make_plan(str(device)), work, runner, client).run()
+    assert final.phase == "failed"
+    assert final.message == (
+        f"{device} holds a dos partition table of 2 partition(s) (7, 83), not made by "
+        "corral: not erased; set wipe_disk: true in the node's profile to let corral erase it"
+    )
+    assert "mkfs.ext4" not in runner.programs() and runner.programs().count("sfdisk") == 2
+    # told to: erased, and the log says so
+    runner, client = FakeRunner(8 << 30), FakeClient()
+    runner.outputs["sfdisk"] = FOREIGN_TABLE
+    plan = make_plan(str(device))
+    wiping = dataclasses.replace(plan, disk=dataclasses.replace(plan.disk, wipe=True))
+    installer = make_installer(wiping, work, runner, client)
+    runner.fail["mount"] = (32, "wrong fs type")
+    assert installer.run().phase == "failed"  # every mount fails here, the wipe went on
+    assert "erasing" in client.posts[-1]["log_tail"] and "mkfs.ext4" in runner.programs()
+
+
+def test_a_disk_corral_installed_is_partitioned_again(machine: tuple[Path, Path]) -> None:
+    device, work = machine
+    runner, client = FakeRunner(8 << 30), FakeClient()
+    runner.outputs["sfdisk"] = FOREIGN_TABLE
+
+    def stamp_on_first_mount(args: list[str], env: Any) -> None:
+        if args[0] == "mount" and "ro" in args:
+            (Path(args[-1]) / disk.STAMP).parent.mkdir(parents=True, exist_ok=True)
+            (Path(args[-1]) / disk.STAMP).write_text("{}")
+
+    runner.hook = stamp_on_first_mount
+    final = make_installer(make_plan(str(device)), work, runner, client).run()
+    assert final.phase == "done", final.message

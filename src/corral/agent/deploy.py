@@ -328,6 +328,7 @@ class Installer:
         if reused is not None:
             layout, self.reused = reused, True
         else:
+            self.check_wipe()
             disk.partition(
                 self.run_command,
                 layout,
@@ -365,6 +366,19 @@ class Installer:
         # (on the testbed, 100 nodes each flushing all the others' disks)
         points = [self.target / v.mount.lstrip("/") for v in layout.volumes if v.mounted]
         self.run_command(["sync", "-f", *map(str, points)], timeout=600)
+
+    def check_wipe(self) -> None:
+        """Erase a disk that corral did not partition only when the plan says so (the
+        profile's ``wipe_disk``): a disk with another system's partitions is refused."""
+        found = disk.foreign_table(self.run_command, self.mounts, self.device, self.target)
+        if found is None:
+            return
+        if not self.plan.disk.wipe:
+            raise DeployError(
+                f"{self.device} holds {found}, not made by corral: not erased; "
+                "set wipe_disk: true in the node's profile to let corral erase it"
+            )
+        log.warning("erasing %s: it holds %s, and the plan says wipe_disk", self.device, found)
 
     # --- inside the installed system -------------------------------------------------
 

@@ -659,6 +659,39 @@ def read_table(run: Runner, device: str) -> dict[str, Any] | None:
     return table if isinstance(table, dict) else None
 
 
+def made_by_corral(run: Runner, mounts: Mounts, device: str, scratch: Path) -> bool:
+    """Whether a file system on ``device`` holds corral's layout stamp: the disk is one
+    corral installed, which it may partition again without being told to wipe it."""
+    table = read_table(run, device) or {}
+    for part in table.get("partitions") or []:
+        node = str(part.get("node", ""))
+        if not node:
+            continue
+        scratch.mkdir(parents=True, exist_ok=True)
+        try:
+            mounts.mount(node, scratch, options="ro")
+        except DiskError:
+            continue  # not a file system the kernel reads: swap, a BIOS boot partition...
+        try:
+            if (scratch / STAMP).is_file():
+                return True
+        finally:
+            mounts.unmount(scratch)
+    return False
+
+
+def foreign_table(run: Runner, mounts: Mounts, device: str, scratch: Path) -> str | None:
+    """A description of the partition table on ``device`` if corral did not make it
+    (None: no table, or corral's own)."""
+    table = read_table(run, device)
+    parts = (table or {}).get("partitions") or []
+    if not parts or made_by_corral(run, mounts, device, scratch):
+        return None
+    names = ", ".join(str(p.get("name") or p.get("type", "?")) for p in parts[:6])
+    label = (table or {}).get("label", "?")
+    return f"a {label} partition table of {len(parts)} partition(s) ({names})"
+
+
 def find_reusable(
     run: Runner,
     mounts: Mounts,

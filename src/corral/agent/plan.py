@@ -81,6 +81,8 @@ class Disk:
     device: str
     label: str  # "gpt" or "dos"
     partitions: list[Partition]
+    #: erase a partition table corral did not make (the profile's wipe_disk)
+    wipe: bool = False
 
 
 @dataclass(frozen=True)

@@ -162,6 +162,7 @@ class DeployService:
                 device=install_disk(node, merged),
                 label=str(variables.get("disk_label", "gpt")),
                 partitions=partitions,
+                wipe=variables.get("wipe_disk") is True,
             ),
             identity=Identity(
                 hostname=node.name,

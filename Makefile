@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= /tmp/corral-demo
 
-.PHONY: setup demo test lint typecheck unit integration vm clean
+.PHONY: setup demo test lint typecheck unit integration vm vm-e2e clean
 
 setup:
 	@scripts/setup.sh
@@ -19,7 +19,7 @@ typecheck: setup
 	$(VENV)/bin/mypy
 
 test: lint typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not vm_e2e"
 
 unit: setup
 	$(PY) -m pytest -q tests/unit
@@ -28,7 +28,10 @@ integration: setup
 	$(PY) -m pytest -q -m integration
 
 vm: setup
-	$(PY) -m pytest -q -m vm
+	$(PY) -m pytest -q -m "vm and not vm_e2e"
+
+vm-e2e: setup
+	$(PY) -m pytest -q -m vm_e2e
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

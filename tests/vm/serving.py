@@ -59,11 +59,17 @@ class Server:
 
 @contextmanager
 def corral_server(
-    name: str, cluster: str, kernel: Path, initrd: Path, images: Path | None = None
+    name: str,
+    cluster: str,
+    kernel: Path,
+    initrd: Path,
+    images: Path | None = None,
+    config: str = "",
 ) -> Iterator[Server]:
     """Serve ``cluster`` with ``kernel``/``initrd`` as the ramdisk; stopped with SIGTERM,
     which must end corral (exit 0) and everything it started. ``images``: an image store
-    to serve from (linked into the home, so that an image built once serves many runs)."""
+    to serve from (linked into the home, so that an image built once serves many runs);
+    ``config``: more lines of corral.toml."""
     # dnsmasq reads its files as 'nobody': the home must be world-readable.
     work = Path(tempfile.mkdtemp(prefix="corral-vm-"))
     work.chmod(0o755)
@@ -72,7 +78,7 @@ def corral_server(
         (home / "ramdisk").mkdir(parents=True)
         shutil.copyfile(kernel, home / "ramdisk" / "vmlinuz")
         shutil.copyfile(initrd, home / "ramdisk" / "initrd.img")
-        (home / "corral.toml").write_text("dhcp_ipv6_ra = true\n")
+        (home / "corral.toml").write_text("dhcp_ipv6_ra = true\n" + config)
         if images is not None:
             (home / "images").symlink_to(images)
         (work / "cluster.yaml").write_text(cluster)

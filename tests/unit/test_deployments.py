@@ -411,3 +411,32 @@ def test_auto_resolves_per_image_and_is_recorded(
         d = Deployments(s).get(ident)
         assert d.transport == "auto"
         assert {n.transport for n in d.nodes} == {"fake"}
+
+
+def test_the_agents_final_report_and_the_first_boot_over_http(
+    home: Path, nodes: None, image: ImageVersion
+) -> None:
+    """The routes the agent and the installed system call: the final progress report's
+    first_boot and reboot reach the life cycle (they did not, once: the route's model
+    dropped them), and the first-boot event makes the node installed."""
+    from fastapi.testclient import TestClient
+
+    from corral.serve.http import create_app
+
+    ident = start("n01")
+    with common.session() as s:
+        token = NodeStates(s).issue_token("n01")
+    service = BootService(common.settings(), common.engine())
+    auth = {"Authorization": f"Bearer {token}"}
+    with TestClient(create_app(service, "admin"), client=("10.0.0.11", 40000)) as node:
+        done = {"phase": "done", "bytes": 1, "total": 1, "first_boot": True, "reboot": True}
+        answer = node.post(
+            f"/api/v1/deployments/{ident}/nodes/n01/progress", json=done, headers=auth
+        )
+        assert answer.status_code == 200, answer.text
+        with common.session() as s:
+            status = NodeStates(s).status("n01")
+            assert (status.state, status.phase) == ("deployed", "rebooting")
+        event = {"phase": "first-boot", "message": "n01 runs its installed system"}
+        answer = node.post("/api/v1/nodes/n01/events", json=event, headers=auth)
+        assert answer.status_code == 200 and answer.json()["state"] == "installed"

@@ -22,6 +22,8 @@ class ProgressIn(BaseModel):
     total: int = 0
     message: str = ""
     log_tail: str = ""
+    first_boot: bool = Field(False, description="with done: the installed system will report")
+    reboot: bool = Field(False, description="with done: the agent reboots into it now")
 
 
 class DeploymentIn(BaseModel):

@@ -44,6 +44,10 @@ class Settings:
     access_log: str = "quiet"  # all | quiet | off
     # Bearer token of the admin REST API; empty: generated into $CORRAL_HOME/api-token.
     api_token: str = ""
+    # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto corral believes, as
+    # comma-separated addresses or networks; empty: the headers are ignored (a client
+    # could otherwise claim a node's address and take its install secrets).
+    trusted_proxies: str = ""
     # The deploy/discovery ramdisk (vmlinuz, initrd.img) that image installs boot.
     ramdisk_dir: str = ""
     # Deployments: the rsync daemon corral starts for the rsync transport, a node silent

@@ -98,6 +98,21 @@ class QuietAgentTraffic(logging.Filter):
         return AGENT_TRAFFIC.fullmatch(path) is None
 
 
+def trusted_proxies(settings: Settings) -> str:
+    """The config's ``trusted_proxies`` checked, as uvicorn's ``forwarded_allow_ips``
+    wants it ("" for none: then forwarded headers are never read)."""
+    items = [item.strip() for item in settings.trusted_proxies.split(",") if item.strip()]
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"bad trusted_proxies entry '{item}' in the config",
+                "give addresses or networks of your reverse proxies, e.g. 10.0.0.2,10.0.5.0/24",
+            ) from None
+    return ",".join(items)
+
+
 def access_log_mode(settings: Settings) -> str:
     """The config's ``access_log``; with --debug (corral's root logger at DEBUG), "quiet"
     shows everything."""
@@ -177,6 +192,7 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
     if options.dhcp not in ("off", "full", "proxy"):
         raise ConfigError(f"bad --dhcp '{options.dhcp}'", "use off, full or proxy")
     access_log = access_log_mode(settings)
+    proxies = trusted_proxies(settings)
     service = BootService(settings, engine)
     deploy = DeployService(settings, service.session, service.authorize)
     app = create_app(service, settings.api_token or api_token(settings.home), deploy)
@@ -226,6 +242,10 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
             # agents keep one connection for their progress reports, sent up to
             # REPORT_MAX (5 s) apart: uvicorn's 5 s would close it just before each one
             timeout_keep_alive=KEEP_ALIVE,
+            # a node's install secrets go to its reserved address: X-Forwarded-For from
+            # anyone but a proxy the site named would let a client claim that address
+            proxy_headers=bool(proxies),
+            forwarded_allow_ips=proxies or [],
         )
         _Server(config).run(sockets=[_listen(options.address, options.http_port)])
     finally:

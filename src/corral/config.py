@@ -48,6 +48,10 @@ class Settings:
     # comma-separated addresses or networks; empty: the headers are ignored (a client
     # could otherwise claim a node's address and take its install secrets).
     trusted_proxies: str = ""
+    # Discovery (POST /api/v1/discover, unauthenticated): at most this many nodes in
+    # state "discovered", and at most this many new ones a minute.
+    discovery_max_nodes: int = 1000
+    discovery_per_minute: int = 60
     # The deploy/discovery ramdisk (vmlinuz, initrd.img) that image installs boot.
     ramdisk_dir: str = ""
     # Deployments: the rsync daemon corral starts for the rsync transport, a node silent

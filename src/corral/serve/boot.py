@@ -45,6 +45,7 @@ class BootService:
         self.server = settings.server_url.rstrip("/")
         self._renderer: tuple[int, Renderer] | None = None
         self._lock = threading.Lock()
+        self._discovery = threading.Lock()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -182,8 +183,19 @@ class BootService:
 
     def discover(self, facts: dict[str, Any], client_ip: str) -> str:
         mac = str(facts.get("mac", ""))
-        with self.session() as s:
-            name = NodeStates(s).discover(mac, facts, client_ip)
+        try:
+            # one at a time: the limits are counted, then a node is added
+            with self._discovery, self.session() as s:
+                name = NodeStates(s).discover(
+                    mac,
+                    facts,
+                    client_ip,
+                    max_nodes=self.settings.discovery_max_nodes,
+                    per_minute=self.settings.discovery_per_minute,
+                )
+        except CorralError as exc:
+            log.warning("refused discovery of %s from %s: %s", mac, client_ip, exc)
+            raise
         log.info("discovered machine %s at %s as node %s", mac, client_ip, name)
         return name
 

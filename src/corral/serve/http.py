@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 
 from corral import __version__
 from corral.deploy.service import DeployService
-from corral.errors import AlreadyExists, CorralError, NotFound, UsageError
-from corral.inventory.schema import DistroSpec, GroupSpec, NodeSpec, ProfileSpec, Spec
+from corral.errors import AlreadyExists, CorralError, LimitReached, NotFound, UsageError
+from corral.inventory.schema import DistroSpec, GroupSpec, Mac, NodeSpec, ProfileSpec, Spec
 from corral.inventory.state import PHASES, NodeStates
 from corral.inventory.store import Inventory, Kind
 from corral.serve.boot import BootService, Forbidden
@@ -33,11 +33,13 @@ class Event(BaseModel):
 
 
 class Facts(BaseModel):
-    mac: str
-    cpus: int | None = None
-    memory_mb: int | None = None
-    disks: list[dict[str, Any]] = []
-    nics: list[dict[str, Any]] = []
+    """What the discovery ramdisk reports: anyone may send it, so it is bounded."""
+
+    mac: Mac
+    cpus: int | None = Field(None, ge=0, le=1 << 20)
+    memory_mb: int | None = Field(None, ge=0, le=1 << 40)
+    disks: list[dict[str, Any]] = Field([], max_length=256)
+    nics: list[dict[str, Any]] = Field([], max_length=256)
 
 
 class NodeStatusOut(BaseModel):
@@ -76,6 +78,8 @@ def create_app(
             status = 404
         elif isinstance(exc, AlreadyExists):
             status = 409
+        elif isinstance(exc, LimitReached):
+            status = 429
         elif isinstance(exc, UsageError):
             status = 422
         return JSONResponse({"detail": exc.message, "hint": exc.hint}, status_code=status)

@@ -91,3 +91,13 @@ def test_the_rate_of_new_discovered_nodes_is_capped(
             for i in range(6)
         ]
     assert codes == [200] * 4 + [429] * 2
+
+
+def test_a_big_discovery_body_is_refused_before_it_is_read(stranger: TestClient) -> None:
+    big = b'{"mac": "52:54:00:00:aa:01", "pad": "' + b"x" * (2 << 20) + b'"}'
+    answer = stranger.post(
+        "/api/v1/discover", content=big, headers={"Content-Type": "application/json"}
+    )
+    assert answer.status_code == 413
+    with common.inventory() as inv:
+        assert not inv.exists("node", "d52540000aa01")

@@ -22,6 +22,7 @@ from corral.inventory.state import PHASES, NodeStates
 from corral.inventory.store import Inventory, Kind
 from corral.serve.boot import BootService, Forbidden
 from corral.serve.deployments import admin_routes, agent_router
+from corral.serve.limits import MAX_BODY, BodyLimit
 
 log = logging.getLogger("corral.serve")
 TEXT = "text/plain; charset=utf-8"
@@ -84,6 +85,7 @@ def create_app(
             status = 422
         return JSONResponse({"detail": exc.message, "hint": exc.hint}, status_code=status)
 
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY)
     deploy = deploy or DeployService(service.settings, service.session, service.authorize)
     app.include_router(_boot_router(service))
     app.include_router(_node_router(service))

@@ -101,3 +101,9 @@ def test_a_big_discovery_body_is_refused_before_it_is_read(stranger: TestClient)
     assert answer.status_code == 413
     with common.inventory() as inv:
         assert not inv.exists("node", "d52540000aa01")
+
+
+def test_an_invalid_mac_in_a_boot_script_name_is_a_422(stranger: TestClient) -> None:
+    answer = stranger.get("/boot/zz%0aforged.ipxe")
+    assert answer.status_code == 422
+    assert "forged" not in answer.text

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from corral.config import Settings
 from corral.cpio import newc_archive
-from corral.errors import CorralError, NotFound
+from corral.errors import CorralError, InvalidValue, NotFound
 from corral.inventory import models as m
 from corral.inventory.db import transaction
 from corral.inventory.schema import NodeSpec, normalize_mac
@@ -85,6 +85,11 @@ class BootService:
         return f"#!ipxe\nchain {self.server}/boot/${{net0/mac:hexhyp}}.ipxe\n"
 
     def ipxe_for_mac(self, mac: str) -> str:
+        try:
+            mac = normalize_mac(mac)
+        except ValueError as exc:
+            # nothing of it goes into a script or a log line
+            raise InvalidValue("invalid MAC address in the boot script's name") from exc
         with self.session() as s:
             node = self.node_by_mac(s, mac)
             if node is None:

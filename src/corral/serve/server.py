@@ -98,6 +98,23 @@ class QuietAgentTraffic(logging.Filter):
         return AGENT_TRAFFIC.fullmatch(path) is None
 
 
+class MaskTokens(logging.Filter):
+    """Writes ``token=***`` for the node tokens that scripts' URLs may carry in their
+    query (``/scripts/NODE/post?token=...``): the access log is no place for secrets."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and "?" in str(args[2]):
+            path, _, query = str(args[2]).partition("?")
+            masked = _TOKEN_PARAM.sub(r"\1***", query)
+            if masked != query:
+                record.args = (*args[:2], f"{path}?{masked}", *args[3:])
+        return True
+
+
+_TOKEN_PARAM = re.compile(r"((?:^|&)token=)[^&]*", re.IGNORECASE)
+
+
 def trusted_proxies(settings: Settings) -> str:
     """The config's ``trusted_proxies`` checked, as uvicorn's ``forwarded_allow_ips``
     wants it ("" for none: then forwarded headers are never read)."""
@@ -201,7 +218,9 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
     dhcp = None
     watcher = None
     quiet = QuietAgentTraffic()
+    masked = MaskTokens()
     access_logger = logging.getLogger("uvicorn.access")
+    access_logger.addFilter(masked)
     if access_log == "quiet":
         access_logger.addFilter(quiet)
     try:
@@ -259,6 +278,7 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
         if tftp is not None:
             tftp.stop()
         access_logger.removeFilter(quiet)
+        access_logger.removeFilter(masked)
         log.info("corral serve stopped")
 
 

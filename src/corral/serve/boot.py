@@ -22,6 +22,7 @@ from corral.config import Settings
 from corral.cpio import newc_archive
 from corral.errors import CorralError, InvalidValue, NotFound
 from corral.inventory import models as m
+from corral.inventory.bootfiles import is_url, served_file, tree
 from corral.inventory.db import transaction
 from corral.inventory.schema import NodeSpec, normalize_mac
 from corral.inventory.state import NodeStates
@@ -242,16 +243,28 @@ class BootService:
         return None
 
     def distro_file(self, distro: str, name: str) -> Path | None:
-        """A distro's kernel or initrd, when the inventory names a local file."""
+        """A distro's kernel or initrd, when it is a local file imported into corral's
+        tree by ``corral distro add|set`` (never a file elsewhere, whatever the inventory
+        says)."""
         with self.session() as s:
             try:
                 spec = Inventory(s).distro(distro)
             except NotFound:
                 return None
-        for source in (spec.kernel, spec.initrd):
-            if Path(source).name == name and not source.startswith(("http://", "https://")):
-                return Path(source) if Path(source).is_file() else None
-        return None
+        path = served_file(self.settings.home, spec.name, (spec.kernel, spec.initrd), name)
+        if path is None and any(
+            Path(source).name == name and not is_url(source)
+            for source in (spec.kernel, spec.initrd)
+        ):
+            log.warning(
+                "not serving %s of distro %s: it is not in %s; import it with "
+                "'corral distro set %s --kernel PATH --initrd PATH'",
+                name,
+                spec.name,
+                tree(self.settings.home, spec.name),
+                spec.name,
+            )
+        return path
 
     def ramdisk_file(self, name: str) -> Path | None:
         if name not in ("vmlinuz", "initrd.img"):

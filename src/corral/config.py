@@ -81,6 +81,26 @@ class Settings:
         return Path(self.ramdisk_dir) if self.ramdisk_dir else self.home / "ramdisk"
 
 
+def make_private_dir(path: Path) -> Path:
+    """Create ``path`` with mode 0700 (for secrets: the home with the database and the
+    API token, nodes' host keys); a directory that exists already keeps its mode."""
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def restrict_file(path: Path) -> None:
+    """Give an existing file that holds secrets mode 0600 (if it is corral's to change)."""
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        pass  # not ours: its owner decides
+
+
 def load_settings(home: Path | None = None) -> Settings:
     home = home or default_home()
     path = Path(os.environ.get("CORRAL_CONFIG", home / "corral.toml"))

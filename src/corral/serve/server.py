@@ -7,14 +7,17 @@ the inventory changes. Everything is stopped on the way out, whatever the reason
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
+import os
 import re
 import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 from sqlalchemy import Engine, select
@@ -31,6 +34,8 @@ from corral.serve.http import create_app
 
 log = logging.getLogger("corral.serve")
 WATCH_SECONDS = 2.0
+#: Files that dnsmasq (after dropping root) must read live here, not in corral's home.
+RUNTIME_DIR = Path("/run/corral")
 #: Seconds open requests get to finish once corral serve is told to stop.
 GRACEFUL_STOP = 5
 #: Seconds an idle HTTP connection is kept open (three report intervals of a big deployment).
@@ -202,7 +207,15 @@ def _dhcp_config(settings: Settings, options: ServeOptions) -> object:
         netmask=str(network.netmask),
         ipv6_ra=settings.dhcp_ipv6_ra,
         state_dir=settings.home / "dhcp",
+        hosts_dir=dhcp_hosts_dir(settings) if os.geteuid() == 0 else None,
     )
+
+
+def dhcp_hosts_dir(settings: Settings) -> Path:
+    """Where dnsmasq's hosts file goes when corral runs as root: dnsmasq reads it after
+    dropping root, and corral's home is private (0700). One directory per home."""
+    digest = hashlib.sha256(str(settings.home.absolute()).encode()).hexdigest()[:12]
+    return RUNTIME_DIR / f"dhcp-{digest}"
 
 
 def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
@@ -270,7 +283,7 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
     finally:
         if manager.is_alive():
             manager.stop()
-        if watcher is not None:
+        if watcher is not None and watcher.is_alive():  # not started if dnsmasq failed
             watcher.stopping.set()
             watcher.join(timeout=5)
         if dhcp is not None:

@@ -5,6 +5,7 @@ hosts file from a directory of its own); when dnsmasq fails, the error is one li
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import stat
 import subprocess
@@ -18,6 +19,8 @@ from corral.cli import common
 from corral.deploy.keys import host_keys
 from corral.inventory.schema import InterfaceSpec, NodeSpec
 from corral.serve.assets import api_token
+from corral.serve.dhcp import dnsmasq_user
+from corral.serve.server import dhcp_hosts_dir
 from tests.integration.test_dhcp import MAC1, NODE1, SERVER_IP, Net, net, udhcpc
 
 __all__ = ["net"]  # a fixture, used by name
@@ -92,6 +95,10 @@ def test_serve_with_dhcp_in_a_private_home_under_umask_077(home: Path, net: Net)
         assert env is not None and env["ip"] == NODE1.ip, log.read_text()
         assert mode(home) == 0o700 and mode(home / "dhcp") == 0o700
         assert mode(home / "corral.db") == 0o600
+        hosts = dhcp_hosts_dir(common.settings()) / "dhcp-hosts"
+        assert f"{MAC1},{NODE1.ip},node01" in hosts.read_text()
+        assert mode(hosts) == 0o600 and hosts.stat().st_uid == pwd.getpwnam(dnsmasq_user()).pw_uid
+        assert mode(hosts.parent) == 0o711 and hosts.parent.stat().st_uid == 0
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     finally:
@@ -101,6 +108,7 @@ def test_serve_with_dhcp_in_a_private_home_under_umask_077(home: Path, net: Net)
     text = log.read_text()
     assert proc.returncode == 0, text
     assert "corral serve stopped" in text and "Traceback" not in text
+    assert not hosts.parent.exists()
 
 
 @pytest.mark.integration

@@ -30,8 +30,8 @@ it does not re-read its main configuration), ``dnsmasq.leases``, ``dnsmasq.pid``
 ``dnsmasq.log`` (dnsmasq's own log). dnsmasq drops root privileges after start-up (to
 the account ``dnsmasq``, or ``nobody`` where there is none), and it reads the hosts file as
 that user: every other file it opens while still root. So the hosts file may live apart,
-in ``hosts_dir``, a directory given to that user alone (``corral serve`` uses one under
-``/run/corral``), and ``state_dir`` is then private (0700); without ``hosts_dir``,
+in ``hosts_dir`` (``corral serve`` uses one under ``/run/corral``), owned by that user
+and readable by it alone, and ``state_dir`` is then private (0700); without ``hosts_dir``,
 ``state_dir`` and its parents must be readable and searchable by that user.
 """
 
@@ -117,7 +117,7 @@ class DhcpConfig:
     ipv6_ra: bool = False
     state_dir: Path = field(kw_only=True)
     # Where the hosts file goes when ``state_dir`` is not reachable by dnsmasq's user:
-    # a directory made for, and given to, that user alone.
+    # a directory of corral's that the user may search, the file the user's alone.
     hosts_dir: Path | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
@@ -304,7 +304,8 @@ def dnsmasq_user() -> str:
 
 def _write_atomic(path: Path, text: str, mode: int, owner: tuple[int, int] | None = None) -> None:
     tmp = path.with_name(f".{path.name}.corral-tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp.unlink(missing_ok=True)  # a leftover, or a link someone put there: never followed
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with open(fd, "w", encoding="utf-8") as f:
         os.fchmod(f.fileno(), mode)  # whatever the umask
         if owner is not None:
@@ -467,7 +468,7 @@ class Dnsmasq:
     # internals
 
     def _hosts_owner(self) -> tuple[int, int] | None:
-        """Who must own the hosts file: dnsmasq's user, when it has a directory of its own
+        """Who must own the hosts file: dnsmasq's user, when the file is in ``hosts_dir``
         (and corral is root, so that dnsmasq drops privileges at all)."""
         if self.cfg.hosts_dir is None or os.geteuid() != 0:
             return None
@@ -485,18 +486,15 @@ class Dnsmasq:
         if not hosts_dir.parent.is_dir():
             hosts_dir.parent.mkdir(parents=True)
             hosts_dir.parent.chmod(0o711)  # searchable, not listable
-        hosts_dir.mkdir(mode=0o700, exist_ok=True)
-        hosts_dir.chmod(0o700)
-        owner = self._hosts_owner()
-        if owner is not None:
-            os.chown(hosts_dir, *owner)
+        # corral's (dnsmasq may not put files or links there), searchable by dnsmasq
+        hosts_dir.mkdir(mode=0o711, exist_ok=True)
+        hosts_dir.chmod(0o711)
 
     def _write_hosts(self, text: str) -> None:
-        owner = self._hosts_owner()
         if self.cfg.hosts_dir is None:
             _write_atomic(self.hosts_path, text, 0o644)  # read through a public state_dir
-        else:
-            _write_atomic(self.hosts_path, text, 0o600, owner)
+        else:  # readable by dnsmasq's user alone
+            _write_atomic(self.hosts_path, text, 0o600, self._hosts_owner())
 
     def _log_size(self) -> int:
         try:

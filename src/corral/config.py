@@ -44,6 +44,14 @@ class Settings:
     access_log: str = "quiet"  # all | quiet | off
     # Bearer token of the admin REST API; empty: generated into $CORRAL_HOME/api-token.
     api_token: str = ""
+    # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto corral believes, as
+    # comma-separated addresses or networks; empty: the headers are ignored (a client
+    # could otherwise claim a node's address and take its install secrets).
+    trusted_proxies: str = ""
+    # Discovery (POST /api/v1/discover, unauthenticated): at most this many nodes in
+    # state "discovered", and at most this many new ones a minute.
+    discovery_max_nodes: int = 1000
+    discovery_per_minute: int = 60
     # The deploy/discovery ramdisk (vmlinuz, initrd.img) that image installs boot.
     ramdisk_dir: str = ""
     # Deployments: the rsync daemon corral starts for the rsync transport, a node silent
@@ -75,6 +83,26 @@ class Settings:
     @property
     def ramdisk(self) -> Path:
         return Path(self.ramdisk_dir) if self.ramdisk_dir else self.home / "ramdisk"
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create ``path`` with mode 0700 (for secrets: the home with the database and the
+    API token, nodes' host keys); a directory that exists already keeps its mode."""
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def restrict_file(path: Path) -> None:
+    """Give an existing file that holds secrets mode 0600 (if it is corral's to change)."""
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        pass  # not ours: its owner decides
 
 
 def load_settings(home: Path | None = None) -> Settings:

@@ -9,7 +9,8 @@ turns one into ``error: <message>`` (plus a hint) and the exit code it carries.
     │   ├── NodeRangeError         a noderange that cannot be expanded
     │   ├── NotFound               an unknown node, profile, distro or group
     │   ├── AlreadyExists          a name, MAC or IP that is taken
-    │   └── InvalidClusterFile     malformed YAML or an unknown field in a cluster file
+    │   ├── InvalidClusterFile     malformed YAML or an unknown field in a cluster file
+    │   └── LimitReached           a request over a configured limit (HTTP 429)
     ├── RenderError                a template that fails to render (exit 2)
     │   └── InvalidBootFile        a rendered file that fails validation (exit 2)
     ├── ConfigError                a bad configuration file (exit 2)
@@ -62,6 +63,10 @@ class AlreadyExists(UsageError):
 
 
 class InvalidClusterFile(UsageError):
+    pass
+
+
+class LimitReached(UsageError):
     pass
 
 

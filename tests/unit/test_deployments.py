@@ -273,6 +273,9 @@ def test_the_plan_says_what_the_node_gets(home: Path, nodes: None, image: ImageV
     assert plan.identity.authorized_keys == ["ssh-ed25519 AAAA x"]
     assert set(plan.identity.ssh_host_keys) >= {"ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"}
     # the same keys the next time: a re-deployed node keeps its host keys
+    with common.session() as s:
+        Deployments(s).cancel(ident)
+    start("n01")
     with _service(home) as service:
         again = Plan.from_dict(service.plan("n01", "good", "10.0.0.11") or {})
     assert again.identity.ssh_host_keys == plan.identity.ssh_host_keys

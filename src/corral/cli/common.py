@@ -15,7 +15,7 @@ from rich.console import Console
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from corral.config import Settings, load_settings
+from corral.config import Settings, load_settings, make_private_dir
 from corral.errors import InvalidValue
 from corral.inventory.db import open_engine, transaction
 from corral.inventory.store import Inventory
@@ -34,7 +34,9 @@ ProfilesOption = Annotated[
 
 @cache
 def settings() -> Settings:
-    return load_settings()
+    loaded = load_settings()
+    make_private_dir(loaded.home)  # on first use: it will hold the database and secrets
+    return loaded
 
 
 @cache

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from corral.cli.common import changes, inventory, out
+from corral.cli.common import changes, inventory, out, settings
 from corral.cli.entities import add_common_verbs
+from corral.inventory.bootfiles import imported
 from corral.inventory.schema import DistroSpec, Family, parse
 
 app = typer.Typer(
@@ -37,8 +38,8 @@ def add(
         ),
         f"distro {name}",
     )
-    with inventory() as inv:
-        inv.add("distro", [spec])
+    with inventory() as inv, imported(settings().home, name, spec.model_dump()) as files:
+        inv.add("distro", [spec.model_copy(update=files)])
     out.print(f"added distro {name}")
 
 
@@ -53,19 +54,18 @@ def set_(
     arch: str | None = typer.Option(None),
 ) -> None:
     """Change a distro's fields."""
+    fields = changes(
+        family=family,
+        os_version=os_version,
+        kernel=kernel,
+        initrd=initrd,
+        install_tree=install_tree,
+        arch=arch,
+    )
     with inventory() as inv:
-        n = inv.update(
-            "distro",
-            [name],
-            changes(
-                family=family,
-                os_version=os_version,
-                kernel=kernel,
-                initrd=initrd,
-                install_tree=install_tree,
-                arch=arch,
-            ),
-        )
+        inv.distro(name)  # an unknown one is refused before any file is looked at
+        with imported(settings().home, name, fields) as files:
+            n = inv.update("distro", [name], fields | files)
     out.print(f"distro {name}: {'changed' if n else 'unchanged'}")
 
 

@@ -24,6 +24,7 @@ from corral.cli import (
 )
 from corral.cli.common import err
 from corral.errors import CorralError
+from corral.logfmt import OneLineFormatter
 
 app = typer.Typer(
     help="corral provisions clusters from bare metal.",
@@ -56,10 +57,9 @@ def _options(
 ) -> None:
     global _debug
     _debug = debug
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
     if not debug:  # a fresh database's migrations are not news
         logging.getLogger("alembic").setLevel(logging.WARNING)
 

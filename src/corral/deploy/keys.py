@@ -14,6 +14,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from corral.config import make_private_dir
 from corral.run import run
 
 KEY_TYPES = ("ed25519", "ecdsa")
@@ -36,7 +37,9 @@ def host_keys(home: Path, node: str) -> dict[str, str]:
 
 def _generate(directory: Path, node: str) -> None:
     """Make the keys in a scratch directory and rename it in: never half a set."""
-    directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dir(directory.parent.parent)
+    directory.parent.mkdir(mode=0o700, exist_ok=True)
+    directory.parent.chmod(0o700)  # corral's own: private even if made looser before
     scratch = Path(tempfile.mkdtemp(prefix=f".{node}.", dir=directory.parent))
     try:
         for kind in KEY_TYPES:

@@ -107,7 +107,22 @@ class DeployService:
             version = self.version(row.image)
             transport = self.transports.get(row.transport)
             transport.prepare(version)
-            plan = self._build_plan(s, row, version, transport.params(version, node))
+            first = row.host_keys_given is None
+            plan = self._build_plan(
+                s, row, version, transport.params(version, node), with_host_keys=first
+            )
+            if first:
+                row.host_keys_given = time.time()
+            else:
+                # The private keys go out once per deployment node: a second fetch is a
+                # rebooted agent (whose node then makes new keys) or someone else.
+                log.warning(
+                    "node %s fetched its plan again (deployment %d, from %s): without its "
+                    "SSH host keys, which went out with the first plan",
+                    node,
+                    row.deployment_id,
+                    client_ip,
+                )
             self.silent[node] = 0.0
             log.info("node %s fetched its plan (deployment %d)", node, row.deployment_id)
             return plan.to_dict()
@@ -126,7 +141,13 @@ class DeployService:
         log.warning("node %s: %s", node, message)
 
     def _build_plan(
-        self, session: Session, row: m.DeploymentNode, version: ImageVersion, params: dict[str, Any]
+        self,
+        session: Session,
+        row: m.DeploymentNode,
+        version: ImageVersion,
+        params: dict[str, Any],
+        *,
+        with_host_keys: bool = True,
     ) -> Plan:
         snapshot = Snapshot(session)
         node = next(iter(snapshot.nodes([row.node])))
@@ -170,7 +191,7 @@ class DeployService:
                     Interface(name=i.name, mac=i.mac, ip=i.ip, netmask=i.netmask, gateway=i.gateway)
                     for i in node.interfaces
                 ],
-                ssh_host_keys=host_keys(self.settings.home, node.name),
+                ssh_host_keys=host_keys(self.settings.home, node.name) if with_host_keys else {},
                 authorized_keys=[str(k) for k in (keys if isinstance(keys, list) else [keys])],
                 root_password_hash=values["root_password_hash"],
             ),

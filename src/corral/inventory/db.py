@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,11 +12,12 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from corral.config import make_private_dir, restrict_file
 from corral.errors import ConfigError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest migration; checked first so that a current database costs one query.
-HEAD = "0003"
+HEAD = "0004"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -26,9 +28,19 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _private_sqlite(path: Path) -> None:
+    """The database holds root password hashes: mode 0600, and its write-ahead log and
+    shared memory files too (SQLite gives them the database's mode when it makes them)."""
+    make_private_dir(path.parent)
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        restrict_file(file)
+
+
 def open_engine(url: str) -> Engine:
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        _private_sqlite(Path(url.removeprefix("sqlite:///")))
     try:
         engine = create_engine(url)
     except (SQLAlchemyError, ImportError) as exc:

@@ -182,4 +182,6 @@ class DeploymentNode(Base):
     started: Mapped[float | None] = mapped_column(Float)  # first report
     updated: Mapped[float] = mapped_column(Float)
     finished: Mapped[float | None] = mapped_column(Float)
+    # when a plan carried the node's SSH host private keys: they go out once
+    host_keys_given: Mapped[float | None] = mapped_column(Float)
     deployment: Mapped[Deployment] = relationship(back_populates="nodes")

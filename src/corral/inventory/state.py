@@ -30,10 +30,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from corral.errors import UsageError
+from corral.errors import AlreadyExists, InvalidValue, LimitReached, UsageError
 from corral.inventory import models as m
 from corral.inventory.schema import InterfaceSpec, NodeSpec, normalize_mac
 from corral.inventory.store import Inventory
@@ -199,18 +199,40 @@ class NodeStates:
         )
         return list(reversed(list(self.session.scalars(query))))
 
-    def discover(self, mac: str, facts: dict[str, Any], source: str) -> str:
+    def discover(
+        self,
+        mac: str,
+        facts: dict[str, Any],
+        source: str,
+        *,
+        max_nodes: int = 1000,
+        per_minute: int = 60,
+    ) -> str:
         """Register an unknown machine as a node in state ``discovered``; returns its name.
 
         The node is named after its MAC and does not netboot; adopt it with
         ``corral node set NAME --profile ... --ip ...`` and ``corral node reinstall NAME``.
+        Anyone may call this (the machine has no token yet), so it never touches a node
+        that is not in state ``discovered``, and at most ``max_nodes`` such nodes exist,
+        at most ``per_minute`` of them new in the last minute.
         """
-        mac = normalize_mac(mac)
+        try:
+            mac = normalize_mac(mac)
+        except ValueError as exc:
+            raise InvalidValue(str(exc)) from None
         owner = self.session.scalar(
             select(m.Node.name).join(m.Interface).where(m.Interface.mac == mac)
         )
-        name = owner or "d" + mac.replace(":", "")
-        if owner is None:
+        if owner is not None:
+            if self.status(owner).state != DISCOVERED:
+                raise AlreadyExists(
+                    f"MAC {mac} belongs to node {owner}, which discovery does not change",
+                    "a managed node reports through its install, with its token",
+                )
+            name = owner
+        else:
+            self._check_discovery_limits(max_nodes, per_minute)
+            name = "d" + mac.replace(":", "")
             self.inventory.add(
                 "node",
                 [
@@ -222,9 +244,30 @@ class NodeStates:
                 ],
             )
         row = self._row(name)
-        if owner is None:
-            row.state = DISCOVERED
+        row.state = DISCOVERED
         row.facts = facts
         row.updated = time.time()
-        self._event(name, "discovered", f"mac={mac}", source)
+        self._event(name, "discovered", f"mac={mac}" if owner else f"new: mac={mac}", source)
         return name
+
+    def _check_discovery_limits(self, max_nodes: int, per_minute: int) -> None:
+        discovered = self.session.scalar(
+            select(func.count()).select_from(m.NodeState).where(m.NodeState.state == DISCOVERED)
+        )
+        if (discovered or 0) >= max_nodes:
+            raise LimitReached(
+                f"{discovered} discovered nodes already: no more are registered",
+                "adopt or remove discovered nodes, or raise discovery_max_nodes in the config",
+            )
+        recent = self.session.scalar(
+            select(func.count())
+            .select_from(m.NodeEvent)
+            .where(m.NodeEvent.phase == "discovered")
+            .where(m.NodeEvent.message.startswith("new: "))
+            .where(m.NodeEvent.time > time.time() - 60)
+        )
+        if (recent or 0) >= per_minute:
+            raise LimitReached(
+                f"{recent} machines discovered in the last minute: try again later",
+                "raise discovery_per_minute in the config if this is expected",
+            )

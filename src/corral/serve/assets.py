@@ -8,6 +8,7 @@ import secrets
 import shutil
 from pathlib import Path
 
+from corral.config import make_private_dir, restrict_file
 from corral.errors import CorralError
 
 log = logging.getLogger("corral.serve")
@@ -51,10 +52,11 @@ def api_token(home: Path) -> str:
     try:
         token = path.read_text().strip()
         if token:
+            restrict_file(path)
             return token
     except FileNotFoundError:
         pass
-    home.mkdir(parents=True, exist_ok=True)
+    make_private_dir(home)
     token = secrets.token_urlsafe(32)
     tmp = path.with_name(".api-token.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

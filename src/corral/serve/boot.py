@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session
 
 from corral.config import Settings
 from corral.cpio import newc_archive
-from corral.errors import CorralError, NotFound
+from corral.errors import CorralError, InvalidValue, NotFound
 from corral.inventory import models as m
+from corral.inventory.bootfiles import is_url, served_file, tree
 from corral.inventory.db import transaction
 from corral.inventory.schema import NodeSpec, normalize_mac
 from corral.inventory.state import FIRST_BOOT, NodeStates
@@ -45,6 +46,7 @@ class BootService:
         self.server = settings.server_url.rstrip("/")
         self._renderer: tuple[int, Renderer] | None = None
         self._lock = threading.Lock()
+        self._discovery = threading.Lock()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -84,6 +86,11 @@ class BootService:
         return f"#!ipxe\nchain {self.server}/boot/${{net0/mac:hexhyp}}.ipxe\n"
 
     def ipxe_for_mac(self, mac: str) -> str:
+        try:
+            mac = normalize_mac(mac)
+        except ValueError as exc:
+            # nothing of it goes into a script or a log line
+            raise InvalidValue("invalid MAC address in the boot script's name") from exc
         with self.session() as s:
             node = self.node_by_mac(s, mac)
             if node is None:
@@ -187,8 +194,19 @@ class BootService:
 
     def discover(self, facts: dict[str, Any], client_ip: str) -> str:
         mac = str(facts.get("mac", ""))
-        with self.session() as s:
-            name = NodeStates(s).discover(mac, facts, client_ip)
+        try:
+            # one at a time: the limits are counted, then a node is added
+            with self._discovery, self.session() as s:
+                name = NodeStates(s).discover(
+                    mac,
+                    facts,
+                    client_ip,
+                    max_nodes=self.settings.discovery_max_nodes,
+                    per_minute=self.settings.discovery_per_minute,
+                )
+        except CorralError as exc:
+            log.warning("refused discovery of %s from %s: %s", mac, client_ip, exc)
+            raise
         log.info("discovered machine %s at %s as node %s", mac, client_ip, name)
         return name
 
@@ -230,16 +248,28 @@ class BootService:
         return None
 
     def distro_file(self, distro: str, name: str) -> Path | None:
-        """A distro's kernel or initrd, when the inventory names a local file."""
+        """A distro's kernel or initrd, when it is a local file imported into corral's
+        tree by ``corral distro add|set`` (never a file elsewhere, whatever the inventory
+        says)."""
         with self.session() as s:
             try:
                 spec = Inventory(s).distro(distro)
             except NotFound:
                 return None
-        for source in (spec.kernel, spec.initrd):
-            if Path(source).name == name and not source.startswith(("http://", "https://")):
-                return Path(source) if Path(source).is_file() else None
-        return None
+        path = served_file(self.settings.home, spec.name, (spec.kernel, spec.initrd), name)
+        if path is None and any(
+            Path(source).name == name and not is_url(source)
+            for source in (spec.kernel, spec.initrd)
+        ):
+            log.warning(
+                "not serving %s of distro %s: it is not in %s; import it with "
+                "'corral distro set %s --kernel PATH --initrd PATH'",
+                name,
+                spec.name,
+                tree(self.settings.home, spec.name),
+                spec.name,
+            )
+        return path
 
     def ramdisk_file(self, name: str) -> Path | None:
         if name not in ("vmlinuz", "initrd.img"):

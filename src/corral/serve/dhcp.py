@@ -28,8 +28,11 @@ Files, all in ``state_dir``: ``dnsmasq.conf`` (main configuration, read once at 
 ``dhcp-hosts`` (the reservations: a ``dhcp-hostsfile``, which dnsmasq re-reads on SIGHUP;
 it does not re-read its main configuration), ``dnsmasq.leases``, ``dnsmasq.pid`` and
 ``dnsmasq.log`` (dnsmasq's own log). dnsmasq drops root privileges after start-up (to
-``nobody``), and it reads the hosts file as that user: ``state_dir`` and its parents must
-be readable and searchable by everyone.
+the account ``dnsmasq``, or ``nobody`` where there is none), and it reads the hosts file as
+that user: every other file it opens while still root. So the hosts file may live apart,
+in ``hosts_dir`` (``corral serve`` uses one under ``/run/corral``), owned by that user
+and readable by it alone, and ``state_dir`` is then private (0700); without ``hosts_dir``,
+``state_dir`` and its parents must be readable and searchable by that user.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import pwd
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -111,6 +116,9 @@ class DhcpConfig:
     # otherwise waits ~13 s for one on a boot network without an IPv6 router.
     ipv6_ra: bool = False
     state_dir: Path = field(kw_only=True)
+    # Where the hosts file goes when ``state_dir`` is not reachable by dnsmasq's user:
+    # a directory of corral's that the user may search, the file the user's alone.
+    hosts_dir: Path | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.mode not in ("full", "proxy"):
@@ -150,6 +158,15 @@ class DhcpConfig:
         if _UNSAFE.search(str(state_dir)):
             raise InvalidValue(f"state_dir: no spaces, commas or quotes allowed: {state_dir}")
         object.__setattr__(self, "state_dir", state_dir)
+        if self.hosts_dir is not None:
+            hosts_dir = Path(self.hosts_dir).absolute()
+            if _UNSAFE.search(str(hosts_dir)):
+                raise InvalidValue(f"hosts_dir: no spaces, commas or quotes allowed: {hosts_dir}")
+            object.__setattr__(self, "hosts_dir", hosts_dir)
+
+    @property
+    def hosts_file(self) -> Path:
+        return (self.hosts_dir or self.state_dir) / HOSTS_NAME
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -209,7 +226,8 @@ def render_config(cfg: DhcpConfig) -> str:
         "no-resolv",
         f"pid-file={state / PID_NAME}",
         f"dhcp-leasefile={state / LEASE_NAME}",
-        f"dhcp-hostsfile={state / HOSTS_NAME}",
+        f"dhcp-hostsfile={cfg.hosts_file}",
+        f"user={dnsmasq_user()}",
     ]
     if cfg.mode == "full":
         lines.append("dhcp-authoritative")
@@ -274,13 +292,27 @@ def render_hosts(reservations: Iterable[Reservation]) -> str:
     )
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def dnsmasq_user() -> str:
+    """The account dnsmasq drops root privileges to: its own where there is one, rather
+    than ``nobody``, which other daemons share."""
+    try:
+        pwd.getpwnam("dnsmasq")
+    except KeyError:
+        return "nobody"
+    return "dnsmasq"
+
+
+def _write_atomic(path: Path, text: str, mode: int, owner: tuple[int, int] | None = None) -> None:
     tmp = path.with_name(f".{path.name}.corral-tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    tmp.unlink(missing_ok=True)  # a leftover, or a link someone put there: never followed
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with open(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), mode)  # whatever the umask
+        if owner is not None:
+            os.fchown(f.fileno(), *owner)
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    tmp.chmod(0o644)  # dnsmasq reads the hosts file after dropping root
     os.replace(tmp, path)
 
 
@@ -329,7 +361,7 @@ class Dnsmasq:
 
     @property
     def hosts_path(self) -> Path:
-        return self.cfg.state_dir / HOSTS_NAME
+        return self.cfg.hosts_file
 
     @property
     def lease_path(self) -> Path:
@@ -366,9 +398,9 @@ class Dnsmasq:
 
     def _start(self, reservations: tuple[Reservation, ...]) -> None:
         conf, hosts = render_config(self.cfg), render_hosts(reservations)
-        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.conf_path, conf)
-        _write_atomic(self.hosts_path, hosts)
+        self._prepare_dirs()
+        _write_atomic(self.conf_path, conf, 0o600)  # read at start, as root
+        self._write_hosts(hosts)
         self._reservations = reservations
         self._spawn()
 
@@ -384,7 +416,7 @@ class Dnsmasq:
             unchanged = False
         if unchanged and self.running:
             return False
-        _write_atomic(self.hosts_path, text)
+        self._write_hosts(text)
         if not self.check():
             self._sighup()
         return True
@@ -392,6 +424,8 @@ class Dnsmasq:
     def stop(self) -> None:
         self._wanted = False
         self._terminate()
+        if self.cfg.hosts_dir is not None:
+            shutil.rmtree(self.cfg.hosts_dir, ignore_errors=True)
 
     def _terminate(self) -> None:
         proc, self._proc = self._proc, None
@@ -432,6 +466,35 @@ class Dnsmasq:
         self.stop()
 
     # internals
+
+    def _hosts_owner(self) -> tuple[int, int] | None:
+        """Who must own the hosts file: dnsmasq's user, when the file is in ``hosts_dir``
+        (and corral is root, so that dnsmasq drops privileges at all)."""
+        if self.cfg.hosts_dir is None or os.geteuid() != 0:
+            return None
+        account = pwd.getpwnam(dnsmasq_user())
+        return account.pw_uid, account.pw_gid
+
+    def _prepare_dirs(self) -> None:
+        separate = self.cfg.hosts_dir is not None
+        # private when dnsmasq need not reach into it after dropping root
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700 if separate else 0o777)
+        if self.cfg.hosts_dir is None:
+            return
+        self.cfg.state_dir.chmod(0o700)
+        hosts_dir = self.cfg.hosts_dir
+        if not hosts_dir.parent.is_dir():
+            hosts_dir.parent.mkdir(parents=True)
+            hosts_dir.parent.chmod(0o711)  # searchable, not listable
+        # corral's (dnsmasq may not put files or links there), searchable by dnsmasq
+        hosts_dir.mkdir(mode=0o711, exist_ok=True)
+        hosts_dir.chmod(0o711)
+
+    def _write_hosts(self, text: str) -> None:
+        if self.cfg.hosts_dir is None:
+            _write_atomic(self.hosts_path, text, 0o644)  # read through a public state_dir
+        else:  # readable by dnsmasq's user alone
+            _write_atomic(self.hosts_path, text, 0o600, self._hosts_owner())
 
     def _log_size(self) -> int:
         try:
@@ -490,8 +553,9 @@ class Dnsmasq:
             if failed in text:
                 raise CorralError(
                     f"dnsmasq {failed}: {self._log_tail(offset, 1)}",
-                    "dnsmasq reads it as user 'nobody': make the state directory "
-                    f"{self.cfg.state_dir} and its parents world-readable and searchable",
+                    f"dnsmasq reads it as user '{dnsmasq_user()}': give it a hosts_dir of its "
+                    f"own, or make {self.hosts_path.parent} and its parents world-readable "
+                    "and searchable",
                 )
             if code is not None:
                 err = CommandFailed(self.argv, code, self._log_since(offset))

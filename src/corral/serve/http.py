@@ -7,6 +7,8 @@ Routes only parse and answer; the work is done by :class:`BootService` (nodes) a
 import hmac
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
@@ -16,12 +18,14 @@ from sqlalchemy.orm import Session
 
 from corral import __version__
 from corral.deploy.service import DeployService
-from corral.errors import AlreadyExists, CorralError, NotFound, UsageError
-from corral.inventory.schema import DistroSpec, GroupSpec, NodeSpec, ProfileSpec, Spec
+from corral.errors import AlreadyExists, CorralError, LimitReached, NotFound, UsageError
+from corral.inventory.bootfiles import imported
+from corral.inventory.schema import DistroSpec, GroupSpec, Mac, NodeSpec, ProfileSpec, Spec
 from corral.inventory.state import PHASES, NodeStates
 from corral.inventory.store import Inventory, Kind
 from corral.serve.boot import BootService, Forbidden
 from corral.serve.deployments import admin_routes, agent_router
+from corral.serve.limits import MAX_BODY, BodyLimit
 
 log = logging.getLogger("corral.serve")
 TEXT = "text/plain; charset=utf-8"
@@ -33,11 +37,13 @@ class Event(BaseModel):
 
 
 class Facts(BaseModel):
-    mac: str
-    cpus: int | None = None
-    memory_mb: int | None = None
-    disks: list[dict[str, Any]] = []
-    nics: list[dict[str, Any]] = []
+    """What the discovery ramdisk reports: anyone may send it, so it is bounded."""
+
+    mac: Mac
+    cpus: int | None = Field(None, ge=0, le=1 << 20)
+    memory_mb: int | None = Field(None, ge=0, le=1 << 40)
+    disks: list[dict[str, Any]] = Field([], max_length=256)
+    nics: list[dict[str, Any]] = Field([], max_length=256)
 
 
 class NodeStatusOut(BaseModel):
@@ -76,10 +82,13 @@ def create_app(
             status = 404
         elif isinstance(exc, AlreadyExists):
             status = 409
+        elif isinstance(exc, LimitReached):
+            status = 429
         elif isinstance(exc, UsageError):
             status = 422
         return JSONResponse({"detail": exc.message, "hint": exc.hint}, status_code=status)
 
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY)
     deploy = deploy or DeployService(service.settings, service.session, service.authorize)
     app.include_router(_boot_router(service))
     app.include_router(_node_router(service))
@@ -196,7 +205,7 @@ def _admin_router(service: BootService, api_token: str) -> APIRouter:
         "node": NodeSpec,
     }
     for kind, model in specs.items():
-        _crud(router, kind, model, Db)
+        _crud(router, kind, model, Db, service.settings.home)
 
     @router.get("/nodes/{name}/status", response_model=NodeStatusOut)
     def status(name: str, db: Db) -> Any:
@@ -212,7 +221,7 @@ def _admin_router(service: BootService, api_token: str) -> APIRouter:
     return router
 
 
-def _crud(router: APIRouter, kind: Kind, model: type[Spec], db: Any) -> None:
+def _crud(router: APIRouter, kind: Kind, model: type[Spec], db: Any, home: Path) -> None:
     plural = f"/{kind}s"
 
     def list_(session: Any) -> list[Any]:
@@ -221,13 +230,21 @@ def _crud(router: APIRouter, kind: Kind, model: type[Spec], db: Any) -> None:
     def get(name: str, session: Any) -> Any:
         return Inventory(session).get(kind, name).model_dump(mode="json")
 
+    def files(name: str, changes: dict[str, Any]) -> AbstractContextManager[dict[str, str]]:
+        """A distro's local kernel and initrd are imported into corral's tree."""
+        return imported(home, name, changes) if kind == "distro" else nullcontext({})
+
     def create(body: Any, session: Any) -> Any:
-        Inventory(session).add(kind, [body])
-        return body.model_dump(mode="json")
+        inv = Inventory(session)
+        with files(body.name, body.model_dump()) as stored:
+            inv.add(kind, [body.model_copy(update=stored)])
+        return inv.get(kind, body.name).model_dump(mode="json")
 
     def update(name: str, body: dict[str, Any], session: Any) -> Any:
         inv = Inventory(session)
-        inv.update(kind, [name], body)
+        inv.get(kind, name)  # an unknown one is refused before any file is looked at
+        with files(name, body) as stored:
+            inv.update(kind, [name], body | stored)
         return inv.get(kind, name).model_dump(mode="json")
 
     def delete(name: str, session: Any) -> Response:

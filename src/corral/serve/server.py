@@ -7,14 +7,17 @@ the inventory changes. Everything is stopped on the way out, whatever the reason
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
+import os
 import re
 import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 from sqlalchemy import Engine, select
@@ -31,6 +34,8 @@ from corral.serve.http import create_app
 
 log = logging.getLogger("corral.serve")
 WATCH_SECONDS = 2.0
+#: Files that dnsmasq (after dropping root) must read live here, not in corral's home.
+RUNTIME_DIR = Path("/run/corral")
 #: Seconds open requests get to finish once corral serve is told to stop.
 GRACEFUL_STOP = 5
 #: Seconds an idle HTTP connection is kept open (three report intervals of a big deployment).
@@ -96,6 +101,38 @@ class QuietAgentTraffic(logging.Filter):
         if not isinstance(status, int) or status >= 400:
             return True
         return AGENT_TRAFFIC.fullmatch(path) is None
+
+
+class MaskTokens(logging.Filter):
+    """Writes ``token=***`` for the node tokens that scripts' URLs may carry in their
+    query (``/scripts/NODE/post?token=...``): the access log is no place for secrets."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and "?" in str(args[2]):
+            path, _, query = str(args[2]).partition("?")
+            masked = _TOKEN_PARAM.sub(r"\1***", query)
+            if masked != query:
+                record.args = (*args[:2], f"{path}?{masked}", *args[3:])
+        return True
+
+
+_TOKEN_PARAM = re.compile(r"((?:^|&)token=)[^&]*", re.IGNORECASE)
+
+
+def trusted_proxies(settings: Settings) -> str:
+    """The config's ``trusted_proxies`` checked, as uvicorn's ``forwarded_allow_ips``
+    wants it ("" for none: then forwarded headers are never read)."""
+    items = [item.strip() for item in settings.trusted_proxies.split(",") if item.strip()]
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"bad trusted_proxies entry '{item}' in the config",
+                "give addresses or networks of your reverse proxies, e.g. 10.0.0.2,10.0.5.0/24",
+            ) from None
+    return ",".join(items)
 
 
 def access_log_mode(settings: Settings) -> str:
@@ -170,13 +207,22 @@ def _dhcp_config(settings: Settings, options: ServeOptions) -> object:
         netmask=str(network.netmask),
         ipv6_ra=settings.dhcp_ipv6_ra,
         state_dir=settings.home / "dhcp",
+        hosts_dir=dhcp_hosts_dir(settings) if os.geteuid() == 0 else None,
     )
+
+
+def dhcp_hosts_dir(settings: Settings) -> Path:
+    """Where dnsmasq's hosts file goes when corral runs as root: dnsmasq reads it after
+    dropping root, and corral's home is private (0700). One directory per home."""
+    digest = hashlib.sha256(str(settings.home.absolute()).encode()).hexdigest()[:12]
+    return RUNTIME_DIR / f"dhcp-{digest}"
 
 
 def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
     if options.dhcp not in ("off", "full", "proxy"):
         raise ConfigError(f"bad --dhcp '{options.dhcp}'", "use off, full or proxy")
     access_log = access_log_mode(settings)
+    proxies = trusted_proxies(settings)
     service = BootService(settings, engine)
     deploy = DeployService(settings, service.session, service.authorize)
     app = create_app(service, settings.api_token or api_token(settings.home), deploy)
@@ -185,7 +231,9 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
     dhcp = None
     watcher = None
     quiet = QuietAgentTraffic()
+    masked = MaskTokens()
     access_logger = logging.getLogger("uvicorn.access")
+    access_logger.addFilter(masked)
     if access_log == "quiet":
         access_logger.addFilter(quiet)
     try:
@@ -226,12 +274,16 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
             # agents keep one connection for their progress reports, sent up to
             # REPORT_MAX (5 s) apart: uvicorn's 5 s would close it just before each one
             timeout_keep_alive=KEEP_ALIVE,
+            # a node's install secrets go to its reserved address: X-Forwarded-For from
+            # anyone but a proxy the site named would let a client claim that address
+            proxy_headers=bool(proxies),
+            forwarded_allow_ips=proxies or [],
         )
         _Server(config).run(sockets=[_listen(options.address, options.http_port)])
     finally:
         if manager.is_alive():
             manager.stop()
-        if watcher is not None:
+        if watcher is not None and watcher.is_alive():  # not started if dnsmasq failed
             watcher.stopping.set()
             watcher.join(timeout=5)
         if dhcp is not None:
@@ -239,6 +291,7 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
         if tftp is not None:
             tftp.stop()
         access_logger.removeFilter(quiet)
+        access_logger.removeFilter(masked)
         log.info("corral serve stopped")
 
 

@@ -17,9 +17,10 @@ AddOpt = typer.Option(
 )
 MirrorOpt = typer.Option(None, help="Debian mirror URL instead of this machine's apt sources")
 KernelOpt = typer.Option(
-    "linux-image-cloud-amd64",
-    help="kernel metapackage: linux-image-cloud-amd64 (VMs, clouds) or linux-image-amd64 "
-    "(bare metal: e1000e, igb, ixgbe, ahci...)",
+    "linux-image-amd64",
+    help="kernel metapackage: linux-image-amd64 (physical servers and VMs: e1000e, igb, "
+    "ixgbe, i40e, ice, mlx5, bnxt, tg3, ahci, nvme, megaraid_sas, mpt3sas...) or "
+    "linux-image-cloud-amd64 (VMs and clouds only, smaller)",
 )
 DestOpt = typer.Option(None, help="where vmlinuz and initrd.img go [config: ramdisk_dir]")
 CacheOpt = typer.Option(None, help="packages and built ramdisks [default: $CORRAL_HOME/cache]")

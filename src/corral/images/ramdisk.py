@@ -3,8 +3,9 @@
 :func:`build_ramdisk` takes every part from Debian packages of the machine's apt sources
 (or of ``mirror``):
 
-- the kernel that ``linux-image-cloud-amd64`` depends on today, and of its modules only
-  the drivers a deploy needs (:data:`BOOT_MODULES`, :data:`NIC_MODULES`) with their
+- the kernel that ``linux-image-amd64`` depends on today (the generic flavour: the
+  cloud one lacks the NIC and storage drivers of physical servers), and of its modules
+  only the drivers a deploy needs (:data:`BOOT_MODULES`, :data:`NIC_MODULES`) with their
   dependencies;
 - the tools of :data:`PACKAGES` and the shared libraries they link, unpacked with
   ``dpkg-deb -x`` (no maintainer scripts run, and the tree's programs that the build
@@ -52,7 +53,7 @@ log = logging.getLogger("corral.images")
 #: Bump when the ramdisk's layout changes in a way the inputs of the cache key do not show.
 FORMAT_VERSION = "1"
 
-KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+KERNEL_METAPACKAGE = "linux-image-amd64"
 
 #: What the ramdisk is made of (their dependencies come along).
 PACKAGES: tuple[str, ...] = (
@@ -133,6 +134,10 @@ REQUIRED_TOOLS: tuple[str, ...] = (
 
 #: Modules /init loads at every boot: virtio, disks, file systems.
 BOOT_MODULES: tuple[str, ...] = (
+    # ext4, jbd2 and xfs ask the crypto API for "crc32c" (a soft dependency, not in
+    # modules.dep): the generic kernel has it as modules, the cloud one built in
+    "crc32c_intel",
+    "crc32c_generic",
     "virtio_pci",
     "virtio_net",
     "virtio_blk",
@@ -1181,8 +1186,9 @@ def build_ramdisk(
 
     ``extra_packages`` are added with their dependencies. ``mirror`` (a Debian archive
     URL) replaces the machine's apt sources. ``kernel_metapackage`` picks the kernel
-    flavour: the default cloud kernel has virtio and cloud NICs only; bare metal needs
-    ``linux-image-amd64``.
+    flavour: the default, generic one boots physical servers (e1000e, igb, ixgbe, i40e,
+    ice, mlx5, bnxt, tg3, ahci, nvme, megaraid_sas, mpt3sas), the cloud one
+    (``linux-image-cloud-amd64``) only VMs and clouds.
     """
     for name in extra_packages:
         if not _PACKAGE_NAME.match(name):

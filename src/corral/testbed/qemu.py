@@ -37,6 +37,11 @@ QEMU = "qemu-system-x86_64"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 IPXE_ROM = Path("/usr/lib/ipxe/qemu/efi-virtio.rom")
+#: NICs a VM may have: virtio, and the Intel ones real servers carry (their iPXE ROMs are
+#: qemu's defaults, from ipxe-qemu)
+NIC_MODELS = ("virtio-net-pci", "e1000e", "e1000")
+#: How a VM's disks are attached: virtio, or as a real server's NVMe or SATA (AHCI) disk
+DISK_BUSES = ("virtio", "nvme", "ahci")
 
 #: PCI option ROM code types (PCI firmware spec, "PCI Data Structure").
 ROM_CODE_X86 = 0
@@ -91,8 +96,10 @@ class VM:
     of ``OVMF_VARS_4M.fd``. ``romfile=None`` keeps qemu's default iPXE ROM (see the module
     documentation); ``option_rom=False`` gives the NIC no ROM at all, so that OVMF's own
     PXE client boots (SeaBIOS has none); ``disks`` are raw images attached as virtio
-    disks (``/dev/vda``...), booted after the network. ``reboot`` lets a guest's reboot
-    restart it (the OVMF variables survive it) rather than end qemu.
+    disks (``/dev/vda``...; ``disk_bus`` "nvme" or "ahci" for ``nvme0n1``, ``sda``), booted
+    after the network; ``nic`` is the NIC model (``e1000e`` needs the ramdisk's generic
+    kernel). ``reboot`` lets a guest's reboot restart it (the OVMF variables survive it)
+    rather than end qemu.
 
     >>> with VM(net, workdir=tmp, mac="52:54:00:00:00:01") as vm:   # doctest: +SKIP
     ...     m = vm.wait_for(r"CORRAL-TEST-BOOTED node=(\\S+) ip=(\\S+)", timeout=180)
@@ -114,6 +121,8 @@ class VM:
         disks: Sequence[Path] = (),
         extra_args: Sequence[str] = (),
         reboot: bool = False,
+        nic: str = "virtio-net-pci",
+        disk_bus: str = "virtio",
     ) -> None:
         mac = mac.lower()
         if not _MAC.match(mac):
@@ -133,6 +142,12 @@ class VM:
         self.disks = tuple(disks)
         self.extra_args = tuple(extra_args)
         self.reboot = reboot
+        if nic not in NIC_MODELS:
+            raise VMError(f"unknown NIC model {nic!r}: use one of {', '.join(NIC_MODELS)}")
+        if disk_bus not in DISK_BUSES:
+            raise VMError(f"unknown disk bus {disk_bus!r}: use one of {', '.join(DISK_BUSES)}")
+        self.nic = nic
+        self.disk_bus = disk_bus
         self.console_log = workdir / f"{name}.console.log"
         self.qemu_log = workdir / f"{name}.qemu.log"
         self.vars_copy = workdir / f"{name}.OVMF_VARS.fd"
@@ -142,7 +157,7 @@ class VM:
 
     def argv(self) -> list[str]:
         """The qemu command line (without the ``ip netns exec`` prefix)."""
-        nic = f"virtio-net-pci,netdev=n0,mac={self.mac},bootindex=1"
+        nic = f"{self.nic},netdev=n0,mac={self.mac},bootindex=1"
         if not self.option_rom:
             nic += ",romfile="
         elif self.romfile is not None:
@@ -177,12 +192,19 @@ class VM:
             ]
         # network first, then the disks: a node that is not armed gets a script that exits
         # iPXE, and the firmware boots the next device, as netboot-once wants
+        if self.disks and self.disk_bus == "ahci":
+            argv += ["-device", "ahci,id=ahci0"]
         for index, disk in enumerate(self.disks):
+            device = {
+                "virtio": f"virtio-blk-pci,drive=disk{index}",
+                "nvme": f"nvme,drive=disk{index},serial=corral{index}",
+                "ahci": f"ide-hd,drive=disk{index},bus=ahci0.{index}",
+            }[self.disk_bus]
             argv += [
                 "-drive",
                 f"if=none,id=disk{index},format=raw,file={_opt(disk)}",
                 "-device",
-                f"virtio-blk-pci,drive=disk{index},bootindex={index + 2}",
+                f"{device},bootindex={index + 2}",
             ]
         return argv + list(self.extra_args)
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -1156,3 +1157,29 @@ def test_a_disk_corral_installed_is_partitioned_again(machine: tuple[Path, Path]
     runner.hook = stamp_on_first_mount
     final = make_installer(make_plan(str(device)), work, runner, client).run()
     assert final.phase == "done", final.message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_rsync_keeps_the_mount_points_the_image_lacks(tmp_path: Path) -> None:
+    """Re-deploying by rsync over a disk whose ESP is mounted at /boot/efi, a directory the
+    image does not have: real rsync, with and without the mount points protected."""
+    image = tmp_path / "image"
+    (image / "etc").mkdir(parents=True)
+    (image / "etc/os-release").write_text("ID=test\n")
+    target = tmp_path / "target"
+    (target / "boot/efi").mkdir(parents=True)
+    (target / "stale").write_text("from the last version\n")
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target / "boot/efi")], check=True)
+    try:
+        (target / "boot/efi/BOOTX64.EFI").write_text("grub\n")
+        plan = make_plan("/dev/sda", transport=TransportInfo("rsync", {"url": str(image)}))
+        kept = RsyncReceiver(Context(None, mount_points=("/boot/efi",))).argv(plan, target)
+        assert "--filter=P /boot/efi" in kept
+        result = subprocess.run(kept, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        assert not (target / "stale").exists()
+        assert (target / "boot/efi/BOOTX64.EFI").read_text() == "grub\n"
+        bare = RsyncReceiver(Context(None)).argv(plan, target)
+        assert subprocess.run(bare, capture_output=True, check=False).returncode == 23  # EBUSY
+    finally:
+        subprocess.run(["umount", str(target / "boot/efi")], check=True)

@@ -339,6 +339,9 @@ class Installer:
             )
             disk.make_filesystems(self.run_command, layout, timeout=self.settings.mkfs_timeout)
         self.layout = layout
+        context.mount_points = tuple(
+            v.mount for v in layout.volumes if v.mounted and v.mount != "/"
+        )
         disk.mount_layout(self.mounts, layout, self.target)
         disk.write_stamp(self.target, layout)
 

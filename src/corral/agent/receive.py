@@ -80,6 +80,8 @@ class Context:
     tries: int = 5
     #: seconds between two looks at the cancel flag while a tool runs
     poll: float = 0.2
+    #: the target's mount points below its root ("/boot/efi"), which the image may lack
+    mount_points: tuple[str, ...] = ()
 
 
 @dataclass
@@ -540,6 +542,9 @@ class RsyncReceiver(Receiver):
             url += "/"  # the tree's content, not a directory of that name
         argv = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--info=progress2", "--stats"]
         argv += [f"--filter=P {path}" for path in RSYNC_PROTECT]
+        # a file system's mount point (the ESP's /boot/efi, which images lack) cannot be
+        # deleted: rsync's attempt failed the whole transfer with EBUSY
+        argv += [f"--filter=P {path}" for path in self.context.mount_points]
         return [*argv, url, f"{target_dir}/"]
 
     def _run(

@@ -62,6 +62,11 @@ def parse_vars(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InvalidValue(f"bad variable '{item}': expected key=value")
+        if not value.isprintable():
+            # YAML would fold a line break into a space: keep the text as given, for the
+            # schema to refuse what a boot file must not hold.
+            result[key] = value
+            continue
         try:
             result[key] = yaml.safe_load(value) if value else ""
         except yaml.YAMLError:

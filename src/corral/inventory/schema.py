@@ -7,9 +7,12 @@ These models are the cluster file format, the shape the store keeps and returns,
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+import unicodedata
+from collections.abc import Iterator
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -69,18 +72,79 @@ def _sha512_crypt(value: str) -> str:
     return value
 
 
+#: The serialized (JSON) size a profile's, group's or node's variables may reach: ample for
+#: settings, and a bound on what one entry can make the database store and every render read.
+MAX_VARIABLES_BYTES = 64 * 1024
+
+#: What a multi-line field (a script body) may hold besides printable text.
+_BODY_CONTROLS = frozenset("\n\t")
+_CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", "\0": "a NUL"}
+
+
+def _strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """Every string inside ``value`` (dict keys included), with where it sits."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key, where)
+            yield from _strings(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for n, item in enumerate(value):
+            yield from _strings(item, f"{where}.{n}")
+
+
+def _control_character(text: str, allowed: frozenset[str]) -> str | None:
+    for char in text:
+        if char not in allowed and unicodedata.category(char) == "Cc":
+            return _CONTROL_NAMES.get(char, f"control character U+{ord(char):04X}")
+    return None
+
+
+def _variables_size(value: dict[str, Any]) -> dict[str, Any]:
+    size = len(json.dumps(value, separators=(",", ":"), default=str))
+    if size > MAX_VARIABLES_BYTES:
+        raise ValueError(
+            f"variables take {size} bytes, more than the {MAX_VARIABLES_BYTES} allowed; "
+            "keep large data in files or snippets"
+        )
+    return value
+
+
 Name = Annotated[str, AfterValidator(_name)]
 Mac = Annotated[str, AfterValidator(normalize_mac)]
 IPv4 = Annotated[str, AfterValidator(_ipv4)]
 Netmask = Annotated[str, AfterValidator(_netmask)]
 ProfileRef = Annotated[str, AfterValidator(_profile_ref)]
 Sha512Crypt = Annotated[str, AfterValidator(_sha512_crypt)]
-Variables = dict[Annotated[str, AfterValidator(_name)], Any]
+Variables = Annotated[
+    dict[Annotated[str, AfterValidator(_name)], Any], AfterValidator(_variables_size)
+]
 M = TypeVar("M", bound=BaseModel)
 
 
 class Spec(BaseModel):
+    """Base of every inventory model.
+
+    Every text field reaches a line-based file (an iPXE script, a pxelinux or GRUB menu, a
+    kickstart, a shell script), where a newline starts a command of its own. So no text
+    may hold a control character, except the script bodies named in ``MULTILINE``, which
+    may hold newlines and tabs.
+    """
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    MULTILINE: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="after")
+    def _no_control_characters(self) -> Spec:
+        for field in type(self).model_fields:
+            allowed = _BODY_CONTROLS if field in self.MULTILINE else frozenset()
+            for where, text in _strings(getattr(self, field), field):
+                found = _control_character(text, allowed)
+                if found:
+                    single = "" if allowed else "; only pre/post snippets may span lines"
+                    raise ValueError(f"{where}: {found} is not allowed here{single}")
+        return self
 
 
 class Family(StrEnum):
@@ -155,6 +219,8 @@ class ProfileSpec(Spec):
     partitions: list[Partition] = []
     packages: list[str] = []
     repos: list[Repo] = []
+    MULTILINE = frozenset({"pre", "post"})
+
     pre: list[str] = Field([], description="pre-install script snippets (bash)")
     post: list[str] = Field([], description="post-install script snippets (bash)")
     root_password_hash: Sha512Crypt | None = None

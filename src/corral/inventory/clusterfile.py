@@ -21,6 +21,58 @@ from corral.inventory.store import Inventory, Kind, Outcome
 
 ORDER: tuple[Kind, ...] = ("distro", "profile", "group", "node")
 
+#: How many YAML nodes aliases may add to a cluster file, all aliases together. An alias
+#: repeats what its anchor holds; nested ones multiply (a few hundred bytes can stand for
+#: billions of values: the "billion laughs"). Ordinary reuse (``<<: *defaults`` in every
+#: entry) stays far below this.
+MAX_ALIAS_EXPANSION = 100_000
+
+
+class _AliasBomb(Exception):
+    pass
+
+
+def _expanded_size(root: yaml.Node) -> tuple[int, int]:
+    """(nodes the document stands for with every alias expanded, distinct nodes), counted
+    without expanding anything."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise _AliasBomb("an alias refers to the node that contains it")
+        active.add(key)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        total = 1 + sum(size(child) for child in children)
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root), len(sizes)
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """The safe loader, refusing documents whose aliases expand beyond a bound."""
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is None:
+            return None
+        expanded, distinct = _expanded_size(node)
+        if expanded - distinct > MAX_ALIAS_EXPANSION:
+            raise _AliasBomb(
+                f"its aliases expand to {expanded - distinct} more values, "
+                f"more than the {MAX_ALIAS_EXPANSION} allowed"
+            )
+        return node
+
 
 def offset_ip(ip: str, offset: int) -> str:
     return str(ipaddress.IPv4Address(ip) + offset)
@@ -61,7 +113,11 @@ def expand_node_entries(entries: list[Any]) -> list[Any]:
 
 def load_cluster(text: str, source: str) -> ClusterSpec:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_LimitedLoader)  # a SafeLoader: plain data only
+    except _AliasBomb as exc:
+        raise InvalidClusterFile(
+            f"{source}: {exc}", "write the values out, or use noderanges for similar nodes"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

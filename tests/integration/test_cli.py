@@ -131,6 +131,11 @@ BAD_INPUTS = [
     (["node", "add", "x[1-200000]"], "100000"),
     (["node", "add", "x[1-"], "bad noderange"),
     (["node", "set", "nosuch", "--var", "a=b"], "unknown node 'nosuch'"),
+    (["node", "add", "x[1-5]", "--ip", "10.0.7.253"], "ip 10.0.7.255 is the broadcast address"),
+    (["node", "add", "x1", "--mac", "ff:ff:ff:ff:ff:ff"], "is the broadcast address"),
+    (["node", "add", "x1", "--mac", "01:00:5e:00:00:01"], "is a multicast address"),
+    (["node", "add", "x1", "--ip", "0.0.0.0"], "is the unspecified address"),
+    (["node", "set", "c01", "--gateway", "10.9.0.1"], "outside the interface's subnet"),
     (["profile", "rm", "base"], "cannot remove profile in use"),
     (
         [

@@ -14,7 +14,8 @@ EXAMPLE = Path(__file__).parents[2] / "examples" / "cluster.yaml"
 def test_range_entry_gives_consecutive_addresses() -> None:
     cluster = load_cluster(
         "nodes:\n  - name: n[08-11]\n"
-        "    interfaces: [{mac: '52:54:00:00:00:fe', ip: 10.0.0.254}]\n",
+        # A /16: 10.0.0.255 and 10.0.1.0 are host addresses there (not in a /24).
+        "    interfaces: [{mac: '52:54:00:00:00:fe', ip: 10.0.0.254, netmask: '16'}]\n",
         "t",
     )
     assert [n.name for n in cluster.nodes] == ["n08", "n09", "n10", "n11"]

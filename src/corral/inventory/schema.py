@@ -43,11 +43,44 @@ def normalize_mac(value: str) -> str:
     return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
 
 
+def _unicast_mac(value: str) -> str:
+    """A MAC a network card can have: not the broadcast one, not a multicast group."""
+    if value == "ff:ff:ff:ff:ff:ff":
+        raise ValueError(f"MAC address {value} is the broadcast address: give the node's own")
+    if int(value[:2], 16) & 1:
+        raise ValueError(
+            f"MAC address {value} is a multicast address (its first octet is odd): "
+            "give the node's own"
+        )
+    if value == "00:00:00:00:00:00":
+        raise ValueError(f"MAC address {value} is not a card's address: give the node's own")
+    return value
+
+
 def _ipv4(value: str) -> str:
     try:
         return str(ipaddress.IPv4Address(value.strip()))
     except ValueError:
         raise ValueError(f"invalid IPv4 address '{value}'") from None
+
+
+def _host_ipv4(value: str) -> str:
+    """An address a host can be given: not 0.0.0.0, broadcast, loopback or multicast."""
+    address = ipaddress.IPv4Address(_ipv4(value))
+    why = (
+        "the unspecified address"
+        if address.is_unspecified
+        else "the broadcast address"
+        if address == ipaddress.IPv4Address("255.255.255.255")
+        else "a loopback address"
+        if address.is_loopback
+        else "a multicast address"
+        if address.is_multicast
+        else ""
+    )
+    if why:
+        raise ValueError(f"IPv4 address {address} is {why}: give a host's address")
+    return str(address)
 
 
 def _netmask(value: str) -> str:
@@ -112,8 +145,9 @@ def _variables_size(value: dict[str, Any]) -> dict[str, Any]:
 
 
 Name = Annotated[str, AfterValidator(_name)]
-Mac = Annotated[str, AfterValidator(normalize_mac)]
+Mac = Annotated[str, AfterValidator(normalize_mac), AfterValidator(_unicast_mac)]
 IPv4 = Annotated[str, AfterValidator(_ipv4)]
+HostIPv4 = Annotated[str, AfterValidator(_host_ipv4)]
 Netmask = Annotated[str, AfterValidator(_netmask)]
 ProfileRef = Annotated[str, AfterValidator(_profile_ref)]
 Sha512Crypt = Annotated[str, AfterValidator(_sha512_crypt)]
@@ -231,11 +265,32 @@ class ProfileSpec(Spec):
 class InterfaceSpec(Spec):
     name: Name = "eth0"
     mac: Mac | None = None
-    ip: IPv4 | None = None
+    ip: HostIPv4 | None = None
     netmask: Netmask = "255.255.255.0"
-    gateway: IPv4 | None = None
+    gateway: HostIPv4 | None = None
     vlan: int | None = Field(None, ge=1, le=4094)
     bond_members: list[Name] = []
+
+    @model_validator(mode="after")
+    def _addresses_fit_the_subnet(self) -> InterfaceSpec:
+        if self.ip is None:
+            return self
+        subnet = ipaddress.IPv4Interface(f"{self.ip}/{self.netmask}").network
+        if subnet.prefixlen < 31:  # /31 and /32 have no network or broadcast address
+            for field, value in (("ip", self.ip), ("gateway", self.gateway)):
+                address = ipaddress.IPv4Address(value) if value else None
+                if address in (subnet.network_address, subnet.broadcast_address):
+                    which = "network" if address == subnet.network_address else "broadcast"
+                    raise ValueError(
+                        f"{field} {address} is the {which} address of {subnet}: "
+                        "no host may have it (start a range elsewhere, or change the netmask)"
+                    )
+        if self.gateway and ipaddress.IPv4Address(self.gateway) not in subnet:
+            raise ValueError(
+                f"gateway {self.gateway} is outside the interface's subnet {subnet} "
+                f"(ip {self.ip}, netmask {self.netmask}): fix the gateway or the netmask"
+            )
+        return self
 
 
 class NodeSpec(Spec):

@@ -211,3 +211,21 @@ def test_template_syntax_error_names_the_template(cluster_home: Path, tmp_path: 
 def test_unknown_command_option_is_a_usage_error(cluster_home: Path) -> None:
     result = corral("node", "add", "x1", "--colour", "red", home=cluster_home)
     assert result.returncode == 2
+
+
+def test_profile_set_refuses_a_snippet_that_breaks_a_node(
+    cluster_home: Path, tmp_path: Path
+) -> None:
+    """Rendered at `set` time, as sync would: not first at the next sync or boot."""
+    snippet = tmp_path / "post.sh"
+    snippet.write_text("echo {{ vars.nosuch }}\n")
+    before = dump(cluster_home)
+    result = corral("profile", "set", "compute", "--post", str(snippet), home=cluster_home)
+    assert result.returncode == 2
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("error: profile compute: the change breaks node c01: post snippet")
+    assert "nosuch" in first
+    assert dump(cluster_home) == before
+    snippet.write_text("echo {{ vars.site }}\n")
+    ok = corral("profile", "set", "compute", "--post", str(snippet), home=cluster_home)
+    assert ok.returncode == 0, ok.stderr

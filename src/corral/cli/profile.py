@@ -17,6 +17,7 @@ from corral.cli.common import (
     parse_vars,
     print_yaml,
     read_text,
+    settings,
 )
 from corral.cli.entities import add_common_verbs
 from corral.errors import InvalidValue, UsageError
@@ -153,11 +154,21 @@ def add(name: str, data: dict[str, Any]) -> None:
 @app.command("set")
 @_with_profile_options
 def set_(name: str, data: dict[str, Any]) -> None:
-    """Change a profile; a list option given replaces that list, --var merges keys."""
+    """Change a profile; a list option given replaces that list, --var merges keys.
+
+    The nodes that use the profile are rendered with the change, as `corral sync` would
+    render them: a change that breaks one (an undefined variable in a snippet) is refused.
+    """
+    from corral.render.check import check_profile_users
+    from corral.render.renderer import Snapshot
+
     with inventory() as inv:
         if "variables" in data:
             data["variables"] = {**inv.get("profile", name).variables, **data["variables"]}
+        before = Snapshot(inv.session)
         n = inv.update("profile", [name], data)
+        if n:
+            check_profile_users(settings(), inv.session, before, name)
     out.print(f"profile {name}: {'changed' if n else 'unchanged'}")
 
 

@@ -27,7 +27,7 @@ BARS = 24
 
 
 def deploy(
-    nodes: str = typer.Argument(..., help="noderange, e.g. n[001-100]"),
+    nodes: str = typer.Argument(..., metavar="NODERANGE", help="the nodes, e.g. 'n[001-100]'"),
     image: str | None = typer.Option(
         None, help="NAME or NAME:VERSION for every node [default: each node's profile image]"
     ),
@@ -38,7 +38,7 @@ def deploy(
     ),
     wait: bool = typer.Option(False, "--wait", help="follow the deployment until it ends"),
 ) -> None:
-    """Install an image on nodes: `corral deploy n[001-100] --image compute --wait`.
+    """Install an image on nodes: corral deploy 'n[001-100]' --image compute --wait
 
     Returns once the deployment is stored and its nodes armed; `corral serve` power-cycles
     them (node variable power_command) and follows them. Exit status with --wait: 0 if every

@@ -103,7 +103,9 @@ def _with_node_options(apply: Callable[[NodeOptions], None]) -> Callable[..., No
     them read: ``add`` and ``set`` differ only in what they do with them."""
 
     def command(
-        noderange: str,
+        noderange: Annotated[
+            str, typer.Argument(metavar="NODERANGE", help="the nodes, e.g. 'n[001-100]'")
+        ],
         ip: Ip = None,
         mac: Mac = None,
         mac_file: MacFile = None,
@@ -139,7 +141,10 @@ def _with_node_options(apply: Callable[[NodeOptions], None]) -> Callable[..., No
 @app.command("add")
 @_with_node_options
 def add(given: NodeOptions) -> None:
-    """Add nodes: `corral node add n[001-100] --ip 10.0.0.11 --mac-file macs.txt`."""
+    """Add nodes: corral node add 'n[001-100]' --ip 10.0.0.11 --mac-file macs.txt
+
+    Quote a noderange: the shell would expand n[001-100] as a file name pattern.
+    """
     specs = []
     for name, mac, ip in zip(given.names, given.macs, given.ips, strict=True):
         iface = {"name": given.interface, **changes(mac=mac, ip=ip), **given.address}
@@ -195,7 +200,9 @@ add_common_verbs(
 
 
 @app.command("reinstall")
-def reinstall(noderange: str) -> None:
+def reinstall(
+    noderange: str = typer.Argument(..., metavar="NODERANGE", help="the nodes to re-arm"),
+) -> None:
     """Re-arm nodes: their next network boot installs them again."""
     from corral.inventory.state import NodeStates
 

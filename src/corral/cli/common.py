@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.text import Text
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -83,6 +84,32 @@ def read_text(path: Path, what: str) -> str:
 
 def print_yaml(data: Any) -> None:
     out.print(yaml.safe_dump(data, sort_keys=False, width=100).rstrip("\n"), markup=False)
+
+
+def cell(value: object) -> Text:
+    """A table cell holding data as it is: a node's message with "[/]" in it is text,
+    not Rich markup (which would fail to parse, or style what follows)."""
+    return Text("" if value is None else str(value))
+
+
+def local_time(timestamp: float | None) -> str:
+    """A Unix time as people read it, in local time: ``2026-12-03 04:12:05``."""
+    if timestamp is None:
+        return ""
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def human_size(size: float) -> str:
+    """Bytes in decimal units: ``512 B``, ``15.0 kB``, ``4.2 MB``, ``1.2 GB``."""
+    if size < 1000:
+        return f"{size:.0f} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        size /= 1000
+        if round(size, 1) < 1000 or unit == "TB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 def changes(**options: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from corral.cli.common import inventory, out, print_yaml
+from corral.cli.common import cell, inventory, out, print_yaml
 from corral.inventory.noderange import expand, fold
 from corral.inventory.store import Kind
 
@@ -36,7 +36,7 @@ def add_common_verbs(
             specs = inv.specs(kind, expand(names) if names else None)
         table = Table("name", *columns, box=None, pad_edge=False)
         for spec in specs:
-            table.add_row(spec.name, *(fn(spec) for fn in columns.values()))
+            table.add_row(cell(spec.name), *(cell(fn(spec)) for fn in columns.values()))
         out.print(table)
 
     @app.command("rm")

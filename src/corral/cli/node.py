@@ -12,6 +12,7 @@ import typer
 from corral.cli.common import (
     ProfilesOption,
     VarsOption,
+    cell,
     changes,
     inventory,
     out,
@@ -226,5 +227,5 @@ def status(noderange: str | None = typer.Argument(None, metavar="NODERANGE")) ->
     table = Table("name", "state", "phase", "since", "message", box=None, pad_edge=False)
     for row in rows:
         since = time.strftime("%H:%M:%S", time.localtime(row.updated)) if row.updated else ""
-        table.add_row(row.name, row.state, row.phase or "", since, (row.message or "")[:60])
+        table.add_row(*map(cell, (row.name, row.state, row.phase, since, (row.message or "")[:60])))
     out.print(table)

@@ -172,6 +172,11 @@ def set_(name: str, data: dict[str, Any]) -> None:
     out.print(f"profile {name}: {'changed' if n else 'unchanged'}")
 
 
+def _scalar(value: Any) -> str:
+    """A value as YAML reads it back: Python's repr, but null for None (not "None")."""
+    return "null" if value is None else repr(value)
+
+
 @app.command("show")
 def show(
     name: str,
@@ -203,14 +208,14 @@ def show(
             )[key]
             out.print(f"{key}:" + ("" if dumped else " []"), markup=False)
             for item, src in zip(dumped, origin, strict=True):
-                out.print(f"  - {item!r}  # {src}", markup=False)
+                out.print(f"  - {_scalar(item)}  # {src}", markup=False)
         elif isinstance(merged_value, dict):
             out.print(f"{key}:" + ("" if merged_value else " {}"), markup=False)
             for k, v in merged_value.items():
-                out.print(f"  {k}: {v!r}  # {origin[k]}", markup=False)
+                out.print(f"  {k}: {_scalar(v)}  # {origin[k]}", markup=False)
         else:
             shown = merged_value if merged_value is not None else value
-            out.print(f"{key}: {shown!r}  # {origin or 'default'}", markup=False)
+            out.print(f"{key}: {_scalar(shown)}  # {origin or 'default'}", markup=False)
 
 
 add_common_verbs(

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from corral.errors import UsageError
+from corral.errors import NotFound, UsageError
 from corral.inventory import models as m
 from corral.inventory.schema import InterfaceSpec, NodeSpec, normalize_mac
 from corral.inventory.store import Inventory
@@ -91,6 +91,10 @@ class NodeStates:
         )
         if names is not None:
             query = query.where(m.Node.name.in_(names))
+            known = set(self.session.scalars(select(m.Node.name).where(m.Node.name.in_(names))))
+            missing = [n for n in names if n not in known]
+            if missing:
+                raise NotFound("node", missing[0])
         out = []
         for name, row in self.session.execute(query):
             if row is None:

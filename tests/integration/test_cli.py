@@ -229,3 +229,41 @@ def test_profile_set_refuses_a_snippet_that_breaks_a_node(
     snippet.write_text("echo {{ vars.site }}\n")
     ok = corral("profile", "set", "compute", "--post", str(snippet), home=cluster_home)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_apply_names_what_it_created_and_changed(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    first = corral("apply", "-f", str(DATA / "cluster.yaml"), home=home)
+    assert first.returncode == 0, first.stderr
+    assert "created nodes: bonded,c01,fed01,img01,local01,ram01" in first.stdout
+    assert "created group: compute" in first.stdout
+    assert corral("node", "set", "c01", "--var", "rack=r9", home=home).returncode == 0
+    again = corral("apply", "-f", str(DATA / "cluster.yaml"), home=home)
+    assert "changed node: c01" in again.stdout
+    assert "created" not in again.stdout.split("distros")[0]
+
+
+def test_apply_prune_removes_what_the_file_omits_and_dry_run_changes_nothing(
+    cluster_home: Path,
+) -> None:
+    extra = [("node", "add", "x[1-3]"), ("profile", "add", "extra"), ("group", "add", "g2")]
+    for argv in extra:
+        assert corral(*argv, home=cluster_home).returncode == 0
+    before = dump(cluster_home)
+    dry = corral(
+        "apply", "-f", str(DATA / "cluster.yaml"), "--prune", "--dry-run", home=cluster_home
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "would remove nodes: x[1-3]" in dry.stdout
+    assert "would remove profile: extra" in dry.stdout and "would remove group: g2" in dry.stdout
+    assert "nodes          0 created      0 changed      6 unchanged      3 removed" in dry.stdout
+    assert dry.stdout.rstrip().endswith("dry run: nothing was changed")
+    assert dump(cluster_home) == before
+    plain = corral("apply", "-f", str(DATA / "cluster.yaml"), home=cluster_home)
+    assert "remove" not in plain.stdout  # without --prune nothing goes
+    pruned = corral("apply", "-f", str(DATA / "cluster.yaml"), "--prune", home=cluster_home)
+    assert pruned.returncode == 0, pruned.stderr
+    assert "removed nodes: x[1-3]" in pruned.stdout
+    names = corral("node", "list", home=cluster_home).stdout
+    assert "x1" not in names and "c01" in names
+    assert "extra" not in corral("profile", "list", home=cluster_home).stdout

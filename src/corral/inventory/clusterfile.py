@@ -10,7 +10,7 @@ takes back unchanged.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -142,16 +142,41 @@ def load_cluster(text: str, source: str) -> ClusterSpec:
         raise InvalidClusterFile(str(exc)) from None
 
 
-def apply_cluster(inv: Inventory, cluster: ClusterSpec) -> dict[str, dict[Outcome, int]]:
-    """Create or update everything in ``cluster``; returns counts per kind and outcome."""
-    summary: dict[str, dict[Outcome, int]] = {}
+#: What applying a file did to each entry; "removed" only with ``prune``.
+ApplyOutcome = Literal["created", "changed", "unchanged", "removed"]
+APPLY_OUTCOMES: tuple[ApplyOutcome, ...] = ("created", "changed", "unchanged", "removed")
+
+
+def apply_cluster_entries(
+    inv: Inventory, cluster: ClusterSpec, prune: bool = False
+) -> dict[Kind, dict[ApplyOutcome, list[str]]]:
+    """Create or update everything in ``cluster`` and, with ``prune``, remove what it does
+    not list (nodes first, then groups, profiles, distros, so that nothing removed is still
+    referred to); returns the names per kind and outcome."""
+    entries: dict[Kind, dict[ApplyOutcome, list[str]]] = {
+        kind: {outcome: [] for outcome in APPLY_OUTCOMES} for kind in ORDER
+    }
     for kind in ORDER:
         specs = getattr(cluster, f"{kind}s")
-        counts: dict[Outcome, int] = {"created": 0, "changed": 0, "unchanged": 0}
-        for outcome in inv.put(kind, specs):
-            counts[outcome] += 1
-        summary[kind] = counts
-    return summary
+        for spec, outcome in zip(specs, inv.put(kind, specs), strict=True):
+            entries[kind][outcome].append(spec.name)
+    if prune:
+        for kind in reversed(ORDER):
+            listed = {spec.name for spec in getattr(cluster, f"{kind}s")}
+            extra = [name for name in inv.names(kind) if name not in listed]
+            if extra:
+                inv.remove(kind, extra)
+                entries[kind]["removed"] = extra
+    return entries
+
+
+def apply_cluster(inv: Inventory, cluster: ClusterSpec) -> dict[str, dict[Outcome, int]]:
+    """Create or update everything in ``cluster``; returns counts per kind and outcome."""
+    entries = apply_cluster_entries(inv, cluster)
+    return {
+        kind: {o: len(entries[kind][o]) for o in ("created", "changed", "unchanged")}
+        for kind in ORDER
+    }
 
 
 def export_cluster(inv: Inventory) -> str:

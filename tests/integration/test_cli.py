@@ -267,3 +267,32 @@ def test_apply_prune_removes_what_the_file_omits_and_dry_run_changes_nothing(
     names = corral("node", "list", home=cluster_home).stdout
     assert "x1" not in names and "c01" in names
     assert "extra" not in corral("profile", "list", home=cluster_home).stdout
+
+
+def test_export_writes_noderanges_that_apply_takes_back_unchanged(
+    cluster_home: Path, tmp_path: Path
+) -> None:
+    added = corral(
+        "node",
+        "add",
+        "n[001-110]",
+        "--ip",
+        "10.0.1.1",
+        "--netmask",
+        "16",
+        "--mac",
+        "52:54:00:01:00:01",
+        "--group",
+        "compute",
+        home=cluster_home,
+    )
+    assert added.returncode == 0, added.stderr
+    text = export(cluster_home)
+    assert "- name: n[001-110]\n" in text
+    assert len(text.splitlines()) < 100  # one entry per node took 500 lines
+    path = tmp_path / "export.yaml"
+    path.write_text(text)
+    result = corral("apply", "-f", str(path), home=cluster_home)
+    assert result.returncode == 0, result.stderr
+    assert "nodes          0 created      0 changed    116 unchanged" in result.stdout
+    assert export(cluster_home) == text

@@ -3,8 +3,9 @@
 A file lists distros, profiles, groups and nodes. A node entry whose name is a noderange
 (``n[001-100]``) stands for one node per name, with each interface's ``ip`` and ``mac``
 taken as the first of consecutive addresses. Applying is idempotent: entities equal to
-their stored form are left alone. ``export`` writes one entry per node, which ``apply``
-takes back unchanged.
+their stored form are left alone. ``export`` writes such a range entry for each run of
+nodes that differ only by consecutive names and addresses, and one entry per other node;
+``apply`` takes it back unchanged.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from corral.errors import InvalidClusterFile
-from corral.inventory.noderange import expand, is_noderange
+from corral.inventory.noderange import expand, is_noderange, numbered
 from corral.inventory.schema import ClusterSpec, normalize_mac, parse
 from corral.inventory.store import Inventory, Kind, Outcome
 
@@ -179,6 +180,71 @@ def apply_cluster(inv: Inventory, cluster: ClusterSpec) -> dict[str, dict[Outcom
     }
 
 
+def _follows(entry: dict[str, Any], first: dict[str, Any], offset: int) -> bool:
+    """Whether ``entry`` is what the range entry ``first`` gives its node ``offset``."""
+    if entry.keys() != first.keys() or any(
+        entry[k] != first[k] for k in entry if k not in ("name", "interfaces")
+    ):
+        return False
+    ours, theirs = entry.get("interfaces", []), first.get("interfaces", [])
+    if len(ours) != len(theirs):
+        return False
+    for iface, base in zip(ours, theirs, strict=True):
+        expected = dict(base)
+        if base.get("ip"):
+            expected["ip"] = offset_ip(base["ip"], offset)
+        if base.get("mac"):
+            try:
+                expected["mac"] = offset_mac(base["mac"], offset)
+            except ValueError:
+                return False
+        if iface != expected:
+            return False
+    return True
+
+
+def fold_node_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Node entries with each run of nodes that differ only by consecutive numbers in
+    their names and consecutive addresses written as one noderange entry (what
+    :func:`expand_node_entries` reads back); in the order of each run's first node."""
+    runs: list[tuple[int, list[dict[str, Any]]]] = []  # (position of first, its nodes)
+    by_prefix: dict[str, list[tuple[int, int, int, dict[str, Any]]]] = {}
+    for position, entry in enumerate(entries):
+        split = numbered(entry["name"])
+        if split is None:
+            runs.append((position, [entry]))
+        else:
+            prefix, number, width = split
+            by_prefix.setdefault(prefix, []).append((number, width, position, entry))
+    for prefix, members in by_prefix.items():
+        current: list[dict[str, Any]] = []
+        start = low = width = 0
+        for number, digits, position, entry in sorted(members, key=lambda m: m[:2]):
+            offset = number - low
+            if (
+                current
+                and offset == len(current)
+                # the name expand() gives the range's node at this offset
+                and entry["name"] == f"{prefix}{number:0{width}d}"
+                and _follows(entry, current[0], offset)
+            ):
+                current.append(entry)
+                continue
+            if current:
+                runs.append((start, current))
+            current, start, low, width = [entry], position, number, digits
+        runs.append((start, current))
+    out: list[dict[str, Any]] = []
+    for _position, nodes in sorted(runs, key=lambda run: run[0]):
+        if len(nodes) == 1:
+            out.append(nodes[0])
+            continue
+        prefix, low, width = numbered(nodes[0]["name"])  # type: ignore[misc]
+        high = low + len(nodes) - 1
+        out.append(dict(nodes[0], name=f"{prefix}[{low:0{width}d}-{high:0{width}d}]"))
+    return out
+
+
 def export_cluster(inv: Inventory) -> str:
     cluster = ClusterSpec(
         distros=inv.specs("distro"),
@@ -187,4 +253,7 @@ def export_cluster(inv: Inventory) -> str:
         nodes=inv.specs("node"),
     )
     data = cluster.model_dump(mode="json", exclude_defaults=True)
+    data["nodes"] = fold_node_entries(data.get("nodes", []))
+    if not data["nodes"]:
+        del data["nodes"]
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)

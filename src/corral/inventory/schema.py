@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import unicodedata
+import socket
 from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, TypeVar
@@ -64,23 +64,31 @@ def _ipv4(value: str) -> str:
         raise ValueError(f"invalid IPv4 address '{value}'") from None
 
 
+def _number(address: str) -> int:
+    """An address already in dotted-quad form (as validated) as a number: faster than
+    ipaddress, which every sync's validation of every node would pay for."""
+    return int.from_bytes(socket.inet_aton(address), "big")
+
+
 def _host_ipv4(value: str) -> str:
     """An address a host can be given: not 0.0.0.0, broadcast, loopback or multicast."""
-    address = ipaddress.IPv4Address(_ipv4(value))
+    address = _ipv4(value)
+    number = _number(address)
+    first = number >> 24
     why = (
         "the unspecified address"
-        if address.is_unspecified
+        if number == 0
         else "the broadcast address"
-        if address == ipaddress.IPv4Address("255.255.255.255")
+        if number == 0xFFFFFFFF
         else "a loopback address"
-        if address.is_loopback
+        if first == 127
         else "a multicast address"
-        if address.is_multicast
+        if 224 <= first <= 239
         else ""
     )
     if why:
         raise ValueError(f"IPv4 address {address} is {why}: give a host's address")
-    return str(address)
+    return address
 
 
 def _netmask(value: str) -> str:
@@ -109,8 +117,6 @@ def _sha512_crypt(value: str) -> str:
 #: settings, and a bound on what one entry can make the database store and every render read.
 MAX_VARIABLES_BYTES = 64 * 1024
 
-#: What a multi-line field (a script body) may hold besides printable text.
-_BODY_CONTROLS = frozenset("\n\t")
 _CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", "\0": "a NUL"}
 
 
@@ -127,14 +133,22 @@ def _strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
             yield from _strings(item, f"{where}.{n}")
 
 
-def _control_character(text: str, allowed: frozenset[str]) -> str | None:
-    for char in text:
-        if char not in allowed and unicodedata.category(char) == "Cc":
-            return _CONTROL_NAMES.get(char, f"control character U+{ord(char):04X}")
-    return None
+#: Unicode's control characters (category Cc), all of them, and all but newline and tab.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_BODY_CONTROLS_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _control_character(text: str, body: bool) -> str | None:
+    found = (_BODY_CONTROLS_RE if body else _CONTROLS).search(text)
+    if found is None:
+        return None
+    char = found.group()
+    return _CONTROL_NAMES.get(char, f"control character U+{ord(char):04X}")
 
 
 def _variables_size(value: dict[str, Any]) -> dict[str, Any]:
+    if not value:
+        return value
     size = len(json.dumps(value, separators=(",", ":"), default=str))
     if size > MAX_VARIABLES_BYTES:
         raise ValueError(
@@ -171,12 +185,19 @@ class Spec(BaseModel):
 
     @model_validator(mode="after")
     def _no_control_characters(self) -> Spec:
-        for field in type(self).model_fields:
-            allowed = _BODY_CONTROLS if field in self.MULTILINE else frozenset()
-            for where, text in _strings(getattr(self, field), field):
-                found = _control_character(text, allowed)
+        for field, value in self.__dict__.items():  # the fields' values, fast
+            if isinstance(value, str):
+                if _CONTROLS.search(value) is None:
+                    continue  # the common case, without the walk below
+            elif not value or not isinstance(value, (list, dict)):
+                continue  # numbers, flags, None, nested Specs (checked on their own)
+            elif all(isinstance(item, Spec) for item in value):
+                continue
+            body = field in self.MULTILINE
+            for where, text in _strings(value, field):
+                found = _control_character(text, body)
                 if found:
-                    single = "" if allowed else "; only pre/post snippets may span lines"
+                    single = "" if body else "; only pre/post snippets may span lines"
                     raise ValueError(f"{where}: {found} is not allowed here{single}")
         return self
 
@@ -273,21 +294,29 @@ class InterfaceSpec(Spec):
 
     @model_validator(mode="after")
     def _addresses_fit_the_subnet(self) -> InterfaceSpec:
+        # In integers: ipaddress's network objects cost more than the rest of a node's
+        # validation, and every sync validates every node.
         if self.ip is None:
             return self
-        subnet = ipaddress.IPv4Interface(f"{self.ip}/{self.netmask}").network
-        if subnet.prefixlen < 31:  # /31 and /32 have no network or broadcast address
-            for field, value in (("ip", self.ip), ("gateway", self.gateway)):
-                address = ipaddress.IPv4Address(value) if value else None
-                if address in (subnet.network_address, subnet.broadcast_address):
-                    which = "network" if address == subnet.network_address else "broadcast"
-                    raise ValueError(
-                        f"{field} {address} is the {which} address of {subnet}: "
-                        "no host may have it (start a range elsewhere, or change the netmask)"
-                    )
-        if self.gateway and ipaddress.IPv4Address(self.gateway) not in subnet:
+        mask = _number(self.netmask)
+        network = _number(self.ip) & mask
+        broadcast = network | (~mask & 0xFFFFFFFF)
+
+        def subnet() -> str:
+            return f"{ipaddress.IPv4Address(network)}/{mask.bit_count()}"
+
+        for field, value in (("ip", self.ip), ("gateway", self.gateway)):
+            number = _number(value) if value else None
+            # /31 and /32 have no network or broadcast address
+            if number in (network, broadcast) and broadcast - network > 1:
+                which = "network" if number == network else "broadcast"
+                raise ValueError(
+                    f"{field} {value} is the {which} address of {subnet()}: "
+                    "no host may have it (start a range elsewhere, or change the netmask)"
+                )
+        if self.gateway and _number(self.gateway) & mask != network:
             raise ValueError(
-                f"gateway {self.gateway} is outside the interface's subnet {subnet} "
+                f"gateway {self.gateway} is outside the interface's subnet {subnet()} "
                 f"(ip {self.ip}, netmask {self.netmask}): fix the gateway or the netmask"
             )
         return self

@@ -15,7 +15,10 @@ FILE_KINDS = ("ipxe", "pxelinux", "grub", "kickstart", "pre", "post")
 KindOpt = typer.Option(..., "--kind", help="|".join(FILE_KINDS))
 
 
-def render(node: str, kind: str = KindOpt) -> None:
+def render(
+    node: str = typer.Argument(..., metavar="NODE", help="the node's name"),
+    kind: str = KindOpt,
+) -> None:
     """Print one of a node's files, validated as sync would validate it.
 
     Files name the URL nodes fetch from as corral serve does: server_url, else

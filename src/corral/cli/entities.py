@@ -29,7 +29,13 @@ def add_common_verbs(
 
     @app.command("list")
     def list_(
-        names: str | None = typer.Argument(None, metavar=noun, help="only these"),
+        names: str | None = typer.Argument(
+            None,
+            metavar=noun,
+            help="only these, e.g. 'n[001-010]' (default: all)"
+            if kind == "node"
+            else "only these: NAME[,NAME...] (default: all)",
+        ),
     ) -> None:
         """List entries as a table."""
         with inventory() as inv:

@@ -214,7 +214,11 @@ def reinstall(
 
 
 @app.command("status")
-def status(noderange: str | None = typer.Argument(None, metavar="NODERANGE")) -> None:
+def status(
+    noderange: str | None = typer.Argument(
+        None, metavar="NODERANGE", help="only these, e.g. 'n[001-010]' (default: all)"
+    ),
+) -> None:
     """Install state, last phase and message of nodes."""
     import time
 

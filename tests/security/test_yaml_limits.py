@@ -82,3 +82,24 @@ def test_apply_of_a_bomb_exits_2_with_one_line_and_applies_nothing(tmp_path: Pat
     with sqlite3.connect(home / "corral.db") as db:
         assert list(db.iterdump()) == before
     assert (home / "corral.db").stat().st_size < 1_000_000
+
+
+def flow_bomb(levels: int) -> str:
+    """The same bomb as one flow sequence: what fits in a --var KEY=VALUE argument."""
+    parts = ["&l0 [lol,lol,lol,lol,lol,lol,lol,lol,lol]"]
+    parts += [f"&l{n} [{','.join([f'*l{n - 1}'] * 9)}]" for n in range(1, levels)]
+    return f"[{', '.join(parts)}]"
+
+
+@pytest.mark.integration
+def test_a_var_value_cannot_be_an_alias_bomb(tmp_path: Path) -> None:
+    """--var values are read as YAML too: the same bound applies."""
+    home = tmp_path / "home"
+    value = flow_bomb(12)
+    assert len(value) < 1000
+    start = time.monotonic()
+    result = corral("node", "add", "x1", "--var", f"data={value}", home=home)
+    assert time.monotonic() - start < 10
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: bad variable 'data': its aliases expand to")
+    assert "x1" not in corral("node", "list", home=home).stdout

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from corral.config import Settings, load_settings
 from corral.errors import InvalidValue
+from corral.inventory.clusterfile import AliasBomb, load_yaml
 from corral.inventory.db import open_engine, transaction
 from corral.inventory.store import Inventory
 
@@ -69,7 +70,9 @@ def parse_vars(items: list[str] | None) -> dict[str, Any]:
             result[key] = value
             continue
         try:
-            result[key] = yaml.safe_load(value) if value else ""
+            result[key] = load_yaml(value) if value else ""
+        except AliasBomb as exc:
+            raise InvalidValue(f"bad variable '{key}': {exc}") from None
         except yaml.YAMLError:
             result[key] = value
     return result

@@ -29,8 +29,8 @@ ORDER: tuple[Kind, ...] = ("distro", "profile", "group", "node")
 MAX_ALIAS_EXPANSION = 100_000
 
 
-class _AliasBomb(Exception):
-    pass
+class AliasBomb(yaml.YAMLError):
+    """YAML whose aliases would expand beyond :data:`MAX_ALIAS_EXPANSION`, or loop."""
 
 
 def _expanded_size(root: yaml.Node) -> tuple[int, int]:
@@ -44,7 +44,7 @@ def _expanded_size(root: yaml.Node) -> tuple[int, int]:
         if key in sizes:
             return sizes[key]
         if key in active:
-            raise _AliasBomb("an alias refers to the node that contains it")
+            raise AliasBomb("an alias refers to the node that contains it")
         active.add(key)
         children: list[yaml.Node] = []
         if isinstance(node, yaml.SequenceNode):
@@ -68,11 +68,17 @@ class _LimitedLoader(yaml.SafeLoader):
             return None
         expanded, distinct = _expanded_size(node)
         if expanded - distinct > MAX_ALIAS_EXPANSION:
-            raise _AliasBomb(
+            raise AliasBomb(
                 f"its aliases expand to {expanded - distinct} more values, "
                 f"more than the {MAX_ALIAS_EXPANSION} allowed"
             )
         return node
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses an alias bomb (:class:`AliasBomb`, a YAMLError):
+    for every YAML that users hand corral."""
+    return yaml.load(text, Loader=_LimitedLoader)  # a SafeLoader: plain data only
 
 
 def offset_ip(ip: str, offset: int) -> str:
@@ -114,8 +120,8 @@ def expand_node_entries(entries: list[Any]) -> list[Any]:
 
 def load_cluster(text: str, source: str) -> ClusterSpec:
     try:
-        data = yaml.load(text, Loader=_LimitedLoader)  # a SafeLoader: plain data only
-    except _AliasBomb as exc:
+        data = load_yaml(text)
+    except AliasBomb as exc:
         raise InvalidClusterFile(
             f"{source}: {exc}", "write the values out, or use noderanges for similar nodes"
         ) from None

@@ -22,8 +22,10 @@ from corral.inventory.clusterfile import AliasBomb, load_yaml
 from corral.inventory.db import open_engine, transaction
 from corral.inventory.store import Inventory
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No Rich markup in anything printed: what corral prints is data (names, messages from
+# nodes, paths), where "[/]" or "[bold]" must show as written. Table cells too.
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 #: ``--var KEY=VALUE``, read with :func:`parse_vars`.
 VarsOption = Annotated[list[str] | None, typer.Option("--var", help="KEY=VALUE (repeatable)")]

@@ -296,3 +296,28 @@ def test_export_writes_noderanges_that_apply_takes_back_unchanged(
     assert result.returncode == 0, result.stderr
     assert "nodes          0 created      0 changed    116 unchanged" in result.stdout
     assert export(cluster_home) == text
+
+
+def test_node_set_and_group_set_refuse_a_change_that_breaks_a_node(
+    cluster_home: Path, tmp_path: Path
+) -> None:
+    snippet = tmp_path / "post.sh"
+    snippet.write_text("echo rack {{ vars.rack }}\n")
+    assert (
+        corral("profile", "add", "racked", "--post", str(snippet), home=cluster_home).returncode
+        == 0
+    )
+    before = dump(cluster_home)
+    node = corral(
+        "node", "set", "bonded", "--profile", "base", "--profile", "racked", home=cluster_home
+    )
+    assert node.returncode == 2
+    assert node.stderr.startswith("error: node bonded: the change breaks node bonded: post snippet")
+    group = corral(
+        "group", "set", "compute", "--profile", "base", "--profile", "racked", home=cluster_home
+    )
+    assert group.returncode == 2
+    assert group.stderr.startswith("error: group compute: the change breaks node local01:")
+    assert dump(cluster_home) == before
+    ok = corral("node", "set", "c01", "--profile", "racked", home=cluster_home)  # c01 has a rack
+    assert ok.returncode == 0, ok.stderr

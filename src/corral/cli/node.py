@@ -18,6 +18,7 @@ from corral.cli.common import (
     out,
     parse_vars,
     read_text,
+    settings,
 )
 from corral.cli.entities import add_common_verbs
 from corral.errors import InvalidValue
@@ -161,9 +162,16 @@ def add(given: NodeOptions) -> None:
 @app.command("set")
 @_with_node_options
 def set_(given: NodeOptions) -> None:
-    """Change nodes; --profile/--group replace the lists, --var merges keys."""
+    """Change nodes; --profile/--group replace the lists, --var merges keys.
+
+    The nodes are rendered with the change, as `corral sync` would render them: a change
+    that breaks one (a profile whose snippet needs a variable it lacks) is refused.
+    """
+    from corral.render.check import before_change, refuse_breaking_change
+
     names, interface = given.names, given.interface
     with inventory() as inv:
+        before = before_change(inv.session, names)
         specs = []
         nodes = zip(inv.specs("node", names), given.macs, given.ips, strict=True)
         for current, mac, ip in nodes:
@@ -182,6 +190,9 @@ def set_(given: NodeOptions) -> None:
                 data["variables"] = {**data["variables"], **given.variables}
             specs.append(parse(NodeSpec, data, f"node {current.name}"))
         outcomes = inv.put("node", specs)
+        if "changed" in outcomes:
+            what = f"node {names[0]}" if len(names) == 1 else f"nodes {fold(names)}"
+            refuse_breaking_change(settings(), inv.session, before, what)
     changed = outcomes.count("changed")
     out.print(f"changed {changed} of {len(names)} nodes: {fold(names)}")
 

@@ -159,16 +159,15 @@ def set_(name: str, data: dict[str, Any]) -> None:
     The nodes that use the profile are rendered with the change, as `corral sync` would
     render them: a change that breaks one (an undefined variable in a snippet) is refused.
     """
-    from corral.render.check import check_profile_users
-    from corral.render.renderer import Snapshot
+    from corral.render.check import before_change, refuse_breaking_change
 
     with inventory() as inv:
         if "variables" in data:
             data["variables"] = {**inv.get("profile", name).variables, **data["variables"]}
-        before = Snapshot(inv.session)
+        before = before_change(inv.session, name, "profile")
         n = inv.update("profile", [name], data)
         if n:
-            check_profile_users(settings(), inv.session, before, name)
+            refuse_breaking_change(settings(), inv.session, before, f"profile {name}")
     out.print(f"profile {name}: {'changed' if n else 'unchanged'}")
 
 

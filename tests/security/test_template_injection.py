@@ -152,3 +152,8 @@ def test_sync_tree_is_clean(cluster_home: Path, tmp_path: Path) -> None:
     for path in (tmp_path / "root").rglob("*"):
         if path.is_file():
             assert "evil" not in path.read_text(errors="replace"), path
+
+
+def test_a_snippet_with_windows_line_endings_is_refused_with_the_fix() -> None:
+    with pytest.raises(InvalidValue, match="save the snippet with Unix line endings"):
+        parse(ProfileSpec, {"name": "p", "pre": ["echo a\r\necho b\r\n"]}, "profile p")

@@ -197,8 +197,14 @@ class Spec(BaseModel):
             for where, text in _strings(value, field):
                 found = _control_character(text, body)
                 if found:
-                    single = "" if body else "; only pre/post snippets may span lines"
-                    raise ValueError(f"{where}: {found} is not allowed here{single}")
+                    fix = (
+                        "; save the snippet with Unix line endings"
+                        if body and found == _CONTROL_NAMES["\r"]
+                        else ""
+                        if body
+                        else "; only pre/post snippets may span lines"
+                    )
+                    raise ValueError(f"{where}: {found} is not allowed here{fix}")
         return self
 
 

@@ -82,9 +82,10 @@ GENERAL_KEYS = ("database_url", "server_url", "template_dir")
 
 def listening_url(address: str, http_port: int) -> str | None:
     """corral serve's URL when it listens on ``address``; None for every address."""
-    if address in ("", "0.0.0.0"):
+    if address in ("", "0.0.0.0", "::"):
         return None
-    return f"http://{address}:{http_port}"
+    host = f"[{address}]" if ":" in address else address  # an IPv6 literal
+    return f"http://{host}:{http_port}"
 
 
 def _flatten(data: dict[str, object], path: Path) -> dict[str, object]:

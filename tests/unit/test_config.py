@@ -50,5 +50,7 @@ def test_nodes_fetch_from_where_serve_listens_unless_server_url_is_set(tmp_path:
     assert listening.server_url == "http://192.168.5.1:80"
     everywhere = _load(tmp_path / "b", 'address = "0.0.0.0"\n')
     assert everywhere.server_url == "http://10.0.0.1:8080"
+    assert _load(tmp_path / "d", 'address = "::"\n').server_url == "http://10.0.0.1:8080"
+    assert _load(tmp_path / "e", 'address = "fd00::1"\n').server_url == "http://[fd00::1]:8080"
     explicit = _load(tmp_path / "c", 'server_url = "http://boot.lab"\naddress = "192.168.5.1"\n')
     assert explicit.server_url == "http://boot.lab"

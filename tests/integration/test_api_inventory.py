@@ -1,0 +1,34 @@
+"""The admin REST API's inventory routes: what a PATCH may and may not change."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from corral.cli import common
+from corral.config import Settings
+from corral.serve.boot import BootService
+from corral.serve.http import create_app
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def admin(fixture_cluster: None, settings: Settings) -> Iterator[TestClient]:
+    service = BootService(settings, common.engine())
+    with TestClient(create_app(service, "admin-secret")) as client:
+        client.headers["Authorization"] = "Bearer admin-secret"
+        yield client
+
+
+def test_patch_that_renames_a_node_is_refused_with_a_clear_message(admin: TestClient) -> None:
+    before = admin.get("/api/v1/nodes/c01").json()
+    response = admin.patch("/api/v1/nodes/c01", json={"name": "c99"})
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert detail == "node 'c01' cannot be renamed to 'c99'"
+    assert "MAC" not in detail
+    assert admin.get("/api/v1/nodes/c01").json() == before
+    assert admin.get("/api/v1/nodes/c99").status_code == 404

@@ -32,3 +32,15 @@ def test_patch_that_renames_a_node_is_refused_with_a_clear_message(admin: TestCl
     assert "MAC" not in detail
     assert admin.get("/api/v1/nodes/c01").json() == before
     assert admin.get("/api/v1/nodes/c99").status_code == 404
+
+
+def test_patch_that_breaks_a_nodes_files_is_refused_as_profile_set_is(admin: TestClient) -> None:
+    """A post snippet with an undefined variable, PATCHed onto a profile in use: the
+    nodes that use it are rendered with the change and it is refused, nothing stored."""
+    before = admin.get("/api/v1/profiles/base").json()
+    response = admin.patch("/api/v1/profiles/base", json={"post": ["echo {{ vars.nope }}"]})
+    assert response.status_code == 422, response.text
+    assert "profile base: the change breaks node" in response.json()["detail"]
+    assert admin.get("/api/v1/profiles/base").json() == before
+    fine = admin.patch("/api/v1/profiles/base", json={"post": ["echo {{ node.name }}"]})
+    assert fine.status_code == 200, fine.text

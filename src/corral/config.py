@@ -1,7 +1,9 @@
 """Where corral keeps its state, and the settings a site may change.
 
 Settings come from ``$CORRAL_HOME/corral.toml`` (or the file named by ``CORRAL_CONFIG``);
-every key has a default, so a fresh machine needs no file at all.
+every key has a default, so a fresh machine needs no file at all. Every setting but
+``database_url``, ``server_url`` and ``template_dir`` may also be written in a ``[serve]``
+table: they are what ``corral serve`` and its deployments use.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class Settings:
     home: Path
     # SQLAlchemy URL; empty means SQLite in the home directory.
     database_url: str = ""
-    # Base URL at which nodes reach corral's HTTP server; rendered into boot files.
+    # Base URL at which nodes reach corral's HTTP server; rendered into boot files. Not
+    # set: http://ADDRESS:HTTP_PORT when address is one address, else this default.
     server_url: str = "http://10.0.0.1:8080"
     # Site templates that override the packaged ones, file by file.
     template_dir: str = ""
@@ -105,6 +108,38 @@ def restrict_file(path: Path) -> None:
         pass  # not ours: its owner decides
 
 
+#: The settings that are not corral serve's: a [serve] table may not hold them.
+GENERAL_KEYS = ("database_url", "server_url", "template_dir")
+
+
+def listening_url(address: str, http_port: int) -> str | None:
+    """corral serve's URL when it listens on ``address``; None for every address."""
+    if address in ("", "0.0.0.0", "::"):
+        return None
+    host = f"[{address}]" if ":" in address else address  # an IPv6 literal
+    return f"http://{host}:{http_port}"
+
+
+def _flatten(data: dict[str, object], path: Path) -> dict[str, object]:
+    """The file's settings with its [serve] table's keys moved to the top level."""
+    table = data.get("serve")
+    if table is None:
+        return data
+    if not isinstance(table, dict):
+        raise ConfigError(f"'serve' in {path} must be a table: [serve]")
+    flat = {k: v for k, v in data.items() if k != "serve"}
+    for key, value in table.items():
+        if key in GENERAL_KEYS:
+            raise ConfigError(
+                f"key '{key}' in [serve] of {path} is not a serve setting",
+                "write it at the top of the file, before any [table]",
+            )
+        if key in flat:
+            raise ConfigError(f"key '{key}' is set twice in {path}: at the top and in [serve]")
+        flat[key] = value
+    return flat
+
+
 def load_settings(home: Path | None = None) -> Settings:
     home = home or default_home()
     path = Path(os.environ.get("CORRAL_CONFIG", home / "corral.toml"))
@@ -115,7 +150,7 @@ def load_settings(home: Path | None = None) -> Settings:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
         known = {f.name: type(f.default) for f in fields(Settings) if f.name != "home"}
-        for key, value in data.items():
+        for key, value in _flatten(data, path).items():
             if key not in known:
                 raise ConfigError(
                     f"unknown key '{key}' in {path}", f"known keys: {', '.join(sorted(known))}"
@@ -123,4 +158,10 @@ def load_settings(home: Path | None = None) -> Settings:
             if type(value) is not known[key]:
                 raise ConfigError(f"key '{key}' in {path} must be a {known[key].__name__}")
             values[key] = value
+    if "server_url" not in values:
+        # As corral serve does: nodes reach corral where it listens, if that is one address.
+        address = values.get("address", Settings.address)
+        port = values.get("http_port", Settings.http_port)
+        assert isinstance(address, str) and isinstance(port, int)  # their types are checked
+        values["server_url"] = listening_url(address, port) or Settings.server_url
     return Settings(home=home, **values)  # type: ignore[arg-type]

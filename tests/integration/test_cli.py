@@ -131,6 +131,11 @@ BAD_INPUTS = [
     (["node", "add", "x[1-200000]"], "100000"),
     (["node", "add", "x[1-"], "bad noderange"),
     (["node", "set", "nosuch", "--var", "a=b"], "unknown node 'nosuch'"),
+    (["node", "add", "x[1-5]", "--ip", "10.0.7.253"], "ip 10.0.7.255 is the broadcast address"),
+    (["node", "add", "x1", "--mac", "ff:ff:ff:ff:ff:ff"], "is the broadcast address"),
+    (["node", "add", "x1", "--mac", "01:00:5e:00:00:01"], "is a multicast address"),
+    (["node", "add", "x1", "--ip", "0.0.0.0"], "is the unspecified address"),
+    (["node", "set", "c01", "--gateway", "10.9.0.1"], "outside the interface's subnet"),
     (["profile", "rm", "base"], "cannot remove profile in use"),
     (
         [
@@ -206,3 +211,113 @@ def test_template_syntax_error_names_the_template(cluster_home: Path, tmp_path: 
 def test_unknown_command_option_is_a_usage_error(cluster_home: Path) -> None:
     result = corral("node", "add", "x1", "--colour", "red", home=cluster_home)
     assert result.returncode == 2
+
+
+def test_profile_set_refuses_a_snippet_that_breaks_a_node(
+    cluster_home: Path, tmp_path: Path
+) -> None:
+    """Rendered at `set` time, as sync would: not first at the next sync or boot."""
+    snippet = tmp_path / "post.sh"
+    snippet.write_text("echo {{ vars.nosuch }}\n")
+    before = dump(cluster_home)
+    result = corral("profile", "set", "compute", "--post", str(snippet), home=cluster_home)
+    assert result.returncode == 2
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("error: profile compute: the change breaks node c01: post snippet")
+    assert "nosuch" in first
+    assert dump(cluster_home) == before
+    snippet.write_text("echo {{ vars.site }}\n")
+    ok = corral("profile", "set", "compute", "--post", str(snippet), home=cluster_home)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_apply_names_what_it_created_and_changed(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    first = corral("apply", "-f", str(DATA / "cluster.yaml"), home=home)
+    assert first.returncode == 0, first.stderr
+    assert "created nodes: bonded,c01,fed01,img01,local01,ram01" in first.stdout
+    assert "created group: compute" in first.stdout
+    assert corral("node", "set", "c01", "--var", "rack=r9", home=home).returncode == 0
+    again = corral("apply", "-f", str(DATA / "cluster.yaml"), home=home)
+    assert "changed node: c01" in again.stdout
+    assert "created" not in again.stdout.split("distros")[0]
+
+
+def test_apply_prune_removes_what_the_file_omits_and_dry_run_changes_nothing(
+    cluster_home: Path,
+) -> None:
+    extra = [("node", "add", "x[1-3]"), ("profile", "add", "extra"), ("group", "add", "g2")]
+    for argv in extra:
+        assert corral(*argv, home=cluster_home).returncode == 0
+    before = dump(cluster_home)
+    dry = corral(
+        "apply", "-f", str(DATA / "cluster.yaml"), "--prune", "--dry-run", home=cluster_home
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "would remove nodes: x[1-3]" in dry.stdout
+    assert "would remove profile: extra" in dry.stdout and "would remove group: g2" in dry.stdout
+    assert "nodes          0 created      0 changed      6 unchanged      3 removed" in dry.stdout
+    assert dry.stdout.rstrip().endswith("dry run: nothing was changed")
+    assert dump(cluster_home) == before
+    plain = corral("apply", "-f", str(DATA / "cluster.yaml"), home=cluster_home)
+    assert "remove" not in plain.stdout  # without --prune nothing goes
+    pruned = corral("apply", "-f", str(DATA / "cluster.yaml"), "--prune", home=cluster_home)
+    assert pruned.returncode == 0, pruned.stderr
+    assert "removed nodes: x[1-3]" in pruned.stdout
+    names = corral("node", "list", home=cluster_home).stdout
+    assert "x1" not in names and "c01" in names
+    assert "extra" not in corral("profile", "list", home=cluster_home).stdout
+
+
+def test_export_writes_noderanges_that_apply_takes_back_unchanged(
+    cluster_home: Path, tmp_path: Path
+) -> None:
+    added = corral(
+        "node",
+        "add",
+        "n[001-110]",
+        "--ip",
+        "10.0.1.1",
+        "--netmask",
+        "16",
+        "--mac",
+        "52:54:00:01:00:01",
+        "--group",
+        "compute",
+        home=cluster_home,
+    )
+    assert added.returncode == 0, added.stderr
+    text = export(cluster_home)
+    assert "- name: n[001-110]\n" in text
+    assert len(text.splitlines()) < 100  # one entry per node took 500 lines
+    path = tmp_path / "export.yaml"
+    path.write_text(text)
+    result = corral("apply", "-f", str(path), home=cluster_home)
+    assert result.returncode == 0, result.stderr
+    assert "nodes          0 created      0 changed    116 unchanged" in result.stdout
+    assert export(cluster_home) == text
+
+
+def test_node_set_and_group_set_refuse_a_change_that_breaks_a_node(
+    cluster_home: Path, tmp_path: Path
+) -> None:
+    snippet = tmp_path / "post.sh"
+    snippet.write_text("echo rack {{ vars.rack }}\n")
+    assert (
+        corral("profile", "add", "racked", "--post", str(snippet), home=cluster_home).returncode
+        == 0
+    )
+    before = dump(cluster_home)
+    node = corral(
+        "node", "set", "bonded", "--profile", "base", "--profile", "racked", home=cluster_home
+    )
+    assert node.returncode == 2
+    assert node.stderr.startswith("error: node bonded: the change breaks node bonded: post snippet")
+    group = corral(
+        "group", "set", "compute", "--profile", "base", "--profile", "racked", home=cluster_home
+    )
+    assert group.returncode == 2
+    assert group.stderr.startswith("error: group compute: the change breaks node local01:")
+    assert dump(cluster_home) == before
+    ok = corral("node", "set", "c01", "--profile", "racked", home=cluster_home)  # c01 has a rack
+    assert ok.returncode == 0, ok.stderr

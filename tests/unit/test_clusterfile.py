@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from corral.errors import InvalidClusterFile, NodeRangeError
 from corral.inventory.clusterfile import apply_cluster, export_cluster, load_cluster
@@ -14,7 +15,8 @@ EXAMPLE = Path(__file__).parents[2] / "examples" / "cluster.yaml"
 def test_range_entry_gives_consecutive_addresses() -> None:
     cluster = load_cluster(
         "nodes:\n  - name: n[08-11]\n"
-        "    interfaces: [{mac: '52:54:00:00:00:fe', ip: 10.0.0.254}]\n",
+        # A /16: 10.0.0.255 and 10.0.1.0 are host addresses there (not in a /24).
+        "    interfaces: [{mac: '52:54:00:00:00:fe', ip: 10.0.0.254, netmask: '16'}]\n",
         "t",
     )
     assert [n.name for n in cluster.nodes] == ["n08", "n09", "n10", "n11"]
@@ -69,3 +71,49 @@ def test_bad_files_get_one_line_errors(text: str, message: str) -> None:
 def test_huge_range_entry_is_refused() -> None:
     with pytest.raises(NodeRangeError, match="100000"):
         load_cluster("nodes:\n  - name: n[1-200000]\n", "c.yaml")
+
+
+def _nodes(inv: Inventory, text: str) -> None:
+    apply_cluster(inv, load_cluster(text, "t"))
+
+
+def test_export_writes_runs_of_similar_nodes_as_noderanges(inv: Inventory) -> None:
+    _nodes(
+        inv,
+        "nodes:\n"
+        "  - name: n[001-110]\n"
+        "    interfaces: [{mac: '52:54:00:00:10:01', ip: 10.0.1.11, netmask: '16'}]\n"
+        "  - {name: n111, interfaces: [{mac: '52:54:00:00:10:6f', ip: 10.0.1.121}]}\n"
+        "  - {name: head, netboot: false}\n",
+    )
+    inv.update("node", ["n050"], {"variables": {"rack": "r9"}})
+    exported = export_cluster(inv)
+    nodes = yaml.safe_load(exported)["nodes"]
+    assert [n["name"] for n in nodes] == ["head", "n[001-049]", "n050", "n[051-110]", "n111"]
+    assert nodes[3]["interfaces"] == [
+        {"mac": "52:54:00:00:10:33", "ip": "10.0.1.61", "netmask": "255.255.0.0"}
+    ]
+    assert len(exported.splitlines()) < 30
+    before = inv.specs("node")
+    back = apply_cluster(inv, load_cluster(exported, "export"))
+    assert back["node"] == {"created": 0, "changed": 0, "unchanged": 112}
+    assert inv.specs("node") == before
+
+
+@pytest.mark.parametrize(
+    ("names", "ranges"),
+    [
+        (["n8", "n9", "n10", "n11"], ["n[8-11]"]),  # unpadded: the width grows
+        (["n098", "n099", "n100"], ["n[098-100]"]),
+        (["n09", "n10", "n011"], ["n011", "n[09-10]"]),  # n011 is not what n[09-11] gives
+        (["a1", "b2", "b3"], ["a1", "b[2-3]"]),
+    ],
+)
+def test_export_folds_only_what_expand_gives_back(
+    inv: Inventory, names: list[str], ranges: list[str]
+) -> None:
+    _nodes(inv, "nodes:\n" + "".join(f"  - {{name: {n}}}\n" for n in names))
+    exported = export_cluster(inv)
+    assert [n["name"] for n in yaml.safe_load(exported)["nodes"]] == ranges
+    back = sorted(load_cluster(exported, "export").nodes, key=lambda n: n.name)
+    assert back == inv.specs("node")

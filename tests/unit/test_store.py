@@ -66,3 +66,13 @@ def test_in_use_entities_cannot_be_removed(inv: Inventory) -> None:
 def test_interface_names_must_be_unique(inv: Inventory) -> None:
     with pytest.raises(InvalidValue, match="interface names must be unique"):
         inv.add("node", [NodeSpec(name="n1", interfaces=[{"name": "eth0"}, {"name": "eth0"}])])  # type: ignore[list-item]
+
+
+def test_update_refuses_a_rename_with_a_clear_message(inv: Inventory) -> None:
+    """Issue 12: a REST PATCH with a new name used to fail with a MAC conflict with itself."""
+    inv.add("node", [_node("n1", "52:54:00:00:00:01", "10.0.0.1")])
+    with pytest.raises(InvalidValue, match="node 'n1' cannot be renamed to 'n2'") as info:
+        inv.update("node", ["n1"], {"name": "n2"})
+    assert "belongs to" not in str(info.value)
+    assert inv.update("node", ["n1"], {"name": "n1", "netboot": False}) == 1
+    assert inv.names("node") == ["n1"]

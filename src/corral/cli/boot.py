@@ -15,8 +15,16 @@ FILE_KINDS = ("ipxe", "pxelinux", "grub", "kickstart", "pre", "post")
 KindOpt = typer.Option(..., "--kind", help="|".join(FILE_KINDS))
 
 
-def render(node: str, kind: str = KindOpt) -> None:
-    """Print one of a node's files, validated as sync would validate it."""
+def render(
+    node: str = typer.Argument(..., metavar="NODE", help="the node's name"),
+    kind: str = KindOpt,
+) -> None:
+    """Print one of a node's files, validated as sync would validate it.
+
+    Files name the URL nodes fetch from as corral serve does: server_url, else
+    http://ADDRESS:HTTP_PORT from the settings address and http_port (when address is
+    one address), else http://10.0.0.1:8080.
+    """
     from corral.render.renderer import FileKind, Renderer, Snapshot
     from corral.render.validate import check_grub, check_kickstarts
 
@@ -44,7 +52,12 @@ def sync(
     root: Path = typer.Option(..., "--root", help="directory to maintain (the TFTP/HTTP root)"),
     full: bool = typer.Option(False, "--full", help="re-render every node and compare with disk"),
 ) -> None:
-    """Write every node's boot files: only what changed, atomically, removing stale ones."""
+    """Write every node's boot files: only what changed, atomically, removing stale ones.
+
+    Files name the URL nodes fetch from as corral serve does: server_url, else
+    http://ADDRESS:HTTP_PORT from the settings address and http_port (when address is
+    one address), else http://10.0.0.1:8080.
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

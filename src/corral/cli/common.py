@@ -12,16 +12,20 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.text import Text
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from corral.config import Settings, load_settings, make_private_dir
 from corral.errors import InvalidValue
+from corral.inventory.clusterfile import AliasBomb, load_yaml
 from corral.inventory.db import open_engine, transaction
 from corral.inventory.store import Inventory
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No Rich markup in anything printed: what corral prints is data (names, messages from
+# nodes, paths), where "[/]" or "[bold]" must show as written. Table cells too.
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 #: ``--var KEY=VALUE``, read with :func:`parse_vars`.
 VarsOption = Annotated[list[str] | None, typer.Option("--var", help="KEY=VALUE (repeatable)")]
@@ -64,8 +68,15 @@ def parse_vars(items: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InvalidValue(f"bad variable '{item}': expected key=value")
+        if not value.isprintable():
+            # YAML would fold a line break into a space: keep the text as given, for the
+            # schema to refuse what a boot file must not hold.
+            result[key] = value
+            continue
         try:
-            result[key] = yaml.safe_load(value) if value else ""
+            result[key] = load_yaml(value) if value else ""
+        except AliasBomb as exc:
+            raise InvalidValue(f"bad variable '{key}': {exc}") from None
         except yaml.YAMLError:
             result[key] = value
     return result
@@ -80,6 +91,32 @@ def read_text(path: Path, what: str) -> str:
 
 def print_yaml(data: Any) -> None:
     out.print(yaml.safe_dump(data, sort_keys=False, width=100).rstrip("\n"), markup=False)
+
+
+def cell(value: object) -> Text:
+    """A table cell holding data as it is: a node's message with "[/]" in it is text,
+    not Rich markup (which would fail to parse, or style what follows)."""
+    return Text("" if value is None else str(value))
+
+
+def local_time(timestamp: float | None) -> str:
+    """A Unix time as people read it, in local time: ``2026-12-03 04:12:05``."""
+    if timestamp is None:
+        return ""
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def human_size(size: float) -> str:
+    """Bytes in decimal units: ``512 B``, ``15.0 kB``, ``4.2 MB``, ``1.2 GB``."""
+    if size < 1000:
+        return f"{size:.0f} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        size /= 1000
+        if round(size, 1) < 1000 or unit == "TB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 def changes(**options: Any) -> dict[str, Any]:

@@ -13,7 +13,16 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from rich.table import Table
 
 from corral.agent.plan import FINAL_PHASES
-from corral.cli.common import err, out, print_yaml, session, settings
+from corral.cli.common import (
+    cell,
+    err,
+    human_size,
+    local_time,
+    out,
+    print_yaml,
+    session,
+    settings,
+)
 from corral.deploy.store import RUNNING, Deployments, new_deployment
 from corral.deploy.transports import names as transport_names
 from corral.images.catalog import image_store
@@ -27,7 +36,7 @@ BARS = 24
 
 
 def deploy(
-    nodes: str = typer.Argument(..., help="noderange, e.g. n[001-100]"),
+    nodes: str = typer.Argument(..., metavar="NODERANGE", help="the nodes, e.g. 'n[001-100]'"),
     image: str | None = typer.Option(
         None, help="NAME or NAME:VERSION for every node [default: each node's profile image]"
     ),
@@ -38,7 +47,7 @@ def deploy(
     ),
     wait: bool = typer.Option(False, "--wait", help="follow the deployment until it ends"),
 ) -> None:
-    """Install an image on nodes: `corral deploy n[001-100] --image compute --wait`.
+    """Install an image on nodes: corral deploy 'n[001-100]' --image compute --wait
 
     Returns once the deployment is stored and its nodes armed; `corral serve` power-cycles
     them (node variable power_command) and follows them. Exit status with --wait: 0 if every
@@ -68,7 +77,7 @@ def follow(ident: int, interval: float = 0.5) -> int:
         TextColumn("{task.description:<10}"),
         BarColumn(),
         DownloadColumn(),
-        TextColumn("{task.fields[phase]}"),
+        TextColumn("{task.fields[phase]}", markup=False),
         console=err,
     )
     tasks: dict[str, TaskID] = {
@@ -79,7 +88,7 @@ def follow(ident: int, interval: float = 0.5) -> int:
         TextColumn("[bold]all {task.fields[count]} nodes"),
         BarColumn(),
         DownloadColumn(),
-        TextColumn("{task.fields[phases]}"),
+        TextColumn("{task.fields[phases]}", markup=False),
         console=err,
     )
     total_task = overall.add_task("all", total=None, count=len(nodes), phases="")
@@ -105,6 +114,9 @@ def follow(ident: int, interval: float = 0.5) -> int:
                 break
             time.sleep(interval)
             data = _snapshot(ident)
+    if not err.is_terminal:
+        # Rich ends a live display's last line only on a terminal.
+        err.line()
     _summary(data, time.monotonic() - start)
     return 0 if data["state"] == "done" else 1
 
@@ -113,7 +125,8 @@ def _summary(data: dict[str, Any], elapsed: float) -> None:
     phases = Counter(n["phase"] for n in data["nodes"])
     out.print(
         f"deployment {data['id']} {data['state']} after {elapsed:.1f} s: "
-        + ", ".join(f"{c} {p}" for p, c in sorted(phases.items()))
+        + ", ".join(f"{c} {p}" for p, c in sorted(phases.items())),
+        markup=False,
     )
     for n in data["nodes"]:
         if n["phase"] in FINAL_PHASES and n["phase"] != "done":
@@ -129,12 +142,14 @@ def list_() -> None:
         for d in rows:
             phases = Counter(n.phase for n in d.nodes)
             table.add_row(
-                str(d.id),
-                d.state,
-                f"{len(d.nodes)} ({', '.join(f'{c} {p}' for p, c in sorted(phases.items()))})",
-                d.image or "(profiles)",
-                d.transport,
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.created)),
+                cell(d.id),
+                cell(d.state),
+                cell(
+                    f"{len(d.nodes)} ({', '.join(f'{c} {p}' for p, c in sorted(phases.items()))})"
+                ),
+                cell(d.image or "(profiles)"),
+                cell(d.transport),
+                cell(local_time(d.created)),
             )
     out.print(table)
 
@@ -156,11 +171,13 @@ def show(
             return
         data = deployment_out(store.get(ident))
     nodes = data.pop("nodes")
+    for key in ("created", "finished"):
+        data[key] = local_time(data[key]) or None
     print_yaml(data)
     table = Table("node", "image", "phase", "bytes", "message", box=None)
     for n in nodes:
-        done = f"{n['bytes'] / 1e6:.1f}/{n['total'] / 1e6:.1f} MB"
-        table.add_row(n["node"], n["image"], n["phase"], done, n["message"])
+        done = f"{human_size(n['bytes'])}/{human_size(n['total'])}"
+        table.add_row(*map(cell, (n["node"], n["image"], n["phase"], done, n["message"])))
     out.print(table)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from corral.cli.common import inventory, out, print_yaml
+from corral.cli.common import cell, inventory, out, print_yaml
 from corral.inventory.noderange import expand, fold
 from corral.inventory.store import Kind
 
@@ -29,14 +29,20 @@ def add_common_verbs(
 
     @app.command("list")
     def list_(
-        names: str | None = typer.Argument(None, metavar=noun, help="only these"),
+        names: str | None = typer.Argument(
+            None,
+            metavar=noun,
+            help="only these, e.g. 'n[001-010]' (default: all)"
+            if kind == "node"
+            else "only these: NAME[,NAME...] (default: all)",
+        ),
     ) -> None:
         """List entries as a table."""
         with inventory() as inv:
             specs = inv.specs(kind, expand(names) if names else None)
         table = Table("name", *columns, box=None, pad_edge=False)
         for spec in specs:
-            table.add_row(spec.name, *(fn(spec) for fn in columns.values()))
+            table.add_row(cell(spec.name), *(cell(fn(spec)) for fn in columns.values()))
         out.print(table)
 
     @app.command("rm")

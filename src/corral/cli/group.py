@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from corral.cli.common import ProfilesOption, VarsOption, changes, inventory, out, parse_vars
+from corral.cli.common import (
+    ProfilesOption,
+    VarsOption,
+    changes,
+    inventory,
+    out,
+    parse_vars,
+    settings,
+)
 from corral.cli.entities import add_common_verbs
 from corral.inventory.schema import GroupSpec, parse
 
@@ -26,12 +34,21 @@ def add(name: str, profile: ProfilesOption = None, var: VarsOption = None) -> No
 
 @app.command("set")
 def set_(name: str, profile: ProfilesOption = None, var: VarsOption = None) -> None:
-    """Change a group; --profile replaces the list, --var merges keys."""
+    """Change a group; --profile replaces the list, --var merges keys.
+
+    Its nodes are rendered with the change, as `corral sync` would render them: a change
+    that breaks one is refused.
+    """
+    from corral.render.check import before_change, refuse_breaking_change
+
     with inventory() as inv:
         data = changes(profiles=profile)
         if var:
             data["variables"] = {**inv.get("group", name).variables, **parse_vars(var)}
+        before = before_change(inv.session, name, "group")
         n = inv.update("group", [name], data)
+        if n:
+            refuse_breaking_change(settings(), inv.session, before, f"group {name}")
     out.print(f"group {name}: {'changed' if n else 'unchanged'}")
 
 

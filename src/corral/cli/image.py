@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from corral.cli.common import err, inventory, out, print_yaml, settings
+from corral.cli.common import err, human_size, inventory, out, print_yaml, settings
 
 app = typer.Typer(help="OS images: built in a chroot, versioned, exported.", no_args_is_help=True)
 
@@ -274,7 +274,7 @@ def list_() -> None:
         m = version.manifest
         table.add_row(
             version.ref,
-            f"{m['size_bytes'] / 1e6:.0f} MB",
+            human_size(m["size_bytes"]),
             str(m["file_count"]),
             str(len(m.get("packages", []))),
             str(m.get("origin", "")),

@@ -28,6 +28,7 @@ def add(
 
 @app.command("show")
 def show(name: str) -> None:
+    """Print a layer's packages and overlay directory."""
     from corral.images.catalog import LayerCatalog
 
     layer = LayerCatalog(settings().home).get(name)
@@ -42,6 +43,7 @@ def show(name: str) -> None:
 
 @app.command("list")
 def list_() -> None:
+    """List the layers' names."""
     from corral.images.catalog import LayerCatalog
 
     for name in LayerCatalog(settings().home).names():
@@ -50,6 +52,7 @@ def list_() -> None:
 
 @app.command("rm")
 def rm(name: str) -> None:
+    """Remove a layer (images built with it keep what it gave them)."""
     from corral.images.catalog import LayerCatalog
 
     LayerCatalog(settings().home).remove(name)

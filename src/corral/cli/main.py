@@ -22,7 +22,7 @@ from corral.cli import (
     serve,
     testbed,
 )
-from corral.cli.common import err
+from corral.cli.common import err, out
 from corral.errors import CorralError
 from corral.logfmt import OneLineFormatter
 
@@ -31,6 +31,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Help as plain text, for every subcommand: Rich markup would swallow a help text's
+    # "[config: address]" and show each --flag/--no-flag pair as taking a "<bool>".
+    rich_markup_mode=None,
 )
 app.add_typer(distro.app, name="distro")
 app.add_typer(profile.app, name="profile")
@@ -51,9 +54,20 @@ app.add_typer(deploy.app, name="deployment")
 _debug = False
 
 
+def _version(given: bool) -> None:
+    if given:
+        from corral import __version__
+
+        out.print(f"corral {__version__}", markup=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     debug: bool = typer.Option(False, "--debug", help="log commands run and show tracebacks"),
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_version, help="print the version and exit"
+    ),
 ) -> None:
     global _debug
     _debug = debug

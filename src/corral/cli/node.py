@@ -12,11 +12,13 @@ import typer
 from corral.cli.common import (
     ProfilesOption,
     VarsOption,
+    cell,
     changes,
     inventory,
     out,
     parse_vars,
     read_text,
+    settings,
 )
 from corral.cli.entities import add_common_verbs
 from corral.errors import InvalidValue
@@ -103,7 +105,9 @@ def _with_node_options(apply: Callable[[NodeOptions], None]) -> Callable[..., No
     them read: ``add`` and ``set`` differ only in what they do with them."""
 
     def command(
-        noderange: str,
+        noderange: Annotated[
+            str, typer.Argument(metavar="NODERANGE", help="the nodes, e.g. 'n[001-100]'")
+        ],
         ip: Ip = None,
         mac: Mac = None,
         mac_file: MacFile = None,
@@ -139,7 +143,10 @@ def _with_node_options(apply: Callable[[NodeOptions], None]) -> Callable[..., No
 @app.command("add")
 @_with_node_options
 def add(given: NodeOptions) -> None:
-    """Add nodes: `corral node add n[001-100] --ip 10.0.0.11 --mac-file macs.txt`."""
+    """Add nodes: corral node add 'n[001-100]' --ip 10.0.0.11 --mac-file macs.txt
+
+    Quote a noderange: the shell would expand n[001-100] as a file name pattern.
+    """
     specs = []
     for name, mac, ip in zip(given.names, given.macs, given.ips, strict=True):
         iface = {"name": given.interface, **changes(mac=mac, ip=ip), **given.address}
@@ -155,9 +162,16 @@ def add(given: NodeOptions) -> None:
 @app.command("set")
 @_with_node_options
 def set_(given: NodeOptions) -> None:
-    """Change nodes; --profile/--group replace the lists, --var merges keys."""
+    """Change nodes; --profile/--group replace the lists, --var merges keys.
+
+    The nodes are rendered with the change, as `corral sync` would render them: a change
+    that breaks one (a profile whose snippet needs a variable it lacks) is refused.
+    """
+    from corral.render.check import before_change, refuse_breaking_change
+
     names, interface = given.names, given.interface
     with inventory() as inv:
+        before = before_change(inv.session, names)
         specs = []
         nodes = zip(inv.specs("node", names), given.macs, given.ips, strict=True)
         for current, mac, ip in nodes:
@@ -176,6 +190,9 @@ def set_(given: NodeOptions) -> None:
                 data["variables"] = {**data["variables"], **given.variables}
             specs.append(parse(NodeSpec, data, f"node {current.name}"))
         outcomes = inv.put("node", specs)
+        if "changed" in outcomes:
+            what = f"node {names[0]}" if len(names) == 1 else f"nodes {fold(names)}"
+            refuse_breaking_change(settings(), inv.session, before, what)
     changed = outcomes.count("changed")
     out.print(f"changed {changed} of {len(names)} nodes: {fold(names)}")
 
@@ -195,7 +212,9 @@ add_common_verbs(
 
 
 @app.command("reinstall")
-def reinstall(noderange: str) -> None:
+def reinstall(
+    noderange: str = typer.Argument(..., metavar="NODERANGE", help="the nodes to re-arm"),
+) -> None:
     """Re-arm nodes: their next network boot installs them again."""
     from corral.inventory.state import NodeStates
 
@@ -206,7 +225,11 @@ def reinstall(noderange: str) -> None:
 
 
 @app.command("status")
-def status(noderange: str | None = typer.Argument(None, metavar="NODERANGE")) -> None:
+def status(
+    noderange: str | None = typer.Argument(
+        None, metavar="NODERANGE", help="only these, e.g. 'n[001-010]' (default: all)"
+    ),
+) -> None:
     """Install state, last phase and message of nodes."""
     import time
 
@@ -219,5 +242,5 @@ def status(noderange: str | None = typer.Argument(None, metavar="NODERANGE")) ->
     table = Table("name", "state", "phase", "since", "message", box=None, pad_edge=False)
     for row in rows:
         since = time.strftime("%H:%M:%S", time.localtime(row.updated)) if row.updated else ""
-        table.add_row(row.name, row.state, row.phase or "", since, (row.message or "")[:60])
+        table.add_row(*map(cell, (row.name, row.state, row.phase, since, (row.message or "")[:60])))
     out.print(table)

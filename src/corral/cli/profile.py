@@ -17,6 +17,7 @@ from corral.cli.common import (
     parse_vars,
     print_yaml,
     read_text,
+    settings,
 )
 from corral.cli.entities import add_common_verbs
 from corral.errors import InvalidValue, UsageError
@@ -153,12 +154,26 @@ def add(name: str, data: dict[str, Any]) -> None:
 @app.command("set")
 @_with_profile_options
 def set_(name: str, data: dict[str, Any]) -> None:
-    """Change a profile; a list option given replaces that list, --var merges keys."""
+    """Change a profile; a list option given replaces that list, --var merges keys.
+
+    The nodes that use the profile are rendered with the change, as `corral sync` would
+    render them: a change that breaks one (an undefined variable in a snippet) is refused.
+    """
+    from corral.render.check import before_change, refuse_breaking_change
+
     with inventory() as inv:
         if "variables" in data:
             data["variables"] = {**inv.get("profile", name).variables, **data["variables"]}
+        before = before_change(inv.session, name, "profile")
         n = inv.update("profile", [name], data)
+        if n:
+            refuse_breaking_change(settings(), inv.session, before, f"profile {name}")
     out.print(f"profile {name}: {'changed' if n else 'unchanged'}")
+
+
+def _scalar(value: Any) -> str:
+    """A value as YAML reads it back: Python's repr, but null for None (not "None")."""
+    return "null" if value is None else repr(value)
 
 
 @app.command("show")
@@ -192,14 +207,14 @@ def show(
             )[key]
             out.print(f"{key}:" + ("" if dumped else " []"), markup=False)
             for item, src in zip(dumped, origin, strict=True):
-                out.print(f"  - {item!r}  # {src}", markup=False)
+                out.print(f"  - {_scalar(item)}  # {src}", markup=False)
         elif isinstance(merged_value, dict):
             out.print(f"{key}:" + ("" if merged_value else " {}"), markup=False)
             for k, v in merged_value.items():
-                out.print(f"  {k}: {v!r}  # {origin[k]}", markup=False)
+                out.print(f"  {k}: {_scalar(v)}  # {origin[k]}", markup=False)
         else:
             shown = merged_value if merged_value is not None else value
-            out.print(f"{key}: {shown!r}  # {origin or 'default'}", markup=False)
+            out.print(f"{key}: {_scalar(shown)}  # {origin or 'default'}", markup=False)
 
 
 add_common_verbs(

@@ -15,7 +15,7 @@ from typing import TypeAlias
 
 from corral.errors import NodeRangeError
 
-__all__ = ["MAX_NODES", "NodeRangeError", "expand", "fold", "is_noderange"]
+__all__ = ["MAX_NODES", "NodeRangeError", "expand", "fold", "is_noderange", "numbered"]
 
 MAX_NODES: int = 100_000
 
@@ -175,6 +175,16 @@ def fold(names: Iterable[str]) -> str:
         text = f"{prefix}{parts[0]}" if single else f"{prefix}[{','.join(parts)}]"
         items.append((prefix, low, text))
     return ",".join(text for _, _, text in sorted(items))
+
+
+def numbered(name: str) -> tuple[str, int, int] | None:
+    """(prefix, number, digits as written) of a name ending in digits (``n007``:
+    ``("n", 7, 3)``); None for a name without a number at its end."""
+    match = _NUMERIC_SUFFIX.fullmatch(name)
+    if match is None:
+        return None
+    prefix, digits = match.groups()
+    return prefix, int(digits), len(digits)
 
 
 def is_noderange(text: str) -> bool:

@@ -7,9 +7,12 @@ These models are the cluster file format, the shape the store keeps and returns,
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+import socket
+from collections.abc import Iterator
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -40,11 +43,52 @@ def normalize_mac(value: str) -> str:
     return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
 
 
+def _unicast_mac(value: str) -> str:
+    """A MAC a network card can have: not the broadcast one, not a multicast group."""
+    if value == "ff:ff:ff:ff:ff:ff":
+        raise ValueError(f"MAC address {value} is the broadcast address: give the node's own")
+    if int(value[:2], 16) & 1:
+        raise ValueError(
+            f"MAC address {value} is a multicast address (its first octet is odd): "
+            "give the node's own"
+        )
+    if value == "00:00:00:00:00:00":
+        raise ValueError(f"MAC address {value} is not a card's address: give the node's own")
+    return value
+
+
 def _ipv4(value: str) -> str:
     try:
         return str(ipaddress.IPv4Address(value.strip()))
     except ValueError:
         raise ValueError(f"invalid IPv4 address '{value}'") from None
+
+
+def _number(address: str) -> int:
+    """An address already in dotted-quad form (as validated) as a number: faster than
+    ipaddress, which every sync's validation of every node would pay for."""
+    return int.from_bytes(socket.inet_aton(address), "big")
+
+
+def _host_ipv4(value: str) -> str:
+    """An address a host can be given: not 0.0.0.0, broadcast, loopback or multicast."""
+    address = _ipv4(value)
+    number = _number(address)
+    first = number >> 24
+    why = (
+        "the unspecified address"
+        if number == 0
+        else "the broadcast address"
+        if number == 0xFFFFFFFF
+        else "a loopback address"
+        if first == 127
+        else "a multicast address"
+        if 224 <= first <= 239
+        else ""
+    )
+    if why:
+        raise ValueError(f"IPv4 address {address} is {why}: give a host's address")
+    return address
 
 
 def _netmask(value: str) -> str:
@@ -69,18 +113,99 @@ def _sha512_crypt(value: str) -> str:
     return value
 
 
+#: The serialized (JSON) size a profile's, group's or node's variables may reach: ample for
+#: settings, and a bound on what one entry can make the database store and every render read.
+MAX_VARIABLES_BYTES = 64 * 1024
+
+_CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", "\0": "a NUL"}
+
+
+def _strings(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """Every string inside ``value`` (dict keys included), with where it sits."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key, where)
+            yield from _strings(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for n, item in enumerate(value):
+            yield from _strings(item, f"{where}.{n}")
+
+
+#: Unicode's control characters (category Cc), all of them, and all but newline and tab.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+_BODY_CONTROLS_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _control_character(text: str, body: bool) -> str | None:
+    found = (_BODY_CONTROLS_RE if body else _CONTROLS).search(text)
+    if found is None:
+        return None
+    char = found.group()
+    return _CONTROL_NAMES.get(char, f"control character U+{ord(char):04X}")
+
+
+def _variables_size(value: dict[str, Any]) -> dict[str, Any]:
+    if not value:
+        return value
+    size = len(json.dumps(value, separators=(",", ":"), default=str))
+    if size > MAX_VARIABLES_BYTES:
+        raise ValueError(
+            f"variables take {size} bytes, more than the {MAX_VARIABLES_BYTES} allowed; "
+            "keep large data in files or snippets"
+        )
+    return value
+
+
 Name = Annotated[str, AfterValidator(_name)]
-Mac = Annotated[str, AfterValidator(normalize_mac)]
+Mac = Annotated[str, AfterValidator(normalize_mac), AfterValidator(_unicast_mac)]
 IPv4 = Annotated[str, AfterValidator(_ipv4)]
+HostIPv4 = Annotated[str, AfterValidator(_host_ipv4)]
 Netmask = Annotated[str, AfterValidator(_netmask)]
 ProfileRef = Annotated[str, AfterValidator(_profile_ref)]
 Sha512Crypt = Annotated[str, AfterValidator(_sha512_crypt)]
-Variables = dict[Annotated[str, AfterValidator(_name)], Any]
+Variables = Annotated[
+    dict[Annotated[str, AfterValidator(_name)], Any], AfterValidator(_variables_size)
+]
 M = TypeVar("M", bound=BaseModel)
 
 
 class Spec(BaseModel):
+    """Base of every inventory model.
+
+    Every text field reaches a line-based file (an iPXE script, a pxelinux or GRUB menu, a
+    kickstart, a shell script), where a newline starts a command of its own. So no text
+    may hold a control character, except the script bodies named in ``MULTILINE``, which
+    may hold newlines and tabs.
+    """
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    MULTILINE: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="after")
+    def _no_control_characters(self) -> Spec:
+        for field, value in self.__dict__.items():  # the fields' values, fast
+            if isinstance(value, str):
+                if _CONTROLS.search(value) is None:
+                    continue  # the common case, without the walk below
+            elif not value or not isinstance(value, (list, dict)):
+                continue  # numbers, flags, None, nested Specs (checked on their own)
+            elif all(isinstance(item, Spec) for item in value):
+                continue
+            body = field in self.MULTILINE
+            for where, text in _strings(value, field):
+                found = _control_character(text, body)
+                if found:
+                    fix = (
+                        "; save the snippet with Unix line endings"
+                        if body and found == _CONTROL_NAMES["\r"]
+                        else ""
+                        if body
+                        else "; only pre/post snippets may span lines"
+                    )
+                    raise ValueError(f"{where}: {found} is not allowed here{fix}")
+        return self
 
 
 class Family(StrEnum):
@@ -155,6 +280,8 @@ class ProfileSpec(Spec):
     partitions: list[Partition] = []
     packages: list[str] = []
     repos: list[Repo] = []
+    MULTILINE = frozenset({"pre", "post"})
+
     pre: list[str] = Field([], description="pre-install script snippets (bash)")
     post: list[str] = Field([], description="post-install script snippets (bash)")
     root_password_hash: Sha512Crypt | None = None
@@ -165,11 +292,40 @@ class ProfileSpec(Spec):
 class InterfaceSpec(Spec):
     name: Name = "eth0"
     mac: Mac | None = None
-    ip: IPv4 | None = None
+    ip: HostIPv4 | None = None
     netmask: Netmask = "255.255.255.0"
-    gateway: IPv4 | None = None
+    gateway: HostIPv4 | None = None
     vlan: int | None = Field(None, ge=1, le=4094)
     bond_members: list[Name] = []
+
+    @model_validator(mode="after")
+    def _addresses_fit_the_subnet(self) -> InterfaceSpec:
+        # In integers: ipaddress's network objects cost more than the rest of a node's
+        # validation, and every sync validates every node.
+        if self.ip is None:
+            return self
+        mask = _number(self.netmask)
+        network = _number(self.ip) & mask
+        broadcast = network | (~mask & 0xFFFFFFFF)
+
+        def subnet() -> str:
+            return f"{ipaddress.IPv4Address(network)}/{mask.bit_count()}"
+
+        for field, value in (("ip", self.ip), ("gateway", self.gateway)):
+            number = _number(value) if value else None
+            # /31 and /32 have no network or broadcast address
+            if number in (network, broadcast) and broadcast - network > 1:
+                which = "network" if number == network else "broadcast"
+                raise ValueError(
+                    f"{field} {value} is the {which} address of {subnet()}: "
+                    "no host may have it (start a range elsewhere, or change the netmask)"
+                )
+        if self.gateway and _number(self.gateway) & mask != network:
+            raise ValueError(
+                f"gateway {self.gateway} is outside the interface's subnet {subnet()} "
+                f"(ip {self.ip}, netmask {self.netmask}): fix the gateway or the netmask"
+            )
+        return self
 
 
 class NodeSpec(Spec):

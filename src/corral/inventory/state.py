@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from corral.errors import AlreadyExists, InvalidValue, LimitReached, UsageError
+from corral.errors import AlreadyExists, InvalidValue, LimitReached, NotFound, UsageError
 from corral.inventory import models as m
 from corral.inventory.schema import InterfaceSpec, NodeSpec, normalize_mac
 from corral.inventory.store import Inventory
@@ -119,6 +119,10 @@ class NodeStates:
         )
         if names is not None:
             query = query.where(m.Node.name.in_(names))
+            known = set(self.session.scalars(select(m.Node.name).where(m.Node.name.in_(names))))
+            missing = [n for n in names if n not in known]
+            if missing:
+                raise NotFound("node", missing[0])
         out = []
         for name, row in self.session.execute(query):
             if row is None:

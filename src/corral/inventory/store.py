@@ -162,6 +162,14 @@ class Inventory:
         """Apply field changes to existing entities; returns how many changed."""
         specs = []
         for current in self.specs(kind, names):
+            renamed = changes.get("name", current.name)
+            if renamed != current.name:
+                # Names are what other entries, sync trees and deployments refer to.
+                raise InvalidValue(
+                    f"{kind} '{current.name}' cannot be renamed to '{renamed}'",
+                    f"add {kind} '{renamed}' and remove '{current.name}', "
+                    "or leave 'name' out of the changes",
+                )
             data = current.model_dump(mode="json")
             data.update(changes)
             specs.append(parse(KINDS[kind].spec, data, f"{kind} {current.name}"))

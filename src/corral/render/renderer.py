@@ -4,6 +4,7 @@ pre- and post-install scripts."""
 from __future__ import annotations
 
 import posixpath
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -52,6 +53,46 @@ def file_paths(node: NodeSpec, kind: FileKind) -> list[str]:
     if kind == "kickstart":
         return [f"kickstart/{node.name}.ks"]
     return [f"scripts/{node.name}.{kind}.sh"]
+
+
+def grub_location(url: str, path: str | None) -> str | None:
+    """Where GRUB loads a file from: its path on corral's TFTP root, or an http URL as
+    GRUB's ``(http,HOST)/PATH``; None where GRUB cannot fetch it (https, another port
+    than 80: GRUB's http device names a host only)."""
+    if path is not None:
+        return f"/{path}"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or parts.port not in (None, 80) or parts.query or not parts.hostname:
+        return None
+    return f"(http,{parts.hostname})/{parts.path.lstrip('/')}"
+
+
+def _loaders_that_cannot(
+    distro: DistroSpec, urls: dict[str, str], paths: dict[str, str | None]
+) -> dict[str, dict[str, str] | None]:
+    """The network boot loaders that cannot load a distro's kernel or initrd given as a
+    URL: why, and the fix. pxelinux (without a loader of HTTP) reads files over TFTP
+    only; corral serves nothing under distros/NAME/ for a URL."""
+    cannot: dict[str, dict[str, str] | None] = {"pxelinux": None, "grub": None}
+    remote = [urls[w] for w in ("kernel", "initrd") if paths[w] is None]
+    fix = (
+        "boot the node with iPXE (boot_loader: ipxe), or give distro "
+        f"{distro.name} a kernel and initrd path on this server"
+    )
+    if remote:
+        cannot["pxelinux"] = {
+            "reason": f"pxelinux loads files over TFTP only, not {remote[0]}",
+            "fix": fix,
+        }
+    unreachable = [
+        urls[w] for w in ("kernel", "initrd") if grub_location(urls[w], paths[w]) is None
+    ]
+    if unreachable:
+        cannot["grub"] = {
+            "reason": f"GRUB cannot fetch {unreachable[0]} (plain HTTP on port 80 only)",
+            "fix": fix.replace("a kernel and initrd path", "http:// URLs without a port, or paths"),
+        }
+    return cannot
 
 
 SHARED_FILES = {"pxelinux.cfg/default": "pxelinux-default.j2", "grub/grub.cfg": "grub-default.j2"}
@@ -118,13 +159,15 @@ class Renderer:
         name = merged.values["distro"]
         return self.snapshot.distros[name] if name else None
 
-    def _asset(self, distro: DistroSpec, which: str) -> tuple[str, str]:
-        """(HTTP URL, TFTP path) of a distro's kernel or initrd."""
+    def _asset(self, distro: DistroSpec, which: str) -> tuple[str, str | None]:
+        """(HTTP URL, path on corral's TFTP/HTTP root) of a distro's kernel or initrd; no
+        path for one given as a URL, which corral does not serve."""
         source = getattr(distro, which)
+        if source.startswith(("http://", "https://")):
+            return source, None
         base = posixpath.basename(source.rstrip("/")) or which
         path = f"distros/{distro.name}/{base}"
-        url = source if source.startswith(("http://", "https://")) else f"{self.server}/{path}"
-        return url, path
+        return f"{self.server}/{path}", path
 
     def _boot(
         self, node: NodeSpec, distro: DistroSpec | None, merged: Merged, installer: bool
@@ -135,6 +178,8 @@ class Renderer:
             "method": method.value,
             "local": not (node.netboot and installer),
             "extra_initrds": [],
+            # loader -> {reason, fix} for a loader that cannot boot this, else None
+            "cannot": {"pxelinux": None, "grub": None},
         }
         if boot["local"]:
             return boot  # boots its disk: needs no installer (a discovered node has none)
@@ -146,6 +191,15 @@ class Renderer:
                 )
             kernel_url, kernel_path = self._asset(distro, "kernel")
             initrd_url, initrd_path = self._asset(distro, "initrd")
+            grub = {
+                "kernel": grub_location(kernel_url, kernel_path),
+                "initrd": grub_location(initrd_url, initrd_path),
+            }
+            boot["cannot"] = _loaders_that_cannot(
+                distro,
+                {"kernel": kernel_url, "initrd": initrd_url},
+                {"kernel": kernel_path, "initrd": initrd_path},
+            )
             args = [f"inst.ks={urls['kickstart']}"]
             if distro.install_tree:
                 args.append(f"inst.repo={distro.install_tree}")
@@ -154,6 +208,7 @@ class Renderer:
             sub = "ramdisk" if method is InstallMethod.IMAGE else f"diskless/{node.name}"
             kernel_path, initrd_path = f"corral/{sub}/vmlinuz", f"corral/{sub}/initrd.img"
             kernel_url, initrd_url = f"{self.server}/{kernel_path}", f"{self.server}/{initrd_path}"
+            grub = {"kernel": f"/{kernel_path}", "initrd": f"/{initrd_path}"}
             args = [f"corral.server={self.server}", f"corral.node={node.name}", "ip=dhcp"]
             if method is InstallMethod.DISKLESS:
                 args.append("corral.mode=diskless")
@@ -173,6 +228,8 @@ class Renderer:
             initrd_url=initrd_url,
             kernel_path=kernel_path,
             initrd_path=initrd_path,
+            grub_kernel=grub["kernel"],
+            grub_initrd=grub["initrd"],
             initrd_name=posixpath.basename(initrd_url),
             args=" ".join(args + list(merged.values["kernel_args"])),
         )
@@ -265,6 +322,12 @@ class Renderer:
 
         emit("ipxe", self._render("ipxe.j2", context, node.name))
         if node.interfaces and any(i.mac for i in node.interfaces):
+            cannot = context["boot"]["cannot"].get(node.boot_loader.value)
+            if cannot:  # the loader DHCP hands this node could not boot it
+                raise RenderError(
+                    f"node {node.name} boots with {node.boot_loader.value}: {cannot['reason']}",
+                    cannot["fix"],
+                )
             emit("pxelinux", self._render("pxelinux.j2", context, node.name))
             emit("grub", self._render("grub.j2", context, node.name))
         if "kickstart" in wanted and self.uses_kickstart(node, context["distro"]):

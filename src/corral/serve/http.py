@@ -8,7 +8,6 @@ import hmac
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
@@ -17,12 +16,21 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from corral import __version__
+from corral.config import Settings
 from corral.deploy.service import DeployService
-from corral.errors import AlreadyExists, CorralError, LimitReached, NotFound, UsageError
+from corral.errors import (
+    AlreadyExists,
+    CorralError,
+    LimitReached,
+    NotFound,
+    RenderError,
+    UsageError,
+)
 from corral.inventory.bootfiles import imported
 from corral.inventory.schema import DistroSpec, GroupSpec, Mac, NodeSpec, ProfileSpec, Spec
 from corral.inventory.state import PHASES, NodeStates
 from corral.inventory.store import Inventory, Kind
+from corral.render.check import before_change, refuse_breaking_change
 from corral.serve.boot import BootService, Forbidden
 from corral.serve.deployments import admin_routes, agent_router
 from corral.serve.limits import MAX_BODY, BodyLimit
@@ -84,8 +92,8 @@ def create_app(
             status = 409
         elif isinstance(exc, LimitReached):
             status = 429
-        elif isinstance(exc, UsageError):
-            status = 422
+        elif isinstance(exc, UsageError | RenderError):
+            status = 422  # the request's content is wrong (a change that breaks a node, too)
         return JSONResponse({"detail": exc.message, "hint": exc.hint}, status_code=status)
 
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY)
@@ -205,7 +213,7 @@ def _admin_router(service: BootService, api_token: str) -> APIRouter:
         "node": NodeSpec,
     }
     for kind, model in specs.items():
-        _crud(router, kind, model, Db, service.settings.home)
+        _crud(router, kind, model, Db, service.settings)
 
     @router.get("/nodes/{name}/status", response_model=NodeStatusOut)
     def status(name: str, db: Db) -> Any:
@@ -221,8 +229,9 @@ def _admin_router(service: BootService, api_token: str) -> APIRouter:
     return router
 
 
-def _crud(router: APIRouter, kind: Kind, model: type[Spec], db: Any, home: Path) -> None:
+def _crud(router: APIRouter, kind: Kind, model: type[Spec], db: Any, settings: Settings) -> None:
     plural = f"/{kind}s"
+    home = settings.home
 
     def list_(session: Any) -> list[Any]:
         return [s.model_dump(mode="json") for s in Inventory(session).specs(kind)]
@@ -243,8 +252,13 @@ def _crud(router: APIRouter, kind: Kind, model: type[Spec], db: Any, home: Path)
     def update(name: str, body: dict[str, Any], session: Any) -> Any:
         inv = Inventory(session)
         inv.get(kind, name)  # an unknown one is refused before any file is looked at
+        # the nodes it affects are rendered with the change, as `corral ... set` does
+        affected = [name] if kind == "node" else name
+        before = None if kind == "distro" else before_change(session, affected, kind)
         with files(name, body) as stored:
-            inv.update(kind, [name], body | stored)
+            n = inv.update(kind, [name], body | stored)
+            if n and before is not None:
+                refuse_breaking_change(settings, session, before, f"{kind} {name}")
         return inv.get(kind, name).model_dump(mode="json")
 
     def delete(name: str, session: Any) -> Response:

@@ -22,7 +22,7 @@ test: lint typecheck
 	$(PY) -m pytest -q -m "not vm_e2e"
 
 unit: setup
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -m "not integration and not vm" tests/unit tests/security
 
 integration: setup
 	$(PY) -m pytest -q -m integration

@@ -23,12 +23,12 @@ from corral.agent.rx_bittorrent import (
     Feeder,
     PieceMap,
     _stripe,
-    bencode,
     linger,
     session_settings,
     stripe,
     tracker_pending,
 )
+from corral.agent.wire.bencode import bencode
 from corral.deploy import transports
 from corral.deploy.bittorrent import (
     JOIN_WINDOW,

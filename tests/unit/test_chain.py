@@ -18,7 +18,6 @@ from typing import Any, cast
 
 import pytest
 
-from corral.agent import rx_chain
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
 from corral.agent.receive import (
     Cancelled,
@@ -30,22 +29,23 @@ from corral.agent.receive import (
 )
 from corral.agent.report import Client
 from corral.agent.rx_chain import (
+    ChainParams,
+    ChainReceiver,
+    LagWatch,
+    Picker,
+    Relay,
+    Upstream,
+    Window,
+)
+from corral.agent.wire import chain as wire
+from corral.agent.wire.chain import (
     DATA,
     IDLE,
     OK,
     SKIP,
     WRONG_SESSION,
-    ChainParams,
-    ChainReceiver,
     Gone,
-    LagWatch,
-    Picker,
     ProtocolError,
-    Relay,
-    Sender,
-    Upstream,
-    Window,
-    answer_hello,
     pack_answer,
     pack_frame,
     pack_hello,
@@ -54,6 +54,7 @@ from corral.agent.rx_chain import (
     read_hello,
     session_tag,
 )
+from corral.agent.wire.chain_sender import Sender, answer_hello
 from corral.config import Settings
 from corral.deploy import transports
 from corral.deploy.chain import ChainError, ChainTransport, order
@@ -84,8 +85,8 @@ def test_hello_answer_and_frames_round_trip() -> None:
     assert (hello.tag, hello.index, hello.name, hello.offset) == (TAG, 12, "tb003", 65536)
     assert read_answer(reader(pack_answer(WRONG_SESSION, 3, "no"))) == (WRONG_SESSION, 3, "no")
     frame = pack_frame(DATA, 4, 65536, b"xyz", have=4, lag=9)
-    assert len(frame) == rx_chain.FRAME.size + 3
-    assert rx_chain.FRAME.unpack(frame[: rx_chain.FRAME.size]) == (DATA, 4, 65536, 3, 4, 9)
+    assert len(frame) == wire.FRAME.size + 3
+    assert wire.FRAME.unpack(frame[: wire.FRAME.size]) == (DATA, 4, 65536, 3, 4, 9)
 
 
 def test_a_hello_from_something_else_is_refused() -> None:
@@ -141,7 +142,7 @@ def test_a_reader_waits_for_the_next_piece_and_wakes_on_close() -> None:
     t.join(2)
     assert got == [b"12345"]
     window.close()
-    with pytest.raises(rx_chain.Closed):
+    with pytest.raises(wire.Closed):
         window.read(0, 5, 5, timeout=5)
 
 
@@ -285,8 +286,8 @@ def test_params_give_the_upstreams_nearest_first_without_addressless_nodes() -> 
 def frames(sock: socket.socket, n: int) -> list[tuple[int, int, int, bytes]]:
     out = []
     for _ in range(n):
-        kind, chunk, offset, length, _have, _front = rx_chain.FRAME.unpack(
-            read_exact(sock, rx_chain.FRAME.size)
+        kind, chunk, offset, length, _have, _front = wire.FRAME.unpack(
+            read_exact(sock, wire.FRAME.size)
         )
         out.append((kind, chunk, offset, read_exact(sock, length) if length else b""))
     return out
@@ -625,7 +626,7 @@ def test_a_slow_node_is_passed_by_the_node_after_it(
     test_head: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # small buffers, as a 4 MiB chunk is to 256 KiB ones: the lag is not hidden in them
-    monkeypatch.setattr(rx_chain, "SOCKET_BUFFER", 4096)
+    monkeypatch.setattr(wire, "SOCKET_BUFFER", 4096)
     chunks = [os.urandom(50_000) for _ in range(16)]
     relay, window = test_head([len(c) for c in chunks])
     server = ChunkServer(chunks)
@@ -785,7 +786,7 @@ def test_sessions_order_nodes_by_name_and_give_each_its_place(
         "session": f"7/img:1/{sha}",
         "position": 1,
         "members": [["tb001", "10.0.0.2"], ["tb002", None], ["tb003", "10.0.0.4"]],
-        "relay_port": rx_chain.RELAY_PORT,
+        "relay_port": wire.RELAY_PORT,
         "head": ["127.0.0.1", transport.head_port],
         "base": "http://127.0.0.1:8080/images/img/1",
     }

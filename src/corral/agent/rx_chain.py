@@ -64,7 +64,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from corral.agent.plan import Plan
 from corral.agent.receive import (
@@ -79,32 +79,37 @@ from corral.agent.receive import (
     VerifiedStream,
     register,
 )
+from corral.agent.wire.chain import (
+    DATA,
+    FRAME,
+    HEARTBEAT,
+    HELLO_TIMEOUT,
+    IDLE,
+    OK,
+    PIECE,
+    SILENCE,
+    SKIP,
+    STATUS_TEXT,
+    Closed,
+    Gone,
+    ProtocolError,
+    pack_hello,
+    read_answer,
+    read_exact,
+    tune,
+)
+from corral.agent.wire.chain_sender import Sender, answer_hello
 
 log = logging.getLogger("corral.agent")
 
-#: TCP port every node's relay listens on (each node has its own address, so one number
-#: serves the whole chain; the head's port is the server's, in the plan).
-RELAY_PORT = 7731
-#: Bytes a relay reads before forwarding them: what a hop adds to the chain's latency
-#: (6.5 ms at 20 Mbit/s; 100 hops, 0.7 s), against a Python loop turn per piece.
-PIECE = 16 << 10
-#: The most a frame carries: a sender that fell behind sends what piled up in bigger
-#: frames (fewer turns), up to this.
-FRAME_MAX = 64 << 10
 #: Whole chunks a relay keeps for nodes that (re)connect behind it: 8 x 4 MiB = 32 MiB of
 #: the node's RAM, 13 s of data at 20 Mbit/s, enough for a bypassing node to resume.
 WINDOW_CHUNKS = 8
-#: A relay with nothing to send says so this often, so that silence means death.
-HEARTBEAT = 1.0
-#: Seconds without a byte from the upstream (heartbeats included) before it is dead.
-SILENCE = 10.0
 #: For a connection to an upstream. Long: the node is busy receiving, its download link is
 #: full and drops SYNs, retried after 1, 3 and 7 s (at 3 s, nodes alive were passed for
 #: dead and a node behind a slow one walked all the way to the head). A dead process
 #: refuses at once, and a powered-off machine fails its ARP in 3 s.
 CONNECT_TIMEOUT = 10.0
-#: Seconds to wait for the other side's hello or its answer.
-HELLO_TIMEOUT = 5.0
 #: How long a node waits for its direct predecessor to start listening before bypassing it
 #: (on the testbed at 50 nodes and 92% host CPU, a node started at most 4 s after the one
 #: after it; a node that never starts costs those after it this long).
@@ -139,166 +144,10 @@ LAG_SECONDS = 3.0
 #: stall the link, and every node after this one with it). With the window, a node holds
 #: up to (8 + 4 + 1) x 4 MiB = 52 MiB of the stream in RAM.
 UNPACK_QUEUE = 4
-#: Socket buffers of relay connections (the kernel doubles them). The lag above travels in
-#: the frames, behind the data queued in these buffers: small buffers keep it fresh (about
-#: 1 MiB in flight: 8 ms at 1 Gbit/s, plenty on a LAN) and keep a hop's queue short.
-SOCKET_BUFFER = 256 << 10
-#: Unsent bytes a relay socket may queue (TCP_NOTSENT_LOWAT; a sender also waits for room
-#: before it reads what to send): what a slow reader sees of the sender's state is that
-#: much older (0.3 s at 2 Mbit/s, instead of seconds).
-UNSENT = 64 << 10
-
-MAGIC = b"CRLY"
-VERSION = 1
-#: answer statuses
-OK, WRONG_SESSION, CLOSING, BAD_HELLO = 0, 1, 2, 3
-STATUS_TEXT = {OK: "ok", WRONG_SESSION: "wrong session", CLOSING: "closing", BAD_HELLO: "bad hello"}
-#: frame kinds
-DATA, SKIP, IDLE = 1, 2, 3
-
-_HELLO = struct.Struct("!4sBBH")  # magic, version, flags (0), tag length; tag
-_HELLO_TAIL = struct.Struct("!IIB")  # next chunk, byte offset in it, name length; name
-_ANSWER = struct.Struct("!4sBIH")  # magic, status, have, message length; message
-#: kind, chunk, offset, length, have (KiB of the stream the sender holds), lag (KiB the
-#: sender fell behind its own upstream since it connected to it)
-FRAME = struct.Struct("!BIIIII")
-
-
-class ProtocolError(Exception):
-    """The other side said something this protocol does not allow."""
-
-
-class Gone(Exception):
-    """The chunk asked for is older than anything the relay still holds."""
-
-    def __init__(self, low: int) -> None:
-        super().__init__(f"the window starts at chunk {low}")
-        self.low = low
-
-
-class Closed(Exception):
-    """The relay is shutting down."""
 
 
 class Silent(ConnectionError):
     """The other side sent nothing, not even a heartbeat, for too long."""
-
-
-def session_tag(deployment: int, ref: str, stream_sha256: str) -> str:
-    """What both ends of every connection must agree on: a node of another deployment, or
-    one holding another image, is never served and never serves."""
-    return f"{deployment}/{ref}/{stream_sha256}"
-
-
-# --- framing -----------------------------------------------------------------------
-
-
-def pack_hello(tag: str, index: int, name: str, offset: int = 0) -> bytes:
-    raw_tag, raw_name = tag.encode(), name.encode()[:255]
-    return (
-        _HELLO.pack(MAGIC, VERSION, 0, len(raw_tag))
-        + raw_tag
-        + _HELLO_TAIL.pack(index, offset, len(raw_name))
-        + raw_name
-    )
-
-
-@dataclass(frozen=True)
-class Hello:
-    tag: str
-    index: int
-    name: str
-    offset: int = 0
-
-
-def read_hello(read: Callable[[int], bytes]) -> Hello:
-    magic, version, _flags, tag_len = _HELLO.unpack(read(_HELLO.size))
-    if magic != MAGIC or version != VERSION:
-        raise ProtocolError(f"not a chain hello (magic {magic!r}, version {version})")
-    if tag_len > 1024:
-        raise ProtocolError(f"a session tag of {tag_len} bytes")
-    tag = read(tag_len).decode("utf-8", "replace")
-    index, offset, name_len = _HELLO_TAIL.unpack(read(_HELLO_TAIL.size))
-    name = read(name_len).decode("utf-8", "replace")
-    return Hello(tag, index, name, offset)
-
-
-def pack_answer(status: int, have: int, message: str = "") -> bytes:
-    raw = message.encode()[:1000]
-    return _ANSWER.pack(MAGIC, status, have, len(raw)) + raw
-
-
-def read_answer(read: Callable[[int], bytes]) -> tuple[int, int, str]:
-    """(status, the upstream's whole chunks, message)."""
-    magic, status, have, length = _ANSWER.unpack(read(_ANSWER.size))
-    if magic != MAGIC:
-        raise ProtocolError(f"not a chain answer (magic {magic!r})")
-    return status, have, read(length).decode("utf-8", "replace")
-
-
-def pack_frame(
-    kind: int, chunk: int, offset: int = 0, data: bytes = b"", have: int = 0, lag: int = 0
-) -> bytes:
-    return FRAME.pack(kind, chunk, offset, len(data), have, lag) + data
-
-
-def read_exact(sock: socket.socket, n: int) -> bytes:
-    """``n`` bytes from a blocking socket; ConnectionError at the end of the stream."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if not k:
-            raise ConnectionError("the connection closed")
-        got += k
-    return bytes(buf)
-
-
-def tune(sock: socket.socket) -> None:
-    """Find a dead peer in seconds, not the kernel's minutes: keepalive probes after 2 s of
-    quiet, and a send that no one acknowledges for 10 s fails. Buffers: see
-    :data:`SOCKET_BUFFER` (set before connecting, or on the listening socket, for the
-    receive side's window to scale to it)."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT)
-    for name, value in (("TCP_KEEPIDLE", 2), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3)):
-        if hasattr(socket, name):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-    if hasattr(socket, "TCP_USER_TIMEOUT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(SILENCE * 1000))
-
-
-def peer_closed(sock: socket.socket) -> bool:
-    """Whether the downstream end has closed: it never sends anything after its hello, so
-    a readable socket means its end of the stream (or a peer breaking the protocol)."""
-    try:
-        ready, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(ready)
-
-
-# --- what a sender reads from -------------------------------------------------------
-
-
-class Source(Protocol):
-    @property
-    def have(self) -> int: ...
-
-    @property
-    def held_kib(self) -> int: ...
-
-    @property
-    def lag(self) -> int: ...
-
-    def read(self, index: int, offset: int, size: int, timeout: float) -> bytes | None:
-        """Up to ``size`` bytes of chunk ``index`` from ``offset``; None if they are not
-        here yet after ``timeout``; :class:`Gone` if they never will be; :class:`Closed`."""
-        ...
 
 
 class Window:
@@ -377,151 +226,6 @@ class Window:
                 if left <= 0:
                     return None
                 self.cond.wait(left)
-
-
-class FileSource:
-    """The head's source: the chunk files of the export, any of them at any time."""
-
-    def __init__(self, path_of: Callable[[int], Path], sizes: list[int]) -> None:
-        self.path_of = path_of
-        self.count = len(sizes)
-        self.size = sum(sizes)
-        self._cached: tuple[int, bytes] | None = None
-
-    @property
-    def have(self) -> int:
-        return self.count
-
-    @property
-    def held_kib(self) -> int:
-        return self.size >> 10
-
-    @property
-    def lag(self) -> int:
-        return 0  # the head sets no pace
-
-    def read(self, index: int, offset: int, size: int, timeout: float) -> bytes | None:
-        if self._cached is None or self._cached[0] != index:
-            self._cached = (index, self.path_of(index).read_bytes())
-        return self._cached[1][offset : offset + size]
-
-
-class Sender:
-    """Serves one downstream connection from a source, from the chunk its hello named.
-
-    Used by the relays and by the server's head alike. It ends when the downstream closes
-    (after the last chunk: :attr:`complete`), on any socket error, or when the source closes.
-    """
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        source: Source,
-        sizes: list[int],
-        start: int,
-        peer: str,
-        *,
-        offset: int = 0,
-        heartbeat: float = HEARTBEAT,
-        wait_close: float = 2 * SILENCE,
-    ) -> None:
-        self.sock = sock
-        self.source = source
-        self.sizes = sizes
-        self.start = start
-        self.offset = offset
-        self.peer = peer
-        self.heartbeat = heartbeat
-        self.wait_close = wait_close
-        self.sent = 0
-        self.skips = 0
-        self.complete = False
-        self.last_activity = time.monotonic()
-        self.last_progress = self.last_activity
-        self.done = threading.Event()
-        self.error = ""
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except (OSError, Closed) as exc:
-            self.error = str(exc) or type(exc).__name__
-        finally:
-            with contextlib.suppress(OSError):
-                self.sock.close()
-            self.last_activity = self.last_progress = time.monotonic()
-            self.done.set()
-
-    def _send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-        self.last_activity = time.monotonic()
-
-    def _run(self) -> None:
-        index, offset = self.start, self.offset
-        count = len(self.sizes)
-        if index < count and offset >= self.sizes[index]:
-            return  # a resume past the end of its chunk: not a hello of this protocol
-        source = self.source
-        while index < count:
-            # room first, then what to send: a frame does not wait, aging, in sendall
-            _, room, _ = select.select([], [self.sock], [], self.heartbeat)
-            if not room:
-                if peer_closed(self.sock):
-                    return
-                continue
-            try:
-                data = source.read(index, offset, FRAME_MAX, self.heartbeat)
-            except Gone as gone:
-                log.info("chain: %s needs chunk %d, held from %d", self.peer, index, gone.low)
-                self._send(pack_frame(SKIP, gone.low, have=source.held_kib, lag=source.lag))
-                self.skips += 1
-                index, offset = gone.low, 0
-                continue
-            if data is None:
-                if peer_closed(self.sock):
-                    return
-                self._send(pack_frame(IDLE, index, offset, b"", source.held_kib, source.lag))
-                continue
-            self._send(pack_frame(DATA, index, offset, data, source.held_kib, source.lag))
-            self.last_progress = self.last_activity
-            self.sent += len(data)
-            offset += len(data)
-            if offset >= self.sizes[index]:
-                index, offset = index + 1, 0
-        # everything went out; the downstream closes once it has checked the last chunk
-        deadline = time.monotonic() + self.wait_close
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.sock], [], [], self.heartbeat)
-            if ready:
-                self.complete = not self.sock.recv(1)
-                return
-
-
-def answer_hello(
-    sock: socket.socket, have_for: Callable[[str], int | None], closing: bool = False
-) -> Hello | None:
-    """Read a downstream's hello and answer it; the hello if it is to be served.
-
-    ``have_for(tag)`` is how many whole chunks this end holds for that session, or None
-    if it is not one of this end's sessions."""
-    sock.settimeout(HELLO_TIMEOUT)
-    try:
-        hello = read_hello(lambda n: read_exact(sock, n))
-    except (ProtocolError, struct.error, UnicodeError) as exc:
-        with contextlib.suppress(OSError):
-            sock.sendall(pack_answer(BAD_HELLO, 0, str(exc)))
-        return None
-    have = have_for(hello.tag)
-    if have is None:
-        log.warning("chain: %s asked for session %s, not one of ours", hello.name, hello.tag)
-        sock.sendall(pack_answer(WRONG_SESSION, 0, "not a session of this end"))
-        return None
-    if closing:
-        sock.sendall(pack_answer(CLOSING, have, "done serving"))
-        return None
-    sock.sendall(pack_answer(OK, have))
-    sock.settimeout(None)
-    return hello
 
 
 # --- the node's relay ---------------------------------------------------------------

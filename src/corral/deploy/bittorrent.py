@@ -60,7 +60,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from corral.agent.rx_bittorrent import bencode, lan_settings
+from corral.agent.wire.bencode import bencode
+from corral.agent.wire.lan_swarm import lan_settings
 from corral.config import Settings
 from corral.deploy.transports import Member, register
 from corral.errors import ConfigError
@@ -419,7 +420,7 @@ class Tracker:
 
 def seed_settings(lt: Any, address: str, port: int) -> dict[str, Any]:
     """libtorrent settings of corral's seed: the LAN choices it shares with the agents
-    (:func:`corral.agent.rx_bittorrent.lan_settings`, which says why) and its own."""
+    (:func:`corral.agent.wire.lan_swarm.lan_settings`, which says why) and its own."""
     return {
         **lan_settings(lt, address, port),
         "user_agent": "corral",

@@ -4,7 +4,7 @@ the image once, to the first node; each node writes every chunk and forwards it 
 The session's nodes are ordered by name. The server runs the *head*: one TCP listener
 (:data:`HEAD_PORT` on ``settings.address``, shared by all sessions and told apart by the
 session tag) that streams the export's chunk files. Each node's agent
-(:mod:`corral.agent.rx_chain`) listens on :data:`~corral.agent.rx_chain.RELAY_PORT` and
+(:mod:`corral.agent.rx_chain`) listens on :data:`~corral.agent.wire.chain.RELAY_PORT` and
 *pulls* from the node before it (the first node from the head); why pull, and how a dead or
 slow node is bypassed without restarting the others, is told there.
 
@@ -81,14 +81,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.agent.rx_chain import (
-    RELAY_PORT,
-    FileSource,
-    Sender,
-    answer_hello,
-    session_tag,
-    tune,
-)
+from corral.agent.wire.chain import RELAY_PORT, session_tag, tune
+from corral.agent.wire.chain_sender import FileSource, Sender, answer_hello
 from corral.config import Settings
 from corral.deploy.transports import Member, _url_host, register
 from corral.errors import ConfigError, CorralError

@@ -15,7 +15,7 @@ import libtorrent as lt
 import pytest
 
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
-from corral.agent.receive import RECEIVERS, Cancelled, ReceiveError
+from corral.agent.receive import RECEIVERS, Cancelled, ReceiveError, VerifiedStream
 from corral.agent.rx_bittorrent import (
     ALONE_WAIT,
     LINGER_SHARE,
@@ -455,11 +455,10 @@ def run_feeder(
         return DATA[index * 8 : index * 8 + 8]
 
     feeder = Feeder(
-        plan,
+        VerifiedStream(plan, fed.append, lambda done, total: None),
         swarm,
         PieceMap(PIECE, tuple(c.size for c in plan.image.chunks)),
         fetch,
-        fed.append,
         lambda done, total: progress.append((done, total)),
         cancel or threading.Event(),
         stall=stall,

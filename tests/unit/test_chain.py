@@ -531,7 +531,7 @@ def nodes_for(
         }
         unpacker = Collect((delays or {}).get(i, 0.0))
         receiver = cls(Context(cast(Client, server), tries=2))
-        receiver.unpacker = unpacker
+        receiver.make_unpacker = unpacker  # type: ignore[method-assign]
         out.append(
             Node(members[i][0], make_plan(chunks, params, members[i][0]), receiver, unpacker)
         )
@@ -678,7 +678,7 @@ def test_an_unpacking_failure_ends_the_receive_with_its_reason(test_head: Any) -
         window.complete(i, data)
     (node,) = nodes_for(chunks, head_address(relay), 1, ChunkServer(chunks))
     node.unpacker = Breaks()
-    node.receiver.unpacker = node.unpacker
+    node.receiver.make_unpacker = node.unpacker  # type: ignore[method-assign]
     node.start()
     node.join()
     assert isinstance(node.error, ReceiveError) and "disk full" in str(node.error)

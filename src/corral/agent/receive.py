@@ -21,6 +21,7 @@ import http.client
 import importlib
 import logging
 import os
+import queue
 import re
 import select
 import subprocess
@@ -327,14 +328,75 @@ class VerifiedStream:
             )
 
 
-@register
-class HttpReceiver(Receiver):
-    """Chunks of the zstd tar stream over HTTP, checked one by one, unpacked on arrival."""
+class UnpackQueue:
+    """Writes checked chunks into the unpacker from a thread of its own, in order: the
+    receiving thread goes on reading its source meanwhile (a 4 MiB write into the pipe
+    takes long enough to stall a link, and with the chain every node after this one)."""
 
-    name = "http"
+    def __init__(self, unpacker: Unpacker, cancel: threading.Event, depth: int) -> None:
+        self.unpacker = unpacker
+        self.cancel = cancel
+        self.queue: queue.Queue[bytes | None] = queue.Queue(max(1, depth))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="corral-unpack", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            data = self.queue.get()
+            if data is None:
+                return
+            if self.error is None:  # after an error, only empty the queue
+                try:
+                    self.unpacker.write(data)
+                except BaseException as exc:
+                    self.error = exc
+
+    def put(self, data: bytes) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(data, timeout=0.2)
+                return
+            except queue.Full:
+                if self.cancel.is_set():
+                    raise Cancelled() from None
+
+    def close(self) -> None:
+        """Wait until everything is written; raise what writing raised."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        """Stop (the caller aborts the unpacker first, which ends a write in progress)."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+        with contextlib.suppress(queue.Full):
+            self.queue.put_nowait(None)
+
+
+class StreamReceiver(Receiver):
+    """The base of the receivers of the image's chunked zstd tar stream (http, multicast,
+    chain, bittorrent): what they share, so that a transport only says where the bytes
+    come from.
+
+    :meth:`unpack` owns the skeleton: ``zstd -d | tar -x`` into the target (written at
+    once, or through an :class:`UnpackQueue` of :attr:`unpack_queue` chunks), the
+    :class:`VerifiedStream` that checks every chunk and the whole stream, the HTTP catch-up
+    from the first chunk the transport did not deliver (:meth:`catch_up`,
+    :meth:`fetch_chunk`), and the end: the unpacking finished and checked, or aborted on
+    any error.
+    """
 
     #: bytes asked of the socket at a time: small enough to see a cancel quickly
     read_size = 1 << 16
+    #: checked chunks that may wait for the unpacker, written from a thread of its own
+    #: (0: the receiving thread writes them itself)
+    unpack_queue: ClassVar[int] = 0
 
     def __init__(self, context: Context) -> None:
         super().__init__(context)
@@ -344,53 +406,56 @@ class HttpReceiver(Receiver):
     def expected_bytes(self, plan: Plan) -> int:
         return plan.image.stream_size
 
+    def make_unpacker(self, target_dir: Path) -> Unpacker:
+        """What the checked chunks are written to (the tests replace it)."""
+        return Unpacker(target_dir)
+
+    def unpack(
+        self,
+        plan: Plan,
+        target_dir: Path,
+        progress_callback: ProgressCallback,
+        cancel_event: threading.Event,
+        fill: Callable[[VerifiedStream], None],
+    ) -> VerifiedStream:
+        """Unpack the plan's stream into ``target_dir``: ``fill`` adds what chunks the
+        transport brings, HTTP the rest; the stream, whole and checked.
+
+        Raise :class:`ReceiveError` (or :class:`Cancelled`) if it cannot; the unpacking is
+        aborted then, whatever raised."""
+        unpacker = self.make_unpacker(target_dir)
+        queued = None
+        if self.unpack_queue:
+            queued = UnpackQueue(unpacker, cancel_event, self.unpack_queue)
+        stream = VerifiedStream(
+            plan, unpacker.write if queued is None else queued.put, progress_callback
+        )
+        try:
+            fill(stream)
+            if not stream.complete:
+                self.catch_up(stream, cancel_event)
+            if queued is not None:
+                queued.close()
+            unpacker.finish()
+        except BaseException:
+            unpacker.abort()
+            if queued is not None:
+                queued.abort()
+            raise
+        stream.check()
+        return stream
+
     def chunk_url(self, plan: Plan, index: int) -> str:
         base = str(plan.transport.params.get("base", "")).rstrip("/")
         if not base:
             raise ReceiveError("transport http: the plan has no 'base' URL")
         return f"{base}/chunks/{index:08d}.bin"
 
-    def receive(
-        self,
-        plan: Plan,
-        target_dir: Path,
-        progress_callback: ProgressCallback,
-        cancel_event: threading.Event,
-    ) -> Received:
+    def catch_up(self, stream: VerifiedStream, cancel_event: threading.Event) -> None:
+        """The chunks ``stream`` still lacks, in order, each fetched with :meth:`fetch_chunk`."""
         client = self.context.client
         if client is None:
-            raise ReceiveError("transport http needs corral.server= to download from")
-        image = plan.image
-        unpacker = Unpacker(target_dir)
-        stream = VerifiedStream(plan, unpacker.write, progress_callback)
-        try:
-            self.fetch_rest(client, stream, cancel_event)
-            unpacker.finish()
-        except BaseException:
-            unpacker.abort()
-            raise
-        stream.check()
-        log.info(
-            "received %s: %d bytes in %d chunks (%d fetched again, %d resumed)",
-            image.ref,
-            stream.done,
-            len(image.chunks),
-            len(self.refetched),
-            len(self.resumed),
-        )
-        return Received(
-            stream.done,
-            {
-                "chunks": len(image.chunks),
-                "refetched": len(self.refetched),
-                "resumed": len(self.resumed),
-            },
-        )
-
-    def fetch_rest(
-        self, client: Client, stream: VerifiedStream, cancel_event: threading.Event
-    ) -> None:
-        """The chunks ``stream`` still lacks, in order, each fetched with :meth:`fetch_chunk`."""
+            raise ReceiveError(f"chunk {stream.index:08d}: no server to fetch it from over HTTP")
         while not stream.complete:
             if cancel_event.is_set():
                 raise Cancelled()
@@ -477,6 +542,43 @@ class HttpReceiver(Receiver):
                 raise ReceiveError(
                     f"{name}: the connection dropped {drops} times at byte {len(buf)} of {size}"
                 )
+
+
+@register
+class HttpReceiver(StreamReceiver):
+    """Chunks of the zstd tar stream over HTTP, checked one by one, unpacked on arrival."""
+
+    name = "http"
+
+    def receive(
+        self,
+        plan: Plan,
+        target_dir: Path,
+        progress_callback: ProgressCallback,
+        cancel_event: threading.Event,
+    ) -> Received:
+        if self.context.client is None:
+            raise ReceiveError("transport http needs corral.server= to download from")
+        image = plan.image
+        stream = self.unpack(
+            plan, target_dir, progress_callback, cancel_event, lambda _stream: None
+        )
+        log.info(
+            "received %s: %d bytes in %d chunks (%d fetched again, %d resumed)",
+            image.ref,
+            stream.done,
+            len(image.chunks),
+            len(self.refetched),
+            len(self.resumed),
+        )
+        return Received(
+            stream.done,
+            {
+                "chunks": len(image.chunks),
+                "refetched": len(self.refetched),
+                "resumed": len(self.resumed),
+            },
+        )
 
 
 # --- rsync -----------------------------------------------------------------------------

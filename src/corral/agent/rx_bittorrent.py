@@ -27,7 +27,7 @@ How a node receives (:class:`Feeder`):
   cache), is checked against the plan's sha256 before a byte of it is unpacked.
 - When the swarm brings no new piece for :data:`STALL_TIMEOUT` seconds (no seed, a dead
   tracker, a server restart), the chunks still missing are fetched over HTTP with
-  :meth:`HttpReceiver.fetch_chunk` and handed to libtorrent (``add_piece``) so that the
+  :meth:`StreamReceiver.fetch_chunk` and handed to libtorrent (``add_piece``) so that the
   node can serve them too; the swarm is used again as soon as it moves.
 - Once everything is unpacked the node keeps seeding while it is of use: peers still
   downloading at LAN speed, or members that have not joined yet (corral's tracker counts
@@ -62,8 +62,7 @@ from corral.agent.receive import (
     ProgressCallback,
     Received,
     ReceiveError,
-    Receiver,
-    Unpacker,
+    StreamReceiver,
     VerifiedStream,
     chunk_mismatch,
     register,
@@ -470,16 +469,18 @@ class SeedUse:
 
 
 class Feeder:
-    """Hands the stream's chunks to ``sink`` in order, each checked, from the swarm or,
-    once the swarm stalls, over HTTP (``fetch``)."""
+    """Adds the stream's chunks to ``stream`` in order, each checked, from the swarm or,
+    once the swarm stalls, over HTTP (``fetch``).
+
+    It reports the progress itself (``progress``): the pieces the swarm holds count too,
+    not only the chunks unpacked."""
 
     def __init__(
         self,
-        plan: Plan,
+        stream: VerifiedStream,
         swarm: Swarm,
         layout: PieceMap,
         fetch: Callable[[int, Callable[[int], None]], bytes],
-        sink: Callable[[bytes], None],
         progress: ProgressCallback,
         cancel: threading.Event,
         *,
@@ -488,7 +489,7 @@ class Feeder:
         ahead: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.plan = plan
+        self.plan = stream.plan
         self.swarm = swarm
         self.layout = layout
         self.fetch = fetch
@@ -498,7 +499,8 @@ class Feeder:
         self.ahead = AHEAD_CHUNKS if ahead is None else ahead
         self.clock = clock
         self.stats = FeedStats()
-        self.stream = VerifiedStream(plan, sink, lambda _done, _total: self._report())
+        self.stream = stream
+        stream.progress = lambda _done, _total: self._report()
         self._reported = 0
         self._have = -1
         self._moved = clock()
@@ -926,7 +928,7 @@ def _import_libtorrent() -> ModuleType | None:
 
 
 @register
-class BitTorrentReceiver(Receiver):
+class BitTorrentReceiver(StreamReceiver):
     """The stream's chunks from the swarm, checked and unpacked in order."""
 
     name = "bittorrent"
@@ -938,9 +940,6 @@ class BitTorrentReceiver(Receiver):
     #: the engine, replaced by the tests
     engine: Callable[[], ModuleType | None] = staticmethod(_import_libtorrent)
 
-    def expected_bytes(self, plan: Plan) -> int:
-        return plan.image.stream_size
-
     def receive(
         self,
         plan: Plan,
@@ -948,12 +947,13 @@ class BitTorrentReceiver(Receiver):
         progress_callback: ProgressCallback,
         cancel_event: threading.Event,
     ) -> Received:
-        http = HttpReceiver(self.context)
         why = self._no_swarm(plan, target_dir)
         lt = None if why else self.engine()
         if why or lt is None:
             log.warning("transport bittorrent: %s; receiving over HTTP", why or "no libtorrent")
+            http = HttpReceiver(self.context)
             return http.receive(plan, target_dir, progress_callback, cancel_event)
+        refetched = len(self.refetched)
         client = self.context.client
         address = self.address or (local_address(client.host, client.port) if client else "")
         params = plan.transport.params
@@ -964,9 +964,10 @@ class BitTorrentReceiver(Receiver):
         torrent = base64.b64decode(str(params["torrent"]))
         started = time.monotonic()
         swarm: LibtorrentSwarm | None = None
-        unpacker: Unpacker | None = None
         try:
-            swarm = LibtorrentSwarm(lt, torrent, scratch, address or "0.0.0.0", self.port, seed)
+            swarm = live = LibtorrentSwarm(
+                lt, torrent, scratch, address or "0.0.0.0", self.port, seed
+            )
             layout = self._layout(plan, swarm)
             mine = _stripe(params.get("stripe"), layout.num_pieces) if seed else None
             log.info(
@@ -983,23 +984,18 @@ class BitTorrentReceiver(Receiver):
             def fetch(index: int, partial: Callable[[int], None]) -> bytes:
                 if client is None:
                     raise ReceiveError("transport bittorrent: no server to fetch chunks from")
-                return http.fetch_chunk(client, plan, index, partial, cancel_event)
+                return self.fetch_chunk(client, plan, index, partial, cancel_event)
 
-            unpacker = Unpacker(target_dir)
-            feeder = Feeder(
-                plan,
-                swarm,
-                layout,
-                fetch,
-                unpacker.write,
-                progress_callback,
-                cancel_event,
-                mine=mine,
-            )
-            stats = feeder.run()
-            unpacker.finish()
-            unpacker = None
-            feeder.stream.check()
+            feeds: list[FeedStats] = []
+
+            def fill(stream: VerifiedStream) -> None:
+                feeder = Feeder(
+                    stream, live, layout, fetch, progress_callback, cancel_event, mine=mine
+                )
+                feeds.append(feeder.run())
+
+            self.unpack(plan, target_dir, progress_callback, cancel_event, fill)
+            stats = feeds[0]
             elapsed = time.monotonic() - started
             stayed = linger(
                 swarm,
@@ -1009,10 +1005,6 @@ class BitTorrentReceiver(Receiver):
                     str(params.get("tracker", "")), str(params.get("info_hash", ""))
                 ),
             )
-        except BaseException:
-            if unpacker is not None:
-                unpacker.abort()
-            raise
         finally:
             try:
                 if swarm is not None:
@@ -1038,7 +1030,7 @@ class BitTorrentReceiver(Receiver):
                 "http": stats.from_http,
                 "mismatched": stats.mismatched,
                 "rescues": stats.rescues,
-                "refetched": len(http.refetched),
+                "refetched": len(self.refetched) - refetched,
             },
         )
 

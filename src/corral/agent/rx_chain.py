@@ -37,7 +37,7 @@ Failures, without restarting anyone:
 - the upstream no longer holds the chunk it needs (a relay keeps the last
   :data:`WINDOW_CHUNKS` chunks in memory, since what is unpacked is gone): it says so
   (``SKIP``) and the node fetches the gap from the server over HTTP
-  (:meth:`~corral.agent.receive.HttpReceiver.fetch_chunk`, checked), then goes on
+  (:meth:`~corral.agent.receive.StreamReceiver.fetch_chunk`, checked), then goes on
   reading from the same upstream;
 - the upstream says it fell behind its own upstream by :data:`LAG_BYTES` and
   :data:`LAG_SECONDS` of this node's rate (a slow node): the node pulls from the node
@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import queue
 import select
 import socket
 import struct
@@ -70,12 +69,10 @@ from corral.agent.plan import Plan
 from corral.agent.receive import (
     Cancelled,
     Context,
-    HttpReceiver,
     ProgressCallback,
     Received,
     ReceiveError,
-    Receiver,
-    Unpacker,
+    StreamReceiver,
     VerifiedStream,
     register,
 )
@@ -501,57 +498,6 @@ class Picker:
 # --- the receiver -------------------------------------------------------------------
 
 
-class Feeder:
-    """Writes checked chunks into the unpacker from a thread of its own, in order."""
-
-    def __init__(
-        self, unpacker: Unpacker, cancel: threading.Event, depth: int = UNPACK_QUEUE
-    ) -> None:
-        self.unpacker = unpacker
-        self.cancel = cancel
-        self.queue: queue.Queue[bytes | None] = queue.Queue(max(1, depth))
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="corral-unpack", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            data = self.queue.get()
-            if data is None:
-                return
-            if self.error is None:  # after an error, only empty the queue
-                try:
-                    self.unpacker.write(data)
-                except BaseException as exc:
-                    self.error = exc
-
-    def put(self, data: bytes) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.queue.put(data, timeout=0.2)
-                return
-            except queue.Full:
-                if self.cancel.is_set():
-                    raise Cancelled() from None
-
-    def close(self) -> None:
-        """Wait until everything is written; raise what writing raised."""
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self) -> None:
-        """Stop (the caller aborts the unpacker first, which ends a write in progress)."""
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self.queue.get_nowait()
-        with contextlib.suppress(queue.Full):
-            self.queue.put_nowait(None)
-
-
 @dataclass(frozen=True)
 class ChainParams:
     """The plan's ``transport.params`` for ``chain`` (made by :mod:`corral.deploy.chain`)."""
@@ -653,7 +599,7 @@ class _State:
 
 
 @register
-class ChainReceiver(Receiver):
+class ChainReceiver(StreamReceiver):
     """Pulls the stream from the node before it, forwards it to the node after it."""
 
     name = "chain"
@@ -668,16 +614,12 @@ class ChainReceiver(Receiver):
     linger = LINGER
     lag_bytes = LAG_BYTES
     lag_seconds = LAG_SECONDS
-    unpacker: Callable[[Path], Unpacker] = Unpacker
+    unpack_queue = UNPACK_QUEUE
 
     def __init__(self, context: Context) -> None:
         super().__init__(context)
-        self.http = HttpReceiver(context)
         self.picker: Picker | None = None
         self.relay: Relay | None = None
-
-    def expected_bytes(self, plan: Plan) -> int:
-        return plan.image.stream_size
 
     def receive(
         self,
@@ -705,19 +647,15 @@ class ChainReceiver(Receiver):
             len(params.members),
             params.session,
         )
+        states: list[_State] = []
+
+        def fill(stream: VerifiedStream) -> None:
+            states.append(_State(stream))
+            self._pull(plan, params, window, states[0], cancel_event)
+
         try:
-            unpacker = self.unpacker(target_dir)
-            feeder = Feeder(unpacker, cancel_event)
-            state = _State(VerifiedStream(plan, feeder.put, progress_callback))
-            try:
-                self._pull(plan, params, window, state, cancel_event)
-                feeder.close()
-                unpacker.finish()
-            except BaseException:
-                unpacker.abort()
-                feeder.abort()
-                raise
-            state.stream.check()
+            self.unpack(plan, target_dir, progress_callback, cancel_event, fill)
+            state = states[0]
             relay.finished()
             drained = relay.drain(cancel_event, params.is_last, self.drain_idle, self.linger)
             if cancel_event.is_set():
@@ -761,7 +699,7 @@ class ChainReceiver(Receiver):
             raise ReceiveError(f"chunk {index:08d}: no server to fetch it from over HTTP")
         window.restart()
         state.partial = bytearray()
-        data = self.http.fetch_chunk(client, plan, index, state.stream.partial(), cancel)
+        data = self.fetch_chunk(client, plan, index, state.stream.partial(), cancel)
         state.from_http += 1
         self._accept(data, window, state)
 

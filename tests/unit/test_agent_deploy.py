@@ -34,18 +34,11 @@ from corral.agent.plan import (
     Progress,
     TransportInfo,
 )
-from corral.agent.receive import (
-    Cancelled,
-    Context,
-    HttpReceiver,
-    Received,
-    ReceiveError,
-    Receiver,
-    RsyncReceiver,
-    parse_progress2,
-    parse_stats,
-    receiver_class,
-)
+from corral.agent.receivers import receiver_class
+from corral.agent.receivers.base import Context, Received, Receiver
+from corral.agent.receivers.errors import Cancelled, ReceiveError
+from corral.agent.receivers.http import HttpReceiver
+from corral.agent.receivers.rsync import RsyncReceiver, parse_progress2, parse_stats
 from corral.agent.report import Client, Rejected, ReportError
 
 MiB = 1 << 20

@@ -19,24 +19,15 @@ from typing import Any, cast
 import pytest
 
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
-from corral.agent.receive import (
-    Cancelled,
-    Context,
-    Received,
-    ReceiveError,
-    Unpacker,
-    receiver_class,
-)
+from corral.agent.receivers import receiver_class
+from corral.agent.receivers.base import Context, Received
+from corral.agent.receivers.chain.receiver import ChainReceiver
+from corral.agent.receivers.chain.relay import Relay
+from corral.agent.receivers.chain.upstream import ChainParams, LagWatch, Picker, Upstream
+from corral.agent.receivers.chain.window import Window
+from corral.agent.receivers.errors import Cancelled, ReceiveError
+from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
-from corral.agent.rx_chain import (
-    ChainParams,
-    ChainReceiver,
-    LagWatch,
-    Picker,
-    Relay,
-    Upstream,
-    Window,
-)
 from corral.agent.wire import chain as wire
 from corral.agent.wire.chain import (
     DATA,

@@ -21,11 +21,14 @@ from typing import Any, cast
 
 import pytest
 
-from corral.agent import rx_multicast
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
-from corral.agent.receive import Cancelled, Context, Unpacker, receiver_class
+from corral.agent.receivers import multicast as rx_multicast
+from corral.agent.receivers import receiver_class
+from corral.agent.receivers.base import Context
+from corral.agent.receivers.errors import Cancelled
+from corral.agent.receivers.multicast import MulticastReceiver, RateWatch, Session, receiver_argv
+from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
-from corral.agent.rx_multicast import MulticastReceiver, RateWatch, Session, receiver_argv
 from corral.config import Settings
 from corral.deploy import multicast
 from corral.deploy.multicast import (

@@ -9,8 +9,9 @@ from typing import Any
 
 def lan_settings(lt: Any, address: str, port: int) -> dict[str, Any]:
     """The libtorrent settings that the agent and corral's seed share, for a swarm of
-    deployment members on one LAN; each side adds its own (:func:`session_settings`,
-    :func:`corral.deploy.bittorrent.seed_settings`)."""
+    deployment members on one LAN; each side adds its own
+    (:func:`corral.agent.receivers.bittorrent.libtorrent_swarm.session_settings`,
+    :func:`corral.deploy.transports.bittorrent.seed_settings`)."""
     return {
         "listen_interfaces": f"{address}:{port}",
         # Peers come from corral's tracker only. DHT and local service discovery would

@@ -50,17 +50,10 @@ from typing import IO
 
 from corral.agent.network import interface_ipv4, source_address
 from corral.agent.plan import Plan
-from corral.agent.receive import (
-    Cancelled,
-    Context,
-    ProgressCallback,
-    Received,
-    ReceiveError,
-    StreamReceiver,
-    VerifiedStream,
-    _stop,
-    register,
-)
+from corral.agent.receivers.base import Context, Received, StreamReceiver
+from corral.agent.receivers.errors import Cancelled, ReceiveError
+from corral.agent.receivers.stream import ProgressCallback, VerifiedStream
+from corral.agent.receivers.tools import stop_process
 
 log = logging.getLogger("corral.agent")
 
@@ -84,7 +77,7 @@ BUSY_FRACTION = 0.5
 
 @dataclass(frozen=True)
 class Session:
-    """The udpcast session a plan names (:mod:`corral.deploy.multicast` makes it)."""
+    """The udpcast session a plan names (:mod:`corral.deploy.transports.multicast` makes it)."""
 
     tag: str
     rdv: str
@@ -181,7 +174,6 @@ class RateWatch:
         return best, (busy - first[2]) / span
 
 
-@register
 class MulticastReceiver(StreamReceiver):
     """udp-receiver into checked chunks; HTTP from the first chunk it did not deliver."""
 
@@ -425,7 +417,7 @@ def _leave(proc: subprocess.Popen[bytes]) -> None:
         proc.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(2.0)
-    _stop(proc, grace=2.0)
+    stop_process(proc, grace=2.0)
 
 
 def _lines(errors: bytearray) -> str:

@@ -28,9 +28,9 @@ from corral.agent.receivers.bittorrent.receiver import SCRATCH, BitTorrentReceiv
 from corral.agent.report import Client
 from corral.cli import common
 from corral.config import Settings
-from corral.deploy.bittorrent import BitTorrentTransport
 from corral.deploy.store import Deployments
-from corral.deploy.transports import Member
+from corral.deploy.transports.base import Member
+from corral.deploy.transports.bittorrent import BitTorrentTransport
 from corral.images.catalog import image_store
 from corral.images.exports import STREAM_INDEX, build_exports, verify_export
 from corral.images.store import ImageVersion

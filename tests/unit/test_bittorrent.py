@@ -25,7 +25,7 @@ from corral.agent.receivers.errors import Cancelled, ReceiveError
 from corral.agent.receivers.stream import VerifiedStream
 from corral.agent.wire.bencode import bencode
 from corral.deploy import transports
-from corral.deploy.bittorrent import (
+from corral.deploy.transports.bittorrent import (
     JOIN_WINDOW,
     MAX_PEERS,
     BitTorrentTransport,

@@ -48,8 +48,8 @@ from corral.agent.wire.chain import (
 from corral.agent.wire.chain_sender import Sender, answer_hello
 from corral.config import Settings
 from corral.deploy import transports
-from corral.deploy.chain import ChainError, ChainTransport, order
-from corral.deploy.transports import Member
+from corral.deploy.transports.base import Member
+from corral.deploy.transports.chain import ChainError, ChainTransport, order
 from corral.images.store import ImageVersion
 
 TAG = session_tag(7, "img:1", "ab" * 32)

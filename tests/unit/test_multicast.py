@@ -30,8 +30,9 @@ from corral.agent.receivers.multicast import MulticastReceiver, RateWatch, Sessi
 from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
 from corral.config import Settings
-from corral.deploy import multicast
-from corral.deploy.multicast import (
+from corral.deploy.transports import REGISTRY, multicast
+from corral.deploy.transports.base import Member
+from corral.deploy.transports.multicast import (
     PORT_BASE,
     SLOTS,
     MulticastOptions,
@@ -45,7 +46,6 @@ from corral.deploy.multicast import (
     preferred_slot,
     route_interface,
 )
-from corral.deploy.transports import REGISTRY, Member
 from corral.errors import InvalidValue
 from corral.images.store import ImageVersion
 

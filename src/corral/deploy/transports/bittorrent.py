@@ -27,12 +27,12 @@ What a session is made of (:meth:`BitTorrentTransport.start`):
 A node's plan (:meth:`params`) holds the torrent (base64), the tracker's URL, the seed's
 address, the node's *stripe* (its position among the session's nodes: it takes every N-th
 piece from the seed and the rest from its peers, so that the seed sends about one copy;
-see :class:`corral.agent.rx_bittorrent.SeedUse`) and the HTTP base of the chunks, which the
-agent falls back on for chunks the swarm does not deliver. The tracker also tells the
-nodes how many members have not joined yet (``/pending/INFOHASH``), so that the nodes done
-first keep seeding for those still booting.
+see :class:`corral.agent.receivers.bittorrent.seed.SeedUse`) and the HTTP base of the
+chunks, which the agent falls back on for chunks the swarm does not deliver. The tracker
+also tells the nodes how many members have not joined yet (``/pending/INFOHASH``), so
+that the nodes done first keep seeding for those still booting.
 :meth:`finish` removes the torrent from the seed and the tracker; the last one stops both.
-The agent's side is :mod:`corral.agent.rx_bittorrent`.
+The agent's side is :mod:`corral.agent.receivers.bittorrent`.
 
 Knobs that are module constants (a site should not need them, so they are not settings):
 :data:`TRACKER_PORT`, :data:`SEED_PORT`, :data:`ANNOUNCE_INTERVAL`, :data:`MAX_PEERS`,
@@ -63,7 +63,7 @@ from typing import Any
 from corral.agent.wire.bencode import bencode
 from corral.agent.wire.lan_swarm import lan_settings
 from corral.config import Settings
-from corral.deploy.transports import Member, register
+from corral.deploy.transports.base import Member
 from corral.errors import ConfigError
 from corral.images.exports import STREAM_INDEX, chunk_name, verify_export
 from corral.images.store import ImageVersion
@@ -72,7 +72,8 @@ log = logging.getLogger("corral.deploy")
 
 #: The tracker's port, on corral serve's address.
 TRACKER_PORT = 6969
-#: The seed's listening port (the agents use :data:`corral.agent.rx_bittorrent.PEER_PORT`).
+#: The seed's listening port (the agents use
+#: :data:`corral.agent.receivers.bittorrent.libtorrent_swarm.PEER_PORT`).
 SEED_PORT = 6881
 #: Seconds between two announces of a peer. BitTorrent's usual 30 min suits swarms that
 #: live for days; a deployment lives for minutes, and nodes boot over a few seconds.
@@ -682,6 +683,3 @@ class BitTorrentTransport:
         if self.tracker is not None:
             self.tracker.stop()
             self.tracker = None
-
-
-register("bittorrent", BitTorrentTransport)

@@ -3,7 +3,7 @@
 For each transfer session (the nodes of one deployment that get the same image) corral
 starts one ``udp-sender`` that sends the image's stream export, the chunk files in order,
 fed through a FIFO so that no copy of the stream is made. The agent's side
-(:mod:`corral.agent.rx_multicast`) runs ``udp-receiver``, checks each chunk against the
+(:mod:`corral.agent.receivers.multicast`) runs ``udp-receiver``, checks each chunk against the
 plan before it is unpacked, and finishes by HTTP from the first chunk it lacks when it
 joined late, was dropped, left or saw a bad chunk: the session goes on without it and it
 catches up afterwards through the ordinary chunk route (which serves any node whose
@@ -88,7 +88,8 @@ from pathlib import Path
 from typing import Any
 
 from corral.config import Settings
-from corral.deploy.transports import HttpTransport, Member, register
+from corral.deploy.transports.base import Member
+from corral.deploy.transports.http import HttpTransport
 from corral.errors import CommandFailed, ConfigError, InvalidValue
 from corral.images.exports import STREAM_INDEX, chunk_name
 from corral.images.store import ImageVersion
@@ -657,6 +658,3 @@ class MulticastTransport:
         for session in sessions:
             session.stop()
         self.http.close()
-
-
-register("multicast", MulticastTransport)

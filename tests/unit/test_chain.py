@@ -51,6 +51,7 @@ from corral.deploy import transports
 from corral.deploy.transports.base import Member
 from corral.deploy.transports.chain import ChainError, ChainTransport, order
 from corral.images.store import ImageVersion
+from tests.fakes import ChunkServer
 
 TAG = session_tag(7, "img:1", "ab" * 32)
 
@@ -358,36 +359,6 @@ def test_when_a_relay_holding_everything_may_stop_serving() -> None:
 
 
 # --- whole chains on localhost ---------------------------------------------------------
-
-
-@dataclass
-class FakeDownload:
-    data: bytes
-    offset: int = 0
-    complete: bool = True
-
-    def read(self, size: int = 65536) -> bytes:
-        piece, self.data = self.data[:size], self.data[size:]
-        return piece
-
-    def __enter__(self) -> FakeDownload:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-@dataclass
-class ChunkServer:
-    """The server's HTTP chunks, for the nodes' catch-up."""
-
-    chunks: list[bytes]
-    gets: list[int] = field(default_factory=list)
-
-    def download(self, url: str, *, start: int = 0, auth: bool = True) -> FakeDownload:
-        index = int(url.rsplit("/", 1)[-1].split(".")[0])
-        self.gets.append(index)
-        return FakeDownload(self.chunks[index][start:], start)
 
 
 class Collect:

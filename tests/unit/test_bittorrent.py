@@ -26,17 +26,19 @@ from corral.agent.receivers.stream import VerifiedStream
 from corral.agent.wire.bencode import bencode
 from corral.deploy import transports
 from corral.deploy.transports.bittorrent import (
-    JOIN_WINDOW,
-    MAX_PEERS,
     BitTorrentTransport,
     Layout,
-    Swarms,
-    Tracker,
     make_torrent,
-    parse_query,
     piece_hashes,
     piece_size_for,
     seed_settings,
+)
+from corral.deploy.transports.bittorrent_tracker import (
+    JOIN_WINDOW,
+    MAX_PEERS,
+    Swarms,
+    Tracker,
+    parse_query,
 )
 
 KiB, MiB = 1 << 10, 1 << 20

@@ -35,16 +35,18 @@ from corral.deploy.transports.base import Member
 from corral.deploy.transports.multicast import (
     PORT_BASE,
     SLOTS,
-    MulticastOptions,
     MulticastTransport,
     channel,
     channel_for,
-    fec_parts,
     interface_holding,
-    options_from_settings,
-    parse_bitrate,
     preferred_slot,
     route_interface,
+)
+from corral.deploy.transports.multicast_options import (
+    MulticastOptions,
+    fec_parts,
+    options_from_settings,
+    parse_bitrate,
 )
 from corral.errors import InvalidValue
 from corral.images.store import ImageVersion

@@ -12,10 +12,7 @@ import threading
 import time
 
 from corral.agent.receivers.chain.window import Window
-from corral.agent.wire.chain import (
-    HEARTBEAT,
-    tune,
-)
+from corral.agent.wire.chain import HEARTBEAT, tune
 from corral.agent.wire.chain_sender import Sender, answer_hello
 
 log = logging.getLogger("corral.agent")

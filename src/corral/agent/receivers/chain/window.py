@@ -6,10 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from corral.agent.wire.chain import (
-    Closed,
-    Gone,
-)
+from corral.agent.wire.chain import Closed, Gone
 
 #: Whole chunks a relay keeps for nodes that (re)connect behind it: 8 x 4 MiB = 32 MiB of
 #: the node's RAM, 13 s of data at 20 Mbit/s, enough for a bypassing node to resume.

@@ -34,7 +34,9 @@ from corral.agent.plan import (
     Plan,
     TransportInfo,
 )
-from corral.agent.receive import HttpReceiver, ReceiveError, Unpacker
+from corral.agent.receivers.errors import ReceiveError
+from corral.agent.receivers.http import HttpReceiver
+from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
 from corral.images.exports import build_exports
 from corral.images.store import ImageStore, ImageVersion

@@ -21,16 +21,16 @@ from typing import Any
 
 import pytest
 
-from corral.agent import rx_bittorrent
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
-from corral.agent.receive import Context, Received
+from corral.agent.receivers.base import Context, Received
+from corral.agent.receivers.bittorrent import feed as bittorrent_feed
+from corral.agent.receivers.bittorrent.receiver import SCRATCH, BitTorrentReceiver
 from corral.agent.report import Client
-from corral.agent.rx_bittorrent import SCRATCH, BitTorrentReceiver
 from corral.cli import common
 from corral.config import Settings
-from corral.deploy.bittorrent import BitTorrentTransport
 from corral.deploy.store import Deployments
-from corral.deploy.transports import Member
+from corral.deploy.transports.base import Member
+from corral.deploy.transports.bittorrent import BitTorrentTransport
 from corral.images.catalog import image_store
 from corral.images.exports import STREAM_INDEX, build_exports, verify_export
 from corral.images.store import ImageVersion
@@ -173,7 +173,7 @@ def test_without_a_swarm_the_chunks_come_over_http(
     version: ImageVersion, chunk_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A torrent whose tracker is gone (no peers, no seed): every chunk after the stall."""
-    monkeypatch.setattr(rx_bittorrent, "STALL_TIMEOUT", 1.0)
+    monkeypatch.setattr(bittorrent_feed, "STALL_TIMEOUT", 1.0)
     settings = Settings(home=tmp_path / "home", server_url=chunk_server, address=SERVER)
     transport = BitTorrentTransport(settings, tracker_port=0, seed_port=0)
     try:

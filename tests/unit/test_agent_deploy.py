@@ -35,19 +35,13 @@ from corral.agent.plan import (
     Progress,
     TransportInfo,
 )
-from corral.agent.receive import (
-    Cancelled,
-    Context,
-    HttpReceiver,
-    Received,
-    ReceiveError,
-    Receiver,
-    RsyncReceiver,
-    parse_progress2,
-    parse_stats,
-    receiver_class,
-)
+from corral.agent.receivers import receiver_class
+from corral.agent.receivers.base import Context, Received, Receiver
+from corral.agent.receivers.errors import Cancelled, ReceiveError
+from corral.agent.receivers.http import HttpReceiver
+from corral.agent.receivers.rsync import RsyncReceiver, parse_progress2, parse_stats
 from corral.agent.report import Client, Rejected, ReportError
+from tests.fakes import ChunkServer
 
 MiB = 1 << 20
 GPT_LINUX = disk.GPT_TYPES["linux"]
@@ -850,47 +844,6 @@ def test_rsync_command_and_output() -> None:
     assert stats == {"files": 1, "size": 1234, "literal": 34, "matched": 0, "deleted": 2}
 
 
-class FakeDownload:
-    def __init__(self, data: bytes, offset: int, cut: int | None = None) -> None:
-        self.data = data[offset:] if cut is None else data[offset:cut]
-        self.offset = offset
-        self.cut = cut
-        self.length = len(data) - offset
-
-    @property
-    def complete(self) -> bool:
-        return self.cut is None
-
-    def read(self, size: int = 65536) -> bytes:
-        piece, self.data = self.data[:size], self.data[size:]
-        return piece
-
-    def __enter__(self) -> FakeDownload:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-@dataclass
-class ChunkServer:
-    chunks: list[bytes]
-    corrupt: list[int] = field(default_factory=list)  # chunk served corrupt, once per entry
-    cut: dict[int, int] = field(default_factory=dict)  # chunk -> where the first answer stops
-    gets: list[tuple[str, int]] = field(default_factory=list)
-
-    def download(self, url: str, *, start: int = 0, auth: bool = True) -> FakeDownload:
-        self.gets.append((url.rsplit("/", 1)[-1], start))
-        index = int(url.rsplit("/", 1)[-1].split(".")[0])
-        data = self.chunks[index]
-        if index in self.corrupt:
-            self.corrupt.remove(index)
-            return FakeDownload(b"x" + data[1:], start)
-        if index in self.cut:
-            return FakeDownload(data, start, self.cut.pop(index))
-        return FakeDownload(data, start)
-
-
 def chunk_plan(chunks: list[bytes]) -> Plan:
     info = ImageInfo(
         "base:1",
@@ -916,7 +869,7 @@ def test_a_chunk_is_fetched_again_and_resumed() -> None:
     for i in range(2):
         data = receiver.fetch_chunk(cast(Client, server), plan, i, seen.append, event)
         assert data == chunks[i]
-    assert server.gets == [
+    assert server.requests == [
         ("00000000.bin", 0),
         ("00000000.bin", 0),
         ("00000001.bin", 0),

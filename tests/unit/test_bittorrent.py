@@ -15,33 +15,30 @@ import libtorrent as lt
 import pytest
 
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
-from corral.agent.receive import RECEIVERS, Cancelled, ReceiveError
-from corral.agent.rx_bittorrent import (
-    ALONE_WAIT,
-    LINGER_SHARE,
-    BitTorrentReceiver,
-    Feeder,
-    PieceMap,
-    _stripe,
-    bencode,
-    linger,
-    session_settings,
-    stripe,
-    tracker_pending,
-)
+from corral.agent.receivers import RECEIVERS
+from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, linger, tracker_pending
+from corral.agent.receivers.bittorrent.libtorrent_swarm import session_settings
+from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver, _stripe
+from corral.agent.receivers.bittorrent.seed import ALONE_WAIT
+from corral.agent.receivers.bittorrent.swarm import PieceMap, stripe
+from corral.agent.receivers.errors import Cancelled, ReceiveError
+from corral.agent.receivers.stream import VerifiedStream
+from corral.agent.wire.bencode import bencode
 from corral.deploy import transports
-from corral.deploy.bittorrent import (
-    JOIN_WINDOW,
-    MAX_PEERS,
+from corral.deploy.transports.bittorrent import (
     BitTorrentTransport,
     Layout,
-    Swarms,
-    Tracker,
     make_torrent,
-    parse_query,
     piece_hashes,
     piece_size_for,
     seed_settings,
+)
+from corral.deploy.transports.bittorrent_tracker import (
+    JOIN_WINDOW,
+    MAX_PEERS,
+    Swarms,
+    Tracker,
+    parse_query,
 )
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -455,11 +452,10 @@ def run_feeder(
         return DATA[index * 8 : index * 8 + 8]
 
     feeder = Feeder(
-        plan,
+        VerifiedStream(plan, fed.append, lambda done, total: None),
         swarm,
         PieceMap(PIECE, tuple(c.size for c in plan.image.chunks)),
         fetch,
-        fed.append,
         lambda done, total: progress.append((done, total)),
         cancel or threading.Event(),
         stall=stall,

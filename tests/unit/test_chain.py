@@ -18,34 +18,25 @@ from typing import Any, cast
 
 import pytest
 
-from corral.agent import rx_chain
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
-from corral.agent.receive import (
-    Cancelled,
-    Context,
-    Received,
-    ReceiveError,
-    Unpacker,
-    receiver_class,
-)
+from corral.agent.receivers import receiver_class
+from corral.agent.receivers.base import Context, Received
+from corral.agent.receivers.chain.receiver import ChainReceiver
+from corral.agent.receivers.chain.relay import Relay
+from corral.agent.receivers.chain.upstream import ChainParams, LagWatch, Picker, Upstream
+from corral.agent.receivers.chain.window import Window
+from corral.agent.receivers.errors import Cancelled, ReceiveError
+from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
-from corral.agent.rx_chain import (
+from corral.agent.wire import chain as wire
+from corral.agent.wire.chain import (
     DATA,
     IDLE,
     OK,
     SKIP,
     WRONG_SESSION,
-    ChainParams,
-    ChainReceiver,
     Gone,
-    LagWatch,
-    Picker,
     ProtocolError,
-    Relay,
-    Sender,
-    Upstream,
-    Window,
-    answer_hello,
     pack_answer,
     pack_frame,
     pack_hello,
@@ -54,11 +45,13 @@ from corral.agent.rx_chain import (
     read_hello,
     session_tag,
 )
+from corral.agent.wire.chain_sender import Sender, answer_hello
 from corral.config import Settings
 from corral.deploy import transports
-from corral.deploy.chain import ChainError, ChainTransport, order
-from corral.deploy.transports import Member
+from corral.deploy.transports.base import Member
+from corral.deploy.transports.chain import ChainError, ChainTransport, order
 from corral.images.store import ImageVersion
+from tests.fakes import ChunkServer
 
 TAG = session_tag(7, "img:1", "ab" * 32)
 
@@ -84,8 +77,8 @@ def test_hello_answer_and_frames_round_trip() -> None:
     assert (hello.tag, hello.index, hello.name, hello.offset) == (TAG, 12, "tb003", 65536)
     assert read_answer(reader(pack_answer(WRONG_SESSION, 3, "no"))) == (WRONG_SESSION, 3, "no")
     frame = pack_frame(DATA, 4, 65536, b"xyz", have=4, lag=9)
-    assert len(frame) == rx_chain.FRAME.size + 3
-    assert rx_chain.FRAME.unpack(frame[: rx_chain.FRAME.size]) == (DATA, 4, 65536, 3, 4, 9)
+    assert len(frame) == wire.FRAME.size + 3
+    assert wire.FRAME.unpack(frame[: wire.FRAME.size]) == (DATA, 4, 65536, 3, 4, 9)
 
 
 def test_a_hello_from_something_else_is_refused() -> None:
@@ -141,7 +134,7 @@ def test_a_reader_waits_for_the_next_piece_and_wakes_on_close() -> None:
     t.join(2)
     assert got == [b"12345"]
     window.close()
-    with pytest.raises(rx_chain.Closed):
+    with pytest.raises(wire.Closed):
         window.read(0, 5, 5, timeout=5)
 
 
@@ -285,8 +278,8 @@ def test_params_give_the_upstreams_nearest_first_without_addressless_nodes() -> 
 def frames(sock: socket.socket, n: int) -> list[tuple[int, int, int, bytes]]:
     out = []
     for _ in range(n):
-        kind, chunk, offset, length, _have, _front = rx_chain.FRAME.unpack(
-            read_exact(sock, rx_chain.FRAME.size)
+        kind, chunk, offset, length, _have, _front = wire.FRAME.unpack(
+            read_exact(sock, wire.FRAME.size)
         )
         out.append((kind, chunk, offset, read_exact(sock, length) if length else b""))
     return out
@@ -366,36 +359,6 @@ def test_when_a_relay_holding_everything_may_stop_serving() -> None:
 
 
 # --- whole chains on localhost ---------------------------------------------------------
-
-
-@dataclass
-class FakeDownload:
-    data: bytes
-    offset: int = 0
-    complete: bool = True
-
-    def read(self, size: int = 65536) -> bytes:
-        piece, self.data = self.data[:size], self.data[size:]
-        return piece
-
-    def __enter__(self) -> FakeDownload:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-@dataclass
-class ChunkServer:
-    """The server's HTTP chunks, for the nodes' catch-up."""
-
-    chunks: list[bytes]
-    gets: list[int] = field(default_factory=list)
-
-    def download(self, url: str, *, start: int = 0, auth: bool = True) -> FakeDownload:
-        index = int(url.rsplit("/", 1)[-1].split(".")[0])
-        self.gets.append(index)
-        return FakeDownload(self.chunks[index][start:], start)
 
 
 class Collect:
@@ -530,7 +493,7 @@ def nodes_for(
         }
         unpacker = Collect((delays or {}).get(i, 0.0))
         receiver = cls(Context(cast(Client, server), tries=2))
-        receiver.unpacker = unpacker
+        receiver.make_unpacker = unpacker  # type: ignore[method-assign]
         out.append(
             Node(members[i][0], make_plan(chunks, params, members[i][0]), receiver, unpacker)
         )
@@ -625,7 +588,7 @@ def test_a_slow_node_is_passed_by_the_node_after_it(
     test_head: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # small buffers, as a 4 MiB chunk is to 256 KiB ones: the lag is not hidden in them
-    monkeypatch.setattr(rx_chain, "SOCKET_BUFFER", 4096)
+    monkeypatch.setattr(wire, "SOCKET_BUFFER", 4096)
     chunks = [os.urandom(50_000) for _ in range(16)]
     relay, window = test_head([len(c) for c in chunks])
     server = ChunkServer(chunks)
@@ -677,7 +640,7 @@ def test_an_unpacking_failure_ends_the_receive_with_its_reason(test_head: Any) -
         window.complete(i, data)
     (node,) = nodes_for(chunks, head_address(relay), 1, ChunkServer(chunks))
     node.unpacker = Breaks()
-    node.receiver.unpacker = node.unpacker
+    node.receiver.make_unpacker = node.unpacker  # type: ignore[method-assign]
     node.start()
     node.join()
     assert isinstance(node.error, ReceiveError) and "disk full" in str(node.error)
@@ -785,7 +748,7 @@ def test_sessions_order_nodes_by_name_and_give_each_its_place(
         "session": f"7/img:1/{sha}",
         "position": 1,
         "members": [["tb001", "10.0.0.2"], ["tb002", None], ["tb003", "10.0.0.4"]],
-        "relay_port": rx_chain.RELAY_PORT,
+        "relay_port": wire.RELAY_PORT,
         "head": ["127.0.0.1", transport.head_port],
         "base": "http://127.0.0.1:8080/images/img/1",
     }

@@ -21,6 +21,7 @@ from corral.config import Settings
 from corral.deploy import transports
 from corral.deploy.service import DeployService, report_interval
 from corral.deploy.store import DeployError, Deployments, new_deployment
+from corral.deploy.transports.base import Unicast
 from corral.errors import NotFound
 from corral.images.catalog import image_store
 from corral.images.store import ImageNotFound, ImageVersion
@@ -29,7 +30,7 @@ from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService, Forbidden
 
 
-class FakeTransport(transports.Unicast):
+class FakeTransport(Unicast):
     name = "fake"
     export = "stream"
     prepared: ClassVar[list[str]] = []

@@ -21,30 +21,36 @@ from typing import Any, cast
 
 import pytest
 
-from corral.agent import rx_multicast
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
-from corral.agent.receive import Cancelled, Context, Unpacker, receiver_class
+from corral.agent.receivers import multicast as rx_multicast
+from corral.agent.receivers import receiver_class
+from corral.agent.receivers.base import Context
+from corral.agent.receivers.errors import Cancelled
+from corral.agent.receivers.multicast import MulticastReceiver, RateWatch, Session, receiver_argv
+from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
-from corral.agent.rx_multicast import MulticastReceiver, RateWatch, Session, receiver_argv
 from corral.config import Settings
-from corral.deploy import multicast
-from corral.deploy.multicast import (
+from corral.deploy.transports import REGISTRY, multicast
+from corral.deploy.transports.base import Member
+from corral.deploy.transports.multicast import (
     PORT_BASE,
     SLOTS,
-    MulticastOptions,
     MulticastTransport,
     channel,
     channel_for,
-    fec_parts,
     interface_holding,
-    options_from_settings,
-    parse_bitrate,
     preferred_slot,
     route_interface,
 )
-from corral.deploy.transports import REGISTRY, Member
+from corral.deploy.transports.multicast_options import (
+    MulticastOptions,
+    fec_parts,
+    options_from_settings,
+    parse_bitrate,
+)
 from corral.errors import InvalidValue
 from corral.images.store import ImageVersion
+from tests.fakes import ChunkServer
 
 # --- options ----------------------------------------------------------------------------
 
@@ -426,38 +432,6 @@ def test_the_rate_watch_tells_a_slow_link_from_a_pause() -> None:
         count += int(rate / 10)
         last = slow.sample(float(t), busy=float(t) * 0.1)
     assert last is not None and last[0] < 0.25 * 19e6 and last[1] == pytest.approx(0.1)
-
-
-class FakeDownload:
-    def __init__(self, data: bytes, offset: int) -> None:
-        self.data = data[offset:]
-        self.offset = offset
-        self.complete = True
-
-    def read(self, size: int = 65536) -> bytes:
-        piece, self.data = self.data[:size], self.data[size:]
-        return piece
-
-    def __enter__(self) -> FakeDownload:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-@dataclass
-class ChunkServer:
-    """corral's chunk route, for the catch-up; also what the client's host/port say."""
-
-    chunks: list[bytes]
-    gets: list[int] = field(default_factory=list)
-    host: str = "127.0.0.1"
-    port: int = 9
-
-    def download(self, url: str, *, start: int = 0, auth: bool = True) -> FakeDownload:
-        index = int(url.rsplit("/", 1)[-1].split(".")[0])
-        self.gets.append(index)
-        return FakeDownload(self.chunks[index], start)
 
 
 class FakeUnpacker:

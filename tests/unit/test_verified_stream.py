@@ -8,7 +8,8 @@ import hashlib
 import pytest
 
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
-from corral.agent.receive import ReceiveError, VerifiedStream, chunk_mismatch
+from corral.agent.receivers.errors import ReceiveError
+from corral.agent.receivers.stream import VerifiedStream, chunk_mismatch
 
 PIECES = [b"a" * 5, b"b" * 5, b"c" * 3]
 DATA = b"".join(PIECES)

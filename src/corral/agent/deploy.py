@@ -28,14 +28,9 @@ from pathlib import Path
 
 from corral.agent import disk, firstboot, identity
 from corral.agent.plan import PHASES, Plan, Progress
-from corral.agent.receive import (
-    RECEIVERS,
-    Cancelled,
-    Context,
-    Received,
-    ReceiveError,
-    Receiver,
-)
+from corral.agent.receivers import RECEIVERS
+from corral.agent.receivers.base import Context, Received, Receiver
+from corral.agent.receivers.errors import Cancelled, ReceiveError
 from corral.agent.report import Client, Rejected, ReportError
 
 log = logging.getLogger("corral.agent")

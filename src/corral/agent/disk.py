@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from corral.agent.plan import Disk, Partition
-from corral.agent.receive import Cancelled
+from corral.agent.receivers.errors import Cancelled
 
 log = logging.getLogger("corral.agent")
 

@@ -39,7 +39,8 @@ from corral.agent.plan import (
 from corral.config import Settings
 from corral.deploy.keys import host_keys
 from corral.deploy.store import RUNNING, Deployments, install_disk
-from corral.deploy.transports import Member, Transports
+from corral.deploy.transports import Transports
+from corral.deploy.transports.base import Member
 from corral.errors import CorralError, NotFound
 from corral.images.catalog import image_store
 from corral.images.exports import STREAM_INDEX

@@ -75,7 +75,7 @@ PACKAGES: tuple[str, ...] = (
     "tar",  # GNU tar: the image stream keeps xattrs and ACLs (busybox tar drops them)
     "zstd",  # zstd -d: the image stream is zstd-compressed
     "util-linux",  # partx, mkswap -U (busybox's mkswap cannot set a UUID)
-    "python3-libtorrent",  # libtorrent: the agent's BitTorrent receiver (rx_bittorrent)
+    "python3-libtorrent",  # libtorrent: the agent's BitTorrent receiver (receivers.bittorrent)
 )
 
 #: Dependencies declared but not needed in a ramdisk: maintainer-script tooling, the
@@ -681,9 +681,11 @@ def agent_source() -> Path:
 
 
 def _receiver_modules() -> tuple[str, ...]:
-    from corral.agent import receive
+    """The modules of every receiver the agent has (its registry imports them all, so
+    :mod:`modulefinder` follows them too: this only makes sure of it)."""
+    from corral.agent.receivers import RECEIVERS
 
-    return receive.BUILTIN
+    return tuple(sorted({cls.__module__ for cls in RECEIVERS.values()}))
 
 
 def _dist_packages_imports() -> list[str]:
@@ -731,7 +733,7 @@ def needed_stdlib(stdlib: Path, agent_root: Path) -> set[Path]:
     )
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
         script.write("import corral.agent.__main__\n")
-        # receivers are imported by name (receive.BUILTIN), which modulefinder cannot see
+        # every receiver's module, whatever the registry's imports look like
         script.write("".join(f"import {m}\n" for m in _receiver_modules()))
         script.write("".join(f"import {m}\n" for m in EXTRA_STDLIB))
         script.write("".join(f"import {m}\n" for m in _dist_packages_imports()))

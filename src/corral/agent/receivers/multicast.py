@@ -8,7 +8,7 @@ unpacked.
 
 The session never waits for this node for long, and this node never waits for the
 session for long either. Whenever the multicast part ends early, the node goes on by HTTP
-from the first chunk it lacks (:meth:`HttpReceiver.fetch_chunk`, the same checked,
+from the first chunk it lacks (:meth:`StreamReceiver.fetch_chunk`, the same checked,
 resumable fetch), so it catches up after the others:
 
 - nobody answers within :data:`CONNECT_TIMEOUT` (the node is late: the sender started
@@ -50,18 +50,10 @@ from typing import IO
 
 from corral.agent.network import interface_ipv4, source_address
 from corral.agent.plan import Plan
-from corral.agent.receive import (
-    Cancelled,
-    Context,
-    HttpReceiver,
-    ProgressCallback,
-    Received,
-    ReceiveError,
-    Unpacker,
-    VerifiedStream,
-    _stop,
-    register,
-)
+from corral.agent.receivers.base import Context, Received, StreamReceiver
+from corral.agent.receivers.errors import Cancelled, ReceiveError
+from corral.agent.receivers.stream import ProgressCallback, VerifiedStream
+from corral.agent.receivers.tools import stop_process
 
 log = logging.getLogger("corral.agent")
 
@@ -85,7 +77,7 @@ BUSY_FRACTION = 0.5
 
 @dataclass(frozen=True)
 class Session:
-    """The udpcast session a plan names (:mod:`corral.deploy.multicast` makes it)."""
+    """The udpcast session a plan names (:mod:`corral.deploy.transports.multicast` makes it)."""
 
     tag: str
     rdv: str
@@ -182,8 +174,7 @@ class RateWatch:
         return best, (busy - first[2]) / span
 
 
-@register
-class MulticastReceiver(HttpReceiver):
+class MulticastReceiver(StreamReceiver):
     """udp-receiver into checked chunks; HTTP from the first chunk it did not deliver."""
 
     name = "multicast"
@@ -204,9 +195,6 @@ class MulticastReceiver(HttpReceiver):
         self.by_multicast = 0
 
     # --- what tests replace ------------------------------------------------------------
-
-    def make_unpacker(self, target_dir: Path) -> Unpacker:
-        return Unpacker(target_dir)
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
@@ -244,14 +232,12 @@ class MulticastReceiver(HttpReceiver):
         progress_callback: ProgressCallback,
         cancel_event: threading.Event,
     ) -> Received:
-        client = self.context.client
-        if client is None:
+        if self.context.client is None:
             raise ReceiveError("transport multicast needs corral.server= to catch up from")
         image = plan.image
-        unpacker = self.make_unpacker(target_dir)
-        stream = VerifiedStream(plan, unpacker.write, progress_callback)
         self.by_multicast = 0
-        try:
+
+        def fill(stream: VerifiedStream) -> None:
             session = Session.from_plan(plan)
             if session is None:
                 self.left = "the plan names no multicast session to join"
@@ -264,12 +250,8 @@ class MulticastReceiver(HttpReceiver):
                     stream.index,
                     len(image.chunks),
                 )
-            self.fetch_rest(client, stream, cancel_event)
-            unpacker.finish()
-        except BaseException:
-            unpacker.abort()
-            raise
-        stream.check()
+
+        stream = self.unpack(plan, target_dir, progress_callback, cancel_event, fill)
         chunks = len(image.chunks)
         log.info(
             "received %s: %d bytes in %d chunks, %d by multicast, %d by HTTP "
@@ -435,7 +417,7 @@ def _leave(proc: subprocess.Popen[bytes]) -> None:
         proc.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(2.0)
-    _stop(proc, grace=2.0)
+    stop_process(proc, grace=2.0)
 
 
 def _lines(errors: bytearray) -> str:

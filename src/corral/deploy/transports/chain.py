@@ -4,7 +4,7 @@ the image once, to the first node; each node writes every chunk and forwards it 
 The session's nodes are ordered by name. The server runs the *head*: one TCP listener
 (:data:`HEAD_PORT` on ``settings.address``, shared by all sessions and told apart by the
 session tag) that streams the export's chunk files. Each node's agent
-(:mod:`corral.agent.rx_chain`) listens on :data:`~corral.agent.rx_chain.RELAY_PORT` and
+(:mod:`corral.agent.receivers.chain`) listens on :data:`~corral.agent.wire.chain.RELAY_PORT` and
 *pulls* from the node before it (the first node from the head); why pull, and how a dead or
 slow node is bypassed without restarting the others, is told there.
 
@@ -81,16 +81,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.agent.rx_chain import (
-    RELAY_PORT,
-    FileSource,
-    Sender,
-    answer_hello,
-    session_tag,
-    tune,
-)
+from corral.agent.wire.chain import RELAY_PORT, session_tag, tune
+from corral.agent.wire.chain_sender import FileSource, Sender, answer_hello
 from corral.config import Settings
-from corral.deploy.transports import Member, _url_host, register
+from corral.deploy.transports.base import Member, url_host
 from corral.errors import ConfigError, CorralError
 from corral.images.exports import STREAM_INDEX, chunk_name, verify_export
 from corral.images.store import ImageVersion
@@ -233,7 +227,7 @@ class ChainTransport:
 
     def __init__(self, settings: Settings, head_port: int = HEAD_PORT) -> None:
         self.address = settings.address
-        self.head_host = _url_host(settings.server_url)
+        self.head_host = url_host(settings.server_url)
         self.server = settings.server_url.rstrip("/")
         self.head_port = head_port
         self.relay_port = RELAY_PORT
@@ -323,6 +317,3 @@ class ChainTransport:
                 sender.sock.shutdown(socket.SHUT_RDWR)
         if head is not None:
             head.close()
-
-
-register("chain", ChainTransport)

@@ -1,0 +1,225 @@
+"""The in-order feed (:class:`Feeder`): the stream's chunks from the swarm, checked, or
+over HTTP once it stalls; and the seeding after it (:func:`linger`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from corral.agent.receivers.bittorrent.seed import SeedUse
+from corral.agent.receivers.bittorrent.swarm import PieceMap, Swarm
+from corral.agent.receivers.errors import Cancelled
+from corral.agent.receivers.stream import ProgressCallback, VerifiedStream, chunk_mismatch
+
+log = logging.getLogger("corral.agent")
+
+#: Seconds without a new piece after which missing chunks are fetched over HTTP: when
+#: neither the peers nor the seed deliver (the seed is down, corral serve restarts). Longer
+#: than a tracker announce and several rescues by the seed, shorter than a node's patience.
+STALL_TIMEOUT = 15.0
+#: Chunks ahead of the unpacking whose pieces get the top priority. One chunk (16 pieces of
+#: 256 KiB) keeps the unpacker fed without undoing rarest-first for the rest.
+AHEAD_CHUNKS = 1
+#: How often the feeding loop looks at the swarm (s): a status call into libtorrent each
+#: time, so not too often with a hundred agents on a host.
+POLL = 0.2
+#: Seconds to wait for libtorrent to read back the pieces of one chunk.
+READ_TIMEOUT = 30.0
+#: After the last chunk, keep seeding for at most this many seconds (see :func:`linger`):
+#: long enough to bridge the gaps between waves of booting nodes (up to 30 s on the
+#: virtual cluster with 50 nodes, power-cycled 8 at a time), short enough that a member
+#: that never comes does not hold the others long (and corral's tracker stops counting
+#: those 3 min into the session). The node's own completion waits for it; the last nodes
+#: of a deployment find nobody in need and leave at once.
+LINGER_MAX = 60.0
+#: Peers downloading at less than this share of the node's own rate do not keep it.
+LINGER_SHARE = 0.3
+
+
+@dataclass
+class FeedStats:
+    bytes: int = 0
+    from_swarm: int = 0  # chunks
+    from_http: int = 0
+    mismatched: int = 0  # chunks read from the swarm whose sha256 was not the plan's
+    rescues: int = 0  # times the node went back to the seed for pieces no peer had
+
+
+class Feeder:
+    """Adds the stream's chunks to ``stream`` in order, each checked, from the swarm or,
+    once the swarm stalls, over HTTP (``fetch``).
+
+    It reports the progress itself (``progress``): the pieces the swarm holds count too,
+    not only the chunks unpacked."""
+
+    def __init__(
+        self,
+        stream: VerifiedStream,
+        swarm: Swarm,
+        layout: PieceMap,
+        fetch: Callable[[int, Callable[[int], None]], bytes],
+        progress: ProgressCallback,
+        cancel: threading.Event,
+        *,
+        mine: Sequence[int] | None = None,
+        stall: float | None = None,
+        ahead: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.plan = stream.plan
+        self.swarm = swarm
+        self.layout = layout
+        self.fetch = fetch
+        self.progress = progress
+        self.cancel = cancel
+        self.stall = STALL_TIMEOUT if stall is None else stall
+        self.ahead = AHEAD_CHUNKS if ahead is None else ahead
+        self.clock = clock
+        self.stats = FeedStats()
+        self.stream = stream
+        stream.progress = lambda _done, _total: self._report()
+        self._reported = 0
+        self._have = -1
+        self._moved = clock()
+        self._urgent: list[int] = []
+        self.seed = SeedUse(swarm, mine, clock)
+
+    def run(self) -> FeedStats:
+        chunks = self.plan.image.chunks
+        for index in range(len(chunks)):
+            self._urgent = [
+                p
+                for c in range(index, min(len(chunks), index + max(1, self.ahead)))
+                for p in self.layout.pieces(c)
+            ]
+            self._prioritize()
+            self.stream.add(self._next(index))
+            self.stats.bytes = self.stream.done
+        return self.stats
+
+    def _prioritize(self) -> None:
+        """The next chunks' pieces first, unless the node only wants its stripe, or the
+        pieces it asks the seed for."""
+        if self.ahead > 0 and self.seed.phase not in ("stripe", "rescue"):
+            self.swarm.prioritize(self._urgent)
+
+    def _next(self, index: int) -> bytes:
+        """Chunk ``index``, checked, waiting for the swarm until it stalls."""
+        span = self.layout.pieces(index)
+        while True:
+            if self.cancel.is_set():
+                raise Cancelled()
+            have = self.swarm.pieces()
+            count = sum(have)
+            if count != self._have:
+                self._have, self._moved = count, self.clock()
+            self._report()
+            before = self.seed.phase
+            if self.seed.step(have, self.clock() - self._moved):
+                self._prioritize()
+            if self.seed.phase == "rescue" and before != "rescue":
+                self.stats.rescues += 1
+            if all(have[p] for p in span):
+                data = self._from_swarm(index, span)
+                if data is not None:
+                    return data
+                # wrong bytes from the swarm: the plan's hash wins, over HTTP
+                return self._from_http(index)
+            if self.clock() - self._moved >= self.stall:
+                log.info(
+                    "chunk %08d: no new piece for %.0f s, fetching it over HTTP",
+                    index,
+                    self.clock() - self._moved,
+                )
+                return self._from_http(index)
+            self.swarm.wait(POLL)
+
+    def _from_swarm(self, index: int, span: range) -> bytes | None:
+        pieces = self.swarm.read(list(span), READ_TIMEOUT)
+        if any(p not in pieces for p in span):
+            log.warning("chunk %08d: libtorrent did not read back all its pieces", index)
+            return None
+        data = self.layout.chunk_bytes(index, pieces)
+        wrong = chunk_mismatch(self.plan, index, data)
+        if wrong:
+            self.stats.mismatched += 1
+            log.warning("chunk %08d from the swarm: %s", index, wrong)
+            return None
+        self.stats.from_swarm += 1
+        return data
+
+    def _from_http(self, index: int) -> bytes:
+        base = self.stream.done
+
+        def partial(n: int) -> None:
+            self._report(base + n)
+
+        data = self.fetch(index, partial)  # checked against the plan by fetch_chunk
+        self.stats.from_http += 1
+        have = self.swarm.pieces()
+        missing = {p: b for p, b in self.layout.split(index, data).items() if not have[p]}
+        if missing:
+            self.swarm.add(missing)  # so that this node can serve them too
+        return data
+
+    def _report(self, at_least: int = 0) -> None:
+        total = self.plan.image.stream_size
+        done = max(self._reported, self.stream.done, at_least, self.swarm.downloaded())
+        self._reported = min(done, total)
+        self.progress(self._reported, total)
+
+
+def linger(
+    swarm: Swarm,
+    cancel: threading.Event,
+    *,
+    own_rate: float,
+    pending: Callable[[], int] = lambda: 0,
+    budget: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> float:
+    """Keep seeding while this node is of use to the swarm, up to ``budget`` seconds
+    (:data:`LINGER_MAX`); the time it stayed.
+
+    Of use: a connected peer still wants pieces from it and downloads at LAN speed (at
+    least :data:`LINGER_SHARE` of ``own_rate``, this node's own average, or not measured
+    yet: it has just come); or members of the session have not joined yet (``pending``,
+    asked of corral's tracker every 5 s), since the nodes of a large deployment boot over
+    a minute or more, in waves, and each wave would otherwise have to take the whole
+    stream from the server again. Every piece this node serves is one the server does not
+    send. A slow peer is no reason to stay: the seed serves it (:class:`SeedUse`), and the
+    others would all wait for it. Two looks in a row without a reason end it, since a peer
+    between two requests may look idle once.
+    """
+    budget = LINGER_MAX if budget is None else budget
+    start = clock()
+    idle = 0
+    asked, waiting = -1e9, 0
+    while clock() - start < budget and not cancel.is_set():
+        if clock() - asked >= 5.0:
+            asked, waiting = clock(), pending()
+        busy = waiting > 0 or swarm.peers_in_need(LINGER_SHARE * own_rate) > 0
+        idle = 0 if busy else idle + 1
+        if idle >= 2:
+            break
+        swarm.wait(min(0.5, max(0.0, budget - (clock() - start))))
+    return clock() - start
+
+
+def tracker_pending(tracker: str, info_hash: str) -> Callable[[], int]:
+    """Ask corral's tracker how many members have not joined yet (0 if it cannot say)."""
+    url = tracker.rsplit("/", 1)[0] + f"/pending/{info_hash}"
+
+    def pending() -> int:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                return int(json.load(answer).get("pending", 0))
+        except (OSError, ValueError, AttributeError):
+            return 0
+
+    return pending

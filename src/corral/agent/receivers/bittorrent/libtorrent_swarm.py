@@ -1,0 +1,270 @@
+"""The agent's libtorrent session (:class:`LibtorrentSwarm`, a :class:`Swarm`) and its
+settings. libtorrent itself is passed in: the caller imports it lazily."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from corral.agent.receivers.errors import ReceiveError
+from corral.agent.wire.lan_swarm import lan_settings
+
+log = logging.getLogger("corral.agent")
+
+#: The port the agent's libtorrent listens on, on the node's own address. A fixed,
+#: well-known one so that a site's firewall can let the swarm through.
+PEER_PORT = 6881
+#: How long a new torrent may take to check its (empty) save path before pieces are added.
+CHECK_WAIT = 5.0
+
+
+def session_settings(lt: Any, address: str, port: int = PEER_PORT) -> dict[str, Any]:
+    """The agent's libtorrent settings: :func:`lan_settings` and what a node adds."""
+    return {
+        **lan_settings(lt, address, port),
+        # the node's own address only: a deploy ramdisk may have several NICs up
+        "outgoing_interfaces": address if address != "0.0.0.0" else "",
+        "user_agent": "corral-agent",
+        # the seed is kept away with the IP filter (see SeedUse); the tracker on the same
+        # host must stay reachable
+        "apply_ip_filter_to_trackers": False,
+        # a node that has its stripe and wants nothing else yet is "finished" for a moment,
+        # and libtorrent would drop its connections to seeds and to other finished nodes;
+        # its peers would reconnect seconds later. Nodes leave the swarm on their own.
+        "close_redundant_connections": False,
+        "connections_limit": 200,
+        # the backlog of a listening socket (libtorrent's default: 5) overflows when a
+        # wave of nodes connects to every peer at once
+        "listen_queue_size": 200,
+        # corral serve answers announces from a thread beside a hundred nodes' reports:
+        # give it time rather than retry later (a failed announce waits 10 s or more)
+        "tracker_completion_timeout": 30,
+        "tracker_receive_timeout": 15,
+        # a node runs its installer beside libtorrent on a small machine: few threads
+        "aio_threads": 2,
+        "hashing_threads": 1,
+        "alert_mask": int(
+            lt.alert.category_t.error_notification
+            | lt.alert.category_t.status_notification
+            | lt.alert.category_t.storage_notification
+            | lt.alert.category_t.tracker_notification
+        ),
+    }
+
+
+class LibtorrentSwarm:
+    """A libtorrent session with the one torrent, downloading into ``save_path``."""
+
+    def __init__(
+        self,
+        lt: ModuleType,
+        torrent: bytes,
+        save_path: Path,
+        address: str,
+        port: int = PEER_PORT,
+        seed: tuple[str, int] | None = None,
+    ) -> None:
+        self.lt = lt
+        self.seed = seed
+        self.address = address
+        try:
+            info = lt.torrent_info(lt.bdecode(torrent))
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ReceiveError(
+                f"transport bittorrent: the plan's torrent is unreadable: {exc}"
+            ) from None
+        self.piece_size = int(info.piece_length())
+        self.num_files = int(info.num_files())
+        self.session = lt.session(session_settings(lt, address, port), 0)  # no plugins
+        params = lt.add_torrent_params()
+        params.ti = info
+        params.save_path = str(save_path)
+        flags = lt.torrent_flags
+        params.flags = (
+            params.flags & ~flags.auto_managed & ~flags.paused
+        ) | (flags.disable_dht | flags.disable_lsd | flags.disable_pex)  # fmt: skip
+        self.handle = self.session.add_torrent(params)
+        self._reads: dict[int, bytes] = {}
+        self._warned: set[str] = set()
+        self._heard = False
+        self._described = 0.0
+        self._checked(CHECK_WAIT)
+
+    def _checked(self, timeout: float) -> None:
+        """Wait, at most ``timeout`` s, for libtorrent to check the (empty) save path:
+        until then it drops ``add_piece`` without a word (seen with 2.0.8 and 2.1.1), and
+        the node could not share what it took over HTTP."""
+        states = self.lt.torrent_status.states
+        checking = (states.checking_files, states.checking_resume_data)
+        deadline = time.monotonic() + timeout
+        while self.handle.status(0).state in checking and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def pieces(self) -> Sequence[bool]:
+        return list(self.handle.status(self.lt.status_flags_t.query_pieces).pieces)
+
+    def downloaded(self) -> int:
+        return int(self.handle.status(0).total_wanted_done)
+
+    def read(self, pieces: Sequence[int], timeout: float) -> dict[int, bytes]:
+        wanted = set(pieces)
+        for piece in wanted - set(self._reads):
+            self.handle.read_piece(piece)
+        deadline = time.monotonic() + timeout
+        while not wanted <= set(self._reads) and time.monotonic() < deadline:
+            self.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+        out = {p: self._reads.pop(p) for p in wanted if p in self._reads}
+        self._reads.clear()  # late answers of an earlier chunk are of no use
+        return out
+
+    def add(self, pieces: Mapping[int, bytes]) -> None:
+        for piece, data in pieces.items():
+            self.handle.add_piece(piece, data, 0)
+
+    def prioritize(self, urgent: Sequence[int]) -> None:
+        self.handle.prioritize_pieces([(p, 7) for p in urgent])
+
+    def want(self, pieces: Sequence[int] | None) -> None:
+        count = len(self.pieces())
+        if pieces is None:
+            self.handle.prioritize_pieces([4] * count)
+        else:
+            wanted = set(pieces)
+            self.handle.prioritize_pieces([4 if p in wanted else 0 for p in range(count)])
+
+    def use_seed(self, on: bool) -> None:
+        if self.seed is None:
+            return
+        rules = self.lt.ip_filter()
+        if not on:
+            rules.add_rule(self.seed[0], self.seed[0], 1)  # 1: blocked
+        self.session.set_ip_filter(rules)  # disconnects the seed at once
+        if on:
+            self.handle.connect_peer(self.seed)
+
+    def availability(self) -> Sequence[int]:
+        return list(self.handle.piece_availability())
+
+    def heard(self) -> bool:
+        return self._heard
+
+    def connected(self) -> int:
+        flags = self.lt.peer_info
+        pending = flags.connecting | flags.handshake
+        seed = self.seed[0] if self.seed else ""
+        return sum(
+            1
+            for peer in self.handle.get_peer_info()
+            if not peer.flags & pending and str(peer.ip[0]) != seed
+        )
+
+    def present(self) -> tuple[int, int]:
+        flags = self.lt.peer_info
+        peers = self.handle.get_peer_info()
+        log.debug(
+            "bittorrent: %d peers: %d seeds, %d connecting, %d in handshake",
+            len(peers),
+            sum(1 for p in peers if p.flags & flags.seed),
+            sum(1 for p in peers if p.flags & flags.connecting),
+            sum(1 for p in peers if p.flags & flags.handshake),
+        )
+        others = {
+            str(peer.ip[0])
+            for peer in peers
+            if not peer.flags & (flags.seed | flags.connecting | flags.handshake)
+        }
+        everyone = sorted(others | {self.address}, key=_address_key)
+        return everyone.index(self.address), len(everyone)
+
+    def peers_in_need(self, min_rate: float) -> int:
+        flags = self.lt.peer_info
+        peers = self.handle.get_peer_info()
+        if time.monotonic() - self._described >= 10:
+            self._described = time.monotonic()
+            log.debug(
+                "bittorrent: seeding to %d peers (%d incoming, %d connecting, %d seeds)",
+                len(peers),
+                sum(1 for p in peers if not p.flags & flags.local_connection),
+                sum(1 for p in peers if p.flags & flags.connecting),
+                sum(1 for p in peers if p.flags & flags.seed),
+            )
+        return sum(
+            1
+            for peer in peers
+            if peer.flags & flags.remote_interested
+            and not peer.flags & flags.seed
+            and (peer.remote_dl_rate == 0 or peer.remote_dl_rate >= min_rate)
+        )
+
+    def wait(self, seconds: float) -> None:
+        if self.session.wait_for_alert(int(seconds * 1000)) is None:
+            return
+        for alert in self.session.pop_alerts():
+            self._alert(alert)
+
+    def _alert(self, alert: Any) -> None:
+        lt = self.lt
+        if isinstance(alert, lt.tracker_reply_alert):
+            if not self._heard:
+                log.info("bittorrent: the tracker names %d peers", alert.num_peers)
+            self._heard = True
+        elif isinstance(alert, lt.read_piece_alert):
+            if alert.error.value():
+                log.warning("libtorrent could not read piece %d: %s", alert.piece, alert.message())
+            else:
+                self._reads[int(alert.piece)] = bytes(alert.buffer)
+        elif isinstance(alert, lt.tracker_error_alert | lt.listen_failed_alert) or (
+            alert.category() & lt.alert.category_t.error_notification
+        ):
+            self._once(type(alert).__name__, alert.message())
+
+    def _once(self, kind: str, message: str) -> None:
+        """Log a kind of trouble once (a tracker down is retried every few seconds)."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("libtorrent: %s", message)
+
+    def close(self) -> None:
+        """Leave the swarm (telling the tracker) and drop the downloaded files."""
+        try:
+            self.session.remove_torrent(self.handle, self.lt.session.delete_files)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                alert = self.session.wait_for_alert(200)
+                done = alert is not None and any(
+                    isinstance(
+                        a, self.lt.torrent_deleted_alert | self.lt.torrent_delete_failed_alert
+                    )
+                    for a in self.session.pop_alerts()
+                )
+                if done:
+                    break
+        finally:
+            del self.handle
+            del self.session  # joins libtorrent's threads (the tracker gets 1 s)
+
+
+def local_address(host: str, port: int) -> str:
+    """The address this machine reaches ``host`` from: the node's own on its boot NIC.
+
+    A UDP "connection" sends nothing; it only asks the kernel for the route.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((host, port))
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "0.0.0.0"
+
+
+def _address_key(address: str) -> tuple[int, str]:
+    """Sort addresses as numbers where they are IPv4 (every node must sort alike)."""
+    try:
+        return int.from_bytes(socket.inet_aton(address), "big"), address
+    except OSError:
+        return -1, address

@@ -1,0 +1,199 @@
+"""The ``bittorrent`` receiver itself (:class:`BitTorrentReceiver`); see
+:mod:`corral.agent.receivers.bittorrent`."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import logging
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+from corral.agent.plan import Plan
+from corral.agent.receivers.base import Received, StreamReceiver
+from corral.agent.receivers.bittorrent.feed import Feeder, FeedStats, linger, tracker_pending
+from corral.agent.receivers.bittorrent.libtorrent_swarm import (
+    PEER_PORT,
+    LibtorrentSwarm,
+    local_address,
+)
+from corral.agent.receivers.bittorrent.swarm import PieceMap, stripe
+from corral.agent.receivers.errors import ReceiveError
+from corral.agent.receivers.http import HttpReceiver
+from corral.agent.receivers.stream import ProgressCallback, VerifiedStream
+
+log = logging.getLogger("corral.agent")
+
+#: The scratch directory, under the target's mount point.
+SCRATCH = ".corral-bittorrent"
+#: Room left over on the target beyond the tree and the stream (filesystem metadata, the
+#: identity files, the bootloader).
+SPACE_MARGIN = 64 << 20
+
+
+def _endpoint(text: str) -> tuple[str, int] | None:
+    """``host:port`` as (IPv4 address, port); None if empty or unresolvable."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        return socket.gethostbyname(host), int(port)
+    except OSError:
+        log.warning("cannot resolve the seed's address %s: using it like any peer", host)
+        return None
+
+
+def _stripe(value: Any, num_pieces: int) -> list[int] | None:
+    """This node's stripe from the plan's ``[index, count]``; None if there is none."""
+    try:
+        index, count = (int(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    if count < 2 or not 0 <= index < count:
+        return None  # a lone node: everything from the seed
+    return stripe(num_pieces, index, count)
+
+
+def _import_libtorrent() -> ModuleType | None:
+    try:
+        return importlib.import_module("libtorrent")
+    except ImportError as exc:
+        log.warning("libtorrent is not available (%s)", exc)
+        return None
+
+
+class BitTorrentReceiver(StreamReceiver):
+    """The stream's chunks from the swarm, checked and unpacked in order."""
+
+    name = "bittorrent"
+
+    #: the port to listen on (0: any, for tests that run several agents on one address)
+    port: ClassVar[int] = PEER_PORT
+    #: the address to use ("": the one the node reaches corral's server from)
+    address: ClassVar[str] = ""
+    #: the engine, replaced by the tests
+    engine: Callable[[], ModuleType | None] = staticmethod(_import_libtorrent)
+
+    def receive(
+        self,
+        plan: Plan,
+        target_dir: Path,
+        progress_callback: ProgressCallback,
+        cancel_event: threading.Event,
+    ) -> Received:
+        why = self._no_swarm(plan, target_dir)
+        lt = None if why else self.engine()
+        if why or lt is None:
+            log.warning("transport bittorrent: %s; receiving over HTTP", why or "no libtorrent")
+            http = HttpReceiver(self.context)
+            return http.receive(plan, target_dir, progress_callback, cancel_event)
+        refetched = len(self.refetched)
+        client = self.context.client
+        address = self.address or (local_address(client.host, client.port) if client else "")
+        params = plan.transport.params
+        seed = _endpoint(str(params.get("seed", "")))
+        scratch = target_dir / SCRATCH
+        shutil.rmtree(scratch, ignore_errors=True)  # a previous attempt's
+        scratch.mkdir(mode=0o700)
+        torrent = base64.b64decode(str(params["torrent"]))
+        started = time.monotonic()
+        swarm: LibtorrentSwarm | None = None
+        try:
+            swarm = live = LibtorrentSwarm(
+                lt, torrent, scratch, address or "0.0.0.0", self.port, seed
+            )
+            layout = self._layout(plan, swarm)
+            mine = _stripe(params.get("stripe"), layout.num_pieces) if seed else None
+            log.info(
+                "bittorrent: %d pieces of %d KiB on %s:%d, tracker %s, seed %s, my stripe %s",
+                layout.num_pieces,
+                layout.piece_size >> 10,
+                address,
+                swarm.session.listen_port(),
+                params.get("tracker", "?"),
+                params.get("seed", "?"),
+                "none" if mine is None else f"{len(mine)} pieces",
+            )
+
+            def fetch(index: int, partial: Callable[[int], None]) -> bytes:
+                if client is None:
+                    raise ReceiveError("transport bittorrent: no server to fetch chunks from")
+                return self.fetch_chunk(client, plan, index, partial, cancel_event)
+
+            feeds: list[FeedStats] = []
+
+            def fill(stream: VerifiedStream) -> None:
+                feeder = Feeder(
+                    stream, live, layout, fetch, progress_callback, cancel_event, mine=mine
+                )
+                feeds.append(feeder.run())
+
+            self.unpack(plan, target_dir, progress_callback, cancel_event, fill)
+            stats = feeds[0]
+            elapsed = time.monotonic() - started
+            stayed = linger(
+                swarm,
+                cancel_event,
+                own_rate=plan.image.stream_size / max(elapsed, 0.1),
+                pending=tracker_pending(
+                    str(params.get("tracker", "")), str(params.get("info_hash", ""))
+                ),
+            )
+        finally:
+            try:
+                if swarm is not None:
+                    swarm.close()
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        log.info(
+            "received %s by bittorrent: %d chunks from the swarm, %d over HTTP "
+            "(%d mismatched), %d rescues by the seed, in %.1f s, then seeded %.1f s more",
+            plan.image.ref,
+            stats.from_swarm,
+            stats.from_http,
+            stats.mismatched,
+            stats.rescues,
+            elapsed,
+            stayed,
+        )
+        return Received(
+            stats.bytes,
+            {
+                "chunks": len(plan.image.chunks),
+                "swarm": stats.from_swarm,
+                "http": stats.from_http,
+                "mismatched": stats.mismatched,
+                "rescues": stats.rescues,
+                "refetched": len(self.refetched) - refetched,
+            },
+        )
+
+    @staticmethod
+    def _no_swarm(plan: Plan, target_dir: Path) -> str:
+        """Why this node cannot join the swarm ("" if it can)."""
+        if not plan.transport.params.get("torrent"):
+            return "the plan has no torrent (the session had not started on the server)"
+        need = plan.image.tree_bytes + plan.image.stream_size + SPACE_MARGIN
+        free = shutil.disk_usage(target_dir).free
+        if free < need:
+            return (
+                f"the target has {free >> 20} MiB free, the tree and a scratch copy of the "
+                f"stream need {need >> 20} MiB"
+            )
+        return ""
+
+    @staticmethod
+    def _layout(plan: Plan, swarm: LibtorrentSwarm) -> PieceMap:
+        layout = PieceMap(swarm.piece_size, tuple(c.size for c in plan.image.chunks))
+        if swarm.num_files != len(plan.image.chunks) or layout.total != plan.image.stream_size:
+            raise ReceiveError(
+                f"transport bittorrent: the torrent has {swarm.num_files} files, the plan's "
+                f"image {plan.image.ref} {len(plan.image.chunks)} chunks"
+            )
+        return layout

@@ -1,0 +1,227 @@
+"""When a node talks to corral's seed (:class:`SeedUse`): what keeps the server's egress
+near one copy of the stream."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from corral.agent.receivers.bittorrent.swarm import Swarm
+
+log = logging.getLogger("corral.agent")
+
+#: Seconds a node may spend getting its stripe from the seed before it turns to its peers
+#: anyway (a slow link or a busy seed; its peers will ask the seed for the rest).
+STRIPE_TIMEOUT = 10.0
+#: Seconds without a new piece after which the node asks the seed for the pieces that at
+#: most one peer has (see :class:`SeedUse`). A 256 KiB piece takes 0.1 s at 20 Mbit/s, so
+#: two seconds of nothing is trouble, not a pause.
+RESCUE_IDLE = 2.0
+#: How often a rescue looks whether another peer has the pieces by now.
+RESCUE_MAX = 5.0
+#: Seconds a node looks at its peers before it asks the seed for its stripe, from the
+#: start; it also waits for the tracker's first answer (the connections to the peers it
+#: names take a fraction of a second on a LAN)...
+LOOK_TIME = 1.0
+#: ... for at most this long: without an answer, the node cannot know what its peers have,
+#: and asks the seed for nothing but its stripe until then.
+TRACKER_WAIT = 15.0
+#: Seconds a node with no peer at all waits for some before it asks the seed for pieces.
+ALONE_WAIT = 10.0
+#: Seconds that pieces may be at no peer before the node asks the seed for them even
+#: though other pieces keep coming: the first nodes of a deployment that boots in waves
+#: would otherwise wait for the stripes of the last ones.
+ORPHAN_WAIT = 5.0
+
+
+class SeedUse:
+    """When a node talks to corral's seed: the server's egress.
+
+    Left to itself, a node asks the seed for any piece it lacks, because the seed has them
+    all and answers fast (its link is usually faster than a node's): the seed then sends
+    most pieces many times, as many as it has time for, while the nodes' own uplinks idle.
+    So a node takes from the seed only what the swarm cannot give it:
+
+    ``look``
+        for :data:`LOOK_TIME`, until the tracker's first answer and a first connection to
+        a peer (or four times :data:`LOOK_TIME`), the seed kept away, the node meets its
+        peers; if they have its stripe already (it comes late, the others are done and
+        seeding), it never asks the seed for anything but rescues;
+    ``stripe``
+        otherwise its stripe (:func:`stripe`), the 1/N of the pieces nobody else asks the
+        seed for, and nothing else (the other pieces are not wanted yet, so no request
+        for them can reach the seed); the stripes together are one copy of the stream.
+        It ends when the stripe is here, when peers have what is left of it (a node
+        that comes late finds the others seeding), after :data:`STRIPE_TIMEOUT` seconds,
+        or when the seed sends nothing for twice :data:`RESCUE_IDLE`;
+    ``swarm``
+        then, the seed blocked (libtorrent's IP filter), every other piece from the peers,
+        who hold each other's stripes;
+    ``rescue``
+        when the node has received nothing for :data:`RESCUE_IDLE` seconds (on a LAN a
+        piece takes a fraction of a second), or has lacked pieces that no peer has for
+        :data:`ORPHAN_WAIT` seconds, the seed again, for the pieces that at most
+        one connected peer has: their stripe's member died before passing it on, is slow,
+        or has not come yet. Only those are wanted meanwhile, so the seed sends nothing
+        the peers could, and only until they are here or, every :data:`RESCUE_MAX`
+        seconds, until a second peer has those still missing. The peers in need (likely
+        all lacking the same pieces) share the rescue: each asks for every k-th piece
+        by their order of address, and all of them if that has not helped after three
+        times :data:`RESCUE_IDLE`. A node that starts long before the others gets most
+        of the image this way, unicast: there is nobody to share with yet.
+
+    Without a stripe in the plan (a single node, an older server) the seed stays in use.
+    """
+
+    def __init__(
+        self,
+        swarm: Swarm,
+        mine: Sequence[int] | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.swarm = swarm
+        self.clock = clock
+        self.started = clock()
+        self.mine = list(mine) if mine is not None else None
+        self.rescue: list[int] = []
+        self.since = 0.0
+        self._looked = -1e9
+        self._orphans_since = float("inf")
+        self._alone_since = float("inf")
+        if self.mine is None:
+            self.phase = "plain"
+        else:
+            self.phase = "look" if self.mine else "swarm"
+            swarm.use_seed(False)
+
+    def step(self, have: Sequence[bool], idle: float) -> bool:
+        """Move on if it is time, given the pieces here and the seconds since the last new
+        one; True when the wanted pieces changed (priorities must be set again)."""
+        now = self.clock()
+        waited = now - self.started
+        if self.phase == "look" and (
+            (self.swarm.heard() and waited >= LOOK_TIME and self._met(waited))
+            or waited >= TRACKER_WAIT
+        ):
+            assert self.mine is not None
+            left = [p for p in self.mine if not have[p]]
+            if all(a >= 1 for a in self._available(left)):  # the seed is not connected
+                log.info(
+                    "bittorrent: my stripe is %s; all from the peers",
+                    "at peers already" if left else "here",
+                )
+                self.phase = "swarm"
+                return False
+            self.phase, self.started = "stripe", now
+            self.swarm.want(left)
+            self.swarm.use_seed(True)
+            return True
+        if self.phase == "stripe":
+            assert self.mine is not None
+            left = [p for p in self.mine if not have[p]]
+            # a latecomer finds nodes that have everything: its stripe is theirs to give
+            shared = bool(left) and all(a >= 2 for a in self._available(left))
+            late = now - self.started >= STRIPE_TIMEOUT or idle >= 2 * RESCUE_IDLE
+            if not left or shared or late:
+                log.info(
+                    "bittorrent: %s after %.1f s; the rest from the peers",
+                    "my stripe is at peers"
+                    if shared
+                    else "my stripe is late"
+                    if left
+                    else "my stripe is here",
+                    now - self.started,
+                )
+                self.phase = "swarm"
+                self.swarm.use_seed(False)
+                self.swarm.want(None)
+                return True
+        elif (
+            self.phase == "swarm"
+            and not all(have)
+            and (self.swarm.heard() or waited >= TRACKER_WAIT)
+            and self._rescue_due(have, idle, now)
+        ):
+            available = self._counts(len(have))  # the seed is not connected: peers only
+            if available is None:
+                return False
+            missing = [p for p, h in enumerate(have) if not h]
+            rare = [p for p in missing if available[p] <= 1]
+            # The connected peers that still download lack the same pieces, most likely:
+            # each asks the seed for its share only and gets the others' from them. If
+            # that has not worked out (they see other peers), all of them.
+            position, count = self.swarm.present()
+            if idle < 3 * RESCUE_IDLE and count > 1:
+                rare = [p for p in rare if p % count == position]
+            if not rare:
+                return False
+            log.info(
+                "bittorrent: nothing new for %.0f s; asking the seed for %d pieces "
+                "(%d missing, %d at no peer, %d peers in need)",
+                idle,
+                len(rare),
+                len(missing),
+                sum(1 for p in missing if not available[p]),
+                count,
+            )
+            self.phase, self.rescue, self.since = "rescue", rare, now
+            self._orphans_since = float("inf")  # the others' shares get their time too
+            self.swarm.want(rare)  # those only: the seed must not send what peers have
+            self.swarm.use_seed(True)
+            return True
+        elif self.phase == "rescue" and (
+            all(have[p] for p in self.rescue) or now - self.since >= RESCUE_MAX
+        ):
+            available = self._counts(len(have)) or [0] * len(have)  # the seed counts for 1
+            rare = [p for p in self.rescue if not have[p] and available[p] <= 2]
+            if rare:  # still nobody else to get them from (the peers may have left)
+                self.rescue, self.since = rare, now
+                self.swarm.want(rare)
+                return False
+            log.info("bittorrent: back to the peers after %.1f s", now - self.since)
+            self.phase = "swarm"
+            self.swarm.use_seed(False)
+            self.swarm.want(None)
+            return True
+        return False
+
+    def _met(self, waited: float) -> bool:
+        """Connected to a peer, or looked long enough (the first node finds nobody)."""
+        return waited >= 4 * LOOK_TIME or self.swarm.connected() > 0
+
+    def _rescue_due(self, have: Sequence[bool], idle: float, now: float) -> bool:
+        """Time to ask the seed (looked at once a second): nothing new for
+        :data:`RESCUE_IDLE` seconds, or pieces at no peer for :data:`ORPHAN_WAIT` seconds;
+        but not while the node has no peer at all, for :data:`ALONE_WAIT` seconds (it is
+        still connecting, or the first of its deployment: the others are booting)."""
+        if now - self._looked < 1.0:
+            return False
+        self._looked = now
+        if self.swarm.connected() == 0:
+            self._alone_since = min(self._alone_since, now)
+            if now - self._alone_since < ALONE_WAIT:
+                return False
+        else:
+            self._alone_since = float("inf")
+        if idle >= RESCUE_IDLE:
+            return True
+        available = self._counts(len(have))
+        if available is None:
+            return False
+        if any(not h and not a for h, a in zip(have, available, strict=False)):
+            self._orphans_since = min(self._orphans_since, now)
+        else:
+            self._orphans_since = float("inf")
+        return now - self._orphans_since >= ORPHAN_WAIT
+
+    def _available(self, pieces: Sequence[int]) -> list[int]:
+        """How many connected sources have each of ``pieces`` (the seed counts for one;
+        0 if libtorrent cannot say)."""
+        available = self.swarm.availability()
+        return [available[p] if p < len(available) else 0 for p in pieces]
+
+    def _counts(self, num_pieces: int) -> list[int] | None:
+        """Every piece's count of connected sources; None when libtorrent has none to
+        give (it keeps no piece picker for a torrent it considers complete)."""
+        available = list(self.swarm.availability())
+        return available if len(available) == num_pieces else None

@@ -1,0 +1,142 @@
+"""What the feed needs of a BitTorrent engine (:class:`Swarm`), and where the stream's
+chunks lie in the torrent's pieces (:class:`PieceMap`, :func:`stripe`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class Swarm(Protocol):
+    """What :class:`Feeder` needs of a BitTorrent engine (libtorrent, or a fake)."""
+
+    def pieces(self) -> Sequence[bool]:
+        """Which pieces are here and verified."""
+        ...
+
+    def downloaded(self) -> int:
+        """Bytes of the torrent here and verified."""
+        ...
+
+    def read(self, pieces: Sequence[int], timeout: float) -> dict[int, bytes]:
+        """The bytes of these pieces (those that could be read within ``timeout``)."""
+        ...
+
+    def add(self, pieces: Mapping[int, bytes]) -> None:
+        """Pieces that came by another way, to be checked, kept and served."""
+        ...
+
+    def prioritize(self, urgent: Sequence[int]) -> None:
+        """Fetch these pieces first."""
+        ...
+
+    def want(self, pieces: Sequence[int] | None) -> None:
+        """Fetch only these pieces (None: all of them, at the normal priority)."""
+        ...
+
+    def use_seed(self, on: bool) -> None:
+        """Connect to corral's seed, or keep away from it."""
+        ...
+
+    def availability(self) -> Sequence[int]:
+        """For each piece, how many connected peers have it."""
+        ...
+
+    def present(self) -> tuple[int, int]:
+        """This node's position among itself and the connected peers that still download
+        (by address), and their count."""
+        ...
+
+    def peers_in_need(self, min_rate: float) -> int:
+        """Connected peers that still want pieces from this node and download at
+        ``min_rate`` bytes/s or more (or have no rate measured yet)."""
+        ...
+
+    def wait(self, seconds: float) -> None:
+        """Sleep until something happens in the swarm, or ``seconds``."""
+        ...
+
+    def heard(self) -> bool:
+        """Whether the tracker has answered once: before, "no peer has it" means nothing."""
+        ...
+
+    def connected(self) -> int:
+        """Peers connected (the seed aside, and connections not yet established)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PieceMap:
+    """Where each chunk of the stream lies in the torrent's pieces.
+
+    The torrent's files are the chunks in order, so the torrent's bytes are the stream's;
+    a piece may only straddle two chunks if the piece size does not divide the chunk size
+    (corral's own torrents never do that, but the map does not depend on it).
+    """
+
+    piece_size: int
+    chunk_sizes: tuple[int, ...]
+    offsets: tuple[int, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.piece_size <= 0:
+            raise ValueError(f"bad piece size {self.piece_size}")
+        offsets, at = [], 0
+        for size in self.chunk_sizes:
+            offsets.append(at)
+            at += size
+        object.__setattr__(self, "offsets", tuple(offsets))
+
+    @property
+    def total(self) -> int:
+        return sum(self.chunk_sizes)
+
+    @property
+    def num_pieces(self) -> int:
+        return -(-self.total // self.piece_size)
+
+    def piece_length(self, piece: int) -> int:
+        return min(self.piece_size, self.total - piece * self.piece_size)
+
+    def pieces(self, chunk: int) -> range:
+        """The pieces holding any byte of ``chunk``."""
+        start = self.offsets[chunk]
+        end = start + self.chunk_sizes[chunk]
+        if end == start:
+            return range(0)
+        return range(start // self.piece_size, -(-end // self.piece_size))
+
+    def whole_pieces(self, chunk: int) -> range:
+        """The pieces that lie entirely inside ``chunk`` (the ones it alone can fill)."""
+        start = self.offsets[chunk]
+        end = start + self.chunk_sizes[chunk]
+        first = -(-start // self.piece_size)
+        last = end // self.piece_size  # exclusive, unless the stream's short last piece
+        if end == self.total:
+            last = self.num_pieces
+        return range(first, max(first, last))
+
+    def chunk_bytes(self, chunk: int, data: Mapping[int, bytes]) -> bytes:
+        """Chunk ``chunk`` cut out of its pieces' bytes."""
+        span = self.pieces(chunk)
+        joined = b"".join(data[p] for p in span)
+        skip = self.offsets[chunk] - span.start * self.piece_size if span else 0
+        return joined[skip : skip + self.chunk_sizes[chunk]]
+
+    def split(self, chunk: int, data: bytes) -> dict[int, bytes]:
+        """The whole pieces of ``chunk`` cut out of its bytes."""
+        out = {}
+        for piece in self.whole_pieces(chunk):
+            start = piece * self.piece_size - self.offsets[chunk]
+            out[piece] = data[start : start + self.piece_length(piece)]
+        return out
+
+
+def stripe(num_pieces: int, index: int, count: int) -> list[int]:
+    """The pieces member ``index`` of ``count`` takes from the seed: every count-th one,
+    so that the members' first requests to the seed never overlap and the early chunks
+    (unpacked first) are spread over all of them."""
+    if count <= 0 or not 0 <= index < count:
+        return list(range(num_pieces))
+    return list(range(index, num_pieces, count))

@@ -1,0 +1,258 @@
+"""The ``bittorrent`` transport's tracker (:class:`Tracker`): a tiny HTTP tracker on its
+own port, stdlib ``http.server`` in a thread of corral serve, that hands each node the
+session's other members (:class:`Swarms`) and tells the nodes done first how many members
+have not joined yet. See :mod:`corral.deploy.transports.bittorrent`."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import random
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from corral.agent.wire.bencode import bencode
+from corral.errors import ConfigError
+
+log = logging.getLogger("corral.deploy")
+#: Seconds between two announces of a peer. BitTorrent's usual 30 min suits swarms that
+#: live for days; a deployment lives for minutes, and nodes boot over a few seconds.
+#: Peers find each other from a node's first announce anyway (each connects to the peers it
+#: is given); the re-announces only refresh the tracker's view, e.g. after a restart of
+#: corral serve, so 10 s is often enough for that and costs nothing on a LAN.
+ANNOUNCE_INTERVAL = 10
+#: Peers a node gets in one answer. Every node of a LAN swarm can reach every other, but a
+#: connection costs memory and CPU on both ends and each piece a HAVE message on each:
+#: 50 (the usual numwant) gives a well-mixed swarm; the nodes given to each other connect
+#: both ways, so each ends with about twice as many.
+MAX_PEERS = 50
+#: A peer not heard of for this many intervals has left.
+EXPIRE_INTERVALS = 3
+#: Seconds after a session starts during which the nodes that are done wait for members
+#: that have not joined yet (see :meth:`Swarms.pending`). On the virtual cluster, 50 nodes
+#: power-cycled 8 at a time reach the swarm over about 65 s.
+JOIN_WINDOW = 180.0
+
+
+@dataclass
+class _Peer:
+    ip: str
+    port: int
+    left: int
+    seen: float
+
+
+@dataclass
+class _Swarm:
+    allowed: frozenset[str] | None  # None: any address
+    members: frozenset[str]  # the nodes' addresses (empty: unknown)
+    servers: frozenset[str]  # corral's own addresses: its seed announces from one
+    peers: dict[bytes, _Peer] = field(default_factory=dict)  # peer_id -> peer
+    seen: set[str] = field(default_factory=set)  # addresses that have announced
+    opened: float = 0.0
+
+
+class Swarms:
+    """The tracker's state: who is in which session's swarm. Thread-safe, no I/O."""
+
+    def __init__(
+        self,
+        *,
+        interval: int = ANNOUNCE_INTERVAL,
+        max_peers: int = MAX_PEERS,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.interval = interval
+        self.max_peers = max_peers
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._swarms: dict[bytes, _Swarm] = {}
+        self._lock = threading.Lock()
+
+    def open(
+        self,
+        info_hash: bytes,
+        allowed: Iterable[str] | None,
+        members: Iterable[str] = (),
+        servers: Iterable[str] = (),
+    ) -> None:
+        """Answer for ``info_hash``, to ``allowed`` addresses (None: any); ``members`` are
+        the nodes expected to join (see :meth:`pending`), ``servers`` corral's own."""
+        with self._lock:
+            old = self._swarms.get(info_hash)
+            self._swarms[info_hash] = _Swarm(
+                None if allowed is None else frozenset(allowed),
+                frozenset(members),
+                frozenset(servers),
+                old.peers if old else {},
+                old.seen if old else set(),
+                old.opened if old else self.clock(),
+            )
+
+    def pending(self, info_hash: bytes) -> int:
+        """Members that have not joined the swarm yet: nodes still booting, which will need
+        pieces soon. The nodes that are done linger for them (see the agent's linger()).
+        After :data:`JOIN_WINDOW` seconds a member that has not come is not waited for
+        (its power-on failed; the deployment fails it after its boot timeout)."""
+        with self._lock:
+            swarm = self._swarms.get(info_hash)
+            if swarm is None or self.clock() - swarm.opened > JOIN_WINDOW:
+                return 0
+            return len(swarm.members - swarm.seen)
+
+    def close(self, info_hash: bytes) -> None:
+        with self._lock:
+            self._swarms.pop(info_hash, None)
+
+    def __len__(self) -> int:
+        return len(self._swarms)
+
+    def announce(self, query: Mapping[str, bytes], ip: str) -> dict[str, Any]:
+        """The answer to one announce (BEP 3, compact peers of BEP 23) from ``ip``."""
+        try:
+            info_hash, peer_id = query["info_hash"], query["peer_id"]
+            port = int(query["port"])
+            left = int(query.get("left", b"0"))
+            numwant = int(query.get("numwant", b"50"))
+        except (KeyError, ValueError):
+            return {"failure reason": "bad announce: info_hash, peer_id and port are needed"}
+        event = query.get("event", b"").decode("ascii", "replace")
+        now = self.clock()
+        with self._lock:
+            swarm = self._swarms.get(info_hash)
+            if swarm is None:
+                return {"failure reason": "unknown torrent: not a running corral deployment"}
+            if swarm.allowed is not None and ip not in swarm.allowed:
+                return {"failure reason": f"{ip} is not a member of this deployment"}
+            expired = now - EXPIRE_INTERVALS * self.interval
+            for key in [k for k, p in swarm.peers.items() if p.seen < expired]:
+                del swarm.peers[key]
+            swarm.seen.add(ip)
+            if event == "stopped":
+                swarm.peers.pop(peer_id, None)
+            else:
+                swarm.peers[peer_id] = _Peer(ip, port, left, now)
+            # corral's seed is given no peers: the nodes connect to it when they want it,
+            # and keep it away otherwise (see the agent). Anyone else gets peers whatever
+            # its "left" says: a node that only wants its stripe yet reports 0 bytes left.
+            others = [
+                p
+                for k, p in swarm.peers.items()
+                if ip not in swarm.servers and k != peer_id and (p.ip, p.port) != (ip, port)
+            ]
+            complete = sum(1 for p in swarm.peers.values() if p.left == 0)
+            incomplete = len(swarm.peers) - complete
+        want = max(0, min(numwant, self.max_peers)) if event != "stopped" else 0
+        chosen = self.rng.sample(others, min(want, len(others)))
+        return {
+            "interval": self.interval,
+            "min interval": max(1, self.interval // 2),
+            "complete": complete,
+            "incomplete": incomplete,
+            "peers": b"".join(_compact(p.ip, p.port) for p in chosen),
+        }
+
+
+def _compact(ip: str, port: int) -> bytes:
+    address = ipaddress.ip_address(ip)
+    if address.version != 4:
+        return b""  # BEP 23 compact lists are IPv4; corral's node networks are too
+    return address.packed + port.to_bytes(2, "big")
+
+
+def parse_query(query: str) -> dict[str, bytes]:
+    """An announce's query string as raw bytes (info_hash and peer_id are binary)."""
+    out: dict[str, bytes] = {}
+    for part in query.split("&"):
+        if part:
+            key, _, value = part.partition("=")
+            out[urllib.parse.unquote(key)] = urllib.parse.unquote_to_bytes(value)
+    return out
+
+
+class _TrackerHandler(BaseHTTPRequestHandler):
+    server: _TrackerServer
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        path, _, query = self.path.partition("?")
+        if path.startswith("/pending/"):
+            self._pending(path.removeprefix("/pending/"))
+            return
+        if path != "/announce":
+            self.send_error(404, "this tracker answers /announce and /pending/INFOHASH")
+            return
+        answer = self.server.swarms.announce(parse_query(query), self.client_address[0])
+        if "failure reason" in answer:
+            log.warning("tracker: %s: %s", self.client_address[0], answer["failure reason"])
+        body = bencode(answer)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _pending(self, hexdigest: str) -> None:
+        """``{"pending": N}``: how many members have not joined yet (not BitTorrent; the
+        agents ask it while they linger)."""
+        try:
+            key = bytes.fromhex(hexdigest)
+        except ValueError:
+            self.send_error(400, "give the info-hash in hex")
+            return
+        body = json.dumps({"pending": self.server.swarms.pending(key)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("tracker: %s %s", self.client_address[0], format % args)
+
+
+class _TrackerServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    swarms: Swarms
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A peer that hangs up before its answer (a node leaving gives its tracker one
+        second) is no reason for a traceback on corral serve's stderr."""
+        log.debug("tracker: %s went away", client_address[0], exc_info=True)
+
+
+class Tracker:
+    """The HTTP tracker of corral's BitTorrent sessions, in a thread of corral serve."""
+
+    def __init__(self, address: str, port: int, swarms: Swarms | None = None) -> None:
+        self.swarms = swarms or Swarms()
+        try:
+            self.httpd = _TrackerServer((address, port), _TrackerHandler)
+        except OSError as exc:
+            raise ConfigError(
+                f"the BitTorrent tracker cannot listen on {address}:{port}: {exc.strerror}",
+                f"free port {port} (another tracker?) or use another transport",
+            ) from None
+        self.httpd.swarms = self.swarms
+        self.port = int(self.httpd.server_address[1])
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever,
+            kwargs={"poll_interval": 0.5},
+            name="corral-tracker",
+            daemon=True,
+        )
+        self.thread.start()
+        log.info("BitTorrent tracker on %s:%d", address, self.port)
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)

@@ -1,0 +1,164 @@
+"""The ``multicast`` transport's options (:class:`MulticastOptions`): udp-sender's rate,
+FEC, waits and the rest, from ``corral.toml`` and ``corral deploy``, checked before a
+session starts. See :mod:`corral.deploy.transports.multicast`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from corral.config import Settings
+from corral.errors import InvalidValue
+
+_FEC = re.compile(r"^(\d+)x(\d+)/(\d+)$")
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmg]?)(?:bit|bps|b)?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class MulticastOptions:
+    """udpcast's knobs for a site; see the module docstring for the measurements.
+
+    ``max_bitrate``
+        bits/s on the wire (udpcast counts headers, FEC and retransmissions in it). It
+        must stay under the slowest node link that should keep up: 19 Mbit/s fits the
+        20 Mbit/s node links of ``corral testbed`` and the benchmark with tbf's slack; a
+        gigabit site would set about 900 Mbit/s.
+    ``fec``
+        ``INTERLEAVExREDUNDANCY/STRIPESIZE`` or "" for none; 8x4/128 costs 3 % and absorbs
+        1 % loss at a hundred receivers without a second round for most stripes.
+    ``min_receivers``
+        start as soon as this many nodes are connected; 0 means every node of the session.
+    ``min_wait`` / ``max_wait``
+        seconds after the first node connects: never start before ``min_wait`` (0: no
+        reason to wait once all are there); start anyway at ``max_wait`` with those there.
+        The wait only runs its course when a node is missing: one later than that costs
+        one unicast copy, one that never comes (it failed before receiving) costs every
+        node the wait. 60 s, because nodes booted together reached "receiving" over 3 s
+        at N = 10 but over 32 s at N = 50 on the benchmark's 2-core host (30 s left 4 of
+        50 to HTTP: 6 x S of egress).
+    ``retries_until_drop``
+        REQACKs without an answer before a receiver is dropped; 12 is about 2-3 s.
+    ``leave_below`` / ``leave_window``
+        a receiver whose interface got less than this fraction of ``max_bitrate`` in
+        every second of the last ``leave_window`` seconds leaves the session for HTTP
+        (0: never). 0.25, because the others measured 45-100 % of the rate in each
+        second while one slow node held them back; 5 s, longer than the sender's pause
+        to drop a dead receiver (when every node receives nothing) and short enough that
+        a slow node costs the others little (it leaves with a disconnect, no pause).
+    """
+
+    max_bitrate: int = 19_000_000
+    fec: str = "8x4/128"
+    min_receivers: int = 0
+    min_wait: float = 0.0
+    max_wait: float = 60.0
+    retries_until_drop: int = 12
+    leave_below: float = 0.25
+    leave_window: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_bitrate < 100_000:
+            raise InvalidValue(
+                f"multicast max_bitrate {self.max_bitrate} bit/s is too low",
+                "give the nodes' link rate in bits/s (e.g. 900m for gigabit)",
+            )
+        if self.fec:
+            fec_parts(self.fec)
+        if self.min_receivers < 0:
+            raise InvalidValue(f"multicast min_receivers {self.min_receivers} is negative")
+        if not 0 <= self.min_wait <= self.max_wait:
+            raise InvalidValue(
+                f"multicast min_wait {self.min_wait} and max_wait {self.max_wait}",
+                "need 0 <= min_wait <= max_wait (seconds)",
+            )
+        if not 1 <= self.retries_until_drop <= 1000:
+            raise InvalidValue(
+                f"multicast retries_until_drop {self.retries_until_drop} is out of range",
+                "give 1 to 1000 (12 drops a dead receiver in about 3 s)",
+            )
+        if not 0 <= self.leave_below < 1 or self.leave_window <= 0:
+            raise InvalidValue(
+                f"multicast leave_below {self.leave_below} / leave_window {self.leave_window}",
+                "leave_below is a fraction in [0, 1), leave_window seconds > 0",
+            )
+
+    def sender_args(self, members: int) -> list[str]:
+        """udp-sender's options for these knobs, for a session of ``members`` nodes."""
+        wanted = self.min_receivers or members
+        args = [
+            "--max-bitrate",
+            str(self.max_bitrate),
+            "--min-receivers",
+            str(max(1, min(wanted, members))),
+            "--max-wait",
+            _seconds(self.max_wait),
+            "--retries-until-drop",
+            str(self.retries_until_drop),
+        ]
+        if self.min_wait:
+            args += ["--min-wait", _seconds(self.min_wait)]
+        if self.fec:
+            args += ["--fec", self.fec]
+        return args
+
+
+def fec_parts(text: str) -> tuple[int, int, int]:
+    """(interleave, redundancy, stripe size) of a ``--fec`` value, checked.
+
+    udp-sender takes any numbers and misbehaves on bad ones; its limits: a stripe has at
+    most 128 data blocks, a slice (interleave x stripe size) at most 1024, and redundancy
+    beyond the stripe size only wastes bandwidth.
+    """
+    match = _FEC.match(text.strip())
+    if not match:
+        raise InvalidValue(
+            f"bad multicast fec '{text}'", "give INTERLEAVExREDUNDANCY/STRIPESIZE, e.g. 8x4/128"
+        )
+    interleave, redundancy, stripe = (int(g) for g in match.groups())
+    if not (1 <= stripe <= 128 and 1 <= redundancy <= stripe and interleave >= 1):
+        raise InvalidValue(
+            f"bad multicast fec '{text}'",
+            "stripe size 1-128, redundancy 1 to the stripe size, interleave at least 1",
+        )
+    if interleave * stripe > 1024:
+        raise InvalidValue(
+            f"bad multicast fec '{text}': a slice of {interleave * stripe} blocks",
+            "interleave x stripe size must be at most 1024 (udpcast's largest slice)",
+        )
+    return interleave, redundancy, stripe
+
+
+def parse_bitrate(value: str | int) -> int:
+    """Bits/s from ``19000000``, ``"19m"``, ``"900mbit"``, ``"1g"``."""
+    if isinstance(value, int):
+        return value
+    match = _RATE.match(value.strip())
+    if not match:
+        raise InvalidValue(f"bad multicast max_bitrate '{value}'", "e.g. 19m, 900mbit, 1g")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[unit])
+
+
+#: The options corral uses until corral.toml has multicast keys.
+DEFAULT_OPTIONS = MulticastOptions()
+
+
+def options_from_settings(settings: Settings) -> MulticastOptions:
+    """The options, from ``multicast_<knob>`` settings where corral's config has them.
+
+    corral.toml has ``multicast_max_bitrate``, ``multicast_fec`` and ``multicast_max_wait``;
+    any other field here becomes a key by adding ``multicast_<field>`` to
+    :class:`~corral.config.Settings`.
+    """
+    values: dict[str, Any] = {}
+    for f in fields(MulticastOptions):
+        value = getattr(settings, f"multicast_{f.name}", None)
+        if value is None:
+            continue
+        values[f.name] = parse_bitrate(value) if f.name == "max_bitrate" else value
+    return replace(DEFAULT_OPTIONS, **values)
+
+
+def _seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

@@ -132,7 +132,7 @@ def test_netboot_once_until_reinstall(node: TestClient) -> None:
     )
     assert done.json()["state"] == "installed"
     script = node.get("/boot/52-54-00-00-00-01.ipxe").text
-    assert "boots from its local disk" in script and "\nexit\n" in script
+    assert "boots from its local disk" in script and "\nexit 1\n" in script
     assert node.get("/ks/c01").status_code == 403
     assert node.post("/api/v1/nodes/c01/reinstall").status_code == 401
     assert node.post("/api/v1/nodes/c01/reinstall", headers=ADMIN).json()["state"] == "armed"

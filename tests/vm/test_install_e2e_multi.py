@@ -153,16 +153,19 @@ def test_three_machines_by_multicast_then_http_and_rsync(
             home=server.home,
         )  # fmt: skip
         assert changed.returncode == 0, changed.stderr
-        newest = changed.stdout.split()[-1] if changed.stdout else ""
-        seen = first_boots(server, "e2e1")
-        deploy = corral(
-            "deploy", "e2e1", "--image", IMAGE, "--transport", "rsync", home=server.home
-        )  # the profile's image name: its newest version
-        assert deploy.returncode == 0, deploy.stderr
-        reboot(server, key, ip)
-        wait_first_boot(server, vms, "e2e1", seen)
-        assert ssh(server, key, ip, "cat /etc/corral-e2e-version").strip() == "two", newest
-        moved = deployment_bytes(server, "e2e1")
-        print(f"rsync moved {moved} bytes for the new version")
-        assert moved < 20 << 20
-        check_from_outside(server, key, "e2e1", ip)
+        newest = changed.stdout.split()[-1]  # "e2e:1 -> e2e:2"
+        try:
+            seen = first_boots(server, "e2e1")
+            deploy = corral(
+                "deploy", "e2e1", "--image", newest, "--transport", "rsync", home=server.home
+            )
+            assert deploy.returncode == 0, deploy.stderr
+            reboot(server, key, ip)
+            wait_first_boot(server, vms, "e2e1", seen)
+            assert ssh(server, key, ip, "cat /etc/corral-e2e-version").strip() == "two"
+            moved = deployment_bytes(server, "e2e1")
+            print(f"rsync moved {moved} bytes for the new version")
+            assert moved < 20 << 20
+            check_from_outside(server, key, "e2e1", ip)
+        finally:  # the cached image store keeps only the image built once
+            corral("image", "rm", newest, home=server.home)

@@ -8,13 +8,17 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from corral.deploy.keys import host_keys
+from corral.images.ramdisk import build_ramdisk
 from corral.testbed.qemu import VM
 from corral.testbed.vmassets import default_cache_dir
 from tests.conftest import corral
-from tests.vm.serving import Server
+from tests.vm.serving import Server, corral_server
 
 IMAGE_HOME = default_cache_dir() / "e2e"
 IMAGE = "e2e"
@@ -120,3 +124,27 @@ def profile_cluster(public_key: str, nodes: list[tuple[str, str, str]]) -> str:
             f'interfaces: [{{name: eth0, mac: "{mac}", ip: {ip}, netmask: "24"}}]}}'
         )
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class InstallBed:
+    """A corral serve for install tests, with the image built once and the ramdisk, and
+    the administrator's SSH key that the profile authorizes."""
+
+    server: Server
+    key: Path
+
+
+@contextmanager
+def install_bed(
+    name: str, nodes: list[tuple[str, str, str]], work: Path, config: str = ""
+) -> Iterator[InstallBed]:
+    ramdisk = build_ramdisk(work / "ramdisk", cache=default_cache_dir() / "ramdisk")
+    images = built_image()
+    (work / "ssh").mkdir()
+    key = admin_key(work / "ssh")
+    cluster = profile_cluster(key.with_suffix(".pub").read_text().strip(), nodes)
+    with corral_server(
+        name, cluster, ramdisk.kernel, ramdisk.initrd, images=images, config=config
+    ) as server:
+        yield InstallBed(server, key)

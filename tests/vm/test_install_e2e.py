@@ -24,20 +24,16 @@ from pathlib import Path
 
 import pytest
 
-from corral.images.ramdisk import RamdiskResult, build_ramdisk
 from corral.testbed.qemu import VM
-from corral.testbed.vmassets import default_cache_dir
 from tests.conftest import corral
 from tests.vm.installing import (
     IMAGE,
-    admin_key,
-    built_image,
+    InstallBed,
     check_from_outside,
     empty_disk,
-    profile_cluster,
+    install_bed,
     wait_state,
 )
-from tests.vm.serving import Server, corral_server
 
 pytestmark = [
     pytest.mark.vm,
@@ -50,27 +46,15 @@ IP = "10.88.0.71"
 
 
 @pytest.fixture(scope="module")
-def ramdisk(tmp_path_factory: pytest.TempPathFactory) -> RamdiskResult:
-    return build_ramdisk(tmp_path_factory.mktemp("ramdisk"), cache=default_cache_dir() / "ramdisk")
-
-
-@pytest.fixture(scope="module")
-def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return admin_key(tmp_path_factory.mktemp("ssh"))
-
-
-@pytest.fixture(scope="module")
-def server(ramdisk: RamdiskResult, key: Path) -> Iterator[Server]:
-    images = built_image()
-    public = key.with_suffix(".pub").read_text().strip()
-    cluster = profile_cluster(public, [("e2e1", MAC, IP)])
-    with corral_server("e2e", cluster, ramdisk.kernel, ramdisk.initrd, images=images) as server:
-        yield server
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InstallBed]:
+    with install_bed("e2e", [("e2e1", MAC, IP)], tmp_path_factory.mktemp("bed")) as bed:
+        yield bed
 
 
 def test_an_empty_machine_comes_back_installed_and_reachable(
-    server: Server, key: Path, tmp_path: Path
+    bed: InstallBed, tmp_path: Path
 ) -> None:
+    server = bed.server
     deploy = corral("deploy", "e2e1", "--image", IMAGE, "--transport", "http", home=server.home)
     assert deploy.returncode == 0, deploy.stderr
     disk = empty_disk(tmp_path / "disk.img")
@@ -94,4 +78,4 @@ def test_an_empty_machine_comes_back_installed_and_reachable(
             f"reported {up:.0f} s after power-on (TCG)"
         )
         assert "boots from its local disk" in vm.console()  # the second network boot
-        check_from_outside(server, key, "e2e1", IP)
+        check_from_outside(server, bed.key, "e2e1", IP)

@@ -23,20 +23,17 @@ from pathlib import Path
 
 import pytest
 
-from corral.images.ramdisk import RamdiskResult, build_ramdisk
 from corral.testbed.qemu import VM, Firmware
-from corral.testbed.vmassets import default_cache_dir
 from tests.conftest import corral
 from tests.vm.installing import (
     IMAGE,
-    admin_key,
-    built_image,
+    InstallBed,
     check_from_outside,
     empty_disk,
-    profile_cluster,
+    install_bed,
     ssh,
 )
-from tests.vm.serving import Server, corral_server
+from tests.vm.serving import Server
 
 pytestmark = [
     pytest.mark.vm,
@@ -55,24 +52,10 @@ CONFIG = 'multicast_max_bitrate = "10m"\nmulticast_max_wait = 120.0\n'
 
 
 @pytest.fixture(scope="module")
-def ramdisk(tmp_path_factory: pytest.TempPathFactory) -> RamdiskResult:
-    return build_ramdisk(tmp_path_factory.mktemp("ramdisk"), cache=default_cache_dir() / "ramdisk")
-
-
-@pytest.fixture(scope="module")
-def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return admin_key(tmp_path_factory.mktemp("ssh"))
-
-
-@pytest.fixture(scope="module")
-def server(ramdisk: RamdiskResult, key: Path) -> Iterator[Server]:
-    images = built_image()
-    public = key.with_suffix(".pub").read_text().strip()
-    cluster = profile_cluster(public, [(n, mac, ip) for n, mac, ip, _ in NODES])
-    with corral_server(
-        "e2m", cluster, ramdisk.kernel, ramdisk.initrd, images=images, config=CONFIG
-    ) as server:
-        yield server
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InstallBed]:
+    nodes = [(n, mac, ip) for n, mac, ip, _ in NODES]
+    with install_bed("e2m", nodes, tmp_path_factory.mktemp("bed"), CONFIG) as bed:
+        yield bed
 
 
 def first_boots(server: Server, node: str) -> int:
@@ -106,9 +89,8 @@ def reboot(server: Server, key: Path, ip: str) -> None:
     subprocess.run(server.net.exec(argv), capture_output=True, timeout=60, check=False)
 
 
-def test_three_machines_by_multicast_then_http_and_rsync(
-    server: Server, key: Path, tmp_path: Path
-) -> None:
+def test_three_machines_by_multicast_then_http_and_rsync(bed: InstallBed, tmp_path: Path) -> None:
+    server, key = bed.server, bed.key
     deploy = corral(
         "deploy", "e2e[1-3]", "--image", IMAGE, "--transport", "multicast", home=server.home
     )

@@ -42,11 +42,9 @@ def set_(name: str, profile: ProfilesOption = None, var: VarsOption = None) -> N
     from corral.render.check import before_change, refuse_breaking_change
 
     with inventory() as inv:
-        data = changes(profiles=profile)
-        if var:
-            data["variables"] = {**inv.get("group", name).variables, **parse_vars(var)}
+        data = changes(profiles=profile, variables=parse_vars(var) if var else None)
         before = before_change(inv.session, name, "group")
-        n = inv.update("group", [name], data)
+        n = inv.edit("group", [name], data)
         if n:
             refuse_breaking_change(settings(), inv.session, before, f"group {name}")
     out.print(f"group {name}: {'changed' if n else 'unchanged'}")

@@ -162,10 +162,8 @@ def set_(name: str, data: dict[str, Any]) -> None:
     from corral.render.check import before_change, refuse_breaking_change
 
     with inventory() as inv:
-        if "variables" in data:
-            data["variables"] = {**inv.get("profile", name).variables, **data["variables"]}
         before = before_change(inv.session, name, "profile")
-        n = inv.update("profile", [name], data)
+        n = inv.edit("profile", [name], data)
         if n:
             refuse_breaking_change(settings(), inv.session, before, f"profile {name}")
     out.print(f"profile {name}: {'changed' if n else 'unchanged'}")

@@ -158,8 +158,21 @@ class Inventory:
         self.session.flush()
         return outcomes
 
+    def edit(self, kind: Kind, names: Sequence[str], changes: dict[str, Any]) -> int:
+        """Change entries as `corral ... set` and the REST API's PATCH do: ``variables``
+        merge by key into each entry's own, every other field given replaces; returns how
+        many changed."""
+        if not changes.get("variables"):
+            return self.update(kind, names, {k: v for k, v in changes.items() if k != "variables"})
+        total = 0
+        for current in self.specs(kind, names):
+            merged = {**current.variables, **changes["variables"]}
+            total += self.update(kind, [current.name], {**changes, "variables": merged})
+        return total
+
     def update(self, kind: Kind, names: Sequence[str], changes: dict[str, Any]) -> int:
-        """Apply field changes to existing entities; returns how many changed."""
+        """Apply field changes to existing entities, each field given replacing the
+        entry's (``variables`` too: :meth:`edit` merges them); returns how many changed."""
         specs = []
         for current in self.specs(kind, names):
             renamed = changes.get("name", current.name)

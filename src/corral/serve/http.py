@@ -256,7 +256,7 @@ def _crud(router: APIRouter, kind: Kind, model: type[Spec], db: Any, settings: S
         affected = [name] if kind == "node" else name
         before = None if kind == "distro" else before_change(session, affected, kind)
         with files(name, body) as stored:
-            n = inv.update(kind, [name], body | stored)
+            n = inv.edit(kind, [name], body | stored)  # variables merge, as `set --var`
             if n and before is not None:
                 refuse_breaking_change(settings, session, before, f"{kind} {name}")
         return inv.get(kind, name).model_dump(mode="json")

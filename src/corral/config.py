@@ -72,7 +72,7 @@ class Setting:
 
     @property
     def use_choices(self) -> str:
-        """ "use off, full or proxy"."""
+        """The fix for a value outside the choices: "use off, full or proxy"."""
         return f"use {', '.join(self.choices[:-1])} or {self.choices[-1]}"
 
 
@@ -127,6 +127,9 @@ def split_list(value: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Settings:
+    """corral's settings: ``home``, and one field per key of corral.toml, each declared by
+    :func:`setting` (the table :data:`SETTINGS` is read from these fields)."""
+
     home: Path
     database_url: str = setting(
         "",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from corral.config import SETTINGS, settings_markdown
+import pytest
+
+from corral.config import SETTINGS, main, settings_markdown
 
 README = Path(__file__).parents[2] / "README.md"
 BEGIN = "<!-- settings:begin -->\n"
@@ -29,3 +31,9 @@ def test_the_list_has_a_row_for_every_setting() -> None:
     assert [row.split("`")[1] for row in rows] == [s.name for s in SETTINGS]
     assert any(row.startswith("| `rsync_port` | `873` |") for row in rows)
     assert any(row.startswith("| `deploy_boot_timeout` | `900.0` |") for row in rows)
+
+
+def test_python_m_corral_config_prints_the_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--markdown"]) == 0
+    assert capsys.readouterr().out == settings_markdown()
+    assert main([]) == 2

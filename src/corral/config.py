@@ -120,6 +120,19 @@ def bad_proxy(value: str) -> str | None:
     return None
 
 
+def bad_range(value: str) -> str | None:
+    """Why a ``dhcp_range`` is not two IPv4 addresses, FIRST,LAST (empty is none)."""
+    if not value:
+        return None
+    first, comma, last = value.partition(",")
+    try:
+        ipaddress.IPv4Address(first)
+        ipaddress.IPv4Address(last)
+    except ValueError:
+        return f"'{value}'" if comma else f"'{value}' (no comma)"
+    return None
+
+
 def split_list(value: str) -> list[str]:
     """The items of a comma-separated setting, without blanks."""
     return [item.strip() for item in value.split(",") if item.strip()]
@@ -180,6 +193,8 @@ class Settings:
     dhcp_range: str = setting(
         "",
         "`FIRST,LAST`: addresses for unknown machines (full mode).",
+        check=bad_range,
+        fix="give FIRST,LAST, e.g. 10.0.0.200,10.0.0.250",
         flag="--dhcp-range",
         flag_help="FIRST,LAST addresses for unknown machines (full mode)",
     )

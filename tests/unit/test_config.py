@@ -68,6 +68,11 @@ def test_nodes_fetch_from_where_serve_listens_unless_server_url_is_set(tmp_path:
             "bad trusted_proxies entry 'the-proxy' in {path}",
             "e.g. 10.0.0.2,10.0.5.0/24",
         ),
+        (
+            '[serve]\ndhcp_range = "10.0.0.200-10.0.0.250"\n',
+            "bad dhcp_range '10.0.0.200-10.0.0.250' (no comma) in {path}",
+            "give FIRST,LAST",
+        ),
         ("colour = 1\n", "unknown key 'colour' in {path}", "known keys: access_log, address"),
     ],
 )

@@ -179,15 +179,10 @@ def _dhcp_config(settings: Settings, options: ServeOptions) -> object:
     network = ipaddress.IPv4Network(f"{server_ip}/24", strict=False)
     first_last = None
     if options.dhcp_range:
+        dhcp_range = SETTINGS_BY_NAME["dhcp_range"]
+        if dhcp_range.check and dhcp_range.check(options.dhcp_range):
+            raise ConfigError(f"bad --dhcp-range '{options.dhcp_range}'", dhcp_range.fix)
         first, _, last = options.dhcp_range.partition(",")
-        try:
-            ipaddress.IPv4Address(first)
-            ipaddress.IPv4Address(last)
-        except ValueError:
-            raise ConfigError(
-                f"bad --dhcp-range '{options.dhcp_range}'",
-                "give FIRST,LAST, e.g. 10.0.0.200,10.0.0.250",
-            ) from None
         first_last = (first, last)
     return DhcpConfig(
         mode=options.dhcp,  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 
 from corral.cli import serve as serve_cli
-from corral.config import Settings
+from corral.config import SETTINGS, Settings
 from corral.serve import server
 
 
@@ -50,3 +51,17 @@ def test_serve_options_override_the_config_address_but_not_a_set_server_url(
     (home / "corral.toml").write_text('server_url = "http://boot.lab"\n')
     _serve(address="10.0.9.2")
     assert started[-1][0].server_url == "http://boot.lab"
+
+
+def test_the_options_are_the_settings_with_a_flag_and_override_only_their_key(
+    started: list[tuple[Settings, Any]], home: Path
+) -> None:
+    flags = {s.name: s.flag for s in SETTINGS if s.flag}
+    assert list(inspect.signature(serve_cli.serve).parameters) == list(flags)
+    assert flags["http_port"] == "--http-port"
+    home.mkdir(parents=True)
+    (home / "corral.toml").write_text('[serve]\ntftp_port = 0\ndhcp = "proxy"\n')
+    _serve(http_port=8081)
+    _, options = started[-1]
+    assert (options.http_port, options.tftp_port, options.dhcp) == (8081, 0, "proxy")
+    assert options.dhcp_interface == ""

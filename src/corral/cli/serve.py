@@ -2,58 +2,42 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import replace
+from typing import Any
 
 import typer
 
 from corral.cli.common import engine, settings
-from corral.config import Settings, listening_url
+from corral.config import SERVE_OPTIONS, Setting, Settings, listening_url
 
 log = logging.getLogger(__name__)
 
 
-def _from_config(key: str) -> str:
-    default = getattr(Settings, key)
-    shown = f"'{default}'" if default == "" else default
-    return f"[config: {key}; default: {shown}]"
+def _from_config(s: Setting) -> str:
+    shown = f"'{s.default}'" if s.default == "" else s.default
+    return f"[config: {s.name}; default: {shown}]"
 
 
-def serve(
-    address: str | None = typer.Option(
-        None, help=f"address to listen on {_from_config('address')}"
-    ),
-    http_port: int | None = typer.Option(None, help=f"HTTP port {_from_config('http_port')}"),
-    tftp_port: int | None = typer.Option(
-        None, help=f"TFTP port, 0 for none {_from_config('tftp_port')}"
-    ),
-    dhcp: str | None = typer.Option(None, help=f"off, full or proxy {_from_config('dhcp')}"),
-    dhcp_interface: str | None = typer.Option(
-        None, help=f"interface for DHCP {_from_config('dhcp_interface')}"
-    ),
-    dhcp_range: str | None = typer.Option(
-        None,
-        help="FIRST,LAST addresses for unknown machines (full mode) " + _from_config("dhcp_range"),
-    ),
-) -> None:
+def _option(s: Setting) -> inspect.Parameter:
+    """The option of corral serve that overrides setting ``s`` (None: the config's)."""
+    option = typer.Option(None, s.flag, help=f"{s.flag_help} {_from_config(s)}")
+    kind = inspect.Parameter.KEYWORD_ONLY
+    return inspect.Parameter(s.name, kind, default=option, annotation=s.type | None)
+
+
+def serve(**given: Any) -> None:
     """Serve DHCP, TFTP and HTTP boot files live from the inventory, until SIGTERM/SIGINT.
 
     Settings come from the options, else from corral.toml (top level or its [serve]
     table). Nodes fetch from server_url, else from http://ADDRESS:HTTP_PORT when corral
     listens on one address (else http://10.0.0.1:8080); corral serve logs that URL.
     """
-    from corral.serve.server import ServeOptions
     from corral.serve.server import serve as run_server
 
     cfg = settings()
-    options = ServeOptions(
-        address=address if address is not None else cfg.address,
-        http_port=http_port if http_port is not None else cfg.http_port,
-        tftp_port=tftp_port if tftp_port is not None else cfg.tftp_port,
-        dhcp=dhcp if dhcp is not None else cfg.dhcp,
-        dhcp_interface=dhcp_interface if dhcp_interface is not None else cfg.dhcp_interface,
-        dhcp_range=dhcp_range if dhcp_range is not None else cfg.dhcp_range,
-    )
+    options = replace(cfg, **{k: v for k, v in given.items() if v is not None})
     derived = (Settings.server_url, listening_url(cfg.address, cfg.http_port))
     here = listening_url(options.address, options.http_port)
     if cfg.server_url in derived and here:
@@ -63,3 +47,9 @@ def serve(
     where = "api_token in the config" if cfg.api_token else str(cfg.home / "api-token")
     log.info("admin API (/api/v1) bearer token: %s", where)
     run_server(cfg, engine(), options)
+
+
+# Typer reads the options from the signature: one per setting with a flag, in the table.
+serve.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [_option(s) for s in SERVE_OPTIONS], return_annotation=None
+)

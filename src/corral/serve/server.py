@@ -16,14 +16,13 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from corral.config import Settings
+from corral.config import SETTINGS_BY_NAME, Settings, split_list
 from corral.deploy.service import DeployService, Manager
 from corral.errors import ConfigError
 from corral.inventory import models as m
@@ -42,21 +41,16 @@ GRACEFUL_STOP = 5
 KEEP_ALIVE = 15
 #: What the access log shows (config ``access_log``): every request; all but the agents'
 #: high-rate traffic (--debug shows it); nothing.
-ACCESS_LOG_MODES = ("all", "quiet", "off")
+ACCESS_LOG_MODES = SETTINGS_BY_NAME["access_log"].choices
 #: The requests each installing node makes many times a second: image chunks and progress.
 AGENT_TRAFFIC = re.compile(
     r"/images/[^/?]+/[^/?]+/chunks/[^/?]+\.bin|/api/v1/deployments/[^/?]+/nodes/[^/?]+/progress"
 )
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    address: str
-    http_port: int
-    tftp_port: int  # 0: no TFTP
-    dhcp: str  # off | full | proxy
-    dhcp_interface: str
-    dhcp_range: str
+#: corral serve's settings with its command-line options in place of the config's. A
+#: Settings, so that the options are declared once, in corral.config (``flag``).
+ServeOptions = Settings
 
 
 def reservations(session: Session) -> list[tuple[str, str, str, str]]:
@@ -123,24 +117,22 @@ _TOKEN_PARAM = re.compile(r"((?:^|&)token=)[^&]*", re.IGNORECASE)
 def trusted_proxies(settings: Settings) -> str:
     """The config's ``trusted_proxies`` checked, as uvicorn's ``forwarded_allow_ips``
     wants it ("" for none: then forwarded headers are never read)."""
-    items = [item.strip() for item in settings.trusted_proxies.split(",") if item.strip()]
-    for item in items:
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise ConfigError(
-                f"bad trusted_proxies entry '{item}' in the config",
-                "give addresses or networks of your reverse proxies, e.g. 10.0.0.2,10.0.5.0/24",
-            ) from None
-    return ",".join(items)
+    _check(settings, "trusted_proxies")
+    return ",".join(split_list(settings.trusted_proxies))
+
+
+def _check(settings: Settings, key: str) -> None:
+    """Settings made in code were not checked as corral.toml's are."""
+    problem = SETTINGS_BY_NAME[key].problem(getattr(settings, key), "the config")
+    if problem is not None:
+        raise problem
 
 
 def access_log_mode(settings: Settings) -> str:
     """The config's ``access_log``; with --debug (corral's root logger at DEBUG), "quiet"
     shows everything."""
+    _check(settings, "access_log")
     mode = settings.access_log
-    if mode not in ACCESS_LOG_MODES:
-        raise ConfigError(f"bad access_log '{mode}' in the config", "use all, quiet or off")
     if mode == "quiet" and logging.getLogger().isEnabledFor(logging.DEBUG):
         return "all"
     return mode
@@ -187,15 +179,10 @@ def _dhcp_config(settings: Settings, options: ServeOptions) -> object:
     network = ipaddress.IPv4Network(f"{server_ip}/24", strict=False)
     first_last = None
     if options.dhcp_range:
+        dhcp_range = SETTINGS_BY_NAME["dhcp_range"]
+        if dhcp_range.check and dhcp_range.check(options.dhcp_range):
+            raise ConfigError(f"bad --dhcp-range '{options.dhcp_range}'", dhcp_range.fix)
         first, _, last = options.dhcp_range.partition(",")
-        try:
-            ipaddress.IPv4Address(first)
-            ipaddress.IPv4Address(last)
-        except ValueError:
-            raise ConfigError(
-                f"bad --dhcp-range '{options.dhcp_range}'",
-                "give FIRST,LAST, e.g. 10.0.0.200,10.0.0.250",
-            ) from None
         first_last = (first, last)
     return DhcpConfig(
         mode=options.dhcp,  # type: ignore[arg-type]
@@ -219,8 +206,9 @@ def dhcp_hosts_dir(settings: Settings) -> Path:
 
 
 def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
-    if options.dhcp not in ("off", "full", "proxy"):
-        raise ConfigError(f"bad --dhcp '{options.dhcp}'", "use off, full or proxy")
+    dhcp_modes = SETTINGS_BY_NAME["dhcp"]
+    if options.dhcp not in dhcp_modes.choices:
+        raise ConfigError(f"bad --dhcp '{options.dhcp}'", dhcp_modes.use_choices)
     access_log = access_log_mode(settings)
     proxies = trusted_proxies(settings)
     service = BootService(settings, engine)

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from corral.errors import CommandFailed, CorralError, InvalidValue
-from corral.run import spawn
+from corral.run import spawn, stop
 
 log = logging.getLogger(__name__)
 
@@ -429,17 +429,8 @@ class Dnsmasq:
 
     def _terminate(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log.warning(
-                "dnsmasq (pid %d) ignored SIGTERM for %g s: killing it", proc.pid, STOP_TIMEOUT
-            )
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop(proc, STOP_TIMEOUT)
 
     def check(self) -> bool:
         if not self._wanted or self.running:

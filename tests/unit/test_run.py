@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from corral.run import spawn, stop
+
+IGNORES_SIGTERM = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_stop_ends_a_process_that_obeys_sigterm() -> None:
+    proc = spawn(["sleep", "60"], stderr=subprocess.DEVNULL)
+    assert stop(proc, grace=5) == -signal.SIGTERM
+    assert proc.poll() == -signal.SIGTERM
+
+
+def test_stop_kills_a_process_that_ignores_sigterm_after_the_grace_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proc = spawn([sys.executable, "-c", IGNORES_SIGTERM], stdout=subprocess.PIPE, stderr=None)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"  # SIGTERM is ignored from here on
+    started = time.monotonic()
+    assert stop(proc, grace=0.5) == -signal.SIGKILL
+    assert 0.5 <= time.monotonic() - started < 10
+    assert f"(pid {proc.pid}) ignored SIGTERM for 0.5 s: killing it" in caplog.text
+    proc.stdout.close()
+
+
+def test_stop_leaves_an_ended_process_alone() -> None:
+    proc = spawn(["true"], stderr=subprocess.DEVNULL)
+    proc.wait()
+    assert stop(proc) == 0

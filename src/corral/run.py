@@ -85,6 +85,18 @@ def spawn(
         ) from exc
 
 
+def pid_alive(pid: int) -> bool:
+    """True for a live process; False for a gone one or a zombie (dead, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # The state follows the command name, which is in parentheses and may hold any byte.
+    end = stat.rfind(b")")
+    return stat[end + 2 : end + 3] not in (b"Z", b"X", b"")
+
+
 def stop(proc: subprocess.Popen[Any], grace: float = 5.0, *, reap: float | None = None) -> int:
     """End ``proc`` if it still runs: SIGTERM, then SIGKILL after ``grace`` s; reap it.
 

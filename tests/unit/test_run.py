@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from corral.run import spawn, stop
+from corral.run import pid_alive, spawn, stop
 
 IGNORES_SIGTERM = (
     "import signal, sys, time\n"
@@ -40,3 +41,14 @@ def test_stop_leaves_an_ended_process_alone() -> None:
     proc = spawn(["true"], stderr=subprocess.DEVNULL)
     proc.wait()
     assert stop(proc) == 0
+
+
+def test_pid_alive_is_false_for_a_zombie_and_for_a_reaped_process() -> None:
+    assert pid_alive(os.getpid())
+    proc = spawn(["true"], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while pid_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not pid_alive(proc.pid)  # exited, not yet reaped
+    proc.wait()
+    assert not pid_alive(proc.pid)

@@ -536,3 +536,24 @@ def test_python_m_corral_agent_help() -> None:
         env=dict(os.environ, PYTHONPATH=str(SRC)),
     )
     assert "corral.agent_exit" in out.stdout
+
+
+def test_the_agent_errors_share_one_root_and_install_failures_one_branch() -> None:
+    from corral.agent.disk import CommandFailed, DiskError, DiskTooSmall, Result
+    from corral.agent.errors import AgentError, InstallError
+    from corral.agent.identity import IdentityError
+    from corral.agent.receivers.errors import Cancelled, ReceiveError
+
+    install_failures = [
+        InstallError("no disk"),
+        DiskError("too small"),
+        DiskTooSmall("too small"),
+        CommandFailed(Result(("mkfs.ext4",), 1, "", "bad\n"), "making /"),
+        ReceiveError("gone"),
+        Cancelled(),
+        IdentityError("no shadow"),
+    ]
+    for error in install_failures:
+        assert isinstance(error, InstallError), error
+    for other in (ReportError("down"), Rejected(403, "no"), NetworkError("no link")):
+        assert isinstance(other, AgentError) and not isinstance(other, InstallError), other

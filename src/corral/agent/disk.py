@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from corral.agent.errors import InstallError
 from corral.agent.plan import Disk, Partition
 from corral.agent.receivers.errors import Cancelled
 
@@ -79,7 +80,7 @@ TABLE_OVERHEAD_MB = 2
 ROOT_MARGIN = 1.1
 
 
-class DiskError(Exception):
+class DiskError(InstallError):
     """The disk cannot take the plan; the message is the one-line reason."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from corral.agent.errors import InstallError
 
-class ReceiveError(Exception):
+
+class ReceiveError(InstallError):
     """The image could not be received; the message is the one-line reason."""
 
 

@@ -1,0 +1,28 @@
+"""The exceptions the node agent raises on purpose.
+
+The agent cannot import :mod:`corral.errors` (it is stdlib-only and copied alone into the
+ramdisk), so it has its own tree. Each class lives next to the code that raises it; an
+:class:`InstallError`'s message is the one-line reason a node reports with ``failed``.
+
+    AgentError
+    ├── InstallError               the installation failed (corral.agent.deploy)
+    │   ├── DiskError              the disk cannot take the plan (corral.agent.disk)
+    │   │   ├── DiskTooSmall
+    │   │   └── CommandFailed      a command run on the disk exited non-zero
+    │   ├── ReceiveError           the image could not be received (receivers.errors)
+    │   │   └── Cancelled          the deployment was cancelled meanwhile
+    │   └── IdentityError          the node's identity cannot be written (identity)
+    ├── ReportError                a report did not reach the server (corral.agent.report)
+    │   └── Rejected               the server refused it (a 4xx)
+    └── NetworkError               no interface could be brought up (corral.agent.network)
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class InstallError(AgentError):
+    """The installation failed; the message is the one-line reason."""

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.agent import disk, firstboot, identity
-from corral.agent.errors import InstallError
+from corral.agent.errors import Cancelled, InstallError
 from corral.agent.plan import PHASES, Plan, Progress
 from corral.agent.receivers import RECEIVERS
 from corral.agent.receivers.base import Context, Received, Receiver
-from corral.agent.receivers.errors import Cancelled
 from corral.agent.report import Client, Rejected, ReportError
+from corral.agent.run import Result, Runner
 
 log = logging.getLogger("corral.agent")
 
@@ -167,7 +167,7 @@ class Installer:
         self,
         plan: Plan,
         client: Client | None,
-        runner: disk.Runner,
+        runner: Runner,
         settings: InstallSettings | None = None,
         *,
         receivers: Mapping[str, type[Receiver]] = RECEIVERS,
@@ -205,8 +205,8 @@ class Installer:
         timeout: float = 600.0,
         env: Mapping[str, str] | None = None,
         cancel: threading.Event | None = None,
-    ) -> disk.Result:
-        """The runner, stopped by a cancel of the deployment (a :data:`disk.Runner`)."""
+    ) -> Result:
+        """The runner, stopped by a cancel of the deployment (a :data:`Runner`)."""
         if self.cancel.is_set():
             raise Cancelled()
         result = self.runner(argv, input=input, timeout=timeout, env=env, cancel=self.cancel)
@@ -412,7 +412,7 @@ class Installer:
             "CORRAL_IMAGE": self.plan.image.ref,
         }
 
-    def _chroot(self, argv: Sequence[str], what: str, timeout: float) -> disk.Result:
+    def _chroot(self, argv: Sequence[str], what: str, timeout: float) -> Result:
         result = self.run_command(
             ["chroot", str(self.target), *argv], timeout=timeout, env=self.chroot_env()
         )

@@ -1,15 +1,16 @@
 """The exceptions the node agent raises on purpose.
 
 The agent cannot import :mod:`corral.errors` (it is stdlib-only and copied alone into the
-ramdisk), so it has its own tree. Each class lives next to the code that raises it; an
-:class:`InstallError`'s message is the one-line reason a node reports with ``failed``.
+ramdisk), so it has its own tree. The classes shared by several modules are here, the
+others live next to the code that raises them; an :class:`InstallError`'s message is the
+one-line reason a node reports with ``failed``.
 
     AgentError
     ├── InstallError               the installation failed (corral.agent.deploy)
     │   ├── DiskError              the disk cannot take the plan (corral.agent.disk)
     │   │   ├── DiskTooSmall
     │   │   └── CommandFailed      a command run on the disk exited non-zero
-    │   ├── ReceiveError           the image could not be received (receivers.errors)
+    │   ├── ReceiveError           the image could not be received (the receivers)
     │   │   └── Cancelled          the deployment was cancelled meanwhile
     │   └── IdentityError          the node's identity cannot be written (identity)
     ├── ReportError                a report did not reach the server (corral.agent.report)
@@ -26,3 +27,14 @@ class AgentError(Exception):
 
 class InstallError(AgentError):
     """The installation failed; the message is the one-line reason."""
+
+
+class ReceiveError(InstallError):
+    """The image could not be received; the message is the one-line reason."""
+
+
+class Cancelled(ReceiveError):
+    """The deployment was cancelled while the image was arriving."""
+
+    def __init__(self) -> None:
+        super().__init__("cancelled")

@@ -97,11 +97,19 @@ def pid_alive(pid: int) -> bool:
     return stat[end + 2 : end + 3] not in (b"Z", b"X", b"")
 
 
-def stop(proc: subprocess.Popen[Any], grace: float = 5.0, *, reap: float | None = None) -> int:
+def stop(
+    proc: subprocess.Popen[Any],
+    grace: float = 5.0,
+    *,
+    reap: float | None = None,
+    name: str | None = None,
+) -> int:
     """End ``proc`` if it still runs: SIGTERM, then SIGKILL after ``grace`` s; reap it.
 
     ``reap`` bounds the wait after SIGKILL (None: as long as it takes; a process in
-    uninterruptible sleep can outlive SIGKILL for a while). Returns its exit status.
+    uninterruptible sleep can outlive SIGKILL for a while). ``name`` is the program the
+    warning of a kill names (default: the first word of its command, which is ``ip``
+    for one run in a network namespace). Returns its exit status.
     """
     if proc.poll() is not None:
         return proc.returncode
@@ -109,7 +117,9 @@ def stop(proc: subprocess.Popen[Any], grace: float = 5.0, *, reap: float | None 
     try:
         return proc.wait(grace)
     except subprocess.TimeoutExpired:
-        name = os.path.basename(str(proc.args[0] if isinstance(proc.args, list) else proc.args))
+        if name is None:
+            first = proc.args[0] if isinstance(proc.args, list | tuple) else proc.args
+            name = os.path.basename(str(first))
         log.warning("%s (pid %d) ignored SIGTERM for %g s: killing it", name, proc.pid, grace)
         proc.kill()
         return proc.wait(reap)

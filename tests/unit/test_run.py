@@ -33,7 +33,8 @@ def test_stop_kills_a_process_that_ignores_sigterm_after_the_grace_time(
     started = time.monotonic()
     assert stop(proc, grace=0.5) == -signal.SIGKILL
     assert 0.5 <= time.monotonic() - started < 10
-    assert f"(pid {proc.pid}) ignored SIGTERM for 0.5 s: killing it" in caplog.text
+    program = os.path.basename(sys.executable)
+    assert f"{program} (pid {proc.pid}) ignored SIGTERM for 0.5 s: killing it" in caplog.text
     proc.stdout.close()
 
 
@@ -52,3 +53,12 @@ def test_pid_alive_is_false_for_a_zombie_and_for_a_reaped_process() -> None:
     assert not pid_alive(proc.pid)  # exited, not yet reaped
     proc.wait()
     assert not pid_alive(proc.pid)
+
+
+def test_stop_names_the_program_it_was_told(caplog: pytest.LogCaptureFixture) -> None:
+    proc = spawn([sys.executable, "-c", IGNORES_SIGTERM], stdout=subprocess.PIPE, stderr=None)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    stop(proc, grace=0.1, name="dnsmasq")
+    assert f"dnsmasq (pid {proc.pid}) ignored SIGTERM for 0.1 s: killing it" in caplog.text
+    proc.stdout.close()

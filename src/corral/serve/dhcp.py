@@ -417,7 +417,7 @@ class Dnsmasq:
     def _terminate(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
-            stop(proc, STOP_TIMEOUT)
+            stop(proc, STOP_TIMEOUT, name="dnsmasq")
 
     def check(self) -> bool:
         if not self._wanted or self.running:

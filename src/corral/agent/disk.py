@@ -90,6 +90,8 @@ class DiskTooSmall(DiskError):
 
 
 class CommandFailed(DiskError):
+    """A command exited non-zero: the agent's :class:`corral.errors.CommandFailed`."""
+
     def __init__(self, result: Result, what: str = "") -> None:
         super().__init__(f"{what}: {result.reason()}" if what else result.reason())
         self.result = result

@@ -16,6 +16,9 @@ one-line reason a node reports with ``failed``.
     ├── ReportError                a report did not reach the server (corral.agent.report)
     │   └── Rejected               the server refused it (a 4xx)
     └── NetworkError               no interface could be brought up (corral.agent.network)
+
+One name is the server's too, for the same thing in a layer that cannot share its code:
+``CommandFailed``, a command that exited non-zero (:class:`corral.errors.CommandFailed`).
 """
 
 from __future__ import annotations

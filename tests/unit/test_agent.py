@@ -555,5 +555,15 @@ def test_the_agent_errors_share_one_root_and_install_failures_one_branch() -> No
     ]
     for error in install_failures:
         assert isinstance(error, InstallError), error
-    for other in (ReportError("down"), Rejected(403, "no"), NetworkError("no link")):
+    from corral.agent.wire.chain import Closed, Gone, ProtocolError
+
+    others = [
+        ReportError("down"),
+        Rejected(403, "no"),
+        NetworkError("no link"),
+        ProtocolError("bad magic"),
+        Gone(7),
+        Closed(),
+    ]
+    for other in others:
         assert isinstance(other, AgentError) and not isinstance(other, InstallError), other

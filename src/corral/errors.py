@@ -1,20 +1,24 @@
 """The exceptions corral raises.
 
 Everything the library raises on purpose derives from :class:`CorralError`; the CLI
-turns one into ``error: <message>`` (plus a hint) and the exit code it carries.
+turns one into ``error: <message>`` (plus a hint) and the exit code it carries, the
+HTTP API into ``{"detail": <message>, "hint": <hint>}`` and the HTTP status it carries.
 
-    CorralError
-    ├── UsageError                 bad input from the user (exit 2)
+    CorralError                    exit 1, HTTP 500
+    ├── UsageError                 bad input from the user (exit 2, HTTP 422)
     │   ├── InvalidValue           a field fails validation (MAC, IP, name, ...)
     │   ├── NodeRangeError         a noderange that cannot be expanded
-    │   ├── NotFound               an unknown node, profile, distro or group
-    │   ├── AlreadyExists          a name, MAC or IP that is taken
+    │   ├── NotFound               an unknown node, profile, distro or group (HTTP 404)
+    │   ├── AlreadyExists          a name, MAC or IP that is taken (HTTP 409)
     │   ├── InvalidClusterFile     malformed YAML or an unknown field in a cluster file
     │   └── LimitReached           a request over a configured limit (HTTP 429)
-    ├── RenderError                a template that fails to render (exit 2)
-    │   └── InvalidBootFile        a rendered file that fails validation (exit 2)
+    ├── RenderError                a template that fails to render (exit 2, HTTP 422)
+    │   └── InvalidBootFile        a rendered file that fails validation
     ├── ConfigError                a bad configuration file (exit 2)
-    └── CommandFailed              an external command exited non-zero (exit 1)
+    └── CommandFailed              an external command exited non-zero
+
+Other modules add their own subclasses next to the code that raises them (for example
+``corral.serve.boot.Forbidden``, HTTP 403); each inherits both numbers unless it sets one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class CorralError(Exception):
     """Base of every error corral raises on purpose."""
 
     exit_code = 1
+    http_status = 500  # what went wrong is on the server's side, unless a subclass says
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -38,6 +43,7 @@ class CorralError(Exception):
 
 class UsageError(CorralError):
     exit_code = 2
+    http_status = 422  # the request's content is wrong
 
 
 class InvalidValue(UsageError):
@@ -49,6 +55,8 @@ class NodeRangeError(UsageError):
 
 
 class NotFound(UsageError):
+    http_status = 404
+
     def __init__(self, kind: str, name: str, hint: str | None = None) -> None:
         super().__init__(
             f"unknown {kind} '{name}'", hint or f"see 'corral {kind} list' for the known ones"
@@ -59,7 +67,7 @@ class NotFound(UsageError):
 
 
 class AlreadyExists(UsageError):
-    pass
+    http_status = 409
 
 
 class InvalidClusterFile(UsageError):
@@ -67,7 +75,7 @@ class InvalidClusterFile(UsageError):
 
 
 class LimitReached(UsageError):
-    pass
+    http_status = 429
 
 
 class ConfigError(CorralError):
@@ -76,6 +84,7 @@ class ConfigError(CorralError):
 
 class RenderError(CorralError):
     exit_code = 2
+    http_status = 422  # a change that would break a node's boot files
 
 
 class InvalidBootFile(RenderError):

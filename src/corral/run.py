@@ -2,6 +2,7 @@
 
 argv lists only, stdin closed, a small allow-listed environment; a failure raises
 :class:`CommandFailed` carrying the command, its exit code and the tail of stderr.
+A process started with :func:`spawn` is ended with :func:`stop`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from corral.errors import CommandFailed, CorralError
 
@@ -69,7 +71,7 @@ def spawn(
 ) -> subprocess.Popen[bytes]:
     """Start a long-running program (a daemon kept in the foreground) and return it.
 
-    The caller owns the process: it must stop it (``terminate`` then ``wait``).
+    The caller owns the process: it must end it with :func:`stop`.
     """
     args = [str(a) for a in argv]
     log.debug("+ %s &", shlex.join(args))
@@ -81,3 +83,43 @@ def spawn(
         raise CorralError(
             f"program not found: {args[0]}", "run 'make setup' to install corral's dependencies"
         ) from exc
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a live process; False for a gone one or a zombie (dead, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # The state follows the command name, which is in parentheses and may hold any byte.
+    end = stat.rfind(b")")
+    return stat[end + 2 : end + 3] not in (b"Z", b"X", b"")
+
+
+def stop(
+    proc: subprocess.Popen[Any],
+    grace: float = 5.0,
+    *,
+    reap: float | None = None,
+    name: str | None = None,
+) -> int:
+    """End ``proc`` if it still runs: SIGTERM, then SIGKILL after ``grace`` s; reap it.
+
+    ``reap`` bounds the wait after SIGKILL (None: as long as it takes; a process in
+    uninterruptible sleep can outlive SIGKILL for a while). ``name`` is the program the
+    warning of a kill names (default: the first word of its command, which is ``ip``
+    for one run in a network namespace). Returns its exit status.
+    """
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.terminate()
+    try:
+        return proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        if name is None:
+            first = proc.args[0] if isinstance(proc.args, list | tuple) else proc.args
+            name = os.path.basename(str(first))
+        log.warning("%s (pid %d) ignored SIGTERM for %g s: killing it", name, proc.pid, grace)
+        proc.kill()
+        return proc.wait(reap)

@@ -23,7 +23,8 @@ import pytest
 
 from corral.agent import disk
 from corral.agent.deploy import Installer, InstallSettings
-from corral.agent.disk import SubprocessRunner, mounts_under
+from corral.agent.disk import mounts_under
+from corral.agent.errors import ReceiveError
 from corral.agent.plan import (
     Chunk,
     Disk,
@@ -34,10 +35,10 @@ from corral.agent.plan import (
     Plan,
     TransportInfo,
 )
-from corral.agent.receivers.errors import ReceiveError
 from corral.agent.receivers.http import HttpReceiver
 from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
+from corral.agent.run import SubprocessRunner
 from corral.images.exports import build_exports
 from corral.images.store import ImageStore, ImageVersion
 

@@ -99,6 +99,13 @@ def test_render_prints_one_file(cluster_home: Path) -> None:
     assert "installs by image" in none.stderr
 
 
+def test_render_an_unknown_kind_is_a_usage_error(cluster_home: Path) -> None:
+    result = corral("render", "c01", "--kind", "png", home=cluster_home)
+    assert result.returncode == 2
+    assert "error: unknown kind 'png'" in result.stderr
+    assert "hint: use one of: " in result.stderr
+
+
 def test_set_and_rm(cluster_home: Path) -> None:
     result = corral(
         "node", "set", "c01", "--var", "rack=r9", "--ip", "10.0.0.99", home=cluster_home

@@ -19,9 +19,8 @@ import pytest
 from corral.cli import common
 from corral.deploy.store import Deployments
 from corral.images.catalog import image_store
-from corral.run import run
+from corral.run import pid_alive, run
 from corral.testbed import cluster
-from corral.testbed.netns import process_running
 from tests.conftest import corral
 from tests.integration.deploybed import NODES, RANGE, add_image, check_nodes, deploy
 
@@ -111,7 +110,7 @@ def test_a_killed_node_fails_alone_and_a_server_restart_loses_nothing(
         pid = testbed.require_state().server_pid
         assert pid
         os.kill(pid, signal.SIGTERM)
-        _wait(lambda: not process_running(pid), 30, "corral serve to stop")
+        _wait(lambda: not pid_alive(pid), 30, "corral serve to stop")
         testbed.start_server()
         _wait(
             lambda: phase(slow.name) == "receiving" and _bytes(ident, slow.name) > 0,

@@ -23,9 +23,9 @@ import pytest
 from corral.cli import common
 from corral.errors import AlreadyExists
 from corral.inventory.state import NodeStates
-from corral.run import run
+from corral.run import pid_alive, run
 from corral.testbed import cluster
-from corral.testbed.netns import list_namespaces, namespace_pid_map, process_running
+from corral.testbed.netns import list_namespaces, namespace_pid_map
 from tests.conftest import corral
 
 pytestmark = [
@@ -204,7 +204,7 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
     assert testbed.node_power("tb002")[1] == [pid]  # exec'd: the same process
     testbed.power("tb002", "off")
     assert testbed.node_power("tb002") == ("off", [])
-    assert not process_running(pid)
+    assert not pid_alive(pid)
     assert not (node_dir / "pid").exists()
 
     # The CLI's view.
@@ -223,7 +223,7 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
     report = testbed.down()
     assert report.namespaces == 7 and report.loops == 5
     assert report.kept_nodes == names
-    assert not process_running(server_pid)
+    assert not pid_alive(server_pid)
     assert_all_gone(testbed)
     down = corral("testbed", "down", home=home)
     assert down.returncode == 0, down.stderr
@@ -236,13 +236,13 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
 def test_down_without_state_after_crash(testbed: cluster.Testbed, home: Path) -> None:
     state = testbed.up(3, "50mbit", disk_size="16M")
     testbed.power("tb001", "on", agent=[sys.executable, "-c", STAND_IN], timeout=30)
-    assert state.server_pid is not None and process_running(state.server_pid)
+    assert state.server_pid is not None and pid_alive(state.server_pid)
     testbed.state_path.unlink()  # as if the machine had lost it
     assert testbed.leftovers()  # up would refuse
     down = corral("testbed", "down", "--forget", home=home)
     assert down.returncode == 0, down.stderr
     assert "removed from the inventory: tb[001-003]" in down.stdout
-    assert not process_running(state.server_pid)
+    assert not pid_alive(state.server_pid)
     assert_all_gone(testbed)
     with common.inventory() as inv:
         assert inv.specs("node") == []

@@ -536,3 +536,34 @@ def test_python_m_corral_agent_help() -> None:
         env=dict(os.environ, PYTHONPATH=str(SRC)),
     )
     assert "corral.agent_exit" in out.stdout
+
+
+def test_the_agent_errors_share_one_root_and_install_failures_one_branch() -> None:
+    from corral.agent.disk import CommandFailed, DiskError, DiskTooSmall
+    from corral.agent.errors import AgentError, Cancelled, InstallError, ReceiveError
+    from corral.agent.identity import IdentityError
+    from corral.agent.run import Result
+
+    install_failures = [
+        InstallError("no disk"),
+        DiskError("too small"),
+        DiskTooSmall("too small"),
+        CommandFailed(Result(("mkfs.ext4",), 1, "", "bad\n"), "making /"),
+        ReceiveError("gone"),
+        Cancelled(),
+        IdentityError("no shadow"),
+    ]
+    for error in install_failures:
+        assert isinstance(error, InstallError), error
+    from corral.agent.wire.chain import Closed, Gone, ProtocolError
+
+    others = [
+        ReportError("down"),
+        Rejected(403, "no"),
+        NetworkError("no link"),
+        ProtocolError("bad magic"),
+        Gone(7),
+        Closed(),
+    ]
+    for other in others:
+        assert isinstance(other, AgentError) and not isinstance(other, InstallError), other

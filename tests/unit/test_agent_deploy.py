@@ -22,7 +22,8 @@ import pytest
 from corral.agent import disk, identity
 from corral.agent.cmdline import BootOrders
 from corral.agent.deploy import Installer, InstallSettings, Reporter
-from corral.agent.disk import DiskError, DiskTooSmall, Layout, Result
+from corral.agent.disk import DiskError, DiskTooSmall, Layout
+from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.main import Agent, Paths, Settings
 from corral.agent.plan import (
     Chunk,
@@ -37,10 +38,10 @@ from corral.agent.plan import (
 )
 from corral.agent.receivers import receiver_class
 from corral.agent.receivers.base import Context, Received, Receiver
-from corral.agent.receivers.errors import Cancelled, ReceiveError
 from corral.agent.receivers.http import HttpReceiver
 from corral.agent.receivers.rsync import RsyncReceiver, parse_progress2, parse_stats
 from corral.agent.report import Client, Rejected, ReportError
+from corral.agent.run import Result
 from tests.fakes import ChunkServer
 
 MiB = 1 << 20

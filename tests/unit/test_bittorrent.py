@@ -14,6 +14,7 @@ from typing import Any
 import libtorrent as lt
 import pytest
 
+from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
 from corral.agent.receivers import RECEIVERS
 from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, linger, tracker_pending
@@ -21,7 +22,6 @@ from corral.agent.receivers.bittorrent.libtorrent_swarm import session_settings
 from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver, _stripe
 from corral.agent.receivers.bittorrent.seed import ALONE_WAIT
 from corral.agent.receivers.bittorrent.swarm import PieceMap, stripe
-from corral.agent.receivers.errors import Cancelled, ReceiveError
 from corral.agent.receivers.stream import VerifiedStream
 from corral.agent.wire.bencode import bencode
 from corral.deploy import transports

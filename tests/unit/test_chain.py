@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import pytest
 
+from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
 from corral.agent.receivers import receiver_class
 from corral.agent.receivers.base import Context, Received
@@ -25,7 +26,6 @@ from corral.agent.receivers.chain.receiver import ChainReceiver
 from corral.agent.receivers.chain.relay import Relay
 from corral.agent.receivers.chain.upstream import ChainParams, LagWatch, Picker, Upstream
 from corral.agent.receivers.chain.window import Window
-from corral.agent.receivers.errors import Cancelled, ReceiveError
 from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
 from corral.agent.wire import chain as wire

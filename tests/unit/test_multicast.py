@@ -21,11 +21,11 @@ from typing import Any, cast
 
 import pytest
 
+from corral.agent.errors import Cancelled
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
 from corral.agent.receivers import multicast as rx_multicast
 from corral.agent.receivers import receiver_class
 from corral.agent.receivers.base import Context
-from corral.agent.receivers.errors import Cancelled
 from corral.agent.receivers.multicast import MulticastReceiver, RateWatch, Session, receiver_argv
 from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client

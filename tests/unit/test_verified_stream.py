@@ -7,8 +7,8 @@ import hashlib
 
 import pytest
 
+from corral.agent.errors import ReceiveError
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
-from corral.agent.receivers.errors import ReceiveError
 from corral.agent.receivers.stream import VerifiedStream, chunk_mismatch
 
 PIECES = [b"a" * 5, b"b" * 5, b"c" * 3]

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.agent import disk, firstboot, identity
+from corral.agent.errors import Cancelled, InstallError
 from corral.agent.plan import PHASES, Plan, Progress
 from corral.agent.receivers import RECEIVERS
 from corral.agent.receivers.base import Context, Received, Receiver
-from corral.agent.receivers.errors import Cancelled, ReceiveError
 from corral.agent.report import Client, Rejected, ReportError
+from corral.agent.run import Result, Runner
 
 log = logging.getLogger("corral.agent")
 
@@ -45,10 +46,6 @@ GRUB_DEFAULTS = "etc/default/grub.d/50-corral.cfg"
 
 #: PATH inside the installed system.
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class DeployError(Exception):
-    """The installation failed; the message is the one-line reason."""
 
 
 @dataclass
@@ -170,7 +167,7 @@ class Installer:
         self,
         plan: Plan,
         client: Client | None,
-        runner: disk.Runner,
+        runner: Runner,
         settings: InstallSettings | None = None,
         *,
         receivers: Mapping[str, type[Receiver]] = RECEIVERS,
@@ -208,8 +205,8 @@ class Installer:
         timeout: float = 600.0,
         env: Mapping[str, str] | None = None,
         cancel: threading.Event | None = None,
-    ) -> disk.Result:
-        """The runner, stopped by a cancel of the deployment (a :data:`disk.Runner`)."""
+    ) -> Result:
+        """The runner, stopped by a cancel of the deployment (a :data:`Runner`)."""
         if self.cancel.is_set():
             raise Cancelled()
         result = self.runner(argv, input=input, timeout=timeout, env=env, cancel=self.cancel)
@@ -257,7 +254,7 @@ class Installer:
                 left = self.mounts.unmount_all()
                 left += disk.mounts_under(self.target)
             if left:
-                raise DeployError(f"could not unmount {', '.join(sorted(set(left)))}")
+                raise InstallError(f"could not unmount {', '.join(sorted(set(left)))}")
             seconds = time.monotonic() - started
             log.info("installed %s on %s in %.0f s", self.plan.image.ref, self.device, seconds)
             then = "rebooting into it" if self.settings.reboot else "not rebooting"
@@ -272,7 +269,7 @@ class Installer:
         except Cancelled:
             log.error("deployment cancelled")
             final = Progress("failed", self.bytes, self.total, "cancelled")
-        except (DeployError, disk.DiskError, ReceiveError, identity.IdentityError) as exc:
+        except InstallError as exc:
             log.error("deployment failed in %s: %s", self.phase, exc)
             final = Progress("failed", self.bytes, self.total, _one_line(str(exc)))
         except Exception as exc:
@@ -293,12 +290,12 @@ class Installer:
     def _install(self) -> None:
         plan = self.plan
         if plan.bootloader not in BOOTLOADERS:
-            raise DeployError(f"unknown bootloader {plan.bootloader!r}: use grub or none")
+            raise InstallError(f"unknown bootloader {plan.bootloader!r}: use grub or none")
         if plan.transport.name not in self.receivers:
             known = ", ".join(sorted(self.receivers))
-            raise DeployError(f"unknown transport {plan.transport.name!r}: this agent has {known}")
+            raise InstallError(f"unknown transport {plan.transport.name!r}: this agent has {known}")
         if not self.device:
-            raise DeployError("no disk to install on (none in the plan, none found)")
+            raise InstallError("no disk to install on (none in the plan, none found)")
         context = Context(self.client, tries=self.settings.tries)
         self.receiver = receiver = self.receivers[plan.transport.name](context)
 
@@ -372,7 +369,7 @@ class Installer:
         if found is None:
             return
         if not self.plan.disk.wipe:
-            raise DeployError(
+            raise InstallError(
                 f"{self.device} holds {found}, not made by corral: not erased; "
                 "set wipe_disk: true in the node's profile to let corral erase it"
             )
@@ -415,7 +412,7 @@ class Installer:
             "CORRAL_IMAGE": self.plan.image.ref,
         }
 
-    def _chroot(self, argv: Sequence[str], what: str, timeout: float) -> disk.Result:
+    def _chroot(self, argv: Sequence[str], what: str, timeout: float) -> Result:
         result = self.run_command(
             ["chroot", str(self.target), *argv], timeout=timeout, env=self.chroot_env()
         )
@@ -431,7 +428,7 @@ class Installer:
         """
         install = self._in_target("usr/sbin/grub-install", "usr/sbin/grub2-install")
         if install is None:
-            raise DeployError("the image has no grub-install: install GRUB in it")
+            raise InstallError("the image has no grub-install: install GRUB in it")
         timeout = self.settings.grub_timeout
         if self.plan.kernel_args:
             # sourced by grub-mkconfig after /etc/default/grub (the image's own settings)
@@ -443,7 +440,7 @@ class Installer:
         esp = layout.esp
         bios = layout.label == "dos" or layout.has_biosboot
         if not bios and esp is None:
-            raise DeployError(
+            raise InstallError(
                 "GRUB has nowhere to go: a gpt disk needs a biosboot or an EFI partition"
             )
         if bios:
@@ -463,7 +460,7 @@ class Installer:
             return
         mkconfig = self._in_target("usr/sbin/grub-mkconfig", "usr/sbin/grub2-mkconfig")
         if mkconfig is None:
-            raise DeployError("the image has neither update-grub nor grub-mkconfig")
+            raise InstallError("the image has neither update-grub nor grub-mkconfig")
         config = "/boot/grub2/grub.cfg" if "grub2" in mkconfig else "/boot/grub/grub.cfg"
         self._chroot([mkconfig, "-o", config], "grub-mkconfig", timeout)
 
@@ -485,12 +482,12 @@ class Installer:
         for line in (result.stdout + result.stderr).splitlines():
             log.info("post-install: %s", line)
         if result.returncode == 124:
-            raise DeployError(
+            raise InstallError(
                 f"post-install script did not finish in {self.settings.post_timeout:.0f} s"
             )
         if not result.ok:
             last = (result.stderr.strip() or result.stdout.strip()).splitlines()
-            raise DeployError(
+            raise InstallError(
                 f"post-install script exited with {result.returncode}"
                 + (f": {last[-1].strip()}" if last else "")
             )

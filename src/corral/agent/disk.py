@@ -22,8 +22,8 @@ Anything else (another layout, a disk partitioned by other means, no or an unrea
 stamp, a transport that writes everything anew) repartitions and formats. The stamp keeps
 the filesystems' UUIDs, so ``/etc/fstab`` stays the same across such re-deployments.
 
-Commands run through a :data:`Runner` so that tests can record them; :class:`SubprocessRunner`
-is the real one.
+Commands run through a :data:`~corral.agent.run.Runner` so that tests can record them;
+:class:`~corral.agent.run.SubprocessRunner` is the real one.
 """
 
 from __future__ import annotations
@@ -33,16 +33,15 @@ import logging
 import os
 import re
 import stat
-import subprocess
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from corral.agent.errors import InstallError
 from corral.agent.plan import Disk, Partition
-from corral.agent.receivers.errors import Cancelled
+from corral.agent.run import Result, Runner
 
 log = logging.getLogger("corral.agent")
 
@@ -79,7 +78,7 @@ TABLE_OVERHEAD_MB = 2
 ROOT_MARGIN = 1.1
 
 
-class DiskError(Exception):
+class DiskError(InstallError):
     """The disk cannot take the plan; the message is the one-line reason."""
 
 
@@ -90,114 +89,18 @@ class DiskTooSmall(DiskError):
 # --- commands --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Result:
-    argv: tuple[str, ...]
-    returncode: int
-    stdout: str = ""
-    stderr: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
-
-    def reason(self) -> str:
-        """``mkfs.ext4 exited with 1: <its last line of complaint>``."""
-        text = (self.stderr.strip() or self.stdout.strip()).splitlines()
-        name = os.path.basename(self.argv[0]) if self.argv else "?"
-        if self.returncode == 127:
-            return f"{name}: command not found"
-        if self.returncode == 124:
-            return f"{name} did not finish in time"
-        last = f": {text[-1].strip()}" if text else ""
-        return f"{name} exited with {self.returncode}{last}"
-
-
 class CommandFailed(DiskError):
+    """A command exited non-zero: the agent's :class:`corral.errors.CommandFailed`."""
+
     def __init__(self, result: Result, what: str = "") -> None:
         super().__init__(f"{what}: {result.reason()}" if what else result.reason())
         self.result = result
-
-
-class Runner(Protocol):
-    def __call__(
-        self,
-        argv: Sequence[str],
-        *,
-        input: str | None = None,
-        timeout: float = 600.0,
-        env: Mapping[str, str] | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Result: ...
 
 
 def check(result: Result, what: str = "") -> Result:
     if not result.ok:
         raise CommandFailed(result, what)
     return result
-
-
-class SubprocessRunner:
-    """Runs commands, logs their output, stops them at a timeout or a cancel.
-
-    Returns 127 for a missing program and 124 after the timeout, as shells do, so that the
-    caller's one reason covers them; raises :class:`Cancelled` when ``cancel`` is set.
-    """
-
-    def __init__(self, extra_env: Mapping[str, str] | None = None, poll: float = 0.2) -> None:
-        self.extra_env = dict(extra_env or {})
-        self.poll = poll
-
-    def __call__(
-        self,
-        argv: Sequence[str],
-        *,
-        input: str | None = None,
-        timeout: float = 600.0,
-        env: Mapping[str, str] | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Result:
-        args = tuple(argv)
-        log.debug("+ %s", " ".join(args))
-        environ = dict(env) if env is not None else dict(os.environ, **self.extra_env)
-        try:
-            proc = subprocess.Popen(
-                list(args),
-                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                errors="replace",
-                env=environ,
-            )
-        except FileNotFoundError:
-            log.error("%s: not found", args[0])
-            return Result(args, 127, "", f"{args[0]}: not found")
-        deadline = time.monotonic() + timeout
-        data = input
-        try:
-            while True:
-                try:
-                    out, err = proc.communicate(data, timeout=self.poll)
-                    break
-                except subprocess.TimeoutExpired:
-                    data = None  # communicate() keeps feeding what it started with
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled() from None
-                    if time.monotonic() > deadline:
-                        proc.kill()
-                        out, err = proc.communicate()
-                        log.error("%s: no answer after %.0f s", args[0], timeout)
-                        return Result(args, 124, out, err + f"\ntimed out after {timeout:.0f} s")
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        for line in (out + err).splitlines():
-            log.debug("%s: %s", os.path.basename(args[0]), line)
-        if proc.returncode != 0:
-            log.warning("%s exited with %d", " ".join(args), proc.returncode)
-        return Result(args, proc.returncode, out, err)
 
 
 # --- the layout ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from corral.agent.disk import Layout, Volume
+from corral.agent.errors import InstallError
 from corral.agent.plan import Identity, Interface
 
 log = logging.getLogger("corral.agent")
@@ -25,7 +26,7 @@ _KEY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _NETWORKD_UNITS = ("lib/systemd/system", "usr/lib/systemd/system")
 
 
-class IdentityError(Exception):
+class IdentityError(InstallError):
     """The plan's identity cannot be written; the message is the one-line reason."""
 
 

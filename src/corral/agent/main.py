@@ -13,7 +13,6 @@ import logging
 import os
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -25,7 +24,6 @@ from pathlib import Path
 from corral.agent import facts as hw
 from corral.agent.cmdline import EXIT_ACTIONS, BootOrders
 from corral.agent.deploy import Installer, InstallSettings
-from corral.agent.disk import Runner, SubprocessRunner
 from corral.agent.network import (
     NetworkError,
     interface_ipv4,
@@ -35,6 +33,7 @@ from corral.agent.network import (
 )
 from corral.agent.plan import Plan
 from corral.agent.report import PHASES, Client, Rejected, ReportError
+from corral.agent.run import Runner, SubprocessRunner
 
 log = logging.getLogger("corral.agent")
 
@@ -170,30 +169,9 @@ class Agent:
     # --- commands ------------------------------------------------------------------
 
     def command(self, argv: Sequence[str], timeout: float = 60) -> int:
-        """Run ``argv``, log its output, return its exit code (127 if missing)."""
-        env = dict(os.environ, **self.settings.extra_env)
-        log.debug("+ %s", " ".join(argv))
-        try:
-            proc = subprocess.run(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env=env,
-                check=False,
-            )
-        except FileNotFoundError:
-            log.error("%s: not found", argv[0])
-            return 127
-        except subprocess.TimeoutExpired:
-            log.error("%s: no answer after %.0f s", argv[0], timeout)
-            return 124
-        for line in (proc.stdout + proc.stderr).splitlines():
-            log.debug("%s: %s", os.path.basename(argv[0]), line)
-        if proc.returncode != 0:
-            log.warning("%s exited with %d", " ".join(argv), proc.returncode)
-        return proc.returncode
+        """Run ``argv``, log its output, return its exit code (127 if missing, 124 after
+        ``timeout``)."""
+        return self.runner(argv, timeout=timeout).returncode
 
     # --- the network ---------------------------------------------------------------
 

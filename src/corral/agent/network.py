@@ -7,6 +7,8 @@ import socket
 import struct
 from pathlib import Path
 
+from corral.agent.errors import AgentError
+
 #: ioctl that reads an interface's IPv4 address (linux/sockios.h).
 _SIOCGIFADDR = 0x8915
 
@@ -57,7 +59,7 @@ exit 0
 """
 
 
-class NetworkError(Exception):
+class NetworkError(AgentError):
     """No interface could be brought up."""
 
 

@@ -12,6 +12,8 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from corral.agent.errors import AgentError
+
 log = logging.getLogger("corral.agent")
 
 #: Phases corral's server accepts in ``POST /api/v1/nodes/{node}/events``.
@@ -24,7 +26,7 @@ MAX_DELAY = 10.0
 _RETRY_STATUS = (408, 425, 429)
 
 
-class ReportError(Exception):
+class ReportError(AgentError):
     """A report did not reach the server, or the server refused it."""
 
 

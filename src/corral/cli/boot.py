@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from corral.cli.common import err, out, session, settings
-from corral.errors import CorralError, InvalidBootFile
+from corral.errors import InvalidBootFile, InvalidValue
 from corral.inventory.store import Inventory
 
 # The renderers (Jinja2, pykickstart) load only when a command needs them.
@@ -29,7 +29,7 @@ def render(
     from corral.render.validate import check_grub, check_kickstarts
 
     if kind not in FILE_KINDS:
-        raise CorralError(f"unknown kind '{kind}'", f"use one of: {', '.join(FILE_KINDS)}")
+        raise InvalidValue(f"unknown kind '{kind}'", f"use one of: {', '.join(FILE_KINDS)}")
     file_kind: FileKind = kind  # type: ignore[assignment]
     with session() as s:
         spec = Inventory(s).node(node)

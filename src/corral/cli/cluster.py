@@ -72,6 +72,6 @@ def export(
     if output is None:
         out.print(text, end="", markup=False)
     else:
-        from corral.render.sync import write_atomic
+        from corral.files import write_atomic
 
-        write_atomic(output, text.encode())
+        write_atomic(output, text)

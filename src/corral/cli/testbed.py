@@ -86,8 +86,8 @@ def down(
 @app.command("status")
 def status() -> None:
     """The testbed's server and nodes: address, disk, link rate, what runs."""
+    from corral.run import pid_alive
     from corral.testbed.cluster import SERVER_NS, Testbed, format_rate, loss_text
-    from corral.testbed.netns import process_running
 
     testbed = Testbed(settings())
     state = testbed.state
@@ -99,7 +99,7 @@ def status() -> None:
         else:
             out.print("no testbed is up", markup=False)
         return
-    alive = state.server_pid is not None and process_running(state.server_pid)
+    alive = state.server_pid is not None and pid_alive(state.server_pid)
     server_link = format_rate(state.server_link) if state.server_link else "unshaped"
     out.print(
         f"server {state.server_url or '-'} in {SERVER_NS} (pid {state.server_pid}, "

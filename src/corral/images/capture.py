@@ -73,7 +73,7 @@ from corral.images.store import (
     write_manifest,
 )
 from corral.inventory.schema import NodeSpec
-from corral.run import run, spawn
+from corral.run import run, spawn, stop
 
 log = logging.getLogger("corral.images")
 
@@ -596,13 +596,7 @@ def _take_line(line: str, outcome: RsyncOutcome, on_progress: ProgressCallback |
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """Terminate rsync if it still runs (Ctrl-C reaches it too; SIGTERM only reaches us)."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop(proc, 10)
     if proc.stdout is not None:
         proc.stdout.close()
 

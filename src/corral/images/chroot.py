@@ -33,7 +33,7 @@ from types import FrameType
 from typing import Protocol
 
 from corral.errors import CommandFailed, CorralError
-from corral.run import run
+from corral.run import pid_alive, run
 
 log = logging.getLogger("corral.images")
 
@@ -431,16 +431,7 @@ def kill_processes_inside(root: Path, wait: float = 5.0) -> list[int]:
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + wait
     while pids and time.monotonic() < deadline:
-        pids = [pid for pid in pids if _alive(pid)]
+        pids = [pid for pid in pids if pid_alive(pid)]
         if pids:
             time.sleep(0.05)
     return pids
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie waiting for its parent."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"

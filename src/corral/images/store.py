@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import CorralError, InvalidValue, NotFound
-from corral.run import run
+from corral.run import pid_alive, run
 
 log = logging.getLogger(__name__)
 
@@ -317,16 +317,6 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, onerror=lambda func, p, info: retry(func, p, info[1]))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def flocked(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if missing)."""
@@ -558,7 +548,7 @@ class ImageStore:
             for entry in place.iterdir():
                 match = _TMP_DIR.fullmatch(entry.name)
                 pid = int(match.group(1)) if match else None
-                if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+                if pid is not None and pid != os.getpid() and not pid_alive(pid):
                     log.info("removing stale %s", entry)
                     remove_tree(entry)
                     removed.append(entry)

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from corral import __version__
 from corral.config import Settings
 from corral.errors import InvalidBootFile, RenderError
+from corral.files import write_atomic
 from corral.inventory import models as m
 from corral.inventory.merge import profile_chain
 from corral.inventory.schema import NodeSpec
@@ -60,25 +61,6 @@ class ChunkResult:
     written: int = 0
     unchanged: int = 0
     failures: list[RenderError] = field(default_factory=list)
-
-
-def write_atomic(path: Path, content: bytes) -> None:
-    """Readers see the old file or the new one, never a part of either."""
-    # Syncs of one root are serialised by a lock (see Syncer.run), so a fixed temporary
-    # name per file is safe and cheaper than mkstemp's random ones.
-    tmp = path.with_name(f".{path.name}.corral-tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _digest(data: bytes) -> str:
@@ -156,7 +138,7 @@ def _write_if_changed(root: Path, f: RenderedFile, result: ChunkResult) -> tuple
     if same:
         result.unchanged += 1
     else:
-        write_atomic(path, data)
+        write_atomic(path, data)  # no race: syncs of one root hold a lock (Syncer.run)
         result.written += 1
     return f.path, _digest(data)
 

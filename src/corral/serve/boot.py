@@ -38,6 +38,8 @@ _MAC_FILE = re.compile(r"^01-([0-9a-fA-F]{2}(?:[-:][0-9a-fA-F]{2}){5})$")
 class Forbidden(CorralError):
     """A request the node is not allowed to make (wrong token, wrong address)."""
 
+    http_status = 403
+
 
 class BootService:
     def __init__(self, settings: Settings, engine: Engine) -> None:

@@ -52,7 +52,8 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from corral.errors import CommandFailed, CorralError, InvalidValue
-from corral.run import spawn
+from corral.files import write_atomic
+from corral.run import spawn, stop
 
 log = logging.getLogger(__name__)
 
@@ -302,20 +303,6 @@ def dnsmasq_user() -> str:
     return "dnsmasq"
 
 
-def _write_atomic(path: Path, text: str, mode: int, owner: tuple[int, int] | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.corral-tmp")
-    tmp.unlink(missing_ok=True)  # a leftover, or a link someone put there: never followed
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with open(fd, "w", encoding="utf-8") as f:
-        os.fchmod(f.fileno(), mode)  # whatever the umask
-        if owner is not None:
-            os.fchown(f.fileno(), *owner)
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- back ends
 
 
@@ -399,7 +386,7 @@ class Dnsmasq:
     def _start(self, reservations: tuple[Reservation, ...]) -> None:
         conf, hosts = render_config(self.cfg), render_hosts(reservations)
         self._prepare_dirs()
-        _write_atomic(self.conf_path, conf, 0o600)  # read at start, as root
+        write_atomic(self.conf_path, conf, 0o600, durable=True)  # read at start, as root
         self._write_hosts(hosts)
         self._reservations = reservations
         self._spawn()
@@ -429,17 +416,8 @@ class Dnsmasq:
 
     def _terminate(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log.warning(
-                "dnsmasq (pid %d) ignored SIGTERM for %g s: killing it", proc.pid, STOP_TIMEOUT
-            )
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop(proc, STOP_TIMEOUT, name="dnsmasq")
 
     def check(self) -> bool:
         if not self._wanted or self.running:
@@ -491,10 +469,10 @@ class Dnsmasq:
         hosts_dir.chmod(0o711)
 
     def _write_hosts(self, text: str) -> None:
-        if self.cfg.hosts_dir is None:
-            _write_atomic(self.hosts_path, text, 0o644)  # read through a public state_dir
+        if self.cfg.hosts_dir is None:  # read through a public state_dir
+            write_atomic(self.hosts_path, text, 0o644, durable=True)
         else:  # readable by dnsmasq's user alone
-            _write_atomic(self.hosts_path, text, 0o600, self._hosts_owner())
+            write_atomic(self.hosts_path, text, 0o600, self._hosts_owner(), durable=True)
 
     def _log_size(self) -> int:
         try:

@@ -19,19 +19,14 @@ from corral import __version__
 from corral.config import Settings
 from corral.deploy.service import DeployService
 from corral.errors import (
-    AlreadyExists,
     CorralError,
-    LimitReached,
-    NotFound,
-    RenderError,
-    UsageError,
 )
 from corral.inventory.bootfiles import imported
 from corral.inventory.schema import DistroSpec, GroupSpec, Mac, NodeSpec, ProfileSpec, Spec
 from corral.inventory.state import PHASES, NodeStates
 from corral.inventory.store import Inventory, Kind
 from corral.render.check import before_change, refuse_breaking_change
-from corral.serve.boot import BootService, Forbidden
+from corral.serve.boot import BootService
 from corral.serve.deployments import admin_routes, agent_router
 from corral.serve.limits import MAX_BODY, BodyLimit
 
@@ -83,18 +78,7 @@ def create_app(
 
     @app.exception_handler(CorralError)
     def _corral_error(request: Request, exc: CorralError) -> JSONResponse:
-        status = 500
-        if isinstance(exc, Forbidden):
-            status = 403
-        elif isinstance(exc, NotFound):
-            status = 404
-        elif isinstance(exc, AlreadyExists):
-            status = 409
-        elif isinstance(exc, LimitReached):
-            status = 429
-        elif isinstance(exc, UsageError | RenderError):
-            status = 422  # the request's content is wrong (a change that breaks a node, too)
-        return JSONResponse({"detail": exc.message, "hint": exc.hint}, status_code=status)
+        return JSONResponse({"detail": exc.message, "hint": exc.hint}, status_code=exc.http_status)
 
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY)
     deploy = deploy or DeployService(service.settings, service.session, service.authorize)

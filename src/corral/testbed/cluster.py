@@ -41,11 +41,10 @@ from typing import TYPE_CHECKING, Any
 from corral.config import Settings
 from corral.errors import CommandFailed, CorralError, InvalidValue, NotFound, UsageError
 from corral.inventory.noderange import expand, is_noderange
-from corral.run import run, spawn
+from corral.run import pid_alive, run, spawn
 from corral.testbed.netns import (
     list_namespaces,
     namespace_pid_map,
-    process_running,
     stop_processes,
 )
 
@@ -450,7 +449,7 @@ class Testbed:
     def node_power(self, name: str) -> tuple[str, list[int]]:
         """("off" | "firmware" | "agent" | "on", pids) of a node: what runs in its namespace."""
         pids = namespace_pid_map(PREFIX + name).get(PREFIX + name, [])
-        pids = [p for p in pids if process_running(p)]
+        pids = [p for p in pids if pid_alive(p)]
         if not pids:
             return "off", []
         what = "on"
@@ -650,7 +649,7 @@ class Testbed:
         deadline = time.monotonic() + 60
         probe = ["ip", "netns", "exec", SERVER_NS, sys.executable, "-c", _PROBE, url + "/boot/ipxe"]
         while not self._answers(probe):
-            if not process_running(pid) or time.monotonic() > deadline:
+            if not pid_alive(pid) or time.monotonic() > deadline:
                 tail = " | ".join(self.serve_log.read_text(errors="replace").splitlines()[-3:])
                 raise TestbedError(
                     f"corral serve did not come up at {url}: {tail}", f"see {self.serve_log}"
@@ -674,7 +673,7 @@ class Testbed:
             return False
 
     def _save(self, state: TestbedState) -> None:
-        from corral.render.sync import write_atomic
+        from corral.files import write_atomic
 
         write_atomic(self.state_path, state.to_json().encode())
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from types import TracebackType
 
 from corral.errors import CorralError
-from corral.run import run
+from corral.run import pid_alive, run
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,6 @@ def namespace_pids(name: str) -> list[int]:
     return [int(p) for p in out.stdout.split() if p.isdigit()]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def kill_namespace_processes(name: str, grace: float = 5.0) -> None:
     """Stop every process still inside namespace ``name``: SIGTERM, then SIGKILL."""
     pids = namespace_pids(name)
@@ -61,7 +51,7 @@ def kill_namespace_processes(name: str, grace: float = 5.0) -> None:
                 os.kill(pid, sig)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            pids = [p for p in pids if _pid_alive(p) and p in namespace_pids(name)]
+            pids = [p for p in pids if pid_alive(p) and p in namespace_pids(name)]
             if not pids:
                 return
             time.sleep(0.1)
@@ -88,7 +78,7 @@ def cleanup_stale(base: str = DEFAULT_PREFIX) -> list[str]:
     pattern = re.compile(re.escape(base) + r"(\d+)-")
     for name in list_namespaces():
         m = pattern.match(name)
-        if m is None or _pid_alive(int(m.group(1))):
+        if m is None or pid_alive(int(m.group(1))):
             continue
         log.info("removing stale network namespace %s", name)
         delete_namespace(name)
@@ -259,17 +249,6 @@ def namespace_pid_map(prefix: str) -> dict[str, list[int]]:
     return found
 
 
-def process_running(pid: int) -> bool:
-    """True for a live process; False for a gone one or a zombie (dead, not yet reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    # The state follows the command name, which is in parentheses and may hold any byte.
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X", b"")
-
-
 def stop_processes(pids: Sequence[int], grace: float = 5.0) -> list[int]:
     """SIGTERM ``pids``, SIGKILL those still running after ``grace`` s; returns survivors.
 
@@ -286,7 +265,7 @@ def stop_processes(pids: Sequence[int], grace: float = 5.0) -> list[int]:
             for pid in left:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
-            left = [p for p in left if process_running(p)]
+            left = [p for p in left if pid_alive(p)]
             if not left or time.monotonic() >= deadline:
                 break
             time.sleep(0.05)

@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Literal
 
 from corral.errors import CorralError
-from corral.run import spawn
+from corral.run import spawn, stop
 from corral.testbed.netns import PxeNetwork
 
 log = logging.getLogger(__name__)
@@ -254,13 +254,7 @@ class VM:
         proc = self.process
         if proc is not None:
             try:
-                if proc.poll() is None:
-                    proc.terminate()
-                    try:
-                        proc.wait(timeout=grace)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait(timeout=30)
+                stop(proc, grace, reap=30)
             finally:
                 self.process = None
         if self._tap_added:

@@ -19,10 +19,10 @@ What the server's transports share with them (the chain's wire protocol, bencode
 
 from __future__ import annotations
 
+from corral.agent.errors import ReceiveError
 from corral.agent.receivers.base import Context, Receiver
 from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver
 from corral.agent.receivers.chain.receiver import ChainReceiver
-from corral.agent.receivers.errors import ReceiveError
 from corral.agent.receivers.http import HttpReceiver
 from corral.agent.receivers.multicast import MulticastReceiver
 from corral.agent.receivers.rsync import RsyncReceiver

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Plan
-from corral.agent.receivers.errors import Cancelled, ReceiveError
 from corral.agent.receivers.stream import (
     ProgressCallback,
     Unpacker,

@@ -8,9 +8,9 @@ import logging
 import threading
 from pathlib import Path
 
+from corral.agent.errors import ReceiveError
 from corral.agent.plan import Plan
 from corral.agent.receivers.base import Received, StreamReceiver
-from corral.agent.receivers.errors import ReceiveError
 from corral.agent.receivers.stream import ProgressCallback
 
 log = logging.getLogger("corral.agent")

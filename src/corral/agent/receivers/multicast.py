@@ -48,12 +48,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.network import interface_ipv4, source_address
 from corral.agent.plan import Plan
 from corral.agent.receivers.base import Context, Received, StreamReceiver
-from corral.agent.receivers.errors import Cancelled, ReceiveError
 from corral.agent.receivers.stream import ProgressCallback, VerifiedStream
-from corral.agent.receivers.tools import stop_process
+from corral.agent.run import spawn, stop
 
 log = logging.getLogger("corral.agent")
 
@@ -197,9 +197,7 @@ class MulticastReceiver(StreamReceiver):
     # --- what tests replace ------------------------------------------------------------
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        return spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def local_address(self, session: Session) -> str:
         """This node's address toward corral (where the session's sender is), else the
@@ -417,7 +415,7 @@ def _leave(proc: subprocess.Popen[bytes]) -> None:
         proc.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(2.0)
-    stop_process(proc, grace=2.0)
+    stop(proc, grace=2.0)
 
 
 def _lines(errors: bytearray) -> str:

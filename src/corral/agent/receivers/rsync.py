@@ -16,11 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Plan
 from corral.agent.receivers.base import Received, Receiver
-from corral.agent.receivers.errors import Cancelled, ReceiveError
 from corral.agent.receivers.stream import ProgressCallback
-from corral.agent.receivers.tools import output_tail, stop_process
+from corral.agent.receivers.tools import output_tail
+from corral.agent.run import spawn, stop
 
 log = logging.getLogger("corral.agent")
 
@@ -101,9 +102,8 @@ class RsyncReceiver(Receiver):
     ) -> int:
         """Run rsync, handing each line of its output to ``seen`` (progress2 lines end
         in a carriage return); its exit code."""
-        proc = subprocess.Popen(
+        proc = spawn(
             argv,
-            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=errors,
             env=dict(os.environ, LC_ALL="C"),
@@ -133,7 +133,7 @@ class RsyncReceiver(Receiver):
             seen(pending)
             return proc.wait()
         finally:
-            stop_process(proc)
+            stop(proc)
             out.close()
 
     def receive(

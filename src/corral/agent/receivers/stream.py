@@ -15,9 +15,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Plan
-from corral.agent.receivers.errors import Cancelled, ReceiveError
-from corral.agent.receivers.tools import output_tail, stop_process
+from corral.agent.receivers.tools import output_tail
+from corral.agent.run import spawn, stop
 
 #: ``progress(bytes_so_far, bytes_expected)``; 0 expected means unknown.
 ProgressCallback = Callable[[int, int], None]
@@ -45,14 +46,14 @@ class Unpacker:
     def __init__(self, target_dir: Path) -> None:
         # closed by finish() or abort(): they outlive this call
         self._errors = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]  # noqa: SIM115
-        self.zstd: subprocess.Popen[bytes] = subprocess.Popen(
+        self.zstd: subprocess.Popen[bytes] = spawn(
             ["zstd", "-d", "-q", "-c"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._errors[0],
         )
         try:
-            self.tar: subprocess.Popen[bytes] = subprocess.Popen(
+            self.tar: subprocess.Popen[bytes] = spawn(
                 [*TAR_EXTRACT, "-C", str(target_dir)],
                 stdin=self.zstd.stdout,
                 stdout=subprocess.DEVNULL,
@@ -116,7 +117,7 @@ class Unpacker:
                 if proc.stdin is not None:
                     with contextlib.suppress(BrokenPipeError):
                         proc.stdin.close()
-                stop_process(proc)
+                stop(proc)
         self._close_errors()
 
     def _close_errors(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from typing import IO
 
 
@@ -13,14 +12,3 @@ def output_tail(stream: IO[bytes] | None, lines: int = 3) -> str:
     stream.seek(0)
     text = stream.read().decode("utf-8", "replace").strip().splitlines()
     return " / ".join(line.strip() for line in text[-lines:])
-
-
-def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    """Terminate ``proc`` if it still runs, then kill it; reap it either way."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

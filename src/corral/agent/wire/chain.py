@@ -13,6 +13,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from corral.agent.errors import AgentError
+
 #: TCP port every node's relay listens on (each node has its own address, so one number
 #: serves the whole chain; the head's port is the server's, in the plan).
 RELAY_PORT = 7731
@@ -53,11 +55,11 @@ _ANSWER = struct.Struct("!4sBIH")  # magic, status, have, message length; messag
 FRAME = struct.Struct("!BIIIII")
 
 
-class ProtocolError(Exception):
+class ProtocolError(AgentError):
     """The other side said something this protocol does not allow."""
 
 
-class Gone(Exception):
+class Gone(AgentError):
     """The chunk asked for is older than anything the relay still holds."""
 
     def __init__(self, low: int) -> None:
@@ -65,7 +67,7 @@ class Gone(Exception):
         self.low = low
 
 
-class Closed(Exception):
+class Closed(AgentError):
     """The relay is shutting down."""
 
 

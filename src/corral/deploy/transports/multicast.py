@@ -94,7 +94,7 @@ from corral.deploy.transports.multicast_options import MulticastOptions, options
 from corral.errors import CommandFailed, ConfigError
 from corral.images.exports import STREAM_INDEX, chunk_name
 from corral.images.store import ImageVersion
-from corral.run import run, spawn
+from corral.run import run, spawn, stop
 
 log = logging.getLogger("corral.deploy")
 
@@ -362,13 +362,7 @@ class Session:
     def stop(self) -> None:
         self.stopping.set()
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(STOP_GRACE)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            stop(self.proc, STOP_GRACE)
             said = self.said()
             stats = [line.strip() for line in said.splitlines() if line.startswith("bytes=")]
             log.info(

@@ -16,7 +16,7 @@ from corral.config import Settings
 from corral.deploy.transports.base import Unicast, url_host
 from corral.errors import ConfigError
 from corral.images.store import ImageVersion
-from corral.run import spawn
+from corral.run import spawn, stop
 
 log = logging.getLogger("corral.deploy")
 
@@ -102,11 +102,6 @@ class RsyncTransport(Unicast):
 
     def close(self) -> None:
         with self._lock:
-            if self.proc is not None and self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
+            if self.proc is not None:
+                stop(self.proc, 5)
             self.proc = None

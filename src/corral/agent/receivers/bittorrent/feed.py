@@ -11,9 +11,9 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from corral.agent.errors import Cancelled
 from corral.agent.receivers.bittorrent.seed import SeedUse
 from corral.agent.receivers.bittorrent.swarm import PieceMap, Swarm
-from corral.agent.receivers.errors import Cancelled
 from corral.agent.receivers.stream import ProgressCallback, VerifiedStream, chunk_mismatch
 
 log = logging.getLogger("corral.agent")

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from corral.agent.receivers.errors import ReceiveError
+from corral.agent.errors import ReceiveError
 from corral.agent.wire.lan_swarm import lan_settings
 
 log = logging.getLogger("corral.agent")

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
 
+from corral.agent.errors import ReceiveError
 from corral.agent.plan import Plan
 from corral.agent.receivers.base import Received, StreamReceiver
 from corral.agent.receivers.bittorrent.feed import Feeder, FeedStats, linger, tracker_pending
@@ -24,7 +25,6 @@ from corral.agent.receivers.bittorrent.libtorrent_swarm import (
     local_address,
 )
 from corral.agent.receivers.bittorrent.swarm import PieceMap, stripe
-from corral.agent.receivers.errors import ReceiveError
 from corral.agent.receivers.http import HttpReceiver
 from corral.agent.receivers.stream import ProgressCallback, VerifiedStream
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Plan
 from corral.agent.receivers.base import Context, Received, StreamReceiver
 from corral.agent.receivers.chain.relay import DRAIN_IDLE, Relay
@@ -24,7 +25,6 @@ from corral.agent.receivers.chain.upstream import (
     Upstream,
 )
 from corral.agent.receivers.chain.window import WINDOW_CHUNKS, Window
-from corral.agent.receivers.errors import Cancelled, ReceiveError
 from corral.agent.receivers.stream import ProgressCallback, VerifiedStream
 from corral.agent.wire.chain import (
     DATA,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from corral.agent.receivers.errors import ReceiveError
+from corral.agent.errors import ReceiveError
 
 #: How long a node waits for its direct predecessor to start listening before bypassing it
 #: (on the testbed at 50 nodes and 92% host CPU, a node started at most 4 s after the one

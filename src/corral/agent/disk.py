@@ -41,7 +41,7 @@ from typing import Any
 
 from corral.agent.errors import InstallError
 from corral.agent.plan import Disk, Partition
-from corral.agent.run import Result, Runner
+from corral.agent.run import CommandFailed, Runner, check
 
 log = logging.getLogger("corral.agent")
 
@@ -84,23 +84,6 @@ class DiskError(InstallError):
 
 class DiskTooSmall(DiskError):
     pass
-
-
-# --- commands --------------------------------------------------------------------------
-
-
-class CommandFailed(DiskError):
-    """A command exited non-zero: the agent's :class:`corral.errors.CommandFailed`."""
-
-    def __init__(self, result: Result, what: str = "") -> None:
-        super().__init__(f"{what}: {result.reason()}" if what else result.reason())
-        self.result = result
-
-
-def check(result: Result, what: str = "") -> Result:
-    if not result.ok:
-        raise CommandFailed(result, what)
-    return result
 
 
 # --- the layout ------------------------------------------------------------------------
@@ -573,7 +556,7 @@ def made_by_corral(run: Runner, mounts: Mounts, device: str, scratch: Path) -> b
         scratch.mkdir(parents=True, exist_ok=True)
         try:
             mounts.mount(node, scratch, options="ro")
-        except DiskError:
+        except CommandFailed:
             continue  # not a file system the kernel reads: swap, a BIOS boot partition...
         try:
             if (scratch / STAMP).is_file():
@@ -628,7 +611,7 @@ def find_reusable(
         # read-only mount of a filesystem that another mount namespace still holds
         # read-write is refused where a read-write one shares it
         mounts.mount(root.device, scratch, fstype=root.kernel_fstype)
-    except DiskError as exc:
+    except CommandFailed as exc:
         log.info("%s: not reused: %s", wanted.device, exc)
         return None
     try:

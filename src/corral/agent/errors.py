@@ -36,6 +36,10 @@ class InstallError(AgentError):
     """The installation failed; the message is the one-line reason."""
 
 
+class DiskError(InstallError):
+    """The disk cannot take the plan; the message is the one-line reason."""
+
+
 class ReceiveError(InstallError):
     """The image could not be received; the message is the one-line reason."""
 

@@ -539,10 +539,10 @@ def test_python_m_corral_agent_help() -> None:
 
 
 def test_the_agent_errors_share_one_root_and_install_failures_one_branch() -> None:
-    from corral.agent.disk import CommandFailed, DiskError, DiskTooSmall
+    from corral.agent.disk import DiskError, DiskTooSmall
     from corral.agent.errors import AgentError, Cancelled, InstallError, ReceiveError
     from corral.agent.identity import IdentityError
-    from corral.agent.run import Result
+    from corral.agent.run import CommandFailed, Result
 
     install_failures = [
         InstallError("no disk"),

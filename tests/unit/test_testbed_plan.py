@@ -20,12 +20,10 @@ from corral.errors import CorralError, InvalidValue, UsageError
 from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService
 from corral.testbed import cluster, firmware
-from corral.testbed.cluster import (
+from corral.testbed.links import endpoint_commands, hub_commands, loss_filter, tbf
+from corral.testbed.plan import (
     MAX_NODES,
-    endpoint_commands,
     format_rate,
-    hub_commands,
-    loss_filter,
     node_ip,
     node_mac,
     node_name,
@@ -34,7 +32,6 @@ from corral.testbed.cluster import (
     parse_size,
     parse_slow,
     plan,
-    tbf,
 )
 
 # --- rates, loss, sizes ----------------------------------------------------------------

@@ -32,7 +32,7 @@ from corral.agent.plan import PHASES, Plan, Progress
 from corral.agent.receivers import RECEIVERS
 from corral.agent.receivers.base import Context, Received, Receiver
 from corral.agent.report import Client, Rejected, ReportError
-from corral.agent.run import Result, Runner
+from corral.agent.run import Result, Runner, check
 
 log = logging.getLogger("corral.agent")
 
@@ -416,7 +416,7 @@ class Installer:
         result = self.run_command(
             ["chroot", str(self.target), *argv], timeout=timeout, env=self.chroot_env()
         )
-        return disk.check(result, what)
+        return check(result, what)
 
     def install_grub(self, layout: disk.Layout) -> None:
         """GRUB for BIOS when it has somewhere to live (a DOS disk, or a GPT disk with a

@@ -8,8 +8,8 @@ one-line reason a node reports with ``failed``.
     AgentError
     ├── InstallError               the installation failed (raised by corral.agent.deploy)
     │   ├── DiskError              the disk cannot take the plan (corral.agent.disk)
-    │   │   ├── DiskTooSmall
-    │   │   └── CommandFailed      a command the installer ran exited non-zero
+    │   │   └── DiskTooSmall
+    │   ├── CommandFailed          a program the installer ran exited non-zero (corral.agent.run)
     │   ├── ReceiveError           the image could not be received (the receivers)
     │   │   └── Cancelled          the deployment was cancelled meanwhile
     │   └── IdentityError          the node's identity cannot be written (identity)
@@ -34,6 +34,10 @@ class AgentError(Exception):
 
 class InstallError(AgentError):
     """The installation failed; the message is the one-line reason."""
+
+
+class DiskError(InstallError):
+    """The disk cannot take the plan; the message is the one-line reason."""
 
 
 class ReceiveError(InstallError):

@@ -3,9 +3,10 @@ udp-receiver, udhcpc...): argv lists only, stdin closed unless fed.
 
 Commands that run to their end go through a :data:`Runner` (tests give a fake one that
 records them); :class:`SubprocessRunner` is the real one and returns a :class:`Result`
-whose :meth:`~Result.reason` is the one-line complaint a failure reports. Programs that run
-alongside the agent (a pipeline it feeds, a receiver it reads) start with :func:`spawn`
-and end with :func:`stop`.
+whose :meth:`~Result.reason` is the one-line complaint a failure reports; :func:`check`
+raises it as :class:`CommandFailed` where the installation cannot go on without the
+command. Programs that run alongside the agent (a pipeline it feeds, a receiver it reads)
+start with :func:`spawn` and end with :func:`stop`.
 
 The server's :mod:`corral.run` does the same for corral's side; the agent cannot import
 it (it is stdlib-only and copied alone into the ramdisk).
@@ -22,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
-from corral.agent.errors import Cancelled
+from corral.agent.errors import Cancelled, InstallError
 
 log = logging.getLogger("corral.agent")
 
@@ -52,6 +53,23 @@ class Result:
             return f"{name} did not finish in time"
         last = f": {text[-1].strip()}" if text else ""
         return f"{name} exited with {self.returncode}{last}"
+
+
+class CommandFailed(InstallError):
+    """A program the installer ran exited non-zero; the message is the one-line reason.
+
+    The agent's :class:`corral.errors.CommandFailed` (which it cannot import)."""
+
+    def __init__(self, result: Result, what: str = "") -> None:
+        super().__init__(f"{what}: {result.reason()}" if what else result.reason())
+        self.result = result
+
+
+def check(result: Result, what: str = "") -> Result:
+    """``result`` if its command succeeded, else :class:`CommandFailed` (``what: reason``)."""
+    if not result.ok:
+        raise CommandFailed(result, what)
+    return result
 
 
 class Runner(Protocol):

@@ -17,6 +17,11 @@ inventory (group ``testbed``, install method image, no profile), and is "powered
 running :mod:`corral.testbed.firmware` in its namespace, which follows the boot scripts of
 the ``corral serve`` that ``up`` starts in ``ctb-srv``, as iPXE would, and execs the real
 agent with the command line and token they give.
+
+Here is :class:`Testbed`, which makes, powers and takes down all that. What a testbed is,
+and the checks of the options that ask for one, are in :mod:`corral.testbed.plan`; its
+links as ``ip`` and ``tc`` lines in :mod:`corral.testbed.links`; its nodes' entries in
+the inventory in :mod:`corral.testbed.inventory`.
 """
 
 from __future__ import annotations
@@ -34,53 +39,63 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from corral.config import Settings
-from corral.errors import CommandFailed, CorralError, InvalidValue, NotFound, UsageError
-from corral.inventory.noderange import expand, is_noderange
+from corral.errors import CommandFailed, CorralError, InvalidValue, UsageError
 from corral.run import pid_alive, run, spawn
+from corral.testbed.inventory import GROUP, register_nodes, release_nodes
+from corral.testbed.links import endpoint_commands, hub_commands, loss_filter, tbf
 from corral.testbed.netns import (
     list_namespaces,
     namespace_pid_map,
     stop_processes,
 )
+from corral.testbed.plan import (
+    HUB,
+    PREFIX,
+    SERVER_NS,
+    NodeInfo,
+    TestbedState,
+    format_rate,
+    loss_text,
+    node_name,
+    parse_rate,
+    plan,
+    summarize_rates,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+#: The testbed's names that its users (the CLI, benchmarks, tests) take from here, besides
+#: :class:`Testbed`: where the namespaces are, how links are shaped, how rates are spelt.
+__all__ = [
+    "GROUP",
+    "HUB",
+    "POWER_ACTIONS",
+    "PREFIX",
+    "SERVER_NS",
+    "DownReport",
+    "Testbed",
+    "TestbedError",
+    "TestbedExists",
+    "TestbedState",
+    "format_rate",
+    "loss_filter",
+    "loss_text",
+    "node_name",
+    "parse_rate",
+    "summarize_rates",
+    "tbf",
+]
+
 log = logging.getLogger("corral.testbed")
 
-PREFIX = "ctb-"
-HUB = "ctb-hub"
-SERVER_NS = "ctb-srv"
-BRIDGE = "br0"
-SERVER_PORT = "s0"
-NETWORK = ipaddress.IPv4Network("10.77.0.0/24")
-SERVER_IP = "10.77.0.1"
-MAX_NODES = 250
-GROUP = "testbed"
 POWER_ACTIONS = ("on", "off", "cycle")
-TBF_LATENCY = "50ms"
 NODE_NICE = 10  # the nodes' processes yield the host's CPUs to the server's
-STATE_VERSION = 1
-
-
-def power_command(home: Path) -> str:
-    """What the deployment manager runs, with {node} filled in, to boot a node into its
-    ramdisk. It names the home: the manager runs commands with a minimal environment.
-    ``corral.testbed``'s own entry point, not the CLI: a tenth of the start-up time."""
-    python, where = shlex.quote(sys.executable), shlex.quote(str(home))
-    return f"{python} -m corral.testbed power {{node}} cycle --home {where}"
-
-
-_NODE = re.compile(r"^tb(\d{3})$")
-_RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$", re.IGNORECASE)
-_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
-_SIZE = re.compile(r"^(\d+)([kmgt]?)(i?b)?$", re.IGNORECASE)
-_LOSS = re.compile(r"^(\d+(?:\.\d+)?)%?$")
 _DISK_FILE = re.compile(r"/testbed/disks/tb\d{3}\.img$")
 _PROBE = "import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=2).read()"
 
@@ -91,273 +106,6 @@ class TestbedError(CorralError):
 
 class TestbedExists(UsageError):
     """``up`` while (parts of) a testbed exist."""
-
-
-# --- input ----------------------------------------------------------------------------
-
-
-def parse_rate(text: str | int) -> int:
-    """``20mbit`` -> 20_000_000 bits/s (tc's units, decimal); an int is bits/s already."""
-    if isinstance(text, int):
-        bps = text
-    else:
-        m = _RATE.match(text.strip())
-        if m is None:
-            hint = "use a number and bit, kbit, mbit or gbit, e.g. 20mbit"
-            if text.strip().lower().endswith("bps"):
-                hint += " (tc reads 'mbps' as megabytes per second)"
-            raise InvalidValue(f"bad rate '{text}'", hint)
-        bps = round(float(m.group(1)) * _RATE_UNITS[m.group(2).lower()])
-    if not 8_000 <= bps <= 100 * 10**9:
-        raise InvalidValue(f"rate {text} is out of range", "give 8kbit to 100gbit")
-    return bps
-
-
-def format_rate(bps: int) -> str:
-    """The shortest exact tc spelling: 20_000_000 -> ``20mbit``."""
-    for unit, size in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3)):
-        if bps % size == 0:
-            return f"{bps // size}{unit}"
-    return f"{bps}bit"
-
-
-def parse_loss(text: str | float | None) -> float:
-    """``1%`` (or ``1``: netem's unit is percent) -> 0.01."""
-    if text is None:
-        return 0.0
-    if isinstance(text, float | int):
-        percent = float(text) * 100
-    else:
-        m = _LOSS.match(text.strip())
-        if m is None:
-            raise InvalidValue(f"bad loss '{text}'", "give a percentage, e.g. 1% or 0.5%")
-        percent = float(m.group(1))
-    if not 0 <= percent < 100:
-        raise InvalidValue(f"loss {text} is out of range", "give 0% to less than 100%")
-    return percent / 100
-
-
-def parse_size(text: str | int) -> int:
-    """``1G`` -> bytes (K, M, G, T are powers of 1024, as truncate reads them)."""
-    if isinstance(text, int):
-        size = text
-    else:
-        m = _SIZE.match(text.strip())
-        if m is None:
-            raise InvalidValue(f"bad size '{text}'", "give e.g. 512M, 1G or 20G")
-        size = int(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " ")
-    if not 1024**2 <= size <= 1024**5:
-        raise InvalidValue(f"disk size {text} is out of range", "give 1M to 1P")
-    return size
-
-
-def node_name(index: int) -> str:
-    return f"tb{index:03d}"
-
-
-def node_ip(index: int) -> str:
-    """Node ``index`` (1-based) at ``10.77.0.<index + 1>``; the server is ``.1``."""
-    if not 1 <= index <= MAX_NODES:
-        raise InvalidValue(f"node number {index} is out of range 1-{MAX_NODES}")
-    return str(NETWORK.network_address + 1 + index)
-
-
-def node_mac(index: int) -> str:
-    """Locally administered, unicast, and readable: node 258 is ``02:cb:00:00:01:02``."""
-    return f"02:cb:00:00:{index >> 8:02x}:{index & 0xFF:02x}"
-
-
-def parse_slow(
-    items: Iterable[str] | Mapping[str, str | int], names: Sequence[str]
-) -> dict[str, int]:
-    """``NODE=RATE`` overrides; NODE is a name, a noderange (``tb[001-004]``) or a number."""
-    pairs: list[tuple[str, str | int]] = []
-    if isinstance(items, Mapping):
-        pairs = list(items.items())
-    else:
-        for item in items:
-            node, sep, rate = item.partition("=")
-            if not sep or not node.strip() or not rate.strip():
-                raise InvalidValue(f"bad --slow '{item}'", "give NODE=RATE, e.g. tb007=2mbit")
-            pairs.append((node.strip(), rate.strip()))
-    known = set(names)
-    rates: dict[str, int] = {}
-    for target, value in pairs:
-        bps = parse_rate(value)
-        if target.isdigit():
-            target = node_name(int(target))
-        for name in expand(target) if is_noderange(target) else [target]:
-            if name not in known:
-                raise InvalidValue(
-                    f"--slow names unknown node '{name}'",
-                    f"the nodes are {names[0]}..{names[-1]}" if names else None,
-                )
-            rates[name] = bps
-    return rates
-
-
-# --- state ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    name: str
-    index: int
-    ip: str
-    mac: str
-    rate: int  # bits/s, both directions of the node's link
-    loop: str = ""  # /dev/loopN
-    disk: str = ""  # the loop's backing file
-
-    @property
-    def namespace(self) -> str:
-        return PREFIX + self.name
-
-    @property
-    def port(self) -> str:
-        """The node's veth end in the hub (at most 15 characters, as every interface name)."""
-        return f"t{self.index:03d}"
-
-
-@dataclass
-class TestbedState:
-    """What ``up`` built, in ``$CORRAL_HOME/testbed/state.json``."""
-
-    nodes: list[NodeInfo]
-    link: int
-    server_link: int | None = None
-    loss: float = 0.0
-    disk_size: int = 1024**3
-    http_port: int = 8080
-    server_ip: str = SERVER_IP
-    network: str = str(NETWORK)
-    server_url: str = ""
-    server_pid: int | None = None
-    created: float = field(default_factory=time.time)
-    version: int = STATE_VERSION
-
-    def node(self, name: str) -> NodeInfo:
-        for info in self.nodes:
-            if info.name == name:
-                return info
-        raise NotFound("testbed node", name, "see 'corral testbed status'")
-
-    @property
-    def netmask(self) -> str:
-        return str(ipaddress.IPv4Network(self.network).netmask)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> TestbedState:
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-            raise ValueError("not a testbed state of this version")
-        data["nodes"] = [NodeInfo(**n) for n in data["nodes"]]
-        return cls(**data)
-
-
-def plan(
-    nodes: int,
-    link: str | int = "20mbit",
-    *,
-    server_link: str | int | None = None,
-    loss: str | float | None = None,
-    slow: Iterable[str] | Mapping[str, str | int] = (),
-    disk_size: str | int = "1G",
-    http_port: int = 8080,
-) -> TestbedState:
-    """The testbed these options ask for, every input checked; nothing is created."""
-    if not 1 <= nodes <= MAX_NODES:
-        raise InvalidValue(f"--nodes {nodes} is out of range", f"give 1 to {MAX_NODES}")
-    if not 1 <= http_port <= 65535:
-        raise InvalidValue(f"--http-port {http_port} is out of range", "give 1 to 65535")
-    rate = parse_rate(link)
-    names = [node_name(i) for i in range(1, nodes + 1)]
-    overrides = parse_slow(slow, names)
-    return TestbedState(
-        nodes=[
-            NodeInfo(name, i, node_ip(i), node_mac(i), overrides.get(name, rate))
-            for i, name in enumerate(names, start=1)
-        ],
-        link=rate,
-        server_link=parse_rate(server_link) if server_link is not None else None,
-        loss=parse_loss(loss),
-        disk_size=parse_size(disk_size),
-        http_port=http_port,
-    )
-
-
-# --- shaping --------------------------------------------------------------------------
-
-
-def tbf(device: str, bps: int) -> str:
-    """A tc line that limits ``device``'s egress to ``bps``.
-
-    The bucket holds 4 ms of traffic but at least 32 KiB, enough for the timer's slack at
-    high rates without letting slow links burst for long; veth's 64 KiB GSO packets are
-    split by tbf itself.
-    """
-    burst = max(32 * 1024, bps // 8 // 250)
-    return f"qdisc add dev {device} root tbf rate {bps}bit burst {burst} latency {TBF_LATENCY}"
-
-
-def loss_filter(device: str, loss: float) -> list[str]:
-    """tc lines that drop each packet leaving ``device`` with probability ``loss``.
-
-    netem would be the usual tool, but kernels built without it exist (this project's test
-    machines among them). A classic BPF filter on the clsact egress hook does the same:
-    ``ld rand`` (a fresh random u32 per packet), then pass (TC_ACT_OK) or drop
-    (TC_ACT_SHOT). It runs before the root qdisc, so dropped packets cost no tbf tokens,
-    as netem's loss in front of a tbf child would. Like netem's, the loss is per packet as
-    the kernel sees it: a TCP segment that veth carries as one GSO packet is lost whole.
-    """
-    threshold = min(round(loss * 2**32), 2**32 - 1)
-    program = f"4,32 0 0 {2**32 - 0x1000 + 56},53 0 1 {threshold},6 0 0 0,6 0 0 2"
-    return [
-        f"qdisc add dev {device} clsact",
-        f'filter add dev {device} egress bpf da bytecode "{program}"',
-    ]
-
-
-def hub_commands(state: TestbedState) -> tuple[list[str], list[str]]:
-    """(``ip -batch`` lines, ``tc -batch`` lines) that build the hub."""
-    ip = [
-        "link set lo up",
-        f"link add {BRIDGE} type bridge mcast_snooping 0 stp_state 0 forward_delay 0",
-        f"link set {BRIDGE} addrgenmode none",
-        f"link set {BRIDGE} up",
-    ]
-    tc: list[str] = []
-    ports = [(SERVER_PORT, SERVER_NS, None)] + [(n.port, n.namespace, n) for n in state.nodes]
-    for port, namespace, node in ports:
-        mac = f" address {node.mac}" if node else ""
-        ip += [
-            f"link add {port} type veth peer name eth0{mac} netns {namespace}",
-            f"link set {port} master {BRIDGE}",
-            f"link set {port} addrgenmode none",
-            f"link set {port} up",
-        ]
-        if node is not None:
-            tc.append(tbf(port, node.rate))
-            if state.loss > 0:
-                tc += loss_filter(port, state.loss)
-    return ip, tc
-
-
-def endpoint_commands(address: str, prefix: int) -> str:
-    """``ip -batch`` lines for a namespace's own end: lo, eth0 with its address.
-
-    No IPv6 link-local address (addrgenmode none): its router solicitations and DAD would
-    add traffic to the counters that benchmarks read.
-    """
-    return (
-        "link set lo up\n"
-        "link set eth0 addrgenmode none\n"
-        f"addr add {address}/{prefix} dev eth0\n"
-        "link set eth0 up\n"
-    )
 
 
 # --- the testbed ----------------------------------------------------------------------
@@ -560,44 +308,14 @@ class Testbed:
         return replace(node, loop=loop, disk=str(path))
 
     def register(self, state: TestbedState) -> dict[str, int]:
-        """Add or update the nodes in the inventory (idempotent; keeps what an admin set,
-        such as profiles, other interfaces and variables); returns counts by outcome."""
-        from corral.inventory.clusterfile import apply_cluster
-        from corral.inventory.db import transaction
-        from corral.inventory.schema import ClusterSpec, GroupSpec, NodeSpec
-        from corral.inventory.store import Inventory
-
-        with transaction(self.engine) as session:
-            inv = Inventory(session)
-            existing = set(inv.names("node"))
-            old = {
-                s.name: s
-                for s in inv.specs("node", [n.name for n in state.nodes if n.name in existing])
-            }
-            specs = []
-            for node in state.nodes:
-                data: dict[str, Any] = old[node.name].model_dump() if node.name in old else {}
-                eth0 = {"name": "eth0", "mac": node.mac, "ip": node.ip, "netmask": state.netmask}
-                others = [i for i in data.get("interfaces", []) if i["name"] != "eth0"]
-                groups = [g for g in data.get("groups", []) if g != GROUP] + [GROUP]
-                variables = dict(data.get("variables", {}))
-                variables.update(disk=node.loop, power_command=power_command(self.settings.home))
-                data.update(
-                    name=node.name,
-                    interfaces=[eth0, *others],
-                    groups=groups,
-                    variables=variables,
-                    install_method="image",
-                )
-                specs.append(NodeSpec.model_validate(data))
-            group = inv.get("group", GROUP) if inv.exists("group", GROUP) else GroupSpec(name=GROUP)
-            summary = apply_cluster(inv, ClusterSpec(groups=[group], nodes=specs))
-        counts = summary["node"]
+        """Add or update the nodes in the inventory (see :func:`register_nodes`); returns
+        counts by outcome."""
+        counts = register_nodes(self.engine, state, self.settings.home)
         self.progress(
             f"inventory: {counts['created']} nodes created, {counts['changed']} changed, "
             f"{counts['unchanged']} unchanged"
         )
-        return {str(k): v for k, v in counts.items()}
+        return counts
 
     @property
     def engine(self) -> Engine:
@@ -771,37 +489,12 @@ class Testbed:
         return report
 
     def _inventory_nodes(self, forget: bool) -> tuple[list[str], list[str]]:
-        """(nodes removed, nodes kept) of the testbed's group in the inventory."""
-        from corral.inventory.db import transaction
-        from corral.inventory.store import Inventory
-
+        """(nodes removed, nodes kept) of the testbed's group in the inventory; an
+        inventory that cannot be read only matters to ``forget``."""
         try:
-            with transaction(self.engine) as session:
-                inv = Inventory(session)
-                names = [
-                    s.name for s in inv.specs("node") if GROUP in s.groups and _NODE.match(s.name)
-                ]
-                if not forget:
-                    return [], names
-                if names:
-                    inv.remove("node", names)
-                users = [s.name for s in inv.specs("node") if GROUP in s.groups]
-                if not users and inv.exists("group", GROUP):
-                    inv.remove("group", [GROUP])
-                return names, []
+            return release_nodes(self.engine, forget=forget)
         except CorralError as exc:
             if forget:
                 raise
             log.warning("cannot read the inventory: %s", exc)
             return [], []
-
-
-def summarize_rates(state: TestbedState) -> str:
-    """``20mbit links (tb007: 2mbit)`` for one line of output."""
-    odd = [f"{n.name}: {format_rate(n.rate)}" for n in state.nodes if n.rate != state.link]
-    text = f"{format_rate(state.link)} links"
-    return text + (f" ({', '.join(odd)})" if odd else "")
-
-
-def loss_text(loss: float) -> str:
-    return f"{loss * 100:g}%" if loss else "none"

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corral.agent.plan import FINAL_PHASES, PHASES
+from corral.agent.phases import DEPLOY_STEPS, DONE, FINAL, RECEIVING
 from corral.cli import common
 from corral.deploy.store import Deployments, new_deployment
 from corral.deploy.transports import names as transport_names
@@ -97,7 +97,7 @@ FIRMWARE = "firmware (python)"
 ASIDE_WAIT = 30.0
 #: Phases after the image is in, up to done (polled every 0.5 s: that is the resolution
 #: of T_received).
-AFTER_RECEIVING = PHASES[PHASES.index("receiving") + 1 : PHASES.index("done") + 1]
+AFTER_RECEIVING = DEPLOY_STEPS[DEPLOY_STEPS.index(RECEIVING) + 1 : DEPLOY_STEPS.index(DONE) + 1]
 
 
 class CpuByProcess(threading.Thread):
@@ -233,7 +233,7 @@ def run_once(
                 and Deployments(s).member(ident, kill).phase == "failed"
             ):
                 failed_after = time.time() - killed_at
-            others_ended = all(r.phase in FINAL_PHASES for r in d.nodes if measured(r.node))
+            others_ended = all(r.phase in FINAL for r in d.nodes if measured(r.node))
             if aside and others_ended and d.state == "running":
                 # the slow node alone: its link decides when it ends, not the transport
                 others_done_at = others_done_at or now

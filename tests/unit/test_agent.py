@@ -280,7 +280,7 @@ def test_report_posts_json_with_the_bearer_token(server: Recorder, tmp_path: Pat
 def test_report_retries_with_backoff(server: Recorder, tmp_path: Path) -> None:
     server.script = [503, 500]
     agent, slept = agent_for(server, tmp_path, backoff=0.5)
-    assert agent.report("progress", "50%")
+    assert agent.report("pre-install", "started")
     assert len(server.requests) == 3
     assert slept == [0.5, 1.0]
 

@@ -444,3 +444,36 @@ def test_the_agents_final_report_and_the_first_boot_over_http(
         event = {"phase": "first-boot", "message": "n01 runs its installed system"}
         answer = node.post("/api/v1/nodes/n01/events", json=event, headers=auth)
         assert answer.status_code == 200 and answer.json()["state"] == "installed"
+
+
+def test_a_nodes_phase_is_its_deployment_step_and_it_reports_only_its_own(
+    home: Path, nodes: None, image: ImageVersion
+) -> None:
+    """One phase vocabulary: while a node deploys, its phase is the step its agent
+    reports (not a generic "progress"); the phases corral records for it (rebooting,
+    deployed, waiting) cannot be posted by the node itself."""
+    from fastapi.testclient import TestClient
+
+    from corral.serve.http import create_app
+
+    ident = start("n01")
+    with common.session() as s:
+        token = NodeStates(s).issue_token("n01")
+    service = BootService(common.settings(), common.engine())
+    auth = {"Authorization": f"Bearer {token}"}
+    with TestClient(create_app(service, "admin"), client=("10.0.0.11", 40000)) as node:
+        step = {"phase": "receiving", "bytes": 1, "total": 2}
+        answer = node.post(
+            f"/api/v1/deployments/{ident}/nodes/n01/progress", json=step, headers=auth
+        )
+        assert answer.status_code == 200, answer.text
+        with common.session() as s:
+            status = NodeStates(s).status("n01")
+            assert (status.state, status.phase) == ("installing", "receiving")
+        for phase in ("deployed", "rebooting", "waiting", "progress"):
+            event = {"phase": phase, "message": "forged"}
+            answer = node.post("/api/v1/nodes/n01/events", json=event, headers=auth)
+            assert answer.status_code == 422, (phase, answer.text)
+            assert "does not report phase" in answer.text
+        with common.session() as s:
+            assert NodeStates(s).status("n01").phase == "receiving"

@@ -1,6 +1,6 @@
 """Installing a node from its plan: disk, image, identity, bootloader, post-install script.
 
-:class:`Installer` runs the phases of :data:`corral.agent.plan.PHASES` in order and tells
+:class:`Installer` runs the phases of :data:`corral.agent.phases.DEPLOY_STEPS` in order and tells
 the server where it stands: at every change of phase and every ``plan.report_interval``
 seconds in between, from a thread of its own, so that a slow server never slows the
 install and a stuck step is still seen alive (or cancelled: the server's answer
@@ -28,7 +28,8 @@ from pathlib import Path
 
 from corral.agent import disk, firstboot, identity
 from corral.agent.errors import Cancelled, InstallError
-from corral.agent.plan import PHASES, Plan, Progress
+from corral.agent.phases import DEPLOY_STEPS
+from corral.agent.plan import Plan, Progress
 from corral.agent.receivers import RECEIVERS
 from corral.agent.receivers.base import Context, Received, Receiver
 from corral.agent.report import Client, Rejected, ReportError
@@ -215,7 +216,7 @@ class Installer:
         return result
 
     def _enter(self, phase: str, message: str = "") -> None:
-        if phase not in PHASES:
+        if phase not in DEPLOY_STEPS:
             raise ValueError(f"unknown phase {phase!r}")
         if self.cancel.is_set():
             raise Cancelled()

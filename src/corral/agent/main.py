@@ -31,8 +31,9 @@ from corral.agent.network import (
     source_address,
     write_udhcpc_script,
 )
+from corral.agent.phases import NODE_REPORTS
 from corral.agent.plan import Plan
-from corral.agent.report import PHASES, Client, Rejected, ReportError
+from corral.agent.report import Client, Rejected, ReportError
 from corral.agent.run import Runner, SubprocessRunner
 
 log = logging.getLogger("corral.agent")
@@ -256,8 +257,8 @@ class Agent:
 
     def report(self, phase: str, message: str = "") -> bool:
         """Post an event for this node; False (logged) if it could not be delivered."""
-        if phase not in PHASES:
-            raise ValueError(f"unknown phase {phase!r}: one of {', '.join(PHASES)}")
+        if phase not in NODE_REPORTS:
+            raise ValueError(f"unknown phase {phase!r}: one of {', '.join(NODE_REPORTS)}")
         client, node = self.client, self.orders.node
         if client is None or not node:
             log.warning("no corral.server= or corral.node= on the command line: %s not sent", phase)

@@ -24,19 +24,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: Phases of a node in a deployment, in order; ``done`` and ``failed`` end it.
-PHASES = (
-    "waiting",  # armed, the node has not asked for its plan yet
-    "partitioning",
-    "receiving",  # image bytes arriving and being unpacked
-    "configuring",  # identity: hostname, network, fstab, SSH keys
-    "bootloader",
-    "post-install",
-    "done",
-    "failed",
-)
-FINAL_PHASES = ("done", "failed", "cancelled")
-
 
 @dataclass(frozen=True)
 class Chunk:

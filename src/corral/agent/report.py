@@ -16,9 +16,6 @@ from corral.agent.errors import AgentError
 
 log = logging.getLogger("corral.agent")
 
-#: Phases corral's server accepts in ``POST /api/v1/nodes/{node}/events``.
-PHASES = ("booted", "pre-install", "post-install", "progress", "install-finished", "failed")
-
 #: The longest wait between two tries (s).
 MAX_DELAY = 10.0
 

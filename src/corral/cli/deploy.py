@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
-from corral.agent.plan import FINAL_PHASES
+from corral.agent.phases import DONE, FINAL
 from corral.cli.common import (
     cell,
     err,
@@ -129,7 +129,7 @@ def _summary(data: dict[str, Any], elapsed: float) -> None:
         markup=False,
     )
     for n in data["nodes"]:
-        if n["phase"] in FINAL_PHASES and n["phase"] != "done":
+        if n["phase"] in FINAL and n["phase"] != DONE:
             out.print(f"  {n['node']}: {n['phase']}: {n['message']}", markup=False)
 
 

@@ -24,8 +24,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from corral.agent.phases import FINAL, WAITING
 from corral.agent.plan import (
-    FINAL_PHASES,
     Chunk,
     Disk,
     Identity,
@@ -132,13 +132,13 @@ class DeployService:
     def _no_deployment(session: Session, node: str, client_ip: str) -> None:
         """Say on the node's status, once, that it booted the deploy ramdisk for nothing."""
         states = NodeStates(session)
-        if states.status(node).phase == "waiting":
+        if states.status(node).phase == WAITING:
             return
         message = (
             "booted the deploy ramdisk, but no deployment includes it: its agent asks for "
             f"one every few seconds for 10 minutes ('corral deploy {node}')"
         )
-        states.record(node, "waiting", message, client_ip)
+        states.record(node, WAITING, message, client_ip)
         log.warning("node %s: %s", node, message)
 
     def _build_plan(
@@ -265,7 +265,7 @@ class DeployService:
             for deployment in running:
                 self._sessions_of(s, deployment)
                 for row in deployment.nodes:
-                    if row.phase in FINAL_PHASES:
+                    if row.phase in FINAL:
                         continue
                     if not inventory.exists("node", row.node):
                         store.fail(row, "the node was removed from the inventory")
@@ -274,14 +274,14 @@ class DeployService:
                         self._start_node(s, row, pool)
                         continue
                     silent = self.silent[row.node] = self.silent.get(row.node, 0.0) + step
-                    if row.phase != "waiting" and silent > settings.deploy_node_timeout:
+                    if row.phase != WAITING and silent > settings.deploy_node_timeout:
                         store.fail(
                             row,
                             f"no report for {silent:.0f} s in phase {row.phase}: "
                             "the node died or lost its network",
                         )
                         log.warning("node %s: %s", row.node, row.message)
-                    elif row.phase == "waiting" and now - row.powered > boot_timeout:
+                    elif row.phase == WAITING and now - row.powered > boot_timeout:
                         store.fail(
                             row,
                             f"did not ask for its plan within {boot_timeout:.0f} s "
@@ -314,7 +314,7 @@ class DeployService:
         still going, once per server life (again after a restart)."""
         groups: dict[tuple[str, str], list[m.DeploymentNode]] = {}
         for row in deployment.nodes:
-            if row.phase not in FINAL_PHASES:
+            if row.phase not in FINAL:
                 groups.setdefault((row.image, row.transport), []).append(row)
         for (image, transport_name), rows in groups.items():
             key = (deployment.id, image, transport_name)
@@ -348,7 +348,7 @@ class DeployService:
             rows = [
                 r for r in deployment.nodes if (r.image, r.transport) == (image, transport_name)
             ]
-            if all(r.phase in FINAL_PHASES for r in rows):
+            if all(r.phase in FINAL for r in rows):
                 self._sessions.discard(key)
                 try:
                     self.transports.get(transport_name).finish(deployment.id, self.version(image))

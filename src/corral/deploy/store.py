@@ -2,7 +2,7 @@
 following each node's progress, cancelling, and ending nodes that went silent.
 
 A node takes part in at most one running deployment. Its row moves through the phases of
-:data:`corral.agent.plan.PHASES`; ``done``, ``failed`` and ``cancelled`` end it, and the
+:data:`corral.agent.phases.DEPLOY_STEPS`; ``done``, ``failed`` and ``cancelled`` end it, and the
 deployment ends when all of its nodes have.
 """
 
@@ -16,7 +16,17 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from corral.agent.plan import FINAL_PHASES, PHASES, Progress
+from corral.agent.phases import (
+    CANCELLED,
+    DEPLOY_STEPS,
+    DEPLOYED,
+    DONE,
+    FAILED,
+    FINAL,
+    REBOOTING,
+    WAITING,
+)
+from corral.agent.plan import Progress
 from corral.deploy.auto import AUTO, choose
 from corral.errors import NotFound, UsageError
 from corral.images.store import ImageStore, ImageVersion
@@ -188,7 +198,7 @@ class Deployments:
                     node=t.node.name,
                     image=t.version.ref,
                     transport=t.transport,
-                    phase="waiting",
+                    phase=WAITING,
                     bytes=0,
                     total=int(
                         t.version.manifest.get("exports", {}).get("stream", {}).get("size", 0)
@@ -225,7 +235,7 @@ class Deployments:
     def active_nodes(self, names: Sequence[str] | None = None) -> dict[str, int]:
         """node -> deployment id, for nodes in a running deployment that have not ended."""
         query = select(m.DeploymentNode.node, m.DeploymentNode.deployment_id).where(
-            m.DeploymentNode.phase.not_in(FINAL_PHASES)
+            m.DeploymentNode.phase.not_in(FINAL)
         )
         if names is not None:
             query = query.where(m.DeploymentNode.node.in_(list(names)))
@@ -233,7 +243,7 @@ class Deployments:
 
     def active(self, node: str) -> m.DeploymentNode | None:
         query = select(m.DeploymentNode).where(
-            m.DeploymentNode.node == node, m.DeploymentNode.phase.not_in(FINAL_PHASES)
+            m.DeploymentNode.node == node, m.DeploymentNode.phase.not_in(FINAL)
         )
         return self.session.scalars(query.order_by(m.DeploymentNode.id.desc())).first()
 
@@ -251,12 +261,12 @@ class Deployments:
 
     def report(self, ident: int, node: str, progress: Progress, source: str) -> m.DeploymentNode:
         """Store a node's progress; a report after the node ended changes nothing."""
-        if progress.phase not in PHASES:
+        if progress.phase not in DEPLOY_STEPS:
             raise UsageError(
-                f"unknown phase '{progress.phase}'", f"use one of: {', '.join(PHASES)}"
+                f"unknown phase '{progress.phase}'", f"use one of: {', '.join(DEPLOY_STEPS)}"
             )
         row = self.member(ident, node)
-        if row.phase in FINAL_PHASES:
+        if row.phase in FINAL:
             return row
         now = time.time()
         changed = progress.phase != row.phase
@@ -270,25 +280,25 @@ class Deployments:
         row.updated = now
         if changed:
             states = NodeStates(self.session)
-            if progress.phase == "done":
+            if progress.phase == DONE:
                 states.record(node, *_written(ident, row.image, progress), source)
-            elif progress.phase == "failed":
-                states.record(node, "failed", f"deployment {ident}: {row.message}", source)
+            elif progress.phase == FAILED:
+                states.record(node, FAILED, f"deployment {ident}: {row.message}", source)
             else:
-                states.record(node, "progress", f"deployment {ident}: {progress.phase}", source)
-        if progress.phase in FINAL_PHASES:
+                states.record(node, progress.phase, f"deployment {ident}", source)
+        if progress.phase in FINAL:
             row.finished = now
             self._maybe_finish(row.deployment)
         return row
 
-    def fail(self, row: m.DeploymentNode, reason: str, phase: str = "failed") -> None:
-        if row.phase in FINAL_PHASES:
+    def fail(self, row: m.DeploymentNode, reason: str, phase: str = FAILED) -> None:
+        if row.phase in FINAL:
             return
         now = time.time()
         row.phase, row.message, row.updated, row.finished = phase, reason[:MAX_TEXT], now, now
         if Inventory(self.session).exists("node", row.node):  # it may have been removed
             NodeStates(self.session).record(
-                row.node, "failed", f"deployment {row.deployment_id}: {reason}", "corral"
+                row.node, FAILED, f"deployment {row.deployment_id}: {reason}", "corral"
             )
         self._maybe_finish(row.deployment)
 
@@ -297,9 +307,9 @@ class Deployments:
         deployment = self.get(ident)
         if deployment.state != RUNNING:
             raise DeployError(f"deployment {ident} has ended ({deployment.state})")
-        going = [row for row in deployment.nodes if row.phase not in FINAL_PHASES]
+        going = [row for row in deployment.nodes if row.phase not in FINAL]
         for row in going:
-            self.fail(row, "cancelled by the administrator", phase="cancelled")
+            self.fail(row, "cancelled by the administrator", phase=CANCELLED)
         deployment.state = "cancelled"
         return len(going)
 
@@ -307,8 +317,8 @@ class Deployments:
         if deployment.state != RUNNING:
             return
         phases = [row.phase for row in deployment.nodes]
-        if all(p in FINAL_PHASES for p in phases):
-            deployment.state = "done" if all(p == "done" for p in phases) else "failed"
+        if all(p in FINAL for p in phases):
+            deployment.state = "done" if all(p == DONE for p in phases) else "failed"
             deployment.finished = time.time()
 
 
@@ -317,10 +327,10 @@ def _written(ident: int, image: str, progress: Progress) -> tuple[str, str]:
     whether corral now waits for its installed system's first-boot call."""
     where = f"deployment {ident}: {image} is on its disk"
     if progress.first_boot and progress.reboot:
-        return "rebooting", f"{where}; rebooting into it"
+        return REBOOTING, f"{where}; rebooting into it"
     if progress.first_boot:
-        return "deployed", f"{where}; it reports when its installed system first boots"
-    return "deployed", f"{where} (no first-boot report: bootloader none, or no systemd)"
+        return DEPLOYED, f"{where}; it reports when its installed system first boots"
+    return DEPLOYED, f"{where} (no first-boot report: bootloader none, or no systemd)"
 
 
 def new_deployment(

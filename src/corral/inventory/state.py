@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from corral.agent import phases
 from corral.errors import AlreadyExists, InvalidValue, LimitReached, NotFound, UsageError
 from corral.inventory import models as m
 from corral.inventory.schema import InterfaceSpec, NodeSpec, normalize_mac
@@ -46,23 +47,6 @@ ARMED, INSTALLING, DEPLOYED, INSTALLED, FAILED, DISCOVERED = (
     "failed",
     "discovered",
 )
-# Phases recorded on a node: what it reports, and what corral records for it ("waiting":
-# it booted the deploy ramdisk with no deployment to run; "rebooting" and "deployed": its
-# image is on its disk; "first-boot": its installed system is up).
-PHASES = (
-    "booted",
-    "waiting",
-    "pre-install",
-    "post-install",
-    "progress",
-    "install-finished",
-    "rebooting",
-    "deployed",
-    "first-boot",
-    "failed",
-)
-#: The phase only a node's installed system reports (from the node's address).
-FIRST_BOOT = "first-boot"
 MAX_MESSAGE = 4000
 
 
@@ -158,7 +142,7 @@ class NodeStates:
         query = (
             select(m.Node.name, m.NodeState)
             .join(m.NodeState, m.NodeState.node_id == m.Node.id)
-            .where(m.NodeState.state == DEPLOYED, m.NodeState.phase == "rebooting")
+            .where(m.NodeState.state == DEPLOYED, m.NodeState.phase == phases.REBOOTING)
         )
         return [
             NodeStatus(name, row.state, row.phase, row.message, row.updated, row.facts)
@@ -173,16 +157,18 @@ class NodeStates:
 
     def record(self, name: str, phase: str, message: str, source: str) -> NodeStatus:
         """Store a node's report and move its state on."""
-        if phase not in PHASES:
-            raise UsageError(f"unknown phase '{phase}'", f"use one of: {', '.join(PHASES)}")
+        if phase not in phases.LIFE_CYCLE:
+            raise UsageError(
+                f"unknown phase '{phase}'", f"use one of: {', '.join(phases.LIFE_CYCLE)}"
+            )
         row = self._row(name)
         message = message[:MAX_MESSAGE]
         row.phase, row.message, row.updated = phase, message, time.time()
-        if phase in ("install-finished", FIRST_BOOT):
+        if phase in (phases.INSTALL_FINISHED, phases.FIRST_BOOT):
             row.state = INSTALLED
-        elif phase in ("rebooting", "deployed"):
+        elif phase in (phases.REBOOTING, phases.DEPLOYED):
             row.state = DEPLOYED
-        elif phase == "failed":
+        elif phase == phases.FAILED:
             row.state = FAILED
         elif row.state == ARMED:
             row.state = INSTALLING

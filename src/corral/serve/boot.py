@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from corral.agent.phases import FIRST_BOOT, NODE_REPORTS
 from corral.config import Settings
 from corral.cpio import newc_archive
 from corral.errors import CorralError, InvalidValue, NotFound
@@ -25,7 +26,7 @@ from corral.inventory import models as m
 from corral.inventory.bootfiles import is_url, served_file, tree
 from corral.inventory.db import transaction
 from corral.inventory.schema import NodeSpec, normalize_mac
-from corral.inventory.state import FIRST_BOOT, NodeStates
+from corral.inventory.state import NodeStates
 from corral.inventory.store import Inventory
 from corral.render.renderer import Renderer, Snapshot
 
@@ -185,6 +186,11 @@ class BootService:
         with self.session() as s:
             node = Inventory(s).node(name)
             self.authorize(s, name, token, client_ip)
+            if phase not in NODE_REPORTS:
+                raise InvalidValue(
+                    f"a node does not report phase '{phase}'",
+                    f"use one of: {', '.join(NODE_REPORTS)}",
+                )
             states = NodeStates(s)
             if phase == FIRST_BOOT:
                 # the installed system's word that it is up: from the node itself, once

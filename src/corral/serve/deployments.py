@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from corral.agent.plan import PHASES
+from corral.agent.phases import DEPLOY_STEPS, FINAL
 from corral.deploy.service import DeployService
 from corral.deploy.store import Deployments, new_deployment
 from corral.deploy.transports import names as transport_names
@@ -17,7 +17,7 @@ from corral.inventory import models as m
 
 
 class ProgressIn(BaseModel):
-    phase: str = Field(description=f"one of: {', '.join(PHASES)}")
+    phase: str = Field(description=f"one of: {', '.join((*DEPLOY_STEPS, *FINAL[2:]))}")
     bytes: int = 0
     total: int = 0
     message: str = ""

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from corral import __version__
+from corral.agent.phases import NODE_REPORTS
 from corral.config import Settings
 from corral.deploy.service import DeployService
 from corral.errors import (
@@ -23,7 +24,7 @@ from corral.errors import (
 )
 from corral.inventory.bootfiles import imported
 from corral.inventory.schema import DistroSpec, GroupSpec, Mac, NodeSpec, ProfileSpec, Spec
-from corral.inventory.state import PHASES, NodeStates
+from corral.inventory.state import NodeStates
 from corral.inventory.store import Inventory, Kind
 from corral.render.check import before_change, refuse_breaking_change
 from corral.serve.boot import BootService
@@ -35,7 +36,7 @@ TEXT = "text/plain; charset=utf-8"
 
 
 class Event(BaseModel):
-    phase: str = Field(description=f"one of: {', '.join(PHASES)}")
+    phase: str = Field(description=f"one of: {', '.join(NODE_REPORTS)}")
     message: str = ""
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from corral.images import capture as capture_mod
-from corral.images.build import DiskFull
+from corral.images.build.errors import DiskFull
 from corral.images.capture import (
     DEFAULT_EXCLUDES,
     CaptureError,

@@ -20,7 +20,7 @@ app = typer.Typer(help="OS images: built in a chroot, versioned, exported.", no_
 @contextmanager
 def _staging(name: str) -> Iterator[Path]:
     """A scratch tree inside the store (same filesystem: the new version is a rename)."""
-    from corral.images.build import discard
+    from corral.images.build.tree import discard
     from corral.images.catalog import image_store
 
     store = image_store(settings().home)
@@ -218,7 +218,7 @@ def capture(
 
 
 def _change(ref: str, origin: str, work: object) -> None:
-    from corral.images.build import strip_identity
+    from corral.images.build.tree import strip_identity
     from corral.images.catalog import image_store
     from corral.images.store import copy_tree
 

@@ -9,7 +9,7 @@ node set up by hand. It runs in three steps:
 2. rsync copies the tree into a staging directory inside the store. When the image has a
    version already, the staging tree starts as a copy of it (``cp --reflink``: almost
    free on btrfs and XFS, a local copy elsewhere), so a recapture sends only what changed.
-3. The tree loses the node's identity (:func:`corral.images.build.strip_identity`, as
+3. The tree loses the node's identity (:func:`corral.images.build.tree.strip_identity`, as
    every other way into the store) and becomes the version in one rename
    (:meth:`ImageStore.add_version`); the manifest then records where it came from.
 
@@ -59,7 +59,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from corral.errors import CommandFailed
-from corral.images.build import DiskFull, discard, strip_identity
+from corral.images.build.errors import DiskFull
+from corral.images.build.tree import discard, strip_identity
 from corral.images.chroot import Runner
 from corral.images.store import (
     ImageError,

@@ -74,10 +74,10 @@ from corral.images.ramdisk.python import (
     stdlib_dir,
 )
 from corral.images.ramdisk.tree import (
-    AGENT_WRAPPER,
-    INIT_SCRIPT,
     agent_source,
+    agent_wrapper,
     check_tools,
+    init_script,
     install_agent,
     install_busybox_links,
     merge_usr,
@@ -125,8 +125,8 @@ def cache_key(packages: Sequence[Package], kernel: Package) -> str:
         FORMAT_VERSION,
         kernel.filename,
         *sorted(p.filename for p in packages),
-        INIT_SCRIPT,
-        AGENT_WRAPPER,
+        init_script(),
+        agent_wrapper(),
         ",".join(BOOT_MODULES),
         ",".join(NIC_MODULES),
         ",".join(EXTRA_STDLIB),

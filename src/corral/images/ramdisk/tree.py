@@ -13,45 +13,12 @@ from corral import agent
 from corral.cpio import CpioWriter
 from corral.images.ramdisk.contents import AGENT_DIR, DIST_PACKAGES_DIR, LIB_DIRS, REQUIRED_TOOLS
 from corral.images.ramdisk.errors import RamdiskError
+from corral.images.templates import render_template
 from corral.run import run
 
-INIT_SCRIPT = r"""#!/bin/sh
-# corral deploy ramdisk: mount the kernel's file systems, load drivers, run the agent.
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-mount -t proc -o nosuid,nodev,noexec proc /proc
-mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
-mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
-mkdir -p /dev/pts /dev/shm /run /tmp /var/log /var/tmp
-mount -t devpts -o nosuid,noexec,gid=5,mode=620 devpts /dev/pts
-mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
-chmod 1777 /tmp /var/tmp
-echo "corral-ramdisk: $(uname -r), loading drivers" > /dev/kmsg
-
-kver=$(uname -r)
-while read -r ko; do
-  [ -n "$ko" ] && insmod "/lib/modules/$kver/$ko" 2>/dev/null
-done < /etc/corral/modules.load
-# Drivers of the PCI devices present (real NICs, RAID controllers).
-for alias in /sys/bus/pci/devices/*/modalias; do
-  [ -r "$alias" ] && modprobe -q -b "$(cat "$alias")" 2>/dev/null
-done
-[ -d /sys/firmware/efi/efivars ] && mount -t efivarfs efivarfs /sys/firmware/efi/efivars
-hostname corral-ramdisk
-
-echo "corral-ramdisk: starting the agent" > /dev/kmsg
-/usr/bin/corral-agent
-echo "corral-ramdisk: the agent exited ($?); a shell on the console"
-while :; do
-  setsid cttyhack sh -l
-  sleep 1
-done
-"""
-
-AGENT_WRAPPER = f"""#!/bin/sh
-# corral's node agent (python3 -m corral.agent): the standard library, and the Debian
-# modules the ramdisk keeps (no site.py: dist-packages is on the path by name).
-PYTHONPATH=/{AGENT_DIR}:/{DIST_PACKAGES_DIR} exec python3 -S -m corral.agent "$@"
-"""
+#: The agent's program, which /init runs, and the list of modules /init loads.
+AGENT_PROGRAM = "usr/bin/corral-agent"
+MODULES_LOAD = "etc/corral/modules.load"
 
 AGENT_PACKAGE_INIT = '"""corral, as much of it as the deploy ramdisk carries: the agent."""\n'
 
@@ -141,15 +108,27 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
+def init_script() -> str:
+    """The ramdisk's ``/init``: mount the kernel's file systems, load drivers, run the agent."""
+    return render_template("ramdisk-init.sh.j2", modules_load=MODULES_LOAD, agent=AGENT_PROGRAM)
+
+
+def agent_wrapper() -> str:
+    """The agent's program: ``python3 -m corral.agent`` with the ramdisk's module path."""
+    return render_template(
+        "ramdisk-agent.sh.j2", agent_dir=AGENT_DIR, dist_packages_dir=DIST_PACKAGES_DIR
+    )
+
+
 def install_agent(root: Path, boot_modules: Sequence[str]) -> None:
     pkg = root / AGENT_DIR / "corral"
     shutil.copytree(
         agent_source(), pkg / "agent", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
     )
     _write(pkg / "__init__.py", AGENT_PACKAGE_INIT)
-    _write(root / "usr" / "bin" / "corral-agent", AGENT_WRAPPER, 0o755)
-    _write(root / "init", INIT_SCRIPT, 0o755)
-    _write(root / "etc" / "corral" / "modules.load", "".join(f"{m}\n" for m in boot_modules))
+    _write(root / AGENT_PROGRAM, agent_wrapper(), 0o755)
+    _write(root / "init", init_script(), 0o755)
+    _write(root / MODULES_LOAD, "".join(f"{m}\n" for m in boot_modules))
     _write(root / "etc" / "passwd", "root:x:0:0:root:/root:/bin/sh\n")
     _write(root / "etc" / "group", "root:x:0:\ntty:x:5:\ndisk:x:6:\n")
     _write(root / "etc" / "hostname", "corral-ramdisk\n")

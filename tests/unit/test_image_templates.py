@@ -16,6 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from corral.images.build.debootstrap import DebootstrapBuilder
+from corral.images.build.dnf import DnfBuilder
+from corral.images.build.spec import BuildSpec
+from corral.images.build.tree import strip_identity, write_file
 from corral.images.ramdisk.contents import AGENT_DIR
 from corral.images.ramdisk.tree import install_agent
 from corral.images.templates import PACKAGED
@@ -43,8 +47,40 @@ def ramdisk(root: Path) -> dict[str, str]:
     return tree_files(root, leave_out=AGENT_DIR)
 
 
+def debootstrap(root: Path) -> dict[str, str]:
+    """The network and SSH configuration of every bootable Debian or Ubuntu image."""
+    DebootstrapBuilder.write_config(root)
+    return tree_files(root)
+
+
+def identity(root: Path) -> dict[str, str]:
+    """What strip_identity leaves in a tree that had none of it."""
+    strip_identity(root)
+    return tree_files(root)
+
+
+def dnf_repo(spec: BuildSpec) -> Callable[[Path], dict[str, str]]:
+    def write(root: Path) -> dict[str, str]:
+        write_file(root / DnfBuilder.REPO_FILE, DnfBuilder().repo_file(spec))
+        return tree_files(root)
+
+    return write
+
+
 CASES: dict[str, Callable[[Path], dict[str, str]]] = {
     "ramdisk": ramdisk,
+    "debootstrap": debootstrap,
+    "identity": identity,
+    "dnf-fedora": dnf_repo(
+        BuildSpec(
+            "fedora40",
+            "fedora",
+            "40",
+            mirror="http://mirror.example/fedora/linux/",
+            gpg_key="https://mirror.example/fedora/RPM-GPG-KEY-fedora-40-primary",
+        )
+    ),
+    "dnf-rhel": dnf_repo(BuildSpec("rocky9", "rhel", "9", mirror="http://mirror.example/rocky/9")),
 }
 
 

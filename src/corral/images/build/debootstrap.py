@@ -12,6 +12,7 @@ from corral.images.build.errors import BuildError
 from corral.images.build.spec import BuildSpec, Step
 from corral.images.build.tree import HostDns, empty_dir, strip_identity, write_file
 from corral.images.layers import install_argv
+from corral.images.templates import render_template
 
 APT_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 
@@ -44,28 +45,6 @@ def default_mirror(sources: Path = APT_SOURCES) -> str | None:
             if len(words) >= 3 and words[0] == "deb" and not words[2].endswith("-security"):
                 return words[1].rstrip("/")
     return None
-
-
-NETWORKD_DHCP = """# corral: every wired interface asks DHCP (replace per node when deployed)
-[Match]
-Name=en* eth*
-
-[Network]
-DHCP=yes
-"""
-
-SSH_KEYS_UNIT = """[Unit]
-Description=Create SSH host keys if there are none (corral image)
-ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
-Before=ssh.service
-
-[Service]
-Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
-
-[Install]
-WantedBy=multi-user.target
-"""
 
 
 class DebootstrapBuilder(PlanBuilder):
@@ -153,7 +132,7 @@ class DebootstrapBuilder(PlanBuilder):
         ]
         if spec.bootable:
             steps += [
-                Step("configure the network and SSH", action=partial(self._configure, root)),
+                Step("configure the network and SSH", action=partial(self.write_config, root)),
                 Step(
                     "enable networkd, resolved and SSH host keys",
                     ("systemctl", "enable", *units),
@@ -198,9 +177,17 @@ class DebootstrapBuilder(PlanBuilder):
         write_file(root / cls.UNSAFE_IO, "force-unsafe-io\n")
 
     @staticmethod
-    def _configure(root: Path) -> None:
-        write_file(root / "etc/systemd/network/80-corral-dhcp.network", NETWORKD_DHCP)
-        write_file(root / "etc/systemd/system/corral-ssh-keys.service", SSH_KEYS_UNIT)
+    def write_config(root: Path) -> None:
+        """Every wired interface asks DHCP (replaced per node when deployed), and a unit
+        makes the SSH host keys at first boot if there are none."""
+        write_file(
+            root / "etc/systemd/network/80-corral-dhcp.network",
+            render_template("image-dhcp.network.j2"),
+        )
+        write_file(
+            root / "etc/systemd/system/corral-ssh-keys.service",
+            render_template("image-ssh-keys.service.j2"),
+        )
 
     @classmethod
     def _clean(cls, root: Path) -> None:

@@ -12,6 +12,7 @@ from corral.images.build.errors import BuildError
 from corral.images.build.spec import BuildResult, BuildSpec, Step
 from corral.images.build.tree import HostDns, empty_dir, strip_identity, write_file
 from corral.images.layers import Layer, install_argv
+from corral.images.templates import render_template
 
 log = logging.getLogger("corral.images")
 
@@ -75,10 +76,8 @@ class DnfBuilder(PlanBuilder):
                 "baseos": f"{base}/BaseOS/$basearch/os/",
                 "appstream": f"{base}/AppStream/$basearch/os/",
             }
-        check = f"gpgcheck=1\ngpgkey={spec.gpg_key}\n" if spec.gpg_key else "gpgcheck=0\n"
-        return "".join(
-            f"[corral-{repo}]\nname={spec.distro} {repo}\nbaseurl={url}\nenabled=1\n{check}\n"
-            for repo, url in repos.items()
+        return render_template(
+            "image-dnf.repo.j2", distro=spec.distro, repos=repos, gpg_key=spec.gpg_key
         )
 
     def plan(self, spec: BuildSpec, root: Path) -> list[Step]:

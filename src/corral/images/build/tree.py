@@ -20,6 +20,7 @@ from corral.images.chroot import (
     kill_processes_inside,
     sigint_deferred,
 )
+from corral.images.templates import render_template
 from corral.run import run
 
 log = logging.getLogger("corral.images")
@@ -75,13 +76,6 @@ def write_file(path: Path, text: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-HOSTS = """127.0.0.1\tlocalhost
-::1\t\tlocalhost ip6-localhost ip6-loopback
-ff02::1\t\tip6-allnodes
-ff02::2\t\tip6-allrouters
-"""
-
-
 def strip_identity(root: Path) -> None:
     """Remove what makes the tree one particular machine: machine id, SSH host keys,
     hostname (and empty its scratch directories)."""
@@ -96,7 +90,7 @@ def strip_identity(root: Path) -> None:
         key.unlink()
     write_file(root / "etc/hostname", "localhost\n")
     if not (root / "etc/hosts").exists():
-        write_file(root / "etc/hosts", HOSTS)
+        write_file(root / "etc/hosts", render_template("image-hosts.j2"))
     for scratch in ("tmp", "var/tmp"):
         empty_dir(root / scratch)
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.images.build import BuildResult, BuildSpec, UnknownPackage, build_image
+from corral.images.build import BuildResult, BuildSpec, build_image
+from corral.images.build.errors import UnknownPackage
 from corral.images.chroot import (
     POLICY_RC_D,
     active_mounts_under,

@@ -12,22 +12,12 @@ from pathlib import Path
 import pytest
 
 from corral.errors import CommandFailed
-from corral.images import build as build_mod
-from corral.images.build import (
-    BUILDERS,
-    BuildError,
-    BuildSpec,
-    DebootstrapBuilder,
-    DiskFull,
-    DnfBuilder,
-    UnknownFamily,
-    UnknownPackage,
-    builder_for,
-    default_mirror,
-    explain,
-    full_directory,
-    unknown_packages,
-)
+from corral.images.build import BUILDERS, BuildSpec, UnknownFamily, builder_for
+from corral.images.build import debootstrap as build_mod
+from corral.images.build.debootstrap import DebootstrapBuilder, default_mirror
+from corral.images.build.dnf import DnfBuilder
+from corral.images.build.errors import BuildError, DiskFull, UnknownPackage
+from corral.images.build.explain import explain, full_directory, unknown_packages
 from corral.images.chroot import (
     CHROOT_ENV,
     POLICY_RC_D,
@@ -876,7 +866,7 @@ def fake_debootstrap(argv: Sequence[str]) -> None:
 def fake_builder(
     fake: FakeSystem, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[DebootstrapBuilder, FakeSystem]:
-    monkeypatch.setattr("corral.images.build.shutil.which", lambda name: f"/usr/sbin/{name}")
+    monkeypatch.setattr("corral.images.build.engine.shutil.which", lambda name: f"/usr/sbin/{name}")
     fake.on_command["debootstrap"] = fake_debootstrap
     fake.on_command["update-initramfs"] = lambda argv: Path(
         argv[1], "boot/initrd.img-6.1.0-50-amd64"

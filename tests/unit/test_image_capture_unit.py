@@ -14,30 +14,27 @@ from pathlib import Path
 import pytest
 
 from corral.images import capture as capture_mod
-from corral.images.build import DiskFull
-from corral.images.capture import (
-    DEFAULT_EXCLUDES,
-    CaptureError,
-    Progress,
-    RsyncOutcome,
-    Source,
-    SourceError,
-    capture,
-    check_rsync_outcome,
+from corral.images.build.errors import DiskFull
+from corral.images.capture import capture
+from corral.images.capture.errors import CaptureError, SourceError
+from corral.images.capture.probe import (
     disk_mounts,
-    excludes_for,
-    explain_ssh,
-    is_address,
-    node_address,
     parse_mountinfo,
-    parse_progress,
     probe,
     probe_command,
-    rsync_argv,
-    run_rsync,
-    ssh_argv,
     swap_excludes,
 )
+from corral.images.capture.rsync import (
+    DEFAULT_EXCLUDES,
+    Progress,
+    RsyncOutcome,
+    check_rsync_outcome,
+    excludes_for,
+    parse_progress,
+    rsync_argv,
+    run_rsync,
+)
+from corral.images.capture.source import Source, explain_ssh, is_address, node_address, ssh_argv
 from corral.images.store import ImageStore
 from corral.inventory.schema import NodeSpec
 

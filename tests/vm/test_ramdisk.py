@@ -13,13 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.images.ramdisk import (
-    BOOT_MODULES,
-    DIST_PACKAGES_DIR,
-    REQUIRED_TOOLS,
-    RamdiskResult,
-    build_ramdisk,
-)
+from corral.images.ramdisk import RamdiskResult, build_ramdisk
+from corral.images.ramdisk.contents import BOOT_MODULES, DIST_PACKAGES_DIR, REQUIRED_TOOLS
 from corral.testbed.qemu import VM
 from corral.testbed.vmassets import default_cache_dir
 from tests.conftest import corral

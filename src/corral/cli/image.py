@@ -20,7 +20,7 @@ app = typer.Typer(help="OS images: built in a chroot, versioned, exported.", no_
 @contextmanager
 def _staging(name: str) -> Iterator[Path]:
     """A scratch tree inside the store (same filesystem: the new version is a rename)."""
-    from corral.images.build import discard
+    from corral.images.build.tree import discard
     from corral.images.catalog import image_store
 
     store = image_store(settings().home)
@@ -123,7 +123,7 @@ def _size(n: float) -> str:
 def _capture_host(node: str) -> tuple[str, str | None]:
     """Where NODE is: an inventory node's first IP, else NODE itself (an address or a host
     name). Returns the address and the inventory node it came from (None: literal)."""
-    from corral.images.capture import is_address, node_address
+    from corral.images.capture.source import is_address, node_address
 
     if is_address(node):
         return node, None
@@ -155,8 +155,10 @@ def capture(
     from rich.progress import BarColumn, TaskProgressColumn, TextColumn
     from rich.progress import Progress as ProgressBar
 
-    from corral.images.capture import Progress, Source, SourceError
     from corral.images.capture import capture as capture_tree
+    from corral.images.capture.errors import SourceError
+    from corral.images.capture.rsync import Progress
+    from corral.images.capture.source import Source
     from corral.images.catalog import image_store
     from corral.images.store import check_name
 
@@ -218,7 +220,7 @@ def capture(
 
 
 def _change(ref: str, origin: str, work: object) -> None:
-    from corral.images.build import strip_identity
+    from corral.images.build.tree import strip_identity
     from corral.images.catalog import image_store
     from corral.images.store import copy_tree
 

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from corral.cli import common
 from corral.config import Settings
+from corral.inventory import db
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def admin(fixture_cluster: None, settings: Settings) -> Iterator[TestClient]:
-    service = BootService(settings, common.engine())
+    service = BootService(settings, db.engine())
     with TestClient(create_app(service, "admin-secret")) as client:
         client.headers["Authorization"] = "Bearer admin-secret"
         yield client

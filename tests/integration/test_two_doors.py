@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from corral.cli import common
+from corral.inventory import db
 from corral.inventory.clusterfile import apply_cluster, load_cluster
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
@@ -38,9 +38,8 @@ EDITS: list[tuple[list[str], tuple[str, dict[str, Any]]]] = [
 
 def inventory_of(home: Path) -> dict[str, Any]:
     os.environ["CORRAL_HOME"] = str(home)
-    common.settings.cache_clear()
-    common.engine.cache_clear()
-    with common.inventory() as inv:
+    db.close()
+    with db.inventory() as inv:
         return {
             kind: [s.model_dump(mode="json") for s in inv.specs(kind)]
             for kind in ("distro", "profile", "group", "node")
@@ -49,9 +48,8 @@ def inventory_of(home: Path) -> dict[str, Any]:
 
 def fresh(home: Path) -> None:
     os.environ["CORRAL_HOME"] = str(home)
-    common.settings.cache_clear()
-    common.engine.cache_clear()
-    with common.inventory() as inv:
+    db.close()
+    with db.inventory() as inv:
         apply_cluster(inv, load_cluster(DATA.read_text(), "fixture"))
 
 
@@ -69,7 +67,7 @@ def test_the_same_edits_through_the_cli_and_rest_give_the_same_inventory(
         )  # fmt: skip
         assert result.returncode == 0, f"{argv}: {result.stderr}"
     fresh(rest)  # this process's settings and engine: the REST door's home
-    service = BootService(common.settings(), common.engine())
+    service = BootService(db.settings(), db.engine())
     with TestClient(create_app(service, "admin")) as client:
         for _, (path, body) in EDITS:
             answer = client.patch(path, json=body, headers={"Authorization": "Bearer admin"})

@@ -25,9 +25,9 @@ from corral.cli.common import (
 )
 from corral.deploy.store import RUNNING, Deployments, new_deployment
 from corral.deploy.transports import names as transport_names
+from corral.deploy.view import deployment_out
 from corral.images.catalog import image_store
 from corral.inventory import models as m
-from corral.serve.deployments import deployment_out
 
 app = typer.Typer(help="Deployments: list, show and cancel them.", no_args_is_help=True)
 

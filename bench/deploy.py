@@ -39,7 +39,6 @@ from typing import Any
 
 from corral.agent.plan import FINAL_PHASES, PHASES
 from corral.deploy.store import Deployments, new_deployment
-from corral.deploy.transports import names as transport_names
 from corral.images.catalog import image_store
 from corral.images.exports import build_exports
 from corral.images.store import ImageVersion
@@ -206,9 +205,7 @@ def run_once(
     by_process = CpuByProcess()
     by_process.start()
     with db.session() as s:
-        ident = new_deployment(
-            s, image_store(HOME), noderange, version.ref, transport, transport_names()
-        )
+        ident = new_deployment(s, image_store(HOME), noderange, version.ref, transport)
     killed_at: float | None = None
     received: dict[str, float] = {}
     failed_after: float | None = None

@@ -101,9 +101,7 @@ def nodes(home: Path) -> None:
 
 def start(noderange: str, image: str | None = None, transport: str = "fake") -> int:
     with db.session() as s:
-        return new_deployment(
-            s, image_store(db.settings().home), noderange, image, transport, transports.names()
-        )
+        return new_deployment(s, image_store(db.settings().home), noderange, image, transport)
 
 
 def test_a_deployment_arms_its_nodes_and_waits(nodes: None, image: ImageVersion) -> None:

@@ -54,9 +54,7 @@ def deploy(
     node is done, 1 if any failed.
     """
     with session() as s:
-        ident = new_deployment(
-            s, image_store(settings().home), nodes, image, transport, transport_names()
-        )
+        ident = new_deployment(s, image_store(settings().home), nodes, image, transport)
         count = len(Deployments(s).get(ident).nodes)
     out.print(f"deployment {ident}: {count} node(s), transport {transport}")
     if wait:

@@ -12,7 +12,6 @@ from sqlalchemy.orm import Session
 from corral.agent.plan import PHASES
 from corral.deploy.service import DeployService
 from corral.deploy.store import Deployments, new_deployment
-from corral.deploy.transports import names as transport_names
 from corral.deploy.view import DeploymentOut, deployment_out
 
 
@@ -100,9 +99,7 @@ def admin_routes(router: APIRouter, deploy: DeployService) -> None:
     )
     def create_deployment(body: DeploymentIn, db: Db) -> Any:
         """Deploy an image to nodes; returns at once, the manager does the rest."""
-        ident = new_deployment(
-            db, deploy.images, body.nodes, body.image, body.transport, transport_names()
-        )
+        ident = new_deployment(db, deploy.images, body.nodes, body.image, body.transport)
         return deployment_out(Deployments(db).get(ident))
 
     @router.post("/deployments/{ident}/cancel", response_model=DeploymentOut, tags=["deployments"])

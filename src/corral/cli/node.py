@@ -132,15 +132,12 @@ def set_(given: NodeChanges) -> None:
     The nodes are rendered with the change, as `corral sync` would render them: a change
     that breaks one (a profile whose snippet needs a variable it lacks) is refused.
     """
-    from corral.render.check import before_change, refuse_breaking_change
+    from corral.render.check import checked_change
 
     names = list(given.names)
-    with inventory() as inv:
-        before = before_change(inv.session, names)
+    what = f"node {names[0]}" if len(names) == 1 else f"nodes {fold(names)}"
+    with inventory() as inv, checked_change(settings(), inv, "node", names, what):
         outcomes = edit_nodes(inv, given)
-        if "changed" in outcomes:
-            what = f"node {names[0]}" if len(names) == 1 else f"nodes {fold(names)}"
-            refuse_breaking_change(settings(), inv.session, before, what)
     changed = outcomes.count("changed")
     out.print(f"changed {changed} of {len(names)} nodes: {fold(names)}")
 

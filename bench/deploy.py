@@ -38,12 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from corral.agent.phases import DEPLOY_STEPS, DONE, FINAL, RECEIVING
-from corral.cli import common
 from corral.deploy.store import Deployments, new_deployment
-from corral.deploy.transports import names as transport_names
 from corral.images.catalog import image_store
 from corral.images.exports import build_exports
 from corral.images.store import ImageVersion
+from corral.inventory import db
 from corral.inventory.schema import ProfileSpec
 from corral.testbed import cluster
 from corral.testbed.cluster import parse_rate
@@ -205,17 +204,15 @@ def run_once(
     busy0, total0 = cpu_times()
     by_process = CpuByProcess()
     by_process.start()
-    with common.session() as s:
-        ident = new_deployment(
-            s, image_store(HOME), noderange, version.ref, transport, transport_names()
-        )
+    with db.session() as s:
+        ident = new_deployment(s, image_store(HOME), noderange, version.ref, transport)
     killed_at: float | None = None
     received: dict[str, float] = {}
     failed_after: float | None = None
     others_done_at = 0.0
     while True:
         time.sleep(0.5)
-        with common.session() as s:
+        with db.session() as s:
             d = Deployments(s).get(ident)
             now = time.time()
             for row in d.nodes:  # the agent reports "configuring" the moment it has it all
@@ -357,16 +354,15 @@ def main() -> int:
     # multicast sends at a fixed rate: just under the node link B
     rate = int(parse_rate(args.link) * 0.95)
     (HOME / "corral.toml").write_text(f'multicast_max_bitrate = "{rate}"\n')
-    common.settings.cache_clear()
-    common.engine.cache_clear()
+    db.close()
     counts = sorted(int(x) for x in args.nodes.split(","))
     version = make_image(args.size_mib)
     s_bytes = int(version.manifest["exports"]["stream"]["size"])
     b = parse_rate(args.link)
     b_server = parse_rate(args.server_link)
-    bed = cluster.Testbed(common.settings())
+    bed = cluster.Testbed(db.settings())
     bed.down(forget=True)
-    with common.session() as s:  # left running by an interrupted run
+    with db.session() as s:  # left running by an interrupted run
         for old in Deployments(s).running():
             Deployments(s).cancel(old.id)
     results: list[dict[str, Any]] = []
@@ -379,7 +375,7 @@ def main() -> int:
             slow=args.slow,
             disk_size="512M",
         )
-        with common.inventory() as inv:
+        with db.inventory() as inv:
             if not inv.exists("profile", "bench"):
                 inv.add("profile", [ProfileSpec(name="bench", variables={"bootloader": "none"})])
             inv.update("group", [cluster.GROUP], {"profiles": ["bench"]})

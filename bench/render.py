@@ -30,8 +30,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     os.environ["CORRAL_HOME"] = str(work / "home")
-    from corral.cli.common import inventory, session, settings
     from corral.inventory.clusterfile import apply_cluster, load_cluster
+    from corral.inventory.db import inventory, session, settings
     from corral.render.sync import Syncer
 
     data = yaml.safe_load((REPO / "examples" / "cluster.yaml").read_text())

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.cli import common
 from corral.config import Settings
+from corral.inventory import db
 from corral.inventory.clusterfile import apply_cluster, load_cluster
 from corral.inventory.store import Inventory
 
@@ -23,29 +23,27 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     path = tmp_path / "home"
     monkeypatch.setenv("CORRAL_HOME", str(path))
     monkeypatch.delenv("CORRAL_CONFIG", raising=False)
-    common.settings.cache_clear()
-    common.engine.cache_clear()
+    db.close()
     yield path
-    common.engine.cache_clear()
-    common.settings.cache_clear()
+    db.close()
 
 
 @pytest.fixture
 def settings(home: Path) -> Settings:
-    return common.settings()
+    return db.settings()
 
 
 @pytest.fixture
 def inv(home: Path) -> Iterator[Inventory]:
     """An inventory in one open transaction (rolled back if the test raises)."""
-    with common.inventory() as inventory:
+    with db.inventory() as inventory:
         yield inventory
 
 
 @pytest.fixture
 def fixture_cluster(home: Path) -> None:
     """The small cluster of tests/data/cluster.yaml, committed."""
-    with common.inventory() as inventory:
+    with db.inventory() as inventory:
         apply_cluster(inventory, load_cluster((DATA / "cluster.yaml").read_text(), "fixture"))
 
 

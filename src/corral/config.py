@@ -17,8 +17,8 @@ import ipaddress
 import os
 import sys
 import tomllib
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
@@ -367,6 +367,19 @@ def load_settings(home: Path | None = None) -> Settings:
         assert isinstance(address, str) and isinstance(port, int)  # their types are checked
         values["server_url"] = listening_url(address, port) or Settings.server_url
     return Settings(home=home, **values)  # type: ignore[arg-type]
+
+
+def with_serve_options(settings: Settings, options: Mapping[str, Any]) -> Settings:
+    """``settings`` with corral serve's options (:data:`SERVE_OPTIONS`; None: not given)
+    in place of the config's: what serve and everything it starts use. A server_url the
+    config did not set follows the address and port, as :func:`load_settings` derives it."""
+    given = replace(settings, **{k: v for k, v in options.items() if v is not None})
+    derived = (Settings.server_url, listening_url(settings.address, settings.http_port))
+    here = listening_url(given.address, given.http_port)
+    if settings.server_url in derived and here:
+        # No server URL configured: nodes reach corral where it listens.
+        given = replace(given, server_url=here)
+    return given
 
 
 def settings_markdown() -> str:

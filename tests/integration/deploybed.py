@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from corral.cli import common
 from corral.images.catalog import image_store
 from corral.images.store import ImageVersion
+from corral.inventory import db
 from corral.inventory.schema import ProfileSpec
 from corral.run import run
 from corral.testbed import cluster
@@ -107,12 +107,11 @@ def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Testbe
         pytest.fail("a ctb-* testbed is up already: take it down with 'corral testbed down'")
     home = tmp_path_factory.mktemp("deploy") / "home"
     os.environ["CORRAL_HOME"] = str(home)
-    common.settings.cache_clear()
-    common.engine.cache_clear()
-    bed = cluster.Testbed(common.settings())
+    db.close()
+    bed = cluster.Testbed(db.settings())
     try:
         bed.up(NODES, "400mbit", disk_size="256M", http_port=8080)
-        with common.inventory() as inv:
+        with db.inventory() as inv:
             inv.add(
                 "profile",
                 [
@@ -130,8 +129,7 @@ def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Testbe
         yield bed
     finally:
         bed.down(forget=True)
-        common.engine.cache_clear()
-        common.settings.cache_clear()
+        db.close()
         os.environ.pop("CORRAL_HOME", None)
 
 

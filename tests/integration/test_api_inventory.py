@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from corral.cli import common
 from corral.config import Settings
+from corral.inventory import db
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def admin(fixture_cluster: None, settings: Settings) -> Iterator[TestClient]:
-    service = BootService(settings, common.engine())
+    service = BootService(settings, db.engine())
     with TestClient(create_app(service, "admin-secret")) as client:
         client.headers["Authorization"] = "Bearer admin-secret"
         yield client
@@ -44,3 +44,13 @@ def test_patch_that_breaks_a_nodes_files_is_refused_as_profile_set_is(admin: Tes
     assert admin.get("/api/v1/profiles/base").json() == before
     fine = admin.patch("/api/v1/profiles/base", json={"post": ["echo {{ node.name }}"]})
     assert fine.status_code == 200, fine.text
+
+
+def test_patch_of_variables_that_are_no_mapping_is_refused_not_a_server_error(
+    admin: TestClient,
+) -> None:
+    before = admin.get("/api/v1/nodes/c01").json()
+    response = admin.patch("/api/v1/nodes/c01", json={"variables": "rack=r7"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == "node c01: variables: Input should be a valid dictionary"
+    assert admin.get("/api/v1/nodes/c01").json() == before

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from corral.cli import common
+from corral.inventory import db
 from corral.inventory import models as m
 from corral.inventory.state import NodeStates
 from tests.conftest import corral
@@ -20,7 +20,7 @@ MARKUP = "disk [/] full: [bold]x[/bold] [/red]"
 
 
 def test_node_status_prints_messages_as_text(home: Path, fixture_cluster: None) -> None:
-    with common.session() as s:
+    with db.session() as s:
         NodeStates(s).record("c01", "failed", MARKUP, "test")
     result = corral("node", "status", "c01", home=home)
     assert result.returncode == 0, result.stderr
@@ -37,7 +37,7 @@ def test_node_status_refuses_an_unknown_node_like_node_list(
 
 
 def _deployment(message: str, size: int) -> int:
-    with common.session() as s:
+    with db.session() as s:
         row = m.Deployment(
             created=time.mktime((2026, 12, 3, 4, 12, 5, 0, 0, -1)),
             finished=None,

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from corral.cli import common
 from corral.deploy.store import Deployments
 from corral.images.catalog import image_store
+from corral.inventory import db
 from corral.run import pid_alive, run
 from corral.testbed import cluster
 from tests.conftest import corral
@@ -37,7 +37,7 @@ def test_http_then_rsync_with_a_changed_image(testbed: cluster.Testbed, tmp_path
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{NODES} done" in result.stdout
     check_nodes(testbed, v1, tmp_path)
-    with common.session() as s:
+    with db.session() as s:
         d = Deployments(s).recent()[0]
         assert d.state == "done"
         assert all(n.bytes == n.total > 0 for n in d.nodes)
@@ -54,7 +54,7 @@ def test_http_then_rsync_with_a_changed_image(testbed: cluster.Testbed, tmp_path
     result = deploy(home, "--transport", "rsync", "--image", v2.ref)
     assert result.returncode == 0, result.stdout + result.stderr
     check_nodes(testbed, v2, tmp_path)
-    with common.session() as s:
+    with db.session() as s:
         d = Deployments(s).recent()[0]
         assert d.state == "done" and d.transport == "rsync"
     egress = testbed.server_egress_bytes() - egress
@@ -83,10 +83,10 @@ def test_bad_requests_are_refused_before_anything_is_written(testbed: cluster.Te
         result = corral("deploy", *args, home=home)
         assert result.returncode == 2, result.stdout + result.stderr
         assert words in result.stderr
-    with common.session() as s:
+    with db.session() as s:
         before = len(Deployments(s).recent())
     assert corral("deployment", "list", home=home).returncode == 0
-    with common.session() as s:
+    with db.session() as s:
         assert len(Deployments(s).recent()) == before
 
 
@@ -122,7 +122,7 @@ def test_a_killed_node_fails_alone_and_a_server_restart_loses_nothing(
         _wait(lambda: phase(slow.name) == "failed", 60, "tb005 reported failed")
         assert time.monotonic() - killed <= 45  # the 30 s timeout, and a few ticks
         _wait(lambda: _state(ident) != "running", 120, "the deployment to end")
-        with common.session() as s:
+        with db.session() as s:
             rows = {n.node: n for n in Deployments(s).get(ident).nodes}
         assert "no report for" in rows[slow.name].message
         others = {n.name: (rows[n.name].phase, rows[n.name].message) for n in state.nodes[:-1]}
@@ -133,23 +133,23 @@ def test_a_killed_node_fails_alone_and_a_server_restart_loses_nothing(
 
 
 def _phase(ident: int, node: str) -> str:
-    with common.session() as s:
+    with db.session() as s:
         return Deployments(s).member(ident, node).phase
 
 
 def _row(ident: int, node: str) -> tuple[str, int, str]:
-    with common.session() as s:
+    with db.session() as s:
         row = Deployments(s).member(ident, node)
         return row.phase, row.bytes, row.message
 
 
 def _bytes(ident: int, node: str) -> int:
-    with common.session() as s:
+    with db.session() as s:
         return Deployments(s).member(ident, node).bytes
 
 
 def _state(ident: int) -> str:
-    with common.session() as s:
+    with db.session() as s:
         return Deployments(s).get(ident).state
 
 

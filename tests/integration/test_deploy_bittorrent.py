@@ -26,7 +26,6 @@ from corral.agent.receivers.base import Context, Received
 from corral.agent.receivers.bittorrent import feed as bittorrent_feed
 from corral.agent.receivers.bittorrent.receiver import SCRATCH, BitTorrentReceiver
 from corral.agent.report import Client
-from corral.cli import common
 from corral.config import Settings
 from corral.deploy.store import Deployments
 from corral.deploy.transports.base import Member
@@ -34,6 +33,7 @@ from corral.deploy.transports.bittorrent import BitTorrentTransport
 from corral.images.catalog import image_store
 from corral.images.exports import STREAM_INDEX, build_exports, verify_export
 from corral.images.store import ImageVersion
+from corral.inventory import db
 from corral.run import run
 from corral.testbed import cluster
 from tests.integration.deploybed import (
@@ -223,7 +223,7 @@ def deploy_and_measure(bed: cluster.Testbed, version: ImageVersion, tmp_path: Pa
     assert f"{NODES} done" in result.stdout
     egress = bed.server_egress_bytes() - before
     check_nodes(bed, version, tmp_path)
-    with common.session() as s:
+    with db.session() as s:
         d = Deployments(s).recent()[0]
         assert d.state == "done" and d.transport == "bittorrent"
         assert all(n.bytes == n.total == stream_size(version) for n in d.nodes)

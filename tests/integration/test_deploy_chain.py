@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from corral.cli import common
 from corral.deploy.store import Deployments
 from corral.images.exports import STREAM_INDEX
 from corral.images.store import ImageVersion
+from corral.inventory import db
 from corral.run import run
 from corral.testbed import cluster
 from tests.conftest import corral
@@ -42,7 +42,7 @@ def stream_size(version: ImageVersion) -> int:
 
 
 def last_deployment() -> tuple[str, dict[str, tuple[str, int, int, str]]]:
-    with common.session() as s:
+    with db.session() as s:
         d = Deployments(s).recent()[0]
         return d.state, {n.node: (n.phase, n.bytes, n.total, n.message) for n in d.nodes}
 
@@ -104,7 +104,7 @@ def test_a_node_killed_mid_chain_fails_alone(testbed: cluster.Testbed, tmp_path:
         ident = int(result.stdout.split()[1].rstrip(":"))
 
         def row(name: str) -> tuple[str, int, int, str]:
-            with common.session() as s:
+            with db.session() as s:
                 r = Deployments(s).member(ident, name)
                 return r.phase, r.bytes, r.total, r.message
 
@@ -116,7 +116,7 @@ def test_a_node_killed_mid_chain_fails_alone(testbed: cluster.Testbed, tmp_path:
         testbed.power(victim.name, "off")
         _wait(lambda: row(victim.name)[0] == "failed", 60, f"{victim.name} reported failed")
         _wait(lambda: _state(ident) != "running", 120, "the deployment to end")
-        with common.session() as s:
+        with db.session() as s:
             rows = {n.node: n for n in Deployments(s).get(ident).nodes}
         assert "no report for" in rows[victim.name].message
         others = [info for info in state.nodes if info.name != victim.name]
@@ -135,7 +135,7 @@ def test_a_node_killed_mid_chain_fails_alone(testbed: cluster.Testbed, tmp_path:
 
 
 def _state(ident: int) -> str:
-    with common.session() as s:
+    with db.session() as s:
         return Deployments(s).get(ident).state
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from corral.cli import common
 from corral.deploy.store import Deployments
 from corral.images.store import ImageVersion
+from corral.inventory import db
 from corral.run import run
 from corral.testbed import cluster
 from corral.testbed.netns import namespace_pid_map
@@ -51,7 +51,7 @@ def received(bed: cluster.Testbed, node: str, ref: str) -> tuple[int, int]:
 
 
 def last_deployment() -> tuple[str, dict[str, tuple[str, str]]]:
-    with common.session() as s:
+    with db.session() as s:
         d = Deployments(s).recent()[0]
         return d.state, {n.node: (n.phase, n.message) for n in d.nodes}
 
@@ -118,7 +118,7 @@ def test_a_node_whose_receiver_dies_catches_up_by_http(
     size = stream_size(version)
 
     def progress() -> tuple[str, int]:
-        with common.session() as s:
+        with db.session() as s:
             row = Deployments(s).member(ident, victim.name)
             return row.phase, row.bytes
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from corral.cli import common
 from corral.config import Settings
+from corral.inventory import db
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
 
@@ -24,7 +24,7 @@ ADMIN = {"Authorization": "Bearer admin-secret"}
 
 @pytest.fixture
 def service(fixture_cluster: None, settings: Settings) -> BootService:
-    return BootService(settings, common.engine())
+    return BootService(settings, db.engine())
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_ipxe_script_is_rendered_live_for_a_mac(node: TestClient) -> None:
     assert "inst.ks=http://10.0.0.1:8080/ks/c01" in script.text
     # No secret on the kernel command line.
     assert "token" not in script.text.lower()
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         inv.update("node", ["c01"], {"variables": {"rack": "r1"}, "install_method": "image"})
     image = node.get("/boot/52:54:00:00:00:01.ipxe")
     assert "corral.node=c01" in image.text
@@ -150,7 +150,7 @@ def test_failed_install_does_not_loop(node: TestClient) -> None:
 
 
 def test_token_cpio_is_an_initrd_with_the_token(node: TestClient, tmp_path: Path) -> None:
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         inv.update("node", ["c01"], {"install_method": "image"})
     archive = node.get("/boot/token/c01.cpio.gz")
     assert archive.status_code == 200

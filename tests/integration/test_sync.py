@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.cli import common
 from corral.config import Settings
+from corral.inventory import db
 from corral.inventory.schema import NodeSpec, ProfileSpec
 from corral.render import sync as sync_module
 from corral.render.sync import Syncer, SyncReport
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 def sync(settings: Settings, root: Path, full: bool = False) -> SyncReport:
-    with common.session() as s:
+    with db.session() as s:
         return Syncer(settings, s, root).run(full=full)
 
 
@@ -52,7 +52,7 @@ def test_full_then_nothing_to_do(settings: Settings, root: Path) -> None:
 def test_one_node_change_rewrites_only_its_changed_files(settings: Settings, root: Path) -> None:
     sync(settings, root)
     before = tree(root)
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         inv.update("node", ["c01"], {"variables": {"rack": "r2"}, "netboot": False})
     report = sync(settings, root)
     assert report.nodes == 1
@@ -69,7 +69,7 @@ def test_one_node_change_rewrites_only_its_changed_files(settings: Settings, roo
 
 def test_removed_node_and_moved_mac(settings: Settings, root: Path) -> None:
     sync(settings, root)
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         inv.remove("node", ["bonded"])
         node = inv.node("fed01")
         node.interfaces[0].mac = "52:54:00:00:00:99"
@@ -84,7 +84,7 @@ def test_removed_node_and_moved_mac(settings: Settings, root: Path) -> None:
 
 def test_profile_change_rerenders_its_users_only(settings: Settings, root: Path) -> None:
     sync(settings, root)
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         inv.update("profile", ["compute"], {"packages": ["openmpi", "hwloc"]})
     report = sync(settings, root)
     # Only c01 uses compute: local01 is in the compute group but drops it with ~compute.
@@ -111,7 +111,7 @@ def test_invalid_files_write_nothing_for_that_node(
     if parallel:  # exercise the forked workers on this small cluster
         monkeypatch.setattr(sync_module, "PARALLEL_MIN_NODES", 2)
         monkeypatch.setattr(sync_module, "CHUNK", 2)
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         # %end inside a snippet ends %pre early: pykickstart then meets a bogus command.
         inv.add("profile", [ProfileSpec(name="badks", pre=["%end\nnot-a-command"])])
         inv.add("profile", [ProfileSpec(name="badgrub", kernel_args=['"unbalanced'])])
@@ -141,7 +141,7 @@ def test_invalid_files_write_nothing_for_that_node(
     assert not [p for p in files if "ks1" in p or "grub1" in p or "00-00-01-0" in p]
     assert "kickstart/c01.ks" in files
     # The root stays behind, so the next sync retries the failed nodes.
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         inv.remove("node", ["ks1", "grub1"])
     retry = sync(settings, root)
     assert retry.failures == [] and retry.nodes == 6

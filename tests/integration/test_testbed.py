@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.cli import common
 from corral.errors import AlreadyExists
+from corral.inventory import db
 from corral.inventory.state import NodeStates
 from corral.run import pid_alive, run
 from corral.testbed import cluster
@@ -84,11 +84,11 @@ def ctb_namespaces() -> list[str]:
 def testbed(home: Path) -> Iterator[cluster.Testbed]:
     if ctb_namespaces():
         pytest.skip("a testbed is up on this machine already")
-    bed = cluster.Testbed(common.settings())
+    bed = cluster.Testbed(db.settings())
     try:
         yield bed
     finally:
-        cluster.Testbed(common.settings()).down()
+        cluster.Testbed(db.settings()).down()
 
 
 def assert_all_gone(bed: cluster.Testbed) -> None:
@@ -157,7 +157,7 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
     assert testbed.server_egress_bytes() - sent_before >= 2_800_000
 
     # The inventory holds the nodes with their loop devices.
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         specs = {s.name: s for s in inv.specs("node", names)}
     for info in state.nodes:
         spec = specs[info.name]
@@ -174,7 +174,7 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
 
     # Power: a node that is not armed gets a script that boots its disk; the firmware
     # keeps asking.
-    with common.session() as s:
+    with db.session() as s:
         NodeStates(s).record("tb002", "install-finished", "installed before", "admin")
     agent = [sys.executable, "-c", STAND_IN]
     pid = testbed.power("tb002", "cycle", agent=agent, timeout=60)
@@ -188,7 +188,7 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
     assert (node_dir / "pid").read_text().strip() == str(pid)
     assert testbed.node_power("tb002") == ("firmware", [pid])
     # Armed, it gets its token and execs the agent (here its stand-in) in its place.
-    with common.session() as s:
+    with db.session() as s:
         NodeStates(s).arm(["tb002"])
     wait_for("the agent", lambda: (node_dir / "stand-in.json").exists())
     args = json.loads((node_dir / "stand-in.json").read_text())
@@ -229,7 +229,7 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert "inventory nodes kept: tb[001-005]" in down.stdout
     assert_all_gone(testbed)
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         assert [s.name for s in inv.specs("node")] == names
 
 
@@ -244,7 +244,7 @@ def test_down_without_state_after_crash(testbed: cluster.Testbed, home: Path) ->
     assert "removed from the inventory: tb[001-003]" in down.stdout
     assert not pid_alive(state.server_pid)
     assert_all_gone(testbed)
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         assert inv.specs("node") == []
         assert not inv.exists("group", "testbed")
 
@@ -252,7 +252,7 @@ def test_down_without_state_after_crash(testbed: cluster.Testbed, home: Path) ->
 def test_failed_up_takes_down_what_it_made(testbed: cluster.Testbed) -> None:
     # Another node owns the address tb002 would get: registering fails after the network
     # and the disks exist.
-    added = corral("node", "add", "other", "--ip", "10.77.0.3", home=common.settings().home)
+    added = corral("node", "add", "other", "--ip", "10.77.0.3", home=db.settings().home)
     assert added.returncode == 0, added.stderr
     with pytest.raises(AlreadyExists, match=r"10\.77\.0\.3"):
         testbed.up(3)
@@ -271,13 +271,13 @@ def test_real_agent_reports_booted(testbed: cluster.Testbed) -> None:
     testbed.up(2, disk_size="16M")
     # Power-cycled as the deployment manager in corral serve does it: the node's
     # power_command, from inside ctb-srv, with run()'s minimal environment.
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         command = inv.node("tb001").variables["power_command"]
     argv = [word.format(node="tb001") for word in shlex.split(command)]
     run(["ip", "netns", "exec", "ctb-srv", *argv], timeout=60)
 
     def booted() -> bool:
-        with common.session() as s:
+        with db.session() as s:
             return any(e.phase == "booted" for e in NodeStates(s).events("tb001"))
 
     console = testbed.nodes_dir / "tb001" / "console.log"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from corral.cli import common
 from corral.config import Settings
+from corral.inventory import db
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
 from corral.serve.limits import MAX_BODY
@@ -28,7 +28,7 @@ ROUTES = [
 
 @pytest.fixture
 def stranger(fixture_cluster: None, settings: Settings) -> Iterator[TestClient]:
-    app = create_app(BootService(settings, common.engine()), "admin-secret")
+    app = create_app(BootService(settings, db.engine()), "admin-secret")
     with TestClient(app, client=("10.0.0.99", 40000)) as c:
         yield c
 

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 from fastapi.testclient import TestClient
 
-from corral.cli import common
 from corral.config import Settings
+from corral.inventory import db
 from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
@@ -19,7 +19,7 @@ ADMIN = {"Authorization": "Bearer admin-secret"}
 
 
 def client(settings: Settings) -> TestClient:
-    app = create_app(BootService(settings, common.engine()), "admin-secret")
+    app = create_app(BootService(settings, db.engine()), "admin-secret")
     return TestClient(app, client=("10.0.0.99", 40000))
 
 
@@ -38,7 +38,7 @@ def test_a_managed_nodes_mac_does_not_change_it(stranger: TestClient) -> None:
     answer = stranger.post("/api/v1/discover", json=fake)
     assert answer.status_code == 409
     assert "c01" in answer.json()["detail"]
-    with common.session() as s:
+    with db.session() as s:
         status = NodeStates(s).status("c01")
     assert status.facts is None and status.state == "armed"
 
@@ -47,7 +47,7 @@ def test_a_discovered_machine_may_report_again(stranger: TestClient) -> None:
     assert stranger.post("/api/v1/discover", json=facts("52:54:00:00:aa:01")).status_code == 200
     again = stranger.post("/api/v1/discover", json=facts("52:54:00:00:aa:01", cpus=8))
     assert again.json() == {"node": "d52540000aa01"}
-    with common.session() as s:
+    with db.session() as s:
         assert (NodeStates(s).status("d52540000aa01").facts or {})["cpus"] == 8
 
 
@@ -78,7 +78,7 @@ def test_the_number_of_discovered_nodes_is_capped(
         assert codes == [200, 200, 200, 429, 429]
         # the ones there may still report
         assert c.post("/api/v1/discover", json=facts("52:54:00:00:bb:00")).status_code == 200
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         assert len([n for n in inv.names("node") if n.startswith("d")]) == 3
 
 
@@ -99,7 +99,7 @@ def test_a_big_discovery_body_is_refused_before_it_is_read(stranger: TestClient)
         "/api/v1/discover", content=big, headers={"Content-Type": "application/json"}
     )
     assert answer.status_code == 413
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         assert not inv.exists("node", "d52540000aa01")
 
 

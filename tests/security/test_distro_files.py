@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from corral.cli import common
 from corral.config import Settings
 from corral.cpio import newc_archive
 from corral.errors import InvalidValue
+from corral.inventory import db
 from corral.inventory.bootfiles import imported
 from corral.inventory.schema import DistroSpec
 from corral.serve.boot import BootService
@@ -51,7 +51,7 @@ def secret(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def admin(home: Path, settings: Settings) -> Iterator[TestClient]:
-    app = create_app(BootService(settings, common.engine()), "admin-secret")
+    app = create_app(BootService(settings, db.engine()), "admin-secret")
     with TestClient(app, client=("10.0.0.99", 40000)) as c:
         yield c
 
@@ -96,10 +96,10 @@ def test_served_only_from_corrals_tree(
     assert created.json()["kernel"] == str(tree / "vmlinuz")
     assert admin.get("/distros/deb/vmlinuz").content == kernel.read_bytes()
     assert admin.get("/distros/deb/initrd.img").content == initrd.read_bytes()
-    service = BootService(settings, common.engine())
+    service = BootService(settings, db.engine())
     assert service.tftp_resolve("distros/deb/initrd.img", "10.0.0.99") == initrd.read_bytes()
     # a distro that names a file outside the tree (an old inventory, a cluster file)
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         inv.add("distro", [DistroSpec(**distro("old", secret, initrd))])  # type: ignore[arg-type]
     assert admin.get("/distros/old/shadow").status_code == 404
     assert service.tftp_resolve("distros/old/shadow", "10.0.0.99") is None

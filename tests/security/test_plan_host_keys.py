@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from corral.agent.plan import Plan
-from corral.cli import common
 from corral.deploy.store import Deployments
 from corral.images.store import ImageVersion
+from corral.inventory import db
 from tests.unit.test_deployments import _service, fake_transport, image, nodes, start
 
 __all__ = ["fake_transport", "image", "nodes"]  # fixtures, used by name
@@ -34,7 +34,7 @@ def test_host_private_keys_go_out_once_per_deployment_node(
     assert again.identity.ssh_host_keys == {}
     assert not any("PRIVATE KEY" in v for v in again.identity.ssh_host_keys.values())
     # a new deployment of the node: the same keys again, once
-    with common.session() as s:
+    with db.session() as s:
         Deployments(s).cancel(ident)
     start("n01")
     assert fetch(home).identity.ssh_host_keys == first.identity.ssh_host_keys

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.cli import common
 from corral.deploy.keys import host_keys
+from corral.inventory import db
 from corral.inventory.schema import InterfaceSpec, NodeSpec
 from corral.serve.assets import api_token
 from corral.serve.dhcp import dnsmasq_user
@@ -33,8 +33,8 @@ def mode(path: Path) -> int:
 
 
 def test_home_database_token_and_keys_are_private(home: Path) -> None:
-    common.engine()
-    with common.inventory() as inv:  # something written: the WAL file exists
+    db.engine()
+    with db.inventory() as inv:  # something written: the WAL file exists
         inv.add("node", [NodeSpec(name="n1")])
     api_token(home)
     keys = host_keys(home, "n1")
@@ -52,7 +52,7 @@ def test_an_existing_readable_database_and_token_are_made_private(home: Path) ->
     (home / "corral.db").touch(mode=0o644)
     (home / "api-token").write_text("t0ken\n")
     (home / "api-token").chmod(0o644)
-    common.engine()
+    db.engine()
     assert api_token(home) == "t0ken"
     assert mode(home / "corral.db") == 0o600
     assert mode(home / "api-token") == 0o600
@@ -71,7 +71,7 @@ def serve_in(net: Net, interface: str) -> list[str]:
 @as_root
 def test_serve_with_dhcp_in_a_private_home_under_umask_077(home: Path, net: Net) -> None:
     home.mkdir(mode=0o700)
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         inv.add(
             "node", [NodeSpec(name="node01", interfaces=[InterfaceSpec(mac=MAC1, ip=NODE1.ip)])]
         )
@@ -95,7 +95,7 @@ def test_serve_with_dhcp_in_a_private_home_under_umask_077(home: Path, net: Net)
         assert env is not None and env["ip"] == NODE1.ip, log.read_text()
         assert mode(home) == 0o700 and mode(home / "dhcp") == 0o700
         assert mode(home / "corral.db") == 0o600
-        hosts = dhcp_hosts_dir(common.settings()) / "dhcp-hosts"
+        hosts = dhcp_hosts_dir(db.settings()) / "dhcp-hosts"
         assert f"{MAC1},{NODE1.ip},node01" in hosts.read_text()
         assert mode(hosts) == 0o600 and hosts.stat().st_uid == pwd.getpwnam(dnsmasq_user()).pw_uid
         assert mode(hosts.parent) == 0o711 and hosts.parent.stat().st_uid == 0

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from corral.cli import common
 from corral.config import Settings
 from corral.errors import InvalidValue
+from corral.inventory import db
 from corral.inventory.schema import DistroSpec, GroupSpec, NodeSpec, ProfileSpec, parse
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
@@ -86,8 +86,8 @@ def cluster_home(tmp_path: Path) -> Path:
 
 
 def _dump(home: Path) -> list[str]:
-    with sqlite3.connect(home / "corral.db") as db:
-        return list(db.iterdump())
+    with sqlite3.connect(home / "corral.db") as conn:
+        return list(conn.iterdump())
 
 
 @pytest.mark.integration
@@ -115,7 +115,7 @@ def test_cli_refuses_control_characters_and_changes_nothing(
 
 @pytest.fixture
 def admin(home: Path, fixture_cluster: None, settings: Settings) -> Iterator[TestClient]:
-    service = BootService(settings, common.engine())
+    service = BootService(settings, db.engine())
     with TestClient(create_app(service, "admin-secret")) as client:
         client.headers["Authorization"] = "Bearer admin-secret"
         yield client

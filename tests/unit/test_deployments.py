@@ -16,7 +16,6 @@ import pytest
 from sqlalchemy.orm import Session
 
 from corral.agent.plan import Plan, Progress
-from corral.cli import common
 from corral.config import Settings
 from corral.deploy import transports
 from corral.deploy.service import DeployService, report_interval
@@ -25,6 +24,7 @@ from corral.deploy.transports.base import Unicast
 from corral.errors import NotFound
 from corral.images.catalog import image_store
 from corral.images.store import ImageNotFound, ImageVersion
+from corral.inventory import db
 from corral.inventory.schema import InterfaceSpec, NodeSpec, Partition, ProfileSpec
 from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService, Forbidden
@@ -68,7 +68,7 @@ def image(home: Path, tmp_path: Path) -> ImageVersion:
 
 @pytest.fixture
 def nodes(home: Path) -> None:
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         inv.add(
             "profile",
             [
@@ -100,15 +100,13 @@ def nodes(home: Path) -> None:
 
 
 def start(noderange: str, image: str | None = None, transport: str = "fake") -> int:
-    with common.session() as s:
-        return new_deployment(
-            s, image_store(common.settings().home), noderange, image, transport, transports.names()
-        )
+    with db.session() as s:
+        return new_deployment(s, image_store(db.settings().home), noderange, image, transport)
 
 
 def test_a_deployment_arms_its_nodes_and_waits(nodes: None, image: ImageVersion) -> None:
     ident = start("n[01-03]")
-    with common.session() as s:
+    with db.session() as s:
         d = Deployments(s).get(ident)
         assert [n.node for n in d.nodes] == ["n01", "n02", "n03"]
         assert {n.phase for n in d.nodes} == {"waiting"}
@@ -138,7 +136,7 @@ def test_bad_requests_write_nothing(
 ) -> None:
     with pytest.raises(error, match=words.replace("[", r"\[")):
         start(noderange, img, transport)
-    with common.session() as s:
+    with db.session() as s:
         assert Deployments(s).recent() == []
         assert NodeStates(s).events("n01") == []
 
@@ -150,7 +148,7 @@ def test_a_node_already_deploying_is_refused(nodes: None, image: ImageVersion) -
 
 
 def test_a_node_without_an_image_is_refused(nodes: None, image: ImageVersion) -> None:
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         inv.update("profile", ["img"], {"image": None})
     with pytest.raises(DeployError, match="n01 has no image"):
         start("n01")
@@ -158,14 +156,14 @@ def test_a_node_without_an_image_is_refused(nodes: None, image: ImageVersion) ->
 
 
 def test_a_disk_known_to_be_too_small_is_refused(nodes: None, image: ImageVersion) -> None:
-    with common.session() as s:
+    with db.session() as s:
         NodeStates(s)._row("n01").facts = {"disks": [{"name": "vda", "size_bytes": 100 << 20}]}
     with pytest.raises(DeployError, match="n01: disk of 100 MiB is too small"):
         start("n01")
 
 
 def test_layers_a_profile_asks_for_must_be_in_the_image(nodes: None, image: ImageVersion) -> None:
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         inv.update("profile", ["img"], {"layers": ["gpu"]})
     with pytest.raises(DeployError, match="was not built with layer gpu"):
         start("n01")
@@ -173,7 +171,7 @@ def test_layers_a_profile_asks_for_must_be_in_the_image(nodes: None, image: Imag
 
 def test_progress_to_done_and_failed_ends_the_deployment(nodes: None, image: ImageVersion) -> None:
     ident = start("n[01-02]")
-    with common.session() as s:
+    with db.session() as s:
         store = Deployments(s)
         store.report(ident, "n01", Progress("receiving", 10, 100), "10.0.0.11")
         store.report(ident, "n01", Progress("done", 100, 100), "10.0.0.11")
@@ -197,7 +195,7 @@ def test_an_installed_system_proves_itself_with_its_first_boot(
     """The agent's done puts the image on the disk; only the installed system's first-boot
     report, with the node's token from the node's address, makes the node installed."""
     ident = start("n[01-03]")
-    with common.session() as s:
+    with db.session() as s:
         tokens = {name: NodeStates(s).issue_token(name) for name in ("n01", "n02", "n03")}
         store = Deployments(s)
         done = Progress("done", 100, 100, "installed", first_boot=True, reboot=True)
@@ -207,7 +205,7 @@ def test_an_installed_system_proves_itself_with_its_first_boot(
         status = NodeStates(s).status("n01")
         assert (status.state, status.phase) == ("deployed", "rebooting")
         assert NodeStates(s).status("n03").phase == "deployed"  # did not reboot: no timer
-    service = BootService(common.settings(), common.engine())
+    service = BootService(db.settings(), db.engine())
     with pytest.raises(Forbidden, match="only to its own address"):
         service.event("n01", tokens["n01"], "first-boot", "up", "10.0.0.99")
     answer = service.event("n01", tokens["n01"], "first-boot", "n01 up", "10.0.0.11")
@@ -218,11 +216,11 @@ def test_an_installed_system_proves_itself_with_its_first_boot(
     clock = Clock(monkeypatch)
     with _service(home) as deploys, ThreadPoolExecutor(1) as pool:
         deploys.tick(pool)
-        with common.session() as s:
+        with db.session() as s:
             assert NodeStates(s).status("n02").state == "deployed"
         clock.now += deploys.settings.firstboot_timeout + 1
         deploys.tick(pool)
-    with common.session() as s:
+    with db.session() as s:
         status = NodeStates(s).status("n02")
         assert status.state == "failed"
         assert "first-boot: rebooted into its installed system at" in (status.message or "")
@@ -233,10 +231,10 @@ def test_an_installed_system_proves_itself_with_its_first_boot(
 
 def test_cancel(nodes: None, image: ImageVersion) -> None:
     ident = start("n[01-02]")
-    with common.session() as s:
+    with db.session() as s:
         assert Deployments(s).cancel(ident) == 2
         assert {n.phase for n in Deployments(s).get(ident).nodes} == {"cancelled"}
-    with common.session() as s, pytest.raises(DeployError, match="has ended"):
+    with db.session() as s, pytest.raises(DeployError, match="has ended"):
         Deployments(s).cancel(ident)
 
 
@@ -246,7 +244,7 @@ def _service(home: Path) -> Iterator[DeployService]:
         if token != "good":
             raise Forbidden(f"bad or missing token for node {name}")
 
-    yield DeployService(common.settings(), common.session, authorize)
+    yield DeployService(db.settings(), db.session, authorize)
 
 
 def test_the_plan_says_what_the_node_gets(home: Path, nodes: None, image: ImageVersion) -> None:
@@ -257,7 +255,7 @@ def test_the_plan_says_what_the_node_gets(home: Path, nodes: None, image: ImageV
         assert service.plan("n02", "good", "10.0.0.12") is None  # nothing to do: 204
         # ... and the node's status says so, once
         assert service.plan("n02", "good", "10.0.0.12") is None
-        with common.session() as s:
+        with db.session() as s:
             status = NodeStates(s).status("n02")
             assert status.phase == "waiting"
             assert "no deployment includes it" in (status.message or "")
@@ -274,7 +272,7 @@ def test_the_plan_says_what_the_node_gets(home: Path, nodes: None, image: ImageV
     assert plan.identity.authorized_keys == ["ssh-ed25519 AAAA x"]
     assert set(plan.identity.ssh_host_keys) >= {"ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"}
     # the same keys the next time: a re-deployed node keeps its host keys
-    with common.session() as s:
+    with db.session() as s:
         Deployments(s).cancel(ident)
     start("n01")
     with _service(home) as service:
@@ -298,7 +296,7 @@ def test_the_manager_powers_nodes_and_fails_silent_ones(
     with _service(home) as service, ThreadPoolExecutor(2) as pool:
         service.tick(pool)
         assert FakeTransport.prepared  # made ready before any node is rebooted
-        with common.session() as s:
+        with db.session() as s:
             rows = Deployments(s).get(ident).nodes
             assert all(r.powered for r in rows) and rows[0].message == "power-cycled"
         report = {"phase": "receiving", "bytes": 5}
@@ -314,7 +312,7 @@ def test_the_manager_powers_nodes_and_fails_silent_ones(
             clock.now += 1
             service.progress(ident, "n01", "good", report, "10.0.0.11")
             service.tick(pool)
-    with common.session() as s:
+    with db.session() as s:
         rows = {r.node: r for r in Deployments(s).get(ident).nodes}
         assert rows["n01"].phase == "receiving"
         assert rows["n02"].phase == "failed"
@@ -332,7 +330,7 @@ class Clock:
 
 
 def phases(ident: int) -> dict[str, str]:
-    with common.session() as s:
+    with db.session() as s:
         return {r.node: r.phase for r in Deployments(s).get(ident).nodes}
 
 
@@ -365,11 +363,11 @@ def test_a_node_removed_from_the_inventory_ends_its_part(
     home: Path, nodes: None, image: ImageVersion
 ) -> None:
     ident = start("n[01-02]")
-    with common.inventory() as inv:
+    with db.inventory() as inv:
         inv.remove("node", ["n02"])
     with _service(home) as service, ThreadPoolExecutor(2) as pool:
         service.tick(pool)
-    with common.session() as s:
+    with db.session() as s:
         row = Deployments(s).member(ident, "n02")
         assert row.phase == "failed" and "removed" in row.message
         assert Deployments(s).cancel(ident) == 1  # n01 only; no error for the removed one
@@ -411,7 +409,7 @@ def test_auto_resolves_per_image_and_is_recorded(
 
     monkeypatch.setattr(auto, "CROSSOVERS", (auto.Crossover("fake", 3, 0),))
     ident = start("n[01-04]", transport="auto")
-    with common.session() as s:
+    with db.session() as s:
         d = Deployments(s).get(ident)
         assert d.transport == "auto"
         assert {n.transport for n in d.nodes} == {"fake"}
@@ -428,9 +426,9 @@ def test_the_agents_final_report_and_the_first_boot_over_http(
     from corral.serve.http import create_app
 
     ident = start("n01")
-    with common.session() as s:
+    with db.session() as s:
         token = NodeStates(s).issue_token("n01")
-    service = BootService(common.settings(), common.engine())
+    service = BootService(db.settings(), db.engine())
     auth = {"Authorization": f"Bearer {token}"}
     with TestClient(create_app(service, "admin"), client=("10.0.0.11", 40000)) as node:
         done = {"phase": "done", "bytes": 1, "total": 1, "first_boot": True, "reboot": True}
@@ -438,7 +436,7 @@ def test_the_agents_final_report_and_the_first_boot_over_http(
             f"/api/v1/deployments/{ident}/nodes/n01/progress", json=done, headers=auth
         )
         assert answer.status_code == 200, answer.text
-        with common.session() as s:
+        with db.session() as s:
             status = NodeStates(s).status("n01")
             assert (status.state, status.phase) == ("deployed", "rebooting")
         event = {"phase": "first-boot", "message": "n01 runs its installed system"}
@@ -457,9 +455,9 @@ def test_a_nodes_phase_is_its_deployment_step_and_it_reports_only_its_own(
     from corral.serve.http import create_app
 
     ident = start("n01")
-    with common.session() as s:
+    with db.session() as s:
         token = NodeStates(s).issue_token("n01")
-    service = BootService(common.settings(), common.engine())
+    service = BootService(db.settings(), db.engine())
     auth = {"Authorization": f"Bearer {token}"}
     with TestClient(create_app(service, "admin"), client=("10.0.0.11", 40000)) as node:
         step = {"phase": "receiving", "bytes": 1, "total": 2}
@@ -467,7 +465,7 @@ def test_a_nodes_phase_is_its_deployment_step_and_it_reports_only_its_own(
             f"/api/v1/deployments/{ident}/nodes/n01/progress", json=step, headers=auth
         )
         assert answer.status_code == 200, answer.text
-        with common.session() as s:
+        with db.session() as s:
             status = NodeStates(s).status("n01")
             assert (status.state, status.phase) == ("installing", "receiving")
         for phase in ("deployed", "rebooting", "waiting", "progress"):
@@ -475,5 +473,5 @@ def test_a_nodes_phase_is_its_deployment_step_and_it_reports_only_its_own(
             answer = node.post("/api/v1/nodes/n01/events", json=event, headers=auth)
             assert answer.status_code == 422, (phase, answer.text)
             assert "does not report phase" in answer.text
-        with common.session() as s:
+        with db.session() as s:
             assert NodeStates(s).status("n01").phase == "receiving"

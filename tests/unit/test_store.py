@@ -76,3 +76,15 @@ def test_update_refuses_a_rename_with_a_clear_message(inv: Inventory) -> None:
     assert "belongs to" not in str(info.value)
     assert inv.update("node", ["n1"], {"name": "n1", "netboot": False}) == 1
     assert inv.names("node") == ["n1"]
+
+
+def test_edit_merges_variables_and_refuses_variables_that_are_no_mapping(inv: Inventory) -> None:
+    inv.add("node", [NodeSpec(name="n1", variables={"rack": "r1", "slot": 1})])
+    assert inv.edit("node", ["n1"], {"variables": {"slot": 2}, "netboot": False}) == 1
+    assert inv.node("n1").variables == {"rack": "r1", "slot": 2}
+    assert inv.edit("node", ["n1"], {"variables": {}}) == 0
+    for bad in ("rack=r2", ["rack"]):
+        # a TypeError before (a REST PATCH answered 500)
+        with pytest.raises(InvalidValue, match="node n1: variables: Input should be a valid"):
+            inv.edit("node", ["n1"], {"variables": bad})
+    assert inv.node("n1").variables == {"rack": "r1", "slot": 2}

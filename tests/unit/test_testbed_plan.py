@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from corral.agent.cmdline import BootOrders
-from corral.cli import common
 from corral.config import Settings
 from corral.cpio import newc_archive
 from corral.errors import CorralError, InvalidValue, UsageError
+from corral.inventory import db
 from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService
 from corral.testbed import cluster, firmware
@@ -317,8 +317,8 @@ IMG01_MAC, IMG01_IP = "52:54:00:00:00:05", "10.0.0.15"
 def boot_server(fixture_cluster: None, home: Path) -> Iterator[BootServer]:
     server = BootServer(("127.0.0.1", 0), _Handler)
     url = f"http://127.0.0.1:{server.server_address[1]}"
-    settings = dataclasses.replace(common.settings(), server_url=url)
-    server.service, server.paths = BootService(settings, common.engine()), []
+    settings = dataclasses.replace(db.settings(), server_url=url)
+    server.service, server.paths = BootService(settings, db.engine()), []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -351,10 +351,8 @@ def test_firmware_boots_what_the_rendered_script_says(
         "/boot/52-54-00-00-00-05.ipxe",
         "/boot/token/img01.cpio.gz",  # not the ramdisk's own initrd: the host stands in
     ]
-    with common.session() as s:
-        rendered = BootService(boot_server.service.settings, common.engine()).ipxe_for_mac(
-            IMG01_MAC
-        )
+    with db.session() as s:
+        rendered = BootService(boot_server.service.settings, db.engine()).ipxe_for_mac(IMG01_MAC)
         assert NodeStates(s).check_token("img01", (tmp_path / "img01/token").read_text().strip())
     kernel = next(line for line in rendered.splitlines() if line.startswith("kernel "))
     directory = tmp_path / "img01"
@@ -375,7 +373,7 @@ def test_firmware_boots_what_the_rendered_script_says(
 def test_firmware_waits_while_the_node_boots_its_disk(
     boot_server: BootServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with common.session() as s:
+    with db.session() as s:
         NodeStates(s).record("img01", "install-finished", "installed before", "admin")
     assert firmware.main(
         ["--server", _url(boot_server), "--node", "img01", "--mac", IMG01_MAC, "--disk",

@@ -1,11 +1,8 @@
-"""What every command needs: settings, a transaction on the inventory, output helpers, and
-the options that several nouns share."""
+"""What every command needs: settings, a transaction on the inventory (both
+:mod:`corral.inventory.db`'s), output helpers, and the options that several nouns share."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,14 +10,13 @@ import typer
 import yaml
 from rich.console import Console
 from rich.text import Text
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
-from corral.config import Settings, load_settings, make_private_dir
 from corral.errors import InvalidValue
 from corral.inventory.clusterfile import AliasBomb, load_yaml
-from corral.inventory.db import open_engine, transaction
-from corral.inventory.store import Inventory
+from corral.inventory.db import engine as engine
+from corral.inventory.db import inventory as inventory
+from corral.inventory.db import session as session
+from corral.inventory.db import settings as settings
 
 # No Rich markup in anything printed: what corral prints is data (names, messages from
 # nodes, paths), where "[/]" or "[bold]" must show as written. Table cells too.
@@ -34,31 +30,6 @@ ProfilesOption = Annotated[
     list[str] | None,
     typer.Option("--profile", help="profile, in order; ~NAME drops one (repeatable)"),
 ]
-
-
-@cache
-def settings() -> Settings:
-    loaded = load_settings()
-    make_private_dir(loaded.home)  # on first use: it will hold the database and secrets
-    return loaded
-
-
-@cache
-def engine() -> Engine:
-    return open_engine(settings().database)
-
-
-@contextmanager
-def session() -> Iterator[Session]:
-    with transaction(engine()) as s:
-        yield s
-
-
-@contextmanager
-def inventory() -> Iterator[Inventory]:
-    """The inventory in one transaction: committed if the command succeeds, else rolled back."""
-    with session() as s:
-        yield Inventory(s)
 
 
 def parse_vars(items: list[str] | None) -> dict[str, Any]:

@@ -25,9 +25,9 @@ from corral.cli.common import (
 )
 from corral.deploy.store import RUNNING, Deployments, new_deployment
 from corral.deploy.transports import names as transport_names
+from corral.deploy.view import deployment_out
 from corral.images.catalog import image_store
 from corral.inventory import models as m
-from corral.serve.deployments import deployment_out
 
 app = typer.Typer(help="Deployments: list, show and cancel them.", no_args_is_help=True)
 
@@ -54,9 +54,7 @@ def deploy(
     node is done, 1 if any failed.
     """
     with session() as s:
-        ident = new_deployment(
-            s, image_store(settings().home), nodes, image, transport, transport_names()
-        )
+        ident = new_deployment(s, image_store(settings().home), nodes, image, transport)
         count = len(Deployments(s).get(ident).nodes)
     out.print(f"deployment {ident}: {count} node(s), transport {transport}")
     if wait:

@@ -39,14 +39,11 @@ def set_(name: str, profile: ProfilesOption = None, var: VarsOption = None) -> N
     Its nodes are rendered with the change, as `corral sync` would render them: a change
     that breaks one is refused.
     """
-    from corral.render.check import before_change, refuse_breaking_change
+    from corral.render.check import checked_change
 
-    with inventory() as inv:
-        data = changes(profiles=profile, variables=parse_vars(var) if var else None)
-        before = before_change(inv.session, name, "group")
+    data = changes(profiles=profile, variables=parse_vars(var) if var else None)
+    with inventory() as inv, checked_change(settings(), inv, "group", name, f"group {name}"):
         n = inv.edit("group", [name], data)
-        if n:
-            refuse_breaking_change(settings(), inv.session, before, f"group {name}")
     out.print(f"group {name}: {'changed' if n else 'unchanged'}")
 
 

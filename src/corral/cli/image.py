@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
 from corral.cli.common import err, human_size, inventory, out, print_yaml, settings
 
+if TYPE_CHECKING:
+    from corral.images.workflows import Change
+
 app = typer.Typer(help="OS images: built in a chroot, versioned, exported.", no_args_is_help=True)
-
-
-@contextmanager
-def _staging(name: str) -> Iterator[Path]:
-    """A scratch tree inside the store (same filesystem: the new version is a rename)."""
-    from corral.images.build.tree import discard
-    from corral.images.catalog import image_store
-
-    store = image_store(settings().home)
-    path = store.root / f".staging-{name}-{os.getpid()}"
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        yield path
-    finally:
-        if path.exists():
-            discard(path)  # unmounts anything left, then removes it
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _export(ref: str) -> None:
@@ -68,26 +51,20 @@ def build(
     exports: bool = typer.Option(True, "--exports/--no-exports", help="build the exports too"),
 ) -> None:
     """Build an image from scratch in a chroot; the result is its next version."""
-    from corral.images.build import BuildSpec, build_image
-    from corral.images.catalog import LayerCatalog, image_store, release_of
+    from corral.images.catalog import release_of
+    from corral.images.workflows import build_version
 
-    release = release_of(distro)
-    layers = [LayerCatalog(settings().home).get(n) for n in layer or []]
-    spec = BuildSpec(
-        distro=distro,
-        family=release.family,
-        release=release.release,
-        mirror=mirror,
-        packages=_split_packages(package),
-        layers=layers,
-        cache_dir=settings().home / "cache",
-    )
-    store = image_store(settings().home)
-    with _staging(name) as staging:
-        with err.status(f"building {name} from {distro} ({release.release})"):
-            result = build_image(spec, staging)
-        origin = f"build {distro}" + "".join(f" +{n}" for n in layer or [])
-        version = store.add_version(name, result.root, origin=origin, move=True)
+    release = release_of(distro).release
+    with err.status(f"building {name} from {distro} ({release})"):
+        built = build_version(
+            settings().home,
+            name,
+            distro,
+            packages=_split_packages(package),
+            layers=layer or [],
+            mirror=mirror,
+        )
+    version, result = built.version, built.result
     out.print(
         f"built {version.ref}: {result.size_bytes / 1e6:.0f} MB, "
         f"{len(result.packages)} packages, {result.seconds:.0f} s",
@@ -101,11 +78,9 @@ def build(
 def import_(name: str, source: Path) -> None:
     """Import a root tree from a directory or a tarball (.tar, .tar.gz, .tar.zst, .tar.xz)."""
     from corral.images.catalog import image_store
+    from corral.images.workflows import import_version
 
-    store = image_store(settings().home)
-    version = (
-        store.import_tree(name, source) if source.is_dir() else store.import_tarball(name, source)
-    )
+    version = import_version(image_store(settings().home), name, source)
     out.print(f"imported {version.ref} from {source}", markup=False)
 
 
@@ -118,19 +93,6 @@ def _size(n: float) -> str:
         if n < 1000:
             return f"{n:.1f} {unit}"
     return f"{n / 1000:,.1f} GB"
-
-
-def _capture_host(node: str) -> tuple[str, str | None]:
-    """Where NODE is: an inventory node's first IP, else NODE itself (an address or a host
-    name). Returns the address and the inventory node it came from (None: literal)."""
-    from corral.images.capture.source import is_address, node_address
-
-    if is_address(node):
-        return node, None
-    with inventory() as inv:
-        if not inv.exists("node", node):
-            return node, None
-        return node_address(inv.node(node)), node
 
 
 @app.command("capture")
@@ -156,24 +118,19 @@ def capture(
     from rich.progress import Progress as ProgressBar
 
     from corral.images.capture import capture as capture_tree
-    from corral.images.capture.errors import SourceError
     from corral.images.capture.rsync import Progress
-    from corral.images.capture.source import Source
     from corral.images.catalog import image_store
-    from corral.images.store import check_name
+    from corral.images.workflows import capture_source
 
-    check_name(name)
-    if ssh_key is not None and not (ssh_key.is_file() and os.access(ssh_key, os.R_OK)):
-        raise SourceError(f"cannot read the SSH key {ssh_key}", "give a private key file")
-    host, node_name = _capture_host(node)
-    source = Source(
-        host=host,
+    source = capture_source(
+        settings().home,
+        name,
+        node,
+        inventory,
         path=source_path,
         user=user,
         port=ssh_port,
         key=ssh_key,
-        known_hosts=settings().home / "ssh" / "known_hosts",
-        node=node_name,
     )
     store = image_store(settings().home)
     bar = ProgressBar(
@@ -219,45 +176,28 @@ def capture(
         _export(result.version.ref)
 
 
-def _change(ref: str, origin: str, work: object) -> None:
-    from corral.images.build.tree import strip_identity
-    from corral.images.catalog import image_store
-    from corral.images.store import copy_tree
-
-    store = image_store(settings().home)
-    base = store.get_ref(ref)
-    with _staging(base.name) as staging:
-        tree = staging / "rootfs"
-        copy_tree(base.rootfs, tree)
-        work(tree)  # type: ignore[operator]
-        strip_identity(tree)
-        version = store.add_version(
-            base.name, tree, origin=f"{origin} on v{base.version}", move=True
-        )
-    out.print(f"{base.ref} -> {version.ref}", markup=False)
+def _changed(change: Change) -> None:
+    out.print(f"{change.base.ref} -> {change.version.ref}", markup=False)
 
 
 @app.command("exec")
 def exec_(ref: str, command: list[str] = typer.Argument(..., help="-- COMMAND ARGS...")) -> None:
     """Run a command inside a copy of the image; the result is a new version."""
-    from corral.images.chroot import chroot_run, mounted
+    from corral.images.catalog import image_store
+    from corral.images.workflows import run_in_image
 
     command = command[1:] if command[:1] == ["--"] else command
-
-    def work(tree: Path) -> None:
-        with mounted(tree):
-            result = chroot_run(tree, command)
-        out.print(result.stdout, end="", markup=False)
-
-    _change(ref, "exec: " + " ".join(command), work)
+    store = image_store(settings().home)
+    _changed(run_in_image(store, ref, command, lambda text: out.print(text, end="", markup=False)))
 
 
 @app.command("shell")
 def shell(ref: str) -> None:
     """An interactive shell inside a copy of the image; on exit, a new version."""
-    from corral.images.chroot import interactive_shell
+    from corral.images.catalog import image_store
+    from corral.images.workflows import shell_in_image
 
-    _change(ref, "shell", lambda tree: interactive_shell(tree))
+    _changed(shell_in_image(image_store(settings().home), ref))
 
 
 @app.command("export")

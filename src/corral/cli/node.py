@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -22,9 +21,15 @@ from corral.cli.common import (
 )
 from corral.cli.entities import add_common_verbs
 from corral.errors import InvalidValue
-from corral.inventory.clusterfile import offset_ip, offset_mac
 from corral.inventory.noderange import expand, fold
-from corral.inventory.schema import InstallMethod, NodeSpec, parse
+from corral.inventory.nodes import (
+    NodeChanges,
+    consecutive_ips,
+    consecutive_macs,
+    edit_nodes,
+    new_nodes,
+)
+from corral.inventory.schema import InstallMethod
 
 app = typer.Typer(help="The machines of the cluster.", no_args_is_help=True)
 
@@ -52,19 +57,6 @@ Netboot = Annotated[
 ]
 
 
-@dataclass(frozen=True)
-class NodeOptions:
-    """What ``node add`` or ``node set`` was given, read and checked."""
-
-    names: list[str]
-    macs: list[str | None]  # one per node, like ips
-    ips: list[str | None]
-    interface: str  # the interface that mac, ip and address apply to
-    address: dict[str, Any]  # netmask, gateway, vlan, bond_members: those given
-    fields: dict[str, Any]  # profiles, groups, install_method, netboot: those given
-    variables: dict[str, Any]  # --var, parsed
-
-
 def _macs(names: list[str], mac: str | None, mac_file: Path | None) -> list[str | None]:
     if mac and mac_file:
         raise InvalidValue("give --mac or --mac-file, not both")
@@ -76,31 +68,10 @@ def _macs(names: list[str], mac: str | None, mac_file: Path | None) -> list[str 
                 f"{mac_file} has {len(macs)} MACs for {len(names)} nodes: give one per node"
             )
         return list(macs)
-    if mac:
-        try:
-            return [offset_mac(mac, i) for i in range(len(names))]
-        except ValueError as exc:
-            raise InvalidValue(str(exc)) from None
-    return [None] * len(names)
+    return list(consecutive_macs(mac, len(names))) if mac else []
 
 
-def _ips(names: list[str], ip: str | None) -> list[str | None]:
-    if not ip:
-        return [None] * len(names)
-    try:
-        return [offset_ip(ip, i) for i in range(len(names))]
-    except ValueError:
-        raise InvalidValue(f"invalid IPv4 address '{ip}'") from None
-
-
-def _interface(node: dict[str, Any], name: str) -> dict[str, Any]:
-    for iface in node["interfaces"]:
-        if iface["name"] == name:
-            return dict(iface)
-    return {"name": name}
-
-
-def _with_node_options(apply: Callable[[NodeOptions], None]) -> Callable[..., None]:
+def _with_node_options(apply: Callable[[NodeChanges], None]) -> Callable[..., None]:
     """The command that takes a node range and every node option and calls ``apply`` with
     them read: ``add`` and ``set`` differ only in what they do with them."""
 
@@ -123,10 +94,10 @@ def _with_node_options(apply: Callable[[NodeOptions], None]) -> Callable[..., No
         netboot: Netboot = None,
     ) -> None:
         names = expand(noderange)
-        given = NodeOptions(
+        given = NodeChanges(
             names=names,
             macs=_macs(names, mac, mac_file),
-            ips=_ips(names, ip),
+            ips=consecutive_ips(ip, len(names)) if ip else [],
             interface=interface,
             address=changes(netmask=netmask, gateway=gateway, vlan=vlan, bond_members=bond_member),
             fields=changes(
@@ -142,18 +113,12 @@ def _with_node_options(apply: Callable[[NodeOptions], None]) -> Callable[..., No
 
 @app.command("add")
 @_with_node_options
-def add(given: NodeOptions) -> None:
+def add(given: NodeChanges) -> None:
     """Add nodes: corral node add 'n[001-100]' --ip 10.0.0.11 --mac-file macs.txt
 
     Quote a noderange: the shell would expand n[001-100] as a file name pattern.
     """
-    specs = []
-    for name, mac, ip in zip(given.names, given.macs, given.ips, strict=True):
-        iface = {"name": given.interface, **changes(mac=mac, ip=ip), **given.address}
-        data = {"name": name, "interfaces": [iface], **given.fields}
-        if given.variables:
-            data["variables"] = given.variables
-        specs.append(parse(NodeSpec, data, f"node {name}"))
+    specs = new_nodes(given)
     with inventory() as inv:
         inv.add("node", specs)
     out.print(f"added {len(specs)} node{'s' if len(specs) != 1 else ''}: {fold(given.names)}")
@@ -161,38 +126,18 @@ def add(given: NodeOptions) -> None:
 
 @app.command("set")
 @_with_node_options
-def set_(given: NodeOptions) -> None:
+def set_(given: NodeChanges) -> None:
     """Change nodes; --profile/--group replace the lists, --var merges keys.
 
     The nodes are rendered with the change, as `corral sync` would render them: a change
     that breaks one (a profile whose snippet needs a variable it lacks) is refused.
     """
-    from corral.render.check import before_change, refuse_breaking_change
+    from corral.render.check import checked_change
 
-    names, interface = given.names, given.interface
-    with inventory() as inv:
-        before = before_change(inv.session, names)
-        specs = []
-        nodes = zip(inv.specs("node", names), given.macs, given.ips, strict=True)
-        for current, mac, ip in nodes:
-            data = current.model_dump(mode="json")
-            iface_changes = dict(given.address, **changes(mac=mac, ip=ip))
-            if iface_changes:
-                iface = {**_interface(data, interface), **iface_changes}
-                others = [i for i in data["interfaces"] if i["name"] != interface]
-                position = next(
-                    (n for n, i in enumerate(data["interfaces"]) if i["name"] == interface),
-                    len(others),
-                )
-                data["interfaces"] = [*others[:position], iface, *others[position:]]
-            data.update(given.fields)
-            if given.variables:
-                data["variables"] = {**data["variables"], **given.variables}
-            specs.append(parse(NodeSpec, data, f"node {current.name}"))
-        outcomes = inv.put("node", specs)
-        if "changed" in outcomes:
-            what = f"node {names[0]}" if len(names) == 1 else f"nodes {fold(names)}"
-            refuse_breaking_change(settings(), inv.session, before, what)
+    names = list(given.names)
+    what = f"node {names[0]}" if len(names) == 1 else f"nodes {fold(names)}"
+    with inventory() as inv, checked_change(settings(), inv, "node", names, what):
+        outcomes = edit_nodes(inv, given)
     changed = outcomes.count("changed")
     out.print(f"changed {changed} of {len(names)} nodes: {fold(names)}")
 

@@ -159,13 +159,10 @@ def set_(name: str, data: dict[str, Any]) -> None:
     The nodes that use the profile are rendered with the change, as `corral sync` would
     render them: a change that breaks one (an undefined variable in a snippet) is refused.
     """
-    from corral.render.check import before_change, refuse_breaking_change
+    from corral.render.check import checked_change
 
-    with inventory() as inv:
-        before = before_change(inv.session, name, "profile")
+    with inventory() as inv, checked_change(settings(), inv, "profile", name, f"profile {name}"):
         n = inv.edit("profile", [name], data)
-        if n:
-            refuse_breaking_change(settings(), inv.session, before, f"profile {name}")
     out.print(f"profile {name}: {'changed' if n else 'unchanged'}")
 
 

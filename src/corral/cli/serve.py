@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import replace
 from typing import Any
 
 import typer
 
 from corral.cli.common import engine, settings
-from corral.config import SERVE_OPTIONS, Setting, Settings, listening_url
+from corral.config import SERVE_OPTIONS, Setting, with_serve_options
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +35,11 @@ def serve(**given: Any) -> None:
     """
     from corral.serve.server import serve as run_server
 
-    cfg = settings()
-    options = replace(cfg, **{k: v for k, v in given.items() if v is not None})
-    derived = (Settings.server_url, listening_url(cfg.address, cfg.http_port))
-    here = listening_url(options.address, options.http_port)
-    if cfg.server_url in derived and here:
-        # No server URL configured: nodes reach corral where it listens.
-        cfg = replace(cfg, server_url=here)
+    cfg = with_serve_options(settings(), given)
     log.info("nodes fetch their boot files from %s (server_url)", cfg.server_url)
     where = "api_token in the config" if cfg.api_token else str(cfg.home / "api-token")
     log.info("admin API (/api/v1) bearer token: %s", where)
-    run_server(cfg, engine(), options)
+    run_server(cfg, engine())
 
 
 # Typer reads the options from the signature: one per setting with a flag, in the table.

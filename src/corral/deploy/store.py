@@ -28,6 +28,7 @@ from corral.agent.phases import (
 )
 from corral.agent.plan import Progress
 from corral.deploy.auto import AUTO, choose
+from corral.deploy.transports import names as transport_names
 from corral.errors import NotFound, UsageError
 from corral.images.store import ImageStore, ImageVersion
 from corral.inventory import models as m
@@ -106,13 +107,11 @@ class Deployments:
         images: ImageStore,
         image: str | None,
         transport: str,
-        known_transports: Sequence[str],
     ) -> list[Target]:
         """Check everything a deployment needs and say who gets what; writes nothing."""
-        if transport not in known_transports:
-            raise DeployError(
-                f"unknown transport '{transport}'", f"use one of: {', '.join(known_transports)}"
-            )
+        known = [*transport_names(), AUTO]
+        if transport not in known:
+            raise DeployError(f"unknown transport '{transport}'", f"use one of: {', '.join(known)}")
         names = expand(noderange)
         inventory = Inventory(self.session)
         missing = [n for n in names if not inventory.exists("node", n)]
@@ -339,9 +338,9 @@ def new_deployment(
     noderange: str,
     image: str | None,
     transport: str,
-    known_transports: Sequence[str],
 ) -> int:
     """Check, make the stream export if it is missing (once per version), store, arm.
+    ``transport``: a name in the transports' registry, or ``auto``.
 
     Every plan describes the image by its stream (chunk hashes, sizes), whatever the
     transport, so the stream is made even for rsync, which sends the tree.
@@ -349,8 +348,7 @@ def new_deployment(
     from corral.images.exports import build_exports
 
     store = Deployments(session)
-    known = [*known_transports, AUTO]
-    targets = store.plan_targets(noderange, images, image, transport, known)
+    targets = store.plan_targets(noderange, images, image, transport)
     if not targets:
         raise DeployError(f"no node in '{noderange}'")
     versions = {t.version.ref: images.get_ref(t.version.ref) for t in targets}
@@ -361,7 +359,7 @@ def new_deployment(
     for ref, version in versions.items():
         count = sum(1 for t in targets if t.version.ref == ref)
         chosen[ref] = (
-            choose(count, _stream_size(version), list(known_transports))
+            choose(count, _stream_size(version), transport_names())
             if transport == AUTO
             else transport
         )

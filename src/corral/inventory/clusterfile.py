@@ -10,14 +10,14 @@ nodes that differ only by consecutive names and addresses, and one entry per oth
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Literal
 
 import yaml
 
 from corral.errors import InvalidClusterFile
 from corral.inventory.noderange import expand, is_noderange, numbered
-from corral.inventory.schema import ClusterSpec, normalize_mac, parse
+from corral.inventory.nodes import offset_ip, offset_mac
+from corral.inventory.schema import ClusterSpec, parse
 from corral.inventory.store import Inventory, Kind, Outcome
 
 ORDER: tuple[Kind, ...] = ("distro", "profile", "group", "node")
@@ -79,18 +79,6 @@ def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` that refuses an alias bomb (:class:`AliasBomb`, a YAMLError):
     for every YAML that users hand corral."""
     return yaml.load(text, Loader=_LimitedLoader)  # a SafeLoader: plain data only
-
-
-def offset_ip(ip: str, offset: int) -> str:
-    return str(ipaddress.IPv4Address(ip) + offset)
-
-
-def offset_mac(mac: str, offset: int) -> str:
-    value = int(normalize_mac(mac).replace(":", ""), 16) + offset
-    if value >= 1 << 48:
-        raise ValueError(f"MAC range starting at {mac} runs past ff:ff:ff:ff:ff:ff")
-    digits = f"{value:012x}"
-    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
 
 
 def expand_node_entries(entries: list[Any]) -> list[Any]:

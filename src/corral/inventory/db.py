@@ -1,10 +1,19 @@
-"""Opening the inventory database and keeping its schema current (Alembic)."""
+"""Settings -> engine -> session: opening the inventory database, keeping its schema
+current (Alembic), and transactions on it.
+
+:func:`open_engine` and :func:`transaction` work for any database URL and engine. The
+process's own database, the one its settings name ($CORRAL_HOME, corral.toml), is
+:func:`settings`, :func:`engine`, :func:`session` and :func:`inventory`: each is made
+once, on first use. The CLI, ``corral serve``, the tests and the benchmarks all open it
+here; :func:`close` forgets it, for those that switch homes.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +21,9 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from corral.config import make_private_dir, restrict_file
+from corral.config import Settings, load_settings, make_private_dir, restrict_file
 from corral.errors import ConfigError
+from corral.inventory.store import Inventory
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest migration; checked first so that a current database costs one query.
@@ -81,3 +91,40 @@ def transaction(engine: Engine) -> Iterator[Session]:
     factory = sessionmaker(engine, expire_on_commit=False)
     with factory() as session, session.begin():
         yield session
+
+
+@cache
+def settings() -> Settings:
+    """The process's settings, read once from $CORRAL_HOME and corral.toml."""
+    loaded = load_settings()
+    make_private_dir(loaded.home)  # on first use: it will hold the database and secrets
+    return loaded
+
+
+@cache
+def engine() -> Engine:
+    """The engine of the process's database, opened (and migrated) once."""
+    return open_engine(settings().database)
+
+
+@contextmanager
+def session() -> Iterator[Session]:
+    """One transaction on the process's database."""
+    with transaction(engine()) as s:
+        yield s
+
+
+@contextmanager
+def inventory() -> Iterator[Inventory]:
+    """The inventory in one transaction: committed if the block succeeds, else rolled back."""
+    with session() as s:
+        yield Inventory(s)
+
+
+def close() -> None:
+    """Close the process's database and forget its settings: the next use reads
+    $CORRAL_HOME and corral.toml again (tests and benchmarks that switch homes)."""
+    if engine.cache_info().currsize:
+        engine().dispose()
+    engine.cache_clear()
+    settings.cache_clear()

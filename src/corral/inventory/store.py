@@ -159,34 +159,41 @@ class Inventory:
         return outcomes
 
     def edit(self, kind: Kind, names: Sequence[str], changes: dict[str, Any]) -> int:
-        """Change entries as `corral ... set` and the REST API's PATCH do: ``variables``
-        merge by key into each entry's own, every other field given replaces; returns how
-        many changed."""
-        if not changes.get("variables"):
-            return self.update(kind, names, {k: v for k, v in changes.items() if k != "variables"})
-        total = 0
-        for current in self.specs(kind, names):
-            merged = {**current.variables, **changes["variables"]}
-            total += self.update(kind, [current.name], {**changes, "variables": merged})
-        return total
+        """Change entries as `corral ... set` and the REST API's PATCH do (see
+        :meth:`edited`); returns how many changed."""
+        specs = [self.edited(kind, current, changes) for current in self.specs(kind, names)]
+        return sum(1 for o in self.put(kind, specs) if o == "changed")
 
     def update(self, kind: Kind, names: Sequence[str], changes: dict[str, Any]) -> int:
         """Apply field changes to existing entities, each field given replacing the
         entry's (``variables`` too: :meth:`edit` merges them); returns how many changed."""
-        specs = []
-        for current in self.specs(kind, names):
-            renamed = changes.get("name", current.name)
-            if renamed != current.name:
-                # Names are what other entries, sync trees and deployments refer to.
-                raise InvalidValue(
-                    f"{kind} '{current.name}' cannot be renamed to '{renamed}'",
-                    f"add {kind} '{renamed}' and remove '{current.name}', "
-                    "or leave 'name' out of the changes",
-                )
-            data = current.model_dump(mode="json")
-            data.update(changes)
-            specs.append(parse(KINDS[kind].spec, data, f"{kind} {current.name}"))
+        specs = [self._changed(kind, current, changes) for current in self.specs(kind, names)]
         return sum(1 for o in self.put(kind, specs) if o == "changed")
+
+    def edited(self, kind: Kind, current: Any, changes: dict[str, Any]) -> Any:
+        """``current`` with ``changes`` made, checked but not stored: ``variables`` merge
+        by key into the entry's own (none or empty: no change), every other field given
+        replaces."""
+        variables = changes.get("variables")
+        if not variables:
+            changes = {k: v for k, v in changes.items() if k != "variables"}
+        elif isinstance(variables, dict):
+            changes = {**changes, "variables": {**current.variables, **variables}}
+        # anything else is no mapping of variables: parsing refuses it
+        return self._changed(kind, current, changes)
+
+    def _changed(self, kind: Kind, current: Any, changes: dict[str, Any]) -> Any:
+        renamed = changes.get("name", current.name)
+        if renamed != current.name:
+            # Names are what other entries, sync trees and deployments refer to.
+            raise InvalidValue(
+                f"{kind} '{current.name}' cannot be renamed to '{renamed}'",
+                f"add {kind} '{renamed}' and remove '{current.name}', "
+                "or leave 'name' out of the changes",
+            )
+        data = current.model_dump(mode="json")
+        data.update(changes)
+        return parse(KINDS[kind].spec, data, f"{kind} {current.name}")
 
     def remove(self, kind: Kind, names: Sequence[str]) -> int:
         rows = [self._row(kind, n) for n in names]

@@ -2,14 +2,17 @@
 
 A profile's snippets and variables are rendered only when a node's files are: without a
 check at change time, ``profile set --post snippet.sh`` with an undefined variable is
-accepted, and fails at the next ``sync`` or boot. The ``set`` commands take the affected
-nodes' state with :func:`before_change`, make the change in their transaction, and call
+accepted, and fails at the next ``sync`` or boot. The ``set`` commands and the REST
+API's PATCH make their change inside :func:`checked_change`: it takes the affected
+nodes' state with :func:`before_change`, and once the change is made calls
 :func:`refuse_breaking_change`, which renders those nodes as ``sync`` would and raises
 for one that the change broke, so that the transaction rolls back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
@@ -18,6 +21,7 @@ from corral.config import Settings
 from corral.errors import RenderError
 from corral.inventory.merge import profile_chain
 from corral.inventory.schema import NodeSpec
+from corral.inventory.store import Inventory
 from corral.render.renderer import Renderer, Snapshot
 
 
@@ -73,3 +77,18 @@ def refuse_breaking_change(settings: Settings, session: Session, before: Before,
                 "a profile, group or node first",
             ) from None
     return len(before.nodes)
+
+
+@contextmanager
+def checked_change(
+    settings: Settings, inv: Inventory, kind: str, affected: str | list[str], what: str
+) -> Iterator[None]:
+    """Refuse the change made to ``inv`` in the block if it breaks a node it affects
+    (``affected`` and ``kind`` as for :func:`before_change`; ``what`` names the change in
+    the error): see :func:`refuse_breaking_change`. A block that changed nothing renders
+    nothing."""
+    before = before_change(inv.session, affected, kind)
+    generation = inv.generation
+    yield
+    if inv.generation != generation:
+        refuse_breaking_change(settings, inv.session, before, what)

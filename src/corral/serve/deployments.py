@@ -12,8 +12,7 @@ from sqlalchemy.orm import Session
 from corral.agent.phases import DEPLOY_STEPS, FINAL
 from corral.deploy.service import DeployService
 from corral.deploy.store import Deployments, new_deployment
-from corral.deploy.transports import names as transport_names
-from corral.inventory import models as m
+from corral.deploy.view import DeploymentOut, deployment_out
 
 
 class ProgressIn(BaseModel):
@@ -30,49 +29,6 @@ class DeploymentIn(BaseModel):
     nodes: str = Field(description="noderange, e.g. n[001-100]")
     image: str | None = Field(None, description="NAME or NAME:VERSION; default: profiles'")
     transport: str = "http"
-
-
-class DeploymentNodeOut(BaseModel):
-    node: str
-    image: str
-    transport: str
-    phase: str
-    bytes: int
-    total: int
-    message: str
-    started: float | None
-    updated: float
-    finished: float | None
-
-
-class DeploymentOut(BaseModel):
-    id: int
-    state: str
-    noderange: str
-    image: str | None
-    transport: str
-    created: float
-    finished: float | None
-    nodes: list[DeploymentNodeOut]
-
-
-def deployment_out(row: m.Deployment) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "state": row.state,
-        "noderange": row.noderange,
-        "image": row.image,
-        "transport": row.transport,
-        "created": row.created,
-        "finished": row.finished,
-        "nodes": [
-            {
-                k: getattr(n, k)
-                for k in DeploymentNodeOut.model_fields  # the same fields, by name
-            }
-            for n in row.nodes
-        ],
-    }
 
 
 def agent_router(
@@ -143,9 +99,7 @@ def admin_routes(router: APIRouter, deploy: DeployService) -> None:
     )
     def create_deployment(body: DeploymentIn, db: Db) -> Any:
         """Deploy an image to nodes; returns at once, the manager does the rest."""
-        ident = new_deployment(
-            db, deploy.images, body.nodes, body.image, body.transport, transport_names()
-        )
+        ident = new_deployment(db, deploy.images, body.nodes, body.image, body.transport)
         return deployment_out(Deployments(db).get(ident))
 
     @router.post("/deployments/{ident}/cancel", response_model=DeploymentOut, tags=["deployments"])

@@ -26,7 +26,7 @@ from corral.inventory.bootfiles import imported
 from corral.inventory.schema import DistroSpec, GroupSpec, Mac, NodeSpec, ProfileSpec, Spec
 from corral.inventory.state import NodeStates
 from corral.inventory.store import Inventory, Kind
-from corral.render.check import before_change, refuse_breaking_change
+from corral.render.check import checked_change
 from corral.serve.boot import BootService
 from corral.serve.deployments import admin_routes, agent_router
 from corral.serve.limits import MAX_BODY, BodyLimit
@@ -239,11 +239,13 @@ def _crud(router: APIRouter, kind: Kind, model: type[Spec], db: Any, settings: S
         inv.get(kind, name)  # an unknown one is refused before any file is looked at
         # the nodes it affects are rendered with the change, as `corral ... set` does
         affected = [name] if kind == "node" else name
-        before = None if kind == "distro" else before_change(session, affected, kind)
-        with files(name, body) as stored:
-            n = inv.edit(kind, [name], body | stored)  # variables merge, as `set --var`
-            if n and before is not None:
-                refuse_breaking_change(settings, session, before, f"{kind} {name}")
+        checked = (
+            nullcontext()
+            if kind == "distro"
+            else checked_change(settings, inv, kind, affected, f"{kind} {name}")
+        )
+        with checked, files(name, body) as stored:
+            inv.edit(kind, [name], body | stored)  # variables merge, as `set --var`
         return inv.get(kind, name).model_dump(mode="json")
 
     def delete(name: str, session: Any) -> Response:

@@ -48,11 +48,6 @@ AGENT_TRAFFIC = re.compile(
 )
 
 
-#: corral serve's settings with its command-line options in place of the config's. A
-#: Settings, so that the options are declared once, in corral.config (``flag``).
-ServeOptions = Settings
-
-
 def reservations(session: Session) -> list[tuple[str, str, str, str]]:
     """(mac, ip, hostname, loader) for each node's first interface with both a MAC and
     an IP; a bond's address goes to its first member's MAC, the NIC that network-boots."""
@@ -168,28 +163,28 @@ class Watcher(threading.Thread):
                 log.exception("watcher: keeping DHCP in step failed; retrying")
 
 
-def _dhcp_config(settings: Settings, options: ServeOptions) -> object:
+def _dhcp_config(settings: Settings) -> object:
     from corral.serve.dhcp import DhcpConfig
 
-    if not options.dhcp_interface:
+    if not settings.dhcp_interface:
         raise ConfigError("--dhcp needs --dhcp-interface", "name the interface nodes boot on")
-    server_ip = options.address
+    server_ip = settings.address
     if server_ip in ("0.0.0.0", ""):
         raise ConfigError("--dhcp needs --address: the server's IP on the boot network")
     network = ipaddress.IPv4Network(f"{server_ip}/24", strict=False)
     first_last = None
-    if options.dhcp_range:
+    if settings.dhcp_range:
         dhcp_range = SETTINGS_BY_NAME["dhcp_range"]
-        if dhcp_range.check and dhcp_range.check(options.dhcp_range):
-            raise ConfigError(f"bad --dhcp-range '{options.dhcp_range}'", dhcp_range.fix)
-        first, _, last = options.dhcp_range.partition(",")
+        if dhcp_range.check and dhcp_range.check(settings.dhcp_range):
+            raise ConfigError(f"bad --dhcp-range '{settings.dhcp_range}'", dhcp_range.fix)
+        first, _, last = settings.dhcp_range.partition(",")
         first_last = (first, last)
     return DhcpConfig(
-        mode=options.dhcp,  # type: ignore[arg-type]
-        interface=options.dhcp_interface,
+        mode=settings.dhcp,  # type: ignore[arg-type]
+        interface=settings.dhcp_interface,
         server_ip=server_ip,
         http_url=settings.server_url.rstrip("/"),
-        tftp_port=options.tftp_port,
+        tftp_port=settings.tftp_port,
         range=first_last,
         netmask=str(network.netmask),
         ipv6_ra=settings.dhcp_ipv6_ra,
@@ -205,10 +200,12 @@ def dhcp_hosts_dir(settings: Settings) -> Path:
     return RUNTIME_DIR / f"dhcp-{digest}"
 
 
-def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
+def serve(settings: Settings, engine: Engine) -> None:
+    """Serve until told to stop. ``settings``: the config's with corral serve's options in
+    place (:func:`corral.config.with_serve_options`), for every part alike."""
     dhcp_modes = SETTINGS_BY_NAME["dhcp"]
-    if options.dhcp not in dhcp_modes.choices:
-        raise ConfigError(f"bad --dhcp '{options.dhcp}'", dhcp_modes.use_choices)
+    if settings.dhcp not in dhcp_modes.choices:
+        raise ConfigError(f"bad --dhcp '{settings.dhcp}'", dhcp_modes.use_choices)
     access_log = access_log_mode(settings)
     proxies = trusted_proxies(settings)
     service = BootService(settings, engine)
@@ -225,35 +222,35 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
     if access_log == "quiet":
         access_logger.addFilter(quiet)
     try:
-        if options.tftp_port:
+        if settings.tftp_port:
             from corral.serve.tftp import TftpServer
 
             root = settings.home / "tftpboot"
             prepare_tftp_root(root)
             tftp = TftpServer(
-                root, service.tftp_resolve, host=options.address, port=options.tftp_port
+                root, service.tftp_resolve, host=settings.address, port=settings.tftp_port
             )
             try:
                 tftp.start()
             except OSError as exc:
-                raise _cannot_listen("TFTP", options.address, options.tftp_port, exc) from None
-            log.info("TFTP on %s:%d, root %s", options.address, tftp.port, root)
-        if options.dhcp != "off":
+                raise _cannot_listen("TFTP", settings.address, settings.tftp_port, exc) from None
+            log.info("TFTP on %s:%d, root %s", settings.address, tftp.port, root)
+        if settings.dhcp != "off":
             from corral.serve.dhcp import Dnsmasq
 
-            dhcp = Dnsmasq(_dhcp_config(settings, options))  # type: ignore[arg-type]
+            dhcp = Dnsmasq(_dhcp_config(settings))  # type: ignore[arg-type]
             watcher = Watcher(engine, dhcp)
             dhcp.start([])
             watcher.tick()
             watcher.start()
-            log.info("DHCP (%s) on %s", options.dhcp, options.dhcp_interface)
+            log.info("DHCP (%s) on %s", settings.dhcp, settings.dhcp_interface)
         manager.start()
         # log_config=None: uvicorn's loggers go to corral's root handler, in one format
         # (its own dictConfig would also remove the handlers corral set up).
         config = uvicorn.Config(
             app,
-            host=options.address,
-            port=options.http_port,
+            host=settings.address,
+            port=settings.http_port,
             log_config=None,
             access_log=access_log != "off",
             # a node pulling an image over a slow link must not hold a stop for minutes:
@@ -267,7 +264,7 @@ def serve(settings: Settings, engine: Engine, options: ServeOptions) -> None:
             proxy_headers=bool(proxies),
             forwarded_allow_ips=proxies or [],
         )
-        _Server(config).run(sockets=[_listen(options.address, options.http_port)])
+        _Server(config).run(sockets=[_listen(settings.address, settings.http_port)])
     finally:
         if manager.is_alive():
             manager.stop()

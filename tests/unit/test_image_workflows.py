@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.images.capture import SourceError
+from corral.images.capture.errors import SourceError
 from corral.images.catalog import image_store
 from corral.images.store import InvalidImageName
 from corral.images.workflows import capture_source, change_image, import_version

@@ -2,15 +2,19 @@
 
 argv lists only, stdin closed, a small allow-listed environment; a failure raises
 :class:`CommandFailed` carrying the command, its exit code and the tail of stderr.
-A process started with :func:`spawn` is ended with :func:`stop`.
+A process started with :func:`spawn` is ended with :func:`stop`; processes known only by
+their pid with :func:`stop_pids`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -123,3 +127,31 @@ def stop(
         log.warning("%s (pid %d) ignored SIGTERM for %g s: killing it", name, proc.pid, grace)
         proc.kill()
         return proc.wait(reap)
+
+
+def stop_pids(pids: Sequence[int], grace: float = 5.0, kill_wait: float = 2.0) -> list[int]:
+    """SIGTERM ``pids``, SIGKILL those still running after ``grace`` s, wait up to
+    ``kill_wait`` s for them; returns the survivors (processes not started by
+    :func:`spawn`: a namespace's or a chroot's leftovers).
+
+    Zombies that are this process's children are reaped, so a caller that started them
+    does not wait the whole grace period for processes that are already dead.
+    """
+    left = [p for p in dict.fromkeys(pids) if p != os.getpid()]
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while left:
+            for pid in left:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            left = [p for p in left if pid_alive(p)]
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        if not left:
+            return []
+    log.warning("processes %s survive SIGKILL", left)
+    return left

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from corral.run import pid_alive, spawn, stop
+from corral.run import pid_alive, spawn, stop, stop_pids
 
 IGNORES_SIGTERM = (
     "import signal, sys, time\n"
@@ -62,3 +62,19 @@ def test_stop_names_the_program_it_was_told(caplog: pytest.LogCaptureFixture) ->
     stop(proc, grace=0.1, name="dnsmasq")
     assert f"dnsmasq (pid {proc.pid}) ignored SIGTERM for 0.1 s: killing it" in caplog.text
     proc.stdout.close()
+
+
+def test_stop_pids_ends_processes_known_by_pid_whether_or_not_they_obey_sigterm() -> None:
+    obeys = spawn(["sleep", "60"], stderr=subprocess.DEVNULL)
+    ignores = spawn([sys.executable, "-c", IGNORES_SIGTERM], stdout=subprocess.PIPE, stderr=None)
+    assert ignores.stdout is not None
+    assert ignores.stdout.readline() == b"ready\n"
+    try:
+        assert stop_pids([obeys.pid, ignores.pid, obeys.pid], grace=0.5) == []
+        assert not pid_alive(obeys.pid) and not pid_alive(ignores.pid)  # and reaped
+    finally:
+        for proc in (obeys, ignores):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        ignores.stdout.close()

@@ -24,16 +24,15 @@ import shlex
 import signal
 import subprocess
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
 from corral.errors import CommandFailed, CorralError
-from corral.run import pid_alive, run
+from corral.run import run, stop_pids
 
 log = logging.getLogger("corral.images")
 
@@ -423,15 +422,9 @@ def processes_inside(root: Path) -> list[int]:
 
 
 def kill_processes_inside(root: Path, wait: float = 5.0) -> list[int]:
-    """SIGKILL what still runs inside ``root`` (a killed build's orphans); wait for them."""
+    """Kill what still runs inside ``root`` (a killed build's orphans); wait for them.
+    Returns the survivors."""
     pids = processes_inside(root)
     for pid in pids:
         log.warning("killing process %d left inside %s", pid, root)
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + wait
-    while pids and time.monotonic() < deadline:
-        pids = [pid for pid in pids if pid_alive(pid)]
-        if pids:
-            time.sleep(0.05)
-    return pids
+    return stop_pids(pids, grace=0.0, kill_wait=wait)

@@ -45,13 +45,12 @@ from typing import TYPE_CHECKING
 
 from corral.config import Settings
 from corral.errors import CommandFailed, CorralError, InvalidValue, UsageError
-from corral.run import pid_alive, run, spawn
+from corral.run import pid_alive, run, spawn, stop_pids
 from corral.testbed.inventory import GROUP, register_nodes, release_nodes
 from corral.testbed.links import endpoint_commands, hub_commands, loss_filter, tbf
 from corral.testbed.netns import (
     list_namespaces,
     namespace_pid_map,
-    stop_processes,
 )
 from corral.testbed.plan import (
     HUB,
@@ -416,7 +415,7 @@ class Testbed:
         state = self.require_state()
         info = state.node(node)
         directory = self.nodes_dir / info.name
-        stop_processes(self.node_power(info.name)[1], grace=3.0)
+        stop_pids(self.node_power(info.name)[1], grace=3.0)
         (directory / "pid").unlink(missing_ok=True)
         if action == "off":
             return None
@@ -459,7 +458,7 @@ class Testbed:
         report.processes = len(pids)
         if pids:
             self.progress(f"stopping {len(pids)} processes")
-        survivors = stop_processes(pids)
+        survivors = stop_pids(pids)
         if self.root.exists():
             report.unmounted = len(cleanup_mounts(self.root))
         loops = self.loop_devices()

@@ -12,13 +12,11 @@ import ipaddress
 import logging
 import os
 import re
-import signal
-import time
 from collections.abc import Sequence
 from types import TracebackType
 
 from corral.errors import CorralError
-from corral.run import pid_alive, run
+from corral.run import pid_alive, run, stop_pids
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +42,7 @@ def namespace_pids(name: str) -> list[int]:
 
 def kill_namespace_processes(name: str, grace: float = 5.0) -> None:
     """Stop every process still inside namespace ``name``: SIGTERM, then SIGKILL."""
-    pids = namespace_pids(name)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            pids = [p for p in pids if pid_alive(p) and p in namespace_pids(name)]
-            if not pids:
-                return
-            time.sleep(0.1)
-    if pids:
-        log.warning("processes %s survive in namespace %s", pids, name)
+    stop_pids(namespace_pids(name), grace)
 
 
 def delete_namespace(name: str) -> None:
@@ -247,29 +233,3 @@ def namespace_pid_map(prefix: str) -> dict[str, list[int]]:
         if owner is not None and int(entry) != os.getpid():
             found[owner].append(int(entry))
     return found
-
-
-def stop_processes(pids: Sequence[int], grace: float = 5.0) -> list[int]:
-    """SIGTERM ``pids``, SIGKILL those still running after ``grace`` s; returns survivors.
-
-    Zombies that are this process's children are reaped, so a caller that started them
-    does not wait the whole grace period for processes that are already dead.
-    """
-    left = [p for p in dict.fromkeys(pids) if p != os.getpid()]
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while left:
-            for pid in left:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
-            left = [p for p in left if pid_alive(p)]
-            if not left or time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
-        if not left:
-            return []
-    log.warning("processes %s survive SIGKILL", left)
-    return left

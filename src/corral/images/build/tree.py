@@ -3,7 +3,6 @@ size, the lock on a package cache, and emptying it after a failure."""
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ from corral.images.chroot import (
     kill_processes_inside,
     sigint_deferred,
 )
+from corral.images.store import flocked
 from corral.images.templates import render_template
 from corral.run import run
 
@@ -114,13 +114,7 @@ def cache_lock(cache: Path | None) -> Iterator[None]:
     if cache is None:
         yield
         return
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another build using %s", cache)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with flocked(cache / ".lock"):
         yield
 
 

@@ -114,42 +114,8 @@ def prune_stdlib(stdlib: Path, keep: set[Path]) -> int:
     return freed
 
 
-SMOKE_TEST = r"""
-import io, json, socket, sys, threading
-from corral.agent.cmdline import BootOrders
-from corral.agent.main import Agent, Settings
-from corral.agent.facts import Facts
-
-# A one-shot HTTP server: the agent's report goes through http.client and email parsing.
-listener = socket.socket()
-listener.bind(("127.0.0.1", 0))
-listener.listen(1)
-seen = []
-
-def serve():
-    conn, _ = listener.accept()
-    data = b""
-    while b"\r\n\r\n" not in data or not data.endswith(b"}"):
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    seen.append(data)
-    body = b'{"ok": true}'
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-    conn.close()
-
-thread = threading.Thread(target=serve, daemon=True)
-thread.start()
-port = listener.getsockname()[1]
-orders = BootOrders.from_cmdline(f"corral.server=http://127.0.0.1:{port} corral.node=smoke")
-agent = Agent(orders, settings=Settings(tries=1))
-assert agent.report("booted", Facts("k", 1, 1).summary("10.0.0.1", "52:54:00:00:00:01"))
-thread.join(5)
-assert b'"phase": "booted"' in seen[0], seen
-print("corral-agent smoke test: ok", sys.version.split()[0])
-"""
+#: Scripts the ramdisk's Python runs at build time.
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def _tree_python(root: Path, stdlib: Path) -> tuple[list[str], dict[str, str]]:
@@ -157,32 +123,6 @@ def _tree_python(root: Path, stdlib: Path) -> tuple[list[str], dict[str, str]]:
     path = os.pathsep.join(str(root / d) for d in (AGENT_DIR, DIST_PACKAGES_DIR))
     env = {"PYTHONHOME": str(root / "usr"), "PYTHONPATH": path}
     return [*argv, "-S", "-B"], env
-
-
-#: Compiles every .py under the given directories into unchecked-hash .pyc files, with the
-#: tree's own interpreter (so magic number and cache tag match) and only builtin modules.
-COMPILE_SCRIPT = r"""
-import importlib._bootstrap_external as bootstrap, importlib.util, os, sys
-root, dirs = sys.argv[1], sys.argv[2:]
-count = 0
-for top in dirs:
-    for dirpath, _, files in os.walk(top):
-        for name in files:
-            if not name.endswith(".py"):
-                continue
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                source = f.read()
-            shown = "/" + os.path.relpath(path, root)
-            code = compile(source, shown, "exec", dont_inherit=True)
-            data = bootstrap._code_to_hash_pyc(code, importlib.util.source_hash(source), False)
-            cache = importlib.util.cache_from_source(path)
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            with open(cache, "wb") as f:
-                f.write(data)
-            count += 1
-print(count)
-"""
 
 
 def precompile(root: Path, stdlib: Path) -> int:
@@ -193,7 +133,10 @@ def precompile(root: Path, stdlib: Path) -> int:
     valid whatever the files' times in the unpacked archive.
     """
     argv, env = _tree_python(root, stdlib)
-    out = run([*argv, "-c", COMPILE_SCRIPT, str(root), str(stdlib), str(root / AGENT_DIR)], env=env)
+    out = run(
+        [*argv, str(SCRIPTS / "compile_pyc.py"), str(root), str(stdlib), str(root / AGENT_DIR)],
+        env=env,
+    )
     return int(out.stdout.strip() or 0)
 
 
@@ -203,7 +146,11 @@ def smoke_test(root: Path, stdlib: Path) -> None:
     Raises :class:`RamdiskError` if anything is missing."""
     argv, env = _tree_python(root, stdlib)
     imports = "".join(f"import {m}\n" for m in DIST_PACKAGES)
-    checks = (["-m", "corral.agent", "--help"], ["-c", SMOKE_TEST], ["-c", imports])
+    checks = (
+        ["-m", "corral.agent", "--help"],
+        [str(SCRIPTS / "smoke_agent.py")],
+        ["-c", imports],
+    )
     for args in ([*argv, *check] for check in checks):
         out = run(args, env=env, check=False, timeout=120)
         if out.returncode != 0:

@@ -1,9 +1,20 @@
 """Fakes that several test modules share: corral's chunk route, as the agent's receivers
-see it through ``Client.download`` (their HTTP catch-up)."""
+see it through ``Client.download`` (their HTTP catch-up); an unpacker that keeps what it
+is given; an image version's stream export and a plan for it, written from chunks."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import socket
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
+from corral.agent.receivers.stream import Unpacker
+from corral.images.store import ImageVersion
 
 
 class FakeDownload:
@@ -56,3 +67,89 @@ class ChunkServer:
         if index in self.cut:
             return FakeDownload(data, start, self.cut.pop(index))
         return FakeDownload(data, start)
+
+
+class KeptUnpacker:
+    """An unpacker that keeps what it is given (``writes``, in order; optionally slowly),
+    and is its own factory: it stands in for a receiver's ``make_unpacker``."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.writes: list[bytes] = []
+        self.delay = delay
+        self.finished = False
+        self.aborted = False
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.writes)
+
+    def __call__(self, target: Path) -> Unpacker:
+        return cast(Unpacker, self)
+
+    def write(self, data: bytes) -> None:
+        time.sleep(self.delay)
+        self.writes.append(data)
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def stream_version(
+    path: Path, chunks: list[bytes], name: str = "img", version: int = 1
+) -> ImageVersion:
+    """An image version at ``path`` whose stream export is ``chunks`` (and nothing else)."""
+    exports = path / "exports"
+    (exports / "chunks").mkdir(parents=True)
+    for i, data in enumerate(chunks):
+        (exports / "chunks" / f"{i:08d}.bin").write_bytes(data)
+    index = {
+        "chunk_size": max(map(len, chunks)),
+        "count": len(chunks),
+        "size": sum(map(len, chunks)),
+        "sha256": hashlib.sha256(b"".join(chunks)).hexdigest(),
+        "chunks": [hashlib.sha256(c).hexdigest() for c in chunks],
+    }
+    (exports / "stream.json").write_text(json.dumps(index))
+    return ImageVersion(name, version, path, path / "rootfs", {})
+
+
+def stream_plan(
+    chunks: list[bytes],
+    transport: str,
+    params: dict[str, Any],
+    *,
+    node: str = "n1",
+    deployment: int = 7,
+    ref: str = "img:1",
+) -> Plan:
+    """A plan to receive the stream ``chunks`` by ``transport`` (no disk, no identity:
+    what a receiver needs of it)."""
+    return Plan(
+        deployment=deployment,
+        node=node,
+        image=ImageInfo(
+            ref,
+            hashlib.sha256(b"".join(chunks)).hexdigest(),
+            sum(map(len, chunks)),
+            max(map(len, chunks)),
+            [Chunk(hashlib.sha256(c).hexdigest(), len(c)) for c in chunks],
+            tree_bytes=1,
+            files=1,
+        ),
+        transport=TransportInfo(transport, params),
+        disk=Disk("", "gpt", []),
+        identity=Identity(node, [], {}, [], None),
+        bootloader="none",
+        post_script="",
+    )
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, on the loopback interface, for now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

@@ -50,7 +50,7 @@ from corral.deploy.transports.multicast_options import (
 )
 from corral.errors import InvalidValue
 from corral.images.store import ImageVersion
-from tests.fakes import ChunkServer, KeptUnpacker, stream_plan, stream_version
+from tests.fakes import UDP_RECEIVER, ChunkServer, KeptUnpacker, stream_plan, stream_version
 
 # --- options ----------------------------------------------------------------------------
 
@@ -405,25 +405,6 @@ def test_the_rate_watch_tells_a_slow_link_from_a_pause() -> None:
     assert last is not None and last[0] < 0.25 * 19e6 and last[1] == pytest.approx(0.1)
 
 
-#: udp-receiver's stand-in: says it connected (unless told not to), writes the file it
-#: is given to stdout in small pieces, then sleeps or exits with the code it is given.
-FAKE_RECEIVER = r"""
-import os, sys, time
-data_file, code, connect, sleep = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-if connect == "yes":
-    sys.stderr.write("Udp-receiver 20120424\nConnected as #0 to 10.0.0.1\n")
-    sys.stderr.flush()
-data = open(data_file, "rb").read()
-for i in range(0, len(data), 50000):
-    os.write(1, data[i:i + 50000])
-    time.sleep(0.005)
-time.sleep(sleep)
-if code == 1:
-    sys.stderr.write("Dropped by server now=40 last=14\n")
-sys.exit(code)
-"""
-
-
 class Faked(MulticastReceiver):
     """The receiver with udp-receiver, the unpacker and the interface replaced."""
 
@@ -473,7 +454,7 @@ class Harness:
         server = ChunkServer(self.chunks)
         unpacker = KeptUnpacker()
         script = self.tmp / "fake_udp_receiver.py"
-        script.write_text(FAKE_RECEIVER)
+        script.write_text(UDP_RECEIVER)
         data = self.tmp / "sent.bin"
         data.write_bytes(self.sent)
         harness = self
@@ -591,7 +572,7 @@ def test_a_node_whose_link_is_too_slow_leaves(tmp_path: Path, chunks: list[bytes
 
 def test_a_cancel_stops_udp_receiver(tmp_path: Path, chunks: list[bytes]) -> None:
     script = tmp_path / "r.py"
-    script.write_text(FAKE_RECEIVER)
+    script.write_text(UDP_RECEIVER)
     data = tmp_path / "sent.bin"
     data.write_bytes(chunks[0])
     procs: list[subprocess.Popen[bytes]] = []
@@ -641,7 +622,7 @@ def test_the_real_unpacker_gets_only_checked_chunks(tmp_path: Path) -> None:
     size = 256 * 1024
     chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
     script = tmp_path / "r.py"
-    script.write_text(FAKE_RECEIVER)
+    script.write_text(UDP_RECEIVER)
     data = tmp_path / "sent.bin"
     data.write_bytes(stream[: size + 10])  # one chunk, then dropped
 

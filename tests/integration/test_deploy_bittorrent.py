@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,14 +33,15 @@ from corral.images.catalog import image_store
 from corral.images.exports import STREAM_INDEX, build_exports, verify_export
 from corral.images.store import ImageVersion
 from corral.inventory import db
-from corral.run import run
 from corral.testbed import cluster
+from tests.integration import deploybed
 from tests.integration.deploybed import (
     NODES,
     add_image,
     check_nodes,
     deploy,
     make_tree,
+    shape,
     tree_digest,
 )
 
@@ -202,19 +202,6 @@ def stream_size(version: ImageVersion) -> int:
     return int(json.loads((version.path / STREAM_INDEX).read_text())["size"])
 
 
-def shape(bed: cluster.Testbed, rate: str, loss: float = 0.0) -> None:
-    """Every node's link at ``rate`` both ways, with ``loss`` on what they receive."""
-    bps = cluster.parse_rate(rate)
-    for node in bed.require_state().nodes:
-        for namespace, device in ((cluster.HUB, node.port), (node.namespace, "eth0")):
-            line = cluster.tbf(device, bps).replace("qdisc add", "qdisc replace", 1)
-            run(["tc", "-n", namespace, *line.split()])
-        run(["tc", "-n", cluster.HUB, "qdisc", "del", "dev", node.port, "clsact"], check=False)
-        if loss > 0:
-            for line in cluster.loss_filter(node.port, loss):
-                run(["tc", "-n", cluster.HUB, *shlex.split(line)])
-
-
 def deploy_and_measure(bed: cluster.Testbed, version: ImageVersion, tmp_path: Path) -> float:
     home = bed.settings.home
     before = bed.server_egress_bytes()
@@ -239,7 +226,7 @@ def test_bittorrent_to_five_nodes(testbed: cluster.Testbed, tmp_path: Path) -> N
     try:
         ratio = deploy_and_measure(testbed, version, tmp_path)
     finally:
-        shape(testbed, "400mbit")
+        shape(testbed, deploybed.LINK)
     # unicast would send 5 copies; the nodes take 1/5 each from the seed and swap them
     # (measured: 1.02-1.29 x S)
     assert ratio <= 2.0
@@ -252,5 +239,5 @@ def test_bittorrent_with_one_percent_loss(testbed: cluster.Testbed, tmp_path: Pa
     try:
         ratio = deploy_and_measure(testbed, version, tmp_path)
     finally:
-        shape(testbed, "400mbit")
+        shape(testbed, deploybed.LINK)
     assert ratio <= 2.0  # measured: 1.03-1.04 x S

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from tests.conftest import corral
 
 NODES = 5
 RANGE = f"tb[001-{NODES:03d}]"
+#: The testbed's links when no test shapes them.
+LINK = "400mbit"
 #: Files the agent writes into the installed system: the node's identity.
 IDENTITY = {
     "etc/hostname",
@@ -102,15 +105,22 @@ def node_root_digest(loop: str, where: Path) -> dict[str, tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Testbed]:
+def testbed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[cluster.Testbed]:
+    """The module's testbed; its corral.toml is the module's ``CORRAL_TOML``, if it has one."""
     if any(n.startswith(cluster.PREFIX) for n in list_namespaces()):
         pytest.fail("a ctb-* testbed is up already: take it down with 'corral testbed down'")
     home = tmp_path_factory.mktemp("deploy") / "home"
+    config = getattr(request.module, "CORRAL_TOML", "")
+    if config:
+        home.mkdir(parents=True)
+        (home / "corral.toml").write_text(config)
     os.environ["CORRAL_HOME"] = str(home)
     db.close()
     bed = cluster.Testbed(db.settings())
     try:
-        bed.up(NODES, "400mbit", disk_size="256M", http_port=8080)
+        bed.up(NODES, LINK, disk_size="256M", http_port=8080)
         with db.inventory() as inv:
             inv.add(
                 "profile",
@@ -152,3 +162,16 @@ def check_nodes(bed: cluster.Testbed, version: ImageVersion, tmp: Path) -> None:
         extra = sorted(set(got) - set(expected))[:5]
         wrong = sorted(k for k in expected if k in got and got[k] != expected[k])[:5]
         assert not (missing or extra or wrong), f"{info.name}: {missing=} {extra=} {wrong=}"
+
+
+def shape(bed: cluster.Testbed, rate: str, loss: float = 0.0) -> None:
+    """Every node's link at ``rate`` both ways, with ``loss`` on what they receive."""
+    bps = cluster.parse_rate(rate)
+    for node in bed.require_state().nodes:
+        for namespace, device in ((cluster.HUB, node.port), (node.namespace, "eth0")):
+            line = cluster.tbf(device, bps).replace("qdisc add", "qdisc replace", 1)
+            run(["tc", "-n", namespace, *line.split()])
+        run(["tc", "-n", cluster.HUB, "qdisc", "del", "dev", node.port, "clsact"], check=False)
+        if loss > 0:
+            for line in cluster.loss_filter(node.port, loss):
+                run(["tc", "-n", cluster.HUB, *shlex.split(line)])

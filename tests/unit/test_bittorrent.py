@@ -15,7 +15,7 @@ import libtorrent as lt
 import pytest
 
 from corral.agent.errors import Cancelled, ReceiveError
-from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
+from corral.agent.plan import Plan
 from corral.agent.receivers import RECEIVERS
 from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, linger, tracker_pending
 from corral.agent.receivers.bittorrent.libtorrent_swarm import session_settings
@@ -40,6 +40,7 @@ from corral.deploy.transports.bittorrent_tracker import (
     Tracker,
     parse_query,
 )
+from tests.fakes import stream_plan
 
 KiB, MiB = 1 << 10, 1 << 20
 ENGINE: Any = lt  # the module as corral uses it (untyped, imported by name)
@@ -323,28 +324,9 @@ PIECE = 4
 
 
 def make_plan(data: bytes, chunk: int) -> Plan:
-    chunks = [
-        Chunk(hashlib.sha256(data[i : i + chunk]).hexdigest(), len(data[i : i + chunk]))
-        for i in range(0, len(data), chunk)
-    ]
-    return Plan(
-        deployment=1,
-        node="n01",
-        image=ImageInfo(
-            ref="small:1",
-            stream_sha256=hashlib.sha256(data).hexdigest(),
-            stream_size=len(data),
-            chunk_size=chunk,
-            chunks=chunks,
-            tree_bytes=0,
-            files=0,
-        ),
-        transport=TransportInfo("bittorrent", {"torrent": "", "base": "http://x"}),
-        disk=Disk("", "gpt", []),
-        identity=Identity("n01", [], {}, [], None),
-        bootloader="none",
-        post_script="",
-    )
+    chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+    params = {"torrent": "", "base": "http://x"}
+    return stream_plan(chunks, "bittorrent", params, node="n01", deployment=1, ref="small:1")
 
 
 class FakeSwarm:

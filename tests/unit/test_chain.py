@@ -5,7 +5,6 @@ fed by a real head or by a window the test controls."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import subprocess
@@ -19,14 +18,13 @@ from typing import Any, cast
 import pytest
 
 from corral.agent.errors import Cancelled, ReceiveError
-from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
+from corral.agent.plan import Plan
 from corral.agent.receivers import receiver_class
 from corral.agent.receivers.base import Context, Received
 from corral.agent.receivers.chain.receiver import ChainReceiver
 from corral.agent.receivers.chain.relay import Relay
 from corral.agent.receivers.chain.upstream import ChainParams, LagWatch, Picker, Upstream
 from corral.agent.receivers.chain.window import Window
-from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
 from corral.agent.wire import chain as wire
 from corral.agent.wire.chain import (
@@ -50,8 +48,7 @@ from corral.config import Settings
 from corral.deploy import transports
 from corral.deploy.transports.base import Member
 from corral.deploy.transports.chain import ChainError, ChainTransport, order
-from corral.images.store import ImageVersion
-from tests.fakes import ChunkServer
+from tests.fakes import ChunkServer, KeptUnpacker, free_port, stream_plan, stream_version
 
 TAG = session_tag(7, "img:1", "ab" * 32)
 
@@ -361,29 +358,6 @@ def test_when_a_relay_holding_everything_may_stop_serving() -> None:
 # --- whole chains on localhost ---------------------------------------------------------
 
 
-class Collect:
-    """An unpacker that keeps what it is given (optionally slowly)."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.data = bytearray()
-        self.delay = delay
-        self.finished = False
-        self.aborted = False
-
-    def __call__(self, target: Path) -> Unpacker:
-        return cast(Unpacker, self)
-
-    def write(self, data: bytes) -> None:
-        time.sleep(self.delay)
-        self.data += data
-
-    def finish(self) -> None:
-        self.finished = True
-
-    def abort(self) -> None:
-        self.aborted = True
-
-
 class FastChain(ChainReceiver):
     heartbeat = 0.1
     silence = 3.0
@@ -412,32 +386,8 @@ class RoomyChain(FastChain):
     window_chunks = 64
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def make_plan(chunks: list[bytes], params: dict[str, Any], node: str) -> Plan:
-    return Plan(
-        deployment=7,
-        node=node,
-        image=ImageInfo(
-            "img:1",
-            hashlib.sha256(b"".join(chunks)).hexdigest(),
-            sum(map(len, chunks)),
-            max(map(len, chunks)),
-            [Chunk(hashlib.sha256(c).hexdigest(), len(c)) for c in chunks],
-            tree_bytes=1,
-            files=1,
-        ),
-        transport=TransportInfo("chain", params),
-        disk=Disk("", "gpt", []),
-        identity=Identity(node, [], {}, [], None),
-        bootloader="none",
-        post_script="",
-    )
+def chain_plan(chunks: list[bytes], params: dict[str, Any], node: str) -> Plan:
+    return stream_plan(chunks, "chain", params, node=node)
 
 
 @dataclass
@@ -445,7 +395,7 @@ class Node:
     name: str
     plan: Plan
     receiver: ChainReceiver
-    unpacker: Collect
+    unpacker: KeptUnpacker
     cancel: threading.Event = field(default_factory=threading.Event)
     result: Received | None = None
     error: BaseException | None = None
@@ -491,11 +441,11 @@ def nodes_for(
             "head": list(head),
             "base": "http://127.0.0.1:1/images/img/1",
         }
-        unpacker = Collect((delays or {}).get(i, 0.0))
+        unpacker = KeptUnpacker((delays or {}).get(i, 0.0))
         receiver = cls(Context(cast(Client, server), tries=2))
         receiver.make_unpacker = unpacker  # type: ignore[method-assign]
         out.append(
-            Node(members[i][0], make_plan(chunks, params, members[i][0]), receiver, unpacker)
+            Node(members[i][0], chain_plan(chunks, params, members[i][0]), receiver, unpacker)
         )
     return out
 
@@ -626,7 +576,7 @@ def test_a_node_goes_on_while_it_still_serves_a_slow_successor(test_head: Any) -
     assert server.gets == [] and relay.served == len(b"".join(chunks))  # tb001 served on
 
 
-class Breaks(Collect):
+class Breaks(KeptUnpacker):
     def write(self, data: bytes) -> None:
         if self.data:
             raise ReceiveError("unpacking stopped: tar exited with 2: disk full")
@@ -700,26 +650,6 @@ def test_a_head_of_another_session_is_never_taken_from(test_head: Any) -> None:
 # --- the server side -------------------------------------------------------------------
 
 
-def make_version(tmp: Path, chunks: list[bytes]) -> ImageVersion:
-    exports = tmp / "v1" / "exports"
-    (exports / "chunks").mkdir(parents=True)
-    for i, data in enumerate(chunks):
-        (exports / "chunks" / f"{i:08d}.bin").write_bytes(data)
-    size = max(map(len, chunks))
-    (exports / "stream.json").write_text(
-        json.dumps(
-            {
-                "chunk_size": size,
-                "count": len(chunks),
-                "size": sum(map(len, chunks)),
-                "sha256": hashlib.sha256(b"".join(chunks)).hexdigest(),
-                "chunks": [hashlib.sha256(c).hexdigest() for c in chunks],
-            }
-        )
-    )
-    return ImageVersion("img", 1, tmp / "v1", tmp / "v1" / "rootfs", {})
-
-
 @pytest.fixture
 def transport(tmp_path: Path) -> Iterator[ChainTransport]:
     settings = Settings(home=tmp_path, server_url="http://127.0.0.1:8080", address="127.0.0.1")
@@ -737,7 +667,7 @@ def test_sessions_order_nodes_by_name_and_give_each_its_place(
     transport: ChainTransport, tmp_path: Path
 ) -> None:
     chunks = [b"a" * 100, b"b" * 50]
-    version = make_version(tmp_path, chunks)
+    version = stream_version(tmp_path / "v1", chunks)
     with pytest.raises(ChainError, match="no chain session"):
         transport.params(version, "tb002")
     members = [Member("tb003", "10.0.0.4"), Member("tb001", "10.0.0.2"), Member("tb002", None)]
@@ -771,7 +701,7 @@ def test_the_head_streams_the_chunk_files_of_its_session_only(
     transport: ChainTransport, tmp_path: Path
 ) -> None:
     chunks = [os.urandom(70_000), os.urandom(10)]
-    version = make_version(tmp_path, chunks)
+    version = stream_version(tmp_path / "v1", chunks)
     transport.start(7, version, [Member("tb001", "127.0.0.2")])
     tag = transport.params(version, "tb001")["session"]
     address = ("127.0.0.1", transport.head_port)
@@ -807,7 +737,7 @@ def test_a_real_head_and_real_unpacking_through_three_nodes(
         ["sh", "-c", f"tar -C {tree} -cf - . | zstd -q -c"], check=True, capture_output=True
     ).stdout
     chunks = [stream[i : i + 100_000] for i in range(0, len(stream), 100_000)]
-    version = make_version(tmp_path, chunks)
+    version = stream_version(tmp_path / "v1", chunks)
     members = [Member(f"tb{i:03d}", f"127.0.0.{i + 1}") for i in (1, 2, 3)]
     transport.start(7, version, members)
     port = free_port()
@@ -815,7 +745,7 @@ def test_a_real_head_and_real_unpacking_through_three_nodes(
     threads = []
     for member in members:
         params = transport.params(version, member.node) | {"relay_port": port}
-        plan = make_plan(chunks, params, member.node)
+        plan = chain_plan(chunks, params, member.node)
         target = tmp_path / member.node
         target.mkdir()
         out.append(target)

@@ -22,7 +22,7 @@ from typing import Any, cast
 import pytest
 
 from corral.agent.errors import Cancelled
-from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
+from corral.agent.plan import Plan
 from corral.agent.receivers import multicast as rx_multicast
 from corral.agent.receivers import receiver_class
 from corral.agent.receivers.base import Context
@@ -50,7 +50,7 @@ from corral.deploy.transports.multicast_options import (
 )
 from corral.errors import InvalidValue
 from corral.images.store import ImageVersion
-from tests.fakes import ChunkServer
+from tests.fakes import UDP_RECEIVER, ChunkServer, KeptUnpacker, stream_plan, stream_version
 
 # --- options ----------------------------------------------------------------------------
 
@@ -152,18 +152,7 @@ def test_interface_from_ip_json() -> None:
 
 
 def make_version(tmp: Path, chunks: list[bytes]) -> ImageVersion:
-    path = tmp / "images" / "img" / "v3"
-    (path / "exports" / "chunks").mkdir(parents=True)
-    for i, data in enumerate(chunks):
-        (path / "exports" / "chunks" / f"{i:08d}.bin").write_bytes(data)
-    index = {
-        "chunk_size": max(len(c) for c in chunks),
-        "chunks": [hashlib.sha256(c).hexdigest() for c in chunks],
-        "size": sum(map(len, chunks)),
-        "sha256": hashlib.sha256(b"".join(chunks)).hexdigest(),
-    }
-    (path / "exports" / "stream.json").write_text(json.dumps(index))
-    return ImageVersion("img", 3, path, path / "rootfs", {})
+    return stream_version(tmp / "images" / "img" / "v3", chunks, version=3)
 
 
 @pytest.fixture
@@ -360,26 +349,8 @@ def test_registered() -> None:
 
 
 def chunk_plan(chunks: list[bytes], session: dict[str, Any] | None, deployment: int = 12) -> Plan:
-    info = ImageInfo(
-        "img:3",
-        hashlib.sha256(b"".join(chunks)).hexdigest(),
-        sum(map(len, chunks)),
-        1 << 20,
-        [Chunk(hashlib.sha256(c).hexdigest(), len(c)) for c in chunks],
-        tree_bytes=1,
-        files=1,
-    )
     params: dict[str, Any] = {"base": "http://s/images/img/3", "session": session}
-    return Plan(
-        deployment=deployment,
-        node="n1",
-        image=info,
-        transport=TransportInfo("multicast", params),
-        disk=Disk("", "gpt", []),
-        identity=Identity("n1", [], {}, [], None),
-        bootloader="none",
-        post_script="",
-    )
+    return stream_plan(chunks, "multicast", params, deployment=deployment, ref="img:3")
 
 
 def session_params(chunks: list[bytes], **kw: Any) -> dict[str, Any]:
@@ -434,41 +405,6 @@ def test_the_rate_watch_tells_a_slow_link_from_a_pause() -> None:
     assert last is not None and last[0] < 0.25 * 19e6 and last[1] == pytest.approx(0.1)
 
 
-class FakeUnpacker:
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.finished = False
-        self.aborted = False
-
-    def write(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def finish(self) -> None:
-        self.finished = True
-
-    def abort(self) -> None:
-        self.aborted = True
-
-
-#: udp-receiver's stand-in: says it connected (unless told not to), writes the file it
-#: is given to stdout in small pieces, then sleeps or exits with the code it is given.
-FAKE_RECEIVER = r"""
-import os, sys, time
-data_file, code, connect, sleep = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-if connect == "yes":
-    sys.stderr.write("Udp-receiver 20120424\nConnected as #0 to 10.0.0.1\n")
-    sys.stderr.flush()
-data = open(data_file, "rb").read()
-for i in range(0, len(data), 50000):
-    os.write(1, data[i:i + 50000])
-    time.sleep(0.005)
-time.sleep(sleep)
-if code == 1:
-    sys.stderr.write("Dropped by server now=40 last=14\n")
-sys.exit(code)
-"""
-
-
 class Faked(MulticastReceiver):
     """The receiver with udp-receiver, the unpacker and the interface replaced."""
 
@@ -476,7 +412,7 @@ class Faked(MulticastReceiver):
         self,
         context: Context,
         spawn: Callable[[list[str]], subprocess.Popen[bytes]],
-        unpacker: FakeUnpacker | None = None,
+        unpacker: KeptUnpacker | None = None,
         interface: str | None = None,
         rx: Callable[[], int] | None = None,
     ) -> None:
@@ -514,11 +450,11 @@ class Harness:
 
     def run(
         self, interface: str | None = None, rx: Callable[[], int] | None = None, **attrs: Any
-    ) -> tuple[MulticastReceiver, ChunkServer, FakeUnpacker, list[int]]:
+    ) -> tuple[MulticastReceiver, ChunkServer, KeptUnpacker, list[int]]:
         server = ChunkServer(self.chunks)
-        unpacker = FakeUnpacker()
+        unpacker = KeptUnpacker()
         script = self.tmp / "fake_udp_receiver.py"
-        script.write_text(FAKE_RECEIVER)
+        script.write_text(UDP_RECEIVER)
         data = self.tmp / "sent.bin"
         data.write_bytes(self.sent)
         harness = self
@@ -548,7 +484,7 @@ def chunks() -> list[bytes]:
 def test_all_by_multicast(tmp_path: Path, chunks: list[bytes]) -> None:
     h = Harness(tmp_path, chunks, b"".join(chunks))
     receiver, server, unpacker, seen = h.run()
-    assert unpacker.data == chunks and unpacker.finished
+    assert unpacker.writes == chunks and unpacker.finished
     assert server.gets == [] and receiver.left == ""
     assert h.spawned[0][0] == "udp-receiver"
     # progress as the bytes arrive, not only at chunk boundaries
@@ -561,7 +497,7 @@ def test_a_dropped_node_goes_on_by_http_from_the_chunk_it_lacks(
 ) -> None:
     sent = chunks[0] + chunks[1][:1000]  # then udp-sender dropped it
     receiver, server, unpacker, _ = Harness(tmp_path, chunks, sent, code=1).run()
-    assert unpacker.data == chunks
+    assert unpacker.writes == chunks
     assert server.gets == [1, 2]
     assert receiver.left == "the sender dropped this node"
 
@@ -571,7 +507,7 @@ def test_a_bad_chunk_is_never_unpacked(tmp_path: Path, chunks: list[bytes]) -> N
     bad[1234] ^= 0xFF
     sent = chunks[0] + bytes(bad) + chunks[2]
     receiver, server, unpacker, _ = Harness(tmp_path, chunks, sent).run()
-    assert unpacker.data == chunks  # chunk 1 came from HTTP, the bad one went nowhere
+    assert unpacker.writes == chunks  # chunk 1 came from HTTP, the bad one went nowhere
     assert server.gets == [1, 2]
     assert "chunk 00000001 from the session did not match" in receiver.left
 
@@ -581,7 +517,7 @@ def test_another_sessions_stream_is_refused_at_its_first_chunk(
 ) -> None:
     other = [os.urandom(len(c)) for c in chunks]
     receiver, server, unpacker, _ = Harness(tmp_path, chunks, b"".join(other)).run()
-    assert unpacker.data == chunks and server.gets == [0, 1, 2]
+    assert unpacker.writes == chunks and server.gets == [0, 1, 2]
     assert "chunk 00000000" in receiver.left
 
 
@@ -590,14 +526,14 @@ def test_a_late_node_that_finds_no_sender(tmp_path: Path, chunks: list[bytes]) -
     started = time.monotonic()
     receiver, server, unpacker, _ = h.run(connect_timeout=0.5)
     assert time.monotonic() - started < 10
-    assert unpacker.data == chunks and server.gets == [0, 1, 2]
+    assert unpacker.writes == chunks and server.gets == [0, 1, 2]
     assert receiver.left.startswith("no udpcast sender answered")
 
 
 def test_a_stalled_session_is_left(tmp_path: Path, chunks: list[bytes]) -> None:
     h = Harness(tmp_path, chunks, chunks[0], sleep=30)
     receiver, server, unpacker, _ = h.run(stall_timeout=0.5)
-    assert unpacker.data == chunks and server.gets == [1, 2]
+    assert unpacker.writes == chunks and server.gets == [1, 2]
     assert receiver.left.startswith("no data from the session")
 
 
@@ -611,7 +547,7 @@ def test_a_session_that_never_starts(tmp_path: Path, chunks: list[bytes]) -> Non
 def test_no_session_in_the_plan_means_http(tmp_path: Path, chunks: list[bytes]) -> None:
     h = Harness(tmp_path, chunks, b"", session={})
     receiver, server, unpacker, _ = h.run()
-    assert h.spawned == [] and server.gets == [0, 1, 2] and unpacker.data == chunks
+    assert h.spawned == [] and server.gets == [0, 1, 2] and unpacker.writes == chunks
     assert receiver.left == "the plan names no multicast session to join"
 
 
@@ -630,13 +566,13 @@ def test_a_node_whose_link_is_too_slow_leaves(tmp_path: Path, chunks: list[bytes
         session=session_params(chunks, leave_window=0.5),
     )
     receiver, server, unpacker, _ = h.run(interface="eth0", rx=rx_bytes, rate_period=0.1)
-    assert unpacker.data == chunks and server.gets == [1, 2]
+    assert unpacker.writes == chunks and server.gets == [1, 2]
     assert receiver.left.startswith("this node's link carried")
 
 
 def test_a_cancel_stops_udp_receiver(tmp_path: Path, chunks: list[bytes]) -> None:
     script = tmp_path / "r.py"
-    script.write_text(FAKE_RECEIVER)
+    script.write_text(UDP_RECEIVER)
     data = tmp_path / "sent.bin"
     data.write_bytes(chunks[0])
     procs: list[subprocess.Popen[bytes]] = []
@@ -650,7 +586,7 @@ def test_a_cancel_stops_udp_receiver(tmp_path: Path, chunks: list[bytes]) -> Non
         procs.append(p)
         return p
 
-    unpacker = FakeUnpacker()
+    unpacker = KeptUnpacker()
     receiver = Faked(Context(cast(Client, ChunkServer(chunks)), poll=0.02), spawn, unpacker)
     event = threading.Event()
     threading.Timer(0.5, event.set).start()
@@ -665,7 +601,7 @@ def test_udp_receiver_missing_means_http(tmp_path: Path, chunks: list[bytes]) ->
     def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
         raise FileNotFoundError(2, "No such file or directory", "udp-receiver")
 
-    unpacker = FakeUnpacker()
+    unpacker = KeptUnpacker()
     receiver = Faked(Context(cast(Client, ChunkServer(chunks)), poll=0.02), spawn, unpacker)
     got = receiver.receive(
         chunk_plan(chunks, session_params(chunks)), tmp_path, lambda d, t: None, threading.Event()
@@ -686,7 +622,7 @@ def test_the_real_unpacker_gets_only_checked_chunks(tmp_path: Path) -> None:
     size = 256 * 1024
     chunks = [stream[i : i + size] for i in range(0, len(stream), size)]
     script = tmp_path / "r.py"
-    script.write_text(FAKE_RECEIVER)
+    script.write_text(UDP_RECEIVER)
     data = tmp_path / "sent.bin"
     data.write_bytes(stream[: size + 10])  # one chunk, then dropped
 

@@ -105,6 +105,9 @@ class LibtorrentSwarm:
         while self.handle.status(0).state in checking and time.monotonic() < deadline:
             time.sleep(0.02)
 
+    def listen_port(self) -> int:
+        return int(self.session.listen_port())
+
     def pieces(self) -> Sequence[bool]:
         return list(self.handle.status(self.lt.status_flags_t.query_pieces).pieces)
 

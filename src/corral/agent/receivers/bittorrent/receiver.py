@@ -105,9 +105,7 @@ class BitTorrentReceiver(StreamReceiver):
         started = time.monotonic()
         swarm: LibtorrentSwarm | None = None
         try:
-            swarm = live = LibtorrentSwarm(
-                lt, torrent, scratch, address or "0.0.0.0", self.port, seed
-            )
+            swarm = live = self.make_swarm(lt, torrent, scratch, address or "0.0.0.0", seed)
             layout = self._layout(plan, swarm)
             mine = _stripe(params.get("stripe"), layout.num_pieces) if seed else None
             log.info(
@@ -115,7 +113,7 @@ class BitTorrentReceiver(StreamReceiver):
                 layout.num_pieces,
                 layout.piece_size >> 10,
                 address,
-                swarm.session.listen_port(),
+                swarm.listen_port(),
                 params.get("tracker", "?"),
                 params.get("seed", "?"),
                 "none" if mine is None else f"{len(mine)} pieces",
@@ -173,6 +171,18 @@ class BitTorrentReceiver(StreamReceiver):
                 "refetched": len(self.refetched) - refetched,
             },
         )
+
+    def make_swarm(
+        self,
+        lt: ModuleType,
+        torrent: bytes,
+        scratch: Path,
+        address: str,
+        seed: tuple[str, int] | None,
+    ) -> LibtorrentSwarm:
+        """The node's swarm for ``torrent``, downloading into ``scratch`` (the tests
+        replace it, as :meth:`make_unpacker`)."""
+        return LibtorrentSwarm(lt, torrent, scratch, address, self.port, seed)
 
     @staticmethod
     def _no_swarm(plan: Plan, target_dir: Path) -> str:

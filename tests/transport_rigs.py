@@ -24,7 +24,7 @@ import pytest
 
 from corral.agent.plan import Plan
 from corral.agent.receivers import RECEIVERS, bittorrent, multicast, rsync, stream
-from corral.agent.receivers.base import Context, Received, Receiver
+from corral.agent.receivers.base import Context, Job, Received, Receiver
 from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver
 from corral.agent.receivers.chain.receiver import ChainReceiver
 from corral.agent.receivers.chain.relay import Relay
@@ -87,7 +87,9 @@ class Node:
 
         def run() -> None:
             try:
-                self.result = self.receiver.receive(self.plan, self.target, report, self.cancel)
+                self.result = self.receiver.receive(
+                    Job(self.plan, self.target, report, self.cancel)
+                )
             except BaseException as exc:
                 self.error = exc
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
-from corral.agent.receivers.base import Context, Received
+from corral.agent.receivers.base import Context, Job, Received
 from corral.agent.receivers.bittorrent import feed as bittorrent_feed
 from corral.agent.receivers.bittorrent.receiver import SCRATCH, BitTorrentReceiver
 from corral.agent.report import Client
@@ -133,7 +133,7 @@ def receive(plan: Plan, server: str, target: Path) -> Received:
         address = NODE_ADDRESS[plan.node]
 
     receiver = Receiver(Context(Client(server, tries=2, backoff=0.1)))
-    return receiver.receive(plan, target, lambda done, total: None, threading.Event())
+    return receiver.receive(Job(plan, target, lambda done, total: None, threading.Event()))
 
 
 def test_two_agents_and_the_seed_on_loopback(

@@ -37,7 +37,7 @@ from corral.agent.plan import (
     TransportInfo,
 )
 from corral.agent.receivers import receiver_class
-from corral.agent.receivers.base import Context, Received, Receiver
+from corral.agent.receivers.base import Context, Job, Received, Receiver
 from corral.agent.receivers.http import HttpReceiver
 from corral.agent.receivers.rsync import RsyncReceiver, parse_progress2, parse_stats
 from corral.agent.report import Client, Rejected, ReportError
@@ -302,24 +302,18 @@ class FakeReceiver(Receiver):
     name = "fake"
     wait_for_cancel: ClassVar[bool] = False
 
-    def receive(
-        self,
-        plan: Plan,
-        target_dir: Path,
-        progress_callback: Any,
-        cancel_event: threading.Event,
-    ) -> Received:
+    def receive(self, job: Job) -> Received:
         for rel in ("usr/sbin/grub-install", "usr/sbin/update-grub", "usr/bin/bash"):
-            (target_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            (target_dir / rel).write_text("#!/bin/sh\n")
-        (target_dir / "etc/network").mkdir(parents=True, exist_ok=True)
-        (target_dir / "etc/network/interfaces").write_text("auto lo\n")
-        progress_callback(500, 1000)
+            (job.target / rel).parent.mkdir(parents=True, exist_ok=True)
+            (job.target / rel).write_text("#!/bin/sh\n")
+        (job.target / "etc/network").mkdir(parents=True, exist_ok=True)
+        (job.target / "etc/network/interfaces").write_text("auto lo\n")
+        job.progress(500, 1000)
         if self.wait_for_cancel:
-            if cancel_event.wait(10):
+            if job.cancel.wait(10):
                 raise Cancelled()
             raise ReceiveError("nobody cancelled")
-        progress_callback(1000, 1000)
+        job.progress(1000, 1000)
         return Received(1000)
 
 

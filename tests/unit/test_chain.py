@@ -20,7 +20,7 @@ import pytest
 from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Plan
 from corral.agent.receivers import receiver_class
-from corral.agent.receivers.base import Context, Received
+from corral.agent.receivers.base import Context, Job, Received
 from corral.agent.receivers.chain.receiver import ChainReceiver
 from corral.agent.receivers.chain.relay import Relay
 from corral.agent.receivers.chain.upstream import ChainParams, LagWatch, Picker, Upstream
@@ -405,7 +405,7 @@ class Node:
         def run() -> None:
             try:
                 self.result = self.receiver.receive(
-                    self.plan, Path("/nonexistent"), lambda d, t: None, self.cancel
+                    Job(self.plan, Path("/nonexistent"), lambda d, t: None, self.cancel)
                 )
             except BaseException as exc:
                 self.error = exc
@@ -752,7 +752,8 @@ def test_a_real_head_and_real_unpacking_through_three_nodes(
         receiver = FastChain(Context(None))
         threads.append(
             threading.Thread(
-                target=receiver.receive, args=(plan, target, lambda d, t: None, threading.Event())
+                target=receiver.receive,
+                args=(Job(plan, target, lambda d, t: None, threading.Event()),),
             )
         )
     for t in threads:

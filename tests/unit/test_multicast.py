@@ -25,7 +25,7 @@ from corral.agent.errors import Cancelled
 from corral.agent.plan import Plan
 from corral.agent.receivers import multicast as rx_multicast
 from corral.agent.receivers import receiver_class
-from corral.agent.receivers.base import Context
+from corral.agent.receivers.base import Context, Job
 from corral.agent.receivers.multicast import MulticastReceiver, RateWatch, Session, receiver_argv
 from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
@@ -472,7 +472,9 @@ class Harness:
         seen: list[int] = []
         session = self.session if self.session is not None else session_params(self.chunks)
         plan = chunk_plan(self.chunks, session or None)
-        receiver.receive(plan, self.tmp, lambda done, total: seen.append(done), threading.Event())
+        receiver.receive(
+            Job(plan, self.tmp, lambda done, total: seen.append(done), threading.Event())
+        )
         return receiver, server, unpacker, seen
 
 
@@ -592,7 +594,7 @@ def test_a_cancel_stops_udp_receiver(tmp_path: Path, chunks: list[bytes]) -> Non
     threading.Timer(0.5, event.set).start()
     with pytest.raises(Cancelled):
         receiver.receive(
-            chunk_plan(chunks, session_params(chunks)), tmp_path, lambda d, t: None, event
+            Job(chunk_plan(chunks, session_params(chunks)), tmp_path, lambda d, t: None, event)
         )
     assert procs[0].returncode is not None and unpacker.aborted
 
@@ -604,7 +606,12 @@ def test_udp_receiver_missing_means_http(tmp_path: Path, chunks: list[bytes]) ->
     unpacker = KeptUnpacker()
     receiver = Faked(Context(cast(Client, ChunkServer(chunks)), poll=0.02), spawn, unpacker)
     got = receiver.receive(
-        chunk_plan(chunks, session_params(chunks)), tmp_path, lambda d, t: None, threading.Event()
+        Job(
+            chunk_plan(chunks, session_params(chunks)),
+            tmp_path,
+            lambda d, t: None,
+            threading.Event(),
+        )
     )
     assert got.details["unicast"] == 3 and got.details["multicast"] == 0
     assert receiver.left.startswith("udp-receiver did not start")
@@ -637,7 +644,9 @@ def test_the_real_unpacker_gets_only_checked_chunks(tmp_path: Path) -> None:
     target = tmp_path / "target"
     target.mkdir()
     got = receiver.receive(
-        chunk_plan(chunks, session_params(chunks)), target, lambda d, t: None, threading.Event()
+        Job(
+            chunk_plan(chunks, session_params(chunks)), target, lambda d, t: None, threading.Event()
+        )
     )
     assert (target / "etc" / "hello").read_text() == "hi\n"
     assert (target / "blob").read_bytes() == (tree / "blob").read_bytes()

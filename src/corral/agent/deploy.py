@@ -31,7 +31,7 @@ from corral.agent.errors import Cancelled, InstallError
 from corral.agent.phases import DEPLOY_STEPS
 from corral.agent.plan import Plan, Progress
 from corral.agent.receivers import RECEIVERS
-from corral.agent.receivers.base import Context, Received, Receiver
+from corral.agent.receivers.base import Context, Job, Received, Receiver
 from corral.agent.report import Client, Rejected, ReportError
 from corral.agent.run import Result, Runner, check
 
@@ -340,7 +340,7 @@ class Installer:
 
         self.total = receiver.expected_bytes(plan)
         self._enter("receiving", f"{plan.image.ref} by {plan.transport.name}")
-        self.received = receiver.receive(plan, self.target, self._progress, self.cancel)
+        self.received = receiver.receive(Job(plan, self.target, self._progress, self.cancel))
         self.bytes = self.received.bytes
 
         self._enter("configuring", plan.identity.hostname)

@@ -40,6 +40,17 @@ class Context:
     mount_points: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Job:
+    """One image to receive: what (the plan), where its tree goes, whom to tell how far
+    it got, and what stops it."""
+
+    plan: Plan
+    target: Path
+    progress: ProgressCallback
+    cancel: threading.Event
+
+
 @dataclass
 class Received:
     """What a receiver did, for the log and the tests."""
@@ -59,15 +70,9 @@ class Receiver:
     def __init__(self, context: Context) -> None:
         self.context = context
 
-    def receive(
-        self,
-        plan: Plan,
-        target_dir: Path,
-        progress_callback: ProgressCallback,
-        cancel_event: threading.Event,
-    ) -> Received:
-        """Fill ``target_dir`` with the image; raise :class:`ReceiveError` (or
-        :class:`Cancelled` once ``cancel_event`` is set) if it cannot."""
+    def receive(self, job: Job) -> Received:
+        """Fill ``job.target`` with the image; raise :class:`ReceiveError` (or
+        :class:`Cancelled` once ``job.cancel`` is set) if it cannot."""
         raise NotImplementedError
 
     def expected_bytes(self, plan: Plan) -> int:
@@ -106,30 +111,23 @@ class StreamReceiver(Receiver):
         """What the checked chunks are written to (the tests replace it)."""
         return Unpacker(target_dir)
 
-    def unpack(
-        self,
-        plan: Plan,
-        target_dir: Path,
-        progress_callback: ProgressCallback,
-        cancel_event: threading.Event,
-        fill: Callable[[VerifiedStream], None],
-    ) -> VerifiedStream:
-        """Unpack the plan's stream into ``target_dir``: ``fill`` adds what chunks the
+    def unpack(self, job: Job, fill: Callable[[VerifiedStream], None]) -> VerifiedStream:
+        """Unpack the plan's stream into ``job.target``: ``fill`` adds what chunks the
         transport brings, HTTP the rest; the stream, whole and checked.
 
         Raise :class:`ReceiveError` (or :class:`Cancelled`) if it cannot; the unpacking is
         aborted then, whatever raised."""
-        unpacker = self.make_unpacker(target_dir)
+        unpacker = self.make_unpacker(job.target)
         queued = None
         if self.unpack_queue:
-            queued = UnpackQueue(unpacker, cancel_event, self.unpack_queue)
+            queued = UnpackQueue(unpacker, job.cancel, self.unpack_queue)
         stream = VerifiedStream(
-            plan, unpacker.write if queued is None else queued.put, progress_callback
+            job.plan, unpacker.write if queued is None else queued.put, job.progress
         )
         try:
             fill(stream)
             if not stream.complete:
-                self.catch_up(stream, cancel_event)
+                self.catch_up(stream, job.cancel)
             if queued is not None:
                 queued.close()
             unpacker.finish()

@@ -5,13 +5,9 @@ unpacked, and no copy of the whole stream is kept (a node's RAM disk could not h
 from __future__ import annotations
 
 import logging
-import threading
-from pathlib import Path
 
 from corral.agent.errors import ReceiveError
-from corral.agent.plan import Plan
-from corral.agent.receivers.base import Received, StreamReceiver
-from corral.agent.receivers.stream import ProgressCallback
+from corral.agent.receivers.base import Job, Received, StreamReceiver
 
 log = logging.getLogger("corral.agent")
 
@@ -21,19 +17,11 @@ class HttpReceiver(StreamReceiver):
 
     name = "http"
 
-    def receive(
-        self,
-        plan: Plan,
-        target_dir: Path,
-        progress_callback: ProgressCallback,
-        cancel_event: threading.Event,
-    ) -> Received:
+    def receive(self, job: Job) -> Received:
         if self.context.client is None:
             raise ReceiveError("transport http needs corral.server= to download from")
-        image = plan.image
-        stream = self.unpack(
-            plan, target_dir, progress_callback, cancel_event, lambda _stream: None
-        )
+        image = job.plan.image
+        stream = self.unpack(job, lambda _stream: None)
         log.info(
             "received %s: %d bytes in %d chunks (%d fetched again, %d resumed)",
             image.ref,

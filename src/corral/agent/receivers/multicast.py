@@ -51,7 +51,7 @@ from typing import IO
 from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.network import interface_ipv4, source_address
 from corral.agent.plan import Plan
-from corral.agent.receivers.base import Context, Received, StreamReceiver
+from corral.agent.receivers.base import Context, Job, Received, StreamReceiver
 from corral.agent.receivers.stream import ProgressCallback, VerifiedStream
 from corral.agent.run import spawn, stop
 
@@ -223,24 +223,18 @@ class MulticastReceiver(StreamReceiver):
 
     # --- receiving ---------------------------------------------------------------------
 
-    def receive(
-        self,
-        plan: Plan,
-        target_dir: Path,
-        progress_callback: ProgressCallback,
-        cancel_event: threading.Event,
-    ) -> Received:
+    def receive(self, job: Job) -> Received:
         if self.context.client is None:
             raise ReceiveError("transport multicast needs corral.server= to catch up from")
-        image = plan.image
+        image = job.plan.image
         self.by_multicast = 0
 
         def fill(stream: VerifiedStream) -> None:
-            session = Session.from_plan(plan)
+            session = Session.from_plan(job.plan)
             if session is None:
                 self.left = "the plan names no multicast session to join"
             else:
-                self.join(plan, session, stream, progress_callback, cancel_event)
+                self.join(job.plan, session, stream, job.progress, job.cancel)
             if not stream.complete:
                 log.info(
                     "multicast: %s; by HTTP from chunk %d of %d",
@@ -249,7 +243,7 @@ class MulticastReceiver(StreamReceiver):
                     len(image.chunks),
                 )
 
-        stream = self.unpack(plan, target_dir, progress_callback, cancel_event, fill)
+        stream = self.unpack(job, fill)
         chunks = len(image.chunks)
         log.info(
             "received %s: %d bytes in %d chunks, %d by multicast, %d by HTTP "

@@ -18,8 +18,7 @@ from typing import IO
 
 from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Plan
-from corral.agent.receivers.base import Received, Receiver
-from corral.agent.receivers.stream import ProgressCallback
+from corral.agent.receivers.base import Job, Received, Receiver
 from corral.agent.receivers.tools import output_tail
 from corral.agent.run import spawn, stop
 
@@ -136,15 +135,9 @@ class RsyncReceiver(Receiver):
             stop(proc)
             out.close()
 
-    def receive(
-        self,
-        plan: Plan,
-        target_dir: Path,
-        progress_callback: ProgressCallback,
-        cancel_event: threading.Event,
-    ) -> Received:
-        argv = self.argv(plan, target_dir)
-        total = plan.image.tree_bytes
+    def receive(self, job: Job) -> Received:
+        argv = self.argv(job.plan, job.target)
+        total = job.plan.image.tree_bytes
         log.info("+ %s", " ".join(argv))
         count = 0
         lines: list[bytes] = []
@@ -154,12 +147,12 @@ class RsyncReceiver(Receiver):
             value = parse_progress2(line)
             if value is not None:
                 count = max(count, value)
-                progress_callback(count, total)
+                job.progress(count, total)
             elif line.strip():
                 lines.append(line)
 
         with tempfile.TemporaryFile() as errors:
-            code = self._run(argv, errors, seen, cancel_event, str(plan.transport.params["url"]))
+            code = self._run(argv, errors, seen, job.cancel, str(job.plan.transport.params["url"]))
             complaints = output_tail(errors, 1000)
         for line in complaints.split(" / ") if complaints else []:
             log.info("rsync: %s", line)
@@ -175,5 +168,5 @@ class RsyncReceiver(Receiver):
             stats.get("literal", 0),
             stats.get("matched", 0),
         )
-        progress_callback(count, total)
+        job.progress(count, total)
         return Received(count, stats)

@@ -8,7 +8,6 @@ import importlib
 import logging
 import shutil
 import socket
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, ClassVar
 
 from corral.agent.errors import ReceiveError
 from corral.agent.plan import Plan
-from corral.agent.receivers.base import Received, StreamReceiver
+from corral.agent.receivers.base import Job, Received, StreamReceiver
 from corral.agent.receivers.bittorrent.feed import Feeder, FeedStats, linger, tracker_pending
 from corral.agent.receivers.bittorrent.libtorrent_swarm import (
     PEER_PORT,
@@ -26,7 +25,7 @@ from corral.agent.receivers.bittorrent.libtorrent_swarm import (
 )
 from corral.agent.receivers.bittorrent.swarm import PieceMap, stripe
 from corral.agent.receivers.http import HttpReceiver
-from corral.agent.receivers.stream import ProgressCallback, VerifiedStream
+from corral.agent.receivers.stream import VerifiedStream
 
 log = logging.getLogger("corral.agent")
 
@@ -80,25 +79,19 @@ class BitTorrentReceiver(StreamReceiver):
     #: the engine, replaced by the tests
     engine: Callable[[], ModuleType | None] = staticmethod(_import_libtorrent)
 
-    def receive(
-        self,
-        plan: Plan,
-        target_dir: Path,
-        progress_callback: ProgressCallback,
-        cancel_event: threading.Event,
-    ) -> Received:
-        why = self._no_swarm(plan, target_dir)
+    def receive(self, job: Job) -> Received:
+        why = self._no_swarm(job.plan, job.target)
         lt = None if why else self.engine()
         if why or lt is None:
             log.warning("transport bittorrent: %s; receiving over HTTP", why or "no libtorrent")
             http = HttpReceiver(self.context)
-            return http.receive(plan, target_dir, progress_callback, cancel_event)
+            return http.receive(job)
         refetched = len(self.refetched)
         client = self.context.client
         address = self.address or (local_address(client.host, client.port) if client else "")
-        params = plan.transport.params
+        params = job.plan.transport.params
         seed = _endpoint(str(params.get("seed", "")))
-        scratch = target_dir / SCRATCH
+        scratch = job.target / SCRATCH
         shutil.rmtree(scratch, ignore_errors=True)  # a previous attempt's
         scratch.mkdir(mode=0o700)
         torrent = base64.b64decode(str(params["torrent"]))
@@ -106,7 +99,7 @@ class BitTorrentReceiver(StreamReceiver):
         swarm: LibtorrentSwarm | None = None
         try:
             swarm = live = self.make_swarm(lt, torrent, scratch, address or "0.0.0.0", seed)
-            layout = self._layout(plan, swarm)
+            layout = self._layout(job.plan, swarm)
             mine = _stripe(params.get("stripe"), layout.num_pieces) if seed else None
             log.info(
                 "bittorrent: %d pieces of %d KiB on %s:%d, tracker %s, seed %s, my stripe %s",
@@ -122,23 +115,21 @@ class BitTorrentReceiver(StreamReceiver):
             def fetch(index: int, partial: Callable[[int], None]) -> bytes:
                 if client is None:
                     raise ReceiveError("transport bittorrent: no server to fetch chunks from")
-                return self.fetch_chunk(client, plan, index, partial, cancel_event)
+                return self.fetch_chunk(client, job.plan, index, partial, job.cancel)
 
             feeds: list[FeedStats] = []
 
             def fill(stream: VerifiedStream) -> None:
-                feeder = Feeder(
-                    stream, live, layout, fetch, progress_callback, cancel_event, mine=mine
-                )
+                feeder = Feeder(stream, live, layout, fetch, job.progress, job.cancel, mine=mine)
                 feeds.append(feeder.run())
 
-            self.unpack(plan, target_dir, progress_callback, cancel_event, fill)
+            self.unpack(job, fill)
             stats = feeds[0]
             elapsed = time.monotonic() - started
             stayed = linger(
                 swarm,
-                cancel_event,
-                own_rate=plan.image.stream_size / max(elapsed, 0.1),
+                job.cancel,
+                own_rate=job.plan.image.stream_size / max(elapsed, 0.1),
                 pending=tracker_pending(
                     str(params.get("tracker", "")), str(params.get("info_hash", ""))
                 ),
@@ -152,7 +143,7 @@ class BitTorrentReceiver(StreamReceiver):
         log.info(
             "received %s by bittorrent: %d chunks from the swarm, %d over HTTP "
             "(%d mismatched), %d rescues by the seed, in %.1f s, then seeded %.1f s more",
-            plan.image.ref,
+            job.plan.image.ref,
             stats.from_swarm,
             stats.from_http,
             stats.mismatched,
@@ -163,7 +154,7 @@ class BitTorrentReceiver(StreamReceiver):
         return Received(
             stats.bytes,
             {
-                "chunks": len(plan.image.chunks),
+                "chunks": len(job.plan.image.chunks),
                 "swarm": stats.from_swarm,
                 "http": stats.from_http,
                 "mismatched": stats.mismatched,

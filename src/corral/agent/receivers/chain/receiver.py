@@ -10,11 +10,10 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Plan
-from corral.agent.receivers.base import Context, Received, StreamReceiver
+from corral.agent.receivers.base import Context, Job, Received, StreamReceiver
 from corral.agent.receivers.chain.relay import DRAIN_IDLE, Relay
 from corral.agent.receivers.chain.upstream import (
     RECONNECT_GRACE,
@@ -25,7 +24,7 @@ from corral.agent.receivers.chain.upstream import (
     Upstream,
 )
 from corral.agent.receivers.chain.window import WINDOW_CHUNKS, Window
-from corral.agent.receivers.stream import ProgressCallback, VerifiedStream
+from corral.agent.receivers.stream import VerifiedStream
 from corral.agent.wire.chain import (
     DATA,
     FRAME,
@@ -134,15 +133,9 @@ class ChainReceiver(StreamReceiver):
         self.picker: Picker | None = None
         self.relay: Relay | None = None
 
-    def receive(
-        self,
-        plan: Plan,
-        target_dir: Path,
-        progress_callback: ProgressCallback,
-        cancel_event: threading.Event,
-    ) -> Received:
-        params = ChainParams.from_dict(plan.transport.params)
-        image = plan.image
+    def receive(self, job: Job) -> Received:
+        params = ChainParams.from_dict(job.plan.transport.params)
+        image = job.plan.image
         sizes = [c.size for c in image.chunks]
         window = Window(sizes, self.window_chunks)
         name, ip = params.me
@@ -164,14 +157,14 @@ class ChainReceiver(StreamReceiver):
 
         def fill(stream: VerifiedStream) -> None:
             states.append(_State(stream))
-            self._pull(plan, params, window, states[0], cancel_event)
+            self._pull(job.plan, params, window, states[0], job.cancel)
 
         try:
-            self.unpack(plan, target_dir, progress_callback, cancel_event, fill)
+            self.unpack(job, fill)
             state = states[0]
             relay.finished()
-            drained = relay.drain(cancel_event, params.is_last, self.drain_idle, self.linger)
-            if cancel_event.is_set():
+            drained = relay.drain(job.cancel, params.is_last, self.drain_idle, self.linger)
+            if job.cancel.is_set():
                 raise Cancelled()
         except BaseException:
             relay.close()

@@ -134,8 +134,8 @@ def stop_pids(pids: Sequence[int], grace: float = 5.0, kill_wait: float = 2.0) -
     ``kill_wait`` s for them; returns the survivors (processes not started by
     :func:`spawn`: a namespace's or a chroot's leftovers).
 
-    Zombies that are this process's children are reaped, so a caller that started them
-    does not wait the whole grace period for processes that are already dead.
+    A zombie counts as ended and is left to its parent to reap, so that a ``Popen``
+    that started it still gets its exit status.
     """
     left = [p for p in dict.fromkeys(pids) if p != os.getpid()]
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
@@ -144,10 +144,7 @@ def stop_pids(pids: Sequence[int], grace: float = 5.0, kill_wait: float = 2.0) -
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
         while left:
-            for pid in left:
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
-            left = [p for p in left if pid_alive(p)]
+            left = [p for p in left if pid_alive(p)]  # a zombie counts as ended
             if not left or time.monotonic() >= deadline:
                 break
             time.sleep(0.05)

@@ -71,7 +71,8 @@ def test_stop_pids_ends_processes_known_by_pid_whether_or_not_they_obey_sigterm(
     assert ignores.stdout.readline() == b"ready\n"
     try:
         assert stop_pids([obeys.pid, ignores.pid, obeys.pid], grace=0.5) == []
-        assert not pid_alive(obeys.pid) and not pid_alive(ignores.pid)  # and reaped
+        assert obeys.wait(5) == -signal.SIGTERM  # its status is still its parent's
+        assert ignores.wait(5) == -signal.SIGKILL
     finally:
         for proc in (obeys, ignores):
             if proc.poll() is None:

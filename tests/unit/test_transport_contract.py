@@ -28,7 +28,7 @@ from corral.agent.receivers import RECEIVERS
 from corral.deploy.transports import REGISTRY
 from corral.images.exports import build_exports
 from corral.images.store import ImageStore, ImageVersion
-from tests.transport_rigs import RIGS, Image, Rig, wait_for
+from tests.transport_rigs import RIGS, Image, Node, Rig, wait_for
 
 #: The image's stream in chunks of this size (5 or so), its pieces for BitTorrent smaller.
 CHUNK = 64 << 10
@@ -50,6 +50,21 @@ def tree_digest(root: Path) -> dict[str, tuple[str, int]]:
         else:
             out[rel] = ("dir", st.st_mode & 0o7777)
     return out
+
+
+def run_to_the_end(nodes: list[Node]) -> None:
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        node.join()
+
+
+def assert_received(nodes: list[Node], image: Image) -> None:
+    """Each of ``nodes`` ended well, with exactly the image's tree."""
+    expected = tree_digest(image.tree)
+    for node in nodes:
+        assert node.error is None, f"{node.name}: {node.error!r}"
+        assert tree_digest(node.target) == expected, node.name
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +115,8 @@ def test_both_sides_have_the_same_transports() -> None:
 
 def test_every_file_is_on_every_disk(rig: Rig, image: Image) -> None:
     nodes = rig.nodes(3)
-    for node in nodes:
-        node.start()
-    for node in nodes:
-        node.join()
-    expected = tree_digest(image.tree)
-    for node in nodes:
-        assert node.error is None, f"{node.name}: {node.error!r}"
-        assert tree_digest(node.target) == expected, node.name
+    run_to_the_end(nodes)
+    assert_received(nodes, image)
 
 
 def test_a_bad_chunk_is_fetched_again(rig: Rig, image: Image) -> None:
@@ -115,14 +124,8 @@ def test_a_bad_chunk_is_fetched_again(rig: Rig, image: Image) -> None:
         pytest.skip(f"{rig.name}: {rig.no_chunks}")
     rig.spoil(BAD)
     nodes = rig.nodes(2)
-    for node in nodes:
-        node.start()
-    for node in nodes:
-        node.join()
-    expected = tree_digest(image.tree)
-    for node in nodes:
-        assert node.error is None, f"{node.name}: {node.error!r}"
-        assert tree_digest(node.target) == expected, node.name
+    run_to_the_end(nodes)
+    assert_received(nodes, image)
     # the first node takes it from the transport's source (the others, in a chain, from
     # the first, which may have caught it before passing it on)
     assert rig.fetched_again(nodes[0], BAD), f"{nodes[0].name} did not fetch chunk {BAD} again"
@@ -142,10 +145,7 @@ def test_a_killed_peer_is_bypassed(rig: Rig, image: Image) -> None:
     for node in nodes:
         node.join()
     assert isinstance(victim.error, Cancelled), repr(victim.error)
-    expected = tree_digest(image.tree)
-    for node in (nodes[0], nodes[2]):
-        assert node.error is None, f"{node.name}: {node.error!r}"
-        assert tree_digest(node.target) == expected, node.name
+    assert_received([nodes[0], nodes[2]], image)
     assert rig.bypassed(nodes[2], victim), f"{nodes[2].name} did not go on without {victim.name}"
 
 

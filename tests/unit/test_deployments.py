@@ -415,12 +415,10 @@ def test_auto_resolves_per_image_and_is_recorded(
         assert {n.transport for n in d.nodes} == {"fake"}
 
 
-def test_the_agents_final_report_and_the_first_boot_over_http(
-    home: Path, nodes: None, image: ImageVersion
-) -> None:
-    """The routes the agent and the installed system call: the final progress report's
-    first_boot and reboot reach the life cycle (they did not, once: the route's model
-    dropped them), and the first-boot event makes the node installed."""
+@contextmanager
+def node_n01_over_http() -> Iterator[tuple[Any, int, dict[str, str]]]:
+    """n01 in a new deployment, talking to corral's HTTP routes from its own address:
+    (client, deployment, the headers with its token)."""
     from fastapi.testclient import TestClient
 
     from corral.serve.http import create_app
@@ -431,6 +429,16 @@ def test_the_agents_final_report_and_the_first_boot_over_http(
     service = BootService(db.settings(), db.engine())
     auth = {"Authorization": f"Bearer {token}"}
     with TestClient(create_app(service, "admin"), client=("10.0.0.11", 40000)) as node:
+        yield node, ident, auth
+
+
+def test_the_agents_final_report_and_the_first_boot_over_http(
+    home: Path, nodes: None, image: ImageVersion
+) -> None:
+    """The routes the agent and the installed system call: the final progress report's
+    first_boot and reboot reach the life cycle (they did not, once: the route's model
+    dropped them), and the first-boot event makes the node installed."""
+    with node_n01_over_http() as (node, ident, auth):
         done = {"phase": "done", "bytes": 1, "total": 1, "first_boot": True, "reboot": True}
         answer = node.post(
             f"/api/v1/deployments/{ident}/nodes/n01/progress", json=done, headers=auth
@@ -450,16 +458,7 @@ def test_a_nodes_phase_is_its_deployment_step_and_it_reports_only_its_own(
     """One phase vocabulary: while a node deploys, its phase is the step its agent
     reports (not a generic "progress"); the phases corral records for it (rebooting,
     deployed, waiting) cannot be posted by the node itself."""
-    from fastapi.testclient import TestClient
-
-    from corral.serve.http import create_app
-
-    ident = start("n01")
-    with db.session() as s:
-        token = NodeStates(s).issue_token("n01")
-    service = BootService(db.settings(), db.engine())
-    auth = {"Authorization": f"Bearer {token}"}
-    with TestClient(create_app(service, "admin"), client=("10.0.0.11", 40000)) as node:
+    with node_n01_over_http() as (node, ident, auth):
         step = {"phase": "receiving", "bytes": 1, "total": 2}
         answer = node.post(
             f"/api/v1/deployments/{ident}/nodes/n01/progress", json=step, headers=auth

@@ -9,14 +9,14 @@ from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from corral.agent.phases import DEPLOY_STEPS, FINAL
+from corral.agent.phases import CANCELLED, DEPLOY_STEPS
 from corral.deploy.service import DeployService
 from corral.deploy.store import Deployments, new_deployment
 from corral.deploy.view import DeploymentOut, deployment_out
 
 
 class ProgressIn(BaseModel):
-    phase: str = Field(description=f"one of: {', '.join((*DEPLOY_STEPS, *FINAL[2:]))}")
+    phase: str = Field(description=f"one of: {', '.join((*DEPLOY_STEPS, CANCELLED))}")
     bytes: int = 0
     total: int = 0
     message: str = ""

@@ -39,7 +39,14 @@ $corral image list
 
 echo "== 3. a virtual cluster of $nodes nodes: corral testbed up"
 $corral testbed up --nodes "$nodes" --link 200mbit --server-link 1gbit --disk-size 2G
-$corral profile add demo --image demo
+# The testbed's nodes mount their disks with this machine's kernel: one without vfat
+# cannot mount an EFI system partition, so there they take an MBR table (GRUB for BIOS).
+esp=()
+if ! grep -qw vfat /proc/filesystems && ! compgen -G "/lib/modules/$(uname -r)/kernel/fs/fat/vfat.ko*" >/dev/null; then
+    echo "(this kernel cannot mount vfat: the nodes' disks get an MBR table, no EFI partition)"
+    esp=(--var disk_label=dos)
+fi
+$corral profile add demo --image demo "${esp[@]}"
 $corral group set testbed --profile demo
 
 echo "== 4. corral deploy 'tb[001-$(printf %03d "$nodes")]' --image demo --wait"

@@ -31,7 +31,7 @@ from corral.deploy.store import Deployments
 from corral.deploy.transports.base import Member
 from corral.deploy.transports.bittorrent import BitTorrentTransport
 from corral.images.catalog import image_store
-from corral.images.exports import STREAM_INDEX, build_exports, verify_export
+from corral.images.exports import STREAM_INDEX, Chunked, build_exports, verify_export
 from corral.images.store import ImageVersion
 from corral.inventory import db
 from corral.testbed import cluster
@@ -142,9 +142,9 @@ def test_two_agents_and_the_seed_on_loopback(
     settings = Settings(home=tmp_path / "home", server_url=chunk_server, address=SERVER)
     transport = BitTorrentTransport(settings, tracker_port=0, seed_port=0)
     try:
-        transport.prepare(version)
-        transport.start(1, version, [Member(n, ip) for n, ip in NODE_ADDRESS.items()])
-        params = {n: transport.params(version, n) for n in NODE_ADDRESS}
+        transport.prepare(Chunked(version))
+        transport.start(1, Chunked(version), [Member(n, ip) for n, ip in NODE_ADDRESS.items()])
+        params = {n: transport.params(Chunked(version), n) for n in NODE_ADDRESS}
         assert params["a"]["tracker"].startswith(f"http://{SERVER}:")
         assert params["a"]["seed"].startswith(f"{SERVER}:")
         assert params["a"]["base"] == f"{chunk_server}/images/small/1"
@@ -178,8 +178,8 @@ def test_without_a_swarm_the_chunks_come_over_http(
     settings = Settings(home=tmp_path / "home", server_url=chunk_server, address=SERVER)
     transport = BitTorrentTransport(settings, tracker_port=0, seed_port=0)
     try:
-        transport.start(2, version, [Member("a", NODE_ADDRESS["a"])])
-        params = transport.params(version, "a")
+        transport.start(2, Chunked(version), [Member("a", NODE_ADDRESS["a"])])
+        params = transport.params(Chunked(version), "a")
     finally:
         transport.close()
     result = receive(loop_plan(version, "a", params), chunk_server, tmp_path / "a")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from corral.errors import InvalidValue
-from corral.images.exports import build_exports, verify_chunk, verify_export
+from corral.images.exports import build_exports, squashfs_chunks, verify_chunk, verify_export
 from corral.images.store import CorruptExport, ImageError, ImageStore, ImageVersion
 
 pytestmark = [
@@ -158,9 +158,13 @@ def test_manifest_lists_every_export_file(version: ImageVersion) -> None:
     assert stream["size"] == len(data)
     assert stream["sha256"] == hashlib.sha256(data).hexdigest()
     assert (stream["chunk_size"], stream["level"]) == (CHUNK, 3)
-    squashfs = exports["squashfs"]["files"][0]
-    assert squashfs["name"] == "exports/image.squashfs"
-    assert squashfs["size"] == (version.path / "exports" / "image.squashfs").stat().st_size
+    squashfs = exports["squashfs"]
+    names = [f["name"] for f in squashfs["files"]]
+    assert names[0] == "exports/squashfs/stream.json"
+    assert names[1:] == [f"exports/squashfs/chunks/{i:08d}.bin" for i in range(squashfs["count"])]
+    joined = b"".join(p.read_bytes() for p in squashfs_chunks(version))
+    assert squashfs["size"] == len(joined) and joined[:4] == b"hsqs"  # squashfs's magic
+    assert squashfs["sha256"] == hashlib.sha256(joined).hexdigest()
 
 
 def test_stream_index(version: ImageVersion) -> None:
@@ -177,9 +181,18 @@ def expected_names(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-def test_unsquashfs_lists_the_files(version: ImageVersion) -> None:
+def squashfs_file(version: ImageVersion, into: Path) -> Path:
+    """The squashfs a diskless node mounts: its chunks joined."""
+    path = into / "image.squashfs"
+    with path.open("wb") as f:
+        for chunk in squashfs_chunks(version):
+            f.write(chunk.read_bytes())
+    return path
+
+
+def test_unsquashfs_lists_the_files(version: ImageVersion, tmp_path: Path) -> None:
     out = subprocess.run(
-        ["unsquashfs", "-l", "-d", "R", str(version.path / "exports" / "image.squashfs")],
+        ["unsquashfs", "-l", "-d", "R", str(squashfs_file(version, tmp_path))],
         capture_output=True,
         check=True,
     ).stdout.decode()
@@ -243,7 +256,7 @@ def test_the_squashfs_reproduces_the_tree(version: ImageVersion, tmp_path: Path)
             "-n",
             "-d",
             str(target),
-            str(version.path / "exports" / "image.squashfs"),
+            str(squashfs_file(version, tmp_path)),
         ],
         check=True,
         capture_output=True,
@@ -261,7 +274,7 @@ def test_exports_verify_and_a_second_build_reuses_them(version: ImageVersion) ->
     verify_export(version, "tree")
     verify_export(version, "stream")
     verify_export(version, "squashfs")
-    files = [*chunks(version), version.path / "exports" / "image.squashfs"]
+    files = [*chunks(version), *squashfs_chunks(version)]
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
     again = build_exports(version, chunk_size=CHUNK, level=3)
     assert again == version.manifest["exports"]
@@ -300,9 +313,9 @@ def test_a_flipped_byte_is_caught_then_rebuilt(
     assert not verify_chunk(version, 1, chunk.read_bytes())
     assert verify_chunk(version, 1, good)
 
-    squashfs = version.path / "exports" / "image.squashfs"
+    squashfs = next(iter(squashfs_chunks(version)))
     _flip(squashfs, 5000)
-    with pytest.raises(CorruptExport, match=r"exports/image\.squashfs"):
+    with pytest.raises(CorruptExport, match=r"exports/squashfs/chunks/00000000\.bin"):
         verify_export(version, "squashfs")
 
     # build_exports does not reuse damaged exports; the same tree gives the same stream

@@ -48,6 +48,7 @@ from corral.config import Settings
 from corral.deploy import transports
 from corral.deploy.transports.base import Member
 from corral.deploy.transports.chain import ChainError, ChainTransport, order
+from corral.images.exports import Chunked
 from tests.fakes import ChunkServer, KeptUnpacker, free_port, stream_plan, stream_version
 
 TAG = session_tag(7, "img:1", "ab" * 32)
@@ -669,10 +670,10 @@ def test_sessions_order_nodes_by_name_and_give_each_its_place(
     chunks = [b"a" * 100, b"b" * 50]
     version = stream_version(tmp_path / "v1", chunks)
     with pytest.raises(ChainError, match="no chain session"):
-        transport.params(version, "tb002")
+        transport.params(Chunked(version), "tb002")
     members = [Member("tb003", "10.0.0.4"), Member("tb001", "10.0.0.2"), Member("tb002", None)]
-    transport.start(7, version, members)
-    params = transport.params(version, "tb002")
+    transport.start(7, Chunked(version), members)
+    params = transport.params(Chunked(version), "tb002")
     sha = hashlib.sha256(b"".join(chunks)).hexdigest()
     assert params == {
         "session": f"7/img:1/{sha}",
@@ -684,12 +685,12 @@ def test_sessions_order_nodes_by_name_and_give_each_its_place(
     }
     assert transport.head_port != 0
     # started again after a restart, with fewer nodes: the same order, the same tag
-    transport.start(7, version, [Member("tb003", "10.0.0.4"), Member("tb002", None)])
-    again = transport.params(version, "tb003")
+    transport.start(7, Chunked(version), [Member("tb003", "10.0.0.4"), Member("tb002", None)])
+    again = transport.params(Chunked(version), "tb003")
     assert again["position"] == 1 and again["session"] == params["session"]
     transport.finish(7, version)
     with pytest.raises(ChainError):
-        transport.params(version, "tb003")
+        transport.params(Chunked(version), "tb003")
 
 
 def test_order_is_by_name_and_drops_duplicates() -> None:
@@ -702,8 +703,8 @@ def test_the_head_streams_the_chunk_files_of_its_session_only(
 ) -> None:
     chunks = [os.urandom(70_000), os.urandom(10)]
     version = stream_version(tmp_path / "v1", chunks)
-    transport.start(7, version, [Member("tb001", "127.0.0.2")])
-    tag = transport.params(version, "tb001")["session"]
+    transport.start(7, Chunked(version), [Member("tb001", "127.0.0.2")])
+    tag = transport.params(Chunked(version), "tb001")["session"]
     address = ("127.0.0.1", transport.head_port)
     with socket.create_connection(address, timeout=5) as sock:
         sock.sendall(pack_hello("7/img:1/" + "00" * 32, 0, "tb001"))
@@ -739,12 +740,12 @@ def test_a_real_head_and_real_unpacking_through_three_nodes(
     chunks = [stream[i : i + 100_000] for i in range(0, len(stream), 100_000)]
     version = stream_version(tmp_path / "v1", chunks)
     members = [Member(f"tb{i:03d}", f"127.0.0.{i + 1}") for i in (1, 2, 3)]
-    transport.start(7, version, members)
+    transport.start(7, Chunked(version), members)
     port = free_port()
     out = []
     threads = []
     for member in members:
-        params = transport.params(version, member.node) | {"relay_port": port}
+        params = transport.params(Chunked(version), member.node) | {"relay_port": port}
         plan = chain_plan(chunks, params, member.node)
         target = tmp_path / member.node
         target.mkdir()

@@ -49,6 +49,7 @@ from corral.deploy.transports.multicast_options import (
     parse_bitrate,
 )
 from corral.errors import InvalidValue
+from corral.images.exports import Chunked
 from corral.images.store import ImageVersion
 from tests.fakes import UDP_RECEIVER, ChunkServer, KeptUnpacker, stream_plan, stream_version
 
@@ -167,7 +168,7 @@ def session_for(
 ) -> multicast.Session:
     return multicast.Session(
         deployment=12,
-        version=version,
+        payload=Chunked(version),
         channel=channel_for(12, version.ref, set()),
         interface="eth0",
         options=transport.options,
@@ -225,7 +226,7 @@ def test_params_name_the_session_while_it_waits_for_its_nodes(
     session = session_for(transport, version, {"n1": "10.0.0.2"})
     session.proc = cast(subprocess.Popen[bytes], FakeProc())
     transport.sessions[(12, version.ref)] = session
-    params = transport.params(version, "n1")
+    params = transport.params(Chunked(version), "n1")
     assert params["base"] == "http://10.0.0.1:8080/images/img/3"
     assert params["session"] == {
         "tag": "12/img:3/abc",
@@ -239,13 +240,13 @@ def test_params_name_the_session_while_it_waits_for_its_nodes(
         "leave_window": 5.0,
     }
     # a node of no session, or too late for it: straight to HTTP
-    assert transport.params(version, "n9")["session"] is None
+    assert transport.params(Chunked(version), "n9")["session"] is None
     transport.directory.mkdir(parents=True, exist_ok=True)
     session.log_path.write_bytes(b"New connection from 10.0.0.2\nStarting transfer: 00000009\n")
-    assert transport.params(version, "n1")["session"] is None
+    assert transport.params(Chunked(version), "n1")["session"] is None
     session.log_path.unlink()
     cast(FakeProc, session.proc).code = 0  # the sender is done
-    assert transport.params(version, "n1")["session"] is None
+    assert transport.params(Chunked(version), "n1")["session"] is None
     transport.finish(12, version)
     assert not transport.sessions
 
@@ -300,15 +301,15 @@ def test_start_params_finish_with_a_stand_in_sender(
     version = make_version(tmp_path, [b"x" * 100])
     members = [Member("n1", "127.0.0.2"), Member("n2", None)]
     monkeypatch.setattr(multicast.Session, "argv", lambda self: ["sleep", "60"])
-    transport.start(5, version, members)
+    transport.start(5, Chunked(version), members)
     try:
         session = transport.sessions[(5, version.ref)]
         assert session.interface == "lo"  # the interface that holds corral's address
         assert session.members == {"n1": "127.0.0.2", "n2": None}
-        assert transport.params(version, "n2")["session"]["interface"] == ""
+        assert transport.params(Chunked(version), "n2")["session"]["interface"] == ""
         # started again (after a restart): the old sender goes, a new one takes its slot
         old = session.proc
-        transport.start(5, version, members[:1])
+        transport.start(5, Chunked(version), members[:1])
         assert old is not None and old.poll() is not None
         assert transport.sessions[(5, version.ref)].channel == session.channel
     finally:
@@ -318,10 +319,10 @@ def test_start_params_finish_with_a_stand_in_sender(
     monkeypatch.setattr(
         multicast.Session, "argv", lambda self: ["sh", "-c", "echo 'bind: in use' >&2; exit 1"]
     )
-    transport.start(6, version, members)
+    transport.start(6, Chunked(version), members)
     try:
         assert "exited at once (bind: in use)" in caplog.text
-        assert transport.params(version, "n1")["session"] is None
+        assert transport.params(Chunked(version), "n1")["session"] is None
     finally:
         transport.close()
 

@@ -10,7 +10,10 @@ every file with its size and sha256 in the version's ``manifest.json``:
   ``exports/stream.json`` (chunk size, count, each chunk's sha256, total size, whole-stream
   sha256). A node fetches and checks chunk by chunk and pipes them, in order, into
   ``zstd -d | tar -x``;
-- ``squashfs``: ``exports/image.squashfs`` for diskless nodes.
+- ``squashfs``: the tree as one squashfs for diskless nodes, cut into chunks the same way
+  (``exports/squashfs/chunks/``, ``exports/squashfs/stream.json``): every transport that
+  sends the stream sends it too (:class:`Chunked`), and a node joins the chunks into the
+  file it mounts.
 
 Before serving an export, :func:`verify_export` checks every file against the manifest and
 raises :class:`~corral.images.store.CorruptExport` naming the first one that differs.
@@ -62,14 +65,16 @@ from __future__ import annotations
 import calendar
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from corral.errors import CommandFailed, InvalidValue
 from corral.images.store import (
@@ -93,7 +98,9 @@ SQUASHFS_BLOCK = 128 * 1024
 CHUNK_SIZE = 4 << 20
 CHUNK_DIR = "exports/chunks"
 STREAM_INDEX = "exports/stream.json"
-SQUASHFS_FILE = "exports/image.squashfs"
+SQUASHFS_DIR = "exports/squashfs"
+#: the exports that are chunked, and so sent by the chunk transports
+CHUNKED = ("stream", "squashfs")
 
 # GNU tar options of the stream; the receiver's side is `zstd -d | tar -x --numeric-owner
 # --xattrs --xattrs-include='*' --acls -p`.
@@ -116,8 +123,72 @@ TAR_CREATE = (
 )
 
 
-def chunk_name(index: int) -> str:
-    return f"{CHUNK_DIR}/{index:08d}.bin"
+def chunk_name(index: int, export: str = "stream") -> str:
+    base = CHUNK_DIR if export == "stream" else f"{SQUASHFS_DIR}/chunks"
+    return f"{base}/{index:08d}.bin"
+
+
+def index_name(export: str = "stream") -> str:
+    return STREAM_INDEX if export == "stream" else f"{SQUASHFS_DIR}/stream.json"
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """One chunked export of an image version, as the transports send it: the tar stream
+    (disk installs) or the squashfs (diskless boots). Both are laid out alike: an index
+    (``stream.json``) and ``chunks/NNNNNNNN.bin`` in one directory."""
+
+    image: ImageVersion
+    export: str = "stream"
+
+    def __post_init__(self) -> None:
+        if self.export not in CHUNKED:
+            raise InvalidValue(f"export {self.export!r} is not chunked: use {' or '.join(CHUNKED)}")
+
+    @property
+    def ref(self) -> str:
+        """``NAME:VERSION``, and ``/squashfs`` after it for the squashfs."""
+        return self.image.ref if self.export == "stream" else f"{self.image.ref}/squashfs"
+
+    @property
+    def name(self) -> str:
+        return self.image.name
+
+    @property
+    def version(self) -> int:
+        return self.image.version
+
+    @property
+    def directory(self) -> Path:
+        """Where ``chunks/`` and the index are."""
+        return (self.image.path / index_name(self.export)).parent
+
+    @property
+    def index_path(self) -> Path:
+        return self.image.path / index_name(self.export)
+
+    def chunk_path(self, index: int) -> Path:
+        return self.image.path / chunk_name(index, self.export)
+
+    @property
+    def url_path(self) -> str:
+        """Its path on corral's HTTP server (``/chunks/N.bin`` under it)."""
+        base = f"/images/{self.image.name}/{self.image.version}"
+        return base if self.export == "stream" else f"{base}/squashfs"
+
+    def index(self) -> dict[str, Any]:
+        """The index: chunk size, count, each chunk's sha256, size, whole sha256."""
+        try:
+            data: dict[str, Any] = json.loads(self.index_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ImageError(
+                f"image {self.image.ref} has no readable {self.export} export ({exc})",
+                f"make it with 'corral image export {self.image.ref}'",
+            ) from None
+        return data
+
+    def verify(self) -> None:
+        verify_export(self.image, self.export)
 
 
 def sha256_file(path: Path) -> str:
@@ -167,10 +238,11 @@ def verify_export(version: ImageVersion, which: str) -> None:
     _verify_files(version, entry)
 
 
-def verify_chunk(version: ImageVersion, index: int, data: bytes) -> bool:
-    """Whether ``data`` is chunk ``index`` of the version's stream, as the manifest says."""
-    entry = _entry(version, "stream")
-    name = chunk_name(index)
+def verify_chunk(version: ImageVersion, index: int, data: bytes, export: str = "stream") -> bool:
+    """Whether ``data`` is chunk ``index`` of the version's stream (or squashfs), as the
+    manifest says."""
+    entry = _entry(version, export)
+    name = chunk_name(index, export)
     expected = next((f["sha256"] for f in entry["files"] if f["name"] == name), None)
     return expected is not None and hashlib.sha256(data).hexdigest() == expected
 
@@ -220,7 +292,11 @@ def build_exports(
         exports["tree"] = {"path": "rootfs"}
         wanted: list[tuple[str, dict[str, Any], Any]] = [
             ("stream", {"chunk_size": chunk_size, "level": level}, _build_stream),
-            ("squashfs", {"level": squashfs_level, "block_size": SQUASHFS_BLOCK}, _squashfs),
+            (
+                "squashfs",
+                {"level": squashfs_level, "block_size": SQUASHFS_BLOCK, "chunk_size": chunk_size},
+                _squashfs,
+            ),
         ]
         for name, params, build in wanted:
             if name not in which or _reusable(version, exports.get(name), params):
@@ -241,12 +317,64 @@ def build_exports(
     return exports
 
 
-def _build_stream(version: ImageVersion, *, chunk_size: int, level: int) -> dict[str, Any]:
-    """tar | zstd, read here and cut into chunks while hashing: no full copy on disk."""
-    exports = version.exports_dir
-    tmp = exports / f".stream.tmp-{os.getpid()}"
+def _cut(
+    version: ImageVersion,
+    export: str,
+    source: IO[bytes],
+    chunk_size: int,
+    meta: dict[str, Any],
+    done: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """Cut what ``source`` gives into chunks while hashing them, write the export's index,
+    and swap both in (the manifest does not list the export while this happens). ``done``
+    runs once ``source`` is read, before anything is swapped in (it raises if the program
+    writing ``source`` failed)."""
+    target = Chunked(version, export)
+    tmp = version.exports_dir / f".{export}.tmp-{os.getpid()}"
     remove_tree(tmp)
     (tmp / "chunks").mkdir(parents=True)
+    whole = hashlib.sha256()
+    hashes: list[str] = []
+    total = 0
+    try:
+        while data := source.read(chunk_size):
+            whole.update(data)
+            hashes.append(hashlib.sha256(data).hexdigest())
+            total += len(data)
+            with open(tmp / "chunks" / f"{len(hashes) - 1:08d}.bin", "wb") as f:
+                f.write(data)
+                os.fsync(f.fileno())
+        done()
+        index = {
+            "image": version.ref,
+            **meta,
+            "chunk_size": chunk_size,
+            "count": len(hashes),
+            "size": total,
+            "sha256": whole.hexdigest(),
+            "chunks": hashes,
+        }
+        write_json_atomic(tmp / "stream.json", index)
+        target.directory.mkdir(parents=True, exist_ok=True)
+        remove_tree(target.directory / "chunks")
+        os.replace(tmp / "chunks", target.directory / "chunks")
+        os.replace(tmp / "stream.json", target.index_path)
+    finally:
+        remove_tree(tmp)
+    files = [_file_entry(version, index_name(export))]
+    files += [
+        {
+            "name": chunk_name(i, export),
+            "size": min(chunk_size, total - i * chunk_size),
+            "sha256": h,
+        }
+        for i, h in enumerate(hashes)
+    ]
+    return {"files": files, "count": len(hashes), "size": total, "sha256": whole.hexdigest()}
+
+
+def _build_stream(version: ImageVersion, *, chunk_size: int, level: int) -> dict[str, Any]:
+    """tar | zstd, read here and cut into chunks while hashing: no full copy on disk."""
     # corral.run.spawn gives a child no stdin, so tar itself runs zstd (no shell involved:
     # tar splits the program string into argv) and hands us zstd's output.
     argv = [
@@ -257,58 +385,35 @@ def _build_stream(version: ImageVersion, *, chunk_size: int, level: int) -> dict
         str(version.rootfs),
         ".",
     ]
-    whole = hashlib.sha256()
-    hashes: list[str] = []
-    total = 0
-    try:
-        with tempfile.TemporaryFile() as errors:
-            proc = spawn(argv, env={"LC_ALL": "C"}, stdout=subprocess.PIPE, stderr=errors.fileno())
-            try:
-                out = proc.stdout
-                assert out is not None
-                while data := out.read(chunk_size):
-                    whole.update(data)
-                    hashes.append(hashlib.sha256(data).hexdigest())
-                    total += len(data)
-                    with open(tmp / "chunks" / f"{len(hashes) - 1:08d}.bin", "wb") as f:
-                        f.write(data)
-                        os.fsync(f.fileno())
-                out.close()
-                code = proc.wait()
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+    meta = {
+        "format": "tar+zstd",
+        "decompress": "zstd -d | tar -x --numeric-owner --xattrs --xattrs-include=* --acls -p",
+        "level": level,
+    }
+    with tempfile.TemporaryFile() as errors:
+        proc = spawn(argv, env={"LC_ALL": "C"}, stdout=subprocess.PIPE, stderr=errors.fileno())
+        out = proc.stdout
+        assert out is not None
+
+        def done() -> None:
+            out.close()
+            code = proc.wait()
             if code != 0:
                 errors.seek(0)
                 raise CommandFailed(argv, code, errors.read().decode(errors="replace"))
-        index = {
-            "image": version.ref,
-            "format": "tar+zstd",
-            "decompress": "zstd -d | tar -x --numeric-owner --xattrs --xattrs-include=* --acls -p",
-            "level": level,
-            "chunk_size": chunk_size,
-            "count": len(hashes),
-            "size": total,
-            "sha256": whole.hexdigest(),
-            "chunks": hashes,
-        }
-        write_json_atomic(tmp / "stream.json", index)
-        # swap in: the manifest does not list the stream while this happens
-        remove_tree(version.path / CHUNK_DIR)
-        os.replace(tmp / "chunks", version.path / CHUNK_DIR)
-        os.replace(tmp / "stream.json", version.path / STREAM_INDEX)
-    finally:
-        remove_tree(tmp)
-    files = [_file_entry(version, STREAM_INDEX)]
-    files += [
-        {"name": chunk_name(i), "size": min(chunk_size, total - i * chunk_size), "sha256": h}
-        for i, h in enumerate(hashes)
-    ]
-    return {"files": files, "count": len(hashes), "size": total, "sha256": whole.hexdigest()}
+
+        try:
+            return _cut(version, "stream", out, chunk_size, meta, done)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
-def _squashfs(version: ImageVersion, *, level: int, block_size: int) -> dict[str, Any]:
+def _squashfs(
+    version: ImageVersion, *, level: int, block_size: int, chunk_size: int
+) -> dict[str, Any]:
+    """mksquashfs into a temporary file, cut into chunks like the stream."""
     tmp = version.exports_dir / f".image.squashfs.tmp-{os.getpid()}"
     created = version.manifest.get("created")
     try:
@@ -335,9 +440,15 @@ def _squashfs(version: ImageVersion, *, level: int, block_size: int) -> dict[str
                 str(max(mkfs_time, 0)),
             ]
         )
-        os.replace(tmp, version.path / SQUASHFS_FILE)
+        with open(tmp, "rb") as source:
+            meta = {"format": "squashfs", "level": level, "block_size": block_size}
+            return _cut(version, "squashfs", source, chunk_size, meta)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    entry = _file_entry(version, SQUASHFS_FILE)
-    return {"files": [entry], "size": entry["size"], "sha256": entry["sha256"]}
+
+
+def squashfs_chunks(version: ImageVersion) -> Iterator[Path]:
+    """The squashfs's chunk files, in order (joined, they are the file a node mounts)."""
+    count = int(Chunked(version, "squashfs").index()["count"])
+    return (version.path / chunk_name(i, "squashfs") for i in range(count))

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from corral.config import Settings
-from corral.images.store import ImageVersion
+from corral.images.exports import Chunked
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class Member:
 class ServerTransport(Protocol):
     """The server's side of a transport.
 
-    The manager calls :meth:`prepare` for each image version a deployment needs, then
+    The manager calls :meth:`prepare` for each export a deployment needs (an image
+    version's stream for installs, its squashfs for diskless boots: a :class:`Chunked`), then
     :meth:`start` once per session (the nodes of one deployment that get the same image by
     this transport) before it reboots them, and :meth:`finish` when every node of the
     session has ended; after a restart of corral serve, :meth:`start` is called again with
@@ -34,13 +35,13 @@ class ServerTransport(Protocol):
     #: the export the transport sends: "stream" (chunked tar) or "tree"
     export: str
 
-    def prepare(self, version: ImageVersion) -> None: ...
+    def prepare(self, payload: Chunked) -> None: ...
 
-    def start(self, deployment: int, version: ImageVersion, members: Sequence[Member]) -> None: ...
+    def start(self, deployment: int, payload: Chunked, members: Sequence[Member]) -> None: ...
 
-    def params(self, version: ImageVersion, node: str) -> dict[str, Any]: ...
+    def params(self, payload: Chunked, node: str) -> dict[str, Any]: ...
 
-    def finish(self, deployment: int, version: ImageVersion) -> None: ...
+    def finish(self, deployment: int, payload: Chunked) -> None: ...
 
     def close(self) -> None: ...
 
@@ -48,10 +49,10 @@ class ServerTransport(Protocol):
 class Unicast:
     """Sessions mean nothing to a transport that serves each node on its own."""
 
-    def start(self, deployment: int, version: ImageVersion, members: Sequence[Member]) -> None:
+    def start(self, deployment: int, payload: Chunked, members: Sequence[Member]) -> None:
         pass
 
-    def finish(self, deployment: int, version: ImageVersion) -> None:
+    def finish(self, deployment: int, payload: Chunked) -> None:
         pass
 
 

@@ -46,7 +46,6 @@ import base64
 import contextlib
 import hashlib
 import importlib
-import json
 import logging
 import socket
 import threading
@@ -64,8 +63,7 @@ from corral.config import Settings
 from corral.deploy.transports.base import Member
 from corral.deploy.transports.bittorrent_tracker import Tracker
 from corral.errors import ConfigError
-from corral.images.exports import STREAM_INDEX, chunk_name, verify_export
-from corral.images.store import ImageVersion
+from corral.images.exports import Chunked
 
 log = logging.getLogger("corral.deploy")
 
@@ -138,21 +136,15 @@ class Layout:
     hashes: bytes
 
 
-def stream_layout(version: ImageVersion) -> Layout:
-    """Read the version's stream index and hash its chunk files into pieces."""
-    try:
-        index = json.loads((version.path / STREAM_INDEX).read_text())
-    except FileNotFoundError:
-        raise ConfigError(
-            f"image {version.ref} has no stream export",
-            f"make it with 'corral image export {version.ref}'",
-        ) from None
+def stream_layout(payload: Chunked) -> Layout:
+    """Read the export's index and hash its chunk files into pieces."""
+    index = payload.index()
     size, chunk_size, count = int(index["size"]), int(index["chunk_size"]), len(index["chunks"])
+    paths = [payload.chunk_path(i) for i in range(count)]
     files = tuple(
-        (Path(chunk_name(i)).name, min(chunk_size, size - i * chunk_size)) for i in range(count)
+        (path.name, min(chunk_size, size - i * chunk_size)) for i, path in enumerate(paths)
     )
     piece = piece_size_for(size, chunk_size)
-    paths = [version.path / chunk_name(i) for i in range(count)]
     return Layout(files, piece, piece_hashes(paths, piece))
 
 
@@ -313,49 +305,49 @@ class BitTorrentTransport:
         port = self.tracker.port if self.tracker else self.tracker_port
         return f"http://{self.host}:{port}/announce"
 
-    def prepare(self, version: ImageVersion) -> None:
-        """Check the export against its manifest and hash it into pieces, once per version."""
+    def prepare(self, payload: Chunked) -> None:
+        """Check the export against its manifest and hash it into pieces, once per export."""
         with self._lock:
-            if version.ref not in self.layouts:
+            if payload.ref not in self.layouts:
                 started = time.monotonic()
-                verify_export(version, "stream")
-                self.layouts[version.ref] = layout = stream_layout(version)
+                payload.verify()
+                self.layouts[payload.ref] = layout = stream_layout(payload)
                 log.info(
                     "bittorrent: %s is %d pieces of %d KiB (hashed in %.1f s)",
-                    version.ref,
+                    payload.ref,
                     len(layout.hashes) // 20,
                     layout.piece_size >> 10,
                     time.monotonic() - started,
                 )
 
-    def start(self, deployment: int, version: ImageVersion, members: Sequence[Member]) -> None:
+    def start(self, deployment: int, payload: Chunked, members: Sequence[Member]) -> None:
         """Make the session's torrent, admit its members at the tracker and seed it."""
-        self.prepare(version)
+        self.prepare(payload)
         with self._lock:
             if self.tracker is None:
                 self.tracker = Tracker(self.address, self.tracker_port)
             if self.seeder is None:
                 self.seeder = Seeder(self.engine(), self.address, self.seed_port)
-            source = f"corral deployment {deployment} image {version.ref}"
-            torrent = make_torrent(self.layouts[version.ref], self.tracker_url, source)
+            source = f"corral deployment {deployment} image {payload.ref}"
+            torrent = make_torrent(self.layouts[payload.ref], self.tracker_url, source)
             session = _Session(
                 deployment,
-                version.ref,
+                payload.ref,
                 torrent,
                 tuple(sorted({m.node for m in members})),
             )
-            self.sessions[(deployment, version.ref)] = session
+            self.sessions[(deployment, payload.ref)] = session
             self.tracker.swarms.open(
                 session.torrent.info_hash,
                 self._admitted(members),
                 {str(m.ip) for m in members if m.ip},
                 self._servers(),
             )
-            self.seeder.add(torrent, version.exports_dir)
+            self.seeder.add(torrent, payload.directory)
             log.info(
                 "bittorrent: deployment %d seeds %s to %d node(s), info-hash %s",
                 deployment,
-                version.ref,
+                payload.ref,
                 len(members),
                 session.torrent.info_hash.hex(),
             )
@@ -376,15 +368,15 @@ class BitTorrentTransport:
             addresses |= {str(a[4][0]) for a in socket.getaddrinfo(self.host, None, socket.AF_INET)}
         return addresses
 
-    def params(self, version: ImageVersion, node: str) -> dict[str, Any]:
-        base = f"{self.server}/images/{version.name}/{version.version}"
+    def params(self, payload: Chunked, node: str) -> dict[str, Any]:
+        base = f"{self.server}{payload.url_path}"
         with self._lock:
-            sessions = [s for s in self.sessions.values() if s.ref == version.ref]
+            sessions = [s for s in self.sessions.values() if s.ref == payload.ref]
             mine = [s for s in sessions if node in s.nodes] or sessions[-1:]
         if not mine:
             # the manager starts sessions before it boots their nodes; only a node asking
             # in the second after a restart of corral serve can get here: it uses HTTP
-            log.warning("bittorrent: no session of %s for node %s yet", version.ref, node)
+            log.warning("bittorrent: no session of %s for node %s yet", payload.ref, node)
             return {"base": base}
         session = mine[-1]
         params: dict[str, Any] = {
@@ -404,9 +396,9 @@ class BitTorrentTransport:
         """Where the nodes reach the seed: corral's address, or its URL's host."""
         return self.address if self.address not in ("", "0.0.0.0") else self.host
 
-    def finish(self, deployment: int, version: ImageVersion) -> None:
+    def finish(self, deployment: int, payload: Chunked) -> None:
         with self._lock:
-            session = self.sessions.pop((deployment, version.ref), None)
+            session = self.sessions.pop((deployment, payload.ref), None)
             if session is None:
                 return
             self._drop(session, "done")

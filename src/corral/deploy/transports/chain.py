@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import select
 import socket
@@ -86,8 +85,7 @@ from corral.agent.wire.chain_sender import FileSource, Sender, answer_hello
 from corral.config import Settings
 from corral.deploy.transports.base import Member, url_host
 from corral.errors import ConfigError, CorralError
-from corral.images.exports import STREAM_INDEX, chunk_name, verify_export
-from corral.images.store import ImageVersion
+from corral.images.exports import Chunked
 
 log = logging.getLogger("corral.deploy")
 
@@ -104,7 +102,7 @@ class ChainSession:
     """The nodes of one deployment getting one image by chain, in chain order."""
 
     deployment: int
-    version: ImageVersion
+    payload: Chunked
     tag: str
     members: list[Member]
     sizes: list[int]
@@ -119,18 +117,6 @@ def order(members: Sequence[Member]) -> list[Member]:
     ended) is then ordered the same way, so no two plans can make a node pull from a node
     that pulls from it."""
     return sorted({m.node: m for m in members}.values(), key=lambda m: m.node)
-
-
-def stream_index(version: ImageVersion) -> dict[str, Any]:
-    path = version.path / STREAM_INDEX
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"image {version.ref} has no readable stream export ({path}: {exc})",
-            f"make it with 'corral image export {version.ref}'",
-        ) from None
-    return data
 
 
 def chunk_sizes(index: dict[str, Any]) -> list[int]:
@@ -187,8 +173,7 @@ class Head:
         if hello is None or session is None:
             conn.close()
             return
-        version = session.version
-        source = FileSource(lambda i: version.path / chunk_name(i), session.sizes)
+        source = FileSource(session.payload.chunk_path, session.sizes)
         sender = Sender(
             conn, source, session.sizes, hello.index, f"{hello.name} ({peer})", offset=hello.offset
         )
@@ -237,16 +222,16 @@ class ChainTransport:
         self.head: Head | None = None
         self._checked: set[str] = set()
 
-    def prepare(self, version: ImageVersion) -> None:
+    def prepare(self, payload: Chunked) -> None:
         """Check every chunk against the manifest once, before the first byte is served."""
-        if version.ref not in self._checked:
-            verify_export(version, "stream")
-            self._checked.add(version.ref)
+        if payload.ref not in self._checked:
+            payload.verify()
+            self._checked.add(payload.ref)
 
-    def start(self, deployment: int, version: ImageVersion, members: Sequence[Member]) -> None:
-        index = stream_index(version)
-        tag = session_tag(deployment, version.ref, str(index["sha256"]))
-        session = ChainSession(deployment, version, tag, order(members), chunk_sizes(index))
+    def start(self, deployment: int, payload: Chunked, members: Sequence[Member]) -> None:
+        index = payload.index()
+        tag = session_tag(deployment, payload.ref, str(index["sha256"]))
+        session = ChainSession(deployment, payload, tag, order(members), chunk_sizes(index))
         with self.lock:
             if self.head is None:
                 self.head = Head(self.address, self.head_port, self)
@@ -272,12 +257,12 @@ class ChainTransport:
         session = self.session(tag)
         return None if session is None else len(session.sizes)
 
-    def params(self, version: ImageVersion, node: str) -> dict[str, Any]:
+    def params(self, payload: Chunked, node: str) -> dict[str, Any]:
         with self.lock:
             session = self.sessions.get(self.by_node.get(node, ""))
-        if session is None or session.version.ref != version.ref:
+        if session is None or session.payload.ref != payload.ref:
             raise ChainError(
-                f"node {node} is in no chain session for {version.ref} yet",
+                f"node {node} is in no chain session for {payload.ref} yet",
                 "the deploy manager starts sessions every second: the agent asks again",
             )
         return {
@@ -286,15 +271,15 @@ class ChainTransport:
             "members": [[m.node, m.ip] for m in session.members],
             "relay_port": self.relay_port,
             "head": [self.head_host, self.head_port],
-            "base": f"{self.server}/images/{version.name}/{version.version}",
+            "base": f"{self.server}{payload.url_path}",
         }
 
-    def finish(self, deployment: int, version: ImageVersion) -> None:
+    def finish(self, deployment: int, payload: Chunked) -> None:
         with self.lock:
             ended = [
                 s
                 for s in self.sessions.values()
-                if s.deployment == deployment and s.version.ref == version.ref
+                if s.deployment == deployment and s.payload.ref == payload.ref
             ]
             for session in ended:
                 del self.sessions[session.tag]

@@ -7,8 +7,7 @@ from typing import Any
 
 from corral.config import Settings
 from corral.deploy.transports.base import Unicast
-from corral.images.exports import verify_export
-from corral.images.store import ImageVersion
+from corral.images.exports import Chunked
 
 
 class HttpTransport(Unicast):
@@ -19,14 +18,14 @@ class HttpTransport(Unicast):
         self.server = settings.server_url.rstrip("/")
         self._checked: set[str] = set()
 
-    def prepare(self, version: ImageVersion) -> None:
+    def prepare(self, payload: Chunked) -> None:
         """Check every chunk against the manifest once, before the first byte is served."""
-        if version.ref not in self._checked:
-            verify_export(version, "stream")
-            self._checked.add(version.ref)
+        if payload.ref not in self._checked:
+            payload.verify()
+            self._checked.add(payload.ref)
 
-    def params(self, version: ImageVersion, node: str) -> dict[str, Any]:
-        return {"base": f"{self.server}/images/{version.name}/{version.version}"}
+    def params(self, payload: Chunked, node: str) -> dict[str, Any]:
+        return {"base": f"{self.server}{payload.url_path}"}
 
     def close(self) -> None:
         pass

@@ -92,8 +92,7 @@ from corral.deploy.transports.base import Member
 from corral.deploy.transports.http import HttpTransport
 from corral.deploy.transports.multicast_options import MulticastOptions, options_from_settings
 from corral.errors import CommandFailed, ConfigError
-from corral.images.exports import STREAM_INDEX, chunk_name
-from corral.images.store import ImageVersion
+from corral.images.exports import Chunked
 from corral.run import run, spawn, stop
 
 log = logging.getLogger("corral.deploy")
@@ -209,17 +208,12 @@ def find_interface(address: str, peers: Sequence[str | None]) -> tuple[str, str]
 # --- one session ------------------------------------------------------------------------
 
 
-def stream_index(version: ImageVersion) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((version.path / STREAM_INDEX).read_text())
-    return data
-
-
 @dataclass
 class Session:
     """One udp-sender and the thread that feeds it the stream through a FIFO."""
 
     deployment: int
-    version: ImageVersion
+    payload: Chunked
     channel: Channel
     interface: str
     options: MulticastOptions
@@ -235,7 +229,8 @@ class Session:
 
     @property
     def stem(self) -> str:
-        return f"d{self.deployment}-{self.version.name}-{self.version.version}"
+        kind = "" if self.payload.export == "stream" else f"-{self.payload.export}"
+        return f"d{self.deployment}-{self.payload.name}-{self.payload.version}{kind}"
 
     @property
     def fifo(self) -> Path:
@@ -287,7 +282,7 @@ class Session:
         log.info(
             "deployment %d: udp-sender for %s on %s (%s, rdv %s, ports %d-%d), pid %d",
             self.deployment,
-            self.version.ref,
+            self.payload.ref,
             self.interface,
             self.channel.data,
             self.channel.rdv,
@@ -306,15 +301,15 @@ class Session:
                 for index in range(self.chunks):
                     if self.stopping.is_set():
                         return
-                    with open(self.version.path / chunk_name(index), "rb") as chunk:
+                    with open(self.payload.chunk_path(index), "rb") as chunk:
                         while block := chunk.read(1 << 20):
                             out.write(block)
                             self.fed += len(block)
         except BrokenPipeError:
             if not self.stopping.is_set():
-                log.warning("udp-sender for %s stopped reading its input", self.version.ref)
+                log.warning("udp-sender for %s stopped reading its input", self.payload.ref)
         except OSError as exc:
-            log.error("feeding udp-sender for %s: %s", self.version.ref, exc)
+            log.error("feeding udp-sender for %s: %s", self.payload.ref, exc)
 
     def _open_fifo(self) -> int | None:
         """The FIFO's write end, once udp-sender has opened it; None if it never does."""
@@ -369,7 +364,7 @@ class Session:
                 "deployment %d: udp-sender for %s ended (exit %s, %d bytes fed, %d of %d "
                 "receivers dropped; %s)",
                 self.deployment,
-                self.version.ref,
+                self.payload.ref,
                 self.proc.returncode,
                 self.fed,
                 said.count("Dropping client"),
@@ -422,27 +417,27 @@ class MulticastTransport:
         self.sessions: dict[tuple[int, str], Session] = {}
         self._lock = threading.Lock()
 
-    def prepare(self, version: ImageVersion) -> None:
-        self.http.prepare(version)
+    def prepare(self, payload: Chunked) -> None:
+        self.http.prepare(payload)
 
-    def start(self, deployment: int, version: ImageVersion, members: Sequence[Member]) -> None:
-        key = (deployment, version.ref)
+    def start(self, deployment: int, payload: Chunked, members: Sequence[Member]) -> None:
+        key = (deployment, payload.ref)
         with self._lock:
             old = self.sessions.pop(key, None)
             if old is not None:
                 old.stop()
             taken = {s.channel.slot for s in self.sessions.values()}
             interface, _ = find_interface(self.settings.address, [m.ip for m in members])
-            index = stream_index(version)
+            index = payload.index()
             session = Session(
                 deployment=deployment,
-                version=version,
-                channel=channel_for(deployment, version.ref, taken),
+                payload=payload,
+                channel=channel_for(deployment, payload.ref, taken),
                 interface=interface,
                 options=self.options,
                 directory=self.directory,
                 members={m.node: m.ip for m in members},
-                tag=f"{deployment}/{version.ref}/{index['sha256']}",
+                tag=f"{deployment}/{payload.ref}/{index['sha256']}",
                 chunks=len(index["chunks"]),
             )
             session.launch()
@@ -452,7 +447,7 @@ class MulticastTransport:
             log.error(
                 "deployment %d: udp-sender for %s exited at once (%s): its nodes use HTTP",
                 deployment,
-                version.ref,
+                payload.ref,
                 " / ".join(session.said().strip().splitlines()[-2:]) or "no output",
             )
 
@@ -463,12 +458,12 @@ class MulticastTransport:
                     return session
         return None
 
-    def params(self, version: ImageVersion, node: str) -> dict[str, Any]:
+    def params(self, payload: Chunked, node: str) -> dict[str, Any]:
         """The HTTP base for catching up, and the session to join while it still waits
         for its nodes (None once it started sending, ended, or is unknown to this server
         life: the node then goes straight to HTTP)."""
-        params = self.http.params(version, node)
-        session = self._session_of(version.ref, node)
+        params = self.http.params(payload, node)
+        session = self._session_of(payload.ref, node)
         if session is None or not session.running() or session.transmitting():
             return {**params, "session": None}
         c = session.channel
@@ -488,9 +483,9 @@ class MulticastTransport:
             },
         }
 
-    def finish(self, deployment: int, version: ImageVersion) -> None:
+    def finish(self, deployment: int, payload: Chunked) -> None:
         with self._lock:
-            session = self.sessions.pop((deployment, version.ref), None)
+            session = self.sessions.pop((deployment, payload.ref), None)
         if session is not None:
             session.stop()
 

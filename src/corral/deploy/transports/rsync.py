@@ -15,6 +15,7 @@ from typing import Any
 from corral.config import Settings
 from corral.deploy.transports.base import Unicast, url_host
 from corral.errors import ConfigError
+from corral.images.exports import Chunked
 from corral.images.store import ImageVersion
 from corral.run import spawn, stop
 
@@ -44,7 +45,13 @@ class RsyncTransport(Unicast):
         self.proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
 
-    def prepare(self, version: ImageVersion) -> None:
+    def prepare(self, payload: Chunked) -> None:
+        if payload.export != "stream":
+            raise ConfigError(
+                f"rsync sends an image's tree, not its {payload.export}",
+                "boot diskless nodes by http, multicast, chain or bittorrent",
+            )
+        version = payload.image
         with self._lock:
             if not version.rootfs.is_dir():
                 raise ConfigError(f"image {version.ref} has no tree: {version.rootfs} is missing")
@@ -54,8 +61,8 @@ class RsyncTransport(Unicast):
             if self.proc is None or self.proc.poll() is not None:
                 self._start()
 
-    def params(self, version: ImageVersion, node: str) -> dict[str, Any]:
-        return {"url": f"rsync://{self.host}:{self.port}/{rsync_module(version)}/"}
+    def params(self, payload: Chunked, node: str) -> dict[str, Any]:
+        return {"url": f"rsync://{self.host}:{self.port}/{rsync_module(payload.image)}/"}
 
     def _write_config(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -247,6 +247,16 @@ class Settings:
         "if that system has not reported its first boot (0: wait for ever); servers take "
         "minutes to POST, and a first boot may resize or relabel file systems.",
     )
+    diskless_window: float = setting(
+        10.0,
+        "Seconds the diskless nodes that boot on their own (not by `corral boot`) are gathered "
+        "into one session per image version: the first one waits this long for others.",
+    )
+    diskless_transport: str = setting(
+        "auto",
+        "Transport of the diskless nodes that boot on their own; `auto` picks by their number "
+        "when the gathering window closes.",
+    )
     multicast_max_bitrate: str = setting(
         "19m",
         "Multicast (udpcast) sending rate, under the slowest node link that should keep up "

@@ -46,7 +46,10 @@ def test_the_unit_runs_once_after_multi_user(tmp_path: Path) -> None:
     assert (root / firstboot.TOKEN).stat().st_mode & 0o777 == 0o600
     assert (root / firstboot.SCRIPT).stat().st_mode & 0o777 == 0o755
     env = (root / firstboot.ENV).read_text()
-    assert env == "CORRAL_SERVER=http://10.0.0.1:8080\nCORRAL_NODE=n07\n"
+    assert env == (
+        "CORRAL_SERVER=http://10.0.0.1:8080\nCORRAL_NODE=n07\nCORRAL_PHASE=first-boot\n"
+        "CORRAL_WHAT='its installed system'\n"
+    )
     assert not firstboot.has_systemd(tmp_path / "nothing")
 
 

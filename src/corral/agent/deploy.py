@@ -195,6 +195,8 @@ class Installer:
         self.first_boot = False
         self.received: Received | None = None
         self.receiver: Receiver | None = None
+        #: the work ended well (a diskless boot then keeps its mounts)
+        self.succeeded = False
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -251,22 +253,12 @@ class Installer:
         try:
             try:
                 self._install()
+                self.succeeded = True
             finally:
-                left = self.mounts.unmount_all()
-                left += disk.mounts_under(self.target)
+                left = self.release()
             if left:
                 raise InstallError(f"could not unmount {', '.join(sorted(set(left)))}")
-            seconds = time.monotonic() - started
-            log.info("installed %s on %s in %.0f s", self.plan.image.ref, self.device, seconds)
-            then = "rebooting into it" if self.settings.reboot else "not rebooting"
-            final = Progress(
-                "done",
-                self.bytes,
-                self.total,
-                f"installed in {seconds:.0f} s; {then}",
-                first_boot=self.first_boot,
-                reboot=self.settings.reboot,
-            )
+            final = self.done(time.monotonic() - started)
         except Cancelled:
             log.error("deployment cancelled")
             final = Progress("failed", self.bytes, self.total, "cancelled")
@@ -287,6 +279,23 @@ class Installer:
         if self.client is not None:
             self.client.close()  # the connection the final report kept, in this thread
         return final
+
+    def release(self) -> list[str]:
+        """Unmount what the run mounted; the mount points that stayed."""
+        return self.mounts.unmount_all() + disk.mounts_under(self.target)
+
+    def done(self, seconds: float) -> Progress:
+        """The final report of a run that succeeded."""
+        log.info("installed %s on %s in %.0f s", self.plan.image.ref, self.device, seconds)
+        then = "rebooting into it" if self.settings.reboot else "not rebooting"
+        return Progress(
+            "done",
+            self.bytes,
+            self.total,
+            f"installed in {seconds:.0f} s; {then}",
+            first_boot=self.first_boot,
+            reboot=self.settings.reboot,
+        )
 
     def _install(self) -> None:
         plan = self.plan

@@ -53,8 +53,9 @@ set -u
 token=$(tr -d ' \\n' < /{TOKEN})
 path="/api/v1/nodes/$CORRAL_NODE/events"
 uptime=$(cut -d' ' -f1 /proc/uptime)
-message="$(hostname) runs its installed system: kernel $(uname -r), up $uptime s"
-body="{{\\"phase\\": \\"first-boot\\", \\"message\\": \\"$message\\"}}"
+phase=${{CORRAL_PHASE:-first-boot}}
+message="$(hostname) runs ${{CORRAL_WHAT:-its installed system}}: kernel $(uname -r), up $uptime s"
+body="{{\\"phase\\": \\"$phase\\", \\"message\\": \\"$message\\"}}"
 
 post() {{
     if command -v curl >/dev/null 2>&1; then
@@ -98,11 +99,22 @@ def has_systemd(root: Path) -> bool:
     )
 
 
-def install(root: Path, server: str, node: str, token: str) -> list[str]:
+def install(
+    root: Path,
+    server: str,
+    node: str,
+    token: str,
+    *,
+    phase: str = "first-boot",
+    what: str = "its installed system",
+) -> list[str]:
     """Leave the first-boot unit, its script and the token in the installed ``root``;
-    the paths written (relative)."""
+    the paths written (relative). A diskless system posts ``phase`` ``running`` instead,
+    saying ``what`` it runs."""
     write_atomic(root / TOKEN, token + "\n", 0o600)
-    write_atomic(root / ENV, f"CORRAL_SERVER={server}\nCORRAL_NODE={node}\n", 0o644)
+    env = f"CORRAL_SERVER={server}\nCORRAL_NODE={node}\nCORRAL_PHASE={phase}\n"
+    env += f"CORRAL_WHAT='{what}'\n"
+    write_atomic(root / ENV, env, 0o644)
     write_atomic(root / SCRIPT, SCRIPT_TEXT, 0o755)
     write_atomic(root / UNIT, UNIT_TEXT, 0o644)
     wants = root / WANTS

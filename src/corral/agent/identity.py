@@ -308,22 +308,27 @@ def write_root_password(root: Path, password_hash: str) -> None:
     write_atomic(shadow, shadow_with_root_password(text, password_hash, today), mode, 0, gid)
 
 
-def configure(root: Path, identity: Identity, layout: Layout) -> list[str]:
-    """Write the node's identity into the installed root; the paths written (relative)."""
+def configure(root: Path, identity: Identity, layout: Layout | None) -> list[str]:
+    """Write the node's identity into the installed root (a diskless node's overlay: no
+    ``layout``, so no fstab); the paths written (relative)."""
     if not identity.hostname or "/" in identity.hostname or "\n" in identity.hostname:
         raise IdentityError(f"bad hostname {identity.hostname!r}")
     write_atomic(root / "etc/hostname", hostname_text(identity))
     write_atomic(root / "etc/hosts", hosts_text(identity))
     written = ["etc/hostname", "etc/hosts"]
     written += write_network(root, identity)
-    write_atomic(root / "etc/fstab", fstab_text(layout.volumes))
-    written.append("etc/fstab")
+    if layout is not None:
+        write_atomic(root / "etc/fstab", fstab_text(layout.volumes))
+        written.append("etc/fstab")
     written += write_ssh(root, identity)
     if identity.root_password_hash:
         write_root_password(root, identity.root_password_hash)
         written.append("etc/shadow")
+    if identity.machine_id and not re.fullmatch(r"[0-9a-f]{32}", identity.machine_id):
+        raise IdentityError(f"bad machine-id {identity.machine_id!r}")
     # empty: systemd makes a new one at first boot, so no two nodes share it
-    write_atomic(root / "etc/machine-id", "", 0o444)
+    text = f"{identity.machine_id}\n" if identity.machine_id else ""
+    write_atomic(root / "etc/machine-id", text, 0o444)
     written.append("etc/machine-id")
     log.info("identity of %s written: %s", identity.hostname, ", ".join(written))
     return written

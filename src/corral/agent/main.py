@@ -24,6 +24,7 @@ from pathlib import Path
 from corral.agent import facts as hw
 from corral.agent.cmdline import EXIT_ACTIONS, BootOrders
 from corral.agent.deploy import Installer, InstallSettings
+from corral.agent.diskless import NEWROOT, DisklessBoot
 from corral.agent.network import (
     NetworkError,
     interface_ipv4,
@@ -59,6 +60,8 @@ class Paths:
     resolv: Path = Path("/etc/resolv.conf")
     #: where the node's filesystems are mounted while it is installed
     target: Path = Path("/run/corral/target")
+    #: where a diskless boot leaves the root /init switches to
+    newroot: Path = NEWROOT
 
 
 @dataclass(frozen=True)
@@ -338,6 +341,36 @@ class Agent:
             self.sleep(self.settings.plan_poll)
             waited += self.settings.plan_poll
 
+    def boot_diskless(self) -> int:
+        """Fetch the plan and put the image in RAM at :data:`NEWROOT`; 0 once it is ready
+        for ``/init`` to switch to."""
+        # a boot waits for its session: ask often (the answer is cheap)
+        self.settings.plan_poll = min(self.settings.plan_poll, 1.0)
+        plan = self.fetch_plan()
+        if plan is None:
+            return 1
+        if plan.mode != "diskless":
+            log.error("booted diskless, but corral's plan installs %s on a disk", plan.image.ref)
+            self.report("failed", "booted diskless, but corral's plan is an install")
+            return 1
+        settings = InstallSettings(
+            work_dir=self.paths.newroot,
+            disk=self.orders.disk
+            or (plan.diskless and plan.diskless.device)
+            or self.install_disk(),
+            tries=self.settings.tries,
+            post_timeout=self.settings.post_timeout,
+        )
+        self.installer = DisklessBoot(
+            plan, self.client, self.runner, settings, sleep=self.sleep, run_dir=self.paths.run
+        )
+        final = self.installer.run()
+        if final.phase == "done":
+            log.info("%s", final.message)
+            return 0
+        log.error("not booted: %s", final.message)
+        return 1
+
     def deploy(self) -> int:
         """Fetch the plan and install it; 0 once the node is installed."""
         plan = self.fetch_plan()
@@ -411,6 +444,11 @@ class Agent:
             self.report("booted", facts.summary(ip, link.mac))
             if orders.mode == "deploy":
                 rc = self.deploy()
+            elif orders.mode == "diskless":
+                rc = self.boot_diskless()
+                if rc == 0:
+                    serving_others(LINGER_LIMIT)  # a chain successor still pulling from us
+                    return 0  # /init switches to the new root
         return self.finish(failed=rc != 0) or rc
 
 
@@ -480,6 +518,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where the node's filesystems are mounted while installing [RUN_DIR/target]",
     )
     parser.add_argument(
+        "--newroot",
+        type=Path,
+        default=default.newroot,
+        metavar="DIR",
+        help="diskless mode: where the image's root is left mounted for /init [%(default)s]",
+    )
+    parser.add_argument(
         "--plan-timeout",
         type=float,
         default=Settings.plan_timeout,
@@ -503,6 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.run_dir,
         args.resolv,
         args.work_dir or args.run_dir / "target",
+        args.newroot,
     )
     handlers = setup_logging(paths.log, args.verbose)
     cmdline = hw.read_text(args.cmdline or paths.proc / "cmdline", "") or ""

@@ -14,9 +14,15 @@ what it did last. The phases, in the order a node meets them::
                                  ─▶ post-install ─▶ done ─▶ rebooting | deployed
                                  (image: corral's agent writes it)        └─▶ first-boot
 
+    power on, PXE ─▶ booted ─▶ waiting ─▶ receiving ─▶ configuring ─▶ post-install
+                     ─▶ done ─▶ starting ─▶ running
+                     (diskless: the squashfs into RAM, the image's systemd comes up)
+
     any phase ─▶ failed, or cancelled (by the administrator)
 
-``install-finished`` and ``first-boot`` end an install: the node is ``installed``.
+``install-finished`` and ``first-boot`` end an install: the node is ``installed``;
+``running``, which the diskless system posts once systemd reached multi-user, ends a
+diskless boot: the node is ``running``.
 ``docs/lifecycle.md`` draws the states and says who reports each phase.
 """
 
@@ -35,13 +41,18 @@ DONE = "done"
 REBOOTING = "rebooting"
 DEPLOYED = "deployed"
 FIRST_BOOT = "first-boot"
+STARTING = "starting"
+RUNNING = "running"
 FAILED = "failed"
 CANCELLED = "cancelled"
 
 #: What a node itself reports through ``POST /api/v1/nodes/{node}/events``: its ramdisk
 #: or installer came up, the kickstart's scripts ran, it failed, its installed system
-#: came up (``first-boot``, only from the node's own address).
-NODE_REPORTS = (BOOTED, PRE_INSTALL, POST_INSTALL, INSTALL_FINISHED, FIRST_BOOT, FAILED)
+#: came up (``first-boot``) or its diskless system did (``running``): those two only from
+#: the node's own address.
+NODE_REPORTS = (BOOTED, PRE_INSTALL, POST_INSTALL, INSTALL_FINISHED, FIRST_BOOT, RUNNING, FAILED)
+#: The reports of a system that is up: from the node's own address, once per token.
+SYSTEM_UP = (FIRST_BOOT, RUNNING)
 
 #: A node's steps in a deployment, in order, as its agent reports them in its progress.
 DEPLOY_STEPS = (
@@ -73,6 +84,8 @@ LIFE_CYCLE = (
     REBOOTING,
     DEPLOYED,
     FIRST_BOOT,
+    STARTING,
+    RUNNING,
     FAILED,
     CANCELLED,
 )

@@ -12,7 +12,8 @@ The conversation, all over HTTP with ``Authorization: Bearer <node token>``:
     a :class:`Progress` as JSON, about once a second and at every change of phase; the
     answer is ``{"cancel": bool}`` (true: stop, the deployment was cancelled).
 ``GET  {transport.params["base"]}/chunks/{index:08d}.bin`` (transport ``http``)
-    one chunk of the image's zstd tar stream; ``Range: bytes=N-`` resumes inside it.
+    one chunk of the image's zstd tar stream (of its squashfs for a diskless boot, whose
+    base ends in ``/squashfs``); ``Range: bytes=N-`` resumes inside it.
 
 A chunk is checked against ``image.chunks[index].sha256`` before its bytes are unpacked;
 a chunk that does not match is fetched again (``Settings.tries`` times), and the whole
@@ -90,6 +91,25 @@ class Identity:
     ssh_host_keys: dict[str, str]
     authorized_keys: list[str]  # for root
     root_password_hash: str | None
+    #: /etc/machine-id; "" lets systemd make one at first boot (an installed node), a
+    #: diskless node gets the same one at every boot
+    machine_id: str = ""
+
+
+@dataclass(frozen=True)
+class Diskless:
+    """How a diskless node runs its image: the squashfs in RAM under a tmpfs overlay."""
+
+    #: the overlay's tmpfs: MiB ("2048") or a share of RAM ("25%")
+    overlay_size: str = "25%"
+    #: paths kept on a local partition (``/var/log``, ``/scratch``); none: no disk is touched
+    persistent: list[str] = field(default_factory=list)
+    #: the file system label the partition is found by
+    label: str = "corral-state"
+    #: the disk that gets the partition when none has it; "" means the first disk
+    device: str = ""
+    #: a disk holding something that is not corral's may be erased for it (wipe_disk)
+    wipe: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +125,9 @@ class Plan:
     report_interval: float = 1.0
     #: words added to the installed system's kernel command line (by its GRUB config)
     kernel_args: list[str] = field(default_factory=list)
+    #: "install" (the image onto the disk) or "diskless" (the squashfs into RAM, then run)
+    mode: str = "install"
+    diskless: Diskless | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +153,8 @@ class Plan:
                 post_script=str(data.get("post_script", "")),
                 report_interval=float(data.get("report_interval", 1.0)),
                 kernel_args=[str(a) for a in data.get("kernel_args", [])],
+                mode=str(data.get("mode", "install")),
+                diskless=Diskless(**data["diskless"]) if data.get("diskless") else None,
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed plan: {exc}") from None

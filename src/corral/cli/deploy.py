@@ -23,11 +23,14 @@ from corral.cli.common import (
     session,
     settings,
 )
+from corral.deploy.diskless import squashfs_transports
 from corral.deploy.store import RUNNING, Deployments, new_deployment
 from corral.deploy.transports import names as transport_names
 from corral.deploy.view import deployment_out
 from corral.images.catalog import image_store
 from corral.inventory import models as m
+from corral.inventory.state import RUNNING as RUNNING_NODE
+from corral.inventory.state import NodeStates
 
 app = typer.Typer(help="Deployments: list, show and cancel them.", no_args_is_help=True)
 
@@ -59,6 +62,65 @@ def deploy(
     out.print(f"deployment {ident}: {count} node(s), transport {transport}")
     if wait:
         raise typer.Exit(follow(ident))
+
+
+def boot(
+    nodes: str = typer.Argument(..., metavar="NODERANGE", help="the nodes, e.g. 'n[001-100]'"),
+    image: str | None = typer.Option(
+        None, help="NAME or NAME:VERSION for every node [default: each node's profile image]"
+    ),
+    transport: str = typer.Option(
+        "auto",
+        help=f"how the squashfs travels: {', '.join(squashfs_transports())}, or auto (picked "
+        "from the node count and image size)",
+    ),
+    wait: bool = typer.Option(
+        True, "--wait/--no-wait", help="follow the nodes until they run (or fail)"
+    ),
+) -> None:
+    """Boot diskless nodes into their image, from RAM: corral boot 'n[001-100]'
+
+    Makes the image's squashfs export if it is missing, power-cycles the nodes (node
+    variable power_command; without one, power them on yourself), sends them the squashfs
+    in one session and follows them until their systemd reports running. Exit status: 0 if
+    every node runs, 1 if any failed.
+    """
+    with session() as s:
+        ident = new_deployment(
+            s, image_store(settings().home), nodes, image, transport, kind="diskless"
+        )
+        row = Deployments(s).get(ident)
+        names = [n.node for n in row.nodes]
+        chosen = sorted({n.transport for n in row.nodes})
+    out.print(f"boot {ident}: {len(names)} diskless node(s), transport {', '.join(chosen)}")
+    if wait:
+        status = follow(ident)
+        if status == 0:
+            status = until_running(names, settings().firstboot_timeout)
+        raise typer.Exit(status)
+
+
+def until_running(names: list[str], timeout: float, interval: float = 1.0) -> int:
+    """Wait for the nodes' systemd to say they run; 0 if all do, 1 if any failed or is
+    still silent after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    said: set[str] = set()
+    with err.status("waiting for the nodes' systemd to report running"):
+        while True:
+            with session() as s:
+                statuses = NodeStates(s).statuses(names)
+            for st in statuses:
+                if st.name not in said and st.state in (RUNNING_NODE, "failed"):
+                    said.add(st.name)
+                    out.print(f"  {st.name}: {st.state}: {st.message or ''}", markup=False)
+            if len(said) == len(names) or time.monotonic() > deadline:
+                break
+            time.sleep(interval)
+    silent = [n for n in names if n not in said]
+    for name in silent:
+        out.print(f"  {name}: no running report in {timeout:.0f} s (see its console)")
+    failed = [st.name for st in statuses if st.state == "failed"]
+    return 1 if failed or silent else 0
 
 
 def _snapshot(ident: int) -> dict[str, Any]:

@@ -49,6 +49,7 @@ app.command("render")(boot.render)
 app.command("sync")(boot.sync)
 app.command("serve")(serve.serve)
 app.command("deploy")(deploy.deploy)
+app.command("boot")(deploy.boot)
 app.add_typer(deploy.app, name="deployment")
 
 _debug = False

@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from corral.agent.diskless import machine_id
 from corral.agent.phases import FINAL, WAITING
 from corral.agent.plan import (
     Chunk,
@@ -37,17 +38,19 @@ from corral.agent.plan import (
     TransportInfo,
 )
 from corral.config import Settings
+from corral.deploy.diskless import DISKLESS, close_gathering, join_boot, settings_of
 from corral.deploy.keys import host_keys
 from corral.deploy.store import RUNNING, Deployments, install_disk
 from corral.deploy.transports import Transports
 from corral.deploy.transports.base import Member
 from corral.errors import CorralError, NotFound
 from corral.images.catalog import image_store
-from corral.images.exports import STREAM_INDEX
+from corral.images.exports import Chunked
 from corral.images.store import ImageVersion
 from corral.inventory import models as m
 from corral.inventory.merge import merge_node
-from corral.inventory.state import NodeStates
+from corral.inventory.schema import InstallMethod
+from corral.inventory.state import BOOTING, NodeStates
 from corral.inventory.store import Inventory
 from corral.render.renderer import Renderer, Snapshot
 from corral.run import run
@@ -97,20 +100,33 @@ class DeployService:
 
     # -- what nodes ask -----------------------------------------------------------------
 
+    def payload(self, row: m.DeploymentNode) -> Chunked:
+        """What the node's deployment sends it: its image's stream, or squashfs (diskless)."""
+        export = "squashfs" if row.deployment.kind == DISKLESS else "stream"
+        return Chunked(self.version(row.image), export)
+
     def plan(self, node: str, token: str | None, client_ip: str) -> dict[str, Any] | None:
-        """The node's install plan, or None when it is not in a running deployment."""
+        """The node's install (or diskless boot) plan, or None when it has none yet: in no
+        running deployment, or in a diskless one still gathering its nodes."""
         with self.session() as s:
             self.authorize(s, node, token, client_ip)
             row = Deployments(s).active(node)
+            if row is None and Inventory(s).node(node).install_method is InstallMethod.DISKLESS:
+                row = join_boot(s, self.settings, self.images, node, client_ip)
             if row is None:
                 self._no_deployment(s, node, client_ip)
                 return None
-            version = self.version(row.image)
+            if (
+                row.deployment.gather_until is not None
+                and (row.deployment_id, row.image, row.transport) not in self._sessions
+            ):
+                return None  # gathering nodes: their session starts when the window closes
+            payload = self.payload(row)
             transport = self.transports.get(row.transport)
-            transport.prepare(version)
+            transport.prepare(payload)
             first = row.host_keys_given is None
             plan = self._build_plan(
-                s, row, version, transport.params(version, node), with_host_keys=first
+                s, row, payload, transport.params(payload, node), with_host_keys=first
             )
             if first:
                 row.host_keys_given = time.time()
@@ -145,7 +161,7 @@ class DeployService:
         self,
         session: Session,
         row: m.DeploymentNode,
-        version: ImageVersion,
+        payload: Chunked,
         params: dict[str, Any],
         *,
         with_host_keys: bool = True,
@@ -154,7 +170,10 @@ class DeployService:
         node = next(iter(snapshot.nodes([row.node])))
         merged = merge_node(node, snapshot.groups, snapshot.profiles)
         values = merged.values
-        stream = _stream_index(version)
+        version = payload.image
+        stream = payload.index()
+        diskless = payload.export == "squashfs"
+        host = host_keys(self.settings.home, node.name)
         size = int(stream["chunk_size"])
         chunks = [
             Chunk(sha256=h, size=min(size, stream["size"] - i * size))
@@ -176,7 +195,8 @@ class DeployService:
                 stream_size=stream["size"],
                 chunk_size=stream["chunk_size"],
                 chunks=chunks,
-                tree_bytes=int(version.manifest.get("size_bytes", 0)),
+                # nothing is unpacked on a diskless node
+                tree_bytes=0 if diskless else int(version.manifest.get("size_bytes", 0)),
                 files=int(version.manifest.get("file_count", 0)),
             ),
             transport=TransportInfo(name=row.transport, params=params),
@@ -192,14 +212,21 @@ class DeployService:
                     Interface(name=i.name, mac=i.mac, ip=i.ip, netmask=i.netmask, gateway=i.gateway)
                     for i in node.interfaces
                 ],
-                ssh_host_keys=host_keys(self.settings.home, node.name) if with_host_keys else {},
+                ssh_host_keys=host if with_host_keys else {},
                 authorized_keys=[str(k) for k in (keys if isinstance(keys, list) else [keys])],
                 root_password_hash=values["root_password_hash"],
+                machine_id=(
+                    machine_id(node.name, host.get("ssh_host_ed25519_key.pub", ""))
+                    if diskless
+                    else ""
+                ),
             ),
             bootloader=str(variables.get("bootloader", "grub")),
             post_script=post,
             report_interval=report_interval(len(row.deployment.nodes)),
             kernel_args=_words(variables.get("installed_kernel_args")),
+            mode="diskless" if diskless else "install",
+            diskless=settings_of(merged) if diskless else None,
         )
 
     def progress(
@@ -229,20 +256,30 @@ class DeployService:
                 )
             return {"cancel": row.phase == "cancelled", "phase": row.phase}
 
-    def chunk_path(self, name: str, version: int, index: str, token: str | None, ip: str) -> Path:
-        """The chunk file, for a node whose running deployment installs this image."""
+    def chunk_path(
+        self,
+        name: str,
+        version: int,
+        index: str,
+        token: str | None,
+        ip: str,
+        export: str = "stream",
+    ) -> Path:
+        """The chunk file, for a node whose running deployment sends this export of this
+        image (its stream to install, its squashfs to boot diskless)."""
         ref = f"{name}:{version}"
         with self.session() as s:
             node = _node_at(s, ip)
             self.authorize(s, node or "", token, ip)
             row = Deployments(s).active(node or "")
-            if row is None or row.image != ref:
-                raise NotFound("image chunk for node", f"{node} ({ref})")
+            if row is None or row.image != ref or self.payload(row).export != export:
+                raise NotFound("image chunk for node", f"{node} ({ref} {export})")
+            payload = self.payload(row)
         if not index.isdigit():
             raise NotFound("image chunk", index)
-        path = self.version(ref).path / "exports" / "chunks" / f"{int(index):08d}.bin"
+        path = payload.chunk_path(int(index))
         if not path.is_file():
-            raise NotFound("image chunk", f"{ref}/{index}")
+            raise NotFound("image chunk", f"{payload.ref}/{index}")
         return path
 
     # -- the manager ----------------------------------------------------------------------
@@ -263,6 +300,11 @@ class DeployService:
             for ident in {k[0] for k in self._sessions} - {d.id for d in running}:
                 self._end_sessions(store.get(ident))  # ended by a report or a cancel
             for deployment in running:
+                if deployment.gather_until is not None:
+                    if deployment.gather_until > now:
+                        continue  # still gathering the nodes that boot on their own
+                    if not any(k[0] == deployment.id for k in self._sessions):
+                        close_gathering(deployment, self._sizes(deployment))
                 self._sessions_of(s, deployment)
                 for row in deployment.nodes:
                     if row.phase in FINAL:
@@ -293,6 +335,10 @@ class DeployService:
                     log.info("deployment %d ended: %s", deployment.id, deployment.state)
             self._first_boot_timeouts(s, now)
 
+    def _sizes(self, deployment: m.Deployment) -> dict[str, int]:
+        """Bytes each image of the deployment sends (for ``auto``)."""
+        return {r.image: r.total for r in deployment.nodes}
+
     def _first_boot_timeouts(self, session: Session, now: float) -> None:
         """Fail nodes rebooted into their installed system that never said it came up."""
         limit = self.settings.firstboot_timeout
@@ -302,10 +348,17 @@ class DeployService:
         for status in states.awaiting_first_boot():
             if status.updated is not None and now - status.updated > limit:
                 when = time.strftime("%H:%M:%S", time.localtime(status.updated))
-                reason = (
-                    f"first-boot: rebooted into its installed system at {when}, which did not "
-                    f"report within {limit:.0f} s (did it boot from its disk? see its console)"
-                )
+                if status.state == BOOTING:
+                    reason = (
+                        f"running: started its diskless image at {when}, whose systemd did "
+                        f"not report within {limit:.0f} s (see its console)"
+                    )
+                else:
+                    reason = (
+                        f"first-boot: rebooted into its installed system at {when}, which "
+                        f"did not report within {limit:.0f} s (did it boot from its disk? see "
+                        "its console)"
+                    )
                 states.record(status.name, "failed", reason, "corral")
                 log.warning("node %s: %s", status.name, reason)
 
@@ -321,12 +374,12 @@ class DeployService:
             if key in self._sessions:
                 continue
             try:
-                version = self.version(image)
+                payload = self.payload(rows[0])
                 transport = self.transports.get(transport_name)
-                transport.prepare(version)
+                transport.prepare(payload)
                 ips = _node_ips(session, [r.node for r in rows])
                 transport.start(
-                    deployment.id, version, [Member(r.node, ips.get(r.node)) for r in rows]
+                    deployment.id, payload, [Member(r.node, ips.get(r.node)) for r in rows]
                 )
             except CorralError as exc:
                 for row in rows:
@@ -348,10 +401,10 @@ class DeployService:
             rows = [
                 r for r in deployment.nodes if (r.image, r.transport) == (image, transport_name)
             ]
-            if all(r.phase in FINAL for r in rows):
+            if rows and all(r.phase in FINAL for r in rows):
                 self._sessions.discard(key)
                 try:
-                    self.transports.get(transport_name).finish(deployment.id, self.version(image))
+                    self.transports.get(transport_name).finish(deployment.id, self.payload(rows[0]))
                 except Exception:
                     log.exception(
                         "ending the %s session of deployment %d", transport_name, deployment.id
@@ -362,8 +415,7 @@ class DeployService:
     ) -> None:
         """Get the node's image ready, then reboot it into the deploy ramdisk."""
         try:
-            version = self.version(row.image)
-            self.transports.get(row.transport).prepare(version)
+            self.transports.get(row.transport).prepare(self.payload(row))
         except CorralError as exc:
             Deployments(session).fail(row, f"cannot serve image {row.image}: {exc.message}")
             log.error("node %s: %s", row.node, row.message)
@@ -436,21 +488,6 @@ def _words(value: Any) -> list[str]:
     if isinstance(value, list):
         return [str(v) for v in value]
     return str(value).split()
-
-
-def _stream_index(version: ImageVersion) -> dict[str, Any]:
-    import json
-
-    path = version.path / STREAM_INDEX
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise NotFound(
-            "stream export of image",
-            version.ref,
-            f"make it with 'corral image export {version.ref}'",
-        ) from None
-    return data
 
 
 def _node_ips(session: Session, names: list[str]) -> dict[str, str]:

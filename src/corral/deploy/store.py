@@ -24,6 +24,7 @@ from corral.agent.phases import (
     FAILED,
     FINAL,
     REBOOTING,
+    STARTING,
     WAITING,
 )
 from corral.agent.plan import Progress
@@ -107,9 +108,13 @@ class Deployments:
         images: ImageStore,
         image: str | None,
         transport: str,
+        kind: str = "install",
     ) -> list[Target]:
         """Check everything a deployment needs and say who gets what; writes nothing."""
-        known = [*transport_names(), AUTO]
+        from corral.deploy import diskless
+
+        known = [*(diskless.squashfs_transports() if kind == "diskless" else transport_names())]
+        known.append(AUTO)
         if transport not in known:
             raise DeployError(f"unknown transport '{transport}'", f"use one of: {', '.join(known)}")
         names = expand(noderange)
@@ -143,7 +148,11 @@ class Deployments:
                         + " ".join(f"--layer {name}" for name in wanted)
                         + "'",
                     )
-            self._check_disk(node, merged, version, states)
+            if kind == "diskless":
+                diskless.check_node(node)
+                diskless.check_settings(node.name, diskless.settings_of(merged))
+            else:
+                self._check_disk(node, merged, version, states)
             targets.append(Target(node, merged, version, transport))
         return targets
 
@@ -180,8 +189,11 @@ class Deployments:
         image: str | None,
         targets: Sequence[Target],
         requested: str | None = None,
+        kind: str = "install",
+        sizes: dict[str, int] | None = None,
     ) -> int:
-        """Store the deployment and arm its nodes; returns its id."""
+        """Store the deployment and arm its nodes (installs); returns its id. ``sizes``:
+        bytes each image ref sends, when not its stream's (a diskless boot's squashfs)."""
         now = time.time()
         deployment = m.Deployment(
             created=now,
@@ -190,6 +202,7 @@ class Deployments:
             noderange=noderange,
             image=image,
             transport=requested or (targets[0].transport if targets else ""),
+            kind=kind,
         )
         for t in targets:
             deployment.nodes.append(
@@ -199,9 +212,7 @@ class Deployments:
                     transport=t.transport,
                     phase=WAITING,
                     bytes=0,
-                    total=int(
-                        t.version.manifest.get("exports", {}).get("stream", {}).get("size", 0)
-                    ),
+                    total=(sizes or {}).get(t.version.ref) or _stream_size(t.version),
                     message="",
                     log_tail="",
                     powered=None,
@@ -212,7 +223,8 @@ class Deployments:
             )
         self.session.add(deployment)
         self.session.flush()
-        NodeStates(self.session).arm([t.node.name for t in targets])
+        if kind == "install":
+            NodeStates(self.session).arm([t.node.name for t in targets])
         return deployment.id
 
     # -- reading ----------------------------------------------------------------------
@@ -279,7 +291,10 @@ class Deployments:
         row.updated = now
         if changed:
             states = NodeStates(self.session)
-            if progress.phase == DONE:
+            if progress.phase == DONE and row.deployment.kind == "diskless":
+                what = f"deployment {ident}: {row.image} in RAM; starting its systemd"
+                states.record(node, STARTING, what, source)
+            elif progress.phase == DONE:
                 states.record(node, *_written(ident, row.image, progress), source)
             elif progress.phase == FAILED:
                 states.record(node, FAILED, f"deployment {ident}: {row.message}", source)
@@ -338,34 +353,47 @@ def new_deployment(
     noderange: str,
     image: str | None,
     transport: str,
+    kind: str = "install",
 ) -> int:
-    """Check, make the stream export if it is missing (once per version), store, arm.
+    """Check, make the export it sends if it is missing (once per version), store, arm.
     ``transport``: a name in the transports' registry, or ``auto``.
 
-    Every plan describes the image by its stream (chunk hashes, sizes), whatever the
-    transport, so the stream is made even for rsync, which sends the tree.
+    Every install plan describes the image by its stream (chunk hashes, sizes), whatever
+    the transport, so the stream is made even for rsync, which sends the tree. A diskless
+    boot (``kind`` ``diskless``) sends the squashfs, and its nodes' RAM is checked for it.
     """
-    from corral.images.exports import build_exports
+    from corral.deploy import diskless
+    from corral.images.exports import Chunked, build_exports
 
     store = Deployments(session)
-    targets = store.plan_targets(noderange, images, image, transport)
+    targets = store.plan_targets(noderange, images, image, transport, kind)
     if not targets:
         raise DeployError(f"no node in '{noderange}'")
+    export = "squashfs" if kind == "diskless" else "stream"
     versions = {t.version.ref: images.get_ref(t.version.ref) for t in targets}
     for version in versions.values():
-        build_exports(version, which=["stream"])
-    versions = {ref: images.get_ref(ref) for ref in versions}  # with the stream's size
+        build_exports(version, which=[export])
+    versions = {ref: images.get_ref(ref) for ref in versions}  # with the export's size
+    sizes = {ref: int(Chunked(v, export).index()["size"]) for ref, v in versions.items()}
+    if kind == "diskless":
+        states = NodeStates(session)
+        for t in targets:
+            diskless.check_memory(
+                t.node.name,
+                states.status(t.node.name).facts,
+                sizes[t.version.ref],
+                diskless.settings_of(t.merged).overlay_size,
+            )
+    available = diskless.squashfs_transports() if kind == "diskless" else transport_names()
     chosen: dict[str, str] = {}
-    for ref, version in versions.items():
+    for ref in versions:
         count = sum(1 for t in targets if t.version.ref == ref)
-        chosen[ref] = (
-            choose(count, _stream_size(version), transport_names())
-            if transport == AUTO
-            else transport
-        )
+        chosen[ref] = choose(count, sizes[ref], available) if transport == AUTO else transport
     return store.create(
         noderange,
         image,
         [Target(t.node, t.merged, versions[t.version.ref], chosen[t.version.ref]) for t in targets],
         requested=transport,
+        kind=kind,
+        sizes=sizes,
     )

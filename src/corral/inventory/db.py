@@ -27,7 +27,7 @@ from corral.inventory.store import Inventory
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest migration; checked first so that a current database costs one query.
-HEAD = "0004"
+HEAD = "0005"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

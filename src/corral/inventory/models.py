@@ -140,7 +140,9 @@ class NodeEvent(Base):
 
 
 class Deployment(Base):
-    """One ``corral deploy``: an image (or each node's own) onto a set of nodes.
+    """One ``corral deploy``: an image (or each node's own) onto a set of nodes; or, of
+    ``kind`` ``diskless``, one boot of diskless nodes into their image (``corral boot``, or
+    nodes that booted on their own within ``gather_until``: no session starts before it).
 
     ``state`` is ``running`` until every node has ended, then ``done`` (all done),
     ``failed`` (some failed) or ``cancelled``.
@@ -154,6 +156,8 @@ class Deployment(Base):
     noderange: Mapped[str] = mapped_column(String(4096))
     image: Mapped[str | None] = mapped_column(String(128))  # as asked; None: profiles'
     transport: Mapped[str] = mapped_column(String(32))  # as asked
+    kind: Mapped[str] = mapped_column(String(16), default="install", server_default="install")
+    gather_until: Mapped[float | None] = mapped_column(Float)
     nodes: Mapped[list[DeploymentNode]] = relationship(
         back_populates="deployment",
         cascade="all, delete-orphan",

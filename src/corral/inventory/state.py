@@ -11,6 +11,13 @@ The life cycle of a node (``state``, moved by the ``phase`` of what it reports):
                       │ └─rebooting | deployed (image on disk)─▶ deployed ─first-boot─▶ installed
                       └─failed─▶ failed ◀─first-boot timeout (rebooting, no call back)─┘
 
+A diskless node does not install: each network boot makes it ``booting`` (when it
+fetches its token), its agent loads the image into RAM and starts it (``starting``), and
+the image's systemd, once at multi-user, makes it ``running``::
+
+    any ─netboot (token)─▶ booting ─starting─▶ booting ─running─▶ running
+                             └─failed─▶ failed ◀─no running report in firstboot_timeout─┘
+
 An image install ends ``deployed``: the disk holds the image. Only the installed system's
 own word, the ``first-boot`` event its corral unit posts with the node's token from the
 node's address, makes it ``installed``. ``rebooting`` means the agent rebooted into it, so
@@ -47,6 +54,8 @@ ARMED, INSTALLING, DEPLOYED, INSTALLED, FAILED, DISCOVERED = (
     "failed",
     "discovered",
 )
+#: a diskless node: from its network boot until its image's systemd says it is up
+BOOTING, RUNNING = "booting", "running"
 MAX_MESSAGE = 4000
 
 
@@ -133,16 +142,28 @@ class NodeStates:
         row.updated = time.time()
         return token
 
+    def netboot(self, name: str, source: str) -> str:
+        """A diskless node boots: a fresh token for this boot, and the node is ``booting``."""
+        token = self.issue_token(name)
+        row = self._row(name)
+        row.state, row.phase, row.message = BOOTING, None, "network boot (diskless)"
+        self._event(name, "netboot", "fetched its diskless boot token", source)
+        return token
+
     def revoke_token(self, name: str) -> None:
         """The node's token stops working (its install is over)."""
         self._row(name).token_hash = None
 
     def awaiting_first_boot(self) -> list[NodeStatus]:
-        """Nodes whose agent rebooted them into their installed system, not heard of since."""
+        """Nodes whose agent rebooted them into their installed system, or started their
+        diskless one, not heard of since."""
         query = (
             select(m.Node.name, m.NodeState)
             .join(m.NodeState, m.NodeState.node_id == m.Node.id)
-            .where(m.NodeState.state == DEPLOYED, m.NodeState.phase == phases.REBOOTING)
+            .where(
+                ((m.NodeState.state == DEPLOYED) & (m.NodeState.phase == phases.REBOOTING))
+                | ((m.NodeState.state == BOOTING) & (m.NodeState.phase == phases.STARTING))
+            )
         )
         return [
             NodeStatus(name, row.state, row.phase, row.message, row.updated, row.facts)
@@ -166,6 +187,10 @@ class NodeStates:
         row.phase, row.message, row.updated = phase, message, time.time()
         if phase in (phases.INSTALL_FINISHED, phases.FIRST_BOOT):
             row.state = INSTALLED
+        elif phase == phases.RUNNING:
+            row.state = RUNNING
+        elif phase == phases.STARTING:
+            row.state = BOOTING
         elif phase in (phases.REBOOTING, phases.DEPLOYED):
             row.state = DEPLOYED
         elif phase == phases.FAILED:

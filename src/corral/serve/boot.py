@@ -18,14 +18,14 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from corral.agent.phases import FIRST_BOOT, NODE_REPORTS
+from corral.agent.phases import NODE_REPORTS, SYSTEM_UP
 from corral.config import Settings
 from corral.cpio import newc_archive
 from corral.errors import CorralError, InvalidValue, NotFound
 from corral.inventory import models as m
 from corral.inventory.bootfiles import is_url, served_file, tree
 from corral.inventory.db import transaction
-from corral.inventory.schema import NodeSpec, normalize_mac
+from corral.inventory.schema import InstallMethod, NodeSpec, normalize_mac
 from corral.inventory.state import NodeStates
 from corral.inventory.store import Inventory
 from corral.render.renderer import Renderer, Snapshot
@@ -98,8 +98,7 @@ class BootService:
             node = self.node_by_mac(s, mac)
             if node is None:
                 return self.discovery_ipxe(mac)
-            status = NodeStates(s).status(node.name)
-            return self.renderer(s).render_one(node, "ipxe", installer=status.boots_installer)
+            return self.renderer(s).render_one(node, "ipxe", installer=_boots_network(s, node))
 
     def discovery_ipxe(self, mac: str) -> str:
         ramdisk = f"{self.server}/corral/ramdisk"
@@ -119,9 +118,10 @@ class BootService:
             node = self.node_by_mac(s, mac)
             if node is None:
                 return None
-            status = NodeStates(s).status(node.name)
             return self.renderer(s).render_one(
-                node, "pxelinux" if kind == "pxelinux" else "grub", installer=status.boots_installer
+                node,
+                "pxelinux" if kind == "pxelinux" else "grub",
+                installer=_boots_network(s, node),
             )
 
     def shared_file(self, path: str) -> str:
@@ -135,9 +135,12 @@ class BootService:
             node = Inventory(s).node(name)
             self._require_source(node, client_ip, "token")
             states = NodeStates(s)
-            if not states.status(name).boots_installer:
+            if node.install_method is InstallMethod.DISKLESS:
+                token = states.netboot(name, client_ip)
+            elif states.status(name).boots_installer:
+                token = states.issue_token(name)
+            else:
                 raise Forbidden(f"node {name} is not armed for install")
-            token = states.issue_token(name)
         log.info("issued install token to node %s at %s", name, client_ip)
         archive = newc_archive({"etc/corral/node-token": (token.encode() + b"\n", 0o600)})
         # Compressed: the kernel finds a gzip stream at any offset, while a plain cpio
@@ -192,9 +195,9 @@ class BootService:
                     f"use one of: {', '.join(NODE_REPORTS)}",
                 )
             states = NodeStates(s)
-            if phase == FIRST_BOOT:
+            if phase in SYSTEM_UP:
                 # the installed system's word that it is up: from the node itself, once
-                self._require_source(node, client_ip, "first-boot report")
+                self._require_source(node, client_ip, f"{phase} report")
                 states.revoke_token(name)
             status = states.record(name, phase, message, client_ip)
         log.info("node %s: %s %s (from %s)", name, phase, message, client_ip)
@@ -284,3 +287,11 @@ class BootService:
             return None
         path = self.settings.ramdisk / name
         return path if path.is_file() else None
+
+
+def _boots_network(session: Session, node: NodeSpec) -> bool:
+    """Whether the node's network boot runs corral (its installer, or its diskless image)
+    rather than handing it to its local disk."""
+    if node.install_method is InstallMethod.DISKLESS:
+        return True
+    return NodeStates(session).status(node.name).boots_installer

@@ -76,6 +76,21 @@ def agent_router(
         path = deploy.chunk_path(name, version, index, bearer(authorization), client(request))
         return FileResponse(path, media_type="application/octet-stream")
 
+    @router.get("/images/{name}/{version}/squashfs/chunks/{index}.bin")
+    def squashfs_chunk(
+        name: str,
+        version: int,
+        index: str,
+        request: Request,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> Response:
+        """One chunk of an image's squashfs (Range requests supported), for the diskless
+        nodes that are booting that image."""
+        path = deploy.chunk_path(
+            name, version, index, bearer(authorization), client(request), export="squashfs"
+        )
+        return FileResponse(path, media_type="application/octet-stream")
+
     return router
 
 

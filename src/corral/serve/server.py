@@ -44,7 +44,8 @@ KEEP_ALIVE = 15
 ACCESS_LOG_MODES = SETTINGS_BY_NAME["access_log"].choices
 #: The requests each installing node makes many times a second: image chunks and progress.
 AGENT_TRAFFIC = re.compile(
-    r"/images/[^/?]+/[^/?]+/chunks/[^/?]+\.bin|/api/v1/deployments/[^/?]+/nodes/[^/?]+/progress"
+    r"/images/[^/?]+/[^/?]+/(?:squashfs/)?chunks/[^/?]+\.bin"
+    r"|/api/v1/deployments/[^/?]+/nodes/[^/?]+/progress"
 )
 
 

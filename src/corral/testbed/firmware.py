@@ -5,6 +5,10 @@
     python -m corral.testbed.firmware --server URL --node tb001 --mac MAC \
         --disk /dev/loop3 --dir DIR
 
+The same goes for a diskless node (its kernel and initramfs are not fetched either), whose
+agent runs in a mount namespace of its own: it mounts the squashfs and the overlay there,
+and they are gone with it; only the image's init is not started.
+
 A real node DHCPs, loads iPXE, which fetches ``/boot/ipxe`` from corral, chains to its own
 script and runs it: ``kernel`` with the command line, ``initrd`` for the deploy ramdisk and
 the token, ``boot``. This module does the same over HTTP: it fetches the very scripts
@@ -44,8 +48,9 @@ from pathlib import Path
 #: Where the deploy ramdisk finds its token, inside the token initrd.
 TOKEN_PATH = "etc/corral/node-token"
 RETRY_SECONDS = 2.0
-#: The ramdisk image the testbed does not fetch: its agent runs from the host's Python.
-RAMDISK_PATH = "/corral/ramdisk/"
+#: The ramdisk images the testbed does not fetch (the deploy ramdisk, a diskless node's
+#: kernel and initramfs): its agent runs from the host's Python.
+RAMDISK_PATHS = ("/corral/ramdisk/", "/corral/diskless/")
 
 
 class BootFailed(Exception):
@@ -188,7 +193,7 @@ def load_initrds(boot: Boot, trace: list[str]) -> dict[str, bytes]:
     as the kernel merges them into its root."""
     files: dict[str, bytes] = {}
     for name, url in boot.initrds:
-        if RAMDISK_PATH in url:
+        if any(path in url for path in RAMDISK_PATHS):
             continue
         data = fetch(url, trace)
         try:
@@ -231,8 +236,14 @@ def network_boot(server: str, mac: str, timeout: float, retry: float) -> tuple[B
         time.sleep(retry)
 
 
-def agent_argv(agent: Sequence[str], directory: Path, disk: str, interface: str) -> list[str]:
+def agent_argv(
+    agent: Sequence[str], directory: Path, disk: str, interface: str, diskless: bool = False
+) -> list[str]:
+    """The agent's command; a diskless boot's gets a mount namespace of its own, where it
+    mounts the squashfs and the overlay as a node's ramdisk would (they go with it)."""
+    private = ["unshare", "--mount", "--propagation", "private", "--"] if diskless else []
     return [
+        *private,
         *agent,
         "--cmdline", str(directory / "cmdline"),
         "--token-file", str(directory / "token"),
@@ -241,6 +252,7 @@ def agent_argv(agent: Sequence[str], directory: Path, disk: str, interface: str)
         "--interface", interface,
         "--disk", disk,
         "--work-dir", str(directory / "target"),
+        "--newroot", str(directory / "newroot"),
         "--exit", "exit",
     ]  # fmt: skip
 
@@ -259,7 +271,8 @@ def boot(args: argparse.Namespace) -> list[str]:
         f.write(token)
     (directory / "cmdline").write_text(booted.cmdline + "\n")
     agent = shlex.split(args.agent) if args.agent else [sys.executable, "-m", "corral.agent"]
-    return agent_argv(agent, directory, args.disk, args.interface)
+    diskless = "corral.mode=diskless" in booted.cmdline.split()
+    return agent_argv(agent, directory, args.disk, args.interface, diskless)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

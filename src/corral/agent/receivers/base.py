@@ -15,7 +15,9 @@ from typing import ClassVar
 from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Plan
 from corral.agent.receivers.stream import (
+    FileWriter,
     ProgressCallback,
+    Sink,
     Unpacker,
     UnpackQueue,
     VerifiedStream,
@@ -49,6 +51,9 @@ class Job:
     target: Path
     progress: ProgressCallback
     cancel: threading.Event
+    #: write the checked stream as it is into this file instead of unpacking it into
+    #: ``target`` (a diskless boot's squashfs)
+    into_file: Path | None = None
 
 
 @dataclass
@@ -117,7 +122,9 @@ class StreamReceiver(Receiver):
 
         Raise :class:`ReceiveError` (or :class:`Cancelled`) if it cannot; the unpacking is
         aborted then, whatever raised."""
-        unpacker = self.make_unpacker(job.target)
+        unpacker: Sink = (
+            FileWriter(job.into_file) if job.into_file else self.make_unpacker(job.target)
+        )
         queued = None
         if self.unpack_queue:
             queued = UnpackQueue(unpacker, job.cancel, self.unpack_queue)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Plan
@@ -34,6 +35,16 @@ TAR_EXTRACT = (
     "-f",
     "-",
 )
+
+
+class Sink(Protocol):
+    """Where the checked chunks go, in order: :class:`Unpacker` or :class:`FileWriter`."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def finish(self, timeout: float = 600) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 class Unpacker:
@@ -126,6 +137,34 @@ class Unpacker:
                 f.close()
 
 
+class FileWriter:
+    """The checked stream written as it is into one file (a diskless node's squashfs),
+    with the same interface as :class:`Unpacker`: a file that is not whole is removed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by finish() or abort()
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise ReceiveError(f"writing {self.path}: {exc.strerror or exc}") from None
+
+    def finish(self, timeout: float = 600) -> None:
+        try:
+            self._file.close()
+        except OSError as exc:
+            self.abort()
+            raise ReceiveError(f"writing {self.path}: {exc.strerror or exc}") from None
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
 def chunk_mismatch(plan: Plan, index: int, data: bytes) -> str:
     """ "" if ``data`` is chunk ``index`` of the plan's stream, else what it is instead."""
     expected = plan.image.chunks[index]
@@ -207,7 +246,7 @@ class UnpackQueue:
     receiving thread goes on reading its source meanwhile (a 4 MiB write into the pipe
     takes long enough to stall a link, and with the chain every node after this one)."""
 
-    def __init__(self, unpacker: Unpacker, cancel: threading.Event, depth: int) -> None:
+    def __init__(self, unpacker: Sink, cancel: threading.Event, depth: int) -> None:
         self.unpacker = unpacker
         self.cancel = cancel
         self.queue: queue.Queue[bytes | None] = queue.Queue(max(1, depth))

@@ -28,7 +28,7 @@ from corral.inventory.clusterfile import apply_cluster, load_cluster
 from corral.kmod import builtin_modules
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
-from tests.unit.test_diskless_boot_files import read_newc
+from tests.unit.test_diskless_initrd import read_newc
 from tests.vm.installing import IMAGE, IMAGE_HOME
 from tests.vm.test_ramdisk import ramdisk  # noqa: F401  (the fixture: a real, cached build)
 

@@ -271,22 +271,27 @@ def _depmod(version: ImageVersion, base: Path, kver: str) -> None:
     """depmod with the image's own kmod: the one that matches its kernel, and the server
     needs none (it runs through the image's loader and libraries, without chroot)."""
     rootfs = version.rootfs
-    if (
-        not (rootfs / "usr/bin/kmod").is_file()
-        or not (rootfs / LIB_DIRS[0] / "ld-linux-x86-64.so.2").is_file()
-    ):
+    if not (rootfs / "usr/bin/kmod").is_file():
         raise DisklessBootError(
-            f"image {version.ref} has no kmod in /usr/bin (with {LIB_DIRS[0]}): corral runs "
-            "the image's own depmod to index its kernel's modules",
+            f"image {version.ref} has no /usr/bin/kmod: corral runs the image's own depmod "
+            "to index its kernel's modules",
             f"build it with the kmod package: 'corral image build {version.name} ... "
             "--package kmod'",
+        )
+    if not (rootfs / LIB_DIRS[0] / "ld-linux-x86-64.so.2").is_file():
+        raise DisklessBootError(
+            f"image {version.ref} has no /{LIB_DIRS[0]}/ld-linux-x86-64.so.2: corral runs "
+            "the image's depmod through it, which only Debian-family images have for now"
         )
     kmod_depmod(rootfs, base, kver)
 
 
 def _forget_others(base: Path, keep: str) -> None:
-    """Remove the boot files of older keys (a node downloading one keeps its open file)."""
+    """Remove the boot files of older keys (a node downloading one keeps its open file)
+    and what a build that died left; called under the lock, so no build is running."""
     for old in base.iterdir():
-        if old.is_dir() and old.name != keep and not old.name.startswith("."):
+        if not old.is_dir() or old.name == keep:
+            continue
+        if not old.name.startswith("."):
             log.info("removing old diskless boot files %s", old)
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

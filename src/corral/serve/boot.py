@@ -22,6 +22,13 @@ from corral.agent.phases import NODE_REPORTS, SYSTEM_UP
 from corral.config import Settings
 from corral.cpio import newc_archive
 from corral.errors import CorralError, InvalidValue, NotFound
+from corral.images.catalog import image_store
+from corral.images.ramdisk.diskless import (
+    INITRD_NAME,
+    KERNEL_NAME,
+    DisklessBootError,
+    diskless_boot_files,
+)
 from corral.inventory import models as m
 from corral.inventory.bootfiles import is_url, served_file, tree
 from corral.inventory.db import transaction
@@ -256,6 +263,9 @@ class BootService:
         if directory == "corral/ramdisk":
             local = self.ramdisk_file(name)
             return local.read_bytes() if local else None
+        if directory.startswith("corral/diskless/"):
+            local = self.diskless_file(directory.removeprefix("corral/diskless/"), name)
+            return local.read_bytes() if local else None
         return None
 
     def distro_file(self, distro: str, name: str) -> Path | None:
@@ -287,6 +297,35 @@ class BootService:
             return None
         path = self.settings.ramdisk / name
         return path if path.is_file() else None
+
+    def diskless_file(self, node_name: str, name: str) -> Path | None:
+        """A diskless node's kernel (``vmlinuz``, its image's own) or initrd
+        (``initrd.img``, the deploy ramdisk with that kernel's modules); None for another
+        name. They hold no secret.
+
+        The image is looked up at each request (NAME: its latest version), so a new version
+        takes effect at the node's next boot; its boot files are built on first request.
+        Raises :class:`DisklessBootError` (HTTP 404) saying why a node gets none.
+        """
+        if name not in (KERNEL_NAME, INITRD_NAME):
+            return None
+        with self.session() as s:
+            node = Inventory(s).node(node_name)
+            if node.install_method is not InstallMethod.DISKLESS:
+                raise DisklessBootError(
+                    f"node {node_name} is not diskless (install method "
+                    f"{node.install_method.value})",
+                    f"make it so with 'corral node set {node_name} --install-method diskless'",
+                )
+            ref = self.renderer(s).merged(node).values["image"]
+        if not ref:
+            raise DisklessBootError(
+                f"diskless node {node_name} has no image",
+                "set one in a profile: 'corral profile set P --image NAME'",
+            )
+        version = image_store(self.settings.home).get_ref(str(ref))
+        kernel, initrd = diskless_boot_files(version, self.settings.ramdisk / "initrd.img")
+        return kernel if name == KERNEL_NAME else initrd
 
 
 def _boots_network(session: Session, node: NodeSpec) -> bool:

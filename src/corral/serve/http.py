@@ -147,6 +147,15 @@ def _boot_router(service: BootService) -> APIRouter:
             raise HTTPException(404, f"no ramdisk file {name}: run 'corral ramdisk build'")
         return FileResponse(path)
 
+    @router.get("/corral/diskless/{node}/{name}")
+    def diskless_file(node: str, name: str) -> Response:
+        """A diskless node's kernel (its image's) or initrd (the deploy ramdisk with that
+        kernel's modules); 404 with the reason when the node cannot have them."""
+        path = service.diskless_file(node, name)
+        if path is None:
+            raise HTTPException(404, f"no diskless boot file {name}: use vmlinuz or initrd.img")
+        return FileResponse(path)
+
     return router
 
 

@@ -112,9 +112,9 @@ class RamdiskResult:
     key: str
 
 
-def _hash_tree(digest: hashlib._Hash, root: Path) -> None:
+def _hash_tree(digest: hashlib._Hash, root: Path, leave_out: tuple[str, ...] = ()) -> None:
     for path in walk_files(root):
-        if "__pycache__" in path.parts or path.suffix == ".pyc":
+        if "__pycache__" in path.parts or path.suffix == ".pyc" or path.name in leave_out:
             continue
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
 
@@ -137,7 +137,8 @@ def cache_key(packages: Sequence[Package], kernel: Package) -> str:
     ]
     for part in parts:
         digest.update(part.encode() + b"\0")
-    _hash_tree(digest, Path(__file__).parent)  # this package's code
+    # this package's code, but for the diskless boot files, which are made after it
+    _hash_tree(digest, Path(__file__).parent, leave_out=("diskless.py",))
     _hash_tree(digest, agent_source())
     return digest.hexdigest()[:20]
 

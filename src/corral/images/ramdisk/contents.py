@@ -107,6 +107,10 @@ BOOT_MODULES: tuple[str, ...] = (
     "efivarfs",
 )
 
+#: Modules a diskless node's ramdisk loads besides :data:`BOOT_MODULES`, from the image's
+#: kernel: the agent mounts the image's squashfs (through a loop device) under an overlay.
+DISKLESS_MODULES: tuple[str, ...] = ("loop", "squashfs", "overlay")
+
 #: NIC and storage drivers for real machines, loaded at boot by PCI modalias when their
 #: hardware is present. Those the kernel flavour lacks are logged and skipped.
 NIC_MODULES: tuple[str, ...] = (

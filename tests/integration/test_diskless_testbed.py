@@ -83,7 +83,7 @@ def test_corral_boot_sends_the_squashfs_once_to_every_node(
     ident = int(re.search(r"boot (\d+):", booted.stdout).group(1))  # type: ignore[union-attr]
     deadline = time.monotonic() + 240
     with db.session() as s:
-        image = s.get(m.Deployment, ident).image or ""  # type: ignore[union-attr]
+        image = Deployments(s).get(ident).nodes[0].image
     while True:
         with db.session() as s:
             state = Deployments(s).get(ident).state

@@ -38,6 +38,7 @@ def access_record(method: str, path: str, status: int) -> logging.LogRecord:
         ("GET", "/images/base/3/chunks/00000012.bin", 200),
         ("GET", "/images/base/3/chunks/00000012.bin", 206),
         ("GET", "/images/base/3/chunks/7.bin?x=1", 200),
+        ("GET", "/images/base/3/squashfs/chunks/00000002.bin", 200),
         ("POST", "/api/v1/deployments/4/nodes/n001/progress", 200),
     ],
 )

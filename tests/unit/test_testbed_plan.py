@@ -366,6 +366,7 @@ def test_firmware_boots_what_the_rendered_script_says(
         "--cmdline", str(directory / "cmdline"), "--token-file", str(directory / "token"),
         "--log-file", str(directory / "agent.log"), "--run-dir", str(directory / "run"),
         "--interface", "eth0", "--disk", "/dev/loop9", "--work-dir", str(directory / "target"),
+        "--newroot", str(directory / "newroot"),
         "--exit", "exit",  # a namespace has no machine to reboot
     ]  # fmt: skip
 

@@ -437,7 +437,7 @@ class MulticastTransport:
                 options=self.options,
                 directory=self.directory,
                 members={m.node: m.ip for m in members},
-                tag=f"{deployment}/{payload.ref}/{index['sha256']}",
+                tag=f"{deployment}/{payload.image.ref}/{index['sha256']}",  # as the plan says
                 chunks=len(index["chunks"]),
             )
             session.launch()

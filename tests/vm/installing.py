@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,14 +137,21 @@ class InstallBed:
 
 @contextmanager
 def install_bed(
-    name: str, nodes: list[tuple[str, str, str]], work: Path, config: str = ""
+    name: str,
+    nodes: list[tuple[str, str, str]],
+    work: Path,
+    config: str = "",
+    cluster: Callable[[str], str] | None = None,
 ) -> Iterator[InstallBed]:
+    """``cluster``: the cluster file for the administrator's public key, instead of
+    :func:`profile_cluster` of ``nodes``."""
     ramdisk = build_ramdisk(work / "ramdisk", cache=default_cache_dir() / "ramdisk")
     images = built_image()
     (work / "ssh").mkdir()
     key = admin_key(work / "ssh")
-    cluster = profile_cluster(key.with_suffix(".pub").read_text().strip(), nodes)
+    public = key.with_suffix(".pub").read_text().strip()
+    text = cluster(public) if cluster else profile_cluster(public, nodes)
     with corral_server(
-        name, cluster, ramdisk.kernel, ramdisk.initrd, images=images, config=config
+        name, text, ramdisk.kernel, ramdisk.initrd, images=images, config=config
     ) as server:
         yield InstallBed(server, key)

@@ -201,7 +201,8 @@ class DisklessBoot(Installer):
             )
         used = self.run_command(["blkid", "-p", "-o", "value", "-s", "TYPE", device], timeout=30)
         table = disk.foreign_table(self.run_command, self.mounts, device, self.path("scratch"))
-        what = table or (f"a {used.stdout.strip()} file system" if used.stdout.strip() else "")
+        kind = used.stdout.strip()
+        what = table or (f"a file system of type {kind}" if kind else "")
         if what and not self.diskless.wipe:
             raise InstallError(
                 f"{device} holds {what}, and no partition labelled {label}: not erased; "

@@ -317,9 +317,9 @@ def configure(root: Path, identity: Identity, layout: Layout | None) -> list[str
     write_atomic(root / "etc/hosts", hosts_text(identity))
     written = ["etc/hostname", "etc/hosts"]
     written += write_network(root, identity)
-    if layout is not None:
-        write_atomic(root / "etc/fstab", fstab_text(layout.volumes))
-        written.append("etc/fstab")
+    # a diskless root is an overlay in RAM: the image's fstab may name its build's disks
+    write_atomic(root / "etc/fstab", fstab_text(layout.volumes if layout else ()))
+    written.append("etc/fstab")
     written += write_ssh(root, identity)
     if identity.root_password_hash:
         write_root_password(root, identity.root_password_hash)

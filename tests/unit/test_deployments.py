@@ -6,6 +6,7 @@ orchestration around transports; the real ones are exercised in tests/integratio
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -15,16 +16,19 @@ from typing import Any, ClassVar
 import pytest
 from sqlalchemy.orm import Session
 
-from corral.agent.plan import Plan, Progress
+from corral.agent.plan import Diskless, Plan, Progress
 from corral.config import Settings
 from corral.deploy import transports
+from corral.deploy.diskless import DisklessError
 from corral.deploy.service import DeployService, report_interval
 from corral.deploy.store import DeployError, Deployments, new_deployment
 from corral.deploy.transports.base import Unicast
 from corral.errors import NotFound
 from corral.images.catalog import image_store
+from corral.images.exports import Chunked, build_exports
 from corral.images.store import ImageNotFound, ImageVersion
 from corral.inventory import db
+from corral.inventory.noderange import expand
 from corral.inventory.schema import InterfaceSpec, NodeSpec, Partition, ProfileSpec
 from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService, Forbidden
@@ -239,12 +243,12 @@ def test_cancel(nodes: None, image: ImageVersion) -> None:
 
 
 @contextmanager
-def _service(home: Path) -> Iterator[DeployService]:
+def _service(home: Path, settings: Settings | None = None) -> Iterator[DeployService]:
     def authorize(session: Session, name: str, token: str | None, ip: str) -> None:
         if token != "good":
             raise Forbidden(f"bad or missing token for node {name}")
 
-    yield DeployService(db.settings(), db.session, authorize)
+    yield DeployService(settings or db.settings(), db.session, authorize)
 
 
 def test_the_plan_says_what_the_node_gets(home: Path, nodes: None, image: ImageVersion) -> None:
@@ -474,3 +478,85 @@ def test_a_nodes_phase_is_its_deployment_step_and_it_reports_only_its_own(
             assert "does not report phase" in answer.text
         with db.session() as s:
             assert NodeStates(s).status("n01").phase == "receiving"
+
+
+# --- diskless boots ---------------------------------------------------------------------
+
+
+def make_diskless(names: str) -> None:
+    with db.inventory() as inv:
+        inv.update("node", expand(names), {"install_method": "diskless"})
+
+
+def test_corral_boot_sends_the_squashfs_and_a_diskless_plan(
+    home: Path, nodes: None, image: ImageVersion
+) -> None:
+    refused = pytest.raises(DisklessError, match="n01 installs by image, it is not diskless")
+    with refused, db.session() as s:
+        new_deployment(s, image_store(home), "n01", None, "fake", kind="diskless")
+    make_diskless("n[01-02]")
+    with db.session() as s:
+        ident = new_deployment(s, image_store(home), "n[01-02]", None, "fake", kind="diskless")
+        d = Deployments(s).get(ident)
+        assert d.kind == "diskless" and d.gather_until is None
+        assert NodeStates(s).events("n01") == []  # not armed: nothing is installed
+        squashfs = Chunked(image_store(home).get_ref("small:1"), "squashfs").index()
+        assert d.nodes[0].total == squashfs["size"]
+    with _service(home) as service, ThreadPoolExecutor(1) as pool:
+        service.tick(pool)
+        plan = Plan.from_dict(service.plan("n01", "good", "10.0.0.11") or {})
+    assert plan.mode == "diskless" and plan.diskless == Diskless()
+    assert plan.image.stream_sha256 == squashfs["sha256"] and plan.image.tree_bytes == 0
+    assert FakeTransport.prepared[-1] == "small:1/squashfs"
+    assert len(plan.identity.machine_id) == 32
+    with db.session() as s:
+        Deployments(s).report(ident, "n01", Progress("done", 1, 1, "in RAM"), "10.0.0.11")
+        status = NodeStates(s).status("n01")
+    assert (status.state, status.phase) == ("booting", "starting")
+    boot = BootService(db.settings(), db.engine())
+    token = boot.token_cpio("n01", "10.0.0.11")  # any boot of a diskless node gets one
+    assert token
+    with db.session() as s:
+        assert NodeStates(s).status("n01").state == "booting"
+
+
+def test_nodes_booting_on_their_own_are_gathered_into_one_session(
+    home: Path, nodes: None, image: ImageVersion, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_diskless("n[01-04]")
+    build_exports(image_store(home).get_ref("small:1"), which=["squashfs"])
+    settings = dataclasses.replace(db.settings(), diskless_transport="fake")
+    clock = Clock(monkeypatch)
+    with _service(home, settings) as service, ThreadPoolExecutor(1) as pool:
+        assert service.plan("n01", "good", "10.0.0.11") is None  # gathering: 204
+        clock.now += 3
+        assert service.plan("n02", "good", "10.0.0.12") is None
+        service.tick(pool)
+        assert service.plan("n01", "good", "10.0.0.11") is None  # still within the window
+        clock.now += service.settings.diskless_window
+        service.tick(pool)  # the window closed: one session for both
+        first = Plan.from_dict(service.plan("n01", "good", "10.0.0.11") or {})
+        second = Plan.from_dict(service.plan("n02", "good", "10.0.0.12") or {})
+        assert first.deployment == second.deployment and first.mode == "diskless"
+        late = service.plan("n03", "good", "10.0.0.13")  # after the window: the next one
+        assert late is None
+    with db.session() as s:
+        rows = Deployments(s).recent()
+        assert [(d.noderange, d.kind) for d in rows] == [
+            ("n03", "diskless"),
+            ("n[01-02]", "diskless"),
+        ]
+
+
+def test_a_diskless_node_without_an_image_fails_with_the_reason(
+    home: Path, nodes: None, image: ImageVersion
+) -> None:
+    make_diskless("n01")
+    with db.inventory() as inv:
+        inv.update("profile", ["img"], {"image": None})
+    with _service(home) as service, pytest.raises(DisklessError, match="has no image"):
+        service.plan("n01", "good", "10.0.0.11")
+    with db.session() as s:
+        status = NodeStates(s).status("n01")
+    assert status.state == "failed"
+    assert status.message == "diskless boot: diskless node n01 has no image"

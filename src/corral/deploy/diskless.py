@@ -25,7 +25,7 @@ from corral.agent.plan import Diskless
 from corral.config import Settings
 from corral.deploy.auto import AUTO, choose
 from corral.deploy.transports import names as transport_names
-from corral.errors import CorralError, UsageError
+from corral.errors import UsageError
 from corral.images.exports import Chunked, build_exports
 from corral.images.store import ImageStore, ImageVersion
 from corral.inventory import models as m
@@ -135,29 +135,24 @@ def join_boot(
     """Put a diskless node that booted on its own (in no deployment) into the gathering
     deployment of its image version, opening one if none is gathering.
 
-    Raises :class:`CorralError` (recorded as the node's failure) when the node cannot boot:
-    no image, an image version without a squashfs export, too little RAM.
+    Raises :class:`CorralError` when the node cannot boot: no image, an image version
+    without a squashfs export, too little RAM.
     """
     states = NodeStates(session)
-    try:
-        snapshot = Snapshot(session)
-        node = next(iter(snapshot.nodes([name])))
-        merged = merge_node(node, snapshot.groups, snapshot.profiles)
-        ref = merged.values["image"]
-        if not ref:
-            raise DisklessError(
-                f"diskless node {name} has no image",
-                "set one in its profile: 'corral profile set P --image NAME'",
-            )
-        version = images.get_ref(str(ref))
-        payload = Chunked(version, "squashfs")
-        diskless = settings_of(merged)
-        check_settings(name, diskless)
-        check_memory(name, states.status(name).facts, squashfs_size(payload), diskless.overlay_size)
-    except CorralError as exc:
-        states.record(name, "failed", f"diskless boot: {exc.message}", "corral")
-        log.error("node %s: diskless boot: %s", name, exc.message)
-        raise
+    snapshot = Snapshot(session)
+    node = next(iter(snapshot.nodes([name])))
+    merged = merge_node(node, snapshot.groups, snapshot.profiles)
+    ref = merged.values["image"]
+    if not ref:
+        raise DisklessError(
+            f"diskless node {name} has no image",
+            "set one in its profile: 'corral profile set P --image NAME'",
+        )
+    version = images.get_ref(str(ref))
+    payload = Chunked(version, "squashfs")
+    diskless = settings_of(merged)
+    check_settings(name, diskless)
+    check_memory(name, states.status(name).facts, squashfs_size(payload), diskless.overlay_size)
     now = time.time()
     deployment = session.scalars(
         select(m.Deployment)

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from corral.agent.diskless import machine_id
-from corral.agent.phases import FINAL, WAITING
+from corral.agent.phases import FAILED, FINAL, WAITING
 from corral.agent.plan import (
     Chunk,
     Disk,
@@ -38,7 +38,13 @@ from corral.agent.plan import (
     TransportInfo,
 )
 from corral.config import Settings
-from corral.deploy.diskless import DISKLESS, close_gathering, join_boot, settings_of
+from corral.deploy.diskless import (
+    DISKLESS,
+    DisklessError,
+    close_gathering,
+    join_boot,
+    settings_of,
+)
 from corral.deploy.keys import host_keys
 from corral.deploy.store import RUNNING, Deployments, install_disk
 from corral.deploy.transports import Transports
@@ -108,11 +114,26 @@ class DeployService:
     def plan(self, node: str, token: str | None, client_ip: str) -> dict[str, Any] | None:
         """The node's install (or diskless boot) plan, or None when it has none yet: in no
         running deployment, or in a diskless one still gathering its nodes."""
+        try:
+            return self._plan(node, token, client_ip)
+        except CorralError as exc:
+            if not isinstance(exc, DisklessError):
+                raise
+            # the node cannot boot: its status says why (the plan's transaction is gone)
+            with self.session() as s:
+                NodeStates(s).record(node, FAILED, f"diskless boot: {exc.message}", "corral")
+            log.error("node %s: diskless boot: %s", node, exc.message)
+            raise
+
+    def _plan(self, node: str, token: str | None, client_ip: str) -> dict[str, Any] | None:
         with self.session() as s:
             self.authorize(s, node, token, client_ip)
             row = Deployments(s).active(node)
             if row is None and Inventory(s).node(node).install_method is InstallMethod.DISKLESS:
-                row = join_boot(s, self.settings, self.images, node, client_ip)
+                try:
+                    row = join_boot(s, self.settings, self.images, node, client_ip)
+                except CorralError as exc:
+                    raise DisklessError(exc.message, exc.hint) from None
             if row is None:
                 self._no_deployment(s, node, client_ip)
                 return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from corral.inventory import models as m
 
@@ -29,6 +29,7 @@ class DeploymentOut(BaseModel):
     noderange: str
     image: str | None
     transport: str
+    kind: str = Field("install", description="install, or diskless (a boot into RAM)")
     created: float
     finished: float | None
     nodes: list[DeploymentNodeOut]
@@ -42,6 +43,7 @@ def deployment_out(row: m.Deployment) -> dict[str, Any]:
         "noderange": row.noderange,
         "image": row.image,
         "transport": row.transport,
+        "kind": row.kind,
         "created": row.created,
         "finished": row.finished,
         "nodes": [

@@ -2,7 +2,7 @@
 the node's token) and the admin API (create, list, show, cancel, with the API token)."""
 
 from collections.abc import Callable, Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import FileResponse, Response
@@ -29,6 +29,9 @@ class DeploymentIn(BaseModel):
     nodes: str = Field(description="noderange, e.g. n[001-100]")
     image: str | None = Field(None, description="NAME or NAME:VERSION; default: profiles'")
     transport: str = "http"
+    kind: Literal["install", "diskless"] = Field(
+        "install", description="install the image on disks, or boot diskless nodes into it"
+    )
 
 
 def agent_router(
@@ -113,8 +116,11 @@ def admin_routes(router: APIRouter, deploy: DeployService) -> None:
         "/deployments", response_model=DeploymentOut, status_code=201, tags=["deployments"]
     )
     def create_deployment(body: DeploymentIn, db: Db) -> Any:
-        """Deploy an image to nodes; returns at once, the manager does the rest."""
-        ident = new_deployment(db, deploy.images, body.nodes, body.image, body.transport)
+        """Deploy an image to nodes, or boot diskless nodes into theirs (``kind``
+        ``diskless``, as ``corral boot``); returns at once, the manager does the rest."""
+        ident = new_deployment(
+            db, deploy.images, body.nodes, body.image, body.transport, kind=body.kind
+        )
         return deployment_out(Deployments(db).get(ident))
 
     @router.post("/deployments/{ident}/cancel", response_model=DeploymentOut, tags=["deployments"])

@@ -198,11 +198,12 @@ def list_() -> None:
     """Recent deployments, newest first."""
     with session() as s:
         rows = Deployments(s).recent()
-        table = Table("id", "state", "nodes", "image", "transport", "created", box=None)
+        table = Table("id", "kind", "state", "nodes", "image", "transport", "created", box=None)
         for d in rows:
             phases = Counter(n.phase for n in d.nodes)
             table.add_row(
                 cell(d.id),
+                cell(d.kind),
                 cell(d.state),
                 cell(
                     f"{len(d.nodes)} ({', '.join(f'{c} {p}' for p, c in sorted(phases.items()))})"

@@ -361,15 +361,12 @@ class Agent:
             tries=self.settings.tries,
             post_timeout=self.settings.post_timeout,
         )
-        self.installer = DisklessBoot(
-            plan, self.client, self.runner, settings, sleep=self.sleep, run_dir=self.paths.run
+        return self.carry_out(
+            DisklessBoot(
+                plan, self.client, self.runner, settings, sleep=self.sleep, run_dir=self.paths.run
+            ),
+            "booted",
         )
-        final = self.installer.run()
-        if final.phase == "done":
-            log.info("%s", final.message)
-            return 0
-        log.error("not booted: %s", final.message)
-        return 1
 
     def deploy(self) -> int:
         """Fetch the plan and install it; 0 once the node is installed."""
@@ -384,12 +381,18 @@ class Agent:
             post_timeout=self.settings.post_timeout,
             reboot=self.orders.agent_exit == "reboot",
         )
-        self.installer = Installer(plan, self.client, self.runner, settings, sleep=self.sleep)
-        final = self.installer.run()
+        return self.carry_out(
+            Installer(plan, self.client, self.runner, settings, sleep=self.sleep), "installed"
+        )
+
+    def carry_out(self, installer: Installer, what: str) -> int:
+        """Run the plan; 0 once it is done, the log saying ``what`` or why not."""
+        self.installer = installer
+        final = installer.run()
         if final.phase == "done":
-            log.info("installed: %s", final.message)
+            log.info("%s: %s", what, final.message)
             return 0
-        log.error("not installed: %s", final.message)
+        log.error("not %s: %s", what, final.message)
         return 1
 
     # --- the life cycle ------------------------------------------------------------

@@ -135,7 +135,12 @@ def test_diskless_nodes_boot_from_ram_as_themselves_and_forget(
             ip = NODES[node][1]
             ssh(server, bed.key, ip, "echo scratch > /root/gone-after-reboot")
             ssh(server, bed.key, ip, "echo kept > /var/log/corral-kept")
-        assert "corral-state" in ssh(server, bed.key, NODES["dl2"][1], "findmnt -n /var/log")
+        dl2 = NODES["dl2"][1]
+        where = ssh(server, bed.key, dl2, "findmnt -n -o SOURCE,FSTYPE /var/log").split()
+        assert where == ["/dev/vda1[/var/log]", "ext4"], where
+        label = ssh(server, bed.key, dl2, "blkid -s LABEL -o value /dev/vda1").strip()
+        assert label == "corral-state"
+        assert ssh(server, bed.key, NODES["dl1"][1], "lsblk -d -n -o NAME").strip() == ""
 
         seen = {node: len(running_events(bed, node)) for node in NODES}
         for node in NODES:

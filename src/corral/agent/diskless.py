@@ -144,6 +144,16 @@ class DisklessBoot(Installer):
             options=f"lowerdir={lower},upperdir={overlay / 'upper'},workdir={overlay / 'work'}",
         )
         log.info("root: %s read-only under a %s tmpfs overlay at %s", squashfs, size, self.target)
+        release = os.uname().release
+        if not any(
+            (self.target / d / release).is_dir() for d in ("usr/lib/modules", "lib/modules")
+        ):
+            # a newer version of the image appeared between the kernel's fetch and the plan's
+            log.warning(
+                "the image has no modules for the running kernel %s: drivers will not load "
+                "(reboot the node to boot the image's own kernel)",
+                release,
+            )
 
     def install_first_boot(self) -> None:
         client = self.client

@@ -62,9 +62,9 @@ from corral.testbed.cluster import parse_rate
 REPO = Path(__file__).resolve().parents[1]
 #: A node's processes besides its image (the Python agent, a receiver, libtorrent): a
 #: generous guess, the estimate only has to keep the host out of the OOM killer's way.
-NODE_RSS = 48 << 20
+NODE_RSS = 40 << 20
 #: Share of the host's available memory the nodes may take.
-RAM_SHARE = 0.8
+RAM_SHARE = 0.9
 
 
 def machine() -> dict[str, Any]:

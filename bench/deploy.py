@@ -51,14 +51,16 @@ HOME = Path.home() / ".cache" / "corral-bench" / "deploy-home"
 IMAGE = "bench"
 
 
-def make_image(size_mib: int) -> ImageVersion:
+def make_image(size_mib: int, exports: tuple[str, ...] = ("stream",)) -> ImageVersion:
     """A tree whose stream is about ``size_mib``: mostly incompressible data (as binaries
-    and compressed packages are), plus a few thousand small text files."""
+    and compressed packages are), plus a few thousand small text files. ``exports``: the
+    exports the version must have (a diskless boot sends the squashfs)."""
     store = image_store(HOME)
     for version in store.versions(IMAGE) if IMAGE in store.names() else []:
         stream = version.manifest.get("exports", {}).get("stream", {})
         if version.manifest.get("bench_size_mib") == size_mib and stream:
-            return version
+            build_exports(version, which=list(exports))  # only what is missing
+            return store.get(IMAGE, version.version)
     tree = HOME / "bench-tree"
     subprocess.run(["rm", "-rf", str(tree)], check=True)
     rng = random.Random(size_mib)
@@ -73,7 +75,7 @@ def make_image(size_mib: int) -> ImageVersion:
         text = " ".join(rng.choice(words) for _ in range(300))
         (tree / "usr" / "share" / "doc" / f"doc{i:04d}.txt").write_text(text + "\n")
     version = store.import_tree(IMAGE, tree)
-    build_exports(version, which=["stream"])
+    build_exports(version, which=sorted({"stream", *exports}))
     version = store.get(IMAGE, version.version)
     manifest_path = version.path / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -189,9 +191,12 @@ def run_once(
     version: ImageVersion,
     kill: str | None = None,
     aside: tuple[str, ...] = (),
+    kind: str = "install",
 ) -> dict[str, Any]:
     """One deployment to tb001..tbN. ``kill``: power that node off once it has half the
-    image; ``aside``: nodes (slow, killed) left out of ``t_others``."""
+    image; ``aside``: nodes (slow, killed) left out of ``t_others``; ``kind``: ``install``
+    (the disks wiped first: a full install) or ``diskless`` (the squashfs into RAM, the
+    disks untouched)."""
     names = [cluster.node_name(i) for i in range(1, n + 1)]
 
     def measured(node: str) -> bool:
@@ -199,13 +204,14 @@ def run_once(
         return node not in aside and node != kill
 
     noderange = f"tb[001-{n:03d}]"
-    wipe(bed, names)
+    if kind == "install":
+        wipe(bed, names)
     egress0 = bed.server_egress_bytes()
     busy0, total0 = cpu_times()
     by_process = CpuByProcess()
     by_process.start()
     with db.session() as s:
-        ident = new_deployment(s, image_store(HOME), noderange, version.ref, transport)
+        ident = new_deployment(s, image_store(HOME), noderange, version.ref, transport, kind=kind)
     killed_at: float | None = None
     received: dict[str, float] = {}
     failed_after: float | None = None

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from corral.images.catalog import image_store
+from corral.images.exports import squashfs_chunks
 from tests.conftest import corral
 
 pytestmark = pytest.mark.integration
@@ -41,8 +43,12 @@ def test_import_exec_export_list_show_rm(tmp_path: Path, tree: Path) -> None:
     exported = corral("image", "export", "tiny:2", home=home)
     assert exported.returncode == 0, exported.stderr
     assert "export stream" in exported.stdout and "export squashfs" in exported.stdout
+    squashfs = home / "tiny.squashfs"  # what a diskless node mounts: the chunks joined
+    squashfs.write_bytes(
+        b"".join(p.read_bytes() for p in squashfs_chunks(image_store(home).get_ref("tiny:2")))
+    )
     listing = subprocess.run(
-        ["unsquashfs", "-l", str(store / "v2" / "exports" / "image.squashfs")],
+        ["unsquashfs", "-l", str(squashfs)],
         capture_output=True,
         text=True,
         check=True,

@@ -51,6 +51,16 @@ HOME = Path.home() / ".cache" / "corral-bench" / "deploy-home"
 IMAGE = "bench"
 
 
+def use_home(link: str) -> None:
+    """Make the bench's corral home the one in use, multicast sending just under ``link``."""
+    os.environ["CORRAL_HOME"] = str(HOME)
+    HOME.mkdir(parents=True, exist_ok=True)
+    # multicast sends at a fixed rate: just under the node link B
+    rate = int(parse_rate(link) * 0.95)
+    (HOME / "corral.toml").write_text(f'multicast_max_bitrate = "{rate}"\n')
+    db.close()
+
+
 def make_image(size_mib: int, exports: tuple[str, ...] = ("stream",)) -> ImageVersion:
     """A tree whose stream is about ``size_mib``: mostly incompressible data (as binaries
     and compressed packages are), plus a few thousand small text files. ``exports``: the
@@ -355,12 +365,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/deploy.py needs root (namespaces, loop devices)", file=sys.stderr)
         return 2
-    os.environ["CORRAL_HOME"] = str(HOME)
-    HOME.mkdir(parents=True, exist_ok=True)
-    # multicast sends at a fixed rate: just under the node link B
-    rate = int(parse_rate(args.link) * 0.95)
-    (HOME / "corral.toml").write_text(f'multicast_max_bitrate = "{rate}"\n')
-    db.close()
+    use_home(args.link)
     counts = sorted(int(x) for x in args.nodes.split(","))
     version = make_image(args.size_mib)
     s_bytes = int(version.manifest["exports"]["stream"]["size"])

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 # bench/ is not a package: this script runs as bench/diskless.py, beside deploy.py
-from deploy import HOME, make_image, run_once
+from deploy import make_image, run_once, use_home
 
 from corral.deploy.store import Deployments
 from corral.images.exports import Chunked
@@ -241,12 +241,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/diskless.py needs root (namespaces, mounts)", file=sys.stderr)
         return 2
-    os.environ["CORRAL_HOME"] = str(HOME)
-    HOME.mkdir(parents=True, exist_ok=True)
-    # multicast sends at a fixed rate: just under the node link B
-    rate = int(parse_rate(args.link) * 0.95)
-    (HOME / "corral.toml").write_text(f'multicast_max_bitrate = "{rate}"\n')
-    db.close()
+    use_home(args.link)
     counts = sorted(int(x) for x in args.nodes.split(","))
     version = make_image(args.size_mib, exports=("stream", "squashfs"))
     s_bytes = int(Chunked(version, "squashfs").index()["size"])

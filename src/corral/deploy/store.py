@@ -28,6 +28,7 @@ from corral.agent.phases import (
     WAITING,
 )
 from corral.agent.plan import Progress
+from corral.deploy import diskless
 from corral.deploy.auto import AUTO, choose
 from corral.deploy.transports import names as transport_names
 from corral.errors import NotFound, UsageError
@@ -111,10 +112,8 @@ class Deployments:
         kind: str = "install",
     ) -> list[Target]:
         """Check everything a deployment needs and say who gets what; writes nothing."""
-        from corral.deploy import diskless
-
-        known = [*(diskless.squashfs_transports() if kind == "diskless" else transport_names())]
-        known.append(AUTO)
+        squashfs = kind == diskless.DISKLESS
+        known = [*(diskless.squashfs_transports() if squashfs else transport_names()), AUTO]
         if transport not in known:
             raise DeployError(f"unknown transport '{transport}'", f"use one of: {', '.join(known)}")
         names = expand(noderange)
@@ -148,7 +147,7 @@ class Deployments:
                         + " ".join(f"--layer {name}" for name in wanted)
                         + "'",
                     )
-            if kind == "diskless":
+            if kind == diskless.DISKLESS:
                 diskless.check_node(node)
                 diskless.check_settings(node.name, diskless.settings_of(merged))
             else:
@@ -291,7 +290,7 @@ class Deployments:
         row.updated = now
         if changed:
             states = NodeStates(self.session)
-            if progress.phase == DONE and row.deployment.kind == "diskless":
+            if progress.phase == DONE and row.deployment.kind == diskless.DISKLESS:
                 what = f"deployment {ident}: {row.image} in RAM; starting its systemd"
                 states.record(node, STARTING, what, source)
             elif progress.phase == DONE:
@@ -362,20 +361,19 @@ def new_deployment(
     the transport, so the stream is made even for rsync, which sends the tree. A diskless
     boot (``kind`` ``diskless``) sends the squashfs, and its nodes' RAM is checked for it.
     """
-    from corral.deploy import diskless
     from corral.images.exports import Chunked, build_exports
 
     store = Deployments(session)
     targets = store.plan_targets(noderange, images, image, transport, kind)
     if not targets:
         raise DeployError(f"no node in '{noderange}'")
-    export = "squashfs" if kind == "diskless" else "stream"
+    export = "squashfs" if kind == diskless.DISKLESS else "stream"
     versions = {t.version.ref: images.get_ref(t.version.ref) for t in targets}
     for version in versions.values():
         build_exports(version, which=[export])
     versions = {ref: images.get_ref(ref) for ref in versions}  # with the export's size
     sizes = {ref: int(Chunked(v, export).index()["size"]) for ref, v in versions.items()}
-    if kind == "diskless":
+    if kind == diskless.DISKLESS:
         states = NodeStates(session)
         for t in targets:
             diskless.check_memory(
@@ -384,7 +382,7 @@ def new_deployment(
                 sizes[t.version.ref],
                 diskless.settings_of(t.merged).overlay_size,
             )
-    available = diskless.squashfs_transports() if kind == "diskless" else transport_names()
+    available = diskless.squashfs_transports() if kind == diskless.DISKLESS else transport_names()
     chosen: dict[str, str] = {}
     for ref in versions:
         count = sum(1 for t in targets if t.version.ref == ref)

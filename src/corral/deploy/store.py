@@ -135,6 +135,8 @@ class Deployments:
         targets: list[Target] = []
         for node in snapshot.nodes(names):
             merged = merge_node(node, snapshot.groups, snapshot.profiles, cache)
+            if kind == diskless.DISKLESS:
+                diskless.check_node(node)  # before its image: a node that is not diskless
             version = explicit or self._profile_image(node, merged, images)
             wanted = merged.values["layers"]
             if wanted and not explicit:
@@ -148,7 +150,6 @@ class Deployments:
                         + "'",
                     )
             if kind == diskless.DISKLESS:
-                diskless.check_node(node)
                 diskless.check_settings(node.name, diskless.settings_of(merged))
             else:
                 self._check_disk(node, merged, version, states)

@@ -247,6 +247,42 @@ class Settings:
         "if that system has not reported its first boot (0: wait for ever); servers take "
         "minutes to POST, and a first boot may resize or relabel file systems.",
     )
+    timeout_pxe: float = setting(
+        600.0,
+        "Seconds a node that started to network-boot may wait between the boot steps corral "
+        "serves it (DHCP, boot program, its configuration, kernel, initrd) and until its "
+        "ramdisk or installer reports `booted`; a server's firmware may take minutes.",
+    )
+    timeout_booted: float = setting(
+        1800.0,
+        "Seconds a node may stay in `booted`: a kickstart installer fetching its stage 2 and "
+        "reaching `%pre`, or a deploy ramdisk asking for its plan.",
+    )
+    timeout_pre_install: float = setting(
+        7200.0,
+        "Seconds from a kickstart's `%pre` to its `%post`: the packages install meanwhile.",
+    )
+    timeout_partitioning: float = setting(
+        1800.0, "Seconds an image install may spend partitioning and formatting its disks."
+    )
+    timeout_receiving: float = setting(
+        14400.0,
+        "Seconds an image install may spend receiving its image (a node that stops "
+        "reporting fails sooner, after `deploy_node_timeout`).",
+    )
+    timeout_configuring: float = setting(
+        900.0, "Seconds an image install may spend writing the node's identity."
+    )
+    timeout_bootloader: float = setting(
+        900.0, "Seconds an image install may spend installing its boot loader."
+    )
+    timeout_post_install: float = setting(
+        3600.0, "Seconds the profile's post-install script may run (kickstart or image)."
+    )
+    event_retention_days: float = setting(
+        90.0,
+        "Days the nodes' event history is kept; older events are deleted (0: kept for ever).",
+    )
     diskless_window: float = setting(
         10.0,
         "Seconds the diskless nodes that boot on their own (not by `corral boot`) are gathered "

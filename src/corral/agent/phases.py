@@ -5,7 +5,9 @@ A node's *state* says where it stands (``armed``, ``installing``, ``deployed``,
 ``installed``, ``failed``, ``discovered``: :mod:`corral.inventory.state`); its *phase* says
 what it did last. The phases, in the order a node meets them::
 
-    power on, PXE ─▶ booted ─┬─▶ waiting          (deploy ramdisk, no deployment for it yet)
+    power on, PXE: dhcp ─▶ loader ─▶ boot-config ─▶ kernel ─▶ initrd   (what corral served)
+
+    ─▶ booted ─┬─▶ waiting          (deploy ramdisk, no deployment for it yet)
                              │
                              ├─▶ pre-install ─▶ post-install ─▶ install-finished
                              │   (kickstart: the distribution's installer runs)
@@ -27,6 +29,17 @@ diskless boot: the node is ``running``.
 """
 
 from __future__ import annotations
+
+#: The boot steps corral serves a node before its own software runs, recorded by the server
+#: (dnsmasq's DHCP log, the TFTP server, the HTTP boot routes): DHCP acknowledged an address,
+#: the network boot program (ipxe.efi, pxelinux.0, grubx64.efi) was sent, then its
+#: configuration (iPXE script, pxelinux.cfg, grub.cfg), then the kernel and the initrd.
+DHCP = "dhcp"
+LOADER = "loader"
+BOOT_CONFIG = "boot-config"
+KERNEL = "kernel"
+INITRD = "initrd"
+BOOT_STEPS = (DHCP, LOADER, BOOT_CONFIG, KERNEL, INITRD)
 
 BOOTED = "booted"
 WAITING = "waiting"
@@ -71,6 +84,7 @@ FINAL = (DONE, FAILED, CANCELLED)
 
 #: Every phase, in life-cycle order.
 LIFE_CYCLE = (
+    *BOOT_STEPS,
     BOOTED,
     WAITING,
     PRE_INSTALL,
@@ -89,3 +103,13 @@ LIFE_CYCLE = (
     FAILED,
     CANCELLED,
 )
+
+#: Why a node failed, for machines (metrics, scripts): every failure event carries one.
+TIMEOUT = "timeout"  # a phase lasted longer than its timeout (corral.toml)
+SILENT = "silent"  # no report for deploy_node_timeout mid-deployment: dead or cut off
+NODE_ERROR = "node-error"  # the node's agent or installer reported the failure
+POWER = "power"  # its power command failed
+NO_IMAGE = "no-image"  # corral could not serve its image
+REFUSED = "refused"  # corral refused the node (diskless: RAM, disk), with the fix
+REMOVED = "removed"  # the node left the inventory mid-deployment
+REASONS = (TIMEOUT, SILENT, NODE_ERROR, POWER, NO_IMAGE, REFUSED, REMOVED)

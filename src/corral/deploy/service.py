@@ -24,8 +24,20 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from corral.agent import phases
 from corral.agent.diskless import machine_id
-from corral.agent.phases import FAILED, FINAL, WAITING
+from corral.agent.phases import (
+    BOOT_STEPS,
+    FAILED,
+    FINAL,
+    NO_IMAGE,
+    POWER,
+    REFUSED,
+    REMOVED,
+    SILENT,
+    TIMEOUT,
+    WAITING,
+)
 from corral.agent.plan import (
     Chunk,
     Disk,
@@ -98,6 +110,8 @@ class DeployService:
         self._ticked = 0.0
         #: (deployment, image, transport) of the transfer sessions started
         self._sessions: set[tuple[int, str, str]] = set()
+        #: what a progress report is passed to once stored (the live views' hub)
+        self.on_progress: Callable[[dict[str, Any]], None] | None = None
 
     def version(self, ref: str) -> ImageVersion:
         if ref not in self._versions:
@@ -121,7 +135,9 @@ class DeployService:
                 raise
             # the node cannot boot: its status says why (the plan's transaction is gone)
             with self.session() as s:
-                NodeStates(s).record(node, FAILED, f"diskless boot: {exc.message}", "corral")
+                NodeStates(s).record(
+                    node, FAILED, f"diskless boot: {exc.message}", "corral", reason=REFUSED
+                )
             log.error("node %s: diskless boot: %s", node, exc.message)
             raise
 
@@ -275,7 +291,16 @@ class DeployService:
                     row.phase,
                     f" ({progress.message})" if progress.message else "",
                 )
-            return {"cancel": row.phase == "cancelled", "phase": row.phase}
+            said = {
+                "node": node,
+                "deployment": deployment,
+                "phase": row.phase,
+                "bytes": row.bytes,
+                "total": row.total,
+            }
+        if self.on_progress is not None:  # committed: the live views may show it
+            self.on_progress(said)
+        return {"cancel": said["phase"] == "cancelled", "phase": said["phase"]}
 
     def chunk_path(
         self,
@@ -331,7 +356,7 @@ class DeployService:
                     if row.phase in FINAL:
                         continue
                     if not inventory.exists("node", row.node):
-                        store.fail(row, "the node was removed from the inventory")
+                        store.fail(row, "the node was removed from the inventory", why=REMOVED)
                         continue
                     if row.powered is None:
                         self._start_node(s, row, pool)
@@ -342,19 +367,21 @@ class DeployService:
                             row,
                             f"no report for {silent:.0f} s in phase {row.phase}: "
                             "the node died or lost its network",
+                            why=SILENT,
                         )
                         log.warning("node %s: %s", row.node, row.message)
                     elif row.phase == WAITING and now - row.powered > boot_timeout:
                         store.fail(
                             row,
-                            f"did not ask for its plan within {boot_timeout:.0f} s "
-                            "(did it network-boot the deploy ramdisk?)",
+                            f"did not ask for its plan within {boot_timeout:.0f} s: "
+                            + boot_story(NodeStates(s), row.node, row.powered),
                         )
                         log.warning("node %s: %s", row.node, row.message)
                 self._end_sessions(deployment)
                 if deployment.state != RUNNING:
                     log.info("deployment %d ended: %s", deployment.id, deployment.state)
             self._first_boot_timeouts(s, now)
+            self._phase_timeouts(s, now)
 
     def _sizes(self, deployment: m.Deployment) -> dict[str, int]:
         """Bytes each image of the deployment sends (for ``auto``)."""
@@ -380,8 +407,36 @@ class DeployService:
                         f"did not report within {limit:.0f} s (did it boot from its disk? see "
                         "its console)"
                     )
-                states.record(status.name, "failed", reason, "corral")
+                states.record(status.name, FAILED, reason, "corral", reason=TIMEOUT)
                 log.warning("node %s: %s", status.name, reason)
+
+    def _phase_timeouts_at(self, now: float) -> None:
+        """One pass of :meth:`_phase_timeouts` as if it were ``now``."""
+        with self.session() as s:
+            self._phase_timeouts(s, now)
+
+    def _phase_timeouts(self, session: Session, now: float) -> None:
+        """Fail the nodes that stayed in a phase longer than its timeout (corral.toml)."""
+        states = NodeStates(session)
+        store = Deployments(session)
+        for status in states.in_progress():
+            limit = phase_timeout(self.settings, status.phase)
+            if not limit or status.updated is None or now - status.updated <= limit:
+                continue
+            if status.phase in BOOT_STEPS:
+                story = boot_story(states, status.name, status.updated - 3600)
+                reason = f"stopped booting for longer than timeout_pxe ({limit:.0f} s): {story}"
+            else:
+                reason = (
+                    f"in phase {status.phase} for {now - status.updated:.0f} s, longer "
+                    f"than its timeout_{str(status.phase).replace('-', '_')} ({limit:.0f} s)"
+                )
+            row = store.active(status.name)
+            if row is not None:
+                store.fail(row, reason, why=TIMEOUT)
+            else:
+                states.record(status.name, FAILED, reason, "corral", reason=TIMEOUT)
+            log.warning("node %s: %s", status.name, reason)
 
     def _sessions_of(self, session: Session, deployment: m.Deployment) -> None:
         """Start a transfer session for each (image, transport) of the deployment's nodes
@@ -404,7 +459,9 @@ class DeployService:
                 )
             except CorralError as exc:
                 for row in rows:
-                    Deployments(session).fail(row, f"cannot serve image {image}: {exc.message}")
+                    Deployments(session).fail(
+                        row, f"cannot serve image {image}: {exc.message}", why=NO_IMAGE
+                    )
                 log.error("deployment %d: cannot serve %s: %s", deployment.id, image, exc.message)
                 continue
             self._sessions.add(key)
@@ -438,7 +495,9 @@ class DeployService:
         try:
             self.transports.get(row.transport).prepare(self.payload(row))
         except CorralError as exc:
-            Deployments(session).fail(row, f"cannot serve image {row.image}: {exc.message}")
+            Deployments(session).fail(
+                row, f"cannot serve image {row.image}: {exc.message}", why=NO_IMAGE
+            )
             log.error("node %s: %s", row.node, row.message)
             return
         row.powered = time.time()
@@ -464,8 +523,60 @@ class DeployService:
             log.error("node %s: power command failed: %s", node, exc.message)
             with self.session() as s:
                 Deployments(s).fail(
-                    Deployments(s).member(deployment, node), f"power command failed: {exc.message}"
+                    Deployments(s).member(deployment, node),
+                    f"power command failed: {exc.message}",
+                    why=POWER,
                 )
+
+
+#: The phases that have a timeout of their own, and its setting; the others are bounded
+#: elsewhere (waiting: deploy_boot_timeout; rebooting and starting: firstboot_timeout;
+#: silence mid-deployment: deploy_node_timeout).
+PHASE_TIMEOUTS = {
+    **dict.fromkeys(BOOT_STEPS, "timeout_pxe"),
+    phases.BOOTED: "timeout_booted",
+    phases.PRE_INSTALL: "timeout_pre_install",
+    phases.PARTITIONING: "timeout_partitioning",
+    phases.RECEIVING: "timeout_receiving",
+    phases.CONFIGURING: "timeout_configuring",
+    phases.BOOTLOADER: "timeout_bootloader",
+    phases.POST_INSTALL: "timeout_post_install",
+}
+
+
+def phase_timeout(settings: Settings, phase: str | None) -> float:
+    """Seconds a node may stay in ``phase`` (0: no limit of its own)."""
+    key = PHASE_TIMEOUTS.get(phase or "")
+    return float(getattr(settings, key)) if key else 0.0
+
+
+#: What a node does after each boot step, for the story of one that stopped.
+_NEXT_STEP = {
+    phases.DHCP: "never loaded its boot program",
+    phases.LOADER: "never asked for its boot configuration",
+    phases.BOOT_CONFIG: "never fetched its kernel",
+    phases.KERNEL: "never fetched its initrd",
+    phases.INITRD: "its kernel never reported (see its console)",
+}
+
+
+def boot_story(states: NodeStates, node: str, since: float | None) -> str:
+    """How far the node's network boot got since ``since``, from the boot steps corral
+    served: "DHCP at 12:00:01, loader ipxe.efi at 12:00:02, never asked for its boot
+    configuration"; or that it never asked for an address."""
+    steps = states.boot_steps(node, since or 0.0)
+    starts = [i for i, step in enumerate(steps) if step.phase == phases.DHCP]
+    steps = steps[starts[-1] :] if starts else steps  # this boot's, from its DHCP on
+    if not steps:
+        return (
+            "corral served it nothing, not even DHCP (is it powered on, set to boot from "
+            "the network, and on the boot network?)"
+        )
+    told = [
+        f"{e.phase} {e.message} at {time.strftime('%H:%M:%S', time.localtime(e.time))}"
+        for e in steps[-4:]
+    ]
+    return ", ".join([*told, _NEXT_STEP.get(steps[-1].phase, "")]).rstrip(", ")
 
 
 def report_interval(nodes: int) -> float:

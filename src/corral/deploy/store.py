@@ -23,8 +23,10 @@ from corral.agent.phases import (
     DONE,
     FAILED,
     FINAL,
+    NODE_ERROR,
     REBOOTING,
     STARTING,
+    TIMEOUT,
     WAITING,
 )
 from corral.agent.plan import Progress
@@ -297,22 +299,40 @@ class Deployments:
             elif progress.phase == DONE:
                 states.record(node, *_written(ident, row.image, progress), source)
             elif progress.phase == FAILED:
-                states.record(node, FAILED, f"deployment {ident}: {row.message}", source)
+                states.record(
+                    node,
+                    FAILED,
+                    f"deployment {ident}: {row.message}",
+                    source,
+                    reason=NODE_ERROR,
+                    deployment=ident,
+                    log=row.log_tail,
+                )
             else:
-                states.record(node, progress.phase, f"deployment {ident}", source)
+                states.record(node, progress.phase, f"deployment {ident}", source, deployment=ident)
         if progress.phase in FINAL:
             row.finished = now
             self._maybe_finish(row.deployment)
         return row
 
-    def fail(self, row: m.DeploymentNode, reason: str, phase: str = FAILED) -> None:
+    def fail(
+        self, row: m.DeploymentNode, reason: str, phase: str = FAILED, *, why: str = TIMEOUT
+    ) -> None:
+        """End the node's part with ``reason`` (for people) and ``why`` (for machines:
+        :data:`~corral.agent.phases.REASONS`)."""
         if row.phase in FINAL:
             return
         now = time.time()
         row.phase, row.message, row.updated, row.finished = phase, reason[:MAX_TEXT], now, now
         if Inventory(self.session).exists("node", row.node):  # it may have been removed
             NodeStates(self.session).record(
-                row.node, FAILED, f"deployment {row.deployment_id}: {reason}", "corral"
+                row.node,
+                FAILED,
+                f"deployment {row.deployment_id}: {reason}",
+                "corral",
+                reason=CANCELLED if phase == CANCELLED else why,
+                deployment=row.deployment_id,
+                log=row.log_tail or None,
             )
         self._maybe_finish(row.deployment)
 

@@ -27,7 +27,7 @@ from corral.inventory.store import Inventory
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest migration; checked first so that a current database costs one query.
-HEAD = "0005"
+HEAD = "0006"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

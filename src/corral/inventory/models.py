@@ -128,15 +128,24 @@ class NodeState(Base):
 
 
 class NodeEvent(Base):
-    """A report from a node (installer callback, agent, discovery)."""
+    """One step in a node's history: a boot step corral served it (DHCP, TFTP, HTTP), a
+    report of its own (installer callback, agent, discovery), or what corral decided (armed,
+    failed by a timeout). An unknown machine's events have ``node`` "" and its ``mac``.
+    A failure carries its ``reason`` (:data:`corral.agent.phases.REASONS`), the phase it
+    ended (``during``) and the node's last log lines."""
 
     __tablename__ = "node_event"
     id: Mapped[int] = mapped_column(primary_key=True)
     node: Mapped[str] = mapped_column(String(63), index=True)
-    time: Mapped[float] = mapped_column(Float)
+    time: Mapped[float] = mapped_column(Float, index=True)
     phase: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(String(4096))
     source: Mapped[str] = mapped_column(String(45))
+    mac: Mapped[str | None] = mapped_column(String(17))
+    deployment: Mapped[int | None] = mapped_column(Integer, index=True)
+    reason: Mapped[str | None] = mapped_column(String(32))
+    during: Mapped[str | None] = mapped_column(String(32))
+    log: Mapped[str | None] = mapped_column(Text)
 
 
 class Deployment(Base):

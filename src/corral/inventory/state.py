@@ -170,20 +170,60 @@ class NodeStates:
             for name, row in self.session.execute(query)
         ]
 
+    def in_progress(self) -> list[NodeStatus]:
+        """Nodes on their way: armed ones that started to boot, installing, booting."""
+        query = (
+            select(m.Node.name, m.NodeState)
+            .join(m.NodeState, m.NodeState.node_id == m.Node.id)
+            .where(m.NodeState.state.in_((ARMED, INSTALLING, BOOTING)))
+            .where(m.NodeState.phase.is_not(None))
+        )
+        return [
+            NodeStatus(name, row.state, row.phase, row.message, row.updated, row.facts)
+            for name, row in self.session.execute(query)
+        ]
+
+    def boot_steps(self, name: str, since: float) -> list[m.NodeEvent]:
+        """The boot steps corral served the node since ``since``, oldest first."""
+        query = (
+            select(m.NodeEvent)
+            .where(m.NodeEvent.node == name, m.NodeEvent.time >= since)
+            .where(m.NodeEvent.phase.in_(phases.BOOT_STEPS))
+            .order_by(m.NodeEvent.id)
+        )
+        return list(self.session.scalars(query))
+
     def check_token(self, name: str, token: str | None) -> bool:
         row = self.session.get(m.NodeState, self._node_id(name))
         expected = row.token_hash if row is not None else None
         # Compare even when there is nothing to compare with, in constant time.
         return hmac.compare_digest(expected or "!" * 64, _hash(token or "")) and bool(expected)
 
-    def record(self, name: str, phase: str, message: str, source: str) -> NodeStatus:
-        """Store a node's report and move its state on."""
+    def record(
+        self,
+        name: str,
+        phase: str,
+        message: str,
+        source: str,
+        *,
+        reason: str | None = None,
+        deployment: int | None = None,
+        log: str | None = None,
+    ) -> NodeStatus:
+        """Store a node's report and move its state on. A failure keeps its ``reason``
+        (:data:`~corral.agent.phases.REASONS`; the node's own word if not given), the phase
+        it ended and the node's last ``log`` lines."""
         if phase not in phases.LIFE_CYCLE:
             raise UsageError(
                 f"unknown phase '{phase}'", f"use one of: {', '.join(phases.LIFE_CYCLE)}"
             )
         row = self._row(name)
         message = message[:MAX_MESSAGE]
+        if phase in phases.BOOT_STEPS and row.state not in (ARMED, BOOTING):
+            # an installed node renewing its lease, or booting from its disk: history only
+            self._event(name, phase, message, source)
+            return self.status(name)
+        during = row.phase
         row.phase, row.message, row.updated = phase, message, time.time()
         if phase in (phases.INSTALL_FINISHED, phases.FIRST_BOOT):
             row.state = INSTALLED
@@ -195,14 +235,28 @@ class NodeStates:
             row.state = DEPLOYED
         elif phase == phases.FAILED:
             row.state = FAILED
-        elif row.state == ARMED:
+        elif row.state == ARMED and phase not in phases.BOOT_STEPS:
             row.state = INSTALLING
-        self._event(name, phase, message, source)
+        if phase == phases.FAILED:
+            self._event(
+                name,
+                phase,
+                message,
+                source,
+                reason=reason or phases.NODE_ERROR,
+                during=during,
+                deployment=deployment,
+                log=log,
+            )
+        else:
+            self._event(name, phase, message, source, deployment=deployment)
         return self.status(name)
 
-    def _event(self, name: str, phase: str, message: str, source: str) -> None:
+    def _event(self, name: str, phase: str, message: str, source: str, **more: Any) -> None:
         self.session.add(
-            m.NodeEvent(node=name, time=time.time(), phase=phase, message=message, source=source)
+            m.NodeEvent(
+                node=name, time=time.time(), phase=phase, message=message, source=source, **more
+            )
         )
 
     def events(self, name: str, limit: int = 50) -> list[m.NodeEvent]:

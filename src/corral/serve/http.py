@@ -4,13 +4,14 @@ Routes only parse and answer; the work is done by :class:`BootService` (nodes) a
 :class:`~corral.inventory.store.Inventory` (admin), the same code the CLI calls.
 """
 
+import asyncio
 import hmac
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import APIRouter, Cookie, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
@@ -29,7 +30,9 @@ from corral.inventory.store import Inventory, Kind
 from corral.render.check import checked_change
 from corral.serve.boot import BootService
 from corral.serve.deployments import admin_routes, agent_router
+from corral.serve.events import Hub, attach, detach
 from corral.serve.limits import MAX_BODY, BodyLimit
+from corral.serve.monitor import monitor_routes
 
 log = logging.getLogger("corral.serve")
 TEXT = "text/plain; charset=utf-8"
@@ -69,13 +72,30 @@ def _bearer(authorization: str | None) -> str | None:
 
 
 def create_app(
-    service: BootService, api_token: str, deploy: DeployService | None = None
+    service: BootService,
+    api_token: str,
+    deploy: DeployService | None = None,
+    hub: Hub | None = None,
 ) -> FastAPI:
+    hub = hub or Hub()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        hub.bind(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            detach(hub)
+
     app = FastAPI(
         title="corral",
         version=__version__,
-        description="Boot files for nodes, their reports, and the inventory's admin API.",
+        description="Boot files for nodes, their reports, the inventory's admin API, and "
+        "the nodes' events, live.",
+        lifespan=lifespan,
     )
+    app.state.hub = hub
+    attach(hub)  # every node event committed from now on goes to the live views
 
     @app.exception_handler(CorralError)
     def _corral_error(request: Request, exc: CorralError) -> JSONResponse:
@@ -83,11 +103,13 @@ def create_app(
 
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY)
     deploy = deploy or DeployService(service.settings, service.session, service.authorize)
+    deploy.on_progress = hub.progress
     app.include_router(_boot_router(service))
     app.include_router(_node_router(service))
     app.include_router(agent_router(deploy, _client, _bearer))
     admin = _admin_router(service, api_token)
     admin_routes(admin, deploy)
+    monitor_routes(admin, hub, service.session)
     app.include_router(admin, prefix="/api/v1")
     return app
 
@@ -185,8 +207,12 @@ def _node_router(service: BootService) -> APIRouter:
 
 
 def _admin_router(service: BootService, api_token: str) -> APIRouter:
-    def require_admin(authorization: Annotated[str | None, Header()] = None) -> None:
-        presented = _bearer(authorization) or ""
+    def require_admin(
+        authorization: Annotated[str | None, Header()] = None,
+        corral_token: Annotated[str | None, Cookie(include_in_schema=False)] = None,
+    ) -> None:
+        # the dashboard's browser sends the token as a cookie: EventSource sets no header
+        presented = _bearer(authorization) or corral_token or ""
         if not hmac.compare_digest(presented.encode(), api_token.encode()):
             log.warning(
                 "refused admin API request: %s bearer token", "wrong" if presented else "missing"

@@ -29,6 +29,7 @@ from corral.inventory import models as m
 from corral.inventory.store import Inventory
 from corral.serve.assets import api_token, prepare_tftp_root
 from corral.serve.boot import BootService
+from corral.serve.events import Hub, Tail
 from corral.serve.http import create_app
 
 log = logging.getLogger("corral.serve")
@@ -211,8 +212,10 @@ def serve(settings: Settings, engine: Engine) -> None:
     proxies = trusted_proxies(settings)
     service = BootService(settings, engine)
     deploy = DeployService(settings, service.session, service.authorize)
-    app = create_app(service, settings.api_token or api_token(settings.home), deploy)
+    hub = Hub()
+    app = create_app(service, settings.api_token or api_token(settings.home), deploy, hub)
     manager = Manager(deploy)
+    tail = Tail(hub, service.session, settings.event_retention_days)
     tftp = None
     dhcp = None
     watcher = None
@@ -246,6 +249,7 @@ def serve(settings: Settings, engine: Engine) -> None:
             watcher.start()
             log.info("DHCP (%s) on %s", settings.dhcp, settings.dhcp_interface)
         manager.start()
+        tail.start()
         # log_config=None: uvicorn's loggers go to corral's root handler, in one format
         # (its own dictConfig would also remove the handlers corral set up).
         config = uvicorn.Config(
@@ -267,6 +271,8 @@ def serve(settings: Settings, engine: Engine) -> None:
         )
         _Server(config).run(sockets=[_listen(settings.address, settings.http_port)])
     finally:
+        if tail.is_alive():
+            tail.stop()
         if manager.is_alive():
             manager.stop()
         if watcher is not None and watcher.is_alive():  # not started if dnsmasq failed

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from corral.agent import phases
@@ -23,7 +21,7 @@ from corral.inventory import db
 from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
-from tests.fakes import free_port
+from tests.integration.conftest import serving
 
 pytestmark = pytest.mark.integration
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -41,21 +39,8 @@ def app(service: BootService) -> FastAPI:
 
 @pytest.fixture
 def url(app: FastAPI) -> Iterator[str]:
-    """corral's app on a real uvicorn, as corral serve runs it."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(app) as url:
+        yield url
 
 
 def record(node: str, phase: str, message: str = "", **more: object) -> None:

@@ -19,6 +19,8 @@ def test_the_live_view_ends_its_last_line(monkeypatch: pytest.MonkeyPatch) -> No
         "nodes": [{"node": "n1", "bytes": 15_000, "total": 15_000, "phase": "done", "message": ""}],
     }
     monkeypatch.setattr(deploy, "_snapshot", lambda ident: data)
+    row = {"node": "n1", "state": "deployed", "phase": "done", "bytes": 15_000, "total": 15_000}
+    monkeypatch.setattr(deploy.LocalFeed, "snapshot", lambda self: [row])
     stream = io.StringIO()  # stderr redirected to a file or a pipe: not a terminal
     monkeypatch.setattr(deploy, "err", Console(file=stream, width=80))
     monkeypatch.setattr(deploy, "out", Console(file=io.StringIO(), width=80))

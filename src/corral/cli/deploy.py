@@ -7,9 +7,6 @@ from collections import Counter
 from typing import Any
 
 import typer
-from rich.console import Group
-from rich.live import Live
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from corral.agent.phases import DONE, FINAL
@@ -23,6 +20,7 @@ from corral.cli.common import (
     session,
     settings,
 )
+from corral.cli.watch import LocalFeed, run_view
 from corral.deploy.diskless import squashfs_transports
 from corral.deploy.store import RUNNING, Deployments, new_deployment
 from corral.deploy.transports import names as transport_names
@@ -129,51 +127,17 @@ def _snapshot(ident: int) -> dict[str, Any]:
 
 
 def follow(ident: int, interval: float = 0.5) -> int:
-    """A live view of the deployment until it ends; returns the exit status."""
-    data = _snapshot(ident)
-    nodes = data["nodes"]
-    shown = nodes[:BARS]
-    bars = Progress(
-        TextColumn("{task.description:<10}"),
-        BarColumn(),
-        DownloadColumn(),
-        TextColumn("{task.fields[phase]}", markup=False),
-        console=err,
-    )
-    tasks: dict[str, TaskID] = {
-        n["node"]: bars.add_task(n["node"], total=n["total"] or None, phase=n["phase"])
-        for n in shown
-    }
-    overall = Progress(
-        TextColumn("[bold]all {task.fields[count]} nodes"),
-        BarColumn(),
-        DownloadColumn(),
-        TextColumn("{task.fields[phases]}", markup=False),
-        console=err,
-    )
-    total_task = overall.add_task("all", total=None, count=len(nodes), phases="")
+    """The live view of ``corral watch --deployment`` until the deployment ends, read from
+    the database; returns the exit status."""
     start = time.monotonic()
-    with Live(Group(bars, overall), console=err, refresh_per_second=4, transient=False):
-        while True:
-            for n in data["nodes"]:
-                if n["node"] in tasks:
-                    bars.update(
-                        tasks[n["node"]],
-                        completed=n["bytes"],
-                        total=n["total"] or None,
-                        phase=n["phase"],
-                    )
-            phases = Counter(n["phase"] for n in data["nodes"])
-            overall.update(
-                total_task,
-                completed=sum(n["bytes"] for n in data["nodes"]),
-                total=sum(n["total"] for n in data["nodes"]) or None,
-                phases="  ".join(f"{p} {c}" for p, c in sorted(phases.items())),
-            )
-            if data["state"] != RUNNING:
-                break
-            time.sleep(interval)
-            data = _snapshot(ident)
+    data: dict[str, Any] = {}
+
+    def ended() -> bool:
+        data.update(_snapshot(ident))
+        return bool(data["state"] != RUNNING)
+
+    title = f"deployment {ident}"
+    run_view(LocalFeed(ident), title, err, until=ended, poll=interval)
     if not err.is_terminal:
         # Rich ends a live display's last line only on a terminal.
         err.line()

@@ -21,6 +21,7 @@ from corral.cli import (
     ramdisk,
     serve,
     testbed,
+    watch,
 )
 from corral.cli.common import err, out
 from corral.errors import CorralError
@@ -51,6 +52,7 @@ app.command("serve")(serve.serve)
 app.command("deploy")(deploy.deploy)
 app.command("boot")(deploy.boot)
 app.add_typer(deploy.app, name="deployment")
+app.command("watch")(watch.watch)
 
 _debug = False
 
@@ -77,6 +79,7 @@ def _options(
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
     if not debug:  # a fresh database's migrations are not news
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # corral watch's requests
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -68,3 +68,23 @@ def test_watch_says_when_the_server_is_down_or_refuses(home: Path, url: str) -> 
     assert "refused the admin token" in refused.stderr
     unknown = watch(home, "zz9", "--once", "--server", url)
     assert unknown.returncode == 1 and "unknown node 'zz9'" in unknown.stderr
+
+
+def test_node_history_tells_what_happened_and_why(home: Path, fixture_cluster: None) -> None:
+    from tests.conftest import corral
+
+    with db.session() as s:
+        states = NodeStates(s)
+        states.record("c01", phases.BOOTED, "ramdisk up", "10.0.0.11")
+        states.record(
+            "c01", phases.FAILED, "disk vanished", "10.0.0.11", log="sda: I/O error\nabort"
+        )
+    shown = corral("node", "history", "c01", "--logs", home=home)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == ["time", "node", "phase", "source", "message"]
+    assert "booted" in lines[1] and "ramdisk up" in lines[1]
+    assert "[node-error, in booted] disk vanished" in lines[2]
+    assert "sda: I/O error" in shown.stdout
+    bad = corral("node", "history", "--since", "yesterday", home=home)
+    assert bad.returncode != 0 and "bad since 'yesterday'" in bad.stderr

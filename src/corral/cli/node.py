@@ -189,3 +189,49 @@ def status(
         since = time.strftime("%H:%M:%S", time.localtime(row.updated)) if row.updated else ""
         table.add_row(*map(cell, (row.name, row.state, row.phase, since, (row.message or "")[:60])))
     out.print(table)
+
+
+@app.command("history")
+def history(
+    noderange: str | None = typer.Argument(
+        None, metavar="[NODERANGE]", help="only these, e.g. 'n[001-010]' (default: all)"
+    ),
+    since: str | None = typer.Option(
+        None, help="from a time (2026-12-03T12:00) or an age (15m, 2h, 7d) [default: all kept]"
+    ),
+    deployment: int | None = typer.Option(None, "--deployment", "-d", metavar="ID"),
+    unknown: bool = typer.Option(False, "--unknown", help="machines no node owns, by MAC"),
+    limit: int = typer.Option(200, help="at most this many, the newest"),
+    logs: bool = typer.Option(False, "--logs", help="with each failure's last log lines"),
+) -> None:
+    """The nodes' event history, oldest first: boot steps corral served, their reports,
+    failures with their reason; kept for event_retention_days."""
+    from rich.table import Table
+
+    from corral.cli.common import local_time
+    from corral.serve.events import stored_events
+    from corral.serve.monitor import parse_since
+
+    names = expand(noderange) if noderange else None
+    with inventory() as inv:
+        if names:
+            for name in names:
+                inv.node(name)  # an unknown one is an error, not an empty history
+        rows = stored_events(
+            inv.session,
+            since=parse_since(since),
+            nodes=[""] if unknown else names,
+            deployment=deployment,
+            newest=limit,
+        )
+    table = Table("time", "node", "phase", "source", "message", box=None, pad_edge=False)
+    for row in rows:
+        message = row.message
+        if row.reason:
+            message = f"[{row.reason}, in {row.during or '?'}] {message}"
+        table.add_row(
+            *map(cell, (local_time(row.time), row.node or row.mac, row.phase, row.source, message))
+        )
+        if logs and row.log:
+            table.add_row("", "", "", "", cell(row.log.rstrip()))
+    out.print(table if rows else "no events")

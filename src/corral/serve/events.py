@@ -228,10 +228,15 @@ def stored_events(
     nodes: list[str] | None = None,
     deployment: int | None = None,
     limit: int = 1000,
+    newest: int | None = None,
 ) -> list[m.NodeEvent]:
     """Stored events, oldest first: past event ``after`` or from time ``since``, of
-    ``nodes`` (None: all, unknown machines too) or ``deployment``; at most ``limit``."""
-    query = select(m.NodeEvent).order_by(m.NodeEvent.id).limit(limit)
+    ``nodes`` (None: all; "": unknown machines) or ``deployment``; the first ``limit``, or
+    the ``newest`` ones."""
+    if newest is not None:
+        query = select(m.NodeEvent).order_by(m.NodeEvent.id.desc()).limit(newest)
+    else:
+        query = select(m.NodeEvent).order_by(m.NodeEvent.id).limit(limit)
     if after is not None:
         query = query.where(m.NodeEvent.id > after)
     if since is not None:
@@ -240,7 +245,8 @@ def stored_events(
         query = query.where(m.NodeEvent.node.in_(nodes))
     if deployment is not None:
         query = query.where(m.NodeEvent.deployment == deployment)
-    return list(session.scalars(query))
+    rows = list(session.scalars(query))
+    return rows[::-1] if newest is not None else rows
 
 
 def last_event_id(session: Session) -> int:

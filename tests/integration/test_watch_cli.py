@@ -70,9 +70,12 @@ def test_watch_says_when_the_server_is_down_or_refuses(home: Path, url: str) -> 
     assert unknown.returncode == 1 and "unknown node 'zz9'" in unknown.stderr
 
 
-def test_node_history_tells_what_happened_and_why(home: Path, fixture_cluster: None) -> None:
+def test_node_history_tells_what_happened_and_why(
+    home: Path, fixture_cluster: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tests.conftest import corral
 
+    monkeypatch.setenv("COLUMNS", "160")
     with db.session() as s:
         states = NodeStates(s)
         states.record("c01", phases.BOOTED, "ramdisk up", "10.0.0.11")

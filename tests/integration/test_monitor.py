@@ -196,3 +196,47 @@ def test_a_phase_past_its_timeout_fails_the_node_with_its_reason(
     assert "loader undionly.kpxe over TFTP at" in (c02.message or "")
     assert "never asked for its boot configuration" in (c02.message or "")
     assert (failed["bonded"].reason, failed["bonded"].during) == ("timeout", "loader")
+
+
+def test_events_of_other_processes_reach_the_hub_and_old_ones_expire(
+    service: BootService,
+) -> None:
+    from sqlalchemy import insert
+
+    from corral.inventory import models as m
+    from corral.serve.events import Hub, Tail
+
+    hub = Hub()
+    tail = Tail(hub, service.session, retention_days=1)
+    with db.session() as s:  # as the CLI would: rows this process's hub never saw
+        s.execute(
+            insert(m.NodeEvent),
+            [
+                {
+                    "node": "c01",
+                    "time": time.time(),
+                    "phase": "armed",
+                    "message": "re-armed",
+                    "source": "admin",
+                },
+                {
+                    "node": "c01",
+                    "time": time.time() - 3 * 86400,
+                    "phase": "booted",
+                    "message": "long ago",
+                    "source": "10.0.0.11",
+                },
+            ],
+        )
+    tail.tick()
+    messages, lost = hub.after(0)
+    assert not lost
+    assert [json.loads(msg.data.split(b"data: ")[1])["message"] for msg in messages] == [
+        "re-armed",
+        "long ago",
+    ]
+    with db.session() as s:
+        kept = [e.message for e in NodeStates(s).events("c01")]
+    assert kept == ["re-armed"]  # older than event_retention_days: deleted
+    tail.tick()
+    assert hub.after(messages[-1].seq) == ([], False)  # each published once

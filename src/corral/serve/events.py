@@ -182,17 +182,18 @@ _hubs: list[Hub] = []
 
 def _collect(session: Session, _context: Any) -> None:
     # after a flush, ``session.new`` still lists what it inserted, now with their ids
-    new = [o for o in session.new if isinstance(o, m.NodeEvent)]
+    # (taken as data now: after the commit, an expired row could not be read)
+    new = [event_out(o) for o in session.new if isinstance(o, m.NodeEvent)]
     if new:
         session.info.setdefault("corral_events", []).extend(new)
 
 
 def _publish(session: Session) -> None:
-    rows = session.info.pop("corral_events", None)
-    if rows:
+    events = session.info.pop("corral_events", None)
+    if events:
         for hub in _hubs:
-            for row in rows:
-                hub.event(row)
+            for data in events:
+                hub.publish("event", data)
 
 
 def _forget(session: Session) -> None:

@@ -183,7 +183,8 @@ _hubs: list[Hub] = []
 def _collect(session: Session, _context: Any) -> None:
     # after a flush, ``session.new`` still lists what it inserted, now with their ids
     # (taken as data now: after the commit, an expired row could not be read)
-    new = [event_out(o) for o in session.new if isinstance(o, m.NodeEvent)]
+    rows = sorted((o for o in session.new if isinstance(o, m.NodeEvent)), key=lambda o: o.id)
+    new = [event_out(row) for row in rows]
     if new:
         session.info.setdefault("corral_events", []).extend(new)
 

@@ -276,3 +276,11 @@ def test_metrics_need_the_admin_token_and_each_app_has_its_registry(
         assert scraped.headers["content-type"].startswith("application/openmetrics-text")
         assert scraped.text.endswith("# EOF\n")
     assert first.state.metrics.registry is not second.state.metrics.registry
+
+
+def test_every_metric_is_documented(metrics: Metrics) -> None:
+    docs = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    suffix = {"counter": "_total", "info": "_info"}  # as exposed
+    names = {f.name + suffix.get(f.type, "") for f in metrics.registry.collect()}
+    assert len(names) == 10
+    assert [name for name in sorted(names) if f"| `{name}` |" not in docs] == []

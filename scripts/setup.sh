@@ -23,6 +23,7 @@ DEBIAN_PACKAGES=(
     fdisk gdisk e2fsprogs xfsprogs dosfstools   # the agent partitions and formats disks
     grub-pc-bin grub2-common        # the agent installs GRUB on a node's disk
     udpcast                         # multicast image transfer (udp-sender, udp-receiver)
+    prometheus                      # a real Prometheus scrapes /metrics in a test (not its unit)
 )
 
 missing=()

@@ -724,6 +724,11 @@ def test_the_head_streams_the_chunk_files_of_its_session_only(
         sock.sendall(pack_hello(tag, 0, "tb001", 69_990))  # inside chunk 0
         assert read_answer(lambda n: read_exact(sock, n))[0] == OK
         assert frames(sock, 2) == [(DATA, 0, 69_990, chunks[0][69_990:]), (DATA, 1, 0, chunks[1])]
+    # what the head sent, for /metrics: each connection's frames, once they ended
+    deadline = time.monotonic() + 10
+    while transport.sent() != {version.ref: 70_010 + 10 + 20} and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert transport.sent() == {version.ref: 70_010 + 10 + 20}
 
 
 def test_a_real_head_and_real_unpacking_through_three_nodes(

@@ -456,6 +456,23 @@ def test_the_agents_final_report_and_the_first_boot_over_http(
         assert answer.status_code == 200 and answer.json()["state"] == "installed"
 
 
+def test_the_chunk_bytes_a_node_fetched_are_in_the_metrics(
+    home: Path, nodes: None, image: ImageVersion
+) -> None:
+    with node_n01_over_http() as (node, _, auth):
+        chunk = node.get("/images/small/1/chunks/00000000.bin", headers=auth)
+        assert chunk.status_code == 200, chunk.text
+        part = node.get(
+            "/images/small/1/chunks/00000000.bin", headers=auth | {"Range": "bytes=0-99"}
+        )
+        assert part.status_code == 206
+        metrics = node.get("/metrics", headers={"Authorization": "Bearer admin"}).text
+        sent = len(chunk.content) + 100
+        assert f'corral_image_bytes_sent_total{{image="small:1",transport="http"}} {sent}.0' in (
+            metrics
+        )
+
+
 def test_a_nodes_phase_is_its_deployment_step_and_it_reports_only_its_own(
     home: Path, nodes: None, image: ImageVersion
 ) -> None:

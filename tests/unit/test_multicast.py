@@ -272,6 +272,7 @@ def test_the_fifo_carries_the_chunks_in_order(
         session.feeder.join(5)
         assert out.read_bytes() == b"".join(chunks)
         assert session.fed == sum(map(len, chunks))
+        assert session.meter.read() == {version.ref: session.fed}  # for /metrics
     finally:
         session.stop()
     assert not session.fifo.exists() and not session.pid_path.exists()

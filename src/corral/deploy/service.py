@@ -60,7 +60,7 @@ from corral.deploy.diskless import (
 from corral.deploy.keys import host_keys
 from corral.deploy.store import RUNNING, Deployments, install_disk
 from corral.deploy.transports import Transports
-from corral.deploy.transports.base import Member
+from corral.deploy.transports.base import Member, Meter
 from corral.errors import CorralError, NotFound
 from corral.images.catalog import image_store
 from corral.images.exports import Chunked
@@ -112,6 +112,8 @@ class DeployService:
         self._sessions: set[tuple[int, str, str]] = set()
         #: what a progress report is passed to once stored (the live views' hub)
         self.on_progress: Callable[[dict[str, Any]], None] | None = None
+        #: the image bytes the HTTP chunk routes sent, per export (for /metrics)
+        self.served = Meter()
 
     def version(self, ref: str) -> ImageVersion:
         if ref not in self._versions:

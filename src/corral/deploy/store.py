@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from corral.agent.phases import (
@@ -244,6 +244,10 @@ class Deployments:
     def running(self) -> list[m.Deployment]:
         query = select(m.Deployment).where(m.Deployment.state == RUNNING)
         return list(self.session.scalars(query.order_by(m.Deployment.id)))
+
+    def running_count(self) -> int:
+        query = select(func.count()).select_from(m.Deployment)
+        return int(self.session.scalar(query.where(m.Deployment.state == RUNNING)) or 0)
 
     def active_nodes(self, names: Sequence[str] | None = None) -> dict[str, int]:
         """node -> deployment id, for nodes in a running deployment that have not ended."""

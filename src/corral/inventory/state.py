@@ -56,6 +56,8 @@ ARMED, INSTALLING, DEPLOYED, INSTALLED, FAILED, DISCOVERED = (
 )
 #: a diskless node: from its network boot until its image's systemd says it is up
 BOOTING, RUNNING = "booting", "running"
+#: Every state, in life-cycle order.
+STATES = (DISCOVERED, ARMED, BOOTING, INSTALLING, DEPLOYED, INSTALLED, RUNNING, FAILED)
 MAX_MESSAGE = 4000
 
 
@@ -125,6 +127,17 @@ class NodeStates:
                     NodeStatus(name, row.state, row.phase, row.message, row.updated, row.facts)
                 )
         return out
+
+    def counts(self) -> dict[str, int]:
+        """How many nodes are in each state (a node never seen is armed), in one query."""
+        state = func.coalesce(m.NodeState.state, ARMED)
+        query = (
+            select(state, func.count())
+            .select_from(m.Node)
+            .outerjoin(m.NodeState, m.NodeState.node_id == m.Node.id)
+            .group_by(state)
+        )
+        return {str(name): int(count) for name, count in self.session.execute(query)}
 
     def arm(self, names: list[str]) -> None:
         """Make the nodes' next network boot install them (``corral node reinstall``)."""

@@ -2,16 +2,19 @@
 the node's token) and the admin API (create, list, show, cancel, with the API token)."""
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
+from starlette.types import Message, Receive, Scope, Send
 
 from corral.agent.phases import CANCELLED, DEPLOY_STEPS
 from corral.deploy.service import DeployService
 from corral.deploy.store import Deployments, new_deployment
+from corral.deploy.transports.base import Meter
 from corral.deploy.view import DeploymentOut, deployment_out
 
 
@@ -32,6 +35,31 @@ class DeploymentIn(BaseModel):
     kind: Literal["install", "diskless"] = Field(
         "install", description="install the image on disks, or boot diskless nodes into it"
     )
+
+
+class MeteredFile(FileResponse):
+    """A chunk file whose body bytes are counted in ``meter`` under ``ref`` once the
+    response ends: a Range request counts its part, a client that left what it got."""
+
+    def __init__(self, path: Path, meter: Meter, ref: str) -> None:
+        super().__init__(path, media_type="application/octet-stream")
+        self.meter, self.ref = meter, ref
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sent = 0
+
+        async def counted(message: Message) -> None:
+            nonlocal sent
+            await send(message)
+            if message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            elif message["type"] == "http.response.pathsend":  # the server sends the file
+                sent += Path(self.path).stat().st_size
+
+        try:
+            await super().__call__(scope, receive, counted)
+        finally:
+            self.meter.add(self.ref, sent)
 
 
 def agent_router(
@@ -77,7 +105,7 @@ def agent_router(
         """One chunk of an image's stream (Range requests supported), for the nodes that
         are installing that image."""
         path = deploy.chunk_path(name, version, index, bearer(authorization), client(request))
-        return FileResponse(path, media_type="application/octet-stream")
+        return MeteredFile(path, deploy.served, f"{name}:{version}")
 
     @router.get("/images/{name}/{version}/squashfs/chunks/{index}.bin")
     def squashfs_chunk(
@@ -92,7 +120,7 @@ def agent_router(
         path = deploy.chunk_path(
             name, version, index, bearer(authorization), client(request), export="squashfs"
         )
-        return FileResponse(path, media_type="application/octet-stream")
+        return MeteredFile(path, deploy.served, f"{name}:{version}/squashfs")
 
     return router
 

@@ -105,6 +105,8 @@ class Hub:
         self.published: set[int] = set()
         #: what each message kind is passed to besides the stream (metrics)
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+        #: the clients of the stream now (counted on the event loop, read by the metrics)
+        self.clients = 0
 
     @property
     def seq(self) -> int:

@@ -32,6 +32,7 @@ from corral.serve.boot import BootService
 from corral.serve.deployments import admin_routes, agent_router
 from corral.serve.events import Hub, attach, detach
 from corral.serve.limits import MAX_BODY, BodyLimit
+from corral.serve.metrics import Metrics
 from corral.serve.monitor import monitor_routes
 
 log = logging.getLogger("corral.serve")
@@ -111,6 +112,8 @@ def create_app(
     admin_routes(admin, deploy)
     monitor_routes(admin, hub, service.session)
     app.include_router(admin, prefix="/api/v1")
+    app.state.metrics = metrics = Metrics(hub, service.session, deploy)
+    app.include_router(_metrics_router(metrics, api_token))
     return app
 
 
@@ -206,7 +209,9 @@ def _node_router(service: BootService) -> APIRouter:
     return router
 
 
-def _admin_router(service: BootService, api_token: str) -> APIRouter:
+def _admin_guard(api_token: str) -> Callable[..., None]:
+    """The dependency of every admin route: the API token, or 401."""
+
     def require_admin(
         authorization: Annotated[str | None, Header()] = None,
         corral_token: Annotated[str | None, Cookie(include_in_schema=False)] = None,
@@ -219,7 +224,29 @@ def _admin_router(service: BootService, api_token: str) -> APIRouter:
             )
             raise HTTPException(401, "admin API needs 'Authorization: Bearer <api token>'")
 
-    router = APIRouter(dependencies=[Depends(require_admin)], tags=["admin"])
+    return require_admin
+
+
+def _metrics_router(metrics: Metrics, api_token: str) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(_admin_guard(api_token))], tags=["monitoring"])
+
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}, "application/openmetrics-text": {}}}},
+    )
+    def prometheus(accept: Annotated[str | None, Header()] = None) -> Response:
+        """Prometheus metrics (docs/metrics.md): nodes by state, phase durations, image
+        bytes sent, boot requests, failures by reason. Needs the admin token: Prometheus
+        sends it with ``authorization: {credentials: ...}`` in its scrape config."""
+        body, content_type = metrics.exposition(accept)
+        return Response(body, headers={"content-type": content_type})
+
+    return router
+
+
+def _admin_router(service: BootService, api_token: str) -> APIRouter:
+    router = APIRouter(dependencies=[Depends(_admin_guard(api_token))], tags=["admin"])
 
     def session() -> Iterator[Session]:
         with service.session() as s:

@@ -191,6 +191,7 @@ class EventStream(Response):
 
         listener = asyncio.ensure_future(listen())
         client = scope.get("client") or ("?", 0)
+        self.hub.clients += 1
         try:
             body = b"retry: 2000\n\n" + b"".join(self.backlog)
             while not gone.is_set():
@@ -231,6 +232,7 @@ class EventStream(Response):
         except OSError:
             pass
         finally:
+            self.hub.clients -= 1
             listener.cancel()
             if not gone.is_set():
                 # end the response; a client dropped for not reading gets its socket closed

@@ -64,6 +64,18 @@ class Transports:
                 self._live[name] = REGISTRY[name](self.settings)
             return self._live[name]
 
+    def sent(self) -> dict[str, dict[str, int]]:
+        """What each transport started so far sent of each export, by its own means."""
+        with self._lock:
+            live = list(self._live.items())
+        out = {}
+        for name, transport in live:
+            try:
+                out[name] = transport.sent()
+            except Exception:  # the metrics go on without it
+                log.exception("reading what transport %s sent", name)
+        return out
+
     def close(self) -> None:
         with self._lock:
             for transport in self._live.values():

@@ -3,6 +3,7 @@ the unicast ones share (:class:`Unicast`), and a session's :class:`Member`."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,7 +29,8 @@ class ServerTransport(Protocol):
     :meth:`start` once per session (the nodes of one deployment that get the same image by
     this transport) before it reboots them, and :meth:`finish` when every node of the
     session has ended; after a restart of corral serve, :meth:`start` is called again with
-    the nodes still going. :meth:`params` goes into each node's plan.
+    the nodes still going. :meth:`params` goes into each node's plan. :meth:`sent` is read
+    at each scrape of ``/metrics``.
     """
 
     name: str
@@ -43,6 +45,11 @@ class ServerTransport(Protocol):
 
     def finish(self, deployment: int, payload: Chunked) -> None: ...
 
+    def sent(self) -> dict[str, int]:
+        """Bytes this transport sent of each export (by its ref) since the server started,
+        by its own means: not the HTTP chunk routes, which count theirs. Cheap: no I/O."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -54,6 +61,32 @@ class Unicast:
 
     def finish(self, deployment: int, payload: Chunked) -> None:
         pass
+
+    def sent(self) -> dict[str, int]:
+        return {}  # its bytes leave by the HTTP chunk routes, or by a daemon that keeps its own
+
+
+class Meter:
+    """Bytes sent per export (its ref), from any thread, only ever growing: what a
+    transport's sessions sent, kept when they end, for ``/metrics``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sent: dict[str, int] = {}
+
+    def add(self, ref: str, count: int) -> None:
+        if count > 0:
+            with self._lock:
+                self._sent[ref] = self._sent.get(ref, 0) + count
+
+    def read(self, *live: tuple[str, int]) -> dict[str, int]:
+        """The bytes counted, plus ``live`` (ref, bytes) pairs not counted yet (the live
+        sessions' own counts, which are added here when the session ends)."""
+        with self._lock:
+            out = dict(self._sent)
+        for ref, count in live:
+            out[ref] = out.get(ref, 0) + count
+        return out
 
 
 def url_host(url: str) -> str:

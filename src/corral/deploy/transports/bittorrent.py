@@ -60,7 +60,7 @@ from typing import Any
 from corral.agent.wire.bencode import bencode
 from corral.agent.wire.lan_swarm import lan_settings
 from corral.config import Settings
-from corral.deploy.transports.base import Member
+from corral.deploy.transports.base import Member, Meter
 from corral.deploy.transports.bittorrent_tracker import Tracker
 from corral.errors import ConfigError
 from corral.images.exports import Chunked
@@ -298,6 +298,8 @@ class BitTorrentTransport:
         self.sessions: dict[tuple[int, str], _Session] = {}
         self.tracker: Tracker | None = None
         self.seeder: Seeder | None = None
+        #: what the seed uploaded in the sessions that ended
+        self.meter = Meter()
         self._lock = threading.RLock()
 
     @property
@@ -405,6 +407,17 @@ class BitTorrentTransport:
             if not self.sessions:
                 self._stop()
 
+    def sent(self) -> dict[str, int]:
+        """What corral's seed uploaded to the swarms (the nodes trade the rest)."""
+        with self._lock:
+            seeder = self.seeder
+            live = [
+                (s.ref, seeder.uploaded(s.torrent.info_hash))
+                for s in self.sessions.values()
+                if seeder is not None
+            ]
+            return self.meter.read(*live)
+
     def close(self) -> None:
         with self._lock:
             for session in self.sessions.values():
@@ -417,6 +430,7 @@ class BitTorrentTransport:
         key = session.torrent.info_hash
         if self.seeder is not None:
             uploaded = self.seeder.uploaded(key)
+            self.meter.add(session.ref, uploaded)
             size = sum(size for _, size in self.layouts[session.ref].files)
             log.info(
                 "bittorrent: deployment %d, %s: %s; the seed sent %d bytes (%.2f x the stream)",

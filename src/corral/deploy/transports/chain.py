@@ -83,7 +83,7 @@ from typing import Any
 from corral.agent.wire.chain import RELAY_PORT, session_tag, tune
 from corral.agent.wire.chain_sender import FileSource, Sender, answer_hello
 from corral.config import Settings
-from corral.deploy.transports.base import Member, url_host
+from corral.deploy.transports.base import Member, Meter, url_host
 from corral.errors import ConfigError, CorralError
 from corral.images.exports import Chunked
 
@@ -179,6 +179,7 @@ class Head:
         )
         with transport.lock:
             session.senders.append(sender)
+            transport.serving.append((session.payload.ref, sender))
         log.info(
             "chain %s: the head serves %s from chunk %d",
             session.tag,
@@ -188,8 +189,11 @@ class Head:
         try:
             sender.run()
         finally:
-            with transport.lock, contextlib.suppress(ValueError):
-                session.senders.remove(sender)
+            with transport.lock:
+                with contextlib.suppress(ValueError):
+                    session.senders.remove(sender)
+                transport.serving.remove((session.payload.ref, sender))
+                transport.meter.add(session.payload.ref, sender.sent)
         log.info(
             "chain %s: %s %s after %d bytes from the head%s",
             session.tag,
@@ -221,6 +225,9 @@ class ChainTransport:
         self.by_node: dict[str, str] = {}  # node -> tag of its session
         self.head: Head | None = None
         self._checked: set[str] = set()
+        #: the head's connections (export ref, sender) and what the ended ones sent
+        self.serving: list[tuple[str, Sender]] = []
+        self.meter = Meter()
 
     def prepare(self, payload: Chunked) -> None:
         """Check every chunk against the manifest once, before the first byte is served."""
@@ -290,6 +297,11 @@ class ChainTransport:
         for sender in senders:
             with contextlib.suppress(OSError):
                 sender.sock.shutdown(socket.SHUT_RDWR)
+
+    def sent(self) -> dict[str, int]:
+        """What the head sent the first node of each chain (the nodes relay the rest)."""
+        with self.lock:
+            return self.meter.read(*((ref, sender.sent) for ref, sender in self.serving))
 
     def close(self) -> None:
         with self.lock:

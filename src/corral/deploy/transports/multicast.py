@@ -88,7 +88,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.config import Settings
-from corral.deploy.transports.base import Member
+from corral.deploy.transports.base import Member, Meter
 from corral.deploy.transports.http import HttpTransport
 from corral.deploy.transports.multicast_options import MulticastOptions, options_from_settings
 from corral.errors import CommandFailed, ConfigError
@@ -225,6 +225,8 @@ class Session:
     feeder: threading.Thread | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
     fed: int = 0  # bytes written into the FIFO
+    #: where the fed bytes are counted for /metrics (the transport's, kept past the session)
+    meter: Meter = field(default_factory=Meter)
     log_start: int = 0  # where this sender's lines begin in the (appended) log
 
     @property
@@ -305,6 +307,7 @@ class Session:
                         while block := chunk.read(1 << 20):
                             out.write(block)
                             self.fed += len(block)
+                            self.meter.add(self.payload.ref, len(block))
         except BrokenPipeError:
             if not self.stopping.is_set():
                 log.warning("udp-sender for %s stopped reading its input", self.payload.ref)
@@ -415,6 +418,8 @@ class MulticastTransport:
         self.http = HttpTransport(settings)
         self.directory = settings.home / "multicast"
         self.sessions: dict[tuple[int, str], Session] = {}
+        #: what udp-sender was fed, once: its retransmissions and the HTTP catch-up are not
+        self.meter = Meter()
         self._lock = threading.Lock()
 
     def prepare(self, payload: Chunked) -> None:
@@ -439,6 +444,7 @@ class MulticastTransport:
                 members={m.node: m.ip for m in members},
                 tag=f"{deployment}/{payload.image.ref}/{index['sha256']}",  # as the plan says
                 chunks=len(index["chunks"]),
+                meter=self.meter,
             )
             session.launch()
             self.sessions[key] = session
@@ -488,6 +494,9 @@ class MulticastTransport:
             session = self.sessions.pop((deployment, payload.ref), None)
         if session is not None:
             session.stop()
+
+    def sent(self) -> dict[str, int]:
+        return self.meter.read()
 
     def close(self) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ DEBIAN_PACKAGES=(
     fdisk gdisk e2fsprogs xfsprogs dosfstools   # the agent partitions and formats disks
     grub-pc-bin grub2-common        # the agent installs GRUB on a node's disk
     udpcast                         # multicast image transfer (udp-sender, udp-receiver)
+    chromium chromium-driver        # the dashboard's test runs a real headless browser
 )
 
 missing=()

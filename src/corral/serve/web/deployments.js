@@ -139,14 +139,18 @@ export class Deployments {
     const fill = el("span");
     meter.append(fill);
     const stats = el("div", "stats");
+    const labels = [];
     const stat = (k) => {
       const box = el("div", "stat");
       const v = el("div", "v", "–");
-      box.append(v, el("div", "k", k));
+      const label = el("div", "k", k);
+      labels.push(label);
+      box.append(v, label);
       stats.append(box);
       return v;
     };
     const view = { fill, progress: stat("transferred"), rate: stat("throughput now"), nodes: stat("nodes done / failed / active") };
+    view.progressOf = labels[0];
     const chart = throughputChart();
     const note = el("p", "chart-note", "Aggregate throughput of all its nodes, last 3 minutes (heard since this page opened).");
     const members = el("div", "members");
@@ -179,7 +183,8 @@ export class Deployments {
     const sums = t.totals();
     const pct = percent(sums.sent, sums.size);
     v.fill.style.width = `${pct ?? 0}%`;
-    v.progress.textContent = sums.size ? `${bytes(sums.sent)} of ${bytes(sums.size)}` : bytes(sums.sent);
+    v.progress.textContent = bytes(sums.sent);
+    v.progressOf.textContent = sums.size ? `transferred of ${bytes(sums.size)}` : "transferred";
     const series = t.series(now);
     v.rate.textContent = rate(series[series.length - 1][1]);
     v.nodes.textContent = `${sums.done} / ${sums.failed} / ${sums.active}`;

@@ -5,7 +5,7 @@ import { ago, byName, clock, el, percent } from "./format.js";
 import { nodeFilter } from "./noderange.js";
 
 /** Up to this many nodes, a cell shows the node's name and phase. */
-const NAMED = 120;
+const NAMED = 48;
 /** Up to this many, bigger cells; past it, small ones (1,000 fit in one screen). */
 const MEDIUM = 500;
 const FAILURES_SHOWN = 100;
@@ -90,7 +90,7 @@ export class Grid {
       cell.type = "button";
       cell.dataset.node = row.node;
       cell.setAttribute("role", "listitem");
-      if (named) cell.append(el("span", "stripe"), el("span", "name", row.node), el("span", "what"), el("span", "bar"));
+      if (named) cell.append(el("span", "stripe"), el("span", "name", row.node), el("span", "what"), el("span", "fill"));
       else cell.append(el("span", "todo"));
       this.cells.set(row.node, cell);
       this.paint(cell, row, named);
@@ -106,7 +106,8 @@ export class Grid {
     const pct = percent(row.bytes, row.total);
     const active = row.state === "installing" || row.state === "booting";
     cell.className = `cell s-${row.state}${row.node === this.selected ? " selected" : ""}`;
-    const what = row.state === "failed" ? row.reason || row.phase || "failed" : row.phase || row.state;
+    const settled = row.state === "installed" || row.state === "running" || row.state === "discovered";
+    const what = row.state === "failed" ? row.reason || "failed" : settled ? row.state : row.phase || row.state;
     const lines = [`${row.node}: ${row.state}`];
     if (row.phase) lines.push(`phase: ${row.phase}${active && pct !== null ? ` (${pct}%)` : ""}`);
     if (row.reason) lines.push(`reason: ${row.reason}`);
@@ -116,7 +117,7 @@ export class Grid {
     cell.setAttribute("aria-label", lines.join(", "));
     if (named) {
       cell.querySelector(".what").textContent = active && pct !== null ? `${what} · ${pct}%` : what;
-      cell.querySelector(".bar").style.width = active && pct !== null ? `${pct}%` : "0";
+      cell.querySelector(".fill").style.width = active && pct !== null ? `${pct}%` : "0";
     } else {
       cell.firstChild.style.height = active && pct !== null ? `${100 - pct}%` : "0";
     }

@@ -24,6 +24,7 @@ DEBIAN_PACKAGES=(
     grub-pc-bin grub2-common        # the agent installs GRUB on a node's disk
     udpcast                         # multicast image transfer (udp-sender, udp-receiver)
     prometheus                      # a real Prometheus scrapes /metrics in a test (not its unit)
+    chromium chromium-driver        # the dashboard's test runs a real headless browser
 )
 
 missing=()

@@ -39,6 +39,7 @@ def serve(**given: Any) -> None:
     log.info("nodes fetch their boot files from %s (server_url)", cfg.server_url)
     where = "api_token in the config" if cfg.api_token else str(cfg.home / "api-token")
     log.info("admin API (/api/v1) bearer token: %s", where)
+    log.info("dashboard: %s/dashboard (log in with that token)", cfg.server_url.rstrip("/"))
     run_server(cfg, engine())
 
 

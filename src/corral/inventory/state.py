@@ -75,6 +75,25 @@ class NodeStatus:
         return self.state in (ARMED, INSTALLING)
 
 
+def next_state(state: str, phase: str) -> str | None:
+    """The state of a node in ``state`` once it reported ``phase``; None: the report is
+    history only, the node stays as it was (an installed node renewing its DHCP lease, or
+    booting from its disk). The dashboard follows nodes live with this, as a table."""
+    if phase in phases.BOOT_STEPS:
+        return state if state in (ARMED, BOOTING) else None
+    if phase in (phases.INSTALL_FINISHED, phases.FIRST_BOOT):
+        return INSTALLED
+    if phase == phases.RUNNING:
+        return RUNNING
+    if phase == phases.STARTING:
+        return BOOTING
+    if phase in (phases.REBOOTING, phases.DEPLOYED):
+        return DEPLOYED
+    if phase == phases.FAILED:
+        return FAILED
+    return INSTALLING if state == ARMED else state
+
+
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -232,24 +251,12 @@ class NodeStates:
             )
         row = self._row(name)
         message = message[:MAX_MESSAGE]
-        if phase in phases.BOOT_STEPS and row.state not in (ARMED, BOOTING):
-            # an installed node renewing its lease, or booting from its disk: history only
+        state = next_state(row.state, phase)
+        if state is None:
             self._event(name, phase, message, source)
             return self.status(name)
         during = row.phase
-        row.phase, row.message, row.updated = phase, message, time.time()
-        if phase in (phases.INSTALL_FINISHED, phases.FIRST_BOOT):
-            row.state = INSTALLED
-        elif phase == phases.RUNNING:
-            row.state = RUNNING
-        elif phase == phases.STARTING:
-            row.state = BOOTING
-        elif phase in (phases.REBOOTING, phases.DEPLOYED):
-            row.state = DEPLOYED
-        elif phase == phases.FAILED:
-            row.state = FAILED
-        elif row.state == ARMED and phase not in phases.BOOT_STEPS:
-            row.state = INSTALLING
+        row.phase, row.message, row.updated, row.state = phase, message, time.time(), state
         if phase == phases.FAILED:
             self._event(
                 name,

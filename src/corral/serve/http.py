@@ -29,6 +29,7 @@ from corral.inventory.state import NodeStates
 from corral.inventory.store import Inventory, Kind
 from corral.render.check import checked_change
 from corral.serve.boot import BootService
+from corral.serve.dashboard import dashboard_router, detail_routes
 from corral.serve.deployments import admin_routes, agent_router
 from corral.serve.events import Hub, attach, detach
 from corral.serve.limits import MAX_BODY, BodyLimit
@@ -111,9 +112,11 @@ def create_app(
     admin = _admin_router(service, api_token)
     admin_routes(admin, deploy)
     monitor_routes(admin, hub, service.session)
+    detail_routes(admin, service.session)
     app.include_router(admin, prefix="/api/v1")
     app.state.metrics = metrics = Metrics(hub, service.session, deploy)
     app.include_router(_metrics_router(metrics, api_token))
+    app.include_router(dashboard_router(api_token))
     return app
 
 

@@ -87,7 +87,7 @@ class Started:
         self.seen: dict[str, Any] = {}
         seen = self.seen
 
-        def create_app(service: Any, token: str, deploy: Any) -> object:
+        def create_app(service: Any, token: str, deploy: Any, hub: Any = None) -> object:
             seen.update(boot=service.settings, deploy=deploy.settings)
             seen["transports"] = deploy.transports.settings
             return object()

@@ -144,6 +144,18 @@ class Started:
                 pass
 
         monkeypatch.setattr(server, "create_app", create_app)
+
+        class Tail:
+            def __init__(self, *args: Any) -> None:
+                pass
+
+            def start(self) -> None:
+                pass
+
+            def is_alive(self) -> bool:
+                return False
+
+        monkeypatch.setattr(server, "Tail", Tail)
         monkeypatch.setattr(server, "Manager", Manager)
         monkeypatch.setattr(server, "Watcher", Watcher)
         monkeypatch.setattr(server, "_Server", Uvicorn)

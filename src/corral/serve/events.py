@@ -271,12 +271,13 @@ class Tail(threading.Thread):
         self.session = session
         self.retention = retention_days * 86400
         self.stopping = threading.Event()
-        with session() as s:
-            self.cursor = last_event_id(s)
+        self.cursor: int | None = None  # the newest event when it started: read first
         self._pruned = 0.0
 
     def tick(self) -> None:
         with self.session() as s:
+            if self.cursor is None:
+                self.cursor = last_event_id(s)
             rows = stored_events(s, after=self.cursor, limit=5000)
             for row in rows:
                 self.cursor = max(self.cursor, row.id)

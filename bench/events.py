@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import json
 import os
@@ -51,7 +52,6 @@ import resource
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -388,7 +388,8 @@ async def run_node(
     await asyncio.sleep(max(0.0, t0 + start - time.monotonic()))
     try:
         body = json.dumps({"phase": BOOTED, "message": "bench"}).encode()
-        status, _ = await conn.request("POST", f"/api/v1/nodes/{node.name}/events", node.token, body)
+        events = f"/api/v1/nodes/{node.name}/events"
+        status, _ = await conn.request("POST", events, node.token, body)
         if status != 200:
             node.errors.append(f"booted: HTTP {status}")
         phase_i, due = -1, t0 + start
@@ -491,10 +492,8 @@ async def scrape(scrapes: Scrapes, port: int, token: str, stop: asyncio.Event) -
                     scrapes.latencies.append(time.monotonic() - asked)
                 else:
                     scrapes.errors += 1
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, asked + 1.0 - time.monotonic()))
-            except TimeoutError:
-                pass
     finally:
         conn.close()
 
@@ -508,7 +507,8 @@ async def drive(args: argparse.Namespace, port: int, ident: int, token: str, pid
     admin = Connection(port)
     viewers = [Viewer() for _ in range(args.clients)]
     ready = [asyncio.Event() for _ in viewers]
-    tasks = [asyncio.create_task(view(v, port, token, r)) for v, r in zip(viewers, ready)]
+    pairs = zip(viewers, ready, strict=True)
+    tasks = [asyncio.create_task(view(v, port, token, r)) for v, r in pairs]
     await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), 10)
     first_event = await last_event_id(admin, token)
     stop = asyncio.Event()
@@ -561,7 +561,8 @@ async def stored_ids(admin: Connection, token: str, after: int) -> set[int]:
     """The ids of the events the server stored past ``after``."""
     ids: set[int] = set()
     while True:
-        status, data = await admin.request("GET", f"/api/v1/events?after={after}&limit=10000", token)
+        page = f"/api/v1/events?after={after}&limit=10000"
+        status, data = await admin.request("GET", page, token)
         if status != 200:
             raise RuntimeError(f"GET /api/v1/events: HTTP {status}")
         rows = json.loads(data)

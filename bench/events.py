@@ -29,8 +29,10 @@ Measured:
   p99 <= 250 ms);
 - ``corral serve``'s CPU (user + system from ``/proc/PID/stat``, as % of one core) and
   RSS (at the end, and its peak);
-- the load generator's own CPU, and how late it sent reports against its schedule: a
-  generator that is late measures itself, not the server;
+- the load generator's own CPU, and how late it sent reports against its schedule. A
+  node waits for each answer before its next report, as the agent does, so lateness with
+  a generator far from a core's worth of CPU is the server's backlog; with a busy
+  generator it would be the generator's own;
 - the scrape latency; the host's load average before and after.
 
 Everything simulated runs in this one process on one asyncio loop (raw HTTP/1.1 on
@@ -693,7 +695,7 @@ def table(summary: dict[str, Any]) -> str:
         ("corral serve CPU (one core)", f"{s['server_cpu_pct']} %"),
         ("corral serve RSS / peak", f"{s['server_rss_mib']} / {s['server_peak_rss_mib']} MiB"),
         ("generator CPU (one core)", f"{s['generator_cpu_pct']} %"),
-        ("generator late p99", f"{s['generator_late_p99_ms']} ms"),
+        ("reports late p99 (backlog)", f"{s['generator_late_p99_ms']} ms"),
         ("metrics", f"{s['metrics']}"),
         ("scrape p50 / p99", f"{s['scrape_p50_ms']} / {s['scrape_p99_ms']} ms"),
         ("load average before / after", f"{s['load_before']} / {s['load_after']}"),

@@ -577,3 +577,14 @@ def test_a_diskless_node_without_an_image_fails_with_the_reason(
         status = NodeStates(s).status("n01")
     assert status.state == "failed"
     assert status.message == "diskless boot: diskless node n01 has no image"
+
+
+def test_the_last_node_done_ends_the_deployment_done(nodes: None, image: ImageVersion) -> None:
+    ident = start("n[01-02]")
+    with db.session() as s:
+        store = Deployments(s)
+        store.report(ident, "n01", Progress("done", 100, 100), "10.0.0.11")
+        assert store.get(ident).state == "running"
+        store.report(ident, "n02", Progress("done", 100, 100), "10.0.0.12")
+        d = store.get(ident)
+        assert d.state == "done" and d.finished

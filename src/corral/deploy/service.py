@@ -343,7 +343,6 @@ class DeployService:
         boot_timeout = settings.deploy_boot_timeout
         with self.session() as s:
             store = Deployments(s)
-            inventory = Inventory(s)
             running = store.running()
             for ident in {k[0] for k in self._sessions} - {d.id for d in running}:
                 self._end_sessions(store.get(ident))  # ended by a report or a cancel
@@ -354,10 +353,12 @@ class DeployService:
                     if not any(k[0] == deployment.id for k in self._sessions):
                         close_gathering(deployment, self._sizes(deployment))
                 self._sessions_of(s, deployment)
+                # one query, not one per node a second (a tenth of a core at 1,000 nodes)
+                known = _known_nodes(s, [r.node for r in deployment.nodes if r.phase not in FINAL])
                 for row in deployment.nodes:
                     if row.phase in FINAL:
                         continue
-                    if not inventory.exists("node", row.node):
+                    if row.node not in known:
                         store.fail(row, "the node was removed from the inventory", why=REMOVED)
                         continue
                     if row.powered is None:
@@ -642,6 +643,13 @@ def _node_ips(session: Session, names: list[str]) -> dict[str, str]:
         if ip:
             ips.setdefault(name, ip)
     return ips
+
+
+def _known_nodes(session: Session, names: list[str]) -> set[str]:
+    """Those of ``names`` that are in the inventory."""
+    from sqlalchemy import select
+
+    return set(session.scalars(select(m.Node.name).where(m.Node.name.in_(names))))
 
 
 def _node_at(session: Session, ip: str) -> str | None:

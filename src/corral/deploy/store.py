@@ -354,10 +354,15 @@ class Deployments:
     def _maybe_finish(self, deployment: m.Deployment) -> None:
         if deployment.state != RUNNING:
             return
-        phases = [row.phase for row in deployment.nodes]
-        if all(p in FINAL for p in phases):
-            deployment.state = "done" if all(p == DONE for p in phases) else "failed"
-            deployment.finished = time.time()
+        # counted by the database (the session flushes first), not by loading every node
+        # of the deployment: each node's final report did that, 1,000 rows a report at
+        # 1,000 nodes (23 ms each)
+        members = select(func.count()).where(m.DeploymentNode.deployment_id == deployment.id)
+        if self.session.scalar(members.where(m.DeploymentNode.phase.not_in(FINAL))):
+            return
+        failed = self.session.scalar(members.where(m.DeploymentNode.phase != DONE))
+        deployment.state = "failed" if failed else "done"
+        deployment.finished = time.time()
 
 
 def _written(ident: int, image: str, progress: Progress) -> tuple[str, str]:

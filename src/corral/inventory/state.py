@@ -252,6 +252,23 @@ class NodeStates:
             self._event(name, phase, message, source, deployment=deployment)
         return self.status(name)
 
+    def record_unknown(self, mac: str | None, phase: str, message: str, source: str) -> None:
+        """Store a boot step of a machine that is in no node's interfaces: history only
+        (node ""), under its ``mac`` when corral saw it (None: only its address is known,
+        in ``source``)."""
+        if phase not in phases.BOOT_STEPS:
+            raise UsageError(f"an unknown machine has only boot steps, not '{phase}'")
+        self.session.add(
+            m.NodeEvent(
+                node="",
+                mac=mac,
+                time=time.time(),
+                phase=phase,
+                message=message[:MAX_MESSAGE],
+                source=source,
+            )
+        )
+
     def _event(self, name: str, phase: str, message: str, source: str, **more: Any) -> None:
         self.session.add(
             m.NodeEvent(

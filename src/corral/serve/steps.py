@@ -101,7 +101,8 @@ def mac_in_name(path: str) -> str | None:
 
 
 def tftp_step(path: str, client_ip: str, size: int, failure: str | None) -> Step | None:
-    """The step a finished TFTP transfer of ``path`` was, or None for no step.
+    """The step a finished TFTP transfer of ``path`` was (``size``: the bytes the client
+    acknowledged; ``failure``: why it ended early, None if it did not), or None for no step.
 
     A boot configuration that was not found is no step: pxelinux and GRUB try a list of
     names (``01-MAC``, the UUID, the address in hex, ``default``) until one is there."""
@@ -113,6 +114,8 @@ def tftp_step(path: str, client_ip: str, size: int, failure: str | None) -> Step
         what = "token"
     if failure is None:
         message = f"{what} over TFTP ({human_size(size)})"
+    elif size:
+        message = f"{what} over TFTP failed after {human_size(size)}: {failure}"
     else:
         message = f"{what} over TFTP failed: {failure}"
     return Step(phase, message, client_ip, mac_in_name(path))

@@ -176,13 +176,13 @@ class BootSteps:
             return self._macs.get(ip) if ip else None
 
     def _node(self, session: Session, step: Step) -> str | None:
-        """The node that took ``step``: by its MAC, else by its client's address."""
+        """The node that took ``step``: by its MAC when it names one (a MAC in no node's
+        interfaces is an unknown machine's, whatever its address), else by its client's
+        address."""
         if step.mac:
-            name = session.scalar(
+            return session.scalar(
                 select(m.Node.name).join(m.Interface).where(m.Interface.mac == step.mac)
             )
-            if name is not None or not step.client_ip:
-                return name
         if step.client_ip:
             return session.scalar(
                 select(m.Node.name).join(m.Interface).where(m.Interface.ip == step.client_ip)

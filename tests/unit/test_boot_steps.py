@@ -88,7 +88,7 @@ def test_refusals_proxy_offers_and_the_boot_server() -> None:
         f"{P}1800517436 PXE(br0) 52:54:00:c0:ff:01 proxy",
         f"{P}1800517436 bootfile name: undionly.kpxe",
         f"{P}1800517436 broadcast response",
-        f"{P}55 PXE(br0) 10.77.0.150 52:54:00:c0:ff:01 ipxe.efi",
+        f"{P}55 PXE(br0) 52:54:00:c0:ff:02 proxy",
         f"{P}56 PXE(br0) 52:54:00:c0:ff:03 proxy-ignored",
         f"{P}57 DHCPNAK(br0) 10.77.0.11 52:54:00:c0:ff:01 wrong address",
         f"{P}58 DHCPDISCOVER(br0) 52:54:00:c0:ff:01 ",
@@ -96,7 +96,7 @@ def test_refusals_proxy_offers_and_the_boot_server() -> None:
     assert steps(lines) == [
         "asked for an address: no address available",
         "proxy offer (undionly.kpxe)",
-        "10.77.0.150 boot server answered (ipxe.efi)",
+        "proxy offer, boot file from port 4011",
         "10.77.0.11 refused (wrong address)",
     ]
 

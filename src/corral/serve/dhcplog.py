@@ -21,7 +21,7 @@ The lines, as dnsmasq 2.90 writes them (the number is the transaction id)::
     dnsmasq-dhcp[7]: 2607067961 DHCPACK(br0) 10.77.0.11 52:54:00:c0:ff:01 node01
     dnsmasq-dhcp[7]: 1937544738 DHCPDISCOVER(br0) 52:54:00:c0:ff:99 no address available
     dnsmasq-dhcp[7]: 1800517436 PXE(br0) 52:54:00:c0:ff:01 proxy
-    dnsmasq-dhcp[7]: 1800517436 PXE(br0) 10.77.0.150 52:54:00:c0:ff:01 ipxe.efi
+    dnsmasq-dhcp[7]: 1800517436 bootfile name: undionly.kpxe
 """
 
 from __future__ import annotations
@@ -116,12 +116,12 @@ def boot_step(answer: DhcpAnswer) -> Step | None:
         verb = "offered" if kind == "DHCPOFFER" else "acknowledged"
         message = f"{ip} {verb}" if kind == "DHCPOFFER" else f"{ip} {verb} ({boot})"
     elif kind == "PXE":
-        if answer.text.startswith("proxy"):  # proxyDHCP: the boot part of the offer
-            if answer.text != "proxy":
-                return None  # "proxy-ignored": dnsmasq was told not to answer
-            message = f"proxy offer ({boot})" if boot else "proxy offer"
-        else:  # the PXE boot server (port 4011) names the file in the line itself
-            message = f"{ip} boot server answered ({answer.text or boot})"
+        # proxyDHCP: the boot part of an offer ("proxy-ignored": dnsmasq was told not to
+        # answer). A BIOS client's names its loader; a UEFI client's sends it to port 4011,
+        # whose answer dnsmasq logs the same way, with the loader.
+        if answer.text != "proxy":
+            return None
+        message = f"proxy offer ({boot})" if boot else "proxy offer, boot file from port 4011"
     elif kind == "DHCPNAK":
         message = f"{ip} refused ({answer.text})" if answer.text else f"{ip} refused"
     elif kind == "DHCPDISCOVER" and answer.text:  # refused: "no address available"

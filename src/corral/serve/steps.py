@@ -31,6 +31,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from corral.agent import phases
@@ -147,20 +148,31 @@ class BootSteps:
         None when nothing was stored: rate-limited, or the database failed, which is
         logged). ``source``: who told (default: the client's address)."""
         source = source or step.client_ip or "corral"
-        try:
-            with self.session() as s:
-                name = self._node(s, step)
-                if name is None:
-                    mac = step.mac or self._remembered_mac(step.client_ip)
-                    if not self._admit_unknown(mac or step.client_ip or "?", step.phase):
-                        return None
-                    NodeStates(s).record_unknown(mac, step.phase, step.message, source)
-                    return ""
-                NodeStates(s).record(name, step.phase, step.message, source)
-                return name
-        except Exception:
-            log.exception("could not store boot step %s %r; served anyway", step.phase, step)
-            return None
+        for attempt in range(2):
+            try:
+                return self._store(step, source)
+            except IntegrityError:
+                # two steps of a node with no state row yet, at once: both add one; the
+                # second to commit loses, and finds the row on its second try
+                if attempt == 0:
+                    continue
+                log.exception("could not store boot step %s %r; served anyway", step.phase, step)
+            except Exception:
+                log.exception("could not store boot step %s %r; served anyway", step.phase, step)
+                break
+        return None
+
+    def _store(self, step: Step, source: str) -> str | None:
+        with self.session() as s:
+            name = self._node(s, step)
+            if name is None:
+                mac = step.mac or self._remembered_mac(step.client_ip)
+                if not self._admit_unknown(mac or step.client_ip or "?", step.phase):
+                    return None
+                NodeStates(s).record_unknown(mac, step.phase, step.message, source)
+                return ""
+            NodeStates(s).record(name, step.phase, step.message, source)
+            return name
 
     def remember(self, ip: str, mac: str) -> None:
         """``ip`` was acknowledged to ``mac`` (DHCP): its later TFTP and HTTP fetches then

@@ -4,6 +4,8 @@ unknown machines' rate-limited."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from corral.agent import phases
@@ -70,6 +72,17 @@ def test_an_operating_systems_dhcp_is_no_boot_step() -> None:
     assert steps(RENEWAL) == []
     # without log-dhcp there is no boot file to tell: nothing is taken for a boot
     assert steps([f"{P}DHCPACK(br0) 10.77.0.11 52:54:00:c0:ff:01 node01"]) == []
+
+
+def test_the_boot_file_sent_as_option_67_counts_too() -> None:
+    """OVMF's PXE and iPXE ask for option 67: dnsmasq sends (and logs) the file there."""
+    lines = [
+        f"{P}1948242001 DHCPACK(br0) 10.88.0.53 52:54:00:00:01:03 efipxe1",
+        f"{P}1948242001 requested options: 66:tftp-server, 67:bootfile-name",
+        f"{P}1948242001 sent size:  9 option: 67 bootfile-name  ipxe.efi",
+        f"{P}1948242001 sent size:  4 option: 51 lease-time  1h",
+    ]
+    assert steps(lines) == ["10.88.0.53 acknowledged (ipxe.efi)"]
 
 
 def test_interleaved_exchanges_keep_their_own_boot_files() -> None:
@@ -241,3 +254,20 @@ def test_queued_steps_are_stored_by_the_writer(fixture_cluster: None) -> None:
     finally:
         recorder.stop()  # stores what is queued first
     assert stored("c01")[-1] == ("c01", None, phases.DHCP, "10.0.0.11 offered")
+
+
+def test_a_step_told_late_is_history_and_does_not_move_the_node_back(
+    fixture_cluster: None,
+) -> None:
+    """dnsmasq's line may be stored after the loader its answer led to was fetched."""
+    recorder = BootSteps(db.session)
+    acked = time.time()
+    recorder.record(Step(phases.LOADER, "ipxe.efi over TFTP (1.0 MB)", "10.0.0.11"))
+    late = Step(phases.DHCP, "10.0.0.11 acknowledged (ipxe.efi)", mac="52:54:00:00:00:01", at=acked)
+    assert recorder.record(late, "dnsmasq") == "c01"
+    with db.session() as s:
+        states = NodeStates(s)
+        assert states.status("c01").phase == phases.LOADER
+        steps = [(e.phase, e.time) for e in states.boot_steps("c01", 0)]
+    assert steps[0] == (phases.DHCP, acked)  # in the order they happened
+    assert steps[1][0] == phases.LOADER

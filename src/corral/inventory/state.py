@@ -189,7 +189,7 @@ class NodeStates:
             select(m.NodeEvent)
             .where(m.NodeEvent.node == name, m.NodeEvent.time >= since)
             .where(m.NodeEvent.phase.in_(phases.BOOT_STEPS))
-            .order_by(m.NodeEvent.id)
+            .order_by(m.NodeEvent.time, m.NodeEvent.id)  # a DHCP step may be stored late
         )
         return list(self.session.scalars(query))
 
@@ -209,22 +209,28 @@ class NodeStates:
         reason: str | None = None,
         deployment: int | None = None,
         log: str | None = None,
+        at: float | None = None,
     ) -> NodeStatus:
         """Store a node's report and move its state on. A failure keeps its ``reason``
         (:data:`~corral.agent.phases.REASONS`; the node's own word if not given), the phase
-        it ended and the node's last ``log`` lines."""
+        it ended and the node's last ``log`` lines.
+
+        ``at``: when it happened, for a boot step read from a log a moment after (DHCP).
+        One older than the node's last change is history only: it must not move the node
+        back to a phase it is already past."""
         if phase not in phases.LIFE_CYCLE:
             raise UsageError(
                 f"unknown phase '{phase}'", f"use one of: {', '.join(phases.LIFE_CYCLE)}"
             )
         row = self._row(name)
         message = message[:MAX_MESSAGE]
-        if phase in phases.BOOT_STEPS and row.state not in (ARMED, BOOTING):
-            # an installed node renewing its lease, or booting from its disk: history only
-            self._event(name, phase, message, source)
+        late = at is not None and at < row.updated
+        if phase in phases.BOOT_STEPS and (row.state not in (ARMED, BOOTING) or late):
+            # an installed node booting from its disk, or a step told after a later one
+            self._event(name, phase, message, source, at=at)
             return self.status(name)
         during = row.phase
-        row.phase, row.message, row.updated = phase, message, time.time()
+        row.phase, row.message, row.updated = phase, message, at or time.time()
         if phase in (phases.INSTALL_FINISHED, phases.FIRST_BOOT):
             row.state = INSTALLED
         elif phase == phases.RUNNING:
@@ -249,10 +255,12 @@ class NodeStates:
                 log=log,
             )
         else:
-            self._event(name, phase, message, source, deployment=deployment)
+            self._event(name, phase, message, source, deployment=deployment, at=at)
         return self.status(name)
 
-    def record_unknown(self, mac: str | None, phase: str, message: str, source: str) -> None:
+    def record_unknown(
+        self, mac: str | None, phase: str, message: str, source: str, at: float | None = None
+    ) -> None:
         """Store a boot step of a machine that is in no node's interfaces: history only
         (node ""), under its ``mac`` when corral saw it (None: only its address is known,
         in ``source``)."""
@@ -262,17 +270,24 @@ class NodeStates:
             m.NodeEvent(
                 node="",
                 mac=mac,
-                time=time.time(),
+                time=at or time.time(),
                 phase=phase,
                 message=message[:MAX_MESSAGE],
                 source=source,
             )
         )
 
-    def _event(self, name: str, phase: str, message: str, source: str, **more: Any) -> None:
+    def _event(
+        self, name: str, phase: str, message: str, source: str, at: float | None = None, **more: Any
+    ) -> None:
         self.session.add(
             m.NodeEvent(
-                node=name, time=time.time(), phase=phase, message=message, source=source, **more
+                node=name,
+                time=at or time.time(),
+                phase=phase,
+                message=message,
+                source=source,
+                **more,
             )
         )
 

@@ -19,6 +19,7 @@ The lines, as dnsmasq 2.90 writes them (the number is the transaction id)::
     dnsmasq-dhcp[7]: 2607067961 DHCPOFFER(br0) 10.77.0.11 52:54:00:c0:ff:01
     dnsmasq-dhcp[7]: 2607067961 bootfile name: undionly.kpxe
     dnsmasq-dhcp[7]: 2607067961 DHCPACK(br0) 10.77.0.11 52:54:00:c0:ff:01 node01
+    dnsmasq-dhcp[7]: 2607067961 sent size:  9 option: 67 bootfile-name  undionly.kpxe
     dnsmasq-dhcp[7]: 1937544738 DHCPDISCOVER(br0) 52:54:00:c0:ff:99 no address available
     dnsmasq-dhcp[7]: 1800517436 PXE(br0) 52:54:00:c0:ff:01 proxy
     dnsmasq-dhcp[7]: 1800517436 bootfile name: undionly.kpxe
@@ -32,6 +33,7 @@ import os
 import re
 import select
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,7 +51,9 @@ IDLE = 0.2
 
 _LINE = re.compile(r"^dnsmasq-dhcp\[\d+\]: (?:(?P<xid>\d+) )?(?P<text>.*?)\s*$")
 _PACKET = re.compile(r"^(?P<kind>DHCP[A-Z]+|PXE|BOOTP)\((?P<iface>[^)]*)\) (?P<args>.*)$")
-_BOOTFILE = "bootfile name: "
+# The boot file goes in the packet's file field, or, to a client that asks for option 67
+# (OVMF's PXE, iPXE), in that option: dnsmasq logs the one or the other.
+_BOOTFILE = re.compile(r"^(?:bootfile name: |sent size:\s*\d+ option:\s*67 bootfile-name\s+)(.+)$")
 
 
 @dataclass(frozen=True)
@@ -64,17 +68,19 @@ class DhcpAnswer:
     text: str
     bootfile: str | None = None
     xid: str | None = None
+    at: float | None = None  # when corral read it
 
 
 def parse_line(line: str) -> tuple[str | None, DhcpAnswer | str | None]:
     """(transaction id, what ``line`` says): a :class:`DhcpAnswer` for a packet line, the
-    boot file for a ``bootfile name:`` detail, or None for anything else."""
+    boot file for a detail that names it, or None for anything else."""
     found = _LINE.match(line)
     if found is None:
         return None, None
     xid, text = found.group("xid"), found.group("text")
-    if text.startswith(_BOOTFILE):
-        return xid, text.removeprefix(_BOOTFILE).strip()
+    bootfile = _BOOTFILE.match(text)
+    if bootfile is not None:
+        return xid, bootfile.group(1).strip()
     packet = _PACKET.match(text)
     if packet is None:
         return xid, None
@@ -128,25 +134,30 @@ def boot_step(answer: DhcpAnswer) -> Step | None:
         message = f"asked for an address: {answer.text}"
     else:
         return None
-    return Step(phases.DHCP, message, client_ip=None, mac=answer.mac)
+    return Step(phases.DHCP, message, client_ip=None, mac=answer.mac, at=answer.at)
 
 
 class DhcpLogParser:
     """Turns dnsmasq's lines into answers, each with the boot file its details named.
 
-    An answer is complete when the next packet's lines begin, or on :meth:`flush` (the
-    reader calls it when dnsmasq has been quiet for :data:`IDLE` seconds)."""
+    An answer is handed on as soon as a detail names its boot file: it is a boot step,
+    and the node may be fetching that file already, so the step must not wait. Any other
+    answer is complete when the next packet's lines begin, or on :meth:`flush` (the reader
+    calls it when dnsmasq has been quiet for :data:`IDLE` seconds)."""
 
     def __init__(self) -> None:
         self._pending: DhcpAnswer | None = None
 
-    def feed(self, line: str) -> list[DhcpAnswer]:
+    def feed(self, line: str, at: float | None = None) -> list[DhcpAnswer]:
+        """The answers ``line`` (read at ``at``) completes."""
         xid, said = parse_line(line)
         done: list[DhcpAnswer] = []
         pending = self._pending
         if pending is not None and isinstance(said, str) and xid == pending.xid:
-            self._pending = replace(pending, bootfile=said)
-            return done
+            self._pending = None
+            return [replace(pending, bootfile=said)]
+        if isinstance(said, DhcpAnswer):
+            said = replace(said, at=at)
         if pending is not None and (xid != pending.xid or isinstance(said, DhcpAnswer)):
             done.append(pending)
             self._pending = None
@@ -196,9 +207,9 @@ class LogPump(threading.Thread):
                     if not chunk:
                         break
                     *lines, rest = (rest + chunk).split(b"\n")
-                    self._lines(out, lines)
+                    self._lines(out, lines, time.time())
                 if rest:
-                    self._lines(out, [rest])
+                    self._lines(out, [rest], time.time())
                 self._hand(self.parser.flush())
         except Exception:
             log.exception("reading dnsmasq's log failed; DHCP boot steps are not recorded")
@@ -207,13 +218,13 @@ class LogPump(threading.Thread):
         finally:
             self.stream.close()
 
-    def _lines(self, out: IO[bytes], lines: list[bytes]) -> None:
+    def _lines(self, out: IO[bytes], lines: list[bytes], at: float) -> None:
         kept = []
         for raw in lines:
             line = raw.decode("utf-8", "replace")
             if self.keep_details or not is_detail(line):
                 kept.append(raw + b"\n")
-            self._hand(self.parser.feed(line))
+            self._hand(self.parser.feed(line, at))
         if kept:
             out.write(b"".join(kept))
 

@@ -65,6 +65,7 @@ class Step:
     message: str
     client_ip: str | None = None
     mac: str | None = None
+    at: float | None = None  # when it was served, if not now (DHCP: when dnsmasq said so)
 
 
 def boot_file_phase(path: str) -> str | None:
@@ -169,9 +170,9 @@ class BootSteps:
                 mac = step.mac or self._remembered_mac(step.client_ip)
                 if not self._admit_unknown(mac or step.client_ip or "?", step.phase):
                     return None
-                NodeStates(s).record_unknown(mac, step.phase, step.message, source)
+                NodeStates(s).record_unknown(mac, step.phase, step.message, source, step.at)
                 return ""
-            NodeStates(s).record(name, step.phase, step.message, source)
+            NodeStates(s).record(name, step.phase, step.message, source, at=step.at)
             return name
 
     def remember(self, ip: str, mac: str) -> None:

@@ -249,9 +249,9 @@ class Settings:
     )
     timeout_pxe: float = setting(
         600.0,
-        "Seconds a node that loaded its network boot program may wait between the next boot "
-        "steps corral serves it (its configuration, kernel, initrd) and until its ramdisk or "
-        "installer reports `booted`; a server's firmware may take minutes.",
+        "Seconds a node that started to network-boot may wait between the boot steps corral "
+        "serves it (DHCP, boot program, its configuration, kernel, initrd) and until its "
+        "ramdisk or installer reports `booted`; a server's firmware may take minutes.",
     )
     timeout_booted: float = setting(
         1800.0,

@@ -32,9 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from corral.config import Settings
 from corral.errors import CommandFailed, CorralError, InvalidValue
+from corral.inventory import db
+from corral.inventory.schema import NodeSpec
 from corral.run import run
+from corral.serve.boot import BootService
 from corral.serve.dhcp import (
     DhcpConfig,
     Dnsmasq,
@@ -43,6 +48,8 @@ from corral.serve.dhcp import (
     render_config,
     render_hosts,
 )
+from corral.serve.http import create_app
+from corral.serve.server import dhcp_steps
 
 pytestmark = [
     pytest.mark.integration,
@@ -330,7 +337,8 @@ def test_render_config_modes(tmp_path: Path) -> None:
         f"dhcp-boot=tag:pxelinux,pxelinux.0,,{SERVER_IP}",
         f"dhcp-boot=tag:grub,grubnetx64.efi,,{SERVER_IP}",
     ]
-    assert not any(x in text for x in ("enable-tftp", "tftp-root", "pxe-service", "log-dhcp"))
+    assert not any(x in text for x in ("enable-tftp", "tftp-root", "pxe-service"))
+    assert "log-dhcp" in lines  # always: corral reads the boot file of each answer
 
     static = render_config(DhcpConfig("full", "br0", SERVER_IP, HTTP_URL, state_dir=tmp_path))
     assert "dhcp-range=10.77.0.0,static,255.255.255.0,1h" in static.splitlines()
@@ -822,3 +830,91 @@ def test_hosts_file_tags_machines_with_another_loader() -> None:
     assert text == "52:54:00:00:00:01,10.77.0.11,a\n52:54:00:00:00:02,set:pxelinux,10.77.0.12,b\n"
     with pytest.raises(InvalidValue, match="loader"):
         Reservation("52:54:00:00:00:03", "10.77.0.13", "c", loader="floppy")
+
+
+# -- boot steps ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def recorder(home: Path, settings: Settings) -> Iterator[BootService]:
+    """corral's boot service on a fresh home holding node01 (MAC1), with its boot-step
+    writer running, as corral serve runs it."""
+    with db.inventory() as inv:
+        iface = {"mac": MAC1, "ip": NODE1.ip}
+        inv.add("node", [NodeSpec(name="node01", interfaces=[iface])])
+    service = BootService(settings, db.engine())
+    service.steps.start()
+    try:
+        yield service
+    finally:
+        service.steps.stop()
+
+
+def wait_for_events(
+    service: BootService, count: int, node: str | None = "node01"
+) -> list[tuple[str | None, str | None, str, str]]:
+    """(node, mac, phase, message) of the stored events through the API, once there are
+    ``count`` (node None: every event, unknown machines' too)."""
+    query = f"?node={node}" if node else ""
+    with TestClient(create_app(service, "admin-secret")) as api:
+        deadline = time.monotonic() + 15
+        while True:
+            answer = api.get(
+                f"/api/v1/events{query}", headers={"Authorization": "Bearer admin-secret"}
+            )
+            assert answer.status_code == 200, answer.text
+            got = [(e["node"], e["mac"], e["phase"], e["message"]) for e in answer.json()]
+            if len(got) >= count or time.monotonic() > deadline:
+                return got
+            time.sleep(0.1)
+
+
+def test_network_boot_dhcp_is_recorded_on_the_node(
+    net: Net, dnsmasq: Callable[..., Dnsmasq], recorder: BootService
+) -> None:
+    d = dnsmasq("full", log_dhcp=False)
+    d.on_answer = dhcp_steps(recorder.steps)
+    d.start([NODE1])
+    assert udhcpc(net, *BIOS, mac=MAC1) is not None  # the PXE ROM
+    assert udhcpc(net, mac=MAC1) is not None  # an operating system: no boot step
+    assert udhcpc(net, *IPXE, mac=MAC1) is not None  # iPXE, loaded
+    assert wait_for_events(recorder, 4) == [
+        ("node01", None, "dhcp", f"{NODE1.ip} offered"),
+        ("node01", None, "dhcp", f"{NODE1.ip} acknowledged (undionly.kpxe)"),
+        ("node01", None, "dhcp", f"{NODE1.ip} offered"),
+        ("node01", None, "dhcp", f"{NODE1.ip} acknowledged ({IPXE_URL})"),
+    ]
+    # dnsmasq.log keeps the answers, without log-dhcp's per-packet details
+    text = log_text(d)
+    assert f"DHCPACK(br0) {NODE1.ip} {MAC1} node01" in text
+    assert "bootfile name" not in text and "sent size" not in text
+
+
+def test_unknown_machines_are_recorded_with_their_mac_once_a_minute(
+    net: Net, dnsmasq: Callable[..., Dnsmasq], recorder: BootService
+) -> None:
+    d = dnsmasq("full")
+    d.on_answer = dhcp_steps(recorder.steps)
+    d.start([NODE1])
+    assert refused(net, d, UNKNOWN)  # two DISCOVERs, then again: stored once
+    assert refused(net, d, UNKNOWN)
+    time.sleep(1)
+    assert wait_for_events(recorder, 1, node=None) == [
+        (None, UNKNOWN, "dhcp", "asked for an address: no address available")
+    ]
+
+
+def test_proxy_mode_records_the_proxy_offer_and_the_boot_server(
+    net: Net, dnsmasq: Callable[..., Dnsmasq], recorder: BootService
+) -> None:
+    start_udhcpd(net)
+    d = dnsmasq("proxy")
+    d.on_answer = dhcp_steps(recorder.steps)
+    d.start([])
+    got = pxe_client(net, arch=7, want=2, request=True, boot_server=True)
+    assert got["pxe_ack"] is not None, log_text(d)
+    events = wait_for_events(recorder, 2)
+    assert events == [  # the proxy offer, then the boot server's answer on port 4011
+        ("node01", None, "dhcp", "proxy offer, boot file from port 4011"),
+        ("node01", None, "dhcp", "proxy offer (ipxe.efi)"),
+    ]

@@ -244,3 +244,64 @@ def test_tftp_faces(service: BootService) -> None:
     default = service.tftp_resolve("pxelinux.cfg/default", "10.0.0.11")
     assert default is not None and b"LOCALBOOT 0" in default
     assert service.tftp_resolve("undionly.kpxe", "10.0.0.11") is None  # a static file
+
+
+def events(client: TestClient, node: str) -> list[tuple[str, str, str]]:
+    """The node's stored events through the API: (phase, message, source)."""
+    answer = client.get(f"/api/v1/events?node={node}", headers=ADMIN)
+    assert answer.status_code == 200, answer.text
+    return [(e["phase"], e["message"], e["source"]) for e in answer.json()]
+
+
+def test_boot_fetches_are_recorded_as_the_nodes_boot_steps(
+    node: TestClient, stranger: TestClient, settings: Settings
+) -> None:
+    with db.inventory() as inv:
+        inv.update("node", ["c01"], {"install_method": "image"})
+    assert node.get("/corral/ramdisk/vmlinuz").status_code == 404  # not built yet
+    settings.ramdisk.mkdir(parents=True)
+    (settings.ramdisk / "vmlinuz").write_bytes(b"kernel")
+    (settings.ramdisk / "initrd.img").write_bytes(b"initrd")
+    for path in (
+        "/boot/ipxe",
+        "/boot/52-54-00-00-00-01.ipxe",
+        "/corral/ramdisk/vmlinuz",
+        "/corral/ramdisk/initrd.img",
+        "/boot/token/c01.cpio.gz",
+    ):
+        assert node.get(path).status_code == 200, path
+    assert stranger.get("/boot/token/c01.cpio.gz").status_code == 403
+    client = "10.0.0.11"
+    assert events(node, "c01") == [
+        (
+            "kernel",
+            "vmlinuz over HTTP failed: no ramdisk file vmlinuz: run 'corral ramdisk build'",
+            client,
+        ),
+        ("boot-config", "iPXE entry script over HTTP", client),
+        ("boot-config", "iPXE script over HTTP", client),
+        ("kernel", "vmlinuz over HTTP", client),
+        ("initrd", "initrd.img over HTTP", client),
+        ("initrd", "token over HTTP", client),
+    ]
+    status = node.get("/api/v1/nodes/c01/status", headers=ADMIN).json()
+    assert (status["state"], status["phase"]) == ("armed", "initrd")
+    # the stranger's refused token is its own (unknown machine's) step, not c01's
+    unknown = node.get("/api/v1/events", headers=ADMIN).json()
+    assert [(e["node"], e["phase"], e["source"]) for e in unknown if e["node"] is None] == [
+        (None, "initrd", "10.0.0.99")
+    ]
+    assert "token of node c01 is served only to its own address" in unknown[-1]["message"]
+
+
+def test_an_unknown_machines_fetches_carry_its_mac(node: TestClient) -> None:
+    assert node.get("/boot/52-54-00-00-aa-07.ipxe").status_code == 200
+    unknown = [e for e in node.get("/api/v1/events", headers=ADMIN).json() if e["node"] is None]
+    assert [(e["mac"], e["phase"], e["message"]) for e in unknown] == [
+        ("52:54:00:00:aa:07", "boot-config", "iPXE script over HTTP")
+    ]
+
+
+def test_kickstart_fetch_is_a_boot_config_step(node: TestClient) -> None:
+    kickstart_token(node)
+    assert events(node, "c01")[-1] == ("boot-config", "kickstart over HTTP", "10.0.0.11")

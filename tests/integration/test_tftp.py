@@ -18,7 +18,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
+from corral.config import Settings
+from corral.inventory import db
+from corral.inventory.schema import NodeSpec
+from corral.serve.boot import BootService
+from corral.serve.http import create_app
 from corral.serve.tftp import Resolver, TftpServer
 
 pytestmark = pytest.mark.integration
@@ -100,15 +106,17 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def tftp_hpa(port: int, *command: str, mode: str = "binary") -> str:
+def tftp_hpa(port: int, *command: str, mode: str = "binary", host: str = HOST) -> str:
     """Run tftp-hpa; it exits 0 even on errors, so return everything it printed."""
-    done = run("tftp", "-v", HOST, str(port), "-m", mode, "-c", *command)
+    done = run("tftp", "-v", host, str(port), "-m", mode, "-c", *command)
     assert done.returncode == 0, done
     return done.stdout + done.stderr
 
 
-def curl(port: int, name: str, out: Path, *options: str) -> subprocess.CompletedProcess[str]:
-    return run("curl", "-sS", "-v", *options, "-o", str(out), f"tftp://{HOST}:{port}/{name}")
+def curl(
+    port: int, name: str, out: Path, *options: str, host: str = HOST
+) -> subprocess.CompletedProcess[str]:
+    return run("curl", "-sS", "-v", *options, "-o", str(out), f"tftp://{host}:{port}/{name}")
 
 
 def atftp(port: int, name: str, out: Path, *options: str) -> subprocess.CompletedProcess[str]:
@@ -144,10 +152,10 @@ def not_served(out: Path, *forbidden: bytes) -> bool:
 class RawClient:
     """A bare TFTP client: sends what it is told, returns each packet it receives."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, host: str = HOST) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((HOST, 0))
-        self.server = (HOST, port)
+        self.sock.bind((host, 0))
+        self.server = (host, port)
         self.tid: tuple[str, int] | None = None
 
     def close(self) -> None:
@@ -197,11 +205,11 @@ class RawClient:
 
 
 @pytest.fixture
-def raw_client() -> Iterator[Callable[[int], RawClient]]:
+def raw_client() -> Iterator[Callable[..., RawClient]]:
     clients: list[RawClient] = []
 
-    def make(port: int) -> RawClient:
-        client = RawClient(port)
+    def make(port: int, host: str = HOST) -> RawClient:
+        client = RawClient(port, host)
         clients.append(client)
         return client
 
@@ -606,3 +614,88 @@ def test_stop_ends_transfers_and_frees_the_port(
     assert not [t for t in threading.enumerate() if t.name.startswith("corral-tftp")]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((HOST, port))  # the port is free again
+
+
+# -- boot steps ------------------------------------------------------------------------------
+
+
+def test_transfers_are_recorded_as_the_nodes_boot_steps(
+    fixture_cluster: None,
+    settings: Settings,
+    root: Path,
+    tmp_path: Path,
+    raw_client: Callable[..., RawClient],
+) -> None:
+    """With corral's resolver and recorder, as corral serve runs them: each boot file a
+    real client fetched is an event on the node at that address (or whose MAC the file
+    names), through the events API; a failed transfer too, a size probe not."""
+    here = host_address()
+    with db.inventory() as inv:
+        inv.add("node", [NodeSpec(name="lo1", interfaces=[{"mac": LO1_MAC, "ip": here}])])
+    service = BootService(settings, db.engine())
+    put_random(root / "ipxe.efi", 1_000_000)
+    server = TftpServer(root, service.tftp_resolve, host=here, port=0, on_done=service.tftp_done)
+    server.timeout, server.retries = 1, 1
+    server.start()
+    try:
+        said = tftp_hpa(server.port, "get", "ipxe.efi", str(tmp_path / "a"), host=here)
+        assert "Received 1000000 bytes" in said
+        said = tftp_hpa(server.port, "get", "undionly.kpxe", str(tmp_path / "b"), host=here)
+        assert "File not found" in said
+        menu = tmp_path / "menu"
+        assert (
+            curl(server.port, "pxelinux.cfg/01-52-54-00-00-00-01", menu, host=here).returncode == 0
+        )
+        assert curl(server.port, "pxelinux.cfg/C0A80001", tmp_path / "c", host=here).returncode != 0
+        probe = raw_client(server.port, here)  # a PXE ROM asks for the size, then aborts
+        probe.request("ipxe.efi", tsize=0)
+        assert probe.oack() == {"tsize": "1000000"}
+        assert probe.tid is not None
+        probe.sock.sendto(struct.pack("!HH", 5, 8) + b"size known\0", probe.tid)
+        gone = raw_client(server.port, here)  # a client that takes one block and is gone
+        gone.request("ipxe.efi")
+        assert gone.data()[0] == 1
+        with TestClient(create_app(service, "admin-secret")) as api:
+            deadline = time.monotonic() + 15
+            while len(lo1 := boot_events(api, "lo1")) < 3:
+                assert time.monotonic() < deadline, lo1
+                time.sleep(0.1)
+            assert lo1 == [
+                ("loader", "ipxe.efi over TFTP (1.0 MB)", here),
+                ("loader", "undionly.kpxe over TFTP failed: file not found", here),
+                ("loader", "ipxe.efi over TFTP failed: timeout after 1 retransmissions", here),
+            ]
+            assert boot_events(api, "c01") == [
+                (
+                    "boot-config",
+                    "pxelinux.cfg/01-52-54-00-00-00-01 over TFTP (" + size(menu) + ")",
+                    here,
+                )
+            ]
+    finally:
+        server.stop()
+
+
+LO1_MAC = "52:54:00:00:01:27"
+
+
+def host_address() -> str:
+    """An IPv4 address of this machine that is not a loopback one: a node's reserved
+    address must be a host's, and the clients' transfers then come from it."""
+    out = run("ip", "-4", "-o", "addr", "show", "scope", "global").stdout
+    found = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out)
+    if found is None:
+        pytest.skip("this machine has no IPv4 address but loopback")
+    return found.group(1)
+
+
+def size(path: Path) -> str:
+    return f"{path.stat().st_size} B"
+
+
+def boot_events(api: TestClient, node: str) -> list[tuple[str, str, str]]:
+    answer = api.get(
+        f"/api/v1/events?node={node}", headers={"Authorization": "Bearer admin-secret"}
+    )
+    assert answer.status_code == 200, answer.text
+    return [(e["phase"], e["message"], e["source"]) for e in answer.json()]

@@ -102,8 +102,20 @@ class Started:
             def is_alive(self) -> bool:
                 return False
 
+        class Tail:  # reads the database, which this test has none of
+            def __init__(self, *args: Any) -> None:
+                pass
+
+            def start(self) -> None:
+                pass
+
+            def is_alive(self) -> bool:
+                return False
+
         class Tftp:
-            def __init__(self, root: Path, resolve: Any, host: str, port: int) -> None:
+            def __init__(
+                self, root: Path, resolve: Any, host: str, port: int, on_done: Any = None
+            ) -> None:
                 seen["tftp"] = (host, port)
                 self.port = port
 
@@ -114,7 +126,7 @@ class Started:
                 pass
 
         class Dnsmasq:
-            def __init__(self, cfg: dhcp.DhcpConfig) -> None:
+            def __init__(self, cfg: dhcp.DhcpConfig, on_answer: Any = None) -> None:
                 seen["dhcp"] = cfg
 
             def start(self, reservations: Any) -> None:
@@ -144,19 +156,8 @@ class Started:
                 pass
 
         monkeypatch.setattr(server, "create_app", create_app)
-
-        class Tail:
-            def __init__(self, *args: Any) -> None:
-                pass
-
-            def start(self) -> None:
-                pass
-
-            def is_alive(self) -> bool:
-                return False
-
-        monkeypatch.setattr(server, "Tail", Tail)
         monkeypatch.setattr(server, "Manager", Manager)
+        monkeypatch.setattr(server, "Tail", Tail)
         monkeypatch.setattr(server, "Watcher", Watcher)
         monkeypatch.setattr(server, "_Server", Uvicorn)
         monkeypatch.setattr(server, "_listen", lambda host, port: seen.update(socket=(host, port)))

@@ -37,7 +37,8 @@ class Server:
         """(phase, message, source) of what the node reported."""
         with sqlite3.connect(self.home / "corral.db") as db:
             rows = db.execute(
-                "SELECT phase, message, source FROM node_event WHERE node = ?", (node,)
+                "SELECT phase, message, source FROM node_event WHERE node = ? ORDER BY time, id",
+                (node,),
             ).fetchall()
         return [(str(p), str(m), str(s)) for p, m, s in rows]
 

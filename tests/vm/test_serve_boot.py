@@ -98,6 +98,17 @@ def test_uefi_firmware_pxe_loads_ipxe_over_tftp(server: Server, tmp_path: Path) 
     )
     assert marker == "CORRAL-TEST-BOOTED node=efipxe1 ip=10.88.0.53"
     assert "ipxe.efi" in server.log.read_text()
+    # every step corral served is on the node, in order, up to the ramdisk's own report
+    rows = server.event_rows("efipxe1")
+    phases = [phase for phase, _, _ in rows]
+    assert "booted" in phases, rows
+    upto = phases[: phases.index("booted") + 1]
+    steps = [p for i, p in enumerate(upto) if i == 0 or p != upto[i - 1]]
+    assert steps == ["dhcp", "loader", "dhcp", "boot-config", "kernel", "initrd", "booted"], rows
+    messages = [message for _, message, _ in rows]
+    assert "10.88.0.53 acknowledged (ipxe.efi)" in messages, rows
+    assert any(m.startswith("ipxe.efi over TFTP (") for m in messages), rows
+    assert "token over HTTP" in messages, rows
 
 
 def test_pxelinux_boot_over_tftp(server: Server, tmp_path: Path) -> None:

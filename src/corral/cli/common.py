@@ -17,6 +17,7 @@ from corral.inventory.db import engine as engine
 from corral.inventory.db import inventory as inventory
 from corral.inventory.db import session as session
 from corral.inventory.db import settings as settings
+from corral.units import human_size as human_size
 
 # No Rich markup in anything printed: what corral prints is data (names, messages from
 # nodes, paths), where "[/]" or "[bold]" must show as written. Table cells too.
@@ -77,17 +78,6 @@ def local_time(timestamp: float | None) -> str:
     import time
 
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
-
-
-def human_size(size: float) -> str:
-    """Bytes in decimal units: ``512 B``, ``15.0 kB``, ``4.2 MB``, ``1.2 GB``."""
-    if size < 1000:
-        return f"{size:.0f} B"
-    for unit in ("kB", "MB", "GB", "TB"):
-        size /= 1000
-        if round(size, 1) < 1000 or unit == "TB":
-            break
-    return f"{size:.1f} {unit}"
 
 
 def changes(**options: Any) -> dict[str, Any]:

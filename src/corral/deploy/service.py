@@ -536,10 +536,9 @@ class DeployService:
 #: elsewhere (waiting: deploy_boot_timeout; rebooting and starting: firstboot_timeout;
 #: silence mid-deployment: deploy_node_timeout).
 PHASE_TIMEOUTS = {
-    # not dhcp: an armed node's running system renews its lease too, and the firmware's
-    # own request is told apart only by what follows it (in a deployment,
-    # deploy_boot_timeout fails a node that got no further, with its boot story)
-    **dict.fromkeys((s for s in BOOT_STEPS if s != phases.DHCP), "timeout_pxe"),
+    # dhcp too: only a network boot's DHCP is a step (dnsmasq named it a boot file), not
+    # a running system renewing its lease
+    **dict.fromkeys(BOOT_STEPS, "timeout_pxe"),
     phases.BOOTED: "timeout_booted",
     phases.PRE_INSTALL: "timeout_pre_install",
     phases.PARTITIONING: "timeout_partitioning",

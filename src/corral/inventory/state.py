@@ -221,7 +221,7 @@ class NodeStates:
             select(m.NodeEvent)
             .where(m.NodeEvent.node == name, m.NodeEvent.time >= since)
             .where(m.NodeEvent.phase.in_(phases.BOOT_STEPS))
-            .order_by(m.NodeEvent.id)
+            .order_by(m.NodeEvent.time, m.NodeEvent.id)  # a DHCP step may be stored late
         )
         return list(self.session.scalars(query))
 
@@ -241,10 +241,15 @@ class NodeStates:
         reason: str | None = None,
         deployment: int | None = None,
         log: str | None = None,
+        at: float | None = None,
     ) -> NodeStatus:
         """Store a node's report and move its state on. A failure keeps its ``reason``
         (:data:`~corral.agent.phases.REASONS`; the node's own word if not given), the phase
-        it ended and the node's last ``log`` lines."""
+        it ended and the node's last ``log`` lines.
+
+        ``at``: when it happened, for a boot step read from a log a moment after (DHCP).
+        One older than the node's last change is history only: it must not move the node
+        back to a phase it is already past."""
         if phase not in phases.LIFE_CYCLE:
             raise UsageError(
                 f"unknown phase '{phase}'", f"use one of: {', '.join(phases.LIFE_CYCLE)}"
@@ -252,11 +257,13 @@ class NodeStates:
         row = self._row(name)
         message = message[:MAX_MESSAGE]
         state = next_state(row.state, phase)
-        if state is None:
-            self._event(name, phase, message, source)
+        late = at is not None and at < row.updated
+        if state is None or (phase in phases.BOOT_STEPS and late):
+            # an installed node booting from its disk, or a step told after a later one
+            self._event(name, phase, message, source, at=at)
             return self.status(name)
         during = row.phase
-        row.phase, row.message, row.updated, row.state = phase, message, time.time(), state
+        row.phase, row.message, row.updated, row.state = phase, message, at or time.time(), state
         if phase == phases.FAILED:
             self._event(
                 name,
@@ -269,13 +276,39 @@ class NodeStates:
                 log=log,
             )
         else:
-            self._event(name, phase, message, source, deployment=deployment)
+            self._event(name, phase, message, source, deployment=deployment, at=at)
         return self.status(name)
 
-    def _event(self, name: str, phase: str, message: str, source: str, **more: Any) -> None:
+    def record_unknown(
+        self, mac: str | None, phase: str, message: str, source: str, at: float | None = None
+    ) -> None:
+        """Store a boot step of a machine that is in no node's interfaces: history only
+        (node ""), under its ``mac`` when corral saw it (None: only its address is known,
+        in ``source``)."""
+        if phase not in phases.BOOT_STEPS:
+            raise UsageError(f"an unknown machine has only boot steps, not '{phase}'")
         self.session.add(
             m.NodeEvent(
-                node=name, time=time.time(), phase=phase, message=message, source=source, **more
+                node="",
+                mac=mac,
+                time=at or time.time(),
+                phase=phase,
+                message=message[:MAX_MESSAGE],
+                source=source,
+            )
+        )
+
+    def _event(
+        self, name: str, phase: str, message: str, source: str, at: float | None = None, **more: Any
+    ) -> None:
+        self.session.add(
+            m.NodeEvent(
+                node=name,
+                time=at or time.time(),
+                phase=phase,
+                message=message,
+                source=source,
+                **more,
             )
         )
 

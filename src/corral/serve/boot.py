@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -36,6 +36,10 @@ from corral.inventory.schema import InstallMethod, NodeSpec, normalize_mac
 from corral.inventory.state import NodeStates
 from corral.inventory.store import Inventory
 from corral.render.renderer import Renderer, Snapshot
+from corral.serve.steps import BootSteps, tftp_step
+
+if TYPE_CHECKING:
+    from corral.serve.tftp import Transferred
 
 log = logging.getLogger("corral.serve")
 
@@ -57,6 +61,8 @@ class BootService:
         self._renderer: tuple[int, Renderer] | None = None
         self._lock = threading.Lock()
         self._discovery = threading.Lock()
+        #: where the boot steps served over TFTP and HTTP (and DHCP) are recorded
+        self.steps = BootSteps(self.session)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -243,6 +249,15 @@ class BootService:
         except CorralError as exc:
             log.error("TFTP %s for %s: %s", path, client_ip, exc)
             return None
+
+    def tftp_done(self, transfer: Transferred) -> None:
+        """A TFTP transfer ended: record the boot step it was, if it was one (a PXE ROM's
+        size probe before the real transfer is none)."""
+        if transfer.probe:
+            return
+        step = tftp_step(transfer.path, transfer.client_ip, transfer.bytes, transfer.failure)
+        if step is not None:
+            self.steps.record(step)
 
     def _tftp_resolve(self, path: str, client_ip: str) -> bytes | None:
         directory, _, name = path.rpartition("/")

@@ -27,12 +27,14 @@ Boot loader choice, by client architecture (DHCP option 93) and user class (opti
 Files, all in ``state_dir``: ``dnsmasq.conf`` (main configuration, read once at start),
 ``dhcp-hosts`` (the reservations: a ``dhcp-hostsfile``, which dnsmasq re-reads on SIGHUP;
 it does not re-read its main configuration), ``dnsmasq.leases``, ``dnsmasq.pid`` and
-``dnsmasq.log`` (dnsmasq's own log). dnsmasq drops root privileges after start-up (to
-the account ``dnsmasq``, or ``nobody`` where there is none), and it reads the hosts file as
-that user: every other file it opens while still root. So the hosts file may live apart,
-in ``hosts_dir`` (``corral serve`` uses one under ``/run/corral``), owned by that user
-and readable by it alone, and ``state_dir`` is then private (0700); without ``hosts_dir``,
-``state_dir`` and its parents must be readable and searchable by that user.
+``dnsmasq.log`` (dnsmasq's own log, which corral reads from a pipe as dnsmasq writes it:
+the DHCP boot steps come from there, :mod:`corral.serve.dhcplog`). dnsmasq drops root
+privileges after start-up (to the account ``dnsmasq``, or ``nobody`` where there is none),
+and it reads the hosts file as that user: every other file it opens while still root. So
+the hosts file may live apart, in ``hosts_dir`` (``corral serve`` uses one under
+``/run/corral``), owned by that user and readable by it alone, and ``state_dir`` is then
+private (0700); without ``hosts_dir``, ``state_dir`` and its parents must be readable and
+searchable by that user.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from typing import Literal, Protocol
 from corral.errors import CommandFailed, CorralError, InvalidValue
 from corral.files import write_atomic
 from corral.run import spawn, stop
+from corral.serve.dhcplog import DhcpAnswer, LogPump
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,8 @@ class DhcpConfig:
     dns: list[str] = field(default_factory=list)
     lease_time: str = "1h"
     log_dhcp: bool = False
+    """Keep dnsmasq's per-packet details (options sent, tags) in ``dnsmasq.log``; corral
+    reads them in any case, for the boot file of each answer."""
     # Send IPv6 router advertisements for the interface's own prefix (no DHCPv6): iPXE
     # otherwise waits ~13 s for one on a boot network without an IPv6 router.
     ipv6_ra: bool = False
@@ -243,8 +248,9 @@ def render_config(cfg: DhcpConfig) -> str:
             lines.append(f"dhcp-option=option:dns-server,{','.join(cfg.dns)}")
     else:
         lines.append(f"dhcp-range={net.network_address},proxy,{cfg.netmask}")
-    if cfg.log_dhcp:
-        lines.append("log-dhcp")
+    # always: only the details name the boot file that tells a network boot's DHCP
+    # from an operating system's (LogPump leaves them out of the file unless log_dhcp)
+    lines.append("log-dhcp")
     if cfg.ipv6_ra:
         lines += ["enable-ra", f"dhcp-range=::,constructor:{cfg.interface},ra-only"]
     lines += [
@@ -329,11 +335,20 @@ class Dnsmasq:
     """dnsmasq as a supervised child process (kept in the foreground).
 
     ``netns``: run it inside that network namespace (``ip netns exec``), for tests.
+    ``on_answer``: given each answer dnsmasq logs, from the thread reading its log; it must
+    not block.
     """
 
-    def __init__(self, cfg: DhcpConfig, netns: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DhcpConfig,
+        netns: str | None = None,
+        on_answer: Callable[[DhcpAnswer], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.netns = netns
+        self.on_answer = on_answer
+        self._pump: LogPump | None = None
         self.restarts = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._reservations: tuple[Reservation, ...] = ()
@@ -418,6 +433,13 @@ class Dnsmasq:
         proc, self._proc = self._proc, None
         if proc is not None:
             stop(proc, STOP_TIMEOUT, name="dnsmasq")
+        self._end_pump()
+
+    def _end_pump(self) -> None:
+        """Wait for the log reader to take dnsmasq's last lines (it ends at their end)."""
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.join(timeout=STOP_TIMEOUT)
 
     def check(self) -> bool:
         if not self._wanted or self.running:
@@ -428,6 +450,7 @@ class Dnsmasq:
         else:
             code = proc.wait()
             why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        self._end_pump()
         log.warning(
             "dnsmasq died (%s); restarting it. Its last words: %s",
             why,
@@ -494,9 +517,13 @@ class Dnsmasq:
     def _spawn(self) -> None:
         if self._log_size() > LOG_ROTATE_BYTES:
             os.replace(self.log_path, self.log_path.with_name(LOG_NAME + ".1"))
-        with open(self.log_path, "ab") as logf:
-            offset = logf.tell()
-            proc = spawn(self.argv, stdout=logf.fileno(), stderr=logf.fileno())
+        offset = self._log_size()
+        proc = spawn(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        self._pump = LogPump(
+            proc.stdout, self.log_path, keep_details=self.cfg.log_dhcp, on_answer=self.on_answer
+        )
+        self._pump.start()
         self._proc, self._log_offset = proc, offset
         try:
             self._await_hosts_read(offset, START_TIMEOUT, starting=True)
@@ -527,6 +554,8 @@ class Dnsmasq:
         deadline = time.monotonic() + timeout
         while True:
             code = proc.poll()
+            if code is not None and self._pump is not None:
+                self._pump.join(timeout=STOP_TIMEOUT)  # its last words into the file
             text = self._log_since(offset)
             if failed in text:
                 raise CorralError(

@@ -8,7 +8,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Cookie, Depends, FastAPI, Header, HTTPException, Query, Request
@@ -17,14 +17,22 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from corral import __version__
-from corral.agent.phases import NODE_REPORTS
+from corral.agent.phases import BOOT_CONFIG, INITRD, NODE_REPORTS
 from corral.config import Settings
 from corral.deploy.service import DeployService
 from corral.errors import (
     CorralError,
 )
 from corral.inventory.bootfiles import imported
-from corral.inventory.schema import DistroSpec, GroupSpec, Mac, NodeSpec, ProfileSpec, Spec
+from corral.inventory.schema import (
+    DistroSpec,
+    GroupSpec,
+    Mac,
+    NodeSpec,
+    ProfileSpec,
+    Spec,
+    normalize_mac,
+)
 from corral.inventory.state import NodeStates
 from corral.inventory.store import Inventory, Kind
 from corral.render.check import checked_change
@@ -35,6 +43,7 @@ from corral.serve.events import Hub, attach, detach
 from corral.serve.limits import MAX_BODY, BodyLimit
 from corral.serve.metrics import Metrics
 from corral.serve.monitor import monitor_routes
+from corral.serve.steps import Step, boot_file_phase
 
 log = logging.getLogger("corral.serve")
 TEXT = "text/plain; charset=utf-8"
@@ -120,30 +129,62 @@ def create_app(
     return app
 
 
+@contextmanager
+def _step(
+    service: BootService, request: Request, phase: str | None, what: str, mac: str | None = None
+) -> Iterator[None]:
+    """Record the boot step a route serves, when the request comes (or that it failed, and
+    why); recording never fails the request (:meth:`BootSteps.record` logs instead)."""
+    if phase is None:
+        yield
+        return
+    client = _client(request)
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, HTTPException):
+            why = str(exc.detail)
+        else:
+            why = exc.message if isinstance(exc, CorralError) else "internal error"
+        service.steps.record(Step(phase, f"{what} over HTTP failed: {why}", client, mac))
+        raise
+    service.steps.record(Step(phase, f"{what} over HTTP", client, mac))
+
+
+def _mac_or_none(text: str) -> str | None:
+    try:
+        return normalize_mac(text.replace("-", ":"))
+    except ValueError:
+        return None
+
+
 def _boot_router(service: BootService) -> APIRouter:
     router = APIRouter(tags=["boot"])
 
     @router.get("/boot/ipxe", response_class=PlainTextResponse)
-    def ipxe_entry() -> Response:
+    def ipxe_entry(request: Request) -> Response:
         """The script DHCP hands iPXE clients: chains to the one for their MAC."""
-        return PlainTextResponse(service.ipxe_entry())
+        with _step(service, request, BOOT_CONFIG, "iPXE entry script"):
+            return PlainTextResponse(service.ipxe_entry())
 
     @router.get("/boot/{mac}.ipxe", response_class=PlainTextResponse)
-    def ipxe_script(mac: str) -> Response:
+    def ipxe_script(mac: str, request: Request) -> Response:
         """The node's iPXE script, rendered live (a discovery script for unknown MACs)."""
-        return PlainTextResponse(service.ipxe_for_mac(mac.replace("-", ":")))
+        with _step(service, request, BOOT_CONFIG, "iPXE script", _mac_or_none(mac)):
+            return PlainTextResponse(service.ipxe_for_mac(mac.replace("-", ":")))
 
     @router.get("/boot/token/{name}.cpio.gz")
     def token(name: str, request: Request) -> Response:
         """The node's install token as an initrd; only to the node's own address."""
-        return Response(
-            service.token_cpio(name, _client(request)), media_type="application/octet-stream"
-        )
+        with _step(service, request, INITRD, "token"):
+            cpio = service.token_cpio(name, _client(request))
+        return Response(cpio, media_type="application/octet-stream")
 
     @router.get("/ks/{name}", response_class=PlainTextResponse)
     def kickstart(name: str, request: Request) -> Response:
         """The node's kickstart with a fresh token; only to its own address while armed."""
-        return PlainTextResponse(service.kickstart(name, _client(request)))
+        with _step(service, request, BOOT_CONFIG, "kickstart"):
+            return PlainTextResponse(service.kickstart(name, _client(request)))
 
     @router.get("/scripts/{name}/{kind}", response_class=PlainTextResponse)
     def script(
@@ -160,28 +201,31 @@ def _boot_router(service: BootService) -> APIRouter:
         return PlainTextResponse(text)
 
     @router.get("/distros/{distro}/{name}")
-    def distro_file(distro: str, name: str) -> Response:
+    def distro_file(distro: str, name: str, request: Request) -> Response:
         """A distro's kernel or initrd (Range requests supported)."""
-        path = service.distro_file(distro, name)
-        if path is None:
-            raise HTTPException(404, f"distro {distro} has no local file {name}")
+        with _step(service, request, boot_file_phase(f"distros/{distro}/{name}"), name):
+            path = service.distro_file(distro, name)
+            if path is None:
+                raise HTTPException(404, f"distro {distro} has no local file {name}")
         return FileResponse(path)
 
     @router.get("/corral/ramdisk/{name}")
-    def ramdisk_file(name: str) -> Response:
+    def ramdisk_file(name: str, request: Request) -> Response:
         """The deploy and discovery ramdisk (Range requests supported)."""
-        path = service.ramdisk_file(name)
-        if path is None:
-            raise HTTPException(404, f"no ramdisk file {name}: run 'corral ramdisk build'")
+        with _step(service, request, boot_file_phase(f"corral/ramdisk/{name}"), name):
+            path = service.ramdisk_file(name)
+            if path is None:
+                raise HTTPException(404, f"no ramdisk file {name}: run 'corral ramdisk build'")
         return FileResponse(path)
 
     @router.get("/corral/diskless/{node}/{name}")
-    def diskless_file(node: str, name: str) -> Response:
+    def diskless_file(node: str, name: str, request: Request) -> Response:
         """A diskless node's kernel (its image's) or initrd (the deploy ramdisk with that
         kernel's modules); 404 with the reason when the node cannot have them."""
-        path = service.diskless_file(node, name)
-        if path is None:
-            raise HTTPException(404, f"no diskless boot file {name}: use vmlinuz or initrd.img")
+        with _step(service, request, boot_file_phase(f"corral/diskless/{node}/{name}"), name):
+            path = service.diskless_file(node, name)
+            if path is None:
+                raise HTTPException(404, f"no diskless boot file {name}: use vmlinuz or initrd.img")
         return FileResponse(path)
 
     return router

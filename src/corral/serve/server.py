@@ -14,7 +14,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,8 +29,10 @@ from corral.inventory import models as m
 from corral.inventory.store import Inventory
 from corral.serve.assets import api_token, prepare_tftp_root
 from corral.serve.boot import BootService
+from corral.serve.dhcplog import DhcpAnswer, boot_step
 from corral.serve.events import Hub, Tail
 from corral.serve.http import create_app
+from corral.serve.steps import BootSteps
 
 log = logging.getLogger("corral.serve")
 WATCH_SECONDS = 2.0
@@ -202,6 +204,21 @@ def dhcp_hosts_dir(settings: Settings) -> Path:
     return RUNTIME_DIR / f"dhcp-{digest}"
 
 
+def dhcp_steps(steps: BootSteps) -> Callable[[DhcpAnswer], None]:
+    """What to do with each answer dnsmasq logs: queue the boot step it is (from dnsmasq's
+    log reader, which must not wait for the database), and remember which MAC an address
+    went to, so that an unknown machine's TFTP and HTTP fetches name its MAC."""
+
+    def on_answer(answer: DhcpAnswer) -> None:
+        if answer.kind == "DHCPACK" and answer.ip:
+            steps.remember(answer.ip, answer.mac)
+        step = boot_step(answer)
+        if step is not None:
+            steps.later(step, "dnsmasq")
+
+    return on_answer
+
+
 def serve(settings: Settings, engine: Engine) -> None:
     """Serve until told to stop. ``settings``: the config's with corral serve's options in
     place (:func:`corral.config.with_serve_options`), for every part alike."""
@@ -226,13 +243,18 @@ def serve(settings: Settings, engine: Engine) -> None:
     if access_log == "quiet":
         access_logger.addFilter(quiet)
     try:
+        service.steps.start()
         if settings.tftp_port:
             from corral.serve.tftp import TftpServer
 
             root = settings.home / "tftpboot"
             prepare_tftp_root(root)
             tftp = TftpServer(
-                root, service.tftp_resolve, host=settings.address, port=settings.tftp_port
+                root,
+                service.tftp_resolve,
+                host=settings.address,
+                port=settings.tftp_port,
+                on_done=service.tftp_done,
             )
             try:
                 tftp.start()
@@ -242,7 +264,10 @@ def serve(settings: Settings, engine: Engine) -> None:
         if settings.dhcp != "off":
             from corral.serve.dhcp import Dnsmasq
 
-            dhcp = Dnsmasq(_dhcp_config(settings))  # type: ignore[arg-type]
+            dhcp = Dnsmasq(
+                _dhcp_config(settings),  # type: ignore[arg-type]
+                on_answer=dhcp_steps(service.steps),
+            )
             watcher = Watcher(engine, dhcp)
             dhcp.start([])
             watcher.tick()
@@ -282,6 +307,7 @@ def serve(settings: Settings, engine: Engine) -> None:
             dhcp.stop()
         if tftp is not None:
             tftp.stop()
+        service.steps.stop()
         access_logger.removeFilter(quiet)
         access_logger.removeFilter(masked)
         log.info("corral serve stopped")

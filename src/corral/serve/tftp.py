@@ -10,7 +10,8 @@ adds what fbtftp lacks or gets wrong for a provisioning server:
   write requests, both answered with "access violation";
 * transfers in threads instead of fbtftp's forked processes, so the resolver and logging
   stay in this process and :meth:`TftpServer.stop` can end and join every transfer;
-* one log line per transfer on the ``corral.tftp`` logger.
+* one log line per transfer on the ``corral.tftp`` logger, and a :class:`Transferred` to
+  the server's ``on_done`` (corral serve stores the boot steps from it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -34,12 +36,27 @@ from fbtftp.base_handler import BaseHandler, ResponseData  # type: ignore[import
 from fbtftp.base_server import BaseServer  # type: ignore[import-untyped]
 from fbtftp.netascii import NetasciiReader  # type: ignore[import-untyped]
 
-__all__ = ["Resolver", "TftpServer"]
+__all__ = ["Resolver", "TftpServer", "Transferred"]
 
 log = logging.getLogger("corral.tftp")
 
 Resolver = Callable[[str, str], bytes | None]
 """(normalised relative path, client IP) -> the file's content, or None for the static file."""
+
+
+@dataclass(frozen=True)
+class Transferred:
+    """How one read request ended: ``failure`` is None when the client acknowledged the
+    whole file, else why not ("file not found", "timeout after 5 retransmissions").
+    ``probe``: the client asked for the file's size and ended the transfer before any data,
+    as PXE ROMs do before they fetch a file for real."""
+
+    path: str
+    client_ip: str
+    bytes: int
+    failure: str | None
+    probe: bool = False
+
 
 # Opcodes (RFC 1350, RFC 2347).
 RRQ, WRQ, DATA, ACK, ERROR, OACK = 1, 2, 3, 4, 5, 6
@@ -323,12 +340,20 @@ class _Transfer(BaseHandler):  # type: ignore[misc]
         self._outcome = f"refused: {refusal.message.lower()}"
         self._level = logging.INFO if refusal.code == ERR_NOT_FOUND else logging.WARNING
 
+    def _result(self) -> Transferred:
+        outcome = self._outcome
+        failure = None if outcome == "ok" else outcome.removeprefix("refused: ")
+        path = _normalise(self._path) or self._path
+        probe = outcome.startswith("aborted by client") and not self._delivered
+        return Transferred(path, self._peer[0], self._delivered, failure, probe)
+
     def _finish(self) -> None:
         try:
             if self._response_data is not None:
                 self._response_data.close()
         finally:
             self._get_listener().close()
+        self._owner._done(self._result())
         log.log(
             self._level,
             "tftp client=%s:%d path=%r bytes=%d outcome=%s blksize=%d windowsize=%d %.3fs",
@@ -426,13 +451,20 @@ class TftpServer:
 
     ``resolver(path, client_ip)`` gets the normalised relative path and returns the
     content to send, or None to serve ``root/path`` from disk. ``host`` is an IP address
-    (IPv4 or IPv6); ``port=0`` binds a free port, see :attr:`port`.
+    (IPv4 or IPv6); ``port=0`` binds a free port, see :attr:`port`. ``on_done`` is given
+    how each transfer ended, in the transfer's thread, after the client has it.
     """
 
     def __init__(
-        self, root: Path, resolver: Resolver | None, host: str = "0.0.0.0", port: int = 69
+        self,
+        root: Path,
+        resolver: Resolver | None,
+        host: str = "0.0.0.0",
+        port: int = 69,
+        on_done: Callable[[Transferred], None] | None = None,
     ) -> None:
         self._root = Path(root)
+        self._on_done = on_done
         self._root_real = ""
         self._resolver = resolver
         self._host = host
@@ -523,6 +555,16 @@ class TftpServer:
         finally:
             with self._lock:
                 self._transfers.discard(threading.current_thread())
+
+    def _done(self, result: Transferred) -> None:
+        if self._on_done is None or self._stopping.is_set():
+            return
+        try:
+            self._on_done(result)
+        except Exception:
+            log.exception(
+                "tftp: handling the end of %r to %s failed", result.path, result.client_ip
+            )
 
     def _lookup(self, requested: str, client: str) -> _Content:
         """The content for a request: the resolver's, else the static file; or a refusal."""

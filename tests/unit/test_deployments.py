@@ -588,3 +588,48 @@ def test_the_last_node_done_ends_the_deployment_done(nodes: None, image: ImageVe
         store.report(ident, "n02", Progress("done", 100, 100), "10.0.0.12")
         d = store.get(ident)
         assert d.state == "done" and d.finished
+
+
+def test_a_report_that_only_moves_bytes_is_taken_in_memory_and_written_by_the_manager(
+    home: Path, nodes: None, image: ImageVersion, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ident = start("n[01-02]")
+    published: list[dict[str, Any]] = []
+    with _service(home) as service, ThreadPoolExecutor(2) as pool:
+        service.on_progress = published.append
+        service.tick(pool)
+        receiving = {"phase": "receiving", "bytes": 5, "total": 100}
+        # the first report of a phase is checked and stored in full
+        assert service.quick_progress(ident, "n01", "good", receiving, "10.0.0.11") is None
+        service.progress(ident, "n01", "good", receiving, "10.0.0.11")
+        more = receiving | {"bytes": 50}
+        assert service.quick_progress(ident, "n01", "good", more, "10.0.0.11") == {
+            "cancel": False,
+            "phase": "receiving",
+        }
+        assert published[-1]["bytes"] == 50  # on the live views at once
+        # not for another token, another address, another phase, or with a message
+        for token, body, ip in (
+            ("bad", more, "10.0.0.11"),
+            ("good", more, "10.0.0.99"),
+            ("good", more | {"phase": "configuring"}, "10.0.0.11"),
+            ("good", more | {"message": "slow disk"}, "10.0.0.11"),
+        ):
+            assert service.quick_progress(ident, "n01", token, body, ip) is None
+        with db.session() as s:
+            assert Deployments(s).member(ident, "n01").bytes == 5  # not written yet
+        service.tick(pool)
+        with db.session() as s:
+            assert Deployments(s).member(ident, "n01").bytes == 50
+        # nor once its check is older than STEADY_TTL
+        clock = Clock(monkeypatch)
+        clock.now += 31
+        assert service.quick_progress(ident, "n01", "good", more, "10.0.0.11") is None
+        # a cancelled deployment is told at the next report, not hidden by the memory
+        service.progress(ident, "n01", "good", more, "10.0.0.11")
+        assert service.quick_progress(ident, "n01", "good", more, "10.0.0.11") is not None
+        with db.session() as s:
+            Deployments(s).cancel(ident)  # as the CLI would, in another process
+        service.tick(pool)  # its write of n01's numbers finds the row cancelled
+        assert service.quick_progress(ident, "n01", "good", more, "10.0.0.11") is None
+        assert service.progress(ident, "n01", "good", more, "10.0.0.11")["cancel"] is True

@@ -12,6 +12,8 @@ behind it was failed though it ended done seconds later.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import shlex
 import threading
@@ -19,9 +21,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, update
 from sqlalchemy.orm import Session
 
 from corral.agent import phases
@@ -82,6 +86,23 @@ REPORT_MAX = 5.0
 MAX_STEP = 2 * TICK
 
 
+#: Seconds a node's token and address, checked by a full report, let its next reports
+#: of the same phase be taken in memory (:meth:`DeployService.quick_progress`).
+STEADY_TTL = 30.0
+
+
+@dataclass(frozen=True)
+class _Steady:
+    token_hash: str
+    ip: str
+    phase: str
+    checked: float
+
+
+def _digest(token: str | None) -> str:
+    return hashlib.sha256((token or "").encode()).hexdigest()
+
+
 def default_layout(version: ImageVersion) -> list[Partition]:
     """One ext4 root filling the disk, at least the image's size and a fifth to spare."""
     need = int(version.manifest.get("size_bytes", 0) * 1.2) >> 20
@@ -110,6 +131,11 @@ class DeployService:
         self._ticked = 0.0
         #: (deployment, image, transport) of the transfer sessions started
         self._sessions: set[tuple[int, str, str]] = set()
+        #: the nodes whose reports :meth:`quick_progress` may take, as their last full
+        #: report left them; and the numbers it took, not written yet
+        self._steady: dict[tuple[int, str], _Steady] = {}
+        self._pending: dict[tuple[int, str], tuple[int, int, float, str]] = {}
+        self._steady_lock = threading.Lock()
         #: what a progress report is passed to once stored (the live views' hub)
         self.on_progress: Callable[[dict[str, Any]], None] | None = None
         #: the image bytes the HTTP chunk routes sent, per export (for /metrics)
@@ -280,12 +306,20 @@ class DeployService:
             first_boot=body.get("first_boot") is True,
             reboot=body.get("reboot") is True,
         )
+        key = (deployment, node)
+        with self._steady_lock:
+            self._pending.pop(key, None)  # this report is newer than any not yet written
         with self.session() as s:
             self.authorize(s, node, token, client_ip)
             store = Deployments(s)
             before = store.member(deployment, node).phase
             row = store.report(deployment, node, progress, client_ip)
             self.silent[node] = 0.0
+            with self._steady_lock:
+                if row.phase in FINAL:
+                    self._steady.pop(key, None)
+                else:
+                    self._steady[key] = _Steady(_digest(token), client_ip, row.phase, time.time())
             if row.phase != before:
                 log.info(
                     "node %s: %s%s",
@@ -303,6 +337,72 @@ class DeployService:
         if self.on_progress is not None:  # committed: the live views may show it
             self.on_progress(said)
         return {"cancel": said["phase"] == "cancelled", "phase": said["phase"]}
+
+    def quick_progress(
+        self, deployment: int, node: str, token: str | None, body: dict[str, Any], client_ip: str
+    ) -> dict[str, Any] | None:
+        """Take a report that only moves a node's bytes, in memory, and publish it at once;
+        None when the report needs :meth:`progress` (a new phase, a message, a node not
+        checked within :data:`STEADY_TTL`).
+
+        Why: at 1,000 nodes, 200 reports a second each cost a transaction, a thread and
+        two token queries (5 ms of CPU, most of the server's one core of Python), and
+        queued reports took seconds to reach the live views. Such a report changes
+        nothing but the numbers of the node's deployment row: the node's token and address
+        were checked by its last full report, at most STEADY_TTL ago (so a token revoked
+        meanwhile still moves a bar for that long, and nothing else), and the deployment
+        manager writes the numbers once a second, in one transaction (:meth:`flush`)."""
+        phase = body.get("phase")
+        if any(body.get(k) for k in ("message", "log_tail", "first_boot", "reboot")):
+            return None
+        key = (deployment, node)
+        now = time.time()
+        with self._steady_lock:
+            known = self._steady.get(key)
+            if (
+                known is None
+                or known.phase != phase
+                or known.ip != client_ip
+                or now - known.checked > STEADY_TTL
+                or not hmac.compare_digest(known.token_hash, _digest(token))
+            ):
+                return None
+            done, total = max(0, int(body.get("bytes", 0))), int(body.get("total", 0))
+            self._pending[key] = (done, total, now, str(phase))
+        self.silent[node] = 0.0
+        if self.on_progress is not None:
+            said = {"node": node, "deployment": deployment, "phase": phase}
+            self.on_progress(said | {"bytes": done, "total": total})
+        return {"cancel": False, "phase": phase}
+
+    def forget(self, deployment: int) -> None:
+        """The deployment changed behind the reports' back (cancelled): every next report
+        of its nodes takes the full path."""
+        with self._steady_lock:
+            for key in [k for k in self._steady if k[0] == deployment]:
+                del self._steady[key]
+
+    def flush(self, session: Session) -> None:
+        """Write the numbers of the reports taken in memory; a row whose phase moved
+        meanwhile (cancelled, failed by the manager) keeps its own, and its node's next
+        report takes the full path, which tells it."""
+        with self._steady_lock:
+            pending, self._pending = self._pending, {}
+        row = m.DeploymentNode
+        for (deployment, node), (done, total, when, phase) in pending.items():
+            changed = session.execute(
+                update(row)
+                .where(row.deployment_id == deployment, row.node == node, row.phase == phase)
+                .values(
+                    bytes=done,
+                    total=total or row.total,
+                    updated=when,
+                    started=func.coalesce(row.started, when),
+                )
+            )
+            if not getattr(changed, "rowcount", 1):
+                with self._steady_lock:
+                    self._steady.pop((deployment, node), None)
 
     def chunk_path(
         self,
@@ -342,6 +442,7 @@ class DeployService:
         settings = self.settings
         boot_timeout = settings.deploy_boot_timeout
         with self.session() as s:
+            self.flush(s)
             store = Deployments(s)
             running = store.running()
             for ident in {k[0] for k in self._sessions} - {d.id for d in running}:

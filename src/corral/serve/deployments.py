@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
@@ -82,7 +83,7 @@ def agent_router(
         return Response(json.dumps(data), media_type="application/json")
 
     @router.post("/api/v1/deployments/{ident}/nodes/{name}/progress")
-    def progress(
+    async def progress(
         ident: int,
         name: str,
         body: ProgressIn,
@@ -90,9 +91,12 @@ def agent_router(
         authorization: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any]:
         """A node's progress; the answer says whether to stop (cancelled)."""
-        return deploy.progress(
-            ident, name, bearer(authorization), body.model_dump(), client(request)
-        )
+        args = (ident, name, bearer(authorization), body.model_dump(), client(request))
+        # most reports only move a bar: taken in memory, on the event loop
+        quick = deploy.quick_progress(*args)
+        if quick is not None:
+            return quick
+        return await run_in_threadpool(deploy.progress, *args)
 
     @router.get("/images/{name}/{version}/chunks/{index}.bin")
     def chunk(
@@ -154,4 +158,5 @@ def admin_routes(router: APIRouter, deploy: DeployService) -> None:
     @router.post("/deployments/{ident}/cancel", response_model=DeploymentOut, tags=["deployments"])
     def cancel_deployment(ident: int, db: Db) -> Any:
         Deployments(db).cancel(ident)
+        deploy.forget(ident)
         return deployment_out(Deployments(db).get(ident))

@@ -70,6 +70,7 @@ from corral.images.catalog import image_store
 from corral.images.exports import Chunked
 from corral.images.store import ImageVersion
 from corral.inventory import models as m
+from corral.inventory.batch import GroupCommit
 from corral.inventory.merge import merge_node
 from corral.inventory.schema import InstallMethod
 from corral.inventory.state import BOOTING, NodeStates
@@ -136,6 +137,8 @@ class DeployService:
         self._steady: dict[tuple[int, str], _Steady] = {}
         self._pending: dict[tuple[int, str], tuple[int, int, float, str]] = {}
         self._steady_lock = threading.Lock()
+        #: the full reports' writes, many to a transaction
+        self.writer = GroupCommit(session)
         #: what a progress report is passed to once stored (the live views' hub)
         self.on_progress: Callable[[dict[str, Any]], None] | None = None
         #: the image bytes the HTTP chunk routes sent, per export (for /metrics)
@@ -309,31 +312,25 @@ class DeployService:
         key = (deployment, node)
         with self._steady_lock:
             self._pending.pop(key, None)  # this report is newer than any not yet written
-        with self.session() as s:
+
+        def store(s: Session) -> tuple[str | None, dict[str, Any]]:
             self.authorize(s, node, token, client_ip)
-            store = Deployments(s)
-            before = store.member(deployment, node).phase
-            row = store.report(deployment, node, progress, client_ip)
-            self.silent[node] = 0.0
-            with self._steady_lock:
-                if row.phase in FINAL:
-                    self._steady.pop(key, None)
-                else:
-                    self._steady[key] = _Steady(_digest(token), client_ip, row.phase, time.time())
-            if row.phase != before:
-                log.info(
-                    "node %s: %s%s",
-                    node,
-                    row.phase,
-                    f" ({progress.message})" if progress.message else "",
-                )
-            said = {
-                "node": node,
-                "deployment": deployment,
-                "phase": row.phase,
-                "bytes": row.bytes,
-                "total": row.total,
-            }
+            deployments = Deployments(s)
+            before = deployments.member(deployment, node).phase
+            row = deployments.report(deployment, node, progress, client_ip)
+            said = {"node": node, "deployment": deployment, "phase": row.phase}
+            return before, said | {"bytes": row.bytes, "total": row.total}
+
+        before, said = self.writer.run(store)  # committed, with other nodes' reports
+        self.silent[node] = 0.0
+        with self._steady_lock:
+            if said["phase"] in FINAL:
+                self._steady.pop(key, None)
+            else:
+                self._steady[key] = _Steady(_digest(token), client_ip, said["phase"], time.time())
+        if said["phase"] != before:
+            message = f" ({progress.message})" if progress.message else ""
+            log.info("node %s: %s%s", node, said["phase"], message)
         if self.on_progress is not None:  # committed: the live views may show it
             self.on_progress(said)
         return {"cancel": said["phase"] == "cancelled", "phase": said["phase"]}

@@ -106,10 +106,15 @@ class NodeStates:
         self.inventory = Inventory(session)
 
     def _node_id(self, name: str) -> int:
+        # one lookup per node and transaction: a report goes through several NodeStates
+        ids: dict[str, int] = self.session.info.setdefault("corral_node_ids", {})
+        if name in ids:
+            return ids[name]
         node_id = self.session.scalar(select(m.Node.id).where(m.Node.name == name))
         if node_id is None:
             self.inventory.node(name)  # raises NotFound
         assert node_id is not None
+        ids[name] = node_id
         return node_id
 
     def _row(self, name: str) -> m.NodeState:

@@ -380,22 +380,38 @@ def phase_times(start: float, length: float) -> list[tuple[float, str]]:
 
 
 async def run_node(
-    node: Node, port: int, ident: int, t0: float, start: float, length: float, interval: float
+    node: Node,
+    port: int,
+    ident: int,
+    t0: float,
+    start: float,
+    length: float,
+    interval: float,
+    until: float,
 ) -> None:
-    """One node's agent: ``booted``, then progress as its reporter sends it."""
+    """One node's agent: ``booted``, then progress as its reporter sends it, until its
+    install is done or the run ends (``until`` seconds after ``t0``). A node whose
+    install started before the run (``start`` < 0) is met mid-install: its first report
+    is of the phase it is in."""
     conn = Connection(port, node.ip)
     changes = phase_times(start, length)
     receive_from, receive_to = changes[1][0], changes[2][0]
     path = f"/api/v1/deployments/{ident}/nodes/{node.name}/progress"
     await asyncio.sleep(max(0.0, t0 + start - time.monotonic()))
     try:
-        body = json.dumps({"phase": BOOTED, "message": "bench"}).encode()
-        events = f"/api/v1/nodes/{node.name}/events"
-        status, _ = await conn.request("POST", events, node.token, body)
-        if status != 200:
-            node.errors.append(f"booted: HTTP {status}")
-        phase_i, due = -1, t0 + start
+        if start >= 0:
+            body = json.dumps({"phase": BOOTED, "message": "bench"}).encode()
+            events = f"/api/v1/nodes/{node.name}/events"
+            status, _ = await conn.request("POST", events, node.token, body)
+            if status != 200:
+                node.errors.append(f"booted: HTTP {status}")
+            phase_i, due = -1, t0 + start
+        else:
+            phase_i = max(i for i, (at, _) in enumerate(changes) if at <= 0)
+            due = t0 + (-start) % interval  # its reporter's timer runs since long: spread
         while True:
+            if due > t0 + until:
+                return
             upcoming = t0 + changes[phase_i + 1][0] if phase_i + 1 < len(changes) else None
             change = upcoming is not None and upcoming <= due
             if change:
@@ -518,13 +534,25 @@ async def drive(args: argparse.Namespace, port: int, ident: int, token: str, pid
     scraper = asyncio.create_task(scrape(scrapes, port, token, stop)) if args.scrape else None
     interval = report_interval(args.nodes)
     rng = random.Random(args.seed)
-    length = max(1.0, args.seconds - interval)
+    window = max(1.0, args.seconds - interval)
+    # the storm (default): every node's whole install within the run; with --install, a
+    # node's install lasts that long and the run meets each at a random point of it
+    length = max(window, args.install or window)
     profiler = profile(args.profile, pid, args.seconds) if args.profile else None
     load0, cpu0, own0 = os.getloadavg(), proc_cpu(pid), self_cpu()
     t0 = time.monotonic()
     await asyncio.gather(
         *(
-            run_node(node, port, ident, t0, rng.uniform(0, interval), length, interval)
+            run_node(
+                node,
+                port,
+                ident,
+                t0,
+                rng.uniform(-(length - window), interval),
+                length,
+                interval,
+                args.seconds,
+            )
             for node in nodes
         )
     )
@@ -624,6 +652,7 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     return {
         "nodes": args.nodes,
         "seconds": args.seconds,
+        "install": args.install or None,
         "clients": args.clients,
         "interval_s": result["interval"],
         "elapsed_s": round(elapsed, 1),
@@ -682,6 +711,7 @@ def table(summary: dict[str, Any]) -> str:
     verdict = "ok" if p99 is not None and p99 <= TARGET_P99 * 1000 else "MISSED"
     rows = [
         ("nodes x seconds, viewers", f"{s['nodes']} x {s['seconds']} s, {s['clients']}"),
+        ("install length", f"{s['install']:.0f} s" if s["install"] else "the run (a storm)"),
         ("report interval", f"{s['interval_s']:.1f} s"),
         ("reports sent / accepted", f"{s['reports_sent']} / {s['reports_accepted']}"),
         ("reports per second", f"{s['reports_per_s']}"),
@@ -746,6 +776,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--install",
+        type=float,
+        default=0.0,
+        help="seconds a node's whole install lasts (phases in SCHEDULE's shares); the run "
+        "meets each node at a random point of it [default: the run's length: every node "
+        "goes through every phase within the run, a storm of phase changes]",
+    )
     parser.add_argument("--clients", type=int, default=10, help="SSE viewers")
     parser.add_argument(
         "--scrape",

@@ -19,7 +19,7 @@ import shlex
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,6 +300,15 @@ class DeployService:
     def progress(
         self, deployment: int, node: str, token: str | None, body: dict[str, Any], client_ip: str
     ) -> dict[str, Any]:
+        """Store a node's progress report; the answer tells it whether to stop."""
+        future, answer = self.progress_begin(deployment, node, token, body, client_ip)
+        return answer(future.result())
+
+    def progress_begin(
+        self, deployment: int, node: str, token: str | None, body: dict[str, Any], client_ip: str
+    ) -> tuple[Future[Any], Callable[[Any], dict[str, Any]]]:
+        """The report's write, queued for the next group commit, and what makes the
+        answer once it committed (an event loop awaits the one and calls the other)."""
         progress = Progress(
             phase=str(body.get("phase", "")),
             bytes=int(body.get("bytes", 0)),
@@ -321,19 +330,23 @@ class DeployService:
             said = {"node": node, "deployment": deployment, "phase": row.phase}
             return before, said | {"bytes": row.bytes, "total": row.total}
 
-        before, said = self.writer.run(store)  # committed, with other nodes' reports
-        self.silent[node] = 0.0
-        with self._steady_lock:
-            if said["phase"] in FINAL:
-                self._steady.pop(key, None)
-            else:
-                self._steady[key] = _Steady(_digest(token), client_ip, said["phase"], time.time())
-        if said["phase"] != before:
-            message = f" ({progress.message})" if progress.message else ""
-            log.info("node %s: %s%s", node, said["phase"], message)
-        if self.on_progress is not None:  # committed: the live views may show it
-            self.on_progress(said)
-        return {"cancel": said["phase"] == "cancelled", "phase": said["phase"]}
+        def answer(stored: tuple[str | None, dict[str, Any]]) -> dict[str, Any]:
+            before, said = stored
+            self.silent[node] = 0.0
+            with self._steady_lock:
+                if said["phase"] in FINAL:
+                    self._steady.pop(key, None)
+                else:
+                    checked = _Steady(_digest(token), client_ip, said["phase"], time.time())
+                    self._steady[key] = checked
+            if said["phase"] != before:
+                message = f" ({progress.message})" if progress.message else ""
+                log.info("node %s: %s%s", node, said["phase"], message)
+            if self.on_progress is not None:  # committed: the live views may show it
+                self.on_progress(said)
+            return {"cancel": said["phase"] == "cancelled", "phase": said["phase"]}
+
+        return self.writer.submit(store), answer
 
     def quick_progress(
         self, deployment: int, node: str, token: str | None, body: dict[str, Any], client_ip: str

@@ -44,9 +44,10 @@ class GroupCommit:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def run(self, work: Callable[[Session], T]) -> T:
-        """``work(session)``'s result once it is committed; its exception if it raised."""
-        future: Future[Any] = Future()
+    def submit(self, work: Callable[[Session], T]) -> Future[T]:
+        """The future of ``work(session)``'s result, set once it is committed (its
+        exception if it raised): an event loop awaits it without holding a thread."""
+        future: Future[T] = Future()
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -54,8 +55,11 @@ class GroupCommit:
                 )
                 self._thread.start()
         self._queue.put((work, future))
-        result: T = future.result()
-        return result
+        return future
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        """``work(session)``'s result once it is committed; its exception if it raised."""
+        return self.submit(work).result()
 
     def _loop(self) -> None:
         while True:

@@ -1,12 +1,12 @@
 """HTTP routes of deployments: what agents call (plan, progress, image chunks, all with
 the node's token) and the admin API (create, list, show, cancel, with the API token)."""
 
+import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
@@ -96,7 +96,9 @@ def agent_router(
         quick = deploy.quick_progress(*args)
         if quick is not None:
             return quick
-        return await run_in_threadpool(deploy.progress, *args)
+        # the others wait for the group commit without holding a thread of the pool
+        future, answer = deploy.progress_begin(*args)
+        return answer(await asyncio.wrap_future(future))
 
     @router.get("/images/{name}/{version}/chunks/{index}.bin")
     def chunk(

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from corral.config import Settings
 from corral.inventory import db
+from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
 
@@ -305,3 +306,21 @@ def test_an_unknown_machines_fetches_carry_its_mac(node: TestClient) -> None:
 def test_kickstart_fetch_is_a_boot_config_step(node: TestClient) -> None:
     kickstart_token(node)
     assert events(node, "c01")[-1] == ("boot-config", "kickstart over HTTP", "10.0.0.11")
+
+
+def test_a_bad_event_is_refused_logged_and_not_stored(
+    node: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = kickstart_token(node)
+    with db.session() as s:
+        before = len(NodeStates(s).events("c01"))
+    auth = {"Authorization": f"Bearer {token}"}
+    unknown = node.post("/api/v1/nodes/c01/events", json={"phase": "bogus"}, headers=auth)
+    assert unknown.status_code == 422
+    assert "does not report phase 'bogus'" in unknown.json()["detail"]
+    malformed = node.post("/api/v1/nodes/c01/events", json={"message": 3}, headers=auth)
+    assert malformed.status_code == 422
+    with db.session() as s:
+        assert len(NodeStates(s).events("c01")) == before
+    assert "refused POST /api/v1/nodes/c01/events from 10.0.0.11: a node does not" in caplog.text
+    assert "refused POST /api/v1/nodes/c01/events from 10.0.0.11: malformed (body" in caplog.text

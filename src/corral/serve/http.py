@@ -12,6 +12,8 @@ from contextlib import AbstractContextManager, asynccontextmanager, contextmanag
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Cookie, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
@@ -110,7 +112,29 @@ def create_app(
 
     @app.exception_handler(CorralError)
     def _corral_error(request: Request, exc: CorralError) -> JSONResponse:
+        if exc.http_status == 422:  # a report or request corral could not take: say so
+            log.warning(
+                "refused %s %s from %s: %s",
+                request.method,
+                request.url.path,
+                _client(request),
+                exc.message,
+            )
         return JSONResponse({"detail": exc.message, "hint": exc.hint}, status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        log.warning(
+            "refused %s %s from %s: malformed (%s: %s)",
+            request.method,
+            request.url.path,
+            _client(request),
+            where,
+            first.get("msg", "?"),
+        )
+        return await request_validation_exception_handler(request, exc)
 
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY)
     deploy = deploy or DeployService(service.settings, service.session, service.authorize)

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from datetime import datetime
@@ -309,9 +309,3 @@ class Tail(threading.Thread):
     def stop(self) -> None:
         self.stopping.set()
         self.join(timeout=5)
-
-
-def chunks(messages: list[Message], wanted: Callable[[Message], bool]) -> Iterator[bytes]:
-    for message in messages:
-        if wanted(message):
-            yield message.data

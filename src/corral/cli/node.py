@@ -194,12 +194,14 @@ def status(
 @app.command("history")
 def history(
     noderange: str | None = typer.Argument(
-        None, metavar="[NODERANGE]", help="only these, e.g. 'n[001-010]' (default: all)"
+        None, metavar="NODERANGE", help="only these, e.g. 'n[001-010]' (default: all)"
     ),
     since: str | None = typer.Option(
         None, help="from a time (2026-12-03T12:00) or an age (15m, 2h, 7d) [default: all kept]"
     ),
-    deployment: int | None = typer.Option(None, "--deployment", "-d", metavar="ID"),
+    deployment: int | None = typer.Option(
+        None, "--deployment", "-d", metavar="ID", help="only this deployment's events"
+    ),
     unknown: bool = typer.Option(False, "--unknown", help="machines no node owns, by MAC"),
     limit: int = typer.Option(200, help="at most this many, the newest"),
     logs: bool = typer.Option(False, "--logs", help="with each failure's last log lines"),

@@ -501,7 +501,7 @@ def default_server() -> str:
 
 def watch(
     nodes: str | None = typer.Argument(
-        None, metavar="[NODERANGE]", help="the nodes, e.g. 'n[001-100]' [default: all]"
+        None, metavar="NODERANGE", help="the nodes, e.g. 'n[001-100]' [default: all]"
     ),
     deployment: int | None = typer.Option(
         None, "--deployment", "-d", metavar="ID", help="a deployment's nodes, until it ends"

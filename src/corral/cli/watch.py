@@ -214,7 +214,8 @@ def render(board: Board, title: str, height: int, width: int) -> RenderableType:
     table.add_column("node", no_wrap=True)
     table.add_column("state", no_wrap=True)
     table.add_column("phase", no_wrap=True)
-    table.add_column("progress", width=22, no_wrap=True)
+    bar_width = 16 if width >= 120 else 6  # a narrow terminal keeps room for the message
+    table.add_column("progress", width=bar_width + 6, no_wrap=True)
     table.add_column("rate", justify="right", no_wrap=True)
     table.add_column("eta", justify="right", no_wrap=True)
     table.add_column("since", no_wrap=True)
@@ -226,7 +227,9 @@ def render(board: Board, title: str, height: int, width: int) -> RenderableType:
         if row.total:
             pct = min(100, int(100 * row.bytes / row.total))
             grid = Table.grid(padding=(0, 1))
-            grid.add_row(ProgressBar(total=row.total, completed=row.bytes, width=16), f"{pct:3d}%")
+            grid.add_row(
+                ProgressBar(total=row.total, completed=row.bytes, width=bar_width), f"{pct:3d}%"
+            )
             bar = grid
         node_rate = row.rate(now)
         message = row.message or ""
@@ -249,7 +252,6 @@ def render(board: Board, title: str, height: int, width: int) -> RenderableType:
             rest[row.state] = rest.get(row.state, 0) + 1
         more = ", ".join(f"{state} {n}" for state, n in rest.items())
         lines.append(Text(f"  … and {len(rows) - len(shown)} more ({more})", "dim"))
-    del width
     return Group(*lines)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,15 +35,12 @@ from corral.inventory.schema import InstallMethod, NodeSpec, normalize_mac
 from corral.inventory.state import NodeStates
 from corral.inventory.store import Inventory
 from corral.render.renderer import Renderer, Snapshot
-from corral.serve.steps import BootSteps, tftp_step
+from corral.serve.steps import BootSteps, mac_in_name, tftp_step
 
 if TYPE_CHECKING:
     from corral.serve.tftp import Transferred
 
 log = logging.getLogger("corral.serve")
-
-# 01-<mac> as pxelinux and GRUB ask for it; GRUB's $net_default_mac has colons.
-_MAC_FILE = re.compile(r"^01-([0-9a-fA-F]{2}(?:[-:][0-9a-fA-F]{2}){5})$")
 
 
 class Forbidden(CorralError):
@@ -263,9 +259,9 @@ class BootService:
         directory, _, name = path.rpartition("/")
         if directory == "pxelinux.cfg" or (directory == "grub" and name.startswith("grub.cfg")):
             kind = "pxelinux" if directory == "pxelinux.cfg" else "grub"
-            match = _MAC_FILE.match(name.removeprefix("grub.cfg-"))
-            if match:
-                text = self.menu_for_mac(kind, match.group(1).replace("-", ":").lower())
+            mac = mac_in_name(name)
+            if mac:
+                text = self.menu_for_mac(kind, mac)
                 return text.encode() if text is not None else None
             if path in ("pxelinux.cfg/default", "grub/grub.cfg"):
                 return self.shared_file(path).encode()

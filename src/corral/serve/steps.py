@@ -54,7 +54,8 @@ REMEMBERED_ADDRESSES = 4096
 # Network boot programs and their modules, by name; anything ending so is one too.
 _LOADER_NAMES = {"pxelinux.0", "lpxelinux.0", "gpxelinux.0"}
 _LOADER_ENDINGS = (".kpxe", ".pxe", ".efi", ".c32", ".0")
-_MAC_IN_NAME = re.compile(r"01-([0-9a-fA-F]{2}(?:[-:][0-9a-fA-F]{2}){5})$")
+#: A per-machine configuration's name, once GRUB's ``grub.cfg-`` is off it.
+_MAC_FILE = re.compile(r"01-([0-9a-fA-F]{2}(?:[-:][0-9a-fA-F]{2}){5})")
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,9 @@ def boot_file_phase(path: str) -> str | None:
 
 def mac_in_name(path: str) -> str | None:
     """The MAC of a per-machine file name (``pxelinux.cfg/01-aa-bb-..``, GRUB's
-    ``grub.cfg-01-aa:bb:..``), normalised; None for any other name."""
-    found = _MAC_IN_NAME.search(posixpath.basename(path))
+    ``grub.cfg-01-aa:bb:..``), normalised; None for any other name. The TFTP server
+    serves by it, and records the transfer by it."""
+    found = _MAC_FILE.fullmatch(posixpath.basename(path).removeprefix("grub.cfg-"))
     if found is None:
         return None
     try:

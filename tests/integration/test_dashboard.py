@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import update
 from sqlalchemy.orm import Session
@@ -29,7 +27,7 @@ from corral.inventory.schema import GroupSpec, InterfaceSpec, NodeSpec
 from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
-from tests.fakes import free_port
+from tests.integration.conftest import serving
 
 pytestmark = pytest.mark.integration
 TOKEN = "admin-secret"
@@ -197,19 +195,8 @@ def app(home: Path, settings: Settings) -> FastAPI:
 
 @pytest.fixture
 def url(app: FastAPI) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture

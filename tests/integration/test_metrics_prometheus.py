@@ -6,7 +6,6 @@ Prometheus sends it, and read back through Prometheus's HTTP API. Needs
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from corral.agent import phases
@@ -25,6 +23,7 @@ from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
 from tests.fakes import free_port
+from tests.integration.conftest import serving
 
 pytestmark = pytest.mark.integration
 PROMETHEUS = Path("/usr/bin/prometheus")
@@ -56,19 +55,8 @@ def app(fixture_cluster: None, settings: Settings) -> FastAPI:
 @pytest.fixture
 def corral_port(app: FastAPI) -> Iterator[int]:
     """corral's app on a real uvicorn, as corral serve runs it."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serving(app) as url:
+        yield int(url.rpartition(":")[2])
 
 
 @pytest.fixture

@@ -15,13 +15,14 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from corral.run import stop as stop_process
 
 NS = f"cbs{os.getpid()}"
 SERVER = "10.200.0.1"
@@ -184,12 +185,7 @@ def main() -> None:
         print(json.dumps(figures))
     finally:
         if server is not None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_process(server, 15)
         subprocess.run(["ip", "netns", "del", NS], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
 

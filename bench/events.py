@@ -52,7 +52,6 @@ import os
 import random
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -78,6 +77,7 @@ from corral.inventory import db
 from corral.inventory import models as m
 from corral.inventory.schema import InstallMethod, InterfaceSpec, NodeSpec
 from corral.run import run
+from corral.run import stop as stop_process
 from corral.serve.assets import api_token
 
 HOME = Path.home() / ".cache" / "corral-bench" / "events-home"
@@ -183,16 +183,6 @@ def start_server(home: Path, port: int) -> subprocess.Popen[bytes]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def profile(path: Path, pid: int, seconds: float) -> subprocess.Popen[bytes]:
@@ -767,7 +757,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         wait_until_started(port, proc, ident)
         result = asyncio.run(drive(args, port, ident, token, proc.pid))
     finally:
-        stop_server(proc)
+        stop_process(proc, 20)
         db.close()
     return summarize(result, args)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from corral.run import stop as stop_process
 from corral.testbed.netns import PxeNetwork, namespace_pids, run_prefix
 from tests.conftest import corral
 
@@ -107,12 +107,7 @@ def corral_server(
                     time.sleep(0.2)
                 yield Server(net, home, log)
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_process(proc, 20)
             # SIGTERM is a clean stop: corral ended its dnsmasq before exiting.
             assert proc.returncode == 0, log.read_text()[-2000:]
             assert namespace_pids(net.name) == [], "something corral started outlived it"

@@ -284,3 +284,24 @@ def test_every_metric_is_documented(metrics: Metrics) -> None:
     names = {f.name + suffix.get(f.type, "") for f in metrics.registry.collect()}
     assert len(names) == 10
     assert [name for name in sorted(names) if f"| `{name}` |" not in docs] == []
+
+
+def test_boot_steps_as_corral_stores_them_are_counted_by_protocol(metrics: Metrics) -> None:
+    # the recorder stores a step with the client's address (or dnsmasq) as its source
+    hub = metrics.hub
+    hub.publish("event", event("c01", phases.DHCP, source="dnsmasq", message="10.0.0.11 offered"))
+    loader = "ipxe.efi over TFTP (850.5 kB)"
+    hub.publish("event", event("c01", phases.LOADER, source="10.0.0.11", message=loader))
+    kernel = "vmlinuz over HTTP"
+    hub.publish("event", event("c01", phases.KERNEL, source="10.0.0.11", message=kernel))
+    assert (
+        sample(metrics, "corral_boot_requests_total", step="dhcp", source="dhcp", known="true") == 1
+    )
+    assert (
+        sample(metrics, "corral_boot_requests_total", step="loader", source="tftp", known="true")
+        == 1
+    )
+    assert (
+        sample(metrics, "corral_boot_requests_total", step="kernel", source="http", known="true")
+        == 1
+    )

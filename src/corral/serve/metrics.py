@@ -30,6 +30,7 @@ from corral.deploy.service import DeployService
 from corral.deploy.store import Deployments
 from corral.inventory.state import STATES, NodeStates
 from corral.serve.events import Hub
+from corral.serve.steps import protocol_of
 
 log = logging.getLogger("corral.serve")
 
@@ -47,7 +48,8 @@ SETTLED = (
 #: After these, boot steps are history (lease renewals, a boot from the node's disk: its
 #: state does not move), not a new boot, until another event (armed, netboot) says so.
 AT_REST = (*SETTLED, phases.DEPLOYED, phases.REBOOTING)
-#: Who records boot steps; any other source is counted as "other".
+#: The protocols boot steps are served over: a step's source if it names one, else read
+#: from the step (:func:`corral.serve.steps.protocol_of`); "other" if neither says.
 BOOT_SOURCES = ("dhcp", "tftp", "http")
 
 
@@ -125,9 +127,11 @@ class Metrics:
         self.events.labels(phase=phase).inc()
         if phase in phases.BOOT_STEPS:
             source = str(data.get("source") or "")
+            if source not in BOOT_SOURCES:  # a step stored by the client's address
+                source = protocol_of(phase, str(data.get("message") or "")) or "other"
             self.boot_requests.labels(
                 step=phase,
-                source=source if source in BOOT_SOURCES else "other",
+                source=source,
                 known="true" if node else "false",
             ).inc()
         if phase == phases.FAILED:

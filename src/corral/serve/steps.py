@@ -91,6 +91,21 @@ def boot_file_phase(path: str) -> str | None:
     return None
 
 
+def protocol_of(phase: str, message: str) -> str | None:
+    """The protocol that served a stored boot step: ``dhcp`` for DHCP's (dnsmasq's), else
+    ``tftp`` or ``http`` as its message says ("ipxe.efi over TFTP (850.5 kB)"); None for
+    an event that is no boot step. The event's source is who took the step (the client's
+    address), so this is where a step's protocol is read back (metrics)."""
+    if phase == phases.DHCP:
+        return "dhcp"
+    if phase not in phases.BOOT_STEPS:
+        return None
+    for protocol in ("tftp", "http"):
+        if f" over {protocol.upper()}" in message:
+            return protocol
+    return None
+
+
 def mac_in_name(path: str) -> str | None:
     """The MAC of a per-machine file name (``pxelinux.cfg/01-aa-bb-..``, GRUB's
     ``grub.cfg-01-aa:bb:..``), normalised; None for any other name. The TFTP server

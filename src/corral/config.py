@@ -279,6 +279,20 @@ class Settings:
     timeout_post_install: float = setting(
         3600.0, "Seconds the profile's post-install script may run (kickstart or image)."
     )
+    power_pool: int = setting(
+        32,
+        "BMCs corral talks to at once (power on, off, cycle, status): a hundred nodes answering "
+        "in a second each are all done in about 4 s.",
+        check=lambda v: None if v >= 1 else f"{v} (fewer than 1)",
+        fix="give 1 or more",
+    )
+    power_timeout: float = setting(
+        20.0,
+        "Seconds a BMC has to carry out a power operation before corral gives up on it and "
+        "reports the node failed in the phase `power`, naming the BMC.",
+        check=lambda v: None if v > 0 else f"{v} (not above 0)",
+        fix="give a number of seconds above 0",
+    )
     event_retention_days: float = setting(
         90.0,
         "Days the nodes' event history is kept; older events are deleted (0: kept for ever).",

@@ -5,7 +5,7 @@ A node's *state* says where it stands (``armed``, ``installing``, ``deployed``,
 ``installed``, ``failed``, ``discovered``: :mod:`corral.inventory.state`); its *phase* says
 what it did last. The phases, in the order a node meets them::
 
-    power on, PXE: dhcp ─▶ loader ─▶ boot-config ─▶ kernel ─▶ initrd   (what corral served)
+    power ─▶ dhcp ─▶ loader ─▶ boot-config ─▶ kernel ─▶ initrd   (what corral did and served)
 
     ─▶ booted ─┬─▶ waiting          (deploy ramdisk, no deployment for it yet)
                              │
@@ -29,6 +29,10 @@ diskless boot: the node is ``running``.
 """
 
 from __future__ import annotations
+
+#: A power operation corral ran on the node (on, off, cycle through its BMC): a phase of
+#: its own, before any boot step; also the reason of a node failed by one (:data:`POWER`).
+POWER_OPERATION = "power"
 
 #: The boot steps corral serves a node before its own software runs, recorded by the server
 #: (dnsmasq's DHCP log, the TFTP server, the HTTP boot routes): DHCP acknowledged an address,
@@ -84,6 +88,7 @@ FINAL = (DONE, FAILED, CANCELLED)
 
 #: Every phase, in life-cycle order.
 LIFE_CYCLE = (
+    POWER_OPERATION,
     *BOOT_STEPS,
     BOOTED,
     WAITING,
@@ -108,7 +113,7 @@ LIFE_CYCLE = (
 TIMEOUT = "timeout"  # a phase lasted longer than its timeout (corral.toml)
 SILENT = "silent"  # no report for deploy_node_timeout mid-deployment: dead or cut off
 NODE_ERROR = "node-error"  # the node's agent or installer reported the failure
-POWER = "power"  # its power command failed
+POWER = "power"  # its BMC or power command failed (also the phase of a power operation)
 NO_IMAGE = "no-image"  # corral could not serve its image
 REFUSED = "refused"  # corral refused the node (diskless: RAM, disk), with the fix
 REMOVED = "removed"  # the node left the inventory mid-deployment

@@ -22,7 +22,7 @@ from corral.cli.common import (
 from corral.cli.entities import add_common_verbs
 from corral.errors import InvalidValue, UsageError
 from corral.inventory.merge import merge_node
-from corral.inventory.schema import ProfileSpec, parse
+from corral.inventory.schema import STORED, ProfileSpec, parse
 
 app = typer.Typer(
     help="Reusable settings that nodes and groups list in order.", no_args_is_help=True
@@ -206,7 +206,8 @@ def show(
         elif isinstance(merged_value, dict):
             out.print(f"{key}:" + ("" if merged_value else " {}"), markup=False)
             for k, v in merged_value.items():
-                out.print(f"  {k}: {_scalar(v)}  # {origin[k]}", markup=False)
+                shown = STORED if (key, k) == ("power", "password") else v
+                out.print(f"  {k}: {_scalar(shown)}  # {origin[k]}", markup=False)
         else:
             shown = merged_value if merged_value is not None else value
             out.print(f"{key}: {_scalar(shown)}  # {origin or 'default'}", markup=False)

@@ -537,7 +537,7 @@ class DeployService:
             limit = phase_timeout(self.settings, status.phase)
             if not limit or status.updated is None or now - status.updated <= limit:
                 continue
-            if status.phase in BOOT_STEPS:
+            if status.phase in (phases.POWER_OPERATION, *BOOT_STEPS):
                 story = boot_story(states, status.name, status.updated - 3600)
                 reason = f"stopped booting for longer than timeout_pxe ({limit:.0f} s): {story}"
             else:
@@ -649,7 +649,7 @@ class DeployService:
 PHASE_TIMEOUTS = {
     # dhcp too: only a network boot's DHCP is a step (dnsmasq named it a boot file), not
     # a running system renewing its lease
-    **dict.fromkeys(BOOT_STEPS, "timeout_pxe"),
+    **dict.fromkeys((phases.POWER_OPERATION, *BOOT_STEPS), "timeout_pxe"),
     phases.BOOTED: "timeout_booted",
     phases.PRE_INSTALL: "timeout_pre_install",
     phases.PARTITIONING: "timeout_partitioning",
@@ -668,6 +668,7 @@ def phase_timeout(settings: Settings, phase: str | None) -> float:
 
 #: What a node does after each boot step, for the story of one that stopped.
 _NEXT_STEP = {
+    phases.POWER_OPERATION: "never asked for an address (DHCP)",
     phases.DHCP: "never loaded its boot program",
     phases.LOADER: "never asked for its boot configuration",
     phases.BOOT_CONFIG: "never fetched its kernel",

@@ -3,7 +3,8 @@
 A node's profile chain is its groups' profiles (in group order) followed by its own.
 ``~name`` drops a profile inherited so far. Along the chain, later profiles win for
 scalars, lists concatenate, and variables merge key by key; group variables then
-override profile variables, and the node's own variables override everything.
+override profile variables, and the node's own variables override everything. The power
+settings merge field by field the same way: profiles, then groups, then the node.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.inventory.schema import GroupSpec, NodeSpec, ProfileSpec
+from corral.inventory.schema import WITH_SECRETS, GroupSpec, NodeSpec, PowerSpec, ProfileSpec
 
 _MERGED_FIELDS = [f for f in ProfileSpec.model_fields if f != "name"]
 
@@ -51,7 +52,9 @@ def merge_profiles(chain: list[str], profiles: Mapping[str, ProfileSpec]) -> Mer
         origin = f"profile {pname}"
         for name in _MERGED_FIELDS:
             value = getattr(profile, name)
-            if name == "variables":
+            if name == "power":
+                _merge_power(merged, value, origin)
+            elif name == "variables":
                 for key, item in value.items():
                     values[name] = {**values[name], key: item}
                     origins[name] = {**origins[name], key: origin}
@@ -90,4 +93,20 @@ def merge_node(
         var_origins[var] = f"node {node.name}"
     merged.values["variables"] = variables
     merged.origins["variables"] = var_origins
+    for gname in node.groups:
+        _merge_power(merged, groups[gname].power, f"group {gname}")
+    _merge_power(merged, node.power, f"node {node.name}")
     return merged
+
+
+def _merge_power(merged: Merged, power: PowerSpec | None, origin: str) -> None:
+    """Merge the fields ``power`` sets into ``merged``'s (a dict, or None if none is set:
+    the profile default), with their origins; the password stays sealed."""
+    if power is None:
+        return
+    given = power.model_dump(mode="json", exclude_none=True, context=WITH_SECRETS)
+    if not given:
+        return
+    origins = dict.fromkeys(given, origin)
+    merged.values["power"] = {**(merged.values.get("power") or {}), **given}
+    merged.origins["power"] = {**(merged.origins.get("power") or {}), **origins}

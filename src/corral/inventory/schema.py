@@ -14,7 +14,16 @@ from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FieldSerializationInfo,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 
 from corral.errors import InvalidValue
 
@@ -268,6 +277,51 @@ class Repo(Spec):
     baseurl: str = Field(pattern=r"^(https?|ftp|file)://\S+$")
 
 
+class PowerDriver(StrEnum):
+    IPMI = "ipmi"  # IPMI 2.0 over LAN (lanplus)
+    REDFISH = "redfish"
+    COMMAND = "command"  # the administrator's own command line
+    TESTBED = "testbed"  # corral's virtual cluster
+    MANUAL = "manual"  # nothing to drive: corral says whom to power on
+
+
+#: What ``corral export`` and every view show instead of a stored BMC password; ``corral
+#: apply`` and ``set`` take it to mean "keep the one stored".
+STORED = "(stored)"
+#: The context that dumps a spec with its sealed secrets: only the store writes it so.
+WITH_SECRETS = {"secrets": True}
+
+
+class PowerSpec(Spec):
+    """How corral powers a node: a driver and its BMC. Set on a profile, a group or the
+    node; each field set more specifically wins (profile < group < node), so a group can
+    hold the driver, user and password and each node its own address."""
+
+    driver: PowerDriver | None = None
+    address: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9\[][A-Za-z0-9._:/\[\]%-]*$",
+        description="the BMC: host or host:port (IPMI), URL or host (Redfish)",
+    )
+    user: str | None = Field(None, min_length=1, max_length=64)
+    password: str | None = Field(
+        None, min_length=1, max_length=4096, description="kept encrypted; shown as (stored)"
+    )
+    system: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9/._-]+$", description="Redfish system id (default: the only one)"
+    )
+    cipher_suite: int | None = Field(None, ge=0, le=17, description="IPMI lanplus cipher suite")
+    command: str | None = Field(
+        None, min_length=1, description="command driver: a command line with {node} and {action}"
+    )
+
+    @field_serializer("password")
+    def _hide_password(self, value: str | None, info: FieldSerializationInfo) -> str | None:
+        if value is None or (info.context or {}).get("secrets"):
+            return value
+        return STORED
+
+
 class ProfileSpec(Spec):
     name: Name
     distro: Name | None = None
@@ -286,6 +340,7 @@ class ProfileSpec(Spec):
     post: list[str] = Field([], description="post-install script snippets (bash)")
     root_password_hash: Sha512Crypt | None = None
     timezone: str | None = None
+    power: PowerSpec | None = None
     variables: Variables = {}
 
 
@@ -338,11 +393,13 @@ class NodeSpec(Spec):
     netboot: bool = True
     # What DHCP hands this machine: iPXE, or pxelinux / GRUB (UEFI) for sites using them.
     boot_loader: BootLoader = BootLoader.IPXE
+    power: PowerSpec | None = None
 
 
 class GroupSpec(Spec):
     name: Name
     profiles: list[ProfileRef] = []
+    power: PowerSpec | None = None
     variables: Variables = {}
 
 

@@ -79,7 +79,7 @@ def next_state(state: str, phase: str) -> str | None:
     """The state of a node in ``state`` once it reported ``phase``; None: the report is
     history only, the node stays as it was (an installed node renewing its DHCP lease, or
     booting from its disk). The dashboard follows nodes live with this, as a table."""
-    if phase in phases.BOOT_STEPS:
+    if phase in phases.BOOT_STEPS or phase == phases.POWER_OPERATION:
         return state if state in (ARMED, BOOTING) else None
     if phase in (phases.INSTALL_FINISHED, phases.FIRST_BOOT):
         return INSTALLED

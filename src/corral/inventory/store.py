@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 from sqlalchemy import func, select
@@ -13,7 +13,18 @@ from sqlalchemy.orm import Session
 
 from corral.errors import AlreadyExists, InvalidValue, NotFound, UsageError
 from corral.inventory import models as m
-from corral.inventory.schema import DistroSpec, GroupSpec, NodeSpec, ProfileSpec, Spec, parse
+from corral.inventory.schema import (
+    WITH_SECRETS,
+    DistroSpec,
+    GroupSpec,
+    NodeSpec,
+    ProfileSpec,
+    Spec,
+    parse,
+)
+
+if TYPE_CHECKING:
+    from corral.vault import Vault
 
 Kind = Literal["distro", "profile", "group", "node"]
 Outcome = Literal["created", "changed", "unchanged"]
@@ -34,7 +45,7 @@ KINDS: dict[str, KindInfo] = {
 
 
 def _stored(spec: BaseModel) -> dict[str, Any]:
-    data = spec.model_dump(mode="json")
+    data = spec.model_dump(mode="json", context=WITH_SECRETS)
     data.pop("name")
     data.pop("interfaces", None)
     return data
@@ -43,9 +54,18 @@ def _stored(spec: BaseModel) -> dict[str, Any]:
 class Inventory:
     """Reads and writes the inventory inside one database transaction."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, vault: Vault | None = None) -> None:
         self.session = session
         self._gen: int | None = None
+        self._vault = vault
+
+    def vault(self) -> Vault:
+        """What seals BMC passwords: the one given, else the process's home's."""
+        if self._vault is None:
+            from corral.vault import process_vault
+
+            self._vault = process_vault()
+        return self._vault
 
     # -- generation: one number per committed change, for incremental sync ---------
 
@@ -134,6 +154,7 @@ class Inventory:
         self._check_references(kind, specs)
         if kind == "node":
             self._check_addresses(specs)  # type: ignore[arg-type]
+            self._check_power(specs)  # type: ignore[arg-type]
         table = KINDS[kind].table
         existing = {
             r.name: r for r in self.session.scalars(select(table).where(table.name.in_(names)))
@@ -141,7 +162,10 @@ class Inventory:
         outcomes: list[Outcome] = []
         for spec in specs:
             row = existing.get(spec.name)  # type: ignore[attr-defined]
-            if row is not None and self._spec(kind, row) == spec:
+            old = self._spec(kind, row) if row is not None else None
+            if kind != "distro":
+                spec = self._sealed(kind, spec, old)
+            if old is not None and old == spec:
                 outcomes.append("unchanged")
                 continue
             gen = self._write_gen()
@@ -158,6 +182,18 @@ class Inventory:
         self.session.flush()
         return outcomes
 
+    def _sealed(self, kind: Kind, spec: Any, old: Any) -> Any:
+        """``spec`` with its BMC password sealed, or the stored one kept (see
+        :func:`corral.inventory.power.seal_password`)."""
+        if spec.power is None:
+            return spec
+        from corral.inventory.power import seal_password
+
+        power = seal_password(
+            f"{kind} {spec.name}", spec.power, old.power if old is not None else None, self.vault
+        )
+        return spec if power is spec.power else spec.model_copy(update={"power": power})
+
     def edit(self, kind: Kind, names: Sequence[str], changes: dict[str, Any]) -> int:
         """Change entries as `corral ... set` and the REST API's PATCH do (see
         :meth:`edited`); returns how many changed."""
@@ -172,14 +208,19 @@ class Inventory:
 
     def edited(self, kind: Kind, current: Any, changes: dict[str, Any]) -> Any:
         """``current`` with ``changes`` made, checked but not stored: ``variables`` merge
-        by key into the entry's own (none or empty: no change), every other field given
-        replaces."""
+        by key into the entry's own (none or empty: no change), ``power`` field by field
+        (null removes one), every other field given replaces."""
         variables = changes.get("variables")
         if not variables:
             changes = {k: v for k, v in changes.items() if k != "variables"}
         elif isinstance(variables, dict):
             changes = {**changes, "variables": {**current.variables, **variables}}
         # anything else is no mapping of variables: parsing refuses it
+        power = changes.get("power")
+        if isinstance(power, dict) and getattr(current, "power", None) is not None:
+            fields = {**current.power.model_dump(mode="json", exclude_none=True), **power}
+            fields = {k: v for k, v in fields.items() if v is not None}
+            changes = {**changes, "power": fields or None}
         return self._changed(kind, current, changes)
 
     def _changed(self, kind: Kind, current: Any, changes: dict[str, Any]) -> Any:
@@ -238,6 +279,19 @@ class Inventory:
                 ifnames = [i.name for i in spec.interfaces]
                 if len(set(ifnames)) < len(ifnames):
                     raise InvalidValue(f"{what}: interface names must be unique")
+
+    def _check_power(self, specs: Sequence[NodeSpec]) -> None:
+        """Refuse a node whose power settings, merged from its profiles and groups, miss
+        what their driver needs (exit 2, nothing stored)."""
+        groups = {g.name: g for g in self.specs("group")}
+        profiles = {p.name: p for p in self.specs("profile")}
+        if not any(s.power for s in specs) and not any(
+            e.power for e in (*groups.values(), *profiles.values())
+        ):
+            return
+        from corral.inventory.power import refuse_incomplete
+
+        refuse_incomplete(specs, groups, profiles)
 
     def _check_addresses(self, specs: Sequence[NodeSpec]) -> None:
         for field in ("mac", "ip"):

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from corral.config import Settings
 from corral.errors import RenderError
 from corral.inventory.merge import profile_chain
+from corral.inventory.power import incomplete, node_power, refuse_incomplete
 from corral.inventory.schema import NodeSpec
 from corral.inventory.store import Inventory
 from corral.render.renderer import Renderer, Snapshot
@@ -58,10 +59,21 @@ def refuse_breaking_change(settings: Settings, session: Session, before: Before,
     """Render the affected nodes as they are now (the change flushed to ``session``), as
     ``sync`` renders them (without the pykickstart/GRUB validation), and raise the first
     :class:`RenderError` of a node that rendered before the change. A node that failed
-    already is not held against it: sync goes on reporting it. Returns how many nodes
-    were rendered."""
+    already is not held against it: sync goes on reporting it. Likewise a node whose power
+    settings the change left incomplete for their driver (InvalidValue). Returns how many
+    nodes were rendered."""
     session.flush()
     now = Snapshot(session)
+
+    def power_was_complete(name: str) -> bool:
+        power, origins = node_power(
+            before.nodes[name], before.snapshot.groups, before.snapshot.profiles
+        )
+        return not incomplete(name, power, origins)
+
+    refuse_incomplete(
+        now.nodes(before.nodes), now.groups, now.profiles, was_complete=power_was_complete
+    )
     renderer, previous = Renderer(settings, now), Renderer(settings, before.snapshot)
     for node in now.nodes(before.nodes):
         try:

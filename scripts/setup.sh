@@ -25,6 +25,8 @@ DEBIAN_PACKAGES=(
     udpcast                         # multicast image transfer (udp-sender, udp-receiver)
     prometheus                      # a real Prometheus scrapes /metrics in a test (not its unit)
     chromium chromium-driver        # the dashboard's test runs a real headless browser
+    ipmitool                        # the ipmi power driver talks to BMCs through it
+    openipmi                        # ipmi_sim: the BMC emulator the power tests drive
 )
 
 missing=()

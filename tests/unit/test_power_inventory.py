@@ -109,7 +109,7 @@ def test_a_driver_missing_its_fields_is_refused_and_nothing_is_stored(home: Path
         _apply(inv, text)
     assert caught.value.exit_code == 2
     assert "node n02: power driver ipmi (set on group compute) needs address" in str(caught.value)
-    assert "--bmc-address" in str(caught.value)
+    assert "--bmc-address ADDRESS" in str(caught.value)
     with db.inventory() as inv:
         assert inv.names("node") == [] and inv.names("group") == []
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,9 +18,11 @@ from corral.cli.common import (
     out,
     parse_vars,
     read_text,
+    session,
     settings,
 )
 from corral.cli.entities import add_common_verbs
+from corral.cli.power import power_changes, with_power_options
 from corral.errors import InvalidValue
 from corral.inventory.noderange import expand, fold
 from corral.inventory.nodes import (
@@ -75,6 +78,7 @@ def _with_node_options(apply: Callable[[NodeChanges], None]) -> Callable[..., No
     """The command that takes a node range and every node option and calls ``apply`` with
     them read: ``add`` and ``set`` differ only in what they do with them."""
 
+    @with_power_options
     def command(
         noderange: Annotated[
             str, typer.Argument(metavar="NODERANGE", help="the nodes, e.g. 'n[001-100]'")
@@ -92,6 +96,8 @@ def _with_node_options(apply: Callable[[NodeChanges], None]) -> Callable[..., No
         var: VarsOption = None,
         install_method: Method = None,
         netboot: Netboot = None,
+        *,
+        power: dict[str, Any],
     ) -> None:
         names = expand(noderange)
         given = NodeChanges(
@@ -104,6 +110,7 @@ def _with_node_options(apply: Callable[[NodeChanges], None]) -> Callable[..., No
                 profiles=profile, groups=group, install_method=install_method, netboot=netboot
             ),
             variables=parse_vars(var),
+            power=power_changes(power, names, fold(names)),
         )
         apply(given)
 
@@ -237,3 +244,58 @@ def history(
         if logs and row.log:
             table.add_row("", "", "", "", cell(row.log.rstrip()))
     out.print(table if rows else "no events")
+
+
+class _Action(StrEnum):
+    ON = "on"
+    OFF = "off"
+    CYCLE = "cycle"
+    STATUS = "status"
+
+
+@app.command("power")
+def power(
+    action: _Action = typer.Argument(..., help="on, off, cycle or status"),
+    noderange: str = typer.Argument(..., metavar="NODERANGE", help="the nodes, e.g. 'n[001-100]'"),
+    netboot: bool = typer.Option(
+        False, "--netboot", help="before on or cycle, set their next boot (only) to the network"
+    ),
+) -> None:
+    """Power nodes on, off, cycle them, or read their power state, through their BMCs
+    (power_pool at once, each within power_timeout). Exit 1 if any failed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from corral.deploy.power import power_nodes
+
+    names = expand(noderange)
+    with inventory() as inv:
+        inv.specs("node", names)  # an unknown node is an error before any BMC is asked
+    with Progress(
+        TextColumn(f"power {action.value}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=out,
+        transient=True,
+        disable=not out.is_terminal or len(names) < 4,
+    ) as progress:
+        task = progress.add_task("", total=len(names))
+        outcomes = power_nodes(
+            settings(),
+            session,
+            names,
+            action.value,
+            netboot=netboot,
+            on_done=lambda _outcome: progress.advance(task),
+        )
+    table = Table("node", "driver", "result", "state", "time", "reason", box=None, pad_edge=False)
+    for o in outcomes:
+        result = "ok" if o.ok else f"FAILED ({o.why})"
+        table.add_row(
+            *map(cell, (o.node, o.driver, result, o.state or "", f"{o.seconds:.1f} s", o.reason))
+        )
+    out.print(table)
+    failed = [o.node for o in outcomes if not o.ok]
+    if failed:
+        out.print(f"{len(failed)} of {len(outcomes)} failed: {fold(failed)}")
+        raise typer.Exit(1)

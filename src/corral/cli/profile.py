@@ -20,6 +20,7 @@ from corral.cli.common import (
     settings,
 )
 from corral.cli.entities import add_common_verbs
+from corral.cli.power import power_changes, with_power_options
 from corral.errors import InvalidValue, UsageError
 from corral.inventory.merge import merge_node
 from corral.inventory.schema import STORED, ProfileSpec, parse
@@ -102,6 +103,7 @@ def _with_profile_options(apply: Callable[[str, dict[str, Any]], None]) -> Calla
     """The command that takes every profile option and calls ``apply`` with the profile's
     name and the fields given: ``add`` and ``set`` differ only in what they do with them."""
 
+    @with_power_options
     def command(
         name: str,
         distro: Distro = None,
@@ -118,7 +120,10 @@ def _with_profile_options(apply: Callable[[str, dict[str, Any]], None]) -> Calla
         root_password: RootPassword = False,
         image: Image = None,
         layer: Layers = None,
+        *,
+        power: dict[str, Any],
     ) -> None:
+        given = power_changes(power, [name], f"profile {name}")
         fields = changes(
             distro=distro,
             image=image,
@@ -134,6 +139,7 @@ def _with_profile_options(apply: Callable[[str, dict[str, Any]], None]) -> Calla
             timezone=timezone,
             variables=parse_vars(var) if var else None,
             root_password_hash=hash_password() if root_password else None,
+            power=given[0] if given else None,
         )
         apply(name, fields)
 

@@ -62,9 +62,11 @@ class NodeChanges:
     fields: Mapping[str, Any] = field(default_factory=dict)
     #: Variables merged by key into each node's own.
     variables: Mapping[str, Any] = field(default_factory=dict)
+    #: Power fields per node (its BMC address differs), merged into each node's own; or none.
+    power: Sequence[Mapping[str, Any]] = ()
 
     def __post_init__(self) -> None:
-        for what, given in (("MACs", self.macs), ("IPs", self.ips)):
+        for what, given in (("MACs", self.macs), ("IPs", self.ips), ("power", self.power)):
             if given and len(given) != len(self.names):
                 raise InvalidValue(
                     f"{len(given)} {what} for {len(self.names)} nodes: give one per node"
@@ -100,6 +102,8 @@ def new_nodes(changes: NodeChanges) -> list[NodeSpec]:
         data = {"name": name, "interfaces": [iface], **changes.fields}
         if changes.variables:
             data["variables"] = dict(changes.variables)
+        if changes.power:
+            data["power"] = dict(changes.power[index])
         specs.append(parse(NodeSpec, data, f"node {name}"))
     return specs
 
@@ -111,6 +115,8 @@ def edit_nodes(inv: Inventory, changes: NodeChanges) -> list[Outcome]:
     currents = inv.specs("node", changes.names)
     for index, current in enumerate(currents):
         edit: dict[str, Any] = {**changes.fields, "variables": dict(changes.variables)}
+        if changes.power:
+            edit["power"] = dict(changes.power[index])
         iface = changes.interface_changes(index)
         if iface:
             interfaces = [i.model_dump(mode="json") for i in current.interfaces]

@@ -18,22 +18,14 @@ from typing import Any
 from corral.errors import InvalidValue
 from corral.inventory.merge import merge_node
 from corral.inventory.schema import STORED, GroupSpec, NodeSpec, PowerSpec, ProfileSpec
+from corral.power.check import REQUIRED, check
 from corral.vault import Vault, is_sealed
 
-#: The fields each driver needs, merged from anywhere in the node's chain.
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "ipmi": ("address", "user", "password"),
-    "redfish": ("address", "user", "password"),
-    "command": ("command",),
-    "testbed": (),
-    "manual": (),
-}
-
 _OPTION = {
-    "address": "--bmc-address",
-    "user": "--bmc-user",
-    "password": "--ask-bmc-password (or --bmc-password-file)",
-    "command": "--power-command",
+    "address": "--bmc-address ADDRESS",
+    "user": "--bmc-user USER",
+    "password": "--ask-bmc-password",
+    "command": "--power-command 'COMMAND {node} {action}'",
 }
 
 
@@ -47,20 +39,24 @@ def node_power(
 
 
 def incomplete(node: str, power: Mapping[str, Any] | None, origins: Mapping[str, str]) -> str:
-    """What the merged ``power`` of ``node`` lacks for its driver, as one line with the
-    fix; "" if nothing (or no driver is set: the node is powered by hand)."""
+    """What is wrong with the merged ``power`` of ``node`` for its driver (a field it
+    lacks, an address or command it cannot use), as one line with the fix; "" if nothing
+    (or no driver is set: the node is powered by hand)."""
     if not power or not power.get("driver"):
         return ""
     driver = str(power["driver"])
-    missing = [f for f in REQUIRED[driver] if not power.get(f)]
-    if not missing:
-        return ""
     where = origins.get("driver", f"node {node}")
-    fix = " ".join(f"{_OPTION[f]}" for f in missing)
-    return (
-        f"node {node}: power driver {driver} (set on {where}) needs {' and '.join(missing)}; "
-        f"give it with corral node set {node} {fix}, or in the cluster file"
-    )
+    missing = [f for f in REQUIRED.get(driver, ()) if not power.get(f)]
+    if missing:
+        fix = " ".join(_OPTION[f] for f in missing)
+        lacks = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} and {missing[-1]}"
+        return (
+            f"node {node}: power driver {driver} (set on {where}) needs {lacks}: give "
+            f"{'it' if len(missing) == 1 else 'them'} with corral node add|set {fix}, or in "
+            "the cluster file"
+        )
+    problems = check(power)
+    return f"node {node}: {problems[0]}" if problems else ""
 
 
 def refuse_incomplete(

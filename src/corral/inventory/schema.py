@@ -19,9 +19,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    FieldSerializationInfo,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     ValidationError,
-    field_serializer,
+    model_serializer,
     model_validator,
 )
 
@@ -315,11 +316,14 @@ class PowerSpec(Spec):
         None, min_length=1, description="command driver: a command line with {node} and {action}"
     )
 
-    @field_serializer("password")
-    def _hide_password(self, value: str | None, info: FieldSerializationInfo) -> str | None:
-        if value is None or (info.context or {}).get("secrets"):
-            return value
-        return STORED
+    @model_serializer(mode="wrap")
+    def _hide_password(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("password") is not None and not (info.context or {}).get("secrets"):
+            data["password"] = STORED
+        return data
 
 
 class ProfileSpec(Spec):

@@ -9,7 +9,8 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
-from typing import Annotated, Any
+from dataclasses import asdict
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Cookie, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exception_handlers import request_validation_exception_handler
@@ -26,6 +27,7 @@ from corral.errors import (
     CorralError,
 )
 from corral.inventory.bootfiles import imported
+from corral.inventory.noderange import expand
 from corral.inventory.schema import (
     DistroSpec,
     GroupSpec,
@@ -64,6 +66,22 @@ class Facts(BaseModel):
     memory_mb: int | None = Field(None, ge=0, le=1 << 40)
     disks: list[dict[str, Any]] = Field([], max_length=256)
     nics: list[dict[str, Any]] = Field([], max_length=256)
+
+
+class PowerIn(BaseModel):
+    nodes: str = Field(description="the nodes, a noderange: n[001-100]")
+    action: Literal["on", "off", "cycle", "status"]
+    netboot: bool = Field(False, description="before on or cycle, boot from the network once")
+
+
+class PowerOut(BaseModel):
+    node: str
+    driver: str
+    ok: bool
+    state: str | None = Field(description="on or off, as the BMC told; null: unknown")
+    reason: str | None = Field(description="why it failed, or what a person must do (manual)")
+    why: str | None = Field(description="timeout, unreachable, auth, bmc-error, config, manual")
+    seconds: float
 
 
 class NodeStatusOut(BaseModel):
@@ -336,6 +354,21 @@ def _admin_router(service: BootService, api_token: str) -> APIRouter:
     @router.get("/nodes/{name}/status", response_model=NodeStatusOut)
     def status(name: str, db: Db) -> Any:
         return NodeStates(db).status(name)
+
+    @router.post("/power", response_model=list[PowerOut])
+    def power(body: PowerIn) -> Any:
+        """Power nodes on, off, cycle them or read their power state through their BMCs,
+        power_pool at once, each within power_timeout; one answer per node, failures
+        with their reason. On, off and cycle are events in the nodes' history."""
+        from corral.deploy.power import power_nodes
+
+        names = expand(body.nodes)
+        with service.session() as s:
+            Inventory(s).specs("node", names)  # an unknown node: 404, before any BMC
+        outcomes = power_nodes(
+            service.settings, service.session, names, body.action, netboot=body.netboot
+        )
+        return [asdict(o) for o in outcomes]
 
     @router.post("/nodes/{name}/reinstall", response_model=NodeStatusOut)
     def reinstall(name: str, db: Db) -> Any:

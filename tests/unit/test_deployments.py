@@ -302,7 +302,8 @@ def test_the_manager_powers_nodes_and_fails_silent_ones(
         assert FakeTransport.prepared  # made ready before any node is rebooted
         with db.session() as s:
             rows = Deployments(s).get(ident).nodes
-            assert all(r.powered for r in rows) and rows[0].message == "power-cycled"
+            assert all(r.powered for r in rows)
+            assert rows[0].message == "power-cycling it through command"
         report = {"phase": "receiving", "bytes": 5}
         service.progress(ident, "n01", "good", report, "10.0.0.11")
         service.progress(ident, "n02", "good", report, "10.0.0.12")
@@ -331,6 +332,32 @@ class Clock:
 
         self.now = time.time()
         monkeypatch.setattr("corral.deploy.service.time.time", lambda: self.now)
+
+
+def test_a_node_whose_bmc_fails_is_failed_in_phase_power_and_the_others_go_on(
+    home: Path, nodes: None, image: ImageVersion
+) -> None:
+    """n02's power driver fails (its command exits 1): n02 is failed with reason power,
+    in phase power, the command's complaint in its message; n01 is power-cycled."""
+    with db.inventory() as inv:
+        inv.edit(
+            "node",
+            ["n02"],
+            {"power": {"driver": "command", "command": "sh -c 'echo BMC busy >&2; exit 1'"}},
+        )
+    ident = start("n[01-02]")
+    with _service(home) as service, ThreadPoolExecutor(2) as pool:
+        service.tick(pool)
+    with db.session() as s:
+        rows = {r.node: r for r in Deployments(s).get(ident).nodes}
+        assert rows["n01"].phase == "waiting"
+        assert rows["n02"].phase == "failed"
+        assert "power cycle failed" in rows["n02"].message
+        assert "BMC busy" in rows["n02"].message
+        failure = NodeStates(s).events("n02")[-1]
+        assert (failure.phase, failure.reason, failure.during) == ("failed", "power", "power")
+        powered = [e for e in NodeStates(s).events("n01") if e.phase == "power"]
+        assert powered and powered[-1].message.startswith("power cycle through command")
 
 
 def phases(ident: int) -> dict[str, str]:

@@ -51,7 +51,8 @@ def deploy(
     """Install an image on nodes: corral deploy 'n[001-100]' --image compute --wait
 
     Returns once the deployment is stored and its nodes armed; `corral serve` power-cycles
-    them (node variable power_command) and follows them. Exit status with --wait: 0 if every
+    them into a network boot through their power driver (see `corral node power`) and
+    follows them. Exit status with --wait: 0 if every
     node is done, 1 if any failed.
     """
     with session() as s:
@@ -78,8 +79,8 @@ def boot(
 ) -> None:
     """Boot diskless nodes into their image, from RAM: corral boot 'n[001-100]'
 
-    Makes the image's squashfs export if it is missing, power-cycles the nodes (node
-    variable power_command; without one, power them on yourself), sends them the squashfs
+    Makes the image's squashfs export if it is missing, power-cycles the nodes through their
+    power driver (without one, power them on yourself), sends them the squashfs
     in one session and follows them until their systemd reports running. Exit status: 0 if
     every node runs, 1 if any failed.
     """

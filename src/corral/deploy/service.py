@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import shlex
 import threading
 import time
 from collections.abc import Callable
@@ -62,6 +61,8 @@ from corral.deploy.diskless import (
     settings_of,
 )
 from corral.deploy.keys import host_keys
+from corral.deploy.power import NO_DRIVER, node_bmcs
+from corral.deploy.power import describe as describe_power
 from corral.deploy.store import RUNNING, Deployments, install_disk
 from corral.deploy.transports import Transports
 from corral.deploy.transports.base import Member, Meter
@@ -75,8 +76,9 @@ from corral.inventory.merge import merge_node
 from corral.inventory.schema import InstallMethod
 from corral.inventory.state import BOOTING, NodeStates
 from corral.inventory.store import Inventory
+from corral.power import Bmc, PowerContext, power
 from corral.render.renderer import Renderer, Snapshot
-from corral.run import run
+from corral.vault import Vault
 
 log = logging.getLogger("corral.deploy")
 TICK = 1.0
@@ -615,32 +617,47 @@ class DeployService:
             log.error("node %s: %s", row.node, row.message)
             return
         row.powered = time.time()
-        snapshot = Snapshot(session)
-        node = next(iter(snapshot.nodes([row.node])))
-        command = (
-            merge_node(node, snapshot.groups, snapshot.profiles)
-            .values["variables"]
-            .get("power_command")
-        )
-        if not command:
-            row.message = "waiting for the node to network-boot (power it on or reboot it)"
-            return
-        argv = [word.format(node=row.node) for word in shlex.split(str(command))]
-        row.message = "power-cycled"
-        pool.submit(self._power, row.deployment_id, row.node, argv)
-
-    def _power(self, deployment: int, node: str, argv: list[str]) -> None:
         try:
-            run(argv, timeout=60)
-            log.info("node %s: power-cycled (%s)", node, shlex.join(argv))
-        except CorralError as exc:
-            log.error("node %s: power command failed: %s", node, exc.message)
-            with self.session() as s:
-                Deployments(s).fail(
-                    Deployments(s).member(deployment, node),
-                    f"power command failed: {exc.message}",
+            bmc = node_bmcs(session, [row.node], Vault(self.settings.home))[0]
+        except CorralError as exc:  # its BMC password cannot be opened
+            Deployments(session).fail(row, f"cannot power the node: {exc.message}", why=POWER)
+            log.error("node %s: %s", row.node, row.message)
+            return
+        if bmc.driver == NO_DRIVER:
+            row.message = (
+                "waiting for the node to network-boot (it has no power driver: power it on "
+                "or reboot it)"
+            )
+            return
+        row.message = f"power-cycling it through {bmc.driver}"
+        pool.submit(self._power, row.deployment_id, bmc)
+
+    def _power(self, deployment: int, bmc: Bmc) -> None:
+        """Power-cycle the node into a network boot; a BMC that fails fails the node in
+        the phase ``power``, with the BMC's reason (the others go on)."""
+        outcome = power(
+            [bmc],
+            "cycle",
+            netboot=True,
+            pool=1,
+            timeout=self.settings.power_timeout,
+            context=PowerContext(home=self.settings.home),
+        )[0]
+        with self.session() as s:
+            NodeStates(s).record(
+                bmc.node, phases.POWER_OPERATION, describe_power(outcome, bmc), "corral"
+            )
+            if not outcome.ok:
+                store = Deployments(s)
+                store.fail(
+                    store.member(deployment, bmc.node),
+                    f"power cycle failed: {outcome.reason}",
                     why=POWER,
                 )
+        if outcome.ok:
+            log.info("node %s: power-cycled through %s", bmc.node, bmc.driver)
+        else:
+            log.error("node %s: power cycle failed: %s", bmc.node, outcome.reason)
 
 
 #: The phases that have a timeout of their own, and its setting; the others are bounded
@@ -712,9 +729,11 @@ class Manager(threading.Thread):
         super().__init__(name="corral-deploy", daemon=True)
         self.service = service
         self.stopping = threading.Event()
-        # power commands wait on BMCs (ipmitool, redfish) far more than they compute:
-        # 16 at a time power-cycles 100 nodes in seconds, not a minute
-        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="corral-power")
+        # power operations wait on BMCs (ipmitool, redfish) far more than they compute:
+        # power_pool at a time power-cycles 100 nodes in seconds, not a minute
+        self.pool = ThreadPoolExecutor(
+            max_workers=service.settings.power_pool, thread_name_prefix="corral-power"
+        )
 
     def run(self) -> None:
         while not self.stopping.wait(TICK):

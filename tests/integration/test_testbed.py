@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -162,9 +161,8 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
     for info in state.nodes:
         spec = specs[info.name]
         assert spec.variables["disk"] == info.loop and info.loop.startswith("/dev/loop")
-        assert spec.variables["power_command"] == (
-            f"{sys.executable} -m corral.testbed power {{node}} cycle --home {home}"
-        )
+        assert spec.power is not None and spec.power.driver == "testbed"
+        assert "power_command" not in spec.variables
         assert spec.install_method == "image" and spec.profiles == []
         assert spec.groups == ["testbed"]
         iface = spec.interfaces[0]
@@ -269,12 +267,14 @@ def test_real_agent_reports_booted(testbed: cluster.Testbed) -> None:
     if not agent_takes_testbed_flags():
         pytest.skip("the agent has no --interface/--disk/--work-dir yet")
     testbed.up(2, disk_size="16M")
-    # Power-cycled as the deployment manager in corral serve does it: the node's
-    # power_command, from inside ctb-srv, with run()'s minimal environment.
-    with db.inventory() as inv:
-        command = inv.node("tb001").variables["power_command"]
-    argv = [word.format(node="tb001") for word in shlex.split(command)]
-    run(["ip", "netns", "exec", "ctb-srv", *argv], timeout=60)
+    # Power-cycled through the node's power driver (testbed), from inside ctb-srv where
+    # corral serve runs, as an administrator would: corral node power.
+    cli = str(Path(sys.executable).with_name("corral"))
+    powered = run(
+        ["ip", "netns", "exec", "ctb-srv", cli, "node", "power", "cycle", "tb001"],
+        env={"CORRAL_HOME": str(db.settings().home)},
+    )
+    assert "tb001  testbed  ok" in powered.stdout, powered.stdout
 
     def booted() -> bool:
         with db.session() as s:

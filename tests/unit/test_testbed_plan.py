@@ -397,18 +397,3 @@ def test_firmware_refuses_what_ipxe_would_not_run() -> None:
         "#!ipxe\nchain ${net0/mac:hexhyp}.ipxe\n", "52:54:00:00:00:05", "http://x/boot/ipxe"
     )
     assert chained == "http://x/boot/52-54-00-00-00-05.ipxe"
-
-
-def test_power_entry_point_names_the_problem(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """``python -m corral.testbed power`` (the nodes' power_command) fails in one line
-    plus a hint, with the CLI's exit code, when no testbed is up."""
-    from corral.testbed.__main__ import main
-
-    assert main(["power", "tb001", "cycle", "--home", str(tmp_path)]) == 1
-    err = capsys.readouterr().err.splitlines()
-    assert err == [
-        "error: no testbed is up",
-        "hint: start one with 'corral testbed up --nodes N'",
-    ]

@@ -309,7 +309,7 @@ class Testbed:
     def register(self, state: TestbedState) -> dict[str, int]:
         """Add or update the nodes in the inventory (see :func:`register_nodes`); returns
         counts by outcome."""
-        counts = register_nodes(self.engine, state, self.settings.home)
+        counts = register_nodes(self.engine, state)
         self.progress(
             f"inventory: {counts['created']} nodes created, {counts['changed']} changed, "
             f"{counts['unchanged']} unchanged"

@@ -1,17 +1,14 @@
 """The testbed's nodes in corral's inventory: registered by ``up`` (group ``testbed``,
-install method image, the loop device as their disk, the testbed's power command), kept
+install method image, the loop device as their disk, the testbed's power driver), kept
 or forgotten by ``down``.
 
-The inventory's modules are imported where they are used: ``python -m corral.testbed
-power`` imports this module and must start fast, without the database.
+The inventory's modules are imported where they are used, so that the testbed's own
+modules load without the database.
 """
 
 from __future__ import annotations
 
 import re
-import shlex
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.testbed.plan import TestbedState
@@ -24,15 +21,7 @@ GROUP = "testbed"
 _NODE = re.compile(r"^tb(\d{3})$")
 
 
-def power_command(home: Path) -> str:
-    """What the deployment manager runs, with {node} filled in, to boot a node into its
-    ramdisk. It names the home: the manager runs commands with a minimal environment.
-    ``corral.testbed``'s own entry point, not the CLI: a tenth of the start-up time."""
-    python, where = shlex.quote(sys.executable), shlex.quote(str(home))
-    return f"{python} -m corral.testbed power {{node}} cycle --home {where}"
-
-
-def register_nodes(engine: Engine, state: TestbedState, home: Path) -> dict[str, int]:
+def register_nodes(engine: Engine, state: TestbedState) -> dict[str, int]:
     """Add or update the nodes in the inventory (idempotent; keeps what an admin set,
     such as profiles, other interfaces and variables); returns counts by outcome."""
     from corral.inventory.clusterfile import apply_cluster
@@ -54,13 +43,15 @@ def register_nodes(engine: Engine, state: TestbedState, home: Path) -> dict[str,
             others = [i for i in data.get("interfaces", []) if i["name"] != "eth0"]
             groups = [g for g in data.get("groups", []) if g != GROUP] + [GROUP]
             variables = dict(data.get("variables", {}))
-            variables.update(disk=node.loop, power_command=power_command(home))
+            variables["disk"] = node.loop
+            variables.pop("power_command", None)  # how corral powered them before drivers
             data.update(
                 name=node.name,
                 interfaces=[eth0, *others],
                 groups=groups,
                 variables=variables,
                 install_method="image",
+                power={"driver": "testbed"},
             )
             specs.append(NodeSpec.model_validate(data))
         group = inv.get("group", GROUP) if inv.exists("group", GROUP) else GroupSpec(name=GROUP)

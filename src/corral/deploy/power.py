@@ -58,9 +58,9 @@ def node_bmcs(session: Session, names: Iterable[str], vault: Vault) -> list[Bmc]
 
 def describe(outcome: Outcome, bmc: Bmc) -> str:
     """One line for the node's history: "cycle through ipmi 10.1.0.11: on (1.2 s)"."""
+    if not outcome.ok:  # the reason names the BMC
+        return f"power {outcome.action} through {bmc.driver} failed: {outcome.reason}"
     through = f"{bmc.driver} {bmc.address}" if bmc.address else bmc.driver
-    if not outcome.ok:
-        return f"power {outcome.action} through {through} failed: {outcome.reason}"
     state = f": {outcome.state}" if outcome.state else ""
     note = f" ({outcome.reason})" if outcome.reason else ""
     return f"power {outcome.action} through {through}{state}{note}"
@@ -96,7 +96,7 @@ def power_nodes(
             for outcome, bmc in zip(outcomes, bmcs, strict=True):
                 told = describe(outcome, bmc)
                 states.record(outcome.node, phases.POWER_OPERATION, told, "corral")
-    for outcome in outcomes:
+    for outcome in outcomes:  # the caller shows them: logged for corral serve's log
         if not outcome.ok:
-            log.warning("node %s: power %s failed: %s", outcome.node, action, outcome.reason)
+            log.info("node %s: power %s failed: %s", outcome.node, action, outcome.reason)
     return outcomes

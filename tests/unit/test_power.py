@@ -4,6 +4,7 @@ drivers, and check()."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -137,6 +138,7 @@ def test_the_deadline_counts_from_a_nodes_own_start_not_the_calls(fake: Any) -> 
 def test_a_drivers_exception_is_that_nodes_outcome_with_the_password_masked(
     fake: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, "corral.power")
     fake(Recorder(broken=["n001"]))
     outcomes = power(nodes(3), "off")
     assert [o.ok for o in outcomes] == [True, False, True]
@@ -145,6 +147,7 @@ def test_a_drivers_exception_is_that_nodes_outcome_with_the_password_masked(
     assert broken.reason == (
         "the fake driver failed: RuntimeError: driver bug while talking with password ***"
     )
+    assert "where the fake driver failed" in caplog.text
     assert SECRET not in caplog.text
 
 

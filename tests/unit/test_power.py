@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -434,3 +435,12 @@ def test_power_failure_carries_why_and_reason() -> None:
     assert (failure.why, failure.reason, str(failure)) == (
         "auth", "BMC x refused the user or password", "BMC x refused the user or password",
     )  # fmt: skip
+
+
+def test_testbed_without_a_testbed_says_how_to_start_one(tmp_path: Path) -> None:
+    context = PowerContext(home=tmp_path)
+    [on] = power([Bmc("tb001", "testbed")], "on", context=context)
+    assert (on.ok, on.why) == (False, "bmc-error")
+    assert on.reason == "testbed: no testbed is up: start one with 'corral testbed up --nodes N'"
+    [status] = power([Bmc("tb001", "testbed")], "status", context=context)
+    assert (status.ok, status.state) == (True, "off")

@@ -4,11 +4,13 @@ drivers, and check()."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -137,6 +139,7 @@ def test_the_deadline_counts_from_a_nodes_own_start_not_the_calls(fake: Any) -> 
 def test_a_drivers_exception_is_that_nodes_outcome_with_the_password_masked(
     fake: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, "corral.power")
     fake(Recorder(broken=["n001"]))
     outcomes = power(nodes(3), "off")
     assert [o.ok for o in outcomes] == [True, False, True]
@@ -145,6 +148,7 @@ def test_a_drivers_exception_is_that_nodes_outcome_with_the_password_masked(
     assert broken.reason == (
         "the fake driver failed: RuntimeError: driver bug while talking with password ***"
     )
+    assert "where the fake driver failed" in caplog.text
     assert SECRET not in caplog.text
 
 
@@ -431,3 +435,12 @@ def test_power_failure_carries_why_and_reason() -> None:
     assert (failure.why, failure.reason, str(failure)) == (
         "auth", "BMC x refused the user or password", "BMC x refused the user or password",
     )  # fmt: skip
+
+
+def test_testbed_without_a_testbed_says_how_to_start_one(tmp_path: Path) -> None:
+    context = PowerContext(home=tmp_path)
+    [on] = power([Bmc("tb001", "testbed")], "on", context=context)
+    assert (on.ok, on.why) == (False, "bmc-error")
+    assert on.reason == "testbed: no testbed is up: start one with 'corral testbed up --nodes N'"
+    [status] = power([Bmc("tb001", "testbed")], "status", context=context)
+    assert (status.ok, status.state) == (True, "off")

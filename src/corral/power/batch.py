@@ -205,9 +205,9 @@ def attempt(
     except Exception as exc:
         text = _without(bmc.password, f"{type(exc).__name__}: {exc}")
         log.error("node %s: the %s driver failed: %s", bmc.node, bmc.driver, text)
-        if log.isEnabledFor(logging.DEBUG):  # the traceback, masked: its lines quote too
-            trace = _without(bmc.password, "".join(traceback.format_exception(exc)))
-            log.debug("node %s: the %s driver's traceback:\n%s", bmc.node, bmc.driver, trace)
+        # the frames without the exception's text, which may quote the password
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        log.debug("node %s: where the %s driver failed:\n%s", bmc.node, bmc.driver, frames)
         return outcome(False, None, f"the {bmc.driver} driver failed: {text}", BMC_ERROR)
     return outcome(True, answer.state, answer.note, answer.why)
 

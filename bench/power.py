@@ -68,11 +68,25 @@ def cell(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bmcs", type=int, default=100)
-    parser.add_argument("--pools", default="8,32,100", help="pool sizes, comma-separated")
-    parser.add_argument("--answer", type=float, default=1.0, help="seconds a power request takes")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per pool size")
-    parser.add_argument("--timeout", type=float, default=20.0, help="per-node deadline (s)")
+    parser.add_argument("--bmcs", type=int, default=100, help="emulated BMCs (systems) [100]")
+    parser.add_argument(
+        "--pools", default="8,32,100", help="pool sizes to try, comma-separated [8,32,100]"
+    )
+    parser.add_argument(
+        "--answer",
+        type=float,
+        default=1.0,
+        help="seconds a BMC takes to acknowledge a power request [1]",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs per pool size; median and worst are reported [3]",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=20.0, help="per-node deadline in seconds [20]"
+    )
     args = parser.parse_args()
     pools = [int(p) for p in args.pools.split(",")]
     commit = subprocess.run(

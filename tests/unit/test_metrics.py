@@ -148,12 +148,15 @@ def test_boot_steps_of_a_node_at_rest_are_not_a_new_boot(metrics: Metrics) -> No
         (phases.BOOT_CONFIG, 21),
         (phases.FIRST_BOOT, 80),
         (phases.DHCP, 3600),  # its installed system renews its lease: history
+        (phases.POWER_OPERATION, 7200),  # an administrator's power cycle: history too
+        (phases.DHCP, 7220),
     ]:
         hub.publish("event", event("c01", phase, T0 + at))
     durations = "corral_phase_duration_seconds"
     assert sample(metrics, f"{durations}_sum", phase="rebooting") == 80
     assert sample(metrics, f"{durations}_count", phase="dhcp") is None
     assert sample(metrics, f"{durations}_count", phase="first-boot") is None
+    assert sample(metrics, f"{durations}_count", phase="power") is None
 
 
 def test_nodes_by_state_deployments_and_stream_clients(metrics: Metrics) -> None:

@@ -147,7 +147,8 @@ class Metrics:
             last = self._entered.get(node)
             if last is not None:
                 was, since = last
-                if phase == was or (phase in phases.BOOT_STEPS and was in AT_REST):
+                history = phase in phases.BOOT_STEPS or phase == phases.POWER_OPERATION
+                if phase == was or (history and was in AT_REST):
                     return  # still in it; or history, not a step of its life cycle
                 if was in phases.LIFE_CYCLE and was not in SETTLED and when >= since:
                     self.durations.labels(phase=was).observe(when - since)

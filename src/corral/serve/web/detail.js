@@ -4,7 +4,8 @@
 
 import { ago, bytes, clock, duration, el, percent, when } from "./format.js";
 
-const BOOT_STEPS = new Set(["dhcp", "loader", "boot-config", "kernel", "initrd"]);
+// what corral did and served before the node's own software ran: drawn apart in the timeline
+const BOOT_STEPS = new Set(["power", "dhcp", "loader", "boot-config", "kernel", "initrd"]);
 
 function kv(pairs) {
   const list = el("dl", "kv");

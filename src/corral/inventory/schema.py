@@ -315,6 +315,10 @@ class PowerSpec(Spec):
     command: str | None = Field(
         None, min_length=1, description="command driver: a command line with {node} and {action}"
     )
+    verify_tls: bool | None = Field(
+        None,
+        description="Redfish: check the BMC's TLS certificate (default: no, most are self-signed)",
+    )
 
     @model_serializer(mode="wrap")
     def _hide_password(

@@ -1,0 +1,505 @@
+#!/usr/bin/env python3
+"""A model of corral's transports past what the testbed can play: T and egress at 10,000 nodes.
+
+**Why a flow-level model, not a discrete-event simulation.** Every figure the issue asks
+for (the last node's T, the server's egress) is set by which link is the bottleneck and
+for how long: the server's link for unicast, one node's link for the chain and for
+multicast, the seed and the swarm's upload for BitTorrent, a rack's uplink for traffic
+that crosses it. Max-min fair sharing of those links gives each flow's rate in closed
+form, so the model is a few lines per transport, runs 10,000 nodes in microseconds, and
+every term can be read and argued with. A packet-level simulation would need constants
+(switch buffers, TCP's state machine, libtorrent's choker) that 50 runs on one machine
+cannot calibrate. What a flow model cannot see is listed in ``docs/benchmarks.md``.
+
+**What is calibrated** (``CALIBRATION``: fitted by hand to the recorded runs, minimising
+the median and then the worst relative error on T; ``--check`` shows the result):
+
+- ``eta_tcp``: the share of a link's rate a TCP stream carries as image data (headers,
+  ACK clocking); ``t0``: each node's fixed start (plan, partitioning, first request);
+- ``fair``: http/rsync at a congested bottleneck do not share it evenly; the last nodes
+  end alone on their own links. T = load/capacity x (1 + fair x the congested share);
+- ``eta_rsync``: rsync's rate against a plain HTTP stream (it walks the tree);
+- ``eta_mc``: multicast's data rate against B (udp-sender capped at 95 % of B, 3 % FEC,
+  UDP headers); ``repair``: the share of a stripe re-sent when some receiver lost more
+  than the FEC repairs;
+- ``hop_bytes``: what each chain relay holds before it forwards (a store-and-forward
+  delay of hop_bytes / B per hop);
+- ``bt_start``: BitTorrent's start-up (tracker, first choke rounds), in seconds;
+  ``bt_swarm``: N at which the swarm's efficiency (choking, piece availability) halves;
+  ``bt_rescue``: the share of S each node pulls again from the seed when its stripe is
+  late (the agent's rescue; today's timings do not scale with the piece time);
+- ``ctl_bytes``: control traffic per node on the server's link (plan, reports, tokens);
+- ``host_ack``, ``host_relay``: the testbed only. Its 100 nodes share two cores, so an
+  acknowledgement (multicast, per slice) or a relay's turn (chain) waits for the host:
+  N x constant x rho / (1 - rho), rho the run's recorded host CPU. Zero on real hardware,
+  where every node has its own CPU; the predictions leave it out.
+
+**Assumed, not calibrated** (the testbed cannot measure them): a round trip of 0.2 ms
+between nodes and server, 1 us of the udp-sender's CPU per receiver's acknowledgement,
+TCP's rate under loss by Mathis et al.'s 1.22 MSS / (RTT sqrt(p)), BitTorrent with 4
+flows per node, the server at the spine outside every rack, and multicast's HTTP
+catch-ups sharing half the server link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from corral.agent.receivers.chain.receiver import LAG_BYTES, LAG_SECONDS
+from corral.errors import InvalidValue
+from corral.testbed.plan import parse_rate, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = (ROOT / "docs" / "deploy-runs.jsonl", ROOT / "docs" / "diskless-runs.jsonl")
+TRANSPORTS = ("http", "rsync", "multicast", "chain", "bittorrent")
+
+CALIBRATION: dict[str, float] = {
+    "eta_tcp": 0.956,
+    "t0": 1.2,
+    "fair": 0.07,
+    "eta_rsync": 0.89,
+    "eta_mc": 0.863,
+    "repair": 0.18,
+    "hop_bytes": 15_000,
+    "bt_start": 24.0,
+    "bt_depth": 0.018,
+    "bt_served": 3.5,
+    "bt_rescue": 0.27,
+    "bt_seed": 0.75,
+    "ctl_bytes": 30_000,
+    "host_ack": 0.0052,
+    "host_relay": 0.035,
+    "host_disk": 0.2,
+}
+
+RTT = 200e-6
+ACK_CPU = 1e-6
+MSS = 1448
+BT_FLOWS = 4
+CATCHUP_SHARE = 0.5
+# udpcast with corral's --fec 8x4/128: slices of 8 x 128 blocks of 1456 bytes, 4 of 128
+# redundant per stripe.
+MC_BLOCK, MC_STRIPE, MC_REDUNDANCY, MC_SLICE = 1456, 128, 4, 8 * 128
+# The agent's BitTorrent stripe is late after this long; then it asks the seed.
+BT_LATE = 10.0
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """One deployment: sizes in bytes, rates in bit/s, times in seconds."""
+
+    nodes: int
+    size: float
+    node_link: float
+    server_link: float
+    rack_size: int = 0  # 0: every node on one switch
+    oversubscription: float = 1.0
+    loss: float = 0.0
+    stragglers: float = 0.0  # the fraction of nodes whose link runs at B/10
+    skew: float = 0.0  # nodes start at random over this window
+    host_load: float = 0.0  # the testbed's shared CPU (0 on real hardware)
+    host_disks: bool = False  # the testbed's nodes write their disks on one host
+
+    @property
+    def slow(self) -> int:
+        return int(self.stragglers * self.nodes + 0.5)
+
+    @property
+    def uplink(self) -> float:
+        if not self.rack_size or self.rack_size >= self.nodes:
+            return math.inf
+        return self.rack_size * self.node_link / self.oversubscription
+
+    @property
+    def one_copy(self) -> float:
+        """S/B: one copy over one node's link."""
+        return self.size * 8 / self.node_link
+
+
+@dataclass(frozen=True)
+class Prediction:
+    t: float  # the last node done
+    t_others: float  # the last node done but the stragglers
+    egress: float  # bytes the server sends
+
+
+def _tcp_rate(c: Cluster, link: float, k: dict[str, float], flows: int = 1) -> float:
+    """Image bytes per second through one TCP path over ``link``, loss included."""
+    rate = k["eta_tcp"] * link / 8
+    if c.loss > 0:
+        rate = min(rate, flows * 1.22 * MSS / (RTT * math.sqrt(c.loss)))
+    return rate
+
+
+def _host_wait(c: Cluster, constant: float) -> float:
+    rho = min(c.host_load, 0.95)
+    return constant * c.nodes * rho / (1 - rho)
+
+
+def _host_finish(c: Cluster, k: dict[str, float]) -> float:
+    """The testbed's nodes that end together unpack, sync and unmount on the same cores."""
+    return k["host_disk"] * c.nodes if c.host_disks else 0.0
+
+
+def _congested(load: float, capacity: float, demand: float, fair: float) -> float:
+    """Seconds to carry ``load`` bytes over ``capacity`` asked for at ``demand``."""
+    if demand <= capacity:
+        return 0.0
+    return load / capacity * (1 + fair * (1 - capacity / demand))
+
+
+def _stragglers_done(c: Cluster, k: dict[str, float], t_others: float) -> float:
+    if not c.slow:
+        return t_others
+    return max(t_others, k["t0"] + c.skew + c.size / _tcp_rate(c, c.node_link / 10, k))
+
+
+def unicast(c: Cluster, k: dict[str, float], eta: float = 1.0) -> Prediction:
+    """http and rsync: N copies from the server, fair-shared at the server and the racks."""
+    node = eta * _tcp_rate(c, c.node_link, k)
+    server = eta * k["eta_tcp"] * c.server_link / 8
+    bulk = _congested(c.nodes * c.size, server, c.nodes * node, k["fair"])
+    if c.uplink < math.inf:
+        uplink = eta * k["eta_tcp"] * c.uplink / 8
+        bulk = max(bulk, _congested(c.rack_size * c.size, uplink, c.rack_size * node, k["fair"]))
+    t = k["t0"] + max(c.skew + c.size / node, bulk)
+    egress = c.nodes * (c.size / k["eta_tcp"] + k["ctl_bytes"])
+    return Prediction(_stragglers_done(c, k, t), t, egress)
+
+
+def _mc_repair(c: Cluster, k: dict[str, float]) -> float:
+    """The share of S re-sent: stripes where some receiver lost more than the FEC repairs."""
+    if c.loss <= 0:
+        return 0.0
+    blocks = MC_STRIPE + MC_REDUNDANCY
+    within = sum(
+        math.comb(blocks, i) * c.loss**i * (1 - c.loss) ** (blocks - i)
+        for i in range(MC_REDUNDANCY + 1)
+    )
+    return k["repair"] * (1 - within ** (c.nodes - c.slow))
+
+
+def multicast(c: Cluster, k: dict[str, float]) -> Prediction:
+    """One session at the pace of the slowest receiver left in it, acknowledged per slice;
+    a straggler leaves it and catches up by HTTP."""
+    link = min(c.node_link, c.uplink)
+    repair = _mc_repair(c, k)
+    stream = c.size * (1 + repair) * 8 / (k["eta_mc"] * link)
+    slices = math.ceil(c.size / (MC_BLOCK * MC_SLICE))
+    acks = slices * (RTT + c.nodes * ACK_CPU + _host_wait(c, k["host_ack"]))
+    t = k["t0"] + c.skew + stream + acks + _host_finish(c, k)
+    catch_up = c.slow * c.size / (CATCHUP_SHARE * k["eta_tcp"] * c.server_link / 8)
+    t_all = max(_stragglers_done(c, k, t), k["t0"] + c.skew + catch_up)
+    fec = MC_REDUNDANCY / MC_STRIPE
+    egress = c.size * (1 + fec) * (1 + repair) / k["eta_tcp"]
+    egress += c.slow * c.size + c.nodes * k["ctl_bytes"]
+    return Prediction(t_all, t, egress)
+
+
+def chain(c: Cluster, k: dict[str, float]) -> Prediction:
+    """A pipeline through every node, ordered rack by rack so that it crosses each uplink
+    once; a straggler is passed once its successor sees it fall behind."""
+    rate = _tcp_rate(c, min(c.node_link, c.uplink), k)
+    hops = (c.nodes - 1) * (k["hop_bytes"] * 8 / c.node_link + RTT / 2)
+    # the agent's test: behind by LAG_BYTES and LAG_SECONDS of what it gets (B/10 here)
+    lag = max(LAG_BYTES, LAG_SECONDS * c.node_link / 10 / 8)
+    detect = c.slow * lag * 8 / (0.9 * c.node_link)
+    t = k["t0"] + c.skew + c.size / rate + hops + detect
+    t += _host_wait(c, k["host_relay"]) + _host_finish(c, k)
+    egress = c.size / k["eta_tcp"] * (1 + c.loss) + c.nodes * k["ctl_bytes"]
+    return Prediction(_stragglers_done(c, k, t), t, egress)
+
+
+def bittorrent(c: Cluster, k: dict[str, float]) -> Prediction:
+    """A swarm fed by one seed on the server; peers are picked without regard to racks.
+
+    The swarm alone: S/B stretched by ``bt_depth`` per doubling of N (a piece reaches N
+    nodes in log2 N generations). The seed: one copy, plus the rescues of every node past
+    the ``bt_served`` first when a stripe from the seed is late, at ``bt_seed`` of the
+    server link (libtorrent inside ``corral serve``)."""
+    down = _tcp_rate(c, c.node_link, k, BT_FLOWS)
+    swarm = c.size / down * (1 + k["bt_depth"] * math.log2(c.nodes))
+    if c.uplink < math.inf:
+        crossing = c.rack_size * c.size * (1 - c.rack_size / c.nodes)
+        swarm = max(swarm, crossing / (k["eta_tcp"] * c.uplink / 8))
+    late = c.size * 8 / c.server_link > BT_LATE
+    rescued = k["bt_rescue"] * max(0.0, c.nodes - k["bt_served"]) * c.size if late else 0.0
+    seed = k["bt_seed"] * k["eta_tcp"] * c.server_link / 8
+    start = k["bt_start"] if c.nodes > 1 else 0.0
+    t = k["t0"] + c.skew + start + max(swarm, (c.size + rescued) / seed)
+    egress = (c.size + rescued) / k["eta_tcp"] + c.nodes * k["ctl_bytes"]
+    return Prediction(_stragglers_done(c, k, t), t, egress)
+
+
+MODELS: dict[str, Callable[[Cluster, dict[str, float]], Prediction]] = {
+    "http": unicast,
+    "rsync": lambda c, k: unicast(c, k, k["eta_rsync"]),
+    "multicast": multicast,
+    "chain": chain,
+    "bittorrent": bittorrent,
+}
+
+
+def predict(transport: str, cluster: Cluster, k: dict[str, float] | None = None) -> Prediction:
+    if transport not in MODELS:
+        raise InvalidValue(
+            f"no model of transport '{transport}'", f"give one of {', '.join(TRANSPORTS)}"
+        )
+    return MODELS[transport](cluster, k or CALIBRATION)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One recorded testbed run, as the model sees it."""
+
+    label: str
+    transport: str
+    kind: str
+    cluster: Cluster
+    t: float  # measured, from the first node's first report (the stragglers left out)
+    egress: float
+    excluded: str  # why the summary leaves it out, or ""
+
+
+def _exclusion(record: dict[str, object], transport: str, egress_s: float) -> str:
+    if not record.get("valid", True):
+        return f"host CPU {float(record['cpu']):.0%}: measured the host (recorded invalid)"  # type: ignore[arg-type]
+    failed = [f for f in record.get("failed") or [] if "cancelled" not in str(f)]  # type: ignore[attr-defined]
+    if len(failed) > 1:
+        return f"{len(failed)} of {record['n']} nodes failed for silence (recorded)"
+    if transport == "chain" and egress_s > 2:
+        return f"egress {egress_s:.1f} x S recorded: nodes left the chain for HTTP"
+    return ""
+
+
+def load_runs(paths: Iterable[Path] = RUNS) -> list[Run]:
+    """Every run at N = 1, 10, 50 and 100 of ``docs/*-runs.jsonl``.
+
+    The records carry no loss or slow-node field: the scenario is read from the label
+    (``multicast (1% loss)``, ``chain (tb050 at B/10)``). The 2026-11-25 unicast runs
+    recorded no skew; it is taken as 0 (unicast there is bound by the server link)."""
+    runs = []
+    for path in paths:
+        kind = path.stem.split("-")[0]
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            label = r["transport"]
+            transport = re.split(r"[ ,(]", label)[0]
+            link, server = parse_rate(r["link"]), parse_rate(r["server_link"])
+            size = r["s_over_b"] * link / 8
+            loss = re.search(r"(\d+(?:\.\d+)?)% loss", label)
+            n = r["n"]
+            cluster = Cluster(
+                nodes=n,
+                size=size,
+                node_link=link,
+                server_link=server,
+                loss=float(loss.group(1)) / 100 if loss else 0.0,
+                stragglers=1 / n if "B/10" in label else 0.0,
+                skew=r.get("skew") or 0.0,
+                host_load=r.get("cpu") or 0.0,
+                host_disks=kind == "deploy",
+            )
+            egress = float(r["egress"])
+            t = r.get("t_others") or r["t"]
+            why = _exclusion(r, transport, egress / size)
+            if "repeat" in r:
+                label = f"{label} #{r['repeat']}"
+            runs.append(Run(f"{kind}: {label}", transport, kind, cluster, t, egress, why))
+    return runs
+
+
+def check(runs: Sequence[Run], k: dict[str, float] | None = None) -> list[dict[str, object]]:
+    """Measured against predicted T (the stragglers left out, as measured) per run."""
+    rows = []
+    for run in runs:
+        p = predict(run.transport, run.cluster, k)
+        rows.append(
+            {
+                "run": run.label,
+                "transport": run.transport,
+                "n": run.cluster.nodes,
+                "link": run.cluster.node_link,
+                "t": run.t,
+                "t_model": p.t_others,
+                "error": p.t_others / run.t - 1,
+                "egress_s": run.egress / run.cluster.size,
+                "egress_model_s": p.egress / run.cluster.size,
+                "excluded": run.excluded,
+            }
+        )
+    return rows
+
+
+def summarise(rows: Sequence[dict[str, object]]) -> dict[str, tuple[float, float, int]]:
+    """Per transport: (median |error|, worst |error|, runs) over the runs not excluded."""
+    out = {}
+    for transport in TRANSPORTS:
+        errors = [
+            abs(float(r["error"]))  # type: ignore[arg-type]
+            for r in rows
+            if r["transport"] == transport and not r["excluded"]
+        ]
+        if errors:
+            out[transport] = (statistics.median(errors), max(errors), len(errors))
+    return out
+
+
+def _rate_text(bps: float) -> str:
+    return f"{bps / 1e9:g}g" if bps >= 1e9 else f"{bps / 1e6:g}mbit"
+
+
+def print_check(rows: Sequence[dict[str, object]]) -> None:
+    print("| run | N | B | T measured (s) | T model (s) | error | egress ÷ S: measured | model |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        note = f" (excluded: {r['excluded']})" if r["excluded"] else ""
+        print(
+            f"| {r['run']}{note} | {r['n']} | {_rate_text(float(r['link']))} "  # type: ignore[arg-type]
+            f"| {r['t']:.1f} | {r['t_model']:.1f} | {float(r['error']):+.1%} "  # type: ignore[arg-type]
+            f"| {r['egress_s']:.2f} | {r['egress_model_s']:.2f} |"
+        )
+    print("\n| transport | runs | median |error| | worst |error| |")
+    print("|---|---|---|---|")
+    for transport, (median, worst, count) in summarise(rows).items():
+        print(f"| {transport} | {count} | {median:.1%} | {worst:.1%} |")
+
+
+GIB = 1 << 30
+SCALE = Cluster(
+    nodes=1000,
+    size=4 * GIB,
+    node_link=10e9,
+    server_link=25e9,
+    rack_size=40,
+    oversubscription=4,
+)
+SCENARIOS = {"clean": {}, "1 % loss, 1 % stragglers": {"loss": 0.01, "stragglers": 0.01}}
+PLOT_NODES = (10, 20, 40, 80, 200, 400, 1000, 2000, 4000, 10_000)
+
+
+def prediction_table(base: Cluster = SCALE) -> list[str]:
+    lines = [
+        "| transport | scenario | N | T (s) | T ÷ S/B | others' T ÷ S/B | egress ÷ S |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for transport in TRANSPORTS:
+        for name, changes in SCENARIOS.items():
+            for n in (1000, 10_000):
+                c = replace(base, nodes=n, **changes)
+                p = predict(transport, c)
+                lines.append(
+                    f"| {transport} | {name} | {n:,} | {p.t:,.1f} | {p.t / c.one_copy:,.2f} "
+                    f"| {p.t_others / c.one_copy:,.2f} | {p.egress / c.size:,.2f} |"
+                )
+    return lines
+
+
+def plot(path: Path, base: Cluster = SCALE) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, (name, changes) in zip(axes, SCENARIOS.items(), strict=True):
+        for transport in TRANSPORTS:
+            ts = [predict(transport, replace(base, nodes=n, **changes)).t for n in PLOT_NODES]
+            ax.plot(PLOT_NODES, ts, marker="o", label=transport)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("nodes N")
+        ax.set_title(name)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("T, the last node done (s)")
+    axes[0].legend()
+    fig.suptitle("bench/model.py: 4 GiB image, 10 GbE nodes, 25 GbE server, racks of 40 at 4:1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _rate(text: str) -> float:
+    """``10g`` and ``25g`` as well as tc's ``20mbit``, ``10gbit``."""
+    spelled = re.sub(r"(?i)^([\d.]+)([kmg])$", r"\1\2bit", text.strip())
+    return parse_rate(spelled)
+
+
+def _cluster(args: argparse.Namespace) -> Cluster:
+    try:
+        link, server = _rate(args.node_link), _rate(args.server_link)
+    except InvalidValue as exc:
+        raise InvalidValue(
+            f"{exc.message} for a link", "give e.g. 2mbit, 20mbit, 10g or 25g"
+        ) from exc
+    try:
+        size = parse_size(args.size)
+    except InvalidValue as exc:
+        raise InvalidValue(f"bad image size '{args.size}'", "give e.g. 512MiB or 4GiB") from exc
+    if args.nodes < 1:
+        raise InvalidValue(f"{args.nodes} nodes", "give --nodes 1 or more")
+    racks = args.rack_size
+    if racks < 0 or (racks and args.nodes > racks and args.nodes % racks):
+        raise InvalidValue(
+            f"{args.nodes} nodes do not fill racks of {args.rack_size}",
+            "give a --rack-size that divides --nodes (or 0 for one switch)",
+        )
+    if not 1 <= args.oversubscription <= max(args.rack_size, 1):
+        raise InvalidValue(
+            f"oversubscription {args.oversubscription:g}:1 with racks of {args.rack_size}",
+            "give 1 (none) up to the rack size (an uplink as fast as one node's link)",
+        )
+    for name in ("loss", "stragglers"):
+        if not 0 <= getattr(args, name) < 1:
+            raise InvalidValue(f"--{name} {getattr(args, name)}", "give a fraction, e.g. 0.01")
+    if args.skew < 0:
+        raise InvalidValue(f"--skew {args.skew}", "give 0 or more seconds")
+    return Cluster(
+        args.nodes, size, link, server, args.rack_size, args.oversubscription,
+        args.loss, args.stragglers, args.skew,
+    )  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--transport", default="chain")
+    parser.add_argument("--nodes", type=int, default=100)
+    parser.add_argument("--node-link", default="10g")
+    parser.add_argument("--server-link", default="25g")
+    parser.add_argument("--rack-size", type=int, default=0, help="0: one switch")
+    parser.add_argument("--oversubscription", type=float, default=1.0)
+    parser.add_argument("--loss", type=float, default=0.0, help="a fraction: 0.01 is 1 %%")
+    parser.add_argument("--stragglers", type=float, default=0.0, help="the fraction at B/10")
+    parser.add_argument("--skew", type=float, default=0.0, help="seconds")
+    parser.add_argument("--size", default="4GiB")
+    parser.add_argument("--check", action="store_true", help="against the recorded runs")
+    parser.add_argument("--predict", action="store_true", help="1,000 and 10,000 nodes")
+    parser.add_argument("--plot", type=Path, help="with --predict: T against N, a PNG")
+    args = parser.parse_args(argv)
+    try:
+        if args.check:
+            print_check(check(load_runs()))
+        elif args.predict or args.plot:
+            print("\n".join(prediction_table()))
+            if args.plot:
+                plot(args.plot)
+        else:
+            c = _cluster(args)
+            p = predict(args.transport, c)
+            print(f"T = {p.t:.1f} s ({p.t / c.one_copy:.2f} x S/B), the stragglers left out "
+                  f"{p.t_others:.1f} s; egress = {p.egress / c.size:.2f} x S")  # fmt: skip
+    except InvalidValue as exc:
+        print(f"error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

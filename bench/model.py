@@ -165,13 +165,14 @@ def _stragglers_done(c: Cluster, k: dict[str, float], t_others: float) -> float:
 def unicast(c: Cluster, k: dict[str, float], eta: float = 1.0) -> Prediction:
     """http and rsync: N copies from the server, fair-shared at the server and the racks."""
     node = eta * _tcp_rate(c, c.node_link, k)
-    server = eta * k["eta_tcp"] * c.server_link / 8
+    # a lost segment crosses the server's link and the uplinks twice
+    server = eta * k["eta_tcp"] * (1 - c.loss) * c.server_link / 8
     bulk = _congested(c.nodes * c.size, server, c.nodes * node, k["fair"])
     if c.uplink < math.inf:
-        uplink = eta * k["eta_tcp"] * c.uplink / 8
+        uplink = eta * k["eta_tcp"] * (1 - c.loss) * c.uplink / 8
         bulk = max(bulk, _congested(c.rack_size * c.size, uplink, c.rack_size * node, k["fair"]))
     t = k["t0"] + max(c.skew + c.size / node, bulk)
-    egress = c.nodes * (c.size / k["eta_tcp"] + k["ctl_bytes"])
+    egress = c.nodes * (c.size / k["eta_tcp"] / (1 - c.loss) + k["ctl_bytes"])
     return Prediction(_stragglers_done(c, k, t), t, egress)
 
 

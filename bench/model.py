@@ -18,7 +18,8 @@ the median and then the worst relative error on T; ``--check`` shows the result)
   ACK clocking); ``t0``: each node's fixed start (plan, partitioning, first request);
 - ``fair``: http/rsync at a congested bottleneck do not share it evenly; the last nodes
   end alone on their own links. T = load/capacity x (1 + fair x the congested share);
-- ``eta_rsync``: rsync's rate against a plain HTTP stream (it walks the tree);
+- ``eta_rsync``: rsync's rate on a node's link against a plain HTTP stream (it walks the
+  tree; its bytes on the server's link are about those of http);
 - ``eta_mc``: multicast's data rate against B (udp-sender capped at 95 % of B, 3 % FEC,
   UDP headers); ``repair``: the share of a stripe re-sent when some receiver lost more
   than the FEC repairs;
@@ -64,7 +65,7 @@ TRANSPORTS = ("http", "rsync", "multicast", "chain", "bittorrent")
 CALIBRATION: dict[str, float] = {
     "eta_tcp": 0.956,
     "t0": 1.2,
-    "fair": 0.07,
+    "fair": 0.2,
     "eta_rsync": 0.89,
     "eta_mc": 0.863,
     "repair": 0.18,
@@ -166,10 +167,10 @@ def unicast(c: Cluster, k: dict[str, float], eta: float = 1.0) -> Prediction:
     """http and rsync: N copies from the server, fair-shared at the server and the racks."""
     node = eta * _tcp_rate(c, c.node_link, k)
     # a lost segment crosses the server's link and the uplinks twice
-    server = eta * k["eta_tcp"] * (1 - c.loss) * c.server_link / 8
+    server = k["eta_tcp"] * (1 - c.loss) * c.server_link / 8
     bulk = _congested(c.nodes * c.size, server, c.nodes * node, k["fair"])
     if c.uplink < math.inf:
-        uplink = eta * k["eta_tcp"] * (1 - c.loss) * c.uplink / 8
+        uplink = k["eta_tcp"] * (1 - c.loss) * c.uplink / 8
         bulk = max(bulk, _congested(c.rack_size * c.size, uplink, c.rack_size * node, k["fair"]))
     t = k["t0"] + max(c.skew + c.size / node, bulk)
     egress = c.nodes * (c.size / k["eta_tcp"] / (1 - c.loss) + k["ctl_bytes"])
@@ -368,10 +369,15 @@ def print_check(rows: Sequence[dict[str, object]]) -> None:
             f"| {r['t']:.1f} | {r['t_model']:.1f} | {float(r['error']):+.1%} "  # type: ignore[arg-type]
             f"| {r['egress_s']:.2f} | {r['egress_model_s']:.2f} |"
         )
-    print("\n| transport | runs | median |error| | worst |error| |")
-    print("|---|---|---|---|")
+    print("\n| transport | N | runs | median abs. error | worst |")
+    print("|---|---|---|---|---|")
+    for n in (1, 10, 50, 100):
+        for transport, (median, worst, count) in summarise(
+            [r for r in rows if r["n"] == n]
+        ).items():
+            print(f"| {transport} | {n} | {count} | {median:.1%} | {worst:.1%} |")
     for transport, (median, worst, count) in summarise(rows).items():
-        print(f"| {transport} | {count} | {median:.1%} | {worst:.1%} |")
+        print(f"| **{transport}** | all | {count} | {median:.1%} | {worst:.1%} |")
 
 
 GIB = 1 << 30

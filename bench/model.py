@@ -11,8 +11,9 @@ every term can be read and argued with. A packet-level simulation would need con
 (switch buffers, TCP's state machine, libtorrent's choker) that 50 runs on one machine
 cannot calibrate. What a flow model cannot see is listed in ``docs/benchmarks.md``.
 
-**What is calibrated** (``CALIBRATION``: fitted by hand to the recorded runs, minimising
-the median and then the worst relative error on T; ``--check`` shows the result):
+**What is calibrated** (``CALIBRATION``: a coordinate search over the recorded runs for
+the least median and worst relative error on T, then rounded; ``--check`` shows the
+result, ``docs/benchmarks.md`` the table):
 
 - ``eta_tcp``: the share of a link's rate a TCP stream carries as image data (headers,
   ACK clocking); ``t0``: each node's fixed start (plan, partitioning, first request);
@@ -24,16 +25,19 @@ the median and then the worst relative error on T; ``--check`` shows the result)
   UDP headers); ``repair``: the share of a stripe re-sent when some receiver lost more
   than the FEC repairs;
 - ``hop_bytes``: what each chain relay holds before it forwards (a store-and-forward
-  delay of hop_bytes / B per hop);
-- ``bt_start``: BitTorrent's start-up (tracker, first choke rounds), in seconds;
-  ``bt_swarm``: N at which the swarm's efficiency (choking, piece availability) halves;
-  ``bt_rescue``: the share of S each node pulls again from the seed when its stripe is
-  late (the agent's rescue; today's timings do not scale with the piece time);
+  delay of hop_bytes / B per hop; 60 ms a hop was measured at 2 Mbit/s);
+- ``bt_start``: BitTorrent's start-up with peers (tracker, first choke rounds), seconds;
+  ``bt_depth``: the swarm's stretch of S/B per doubling of N; ``bt_rescue``,
+  ``bt_served``: the share of S each node past the first ``bt_served`` pulls again from
+  the seed when its stripe is late (today's timings do not scale with the piece time);
+  ``bt_seed``: the seed's share of the server link;
 - ``ctl_bytes``: control traffic per node on the server's link (plan, reports, tokens);
-- ``host_ack``, ``host_relay``: the testbed only. Its 100 nodes share two cores, so an
-  acknowledgement (multicast, per slice) or a relay's turn (chain) waits for the host:
-  N x constant x rho / (1 - rho), rho the run's recorded host CPU. Zero on real hardware,
-  where every node has its own CPU; the predictions leave it out.
+- ``host_ack``, ``host_relay``, ``host_disk``: the testbed only. Its nodes share two
+  cores, so an acknowledgement (multicast, per slice) or a relay's turn (chain) waits
+  for the host, N x constant x rho / (1 - rho), rho the run's recorded host CPU; and N
+  nodes that end together unpack and sync their disks on one host (N x host_disk). Zero
+  on real hardware, where every node has its own CPU and disk: the predictions leave
+  them out.
 
 **Assumed, not calibrated** (the testbed cannot measure them): a round trip of 0.2 ms
 between nodes and server, 1 us of the udp-sender's CPU per receiver's acknowledgement,

@@ -18,9 +18,11 @@ from corral.config import Settings
 from corral.cpio import newc_archive
 from corral.errors import CorralError, InvalidValue, UsageError
 from corral.inventory import db
+from corral.inventory.schema import GroupSpec
 from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService
 from corral.testbed import cluster, firmware
+from corral.testbed.inventory import register_nodes, release_nodes
 from corral.testbed.links import endpoint_commands, hub_commands, loss_filter, tbf
 from corral.testbed.plan import (
     MAX_NODES,
@@ -291,6 +293,30 @@ def test_state_with_racks_round_trips_and_old_states_load() -> None:
         del node["rack"]
     loaded = cluster.TestbedState.from_json(json.dumps(old))
     assert loaded.racks == [] and loaded.nodes[0].rack == ""
+
+
+def test_inventory_knows_the_racks(home: Path) -> None:
+    """Each node's rack is a variable and a group; a testbed without racks leaves none."""
+    register_nodes(db.engine(), plan(4, racks=2))
+    with db.inventory() as inv:
+        specs = {s.name: s for s in inv.specs("node")}
+        assert {n: (s.variables["rack"], s.groups) for n, s in specs.items()} == {
+            "tb001": ("r1", ["testbed", "r1"]),
+            "tb002": ("r1", ["testbed", "r1"]),
+            "tb003": ("r2", ["testbed", "r2"]),
+            "tb004": ("r2", ["testbed", "r2"]),
+        }
+        inv.put("group", [GroupSpec(name="r9", variables={"row": 3})])  # an admin's
+    register_nodes(db.engine(), plan(4, racks=4))
+    with db.inventory() as inv:
+        assert inv.node("tb002").groups == ["testbed", "r2"]
+        assert inv.node("tb002").variables["rack"] == "r2"
+    register_nodes(db.engine(), plan(4))
+    with db.inventory() as inv:
+        assert all("rack" not in s.variables and s.groups == ["testbed"] for s in inv.specs("node"))
+    assert release_nodes(db.engine(), forget=True)[0] == ["tb001", "tb002", "tb003", "tb004"]
+    with db.inventory() as inv:
+        assert inv.names("group") == ["r9"]  # the testbed's own groups went with the nodes
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,9 +18,11 @@ from corral.config import Settings
 from corral.cpio import newc_archive
 from corral.errors import CorralError, InvalidValue, UsageError
 from corral.inventory import db
+from corral.inventory.schema import GroupSpec
 from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService
 from corral.testbed import cluster, firmware
+from corral.testbed.inventory import register_nodes, release_nodes
 from corral.testbed.links import endpoint_commands, hub_commands, loss_filter, tbf
 from corral.testbed.plan import (
     MAX_NODES,
@@ -32,7 +35,10 @@ from corral.testbed.plan import (
     parse_size,
     parse_slow,
     plan,
+    rack_sizes,
+    summarize_racks,
 )
+from tests.conftest import corral
 
 # --- rates, loss, sizes ----------------------------------------------------------------
 
@@ -194,6 +200,12 @@ def test_plan() -> None:
         ({"nodes": 3, "loss": "200%"}, "loss"),
         ({"nodes": 3, "slow": ["tb004=1mbit"]}, "unknown node"),
         ({"nodes": 3, "disk_size": "0"}, "disk size"),
+        ({"nodes": 4, "racks": 0}, "--racks 0 is out of range"),
+        ({"nodes": 4, "racks": -1}, "--racks -1 is out of range"),
+        ({"nodes": 4, "racks": 5}, "--racks 5 is more than the 4 nodes"),
+        ({"nodes": 4, "rack_uplink": "4mbit"}, "--rack-uplink needs --racks"),
+        ({"nodes": 4, "racks": 2, "rack_uplink": "4mbps"}, "--rack-uplink: bad rate '4mbps'"),
+        ({"nodes": 4, "racks": 2, "rack_uplink": "1bit"}, "--rack-uplink: rate 1bit is out"),
     ],
 )
 def test_plan_rejects(kwargs: dict[str, object], message: str) -> None:
@@ -207,7 +219,122 @@ def test_up_checks_input_before_creating_anything(tmp_path: Path) -> None:
         testbed.up(0)
     with pytest.raises(InvalidValue):
         testbed.up(3, slow=["tb009=1mbit"])
+    with pytest.raises(InvalidValue):
+        testbed.up(3, racks=4)
     assert not (tmp_path / "home").exists()
+
+
+# --- racks -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("nodes", "racks", "sizes"),
+    [
+        (100, 4, [25] * 4),
+        (10, 4, [3, 3, 2, 2]),
+        (100, 3, [34, 33, 33]),
+        (7, 1, [7]),
+        (5, 5, [1] * 5),
+    ],
+)
+def test_rack_sizes(nodes: int, racks: int, sizes: list[int]) -> None:
+    assert rack_sizes(nodes, racks) == sizes
+
+
+def test_plan_racks() -> None:
+    state = plan(100, "2mbit", racks=4, rack_uplink="50mbit")
+    assert [(r.name, r.uplink) for r in state.racks] == [
+        (f"r{i}", 50_000_000) for i in (1, 2, 3, 4)
+    ]
+    by_rack = {r.name: [n.name for n in state.rack_nodes(r.name)] for r in state.racks}
+    assert by_rack["r1"] == [node_name(i) for i in range(1, 26)]
+    assert by_rack["r4"][0] == "tb076" and by_rack["r4"][-1] == "tb100"
+    assert sum(len(names) for names in by_rack.values()) == 100
+    assert summarize_racks(state) == "4 racks of 25 nodes, 50mbit uplinks"
+    uneven = plan(10, racks=4)
+    assert [n.rack for n in uneven.nodes] == ["r1"] * 3 + ["r2"] * 3 + ["r3"] * 2 + ["r4"] * 2
+    assert summarize_racks(uneven) == "4 racks of 2-3 nodes, unshaped uplinks"
+    flat = plan(4)
+    assert flat.racks == [] and {n.rack for n in flat.nodes} == {""}
+    assert summarize_racks(flat) == ""
+
+
+def test_hub_commands_with_racks() -> None:
+    state = plan(4, "20mbit", racks=2, rack_uplink="4mbit")
+    ip, tc = hub_commands(state)
+    for rack in ("r1", "r2"):
+        assert f"link add br-{rack} type bridge mcast_snooping 0 stp_state 0 forward_delay 0" in ip
+        assert f"link add {rack}-core type veth peer name {rack}-up" in ip
+        assert f"link set {rack}-core master br0" in ip
+        assert f"link set {rack}-up master br-{rack}" in ip
+        # Shaped where packets leave: into the rack at the core end, out of it at its own.
+        assert f"qdisc add dev {rack}-core root tbf rate 4000000bit burst 32768 latency 50ms" in tc
+        assert f"qdisc add dev {rack}-up root tbf rate 4000000bit burst 32768 latency 50ms" in tc
+    assert "link set s0 master br0" in ip  # the server stays on the core
+    masters = {line.split()[2]: line.split()[4] for line in ip if " master " in line}
+    assert [masters[f"t00{i}"] for i in (1, 2, 3, 4)] == ["br-r1", "br-r1", "br-r2", "br-r2"]
+    # Every name fits the kernel's 15 characters, even with a rack per node.
+    big, _ = hub_commands(plan(MAX_NODES, racks=MAX_NODES))
+    names = [line.split()[i] for line in big if line.startswith("link add") for i in (2, 6)]
+    assert max(len(n) for n in names) <= 15
+    # Unshaped uplinks have no qdisc; without racks there is one bridge, as ever.
+    _, tc = hub_commands(plan(4, racks=2))
+    assert not any("-core" in line or "-up" in line for line in tc)
+    ip, _ = hub_commands(plan(4))
+    assert not any("br-" in line or "-core" in line for line in ip)
+
+
+def test_state_with_racks_round_trips_and_old_states_load() -> None:
+    state = plan(6, racks=3, rack_uplink="10mbit")
+    assert cluster.TestbedState.from_json(state.to_json()) == state
+    old = json.loads(plan(2).to_json())
+    del old["racks"]
+    for node in old["nodes"]:
+        del node["rack"]
+    loaded = cluster.TestbedState.from_json(json.dumps(old))
+    assert loaded.racks == [] and loaded.nodes[0].rack == ""
+
+
+def test_inventory_knows_the_racks(home: Path) -> None:
+    """Each node's rack is a variable and a group; a testbed without racks leaves none."""
+    register_nodes(db.engine(), plan(4, racks=2))
+    with db.inventory() as inv:
+        specs = {s.name: s for s in inv.specs("node")}
+        assert {n: (s.variables["rack"], s.groups) for n, s in specs.items()} == {
+            "tb001": ("r1", ["testbed", "r1"]),
+            "tb002": ("r1", ["testbed", "r1"]),
+            "tb003": ("r2", ["testbed", "r2"]),
+            "tb004": ("r2", ["testbed", "r2"]),
+        }
+        inv.put("group", [GroupSpec(name="r9", variables={"row": 3})])  # an admin's
+    register_nodes(db.engine(), plan(4, racks=4))
+    with db.inventory() as inv:
+        assert inv.node("tb002").groups == ["testbed", "r2"]
+        assert inv.node("tb002").variables["rack"] == "r2"
+    register_nodes(db.engine(), plan(4))
+    with db.inventory() as inv:
+        assert all("rack" not in s.variables and s.groups == ["testbed"] for s in inv.specs("node"))
+    assert release_nodes(db.engine(), forget=True)[0] == ["tb001", "tb002", "tb003", "tb004"]
+    with db.inventory() as inv:
+        assert inv.names("group") == ["r9"]  # the testbed's own groups went with the nodes
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--racks", "5"], "error: --racks 5 is more than the 4 nodes"),
+        (["--racks", "0"], "error: --racks 0 is out of range"),
+        (["--rack-uplink", "4mbit"], "error: --rack-uplink needs --racks"),
+        (["--racks", "2", "--rack-uplink", "4"], "error: --rack-uplink: bad rate '4'"),
+    ],
+)
+def test_cli_refuses_bad_racks(home: Path, args: list[str], message: str) -> None:
+    result = corral("testbed", "up", "--nodes", "4", *args, home=home)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == message or lines[0].startswith(message + " "), result.stderr
+    assert lines[1].startswith("hint: ")
+    assert not (home / "testbed").exists()
 
 
 def test_state_round_trip() -> None:

@@ -27,9 +27,18 @@ def up(
     ),
     disk_size: str = typer.Option("1G", help="each node's loop-device disk (sparse)"),
     http_port: int = typer.Option(8080, help="port of the corral serve started in ctb-srv"),
+    racks: int | None = typer.Option(
+        None,
+        help="split the nodes into R racks of consecutive nodes (r1, r2, ...), each on a "
+        "bridge of its own behind one uplink to the server's; 1 to N racks, sizes differing "
+        "by at most one node (the first N mod R racks get one more)",
+    ),
+    rack_uplink: str | None = typer.Option(
+        None, help="each rack's uplink rate, both directions (needs --racks; default unshaped)"
+    ),
 ) -> None:
     """Create the namespaces, links, disks and inventory nodes, and start corral serve."""
-    from corral.testbed.cluster import Testbed, loss_text, summarize_rates
+    from corral.testbed.cluster import Testbed, loss_text, summarize_racks, summarize_rates
 
     start = time.monotonic()
     with err.status("testbed: checking the options") as status:
@@ -45,6 +54,8 @@ def up(
             slow=slow or [],
             disk_size=disk_size,
             http_port=http_port,
+            racks=racks,
+            rack_uplink=rack_uplink,
         )
     first, last = state.nodes[0], state.nodes[-1]
     server = f"server link {server_link}" if server_link else "server link unshaped"
@@ -54,6 +65,8 @@ def up(
         f"{server}, loss {loss_text(state.loss)}, {disk_size} disks",
         markup=False,
     )
+    if state.racks:
+        out.print(summarize_racks(state), markup=False)
     out.print(f"corral serve at {state.server_url} (pid {state.server_pid})", markup=False)
 
 
@@ -85,7 +98,8 @@ def down(
 
 @app.command("status")
 def status() -> None:
-    """The testbed's server and nodes: address, disk, link rate, what runs."""
+    """The testbed's server, uplinks and nodes: address, disk, link rate, rack, what runs."""
+    from corral.errors import CorralError
     from corral.run import pid_alive
     from corral.testbed.cluster import SERVER_NS, Testbed, format_rate, loss_text
 
@@ -107,11 +121,33 @@ def status() -> None:
         f"loss {loss_text(state.loss)}",
         markup=False,
     )
-    table = Table("node", "ip", "mac", "disk", "link", "power", box=None, pad_edge=False)
+    if state.racks:
+        try:
+            counters = testbed.uplink_bytes()
+        except CorralError as exc:
+            err.print(f"warning: {exc.message}", markup=False)
+            counters = {}
+        headers = ("rack", "nodes", "uplink", "bytes in", "bytes out")
+        uplinks = Table(*headers, box=None, pad_edge=False)
+        for rack in state.racks:
+            members = state.rack_nodes(rack.name)
+            moved = [f"{n:,}" for n in counters[rack.name]] if rack.name in counters else ["-"] * 2
+            uplinks.add_row(
+                rack.name,
+                f"{members[0].name}..{members[-1].name}",
+                format_rate(rack.uplink) if rack.uplink else "unshaped",
+                *moved,
+            )
+        out.print(uplinks)
+    columns = ["node", "ip", "mac", "disk", "link", *(["rack"] if state.racks else []), "power"]
+    table = Table(*columns, box=None, pad_edge=False)
     for node in state.nodes:
         power, pids = testbed.node_power(node.name)
         running = f"{power} ({pids[0]})" if pids else power
-        table.add_row(node.name, node.ip, node.mac, node.loop, format_rate(node.rate), running)
+        in_rack = [node.rack] if state.racks else []
+        table.add_row(
+            node.name, node.ip, node.mac, node.loop, format_rate(node.rate), *in_rack, running
+        )
     out.print(table)
 
 

@@ -6,6 +6,13 @@ Deployments are measured against many nodes with realistic links, without the ha
     ctb-tb001  eth0 10.77.0.2/24 ─ veth ─ t001 ├─ br0 in ctb-hub (no multicast snooping)
     ctb-tb002  eth0 10.77.0.3/24 ─ veth ─ t002 ┘   ...
 
+With ``racks``, the nodes hang on a bridge per rack instead, each joined to ``br0`` by a
+shaped uplink (all in ``ctb-hub``; see :mod:`corral.testbed.links`)::
+
+    ctb-srv    eth0 ─ s0 ─ br0 ─┬─ r1-core ═ r1-up ─ br-r1 ─┬─ t001 ─ eth0 ctb-tb001
+                                │                         └─ t002 ─ eth0 ctb-tb002
+                                └─ r2-core ═ r2-up ─ br-r2 ─── ...
+
 Every name starts with ``ctb-`` so that ``down`` finds what a crashed ``up`` left, with or
 without the state file; only one testbed can exist on a machine. Links are shaped with tbf
 where the packets leave: a node's download on the hub's ``tNNN``, its upload on its own
@@ -63,6 +70,7 @@ from corral.testbed.plan import (
     node_name,
     parse_rate,
     plan,
+    summarize_racks,
     summarize_rates,
 )
 
@@ -87,6 +95,7 @@ __all__ = [
     "loss_text",
     "node_name",
     "parse_rate",
+    "summarize_racks",
     "summarize_rates",
     "tbf",
 ]
@@ -219,6 +228,34 @@ class Testbed:
         """Bytes the server has sent since ``up`` (its eth0's tx counter)."""
         return self.interface_bytes(SERVER_NS)[1]
 
+    def uplink_bytes(self) -> dict[str, tuple[int, int]]:
+        """Rack name -> (bytes into the rack, bytes out of it) through its uplink since
+        ``up``; empty for a testbed without racks.
+
+        Read from the uplink's end on the core bridge, whose tx is what went into the rack
+        and rx what came out (Ethernet frames, headers included), in one ``ip`` call.
+        """
+        state = self.require_state()
+        if not state.racks:
+            return {}
+        out = run(["ip", "-n", HUB, "-j", "-s", "link", "show"], check=False)
+        if out.returncode != 0:
+            raise TestbedError(
+                f"cannot read the uplinks' counters in {HUB}: {out.stderr.strip()}",
+                "the testbed is half down: run 'corral testbed down' and up again",
+            )
+        stats = {link["ifname"]: link.get("stats64", {}) for link in json.loads(out.stdout)}
+        found: dict[str, tuple[int, int]] = {}
+        for rack in state.racks:
+            counters = stats.get(rack.core_port)
+            if not counters:
+                raise TestbedError(
+                    f"uplink {rack.core_port} of rack {rack.name} is missing in {HUB}",
+                    "run 'corral testbed down' and up again",
+                )
+            found[rack.name] = (int(counters["tx"]["bytes"]), int(counters["rx"]["bytes"]))
+        return found
+
     # --- up ------------------------------------------------------------------------------
 
     def up(
@@ -231,9 +268,16 @@ class Testbed:
         slow: Iterable[str] | Mapping[str, str | int] = (),
         disk_size: str | int = "1G",
         http_port: int = 8080,
+        racks: int | None = None,
+        rack_uplink: str | int | None = None,
         serve: bool = True,
     ) -> TestbedState:
-        """Build the testbed; on any failure, take down what was made and re-raise."""
+        """Build the testbed; on any failure, take down what was made and re-raise.
+
+        ``racks`` puts the nodes into that many racks behind uplinks of ``rack_uplink``
+        (see :func:`corral.testbed.plan.plan`); :meth:`uplink_bytes` then counts each
+        uplink's traffic.
+        """
         state = plan(
             nodes,
             link,
@@ -242,6 +286,8 @@ class Testbed:
             slow=slow,
             disk_size=disk_size,
             http_port=http_port,
+            racks=racks,
+            rack_uplink=rack_uplink,
         )
         found = self.leftovers()
         if found:
@@ -275,7 +321,8 @@ class Testbed:
         # From here on the state file exists, so that status and down see a partial build.
         self._save(state)
         ip, tc = hub_commands(state)
-        self.progress(f"linking {len(state.nodes) + 1} veth pairs to the bridge")
+        bridges = f"{len(state.racks) + 1} bridges" if state.racks else "the bridge"
+        self.progress(f"linking {len(state.nodes) + len(state.racks) + 1} veth pairs to {bridges}")
         run(["ip", "-n", HUB, "-batch", "-"], input="\n".join(ip) + "\n")
         run(["tc", "-n", HUB, "-batch", "-"], input="\n".join(tc) + "\n")
         self.progress(f"configuring {len(state.nodes)} nodes")

@@ -2,6 +2,11 @@
 install method image, the loop device as their disk, the testbed's power driver), kept
 or forgotten by ``down``.
 
+In a testbed with racks, each node also has the variable ``rack`` (``r1``, ``r2``, ...)
+and is in the group of that name, which ``up`` creates: a rack is a group, so that
+``corral deploy r2`` reaches a rack, and a ``rack`` variable naming no group names no rack.
+Groups named ``rN`` on a testbed node are the testbed's: ``up`` replaces them.
+
 The inventory's modules are imported where they are used, so that the testbed's own
 modules load without the database.
 """
@@ -19,6 +24,7 @@ if TYPE_CHECKING:
 GROUP = "testbed"
 
 _NODE = re.compile(r"^tb(\d{3})$")
+_RACK = re.compile(r"^r\d+$")
 
 
 def register_nodes(engine: Engine, state: TestbedState) -> dict[str, int]:
@@ -41,9 +47,14 @@ def register_nodes(engine: Engine, state: TestbedState) -> dict[str, int]:
             data: dict[str, Any] = old[node.name].model_dump() if node.name in old else {}
             eth0 = {"name": "eth0", "mac": node.mac, "ip": node.ip, "netmask": state.netmask}
             others = [i for i in data.get("interfaces", []) if i["name"] != "eth0"]
-            groups = [g for g in data.get("groups", []) if g != GROUP] + [GROUP]
+            groups = [g for g in data.get("groups", []) if g != GROUP and not _RACK.match(g)]
+            groups += [GROUP, node.rack] if node.rack else [GROUP]
             variables = dict(data.get("variables", {}))
             variables["disk"] = node.loop
+            # A rack left by an earlier testbed would mislead rack-aware transports.
+            variables.pop("rack", None)
+            if node.rack:
+                variables["rack"] = node.rack
             variables.pop("power_command", None)  # how corral powered them before drivers
             data.update(
                 name=node.name,
@@ -54,15 +65,20 @@ def register_nodes(engine: Engine, state: TestbedState) -> dict[str, int]:
                 power={"driver": "testbed"},
             )
             specs.append(NodeSpec.model_validate(data))
-        group = inv.get("group", GROUP) if inv.exists("group", GROUP) else GroupSpec(name=GROUP)
-        summary = apply_cluster(inv, ClusterSpec(groups=[group], nodes=specs))
+        groups = [
+            inv.get("group", name) if inv.exists("group", name) else GroupSpec(name=name)
+            for name in [GROUP, *(r.name for r in state.racks)]
+        ]
+        summary = apply_cluster(inv, ClusterSpec(groups=groups, nodes=specs))
     return {str(k): v for k, v in summary["node"].items()}
 
 
 def release_nodes(engine: Engine, *, forget: bool) -> tuple[list[str], list[str]]:
     """(nodes removed, nodes kept) of the testbed's group in the inventory: all of them
-    removed if ``forget`` (and the group, when no other node is in it), else all kept."""
+    removed if ``forget`` (and the group, when no other node is in it, and the rack groups
+    no node is left in that are as ``up`` made them: bare), else all kept."""
     from corral.inventory.db import transaction
+    from corral.inventory.schema import GroupSpec
     from corral.inventory.store import Inventory
 
     with transaction(engine) as session:
@@ -72,7 +88,13 @@ def release_nodes(engine: Engine, *, forget: bool) -> tuple[list[str], list[str]
             return [], names
         if names:
             inv.remove("node", names)
-        users = [s.name for s in inv.specs("node") if GROUP in s.groups]
-        if not users and inv.exists("group", GROUP):
-            inv.remove("group", [GROUP])
+        used = {g for s in inv.specs("node") for g in s.groups}
+        unused = [
+            g.name
+            for g in inv.specs("group")
+            if g.name not in used
+            and (g.name == GROUP or (_RACK.match(g.name) and g == GroupSpec(name=g.name)))
+        ]
+        if unused:
+            inv.remove("group", unused)
         return names, []

@@ -1,10 +1,19 @@
 """The testbed's network as ``ip -batch`` and ``tc -batch`` lines: a bridge in the hub
 namespace with a veth pair to each other namespace, each link shaped by tbf where its
-packets leave, and loss by a BPF filter."""
+packets leave, and loss by a BPF filter.
+
+With racks, the hub holds a bridge per rack besides the core one (``br0``, where the
+server is), and each rack bridge is joined to the core by a veth pair, its uplink, in the
+hub too. Traffic between two nodes of a rack stays on the rack's bridge; traffic from the
+server or from another rack crosses the uplink. The uplink is shaped at both of its ends,
+each where packets leave: the core end (``rN-core``) limits what goes into the rack, the
+rack end (``rN-up``) what comes out of it, so the core end's counters are the uplink's
+traffic both ways.
+"""
 
 from __future__ import annotations
 
-from corral.testbed.plan import SERVER_NS, TestbedState
+from corral.testbed.plan import SERVER_NS, NodeInfo, TestbedState
 
 BRIDGE = "br0"
 SERVER_PORT = "s0"
@@ -40,21 +49,45 @@ def loss_filter(device: str, loss: float) -> list[str]:
     ]
 
 
+def bridge_commands(bridge: str) -> list[str]:
+    """A bridge that floods multicast (no snooping: udpcast's receivers join groups the
+    bridge would otherwise have to learn) and forwards at once (no STP, no delay)."""
+    return [
+        f"link add {bridge} type bridge mcast_snooping 0 stp_state 0 forward_delay 0",
+        f"link set {bridge} addrgenmode none",
+        f"link set {bridge} up",
+    ]
+
+
+def node_bridge(state: TestbedState, node: NodeInfo) -> str:
+    for rack in state.racks:
+        if rack.name == node.rack:
+            return rack.bridge
+    return BRIDGE
+
+
 def hub_commands(state: TestbedState) -> tuple[list[str], list[str]]:
     """(``ip -batch`` lines, ``tc -batch`` lines) that build the hub."""
-    ip = [
-        "link set lo up",
-        f"link add {BRIDGE} type bridge mcast_snooping 0 stp_state 0 forward_delay 0",
-        f"link set {BRIDGE} addrgenmode none",
-        f"link set {BRIDGE} up",
-    ]
+    ip = ["link set lo up", *bridge_commands(BRIDGE)]
     tc: list[str] = []
+    for rack in state.racks:
+        ip += bridge_commands(rack.bridge)
+        ip.append(f"link add {rack.core_port} type veth peer name {rack.rack_port}")
+        for port, bridge in ((rack.core_port, BRIDGE), (rack.rack_port, rack.bridge)):
+            ip += [
+                f"link set {port} master {bridge}",
+                f"link set {port} addrgenmode none",
+                f"link set {port} up",
+            ]
+            if rack.uplink is not None:
+                tc.append(tbf(port, rack.uplink))
     ports = [(SERVER_PORT, SERVER_NS, None)] + [(n.port, n.namespace, n) for n in state.nodes]
     for port, namespace, node in ports:
         mac = f" address {node.mac}" if node else ""
+        bridge = node_bridge(state, node) if node else BRIDGE
         ip += [
             f"link add {port} type veth peer name eth0{mac} netns {namespace}",
-            f"link set {port} master {BRIDGE}",
+            f"link set {port} master {bridge}",
             f"link set {port} addrgenmode none",
             f"link set {port} up",
         ]

@@ -1,6 +1,6 @@
 """What a testbed is, before anything is made: the names and addresses of its namespaces
-and nodes, the options that shape it (link rates, loss, disk size, slower nodes), each
-checked, and the :class:`TestbedState` that ``up`` records in
+and nodes, the options that shape it (link rates, loss, disk size, slower nodes, racks),
+each checked, and the :class:`TestbedState` that ``up`` records in
 ``$CORRAL_HOME/testbed/state.json``."""
 
 from __future__ import annotations
@@ -100,6 +100,30 @@ def node_mac(index: int) -> str:
     return f"02:cb:00:00:{index >> 8:02x}:{index & 0xFF:02x}"
 
 
+def rack_sizes(nodes: int, racks: int) -> list[int]:
+    """How many consecutive nodes each of ``racks`` racks holds: as even as can be, the
+    first ``nodes % racks`` racks one node more (100 in 4: 25 each; 10 in 4: 3, 3, 2, 2).
+
+    Racks that differ by more than one node would make uplinks of the same rate unequally
+    oversubscribed, and a benchmark's per-uplink figures incomparable.
+    """
+    if racks < 1:
+        raise InvalidValue(
+            f"--racks {racks} is out of range", f"give 1 to {nodes} racks, at most one per node"
+        )
+    if racks > nodes:
+        raise InvalidValue(
+            f"--racks {racks} is more than the {nodes} nodes",
+            f"give at most {nodes} racks, or more --nodes",
+        )
+    base, extra = divmod(nodes, racks)
+    return [base + 1 if i < extra else base for i in range(racks)]
+
+
+def rack_name(index: int) -> str:
+    return f"r{index}"
+
+
 def parse_slow(
     items: Iterable[str] | Mapping[str, str | int], names: Sequence[str]
 ) -> dict[str, int]:
@@ -138,6 +162,7 @@ class NodeInfo:
     rate: int  # bits/s, both directions of the node's link
     loop: str = ""  # /dev/loopN
     disk: str = ""  # the loop's backing file
+    rack: str = ""  # the rack's name; "" in a testbed without racks
 
     @property
     def namespace(self) -> str:
@@ -149,12 +174,37 @@ class NodeInfo:
         return f"t{self.index:03d}"
 
 
+@dataclass(frozen=True)
+class RackInfo:
+    """A rack: a bridge of its own in the hub, joined to the core bridge (the server's) by
+    one veth pair, the uplink, shaped to ``uplink`` bits/s each way (None: unshaped)."""
+
+    name: str
+    index: int
+    uplink: int | None = None
+
+    @property
+    def bridge(self) -> str:
+        return f"br-{self.name}"
+
+    @property
+    def core_port(self) -> str:
+        """The uplink's end on the core bridge: what it sends goes into the rack."""
+        return f"{self.name}-core"
+
+    @property
+    def rack_port(self) -> str:
+        """The uplink's end on the rack's bridge: what it sends leaves the rack."""
+        return f"{self.name}-up"
+
+
 @dataclass
 class TestbedState:
     """What ``up`` built, in ``$CORRAL_HOME/testbed/state.json``."""
 
     nodes: list[NodeInfo]
     link: int
+    racks: list[RackInfo] = field(default_factory=list)
     server_link: int | None = None
     loss: float = 0.0
     disk_size: int = 1024**3
@@ -172,6 +222,9 @@ class TestbedState:
                 return info
         raise NotFound("testbed node", name, "see 'corral testbed status'")
 
+    def rack_nodes(self, rack: str) -> list[NodeInfo]:
+        return [n for n in self.nodes if n.rack == rack]
+
     @property
     def netmask(self) -> str:
         return str(ipaddress.IPv4Network(self.network).netmask)
@@ -185,6 +238,7 @@ class TestbedState:
         if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             raise ValueError("not a testbed state of this version")
         data["nodes"] = [NodeInfo(**n) for n in data["nodes"]]
+        data["racks"] = [RackInfo(**r) for r in data.get("racks", [])]
         return cls(**data)
 
 
@@ -197,8 +251,15 @@ def plan(
     slow: Iterable[str] | Mapping[str, str | int] = (),
     disk_size: str | int = "1G",
     http_port: int = 8080,
+    racks: int | None = None,
+    rack_uplink: str | int | None = None,
 ) -> TestbedState:
-    """The testbed these options ask for, every input checked; nothing is created."""
+    """The testbed these options ask for, every input checked; nothing is created.
+
+    ``racks`` splits the nodes into that many racks of consecutive nodes (see
+    :func:`rack_sizes`) behind uplinks of ``rack_uplink`` each way; without it, every node
+    hangs on the server's bridge.
+    """
     if not 1 <= nodes <= MAX_NODES:
         raise InvalidValue(f"--nodes {nodes} is out of range", f"give 1 to {MAX_NODES}")
     if not 1 <= http_port <= 65535:
@@ -206,17 +267,55 @@ def plan(
     rate = parse_rate(link)
     names = [node_name(i) for i in range(1, nodes + 1)]
     overrides = parse_slow(slow, names)
+    rack_list, rack_of = plan_racks(nodes, racks, rack_uplink)
     return TestbedState(
         nodes=[
-            NodeInfo(name, i, node_ip(i), node_mac(i), overrides.get(name, rate))
+            NodeInfo(name, i, node_ip(i), node_mac(i), overrides.get(name, rate), rack=rack_of[i])
             for i, name in enumerate(names, start=1)
         ],
         link=rate,
+        racks=rack_list,
         server_link=parse_rate(server_link) if server_link is not None else None,
         loss=parse_loss(loss),
         disk_size=parse_size(disk_size),
         http_port=http_port,
     )
+
+
+def plan_racks(
+    nodes: int, racks: int | None, uplink: str | int | None
+) -> tuple[list[RackInfo], dict[int, str]]:
+    """(the racks, node index -> its rack's name, "" without racks)."""
+    if racks is None:
+        if uplink is not None:
+            raise InvalidValue("--rack-uplink needs --racks", "add --racks R or drop it")
+        return [], dict.fromkeys(range(1, nodes + 1), "")
+    sizes = rack_sizes(nodes, racks)
+    bps = None
+    if uplink is not None:
+        try:
+            bps = parse_rate(uplink)
+        except InvalidValue as exc:
+            raise InvalidValue(f"--rack-uplink: {exc.message}", exc.hint) from None
+    rack_list = [RackInfo(rack_name(i), i, bps) for i in range(1, racks + 1)]
+    rack_of: dict[int, str] = {}
+    index = 1
+    for rack, size in zip(rack_list, sizes, strict=True):
+        for _ in range(size):
+            rack_of[index] = rack.name
+            index += 1
+    return rack_list, rack_of
+
+
+def summarize_racks(state: TestbedState) -> str:
+    """``4 racks of 25 nodes, 50mbit uplinks`` for one line of output ("" without racks)."""
+    if not state.racks:
+        return ""
+    sizes = [len(state.rack_nodes(r.name)) for r in state.racks]
+    size = str(sizes[0]) if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
+    uplink = state.racks[0].uplink  # plan() gives every rack the same
+    rate = f"{format_rate(uplink)} uplinks" if uplink else "unshaped uplinks"
+    return f"{len(state.racks)} rack{'s' if len(sizes) > 1 else ''} of {size} nodes, {rate}"
 
 
 def summarize_rates(state: TestbedState) -> str:

@@ -625,8 +625,8 @@ class DeployService:
             return
         if bmc.driver == NO_DRIVER:
             row.message = (
-                "waiting for the node to network-boot (it has no power driver: power it on "
-                "or reboot it)"
+                "waiting for the node to network-boot (corral drives no BMC for it: power it "
+                "on or reboot it)"
             )
             return
         row.message = f"power-cycling it through {bmc.driver}"

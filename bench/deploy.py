@@ -16,10 +16,18 @@ measures:
 - the spread of completion times (last - first), and the skew of the nodes' first
   reports (last - first): the testbed boots every node on the host's few cores, where a
   real cluster boots them in parallel, so at 100 nodes the skew is part of T;
+- with ``--skew SECONDS``, the bench powers each node on itself, at a moment drawn
+  uniformly over that window (seeded: ``--seed``, printed and recorded, repeats the same
+  moments), as real machines come up tens of seconds apart; T is then also counted from
+  the *last* node's first report (``t_after_last``: no transport can serve a node
+  before it is up), and the skew is reported beside it;
 - host CPU use over the run; a run above ``--cpu-limit`` measured the host, not the
   transport, and is marked invalid.
 
 Every node's disk is discarded before each run, so each run is a full install.
+``--repeat K`` makes K such runs, each a fresh deployment, and prints the median and the
+worst of them. Each run's record names the commit, the machine, the skew and the seed,
+and the host's load average before and after it (other work on the host shows there).
 Results: one JSON line per run on stdout, a Markdown table and a PNG plot
 (``--markdown``, ``--png``). Transports plug in by name (``corral.deploy.transports``).
 """
@@ -29,7 +37,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -185,6 +195,103 @@ class CpuByProcess(threading.Thread):
         return result
 
 
+class PowerOn(threading.Thread):
+    """Powers each node on at its moment (seconds after :meth:`start`), as a cluster whose
+    machines take different times to POST: what ``--skew`` measures."""
+
+    def __init__(self, bed: cluster.Testbed, at: dict[str, float]) -> None:
+        super().__init__(daemon=True)
+        self.bed = bed
+        self.at = sorted(at.items(), key=lambda kv: kv[1])
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        started = time.monotonic()
+        for node, offset in self.at:
+            if self.stopping.wait(max(0.0, started + offset - time.monotonic())):
+                return
+            try:
+                self.bed.power(node, "cycle")
+            except Exception as exc:  # the run goes on: the node fails for not booting
+                print(f"powering {node} on: {exc}", file=sys.stderr)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
+
+
+def power_schedule(names: list[str], skew: float, seed: int) -> dict[str, float]:
+    """Each node's power-on moment, uniform over ``skew`` seconds, from ``seed``."""
+    rng = random.Random(seed)
+    return {name: rng.uniform(0.0, skew) for name in names}
+
+
+def power_by_bench(names: list[str]) -> None:
+    """The deployment manager leaves these nodes for someone to power on (the bench)."""
+    with db.inventory() as inv:
+        inv.edit("node", names, {"variables": {"power_command": ""}})
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {"cores": os.cpu_count(), "cpu": model, "host": platform.node()}
+
+
+def commit() -> str:
+    """The commit the bench runs (with ``-dirty`` if the work tree has changes)."""
+    here = Path(__file__).resolve().parent
+    head = subprocess.run(
+        ["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return (head or "unknown") + ("-dirty" if dirty else "")
+
+
+def summary(runs: list[dict[str, Any]]) -> str:
+    """Per run, then the median and the worst: T / (S/B) (from the last node's first
+    report when the starts were skewed on purpose), egress / S, start skew, spread."""
+
+    def t_of(r: dict[str, Any]) -> float:
+        t = r["t_after_last"] if r.get("skew_window") else r["t"]
+        return float("nan") if t is None else t / r["s_over_b"]
+
+    rows = [
+        (
+            t_of(r),
+            r["egress"] / (r["s_mib"] * 2**20),
+            r["skew"] if r["skew"] is not None else float("nan"),
+            r["spread"] if r["spread"] is not None else float("nan"),
+        )
+        for r in runs
+    ]
+    lines = [
+        "| run | seed | T ÷ S/B | egress ÷ S | start skew (s) | spread (s) | host CPU "
+        "| load before → after | failed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, (r, (t, e, k, sp)) in enumerate(zip(runs, rows, strict=True), 1):
+        lines.append(
+            f"| {i} | {r.get('seed') or '-'} | {t:.2f} | {e:.2f} | {k:.1f} | {sp:.1f} "
+            f"| {r['cpu']:.0%} | {r['load'][0]:.1f} → {r['load'][1]:.1f} | {len(r['failed'])} |"
+        )
+    cols = list(zip(*rows, strict=True))
+    median = [statistics.median(c) for c in cols]
+    worst = [max(c) for c in cols]
+    for name, vals in (("median", median), ("worst", worst)):
+        lines.append(
+            f"| {name} | | {vals[0]:.2f} | {vals[1]:.2f} | {vals[2]:.1f} | {vals[3]:.1f} | | | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def wipe(bed: cluster.Testbed, names: list[str]) -> None:
     """Discard every byte of the nodes' disks: the next deployment is a full install."""
     state = bed.require_state()
@@ -202,11 +309,13 @@ def run_once(
     kill: str | None = None,
     aside: tuple[str, ...] = (),
     kind: str = "install",
+    power_at: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """One deployment to tb001..tbN. ``kill``: power that node off once it has half the
     image; ``aside``: nodes (slow, killed) left out of ``t_others``; ``kind``: ``install``
     (the disks wiped first: a full install) or ``diskless`` (the squashfs into RAM, the
-    disks untouched)."""
+    disks untouched); ``power_at``: seconds after the deployment's start at which the
+    bench powers each node on (None: the deployment manager power-cycles them)."""
     names = [cluster.node_name(i) for i in range(1, n + 1)]
 
     def measured(node: str) -> bool:
@@ -222,6 +331,9 @@ def run_once(
     by_process.start()
     with db.session() as s:
         ident = new_deployment(s, image_store(HOME), noderange, version.ref, transport, kind=kind)
+    powering = PowerOn(bed, power_at) if power_at is not None else None
+    if powering is not None:
+        powering.start()
     killed_at: float | None = None
     received: dict[str, float] = {}
     failed_after: float | None = None
@@ -257,6 +369,8 @@ def run_once(
                 rows = [(r.node, r.phase, r.started, r.finished, r.message) for r in d.nodes]
                 created = d.created
                 break
+    if powering is not None:
+        powering.stop()
     busy1, total1 = cpu_times()
     cpu_seconds = by_process.stop()
     egress = bed.server_egress_bytes() - egress0
@@ -274,6 +388,7 @@ def run_once(
         "failed": failed,
         "t_boot": max(finish) - created if finish else None,
         "t": max(finish) - min(starts) if finish and starts else None,
+        "t_after_last": max(finish) - max(starts) if finish and starts else None,
         "t_received": max(got) - min(starts) if got and starts else None,
         "spread": max(finish) - min(finish) if finish else None,
         "skew": max(starts) - min(starts) if starts else None,
@@ -353,6 +468,15 @@ def main() -> int:
     parser.add_argument("--slow", action="append", default=[], help="NODE=RATE, e.g. tb050=2mbit")
     parser.add_argument("--kill", help="power this node off when it has half the image")
     parser.add_argument("--label", default="", help="scenario name for the table")
+    parser.add_argument(
+        "--skew",
+        type=float,
+        help="power each node on at a random moment over this many seconds (the bench "
+        "powers them; without it, or at 0, the deployment manager power-cycles them, "
+        "16 at a time)",
+    )
+    parser.add_argument("--seed", type=int, help="seed of the --skew moments (default: random)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per transport and N")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--png", type=Path, help="write the plot here")
     parser.add_argument(
@@ -365,6 +489,13 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/deploy.py needs root (namespaces, loop devices)", file=sys.stderr)
         return 2
+    if (args.skew is not None and args.skew < 0) or args.repeat < 1:
+        print("error: --skew must be >= 0 seconds and --repeat >= 1", file=sys.stderr)
+        return 2
+    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
+    if args.skew is not None:
+        print(f"skew {args.skew:g} s, seed {seed} (--seed {seed} repeats these moments)")
+    here, code = machine(), commit()
     use_home(args.link)
     counts = sorted(int(x) for x in args.nodes.split(","))
     version = make_image(args.size_mib)
@@ -390,21 +521,42 @@ def main() -> int:
             if not inv.exists("profile", "bench"):
                 inv.add("profile", [ProfileSpec(name="bench", variables={"bootloader": "none"})])
             inv.update("group", [cluster.GROUP], {"profiles": ["bench"]})
+        if args.skew:
+            power_by_bench([cluster.node_name(i) for i in range(1, max(counts) + 1)])
         for transport in args.transports.split(","):
             for n in counts:
                 aside = tuple(x.split("=")[0] for x in args.slow)
-                r = run_once(bed, transport, n, version, args.kill, aside)
-                s_over_b = s_bytes * 8 / b
-                r.update(
-                    transport=transport + (f" ({args.label})" if args.label else ""),
-                    n=n,
-                    s_mib=s_bytes / 2**20,
-                    s_over_b=s_over_b,
-                    bound=max(s_over_b, n * s_bytes * 8 / b_server),
-                    valid=r["cpu"] <= args.cpu_limit,
-                )
-                results.append(r)
-                print(json.dumps(r), flush=True)
+                names = [cluster.node_name(i) for i in range(1, n + 1)]
+                runs = []
+                for k in range(args.repeat):
+                    run_seed = seed + k
+                    power_at = power_schedule(names, args.skew, run_seed) if args.skew else None
+                    load0 = os.getloadavg()
+                    r = run_once(bed, transport, n, version, args.kill, aside, power_at=power_at)
+                    s_over_b = s_bytes * 8 / b
+                    r.update(
+                        transport=transport + (f" ({args.label})" if args.label else ""),
+                        n=n,
+                        s_mib=s_bytes / 2**20,
+                        s_over_b=s_over_b,
+                        bound=max(s_over_b, n * s_bytes * 8 / b_server),
+                        valid=r["cpu"] <= args.cpu_limit,
+                        link=args.link,
+                        server_link=args.server_link,
+                        measured=time.strftime("%Y-%m-%d %H:%M"),
+                        commit=code,
+                        machine=here,
+                        skew_window=args.skew,
+                        seed=run_seed if args.skew else None,
+                        run=k + 1,
+                        load=[load0[0], os.getloadavg()[0]],
+                    )
+                    results.append(r)
+                    runs.append(r)
+                    print(json.dumps(r), flush=True)
+                if args.repeat > 1 or args.skew is not None:
+                    print(f"\n{transport}, N = {n}, skew {args.skew or 0:g} s:")
+                    print(summary(runs), flush=True)
     finally:
         bed.down(forget=True)
     if args.results:

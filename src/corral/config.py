@@ -306,6 +306,11 @@ class Settings:
         60.0,
         "Seconds a multicast session waits for its nodes after the first one joined.",
     )
+    chain_max_wait: float = setting(
+        60.0,
+        "Seconds a chain waits for its nodes after the first one asked for its plan, "
+        "before it starts with those there (later ones join at its tail).",
+    )
 
     @property
     def database(self) -> str:

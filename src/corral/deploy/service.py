@@ -64,7 +64,7 @@ from corral.deploy.diskless import (
 from corral.deploy.keys import host_keys
 from corral.deploy.store import RUNNING, Deployments, install_disk
 from corral.deploy.transports import Transports
-from corral.deploy.transports.base import Member, Meter
+from corral.deploy.transports.base import Member, Meter, NotReady
 from corral.errors import CorralError, NotFound
 from corral.images.catalog import image_store
 from corral.images.exports import Chunked
@@ -192,10 +192,14 @@ class DeployService:
             payload = self.payload(row)
             transport = self.transports.get(row.transport)
             transport.prepare(payload)
+            try:
+                params = transport.params(payload, node)
+            except NotReady as exc:
+                self.silent[node] = 0.0  # it asked: it is alive, and waits
+                log.debug("node %s: no plan yet: %s", node, exc.message)
+                return None
             first = row.host_keys_given is None
-            plan = self._build_plan(
-                s, row, payload, transport.params(payload, node), with_host_keys=first
-            )
+            plan = self._build_plan(s, row, payload, params, with_host_keys=first)
             if first:
                 row.host_keys_given = time.time()
             else:

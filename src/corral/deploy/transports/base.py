@@ -10,7 +10,13 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from corral.config import Settings
+from corral.errors import CorralError
 from corral.images.exports import Chunked
+
+
+class NotReady(CorralError):
+    """:meth:`ServerTransport.params` has no plan for this node yet (a chain still
+    gathering its nodes): the node is alive and asks again; its plan is not an error."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,8 @@ class ServerTransport(Protocol):
     :meth:`start` once per session (the nodes of one deployment that get the same image by
     this transport) before it reboots them, and :meth:`finish` when every node of the
     session has ended; after a restart of corral serve, :meth:`start` is called again with
-    the nodes still going. :meth:`params` goes into each node's plan. :meth:`sent` is read
+    the nodes still going. :meth:`params` goes into each node's plan (or raises
+    :class:`NotReady`: the node asks again). :meth:`sent` is read
     at each scrape of ``/metrics``.
     """
 

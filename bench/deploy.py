@@ -18,9 +18,12 @@ measures:
   real cluster boots them in parallel, so at 100 nodes the skew is part of T;
 - with ``--skew SECONDS``, the bench powers each node on itself, at a moment drawn
   uniformly over that window (seeded: ``--seed``, printed and recorded, repeats the same
-  moments), as real machines come up tens of seconds apart; T is then also counted from
-  the *last* node's first report (``t_after_last``: no transport can serve a node
-  before it is up), and the skew is reported beside it;
+  moments), as real machines come up tens of seconds apart; T is then counted from the
+  *last* node's first report, its agent's "booted" (``t_after_up``: no transport can
+  serve a node before it is up), and the skew of those reports (``up_skew``) is given
+  beside it. ``t_after_last`` counts from the last node's first progress report in the
+  deployment instead, which a node sends only once it has its plan (a transport that
+  gathers its nodes first delays that);
 - host CPU use over the run; a run above ``--cpu-limit`` measured the host, not the
   transport, and is marked invalid.
 
@@ -47,12 +50,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corral.agent.phases import DEPLOY_STEPS, DONE, FINAL, RECEIVING
+from sqlalchemy import func, select
+
+from corral.agent.phases import BOOTED, DEPLOY_STEPS, DONE, FINAL, RECEIVING
 from corral.deploy.store import Deployments, new_deployment
 from corral.images.catalog import image_store
 from corral.images.exports import build_exports
 from corral.images.store import ImageVersion
 from corral.inventory import db
+from corral.inventory import models as m
 from corral.inventory.schema import ProfileSpec
 from corral.testbed import cluster
 from corral.testbed.cluster import parse_rate
@@ -220,6 +226,17 @@ class PowerOn(threading.Thread):
         self.join()
 
 
+def booted_at(session: Any, names: list[str], since: float) -> dict[str, float]:
+    """When each node's agent first said it was up (its "booted" report, before it asks
+    for its plan), since ``since``."""
+    query = (
+        select(m.NodeEvent.node, func.min(m.NodeEvent.time))
+        .where(m.NodeEvent.phase == BOOTED, m.NodeEvent.node.in_(names), m.NodeEvent.time >= since)
+        .group_by(m.NodeEvent.node)
+    )
+    return {node: float(at) for node, at in session.execute(query).all()}
+
+
 def power_schedule(names: list[str], skew: float, seed: int) -> dict[str, float]:
     """Each node's power-on moment, uniform over ``skew`` seconds, from ``seed``."""
     rng = random.Random(seed)
@@ -260,14 +277,18 @@ def summary(runs: list[dict[str, Any]]) -> str:
     report when the starts were skewed on purpose), egress / S, start skew, spread."""
 
     def t_of(r: dict[str, Any]) -> float:
-        t = r["t_after_last"] if r.get("skew_window") else r["t"]
+        t = r["t_after_up"] if r.get("skew_window") else r["t"]
         return float("nan") if t is None else t / r["s_over_b"]
+
+    def skew_of(r: dict[str, Any]) -> float:
+        skew = r["up_skew"] if r.get("skew_window") else r["skew"]
+        return float("nan") if skew is None else float(skew)
 
     rows = [
         (
             t_of(r),
             r["egress"] / (r["s_mib"] * 2**20),
-            r["skew"] if r["skew"] is not None else float("nan"),
+            skew_of(r),
             r["spread"] if r["spread"] is not None else float("nan"),
         )
         for r in runs
@@ -368,6 +389,7 @@ def run_once(
             if d.state != "running":
                 rows = [(r.node, r.phase, r.started, r.finished, r.message) for r in d.nodes]
                 created = d.created
+                up = booted_at(s, names, created)
                 break
     if powering is not None:
         powering.stop()
@@ -389,6 +411,8 @@ def run_once(
         "t_boot": max(finish) - created if finish else None,
         "t": max(finish) - min(starts) if finish and starts else None,
         "t_after_last": max(finish) - max(starts) if finish and starts else None,
+        "t_after_up": max(finish) - max(up.values()) if finish and up else None,
+        "up_skew": max(up.values()) - min(up.values()) if up else None,
         "t_received": max(got) - min(starts) if got and starts else None,
         "spread": max(finish) - min(finish) if finish else None,
         "skew": max(starts) - min(starts) if starts else None,

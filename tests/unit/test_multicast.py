@@ -31,7 +31,7 @@ from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
 from corral.config import Settings
 from corral.deploy.transports import REGISTRY, multicast
-from corral.deploy.transports.base import Member, RateBudget
+from corral.deploy.transports.base import Member, NotReady, RateBudget
 from corral.deploy.transports.multicast import (
     PORT_BASE,
     SLOTS,
@@ -239,8 +239,9 @@ def test_params_name_the_session_while_it_waits_for_its_nodes(
         "leave_below": 0.25,
         "leave_window": 15.0,
     }
-    # a node of no session, or too late for it: straight to HTTP
-    assert transport.params(Chunked(version), "n9")["session"] is None
+    # a node of no session yet waits for it; one too late for it: straight to HTTP
+    with pytest.raises(NotReady, match="no multicast session"):
+        transport.params(Chunked(version), "n9")
     transport.directory.mkdir(parents=True, exist_ok=True)
     session.log_path.write_bytes(b"New connection from 10.0.0.2\nStarting transfer: 00000009\n")
     assert transport.params(Chunked(version), "n1")["session"] is None

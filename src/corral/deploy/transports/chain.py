@@ -124,7 +124,7 @@ from corral.agent.wire.chain import RELAY_PORT, Hello, session_tag, tune
 from corral.agent.wire.chain_sender import FileSource, Sender, Slot, answer_hello
 from corral.config import Settings
 from corral.deploy.transports.base import Member, Meter, NotReady, url_host
-from corral.errors import ConfigError, CorralError
+from corral.errors import ConfigError
 from corral.images.exports import Chunked
 
 log = logging.getLogger("corral.deploy")
@@ -133,8 +133,9 @@ log = logging.getLogger("corral.deploy")
 HEAD_PORT = 7730
 
 
-class ChainError(CorralError):
-    """A node asked for a chain it is not part of (yet)."""
+class ChainError(NotReady):
+    """A node asked for a chain it is not part of (yet): the manager has not started its
+    session (it makes the image's export first); the node asks again."""
 
 
 @dataclass

@@ -104,7 +104,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.config import Settings
-from corral.deploy.transports.base import Member, Meter, RateBudget
+from corral.deploy.transports.base import Member, Meter, NotReady, RateBudget
 from corral.deploy.transports.http import HttpTransport
 from corral.deploy.transports.multicast_options import MulticastOptions, options_from_settings
 from corral.errors import CommandFailed, ConfigError
@@ -485,11 +485,15 @@ class MulticastTransport:
 
     def params(self, payload: Chunked, node: str) -> dict[str, Any]:
         """The HTTP base for catching up, and the session to join while it still waits
-        for its nodes (None once it started sending, ended, or is unknown to this server
-        life: the node then goes straight to HTTP)."""
+        for its nodes (None once it started sending or ended: the node then goes straight
+        to HTTP). :class:`NotReady` while the node's session is not started yet (the
+        manager starts it on its next pass, once the image's export is made): a node
+        that asks that early waits for it rather than take the image over HTTP."""
         params = self.http.params(payload, node)
         session = self._session_of(payload.ref, node)
-        if session is None or not session.running() or session.transmitting():
+        if session is None:
+            raise NotReady(f"no multicast session for {payload.ref} with node {node} yet")
+        if not session.running() or session.transmitting():
             return {**params, "session": None}
         c = session.channel
         o = session.options

@@ -67,13 +67,19 @@ HOME = Path.home() / ".cache" / "corral-bench" / "deploy-home"
 IMAGE = "bench"
 
 
-def use_home(link: str) -> None:
-    """Make the bench's corral home the one in use, multicast sending just under ``link``."""
+def use_home(link: str, server_link: str | None = None) -> None:
+    """Make the bench's corral home the one in use, multicast sending just under ``link``
+    and, given the ``server_link``, its HTTP catch-ups sharing half of that, as a site
+    that knows its server's link sets ``multicast_catchup_bitrate`` (the default, the
+    multicast rate itself, is for a server link nobody gave)."""
     os.environ["CORRAL_HOME"] = str(HOME)
     HOME.mkdir(parents=True, exist_ok=True)
     # multicast sends at a fixed rate: just under the node link B
     rate = int(parse_rate(link) * 0.95)
-    (HOME / "corral.toml").write_text(f'multicast_max_bitrate = "{rate}"\n')
+    toml = f'multicast_max_bitrate = "{rate}"\n'
+    if server_link:
+        toml += f'multicast_catchup_bitrate = "{parse_rate(server_link) // 2}"\n'
+    (HOME / "corral.toml").write_text(toml)
     db.close()
 
 
@@ -520,7 +526,7 @@ def main() -> int:
     if args.skew is not None:
         print(f"skew {args.skew:g} s, seed {seed} (--seed {seed} repeats these moments)")
     here, code = machine(), commit()
-    use_home(args.link)
+    use_home(args.link, args.server_link)
     counts = sorted(int(x) for x in args.nodes.split(","))
     version = make_image(args.size_mib)
     s_bytes = int(version.manifest["exports"]["stream"]["size"])

@@ -16,10 +16,21 @@ measures:
 - the spread of completion times (last - first), and the skew of the nodes' first
   reports (last - first): the testbed boots every node on the host's few cores, where a
   real cluster boots them in parallel, so at 100 nodes the skew is part of T;
+- with ``--skew SECONDS``, the bench powers each node on itself, at a moment drawn
+  uniformly over that window (seeded: ``--seed``, printed and recorded, repeats the same
+  moments), as real machines come up tens of seconds apart; T is then counted from the
+  *last* node's first report, its agent's "booted" (``t_after_up``: no transport can
+  serve a node before it is up), and the skew of those reports (``up_skew``) is given
+  beside it. ``t_after_last`` counts from the last node's first progress report in the
+  deployment instead, which a node sends only once it has its plan (a transport that
+  gathers its nodes first delays that);
 - host CPU use over the run; a run above ``--cpu-limit`` measured the host, not the
   transport, and is marked invalid.
 
 Every node's disk is discarded before each run, so each run is a full install.
+``--repeat K`` makes K such runs, each a fresh deployment, and prints the median and the
+worst of them. Each run's record names the commit, the machine, the skew and the seed,
+and the host's load average before and after it (other work on the host shows there).
 Results: one JSON line per run on stdout, a Markdown table and a PNG plot
 (``--markdown``, ``--png``). Transports plug in by name (``corral.deploy.transports``).
 """
@@ -29,7 +40,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -37,12 +50,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corral.agent.phases import DEPLOY_STEPS, DONE, FINAL, RECEIVING
+from sqlalchemy import func, select
+
+from corral.agent.phases import BOOTED, DEPLOY_STEPS, DONE, FINAL, RECEIVING
 from corral.deploy.store import Deployments, new_deployment
 from corral.images.catalog import image_store
 from corral.images.exports import build_exports
 from corral.images.store import ImageVersion
 from corral.inventory import db
+from corral.inventory import models as m
 from corral.inventory.schema import ProfileSpec
 from corral.testbed import cluster
 from corral.testbed.cluster import parse_rate
@@ -51,13 +67,19 @@ HOME = Path.home() / ".cache" / "corral-bench" / "deploy-home"
 IMAGE = "bench"
 
 
-def use_home(link: str) -> None:
-    """Make the bench's corral home the one in use, multicast sending just under ``link``."""
+def use_home(link: str, server_link: str | None = None) -> None:
+    """Make the bench's corral home the one in use, multicast sending just under ``link``
+    and, given the ``server_link``, its HTTP catch-ups sharing half of that, as a site
+    that knows its server's link sets ``multicast_catchup_bitrate`` (the default, the
+    multicast rate itself, is for a server link nobody gave)."""
     os.environ["CORRAL_HOME"] = str(HOME)
     HOME.mkdir(parents=True, exist_ok=True)
     # multicast sends at a fixed rate: just under the node link B
     rate = int(parse_rate(link) * 0.95)
-    (HOME / "corral.toml").write_text(f'multicast_max_bitrate = "{rate}"\n')
+    toml = f'multicast_max_bitrate = "{rate}"\n'
+    if server_link:
+        toml += f'multicast_catchup_bitrate = "{parse_rate(server_link) // 2}"\n'
+    (HOME / "corral.toml").write_text(toml)
     db.close()
 
 
@@ -185,6 +207,118 @@ class CpuByProcess(threading.Thread):
         return result
 
 
+class PowerOn(threading.Thread):
+    """Powers each node on at its moment (seconds after :meth:`start`), as a cluster whose
+    machines take different times to POST: what ``--skew`` measures."""
+
+    def __init__(self, bed: cluster.Testbed, at: dict[str, float]) -> None:
+        super().__init__(daemon=True)
+        self.bed = bed
+        self.at = sorted(at.items(), key=lambda kv: kv[1])
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        started = time.monotonic()
+        for node, offset in self.at:
+            if self.stopping.wait(max(0.0, started + offset - time.monotonic())):
+                return
+            try:
+                self.bed.power(node, "cycle")
+            except Exception as exc:  # the run goes on: the node fails for not booting
+                print(f"powering {node} on: {exc}", file=sys.stderr)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
+
+
+def booted_at(session: Any, names: list[str], since: float) -> dict[str, float]:
+    """When each node's agent first said it was up (its "booted" report, before it asks
+    for its plan), since ``since``."""
+    query = (
+        select(m.NodeEvent.node, func.min(m.NodeEvent.time))
+        .where(m.NodeEvent.phase == BOOTED, m.NodeEvent.node.in_(names), m.NodeEvent.time >= since)
+        .group_by(m.NodeEvent.node)
+    )
+    return {node: float(at) for node, at in session.execute(query).all()}
+
+
+def power_schedule(names: list[str], skew: float, seed: int) -> dict[str, float]:
+    """Each node's power-on moment, uniform over ``skew`` seconds, from ``seed``."""
+    rng = random.Random(seed)
+    return {name: rng.uniform(0.0, skew) for name in names}
+
+
+def power_by_bench(names: list[str]) -> None:
+    """The deployment manager leaves these nodes for someone to power on (the bench)."""
+    with db.inventory() as inv:
+        inv.edit("node", names, {"variables": {"power_command": ""}})
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {"cores": os.cpu_count(), "cpu": model, "host": platform.node()}
+
+
+def commit() -> str:
+    """The commit the bench runs (with ``-dirty`` if the work tree has changes)."""
+    here = Path(__file__).resolve().parent
+    head = subprocess.run(
+        ["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return (head or "unknown") + ("-dirty" if dirty else "")
+
+
+def summary(runs: list[dict[str, Any]]) -> str:
+    """Per run, then the median and the worst: T / (S/B) (from the last node's first
+    report when the starts were skewed on purpose), egress / S, start skew, spread."""
+
+    def t_of(r: dict[str, Any]) -> float:
+        t = r["t_after_up"] if r.get("skew_window") else r["t"]
+        return float("nan") if t is None else t / r["s_over_b"]
+
+    def skew_of(r: dict[str, Any]) -> float:
+        skew = r["up_skew"] if r.get("skew_window") else r["skew"]
+        return float("nan") if skew is None else float(skew)
+
+    rows = [
+        (
+            t_of(r),
+            r["egress"] / (r["s_mib"] * 2**20),
+            skew_of(r),
+            r["spread"] if r["spread"] is not None else float("nan"),
+        )
+        for r in runs
+    ]
+    lines = [
+        "| run | seed | T ÷ S/B | egress ÷ S | start skew (s) | spread (s) | host CPU "
+        "| load before → after | failed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, (r, (t, e, k, sp)) in enumerate(zip(runs, rows, strict=True), 1):
+        lines.append(
+            f"| {i} | {r.get('seed') or '-'} | {t:.2f} | {e:.2f} | {k:.1f} | {sp:.1f} "
+            f"| {r['cpu']:.0%} | {r['load'][0]:.1f} → {r['load'][1]:.1f} | {len(r['failed'])} |"
+        )
+    cols = list(zip(*rows, strict=True))
+    median = [statistics.median(c) for c in cols]
+    worst = [max(c) for c in cols]
+    for name, vals in (("median", median), ("worst", worst)):
+        lines.append(
+            f"| {name} | | {vals[0]:.2f} | {vals[1]:.2f} | {vals[2]:.1f} | {vals[3]:.1f} | | | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def wipe(bed: cluster.Testbed, names: list[str]) -> None:
     """Discard every byte of the nodes' disks: the next deployment is a full install."""
     state = bed.require_state()
@@ -202,11 +336,13 @@ def run_once(
     kill: str | None = None,
     aside: tuple[str, ...] = (),
     kind: str = "install",
+    power_at: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """One deployment to tb001..tbN. ``kill``: power that node off once it has half the
     image; ``aside``: nodes (slow, killed) left out of ``t_others``; ``kind``: ``install``
     (the disks wiped first: a full install) or ``diskless`` (the squashfs into RAM, the
-    disks untouched)."""
+    disks untouched); ``power_at``: seconds after the deployment's start at which the
+    bench powers each node on (None: the deployment manager power-cycles them)."""
     names = [cluster.node_name(i) for i in range(1, n + 1)]
 
     def measured(node: str) -> bool:
@@ -222,6 +358,9 @@ def run_once(
     by_process.start()
     with db.session() as s:
         ident = new_deployment(s, image_store(HOME), noderange, version.ref, transport, kind=kind)
+    powering = PowerOn(bed, power_at) if power_at is not None else None
+    if powering is not None:
+        powering.start()
     killed_at: float | None = None
     received: dict[str, float] = {}
     failed_after: float | None = None
@@ -256,7 +395,10 @@ def run_once(
             if d.state != "running":
                 rows = [(r.node, r.phase, r.started, r.finished, r.message) for r in d.nodes]
                 created = d.created
+                up = booted_at(s, names, created)
                 break
+    if powering is not None:
+        powering.stop()
     busy1, total1 = cpu_times()
     cpu_seconds = by_process.stop()
     egress = bed.server_egress_bytes() - egress0
@@ -274,6 +416,9 @@ def run_once(
         "failed": failed,
         "t_boot": max(finish) - created if finish else None,
         "t": max(finish) - min(starts) if finish and starts else None,
+        "t_after_last": max(finish) - max(starts) if finish and starts else None,
+        "t_after_up": max(finish) - max(up.values()) if finish and up else None,
+        "up_skew": max(up.values()) - min(up.values()) if up else None,
         "t_received": max(got) - min(starts) if got and starts else None,
         "spread": max(finish) - min(finish) if finish else None,
         "skew": max(starts) - min(starts) if starts else None,
@@ -353,6 +498,15 @@ def main() -> int:
     parser.add_argument("--slow", action="append", default=[], help="NODE=RATE, e.g. tb050=2mbit")
     parser.add_argument("--kill", help="power this node off when it has half the image")
     parser.add_argument("--label", default="", help="scenario name for the table")
+    parser.add_argument(
+        "--skew",
+        type=float,
+        help="power each node on at a random moment over this many seconds (the bench "
+        "powers them; without it, or at 0, the deployment manager power-cycles them, "
+        "16 at a time)",
+    )
+    parser.add_argument("--seed", type=int, help="seed of the --skew moments (default: random)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per transport and N")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--png", type=Path, help="write the plot here")
     parser.add_argument(
@@ -365,7 +519,14 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/deploy.py needs root (namespaces, loop devices)", file=sys.stderr)
         return 2
-    use_home(args.link)
+    if (args.skew is not None and args.skew < 0) or args.repeat < 1:
+        print("error: --skew must be >= 0 seconds and --repeat >= 1", file=sys.stderr)
+        return 2
+    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
+    if args.skew is not None:
+        print(f"skew {args.skew:g} s, seed {seed} (--seed {seed} repeats these moments)")
+    here, code = machine(), commit()
+    use_home(args.link, args.server_link)
     counts = sorted(int(x) for x in args.nodes.split(","))
     version = make_image(args.size_mib)
     s_bytes = int(version.manifest["exports"]["stream"]["size"])
@@ -390,21 +551,42 @@ def main() -> int:
             if not inv.exists("profile", "bench"):
                 inv.add("profile", [ProfileSpec(name="bench", variables={"bootloader": "none"})])
             inv.update("group", [cluster.GROUP], {"profiles": ["bench"]})
+        if args.skew:
+            power_by_bench([cluster.node_name(i) for i in range(1, max(counts) + 1)])
         for transport in args.transports.split(","):
             for n in counts:
                 aside = tuple(x.split("=")[0] for x in args.slow)
-                r = run_once(bed, transport, n, version, args.kill, aside)
-                s_over_b = s_bytes * 8 / b
-                r.update(
-                    transport=transport + (f" ({args.label})" if args.label else ""),
-                    n=n,
-                    s_mib=s_bytes / 2**20,
-                    s_over_b=s_over_b,
-                    bound=max(s_over_b, n * s_bytes * 8 / b_server),
-                    valid=r["cpu"] <= args.cpu_limit,
-                )
-                results.append(r)
-                print(json.dumps(r), flush=True)
+                names = [cluster.node_name(i) for i in range(1, n + 1)]
+                runs = []
+                for k in range(args.repeat):
+                    run_seed = seed + k
+                    power_at = power_schedule(names, args.skew, run_seed) if args.skew else None
+                    load0 = os.getloadavg()
+                    r = run_once(bed, transport, n, version, args.kill, aside, power_at=power_at)
+                    s_over_b = s_bytes * 8 / b
+                    r.update(
+                        transport=transport + (f" ({args.label})" if args.label else ""),
+                        n=n,
+                        s_mib=s_bytes / 2**20,
+                        s_over_b=s_over_b,
+                        bound=max(s_over_b, n * s_bytes * 8 / b_server),
+                        valid=r["cpu"] <= args.cpu_limit,
+                        link=args.link,
+                        server_link=args.server_link,
+                        measured=time.strftime("%Y-%m-%d %H:%M"),
+                        commit=code,
+                        machine=here,
+                        skew_window=args.skew,
+                        seed=run_seed if args.skew else None,
+                        run=k + 1,
+                        load=[load0[0], os.getloadavg()[0]],
+                    )
+                    results.append(r)
+                    runs.append(r)
+                    print(json.dumps(r), flush=True)
+                if args.repeat > 1 or args.skew is not None:
+                    print(f"\n{transport}, N = {n}, skew {args.skew or 0:g} s:")
+                    print(summary(runs), flush=True)
     finally:
         bed.down(forget=True)
     if args.results:

@@ -320,6 +320,17 @@ class Settings:
         60.0,
         "Seconds a multicast session waits for its nodes after the first one joined.",
     )
+    multicast_catchup_bitrate: str = setting(
+        "",
+        "Rate that the HTTP catch-ups of one multicast session share, served under it by "
+        'corral (`""`: the multicast rate); keep it plus the multicast rate under the '
+        'server\'s link (`"5g"` for a 10 GbE server and gigabit nodes).',
+    )
+    chain_max_wait: float = setting(
+        60.0,
+        "Seconds a chain waits for its nodes after the first one asked for its plan, "
+        "before it starts with those there (later ones join at its tail).",
+    )
 
     @property
     def database(self) -> str:

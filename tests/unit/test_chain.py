@@ -5,6 +5,7 @@ fed by a real head or by a window the test controls."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import socket
 import subprocess
@@ -28,12 +29,15 @@ from corral.agent.receivers.chain.window import Window
 from corral.agent.report import Client
 from corral.agent.wire import chain as wire
 from corral.agent.wire.chain import (
+    BUSY,
     DATA,
     IDLE,
     OK,
+    PASSED,
     SKIP,
     WRONG_SESSION,
     Gone,
+    Hello,
     ProtocolError,
     pack_answer,
     pack_frame,
@@ -43,10 +47,10 @@ from corral.agent.wire.chain import (
     read_hello,
     session_tag,
 )
-from corral.agent.wire.chain_sender import Sender, answer_hello
+from corral.agent.wire.chain_sender import Sender, Slot, answer_hello
 from corral.config import Settings
 from corral.deploy import transports
-from corral.deploy.transports.base import Member
+from corral.deploy.transports.base import Member, NotReady
 from corral.deploy.transports.chain import ChainError, ChainTransport, order
 from corral.images.exports import Chunked
 from tests.fakes import ChunkServer, KeptUnpacker, free_port, stream_plan, stream_version
@@ -214,31 +218,74 @@ def test_a_refusal_passes_at_once_and_after_the_head_comes_http() -> None:
     assert current is not None and current.head
 
 
-def test_a_lagging_upstream_is_passed_for_the_node_before_it_never_for_the_head() -> None:
+def test_a_lagging_upstream_is_passed_for_the_node_before_it_then_the_head() -> None:
     picker = Picker(chain_of("tb003", "tb002"))
     farther = picker.farther()
     assert farther is not None and farther.name == "tb002"
     picker.pass_lagging()
     current = picker.current()
     assert current is not None and current.name == "tb002"
-    assert picker.farther() is None
-    picker.pass_lagging()  # nothing to pass to but the head: stay
+    assert picker.passing == "tb003"  # tb002 is told: it hands tb003's slot over
+    farther = picker.farther()
+    assert farther is not None and farther.head  # the head hands its slot over too
+    picker.pass_lagging()
     current = picker.current()
-    assert current is not None and current.name == "tb002"
+    assert current is not None and current.head and picker.passing == "tb002"
+    assert picker.farther() is None
     with pytest.raises(ValueError):
         Picker([Upstream("tb001", ("x", 1))])
 
 
-def test_a_node_is_slow_when_its_lag_grows_not_when_it_started_late() -> None:
-    late = LagWatch()
-    # 5 chunks behind its upstream, keeping pace: no growth
-    assert [late.growth(have + 5, have) for have in range(20)] == [0] * 20
-    slow = LagWatch()
-    # it gets one chunk for every four its upstream gets
-    growth = [slow.growth(up, up // 4) for up in range(20)]
-    assert growth[:4] == [0, 1, 2, 3] and growth[-1] == 15
-    moved = LagWatch()  # a new watch for a new upstream, 6 chunks ahead: no growth yet
-    assert moved.growth(10, 4) == 0 and moved.growth(11, 5) == 0
+def test_a_node_refused_as_a_second_successor_goes_to_the_tail_then_http() -> None:
+    tail = Upstream("tb009", ("127.0.0.1", 1))
+    picker = Picker(chain_of("tb003", "tb002"), tail=tail)
+    picker.exile()  # tb003 feeds another node, or passed us
+    current = picker.current()
+    assert current is not None and current.name == "tb009" and picker.passing == ""
+    assert picker.farther() is None  # nobody is passed for lag from the tail
+    assert picker.failed(fatal=True)  # the tail is gone: never the head (it feeds tb001)
+    assert picker.current() is None
+    picker.after_http()
+    assert picker.current() is None  # the rest over HTTP
+    alone = Picker(chain_of("tb003"), tail=None)
+    alone.exile()
+    assert alone.current() is None
+
+
+def test_a_node_is_slow_when_its_lag_grows_in_seconds_not_when_it_started_late() -> None:
+    clock = Clock()
+    late = LagWatch(clock=clock)
+    # 5 MiB behind an upstream that gets 256 KiB/s, keeping pace: no growth
+    got = []
+    for tick in range(40):
+        clock.now = tick * 0.5
+        got.append(late.growth(5120 + tick * 128, tick * 128))
+    assert max(got) == 0
+    slow = LagWatch(clock=clock)
+    # it gets a tenth of what its upstream gets: 0.9 s behind for every second
+    got = []
+    for tick in range(40):
+        clock.now = 100 + tick * 0.5
+        got.append(slow.growth(tick * 128, tick * 128 // 10))
+    assert got[:4] == [0, 0, 0, 0]  # no pace known before PACE_SPAN
+    assert 16_000 <= got[-1] <= 19_500  # 19.5 s at 0.9 s a second
+    fast = LagWatch(clock=clock)  # the same lag growth in KiB on a link 8 times faster
+    got = []
+    for tick in range(40):
+        clock.now = 200 + tick * 0.5
+        got.append(fast.growth(tick * 1024, tick * 1024 - min(tick, 8) * 115))
+    assert got[-1] <= 1000  # 920 KiB at 2 MiB/s: under half a second, and not growing
+
+
+def test_a_lag_far_in_the_past_is_forgotten() -> None:
+    clock = Clock()
+    watch = LagWatch(window=30, clock=clock)
+    for tick in range(200):
+        clock.now = tick * 0.5
+        stalled = 5 <= tick < 15  # 5 s without a byte, then the same pace again
+        holds = tick * 128 - (1280 if tick >= 15 else (tick - 5) * 128 if stalled else 0)
+        lag_ms = watch.growth(tick * 128, holds)
+    assert lag_ms == 0  # 100 s later: the 5 s stall is outside the window
 
 
 def test_params_give_the_upstreams_nearest_first_without_addressless_nodes() -> None:
@@ -371,20 +418,24 @@ class FastChain(ChainReceiver):
 class SteadyChain(FastChain):
     """No passing for lag: on loopback the first node can be chunks ahead for a moment."""
 
-    lag_bytes = 1 << 40
+    lag_seconds = 1e9
 
 
 class KeenChain(FastChain):
     """Sees a slow node at test sizes (the image is under a megabyte)."""
 
-    lag_bytes = 100_000
     lag_seconds = 0.1
+    lag_span = 0.2
 
 
 class RoomyChain(FastChain):
     """Keeps the whole (small) image: what comes late is never sent over HTTP."""
 
     window_chunks = 64
+
+
+class RoomySteadyChain(RoomyChain, SteadyChain):
+    pass
 
 
 def chain_plan(chunks: list[bytes], params: dict[str, Any], node: str) -> Plan:
@@ -558,6 +609,60 @@ def test_a_slow_node_is_passed_by_the_node_after_it(
     assert nodes[2].receiver.picker is not None
     current = nodes[2].receiver.picker.current()
     assert current is not None and current.name == "tb001"
+    # tb001 handed tb002's slot to tb003, one after the other, never both at once; tb002
+    # finished from the tail, or from the head once tb001 had left
+    assert served_peers(nodes[0]) == ["tb002", "tb003"]
+    for upstream in (relay, *(n.receiver.relay for n in nodes)):
+        assert upstream is not None and not overlapping(upstream), [
+            (s.peer, s.started, s.ended) for s in upstream.senders
+        ]
+
+
+def served_peers(node: Node) -> list[str]:
+    relay = node.receiver.relay
+    assert relay is not None
+    return [s.peer.split()[0] for s in relay.senders]
+
+
+def overlapping(relay: Relay) -> bool:
+    """Whether a relay ever served two nodes at once (its senders' lives). A connection
+    handed over is shut down before the next is served; its thread notices within a
+    frame, so an end up to 0.1 s after the next start is that, not two at once."""
+    lives = sorted((s.started, s.ended or time.monotonic(), s.peer) for s in relay.senders)
+    names = [p.split()[0] for _, _, p in lives]
+    return any(
+        b[0] < a[1] - 0.1 and names[i] != names[i + 1]
+        for i, (a, b) in enumerate(itertools.pairwise(lives))
+    )
+
+
+def test_a_node_up_before_its_predecessor_never_makes_an_uplink_feed_two(
+    test_head: Any,
+) -> None:
+    """tb003 is up before tb002: it passes tb002 for tb001 (start patience). When tb002
+    comes, tb001 already feeds tb003: tb002 is refused, and pulls from the tail. Before,
+    tb001 fed both, and every node after them went at half the rate."""
+    chunks = [os.urandom(100_000) for _ in range(8)]
+    relay, window = test_head([len(c) for c in chunks])
+    server = ChunkServer(chunks)
+    nodes = nodes_for(chunks, head_address(relay), 4, server, cls=RoomySteadyChain)
+    tb001, tb002, tb003, tb004 = nodes
+    for node in (tb001, tb003, tb004):
+        node.start()
+    window.complete(0, chunks[0])
+    wait_for(lambda: len(tb004.unpacker.data) == 100_000, "tb004 to have chunk 0 via tb003")
+    tb002.start()
+    for i in range(1, len(chunks)):
+        window.complete(i, chunks[i])
+    for node in nodes:
+        node.join()
+        assert node.error is None, f"{node.name}: {node.error!r}"
+        assert node.unpacker.data == b"".join(chunks)
+    assert served_peers(tb001) == ["tb003"]
+    assert served_peers(tb003) == ["tb004"]
+    assert served_peers(tb004) == ["tb002"]  # the tail, whose uplink fed nobody
+    assert tb002.result is not None and tb002.result.details["exiled"] == 1
+    assert relay.served == len(b"".join(chunks)) and server.gets == []
 
 
 def test_a_node_goes_on_while_it_still_serves_a_slow_successor(test_head: Any) -> None:
@@ -664,7 +769,7 @@ def test_the_transport_is_registered_on_both_sides() -> None:
     assert receiver_class("chain") is ChainReceiver
 
 
-def test_sessions_order_nodes_by_name_and_give_each_its_place(
+def test_a_chain_forms_from_the_nodes_there_in_name_order_once_all_have_asked(
     transport: ChainTransport, tmp_path: Path
 ) -> None:
     chunks = [b"a" * 100, b"b" * 50]
@@ -673,6 +778,11 @@ def test_sessions_order_nodes_by_name_and_give_each_its_place(
         transport.params(Chunked(version), "tb002")
     members = [Member("tb003", "10.0.0.4"), Member("tb001", "10.0.0.2"), Member("tb002", None)]
     transport.start(7, Chunked(version), members)
+    # they come up in another order than their names; the chain waits for all three
+    for node in ("tb003", "tb002"):
+        with pytest.raises(NotReady, match="of 3 nodes there"):
+            transport.params(Chunked(version), node)
+    first = transport.params(Chunked(version), "tb001")
     params = transport.params(Chunked(version), "tb002")
     sha = hashlib.sha256(b"".join(chunks)).hexdigest()
     assert params == {
@@ -683,14 +793,80 @@ def test_sessions_order_nodes_by_name_and_give_each_its_place(
         "head": ["127.0.0.1", transport.head_port],
         "base": "http://127.0.0.1:8080/images/img/1",
     }
-    assert transport.head_port != 0
-    # started again after a restart, with fewer nodes: the same order, the same tag
+    assert first["position"] == 0 and transport.head_port != 0
+    # started again (the manager's next pass): the chain it formed stands
     transport.start(7, Chunked(version), [Member("tb003", "10.0.0.4"), Member("tb002", None)])
     again = transport.params(Chunked(version), "tb003")
-    assert again["position"] == 1 and again["session"] == params["session"]
+    assert again["position"] == 2 and again["session"] == params["session"]
     transport.finish(7, version)
     with pytest.raises(ChainError):
         transport.params(Chunked(version), "tb003")
+
+
+def test_a_chain_waits_its_max_wait_then_late_nodes_go_at_the_tail(tmp_path: Path) -> None:
+    clock = Clock()
+    settings = Settings(
+        home=tmp_path, server_url="http://127.0.0.1:8080", address="127.0.0.1", chain_max_wait=60
+    )
+    chain = ChainTransport(settings, head_port=0, clock=clock)
+    try:
+        version = stream_version(tmp_path / "v1", [b"a" * 100])
+        names = ["tb001", "tb002", "tb003", "tb004"]
+        chain.start(7, Chunked(version), [Member(n, f"10.0.0.{i}") for i, n in enumerate(names)])
+        with pytest.raises(NotReady):
+            chain.params(Chunked(version), "tb004")
+        clock.now = 30
+        with pytest.raises(NotReady):
+            chain.params(Chunked(version), "tb002")
+        clock.now = 60  # tb001 and tb003 never came: the chain starts with those there
+        params = chain.params(Chunked(version), "tb004")
+        assert [m[0] for m in params["members"]] == ["tb002", "tb004"]
+        assert params["position"] == 1
+        clock.now = 90  # tb003 comes late: at the tail, behind tb004
+        late = chain.params(Chunked(version), "tb003")
+        assert [m[0] for m in late["members"]] == ["tb002", "tb004", "tb003"]
+        assert late["position"] == 2
+        # the earlier nodes' places do not move
+        assert chain.params(Chunked(version), "tb004")["position"] == 1
+    finally:
+        chain.close()
+
+
+def test_an_uplink_feeds_one_successor_and_hands_it_over_to_whoever_passed_it() -> None:
+    slot = Slot()
+
+    class Fed:
+        def __init__(self) -> None:
+            self.done = threading.Event()
+            self.sock = socket.socket()
+
+    def hello(name: str, passing: str = "") -> Hello:
+        return Hello(TAG, 0, name, 0, passing)
+
+    assert slot.claim(hello("tb002")) is None
+    fed = Fed()
+    slot.attach("tb002", cast(Sender, fed))
+    # a second successor is refused: the uplink would feed two
+    refusal = slot.claim(hello("tb004"))
+    assert refusal is not None and refusal[0] == BUSY and "tb002" in refusal[1]
+    # passing someone else is no reason either
+    refusal = slot.claim(hello("tb004", passing="tb003"))
+    assert refusal is not None and refusal[0] == BUSY
+    # tb002 reconnecting (a blip) takes its place back
+    assert slot.claim(hello("tb002")) is None
+    slot.attach("tb002", cast(Sender, fed))
+    # tb003 passed tb002 (silent or slow): the slot is handed over, tb002 stays out
+    assert slot.claim(hello("tb003", passing="tb002")) is None
+    assert slot.holder() == "tb003"
+    refusal = slot.claim(hello("tb002"))
+    assert refusal is not None and refusal[0] == PASSED
+    fed.sock.close()
+    # once the one fed has ended (it has everything), the next may come
+    other = Fed()
+    slot.attach("tb003", cast(Sender, other))
+    other.done.set()
+    assert slot.claim(hello("tb009")) is None
+    other.sock.close()
 
 
 def test_order_is_by_name_and_drops_duplicates() -> None:
@@ -746,10 +922,13 @@ def test_a_real_head_and_real_unpacking_through_three_nodes(
     version = stream_version(tmp_path / "v1", chunks)
     members = [Member(f"tb{i:03d}", f"127.0.0.{i + 1}") for i in (1, 2, 3)]
     transport.start(7, Chunked(version), members)
+    for member in members[:2]:
+        with pytest.raises(NotReady):
+            transport.params(Chunked(version), member.node)
     port = free_port()
     out = []
     threads = []
-    for member in members:
+    for member in reversed(members):  # tb003's request forms it; the others ask again
         params = transport.params(Chunked(version), member.node) | {"relay_port": port}
         plan = chain_plan(chunks, params, member.node)
         target = tmp_path / member.node

@@ -4,6 +4,8 @@ sent; /metrics behind the admin token, one registry per app."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +20,7 @@ from corral.agent import phases
 from corral.config import Settings
 from corral.deploy import transports
 from corral.deploy.service import DeployService
-from corral.deploy.transports.base import Meter, Unicast
+from corral.deploy.transports.base import Meter, RateBudget, Unicast
 from corral.inventory import db
 from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService
@@ -248,6 +250,23 @@ def test_a_metered_file_counts_what_it_sent(tmp_path: Path) -> None:
         part = client.get("/chunk", headers={"Range": "bytes=100-199"})
         assert part.status_code == 206 and len(part.content) == 100
         assert meter.read() == {"small:1": 10_340}
+
+
+def test_a_metered_file_with_a_budget_waits_its_turn(tmp_path: Path) -> None:
+    path = tmp_path / "00000000.bin"
+    path.write_bytes(os.urandom(512 << 10))
+    budget = RateBudget(8_000_000, burst=64 << 10)  # 1 MB/s, as multicast's catch-ups
+    app = FastAPI()
+
+    @app.get("/chunk")
+    def chunk() -> MeteredFile:
+        return MeteredFile(path, Meter(), "small:1", budget)
+
+    with TestClient(app) as client:
+        started = time.monotonic()
+        assert client.get("/chunk").content == path.read_bytes()
+        # 512 KiB at 1 MB/s, the first 64 KiB at once: 0.46 s at least
+        assert time.monotonic() - started >= 0.45
 
 
 def test_metrics_need_the_admin_token_and_each_app_has_its_registry(

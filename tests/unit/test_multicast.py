@@ -31,7 +31,7 @@ from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
 from corral.config import Settings
 from corral.deploy.transports import REGISTRY, multicast
-from corral.deploy.transports.base import Member
+from corral.deploy.transports.base import Member, NotReady, RateBudget
 from corral.deploy.transports.multicast import (
     PORT_BASE,
     SLOTS,
@@ -237,10 +237,11 @@ def test_params_name_the_session_while_it_waits_for_its_nodes(
         "max_bitrate": 19_000_000,
         "max_wait": 60.0,
         "leave_below": 0.25,
-        "leave_window": 5.0,
+        "leave_window": 15.0,
     }
-    # a node of no session, or too late for it: straight to HTTP
-    assert transport.params(Chunked(version), "n9")["session"] is None
+    # a node of no session yet waits for it; one too late for it: straight to HTTP
+    with pytest.raises(NotReady, match="no multicast session"):
+        transport.params(Chunked(version), "n9")
     transport.directory.mkdir(parents=True, exist_ok=True)
     session.log_path.write_bytes(b"New connection from 10.0.0.2\nStarting transfer: 00000009\n")
     assert transport.params(Chunked(version), "n1")["session"] is None
@@ -386,6 +387,83 @@ def test_the_plan_session() -> None:
     assert argv[argv.index("--mcast-rdv-address") + 1] == "239.194.0.1"
     assert int(argv[argv.index("--start-timeout") + 1]) > session.max_wait
     assert pairs  # every option has its value
+
+
+def test_a_node_is_judged_on_several_slices_and_at_least_the_leave_window() -> None:
+    # 3 slices of 8 x 128 blocks of 1456 bytes: 18.8 s at 1.9 Mbit/s (the bench's links)
+    assert MulticastOptions(max_bitrate=1_900_000).judge_window == pytest.approx(18.8, abs=0.1)
+    assert MulticastOptions(max_bitrate=19_000_000).judge_window == 15.0  # 1.9 s < 15
+    assert MulticastOptions(max_bitrate=900_000_000, leave_window=20).judge_window == 20
+    small_slices = MulticastOptions(max_bitrate=500_000, fec="4x2/64")
+    assert small_slices.judge_window == pytest.approx(3 * 4 * 64 * 1456 * 8 / 500_000)
+
+
+def test_a_start_up_transient_is_not_a_slow_link() -> None:
+    """The session's first 12 s at a fifth of its rate (100 receivers answering on a busy
+    host), then the full rate: judged on 5 s, as before, the node left for HTTP; on the
+    judging window it stays."""
+    rate = 1_900_000 / 8
+    window = MulticastOptions(max_bitrate=1_900_000).judge_window
+
+    def leaves(window: float) -> bool:
+        count = 0
+        watch = RateWatch(lambda: count, window=window, period=1)
+        for t in range(60):
+            count += int(rate / 5 if t < 12 else rate)
+            result = watch.sample(float(t), busy=0.0)
+            if result is not None and result[0] < 0.25 * 1_900_000:
+                return True
+        return False
+
+    assert leaves(5.0)  # the old window
+    assert not leaves(window)
+    # a link at a tenth of the rate is still found out, once the window has passed
+    count = 0
+    slow = RateWatch(lambda: count, window=window, period=1)
+    verdicts = []
+    for t in range(25):
+        count += int(rate / 10)
+        verdicts.append(slow.sample(float(t), busy=0.0))
+    first = next(t for t, v in enumerate(verdicts) if v is not None)
+    assert first == 19 and verdicts[first] is not None and verdicts[first][0] < 0.25 * 1.9e6
+
+
+def test_catch_ups_share_one_rate_in_the_order_they_ask() -> None:
+    now = [100.0]
+    budget = RateBudget(8_000_000, burst=100_000, clock=lambda: now[0])  # 1 MB/s
+    assert budget.reserve(64_000) == 0.0  # within the burst: at once
+    assert budget.reserve(36_000) == 0.0
+    # two fetchers asking for 0.5 MB each: the second waits for the first's turn
+    assert budget.reserve(500_000) == pytest.approx(0.5)
+    assert budget.reserve(500_000) == pytest.approx(1.0)
+    now[0] = 110.0  # a quiet spell: the burst is there again, not ten seconds of credit
+    assert budget.reserve(100_000) == 0.0
+    assert budget.reserve(100_000) == pytest.approx(0.1)
+
+
+def test_the_sessions_catch_ups_are_paced_while_its_sender_runs(
+    transport: MulticastTransport, tmp_path: Path
+) -> None:
+    version = make_version(tmp_path, [b"a" * 10])
+    session = session_for(transport, version, {"n1": "10.0.0.2"})
+    session.budget = RateBudget(19_000_000)
+    transport.sessions[(12, version.ref)] = session
+    assert transport.pacer(12, version.ref) is None  # no udp-sender: all on HTTP anyway
+    session.proc = cast(subprocess.Popen[bytes], FakeProc())
+    assert transport.pacer(12, version.ref) is session.budget
+    assert transport.pacer(13, version.ref) is None  # another deployment
+    transport.finish(12, version)
+
+
+def test_the_catch_up_rate_defaults_to_the_session_rate_and_is_a_setting(
+    tmp_path: Path,
+) -> None:
+    assert MulticastOptions(max_bitrate=2_000_000).catch_up_rate == 2_000_000
+    settings = Settings(home=tmp_path, multicast_catchup_bitrate="5g")
+    assert options_from_settings(settings).catch_up_rate == 5_000_000_000
+    assert options_from_settings(Settings(home=tmp_path)).catchup_bitrate == 0
+    with pytest.raises(InvalidValue, match="catchup_bitrate"):
+        MulticastOptions(catchup_bitrate=10)
 
 
 def test_the_rate_watch_tells_a_slow_link_from_a_pause() -> None:

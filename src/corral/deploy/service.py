@@ -65,7 +65,7 @@ from corral.deploy.power import NO_DRIVER, node_bmcs
 from corral.deploy.power import describe as describe_power
 from corral.deploy.store import RUNNING, Deployments, install_disk
 from corral.deploy.transports import Transports
-from corral.deploy.transports.base import Member, Meter
+from corral.deploy.transports.base import Member, Meter, NotReady, Paced, RateBudget
 from corral.errors import CorralError, NotFound
 from corral.images.catalog import image_store
 from corral.images.exports import Chunked
@@ -194,10 +194,14 @@ class DeployService:
             payload = self.payload(row)
             transport = self.transports.get(row.transport)
             transport.prepare(payload)
+            try:
+                params = transport.params(payload, node)
+            except NotReady as exc:
+                self.silent[node] = 0.0  # it asked: it is alive, and waits
+                log.debug("node %s: no plan yet: %s", node, exc.message)
+                return None
             first = row.host_keys_given is None
-            plan = self._build_plan(
-                s, row, payload, transport.params(payload, node), with_host_keys=first
-            )
+            plan = self._build_plan(s, row, payload, params, with_host_keys=first)
             if first:
                 row.host_keys_given = time.time()
             else:
@@ -427,6 +431,19 @@ class DeployService:
     ) -> Path:
         """The chunk file, for a node whose running deployment sends this export of this
         image (its stream to install, its squashfs to boot diskless)."""
+        return self.chunk(name, version, index, token, ip, export)[0]
+
+    def chunk(
+        self,
+        name: str,
+        version: int,
+        index: str,
+        token: str | None,
+        ip: str,
+        export: str = "stream",
+    ) -> tuple[Path, RateBudget | None]:
+        """:meth:`chunk_path`, and the rate its sending must share, if its transport
+        paces its nodes' HTTP fetches (multicast's catch-ups)."""
         ref = f"{name}:{version}"
         with self.session() as s:
             node = _node_at(s, ip)
@@ -435,12 +452,18 @@ class DeployService:
             if row is None or row.image != ref or self.payload(row).export != export:
                 raise NotFound("image chunk for node", f"{node} ({ref} {export})")
             payload = self.payload(row)
+            transport = self.transports.get(row.transport)
+            budget = (
+                transport.pacer(row.deployment_id, payload.ref)
+                if isinstance(transport, Paced)
+                else None
+            )
         if not index.isdigit():
             raise NotFound("image chunk", index)
         path = payload.chunk_path(int(index))
         if not path.is_file():
             raise NotFound("image chunk", f"{payload.ref}/{index}")
-        return path
+        return path, budget
 
     # -- the manager ----------------------------------------------------------------------
 

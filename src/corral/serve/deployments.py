@@ -15,7 +15,7 @@ from starlette.types import Message, Receive, Scope, Send
 from corral.agent.phases import CANCELLED, DEPLOY_STEPS
 from corral.deploy.service import DeployService
 from corral.deploy.store import Deployments, new_deployment
-from corral.deploy.transports.base import Meter
+from corral.deploy.transports.base import Meter, RateBudget
 from corral.deploy.view import DeploymentOut, deployment_out
 
 
@@ -40,17 +40,24 @@ class DeploymentIn(BaseModel):
 
 class MeteredFile(FileResponse):
     """A chunk file whose body bytes are counted in ``meter`` under ``ref`` once the
-    response ends: a Range request counts its part, a client that left what it got."""
+    response ends: a Range request counts its part, a client that left what it got.
+    With a ``budget``, each piece waits its turn in it (multicast's catch-ups)."""
 
-    def __init__(self, path: Path, meter: Meter, ref: str) -> None:
+    def __init__(
+        self, path: Path, meter: Meter, ref: str, budget: RateBudget | None = None
+    ) -> None:
         super().__init__(path, media_type="application/octet-stream")
-        self.meter, self.ref = meter, ref
+        self.meter, self.ref, self.budget = meter, ref, budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sent = 0
 
         async def counted(message: Message) -> None:
             nonlocal sent
+            if self.budget is not None and message["type"] == "http.response.body":
+                wait = self.budget.reserve(len(message.get("body", b"")))
+                if wait > 0:
+                    await asyncio.sleep(wait)
             await send(message)
             if message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
@@ -110,8 +117,8 @@ def agent_router(
     ) -> Response:
         """One chunk of an image's stream (Range requests supported), for the nodes that
         are installing that image."""
-        path = deploy.chunk_path(name, version, index, bearer(authorization), client(request))
-        return MeteredFile(path, deploy.served, f"{name}:{version}")
+        path, budget = deploy.chunk(name, version, index, bearer(authorization), client(request))
+        return MeteredFile(path, deploy.served, f"{name}:{version}", budget)
 
     @router.get("/images/{name}/{version}/squashfs/chunks/{index}.bin")
     def squashfs_chunk(

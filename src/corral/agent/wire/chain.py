@@ -41,17 +41,29 @@ UNSENT = 64 << 10
 
 MAGIC = b"CRLY"
 VERSION = 1
-#: answer statuses
-OK, WRONG_SESSION, CLOSING, BAD_HELLO = 0, 1, 2, 3
-STATUS_TEXT = {OK: "ok", WRONG_SESSION: "wrong session", CLOSING: "closing", BAD_HELLO: "bad hello"}
+#: answer statuses. BUSY: this end already feeds another successor of the chain (an
+#: uplink feeds one). PASSED: the asking node was passed by its own successor, which took
+#: its place here: it must not come back (see :class:`~corral.agent.wire.chain_sender.Slot`).
+OK, WRONG_SESSION, CLOSING, BAD_HELLO, BUSY, PASSED = 0, 1, 2, 3, 4, 5
+STATUS_TEXT = {
+    OK: "ok",
+    WRONG_SESSION: "wrong session",
+    CLOSING: "closing",
+    BAD_HELLO: "bad hello",
+    BUSY: "feeds another successor",
+    PASSED: "passed by its successor",
+}
+#: hello flags: the name of the node the downstream passed to come here follows its name
+PASSING = 1
 #: frame kinds
 DATA, SKIP, IDLE = 1, 2, 3
 
-_HELLO = struct.Struct("!4sBBH")  # magic, version, flags (0), tag length; tag
+_HELLO = struct.Struct("!4sBBH")  # magic, version, flags, tag length; tag
 _HELLO_TAIL = struct.Struct("!IIB")  # next chunk, byte offset in it, name length; name
+_NAME = struct.Struct("!B")  # with PASSING: length of the passed node's name; name
 _ANSWER = struct.Struct("!4sBIH")  # magic, status, have, message length; message
-#: kind, chunk, offset, length, have (KiB of the stream the sender holds), lag (KiB the
-#: sender fell behind its own upstream since it connected to it)
+#: kind, chunk, offset, length, have (KiB of the stream the sender holds), lag (how many
+#: milliseconds the sender fell behind its own upstream lately: see ``TimeLag``)
 FRAME = struct.Struct("!BIIIII")
 
 
@@ -80,13 +92,16 @@ def session_tag(deployment: int, ref: str, stream_sha256: str) -> str:
 # --- framing -----------------------------------------------------------------------
 
 
-def pack_hello(tag: str, index: int, name: str, offset: int = 0) -> bytes:
-    raw_tag, raw_name = tag.encode(), name.encode()[:255]
+def pack_hello(tag: str, index: int, name: str, offset: int = 0, passing: str = "") -> bytes:
+    """``passing``: the node this one passed to come here (its upstream's successor)."""
+    raw_tag, raw_name, raw_passing = tag.encode(), name.encode()[:255], passing.encode()[:255]
+    tail = _NAME.pack(len(raw_passing)) + raw_passing if passing else b""
     return (
-        _HELLO.pack(MAGIC, VERSION, 0, len(raw_tag))
+        _HELLO.pack(MAGIC, VERSION, PASSING if passing else 0, len(raw_tag))
         + raw_tag
         + _HELLO_TAIL.pack(index, offset, len(raw_name))
         + raw_name
+        + tail
     )
 
 
@@ -96,10 +111,11 @@ class Hello:
     index: int
     name: str
     offset: int = 0
+    passing: str = ""
 
 
 def read_hello(read: Callable[[int], bytes]) -> Hello:
-    magic, version, _flags, tag_len = _HELLO.unpack(read(_HELLO.size))
+    magic, version, flags, tag_len = _HELLO.unpack(read(_HELLO.size))
     if magic != MAGIC or version != VERSION:
         raise ProtocolError(f"not a chain hello (magic {magic!r}, version {version})")
     if tag_len > 1024:
@@ -107,7 +123,11 @@ def read_hello(read: Callable[[int], bytes]) -> Hello:
     tag = read(tag_len).decode("utf-8", "replace")
     index, offset, name_len = _HELLO_TAIL.unpack(read(_HELLO_TAIL.size))
     name = read(name_len).decode("utf-8", "replace")
-    return Hello(tag, index, name, offset)
+    passing = ""
+    if flags & PASSING:
+        (length,) = _NAME.unpack(read(_NAME.size))
+        passing = read(length).decode("utf-8", "replace")
+    return Hello(tag, index, name, offset, passing)
 
 
 def pack_answer(status: int, have: int, message: str = "") -> bytes:

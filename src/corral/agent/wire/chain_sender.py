@@ -19,6 +19,7 @@ from typing import Protocol
 
 from corral.agent.wire.chain import (
     BAD_HELLO,
+    BUSY,
     CLOSING,
     DATA,
     FRAME_MAX,
@@ -26,6 +27,7 @@ from corral.agent.wire.chain import (
     HELLO_TIMEOUT,
     IDLE,
     OK,
+    PASSED,
     SILENCE,
     SKIP,
     WRONG_SESSION,
@@ -118,6 +120,9 @@ class Sender:
         self.complete = False
         self.last_activity = time.monotonic()
         self.last_progress = self.last_activity
+        #: when this connection was served, for the logs and the tests
+        self.started = self.last_activity
+        self.ended: float | None = None
         self.done = threading.Event()
         self.error = ""
 
@@ -129,7 +134,7 @@ class Sender:
         finally:
             with contextlib.suppress(OSError):
                 self.sock.close()
-            self.last_activity = self.last_progress = time.monotonic()
+            self.last_activity = self.last_progress = self.ended = time.monotonic()
             self.done.set()
 
     def _send(self, data: bytes) -> None:
@@ -177,13 +182,77 @@ class Sender:
                 return
 
 
+class Slot:
+    """The one successor an upstream feeds: a node's relay, or the head in one session.
+
+    A chain is a chain only while no uplink feeds two of its nodes (one that does halves
+    the rate of everyone after both). Whoever says hello:
+
+    - nobody is fed, the one fed has ended, or it is that same node again (it reconnects
+      after a blip): it takes the slot;
+    - it passed the node fed here (its hello names it: an upstream that went silent or
+      fell behind, which it left for this one): it takes the slot, the passed node's
+      connection is cut, and that node is refused from then on (:data:`PASSED`); it
+      goes on from elsewhere, never as a second successor here;
+    - anyone else: :data:`BUSY`.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.name: str | None = None
+        self.sender: Sender | None = None
+        self.claimed = 0.0
+        self.passed: set[str] = set()
+
+    def _live(self) -> bool:
+        if self.name is None:
+            return False
+        if self.sender is None:  # claimed, its answer on the way
+            return self.clock() - self.claimed < HELLO_TIMEOUT
+        return not self.sender.done.is_set()
+
+    def claim(self, hello: Hello) -> tuple[int, str] | None:
+        """A refusal (status, message), or None: ``hello.name`` holds the slot now."""
+        displaced = None
+        with self.lock:
+            if hello.name in self.passed:
+                return PASSED, f"{hello.name} was passed by its successor"
+            if self._live() and hello.name != self.name:
+                if not hello.passing or hello.passing != self.name:
+                    return BUSY, f"feeds {self.name}"
+                self.passed.add(hello.passing)
+                displaced = self.sender
+            elif self.name == hello.name:
+                displaced = self.sender  # its old connection, if it still looks alive
+            self.name, self.sender, self.claimed = hello.name, None, self.clock()
+        if displaced is not None:
+            with contextlib.suppress(OSError):
+                displaced.sock.shutdown(socket.SHUT_RDWR)
+        return None
+
+    def attach(self, name: str, sender: Sender) -> None:
+        """The connection that serves the node that claimed the slot."""
+        with self.lock:
+            if self.name == name:
+                self.sender = sender
+
+    def holder(self) -> str | None:
+        with self.lock:
+            return self.name if self._live() else None
+
+
 def answer_hello(
-    sock: socket.socket, have_for: Callable[[str], int | None], closing: bool = False
+    sock: socket.socket,
+    have_for: Callable[[str], int | None],
+    closing: bool = False,
+    admit: Callable[[Hello], tuple[int, str] | None] | None = None,
 ) -> Hello | None:
     """Read a downstream's hello and answer it; the hello if it is to be served.
 
     ``have_for(tag)`` is how many whole chunks this end holds for that session, or None
-    if it is not one of this end's sessions."""
+    if it is not one of this end's sessions; ``admit(hello)`` a refusal (status,
+    message) or None (a :meth:`Slot.claim`)."""
     sock.settimeout(HELLO_TIMEOUT)
     try:
         hello = read_hello(lambda n: read_exact(sock, n))
@@ -198,6 +267,10 @@ def answer_hello(
         return None
     if closing:
         sock.sendall(pack_answer(CLOSING, have, "done serving"))
+        return None
+    refusal = admit(hello) if admit is not None else None
+    if refusal is not None:
+        sock.sendall(pack_answer(refusal[0], have, refusal[1]))
         return None
     sock.sendall(pack_answer(OK, have))
     sock.settimeout(None)

@@ -4,13 +4,20 @@ the unicast ones share (:class:`Unicast`), and a session's :class:`Member`."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from corral.config import Settings
+from corral.errors import CorralError
 from corral.images.exports import Chunked
+
+
+class NotReady(CorralError):
+    """:meth:`ServerTransport.params` has no plan for this node yet (a chain still
+    gathering its nodes): the node is alive and asks again; its plan is not an error."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,8 @@ class ServerTransport(Protocol):
     :meth:`start` once per session (the nodes of one deployment that get the same image by
     this transport) before it reboots them, and :meth:`finish` when every node of the
     session has ended; after a restart of corral serve, :meth:`start` is called again with
-    the nodes still going. :meth:`params` goes into each node's plan. :meth:`sent` is read
+    the nodes still going. :meth:`params` goes into each node's plan (or raises
+    :class:`NotReady`: the node asks again). :meth:`sent` is read
     at each scrape of ``/metrics``.
     """
 
@@ -87,6 +95,40 @@ class Meter:
         for ref, count in live:
             out[ref] = out.get(ref, 0) + count
         return out
+
+
+class RateBudget:
+    """A rate that many senders share, from any thread: each asks, before it sends ``n``
+    bytes, how long to wait (:meth:`reserve`). Reservations are served in the order they
+    come, at ``bits_per_second`` in all, with up to ``burst`` bytes at once after a quiet
+    spell."""
+
+    def __init__(
+        self,
+        bits_per_second: int,
+        burst: int = 256 << 10,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = bits_per_second / 8  # bytes/s
+        self.slack = burst / self.rate
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._free = 0.0  # when what was reserved has gone out
+
+    def reserve(self, n: int) -> float:
+        """Seconds to wait before sending ``n`` bytes (0: at once)."""
+        with self._lock:
+            now = self.clock()
+            self._free = max(self._free, now) + n / self.rate
+            return max(0.0, self._free - now - self.slack)
+
+
+@runtime_checkable
+class Paced(Protocol):
+    """A transport whose nodes' HTTP chunk fetches share a rate (multicast's catch-ups,
+    which must not take the server link from the session itself)."""
+
+    def pacer(self, deployment: int, ref: str) -> RateBudget | None: ...
 
 
 def url_host(url: str) -> str:

@@ -46,6 +46,22 @@ How udpcast is driven, and why (measured on 3-10 network namespaces with tbf-sha
   less than ``max_bitrate`` while the others see close to it (retransmissions for the
   slow one reach everybody), and leaves below ``leave_below`` of the rate: it tells the
   sender it leaves (udp-receiver's SIGINT, no drop pause) and finishes by HTTP.
+  It judges that on a window of ``leave_window`` seconds and of at least three slices
+  (:attr:`~corral.deploy.transports.multicast_options.MulticastOptions.judge_window`),
+  never on the session's first seconds;
+- the HTTP catch-ups of a session (nodes that left, were dropped or came late) share
+  ``catchup_bitrate`` in all, enforced where corral serves the chunks
+  (:meth:`MulticastTransport.pacer`, read by the chunk route): however many nodes catch
+  up, they never take the server's link from the session itself;
+- a node that comes after the session started sending gets no session in its plan and
+  takes the whole stream over HTTP (within that budget). udpcast cannot do better: a
+  udp-receiver started in the middle of an acknowledged session exits at once with
+  "Receiver error" and writes nothing (tried with udpcast 20120424, 3 MB at 1 Mbit/s, the
+  second receiver started 8 s in), and it writes its output in order from byte 0 only,
+  to a pipe here. Taking the rest from the
+  session and only the missed head by HTTP would need a receiver that writes at offsets
+  (into a file, not a pipe) and a sender that lets late receivers in: uftp (NAK-based,
+  in Debian), or udpcast's async mode with FEC and an HTTP repair of what was missed.
 
 Measured with ``bench/deploy.py --transports multicast --size-mib 16`` (S = 13.8 MiB,
 node links B = 20 Mbit/s, server 200 Mbit/s, S/B = 5.8 s, 2-core host; the bench's T
@@ -88,7 +104,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.config import Settings
-from corral.deploy.transports.base import Member, Meter
+from corral.deploy.transports.base import Member, Meter, NotReady, RateBudget
 from corral.deploy.transports.http import HttpTransport
 from corral.deploy.transports.multicast_options import MulticastOptions, options_from_settings
 from corral.errors import CommandFailed, ConfigError
@@ -227,6 +243,8 @@ class Session:
     fed: int = 0  # bytes written into the FIFO
     #: where the fed bytes are counted for /metrics (the transport's, kept past the session)
     meter: Meter = field(default_factory=Meter)
+    #: what the session's HTTP catch-ups share (the chunk route waits on it)
+    budget: RateBudget | None = None
     log_start: int = 0  # where this sender's lines begin in the (appended) log
 
     @property
@@ -445,6 +463,7 @@ class MulticastTransport:
                 tag=f"{deployment}/{payload.image.ref}/{index['sha256']}",  # as the plan says
                 chunks=len(index["chunks"]),
                 meter=self.meter,
+                budget=RateBudget(self.options.catch_up_rate),
             )
             session.launch()
             self.sessions[key] = session
@@ -466,11 +485,15 @@ class MulticastTransport:
 
     def params(self, payload: Chunked, node: str) -> dict[str, Any]:
         """The HTTP base for catching up, and the session to join while it still waits
-        for its nodes (None once it started sending, ended, or is unknown to this server
-        life: the node then goes straight to HTTP)."""
+        for its nodes (None once it started sending or ended: the node then goes straight
+        to HTTP). :class:`NotReady` while the node's session is not started yet (the
+        manager starts it on its next pass, once the image's export is made): a node
+        that asks that early waits for it rather than take the image over HTTP."""
         params = self.http.params(payload, node)
         session = self._session_of(payload.ref, node)
-        if session is None or not session.running() or session.transmitting():
+        if session is None:
+            raise NotReady(f"no multicast session for {payload.ref} with node {node} yet")
+        if not session.running() or session.transmitting():
             return {**params, "session": None}
         c = session.channel
         o = session.options
@@ -485,9 +508,18 @@ class MulticastTransport:
                 "max_bitrate": o.max_bitrate,
                 "max_wait": o.max_wait,
                 "leave_below": o.leave_below,
-                "leave_window": o.leave_window,
+                "leave_window": o.judge_window,
             },
         }
+
+    def pacer(self, deployment: int, ref: str) -> RateBudget | None:
+        """The rate the session's HTTP catch-ups share, while its udp-sender runs (when
+        it could not start, every node is on HTTP and there is no session to spare)."""
+        with self._lock:
+            session = self.sessions.get((deployment, ref))
+        if session is None or not session.running():
+            return None
+        return session.budget
 
     def finish(self, deployment: int, payload: Chunked) -> None:
         with self._lock:

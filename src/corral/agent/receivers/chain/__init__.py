@@ -22,9 +22,15 @@ What one node does, in :meth:`ChainReceiver.receive`:
 Why nodes pull (connect upstream) rather than push: a node's recovery is then its own
 decision, made with the one fact that matters, the next chunk *it* needs, which it says in
 its hello; no upstream has to find out that its successor died and which node should
-take its place, and a node whose upstream died does not wait for someone to come. Nodes
-are ordered by name and a node only ever pulls from a node before it (or the head), so
-the lists a server hands out before and after a restart can never make a cycle.
+take its place, and a node whose upstream died does not wait for someone to come. The
+server orders the nodes that are up (:mod:`corral.deploy.transports.chain`) and a node
+only ever pulls from a node before it in its plan (or the head, or the tail once passed).
+
+An uplink feeds one successor (:class:`~corral.agent.wire.chain_sender.Slot`): a node that
+passes its upstream names it in its hello, and the node it reaches hands that node's slot
+over to it; the passed node is refused there from then on, and so is any node that would
+be a second successor (busy): such a node pulls from the tail of the chain, whose uplink
+feeds nobody, or else takes the rest over HTTP.
 
 Failures, without restarting anyone:
 
@@ -41,9 +47,9 @@ Failures, without restarting anyone:
   (``SKIP``) and the node fetches the gap from the server over HTTP
   (:meth:`~corral.agent.receivers.base.StreamReceiver.fetch_chunk`, checked), then goes on
   reading from the same upstream;
-- the upstream says it fell behind its own upstream by :data:`LAG_BYTES` and
-  :data:`LAG_SECONDS` of this node's rate (a slow node): the node pulls from the node
-  before it instead, so one slow node does not slow everyone after it;
+- the upstream says it fell :data:`LAG_SECONDS` behind its own upstream, in seconds of
+  that upstream's pace, within the last 30 s (a slow node): the node pulls from the node
+  before it instead (the head too), so one slow node does not slow everyone after it;
 - the head cannot be reached either: one chunk over HTTP, then the head again.
 
 When a node has the whole image it keeps serving until the node after it has everything

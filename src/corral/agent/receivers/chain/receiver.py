@@ -16,6 +16,7 @@ from corral.agent.plan import Plan
 from corral.agent.receivers.base import Context, Job, Received, StreamReceiver
 from corral.agent.receivers.chain.relay import DRAIN_IDLE, Relay
 from corral.agent.receivers.chain.upstream import (
+    PACE_SPAN,
     RECONNECT_GRACE,
     START_PATIENCE,
     ChainParams,
@@ -26,12 +27,14 @@ from corral.agent.receivers.chain.upstream import (
 from corral.agent.receivers.chain.window import WINDOW_CHUNKS, Window
 from corral.agent.receivers.stream import VerifiedStream
 from corral.agent.wire.chain import (
+    BUSY,
     DATA,
     FRAME,
     HEARTBEAT,
     HELLO_TIMEOUT,
     IDLE,
     OK,
+    PASSED,
     PIECE,
     SILENCE,
     SKIP,
@@ -56,15 +59,14 @@ RETRY_DELAY = 0.5
 #: node right behind is milliseconds behind); past it, the relay goes on serving from a
 #: thread of its own, so that a slow successor never holds up this node's install.
 LINGER = 5.0
-#: An upstream that fell this far behind its own upstream since it connected to it is a
-#: slow node: pull past it (see :class:`LagWatch`: a node that started late, or just
-#: changed upstream, is behind but not slow, and passing it would only share out the
-#: uplink of the node before it, every node after it doing the same). At least
-#: ``LAG_BYTES``, and at least ``LAG_SECONDS`` of what this node receives, so that a stall
-#: of a second or two on a fast link passes nobody: behind a node at 2 Mbit/s on 20 Mbit/s
-#: links, a node leaves it after about 2 s.
-LAG_BYTES = 4 << 20
-LAG_SECONDS = 3.0
+#: An upstream that fell this many seconds (of its own upstream's pace) behind its own
+#: upstream within the last LAG_WINDOW is a slow node: pull past it (see
+#: :class:`LagWatch`: a node that started late, or just changed upstream, is behind but
+#: not slow). A time, not a byte count: the same on every link rate. 8 s: a host that
+#: stalls a node for a few seconds passes nobody, and behind a node at a tenth of the
+#: chain's rate, its successor leaves it after about 9 s (its predecessor hands the slot
+#: over: the slow node is fed by nobody's uplink but the tail's, or by HTTP).
+LAG_SECONDS = 8.0
 #: Checked chunks waiting for ``zstd -d | tar -x`` (unpacked from a thread of their own, so
 #: that the socket is read meanwhile: a 4 MiB write into the pipe takes long enough to
 #: stall the link, and every node after this one with it). With the window, a node holds
@@ -80,12 +82,20 @@ class _Switch(Exception):
     """Stop reading this upstream (at a chunk boundary) and pick again."""
 
     def __init__(
-        self, why: str, *, failure: bool, fatal: bool = False, lagging: bool = False
+        self,
+        why: str,
+        *,
+        failure: bool,
+        fatal: bool = False,
+        lagging: bool = False,
+        exiled: bool = False,
     ) -> None:
         super().__init__(why)
         self.failure = failure
         self.fatal = fatal
         self.lagging = lagging
+        #: refused as a second successor, or passed by its own successor
+        self.exiled = exiled
 
 
 @dataclass
@@ -124,8 +134,8 @@ class ChainReceiver(StreamReceiver):
     grace = RECONNECT_GRACE
     drain_idle = DRAIN_IDLE
     linger = LINGER
-    lag_bytes = LAG_BYTES
     lag_seconds = LAG_SECONDS
+    lag_span = PACE_SPAN
     unpack_queue = UNPACK_QUEUE
 
     def __init__(self, context: Context) -> None:
@@ -144,7 +154,10 @@ class ChainReceiver(StreamReceiver):
         )
         relay.start()
         self.picker = Picker(
-            params.upstreams(), start_patience=self.start_patience, grace=self.grace
+            params.upstreams(),
+            start_patience=self.start_patience,
+            grace=self.grace,
+            tail=params.tail(),
         )
         log.info(
             "chain: %s is %d of %d in session %s",
@@ -182,6 +195,7 @@ class ChainReceiver(StreamReceiver):
             "skips": state.skips,
             "switches": self.picker.switches,
             "lag_passes": state.lag_passes,
+            "exiled": int(self.picker.exiled or self.picker.http_rest),
             "served_bytes": relay.served,
         }
         log.info("chain: received %s: %s", image.ref, details)
@@ -236,7 +250,16 @@ class ChainReceiver(StreamReceiver):
                 )
             except _Switch as exc:
                 log.info("chain: %s: %s", upstream.name, exc)
-                if picker.failed(fatal=exc.fatal):
+                if exc.exiled:
+                    picker.exile()
+                    after = picker.current()
+                    log.warning(
+                        "chain: %s refused us (%s): %s",
+                        upstream.name,
+                        exc,
+                        f"pulling from the tail, {after.name}" if after else "the rest over HTTP",
+                    )
+                elif picker.failed(fatal=exc.fatal):
                     log.warning("chain: passing %s (%s)", upstream.name, exc)
                 elif cancel.wait(RETRY_DELAY):
                     raise Cancelled() from None
@@ -278,7 +301,7 @@ class ChainReceiver(StreamReceiver):
         picker.answered()
         try:
             sock.settimeout(HELLO_TIMEOUT)
-            sock.sendall(pack_hello(tag, at[0], me, at[1]))
+            sock.sendall(pack_hello(tag, at[0], me, at[1], passing=picker.passing))
             status, _have, message = read_answer(lambda n: read_exact(sock, n))
         except (OSError, ProtocolError, struct.error) as exc:
             sock.close()
@@ -286,14 +309,18 @@ class ChainReceiver(StreamReceiver):
         if status != OK:
             sock.close()
             text = STATUS_TEXT.get(status, str(status))
-            raise _Switch(f"refused: {text} {message}".rstrip(), failure=True, fatal=True)
+            raise _Switch(
+                f"refused: {text} {message}".rstrip(),
+                failure=True,
+                fatal=True,
+                exiled=status in (BUSY, PASSED),
+            )
         return sock
 
-    def too_slow(self, lag: int, got: int, since: float) -> bool:
-        """Whether an upstream that fell ``lag`` bytes behind its own is a slow node, for
-        this node that got ``got`` bytes from it since ``since``."""
-        elapsed = max(time.monotonic() - since, self.lag_seconds)
-        return lag >= max(self.lag_bytes, got / elapsed * self.lag_seconds)
+    def too_slow(self, lag_ms: int) -> bool:
+        """Whether an upstream that says it fell ``lag_ms`` behind its own lately is a
+        slow node."""
+        return lag_ms >= self.lag_seconds * 1000
 
     def _read(self, sock: socket.socket, n: int, cancel: threading.Event) -> bytes:
         """``n`` bytes, looking at the cancel flag and the upstream's silence meanwhile."""
@@ -338,10 +365,9 @@ class ChainReceiver(StreamReceiver):
         count = len(chunks)
         buf = state.partial
         tries = max(1, self.context.tries)
-        watch = LagWatch()
+        watch = LagWatch(span=self.lag_span)
         window.lag = 0
         lagging = False
-        since, before = time.monotonic(), state.done + len(buf)
         while state.next < count:
             if cancel.is_set():
                 raise Cancelled()
@@ -368,7 +394,7 @@ class ChainReceiver(StreamReceiver):
                     )
                 if not 0 < length <= size - offset:
                     raise ProtocolError(f"{length} bytes at {offset} of a {size}-byte chunk")
-                lagging = self.too_slow(lag << 10, state.done + len(buf) - before, since)
+                lagging = self.too_slow(lag)
                 while length:
                     piece = self._read(sock, min(length, PIECE), cancel)
                     length -= len(piece)
@@ -381,7 +407,7 @@ class ChainReceiver(StreamReceiver):
             if len(buf) < size:
                 if lagging and picker.farther() is not None:
                     raise _Switch(  # mid-chunk: the part we have is kept, resumed at its byte
-                        f"it fell {lag} KiB behind its upstream",
+                        f"it fell {lag / 1000:.1f} s behind its upstream",
                         failure=False,
                         lagging=True,
                     )
@@ -404,7 +430,7 @@ class ChainReceiver(StreamReceiver):
             # a slow upstream
             if lagging and picker.farther() is not None:
                 raise _Switch(
-                    f"it fell {lag} KiB behind its upstream",
+                    f"it fell {lag / 1000:.1f} s behind its upstream",
                     failure=False,
                     lagging=True,
                 )

@@ -13,7 +13,7 @@ import time
 
 from corral.agent.receivers.chain.window import Window
 from corral.agent.wire.chain import HEARTBEAT, tune
-from corral.agent.wire.chain_sender import Sender, answer_hello
+from corral.agent.wire.chain_sender import Sender, Slot, answer_hello
 
 log = logging.getLogger("corral.agent")
 
@@ -38,6 +38,8 @@ class Relay:
         self.window = window
         self.heartbeat = heartbeat
         self.senders: list[Sender] = []
+        #: the one node after this one that it feeds
+        self.slot = Slot()
         self.closing = False
         self.last_event = time.monotonic()
         self._lock = threading.Lock()
@@ -87,7 +89,7 @@ class Relay:
     def _serve(self, conn: socket.socket, peer: str) -> None:
         try:
             tune(conn)
-            hello = answer_hello(conn, self._have_for, self.closing)
+            hello = answer_hello(conn, self._have_for, self.closing, self.slot.claim)
         except OSError:
             hello = None
         if hello is None:
@@ -103,6 +105,7 @@ class Relay:
                 return
             self.senders.append(sender)
             self.last_event = time.monotonic()
+        self.slot.attach(hello.name, sender)
         log.info("chain: serving %s from chunk %d (+%d)", sender.peer, hello.index, hello.offset)
         sender.run()
         log.info(

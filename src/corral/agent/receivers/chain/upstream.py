@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,11 @@ RECONNECT_GRACE = 1.5
 #: Nodes passed in a row without reaching one before a node goes straight to the head (a
 #: powered-off node costs a connect timeout; nodes that finished have gone away).
 MAX_WALK = 4
+#: Seconds over which a node's lag behind its upstream is watched: a lag that grew within
+#: this window is a slow node; stalls further apart than this are forgotten.
+LAG_WINDOW = 30.0
+#: The upstream's pace is its holdings' growth over at least this many seconds.
+PACE_SPAN = 2.0
 
 
 @dataclass
@@ -45,6 +51,13 @@ class Picker:
 
     There is no way back: a node that died rarely returns in time to matter, and one that
     returns starts from the beginning, behind us.
+
+    Each candidate reached by passing another is told whom (:attr:`passing`): that is
+    how it knows it may hand its one successor slot over (the passed node was fed there;
+    see :class:`~corral.agent.wire.chain_sender.Slot`). A node refused because that slot
+    is taken, or because it was itself passed (:meth:`exile`), is nobody's upstream any
+    more: it pulls from ``tail``, the last node of the chain, whose uplink feeds nobody,
+    and if that fails takes the rest over HTTP; it never becomes a second successor.
     """
 
     def __init__(
@@ -55,10 +68,16 @@ class Picker:
         grace: float = RECONNECT_GRACE,
         max_walk: int = MAX_WALK,
         clock: Callable[[], float] = time.monotonic,
+        tail: Upstream | None = None,
     ) -> None:
         if not chain or not chain[-1].head:
             raise ValueError("the chain of upstreams must end with the head")
         self.chain = chain
+        self.tail = tail
+        #: the node passed to come to the current candidate ("" if none)
+        self.passing = ""
+        self.exiled = False
+        self.http_rest = False
         self.start_patience = start_patience
         self.grace = grace
         self.max_walk = max_walk
@@ -72,13 +91,27 @@ class Picker:
 
     def current(self) -> Upstream | None:
         """Whom to connect to now; None: fetch the next chunk over HTTP."""
-        return None if self.http_once else self.chain[self.index]
+        return None if self.http_once or self.http_rest else self.chain[self.index]
 
     def farther(self) -> Upstream | None:
-        """The node a lagging upstream would be passed for (never the head: pulling from
-        it doubles what the server sends)."""
-        nxt = self.chain[self.index + 1] if self.index + 1 < len(self.chain) else None
-        return nxt if nxt is not None and not nxt.head else None
+        """The node a lagging upstream would be passed for (the head too: it hands its
+        slot over, so the server still sends the session one stream)."""
+        if self.exiled:
+            return None
+        return self.chain[self.index + 1] if self.index + 1 < len(self.chain) else None
+
+    def exile(self) -> None:
+        """Refused as a second successor, or passed by its own successor: the tail once
+        (if it is not that which refused), then HTTP for the rest."""
+        refused = self.chain[self.index]
+        if self.exiled or self.tail is None or refused.name == self.tail.name:
+            self.http_rest = True
+            return
+        self.exiled = True
+        self.chain = [self.tail, self.chain[-1]]
+        self.index, self.passing, self.since, self.walked = 0, "", None, 0
+        self.contact = False
+        self.switches += 1
 
     def answered(self) -> None:
         """The current candidate accepted the connection: it has started."""
@@ -119,9 +152,12 @@ class Picker:
             self.http_once = True
         else:
             self.walked = 0 if self.contact else self.walked + 1
+            self.passing = self.chain[self.index].name
             self.index += 1
             if self.walked >= self.max_walk:
                 self.index = len(self.chain) - 1
+            if self.exiled and self.chain[self.index].head:
+                self.http_rest = True  # the head feeds the chain's first node, not us
             self.switches += 1
             self.contact = self.chain[self.index].head
         self.since = None
@@ -168,6 +204,14 @@ class ChainParams:
     def is_last(self) -> bool:
         return self.position == len(self.members) - 1
 
+    def tail(self) -> Upstream | None:
+        """The chain's last node (with an address), where a node passed by its successor
+        goes: its uplink feeds nobody. None if that is this node."""
+        for name, ip in reversed(self.members[self.position + 1 :]):
+            if ip:
+                return Upstream(name, (ip, self.relay_port))
+        return None
+
     def upstreams(self) -> list[Upstream]:
         """The nodes before this one, nearest first (those with an address), then the head."""
         chain = [
@@ -179,15 +223,44 @@ class ChainParams:
 
 
 class LagWatch:
-    """How far a node fell behind its upstream since it connected to it: the growth of
-    ``what the upstream holds - what we hold`` above the least it was. The growth, not the lag:
-    a node that started late, or that just moved to an upstream further ahead, lags as
-    much as that and no more, and is as fast as any; a slow node's lag grows."""
+    """How far a node fell behind its upstream lately, in *seconds* of the upstream's
+    pace, not in bytes (a byte count means 2 s on one link and 16 s on another).
 
-    def __init__(self) -> None:
-        self.least: int | None = None
+    The growth of ``what the upstream holds - what we hold`` above the least it was in
+    the last ``window`` seconds: the growth, not the lag, since a node that started late,
+    or just moved to an upstream further ahead, lags as much as that and no more and is
+    as fast as any, whereas a slow node's lag grows. It is divided by the upstream's pace
+    (the best growth of its holdings over ``span`` seconds seen on this connection): a
+    node that fell 8 s behind is 8 s behind at 2 Mbit/s as at 10 Gbit/s. Until a pace is
+    known (an upstream that already held everything) nothing is judged: 0."""
+
+    def __init__(
+        self,
+        window: float = LAG_WINDOW,
+        span: float = PACE_SPAN,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self.span = span
+        self.clock = clock
+        self.samples: collections.deque[tuple[float, int, int]] = collections.deque()
+        self.pace = 0.0  # KiB/s
+        self.least = 0
 
     def growth(self, upstream_holds: int, holds: int) -> int:
+        """Milliseconds the node fell behind lately (both holdings in KiB)."""
+        now = self.clock()
         lag = upstream_holds - holds
-        self.least = lag if self.least is None else min(self.least, lag)
-        return lag - self.least
+        samples = self.samples
+        if not samples or now - samples[-1][0] >= self.span / 8:  # the sums: 4 times a second
+            samples.append((now, upstream_holds, lag))
+            while len(samples) > 1 and now - samples[0][0] > self.window:
+                samples.popleft()
+            for t, held, _ in samples:
+                if now - t < self.span:
+                    break
+                self.pace = max(self.pace, (upstream_holds - held) / (now - t))
+            self.least = min(s[2] for s in samples)
+        if self.pace <= 0:
+            return 0
+        return int(max(0, lag - min(self.least, lag)) / self.pace * 1000)

@@ -252,7 +252,7 @@ def power_schedule(names: list[str], skew: float, seed: int) -> dict[str, float]
 def power_by_bench(names: list[str]) -> None:
     """The deployment manager leaves these nodes for someone to power on (the bench)."""
     with db.inventory() as inv:
-        inv.edit("node", names, {"variables": {"power_command": ""}})
+        inv.edit("node", names, {"power": {"driver": "manual"}})
 
 
 def machine() -> dict[str, Any]:

@@ -22,7 +22,6 @@ import pytest
 from corral.deploy.store import Deployments
 from corral.inventory import db
 from corral.testbed import cluster
-from corral.testbed.inventory import power_command
 from tests.conftest import corral
 from tests.integration.deploybed import RANGE, add_image, check_nodes
 
@@ -47,7 +46,7 @@ def powered_by_test(
     thread of this test; the deployment manager leaves them alone meanwhile."""
     names = [info.name for info in testbed.require_state().nodes]
     with db.inventory() as inv:
-        inv.edit("node", names, {"variables": {"power_command": ""}})
+        inv.edit("node", names, {"power": {"driver": "manual"}})
     threads: list[threading.Thread] = []
 
     def power(moments: list[tuple[str, float]]) -> None:
@@ -69,8 +68,7 @@ def powered_by_test(
         for name in names:  # whatever still runs on the nodes, by their pids
             testbed.power(name, "off")
         with db.inventory() as inv:
-            command = power_command(testbed.settings.home)
-            inv.edit("node", names, {"variables": {"power_command": command}})
+            inv.edit("node", names, {"power": {"driver": "testbed"}})
 
 
 def start(home: Path, *args: str) -> int:

@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from corral.agent.receivers.chain.receiver import LAG_BYTES, LAG_SECONDS
+from corral.agent.receivers.chain.receiver import LAG_SECONDS
 from corral.errors import InvalidValue
 from corral.testbed.plan import parse_rate, parse_size
 
@@ -215,9 +215,9 @@ def chain(c: Cluster, k: dict[str, float]) -> Prediction:
     once; a straggler is passed once its successor sees it fall behind."""
     rate = _tcp_rate(c, min(c.node_link, c.uplink), k)
     hops = (c.nodes - 1) * (k["hop_bytes"] * 8 / c.node_link + RTT / 2)
-    # the agent's test: behind by LAG_BYTES and LAG_SECONDS of what it gets (B/10 here)
-    lag = max(LAG_BYTES, LAG_SECONDS * c.node_link / 10 / 8)
-    detect = c.slow * lag * 8 / (0.9 * c.node_link)
+    # the agent's test: a relay LAG_SECONDS behind its upstream's pace is passed; a
+    # straggler at B/10 falls 0.9 s behind every second
+    detect = c.slow * LAG_SECONDS / 0.9
     t = k["t0"] + c.skew + c.size / rate + hops + detect
     t += _host_wait(c, k["host_relay"]) + _host_finish(c, k)
     egress = c.size / k["eta_tcp"] * (1 + c.loss) + c.nodes * k["ctl_bytes"]

@@ -180,6 +180,10 @@ def test_failed_build_leaves_no_mounts_and_an_empty_staging_dir(tmp_path: Path) 
 
 
 BUILD_SCRIPT = """
+import signal
+# as in a terminal: a shell's background job starts with SIGINT ignored, and Python
+# then never turns it into KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
 from corral.images.build import BuildSpec, build_image
 from corral.images.layers import Layer

@@ -16,7 +16,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +25,13 @@ from corral.errors import AlreadyExists
 from corral.inventory import db
 from corral.run import run
 from corral.testbed import cluster
-from corral.testbed.netns import list_namespaces, namespace_pid_map
+from corral.testbed.netns import namespace_pid_map
 from tests.conftest import corral
+from tests.integration import test_testbed
+from tests.integration.test_testbed import ctb_namespaces
+
+#: the plain testbed's fixture: its own home, skipped if a testbed is up, down after
+testbed = test_testbed.testbed
 
 pytestmark = [
     pytest.mark.integration,
@@ -134,10 +138,6 @@ def moved(
     }
 
 
-def ctb_namespaces() -> list[str]:
-    return [n for n in list_namespaces() if n.startswith(cluster.PREFIX)]
-
-
 def ports_of(bridge: str) -> list[str]:
     out = run(["ip", "-n", cluster.HUB, "-j", "link", "show", "master", bridge]).stdout
     return sorted(p["ifname"] for p in json.loads(out))
@@ -160,17 +160,6 @@ def assert_all_gone(bed: cluster.Testbed) -> None:
     assert bed.loop_devices() == []
     assert namespace_pid_map(cluster.PREFIX) == {}
     assert not bed.state_path.exists()
-
-
-@pytest.fixture
-def testbed(home: Path) -> Iterator[cluster.Testbed]:
-    if ctb_namespaces():
-        pytest.skip("a testbed is up on this machine already")
-    bed = cluster.Testbed(db.settings())
-    try:
-        yield bed
-    finally:
-        cluster.Testbed(db.settings()).down()
 
 
 def test_racks_keep_local_traffic_off_the_uplink(testbed: cluster.Testbed, home: Path) -> None:

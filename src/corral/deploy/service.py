@@ -139,6 +139,7 @@ class DeployService:
         self._steady: dict[tuple[int, str], _Steady] = {}
         self._pending: dict[tuple[int, str], tuple[int, int, float, str]] = {}
         self._steady_lock = threading.Lock()
+        self._gathering_lock = threading.Lock()
         #: the full reports' writes, many to a transaction
         self.writer = GroupCommit(session)
         #: what a progress report is passed to once stored (the live views' hub)
@@ -177,12 +178,14 @@ class DeployService:
     def _plan(self, node: str, token: str | None, client_ip: str) -> dict[str, Any] | None:
         with self.session() as s:
             self.authorize(s, node, token, client_ip)
+            joins = (
+                Deployments(s).active(node) is None
+                and Inventory(s).node(node).install_method is InstallMethod.DISKLESS
+            )
+        if joins:
+            self._join_boot(node, client_ip)
+        with self.session() as s:
             row = Deployments(s).active(node)
-            if row is None and Inventory(s).node(node).install_method is InstallMethod.DISKLESS:
-                try:
-                    row = join_boot(s, self.settings, self.images, node, client_ip)
-                except CorralError as exc:
-                    raise DisklessError(exc.message, exc.hint) from None
             if row is None:
                 self._no_deployment(s, node, client_ip)
                 return None
@@ -217,6 +220,18 @@ class DeployService:
             self.silent[node] = 0.0
             log.info("node %s fetched its plan (deployment %d)", node, row.deployment_id)
             return plan.to_dict()
+
+    def _join_boot(self, node: str, client_ip: str) -> None:
+        """Put a diskless node that booted on its own into its gathering deployment, one
+        node at a time: SQLite's driver begins a transaction at its first write, so two
+        nodes arriving together would each read "none gathering" and open one apiece."""
+        with self._gathering_lock, self.session() as s:
+            if Deployments(s).active(node) is not None:
+                return  # it joined on a request of its own a moment ago
+            try:
+                join_boot(s, self.settings, self.images, node, client_ip)
+            except CorralError as exc:
+                raise DisklessError(exc.message, exc.hint) from None
 
     @staticmethod
     def _no_deployment(session: Session, node: str, client_ip: str) -> None:

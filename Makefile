@@ -19,7 +19,7 @@ typecheck: setup
 	$(VENV)/bin/mypy
 
 test: lint typecheck
-	$(PY) -m pytest -q -m "not vm_e2e"
+	$(PY) -m pytest -q --durations=30 -m "not vm_e2e"
 
 unit: setup
 	$(PY) -m pytest -q -m "not integration and not vm" tests/unit tests/security

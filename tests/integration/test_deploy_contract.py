@@ -69,6 +69,9 @@ WHOLE_LINK = "50mbit"
 #: ... and while one is killed or the deployment cancelled half way: slower still, so that
 #: every node is half way at once.
 HALF_LINK = "16mbit"
+#: Slower still for the cancel test, which must find all the nodes mid-stream at one poll:
+#: at HALF_LINK a chain's first node could be done before its last one had begun.
+CANCEL_LINK = "6mbit"
 #: Transports with no single read of a chunk file to spoil, and why.
 NO_SPOILING = {
     "rsync": (
@@ -324,7 +327,7 @@ def test_cancel_stops_it(
     consoles = {n.name: testbed.nodes_dir / n.name / "console.log" for n in nodes}
     seen = {name: path.stat().st_size if path.exists() else 0 for name, path in consoles.items()}
     version = add_image(home, tmp_path, seed=33, random_mb=12)
-    links(HALF_LINK)
+    links(CANCEL_LINK)
     ident = start(home, version, transport)
     names = [n.name for n in nodes]
     wait(half_way(ident, names), 120, lambda: f"every node half way: {rows(ident)}")

@@ -50,7 +50,7 @@ def test_patch_of_variables_that_are_no_mapping_is_refused_not_a_server_error(
     admin: TestClient,
 ) -> None:
     before = admin.get("/api/v1/nodes/c01").json()
-    response = admin.patch("/api/v1/nodes/c01", json={"variables": "rack=r7"})
+    response = admin.patch("/api/v1/nodes/c01", json={"variables": "row=r7"})
     assert response.status_code == 422, response.text
     assert response.json()["detail"] == "node c01: variables: Input should be a valid dictionary"
     assert admin.get("/api/v1/nodes/c01").json() == before

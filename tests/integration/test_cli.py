@@ -107,12 +107,10 @@ def test_render_an_unknown_kind_is_a_usage_error(cluster_home: Path) -> None:
 
 
 def test_set_and_rm(cluster_home: Path) -> None:
-    result = corral(
-        "node", "set", "c01", "--var", "rack=r9", "--ip", "10.0.0.99", home=cluster_home
-    )
+    result = corral("node", "set", "c01", "--var", "row=r9", "--ip", "10.0.0.99", home=cluster_home)
     assert result.returncode == 0, result.stderr
     show = corral("node", "show", "c01", home=cluster_home).stdout
-    assert "rack: r9" in show and "ip: 10.0.0.99" in show
+    assert "row: r9" in show and "ip: 10.0.0.99" in show
     assert corral("node", "rm", "c01,bonded", home=cluster_home).returncode == 0
     assert "c01" not in corral("node", "list", home=cluster_home).stdout
 
@@ -244,7 +242,7 @@ def test_apply_names_what_it_created_and_changed(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     assert "created nodes: bonded,c01,fed01,img01,local01,ram01" in first.stdout
     assert "created group: compute" in first.stdout
-    assert corral("node", "set", "c01", "--var", "rack=r9", home=home).returncode == 0
+    assert corral("node", "set", "c01", "--var", "row=r9", home=home).returncode == 0
     again = corral("apply", "-f", str(DATA / "cluster.yaml"), home=home)
     assert "changed node: c01" in again.stdout
     assert "created" not in again.stdout.split("distros")[0]

@@ -59,7 +59,7 @@ def test_ipxe_script_is_rendered_live_for_a_mac(node: TestClient) -> None:
     # No secret on the kernel command line.
     assert "token" not in script.text.lower()
     with db.inventory() as inv:
-        inv.update("node", ["c01"], {"variables": {"rack": "r1"}, "install_method": "image"})
+        inv.update("node", ["c01"], {"variables": {"row": "r1"}, "install_method": "image"})
     image = node.get("/boot/52:54:00:00:00:01.ipxe")
     assert "corral.node=c01" in image.text
     assert "initrd --name token.cpio.gz http://10.0.0.1:8080/boot/token/c01.cpio.gz" in image.text

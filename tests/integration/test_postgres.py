@@ -273,10 +273,10 @@ def test_sync_then_incremental_sync(
     nothing = ok(corral("sync", "--root", str(root), home=cluster_home))
     assert "(incremental, 0 nodes): 0 written" in nothing
 
-    ok(corral("node", "set", "c01", "--var", "rack=r9", home=cluster_home))
-    assert "rack: r9" in ok(corral("node", "show", "c01", home=cluster_home))
+    ok(corral("node", "set", "c01", "--var", "row=r9", home=cluster_home))
+    assert "row: r9" in ok(corral("node", "show", "c01", home=cluster_home))
     again = ok(corral("sync", "--root", str(root), home=cluster_home))
-    # Only c01 is rendered again; no template uses 'rack', so its files stay as they are.
+    # Only c01 is rendered again; no template uses 'row', so its files stay as they are.
     assert "(incremental, 1 nodes): 0 written" in again, again
     assert files(root) == tree
 

@@ -53,7 +53,7 @@ def test_one_node_change_rewrites_only_its_changed_files(settings: Settings, roo
     sync(settings, root)
     before = tree(root)
     with db.inventory() as inv:
-        inv.update("node", ["c01"], {"variables": {"rack": "r2"}, "netboot": False})
+        inv.update("node", ["c01"], {"variables": {"row": "r2"}, "netboot": False})
     report = sync(settings, root)
     assert report.nodes == 1
     after = tree(root)

@@ -41,7 +41,7 @@ BONDED = [
 ]
 #: r01, r02, r03 as `node add 'r[01-03]'` makes them: consecutive MACs (the carry into the
 #: fifth byte) and IPs from the first node's
-RACK = {"groups": ["compute"], "variables": {"rack": "r9"}}
+ROWS = {"groups": ["compute"], "variables": {"row": "r9"}}
 R_MACS = {"r01": "52:54:00:00:20:fe", "r02": "52:54:00:00:20:ff", "r03": "52:54:00:00:21:00"}
 
 
@@ -51,8 +51,8 @@ def _iface(mac: str, ip: str, **more: str) -> list[dict[str, str]]:
 
 #: (CLI arguments, the REST requests of the same edit: method, path, body)
 EDITS: list[tuple[list[str], list[tuple[str, str, dict[str, Any]]]]] = [
-    (["node", "set", "c01", "--var", "rack=r7", "--var", "slot=3"],
-     [("PATCH", "/api/v1/nodes/c01", {"variables": {"rack": "r7", "slot": 3}})]),
+    (["node", "set", "c01", "--var", "row=r7", "--var", "slot=3"],
+     [("PATCH", "/api/v1/nodes/c01", {"variables": {"row": "r7", "slot": 3}})]),
     (["group", "set", "compute", "--var", "site=hall-b"],
      [("PATCH", "/api/v1/groups/compute", {"variables": {"site": "hall-b"}})]),
     (["profile", "set", "compute", "--var", "role=gpu", "--kernel-arg", "nomodeset"],
@@ -66,8 +66,8 @@ EDITS: list[tuple[list[str], list[tuple[str, str, dict[str, Any]]]]] = [
      [("PATCH", "/api/v1/nodes/bonded", {"interfaces": BONDED})]),
     # node add and node set over a range: the first MAC and IP count up node by node
     (["node", "add", "r[01-03]", "--mac", "52:54:00:00:20:fe", "--ip", "10.0.2.10",
-      "--group", "compute", "--var", "rack=r9"],
-     [("POST", "/api/v1/nodes", {"name": name, **RACK, "interfaces": _iface(mac, f"10.0.2.1{i}")})
+      "--group", "compute", "--var", "row=r9"],
+     [("POST", "/api/v1/nodes", {"name": name, **ROWS, "interfaces": _iface(mac, f"10.0.2.1{i}")})
       for i, (name, mac) in enumerate(R_MACS.items())]),
     (["node", "set", "r[02-03]", "--ip", "10.0.2.20", "--gateway", "10.0.2.1"],
      [("PATCH", f"/api/v1/nodes/{name}",
@@ -120,7 +120,7 @@ def test_the_same_edits_through_the_cli_and_rest_give_the_same_inventory(
     by_cli, by_rest = inventory_of(cli), inventory_of(rest)
     assert json.dumps(by_cli, sort_keys=True) == json.dumps(by_rest, sort_keys=True)
     c01 = next(n for n in by_rest["node"] if n["name"] == "c01")
-    assert c01["variables"] == {"rack": "r7", "slot": 3}  # merged into, not replaced
+    assert c01["variables"] == {"row": "r7", "slot": 3}  # merged into, not replaced
     group = next(g for g in by_rest["group"] if g["name"] == "compute")
     assert group["variables"] == {"role": "worker", "site": "hall-b"}
     profile = next(p for p in by_rest["profile"] if p["name"] == "compute")

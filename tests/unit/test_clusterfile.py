@@ -86,7 +86,7 @@ def test_export_writes_runs_of_similar_nodes_as_noderanges(inv: Inventory) -> No
         "  - {name: n111, interfaces: [{mac: '52:54:00:00:10:6f', ip: 10.0.1.121}]}\n"
         "  - {name: head, netboot: false}\n",
     )
-    inv.update("node", ["n050"], {"variables": {"rack": "r9"}})
+    inv.update("node", ["n050"], {"variables": {"row": "r9"}})
     exported = export_cluster(inv)
     nodes = yaml.safe_load(exported)["nodes"]
     assert [n["name"] for n in nodes] == ["head", "n[001-049]", "n050", "n[051-110]", "n111"]

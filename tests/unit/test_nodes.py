@@ -63,14 +63,14 @@ def test_new_nodes_and_edits_over_a_range(inv: Inventory) -> None:
                 ips=consecutive_ips("10.0.0.11", 2),
                 address={"gateway": "10.0.0.1"},
                 fields={"netboot": False},
-                variables={"rack": "r1"},
+                variables={"row": "r1"},
             )
         ),
     )
     n2 = inv.node("n2")
     assert (n2.interfaces[0].mac, n2.interfaces[0].ip) == ("52:54:00:00:00:02", "10.0.0.12")
     assert (n2.interfaces[0].gateway, n2.netboot) == ("10.0.0.1", False)
-    assert n2.variables == {"rack": "r1"}
+    assert n2.variables == {"row": "r1"}
     # the nodes of a range are checked together: one MAC for two is refused
     same = NodeChanges(names, macs=["52:54:00:00:00:09", "52:54:00:00:00:09"])
     with pytest.raises(AlreadyExists, match="given to both n1 and n2"):
@@ -80,5 +80,5 @@ def test_new_nodes_and_edits_over_a_range(inv: Inventory) -> None:
     n1, n2 = inv.node("n1"), inv.node("n2")
     assert [i.name for i in n1.interfaces] == ["eth0"]  # nothing given for n1's eth1
     assert [(i.name, i.ip) for i in n2.interfaces] == [("eth0", "10.0.0.12"), ("eth1", "10.0.1.12")]
-    assert n1.variables == {"rack": "r1", "slot": 2}
+    assert n1.variables == {"row": "r1", "slot": 2}
     assert edit_nodes(inv, eth1) == ["unchanged", "unchanged"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from corral.errors import AlreadyExists, InvalidValue, NotFound, UsageError
-from corral.inventory.schema import DistroSpec, NodeSpec, ProfileSpec
+from corral.inventory.schema import DistroSpec, GroupSpec, NodeSpec, ProfileSpec
 from corral.inventory.store import Inventory
 
 
@@ -79,12 +79,27 @@ def test_update_refuses_a_rename_with_a_clear_message(inv: Inventory) -> None:
 
 
 def test_edit_merges_variables_and_refuses_variables_that_are_no_mapping(inv: Inventory) -> None:
-    inv.add("node", [NodeSpec(name="n1", variables={"rack": "r1", "slot": 1})])
+    inv.add("node", [NodeSpec(name="n1", variables={"row": "r1", "slot": 1})])
     assert inv.edit("node", ["n1"], {"variables": {"slot": 2}, "netboot": False}) == 1
-    assert inv.node("n1").variables == {"rack": "r1", "slot": 2}
+    assert inv.node("n1").variables == {"row": "r1", "slot": 2}
     assert inv.edit("node", ["n1"], {"variables": {}}) == 0
-    for bad in ("rack=r2", ["rack"]):
+    for bad in ("row=r2", ["row"]):
         # a TypeError before (a REST PATCH answered 500)
         with pytest.raises(InvalidValue, match="node n1: variables: Input should be a valid"):
             inv.edit("node", ["n1"], {"variables": bad})
-    assert inv.node("n1").variables == {"rack": "r1", "slot": 2}
+    assert inv.node("n1").variables == {"row": "r1", "slot": 2}
+
+
+def test_a_rack_variable_must_name_a_group(inv: Inventory) -> None:
+    with pytest.raises(InvalidValue, match="node 'n1': rack 'r2' names no rack") as refused:
+        inv.add("node", [NodeSpec(name="n1", variables={"rack": "r2"})])
+    assert "corral group add r2" in (refused.value.hint or "")
+    assert inv.names("node") == []
+    # a group may name itself: the rack's group carries the variable for its nodes
+    inv.add("group", [GroupSpec(name="r2", variables={"rack": "r2"})])
+    inv.add(
+        "node", [NodeSpec(name="n1", groups=["r2"]), NodeSpec(name="n2", variables={"rack": "r2"})]
+    )
+    with pytest.raises(InvalidValue, match="names no rack"):
+        inv.edit("node", ["n2"], {"variables": {"rack": "r3"}})
+    assert inv.node("n2").variables == {"rack": "r2"}

@@ -126,6 +126,8 @@ def _sha512_crypt(value: str) -> str:
 #: The serialized (JSON) size a profile's, group's or node's variables may reach: ample for
 #: settings, and a bound on what one entry can make the database store and every render read.
 MAX_VARIABLES_BYTES = 64 * 1024
+#: The variable that names a node's rack, a group: rack-aware transports order by it.
+RACK = "rack"
 
 _CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", "\0": "a NUL"}
 

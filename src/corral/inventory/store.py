@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from corral.errors import AlreadyExists, InvalidValue, NotFound, UsageError
 from corral.inventory import models as m
 from corral.inventory.schema import (
+    RACK,
     WITH_SECRETS,
     DistroSpec,
     GroupSpec,
@@ -268,6 +269,7 @@ class Inventory:
             raise NotFound(kind, missing[0], f"{user} refers to it; add it first or fix the name")
 
     def _check_references(self, kind: Kind, specs: Sequence[Any]) -> None:
+        self._check_racks(kind, specs)
         for spec in specs:
             what = f"{kind} '{spec.name}'"
             if kind == "profile" and spec.distro:
@@ -279,6 +281,26 @@ class Inventory:
                 ifnames = [i.name for i in spec.interfaces]
                 if len(set(ifnames)) < len(ifnames):
                     raise InvalidValue(f"{what}: interface names must be unique")
+
+    def _check_racks(self, kind: Kind, specs: Sequence[Any]) -> None:
+        """Refuse a ``rack`` variable that names no rack. A rack is a group (its nodes), so
+        that ``corral deploy r2`` reaches it and rack-aware transports can trust the name."""
+        racks = {
+            str(spec.variables[RACK]): spec.name
+            for spec in specs
+            if kind != "distro" and spec.variables.get(RACK) not in (None, "")
+        }
+        if not racks:
+            return
+        known = set(self.session.scalars(select(m.Group.name).where(m.Group.name.in_(racks))))
+        if kind == "group":
+            known |= {spec.name for spec in specs}
+        for rack in sorted(set(racks) - known):
+            raise InvalidValue(
+                f"{kind} '{racks[rack]}': rack '{rack}' names no rack",
+                f"a rack is a group of its nodes: add it with 'corral group add {rack}', "
+                "or correct the variable",
+            )
 
     def _check_power(self, specs: Sequence[NodeSpec]) -> None:
         """Refuse a node whose power settings, merged from its profiles and groups, miss

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
+from corral.inventory.schema import RACK
 from corral.testbed.plan import TestbedState
 
 if TYPE_CHECKING:
@@ -52,9 +53,9 @@ def register_nodes(engine: Engine, state: TestbedState) -> dict[str, int]:
             variables = dict(data.get("variables", {}))
             variables["disk"] = node.loop
             # A rack left by an earlier testbed would mislead rack-aware transports.
-            variables.pop("rack", None)
+            variables.pop(RACK, None)
             if node.rack:
-                variables["rack"] = node.rack
+                variables[RACK] = node.rack
             variables.pop("power_command", None)  # how corral powered them before drivers
             data.update(
                 name=node.name,

@@ -874,6 +874,16 @@ def test_order_is_by_name_and_drops_duplicates() -> None:
     assert [m.node for m in got] == ["a", "b"]
 
 
+def test_order_runs_through_each_rack_once() -> None:
+    # racks interleaved by name (a node moved between racks, or names by slot), and two
+    # nodes in no rack: each rack's nodes come together, so the stream enters it once
+    racks = {"n1": "r2", "n2": "r1", "n3": "r2", "n4": None, "n5": "r1", "n6": None}
+    got = order([Member(n, None, r) for n, r in reversed(racks.items())])
+    assert [m.node for m in got] == ["n1", "n3", "n2", "n5", "n4", "n6"]
+    crossings = sum(1 for a, b in itertools.pairwise(got) if a.rack != b.rack)
+    assert crossings == len(set(racks.values())) - 1
+
+
 def test_the_head_streams_the_chunk_files_of_its_session_only(
     transport: ChainTransport, tmp_path: Path
 ) -> None:

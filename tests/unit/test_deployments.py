@@ -30,7 +30,7 @@ from corral.images.exports import Chunked, build_exports
 from corral.images.store import ImageNotFound, ImageVersion
 from corral.inventory import db
 from corral.inventory.noderange import expand
-from corral.inventory.schema import InterfaceSpec, NodeSpec, Partition, ProfileSpec
+from corral.inventory.schema import GroupSpec, InterfaceSpec, NodeSpec, Partition, ProfileSpec
 from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService, Forbidden
 
@@ -374,17 +374,22 @@ def test_sessions_start_once_per_image_and_end_with_their_nodes(
 
     class Broadcast(FakeTransport):
         def start(self, deployment: int, version: ImageVersion, members: Any) -> None:
-            started.append((deployment, version.ref, [(x.node, x.ip) for x in members]))
+            started.append((deployment, version.ref, [(x.node, x.ip, x.rack) for x in members]))
 
         def finish(self, deployment: int, version: ImageVersion) -> None:
             finished.append((deployment, version.ref))
 
     transports.register("fake", Broadcast)
+    with db.inventory() as inv:  # n01's rack from its group, n02 in none
+        inv.add("group", [GroupSpec(name="r2", variables={"rack": "r2"})])
+        inv.update("node", ["n01"], {"groups": ["r2"]})
     ident = start("n[01-02]")
     with _service(home) as service, ThreadPoolExecutor(2) as pool:
         service.tick(pool)
         service.tick(pool)
-        assert started == [(ident, "small:1", [("n01", "10.0.0.11"), ("n02", "10.0.0.12")])]
+        assert started == [
+            (ident, "small:1", [("n01", "10.0.0.11", "r2"), ("n02", "10.0.0.12", None)])
+        ]
         for node in ("n01", "n02"):
             service.progress(ident, node, "good", {"phase": "done"}, "10.0.0.1")
         service.tick(pool)

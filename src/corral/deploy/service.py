@@ -73,7 +73,7 @@ from corral.images.store import ImageVersion
 from corral.inventory import models as m
 from corral.inventory.batch import GroupCommit
 from corral.inventory.merge import merge_node
-from corral.inventory.schema import InstallMethod
+from corral.inventory.schema import RACK, InstallMethod
 from corral.inventory.state import BOOTING, NodeStates
 from corral.inventory.store import Inventory
 from corral.power import Bmc, PowerContext, power
@@ -607,9 +607,12 @@ class DeployService:
                 payload = self.payload(rows[0])
                 transport = self.transports.get(transport_name)
                 transport.prepare(payload)
-                ips = _node_ips(session, [r.node for r in rows])
+                names = [r.node for r in rows]
+                ips, racks = _node_ips(session, names), _node_racks(session, names)
                 transport.start(
-                    deployment.id, payload, [Member(r.node, ips.get(r.node)) for r in rows]
+                    deployment.id,
+                    payload,
+                    [Member(n, ips.get(n), racks.get(n)) for n in names],
                 )
             except CorralError as exc:
                 for row in rows:
@@ -811,6 +814,18 @@ def _node_ips(session: Session, names: list[str]) -> dict[str, str]:
         if ip:
             ips.setdefault(name, ip)
     return ips
+
+
+def _node_racks(session: Session, names: list[str]) -> dict[str, str]:
+    """Each node's rack: its ``rack`` variable, merged from its profiles and groups."""
+    snapshot = Snapshot(session)
+    cache: dict[tuple[str, ...], Any] = {}
+    racks: dict[str, str] = {}
+    for node in snapshot.nodes(names):
+        variables = merge_node(node, snapshot.groups, snapshot.profiles, cache).values["variables"]
+        if variables.get(RACK) not in (None, ""):
+            racks[node.name] = str(variables[RACK])
+    return racks
 
 
 def _known_nodes(session: Session, names: list[str]) -> set[str]:

@@ -22,10 +22,12 @@ class NotReady(CorralError):
 
 @dataclass(frozen=True)
 class Member:
-    """A node in a transfer session: its name and the address it receives on."""
+    """A node in a transfer session: its name, the address it receives on, and its rack
+    (the ``rack`` variable; None for a node in none), which rack-aware transports follow."""
 
     node: str
     ip: str | None
+    rack: str | None = None
 
 
 class ServerTransport(Protocol):

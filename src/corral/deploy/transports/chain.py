@@ -20,7 +20,9 @@ and :meth:`ChainTransport.params` answers it (:class:`~corral.deploy.transports.
 an HTTP 204: the agent asks again a few seconds later) only once the chain is formed:
 when every node of the session has asked, or ``chain_max_wait`` seconds (60) after the
 first one did, as Kadeploy waits for its nodes before its Kascade step. The nodes there
-are chained in name order; one that comes later is appended at the tail.
+are chained rack by rack (the ``rack`` variable), in name order within a rack, so that the
+stream crosses each rack's uplink once in and once out; one that comes later is appended at
+the tail (and so crosses its rack's uplink once more: the price of not restarting anyone).
 
 Why that, and not a chain that appends every node at its tail as it arrives (no wait at
 all): a node that joins a chain already flowing starts from chunk 0 while its predecessor
@@ -34,7 +36,7 @@ that came early the time until the last one is up, which no transport can beat a
 the last node cannot be served before it is up, so the deployment ends no sooner. It
 costs more only when a node never comes (it failed to boot): the others then wait the
 full ``chain_max_wait``, as a multicast session does for ``multicast_max_wait``. And an
-order decided at one moment can follow something other than arrival (racks, later).
+order decided at one moment can follow something other than arrival: the racks.
 
 Every upstream, a node's relay or the head in one session, feeds one successor at a time
 (:class:`~corral.agent.wire.chain_sender.Slot`): a node that passes a dead or slow
@@ -191,9 +193,15 @@ class ChainSession:
 
 
 def order(members: Sequence[Member]) -> list[Member]:
-    """The order of the nodes there when the chain forms: by name (stable, and ready to
-    follow a topology later)."""
-    return sorted({m.node: m for m in members}.values(), key=lambda m: m.node)
+    """The order of the nodes there when the chain forms: rack by rack, so that the stream
+    enters each rack once and leaves it once (through its uplink), and by name within a
+    rack. Racks come in the order of their first node's name; the nodes in no rack are one
+    more such run."""
+    by_name = sorted({m.node: m for m in members}.values(), key=lambda m: m.node)
+    runs: dict[str | None, list[Member]] = {}
+    for member in by_name:
+        runs.setdefault(member.rack, []).append(member)
+    return [member for run in runs.values() for member in run]
 
 
 def chunk_sizes(index: dict[str, Any]) -> list[int]:

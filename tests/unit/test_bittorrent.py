@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import threading
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ from corral.deploy.transports.bittorrent import (
     seed_settings,
 )
 from corral.deploy.transports.bittorrent_tracker import (
+    CROSS_RACK_PEERS,
     JOIN_WINDOW,
     MAX_PEERS,
     Swarms,
@@ -743,3 +745,22 @@ def test_a_node_looks_until_it_has_met_a_peer(connected: int, looks: int) -> Non
     run_feeder(swarm, mine=[0, 5], stall=60)
     assert swarm.calls[swarm.calls.index(("want", [0, 5])) + 1] == ("seed", True)
     assert swarm.want_at[0] == looks  # LOOK_TIME, or four times that for the first node
+
+
+def test_a_node_in_a_rack_gets_its_rack_the_seed_and_few_doors_out() -> None:
+    racks = {f"10.0.{r}.{i}": f"r{r}" for r in (1, 2, 3) for i in range(10, 30)}
+    swarms = Swarms(rng=random.Random(7))
+    swarms.open(H1, None, racks, {"10.0.0.1"}, racks=racks)
+    announce(swarms, "10.0.0.1", b"s" * 20, left=0)
+    for n, ip in enumerate(racks):
+        announce(swarms, ip, b"%020d" % n, left=1)
+    announce(swarms, "10.0.9.9", b"z" * 20, left=1)  # a node in no rack
+    got = {ip for ip, _ in peers(announce(swarms, "10.0.2.10", b"%020d" % 20, left=1))}
+    assert "10.0.0.1" in got  # the seed, whatever the rack
+    assert {ip for ip in got if racks.get(ip) == "r2"} == {f"10.0.2.{i}" for i in range(11, 30)}
+    outside = {ip for ip in got if racks.get(ip) != "r2" and ip != "10.0.0.1"}
+    assert len(outside) == CROSS_RACK_PEERS
+    # a node in no rack gets peers from the whole swarm, as before racks
+    anywhere = peers(announce(swarms, "10.0.9.9", b"z" * 20, left=1))
+    assert len(anywhere) == MAX_PEERS
+    assert len({racks.get(ip) for ip, _ in anywhere} - {None}) == 3

@@ -344,6 +344,7 @@ class BitTorrentTransport:
                 self._admitted(members),
                 {str(m.ip) for m in members if m.ip},
                 self._servers(),
+                racks={str(m.ip): m.rack for m in members if m.ip and m.rack},
             )
             self.seeder.add(torrent, payload.directory)
             log.info(

@@ -32,6 +32,11 @@ ANNOUNCE_INTERVAL = 10
 #: 50 (the usual numwant) gives a well-mixed swarm; the nodes given to each other connect
 #: both ways, so each ends with about twice as many.
 MAX_PEERS = 50
+#: Peers from other racks a node in a rack gets in one answer, besides every peer of its own
+#: rack (up to :data:`MAX_PEERS`): enough for the pieces its rack lacks to come in and for
+#: the swarm to stay one, few enough that the rack's nodes trade mostly among themselves
+#: rather than each through the rack's oversubscribed uplink.
+CROSS_RACK_PEERS = 3
 #: A peer not heard of for this many intervals has left.
 EXPIRE_INTERVALS = 3
 #: Seconds after a session starts during which the nodes that are done wait for members
@@ -53,6 +58,7 @@ class _Swarm:
     allowed: frozenset[str] | None  # None: any address
     members: frozenset[str]  # the nodes' addresses (empty: unknown)
     servers: frozenset[str]  # corral's own addresses: its seed announces from one
+    racks: Mapping[str, str]  # a node's address -> its rack, for the nodes in one
     peers: dict[bytes, _Peer] = field(default_factory=dict)  # peer_id -> peer
     seen: set[str] = field(default_factory=set)  # addresses that have announced
     opened: float = 0.0
@@ -82,15 +88,18 @@ class Swarms:
         allowed: Iterable[str] | None,
         members: Iterable[str] = (),
         servers: Iterable[str] = (),
+        racks: Mapping[str, str] | None = None,
     ) -> None:
         """Answer for ``info_hash``, to ``allowed`` addresses (None: any); ``members`` are
-        the nodes expected to join (see :meth:`pending`), ``servers`` corral's own."""
+        the nodes expected to join (see :meth:`pending`), ``servers`` corral's own,
+        ``racks`` the rack of each node's address that is in one (see :meth:`choose`)."""
         with self._lock:
             old = self._swarms.get(info_hash)
             self._swarms[info_hash] = _Swarm(
                 None if allowed is None else frozenset(allowed),
                 frozenset(members),
                 frozenset(servers),
+                dict(racks or {}),
                 old.peers if old else {},
                 old.seen if old else set(),
                 old.opened if old else self.clock(),
@@ -149,8 +158,9 @@ class Swarms:
             ]
             complete = sum(1 for p in swarm.peers.values() if p.left == 0)
             incomplete = len(swarm.peers) - complete
+            racks, servers = swarm.racks, swarm.servers
         want = max(0, min(numwant, self.max_peers)) if event != "stopped" else 0
-        chosen = self.rng.sample(others, min(want, len(others)))
+        chosen = self.choose(others, want, racks, racks.get(ip), servers)
         return {
             "interval": self.interval,
             "min interval": max(1, self.interval // 2),
@@ -158,6 +168,32 @@ class Swarms:
             "incomplete": incomplete,
             "peers": b"".join(_compact(p.ip, p.port) for p in chosen),
         }
+
+    def choose(
+        self,
+        others: list[_Peer],
+        want: int,
+        racks: Mapping[str, str],
+        rack: str | None,
+        servers: frozenset[str] = frozenset(),
+    ) -> list[_Peer]:
+        """``want`` of ``others`` at random; for a node in a rack, corral's seed, its own
+        rack's peers, and at most :data:`CROSS_RACK_PEERS` from elsewhere (other racks, or
+        no rack).
+
+        A rack's uplink is oversubscribed: with peers from the whole swarm, every node would
+        fetch a piece through it on its own, and the uplink would carry the image about as
+        many times as the rack has nodes. With few doors out, a piece mostly comes into the
+        rack once and spreads inside it. libtorrent also prefers the faster peers on its
+        own (it unchokes those that give it most), which the rack's peers are."""
+        if rack is None:
+            return self.rng.sample(others, min(want, len(others)))
+        seeds = [p for p in others if p.ip in servers][:want]
+        mine = [p for p in others if racks.get(p.ip) == rack]
+        elsewhere = [p for p in others if racks.get(p.ip) != rack and p.ip not in servers]
+        chosen = seeds + self.rng.sample(mine, min(want - len(seeds), len(mine)))
+        room = min(want - len(chosen), CROSS_RACK_PEERS)
+        return chosen + self.rng.sample(elsewhere, max(0, min(room, len(elsewhere))))
 
 
 def _compact(ip: str, port: int) -> bytes:

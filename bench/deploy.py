@@ -294,19 +294,20 @@ def summary(runs: list[dict[str, Any]]) -> str:
         (
             t_of(r),
             r["egress"] / (r["s_mib"] * 2**20),
+            uplink_of(r),
             skew_of(r),
             r["spread"] if r["spread"] is not None else float("nan"),
         )
         for r in runs
     ]
     lines = [
-        "| run | seed | T ÷ S/B | egress ÷ S | start skew (s) | spread (s) | host CPU "
-        "| load before → after | failed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | seed | T ÷ S/B | egress ÷ S | busiest uplink ÷ S | start skew (s) | spread (s) "
+        "| host CPU | load before → after | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for i, (r, (t, e, k, sp)) in enumerate(zip(runs, rows, strict=True), 1):
+    for i, (r, (t, e, u, k, sp)) in enumerate(zip(runs, rows, strict=True), 1):
         lines.append(
-            f"| {i} | {r.get('seed') or '-'} | {t:.2f} | {e:.2f} | {k:.1f} | {sp:.1f} "
+            f"| {i} | {r.get('seed') or '-'} | {t:.2f} | {e:.2f} | {u:.2f} | {k:.1f} | {sp:.1f} "
             f"| {r['cpu']:.0%} | {r['load'][0]:.1f} → {r['load'][1]:.1f} | {len(r['failed'])} |"
         )
     cols = list(zip(*rows, strict=True))
@@ -314,9 +315,16 @@ def summary(runs: list[dict[str, Any]]) -> str:
     worst = [max(c) for c in cols]
     for name, vals in (("median", median), ("worst", worst)):
         lines.append(
-            f"| {name} | | {vals[0]:.2f} | {vals[1]:.2f} | {vals[2]:.1f} | {vals[3]:.1f} | | | |"
+            f"| {name} | | {vals[0]:.2f} | {vals[1]:.2f} | {vals[2]:.2f} | {vals[3]:.1f} "
+            f"| {vals[4]:.1f} | | | |"
         )
     return "\n".join(lines) + "\n"
+
+
+def uplink_of(r: dict[str, Any]) -> float:
+    """The most any rack's uplink carried in one direction, ÷ S (nan without racks)."""
+    crossed = [b for pair in (r.get("uplinks") or {}).values() for b in pair]
+    return max(crossed) / (r["s_mib"] * 2**20) if crossed else float("nan")
 
 
 def wipe(bed: cluster.Testbed, names: list[str]) -> None:
@@ -353,6 +361,7 @@ def run_once(
     if kind == "install":
         wipe(bed, names)
     egress0 = bed.server_egress_bytes()
+    uplinks0 = bed.uplink_bytes()
     busy0, total0 = cpu_times()
     by_process = CpuByProcess()
     by_process.start()
@@ -402,6 +411,10 @@ def run_once(
     busy1, total1 = cpu_times()
     cpu_seconds = by_process.stop()
     egress = bed.server_egress_bytes() - egress0
+    uplinks = {
+        rack: [now - before for now, before in zip(counts, uplinks0[rack], strict=True)]
+        for rack, counts in bed.uplink_bytes().items()
+    }
     done = [r for r in rows if r[1] == "done"]
     failed = [(r[0], r[4]) for r in rows if r[1] != "done"]
     finish = [r[3] for r in done if r[3]]
@@ -423,6 +436,7 @@ def run_once(
         "spread": max(finish) - min(finish) if finish else None,
         "skew": max(starts) - min(starts) if starts else None,
         "egress": egress,
+        "uplinks": uplinks,
         "cpu": (busy1 - busy0) / max(1, total1 - total0),
         "cpu_seconds": cpu_seconds,
     }
@@ -438,9 +452,9 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, s_bytes: i
         "syncs and unmounts); 'others' leaves out the slow or killed node.",
         "",
         "| transport | N | T (s) | T ÷ S/B | T_recv ÷ S/B | T ÷ unicast bound | egress ÷ S "
-        "| start skew (s) | spread (s) | others' T ÷ S/B | killed node failed after (s) "
-        "| host CPU | failed | valid |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| busiest uplink ÷ S | start skew (s) | spread (s) | others' T ÷ S/B "
+        "| killed node failed after (s) | host CPU | failed | valid |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         t, sb = r["t"] or nan, r["s_over_b"]
@@ -448,7 +462,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, s_bytes: i
         lines.append(
             f"| {r['transport']} | {r['n']} | {t:.1f} | {t / sb:.2f} "
             f"| {(r.get('t_received') or nan) / sb:.2f} | {t / r['bound']:.2f} "
-            f"| {r['egress'] / size:.2f} "
+            f"| {r['egress'] / size:.2f} | {uplink_of(r):.2f} "
             f"| {r['skew'] if r.get('skew') is not None else nan:.1f} | {r['spread'] or 0:.1f} "
             f"| {(r.get('t_others') or nan) / sb:.2f} "
             f"| {r.get('killed_failed_after') or nan:.1f} | {r['cpu']:.0%} "
@@ -505,6 +519,8 @@ def main() -> int:
         "powers them; without it, or at 0, the deployment manager power-cycles them, "
         "16 at a time)",
     )
+    parser.add_argument("--racks", type=int, help="put the nodes into this many racks")
+    parser.add_argument("--rack-uplink", help="each rack's uplink rate, e.g. 12500kbit")
     parser.add_argument("--seed", type=int, help="seed of the --skew moments (default: random)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per transport and N")
     parser.add_argument("--markdown", type=Path, help="write the table here")
@@ -546,6 +562,8 @@ def main() -> int:
             loss=args.loss,
             slow=args.slow,
             disk_size="512M",
+            racks=args.racks,
+            rack_uplink=args.rack_uplink,
         )
         with db.inventory() as inv:
             if not inv.exists("profile", "bench"):
@@ -577,6 +595,8 @@ def main() -> int:
                         commit=code,
                         machine=here,
                         skew_window=args.skew,
+                        racks=args.racks,
+                        rack_uplink=args.rack_uplink,
                         seed=run_seed if args.skew else None,
                         run=k + 1,
                         load=[load0[0], os.getloadavg()[0]],

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +30,7 @@ from corral.agent.receivers.bittorrent.receiver import SCRATCH, BitTorrentReceiv
 from corral.agent.report import Client
 from corral.config import Settings
 from corral.deploy.store import Deployments
+from corral.deploy.transports import bittorrent_seed
 from corral.deploy.transports.base import Member
 from corral.deploy.transports.bittorrent import BitTorrentTransport
 from corral.images.catalog import image_store
@@ -168,6 +171,53 @@ def test_two_agents_and_the_seed_on_loopback(
         transport.close()
     # the seed read the chunk files in place and changed none of them
     verify_export(version, "stream")
+
+
+def test_the_seed_runs_apart_and_comes_back_after_a_crash_or_a_hang(
+    version: ImageVersion, chunk_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bittorrent_seed, "CALL_TIMEOUT", 1.0)
+    settings = Settings(home=tmp_path / "home", server_url=chunk_server, address=SERVER)
+    transport = BitTorrentTransport(settings, tracker_port=0, seed_port=0)
+    try:
+        transport.start(3, Chunked(version), [Member("a", NODE_ADDRESS["a"])])
+        seed = transport.seeder
+        assert seed is not None and seed.pid not in (0, os.getpid())
+        port, first = seed.port, seed.pid
+        os.kill(first, signal.SIGKILL)
+        waitpid_gone(first)
+        assert transport.sent().get(version.ref, 0) == 0  # nothing yet; the call restarts it
+        assert seed.restarts == 1 and seed.pid not in (0, first) and seed.port == port
+        hung = seed.pid
+        os.kill(hung, signal.SIGSTOP)  # a seed that answers nothing is killed and replaced
+        assert seed.errors() == []
+        assert seed.restarts == 2 and seed.pid not in (0, hung) and seed.port == port
+        waitpid_gone(hung)
+        # the new seed seeds the session's torrent: one node, its stripe all of it
+        params = transport.params(Chunked(version), "a")
+        result = receive(loop_plan(version, "a", params), chunk_server, tmp_path / "a")
+        chunks = len(loop_plan(version, "a", params).image.chunks)
+        assert result.details["swarm"] == chunks and result.details["http"] == 0
+        assert tree_digest(tmp_path / "a") == tree_digest(version.rootfs)
+        assert transport.sent()[version.ref] >= Chunked(version).index()["size"]
+        last = seed.pid
+    finally:
+        transport.close()
+    waitpid_gone(last)  # closing the transport ends the seed's process
+
+
+def waitpid_gone(pid: int, timeout: float = 10.0) -> None:
+    """Wait until ``pid`` is no longer running (reaped by multiprocessing, or a zombie)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+        except (FileNotFoundError, IndexError):
+            return
+        if state == "Z":
+            return
+        time.sleep(0.05)
+    pytest.fail(f"process {pid} still runs after {timeout:.0f} s")
 
 
 def test_without_a_swarm_the_chunks_come_over_http(

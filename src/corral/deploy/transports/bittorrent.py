@@ -21,9 +21,12 @@ What a session is made of (:meth:`BitTorrentTransport.start`):
   (and the server's own); anything else gets a ``failure reason``. Embedding it keeps the
   deployment self-contained (no opentracker to install, configure and supervise), and it
   only has to know a few hundred peers.
-- **The seed** (:class:`Seeder`): one libtorrent session in corral serve, seeding every
-  session's torrent in ``seed_mode`` (the export was checked against its manifest by
-  :meth:`prepare`, so libtorrent need not read it all before serving).
+- **The seed** (:class:`Seeder`): one libtorrent session, seeding every session's torrent
+  in ``seed_mode`` (the export was checked against its manifest by :meth:`prepare`, so
+  libtorrent need not read it all before serving). It runs in a child process of corral
+  serve that serve supervises
+  (:class:`~corral.deploy.transports.bittorrent_seed.SeedProcess`), so that the API never
+  waits on libtorrent, and a seed that dies or hangs is started again.
 
 A node's plan (:meth:`params`) holds the torrent (base64), the tracker's URL, the seed's
 address, the node's *stripe* (its position among the session's nodes: it takes every N-th
@@ -51,7 +54,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -61,6 +64,7 @@ from corral.agent.wire.bencode import bencode
 from corral.agent.wire.lan_swarm import lan_settings
 from corral.config import Settings
 from corral.deploy.transports.base import Member, Meter
+from corral.deploy.transports.bittorrent_seed import SeedProcess
 from corral.deploy.transports.bittorrent_tracker import Tracker
 from corral.errors import ConfigError
 from corral.images.exports import Chunked
@@ -192,7 +196,8 @@ def seed_settings(lt: Any, address: str, port: int) -> dict[str, Any]:
 
 
 class Seeder:
-    """One libtorrent session in corral serve seeding the sessions' torrents in place."""
+    """One libtorrent session seeding the sessions' torrents in place (in the seed's own
+    process: see :mod:`corral.deploy.transports.bittorrent_seed`)."""
 
     def __init__(self, lt: ModuleType, address: str, port: int) -> None:
         self.lt = lt
@@ -253,7 +258,7 @@ class Seeder:
         del self.session  # joins libtorrent's threads
 
 
-def _import_libtorrent() -> ModuleType:
+def import_libtorrent() -> ModuleType:
     try:
         return importlib.import_module("libtorrent")
     except ImportError as exc:
@@ -286,18 +291,16 @@ class BitTorrentTransport:
         *,
         tracker_port: int = TRACKER_PORT,
         seed_port: int = SEED_PORT,
-        engine: Callable[[], ModuleType] = _import_libtorrent,
     ) -> None:
         self.server = settings.server_url.rstrip("/")
         self.host = urllib.parse.urlsplit(settings.server_url).hostname or "localhost"
         self.address = settings.address or "0.0.0.0"
         self.tracker_port = tracker_port
         self.seed_port = seed_port
-        self.engine = engine
         self.layouts: dict[str, Layout] = {}
         self.sessions: dict[tuple[int, str], _Session] = {}
         self.tracker: Tracker | None = None
-        self.seeder: Seeder | None = None
+        self.seeder: SeedProcess | None = None
         #: what the seed uploaded in the sessions that ended
         self.meter = Meter()
         self._lock = threading.RLock()
@@ -329,7 +332,7 @@ class BitTorrentTransport:
             if self.tracker is None:
                 self.tracker = Tracker(self.address, self.tracker_port)
             if self.seeder is None:
-                self.seeder = Seeder(self.engine(), self.address, self.seed_port)
+                self.seeder = SeedProcess(self.address, self.seed_port)
             source = f"corral deployment {deployment} image {payload.ref}"
             torrent = make_torrent(self.layouts[payload.ref], self.tracker_url, source)
             session = _Session(

@@ -18,10 +18,11 @@ import pytest
 from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Plan
 from corral.agent.receivers import RECEIVERS
+from corral.agent.receivers.bittorrent import seed as bittorrent_seed
 from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, linger, tracker_pending
 from corral.agent.receivers.bittorrent.libtorrent_swarm import session_settings
 from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver, _stripe
-from corral.agent.receivers.bittorrent.seed import ALONE_WAIT
+from corral.agent.receivers.bittorrent.seed import ALONE_WAIT, PieceClock
 from corral.agent.receivers.bittorrent.swarm import PieceMap, stripe
 from corral.agent.receivers.stream import VerifiedStream
 from corral.agent.wire.bencode import bencode
@@ -701,9 +702,13 @@ def test_a_latecomer_takes_its_stripe_from_the_peers_that_have_it() -> None:
     assert [c for c in swarm.calls if c[0] != "prioritize"] == [("seed", False)]
 
 
-def test_pieces_at_no_peer_for_long_are_asked_of_the_seed_even_while_others_come() -> None:
+def test_pieces_at_no_peer_for_long_are_asked_of_the_seed_even_while_others_come(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # the first nodes of a deployment booting in waves: pieces keep coming from the
-    # peers, but 8 and 9 are nobody's yet; after ORPHAN_WAIT the node asks the seed
+    # peers, but 8 and 9 are nobody's yet; after ORPHAN_WAIT the node asks the seed (the
+    # floor: the pace of this fake, a piece a second, would stretch it; see below)
+    monkeypatch.setattr(bittorrent_seed, "ORPHAN_PIECES", 0)
     swarm = FakeSwarm(DATA, [[0, 2], [1], [3], [4], [5], [6], [7], [], [8, 9]])
     swarm.avail = [1] * 8 + [0, 0]
     feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60)
@@ -764,3 +769,32 @@ def test_a_node_in_a_rack_gets_its_rack_the_seed_and_few_doors_out() -> None:
     anywhere = peers(announce(swarms, "10.0.9.9", b"z" * 20, left=1))
     assert len(anywhere) == MAX_PEERS
     assert len({racks.get(ip) for ip, _ in anywhere} - {None}) == 3
+
+
+def test_the_piece_clock_keeps_the_fastest_recent_pace() -> None:
+    now = [0.0]
+    pace = PieceClock(lambda: now[0])
+    assert pace.piece_time() is None and pace.scaled(2.0, 4) == 2.0  # not measured: floor
+    for second, count in [(0, 0), (2, 4), (4, 8), (6, 8), (8, 8), (10, 9), (12, 10)]:
+        now[0] = second
+        pace.observe(count)
+    # 0.5 s a piece while they flowed; the 4 s pause and the slow pieces after it are not
+    # the link's pace
+    assert pace.piece_time() == 0.5
+    assert pace.scaled(2.0, 4) == 2.0 and pace.scaled(2.0, 10) == 5.0
+
+
+def test_on_a_slow_link_a_normal_gap_between_pieces_is_no_rescue() -> None:
+    # a piece every 6 s (a 256 KiB piece at 0.35 Mbit/s): gaps of 6 s are its pace, not
+    # trouble, though longer than RESCUE_IDLE and the stall (5 s); the seed is never asked
+    # for more than the stripe, and nothing goes to HTTP, though one peer only has each
+    arrivals: list[list[int]] = [[0, 2]]
+    for piece in (1, 3, 4, 5, 6, 7, 8, 9):
+        arrivals += [[]] * 5 + [[piece]]
+    swarm = FakeSwarm(DATA, arrivals)
+    swarm.avail = [1] * 10
+    feeder, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=5)
+    assert b"".join(fed) == DATA and fetched == []
+    # one rescue, in the first gap: the pace is not measured yet, the floors hold (with
+    # fixed timings, every gap would have been one, and a stall to HTTP)
+    assert feeder.stats.rescues == 1

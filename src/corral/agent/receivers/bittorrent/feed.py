@@ -22,6 +22,8 @@ log = logging.getLogger("corral.agent")
 #: neither the peers nor the seed deliver (the seed is down, corral serve restarts). Longer
 #: than a tracker announce and several rescues by the seed, shorter than a node's patience.
 STALL_TIMEOUT = 15.0
+#: ... or for this many pieces' time at the node's measured pace, if that is longer.
+STALL_PIECES = 15
 #: Chunks ahead of the unpacking whose pieces get the top priority. One chunk (16 pieces of
 #: 256 KiB) keeps the unpacker fed without undoing rarest-first for the rest.
 AHEAD_CHUNKS = 1
@@ -130,7 +132,7 @@ class Feeder:
                     return data
                 # wrong bytes from the swarm: the plan's hash wins, over HTTP
                 return self._from_http(index)
-            if self.clock() - self._moved >= self.stall:
+            if self.clock() - self._moved >= self.seed.pace.scaled(self.stall, STALL_PIECES):
                 log.info(
                     "chunk %08d: no new piece for %.0f s, fetching it over HTTP",
                     index,

@@ -4,6 +4,7 @@ near one copy of the stream."""
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from corral.agent.receivers.bittorrent.swarm import Swarm
@@ -32,6 +33,55 @@ ALONE_WAIT = 10.0
 #: though other pieces keep coming: the first nodes of a deployment that boots in waves
 #: would otherwise wait for the stripes of the last ones.
 ORPHAN_WAIT = 5.0
+
+
+#: The timings above are floors, for a node that has not measured its pace yet and for
+#: fast links; each also scales with the node's measured piece time (:class:`PieceClock`),
+#: so that on a slow link, where a piece takes a second or more, a normal gap between two
+#: pieces is not read as trouble (a rescue from the seed: egress) or a stall (HTTP):
+#: nothing new for this many pieces' time is a rescue ...
+IDLE_PIECES = 4
+#: ... pieces at no peer for this many, an orphan rescue ...
+ORPHAN_PIECES = 10
+#: ... and a stripe from the seed is late after this many.
+STRIPE_PIECES = 10
+
+
+class PieceClock:
+    """How long a piece takes to arrive at this node, measured.
+
+    Over windows of at least :attr:`WINDOW` seconds in which pieces came, the time per new
+    piece; the fastest of the last few windows: the pace the node's link and its peers can
+    keep. A window slowed by a pause (the swarm waiting for a stripe, a rescue under way)
+    says nothing of the link, and must not stretch the timings that detect such pauses."""
+
+    WINDOW = 2.0
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self._since: float | None = None
+        self._count = 0
+        self.samples: deque[float] = deque(maxlen=5)
+
+    def observe(self, count: int) -> None:
+        """``count`` pieces are here now."""
+        now = self.clock()
+        if self._since is None or count < self._count:
+            self._since, self._count = now, count
+            return
+        if now - self._since < self.WINDOW:
+            return
+        if count > self._count:
+            self.samples.append((now - self._since) / (count - self._count))
+        self._since, self._count = now, count
+
+    def piece_time(self) -> float | None:
+        return min(self.samples) if self.samples else None
+
+    def scaled(self, floor: float, pieces: float) -> float:
+        """``pieces`` pieces' time at the measured pace, and at least ``floor`` seconds."""
+        measured = self.piece_time()
+        return floor if measured is None else max(floor, pieces * measured)
 
 
 class SeedUse:
@@ -88,6 +138,7 @@ class SeedUse:
         self._looked = -1e9
         self._orphans_since = float("inf")
         self._alone_since = float("inf")
+        self.pace = PieceClock(clock)
         if self.mine is None:
             self.phase = "plain"
         else:
@@ -99,6 +150,8 @@ class SeedUse:
         one; True when the wanted pieces changed (priorities must be set again)."""
         now = self.clock()
         waited = now - self.started
+        self.pace.observe(sum(have))
+        rescue_idle = self.pace.scaled(RESCUE_IDLE, IDLE_PIECES)
         if self.phase == "look" and (
             (self.swarm.heard() and waited >= LOOK_TIME and self._met(waited))
             or waited >= TRACKER_WAIT
@@ -121,7 +174,10 @@ class SeedUse:
             left = [p for p in self.mine if not have[p]]
             # a latecomer finds nodes that have everything: its stripe is theirs to give
             shared = bool(left) and all(a >= 2 for a in self._available(left))
-            late = now - self.started >= STRIPE_TIMEOUT or idle >= 2 * RESCUE_IDLE
+            late = (
+                now - self.started >= self.pace.scaled(STRIPE_TIMEOUT, STRIPE_PIECES)
+                or idle >= 2 * rescue_idle
+            )
             if not left or shared or late:
                 log.info(
                     "bittorrent: %s after %.1f s; the rest from the peers",
@@ -140,7 +196,7 @@ class SeedUse:
             self.phase == "swarm"
             and not all(have)
             and (self.swarm.heard() or waited >= TRACKER_WAIT)
-            and self._rescue_due(have, idle, now)
+            and self._rescue_due(have, idle, now, rescue_idle)
         ):
             available = self._counts(len(have))  # the seed is not connected: peers only
             if available is None:
@@ -151,7 +207,7 @@ class SeedUse:
             # each asks the seed for its share only and gets the others' from them. If
             # that has not worked out (they see other peers), all of them.
             position, count = self.swarm.present()
-            if idle < 3 * RESCUE_IDLE and count > 1:
+            if idle < 3 * rescue_idle and count > 1:
                 rare = [p for p in rare if p % count == position]
             if not rare:
                 return False
@@ -189,9 +245,12 @@ class SeedUse:
         """Connected to a peer, or looked long enough (the first node finds nobody)."""
         return waited >= 4 * LOOK_TIME or self.swarm.connected() > 0
 
-    def _rescue_due(self, have: Sequence[bool], idle: float, now: float) -> bool:
-        """Time to ask the seed (looked at once a second): nothing new for
-        :data:`RESCUE_IDLE` seconds, or pieces at no peer for :data:`ORPHAN_WAIT` seconds;
+    def _rescue_due(
+        self, have: Sequence[bool], idle: float, now: float, rescue_idle: float
+    ) -> bool:
+        """Time to ask the seed (looked at once a second): nothing new for ``rescue_idle``
+        seconds, or pieces at no peer for :data:`ORPHAN_WAIT` seconds (both scaled to the
+        node's pace);
         but not while the node has no peer at all, for :data:`ALONE_WAIT` seconds (it is
         still connecting, or the first of its deployment: the others are booting)."""
         if now - self._looked < 1.0:
@@ -203,7 +262,7 @@ class SeedUse:
                 return False
         else:
             self._alone_since = float("inf")
-        if idle >= RESCUE_IDLE:
+        if idle >= rescue_idle:
             return True
         available = self._counts(len(have))
         if available is None:
@@ -212,7 +271,7 @@ class SeedUse:
             self._orphans_since = min(self._orphans_since, now)
         else:
             self._orphans_since = float("inf")
-        return now - self._orphans_since >= ORPHAN_WAIT
+        return now - self._orphans_since >= self.pace.scaled(ORPHAN_WAIT, ORPHAN_PIECES)
 
     def _available(self, pieces: Sequence[int]) -> list[int]:
         """How many connected sources have each of ``pieces`` (the seed counts for one;

@@ -241,7 +241,7 @@ def test_apply_names_what_it_created_and_changed(tmp_path: Path) -> None:
     first = corral("apply", "-f", str(DATA / "cluster.yaml"), home=home)
     assert first.returncode == 0, first.stderr
     assert "created nodes: bonded,c01,fed01,img01,local01,ram01" in first.stdout
-    assert "created group: compute" in first.stdout
+    assert "created groups: compute, r1" in first.stdout
     assert corral("node", "set", "c01", "--var", "row=r9", home=home).returncode == 0
     again = corral("apply", "-f", str(DATA / "cluster.yaml"), home=home)
     assert "changed node: c01" in again.stdout

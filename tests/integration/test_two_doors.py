@@ -120,7 +120,7 @@ def test_the_same_edits_through_the_cli_and_rest_give_the_same_inventory(
     by_cli, by_rest = inventory_of(cli), inventory_of(rest)
     assert json.dumps(by_cli, sort_keys=True) == json.dumps(by_rest, sort_keys=True)
     c01 = next(n for n in by_rest["node"] if n["name"] == "c01")
-    assert c01["variables"] == {"row": "r7", "slot": 3}  # merged into, not replaced
+    assert c01["variables"] == {"rack": "r1", "row": "r7", "slot": 3}  # merged, not replaced
     group = next(g for g in by_rest["group"] if g["name"] == "compute")
     assert group["variables"] == {"role": "worker", "site": "hall-b"}
     profile = next(p for p in by_rest["profile"] if p["name"] == "compute")

@@ -14,6 +14,9 @@ from corral.cli.common import err, human_size, inventory, out, print_yaml, setti
 if TYPE_CHECKING:
     from corral.images.workflows import Change
 
+#: What an image argument takes.
+REF_HELP = "an image, e.g. 'compute' (its newest version) or 'compute:3'"
+
 app = typer.Typer(help="OS images: built in a chroot, versioned, exported.", no_args_is_help=True)
 
 
@@ -181,7 +184,10 @@ def _changed(change: Change) -> None:
 
 
 @app.command("exec")
-def exec_(ref: str, command: list[str] = typer.Argument(..., help="-- COMMAND ARGS...")) -> None:
+def exec_(
+    ref: str = typer.Argument(..., metavar="IMAGE[:VERSION]", help=REF_HELP),
+    command: list[str] = typer.Argument(..., help="-- COMMAND ARGS..."),
+) -> None:
     """Run a command inside a copy of the image; the result is a new version."""
     from corral.images.catalog import image_store
     from corral.images.workflows import run_in_image
@@ -192,7 +198,7 @@ def exec_(ref: str, command: list[str] = typer.Argument(..., help="-- COMMAND AR
 
 
 @app.command("shell")
-def shell(ref: str) -> None:
+def shell(ref: str = typer.Argument(..., metavar="IMAGE[:VERSION]", help=REF_HELP)) -> None:
     """An interactive shell inside a copy of the image; on exit, a new version."""
     from corral.images.catalog import image_store
     from corral.images.workflows import shell_in_image
@@ -201,7 +207,7 @@ def shell(ref: str) -> None:
 
 
 @app.command("export")
-def export(ref: str) -> None:
+def export(ref: str = typer.Argument(..., metavar="IMAGE[:VERSION]", help=REF_HELP)) -> None:
     """Build (or check and reuse) the image's exports: tree, zstd chunks, squashfs."""
     _export(ref)
 
@@ -225,7 +231,7 @@ def list_() -> None:
 
 
 @app.command("show")
-def show(ref: str) -> None:
+def show(ref: str = typer.Argument(..., metavar="IMAGE[:VERSION]", help=REF_HELP)) -> None:
     """An image version's manifest (packages summarised)."""
     from corral.images.catalog import image_store
 
@@ -236,7 +242,7 @@ def show(ref: str) -> None:
 
 
 @app.command("rm")
-def rm(ref: str) -> None:
+def rm(ref: str = typer.Argument(..., metavar="IMAGE[:VERSION]", help=REF_HELP)) -> None:
     """Remove one version (NAME:VERSION) or all versions of an image (NAME)."""
     from corral.images.catalog import image_store
     from corral.images.store import parse_ref

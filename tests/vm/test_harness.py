@@ -2,6 +2,11 @@
 
 No corral server is involved: dnsmasq (DHCP + TFTP) and a small recording HTTP server run
 inside the namespace, and the test initramfs reports to the latter.
+
+Its five boots (BIOS and UEFI iPXE, OVMF's own PXE, pxelinux, discovery) are marked
+``vm_harness`` and left out of ``make test``: test_serve_boot.py makes the same five boots
+through corral serve, so a broken harness fails there too. ``make vm-harness`` runs them,
+to tell a broken harness from a broken corral.
 """
 
 from __future__ import annotations
@@ -345,14 +350,17 @@ def test_cleanup_stale_removes_namespaces_of_dead_runs() -> None:
             net.close()
 
 
+@pytest.mark.vm_harness
 def test_bios_ipxe_boot(tmp_path: Path, assets: BootAssets, record_property: Any) -> None:
     _ipxe_boot(tmp_path, assets, "bios", record_property)
 
 
+@pytest.mark.vm_harness
 def test_uefi_ipxe_boot(tmp_path: Path, assets: BootAssets, record_property: Any) -> None:
     _ipxe_boot(tmp_path, assets, "uefi", record_property)
 
 
+@pytest.mark.vm_harness
 def test_uefi_native_pxe_chains_ipxe_efi(
     tmp_path: Path, assets: BootAssets, record_property: Any
 ) -> None:
@@ -360,6 +368,7 @@ def test_uefi_native_pxe_chains_ipxe_efi(
     _ipxe_boot(tmp_path, assets, "uefi", record_property, option_rom=False)
 
 
+@pytest.mark.vm_harness
 def test_pxelinux_tftp_boot(tmp_path: Path, assets: BootAssets, record_property: Any) -> None:
     mac, ip = "52:54:00:00:00:03", f"{SUBNET}.52"
     url = f"http://{SUBNET}.1:{HTTP_PORT}"
@@ -390,6 +399,7 @@ def test_pxelinux_tftp_boot(tmp_path: Path, assets: BootAssets, record_property:
         assert json.loads(post["body"])["phase"] == "booted"
 
 
+@pytest.mark.vm_harness
 def test_discover_boot(tmp_path: Path, assets: BootAssets, record_property: Any) -> None:
     mac, ip = "52:54:00:00:00:04", f"{SUBNET}.53"
     url = f"http://{SUBNET}.1:{HTTP_PORT}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import threading
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ from corral.agent.receivers.bittorrent import seed as bittorrent_seed
 from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, linger, tracker_pending
 from corral.agent.receivers.bittorrent.libtorrent_swarm import session_settings
 from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver, _stripe
-from corral.agent.receivers.bittorrent.seed import ALONE_WAIT, PieceClock
+from corral.agent.receivers.bittorrent.seed import ALONE_WAIT, STRIPE_TIMEOUT, PieceClock
 from corral.agent.receivers.bittorrent.swarm import PieceMap, stripe
 from corral.agent.receivers.stream import VerifiedStream
 from corral.agent.wire.bencode import bencode
@@ -346,6 +347,8 @@ class FakeSwarm:
         self.waits = 0
         self.in_need = 0
         self.avail = [1] * len(self.have)  # connected peers having each piece
+        self.seed_up = True  # corral's seed answers when the node lets it in
+        self.seed_connected = False
         self.calls: list[tuple[str, Any]] = []  # want and use_seed, in order
         self.position = (0, 1)  # alone among the peers still downloading
         self.min_rates: list[float] = []
@@ -379,9 +382,12 @@ class FakeSwarm:
 
     def use_seed(self, on: bool) -> None:
         self.calls.append(("seed", on))
+        self.seed_connected = on and self.seed_up
 
     def availability(self) -> Sequence[int]:
-        return list(self.avail)
+        """The connected peers' counts, and the seed (which has every piece) once the
+        node lets it in."""
+        return [a + (1 if self.seed_connected else 0) for a in self.avail]
 
     def present(self) -> tuple[int, int]:
         return self.position
@@ -798,3 +804,32 @@ def test_on_a_slow_link_a_normal_gap_between_pieces_is_no_rescue() -> None:
     # one rescue, in the first gap: the pace is not measured yet, the floors hold (with
     # fixed timings, every gap would have been one, and a stall to HTTP)
     assert feeder.stats.rescues == 1
+
+
+def test_the_look_at_the_peers_does_not_make_the_stripe_late(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # nobody connected: the node looks for 4 s with nothing coming (the seed is kept
+    # away), then asks the seed for its stripe, which takes 3 s; it waits for it rather
+    # than finding it late at once because nothing came while it looked
+    swarm = FakeSwarm(DATA, [[]] * 7 + [[0, 2]] + [list(range(10))])
+    swarm.avail = [0] * 10
+    with caplog.at_level("INFO", logger="corral.agent"):
+        run_feeder(swarm, mine=[0, 2], stall=60)
+    assert "my stripe is here" in caplog.text and "late" not in caplog.text
+
+
+def test_a_seed_that_is_not_there_makes_the_stripe_late_soon(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # corral serve restarting: the stripe is nowhere, not even at the seed; the node turns
+    # to its peers after twice RESCUE_IDLE, not after STRIPE_TIMEOUT
+    swarm = FakeSwarm(DATA, [[]] * 12 + [list(range(10))])
+    swarm.avail = [0] * 10
+    swarm.seed_up = False
+    with caplog.at_level("INFO", logger="corral.agent"):
+        run_feeder(swarm, mine=[0, 2], stall=60)
+    seed_calls = [c[1] for c in swarm.calls if c[0] == "seed"]
+    assert seed_calls[:3] == [False, True, False]
+    late = re.search(r"my stripe is late after ([\d.]+) s", caplog.text)
+    assert late is not None and float(late.group(1)) < STRIPE_TIMEOUT / 2, caplog.text

@@ -132,12 +132,11 @@ class Feeder:
                     return data
                 # wrong bytes from the swarm: the plan's hash wins, over HTTP
                 return self._from_http(index)
-            if self.clock() - self._moved >= self.seed.pace.scaled(self.stall, STALL_PIECES):
-                log.info(
-                    "chunk %08d: no new piece for %.0f s, fetching it over HTTP",
-                    index,
-                    self.clock() - self._moved,
-                )
+            quiet = self.clock() - max(self._moved, self.seed.started_swarming)
+            if not self.seed.starting() and quiet >= self.seed.pace.scaled(
+                self.stall, STALL_PIECES
+            ):
+                log.info("chunk %08d: no new piece for %.0f s, fetching it over HTTP", index, quiet)
                 return self._from_http(index)
             self.swarm.wait(POLL)
 
@@ -167,6 +166,7 @@ class Feeder:
         missing = {p: b for p, b in self.layout.split(index, data).items() if not have[p]}
         if missing:
             self.swarm.add(missing)  # so that this node can serve them too
+            self.seed.pace.came_elsewhere(len(missing))
         return data
 
     def _report(self, at_least: int = 0) -> None:

@@ -12,8 +12,12 @@ from corral.agent.receivers.bittorrent.swarm import Swarm
 log = logging.getLogger("corral.agent")
 
 #: Seconds a node may spend getting its stripe from the seed before it turns to its peers
-#: anyway (a slow link or a busy seed; its peers will ask the seed for the rest).
-STRIPE_TIMEOUT = 10.0
+#: anyway (a slow link or a dead seed; its peers will ask the seed for the rest). A busy
+#: seed is no reason: at N = 100 on a 20 Mbit/s server link, the stripes together (one
+#: copy) take 10 s to go out, and a node whose stripe came last waited that long for its
+#: first byte. Giving up sooner made nodes drop stripes the seed was about to send, and
+#: the pieces nobody then held came from the seed again, as rescues, once per node.
+STRIPE_TIMEOUT = 20.0
 #: Seconds without a new piece after which the node asks the seed for the pieces that at
 #: most one peer has (see :class:`SeedUse`). A 256 KiB piece takes 0.1 s at 20 Mbit/s, so
 #: two seconds of nothing is trouble, not a pause.
@@ -62,9 +66,15 @@ class PieceClock:
         self._since: float | None = None
         self._count = 0
         self.samples: deque[float] = deque(maxlen=5)
+        self._elsewhere = 0
+
+    def came_elsewhere(self, pieces: int) -> None:
+        """``pieces`` came over HTTP, not from the swarm: they say nothing of its pace."""
+        self._elsewhere += pieces
 
     def observe(self, count: int) -> None:
         """``count`` pieces are here now."""
+        count -= self._elsewhere
         now = self.clock()
         if self._since is None or count < self._count:
             self._since, self._count = now, count
@@ -82,6 +92,10 @@ class PieceClock:
         """``pieces`` pieces' time at the measured pace, and at least ``floor`` seconds."""
         measured = self.piece_time()
         return floor if measured is None else max(floor, pieces * measured)
+
+
+#: The phases before a node takes pieces from its peers.
+STARTING = ("look", "stripe")
 
 
 class SeedUse:
@@ -103,7 +117,8 @@ class SeedUse:
         for them can reach the seed); the stripes together are one copy of the stream.
         It ends when the stripe is here, when peers have what is left of it (a node
         that comes late finds the others seeding), after :data:`STRIPE_TIMEOUT` seconds,
-        or when the seed sends nothing for twice :data:`RESCUE_IDLE`;
+        or when for twice :data:`RESCUE_IDLE` not even the seed has it (it is not
+        connected);
     ``swarm``
         then, the seed blocked (libtorrent's IP filter), every other piece from the peers,
         who hold each other's stripes;
@@ -138,18 +153,47 @@ class SeedUse:
         self._looked = -1e9
         self._orphans_since = float("inf")
         self._alone_since = float("inf")
+        self._seedless_since = float("inf")
         self.pace = PieceClock(clock)
+        #: when the node began taking pieces from its peers (the end of look and stripe)
+        self.started_swarming = self.started
         if self.mine is None:
             self.phase = "plain"
         else:
             self.phase = "look" if self.mine else "swarm"
             swarm.use_seed(False)
 
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        old = getattr(self, "_phase", None)
+        if value != old:
+            self._phase_at = self.clock()
+            if old in STARTING and value not in STARTING:
+                self.started_swarming = self._phase_at
+        self._phase = value
+
+    def starting(self) -> bool:
+        """Still meeting its peers or getting its stripe: no chunk is wanted yet, so none
+        can stall (the stripe has its own :data:`STRIPE_TIMEOUT`)."""
+        return self._phase in STARTING
+
     def step(self, have: Sequence[bool], idle: float) -> bool:
         """Move on if it is time, given the pieces here and the seconds since the last new
-        one; True when the wanted pieces changed (priorities must be set again)."""
+        one; True when the wanted pieces changed (priorities must be set again).
+
+        Idleness counts from the current phase's start at the earliest: a node that looked
+        at its peers for 4 s got nothing meanwhile (the seed was kept away, the peers had
+        nothing yet), and that is no reason to find its stripe late the moment it asks the
+        seed for it. (It was: every node gave up its stripe at once, nobody took the
+        stripes from the seed, every piece was at no peer, and the rescues sent the image
+        from the seed once per node or so: 27 x S of egress at N = 100.)"""
         now = self.clock()
         waited = now - self.started
+        idle = min(idle, now - self._phase_at)
         self.pace.observe(sum(have))
         rescue_idle = self.pace.scaled(RESCUE_IDLE, IDLE_PIECES)
         if self.phase == "look" and (
@@ -173,10 +217,17 @@ class SeedUse:
             assert self.mine is not None
             left = [p for p in self.mine if not have[p]]
             # a latecomer finds nodes that have everything: its stripe is theirs to give
-            shared = bool(left) and all(a >= 2 for a in self._available(left))
+            sources = self._available(left)
+            shared = bool(left) and all(a >= 2 for a in sources)
+            # nobody has it, not even the seed: the seed is not connected (down, or corral
+            # serve restarting); a busy seed is connected, and its stripe comes in its turn
+            if left and not any(sources):
+                self._seedless_since = min(self._seedless_since, now)
+            else:
+                self._seedless_since = float("inf")
             late = (
                 now - self.started >= self.pace.scaled(STRIPE_TIMEOUT, STRIPE_PIECES)
-                or idle >= 2 * rescue_idle
+                or now - self._seedless_since >= 2 * rescue_idle
             )
             if not left or shared or late:
                 log.info(

@@ -139,11 +139,16 @@ def receive(plan: Plan, server: str, target: Path) -> Received:
     return receiver.receive(Job(plan, target, lambda done, total: None, threading.Event()))
 
 
+def loopback_transport(chunk_server: str, tmp_path: Path) -> BitTorrentTransport:
+    """corral's side on the loopback interface: its tracker and seed on free ports."""
+    settings = Settings(home=tmp_path / "home", server_url=chunk_server, address=SERVER)
+    return BitTorrentTransport(settings, tracker_port=0, seed_port=0)
+
+
 def test_two_agents_and_the_seed_on_loopback(
     version: ImageVersion, chunk_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = Settings(home=tmp_path / "home", server_url=chunk_server, address=SERVER)
-    transport = BitTorrentTransport(settings, tracker_port=0, seed_port=0)
+    transport = loopback_transport(chunk_server, tmp_path)
     try:
         transport.prepare(Chunked(version))
         transport.start(1, Chunked(version), [Member(n, ip) for n, ip in NODE_ADDRESS.items()])
@@ -177,8 +182,7 @@ def test_the_seed_runs_apart_and_comes_back_after_a_crash_or_a_hang(
     version: ImageVersion, chunk_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(bittorrent_seed, "CALL_TIMEOUT", 1.0)
-    settings = Settings(home=tmp_path / "home", server_url=chunk_server, address=SERVER)
-    transport = BitTorrentTransport(settings, tracker_port=0, seed_port=0)
+    transport = loopback_transport(chunk_server, tmp_path)
     try:
         transport.start(3, Chunked(version), [Member("a", NODE_ADDRESS["a"])])
         seed = transport.seeder
@@ -225,8 +229,7 @@ def test_without_a_swarm_the_chunks_come_over_http(
 ) -> None:
     """A torrent whose tracker is gone (no peers, no seed): every chunk after the stall."""
     monkeypatch.setattr(bittorrent_feed, "STALL_TIMEOUT", 1.0)
-    settings = Settings(home=tmp_path / "home", server_url=chunk_server, address=SERVER)
-    transport = BitTorrentTransport(settings, tracker_port=0, seed_port=0)
+    transport = loopback_transport(chunk_server, tmp_path)
     try:
         transport.start(2, Chunked(version), [Member("a", NODE_ADDRESS["a"])])
         params = transport.params(Chunked(version), "a")

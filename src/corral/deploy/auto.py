@@ -42,9 +42,11 @@ class Crossover:
 #: Re-derived 2026-12-03 from issue 17's runs at N = 100, median (worst) of 3: the chain
 #: 1.28-1.32 (worst 1.35) at start skews of 0, 30 and 60 s, and 1.26 (1.27) across 4 racks
 #: behind 4:1 uplinks, crossing each uplink 1.03-1.10 x S; multicast 1.42-1.50 (worst
-#: 1.52), 1.09 x S per uplink; BitTorrent 3.1-3.3 with 25 x S of egress (its nodes' full
+#: 1.52), 1.09 x S per uplink; BitTorrent 2.6-3.3 with 20-25 x S of egress (its nodes' full
 #: links drop the peers' handshakes: docs/benchmarks.md). Unicast across the same racks
-#: crosses a rack's uplink once per node in it. The order stands: the chain from 16 nodes. Up to N = B_server/B unicast is as fast as one copy
+#: crosses a rack's uplink once per node in it. The order stands: the chain from 16 nodes.
+#:
+#: Up to N = B_server/B unicast is as fast as one copy
 #: and needs nothing of the network; past it, unicast grows with N and the chain does not.
 #: The chain won every run from 50 nodes, kept egress near one copy, and needs no
 #: multicast-capable switches; the crossover is put at 16 nodes, 1.6 x the measured ratio

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 APPLIED_COUNTS = {
     "distros": (3, 0, 0),
     "profiles": (4, 0, 0),
-    "groups": (1, 0, 0),
+    "groups": (2, 0, 0),
     "nodes": (6, 0, 0),
 }
 

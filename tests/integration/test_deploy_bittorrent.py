@@ -37,6 +37,7 @@ from corral.images.catalog import image_store
 from corral.images.exports import STREAM_INDEX, Chunked, build_exports, verify_export
 from corral.images.store import ImageVersion
 from corral.inventory import db
+from corral.run import pid_alive
 from corral.testbed import cluster
 from tests.integration import deploybed
 from tests.integration.deploybed import (
@@ -214,11 +215,7 @@ def waitpid_gone(pid: int, timeout: float = 10.0) -> None:
     """Wait until ``pid`` is no longer running (reaped by multiprocessing, or a zombie)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
-        except (FileNotFoundError, IndexError):
-            return
-        if state == "Z":
+        if not pid_alive(pid):
             return
         time.sleep(0.05)
     pytest.fail(f"process {pid} still runs after {timeout:.0f} s")

@@ -178,48 +178,53 @@ class DeployService:
     def _plan(self, node: str, token: str | None, client_ip: str) -> dict[str, Any] | None:
         with self.session() as s:
             self.authorize(s, node, token, client_ip)
-            joins = (
-                Deployments(s).active(node) is None
-                and Inventory(s).node(node).install_method is InstallMethod.DISKLESS
-            )
-        if joins:
-            self._join_boot(node, client_ip)
-        with self.session() as s:
             row = Deployments(s).active(node)
-            if row is None:
-                self._no_deployment(s, node, client_ip)
-                return None
-            if (
-                row.deployment.gather_until is not None
-                and (row.deployment_id, row.image, row.transport) not in self._sessions
-            ):
-                return None  # gathering nodes: their session starts when the window closes
-            payload = self.payload(row)
-            transport = self.transports.get(row.transport)
-            transport.prepare(payload)
-            try:
-                params = transport.params(payload, node)
-            except NotReady as exc:
-                self.silent[node] = 0.0  # it asked: it is alive, and waits
-                log.debug("node %s: no plan yet: %s", node, exc.message)
-                return None
-            first = row.host_keys_given is None
-            plan = self._build_plan(s, row, payload, params, with_host_keys=first)
-            if first:
-                row.host_keys_given = time.time()
-            else:
-                # The private keys go out once per deployment node: a second fetch is a
-                # rebooted agent (whose node then makes new keys) or someone else.
-                log.warning(
-                    "node %s fetched its plan again (deployment %d, from %s): without its "
-                    "SSH host keys, which went out with the first plan",
-                    node,
-                    row.deployment_id,
-                    client_ip,
-                )
-            self.silent[node] = 0.0
-            log.info("node %s fetched its plan (deployment %d)", node, row.deployment_id)
-            return plan.to_dict()
+            joins = row is None and Inventory(s).node(node).install_method is InstallMethod.DISKLESS
+            if not joins:
+                return self._plan_of(s, node, row, client_ip)
+        # a diskless node that booted on its own: it joins in a transaction of its own
+        self._join_boot(node, client_ip)
+        with self.session() as s:
+            return self._plan_of(s, node, Deployments(s).active(node), client_ip)
+
+    def _plan_of(
+        self, s: Session, node: str, row: m.DeploymentNode | None, client_ip: str
+    ) -> dict[str, Any] | None:
+        """The plan of ``node``, in deployment node ``row`` (None: in no deployment)."""
+        if row is None:
+            self._no_deployment(s, node, client_ip)
+            return None
+        if (
+            row.deployment.gather_until is not None
+            and (row.deployment_id, row.image, row.transport) not in self._sessions
+        ):
+            return None  # gathering nodes: their session starts when the window closes
+        payload = self.payload(row)
+        transport = self.transports.get(row.transport)
+        transport.prepare(payload)
+        try:
+            params = transport.params(payload, node)
+        except NotReady as exc:
+            self.silent[node] = 0.0  # it asked: it is alive, and waits
+            log.debug("node %s: no plan yet: %s", node, exc.message)
+            return None
+        first = row.host_keys_given is None
+        plan = self._build_plan(s, row, payload, params, with_host_keys=first)
+        if first:
+            row.host_keys_given = time.time()
+        else:
+            # The private keys go out once per deployment node: a second fetch is a
+            # rebooted agent (whose node then makes new keys) or someone else.
+            log.warning(
+                "node %s fetched its plan again (deployment %d, from %s): without its "
+                "SSH host keys, which went out with the first plan",
+                node,
+                row.deployment_id,
+                client_ip,
+            )
+        self.silent[node] = 0.0
+        log.info("node %s fetched its plan (deployment %d)", node, row.deployment_id)
+        return plan.to_dict()
 
     def _join_boot(self, node: str, client_ip: str) -> None:
         """Put a diskless node that booted on its own into its gathering deployment, one

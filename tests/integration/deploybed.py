@@ -168,9 +168,11 @@ def shape(bed: cluster.Testbed, rate: str, loss: float = 0.0) -> None:
     """Every node's link at ``rate`` both ways, with ``loss`` on what they receive."""
     bps = cluster.parse_rate(rate)
     for node in bed.require_state().nodes:
-        for namespace, device in ((cluster.HUB, node.port), (node.namespace, "eth0")):
-            line = cluster.tbf(device, bps).replace("qdisc add", "qdisc replace", 1)
-            run(["tc", "-n", namespace, *line.split()])
+        line = cluster.tbf(node.port, bps).replace("qdisc add", "qdisc replace", 1)
+        run(["tc", "-n", cluster.HUB, *line.split()])
+        run(["tc", "-n", node.namespace, "qdisc", "del", "dev", "eth0", "root"], check=False)
+        lines = cluster.host_shaping("eth0", bps)
+        run(["tc", "-n", node.namespace, "-batch", "-"], input="\n".join(lines) + "\n")
         run(["tc", "-n", cluster.HUB, "qdisc", "del", "dev", node.port, "clsact"], check=False)
         if loss > 0:
             for line in cluster.loss_filter(node.port, loss):

@@ -23,7 +23,14 @@ from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService
 from corral.testbed import cluster, firmware
 from corral.testbed.inventory import register_nodes, release_nodes
-from corral.testbed.links import endpoint_commands, hub_commands, loss_filter, tbf
+from corral.testbed.links import (
+    SPARSE_BYTES,
+    endpoint_commands,
+    host_shaping,
+    hub_commands,
+    loss_filter,
+    tbf,
+)
 from corral.testbed.plan import (
     MAX_NODES,
     format_rate,
@@ -373,6 +380,20 @@ def test_tbf_bucket() -> None:
     )
     # Fast links get 4 ms of traffic in the bucket.
     assert "burst 5000000 " in tbf("eth0", 10 * 10**9)
+
+
+def test_host_shaping_puts_small_packets_first_and_keeps_tbfs_queue_for_the_rest() -> None:
+    lines = host_shaping("eth0", 2_000_000)
+    assert lines[0] == (
+        "qdisc add dev eth0 root handle 1: tbf rate 2000000bit burst 32768 latency 50ms"
+    )
+    # The bulk FIFO is the one tbf makes itself: 50 ms of the rate plus the bucket.
+    assert lines[5] == f"qdisc add dev eth0 parent 10:20 bfifo limit {12_500 + 32_768}"
+    assert "prio 0" in lines[2] and "classid 10:10" in lines[2]
+    program = lines[6].split('"')[1].split(",")
+    assert program[0] == "4" and program[1] == "128 0 0 0"  # four instructions; load the length
+    assert program[2] == f"37 1 0 {SPARSE_BYTES}"  # longer: skip to "no match"
+    assert lines[6].endswith("classid 10:10")
 
 
 def test_loss_filter_threshold() -> None:

@@ -17,7 +17,8 @@ Every name starts with ``ctb-`` so that ``down`` finds what a crashed ``up`` lef
 without the state file; only one testbed can exist on a machine. Links are shaped with tbf
 where the packets leave: a node's download on the hub's ``tNNN``, its upload on its own
 ``eth0`` (nodes upload to each other once BitTorrent comes), the server's egress on
-``eth0`` in ``ctb-srv`` (whose ``tx_bytes`` is then what the server sent).
+``eth0`` in ``ctb-srv`` (whose ``tx_bytes`` is then what the server sent); a host's own
+end lets its small packets (handshakes, ACKs) pass its bulk, as a real host's qdisc does.
 
 Each node has a sparse file attached as a loop device for its disk, is registered in the
 inventory (group ``testbed``, install method image, no profile), and is "powered on" by
@@ -54,7 +55,7 @@ from corral.config import Settings
 from corral.errors import CommandFailed, CorralError, InvalidValue, UsageError
 from corral.run import pid_alive, run, spawn, stop_pids
 from corral.testbed.inventory import GROUP, register_nodes, release_nodes
-from corral.testbed.links import endpoint_commands, hub_commands, loss_filter, tbf
+from corral.testbed.links import endpoint_commands, host_shaping, hub_commands, loss_filter, tbf
 from corral.testbed.netns import (
     list_namespaces,
     namespace_pid_map,
@@ -91,6 +92,7 @@ __all__ = [
     "TestbedExists",
     "TestbedState",
     "format_rate",
+    "host_shaping",
     "loss_filter",
     "loss_text",
     "node_name",
@@ -334,7 +336,8 @@ class Testbed:
             namespace, address, rate = job
             run(["ip", "-n", namespace, "-batch", "-"], input=endpoint_commands(address, prefix))
             if rate is not None:
-                run(["tc", "-n", namespace, *tbf("eth0", rate).split()])
+                lines = host_shaping("eth0", rate)
+                run(["tc", "-n", namespace, "-batch", "-"], input="\n".join(lines) + "\n")
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(configure, jobs))

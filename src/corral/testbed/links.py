@@ -1,6 +1,7 @@
 """The testbed's network as ``ip -batch`` and ``tc -batch`` lines: a bridge in the hub
 namespace with a veth pair to each other namespace, each link shaped by tbf where its
-packets leave, and loss by a BPF filter.
+packets leave (a host's own end with a scheduler in it, :func:`host_shaping`), and loss by
+a BPF filter.
 
 With racks, the hub holds a bridge per rack besides the core one (``br0``, where the
 server is), and each rack bridge is joined to the core by a veth pair, its uplink, in the
@@ -27,8 +28,49 @@ def tbf(device: str, bps: int) -> str:
     high rates without letting slow links burst for long; veth's 64 KiB GSO packets are
     split by tbf itself.
     """
-    burst = max(32 * 1024, bps // 8 // 250)
+    burst = _burst(bps)
     return f"qdisc add dev {device} root tbf rate {bps}bit burst {burst} latency {TBF_LATENCY}"
+
+
+def _burst(bps: int) -> int:
+    return max(32 * 1024, bps // 8 // 250)
+
+
+#: Packets up to this many bytes leave a host ahead of its bulk traffic
+#: (:func:`host_shaping`): handshakes, ACKs and requests, not full segments.
+SPARSE_BYTES = 200
+
+
+def host_shaping(device: str, bps: int) -> list[str]:
+    """tc lines that limit a host's own ``device`` (a node's or the server's ``eth0``) to
+    ``bps`` the way a real host sends at its NIC's line rate.
+
+    A real host's queue is its default qdisc, fq_codel on Debian and RHEL (systemd sets
+    it), which serves a flow with little queued (a TCP handshake, a bare ACK, a request)
+    before the flows that fill the link. A tbf alone drops them behind the bulk instead:
+    with 100 BitTorrent nodes uploading at 2 Mbit/s, the peers' SYNs and SYN-ACKs died in
+    full 50 ms queues and most peers never connected. The kernels this runs on may lack
+    fq_codel (this project's machines do), so the tbf that sets the rate holds an htb
+    with two unlimited classes instead of its own FIFO: packets of up to
+    :data:`SPARSE_BYTES` first, the rest after. The bulk class keeps exactly the FIFO tbf
+    would have had (50 ms of the rate plus the bucket, in bytes), so bulk traffic sees the
+    same queue as before. A switch port (the hub's side) has no such scheduler, and keeps
+    the plain :func:`tbf`.
+    """
+    burst = _burst(bps)
+    limit = bps // 8 * int(TBF_LATENCY.removesuffix("ms")) // 1000 + burst
+    # Classic BPF: load the packet's length; longer than SPARSE_BYTES is no match (0),
+    # otherwise the filter's class (-1).
+    program = f"4,128 0 0 0,37 1 0 {SPARSE_BYTES},6 0 0 {2**32 - 1},6 0 0 0"
+    return [
+        tbf(device, bps).replace(" root ", " root handle 1: ", 1),
+        f"qdisc add dev {device} parent 1:1 handle 10: htb default 20",
+        f"class add dev {device} parent 10: classid 10:10 htb rate 10gbit prio 0",
+        f"class add dev {device} parent 10: classid 10:20 htb rate 10gbit prio 1",
+        f"qdisc add dev {device} parent 10:10 pfifo limit 1000",
+        f"qdisc add dev {device} parent 10:20 bfifo limit {limit}",
+        f'filter add dev {device} parent 10: bpf bytecode "{program}" classid 10:10',
+    ]
 
 
 def loss_filter(device: str, loss: float) -> list[str]:

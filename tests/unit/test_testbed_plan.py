@@ -29,6 +29,7 @@ from corral.testbed.links import (
     host_shaping,
     hub_commands,
     loss_filter,
+    neighbour_commands,
     tbf,
 )
 from corral.testbed.plan import (
@@ -359,7 +360,7 @@ def test_hub_commands() -> None:
     state = plan(3, "20mbit", loss="1%", slow=["tb002=2mbit"])
     ip, tc = hub_commands(state)
     assert "link add br0 type bridge mcast_snooping 0 stp_state 0 forward_delay 0" in ip
-    assert "link add s0 type veth peer name eth0 netns ctb-srv" in ip
+    assert "link add s0 type veth peer name eth0 address 02:cb:00:00:00:00 netns ctb-srv" in ip
     assert "link add t002 type veth peer name eth0 address 02:cb:00:00:00:02 netns ctb-tb002" in ip
     assert "link set t002 master br0" in ip
     # Every interface name fits the kernel's 15 characters, even at 250 nodes.
@@ -394,6 +395,17 @@ def test_host_shaping_puts_small_packets_first_and_keeps_tbfs_queue_for_the_rest
     assert program[0] == "4" and program[1] == "128 0 0 0"  # four instructions; load the length
     assert program[2] == f"37 1 0 {SPARSE_BYTES}"  # longer: skip to "no match"
     assert lines[6].endswith("classid 10:10")
+
+
+def test_every_host_knows_every_other_hosts_mac() -> None:
+    state = plan(3, "20mbit")
+    lines = neighbour_commands(state).splitlines()
+    assert lines[0] == "neigh replace 10.77.0.1 lladdr 02:cb:00:00:00:00 dev eth0 nud permanent"
+    assert lines[3] == "neigh replace 10.77.0.4 lladdr 02:cb:00:00:00:03 dev eth0 nud permanent"
+    assert len(lines) == 4
+    # the MACs written are the ones the links get
+    ip, _ = hub_commands(state)
+    assert any("peer name eth0 address 02:cb:00:00:00:00 netns ctb-srv" in line for line in ip)
 
 
 def test_loss_filter_threshold() -> None:

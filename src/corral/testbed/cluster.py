@@ -55,7 +55,14 @@ from corral.config import Settings
 from corral.errors import CommandFailed, CorralError, InvalidValue, UsageError
 from corral.run import pid_alive, run, spawn, stop_pids
 from corral.testbed.inventory import GROUP, register_nodes, release_nodes
-from corral.testbed.links import endpoint_commands, host_shaping, hub_commands, loss_filter, tbf
+from corral.testbed.links import (
+    endpoint_commands,
+    host_shaping,
+    hub_commands,
+    loss_filter,
+    neighbour_commands,
+    tbf,
+)
 from corral.testbed.netns import (
     list_namespaces,
     namespace_pid_map,
@@ -332,9 +339,12 @@ class Testbed:
         jobs: list[tuple[str, str, int | None]] = [(SERVER_NS, state.server_ip, state.server_link)]
         jobs += [(n.namespace, n.ip, n.rate) for n in state.nodes]
 
+        neighbours = neighbour_commands(state)
+
         def configure(job: tuple[str, str, int | None]) -> None:
             namespace, address, rate = job
-            run(["ip", "-n", namespace, "-batch", "-"], input=endpoint_commands(address, prefix))
+            lines = endpoint_commands(address, prefix) + neighbours
+            run(["ip", "-n", namespace, "-batch", "-"], input=lines)
             if rate is not None:
                 lines = host_shaping("eth0", rate)
                 run(["tc", "-n", namespace, "-batch", "-"], input="\n".join(lines) + "\n")

@@ -100,6 +100,10 @@ def node_mac(index: int) -> str:
     return f"02:cb:00:00:{index >> 8:02x}:{index & 0xFF:02x}"
 
 
+#: The server's MAC, as node 0 of the address plan (its address is ``.1``, node 0's).
+SERVER_MAC = node_mac(0)
+
+
 def rack_sizes(nodes: int, racks: int) -> list[int]:
     """How many consecutive nodes each of ``racks`` racks holds: as even as can be, the
     first ``nodes % racks`` racks one node more (100 in 4: 25 each; 10 in 4: 3, 3, 2, 2).

@@ -312,6 +312,7 @@ def test_agent_settings_are_pinned() -> None:
         "apply_ip_filter_to_trackers": False,
         "close_redundant_connections": False,
         "connections_limit": 200,
+        "unchoke_slots_limit": 8,
         "listen_queue_size": 200,
         "tracker_completion_timeout": 30,
         "tracker_receive_timeout": 15,

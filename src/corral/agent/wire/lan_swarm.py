@@ -34,10 +34,11 @@ def lan_settings(lt: Any, address: str, port: int) -> dict[str, Any]:
         # one address (a test bench, a NAT'd rack) must still all be served.
         "allow_multiple_connections_per_ip": True,
         # Choking exists to make strangers reciprocate (tit-for-tat). The nodes are not
-        # strangers and there are no free riders to punish, so every peer that asks is
-        # unchoked (fixed slots, unlimited), and no peer waits for an optimistic unchoke
-        # every 30 s. What the seed sends is limited by what the nodes ask of it (their
-        # stripes, see SeedUse), not by choking. Measured with 20 nodes at 20 Mbit/s
+        # strangers and there are no free riders to punish, so the seed unchokes every
+        # peer that asks (fixed slots, unlimited), and no peer waits for an optimistic
+        # unchoke every 30 s; a node limits its slots for its links' sake only. What the
+        # seed sends is limited by what the nodes ask of it (their stripes, see
+        # SeedUse), not by choking. Measured with 20 nodes at 20 Mbit/s
         # and the seed at 200 Mbit/s, 16 MiB, before the stripes: every peer unchoked
         # and asking freely, T = 1.5 x S/B but egress 8.7 x S (the seed, 10x faster
         # than a node, answered everything); 1 or 2 unchoke slots (rotated every 3-5 s),
@@ -46,7 +47,7 @@ def lan_settings(lt: Any, address: str, port: int) -> dict[str, Any]:
         # and 3.4 x S/B. With the stripes: 1.1 x S and 1.6 x S/B. The seed's choking
         # order (round robin) only decides who goes first if a limit is ever set.
         "choking_algorithm": int(lt.choking_algorithm_t.fixed_slots_choker),
-        "unchoke_slots_limit": -1,
+        "unchoke_slots_limit": -1,  # a node sets its own (UPLOAD_SLOTS, for its links)
         "seed_choking_algorithm": int(lt.seed_choking_algorithm_t.round_robin),
         # A wave of nodes that boot together connects at once, and a link that is full
         # drops handshakes too; SYNs are resent after 1, 3, 7 s: libtorrent's own

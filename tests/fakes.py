@@ -285,6 +285,9 @@ class WorldSwarm:
     def downloaded(self) -> int:
         return sum(len(self.world.piece_bytes(p)) for p, h in enumerate(self.have) if h)
 
+    def received(self) -> int:
+        return self.downloaded()
+
     def read(self, pieces: Sequence[int], timeout: float) -> dict[int, bytes]:
         out = {p: self.world.piece_bytes(p) for p in pieces if self.have[p]}
         bad = self.world.bad

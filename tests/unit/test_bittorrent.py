@@ -356,12 +356,17 @@ class FakeSwarm:
         self.tracker_answered = True
         self.peers_connected = 3
         self.want_at: list[int] = []  # looks at the swarm before each want()
+        self.partial = 0  # bytes of pieces still incomplete
+        self.trickle = 0  # the next this many waits bring a byte of some piece each
 
     def pieces(self) -> Sequence[bool]:
         return list(self.have)
 
     def downloaded(self) -> int:
         return sum(PIECE for h in self.have if h)
+
+    def received(self) -> int:
+        return self.downloaded() + self.partial
 
     def read(self, pieces: Sequence[int], timeout: float) -> dict[int, bytes]:
         self.reads.append(list(pieces))
@@ -407,6 +412,9 @@ class FakeSwarm:
         self.waits += 1
         for p in self.arrivals.pop(0) if self.arrivals else []:
             self.have[p] = True
+        if self.trickle > 0:
+            self.trickle -= 1
+            self.partial += 1
 
 
 DATA = bytes(range(40))  # 5 chunks of 8 bytes, 10 pieces of 4
@@ -499,6 +507,17 @@ def test_a_stalled_swarm_falls_back_to_http_until_it_moves_again() -> None:
     assert sorted(swarm.added) == [2, 3, 4, 5]
     assert swarm.added[4] == DATA[16:20]
     assert feeder.stats.from_swarm == 3 and feeder.stats.from_http == 2
+
+
+def test_bytes_arriving_are_movement_even_while_no_piece_completes() -> None:
+    # as in the test above, no piece completes for 6 looks; but bytes of pieces keep
+    # coming (a full link, shared by many peers' pieces): no chunk goes to HTTP
+    swarm = FakeSwarm(DATA, [[0, 1], [], [], [], [], [], [], [2, 3, 4, 5, 6, 7, 8, 9]])
+    swarm.trickle = 7
+    feeder, fed, fetched, _ = run_feeder(swarm)
+    assert b"".join(fed) == DATA
+    assert fetched == []
+    assert feeder.stats.from_swarm == 5
 
 
 def test_chunks_the_swarm_never_brings_all_come_over_http() -> None:

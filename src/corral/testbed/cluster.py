@@ -343,11 +343,11 @@ class Testbed:
 
         def configure(job: tuple[str, str, int | None]) -> None:
             namespace, address, rate = job
-            lines = endpoint_commands(address, prefix) + neighbours
-            run(["ip", "-n", namespace, "-batch", "-"], input=lines)
+            ip = endpoint_commands(address, prefix) + neighbours
+            run(["ip", "-n", namespace, "-batch", "-"], input=ip)
             if rate is not None:
-                lines = host_shaping("eth0", rate)
-                run(["tc", "-n", namespace, "-batch", "-"], input="\n".join(lines) + "\n")
+                tc = "\n".join(host_shaping("eth0", rate)) + "\n"
+                run(["tc", "-n", namespace, "-batch", "-"], input=tc)
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(configure, jobs))

@@ -87,6 +87,7 @@ class Feeder:
         stream.progress = lambda _done, _total: self._report()
         self._reported = 0
         self._have = -1
+        self._received = 0
         self._moved = clock()
         self._urgent: list[int] = []
         self.seed = SeedUse(swarm, mine, clock)
@@ -118,8 +119,12 @@ class Feeder:
                 raise Cancelled()
             have = self.swarm.pieces()
             count = sum(have)
-            if count != self._have:
-                self._have, self._moved = count, self.clock()
+            # Bytes arriving count as movement, not only whole pieces: a node whose link
+            # is full of pieces from eight peers at once completes none for a while, and
+            # sending it to HTTP then (on that full link) timed out and failed it.
+            received = self.swarm.received()
+            if count != self._have or received > self._received:
+                self._have, self._received, self._moved = count, received, self.clock()
             self._report()
             before = self.seed.phase
             if self.seed.step(have, self.clock() - self._moved):

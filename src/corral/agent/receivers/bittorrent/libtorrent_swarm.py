@@ -128,6 +128,9 @@ class LibtorrentSwarm:
     def downloaded(self) -> int:
         return int(self.handle.status(0).total_wanted_done)
 
+    def received(self) -> int:
+        return int(self.handle.status(0).total_payload_download)
+
     def read(self, pieces: Sequence[int], timeout: float) -> dict[int, bytes]:
         wanted = set(pieces)
         for piece in wanted - set(self._reads):

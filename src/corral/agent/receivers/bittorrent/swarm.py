@@ -19,6 +19,10 @@ class Swarm(Protocol):
         """Bytes of the torrent here and verified."""
         ...
 
+    def received(self) -> int:
+        """Payload bytes taken from peers so far, pieces still incomplete included."""
+        ...
+
     def read(self, pieces: Sequence[int], timeout: float) -> dict[int, bytes]:
         """The bytes of these pieces (those that could be read within ``timeout``)."""
         ...

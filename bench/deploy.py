@@ -25,7 +25,14 @@ measures:
   deployment instead, which a node sends only once it has its plan (a transport that
   gathers its nodes first delays that);
 - host CPU use over the run; a run above ``--cpu-limit`` measured the host, not the
-  transport, and is marked invalid.
+  transport, and is marked invalid;
+- the chunks each node took by HTTP, and of those the ones its multicast session brought
+  damaged (``http_chunks``, ``repaired_chunks``: node -> count, nodes with none left
+  out), from the agents' "received" lines.
+
+``--multicast-mode`` (``acked`` or ``async``) is written into the bench home's
+corral.toml as ``multicast_mode``; a run's ``transport`` then reads e.g.
+``multicast[async]``.
 
 Every node's disk is discarded before each run, so each run is a full install.
 ``--repeat K`` makes K such runs, each a fresh deployment, and prints the median and the
@@ -42,6 +49,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -65,9 +73,14 @@ from corral.testbed.cluster import parse_rate
 
 HOME = Path.home() / ".cache" / "corral-bench" / "deploy-home"
 IMAGE = "bench"
+#: An agent's summary of a stream it received (corral.agent.receivers.multicast)
+RECEIVED = re.compile(
+    r"received (\S+): \d+ bytes in \d+ chunks, \d+ by multicast, (\d+) by HTTP"
+    r"(?: \((\d+) repaired)?"
+)
 
 
-def use_home(link: str, server_link: str | None = None) -> None:
+def use_home(link: str, server_link: str | None = None, multicast_mode: str = "") -> None:
     """Make the bench's corral home the one in use, multicast sending just under ``link``
     and, given the ``server_link``, its HTTP catch-ups sharing half of that, as a site
     that knows its server's link sets ``multicast_catchup_bitrate`` (the default, the
@@ -79,6 +92,8 @@ def use_home(link: str, server_link: str | None = None) -> None:
     toml = f'multicast_max_bitrate = "{rate}"\n'
     if server_link:
         toml += f'multicast_catchup_bitrate = "{parse_rate(server_link) // 2}"\n'
+    if multicast_mode:
+        toml += f'multicast_mode = "{multicast_mode}"\n'
     (HOME / "corral.toml").write_text(toml)
     db.close()
 
@@ -327,6 +342,41 @@ def uplink_of(r: dict[str, Any]) -> float:
     return max(crossed) / (r["s_mib"] * 2**20) if crossed else float("nan")
 
 
+def console_sizes(bed: cluster.Testbed, names: list[str]) -> dict[str, int]:
+    """Where each node's console log ends now: a run's lines come after."""
+    sizes = {}
+    for name in names:
+        try:
+            sizes[name] = (bed.nodes_dir / name / "console.log").stat().st_size
+        except OSError:
+            sizes[name] = 0
+    return sizes
+
+
+def chunks_by_http(
+    bed: cluster.Testbed, since: dict[str, int], ref: str
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(node -> chunks it took by HTTP, node -> of those, the ones its multicast session
+    brought damaged) in the console lines after ``since``; nodes with none left out."""
+    http: dict[str, int] = {}
+    repaired: dict[str, int] = {}
+    for name, offset in since.items():
+        try:
+            with open(bed.nodes_dir / name / "console.log", "rb") as f:
+                f.seek(offset)
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        found = [m for m in RECEIVED.finditer(text) if m.group(1) == ref]
+        if not found:
+            continue
+        if int(found[-1].group(2)):
+            http[name] = int(found[-1].group(2))
+        if int(found[-1].group(3) or 0):
+            repaired[name] = int(found[-1].group(3))
+    return http, repaired
+
+
 def wipe(bed: cluster.Testbed, names: list[str]) -> None:
     """Discard every byte of the nodes' disks: the next deployment is a full install."""
     state = bed.require_state()
@@ -360,6 +410,7 @@ def run_once(
     noderange = f"tb[001-{n:03d}]"
     if kind == "install":
         wipe(bed, names)
+    consoles = console_sizes(bed, names)
     egress0 = bed.server_egress_bytes()
     uplinks0 = bed.uplink_bytes()
     busy0, total0 = cpu_times()
@@ -421,6 +472,7 @@ def run_once(
     starts = [r[2] for r in rows if r[2]]
     others = [r[3] for r in done if r[3] and measured(r[0])]
     got = [at for node, at in received.items() if measured(node)]
+    http_chunks, repaired_chunks = chunks_by_http(bed, consoles, version.ref)
     return {
         "t_others": max(others) - min(starts) if others and starts else None,
         "killed_failed_after": failed_after,
@@ -439,6 +491,8 @@ def run_once(
         "uplinks": uplinks,
         "cpu": (busy1 - busy0) / max(1, total1 - total0),
         "cpu_seconds": cpu_seconds,
+        "http_chunks": http_chunks,
+        "repaired_chunks": repaired_chunks,
     }
 
 
@@ -513,6 +567,11 @@ def main() -> int:
     parser.add_argument("--kill", help="power this node off when it has half the image")
     parser.add_argument("--label", default="", help="scenario name for the table")
     parser.add_argument(
+        "--multicast-mode",
+        choices=("acked", "async"),
+        help="multicast_mode for the multicast transport (default: corral's)",
+    )
+    parser.add_argument(
         "--skew",
         type=float,
         help="power each node on at a random moment over this many seconds (the bench "
@@ -542,7 +601,7 @@ def main() -> int:
     if args.skew is not None:
         print(f"skew {args.skew:g} s, seed {seed} (--seed {seed} repeats these moments)")
     here, code = machine(), commit()
-    use_home(args.link, args.server_link)
+    use_home(args.link, args.server_link, args.multicast_mode or "")
     counts = sorted(int(x) for x in args.nodes.split(","))
     version = make_image(args.size_mib)
     s_bytes = int(version.manifest["exports"]["stream"]["size"])
@@ -582,8 +641,12 @@ def main() -> int:
                     load0 = os.getloadavg()
                     r = run_once(bed, transport, n, version, args.kill, aside, power_at=power_at)
                     s_over_b = s_bytes * 8 / b
+                    mode = f"[{args.multicast_mode}]" if args.multicast_mode else ""
                     r.update(
-                        transport=transport + (f" ({args.label})" if args.label else ""),
+                        transport=transport
+                        + (mode if transport == "multicast" else "")
+                        + (f" ({args.label})" if args.label else ""),
+                        multicast_mode=args.multicast_mode,
                         n=n,
                         s_mib=s_bytes / 2**20,
                         s_over_b=s_over_b,

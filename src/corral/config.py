@@ -307,14 +307,22 @@ class Settings:
         "Transport of the diskless nodes that boot on their own; `auto` picks by their number "
         "when the gathering window closes.",
     )
+    multicast_mode: str = setting(
+        "acked",
+        "Multicast (udpcast) mode: `acked`, the sender goes at its slowest receiver's pace "
+        "(a slow one leaves for HTTP); `async`, it never waits, and each node fetches over "
+        "HTTP the chunks it lost.",
+        choices=("acked", "async"),
+    )
     multicast_max_bitrate: str = setting(
         "19m",
         "Multicast (udpcast) sending rate, under the slowest node link that should keep up "
         '(`"19m"` suits 20 Mbit/s links, about `"900m"` a gigabit network).',
     )
     multicast_fec: str = setting(
-        "8x4/128",
-        'Multicast forward error correction, `INTERLEAVExREDUNDANCY/STRIPESIZE`; `""`: none.',
+        "auto",
+        'Multicast forward error correction, `INTERLEAVExREDUNDANCY/STRIPESIZE`; `""`: none; '
+        "`auto`: 8x4/128 in acked mode, 8x8/128 in async mode (no retransmissions there).",
     )
     multicast_max_wait: float = setting(
         60.0,

@@ -29,7 +29,7 @@ from corral.agent.receivers.base import Context, Job
 from corral.agent.receivers.multicast import MulticastReceiver, RateWatch, Session, receiver_argv
 from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
-from corral.config import Settings
+from corral.config import Settings, load_settings
 from corral.deploy.transports import REGISTRY, multicast
 from corral.deploy.transports.base import Member, NotReady, RateBudget
 from corral.deploy.transports.multicast import (
@@ -48,7 +48,7 @@ from corral.deploy.transports.multicast_options import (
     options_from_settings,
     parse_bitrate,
 )
-from corral.errors import InvalidValue
+from corral.errors import CorralError, InvalidValue
 from corral.images.exports import Chunked
 from corral.images.store import ImageVersion
 from tests.fakes import UDP_RECEIVER, ChunkServer, KeptUnpacker, stream_plan, stream_version
@@ -58,9 +58,12 @@ from tests.fakes import UDP_RECEIVER, ChunkServer, KeptUnpacker, stream_plan, st
 
 def test_defaults_are_valid_and_documented() -> None:
     o = MulticastOptions()
-    assert o.max_bitrate == 19_000_000 and o.fec == "8x4/128"
+    assert o.mode == "acked" and o.max_bitrate == 19_000_000 and o.fec_used == "8x4/128"
     assert o.retries_until_drop == 12 and o.min_receivers == 0
-    assert fec_parts(o.fec) == (8, 4, 128)
+    assert fec_parts(o.fec_used) == (8, 4, 128)
+    # async mode has no retransmissions: its FEC alone absorbs the loss
+    assert MulticastOptions(mode="async").fec_used == "8x8/128"
+    assert MulticastOptions(mode="async", fec="").fec_used == ""
 
 
 @pytest.mark.parametrize(
@@ -80,6 +83,7 @@ def test_bad_fec_is_refused(fec: str) -> None:
         {"retries_until_drop": 0},
         {"leave_below": 1.0},
         {"leave_window": 0},
+        {"mode": "nak"},
     ],
 )
 def test_bad_options_are_refused(kw: dict[str, Any]) -> None:
@@ -109,11 +113,33 @@ def test_sender_args() -> None:
     assert "--fec" not in args
 
 
+def test_async_sender_args() -> None:
+    """No receiver connects in async mode: udp-sender is told to go after its hellos
+    (corral launches it when the nodes are listening), at a fixed rate, with FEC."""
+    args = MulticastOptions(mode="async", min_receivers=3).sender_args(5)
+    assert args == [
+        "--async", "--max-bitrate", "19000000", "--autostart", "10", "--fec", "8x8/128",
+    ]  # fmt: skip
+    assert MulticastOptions(mode="async", fec="4x2/64").sender_args(5)[-1] == "4x2/64"
+    assert MulticastOptions(mode="async").slice_bytes == 1024 * 1456
+
+
 def test_options_from_settings_where_corral_toml_has_them() -> None:
     assert options_from_settings(Settings(home=Path("/x"))) == MulticastOptions()
     settings = SimpleNamespace(multicast_max_bitrate="900m", multicast_fec="")
     options = options_from_settings(cast(Settings, settings))
     assert options.max_bitrate == 900_000_000 and options.fec == ""
+    settings = SimpleNamespace(multicast_mode="async", multicast_fec="auto")
+    options = options_from_settings(cast(Settings, settings))
+    assert options.mode == "async" and options.fec is None and options.fec_used == "8x8/128"
+
+
+def test_the_mode_is_a_setting_with_its_choices(tmp_path: Path) -> None:
+    (tmp_path / "corral.toml").write_text('multicast_mode = "async"\n')
+    assert options_from_settings(load_settings(tmp_path)).mode == "async"
+    (tmp_path / "corral.toml").write_text('multicast_mode = "fast"\n')
+    with pytest.raises(CorralError, match="multicast_mode"):
+        load_settings(tmp_path)
 
 
 # --- addresses and the interface -----------------------------------------------------------
@@ -234,6 +260,7 @@ def test_params_name_the_session_while_it_waits_for_its_nodes(
         "data": session.channel.data,
         "portbase": session.channel.portbase,
         "interface": "10.0.0.2",
+        "mode": "acked",
         "max_bitrate": 19_000_000,
         "max_wait": 60.0,
         "leave_below": 0.25,
@@ -250,6 +277,80 @@ def test_params_name_the_session_while_it_waits_for_its_nodes(
     assert transport.params(Chunked(version), "n1")["session"] is None
     transport.finish(12, version)
     assert not transport.sessions
+
+
+def test_an_async_session_starts_once_its_nodes_asked(tmp_path: Path) -> None:
+    """No receiver connects to an async sender: corral starts it when every node asked
+    for its plan and had time to start udp-receiver, or max_wait after the first."""
+    transport = MulticastTransport.__new__(MulticastTransport)
+    transport.options = MulticastOptions(mode="async", max_wait=30)
+    transport.directory = tmp_path
+    version = make_version(tmp_path, [b"a" * 10])
+    session = session_for(transport, version, {"n1": None, "n2": None, "n3": None})
+    settle = multicast.ASYNC_SETTLE
+    assert not session.ready(100.0)  # nobody asked
+    session.asked = {"n1": 100.0, "n2": 101.0}
+    assert not session.ready(101.0 + settle + 5)  # n3 has not asked
+    session.asked["n3"] = 110.0
+    assert not session.ready(110.0 + settle / 2)  # n3 may not listen yet
+    assert session.ready(110.0 + settle)
+    session.asked = {"n1": 100.0}
+    assert session.ready(130.0)  # max_wait after the first: those there will do
+    session.options = MulticastOptions(mode="async", min_receivers=1)
+    assert session.ready(100.0 + settle)
+
+
+def test_an_async_session_launches_its_sender_and_then_sends_late_nodes_to_http(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not shutil.which("udp-sender"):
+        pytest.skip("udpcast is not installed")
+    settings = Settings(home=tmp_path / "home", address="127.0.0.1")
+    transport = MulticastTransport(settings, MulticastOptions(mode="async"))
+    version = make_version(tmp_path, [b"x" * 100])
+    monkeypatch.setattr(multicast, "ASYNC_SETTLE", 0.2)
+    launched: list[list[str]] = []
+    real_argv = multicast.Session.argv
+
+    def argv(self: multicast.Session) -> list[str]:
+        launched.append(real_argv(self))  # what would run; a stand-in runs
+        return ["sleep", "60"]
+
+    monkeypatch.setattr(multicast.Session, "argv", argv)
+    transport.start(5, Chunked(version), [Member("n1", "127.0.0.2"), Member("n2", None)])
+    try:
+        session = transport.sessions[(5, version.ref)]
+        time.sleep(0.5)
+        assert not session.launched()  # nobody asked yet
+        first = transport.params(Chunked(version), "n1")["session"]
+        assert first["mode"] == "async"
+        time.sleep(0.5)
+        assert not session.launched()  # n2 has not asked
+        assert transport.params(Chunked(version), "n2")["session"] is not None
+        deadline = time.monotonic() + 5
+        while not session.launched() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert session.launched() and session.running()
+        assert "--async" in launched[0] and "--autostart" in launched[0]
+        assert "--min-receivers" not in launched[0]
+        # its hellos may be over before a node asking now listens: HTTP for it
+        assert transport.params(Chunked(version), "n1")["session"] is None
+    finally:
+        transport.close()
+    assert session.proc is not None and session.proc.returncode is not None
+
+
+def test_an_async_session_stopped_before_it_starts_launches_nothing(tmp_path: Path) -> None:
+    if not shutil.which("udp-sender"):
+        pytest.skip("udpcast is not installed")
+    settings = Settings(home=tmp_path / "home", address="127.0.0.1")
+    transport = MulticastTransport(settings, MulticastOptions(mode="async"))
+    version = make_version(tmp_path, [b"x" * 100])
+    transport.start(5, Chunked(version), [Member("n1", "127.0.0.2")])
+    session = transport.sessions[(5, version.ref)]
+    transport.finish(5, Chunked(version))
+    assert session.starter is not None and not session.starter.is_alive()
+    assert not session.launched()
 
 
 def test_the_fifo_carries_the_chunks_in_order(

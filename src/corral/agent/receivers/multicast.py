@@ -24,6 +24,11 @@ resumable fetch), so it catches up after the others:
   retransmissions for the slow one reach them too), so the slow node is the one that
   sees little and it leaves; the sender then drops it like a dead one.
 
+That is acknowledged mode. In async mode (the plan's session says ``"mode": "async"``)
+the sender waits for nobody, and :mod:`corral.agent.receivers.multicast_async` takes
+udp-receiver's output instead: a damaged chunk is fetched alone by HTTP and the session
+goes on; the same ways out apply, but for the rate watch.
+
 The plan's chunk hashes are what keeps a rejoining or confused node from taking the wrong
 data: the session's tag (deployment / image ref / stream sha256) is checked against the
 plan before joining, but even a node that reached the wrong sender would unpack nothing,
@@ -52,6 +57,7 @@ from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.network import interface_ipv4, source_address
 from corral.agent.plan import Plan
 from corral.agent.receivers.base import Context, Job, Received, StreamReceiver
+from corral.agent.receivers.multicast_async import AsyncReceiving, stderr_lines
 from corral.agent.receivers.stream import ProgressCallback, VerifiedStream
 from corral.agent.run import spawn, stop
 
@@ -87,6 +93,7 @@ class Session:
     max_wait: float
     leave_below: float
     leave_window: float
+    mode: str = "acked"
 
     @classmethod
     def from_plan(cls, plan: Plan) -> Session | None:
@@ -104,9 +111,13 @@ class Session:
                 max_wait=float(raw["max_wait"]),
                 leave_below=float(raw.get("leave_below", 0.0)),
                 leave_window=float(raw.get("leave_window", 10.0)),
+                mode=str(raw.get("mode", "acked")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("multicast: the plan's session is malformed (%s): using HTTP", exc)
+            return None
+        if session.mode not in ("acked", "async"):
+            log.warning("multicast: the session's mode %r is unknown: using HTTP", session.mode)
             return None
         expected = f"{plan.deployment}/{plan.image.ref}/{plan.image.stream_sha256}"
         if session.tag != expected:
@@ -137,6 +148,9 @@ def receiver_argv(session: Session, address: str) -> list[str]:
         str(start_timeout),
         "--receive-timeout",
         str(RECEIVE_TIMEOUT),
+        # async: a slice FEC cannot rebuild is written in place, damaged, instead of
+        # ending udp-receiver; the chunk's sha256 finds it
+        *(["--ignore-lost-data"] if session.mode == "async" else []),
     ]
 
 
@@ -185,6 +199,8 @@ class MulticastReceiver(StreamReceiver):
     exit_grace = EXIT_GRACE
     #: seconds between two looks at the interface's counter
     rate_period = 1.0
+    #: async mode: bytes of chunks kept ahead of the unpacking (None: from MemAvailable)
+    spool_limit: int | None = None
 
     def __init__(self, context: Context) -> None:
         super().__init__(context)
@@ -193,6 +209,8 @@ class MulticastReceiver(StreamReceiver):
         self.stderr_tail = ""
         #: chunks that came by multicast
         self.by_multicast = 0
+        #: async mode: chunks that came damaged and were fetched again by HTTP
+        self.repaired: list[int] = []
 
     # --- what tests replace ------------------------------------------------------------
 
@@ -228,6 +246,7 @@ class MulticastReceiver(StreamReceiver):
             raise ReceiveError("transport multicast needs corral.server= to catch up from")
         image = job.plan.image
         self.by_multicast = 0
+        self.repaired = []
 
         def fill(stream: VerifiedStream) -> None:
             session = Session.from_plan(job.plan)
@@ -247,12 +266,13 @@ class MulticastReceiver(StreamReceiver):
         chunks = len(image.chunks)
         log.info(
             "received %s: %d bytes in %d chunks, %d by multicast, %d by HTTP "
-            "(%d fetched again, %d resumed)",
+            "(%d repaired, %d fetched again, %d resumed)",
             image.ref,
             stream.done,
             chunks,
             self.by_multicast,
             chunks - self.by_multicast,
+            len(self.repaired),
             len(self.refetched),
             len(self.resumed),
         )
@@ -262,6 +282,7 @@ class MulticastReceiver(StreamReceiver):
                 "chunks": chunks,
                 "multicast": self.by_multicast,
                 "unicast": chunks - self.by_multicast,
+                "repaired": len(self.repaired),
                 "refetched": len(self.refetched),
                 "resumed": len(self.resumed),
             },
@@ -288,6 +309,9 @@ class MulticastReceiver(StreamReceiver):
         except OSError as exc:
             self.left = f"udp-receiver did not start: {exc}"
             return
+        if session.mode == "async":
+            self.join_async(proc, session, stream, cancel)
+            return
         interface = self.interface_name(address)
         watch = None
         if session.leave_below > 0 and interface is not None:
@@ -311,6 +335,58 @@ class MulticastReceiver(StreamReceiver):
             self.left = f"udp-receiver exited with {proc.returncode}"
         if self.stderr_tail and self.left:
             log.info("udp-receiver: %s", self.stderr_tail)
+
+    def join_async(
+        self,
+        proc: subprocess.Popen[bytes],
+        session: Session,
+        stream: VerifiedStream,
+        cancel: threading.Event,
+    ) -> None:
+        """Async mode: read the session while a writer thread unpacks and repairs; on
+        return the stream is whole (the writer fetched what the session did not bring)."""
+        client = self.context.client
+        assert client is not None  # receive() checked
+        plan = stream.plan
+
+        def fetch(index: int) -> bytes:
+            return self.fetch_chunk(client, plan, index, lambda n: None, cancel)
+
+        receiving = AsyncReceiving(stream, fetch, cancel, self.spool_limit, self.context.poll)
+        for name in ("connect_timeout", "start_margin", "stall_timeout"):
+            setattr(receiving, name, getattr(self, name))
+        out, err = proc.stdout, proc.stderr
+        assert out is not None and err is not None
+        receiving.start()
+        try:
+            try:
+                # the sender starts once all its nodes asked for their plans: max_wait
+                # after the first at the latest
+                receiving.read(proc, out, err, session.max_wait, _ended)
+            finally:
+                if receiving.spool.reached >= len(plan.image.chunks):
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(self.exit_grace)
+                _leave(proc)
+                for pipe in (out, err):
+                    pipe.close()
+                self.stderr_tail = receiving.stderr_tail
+                self.left = receiving.left
+                if self.left:
+                    log.info(
+                        "multicast: %s; by HTTP from chunk %d of %d (udp-receiver: %s)",
+                        self.left,
+                        receiving.spool.reached,
+                        len(plan.image.chunks),
+                        self.stderr_tail,
+                    )
+            receiving.finish()
+        except BaseException:
+            receiving.spool.abort()  # the writer stops at its next wait: fetch nothing more
+            raise
+        finally:
+            self.by_multicast = receiving.by_multicast
+            self.repaired = receiving.repaired
 
     def _pump(
         self,
@@ -346,14 +422,16 @@ class MulticastReceiver(StreamReceiver):
                     errors += data
                     if connected is None and b"Connected as" in errors:
                         connected = now
-                        log.info("multicast: joined session %s (%s)", session.tag, _lines(errors))
+                        log.info(
+                            "multicast: joined session %s (%s)", session.tag, stderr_lines(errors)
+                        )
                     del errors[:-4096]
-                    self.stderr_tail = _lines(errors)
+                    self.stderr_tail = stderr_lines(errors)
                     continue
                 if not data:
                     if err in readers:
                         errors += _drain(err)
-                    self.stderr_tail = _lines(errors)
+                    self.stderr_tail = stderr_lines(errors)
                     self.left = _ended(proc, self.stderr_tail)
                     return
                 first = first or now
@@ -410,13 +488,6 @@ def _leave(proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(2.0)
     stop(proc, grace=2.0)
-
-
-def _lines(errors: bytearray) -> str:
-    """The last few lines udp-receiver wrote, on one line."""
-    text = errors.decode("utf-8", "replace").replace("\r", "\n")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return " / ".join(lines[-3:])
 
 
 def _drain(pipe: IO[bytes], timeout: float = 2.0) -> bytes:

@@ -15,8 +15,51 @@ with the deployment, the image ref and the stream's sha256. What makes a mixed-u
 rejoining node safe is the plan itself: every chunk's sha256 is in it and the agent
 unpacks nothing that does not match, so a node can never take another session's data.
 
-How udpcast is driven, and why (measured on 3-10 network namespaces with tbf-shaped
-20 Mbit/s links, 16 MiB, udpcast 20120424):
+A session runs in one of two modes (``multicast_mode``, :class:`MulticastOptions`):
+acknowledged, the default, described below; or async, where udp-sender never waits for a
+receiver and each node repairs by HTTP the chunks that lost a slice FEC could not rebuild
+(:mod:`corral.agent.receivers.multicast_async`). What udpcast 20120424 does in async mode,
+read in its source and tried on two network namespaces (8 MiB at 20 Mbit/s, 5 % loss on
+the sender's side, 8x4/128):
+
+- a slice that FEC cannot rebuild ends udp-receiver (exit 1, after printing the slice's
+  missing-block map) unless it runs with ``--ignore-lost-data``; with it, udp-receiver
+  marks the slice done and writes it in its place, the lost blocks holding zeros or stale
+  bytes of its buffer (receivedata.c, ``findSlice`` and ``fakeSliceComplete``): the
+  output had every byte at its offset and the full length, with 284 damaged 1456-byte
+  blocks. A chunk's sha256 then finds the damage, and the chunk alone is fetched again;
+- the receivers never connect: an async receiver waits for the sender's hello (sent only
+  while it waits, every ``--rexmit-hello-interval``) and then listens; the sender counts
+  nobody, so ``--min-receivers`` and ``--max-wait`` mean nothing and it starts after
+  ``--autostart`` hellos. corral therefore launches it only once the session's nodes have
+  asked for their plans (:meth:`Session.start_when_ready`);
+- a receiver started after the first slice never hears a hello and writes nothing (tried:
+  started 5 s in, it waited until its timeout). With ``--streaming`` the sender repeats
+  its hello in every slice, and a late receiver wrote the stream from the start of the
+  first whole slice it caught (byte 2 981 888, slice 2) to the end, with nothing telling
+  where it began. corral does not use that yet: a late node takes the stream by HTTP, as
+  in acknowledged mode.
+
+Acknowledged mode stays the default: measured with ``bench/deploy.py --nodes 100
+--size-mib 32 --link 2mbit --server-link 20mbit`` (S/B = 125 s, the 2-core host), async
+mode took longer in every scenario and sent less only under loss::
+
+    scenario           acked: T / (S/B)  egress / S   async: T / (S/B)  egress / S
+    -                  1.50              1.14         1.59-1.61 (3)     1.19
+    1 % loss           1.66              1.26         1.72              1.19
+    tb050 at B/10      1.56 (others)     1.22         1.66 (others)     1.24
+
+No node repaired a chunk in any async run: 8x8/128 absorbed the 1 % loss whole, where
+acknowledged mode retransmitted 0.12 x S. What async mode pays is fixed: 3 % more FEC
+than 8x4/128, and a start 3 s after the last node's plan plus 2 s of hellos where the
+acknowledged sender starts when the last receiver connects. What it saves, the wait for
+slow receivers, was small here: the acknowledged sender lost 0.06 to a node at a tenth of
+the rate (it leaves within its 15 s judgement), and the async stream itself ran no faster
+(about 1.6 Mbit/s of data, a 1.49 MB slice every 7.5 s in its sender's log, the rate
+docs/benchmarks.md gives for acknowledged mode at N = 100).
+
+How udpcast is driven in acknowledged mode, and why (measured on 3-10 network namespaces
+with tbf-shaped 20 Mbit/s links, 16 MiB, udpcast 20120424):
 
 - acknowledged mode (not ``--async``): receivers tell the sender what they miss, so loss
   costs retransmissions rather than failed nodes, and ``--min-receivers`` works (in async
@@ -98,6 +141,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +175,13 @@ STAT_PERIOD_MS = 5000
 #: transfer began about 1.7 s after the last node connected, with it at once (measured
 #: with 3 receivers waiting: 9.8 s -> 8.0 s for 16 MiB at 19 Mbit/s).
 HELLO_INTERVAL_MS = 200
+#: Seconds an async session waits after the last of its nodes asked for its plan before
+#: it starts: a node partitions its disk between its plan and udp-receiver's start (at
+#: most 2 s apart at N = 100 on the benchmark's host), and one that is not listening when
+#: the first slice goes out takes the whole stream by HTTP.
+ASYNC_SETTLE = 3.0
+#: How often an async session looks whether its nodes are all there.
+ASYNC_POLL = 0.2
 #: Seconds udp-sender must live after its start to count as started.
 STARTUP_CHECK = 0.3
 #: Grace for udp-sender to exit on SIGTERM before it is killed.
@@ -246,6 +297,10 @@ class Session:
     #: what the session's HTTP catch-ups share (the chunk route waits on it)
     budget: RateBudget | None = None
     log_start: int = 0  # where this sender's lines begin in the (appended) log
+    #: async mode: when each member first asked for its plan (time.monotonic())
+    asked: dict[str, float] = field(default_factory=dict)
+    starter: threading.Thread | None = None
+    launching: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def stem(self) -> str:
@@ -310,6 +365,49 @@ class Session:
             self.channel.portbase + 1,
             self.proc.pid,
         )
+
+    def start_when_ready(self) -> None:
+        """Async mode: launch udp-sender from a thread once every node of the session
+        (``min_receivers`` of them, if set) has asked for its plan and
+        :data:`ASYNC_SETTLE` seconds passed since the last did, or ``max_wait`` seconds
+        after the first asked. The nodes' receivers are listening by then; udp-sender
+        sends its hellos (``--autostart``) and goes."""
+        self.starter = threading.Thread(
+            target=self._start_when_ready, name=f"corral-mcast-start-{self.stem}", daemon=True
+        )
+        self.starter.start()
+
+    def note_asked(self, node: str) -> None:
+        self.asked.setdefault(node, time.monotonic())
+
+    def ready(self, now: float) -> bool:
+        """Whether an async session should start now (see :meth:`start_when_ready`)."""
+        asked = list(self.asked.values())
+        if not asked:
+            return False
+        if now - min(asked) >= self.options.max_wait:
+            return True
+        wanted = min(self.options.min_receivers or len(self.members), len(self.members))
+        return len(asked) >= wanted and now - max(asked) >= ASYNC_SETTLE
+
+    def _start_when_ready(self) -> None:
+        while not self.stopping.wait(ASYNC_POLL):
+            if self.ready(time.monotonic()):
+                break
+        with self.launching:
+            if self.stopping.is_set():
+                return
+            self.launch()
+        if not self.wait_started(STARTUP_CHECK):
+            log.error(
+                "deployment %d: udp-sender for %s exited at once (%s): its nodes use HTTP",
+                self.deployment,
+                self.payload.ref,
+                " / ".join(self.said().strip().splitlines()[-2:]) or "no output",
+            )
+
+    def launched(self) -> bool:
+        return self.proc is not None
 
     def _feed(self) -> None:
         """Write the chunk files, in order, into the FIFO udp-sender reads."""
@@ -377,6 +475,8 @@ class Session:
 
     def stop(self) -> None:
         self.stopping.set()
+        with self.launching:  # an async session's starter launches nothing after this
+            pass
         if self.proc is not None:
             stop(self.proc, STOP_GRACE)
             said = self.said()
@@ -392,6 +492,8 @@ class Session:
                 said.count("New connection"),
                 stats[-1] if stats else "sent nothing",
             )
+        if self.starter is not None and self.starter is not threading.current_thread():
+            self.starter.join(timeout=STOP_GRACE)
         # a feeder still blocked on opening the FIFO sees the stop flag within 50 ms
         if self.feeder is not None:
             self.feeder.join(timeout=STOP_GRACE)
@@ -465,8 +567,13 @@ class MulticastTransport:
                 meter=self.meter,
                 budget=RateBudget(self.options.catch_up_rate),
             )
-            session.launch()
+            if self.options.mode == "async":
+                session.start_when_ready()
+            else:
+                session.launch()
             self.sessions[key] = session
+        if self.options.mode == "async":
+            return  # its starter checks that udp-sender lives, once it launches it
         if not session.wait_started(STARTUP_CHECK):
             # not fatal: params() then sends the session's nodes to HTTP
             log.error(
@@ -493,10 +600,16 @@ class MulticastTransport:
         session = self._session_of(payload.ref, node)
         if session is None:
             raise NotReady(f"no multicast session for {payload.ref} with node {node} yet")
-        if not session.running() or session.transmitting():
+        o = session.options
+        if o.mode == "async":
+            # launched: its hellos may be over before this node listens (see the module
+            # docstring): the node takes HTTP
+            if session.launched():
+                return {**params, "session": None}
+            session.note_asked(node)
+        elif not session.running() or session.transmitting():
             return {**params, "session": None}
         c = session.channel
-        o = session.options
         return {
             **params,
             "session": {
@@ -505,6 +618,7 @@ class MulticastTransport:
                 "data": c.data,  # the sender announces it; for the node's log
                 "portbase": c.portbase,
                 "interface": session.members.get(node) or "",
+                "mode": o.mode,
                 "max_bitrate": o.max_bitrate,
                 "max_wait": o.max_wait,
                 "leave_below": o.leave_below,

@@ -12,6 +12,14 @@ from corral.config import Settings
 from corral.errors import InvalidValue
 
 _FEC = re.compile(r"^(\d+)x(\d+)/(\d+)$")
+#: udpcast's two ways to run a session (see :class:`MulticastOptions`, ``mode``)
+MODES = ("acked", "async")
+#: FEC when ``fec`` is None, per mode. Async mode has no second round, so its FEC alone
+#: must absorb the loss: with p = 1 % per packet, a stripe of 128 + r blocks that loses
+#: more than r is lost (Poisson, mean 1.3): r = 4 leaves 1.1 % of stripes, 8.6 % of the
+#: slices of 8 stripes, each a chunk or two to fetch again; r = 8 leaves 2e-5 of stripes,
+#: for 3 % more on the wire. Acknowledged mode retransmits what FEC missed, so 4 will do.
+MODE_FEC = {"acked": "8x4/128", "async": "8x8/128"}
 #: udpcast's data block (its default --blocksize) and its largest slice, in blocks: what
 #: one slice of the session carries when FEC does not set it
 BLOCK = 1456
@@ -20,6 +28,10 @@ SLICE_BLOCKS = 1024
 #: sends a slice, then waits for every receiver's answer, retransmits, and only then
 #: goes on, so a rate seen over less than a few slices is that rhythm, not the link.
 JUDGE_SLICES = 3
+#: Hellos an async sender repeats (every HELLO_INTERVAL_MS of the transport) before its
+#: first slice: its receivers are listening already when corral starts it, and a hello
+#: lost is repeated 0.2 s later.
+ASYNC_HELLOS = 10
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmg]?)(?:bit|bps|b)?$", re.IGNORECASE)
 
 
@@ -27,16 +39,28 @@ _RATE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmg]?)(?:bit|bps|b)?$", re.IGNORECASE)
 class MulticastOptions:
     """udpcast's knobs for a site; see the module docstring for the measurements.
 
+    ``mode``
+        ``acked``: udpcast's acknowledged mode; the sender waits for every receiver's
+        answer to each slice and retransmits what they lack, so it goes at the pace of
+        the slowest (which leaves for HTTP when its link is the reason). ``async``: the
+        sender never waits for a receiver; each receiver repairs a chunk that lost a
+        slice FEC could not rebuild by fetching that chunk alone over HTTP (see
+        :mod:`corral.agent.receivers.multicast_async`). ``acked`` is the default: at
+        N = 100 it was faster with and without loss and with a slow node (the figures are
+        in :mod:`corral.deploy.transports.multicast`).
     ``max_bitrate``
         bits/s on the wire (udpcast counts headers, FEC and retransmissions in it). It
         must stay under the slowest node link that should keep up: 19 Mbit/s fits the
         20 Mbit/s node links of ``corral testbed`` and the benchmark with tbf's slack; a
         gigabit site would set about 900 Mbit/s.
     ``fec``
-        ``INTERLEAVExREDUNDANCY/STRIPESIZE`` or "" for none; 8x4/128 costs 3 % and absorbs
-        1 % loss at a hundred receivers without a second round for most stripes.
+        ``INTERLEAVExREDUNDANCY/STRIPESIZE``, "" for none, or None for the mode's
+        (:data:`MODE_FEC`): in acknowledged mode 8x4/128 costs 3 % and absorbs 1 % loss at
+        a hundred receivers without a second round for most stripes; async mode has no
+        second round and takes 8x8/128.
     ``min_receivers``
-        start as soon as this many nodes are connected; 0 means every node of the session.
+        start as soon as this many nodes are connected (async mode: have asked for their
+        plans); 0 means every node of the session.
     ``min_wait`` / ``max_wait``
         seconds after the first node connects: never start before ``min_wait`` (0: no
         reason to wait once all are there); start anyway at ``max_wait`` with those there.
@@ -73,8 +97,9 @@ class MulticastOptions:
         catch-ups finish sooner.
     """
 
+    mode: str = "acked"
     max_bitrate: int = 19_000_000
-    fec: str = "8x4/128"
+    fec: str | None = None
     min_receivers: int = 0
     min_wait: float = 0.0
     max_wait: float = 60.0
@@ -84,6 +109,12 @@ class MulticastOptions:
     catchup_bitrate: int = 0
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidValue(
+                f"multicast mode {self.mode!r} is not one of {', '.join(MODES)}",
+                "acked: the sender waits for its slowest receiver; async: it never waits, "
+                "and receivers repair what they lost over HTTP",
+            )
         if self.max_bitrate < 100_000:
             raise InvalidValue(
                 f"multicast max_bitrate {self.max_bitrate} bit/s is too low",
@@ -116,6 +147,11 @@ class MulticastOptions:
             )
 
     @property
+    def fec_used(self) -> str:
+        """udp-sender's ``--fec`` value: ``fec``, or the mode's ("" for none)."""
+        return MODE_FEC[self.mode] if self.fec is None else self.fec
+
+    @property
     def catch_up_rate(self) -> int:
         """Bits/s the HTTP catch-ups of one session share."""
         return self.catchup_bitrate or self.max_bitrate
@@ -124,15 +160,37 @@ class MulticastOptions:
     def judge_window(self) -> float:
         """Seconds over which a receiver's rate is judged: ``leave_window``, and at least
         :data:`JUDGE_SLICES` slices at ``max_bitrate``."""
-        blocks = SLICE_BLOCKS
-        if self.fec:
-            interleave, _, stripe = fec_parts(self.fec)
-            blocks = interleave * stripe
-        slice_seconds = blocks * BLOCK * 8 / self.max_bitrate
+        slice_seconds = self.slice_bytes * 8 / self.max_bitrate
         return max(self.leave_window, JUDGE_SLICES * slice_seconds)
+
+    @property
+    def slice_bytes(self) -> int:
+        """Data bytes in one slice of the session (the last one may carry fewer)."""
+        blocks = SLICE_BLOCKS
+        if self.fec_used:
+            interleave, _, stripe = fec_parts(self.fec_used)
+            blocks = interleave * stripe
+        return blocks * BLOCK
 
     def sender_args(self, members: int) -> list[str]:
         """udp-sender's options for these knobs, for a session of ``members`` nodes."""
+        if self.mode == "async":
+            return self._async_args()
+        return self._acked_args(members)
+
+    def _async_args(self) -> list[str]:
+        """In async mode the receivers never connect (the sender answers nobody), so
+        udp-sender cannot count them: corral starts it once its nodes are listening
+        (:meth:`~corral.deploy.transports.multicast.Session.start_when_ready`), and it
+        sends :data:`ASYNC_HELLOS` hellos, which is how an async receiver learns the
+        session, before the first slice. ``--max-bitrate`` is required (udp-sender refuses
+        async mode without a rate limit)."""
+        args = ["--async", "--max-bitrate", str(self.max_bitrate), "--autostart", str(ASYNC_HELLOS)]
+        if self.fec_used:
+            args += ["--fec", self.fec_used]
+        return args
+
+    def _acked_args(self, members: int) -> list[str]:
         wanted = self.min_receivers or members
         args = [
             "--max-bitrate",
@@ -146,8 +204,8 @@ class MulticastOptions:
         ]
         if self.min_wait:
             args += ["--min-wait", _seconds(self.min_wait)]
-        if self.fec:
-            args += ["--fec", self.fec]
+        if self.fec_used:
+            args += ["--fec", self.fec_used]
         return args
 
 
@@ -195,8 +253,8 @@ DEFAULT_OPTIONS = MulticastOptions()
 def options_from_settings(settings: Settings) -> MulticastOptions:
     """The options, from ``multicast_<knob>`` settings where corral's config has them.
 
-    corral.toml has ``multicast_max_bitrate``, ``multicast_fec``, ``multicast_max_wait`` and
-    ``multicast_catchup_bitrate``;
+    corral.toml has ``multicast_mode``, ``multicast_max_bitrate``, ``multicast_fec``
+    (``auto``: the mode's), ``multicast_max_wait`` and ``multicast_catchup_bitrate``;
     any other field here becomes a key by adding ``multicast_<field>`` to
     :class:`~corral.config.Settings`.
     """
@@ -209,6 +267,8 @@ def options_from_settings(settings: Settings) -> MulticastOptions:
             if value == "":
                 continue  # not set: the default
             value = parse_bitrate(value)
+        if f.name == "fec" and value == "auto":
+            continue  # the mode's
         values[f.name] = value
     return replace(DEFAULT_OPTIONS, **values)
 

@@ -69,3 +69,13 @@ def lan_settings(lt: Any, address: str, port: int) -> dict[str, Any]:
         # seed must stay in its list for the latecomers
         "min_announce_interval": 5,
     }
+
+
+def limit_local_peers(session: Any) -> None:
+    """Make ``unchoke_slots_limit`` hold for peers on private networks too: libtorrent puts
+    them in its "local" peer class, which ignores unchoke slots (and rate limits), so on a
+    LAN any limit set would mean nothing."""
+    local = session.local_peer_class_id
+    peer_class = session.get_peer_class(local)
+    peer_class["ignore_unchoke_slots"] = False
+    session.set_peer_class(local, peer_class)

@@ -61,7 +61,7 @@ from types import ModuleType
 from typing import Any
 
 from corral.agent.wire.bencode import bencode
-from corral.agent.wire.lan_swarm import lan_settings
+from corral.agent.wire.lan_swarm import lan_settings, limit_local_peers
 from corral.config import Settings
 from corral.deploy.transports.base import Member, Meter
 from corral.deploy.transports.bittorrent_seed import SeedProcess
@@ -202,13 +202,7 @@ class Seeder:
     def __init__(self, lt: ModuleType, address: str, port: int) -> None:
         self.lt = lt
         self.session = lt.session(seed_settings(lt, address, port), 0)  # no plugins
-        # libtorrent puts peers on private networks in its "local" class, which ignores
-        # unchoke slots (and rate limits): on a LAN any slot limit set above would mean
-        # nothing; this keeps the settings the truth
-        local = self.session.local_peer_class_id
-        peer_class = self.session.get_peer_class(local)
-        peer_class["ignore_unchoke_slots"] = False
-        self.session.set_peer_class(local, peer_class)
+        limit_local_peers(self.session)  # the settings stay the truth on a LAN
         deadline = time.monotonic() + 2
         while not self.session.is_listening() and time.monotonic() < deadline:
             time.sleep(0.05)

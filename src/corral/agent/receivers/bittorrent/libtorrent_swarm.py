@@ -12,7 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from corral.agent.errors import ReceiveError
-from corral.agent.wire.lan_swarm import lan_settings
+from corral.agent.wire.lan_swarm import lan_settings, limit_local_peers
 
 log = logging.getLogger("corral.agent")
 
@@ -89,12 +89,7 @@ class LibtorrentSwarm:
         self.piece_size = int(info.piece_length())
         self.num_files = int(info.num_files())
         self.session = lt.session(session_settings(lt, address, port), 0)  # no plugins
-        # peers on private networks are in libtorrent's "local" class, which ignores
-        # unchoke slots: without this the limit above would mean nothing on a LAN
-        local = self.session.local_peer_class_id
-        peer_class = self.session.get_peer_class(local)
-        peer_class["ignore_unchoke_slots"] = False
-        self.session.set_peer_class(local, peer_class)
+        limit_local_peers(self.session)  # UPLOAD_SLOTS holds on a LAN too
         params = lt.add_torrent_params()
         params.ti = info
         params.save_path = str(save_path)

@@ -18,10 +18,11 @@ from corral.testbed.plan import SERVER_MAC, SERVER_NS, NodeInfo, TestbedState
 
 BRIDGE = "br0"
 SERVER_PORT = "s0"
-TBF_LATENCY = "50ms"
+#: How long tbf lets a packet wait before it drops it (the queue, in time).
+TBF_LATENCY_MS = 50
 
 
-def tbf(device: str, bps: int) -> str:
+def tbf(device: str, bps: int, handle: str = "") -> str:
     """A tc line that limits ``device``'s egress to ``bps``.
 
     The bucket holds 4 ms of traffic but at least 32 KiB, enough for the timer's slack at
@@ -29,7 +30,10 @@ def tbf(device: str, bps: int) -> str:
     split by tbf itself.
     """
     burst = _burst(bps)
-    return f"qdisc add dev {device} root tbf rate {bps}bit burst {burst} latency {TBF_LATENCY}"
+    root = f"root handle {handle}" if handle else "root"
+    return (
+        f"qdisc add dev {device} {root} tbf rate {bps}bit burst {burst} latency {TBF_LATENCY_MS}ms"
+    )
 
 
 def _burst(bps: int) -> int:
@@ -58,12 +62,12 @@ def host_shaping(device: str, bps: int) -> list[str]:
     the plain :func:`tbf`.
     """
     burst = _burst(bps)
-    limit = bps // 8 * int(TBF_LATENCY.removesuffix("ms")) // 1000 + burst
+    limit = bps // 8 * TBF_LATENCY_MS // 1000 + burst
     # Classic BPF: load the packet's length; longer than SPARSE_BYTES is no match (0),
     # otherwise the filter's class (-1).
     program = f"4,128 0 0 0,37 1 0 {SPARSE_BYTES},6 0 0 {2**32 - 1},6 0 0 0"
     return [
-        tbf(device, bps).replace(" root ", " root handle 1: ", 1),
+        tbf(device, bps, handle="1:"),
         f"qdisc add dev {device} parent 1:1 handle 10: htb default 20",
         f"class add dev {device} parent 10: classid 10:10 htb rate 10gbit prio 0",
         f"class add dev {device} parent 10: classid 10:20 htb rate 10gbit prio 1",

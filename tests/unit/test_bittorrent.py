@@ -37,7 +37,6 @@ from corral.deploy.transports.bittorrent import (
     seed_settings,
 )
 from corral.deploy.transports.bittorrent_tracker import (
-    CROSS_RACK_PEERS,
     JOIN_WINDOW,
     MAX_PEERS,
     Swarms,
@@ -427,6 +426,7 @@ def run_feeder(
     cancel: threading.Event | None = None,
     fetch_ok: bool = True,
     mine: Sequence[int] | None = None,
+    in_rack: bool = False,
 ) -> tuple[Feeder, list[bytes], list[int], list[tuple[int, int]]]:
     plan = make_plan(DATA, 8)
     fed: list[bytes] = []
@@ -461,6 +461,7 @@ def run_feeder(
         stall=stall,
         clock=lambda: now[0],
         mine=mine,
+        in_rack=in_rack,
     )
     feeder.run()
     return feeder, fed, fetched, progress
@@ -742,6 +743,22 @@ def test_pieces_at_no_peer_for_long_are_asked_of_the_seed_even_while_others_come
     assert ("want", [8, 9]) in swarm.calls and feeder.stats.rescues == 1
 
 
+def test_in_a_rack_pieces_at_no_peer_wait_for_the_door(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the same, in a rack: 8 and 9 are at no peer of the rack because its door has not
+    # brought them in yet; asking the seed would carry them over the uplink again
+    monkeypatch.setattr(bittorrent_seed, "ORPHAN_PIECES", 0)
+    swarm = FakeSwarm(DATA, [[0, 2], [1], [3], [4], [5], [6], [7], [], [8, 9]])
+    swarm.avail = [1] * 8 + [0, 0]
+    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60, in_rack=True)
+    assert b"".join(fed) == DATA
+    assert ("want", [8, 9]) not in swarm.calls and feeder.stats.rescues == 0
+    # nothing new for long is trouble in a rack too (its door died): the seed is asked
+    swarm = FakeSwarm(DATA, [[0, 2], [1], [3], [4], [5], [6], [7]] + [[]] * 12 + [[8, 9]])
+    swarm.avail = [1] * 8 + [0, 0]
+    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60, in_rack=True)
+    assert b"".join(fed) == DATA and feeder.stats.rescues == 1
+
+
 def test_before_the_tracker_answers_nothing_is_asked_of_the_seed_but_the_stripe() -> None:
     # a busy corral serve: no tracker answer for TRACKER_WAIT; no peer seems to have
     # anything, but that means nothing yet
@@ -778,19 +795,37 @@ def test_a_node_looks_until_it_has_met_a_peer(connected: int, looks: int) -> Non
     assert swarm.want_at[0] == looks  # LOOK_TIME, or four times that for the first node
 
 
-def test_a_node_in_a_rack_gets_its_rack_the_seed_and_few_doors_out() -> None:
+def test_a_rack_trades_with_other_racks_through_one_door() -> None:
+    now = [0.0]
     racks = {f"10.0.{r}.{i}": f"r{r}" for r in (1, 2, 3) for i in range(10, 30)}
-    swarms = Swarms(rng=random.Random(7))
+    swarms = Swarms(interval=10, clock=lambda: now[0], rng=random.Random(7))
     swarms.open(H1, None, racks, {"10.0.0.1"}, racks=racks)
     announce(swarms, "10.0.0.1", b"s" * 20, left=0)
     for n, ip in enumerate(racks):
         announce(swarms, ip, b"%020d" % n, left=1)
     announce(swarms, "10.0.9.9", b"z" * 20, left=1)  # a node in no rack
-    got = {ip for ip, _ in peers(announce(swarms, "10.0.2.10", b"%020d" % 20, left=1))}
-    assert "10.0.0.1" in got  # the seed, whatever the rack
-    assert {ip for ip in got if racks.get(ip) == "r2"} == {f"10.0.2.{i}" for i in range(11, 30)}
-    outside = {ip for ip in got if racks.get(ip) != "r2" and ip != "10.0.0.1"}
-    assert len(outside) == CROSS_RACK_PEERS
+
+    def got(ip: str, n: int) -> set[str]:
+        return {a for a, _ in peers(announce(swarms, ip, b"%020d" % n, left=1))}
+
+    # a node of rack r2: the seed and its own rack, and nobody from elsewhere
+    member = got("10.0.2.11", 21)
+    assert member == {"10.0.0.1"} | {f"10.0.2.{i}" for i in range(10, 30) if i != 11}
+    # the rack's first node is its door: the other racks' doors, and the node in no rack
+    door = got("10.0.2.10", 20)
+    assert door - member == {"10.0.1.10", "10.0.3.10", "10.0.9.9", "10.0.2.11"}
+    assert door - {"10.0.1.10", "10.0.3.10", "10.0.9.9"} <= member | {"10.0.2.11"}
+    # a door that leaves hands over to the next node of its rack that announces
+    announce(swarms, "10.0.2.10", b"%020d" % 20, left=1, event="stopped")
+    assert {"10.0.1.10", "10.0.3.10"} <= got("10.0.2.12", 22)
+    assert "10.0.1.10" not in got("10.0.2.13", 23)  # one door at a time
+    # a door not heard of for EXPIRE_INTERVALS is gone too
+    now[0] = 25.0
+    for n, ip in enumerate(racks):
+        if ip not in ("10.0.2.10", "10.0.2.12"):
+            announce(swarms, ip, b"%020d" % n, left=1)
+    now[0] = 35.0
+    assert "10.0.3.10" in got("10.0.2.13", 23)  # 10.0.2.12 went silent: 13 is the door
     # a node in no rack gets peers from the whole swarm, as before racks
     anywhere = peers(announce(swarms, "10.0.9.9", b"z" * 20, left=1))
     assert len(anywhere) == MAX_PEERS

@@ -31,8 +31,10 @@ What a session is made of (:meth:`BitTorrentTransport.start`):
 A node's plan (:meth:`params`) holds the torrent (base64), the tracker's URL, the seed's
 address, the node's *stripe* (its position among the session's nodes: it takes every N-th
 piece from the seed and the rest from its peers, so that the seed sends about one copy;
-see :class:`corral.agent.receivers.bittorrent.seed.SeedUse`) and the HTTP base of the
-chunks, which the agent falls back on for chunks the swarm does not deliver. The tracker
+see :class:`corral.agent.receivers.bittorrent.seed.SeedUse`), its rack (the ``rack``
+variable; the tracker keeps a rack's nodes among themselves but for one door, see
+:meth:`~corral.deploy.transports.bittorrent_tracker.Swarms.choose`) and the HTTP base of
+the chunks, which the agent falls back on for chunks the swarm does not deliver. The tracker
 also tells the nodes how many members have not joined yet (``/pending/INFOHASH``), so
 that the nodes done first keep seeding for those still booting.
 :meth:`finish` removes the torrent from the seed and the tracker; the last one stops both.
@@ -271,6 +273,7 @@ class _Session:
     ref: str
     torrent: Torrent
     nodes: tuple[str, ...]  # sorted: a node's stripe is its position
+    racks: dict[str, str]  # a node -> its rack, for the nodes in one
 
 
 class BitTorrentTransport:
@@ -334,6 +337,7 @@ class BitTorrentTransport:
                 payload.ref,
                 torrent,
                 tuple(sorted({m.node for m in members})),
+                {m.node: m.rack for m in members if m.rack},
             )
             self.sessions[(deployment, payload.ref)] = session
             self.tracker.swarms.open(
@@ -389,6 +393,8 @@ class BitTorrentTransport:
             params["seed"] = f"{self.seed_host}:{self.seeder.port}"
         if node in session.nodes:
             params["stripe"] = [session.nodes.index(node), len(session.nodes)]
+        if node in session.racks:
+            params["rack"] = session.racks[node]
         return params
 
     @property

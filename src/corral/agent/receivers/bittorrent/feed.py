@@ -69,6 +69,7 @@ class Feeder:
         cancel: threading.Event,
         *,
         mine: Sequence[int] | None = None,
+        in_rack: bool = False,
         stall: float | None = None,
         ahead: int | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -90,7 +91,7 @@ class Feeder:
         self._received = 0
         self._moved = clock()
         self._urgent: list[int] = []
-        self.seed = SeedUse(swarm, mine, clock)
+        self.seed = SeedUse(swarm, mine, clock, in_rack=in_rack)
 
     def run(self) -> FeedStats:
         chunks = self.plan.image.chunks

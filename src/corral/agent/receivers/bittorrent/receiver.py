@@ -102,7 +102,7 @@ class BitTorrentReceiver(StreamReceiver):
             layout = self._layout(job.plan, swarm)
             mine = _stripe(params.get("stripe"), layout.num_pieces) if seed else None
             log.info(
-                "bittorrent: %d pieces of %d KiB on %s:%d, tracker %s, seed %s, my stripe %s",
+                "bittorrent: %d pieces of %d KiB on %s:%d, tracker %s, seed %s, my stripe %s%s",
                 layout.num_pieces,
                 layout.piece_size >> 10,
                 address,
@@ -110,6 +110,7 @@ class BitTorrentReceiver(StreamReceiver):
                 params.get("tracker", "?"),
                 params.get("seed", "?"),
                 "none" if mine is None else f"{len(mine)} pieces",
+                f", rack {params['rack']}" if params.get("rack") else "",
             )
 
             def fetch(index: int, partial: Callable[[int], None]) -> bytes:
@@ -120,7 +121,16 @@ class BitTorrentReceiver(StreamReceiver):
             feeds: list[FeedStats] = []
 
             def fill(stream: VerifiedStream) -> None:
-                feeder = Feeder(stream, live, layout, fetch, job.progress, job.cancel, mine=mine)
+                feeder = Feeder(
+                    stream,
+                    live,
+                    layout,
+                    fetch,
+                    job.progress,
+                    job.cancel,
+                    mine=mine,
+                    in_rack=bool(params.get("rack")),
+                )
                 feeds.append(feeder.run())
 
             self.unpack(job, fill)

@@ -125,7 +125,11 @@ class SeedUse:
     ``rescue``
         when the node has received nothing for :data:`RESCUE_IDLE` seconds (on a LAN a
         piece takes a fraction of a second), or has lacked pieces that no peer has for
-        :data:`ORPHAN_WAIT` seconds, the seed again, for the pieces that at most
+        :data:`ORPHAN_WAIT` seconds (not in a rack: there the pieces at no peer of the
+        rack are coming in through its door, see
+        :meth:`~corral.deploy.transports.bittorrent_tracker.Swarms.choose`, and asking
+        the seed for them would carry them over the rack's uplink once more), the seed
+        again, for the pieces that at most
         one connected peer has: their stripe's member died before passing it on, is slow,
         or has not come yet. Only those are wanted meanwhile, so the seed sends nothing
         the peers could, and only until they are here or, every :data:`RESCUE_MAX`
@@ -143,9 +147,12 @@ class SeedUse:
         swarm: Swarm,
         mine: Sequence[int] | None,
         clock: Callable[[], float],
+        *,
+        in_rack: bool = False,
     ) -> None:
         self.swarm = swarm
         self.clock = clock
+        self.in_rack = in_rack
         self.started = clock()
         self.mine = list(mine) if mine is not None else None
         self.rescue: list[int] = []
@@ -300,8 +307,8 @@ class SeedUse:
         self, have: Sequence[bool], idle: float, now: float, rescue_idle: float
     ) -> bool:
         """Time to ask the seed (looked at once a second): nothing new for ``rescue_idle``
-        seconds, or pieces at no peer for :data:`ORPHAN_WAIT` seconds (both scaled to the
-        node's pace);
+        seconds, or (not in a rack) pieces at no peer for :data:`ORPHAN_WAIT` seconds
+        (both scaled to the node's pace);
         but not while the node has no peer at all, for :data:`ALONE_WAIT` seconds (it is
         still connecting, or the first of its deployment: the others are booting)."""
         if now - self._looked < 1.0:
@@ -315,6 +322,8 @@ class SeedUse:
             self._alone_since = float("inf")
         if idle >= rescue_idle:
             return True
+        if self.in_rack:
+            return False
         available = self._counts(len(have))
         if available is None:
             return False

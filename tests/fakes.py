@@ -330,6 +330,9 @@ class WorldSwarm:
     def connected(self) -> int:
         return len(self.world.live(self.name))
 
+    def addresses(self) -> set[str]:
+        return {s.name for s in self.world.live(self.name)}
+
     def wait(self, seconds: float) -> None:
         time.sleep(min(seconds, 0.01))
         world = self.world

@@ -152,8 +152,12 @@ def test_two_agents_and_the_seed_on_loopback(
     transport = loopback_transport(chunk_server, tmp_path)
     try:
         transport.prepare(Chunked(version))
-        transport.start(1, Chunked(version), [Member(n, ip) for n, ip in NODE_ADDRESS.items()])
+        # one rack: the tracker gives each the other, and the agents know their rack's
+        members = [Member(n, ip, "r1") for n, ip in NODE_ADDRESS.items()]
+        transport.start(1, Chunked(version), members)
         params = {n: transport.params(Chunked(version), n) for n in NODE_ADDRESS}
+        assert params["a"]["rack"] == "r1"
+        assert params["b"]["rack_peers"] == sorted(NODE_ADDRESS.values())
         assert params["a"]["tracker"].startswith(f"http://{SERVER}:")
         assert params["a"]["seed"].startswith(f"{SERVER}:")
         assert params["a"]["base"] == f"{chunk_server}/images/small/1"

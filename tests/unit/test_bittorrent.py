@@ -354,6 +354,7 @@ class FakeSwarm:
         self.min_rates: list[float] = []
         self.tracker_answered = True
         self.peers_connected = 3
+        self.outside: set[str] = set()  # connected peers from other racks
         self.want_at: list[int] = []  # looks at the swarm before each want()
         self.partial = 0  # bytes of pieces still incomplete
         self.trickle = 0  # the next this many waits bring a byte of some piece each
@@ -401,7 +402,10 @@ class FakeSwarm:
         return self.tracker_answered
 
     def connected(self) -> int:
-        return self.peers_connected
+        return len(self.addresses())
+
+    def addresses(self) -> set[str]:
+        return {f"10.0.1.{i}" for i in range(self.peers_connected)} | self.outside
 
     def peers_in_need(self, min_rate: float) -> int:
         self.min_rates.append(min_rate)
@@ -426,7 +430,7 @@ def run_feeder(
     cancel: threading.Event | None = None,
     fetch_ok: bool = True,
     mine: Sequence[int] | None = None,
-    in_rack: bool = False,
+    rack: Sequence[str] | None = None,
 ) -> tuple[Feeder, list[bytes], list[int], list[tuple[int, int]]]:
     plan = make_plan(DATA, 8)
     fed: list[bytes] = []
@@ -461,7 +465,7 @@ def run_feeder(
         stall=stall,
         clock=lambda: now[0],
         mine=mine,
-        in_rack=in_rack,
+        rack=rack,
     )
     feeder.run()
     return feeder, fed, fetched, progress
@@ -743,20 +747,42 @@ def test_pieces_at_no_peer_for_long_are_asked_of_the_seed_even_while_others_come
     assert ("want", [8, 9]) in swarm.calls and feeder.stats.rescues == 1
 
 
-def test_in_a_rack_pieces_at_no_peer_wait_for_the_door(monkeypatch: pytest.MonkeyPatch) -> None:
+RACK = [f"10.0.1.{i}" for i in range(20)]
+
+
+def test_behind_a_racks_door_pieces_at_no_peer_wait_for_the_door(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # the same, in a rack: 8 and 9 are at no peer of the rack because its door has not
     # brought them in yet; asking the seed would carry them over the uplink again
     monkeypatch.setattr(bittorrent_seed, "ORPHAN_PIECES", 0)
-    swarm = FakeSwarm(DATA, [[0, 2], [1], [3], [4], [5], [6], [7], [], [8, 9]])
+    arrivals = [[0, 2], [1], [3], [4], [5], [6], [7], [], [8, 9]]
+    swarm = FakeSwarm(DATA, arrivals)
     swarm.avail = [1] * 8 + [0, 0]
-    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60, in_rack=True)
+    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK)
     assert b"".join(fed) == DATA
     assert ("want", [8, 9]) not in swarm.calls and feeder.stats.rescues == 0
-    # nothing new for long is trouble in a rack too (its door died): the seed is asked
-    swarm = FakeSwarm(DATA, [[0, 2], [1], [3], [4], [5], [6], [7]] + [[]] * 12 + [[8, 9]])
+    # the door (connected to a peer from elsewhere) does, as any node not in a rack
+    swarm = FakeSwarm(DATA, arrivals)
     swarm.avail = [1] * 8 + [0, 0]
-    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60, in_rack=True)
+    swarm.outside = {"10.0.2.10"}
+    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK)
+    assert ("want", [8, 9]) in swarm.calls and feeder.stats.rescues == 1
+
+
+def test_behind_a_racks_door_long_silence_is_trouble() -> None:
+    # the door died: nothing new for MEMBER_IDLE, and the seed is asked
+    gap = int(bittorrent_seed.MEMBER_IDLE) + 3
+    swarm = FakeSwarm(DATA, [[0, 2], [1], [3], [4], [5], [6], [7]] + [[]] * gap + [[8, 9]])
+    swarm.avail = [1] * 8 + [0, 0]
+    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK)
     assert b"".join(fed) == DATA and feeder.stats.rescues == 1
+    # gaps shorter than that are the door's pace: nobody rescues
+    short = int(bittorrent_seed.MEMBER_IDLE) - 2
+    swarm = FakeSwarm(DATA, [[0, 2], [1], [3], [4], [5], [6], [7]] + [[]] * short + [[8, 9]])
+    swarm.avail = [1] * 8 + [0, 0]
+    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK)
+    assert feeder.stats.rescues == 0
 
 
 def test_before_the_tracker_answers_nothing_is_asked_of_the_seed_but_the_stripe() -> None:

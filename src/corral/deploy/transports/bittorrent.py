@@ -31,9 +31,10 @@ What a session is made of (:meth:`BitTorrentTransport.start`):
 A node's plan (:meth:`params`) holds the torrent (base64), the tracker's URL, the seed's
 address, the node's *stripe* (its position among the session's nodes: it takes every N-th
 piece from the seed and the rest from its peers, so that the seed sends about one copy;
-see :class:`corral.agent.receivers.bittorrent.seed.SeedUse`), its rack (the ``rack``
-variable; the tracker keeps a rack's nodes among themselves but for one door, see
-:meth:`~corral.deploy.transports.bittorrent_tracker.Swarms.choose`) and the HTTP base of
+see :class:`corral.agent.receivers.bittorrent.seed.SeedUse`), its rack and the rack's
+addresses (the ``rack`` variable; the tracker keeps a rack's nodes among themselves but
+for one door, see :meth:`~corral.deploy.transports.bittorrent_tracker.Swarms.choose`) and
+the HTTP base of
 the chunks, which the agent falls back on for chunks the swarm does not deliver. The tracker
 also tells the nodes how many members have not joined yet (``/pending/INFOHASH``), so
 that the nodes done first keep seeding for those still booting.
@@ -274,6 +275,7 @@ class _Session:
     torrent: Torrent
     nodes: tuple[str, ...]  # sorted: a node's stripe is its position
     racks: dict[str, str]  # a node -> its rack, for the nodes in one
+    addresses: dict[str, str]  # a node -> its address, for the nodes whose is known
 
 
 class BitTorrentTransport:
@@ -338,6 +340,7 @@ class BitTorrentTransport:
                 torrent,
                 tuple(sorted({m.node for m in members})),
                 {m.node: m.rack for m in members if m.rack},
+                {m.node: str(m.ip) for m in members if m.ip},
             )
             self.sessions[(deployment, payload.ref)] = session
             self.tracker.swarms.open(
@@ -393,8 +396,14 @@ class BitTorrentTransport:
             params["seed"] = f"{self.seed_host}:{self.seeder.port}"
         if node in session.nodes:
             params["stripe"] = [session.nodes.index(node), len(session.nodes)]
-        if node in session.racks:
-            params["rack"] = session.racks[node]
+        rack = session.racks.get(node)
+        if rack is not None:
+            params["rack"] = rack
+            params["rack_peers"] = sorted(
+                session.addresses[n]
+                for n, r in session.racks.items()
+                if r == rack and n in session.addresses
+            )
         return params
 
     @property

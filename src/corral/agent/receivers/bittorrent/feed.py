@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from corral.agent.errors import Cancelled
@@ -69,7 +69,7 @@ class Feeder:
         cancel: threading.Event,
         *,
         mine: Sequence[int] | None = None,
-        in_rack: bool = False,
+        rack: Collection[str] | None = None,
         stall: float | None = None,
         ahead: int | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -91,7 +91,7 @@ class Feeder:
         self._received = 0
         self._moved = clock()
         self._urgent: list[int] = []
-        self.seed = SeedUse(swarm, mine, clock, in_rack=in_rack)
+        self.seed = SeedUse(swarm, mine, clock, rack=rack)
 
     def run(self) -> FeedStats:
         chunks = self.plan.image.chunks

@@ -169,14 +169,17 @@ class LibtorrentSwarm:
         return self._heard
 
     def connected(self) -> int:
+        return len(self.addresses())
+
+    def addresses(self) -> set[str]:
         flags = self.lt.peer_info
         pending = flags.connecting | flags.handshake
         seed = self.seed[0] if self.seed else ""
-        return sum(
-            1
+        return {
+            str(peer.ip[0])
             for peer in self.handle.get_peer_info()
             if not peer.flags & pending and str(peer.ip[0]) != seed
-        )
+        }
 
     def present(self) -> tuple[int, int]:
         flags = self.lt.peer_info

@@ -59,6 +59,14 @@ def _stripe(value: Any, num_pieces: int) -> list[int] | None:
     return stripe(num_pieces, index, count)
 
 
+def _rack(params: dict[str, Any]) -> list[str] | None:
+    """The addresses of this node's rack, from the plan; None if it is in none."""
+    peers = params.get("rack_peers")
+    if not params.get("rack") or not isinstance(peers, list):
+        return None
+    return [str(a) for a in peers]
+
+
 def _import_libtorrent() -> ModuleType | None:
     try:
         return importlib.import_module("libtorrent")
@@ -129,7 +137,7 @@ class BitTorrentReceiver(StreamReceiver):
                     job.progress,
                     job.cancel,
                     mine=mine,
-                    in_rack=bool(params.get("rack")),
+                    rack=_rack(params),
                 )
                 feeds.append(feeder.run())
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from corral.agent.receivers.bittorrent.swarm import Swarm
 
@@ -49,6 +49,13 @@ IDLE_PIECES = 4
 ORPHAN_PIECES = 10
 #: ... and a stripe from the seed is late after this many.
 STRIPE_PIECES = 10
+
+#: A node of a rack, not its door, asks the seed only after nothing new for this many
+#: seconds, or pieces' time (its rack's door brings the pieces in at the pace its upload
+#: allows, so gaps are normal; long ones mean the door died or stalls). Shorter than the
+#: feed's stall, after which the chunk comes over HTTP, over the uplink as well.
+MEMBER_IDLE = 8.0
+MEMBER_IDLE_PIECES = 8
 
 
 class PieceClock:
@@ -125,11 +132,7 @@ class SeedUse:
     ``rescue``
         when the node has received nothing for :data:`RESCUE_IDLE` seconds (on a LAN a
         piece takes a fraction of a second), or has lacked pieces that no peer has for
-        :data:`ORPHAN_WAIT` seconds (not in a rack: there the pieces at no peer of the
-        rack are coming in through its door, see
-        :meth:`~corral.deploy.transports.bittorrent_tracker.Swarms.choose`, and asking
-        the seed for them would carry them over the rack's uplink once more), the seed
-        again, for the pieces that at most
+        :data:`ORPHAN_WAIT` seconds, the seed again, for the pieces that at most
         one connected peer has: their stripe's member died before passing it on, is slow,
         or has not come yet. Only those are wanted meanwhile, so the seed sends nothing
         the peers could, and only until they are here or, every :data:`RESCUE_MAX`
@@ -140,6 +143,15 @@ class SeedUse:
         of the image this way, unicast: there is nobody to share with yet.
 
     Without a stripe in the plan (a single node, an older server) the seed stays in use.
+
+    In a rack (``rack``: its nodes' addresses), only one node trades with other racks, its
+    door (:meth:`~corral.deploy.transports.bittorrent_tracker.Swarms.choose`): a node
+    connected to a peer outside its rack is the door, and behaves as above. Another node
+    of the rack gets what its rack lacks through the door, so it does not rescue pieces
+    that are at no peer (the door is bringing them in, and the seed would send them over
+    the rack's uplink once more), and rescues only after :data:`MEMBER_IDLE` without
+    anything new. The door downloads each piece once, from wherever it comes (the seed
+    included): that keeps what enters the rack near one copy of the stream.
     """
 
     def __init__(
@@ -148,11 +160,11 @@ class SeedUse:
         mine: Sequence[int] | None,
         clock: Callable[[], float],
         *,
-        in_rack: bool = False,
+        rack: Collection[str] | None = None,
     ) -> None:
         self.swarm = swarm
         self.clock = clock
-        self.in_rack = in_rack
+        self.rack = None if rack is None else frozenset(rack)
         self.started = clock()
         self.mine = list(mine) if mine is not None else None
         self.rescue: list[int] = []
@@ -299,6 +311,10 @@ class SeedUse:
             return True
         return False
 
+    def behind_door(self) -> bool:
+        """In a rack, and not its door: no peer from elsewhere is connected."""
+        return self.rack is not None and self.swarm.addresses() <= self.rack
+
     def _met(self, waited: float) -> bool:
         """Connected to a peer, or looked long enough (the first node finds nobody)."""
         return waited >= 4 * LOOK_TIME or self.swarm.connected() > 0
@@ -307,8 +323,8 @@ class SeedUse:
         self, have: Sequence[bool], idle: float, now: float, rescue_idle: float
     ) -> bool:
         """Time to ask the seed (looked at once a second): nothing new for ``rescue_idle``
-        seconds, or (not in a rack) pieces at no peer for :data:`ORPHAN_WAIT` seconds
-        (both scaled to the node's pace);
+        seconds, or pieces at no peer for :data:`ORPHAN_WAIT` seconds (both scaled to the
+        node's pace; behind a rack's door, only nothing new for :data:`MEMBER_IDLE`);
         but not while the node has no peer at all, for :data:`ALONE_WAIT` seconds (it is
         still connecting, or the first of its deployment: the others are booting)."""
         if now - self._looked < 1.0:
@@ -320,10 +336,10 @@ class SeedUse:
                 return False
         else:
             self._alone_since = float("inf")
+        if self.behind_door():
+            return idle >= self.pace.scaled(MEMBER_IDLE, MEMBER_IDLE_PIECES)
         if idle >= rescue_idle:
             return True
-        if self.in_rack:
-            return False
         available = self._counts(len(have))
         if available is None:
             return False

@@ -69,6 +69,10 @@ class Swarm(Protocol):
         """Peers connected (the seed aside, and connections not yet established)."""
         ...
 
+    def addresses(self) -> set[str]:
+        """The addresses of the peers :meth:`connected` counts."""
+        ...
+
 
 @dataclass(frozen=True)
 class PieceMap:

@@ -50,13 +50,6 @@ ORPHAN_PIECES = 10
 #: ... and a stripe from the seed is late after this many.
 STRIPE_PIECES = 10
 
-#: A node of a rack, not its door, asks the seed only after nothing new for this many
-#: seconds, or pieces' time (its rack's door brings the pieces in at the pace its upload
-#: allows, so gaps are normal; long ones mean the door died or stalls). Shorter than the
-#: feed's stall, after which the chunk comes over HTTP, over the uplink as well.
-MEMBER_IDLE = 8.0
-MEMBER_IDLE_PIECES = 8
-
 
 class PieceClock:
     """How long a piece takes to arrive at this node, measured.
@@ -147,11 +140,13 @@ class SeedUse:
     In a rack (``rack``: its nodes' addresses), only one node trades with other racks, its
     door (:meth:`~corral.deploy.transports.bittorrent_tracker.Swarms.choose`): a node
     connected to a peer outside its rack is the door, and behaves as above. Another node
-    of the rack gets what its rack lacks through the door, so it does not rescue pieces
-    that are at no peer (the door is bringing them in, and the seed would send them over
-    the rack's uplink once more), and rescues only after :data:`MEMBER_IDLE` without
-    anything new. The door downloads each piece once, from wherever it comes (the seed
-    included): that keeps what enters the rack near one copy of the stream.
+    of the rack gets what its rack lacks through the door, and never asks the seed for
+    more than its stripe: the seed would send the pieces over the rack's uplink once more
+    (asking for those at no peer of the rack, or after a gap in what the door brings in,
+    its nodes took a third copy of the stream each from the seed at N = 100). If the
+    door dies, the rack's nodes stall, and fetch the chunks they lack over HTTP until the
+    tracker names a new door. The door downloads each piece once, from wherever it
+    comes (the seed included): that keeps what enters the rack near one copy.
     """
 
     def __init__(
@@ -324,7 +319,7 @@ class SeedUse:
     ) -> bool:
         """Time to ask the seed (looked at once a second): nothing new for ``rescue_idle``
         seconds, or pieces at no peer for :data:`ORPHAN_WAIT` seconds (both scaled to the
-        node's pace; behind a rack's door, only nothing new for :data:`MEMBER_IDLE`);
+        node's pace; never behind a rack's door);
         but not while the node has no peer at all, for :data:`ALONE_WAIT` seconds (it is
         still connecting, or the first of its deployment: the others are booting)."""
         if now - self._looked < 1.0:
@@ -337,7 +332,7 @@ class SeedUse:
         else:
             self._alone_since = float("inf")
         if self.behind_door():
-            return idle >= self.pace.scaled(MEMBER_IDLE, MEMBER_IDLE_PIECES)
+            return False
         if idle >= rescue_idle:
             return True
         available = self._counts(len(have))

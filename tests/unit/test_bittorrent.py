@@ -770,18 +770,12 @@ def test_behind_a_racks_door_pieces_at_no_peer_wait_for_the_door(
     assert ("want", [8, 9]) in swarm.calls and feeder.stats.rescues == 1
 
 
-def test_behind_a_racks_door_a_stall_goes_to_http_not_to_the_seed() -> None:
-    # the door died: nothing new for long; the chunks come over HTTP, the seed is not asked
-    swarm = FakeSwarm(DATA, [[0, 2], [1], [3], [4], [5], [6], [7]])
+def test_behind_a_racks_door_nothing_new_for_long_is_still_trouble() -> None:
+    # the door is slow or died: nothing new for RESCUE_IDLE, and the seed is asked
+    swarm = FakeSwarm(DATA, [[0, 2], [1], [3], [4], [5], [6], [7]] + [[]] * 4 + [[8, 9]])
     swarm.avail = [1] * 8 + [0, 0]
-    feeder, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=5, rack=RACK)
-    assert b"".join(fed) == DATA and feeder.stats.rescues == 0
-    assert fetched == [4]
-    # not in a rack, the seed is asked first
-    swarm = FakeSwarm(DATA, [[0, 2], [1], [3], [4], [5], [6], [7]])
-    swarm.avail = [1] * 8 + [0, 0]
-    feeder, *_ = run_feeder(swarm, mine=[0, 2], stall=5)
-    assert feeder.stats.rescues == 1
+    feeder, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK)
+    assert b"".join(fed) == DATA and feeder.stats.rescues == 1 and fetched == []
 
 
 def test_before_the_tracker_answers_nothing_is_asked_of_the_seed_but_the_stripe() -> None:

@@ -228,9 +228,8 @@ class DeployService:
 
     def _join_boot(self, node: str, client_ip: str) -> None:
         """Put a diskless node that booted on its own into its gathering deployment, one
-        node at a time: on a database whose transactions do not lock at their start
-        (PostgreSQL's read committed), two nodes arriving together would each read "none
-        gathering" and open one apiece."""
+        node at a time: SQLite's driver begins a transaction at its first write, so two
+        nodes arriving together would each read "none gathering" and open one apiece."""
         with self._gathering_lock, self.session() as s:
             if Deployments(s).active(node) is not None:
                 return  # it joined on a request of its own a moment ago

@@ -30,31 +30,12 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 HEAD = "0006"
 
 
-# How long a transaction waits for another's write lock before "database is locked".
-# Python's default, 5 s, ran out on a host that 100 deploying nodes kept busy.
-SQLITE_BUSY_SECONDS = 60.0
-
-
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    # corral begins SQLite's transactions itself (_sqlite_begin), not the driver, which
-    # would begin one only at the first write.
-    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
-
-
-def _sqlite_begin(conn: Any) -> None:
-    """Take the write lock when a transaction begins, not at its first write. A
-    transaction that has read and then wants to write cannot wait for the lock: if
-    another wrote meanwhile, SQLite fails it at once ("database is locked"), and the busy
-    timeout never applies. Begun IMMEDIATE, it waits its turn at the start instead.
-    Every transaction takes the lock, those that only read too: corral's are short, and
-    SQLite lets one write at a time anyway. Plain reads outside corral (the sqlite3
-    shell, a backup) still read beside the writer, in WAL mode."""
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _private_sqlite(path: Path) -> None:
@@ -70,15 +51,12 @@ def _private_sqlite(path: Path) -> None:
 def open_engine(url: str) -> Engine:
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         _private_sqlite(Path(url.removeprefix("sqlite:///")))
-    sqlite = url.startswith("sqlite")
-    connect_args = {"timeout": SQLITE_BUSY_SECONDS} if sqlite else {}
     try:
-        engine = create_engine(url, connect_args=connect_args)
+        engine = create_engine(url)
     except (SQLAlchemyError, ImportError) as exc:
         raise ConfigError(f"cannot use database '{url}': {exc}") from exc
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin)
     migrate(engine)
     return engine
 

@@ -6,7 +6,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
 
-from corral.inventory.db import HEAD, open_engine
+from corral.inventory.db import HEAD, SQLITE_BUSY_SECONDS, open_engine
 from corral.inventory.models import Base
 
 
@@ -28,3 +28,10 @@ def test_a_current_database_is_left_alone(tmp_path: Path) -> None:
     open_engine(url)
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM marker").scalar() == 0
+
+
+def test_a_write_waits_for_the_write_lock_longer_than_pythons_default(tmp_path: Path) -> None:
+    engine = open_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with engine.connect() as conn:
+        waits = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
+    assert waits == SQLITE_BUSY_SECONDS * 1000 > 5000

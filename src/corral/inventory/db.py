@@ -30,6 +30,12 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 HEAD = "0006"
 
 
+# How long a write waits for SQLite's write lock before "database is locked". Python's
+# default, 5 s, ran out at N = 100 on a busy host: a node's plan request, whose write
+# waited behind the group commits of a hundred nodes' reports, failed twice with 500.
+SQLITE_BUSY_SECONDS = 30.0
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")
@@ -51,8 +57,9 @@ def _private_sqlite(path: Path) -> None:
 def open_engine(url: str) -> Engine:
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         _private_sqlite(Path(url.removeprefix("sqlite:///")))
+    connect_args = {"timeout": SQLITE_BUSY_SECONDS} if url.startswith("sqlite") else {}
     try:
-        engine = create_engine(url)
+        engine = create_engine(url, connect_args=connect_args)
     except (SQLAlchemyError, ImportError) as exc:
         raise ConfigError(f"cannot use database '{url}': {exc}") from exc
     if engine.dialect.name == "sqlite":

@@ -8,6 +8,7 @@ one is up already rather than take it down.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 import stat
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from corral.images.catalog import image_store
+from corral.images.exports import STREAM_INDEX
 from corral.images.store import ImageVersion
 from corral.inventory import db
 from corral.inventory.schema import ProfileSpec
@@ -151,6 +153,25 @@ def add_image(home: Path, tmp: Path, seed: int, random_mb: int = 2) -> ImageVers
 
 def deploy(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return corral("deploy", RANGE, *args, "--wait", home=home)
+
+
+def stream_size(version: ImageVersion) -> int:
+    """The size of the image's stream export (S of the figures): made for its first
+    deployment that needs it."""
+    return int(json.loads((version.path / STREAM_INDEX).read_text())["size"])
+
+
+def deploy_everywhere(bed: cluster.Testbed, version: ImageVersion, tmp: Path, *args: str) -> int:
+    """Deploy ``version`` to every node with ``args`` (its transport) and wait; check that
+    every node is done with exactly the image's files. Returns the bytes that left the
+    server meanwhile."""
+    before = bed.server_egress_bytes()
+    result = deploy(bed.settings.home, "--image", version.ref, *args)
+    egress = bed.server_egress_bytes() - before
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{NODES} done" in result.stdout
+    check_nodes(bed, version, tmp)
+    return egress
 
 
 def check_nodes(bed: cluster.Testbed, version: ImageVersion, tmp: Path) -> None:

@@ -43,10 +43,10 @@ from tests.integration import deploybed
 from tests.integration.deploybed import (
     NODES,
     add_image,
-    check_nodes,
-    deploy,
+    deploy_everywhere,
     make_tree,
     shape,
+    stream_size,
     tree_digest,
 )
 
@@ -253,18 +253,8 @@ def test_without_a_swarm_the_chunks_come_over_http(
 LINK = "50mbit"
 
 
-def stream_size(version: ImageVersion) -> int:
-    return int(json.loads((version.path / STREAM_INDEX).read_text())["size"])
-
-
 def deploy_and_measure(bed: cluster.Testbed, version: ImageVersion, tmp_path: Path) -> float:
-    home = bed.settings.home
-    before = bed.server_egress_bytes()
-    result = deploy(home, "--transport", "bittorrent", "--image", version.ref)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{NODES} done" in result.stdout
-    egress = bed.server_egress_bytes() - before
-    check_nodes(bed, version, tmp_path)
+    egress = deploy_everywhere(bed, version, tmp_path, "--transport", "bittorrent")
     with db.session() as s:
         d = Deployments(s).recent()[0]
         assert d.state == "done" and d.transport == "bittorrent"

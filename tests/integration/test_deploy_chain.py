@@ -7,7 +7,6 @@ bypassed; cancel) is test_deploy_contract.py's.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -16,26 +15,15 @@ from pathlib import Path
 import pytest
 
 from corral.deploy.store import Deployments
-from corral.images.exports import STREAM_INDEX
-from corral.images.store import ImageVersion
 from corral.inventory import db
 from corral.run import run
 from corral.testbed import cluster
-from tests.integration.deploybed import (
-    NODES,
-    add_image,
-    check_nodes,
-    deploy,
-)
+from tests.integration.deploybed import add_image, deploy_everywhere
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and loop devices"),
 ]
-
-
-def stream_size(version: ImageVersion) -> int:
-    return int(json.loads((version.path / STREAM_INDEX).read_text())["size"])
 
 
 def last_deployment() -> tuple[str, dict[str, tuple[str, int, int, str]]]:
@@ -52,10 +40,7 @@ def test_chain_under_one_percent_loss(testbed: cluster.Testbed, tmp_path: Path) 
     run(["tc", "-n", cluster.HUB, "-batch", "-"], input="\n".join(lines) + "\n")
     try:
         version = add_image(home, tmp_path, seed=22, random_mb=6)
-        result = deploy(home, "--transport", "chain", "--image", version.ref)
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert f"{NODES} done" in result.stdout
-        check_nodes(testbed, version, tmp_path)
+        deploy_everywhere(testbed, version, tmp_path, "--transport", "chain")
     finally:
         for port in ports:
             run(["tc", "-n", cluster.HUB, "qdisc", "del", "dev", port, "clsact"], check=False)

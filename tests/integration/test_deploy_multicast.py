@@ -10,7 +10,6 @@ finish by multicast alone.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -20,13 +19,19 @@ from pathlib import Path
 import pytest
 
 from corral.deploy.store import Deployments
-from corral.images.store import ImageVersion
 from corral.inventory import db
 from corral.run import run
 from corral.testbed import cluster
 from corral.testbed.netns import namespace_pid_map
 from tests.conftest import corral
-from tests.integration.deploybed import NODES, RANGE, add_image, check_nodes, deploy
+from tests.integration.deploybed import (
+    NODES,
+    RANGE,
+    add_image,
+    check_nodes,
+    deploy_everywhere,
+    stream_size,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -36,10 +41,6 @@ pytestmark = [
 RECEIVED = re.compile(
     r"received (\S+): (\d+) bytes in (\d+) chunks, (\d+) by multicast, (\d+) by HTTP"
 )
-
-
-def stream_size(version: ImageVersion) -> int:
-    return int(json.loads((version.path / "exports" / "stream.json").read_text())["size"])
 
 
 def received(bed: cluster.Testbed, node: str, ref: str) -> tuple[int, int]:
@@ -59,13 +60,8 @@ def last_deployment() -> tuple[str, dict[str, tuple[str, str]]]:
 def test_five_nodes_by_multicast(testbed: cluster.Testbed, tmp_path: Path) -> None:
     home = testbed.settings.home
     version = add_image(home, tmp_path, seed=11, random_mb=6)
-    egress = testbed.server_egress_bytes()
-    result = deploy(home, "--image", version.ref, "--transport", "multicast")
-    egress = testbed.server_egress_bytes() - egress
-    size = stream_size(version)  # the stream export is made for the deployment
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{NODES} done" in result.stdout
-    check_nodes(testbed, version, tmp_path)
+    egress = deploy_everywhere(testbed, version, tmp_path, "--transport", "multicast")
+    size = stream_size(version)
     for info in testbed.require_state().nodes:
         by_multicast, by_http = received(testbed, info.name, version.ref)
         assert by_multicast > 0 and by_http == 0, f"{info.name} fell back to HTTP"
@@ -92,13 +88,8 @@ def test_multicast_under_one_percent_loss(
 ) -> None:
     home = testbed.settings.home
     version = add_image(home, tmp_path, seed=12, random_mb=6)
-    egress = testbed.server_egress_bytes()
-    result = deploy(home, "--image", version.ref, "--transport", "multicast")
-    egress = testbed.server_egress_bytes() - egress
-    size = stream_size(version)  # the stream export is made for the deployment
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{NODES} done" in result.stdout
-    check_nodes(testbed, version, tmp_path)
+    egress = deploy_everywhere(testbed, version, tmp_path, "--transport", "multicast")
+    size = stream_size(version)
     chunks = [received(testbed, info.name, version.ref) for info in testbed.require_state().nodes]
     print(f"multicast, {NODES} nodes, 1 % loss: egress {egress / size:.2f} x S, chunks {chunks}")
     assert egress <= 2 * size

@@ -10,7 +10,6 @@ are beyond the FEC, and the nodes fetch the chunks they damaged, alone, over HTT
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -18,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from corral.images.store import ImageVersion
 from corral.run import run
 from corral.testbed import cluster
-from tests.integration.deploybed import NODES, add_image, check_nodes, deploy
+from tests.integration.deploybed import NODES, add_image, deploy_everywhere, stream_size
 
 pytestmark = [
     pytest.mark.integration,
@@ -35,10 +33,6 @@ RECEIVED = re.compile(
     r"\((\d+) repaired"
 )
 DAMAGED = re.compile(r"multicast: chunk (\d+) came damaged")
-
-
-def stream_size(version: ImageVersion) -> int:
-    return int(json.loads((version.path / "exports" / "stream.json").read_text())["size"])
 
 
 def received(bed: cluster.Testbed, node: str, ref: str) -> tuple[int, int, int, list[int]]:
@@ -56,13 +50,8 @@ def received(bed: cluster.Testbed, node: str, ref: str) -> tuple[int, int, int, 
 def test_five_nodes_by_async_multicast(testbed: cluster.Testbed, tmp_path: Path) -> None:
     home = testbed.settings.home
     version = add_image(home, tmp_path, seed=21, random_mb=10)
-    egress = testbed.server_egress_bytes()
-    result = deploy(home, "--image", version.ref, "--transport", "multicast")
-    egress = testbed.server_egress_bytes() - egress
+    egress = deploy_everywhere(testbed, version, tmp_path, "--transport", "multicast")
     size = stream_size(version)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{NODES} done" in result.stdout
-    check_nodes(testbed, version, tmp_path)
     for info in testbed.require_state().nodes:
         by_multicast, by_http, repaired, _ = received(testbed, info.name, version.ref)
         assert by_multicast > 0 and by_http == 0, f"{info.name} fell back to HTTP"
@@ -93,13 +82,8 @@ def test_damaged_chunks_are_repaired_by_http(
     home = testbed.settings.home
     # five chunks, so that a node can lose one and keep the session
     version = add_image(home, tmp_path, seed=22, random_mb=18)
-    egress = testbed.server_egress_bytes()
-    result = deploy(home, "--image", version.ref, "--transport", "multicast")
-    egress = testbed.server_egress_bytes() - egress
+    egress = deploy_everywhere(testbed, version, tmp_path, "--transport", "multicast")
     size = stream_size(version)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{NODES} done" in result.stdout
-    check_nodes(testbed, version, tmp_path)  # every file, byte for byte
     counts = {
         info.name: received(testbed, info.name, version.ref)
         for info in testbed.require_state().nodes

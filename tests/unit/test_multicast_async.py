@@ -20,7 +20,7 @@ from corral.agent.errors import Cancelled
 from corral.agent.plan import Plan
 from corral.agent.receivers.base import Context, Job
 from corral.agent.receivers.multicast import MulticastReceiver, Session, receiver_argv
-from corral.agent.receivers.multicast_async import Spool, spool_limit
+from corral.agent.receivers.multicast_async import ReceiverStderr, Spool, spool_limit
 from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
 from tests.fakes import UDP_RECEIVER, ChunkServer, KeptUnpacker, stream_plan
@@ -240,3 +240,16 @@ def test_the_spool_limit_follows_the_memory(tmp_path: Path) -> None:
     meminfo.write_text("MemAvailable: 100 kB\n")
     assert spool_limit(str(meminfo)) == 64 << 20
     assert spool_limit(str(tmp_path / "none")) == 64 << 20
+
+
+def test_udp_receivers_stderr_says_once_that_it_joined_and_keeps_its_last_lines() -> None:
+    stderr = ReceiverStderr()
+    assert not stderr.add(b"Udp-receiver 20120424\nConnec")
+    assert stderr.add(b"ted as #3 to 10.77.0.1\n")  # a line split between two reads
+    assert not stderr.add(b"bytes=  1 048 576 ( 2.00 Mbps)\r" * 400)  # once only
+    assert stderr.joined
+    stderr.add(b"Transfer complete.\n\n")
+    assert (
+        stderr.tail
+        == "bytes=  1 048 576 ( 2.00 Mbps) / bytes=  1 048 576 ( 2.00 Mbps) / Transfer complete."
+    )

@@ -57,7 +57,7 @@ from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.network import interface_ipv4, source_address
 from corral.agent.plan import Plan
 from corral.agent.receivers.base import Context, Job, Received, StreamReceiver
-from corral.agent.receivers.multicast_async import AsyncReceiving, stderr_lines
+from corral.agent.receivers.multicast_async import AsyncReceiving, ReceiverStderr
 from corral.agent.receivers.stream import ProgressCallback, VerifiedStream
 from corral.agent.run import spawn, stop
 
@@ -402,7 +402,7 @@ class MulticastReceiver(StreamReceiver):
         chunks = stream.plan.image.chunks
         total = stream.total
         buf = bytearray()
-        errors = bytearray()
+        errors = ReceiverStderr()
         started = time.monotonic()
         connected: float | None = None
         first: float | None = None
@@ -419,19 +419,15 @@ class MulticastReceiver(StreamReceiver):
                     if not data:
                         readers.remove(err)
                         continue
-                    errors += data
-                    if connected is None and b"Connected as" in errors:
+                    if errors.add(data):
                         connected = now
-                        log.info(
-                            "multicast: joined session %s (%s)", session.tag, stderr_lines(errors)
-                        )
-                    del errors[:-4096]
-                    self.stderr_tail = stderr_lines(errors)
+                        log.info("multicast: joined session %s (%s)", session.tag, errors.tail)
+                    self.stderr_tail = errors.tail
                     continue
                 if not data:
                     if err in readers:
-                        errors += _drain(err)
-                    self.stderr_tail = stderr_lines(errors)
+                        errors.add(_drain(err))
+                    self.stderr_tail = errors.tail
                     self.left = _ended(proc, self.stderr_tail)
                     return
                 first = first or now

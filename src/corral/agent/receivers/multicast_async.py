@@ -214,7 +214,7 @@ class AsyncReceiving:
         chunks = self.stream.plan.image.chunks
         count = len(chunks)
         buf = bytearray()
-        errors = bytearray()
+        errors = ReceiverStderr()
         started = time.monotonic()
         connected: float | None = None
         last = started
@@ -235,15 +235,13 @@ class AsyncReceiving:
                     if not data:
                         readers.remove(err)
                         continue
-                    errors += data
-                    if connected is None and b"Connected as" in errors:
+                    if errors.add(data):
                         connected = last = now
                         self.connected = True
-                    del errors[:-4096]
-                    self.stderr_tail = stderr_lines(errors)
+                    self.stderr_tail = errors.tail
                     continue
                 if not data:
-                    self.stderr_tail = stderr_lines(errors)
+                    self.stderr_tail = errors.tail
                     self.left = describe_end(proc, self.stderr_tail)
                     return
                 last = now
@@ -274,8 +272,28 @@ class AsyncReceiving:
                 return
 
 
-def stderr_lines(errors: bytearray) -> str:
-    """The last few lines udp-receiver wrote, on one line."""
-    text = errors.decode("utf-8", "replace").replace("\r", "\n")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return " / ".join(lines[-3:])
+class ReceiverStderr:
+    """What udp-receiver writes on stderr, as it comes: whether it has joined a session
+    (its "Connected as" line), and its last lines for the log and the node's error."""
+
+    #: Bytes kept: its progress lines come many times a second for the whole session.
+    KEEP = 4096
+
+    def __init__(self) -> None:
+        self._text = bytearray()
+        self.joined = False
+
+    def add(self, data: bytes) -> bool:
+        """Take ``data``; True the first time it says it joined a session."""
+        self._text += data
+        joined_now = not self.joined and b"Connected as" in self._text
+        self.joined = self.joined or joined_now
+        del self._text[: -self.KEEP]
+        return joined_now
+
+    @property
+    def tail(self) -> str:
+        """The last few lines, on one line."""
+        text = self._text.decode("utf-8", "replace").replace("\r", "\n")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return " / ".join(lines[-3:])

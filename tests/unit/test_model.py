@@ -126,3 +126,74 @@ def test_check_reports_each_recorded_run(capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert out.count("| deploy: ") + out.count("| diskless: ") == len(runs)
     assert "median" in out
+
+
+# the testbed's BitTorrent runs: 100 nodes at 2 Mbit/s, a 20 Mbit/s server, S/B = 125 s
+TESTBED = model.Cluster(nodes=100, size=29.9 * (1 << 20), node_link=2e6, server_link=20e6)
+
+
+def test_bittorrent_racks_are_bound_by_their_doors_upload() -> None:
+    flat = model.predict("bittorrent", TESTBED)
+    extra = {}
+    for racks in (2, 4, 5, 10):
+        c = replace(TESTBED, rack_size=100 // racks, oversubscription=4)
+        p = model.predict("bittorrent", c)
+        # a door sends its rack's pieces out and the other racks' in: 2 (1 - 1/R) S
+        assert p.t >= 2 * (1 - 1 / racks) * c.one_copy
+        extra[racks] = p.t - flat.t
+        # its rack's nodes, waiting on it, ask the seed: about one copy per rack
+        assert racks <= p.egress / c.size < 1.1 * racks + 0.2
+    # past two racks, each door's load grows as 2 (1 - 1/R) - 1, and T with it
+    assert extra[2] == pytest.approx(0, abs=1)
+    assert extra[10] / extra[4] == pytest.approx((1.8 - 1) / (1.5 - 1), rel=0.05)
+    assert extra[4] < extra[5] < extra[10]
+    # on one switch, the stripes are one copy and the seed sends a little more
+    assert 1 < flat.egress / TESTBED.size < 2
+
+
+def test_a_late_bittorrent_node_takes_the_image_at_its_own_links_rate() -> None:
+    swarm = model.predict("bittorrent", TESTBED).t
+    late = model.predict("bittorrent", replace(TESTBED, skew=300)).t
+    # its peers are done: S at one link's rate after it starts, not the swarm's time again
+    assert late - 300 < swarm
+    assert late - 300 >= TESTBED.one_copy
+
+
+@pytest.mark.parametrize("transport", model.TRANSPORTS)
+@pytest.mark.parametrize("scenario", model.SCENARIOS.values())
+def test_the_server_sends_no_more_than_its_link_carries(
+    transport: str, scenario: dict[str, float]
+) -> None:
+    for n in (1000, 10_000):
+        p = model.predict(transport, replace(model.SCALE, nodes=n, **scenario))
+        assert p.egress * 8 <= model.SCALE.server_link * p.t
+
+
+def test_the_check_leaves_out_bittorrents_old_designs_with_a_reason() -> None:
+    runs = [r for r in model.load_runs() if r.transport == "bittorrent"]
+    doors = [r for r in runs if "one door per rack" in r.label]
+    assert len(doors) >= 3 and not any(r.excluded for r in doors)
+    for r in runs:
+        if r.cluster.rack_size and "one door per rack" not in r.label:
+            assert r.excluded  # racks before the doors, and the doors' variants
+        if r.egress / r.cluster.size > 10:
+            assert r.excluded  # the seed's rescue storms
+
+
+@pytest.mark.parametrize(
+    ("label", "racks", "egress_s", "valid", "why"),
+    [
+        ("bittorrent", 0, 1.8, True, ""),
+        ("bittorrent", 0, 1.8, False, "host CPU"),
+        ("bittorrent", 0, 25.0, True, "re-sent most pieces"),
+        ("bittorrent (4 racks, 4:1; one door per rack)", 4, 4.3, True, ""),
+        ("bittorrent (4 racks, 4:1)", 4, 4.2, True, "before the doors"),
+        ("bittorrent (4 racks, 4:1; doors, no rescue behind the door)", 4, 2.3, True, "variant"),
+    ],
+)
+def test_bittorrents_exclusions(
+    label: str, racks: int, egress_s: float, valid: bool, why: str
+) -> None:
+    record = {"transport": label, "n": 100, "racks": racks, "valid": valid, "cpu": 0.97}
+    excluded = model._exclusion(record, "bittorrent", egress_s)
+    assert (why in excluded) if why else excluded == ""

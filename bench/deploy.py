@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -322,18 +323,29 @@ def summary(runs: list[dict[str, Any]]) -> str:
     ]
     for i, (r, (t, e, u, k, sp)) in enumerate(zip(runs, rows, strict=True), 1):
         lines.append(
-            f"| {i} | {r.get('seed') or '-'} | {t:.2f} | {e:.2f} | {u:.2f} | {k:.1f} | {sp:.1f} "
-            f"| {r['cpu']:.0%} | {r['load'][0]:.1f} → {r['load'][1]:.1f} | {len(r['failed'])} |"
+            f"| {i} | {r.get('seed') or DASH} | {cell(t)} | {cell(e)} | {cell(u)} "
+            f"| {cell(k, '.1f')} | {cell(sp, '.1f')} | {r['cpu']:.0%} "
+            f"| {r['load'][0]:.1f} → {r['load'][1]:.1f} | {len(r['failed'])} |"
         )
     cols = list(zip(*rows, strict=True))
     median = [statistics.median(c) for c in cols]
     worst = [max(c) for c in cols]
     for name, vals in (("median", median), ("worst", worst)):
         lines.append(
-            f"| {name} | | {vals[0]:.2f} | {vals[1]:.2f} | {vals[2]:.2f} | {vals[3]:.1f} "
-            f"| {vals[4]:.1f} | | | |"
+            f"| {name} | | {cell(vals[0])} | {cell(vals[1])} | {cell(vals[2])} "
+            f"| {cell(vals[3], '.1f')} | {cell(vals[4], '.1f')} | | | |"
         )
     return "\n".join(lines) + "\n"
+
+
+#: what a table shows where a run has no such figure
+DASH = "\N{EN DASH}"
+
+
+def cell(value: float | None, spec: str = ".2f") -> str:
+    """A table cell: the figure, or a dash where the run has none (no racks, no killed
+    node, no skew recorded)."""
+    return DASH if value is None or math.isnan(value) else format(value, spec)
 
 
 def uplink_of(r: dict[str, Any]) -> float:
@@ -514,12 +526,12 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, s_bytes: i
         t, sb = r["t"] or nan, r["s_over_b"]
         size = r["s_mib"] * 2**20
         lines.append(
-            f"| {r['transport']} | {r['n']} | {t:.1f} | {t / sb:.2f} "
-            f"| {(r.get('t_received') or nan) / sb:.2f} | {t / r['bound']:.2f} "
-            f"| {r['egress'] / size:.2f} | {uplink_of(r):.2f} "
-            f"| {r['skew'] if r.get('skew') is not None else nan:.1f} | {r['spread'] or 0:.1f} "
-            f"| {(r.get('t_others') or nan) / sb:.2f} "
-            f"| {r.get('killed_failed_after') or nan:.1f} | {r['cpu']:.0%} "
+            f"| {r['transport']} | {r['n']} | {cell(t, '.1f')} | {cell(t / sb)} "
+            f"| {cell((r.get('t_received') or nan) / sb)} | {cell(t / r['bound'])} "
+            f"| {cell(r['egress'] / size)} | {cell(uplink_of(r))} "
+            f"| {cell(r.get('skew'), '.1f')} | {r['spread'] or 0:.1f} "
+            f"| {cell((r.get('t_others') or nan) / sb)} "
+            f"| {cell(r.get('killed_failed_after'), '.1f')} | {r['cpu']:.0%} "
             f"| {len(r['failed'])} | {'yes' if r['valid'] else 'no (CPU)'} |"
         )
     return "\n".join(lines) + "\n"

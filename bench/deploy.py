@@ -12,7 +12,10 @@ measures:
   but here 100 nodes do it at once on the host's few cores;
 - T / (S/B): against one node alone on its link B;
 - the unicast bound ``max(S/B, N x S / B_server)`` and T against it;
-- server egress / S, from the server interface's tx_bytes;
+- server egress / S, from the server interface's tx_bytes, and the share of the server's
+  TCP segments that were retransmissions (``tcp_segments``: sent, resent, from its
+  namespace's /proc/net/snmp): egress that the transports' own counts (the seed's upload,
+  the chunks served) do not show;
 - the spread of completion times (last - first), and the skew of the nodes' first
   reports (last - first): the testbed boots every node on the host's few cores, where a
   real cluster boots them in parallel, so at 100 nodes the skew is part of T;
@@ -296,7 +299,8 @@ def commit() -> str:
 
 def summary(runs: list[dict[str, Any]]) -> str:
     """Per run, then the median and the worst: T / (S/B) (from the last node's first
-    report when the starts were skewed on purpose), egress / S, start skew, spread."""
+    report when the starts were skewed on purpose), egress / S and the share of it the
+    server's TCP resent, the busiest rack uplink, start skew, spread."""
 
     def t_of(r: dict[str, Any]) -> float:
         t = r["t_after_up"] if r.get("skew_window") else r["t"]
@@ -310,6 +314,7 @@ def summary(runs: list[dict[str, Any]]) -> str:
         (
             t_of(r),
             r["egress"] / (r["s_mib"] * 2**20),
+            resent_of(r),
             uplink_of(r),
             skew_of(r),
             r["spread"] if r["spread"] is not None else float("nan"),
@@ -317,13 +322,14 @@ def summary(runs: list[dict[str, Any]]) -> str:
         for r in runs
     ]
     lines = [
-        "| run | seed | T ÷ S/B | egress ÷ S | busiest uplink ÷ S | start skew (s) | spread (s) "
-        "| host CPU | load before → after | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | seed | T ÷ S/B | egress ÷ S | TCP resent | busiest uplink ÷ S | start skew (s) "
+        "| spread (s) | host CPU | load before → after | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for i, (r, (t, e, u, k, sp)) in enumerate(zip(runs, rows, strict=True), 1):
+    for i, (r, (t, e, rs, u, k, sp)) in enumerate(zip(runs, rows, strict=True), 1):
         lines.append(
-            f"| {i} | {r.get('seed') or DASH} | {cell(t)} | {cell(e)} | {cell(u)} "
+            f"| {i} | {r.get('seed') or DASH} | {cell(t)} | {cell(e)} | {cell(rs, '.1%')} "
+            f"| {cell(u)} "
             f"| {cell(k, '.1f')} | {cell(sp, '.1f')} | {r['cpu']:.0%} "
             f"| {r['load'][0]:.1f} → {r['load'][1]:.1f} | {len(r['failed'])} |"
         )
@@ -332,8 +338,8 @@ def summary(runs: list[dict[str, Any]]) -> str:
     worst = [max(c) for c in cols]
     for name, vals in (("median", median), ("worst", worst)):
         lines.append(
-            f"| {name} | | {cell(vals[0])} | {cell(vals[1])} | {cell(vals[2])} "
-            f"| {cell(vals[3], '.1f')} | {cell(vals[4], '.1f')} | | | |"
+            f"| {name} | | {cell(vals[0])} | {cell(vals[1])} | {cell(vals[2], '.1%')} "
+            f"| {cell(vals[3])} | {cell(vals[4], '.1f')} | {cell(vals[5], '.1f')} | | | |"
         )
     return "\n".join(lines) + "\n"
 
@@ -346,6 +352,13 @@ def cell(value: float | None, spec: str = ".2f") -> str:
     """A table cell: the figure, or a dash where the run has none (no racks, no killed
     node, no skew recorded)."""
     return DASH if value is None or math.isnan(value) else format(value, spec)
+
+
+def resent_of(r: dict[str, Any]) -> float:
+    """The share of the server's TCP segments that were retransmissions (nan for runs
+    recorded before the bench counted them): egress that no transport's own count shows."""
+    sent, resent = r.get("tcp_segments") or (0, 0)
+    return resent / sent if sent else float("nan")
 
 
 def uplink_of(r: dict[str, Any]) -> float:
@@ -424,6 +437,7 @@ def run_once(
         wipe(bed, names)
     consoles = console_sizes(bed, names)
     egress0 = bed.server_egress_bytes()
+    segments0 = bed.server_tcp_segments()
     uplinks0 = bed.uplink_bytes()
     busy0, total0 = cpu_times()
     by_process = CpuByProcess()
@@ -474,6 +488,9 @@ def run_once(
     busy1, total1 = cpu_times()
     cpu_seconds = by_process.stop()
     egress = bed.server_egress_bytes() - egress0
+    segments = [
+        now - before for now, before in zip(bed.server_tcp_segments(), segments0, strict=True)
+    ]
     uplinks = {
         rack: [now - before for now, before in zip(counts, uplinks0[rack], strict=True)]
         for rack, counts in bed.uplink_bytes().items()
@@ -501,6 +518,7 @@ def run_once(
         "skew": max(starts) - min(starts) if starts else None,
         "egress": egress,
         "uplinks": uplinks,
+        "tcp_segments": segments,
         "cpu": (busy1 - busy0) / max(1, total1 - total0),
         "cpu_seconds": cpu_seconds,
         "http_chunks": http_chunks,
@@ -518,9 +536,9 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, s_bytes: i
         "syncs and unmounts); 'others' leaves out the slow or killed node.",
         "",
         "| transport | N | T (s) | T ÷ S/B | T_recv ÷ S/B | T ÷ unicast bound | egress ÷ S "
-        "| busiest uplink ÷ S | start skew (s) | spread (s) | others' T ÷ S/B "
+        "| TCP resent | busiest uplink ÷ S | start skew (s) | spread (s) | others' T ÷ S/B "
         "| killed node failed after (s) | host CPU | failed | valid |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         t, sb = r["t"] or nan, r["s_over_b"]
@@ -528,7 +546,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, s_bytes: i
         lines.append(
             f"| {r['transport']} | {r['n']} | {cell(t, '.1f')} | {cell(t / sb)} "
             f"| {cell((r.get('t_received') or nan) / sb)} | {cell(t / r['bound'])} "
-            f"| {cell(r['egress'] / size)} | {cell(uplink_of(r))} "
+            f"| {cell(r['egress'] / size)} | {cell(resent_of(r), '.1%')} | {cell(uplink_of(r))} "
             f"| {cell(r.get('skew'), '.1f')} | {r['spread'] or 0:.1f} "
             f"| {cell((r.get('t_others') or nan) / sb)} "
             f"| {cell(r.get('killed_failed_after'), '.1f')} | {r['cpu']:.0%} "

@@ -107,6 +107,7 @@ __all__ = [
     "summarize_racks",
     "summarize_rates",
     "tbf",
+    "tcp_segments",
 ]
 
 log = logging.getLogger("corral.testbed")
@@ -236,6 +237,14 @@ class Testbed:
     def server_egress_bytes(self) -> int:
         """Bytes the server has sent since ``up`` (its eth0's tx counter)."""
         return self.interface_bytes(SERVER_NS)[1]
+
+    def server_tcp_segments(self) -> tuple[int, int]:
+        """(segments sent, segments sent again) by the server's TCP since ``up``: its
+        namespace's ``/proc/net/snmp``. The second share of the first is what the
+        server's egress spent on retransmissions, which no byte count of the transports'
+        own shows."""
+        out = run(["ip", "netns", "exec", SERVER_NS, "cat", "/proc/net/snmp"]).stdout
+        return tcp_segments(out)
 
     def uplink_bytes(self) -> dict[str, tuple[int, int]]:
         """Rack name -> (bytes into the rack, bytes out of it) through its uplink since
@@ -557,3 +566,13 @@ class Testbed:
                 raise
             log.warning("cannot read the inventory: %s", exc)
             return [], []
+
+
+def tcp_segments(snmp: str) -> tuple[int, int]:
+    """(OutSegs, RetransSegs) of ``/proc/net/snmp``'s text: its ``Tcp:`` header line, then
+    the line of values."""
+    rows = [line.split()[1:] for line in snmp.splitlines() if line.startswith("Tcp:")]
+    if len(rows) != 2:
+        raise CorralError("no Tcp lines in /proc/net/snmp")
+    values = dict(zip(rows[0], rows[1], strict=True))
+    return int(values["OutSegs"]), int(values["RetransSegs"])

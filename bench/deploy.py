@@ -15,7 +15,8 @@ measures:
 - server egress / S, from the server interface's tx_bytes, and the share of the server's
   TCP segments that were retransmissions (``tcp_segments``: sent, resent, from its
   namespace's /proc/net/snmp): egress that the transports' own counts (the seed's upload,
-  the chunks served) do not show;
+  the chunks served) do not show; those counts are recorded too (``payload``: image bytes
+  by transport, from corral serve's ``corral_image_bytes_sent`` metric);
 - the spread of completion times (last - first), and the skew of the nodes' first
   reports (last - first): the testbed boots every node on the host's few cores, where a
   real cluster boots them in parallel, so at 100 nodes the skew is part of T;
@@ -62,6 +63,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from corral.agent.phases import BOOTED, DEPLOY_STEPS, DONE, FINAL, RECEIVING
@@ -354,6 +356,21 @@ def cell(value: float | None, spec: str = ".2f") -> str:
     return DASH if value is None or math.isnan(value) else format(value, spec)
 
 
+def image_bytes_sent(bed: cluster.Testbed) -> dict[str, int]:
+    """Image bytes corral serve counted as sent since it started, by transport (its
+    ``corral_image_bytes_sent`` metric: BitTorrent's seed, multicast's sender, the chunks
+    served over HTTP), summed over images. Against the interface's egress, the rest is
+    headers, control traffic and TCP's retransmissions."""
+    sent: dict[str, int] = {}
+    for family in text_string_to_metric_families(bed.server_get("/metrics")):
+        if family.name == "corral_image_bytes_sent":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    transport = sample.labels["transport"]
+                    sent[transport] = sent.get(transport, 0) + int(sample.value)
+    return sent
+
+
 def resent_of(r: dict[str, Any]) -> float:
     """The share of the server's TCP segments that were retransmissions (nan for runs
     recorded before the bench counted them): egress that no transport's own count shows."""
@@ -438,6 +455,7 @@ def run_once(
     consoles = console_sizes(bed, names)
     egress0 = bed.server_egress_bytes()
     segments0 = bed.server_tcp_segments()
+    payload0 = image_bytes_sent(bed)
     uplinks0 = bed.uplink_bytes()
     busy0, total0 = cpu_times()
     by_process = CpuByProcess()
@@ -491,6 +509,11 @@ def run_once(
     segments = [
         now - before for now, before in zip(bed.server_tcp_segments(), segments0, strict=True)
     ]
+    payload = {
+        transport: sent - payload0.get(transport, 0)
+        for transport, sent in image_bytes_sent(bed).items()
+        if sent > payload0.get(transport, 0)
+    }
     uplinks = {
         rack: [now - before for now, before in zip(counts, uplinks0[rack], strict=True)]
         for rack, counts in bed.uplink_bytes().items()
@@ -519,6 +542,7 @@ def run_once(
         "egress": egress,
         "uplinks": uplinks,
         "tcp_segments": segments,
+        "payload": payload,
         "cpu": (busy1 - busy0) / max(1, total1 - total0),
         "cpu_seconds": cpu_seconds,
         "http_chunks": http_chunks,

@@ -146,6 +146,9 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
     # A node reaches corral serve.
     probe = "import urllib.request as u; print(u.urlopen('http://10.77.0.1:8080/boot/ipxe').status)"
     assert in_ns("ctb-tb005", sys.executable, "-c", probe).strip() == "200"
+    # ... and answers the testbed's admin requests, with the home's token (the bench reads
+    # the image bytes corral counted so)
+    assert "corral_image_bytes_sent" in testbed.server_get("/metrics")
 
     # The shaped rate holds, loss and all (generous bands: the host's CPU is shared).
     sent_before = testbed.server_egress_bytes()

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING
 from corral.config import Settings
 from corral.errors import CommandFailed, CorralError, InvalidValue, UsageError
 from corral.run import pid_alive, run, spawn, stop_pids
+from corral.serve.assets import api_token
 from corral.testbed.inventory import GROUP, register_nodes, release_nodes
 from corral.testbed.links import (
     endpoint_commands,
@@ -116,6 +117,12 @@ POWER_ACTIONS = ("on", "off", "cycle")
 NODE_NICE = 10  # the nodes' processes yield the host's CPUs to the server's
 _DISK_FILE = re.compile(r"/testbed/disks/tb\d{3}\.img$")
 _PROBE = "import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=2).read()"
+_GET = (
+    "import os, sys, urllib.request as u; "
+    "bearer = 'Bearer ' + os.environ['CORRAL_TOKEN']; "
+    "q = u.Request(sys.argv[1], headers={'authorization': bearer}); "
+    "sys.stdout.write(u.urlopen(q, timeout=30).read().decode())"
+)
 
 
 class TestbedError(CorralError):
@@ -237,6 +244,16 @@ class Testbed:
     def server_egress_bytes(self) -> int:
         """Bytes the server has sent since ``up`` (its eth0's tx counter)."""
         return self.interface_bytes(SERVER_NS)[1]
+
+    def server_get(self, path: str) -> str:
+        """The body of an admin GET to corral serve (``/metrics``, ``/api/v1/...``), asked
+        from the server's namespace with the home's API token (in the environment, not on
+        a command line that ``ps`` shows)."""
+        state = self.require_state()
+        token = api_token(self.settings.home)
+        url = state.server_url + path
+        argv = ["ip", "netns", "exec", SERVER_NS, sys.executable, "-c", _GET, url]
+        return run(argv, env=os.environ | {"CORRAL_TOKEN": token}).stdout
 
     def server_tcp_segments(self) -> tuple[int, int]:
         """(segments sent, segments sent again) by the server's TCP since ``up``: its

@@ -12,7 +12,11 @@ measures:
   but here 100 nodes do it at once on the host's few cores;
 - T / (S/B): against one node alone on its link B;
 - the unicast bound ``max(S/B, N x S / B_server)`` and T against it;
-- server egress / S, from the server interface's tx_bytes;
+- server egress / S, from the server interface's tx_bytes, and the share of the server's
+  TCP segments that were retransmissions (``tcp_segments``: sent, resent, from its
+  namespace's /proc/net/snmp): egress that the transports' own counts (the seed's upload,
+  the chunks served) do not show; those counts are recorded too (``payload``: image bytes
+  by transport, from corral serve's ``corral_image_bytes_sent`` metric);
 - the spread of completion times (last - first), and the skew of the nodes' first
   reports (last - first): the testbed boots every node on the host's few cores, where a
   real cluster boots them in parallel, so at 100 nodes the skew is part of T;
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -58,6 +63,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from corral.agent.phases import BOOTED, DEPLOY_STEPS, DONE, FINAL, RECEIVING
@@ -295,7 +301,8 @@ def commit() -> str:
 
 def summary(runs: list[dict[str, Any]]) -> str:
     """Per run, then the median and the worst: T / (S/B) (from the last node's first
-    report when the starts were skewed on purpose), egress / S, start skew, spread."""
+    report when the starts were skewed on purpose), egress / S and the share of it the
+    server's TCP resent, the busiest rack uplink, start skew, spread."""
 
     def t_of(r: dict[str, Any]) -> float:
         t = r["t_after_up"] if r.get("skew_window") else r["t"]
@@ -309,6 +316,7 @@ def summary(runs: list[dict[str, Any]]) -> str:
         (
             t_of(r),
             r["egress"] / (r["s_mib"] * 2**20),
+            resent_of(r),
             uplink_of(r),
             skew_of(r),
             r["spread"] if r["spread"] is not None else float("nan"),
@@ -316,24 +324,58 @@ def summary(runs: list[dict[str, Any]]) -> str:
         for r in runs
     ]
     lines = [
-        "| run | seed | T ÷ S/B | egress ÷ S | busiest uplink ÷ S | start skew (s) | spread (s) "
-        "| host CPU | load before → after | failed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | seed | T ÷ S/B | egress ÷ S | TCP resent | busiest uplink ÷ S | start skew (s) "
+        "| spread (s) | host CPU | load before → after | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for i, (r, (t, e, u, k, sp)) in enumerate(zip(runs, rows, strict=True), 1):
+    for i, (r, (t, e, rs, u, k, sp)) in enumerate(zip(runs, rows, strict=True), 1):
         lines.append(
-            f"| {i} | {r.get('seed') or '-'} | {t:.2f} | {e:.2f} | {u:.2f} | {k:.1f} | {sp:.1f} "
-            f"| {r['cpu']:.0%} | {r['load'][0]:.1f} → {r['load'][1]:.1f} | {len(r['failed'])} |"
+            f"| {i} | {r.get('seed') or DASH} | {cell(t)} | {cell(e)} | {cell(rs, '.1%')} "
+            f"| {cell(u)} "
+            f"| {cell(k, '.1f')} | {cell(sp, '.1f')} | {r['cpu']:.0%} "
+            f"| {r['load'][0]:.1f} → {r['load'][1]:.1f} | {len(r['failed'])} |"
         )
     cols = list(zip(*rows, strict=True))
     median = [statistics.median(c) for c in cols]
     worst = [max(c) for c in cols]
     for name, vals in (("median", median), ("worst", worst)):
         lines.append(
-            f"| {name} | | {vals[0]:.2f} | {vals[1]:.2f} | {vals[2]:.2f} | {vals[3]:.1f} "
-            f"| {vals[4]:.1f} | | | |"
+            f"| {name} | | {cell(vals[0])} | {cell(vals[1])} | {cell(vals[2], '.1%')} "
+            f"| {cell(vals[3])} | {cell(vals[4], '.1f')} | {cell(vals[5], '.1f')} | | | |"
         )
     return "\n".join(lines) + "\n"
+
+
+#: what a table shows where a run has no such figure
+DASH = "\N{EN DASH}"
+
+
+def cell(value: float | None, spec: str = ".2f") -> str:
+    """A table cell: the figure, or a dash where the run has none (no racks, no killed
+    node, no skew recorded)."""
+    return DASH if value is None or math.isnan(value) else format(value, spec)
+
+
+def image_bytes_sent(bed: cluster.Testbed) -> dict[str, int]:
+    """Image bytes corral serve counted as sent since it started, by transport (its
+    ``corral_image_bytes_sent`` metric: BitTorrent's seed, multicast's sender, the chunks
+    served over HTTP), summed over images. Against the interface's egress, the rest is
+    headers, control traffic and TCP's retransmissions."""
+    sent: dict[str, int] = {}
+    for family in text_string_to_metric_families(bed.server_get("/metrics")):
+        if family.name == "corral_image_bytes_sent":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    transport = sample.labels["transport"]
+                    sent[transport] = sent.get(transport, 0) + int(sample.value)
+    return sent
+
+
+def resent_of(r: dict[str, Any]) -> float:
+    """The share of the server's TCP segments that were retransmissions (nan for runs
+    recorded before the bench counted them): egress that no transport's own count shows."""
+    sent, resent = r.get("tcp_segments") or (0, 0)
+    return resent / sent if sent else float("nan")
 
 
 def uplink_of(r: dict[str, Any]) -> float:
@@ -412,6 +454,8 @@ def run_once(
         wipe(bed, names)
     consoles = console_sizes(bed, names)
     egress0 = bed.server_egress_bytes()
+    segments0 = bed.server_tcp_segments()
+    payload0 = image_bytes_sent(bed)
     uplinks0 = bed.uplink_bytes()
     busy0, total0 = cpu_times()
     by_process = CpuByProcess()
@@ -462,6 +506,14 @@ def run_once(
     busy1, total1 = cpu_times()
     cpu_seconds = by_process.stop()
     egress = bed.server_egress_bytes() - egress0
+    segments = [
+        now - before for now, before in zip(bed.server_tcp_segments(), segments0, strict=True)
+    ]
+    payload = {
+        transport: sent - payload0.get(transport, 0)
+        for transport, sent in image_bytes_sent(bed).items()
+        if sent > payload0.get(transport, 0)
+    }
     uplinks = {
         rack: [now - before for now, before in zip(counts, uplinks0[rack], strict=True)]
         for rack, counts in bed.uplink_bytes().items()
@@ -489,6 +541,8 @@ def run_once(
         "skew": max(starts) - min(starts) if starts else None,
         "egress": egress,
         "uplinks": uplinks,
+        "tcp_segments": segments,
+        "payload": payload,
         "cpu": (busy1 - busy0) / max(1, total1 - total0),
         "cpu_seconds": cpu_seconds,
         "http_chunks": http_chunks,
@@ -506,20 +560,20 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, s_bytes: i
         "syncs and unmounts); 'others' leaves out the slow or killed node.",
         "",
         "| transport | N | T (s) | T ÷ S/B | T_recv ÷ S/B | T ÷ unicast bound | egress ÷ S "
-        "| busiest uplink ÷ S | start skew (s) | spread (s) | others' T ÷ S/B "
+        "| TCP resent | busiest uplink ÷ S | start skew (s) | spread (s) | others' T ÷ S/B "
         "| killed node failed after (s) | host CPU | failed | valid |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         t, sb = r["t"] or nan, r["s_over_b"]
         size = r["s_mib"] * 2**20
         lines.append(
-            f"| {r['transport']} | {r['n']} | {t:.1f} | {t / sb:.2f} "
-            f"| {(r.get('t_received') or nan) / sb:.2f} | {t / r['bound']:.2f} "
-            f"| {r['egress'] / size:.2f} | {uplink_of(r):.2f} "
-            f"| {r['skew'] if r.get('skew') is not None else nan:.1f} | {r['spread'] or 0:.1f} "
-            f"| {(r.get('t_others') or nan) / sb:.2f} "
-            f"| {r.get('killed_failed_after') or nan:.1f} | {r['cpu']:.0%} "
+            f"| {r['transport']} | {r['n']} | {cell(t, '.1f')} | {cell(t / sb)} "
+            f"| {cell((r.get('t_received') or nan) / sb)} | {cell(t / r['bound'])} "
+            f"| {cell(r['egress'] / size)} | {cell(resent_of(r), '.1%')} | {cell(uplink_of(r))} "
+            f"| {cell(r.get('skew'), '.1f')} | {r['spread'] or 0:.1f} "
+            f"| {cell((r.get('t_others') or nan) / sb)} "
+            f"| {cell(r.get('killed_failed_after'), '.1f')} | {r['cpu']:.0%} "
             f"| {len(r['failed'])} | {'yes' if r['valid'] else 'no (CPU)'} |"
         )
     return "\n".join(lines) + "\n"

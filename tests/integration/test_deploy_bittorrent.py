@@ -202,6 +202,10 @@ def test_the_seed_runs_apart_and_comes_back_after_a_crash_or_a_hang(
         assert seed.errors() == []
         assert seed.restarts == 2 and seed.pid not in (0, hung) and seed.port == port
         waitpid_gone(hung)
+        # a stop sent to serve's process group is serve's to handle: the seed stays
+        os.kill(seed.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert seed.errors() == [] and seed.restarts == 2 and pid_alive(seed.pid)
         # the new seed seeds the session's torrent: one node, its stripe all of it
         params = transport.params(Chunked(version), "a")
         result = receive(loop_plan(version, "a", params), chunk_server, tmp_path / "a")

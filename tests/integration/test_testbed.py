@@ -146,14 +146,22 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
     # A node reaches corral serve.
     probe = "import urllib.request as u; print(u.urlopen('http://10.77.0.1:8080/boot/ipxe').status)"
     assert in_ns("ctb-tb005", sys.executable, "-c", probe).strip() == "200"
+    # ... and answers the testbed's admin requests, with the home's token (the bench reads
+    # the image bytes corral counted so)
+    assert "corral_image_bytes_sent" in testbed.server_get("/metrics")
 
     # The shaped rate holds, loss and all (generous bands: the host's CPU is shared).
     sent_before = testbed.server_egress_bytes()
+    segments_before = testbed.server_tcp_segments()
     slow = measure("tb003", 300_000)
     assert 1.0e6 < slow < 3.0e6, f"2mbit link measured {slow / 1e6:.2f} Mbit/s"
     fast = measure("tb001", 2_500_000)
     assert 8e6 < fast < 30e6, f"20mbit link measured {fast / 1e6:.2f} Mbit/s"
     assert testbed.server_egress_bytes() - sent_before >= 2_800_000
+    # ... and the server's TCP counted those bytes' segments (of at most 1,448 bytes)
+    after = testbed.server_tcp_segments()
+    segments, resent = after[0] - segments_before[0], after[1] - segments_before[1]
+    assert segments >= 2_800_000 // 1448 and 0 <= resent < segments, (segments, resent)
 
     # The inventory holds the nodes with their loop devices.
     with db.inventory() as inv:

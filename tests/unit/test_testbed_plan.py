@@ -531,6 +531,24 @@ def test_firmware_boots_what_the_rendered_script_says(
     ]  # fmt: skip
 
 
+#: /proc/net/snmp's TCP lines as Linux writes them, among the other protocols
+SNMP = (
+    "Ip: Forwarding DefaultTTL InReceives\n"
+    "Ip: 1 64 67559\n"
+    "Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails "
+    "EstabResets CurrEstab InSegs OutSegs RetransSegs InErrs OutRsts InCsumErrors\n"
+    "Tcp: 1 200 120000 -1 1876 1304 185 113 0 67559 58757 9 0 296 0\n"
+    "Udp: InDatagrams NoPorts\n"
+    "Udp: 12 0\n"
+)
+
+
+def test_tcp_segments_are_read_from_snmp() -> None:
+    assert cluster.tcp_segments(SNMP) == (58757, 9)
+    with pytest.raises(CorralError, match="no Tcp lines"):
+        cluster.tcp_segments("Ip: Forwarding\nIp: 1\n")
+
+
 def test_firmware_waits_while_the_node_boots_its_disk(
     boot_server: BootServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -496,7 +496,8 @@ class DeployService:
         self._ticked = now
         settings = self.settings
         boot_timeout = settings.deploy_boot_timeout
-        with self.session() as s:
+        # in turn with the reports' group commits, which would otherwise keep it out
+        with self.writer.turns, self.session() as s:
             self.flush(s)
             store = Deployments(s)
             running = store.running()

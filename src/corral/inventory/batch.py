@@ -12,6 +12,13 @@ committed, so a caller never tells anyone of a write that could still be rolled 
 When one request's work fails, the batch is rolled back, that request gets its error,
 and the others run again in a new transaction: work must therefore only read and write
 the database (anything else happens once its result is back).
+
+Another writer of the same process (the deployment manager's pass) takes its
+transactions in :attr:`GroupCommit.turns` with the batches, in the order they asked.
+Left to SQLite, it lost: its busy handler sleeps up to 100 ms between tries, while the
+writer thread begins its next batch the moment it commits, so with 100 nodes reporting
+the manager waited for SQLite's whole busy timeout and failed ("database is locked",
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -34,6 +41,27 @@ BATCH = 256
 Work = Callable[[Session], Any]
 
 
+class Turns:
+    """A lock its takers get in the order they asked for it (a ticket lock), so that no
+    thread that takes it again at once can keep another out. Not reentrant."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._issued = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._changed:
+            ticket = self._issued
+            self._issued += 1
+            self._changed.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *_: object) -> None:
+        with self._changed:
+            self._serving += 1
+            self._changed.notify_all()
+
+
 class GroupCommit:
     """One writer thread, started on first use, running queued work in shared
     transactions."""
@@ -43,6 +71,9 @@ class GroupCommit:
         self._queue: queue.Queue[tuple[Work, Future[Any]]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        #: every transaction of the batches is taken in its turn here, and so must the
+        #: process's other writers take theirs
+        self.turns = Turns()
 
     def submit(self, work: Callable[[Session], T]) -> Future[T]:
         """The future of ``work(session)``'s result, set once it is committed (its
@@ -77,7 +108,7 @@ class GroupCommit:
             failed: int | None = None
             error: BaseException | None = None
             try:
-                with self.session() as s:
+                with self.turns, self.session() as s:
                     for i, (work, _) in enumerate(batch):
                         try:
                             results.append(work(s))

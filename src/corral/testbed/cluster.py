@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING
 from corral.config import Settings
 from corral.errors import CommandFailed, CorralError, InvalidValue, UsageError
 from corral.run import pid_alive, run, spawn, stop_pids
+from corral.serve.assets import api_token
 from corral.testbed.inventory import GROUP, register_nodes, release_nodes
 from corral.testbed.links import (
     endpoint_commands,
@@ -107,6 +108,7 @@ __all__ = [
     "summarize_racks",
     "summarize_rates",
     "tbf",
+    "tcp_segments",
 ]
 
 log = logging.getLogger("corral.testbed")
@@ -115,6 +117,12 @@ POWER_ACTIONS = ("on", "off", "cycle")
 NODE_NICE = 10  # the nodes' processes yield the host's CPUs to the server's
 _DISK_FILE = re.compile(r"/testbed/disks/tb\d{3}\.img$")
 _PROBE = "import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=2).read()"
+_GET = (
+    "import os, sys, urllib.request as u; "
+    "bearer = 'Bearer ' + os.environ['CORRAL_TOKEN']; "
+    "q = u.Request(sys.argv[1], headers={'authorization': bearer}); "
+    "sys.stdout.write(u.urlopen(q, timeout=30).read().decode())"
+)
 
 
 class TestbedError(CorralError):
@@ -236,6 +244,24 @@ class Testbed:
     def server_egress_bytes(self) -> int:
         """Bytes the server has sent since ``up`` (its eth0's tx counter)."""
         return self.interface_bytes(SERVER_NS)[1]
+
+    def server_get(self, path: str) -> str:
+        """The body of an admin GET to corral serve (``/metrics``, ``/api/v1/...``), asked
+        from the server's namespace with the home's API token (in the environment, not on
+        a command line that ``ps`` shows)."""
+        state = self.require_state()
+        token = api_token(self.settings.home)
+        url = state.server_url + path
+        argv = ["ip", "netns", "exec", SERVER_NS, sys.executable, "-c", _GET, url]
+        return run(argv, env=os.environ | {"CORRAL_TOKEN": token}).stdout
+
+    def server_tcp_segments(self) -> tuple[int, int]:
+        """(segments sent, segments sent again) by the server's TCP since ``up``: its
+        namespace's ``/proc/net/snmp``. The second share of the first is what the
+        server's egress spent on retransmissions, which no byte count of the transports'
+        own shows."""
+        out = run(["ip", "netns", "exec", SERVER_NS, "cat", "/proc/net/snmp"]).stdout
+        return tcp_segments(out)
 
     def uplink_bytes(self) -> dict[str, tuple[int, int]]:
         """Rack name -> (bytes into the rack, bytes out of it) through its uplink since
@@ -557,3 +583,13 @@ class Testbed:
                 raise
             log.warning("cannot read the inventory: %s", exc)
             return [], []
+
+
+def tcp_segments(snmp: str) -> tuple[int, int]:
+    """(OutSegs, RetransSegs) of ``/proc/net/snmp``'s text: its ``Tcp:`` header line, then
+    the line of values."""
+    rows = [line.split()[1:] for line in snmp.splitlines() if line.startswith("Tcp:")]
+    if len(rows) != 2:
+        raise CorralError("no Tcp lines in /proc/net/snmp")
+    values = dict(zip(rows[0], rows[1], strict=True))
+    return int(values["OutSegs"]), int(values["RetransSegs"])

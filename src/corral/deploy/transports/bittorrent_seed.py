@@ -19,7 +19,8 @@ died, or that missed a deadline (it is killed), is started again on the same por
 same torrents, so that the plans already handed out still name the right seed; a counter
 that came from a child since replaced is kept, so the seed's bytes in the metrics never
 go backwards. The child ends with serve: it stops when the pipe closes (serve exited, even
-killed) and is a daemon process (serve's normal exit ends it).
+killed) and is a daemon process (serve's normal exit ends it); it ignores SIGINT and
+SIGTERM, which serve gets too.
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ CALL_TIMEOUT = 5.0
 
 def _serve(conn: Connection, address: str, port: int) -> None:
     """The child: one libtorrent session, answering serve's calls until the pipe closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is serve's to handle, not ours
+    # Ctrl-C, and a stop sent to serve's whole process group (systemd's, the testbed's),
+    # are serve's to handle: it reads the seed's last count, then closes the pipe. A
+    # child that died of them first was started again by serve's shutdown, which then
+    # logged the session's seeding as 0 bytes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from corral.deploy.transports.bittorrent import Seeder, import_libtorrent
 
     try:

@@ -169,6 +169,15 @@ def test_the_server_sends_no_more_than_its_link_carries(
         assert p.egress * 8 <= model.SCALE.server_link * p.t
 
 
+@pytest.mark.parametrize("transport", ["multicast", "chain", "bittorrent"])
+def test_testbed_installs_end_on_one_hosts_disks_for_every_broadcast(transport: str) -> None:
+    """N nodes that end together unpack and sync on the testbed's one host: a term of the
+    recorded install runs, for BitTorrent as for the others, and never of a prediction."""
+    installs = replace(TESTBED, host_disks=True)
+    gained = model.predict(transport, installs).t - model.predict(transport, TESTBED).t
+    assert gained == pytest.approx(model.CALIBRATION["host_disk"] * TESTBED.nodes)
+
+
 def test_the_check_leaves_out_bittorrents_old_designs_with_a_reason() -> None:
     runs = [r for r in model.load_runs() if r.transport == "bittorrent"]
     doors = [r for r in runs if "one door per rack" in r.label]
@@ -181,19 +190,32 @@ def test_the_check_leaves_out_bittorrents_old_designs_with_a_reason() -> None:
 
 
 @pytest.mark.parametrize(
-    ("label", "racks", "egress_s", "valid", "why"),
+    ("label", "racks", "egress_s", "valid", "measured", "why"),
     [
-        ("bittorrent", 0, 1.8, True, ""),
-        ("bittorrent", 0, 1.8, False, "host CPU"),
-        ("bittorrent", 0, 25.0, True, "re-sent most pieces"),
-        ("bittorrent (4 racks, 4:1; one door per rack)", 4, 4.3, True, ""),
-        ("bittorrent (4 racks, 4:1)", 4, 4.2, True, "before the doors"),
-        ("bittorrent (4 racks, 4:1; doors, no rescue behind the door)", 4, 2.3, True, "variant"),
+        ("bittorrent", 0, 1.8, True, "", ""),
+        ("bittorrent", 0, 1.8, False, "", "host CPU"),
+        ("bittorrent", 0, 25.0, True, "2026-12-03 19:17", "re-sent most pieces"),
+        ("bittorrent", 0, 25.0, True, "", "re-sent most pieces"),  # recorded no time
+        # the meshed swarm under a start skew sends that much too: the model's to predict
+        ("bittorrent", 0, 3.8, True, "2026-12-04 08:40", ""),
+        ("bittorrent (4 racks, 4:1; one door per rack)", 4, 4.3, True, "", ""),
+        ("bittorrent (4 racks, 4:1)", 4, 4.2, True, "", "before the doors"),
+        (
+            "bittorrent (4 racks, 4:1; doors, no rescue behind the door)",
+            4,
+            2.3,
+            True,
+            "",
+            "variant",
+        ),
     ],
 )
 def test_bittorrents_exclusions(
-    label: str, racks: int, egress_s: float, valid: bool, why: str
+    label: str, racks: int, egress_s: float, valid: bool, measured: str, why: str
 ) -> None:
-    record = {"transport": label, "n": 100, "racks": racks, "valid": valid, "cpu": 0.97}
+    record = {
+        "transport": label, "n": 100, "racks": racks, "valid": valid, "cpu": 0.97,
+        "measured": measured or None,
+    }  # fmt: skip
     excluded = model._exclusion(record, "bittorrent", egress_s)
     assert (why in excluded) if why else excluded == ""

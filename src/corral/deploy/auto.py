@@ -42,9 +42,16 @@ class Crossover:
 #: Re-derived 2026-12-03 from issue 17's runs at N = 100, median (worst) of 3: the chain
 #: 1.28-1.32 (worst 1.35) at start skews of 0, 30 and 60 s, and 1.26 (1.27) across 4 racks
 #: behind 4:1 uplinks, crossing each uplink 1.03-1.10 x S; multicast 1.42-1.50 (worst
-#: 1.52), 1.09 x S per uplink; BitTorrent 2.6-3.3 with 20-25 x S of egress (its nodes' full
-#: links drop the peers' handshakes: docs/benchmarks.md). Unicast across the same racks
-#: crosses a rack's uplink once per node in it. The order stands: the chain from 16 nodes.
+#: 1.52), 1.09 x S per uplink. Unicast across the same racks crosses a rack's uplink once
+#: per node in it.
+#:
+#: And again 2026-12-04, with BitTorrent's swarm meshing (3 runs each, median (worst)):
+#: 1.76 (1.78) at skew 0, 1.60 (1.65) at 30 s, 1.57 (1.59) at 60 s, egress 1.44 x S at
+#: skew 0 but 2.5-4.7 x S at 30-60 s; 1.77 (1.81) with 1 % loss (chain: 1.33, one run);
+#: the others beside a node at B/10 2.07 (2.08) (chain: 1.50), beside a killed node
+#: 1.76 (1.79) (chain: 1.31); across 4 racks 2.02 (2.30), 1.43 x S per uplink.
+#: BitTorrent lost to the chain in every case measured: the order stands, the chain from
+#: 16 nodes, and BitTorrent is never auto's choice.
 #:
 #: Up to N = B_server/B unicast is as fast as one copy
 #: and needs nothing of the network; past it, unicast grows with N and the chain does not.

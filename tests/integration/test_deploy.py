@@ -29,6 +29,10 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces and loop devices"),
 ]
 
+#: A killed node is failed after 10 s of silence rather than 25: the promise is the same,
+#: the wait shorter (the nodes here report every second), as in test_deploy_contract.py.
+CORRAL_TOML = "deploy_node_timeout = 10.0\n"
+
 
 def test_http_then_rsync_with_a_changed_image(testbed: cluster.Testbed, tmp_path: Path) -> None:
     home = testbed.settings.home
@@ -120,7 +124,7 @@ def test_a_killed_node_fails_alone_and_a_server_restart_loses_nothing(
         killed = time.monotonic()
         testbed.power(slow.name, "off")
         _wait(lambda: phase(slow.name) == "failed", 60, "tb005 reported failed")
-        assert time.monotonic() - killed <= 45  # the 30 s timeout, and a few ticks
+        assert time.monotonic() - killed <= 45  # the 10 s timeout, and a busy host's ticks
         _wait(lambda: _state(ident) != "running", 120, "the deployment to end")
         with db.session() as s:
             rows = {n.node: n for n in Deployments(s).get(ident).nodes}

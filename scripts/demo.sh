@@ -27,7 +27,7 @@ $corral apply -f examples/cluster.yaml
 $corral apply -f examples/cluster.yaml
 echo "== corral sync --root $demo/tftpboot, then one node changes and only its files are rewritten"
 $corral sync --root "$demo/tftpboot"
-$corral node set n042 --var rack=r7 --gateway 10.0.0.254
+$corral node set n042 --var row=7 --gateway 10.0.0.254
 $corral sync --root "$demo/tftpboot"
 $corral node rm 'n[001-100],g[01-08]' >/dev/null 2>&1 || true
 

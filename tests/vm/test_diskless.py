@@ -6,12 +6,14 @@ Two qemu VMs (TCG) PXE-boot through `corral serve`: ``dl1`` by SeaBIOS with no d
 the image's own kernel and corral's diskless initramfs, whose agent fetches the image's
 squashfs into RAM, mounts it under a tmpfs overlay, writes the node's identity and
 switch_root's into the image's systemd, which reports ``running`` with the node's token.
-The first boot is `corral boot`'s; the second, after a reboot from inside, is the nodes'
-own (gathered by the server into one session).
+The first boot is `corral boot`'s; the second, dl2's after a reboot from inside, is the
+node's own. (Only dl2 reboots: its disk is where a second boot could differ, and a second
+VM under TCG costs the suite a minute. Nodes rebooting on their own are gathered into one
+session in tests/integration/test_diskless_testbed.py.)
 
 Checked from outside: the ``running`` event came from the node's reserved address; SSH
 with the profile's key; the hostname; ``ssh-keyscan`` gives the host key corral keeps;
-after the reboot a file written to /root is gone, the identity is the same, and dl2's
+after dl2's reboot a file written to /root is gone, the identity is the same, and its
 /var/log kept what was written there (on the partition labelled corral-state that its
 first boot made on the empty disk).
 """
@@ -142,14 +144,11 @@ def test_diskless_nodes_boot_from_ram_as_themselves_and_forget(
         assert label == "corral-state"
         assert ssh(server, bed.key, NODES["dl1"][1], "ls /dev/vda 2>&1 || true").startswith("ls:")
 
-        seen = {node: len(running_events(bed, node)) for node in NODES}
-        for node in NODES:
-            ssh(server, bed.key, NODES[node][1], "systemctl reboot || true")
-        wait_running(bed, vms, seen)
-        for node in NODES:
-            check_identity(bed, node)
-            ip = NODES[node][1]
-            assert ssh(server, bed.key, ip, "ls /root").split() == [], node
-            kept = ssh(server, bed.key, ip, "cat /var/log/corral-kept 2>/dev/null || true")
-            assert kept.strip() == ("kept" if NODES[node][3] else ""), node
+        vms["dl1"].stop()
+        seen = {"dl2": len(running_events(bed, "dl2"))}
+        ssh(server, bed.key, dl2, "systemctl reboot || true")
+        wait_running(bed, {"dl2": vms["dl2"]}, seen)
+        check_identity(bed, "dl2")
+        assert ssh(server, bed.key, dl2, "ls /root").split() == []
+        assert ssh(server, bed.key, dl2, "cat /var/log/corral-kept").strip() == "kept"
         print(f"first boot to running (TCG): {first}; cache {default_cache_dir()}")

@@ -27,7 +27,9 @@ from corral.agent.receivers.bittorrent.seed import ALONE_WAIT, STRIPE_TIMEOUT, P
 from corral.agent.receivers.bittorrent.swarm import PieceMap, stripe
 from corral.agent.receivers.stream import VerifiedStream
 from corral.agent.wire.bencode import bencode
+from corral.config import Settings
 from corral.deploy import transports
+from corral.deploy.transports.base import NotReady
 from corral.deploy.transports.bittorrent import (
     BitTorrentTransport,
     Layout,
@@ -43,7 +45,8 @@ from corral.deploy.transports.bittorrent_tracker import (
     Tracker,
     parse_query,
 )
-from tests.fakes import stream_plan
+from corral.images.exports import Chunked
+from tests.fakes import stream_plan, stream_version
 
 KiB, MiB = 1 << 10, 1 << 20
 ENGINE: Any = lt  # the module as corral uses it (untyped, imported by name)
@@ -56,6 +59,14 @@ def test_registered_on_both_sides() -> None:
     assert transports.REGISTRY["bittorrent"] is BitTorrentTransport
     assert RECEIVERS["bittorrent"] is BitTorrentReceiver
     assert BitTorrentTransport.export == "stream"
+
+
+def test_a_node_that_asks_before_its_session_started_waits_for_it(tmp_path: Path) -> None:
+    # a plan without a torrent sent the node to HTTP for the whole image
+    transport = BitTorrentTransport(Settings(home=tmp_path, server_url="http://10.0.0.1:8080"))
+    version = stream_version(tmp_path / "images" / "img" / "v1", [b"a" * 10])
+    with pytest.raises(NotReady, match="no BitTorrent session for img:1 with node n1 yet"):
+        transport.params(Chunked(version), "n1")
 
 
 @pytest.mark.parametrize(

@@ -20,10 +20,15 @@ from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Plan
 from corral.agent.receivers import RECEIVERS
 from corral.agent.receivers.bittorrent import seed as bittorrent_seed
-from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, linger, tracker_pending
+from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, Latecomers, linger
 from corral.agent.receivers.bittorrent.libtorrent_swarm import session_settings
 from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver, _stripe
-from corral.agent.receivers.bittorrent.seed import ALONE_WAIT, STRIPE_TIMEOUT, PieceClock
+from corral.agent.receivers.bittorrent.seed import (
+    ALONE_WAIT,
+    LATE_WAIT,
+    STRIPE_TIMEOUT,
+    PieceClock,
+)
 from corral.agent.receivers.bittorrent.swarm import PieceMap, stripe
 from corral.agent.receivers.stream import VerifiedStream
 from corral.agent.wire.bencode import bencode
@@ -172,8 +177,8 @@ def peers(answer: dict[str, Any]) -> set[tuple[str, int]]:
 def test_the_tracker_answers_members_of_known_torrents_only() -> None:
     swarms = Swarms()
     assert "unknown torrent" in announce(swarms, "10.0.0.11", b"a" * 20)["failure reason"]
-    members = {"10.0.0.11", "10.0.0.12", "10.0.0.13"}
-    swarms.open(H1, members | {"10.0.0.1"}, members, {"10.0.0.1"})
+    members = ["10.0.0.11", "10.0.0.12", "10.0.0.13"]
+    swarms.open(H1, {*members, "10.0.0.1"}, members, {"10.0.0.1"})
     assert "not a member" in announce(swarms, "10.0.0.99", b"z" * 20)["failure reason"]
     assert "bad announce" in swarms.announce({"info_hash": H1}, "10.0.0.11")["failure reason"]
     seed = announce(swarms, "10.0.0.1", b"s" * 20, left=0)
@@ -191,6 +196,7 @@ def test_the_tracker_answers_members_of_known_torrents_only() -> None:
         ("10.0.0.12", 6881),
     }
     assert swarms.pending(H1) == 1  # 10.0.0.13 has not joined yet
+    assert swarms.absent(H1) == [2]  # its stripe
     # a peer that leaves is forgotten; a finished one is still given to the others
     announce(swarms, "10.0.0.12", b"b" * 20, left=100, event="stopped")
     announce(swarms, "10.0.0.11", b"a" * 20, left=0, event="completed")
@@ -219,12 +225,12 @@ def test_the_tracker_forgets_silent_peers_and_caps_its_answers() -> None:
 def test_members_that_do_not_come_are_not_waited_for_forever() -> None:
     now = [100.0]
     swarms = Swarms(clock=lambda: now[0])
-    swarms.open(H1, None, {"10.0.0.11", "10.0.0.12"})
+    swarms.open(H1, None, ["10.0.0.11", "", "10.0.0.12"])  # the second's address unknown
     announce(swarms, "10.0.0.11", b"a" * 20, left=1)
-    assert swarms.pending(H1) == 1
+    assert (swarms.pending(H1), swarms.absent(H1)) == (1, [2])
     now[0] += JOIN_WINDOW + 1
-    assert swarms.pending(H1) == 0
-    assert swarms.pending(H2) == 0  # not a session
+    assert (swarms.pending(H1), swarms.absent(H1)) == (0, [])
+    assert (swarms.pending(H2), swarms.absent(H2)) == (0, [])  # not a session
 
 
 def test_the_tracker_over_http() -> None:
@@ -243,14 +249,22 @@ def test_the_tracker_over_http() -> None:
         assert body.startswith(b"d8:completei0e10:incompletei1e8:intervali")
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(f"http://127.0.0.1:{tracker.port}/scrape", timeout=5)
-        tracker.swarms.open(H1, None, {"10.0.0.11", "10.0.0.12"})
+        tracker.swarms.open(H1, None, ["10.0.0.11", "10.0.0.12"])
         pending = f"http://127.0.0.1:{tracker.port}/pending/{H1.hex()}"
         with urllib.request.urlopen(pending, timeout=5) as answer:
-            assert json.load(answer) == {"pending": 2}
+            assert json.load(answer) == {"pending": 2, "absent": [0, 1]}
         announce(tracker.swarms, "10.0.0.12", b"b" * 20, left=1)
-        ask = tracker_pending(f"http://127.0.0.1:{tracker.port}/announce", H1.hex())
-        assert ask() == 1
-        assert tracker_pending("http://127.0.0.1:1/announce", H1.hex())() == 0  # no tracker
+        # 7 pieces in 2 stripes: 10.0.0.11's are 0, 2, 4, 6
+        url = f"http://127.0.0.1:{tracker.port}/announce"
+        now = [0.0]
+        late = Latecomers(url, H1.hex(), stripes=(7, 2), clock=lambda: now[0])
+        assert (late.pending(), set(late.pieces())) == (1, {0, 2, 4, 6})
+        announce(tracker.swarms, "10.0.0.11", b"a" * 20, left=1)
+        assert late.pieces() == {0, 2, 4, 6}  # asked again only after ASK_EVERY
+        now[0] += Latecomers.ASK_EVERY
+        assert (late.pending(), set(late.pieces())) == (0, set())
+        gone = Latecomers("http://127.0.0.1:1/announce", H1.hex(), stripes=(7, 2))
+        assert (gone.pending(), set(gone.pieces())) == (0, set())  # no tracker: nothing known
     finally:
         tracker.stop()
 
@@ -442,6 +456,7 @@ def run_feeder(
     fetch_ok: bool = True,
     mine: Sequence[int] | None = None,
     rack: Sequence[str] | None = None,
+    late: Any = frozenset,
 ) -> tuple[Feeder, list[bytes], list[int], list[tuple[int, int]]]:
     plan = make_plan(DATA, 8)
     fed: list[bytes] = []
@@ -477,6 +492,7 @@ def run_feeder(
         clock=lambda: now[0],
         mine=mine,
         rack=rack,
+        late=late,
     )
     feeder.run()
     return feeder, fed, fetched, progress
@@ -758,6 +774,35 @@ def test_pieces_at_no_peer_for_long_are_asked_of_the_seed_even_while_others_come
     assert ("want", [8, 9]) in swarm.calls and feeder.stats.rescues == 1
 
 
+def test_the_stripes_of_members_still_booting_are_left_to_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the same, but 8 and 9 are the stripe of a member that has not joined yet: the node
+    # neither rescues them nor fetches their chunk over HTTP while it waits (stall 5 s),
+    # and takes them from the peers once that member has come and taken them
+    monkeypatch.setattr(bittorrent_seed, "ORPHAN_PIECES", 0)
+    arrivals = [[0, 2], [1], [3], [4], [5], [6], [7]] + [[]] * 20 + [[8, 9]]
+    swarm = FakeSwarm(DATA, arrivals)
+    swarm.avail = [1] * 8 + [0, 0]
+    feeder, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=5, late=lambda: {8, 9})
+    assert b"".join(fed) == DATA and fetched == []
+    assert ("seed", True) not in swarm.calls[2:] and feeder.stats.rescues == 0
+
+
+def test_a_member_that_never_comes_is_waited_for_only_so_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bittorrent_seed, "ORPHAN_PIECES", 0)
+    arrivals = [[0, 2], [1], [3], [4], [5], [6], [7]] + [[]] * int(LATE_WAIT + 20) + [[8, 9]]
+    swarm = FakeSwarm(DATA, arrivals)
+    swarm.avail = [1] * 8 + [0, 0]
+    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=600, late=lambda: {8, 9})
+    assert b"".join(fed) == DATA
+    assert ("want", [8, 9]) in swarm.calls and feeder.stats.rescues == 1
+    rescued = swarm.want_at[[w for c, w in swarm.calls if c == "want"].index([8, 9])]
+    assert LATE_WAIT <= rescued < LATE_WAIT + 10  # one look a second
+
+
 RACK = [f"10.0.1.{i}" for i in range(20)]
 
 
@@ -829,7 +874,7 @@ def test_a_rack_trades_with_other_racks_through_one_door() -> None:
     now = [0.0]
     racks = {f"10.0.{r}.{i}": f"r{r}" for r in (1, 2, 3) for i in range(10, 30)}
     swarms = Swarms(interval=10, clock=lambda: now[0], rng=random.Random(7))
-    swarms.open(H1, None, racks, {"10.0.0.1"}, racks=racks)
+    swarms.open(H1, None, list(racks), {"10.0.0.1"}, racks=racks)
     announce(swarms, "10.0.0.1", b"s" * 20, left=0)
     for n, ip in enumerate(racks):
         announce(swarms, ip, b"%020d" % n, left=1)

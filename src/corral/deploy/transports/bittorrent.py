@@ -36,8 +36,9 @@ addresses (the ``rack`` variable; the tracker keeps a rack's nodes among themsel
 for one door, see :meth:`~corral.deploy.transports.bittorrent_tracker.Swarms.choose`) and
 the HTTP base of
 the chunks, which the agent falls back on for chunks the swarm does not deliver. The tracker
-also tells the nodes how many members have not joined yet (``/pending/INFOHASH``), so
-that the nodes done first keep seeding for those still booting.
+also tells the nodes which members have not joined yet (``/pending/INFOHASH``), so that
+the nodes there leave those members' stripes to them, and the nodes done first keep
+seeding for those still booting.
 :meth:`finish` removes the torrent from the seed and the tracker; the last one stops both.
 The agent's side is :mod:`corral.agent.receivers.bittorrent`.
 
@@ -346,7 +347,7 @@ class BitTorrentTransport:
             self.tracker.swarms.open(
                 session.torrent.info_hash,
                 self._admitted(members),
-                {str(m.ip) for m in members if m.ip},
+                [session.addresses.get(node, "") for node in session.nodes],
                 self._servers(),
                 racks={str(m.ip): m.rack for m in members if m.ip and m.rack},
             )

@@ -12,7 +12,7 @@ import random
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -52,6 +52,7 @@ class _Peer:
 class _Swarm:
     allowed: frozenset[str] | None  # None: any address
     members: frozenset[str]  # the nodes' addresses (empty: unknown)
+    order: tuple[str, ...]  # the members' addresses by stripe ("": not known)
     servers: frozenset[str]  # corral's own addresses: its seed announces from one
     racks: Mapping[str, str]  # a node's address -> its rack, for the nodes in one
     peers: dict[bytes, _Peer] = field(default_factory=dict)  # peer_id -> peer
@@ -82,18 +83,20 @@ class Swarms:
         self,
         info_hash: bytes,
         allowed: Iterable[str] | None,
-        members: Iterable[str] = (),
+        members: Sequence[str] = (),
         servers: Iterable[str] = (),
         racks: Mapping[str, str] | None = None,
     ) -> None:
         """Answer for ``info_hash``, to ``allowed`` addresses (None: any); ``members`` are
-        the nodes expected to join (see :meth:`pending`), ``servers`` corral's own,
+        the addresses of the nodes expected to join, in the order of their stripes (see
+        :meth:`pending`; "" for a node whose address is not known), ``servers`` corral's own,
         ``racks`` the rack of each node's address that is in one (see :meth:`choose`)."""
         with self._lock:
             old = self._swarms.get(info_hash)
             self._swarms[info_hash] = _Swarm(
                 None if allowed is None else frozenset(allowed),
-                frozenset(members),
+                frozenset(m for m in members if m),
+                tuple(members),
                 frozenset(servers),
                 dict(racks or {}),
                 old.peers if old else {},
@@ -112,6 +115,17 @@ class Swarms:
             if swarm is None or self.clock() - swarm.opened > JOIN_WINDOW:
                 return 0
             return len(swarm.members - swarm.seen)
+
+    def absent(self, info_hash: bytes) -> list[int]:
+        """The stripes (positions in ``members``) of the members that have not joined yet,
+        within :data:`JOIN_WINDOW` as :meth:`pending`: the nodes that are there leave those
+        pieces to them (the agent's ``SeedUse``), since each member takes its own stripe
+        from the seed when it comes."""
+        with self._lock:
+            swarm = self._swarms.get(info_hash)
+            if swarm is None or self.clock() - swarm.opened > JOIN_WINDOW:
+                return []
+            return [i for i, ip in enumerate(swarm.order) if ip and ip not in swarm.seen]
 
     def close(self, info_hash: bytes) -> None:
         with self._lock:
@@ -259,14 +273,16 @@ class _TrackerHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _pending(self, hexdigest: str) -> None:
-        """``{"pending": N}``: how many members have not joined yet (not BitTorrent; the
-        agents ask it while they linger)."""
+        """``{"pending": N, "absent": [STRIPE, ...]}``: how many members have not joined
+        yet, and their stripes (not BitTorrent; the agents ask it while they download and
+        while they linger)."""
         try:
             key = bytes.fromhex(hexdigest)
         except ValueError:
             self.send_error(400, "give the info-hash in hex")
             return
-        body = json.dumps({"pending": self.server.swarms.pending(key)}).encode()
+        swarms = self.server.swarms
+        body = json.dumps({"pending": swarms.pending(key), "absent": swarms.absent(key)}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from corral.agent.errors import Cancelled
 from corral.agent.receivers.bittorrent.seed import SeedUse
-from corral.agent.receivers.bittorrent.swarm import PieceMap, Swarm
+from corral.agent.receivers.bittorrent.swarm import PieceMap, Swarm, stripe
 from corral.agent.receivers.stream import ProgressCallback, VerifiedStream, chunk_mismatch
 
 log = logging.getLogger("corral.agent")
@@ -70,6 +70,7 @@ class Feeder:
         *,
         mine: Sequence[int] | None = None,
         rack: Collection[str] | None = None,
+        late: Callable[[], Collection[int]] = frozenset,
         stall: float | None = None,
         ahead: int | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -91,7 +92,8 @@ class Feeder:
         self._received = 0
         self._moved = clock()
         self._urgent: list[int] = []
-        self.seed = SeedUse(swarm, mine, clock, rack=rack)
+        self._waited = -1e9
+        self.seed = SeedUse(swarm, mine, clock, rack=rack, late=late)
 
     def run(self) -> FeedStats:
         chunks = self.plan.image.chunks
@@ -138,7 +140,10 @@ class Feeder:
                     return data
                 # wrong bytes from the swarm: the plan's hash wins, over HTTP
                 return self._from_http(index)
-            quiet = self.clock() - max(self._moved, self.seed.started_swarming)
+            # the chunk waits for the stripe of a member still booting: not a stall
+            if self.seed.waits_for_members([p for p in span if not have[p]]):
+                self._waited = self.clock()
+            quiet = self.clock() - max(self._moved, self.seed.started_swarming, self._waited)
             if not self.seed.starting() and quiet >= self.seed.pace.scaled(
                 self.stall, STALL_PIECES
             ):
@@ -219,15 +224,54 @@ def linger(
     return clock() - start
 
 
-def tracker_pending(tracker: str, info_hash: str) -> Callable[[], int]:
-    """Ask corral's tracker how many members have not joined yet (0 if it cannot say)."""
-    url = tracker.rsplit("/", 1)[0] + f"/pending/{info_hash}"
+class Latecomers:
+    """The session's members that have not joined the swarm yet, as corral's tracker tells
+    (``/pending/INFOHASH``): how many (:meth:`pending`) and the pieces of their stripes
+    (:meth:`pieces`), asked at most every :data:`ASK_EVERY` seconds. Nothing if the
+    tracker cannot say (it is down, or not corral's)."""
 
-    def pending() -> int:
+    #: Seconds between two questions to the tracker.
+    ASK_EVERY = 5.0
+    #: Seconds to wait for its answer: it is asked from the feeding loop.
+    TIMEOUT = 1.0
+
+    def __init__(
+        self,
+        tracker: str,
+        info_hash: str,
+        *,
+        stripes: tuple[int, int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = tracker.rsplit("/", 1)[0] + f"/pending/{info_hash}"
+        self.stripes = stripes  # (number of pieces, number of stripes)
+        self.clock = clock
+        self._asked = -1e9
+        self._pending = 0
+        self._pieces: frozenset[int] = frozenset()
+
+    def _ask(self) -> None:
+        if self.clock() - self._asked < self.ASK_EVERY:
+            return
+        self._asked = self.clock()
         try:
-            with urllib.request.urlopen(url, timeout=2) as answer:
-                return int(json.load(answer).get("pending", 0))
-        except (OSError, ValueError, AttributeError):
-            return 0
+            with urllib.request.urlopen(self.url, timeout=self.TIMEOUT) as answer:
+                body = json.load(answer)
+            pending, absent = int(body.get("pending", 0)), [int(i) for i in body.get("absent", [])]
+        except (OSError, ValueError, TypeError, AttributeError):
+            pending, absent = 0, []
+        self._pending, self._pieces = pending, frozenset()
+        if self.stripes is not None:
+            num_pieces, count = self.stripes
+            self._pieces = frozenset(
+                p for i in absent if 0 <= i < count for p in stripe(num_pieces, i, count)
+            )
 
-    return pending
+    def pending(self) -> int:
+        self._ask()
+        return self._pending
+
+    def pieces(self) -> frozenset[int]:
+        """The pieces of the stripes of the members not there yet."""
+        self._ask()
+        return self._pieces

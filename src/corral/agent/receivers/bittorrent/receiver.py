@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from corral.agent.errors import ReceiveError
 from corral.agent.plan import Plan
 from corral.agent.receivers.base import Job, Received, StreamReceiver
-from corral.agent.receivers.bittorrent.feed import Feeder, FeedStats, linger, tracker_pending
+from corral.agent.receivers.bittorrent.feed import Feeder, FeedStats, Latecomers, linger
 from corral.agent.receivers.bittorrent.libtorrent_swarm import (
     PEER_PORT,
     LibtorrentSwarm,
@@ -57,6 +57,12 @@ def _stripe(value: Any, num_pieces: int) -> list[int] | None:
     if count < 2 or not 0 <= index < count:
         return None  # a lone node: everything from the seed
     return stripe(num_pieces, index, count)
+
+
+def _stripes(params: dict[str, Any]) -> int:
+    """How many stripes the session has (its members): the plan's ``stripe`` is checked
+    by :func:`_stripe` before."""
+    return int(params["stripe"][1])
 
 
 def _rack(params: dict[str, Any]) -> list[str] | None:
@@ -121,6 +127,12 @@ class BitTorrentReceiver(StreamReceiver):
                 f", rack {params['rack']}" if params.get("rack") else "",
             )
 
+            latecomers = Latecomers(
+                str(params.get("tracker", "")),
+                str(params.get("info_hash", "")),
+                stripes=None if mine is None else (layout.num_pieces, _stripes(params)),
+            )
+
             def fetch(index: int, partial: Callable[[int], None]) -> bytes:
                 if client is None:
                     raise ReceiveError("transport bittorrent: no server to fetch chunks from")
@@ -138,6 +150,7 @@ class BitTorrentReceiver(StreamReceiver):
                     job.cancel,
                     mine=mine,
                     rack=_rack(params),
+                    late=latecomers.pieces,
                 )
                 feeds.append(feeder.run())
 
@@ -148,9 +161,7 @@ class BitTorrentReceiver(StreamReceiver):
                 swarm,
                 job.cancel,
                 own_rate=job.plan.image.stream_size / max(elapsed, 0.1),
-                pending=tracker_pending(
-                    str(params.get("tracker", "")), str(params.get("info_hash", ""))
-                ),
+                pending=latecomers.pending,
             )
         finally:
             try:

@@ -7,7 +7,10 @@ import hashlib
 import json
 import random
 import re
+import select
+import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,6 +51,8 @@ from corral.deploy.transports.bittorrent_tracker import (
     MAX_PEERS,
     Swarms,
     Tracker,
+    _TrackerHandler,
+    _TrackerServer,
     parse_query,
 )
 from corral.images.exports import Chunked
@@ -267,6 +272,25 @@ def test_the_tracker_over_http() -> None:
         assert (gone.pending(), set(gone.pieces())) == (0, set())  # no tracker: nothing known
     finally:
         tracker.stop()
+
+
+def test_the_tracker_holds_a_hundred_connections_at_once() -> None:
+    # its thread not accepting: the kernel must still take every node's SYN
+    server = _TrackerServer(("127.0.0.1", 0), _TrackerHandler)
+    clients = [socket.socket() for _ in range(100)]
+    try:
+        for client in clients:
+            client.setblocking(False)
+            client.connect_ex(server.server_address)
+        waiting, deadline = set(clients), time.monotonic() + 3.0
+        while waiting and time.monotonic() < deadline:
+            _, connected, _ = select.select([], list(waiting), [], 0.1)
+            waiting -= set(connected)
+        assert not waiting, f"{len(waiting)} of {len(clients)} SYNs not taken"
+    finally:
+        for client in clients:
+            client.close()
+        server.server_close()
 
 
 # --- settings --------------------------------------------------------------------------

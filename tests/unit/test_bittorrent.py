@@ -49,6 +49,7 @@ from corral.deploy.transports.bittorrent import (
 from corral.deploy.transports.bittorrent_tracker import (
     JOIN_WINDOW,
     MAX_PEERS,
+    STRIPE_GRACE,
     Swarms,
     Tracker,
     _TrackerHandler,
@@ -201,7 +202,7 @@ def test_the_tracker_answers_members_of_known_torrents_only() -> None:
         ("10.0.0.12", 6881),
     }
     assert swarms.pending(H1) == 1  # 10.0.0.13 has not joined yet
-    assert swarms.absent(H1) == [2]  # its stripe
+    assert swarms.coming(H1) == [0, 1, 2]  # two have just come, one is not there yet
     # a peer that leaves is forgotten; a finished one is still given to the others
     announce(swarms, "10.0.0.12", b"b" * 20, left=100, event="stopped")
     announce(swarms, "10.0.0.11", b"a" * 20, left=0, event="completed")
@@ -232,14 +233,19 @@ def test_members_that_do_not_come_are_not_waited_for_forever() -> None:
     swarms = Swarms(clock=lambda: now[0])
     swarms.open(H1, None, ["10.0.0.11", "", "10.0.0.12"])  # the second's address unknown
     announce(swarms, "10.0.0.11", b"a" * 20, left=1)
-    assert (swarms.pending(H1), swarms.absent(H1)) == (1, [2])
-    now[0] += JOIN_WINDOW + 1
-    assert (swarms.pending(H1), swarms.absent(H1)) == (0, [])
-    assert (swarms.pending(H2), swarms.absent(H2)) == (0, [])  # not a session
+    # the first has just come: its stripe is still on its way to it
+    assert (swarms.pending(H1), swarms.coming(H1)) == (1, [0, 2])
+    now[0] += STRIPE_GRACE
+    announce(swarms, "10.0.0.11", b"a" * 20, left=1)  # announces again: came before
+    assert (swarms.pending(H1), swarms.coming(H1)) == (1, [2])
+    now[0] = 100.0 + JOIN_WINDOW + 1
+    assert (swarms.pending(H1), swarms.coming(H1)) == (0, [])
+    assert (swarms.pending(H2), swarms.coming(H2)) == (0, [])  # not a session
 
 
 def test_the_tracker_over_http() -> None:
-    tracker = Tracker("127.0.0.1", 0)
+    now = [0.0]
+    tracker = Tracker("127.0.0.1", 0, Swarms(clock=lambda: now[0]))
     try:
         tracker.swarms.open(H2, None)
         peer = b"-LT2110-" + bytes(range(200, 212))
@@ -257,18 +263,30 @@ def test_the_tracker_over_http() -> None:
         tracker.swarms.open(H1, None, ["10.0.0.11", "10.0.0.12"])
         pending = f"http://127.0.0.1:{tracker.port}/pending/{H1.hex()}"
         with urllib.request.urlopen(pending, timeout=5) as answer:
-            assert json.load(answer) == {"pending": 2, "absent": [0, 1]}
+            assert json.load(answer) == {"pending": 2, "coming": [0, 1]}
         announce(tracker.swarms, "10.0.0.12", b"b" * 20, left=1)
+        now[0] += STRIPE_GRACE  # 10.0.0.12 has had the time to take its stripe
         # 7 pieces in 2 stripes: 10.0.0.11's are 0, 2, 4, 6
-        url = f"http://127.0.0.1:{tracker.port}/announce"
-        now = [0.0]
-        late = Latecomers(url, H1.hex(), stripes=(7, 2), clock=lambda: now[0])
+        late = Latecomers(f"http://127.0.0.1:{tracker.port}/announce", H1.hex(), stripes=(7, 2))
+        assert (late.pending(), set(late.pieces())) == (0, set())  # not asked yet
+        assert late.ask()
         assert (late.pending(), set(late.pieces())) == (1, {0, 2, 4, 6})
         announce(tracker.swarms, "10.0.0.11", b"a" * 20, left=1)
-        assert late.pieces() == {0, 2, 4, 6}  # asked again only after ASK_EVERY
-        now[0] += Latecomers.ASK_EVERY
+        now[0] += STRIPE_GRACE
+        assert late.ask()
         assert (late.pending(), set(late.pieces())) == (0, set())
+        tracker.swarms.open(H1, None, ["10.0.0.11", "10.0.0.13"])  # a new member
+        late.start()  # its thread asks at once
+        deadline = time.monotonic() + 5
+        while late.pieces() != {1, 3, 5} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        late.close()
+        assert (late.pending(), set(late.pieces())) == (1, {1, 3, 5})
+        tracker.stop()
+        assert not late.ask()  # the tracker does not answer: the last answer stands
+        assert (late.pending(), set(late.pieces())) == (1, {1, 3, 5})
         gone = Latecomers("http://127.0.0.1:1/announce", H1.hex(), stripes=(7, 2))
+        assert not gone.ask()
         assert (gone.pending(), set(gone.pieces())) == (0, set())  # no tracker: nothing known
     finally:
         tracker.stop()

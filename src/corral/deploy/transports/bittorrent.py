@@ -36,9 +36,9 @@ addresses (the ``rack`` variable; the tracker keeps a rack's nodes among themsel
 for one door, see :meth:`~corral.deploy.transports.bittorrent_tracker.Swarms.choose`) and
 the HTTP base of
 the chunks, which the agent falls back on for chunks the swarm does not deliver. The tracker
-also tells the nodes which members have not joined yet (``/pending/INFOHASH``), so that
-the nodes there leave those members' stripes to them, and the nodes done first keep
-seeding for those still booting.
+also tells the nodes which members have not joined yet or have just come
+(``/pending/INFOHASH``), so that the nodes there leave those members' stripes to them,
+and the nodes done first keep seeding for those still booting.
 :meth:`finish` removes the torrent from the seed and the tracker; the last one stops both.
 The agent's side is :mod:`corral.agent.receivers.bittorrent`.
 

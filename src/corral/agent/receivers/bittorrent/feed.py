@@ -225,53 +225,60 @@ def linger(
 
 
 class Latecomers:
-    """The session's members that have not joined the swarm yet, as corral's tracker tells
-    (``/pending/INFOHASH``): how many (:meth:`pending`) and the pieces of their stripes
-    (:meth:`pieces`), asked at most every :data:`ASK_EVERY` seconds. Nothing if the
-    tracker cannot say (it is down, or not corral's)."""
+    """What corral's tracker tells of the session's members (``/pending/INFOHASH``): how
+    many have not joined the swarm yet (:meth:`pending`), and the pieces of the stripes
+    still on their way to their members (:meth:`pieces`: members not there yet, or just
+    come). A thread of its own asks every :data:`ASK_EVERY` seconds
+    (:meth:`start`), so that the feeding loop never waits on a busy server; an answer
+    that does not come leaves the last one standing (nothing before the first)."""
 
     #: Seconds between two questions to the tracker.
     ASK_EVERY = 5.0
-    #: Seconds to wait for its answer: it is asked from the feeding loop.
-    TIMEOUT = 1.0
+    #: Seconds to wait for its answer.
+    TIMEOUT = 5.0
 
     def __init__(
-        self,
-        tracker: str,
-        info_hash: str,
-        *,
-        stripes: tuple[int, int] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        self, tracker: str, info_hash: str, *, stripes: tuple[int, int] | None = None
     ) -> None:
         self.url = tracker.rsplit("/", 1)[0] + f"/pending/{info_hash}"
         self.stripes = stripes  # (number of pieces, number of stripes)
-        self.clock = clock
-        self._asked = -1e9
         self._pending = 0
         self._pieces: frozenset[int] = frozenset()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="corral-latecomers", daemon=True)
 
-    def _ask(self) -> None:
-        if self.clock() - self._asked < self.ASK_EVERY:
-            return
-        self._asked = self.clock()
+    def start(self) -> Latecomers:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.ask()
+            self._stop.wait(self.ASK_EVERY)
+
+    def ask(self) -> bool:
+        """Ask the tracker once; False if it did not answer."""
         try:
             with urllib.request.urlopen(self.url, timeout=self.TIMEOUT) as answer:
                 body = json.load(answer)
-            pending, absent = int(body.get("pending", 0)), [int(i) for i in body.get("absent", [])]
+            pending, coming = int(body.get("pending", 0)), [int(i) for i in body.get("coming", [])]
         except (OSError, ValueError, TypeError, AttributeError):
-            pending, absent = 0, []
-        self._pending, self._pieces = pending, frozenset()
+            return False
+        pieces: frozenset[int] = frozenset()
         if self.stripes is not None:
             num_pieces, count = self.stripes
-            self._pieces = frozenset(
-                p for i in absent if 0 <= i < count for p in stripe(num_pieces, i, count)
+            pieces = frozenset(
+                p for i in coming if 0 <= i < count for p in stripe(num_pieces, i, count)
             )
+        self._pending, self._pieces = pending, pieces
+        return True
 
     def pending(self) -> int:
-        self._ask()
         return self._pending
 
     def pieces(self) -> frozenset[int]:
-        """The pieces of the stripes of the members not there yet."""
-        self._ask()
+        """The pieces of the stripes still on their way to their members."""
         return self._pieces

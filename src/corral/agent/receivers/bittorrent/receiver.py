@@ -111,6 +111,7 @@ class BitTorrentReceiver(StreamReceiver):
         torrent = base64.b64decode(str(params["torrent"]))
         started = time.monotonic()
         swarm: LibtorrentSwarm | None = None
+        latecomers: Latecomers | None = None
         try:
             swarm = live = self.make_swarm(lt, torrent, scratch, address or "0.0.0.0", seed)
             layout = self._layout(job.plan, swarm)
@@ -131,7 +132,7 @@ class BitTorrentReceiver(StreamReceiver):
                 str(params.get("tracker", "")),
                 str(params.get("info_hash", "")),
                 stripes=None if mine is None else (layout.num_pieces, _stripes(params)),
-            )
+            ).start()
 
             def fetch(index: int, partial: Callable[[int], None]) -> bytes:
                 if client is None:
@@ -164,6 +165,8 @@ class BitTorrentReceiver(StreamReceiver):
                 pending=latecomers.pending,
             )
         finally:
+            if latecomers is not None:
+                latecomers.close()
             try:
                 if swarm is not None:
                     swarm.close()

@@ -38,12 +38,12 @@ ALONE_WAIT = 10.0
 #: would otherwise wait for the stripes of the last ones.
 ORPHAN_WAIT = 5.0
 #: Seconds, from the node's start, during which it leaves the stripes of the members that
-#: have not joined yet (corral's tracker names them) to those members: each takes its own
-#: from the seed when it comes, and the seed sends it once. Rescued by the first nodes
-#: instead, those pieces went out once per node in need, and again as the member's own
-#: stripe: at a start skew of 30 s, 1.9 x S from the seed against 1.15 x S without skew.
-#: A minute covers nodes powered on over a minute; a member that has not come by then
-#: (its power-on failed) is not waited for.
+#: have not joined yet or have just come (corral's tracker names them) to those members:
+#: each takes its own from the seed, and the seed sends it once. Rescued by the nodes
+#: there instead, those pieces went out once per node in need, and again as the member's
+#: own stripe: at a start skew of 30 s, 1.8-2.0 x S from the seed against 1.15 x S
+#: without skew. A minute covers nodes powered on over a minute; a member that has not
+#: come by then (its power-on failed) is not waited for.
 LATE_WAIT = 60.0
 
 
@@ -135,9 +135,9 @@ class SeedUse:
         piece takes a fraction of a second), or has lacked pieces that no peer has for
         :data:`ORPHAN_WAIT` seconds, the seed again, for the pieces that at most
         one connected peer has: their stripe's member died before passing it on, or is
-        slow. Not the stripes of members that have not joined yet (``late``, from
-        corral's tracker), for up to :data:`LATE_WAIT` seconds: those members will take
-        them from the seed, and a node waiting for them is not stalled. Only those are
+        slow. Not the stripes of members that have not joined yet or have just come
+        (``late``, from corral's tracker), for up to :data:`LATE_WAIT` seconds: those
+        members take them from the seed, and a node waiting for them is not stalled. Only those are
         wanted meanwhile, so the seed sends nothing the peers could, and only until they
         are here or, every :data:`RESCUE_MAX` seconds, until a second peer has those
         still missing. The peers in need (likely all lacking the same pieces) share the

@@ -140,7 +140,7 @@ class Feeder:
                     return data
                 # wrong bytes from the swarm: the plan's hash wins, over HTTP
                 return self._from_http(index)
-            # the chunk waits for the stripe of a member still booting: not a stall
+            # the chunk waits for the stripe of a member still coming: not a stall
             if self.seed.waits_for_members([p for p in span if not have[p]]):
                 self._waited = self.clock()
             quiet = self.clock() - max(self._moved, self.seed.started_swarming, self._waited)
@@ -228,9 +228,9 @@ class Latecomers:
     """What corral's tracker tells of the session's members (``/pending/INFOHASH``): how
     many have not joined the swarm yet (:meth:`pending`), and the pieces of the stripes
     still on their way to their members (:meth:`pieces`: members not there yet, or just
-    come). A thread of its own asks every :data:`ASK_EVERY` seconds
-    (:meth:`start`), so that the feeding loop never waits on a busy server; an answer
-    that does not come leaves the last one standing (nothing before the first)."""
+    come). A thread of its own asks every :data:`ASK_EVERY` seconds (:meth:`start`), so
+    that the feeding loop never waits on a busy server; an answer that does not come
+    leaves the last one standing (nothing before the first)."""
 
     #: Seconds between two questions to the tracker.
     ASK_EVERY = 5.0

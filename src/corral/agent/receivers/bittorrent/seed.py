@@ -137,14 +137,15 @@ class SeedUse:
         one connected peer has: their stripe's member died before passing it on, or is
         slow. Not the stripes of members that have not joined yet or have just come
         (``late``, from corral's tracker), for up to :data:`LATE_WAIT` seconds: those
-        members take them from the seed, and a node waiting for them is not stalled. Only those are
-        wanted meanwhile, so the seed sends nothing the peers could, and only until they
-        are here or, every :data:`RESCUE_MAX` seconds, until a second peer has those
-        still missing. The peers in need (likely all lacking the same pieces) share the
-        rescue: each asks for every k-th piece by their order of address, and all of
-        them if that has not helped after three times :data:`RESCUE_IDLE`. A node that
-        starts more than :data:`LATE_WAIT` before the others gets most of the image this
-        way, unicast: there is nobody to share with yet.
+        members take them from the seed, and a node waiting for them is not stalled.
+        Only those are wanted meanwhile, so the seed sends nothing the peers could, and
+        only until they are here or, every :data:`RESCUE_MAX` seconds, until a second
+        peer has those still missing. The peers in need (likely all lacking the same
+        pieces) share the rescue: each asks for every k-th piece by their order of
+        address, and all of them if that has not helped after three times
+        :data:`RESCUE_IDLE`. A node that starts more than :data:`LATE_WAIT` before the
+        others gets most of the image this way, unicast: there is nobody to share with
+        yet.
 
     Without a stripe in the plan (a single node, an older server) the seed stays in use.
 

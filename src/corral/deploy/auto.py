@@ -47,7 +47,8 @@ class Crossover:
 #:
 #: And again 2026-12-04, with BitTorrent's swarm meshing (3 runs each, median (worst)):
 #: 1.76 (1.78) at skew 0, 1.60 (1.65) at 30 s, 1.57 (1.59) at 60 s, egress 1.44 x S at
-#: skew 0 but 2.5-4.7 x S at 30-60 s; 1.77 (1.81) with 1 % loss (chain: 1.33, one run);
+#: skew 0 but 2.5-4.7 x S at 30-60 s (since 75a6bc2 1.77 (1.78) and 1.85 (1.89) x S,
+#: T 1.66 (1.66) and 1.63 (1.67)); 1.77 (1.81) with 1 % loss (chain: 1.33, one run);
 #: the others beside a node at B/10 2.07 (2.08) (chain: 1.50), beside a killed node
 #: 1.76 (1.79) (chain: 1.31); across 4 racks 2.02 (2.30), 1.43 x S per uplink.
 #: BitTorrent lost to the chain in every case measured: the order stands, the chain from

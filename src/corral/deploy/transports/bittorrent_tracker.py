@@ -57,8 +57,7 @@ class _Peer:
 @dataclass
 class _Swarm:
     allowed: frozenset[str] | None  # None: any address
-    members: frozenset[str]  # the nodes' addresses (empty: unknown)
-    order: tuple[str, ...]  # the members' addresses by stripe ("": not known)
+    members: tuple[str, ...]  # the nodes' addresses by stripe ("": not known; none: unknown)
     servers: frozenset[str]  # corral's own addresses: its seed announces from one
     racks: Mapping[str, str]  # a node's address -> its rack, for the nodes in one
     peers: dict[bytes, _Peer] = field(default_factory=dict)  # peer_id -> peer
@@ -101,7 +100,6 @@ class Swarms:
             old = self._swarms.get(info_hash)
             self._swarms[info_hash] = _Swarm(
                 None if allowed is None else frozenset(allowed),
-                frozenset(m for m in members if m),
                 tuple(members),
                 frozenset(servers),
                 dict(racks or {}),
@@ -117,10 +115,10 @@ class Swarms:
         After :data:`JOIN_WINDOW` seconds a member that has not come is not waited for
         (its power-on failed; the deployment fails it after its boot timeout)."""
         with self._lock:
-            swarm = self._swarms.get(info_hash)
-            if swarm is None or self.clock() - swarm.opened > JOIN_WINDOW:
+            swarm = self._joining(info_hash)
+            if swarm is None:
                 return 0
-            return len(swarm.members - swarm.seen.keys())
+            return sum(1 for ip in swarm.members if ip and ip not in swarm.seen)
 
     def coming(self, info_hash: bytes) -> list[int]:
         """The stripes (positions in ``members``) still on their way to their members:
@@ -129,15 +127,22 @@ class Swarms:
         pieces to them (the agent's ``SeedUse``): each member takes its own stripe from
         the seed, once, and passes it on."""
         with self._lock:
-            swarm = self._swarms.get(info_hash)
-            now = self.clock()
-            if swarm is None or now - swarm.opened > JOIN_WINDOW:
+            swarm, now = self._joining(info_hash), self.clock()
+            if swarm is None:
                 return []
             return [
                 i
-                for i, ip in enumerate(swarm.order)
+                for i, ip in enumerate(swarm.members)
                 if ip and now - swarm.seen.get(ip, now) < STRIPE_GRACE
             ]
+
+    def _joining(self, info_hash: bytes) -> _Swarm | None:
+        """The session's swarm while its members may still join (:data:`JOIN_WINDOW`);
+        the caller holds the lock."""
+        swarm = self._swarms.get(info_hash)
+        if swarm is None or self.clock() - swarm.opened > JOIN_WINDOW:
+            return None
+        return swarm
 
     def close(self, info_hash: bytes) -> None:
         with self._lock:

@@ -54,12 +54,15 @@ else:
     print(got, got * 8 / (time.monotonic() - start))
 """
 
-# The agent's stand-in: records how it was started, then stays up like an agent.
+# The agent's stand-in: records how it was started, then stays up like an agent. It
+# writes its argv under a temporary name and renames it: the test reads the file the
+# moment it exists, and once read it empty (a CI run, 2026-12-04).
 STAND_IN = """
 import json, os, sys, time
-with open(os.path.join(os.path.dirname(sys.argv[sys.argv.index("--cmdline") + 1]),
-          "stand-in.json"), "w") as f:
+path = os.path.join(os.path.dirname(sys.argv[sys.argv.index("--cmdline") + 1]), "stand-in.json")
+with open(path + ".tmp", "w") as f:
     json.dump(sys.argv[1:], f)
+os.rename(path + ".tmp", path)
 time.sleep(600)
 """
 

@@ -25,7 +25,7 @@ from corral.agent.receivers import RECEIVERS
 from corral.agent.receivers.bittorrent import seed as bittorrent_seed
 from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, Latecomers, linger
 from corral.agent.receivers.bittorrent.libtorrent_swarm import session_settings
-from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver, _stripe
+from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver, _place
 from corral.agent.receivers.bittorrent.seed import (
     ALONE_WAIT,
     LATE_WAIT,
@@ -759,11 +759,12 @@ def test_a_late_stripe_is_given_up_for_the_peers() -> None:
 
 
 def test_the_stripe_from_the_plan() -> None:
-    assert _stripe([1, 3], 7) == [1, 4]
-    assert _stripe([0, 1], 7) is None  # a lone node: plain BitTorrent
-    assert _stripe(None, 7) is None
-    assert _stripe(["x", 2], 7) is None
-    assert _stripe([5, 3], 7) is None
+    assert _place([1, 3]) == (1, 3)
+    assert _place(["1", "3"]) == (1, 3)
+    assert _place([0, 1]) is None  # a lone node: plain BitTorrent
+    assert _place(None) is None
+    assert _place(["x", 2]) is None
+    assert _place([5, 3]) is None
 
 
 def test_a_rescue_goes_on_while_nobody_else_has_the_pieces() -> None:

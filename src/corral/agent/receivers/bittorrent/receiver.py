@@ -48,21 +48,16 @@ def _endpoint(text: str) -> tuple[str, int] | None:
         return None
 
 
-def _stripe(value: Any, num_pieces: int) -> list[int] | None:
-    """This node's stripe from the plan's ``[index, count]``; None if there is none."""
+def _place(value: Any) -> tuple[int, int] | None:
+    """This node's place in the session's stripes, ``(index, count)``, from the plan's
+    ``[index, count]``; None if it has none (a lone node takes everything from the seed)."""
     try:
         index, count = (int(v) for v in value)
     except (TypeError, ValueError):
         return None
     if count < 2 or not 0 <= index < count:
-        return None  # a lone node: everything from the seed
-    return stripe(num_pieces, index, count)
-
-
-def _stripes(params: dict[str, Any]) -> int:
-    """How many stripes the session has (its members): the plan's ``stripe`` is checked
-    by :func:`_stripe` before."""
-    return int(params["stripe"][1])
+        return None
+    return index, count
 
 
 def _rack(params: dict[str, Any]) -> list[str] | None:
@@ -115,7 +110,8 @@ class BitTorrentReceiver(StreamReceiver):
         try:
             swarm = live = self.make_swarm(lt, torrent, scratch, address or "0.0.0.0", seed)
             layout = self._layout(job.plan, swarm)
-            mine = _stripe(params.get("stripe"), layout.num_pieces) if seed else None
+            place = _place(params.get("stripe")) if seed else None
+            mine = None if place is None else stripe(layout.num_pieces, *place)
             log.info(
                 "bittorrent: %d pieces of %d KiB on %s:%d, tracker %s, seed %s, my stripe %s%s",
                 layout.num_pieces,
@@ -131,7 +127,7 @@ class BitTorrentReceiver(StreamReceiver):
             latecomers = Latecomers(
                 str(params.get("tracker", "")),
                 str(params.get("info_hash", "")),
-                stripes=None if mine is None else (layout.num_pieces, _stripes(params)),
+                stripes=None if place is None else (layout.num_pieces, place[1]),
             ).start()
 
             def fetch(index: int, partial: Callable[[int], None]) -> bytes:

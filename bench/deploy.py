@@ -32,7 +32,8 @@ measures:
   transport, and is marked invalid;
 - the chunks each node took by HTTP, and of those the ones its multicast session brought
   damaged (``http_chunks``, ``repaired_chunks``: node -> count, nodes with none left
-  out), from the agents' "received" lines.
+  out), from the agents' "received" lines (a node that fell back to the HTTP receiver
+  took every chunk by HTTP).
 
 ``--multicast-mode`` (``acked`` or ``async``) is written into the bench home's
 corral.toml as ``multicast_mode``; a run's ``transport`` then reads e.g.
@@ -80,9 +81,15 @@ from corral.testbed.cluster import parse_rate
 HOME = Path.home() / ".cache" / "corral-bench" / "deploy-home"
 IMAGE = "bench"
 #: An agent's summary of a stream it received (corral.agent.receivers.multicast)
+#: The receivers' closing lines: the image, the chunks taken over HTTP, and (multicast's)
+#: how many of those its session brought damaged. A broadcast receiver that could not
+#: start hands the whole image to the HTTP receiver, whose every chunk counts.
 RECEIVED = re.compile(
-    r"received (\S+): \d+ bytes in \d+ chunks, \d+ by multicast, (\d+) by HTTP"
-    r"(?: \((\d+) repaired)?"
+    r"received (?P<ref>\S+)(?:"
+    r": \d+ bytes in \d+ chunks, \d+ by multicast, (?P<multicast>\d+) by HTTP"
+    r"(?: \((?P<repaired>\d+) repaired)?"
+    r"| by bittorrent: \d+ chunks from the swarm, (?P<swarm>\d+) over HTTP"
+    r"|: \d+ bytes in (?P<http>\d+) chunks \()"
 )
 
 
@@ -409,13 +416,15 @@ def chunks_by_http(
                 text = f.read().decode("utf-8", "replace")
         except OSError:
             continue
-        found = [m for m in RECEIVED.finditer(text) if m.group(1) == ref]
+        found = [m for m in RECEIVED.finditer(text) if m["ref"] == ref]
         if not found:
             continue
-        if int(found[-1].group(2)):
-            http[name] = int(found[-1].group(2))
-        if int(found[-1].group(3) or 0):
-            repaired[name] = int(found[-1].group(3))
+        last = found[-1]
+        by_http = int(last["multicast"] or last["swarm"] or last["http"] or 0)
+        if by_http:
+            http[name] = by_http
+        if int(last["repaired"] or 0):
+            repaired[name] = int(last["repaired"])
     return http, repaired
 
 

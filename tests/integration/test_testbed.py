@@ -211,6 +211,9 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
     assert "corral.node=tb002 ip=dhcp corral.mode=deploy corral.agent_exit=reboot" in cmdline
     assert args[args.index("--exit") + 1] == "exit"
     assert testbed.node_power("tb002")[1] == [pid]  # exec'd: the same process
+    # the node's session yields the CPU to corral serve's (autogroup weighs sessions)
+    assert Path(f"/proc/{pid}/autogroup").read_text().split()[-1] == str(cluster.NODE_NICE)
+    assert Path(f"/proc/{state.server_pid}/autogroup").read_text().split()[-1] == "0"
     testbed.power("tb002", "off")
     assert testbed.node_power("tb002") == ("off", [])
     assert not pid_alive(pid)

@@ -114,7 +114,12 @@ __all__ = [
 log = logging.getLogger("corral.testbed")
 
 POWER_ACTIONS = ("on", "off", "cycle")
-NODE_NICE = 10  # the nodes' processes yield the host's CPUs to the server's
+#: The nodes' processes yield the host's CPUs to the server's, as a real server has its
+#: own. Each node is a session of its own (setsid), and Linux's autogroup scheduling gives
+#: every session an equal share whatever its processes' nice: a hundred busy nodes left
+#: corral serve a hundredth of the host, and its reports and tracker timed out for
+#: minutes. The niceness is therefore their session's (``/proc/PID/autogroup``) too.
+NODE_NICE = 19
 _DISK_FILE = re.compile(r"/testbed/disks/tb\d{3}\.img$")
 _PROBE = "import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=2).read()"
 _GET = (
@@ -127,6 +132,20 @@ _GET = (
 
 class TestbedError(CorralError):
     """The testbed could not be built, changed or taken down."""
+
+
+def yield_cpu(pid: int, nice: int) -> None:
+    """Give the session of ``pid`` (its autogroup: every process it has and will have)
+    the scheduling weight of ``nice``. Without autogroup scheduling (a kernel built
+    without it, or ``kernel.sched_autogroup_enabled=0``), the processes' own nice rules
+    and there is nothing to do."""
+    autogroup = Path(f"/proc/{pid}/autogroup")
+    try:
+        autogroup.write_text(f"{nice}\n")
+    except FileNotFoundError:
+        return  # no autogroup in this kernel, or the process is gone
+    except OSError as exc:
+        log.warning("cannot lower the CPU weight of process %d: %s", pid, exc)
 
 
 class TestbedExists(UsageError):
@@ -526,6 +545,7 @@ class Testbed:
         with open(console, "a") as f:
             f.write(f"--- power {action} {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n")
         pid = self._start_detached(info.namespace, argv, console)
+        yield_cpu(pid, NODE_NICE)
         (directory / "pid").write_text(f"{pid}\n")
         return pid
 

@@ -107,10 +107,11 @@ class SubprocessRunner:
         args = tuple(argv)
         log.debug("+ %s", " ".join(args))
         environ = dict(env) if env is not None else dict(os.environ, **self.extra_env)
+        stdin = subprocess.DEVNULL if input is None else _in_memory(input)
         try:
             proc = subprocess.Popen(
                 list(args),
-                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -120,15 +121,16 @@ class SubprocessRunner:
         except FileNotFoundError:
             log.error("%s: not found", args[0])
             return Result(args, 127, "", f"{args[0]}: not found")
+        finally:
+            if input is not None:
+                os.close(stdin)
         deadline = time.monotonic() + timeout
-        data = input
         try:
             while True:
                 try:
-                    out, err = proc.communicate(data, timeout=self.poll)
+                    out, err = proc.communicate(timeout=self.poll)
                     break
                 except subprocess.TimeoutExpired:
-                    data = None  # communicate() keeps feeding what it started with
                     if cancel is not None and cancel.is_set():
                         raise Cancelled() from None
                     if time.monotonic() > deadline:
@@ -145,6 +147,24 @@ class SubprocessRunner:
         if proc.returncode != 0:
             log.warning("%s exited with %d", " ".join(args), proc.returncode)
         return Result(args, proc.returncode, out, err)
+
+
+def _in_memory(text: str) -> int:
+    """A file descriptor of an in-memory file holding ``text``, read from its start: what a
+    program is fed on its stdin.
+
+    Not a pipe that :meth:`subprocess.Popen.communicate` writes: when its first call times
+    out before it has written the input (an agent that gets no CPU for the poll's 0.2 s,
+    as on a busy host), the calls after it may not pass the input again, and do not write
+    the rest of it or close the pipe. The program then waits on its stdin for ever: sfdisk
+    did, for its 120 s, on the testbed. A file needs nobody to feed it."""
+    fd = os.memfd_create("corral-agent-stdin")
+    data = text.encode("utf-8")
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def spawn(

@@ -80,7 +80,6 @@ from corral.testbed.cluster import parse_rate
 
 HOME = Path.home() / ".cache" / "corral-bench" / "deploy-home"
 IMAGE = "bench"
-#: An agent's summary of a stream it received (corral.agent.receivers.multicast)
 #: The receivers' closing lines: the image, the chunks taken over HTTP, and (multicast's)
 #: how many of those its session brought damaged. A broadcast receiver that could not
 #: start hands the whole image to the HTTP receiver, whose every chunk counts.

@@ -18,14 +18,16 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-# The whole suite in two runs, each test in one: the unit tests on every core
-# (pytest-xdist), then the tests of real parts one at a time, as they take the host's
-# namespaces, loop devices and CPU (their timeouts and shaped links assume it is theirs).
+# The whole suite in two runs, each test in one: the unit tests and the tests of real
+# parts marked parallel_safe on every core (pytest-xdist), then the other tests of real
+# parts one at a time, as they take the host's namespaces, loop devices and CPU (their
+# timeouts and shaped links assume it is theirs).
 UNIT_TESTS := -m "not integration and not vm" tests/unit tests/security
-REAL_TESTS := -m "(integration or vm) and not vm_e2e and not vm_harness"
+SHARED_TESTS := -m "(not integration and not vm) or parallel_safe" tests
+REAL_TESTS := -m "(integration or vm) and not parallel_safe and not vm_e2e and not vm_harness"
 
 test: lint typecheck
-	$(PY) -m pytest -q -n auto --durations=10 $(UNIT_TESTS)
+	$(PY) -m pytest -q -n auto --durations=10 $(SHARED_TESTS)
 	$(PY) -m pytest -q --durations=30 $(REAL_TESTS)
 
 unit: setup

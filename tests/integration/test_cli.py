@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import DATA, corral
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.parallel_safe]
 
 
 @pytest.fixture(scope="module")

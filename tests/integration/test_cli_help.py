@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import DATA, corral
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.parallel_safe]
 
 README = Path(__file__).parents[2] / "README.md"
 

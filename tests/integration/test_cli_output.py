@@ -14,7 +14,7 @@ from corral.inventory import models as m
 from corral.inventory.state import NodeStates
 from tests.conftest import corral
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.parallel_safe]
 
 MARKUP = "disk [/] full: [bold]x[/bold] [/red]"
 

@@ -25,7 +25,7 @@ from corral.serve.http import create_app
 from tests.fakes import free_port
 from tests.integration.conftest import serving
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.parallel_safe]
 PROMETHEUS = Path("/usr/bin/prometheus")
 TOKEN = "admin-secret"
 CONFIG = """\

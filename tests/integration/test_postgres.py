@@ -26,7 +26,7 @@ import pytest
 from corral.inventory.db import HEAD
 from tests.conftest import DATA, corral
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.parallel_safe]
 
 APPLIED_COUNTS = {
     "distros": (3, 0, 0),

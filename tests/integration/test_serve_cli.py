@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import corral
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.parallel_safe]
 
 
 def free_port(kind: int) -> socket.socket:

@@ -18,6 +18,9 @@ from corral.serve.http import create_app
 from corral.serve.limits import MAX_BODY
 from tests.security.serving import corral_serve
 
+#: its integration tests share nothing of the host: `make test` runs them on every core
+pytestmark = pytest.mark.parallel_safe
+
 ROUTES = [
     "/api/v1/nodes",  # admin: needs the API token
     "/api/v1/nodes/c01/events",  # a node: needs its token

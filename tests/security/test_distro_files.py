@@ -20,6 +20,9 @@ from corral.serve.boot import BootService
 from corral.serve.http import create_app
 from tests.conftest import corral
 
+#: its integration tests share nothing of the host: `make test` runs them on every core
+pytestmark = pytest.mark.parallel_safe
+
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
 

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import corral
 from tests.security.serving import corral_serve
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.parallel_safe]
 
 #: c01 of tests/data/cluster.yaml is reserved 10.0.0.11 and armed until it installs.
 CLAIM = {"X-Forwarded-For": "10.0.0.11"}

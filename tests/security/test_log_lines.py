@@ -15,6 +15,9 @@ from corral.serve.server import MaskTokens
 from tests.security.serving import corral_serve
 from tests.unit.test_access_log import access_record
 
+#: its integration tests share nothing of the host: `make test` runs them on every core
+pytestmark = pytest.mark.parallel_safe
+
 
 def test_control_characters_are_escaped() -> None:
     assert escape_controls("a\nb\r\tc\x1b[31md\x7f") == "a\\nb\\r\\tc\\x1b[31md\\x7f"

@@ -22,6 +22,9 @@ from corral.serve.boot import BootService
 from corral.serve.http import create_app
 from tests.conftest import DATA, corral
 
+#: its integration tests share nothing of the host: `make test` runs them on every core
+pytestmark = pytest.mark.parallel_safe
+
 INJECTED = "quiet\nchain http://evil/x"
 CONTROLS = ["\n", "\r", "\0", "\x1b", "\x7f", "\x85"]
 DISTRO = {"name": "d", "family": "debian", "os_version": "12", "kernel": "k", "initrd": "i"}

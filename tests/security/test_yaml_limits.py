@@ -15,6 +15,9 @@ from corral.inventory.clusterfile import MAX_ALIAS_EXPANSION, load_cluster
 from corral.inventory.schema import MAX_VARIABLES_BYTES, NodeSpec, parse
 from tests.conftest import corral
 
+#: its integration tests share nothing of the host: `make test` runs them on every core
+pytestmark = pytest.mark.parallel_safe
+
 
 def bomb(levels: int) -> str:
     """A profile whose variables hold 9**levels strings, in a few hundred bytes."""

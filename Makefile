@@ -18,26 +18,29 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-# The whole suite in two runs, each test in one: the unit tests and the tests of real
-# parts marked parallel_safe on every core (pytest-xdist), then the other tests of real
-# parts one at a time, as they take the host's namespaces, loop devices and CPU (their
-# timeouts and shaped links assume it is theirs).
-UNIT_TESTS := -m "not integration and not vm" tests/unit tests/security
+# The whole suite in three runs, each test in one: the unit tests and the tests of real
+# parts marked parallel_safe on every core (pytest-xdist); the other tests of real parts
+# but the VMs' one at a time, as they take the host's namespaces, loop devices and CPU
+# (their timeouts and shaped links assume it is theirs); then the VM tests two modules at
+# a time (each module's tests on one worker, with the module's server), as most of them
+# keep one core busy (TCG) and leave the other idle.
 SHARED_TESTS := -m "(not integration and not vm) or parallel_safe" tests
-REAL_TESTS := -m "(integration or vm) and not parallel_safe and not vm_e2e and not vm_harness"
+REAL_TESTS := -m "integration and not vm and not parallel_safe"
+VM_TESTS := -m "vm and not vm_e2e and not vm_harness"
 
 test: lint typecheck
 	$(PY) -m pytest -q -n auto --durations=10 $(SHARED_TESTS)
-	$(PY) -m pytest -q --durations=30 $(REAL_TESTS)
+	$(PY) -m pytest -q --durations=20 $(REAL_TESTS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 $(VM_TESTS)
 
 unit: setup
-	$(PY) -m pytest -q -n auto $(UNIT_TESTS)
+	$(PY) -m pytest -q -n auto -m "not integration and not vm" tests/unit tests/security
 
 integration: setup
 	$(PY) -m pytest -q -m integration
 
 vm: setup
-	$(PY) -m pytest -q -m "vm and not vm_e2e and not vm_harness"
+	$(PY) -m pytest -q -n 2 --dist loadfile $(VM_TESTS)
 
 vm-e2e: setup
 	$(PY) -m pytest -q -m vm_e2e

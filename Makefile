@@ -20,18 +20,19 @@ typecheck: setup
 
 # The whole suite in three runs, each test in one: the unit tests and the tests of real
 # parts marked parallel_safe on every core (pytest-xdist); the other tests of real parts
-# but the VMs' one at a time, as they take the host's namespaces, loop devices and CPU
-# (their timeouts and shaped links assume it is theirs); then the VM tests two modules at
-# a time (each module's tests on one worker, with the module's server), as most of them
-# keep one core busy (TCG) and leave the other idle.
+# one at a time, as they take the host's namespaces, loop devices and CPU (their timeouts
+# and shaped links assume it is theirs); then the VM tests and those marked heavy (an
+# image build) two modules at a time, each module's tests on one worker: one VM under
+# TCG keeps one core busy and leaves the other idle, and none of them times anything
+# tighter than minutes.
 SHARED_TESTS := -m "(not integration and not vm) or parallel_safe" tests
-REAL_TESTS := -m "integration and not vm and not parallel_safe"
-VM_TESTS := -m "vm and not vm_e2e and not vm_harness"
+REAL_TESTS := -m "integration and not vm and not heavy and not parallel_safe"
+TWO_AT_A_TIME := -m "(vm or heavy) and not vm_e2e and not vm_harness"
 
 test: lint typecheck
 	$(PY) -m pytest -q -n auto --durations=10 $(SHARED_TESTS)
 	$(PY) -m pytest -q --durations=20 $(REAL_TESTS)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 $(VM_TESTS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 $(TWO_AT_A_TIME)
 
 unit: setup
 	$(PY) -m pytest -q -n auto -m "not integration and not vm" tests/unit tests/security
@@ -40,7 +41,7 @@ integration: setup
 	$(PY) -m pytest -q -m integration
 
 vm: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile $(VM_TESTS)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "vm and not vm_e2e and not vm_harness"
 
 vm-e2e: setup
 	$(PY) -m pytest -q -m vm_e2e

@@ -34,6 +34,7 @@ from corral.images.layers import Layer
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.heavy,
     pytest.mark.skipif(os.geteuid() != 0, reason="building images needs root"),
     pytest.mark.skipif(shutil.which("debootstrap") is None, reason="apt-get install debootstrap"),
 ]

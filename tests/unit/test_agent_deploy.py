@@ -998,13 +998,69 @@ def plan_agent(tmp_path: Path, client: PlanClient, **settings: Any) -> tuple[Age
 
 
 def test_the_agent_asks_for_its_plan_until_there_is_one(tmp_path: Path) -> None:
+    """A corral that answers at once (one that does not hold requests): asked again
+    every ``plan_poll`` seconds."""
     plan = make_plan("/dev/vda").to_dict()
     client = PlanClient([(204, None), (204, None), (200, plan)])
     agent, slept = plan_agent(tmp_path, client, plan_poll=3.0)
     got = agent.fetch_plan()
     assert got is not None and got.to_dict() == plan
-    assert client.gets == ["/api/v1/nodes/n01/plan"] * 3
+    assert client.gets == ["/api/v1/nodes/n01/plan?wait=10"] * 3
     assert slept == [3.0, 3.0]
+
+
+class HoldingClient(PlanClient):
+    """A corral that holds each plan request for its ``?wait=`` seconds (of ``clock``)
+    when it has no plan to give."""
+
+    def __init__(self, answers: list[tuple[int, Any]], clock: list[float]) -> None:
+        super().__init__(answers)
+        self.clock = clock
+
+    def get(self, path: str, *, auth: bool = True) -> tuple[int, Any]:
+        status, body = super().get(path, auth=auth)
+        if status == 204 and "?wait=" in path:
+            self.clock[0] += float(path.rpartition("?wait=")[2])
+        return status, body
+
+
+def test_a_plan_request_corral_held_is_followed_by_the_next_at_once(tmp_path: Path) -> None:
+    plan = make_plan("/dev/vda").to_dict()
+    clock = [100.0]
+    client = HoldingClient([(204, None), (204, None), (200, plan)], clock)
+    agent, slept = plan_agent(tmp_path, client, plan_wait=8.0)
+    agent.clock = lambda: clock[0]
+    got = agent.fetch_plan()
+    assert got is not None and got.to_dict() == plan
+    assert client.gets == ["/api/v1/nodes/n01/plan?wait=8"] * 3
+    assert slept == []  # corral's holding was the wait
+    # the time held counts towards plan_timeout
+    client = HoldingClient([], clock)
+    agent, slept = plan_agent(tmp_path, client, plan_wait=8.0, plan_timeout=20.0)
+    agent.clock = lambda: clock[0]
+    assert agent.deploy() == 1
+    assert len(client.gets) == 3 and slept == []
+    assert client.events[-1]["message"] == "no install plan after 24 s"
+
+
+@pytest.mark.parametrize(
+    ("settings", "path"),
+    [
+        ({"plan_wait": 0.0}, "/api/v1/nodes/n01/plan"),
+        # held no longer than the HTTP timeout allows, with room for the answer
+        ({"plan_wait": 30.0, "http_timeout": 15.0}, "/api/v1/nodes/n01/plan?wait=10"),
+        ({"plan_wait": 30.0, "http_timeout": 5.5}, "/api/v1/nodes/n01/plan"),
+        ({"plan_wait": 2.5}, "/api/v1/nodes/n01/plan?wait=2.5"),
+    ],
+)
+def test_how_long_corral_may_hold_a_plan_request(
+    tmp_path: Path, settings: dict[str, float], path: str
+) -> None:
+    plan = make_plan("/dev/vda").to_dict()
+    client = PlanClient([(204, None), (200, plan)])
+    agent, slept = plan_agent(tmp_path, client, plan_poll=4.0, **settings)
+    assert agent.fetch_plan() is not None
+    assert client.gets == [path] * 2 and slept == [4.0]
 
 
 def test_the_agent_gives_up_waiting_for_a_plan(tmp_path: Path) -> None:

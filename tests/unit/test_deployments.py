@@ -23,7 +23,7 @@ from corral.deploy import transports
 from corral.deploy.diskless import DisklessError
 from corral.deploy.service import DeployService, report_interval
 from corral.deploy.store import DeployError, Deployments, new_deployment
-from corral.deploy.transports.base import Unicast
+from corral.deploy.transports.base import NotReady, Unicast
 from corral.errors import NotFound
 from corral.images.catalog import image_store
 from corral.images.exports import Chunked, build_exports
@@ -504,6 +504,102 @@ def test_the_chunk_bytes_a_node_fetched_are_in_the_metrics(
         assert f'corral_image_bytes_sent_total{{image="small:1",transport="http"}} {sent}.0' in (
             metrics
         )
+
+
+class Gathering(FakeTransport):
+    """No plan for anyone until n01 and n02 have both asked (as a chain forms)."""
+
+    asked: ClassVar[list[str]] = []
+
+    def params(self, version: ImageVersion, node: str) -> dict[str, Any]:
+        Gathering.asked.append(node)
+        if not {"n01", "n02"} <= set(Gathering.asked):
+            raise NotReady(f"{node} waits for the others")
+        return super().params(version, node)
+
+
+@pytest.fixture
+def gathering() -> None:
+    transports.register("fake", Gathering)
+    Gathering.asked = []
+
+
+def test_the_node_that_completes_a_gathering_rings_for_the_others(
+    home: Path, nodes: None, image: ImageVersion, gathering: None
+) -> None:
+    start("n[01-02]")
+    with _service(home) as service:
+        assert service.plan("n01", "good", "10.0.0.11") is None
+        rings = service.plans.rings
+        assert service.plan("n02", "good", "10.0.0.12") is not None
+        assert service.plans.rings == rings + 1  # n01 may have its plan now
+        assert service.plan("n01", "good", "10.0.0.11") is not None
+        assert service.plans.rings == rings + 1  # nobody was held since: no ring
+
+
+def test_a_session_started_rings_for_the_nodes_that_asked_early(
+    home: Path, nodes: None, image: ImageVersion
+) -> None:
+    start("n01")
+    with _service(home) as service, ThreadPoolExecutor(1) as pool:
+        rings = service.plans.rings
+        service.tick(pool)
+        assert service.plans.rings == rings + 1
+        service.tick(pool)  # the same session: not started again
+        assert service.plans.rings == rings + 1
+
+
+def test_a_held_plan_request_is_answered_when_the_last_node_asks(
+    home: Path, nodes: None, image: ImageVersion, gathering: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n01 asks with ``?wait=`` and is held; n02's request completes the gathering, and
+    n01's request is answered with its plan at once (not at its next look, which this
+    test puts an hour away)."""
+    from fastapi.testclient import TestClient
+
+    from corral.serve import deployments
+    from corral.serve.http import create_app
+
+    monkeypatch.setattr(deployments, "PLAN_RECHECK", 3600.0)
+    start("n[01-02]")
+    with db.session() as s:
+        auth = {
+            n: {"Authorization": f"Bearer {NodeStates(s).issue_token(n)}"} for n in ("n01", "n02")
+        }
+    answers: dict[str, Any] = {}
+    with TestClient(create_app(BootService(db.settings(), db.engine()), "admin")) as client:
+
+        def ask(node: str) -> None:
+            answers[node] = client.get(f"/api/v1/nodes/{node}/plan?wait=60", headers=auth[node])
+
+        held = threading.Thread(target=ask, args=("n01",))
+        held.start()
+        try:
+            for _ in range(2000):  # until n01 has asked, and is held
+                if "n01" in Gathering.asked:
+                    break
+                threading.Event().wait(0.01)
+            ask("n02")
+        finally:
+            held.join(30)
+        assert not held.is_alive(), "n01's request was not answered when n02 asked"
+        assert answers["n02"].status_code == 200
+        assert answers["n01"].status_code == 200, answers["n01"].text
+        assert answers["n01"].json()["node"] == "n01"
+        assert Gathering.asked.count("n01") == 2  # held once, asked again when rung
+
+        # without the others, a held request ends in a 204 at its wait, having looked
+        # again meanwhile; without wait, at once
+        monkeypatch.setattr(deployments, "PLAN_RECHECK", 0.1)
+        Gathering.asked = []
+        answer = client.get("/api/v1/nodes/n01/plan?wait=0.5", headers=auth["n01"])
+        assert answer.status_code == 204 and Gathering.asked.count("n01") >= 3
+        Gathering.asked = []
+        answer = client.get("/api/v1/nodes/n01/plan", headers=auth["n01"])
+        assert answer.status_code == 204 and Gathering.asked == ["n01"]
+        for bad in ("61", "-1", "soon"):
+            answer = client.get(f"/api/v1/nodes/n01/plan?wait={bad}", headers=auth["n01"])
+            assert answer.status_code == 422, bad
 
 
 def test_a_nodes_phase_is_its_deployment_step_and_it_reports_only_its_own(

@@ -90,6 +90,11 @@ class Settings:
     extra_env: dict[str, str] = field(default_factory=dict)
     #: how long to keep asking for an install plan while corral has none (204)
     plan_timeout: float = 600.0
+    #: seconds corral may hold a plan request, answering as soon as the node has a plan
+    #: (a chain forms the moment its last node asks); under ``http_timeout``
+    plan_wait: float = 10.0
+    #: seconds between plan requests that a server answered at once (one without
+    #: ``?wait=``)
     plan_poll: float = 5.0
     post_timeout: float = 3600.0
 
@@ -102,12 +107,14 @@ class Agent:
         settings: Settings | None = None,
         *,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
         runner: Runner | None = None,
     ) -> None:
         self.orders = orders
         self.paths = paths or Paths()
         self.settings = settings or Settings()
         self.sleep = sleep
+        self.clock = clock
         self.runner: Runner = runner or SubprocessRunner(self.settings.extra_env)
         self.link: Link | None = None
         self._client: Client | None = None
@@ -301,9 +308,14 @@ class Agent:
             log.error("deploy mode needs corral.server= and corral.node= on the command line")
             return None
         path = f"/api/v1/nodes/{urllib.parse.quote(node, safe='')}/plan"
+        # held by corral until there is a plan: within the HTTP timeout, with room to spare
+        hold = min(self.settings.plan_wait, self.settings.http_timeout - 5.0)
+        if hold >= 1.0:
+            path += f"?wait={hold:g}"
         waited = 0.0
         said = False
         while True:
+            asked = self.clock()
             try:
                 status, body = client.get(path)
             except Rejected as exc:
@@ -330,14 +342,18 @@ class Agent:
                 return plan
             if status == 200:
                 log.warning("the plan is not a JSON object: asking again")
+            held = self.clock() - asked
+            waited += held
             if waited >= self.settings.plan_timeout:
                 message = f"no install plan after {waited:.0f} s"
                 log.error("%s", message)
                 self.report("failed", message)
                 return None
             if not said:
-                log.info("no install plan yet: asking every %.0f s", self.settings.plan_poll)
+                log.info("no install plan yet: waiting for one")
                 said = True
+            if hold >= 1.0 and held >= hold / 2:
+                continue  # corral held the request until now: ask again at once
             self.sleep(self.settings.plan_poll)
             waited += self.settings.plan_poll
 
@@ -535,11 +551,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how long to wait for an install plan in deploy mode",
     )
     parser.add_argument(
+        "--plan-wait",
+        type=float,
+        default=Settings.plan_wait,
+        metavar="SECONDS",
+        help="how long corral may hold each request for it, answering once there is one "
+        "(0: not at all) [%(default)g]",
+    )
+    parser.add_argument(
         "--plan-poll",
         type=float,
         default=Settings.plan_poll,
         metavar="SECONDS",
-        help="how often to ask for it",
+        help="seconds between requests for it that corral answers at once [%(default)g]",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -567,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backoff=args.backoff,
         patience=args.patience,
         plan_timeout=args.plan_timeout,
+        plan_wait=args.plan_wait,
         plan_poll=args.plan_poll,
     )
     try:

@@ -52,6 +52,7 @@ from corral.agent.plan import (
     Progress,
     TransportInfo,
 )
+from corral.bell import Bell
 from corral.config import Settings
 from corral.deploy.diskless import (
     DISKLESS,
@@ -134,6 +135,12 @@ class DeployService:
         self._ticked = 0.0
         #: (deployment, image, transport) of the transfer sessions started
         self._sessions: set[tuple[int, str, str]] = set()
+        #: rung when nodes told "no plan yet" may have one now: a session started, or a
+        #: node of a session others wait in got its plan (a chain that formed). The plan
+        #: route's waiting requests (``?wait=``) ask again then, not seconds later.
+        self.plans = Bell()
+        #: the sessions some node was told "not ready" in, since one of them got a plan
+        self._held: set[tuple[int, str, str]] = set()
         #: the nodes whose reports :meth:`quick_progress` may take, as their last full
         #: report left them; and the numbers it took, not written yet
         self._steady: dict[tuple[int, str], _Steady] = {}
@@ -202,12 +209,17 @@ class DeployService:
         payload = self.payload(row)
         transport = self.transports.get(row.transport)
         transport.prepare(payload)
+        key = (row.deployment_id, row.image, row.transport)
         try:
             params = transport.params(payload, node)
         except NotReady as exc:
             self.silent[node] = 0.0  # it asked: it is alive, and waits
+            self._held.add(key)
             log.debug("node %s: no plan yet: %s", node, exc.message)
             return None
+        if key in self._held:  # what held them may have let go of the others too
+            self._held.discard(key)
+            self.plans.ring()
         first = row.host_keys_given is None
         plan = self._build_plan(s, row, payload, params, with_host_keys=first)
         if first:
@@ -628,6 +640,7 @@ class DeployService:
                 log.error("deployment %d: cannot serve %s: %s", deployment.id, image, exc.message)
                 continue
             self._sessions.add(key)
+            self.plans.ring()
             log.info(
                 "deployment %d: %s session for %s, %d node(s)",
                 deployment.id,

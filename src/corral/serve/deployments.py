@@ -2,14 +2,16 @@
 the node's token) and the admin API (create, list, show, cancel, with the API token)."""
 
 import asyncio
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 from starlette.types import Message, Receive, Scope, Send
 
 from corral.agent.phases import CANCELLED, DEPLOY_STEPS
@@ -17,6 +19,12 @@ from corral.deploy.service import DeployService
 from corral.deploy.store import Deployments, new_deployment
 from corral.deploy.transports.base import Meter, RateBudget
 from corral.deploy.view import DeploymentOut, deployment_out
+
+#: The longest a plan request may wait for the node's plan (``?wait=``); agents ask for
+#: less than their HTTP timeout.
+PLAN_WAIT_MAX = 60.0
+#: A waiting plan request asks again at least this often, rung or not.
+PLAN_RECHECK = 5.0
 
 
 class ProgressIn(BaseModel):
@@ -78,16 +86,38 @@ def agent_router(
     router = APIRouter(tags=["deployment (nodes)"])
 
     @router.get("/api/v1/nodes/{name}/plan")
-    def plan(
-        name: str, request: Request, authorization: Annotated[str | None, Header()] = None
+    async def plan(
+        name: str,
+        request: Request,
+        wait: Annotated[
+            float,
+            Query(
+                ge=0,
+                le=PLAN_WAIT_MAX,
+                description="seconds to hold the request while the node has no plan yet, "
+                "answering as soon as it has one",
+            ),
+        ] = 0,
+        authorization: Annotated[str | None, Header()] = None,
     ) -> Response:
-        """The node's install plan (204: nothing to do yet); needs the node's token."""
-        data = deploy.plan(name, bearer(authorization), client(request))
-        if data is None:
-            return Response(status_code=204)
-        import json
+        """The node's install plan (204: nothing to do yet); needs the node's token.
 
-        return Response(json.dumps(data), media_type="application/json")
+        With ``wait``, a node that has no plan yet (a chain still gathering its nodes, a
+        session not started) gets it the moment it has one, not on its next poll."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        token, address = bearer(authorization), client(request)
+        while True:
+            rings = deploy.plans.rings
+            data = await run_in_threadpool(deploy.plan, name, token, address)
+            if data is not None:
+                return Response(json.dumps(data), media_type="application/json")
+            left = deadline - loop.time()
+            if left <= 0:
+                return Response(status_code=204)
+            # rung when a plan may be ready; asked again anyway after a while, for what
+            # only time makes ready (a chain forms ``chain_max_wait`` after its first node)
+            await deploy.plans.wait(rings, min(left, PLAN_RECHECK))
 
     @router.post("/api/v1/deployments/{ident}/nodes/{name}/progress")
     async def progress(

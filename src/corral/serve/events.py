@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import AbstractContextManager, suppress
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -34,6 +34,7 @@ from typing import Any
 from sqlalchemy import delete, event, func, select
 from sqlalchemy.orm import Session
 
+from corral.bell import Bell
 from corral.inventory import models as m
 
 log = logging.getLogger("corral.serve")
@@ -98,9 +99,8 @@ class Hub:
         self._lock = threading.Lock()
         self._ring: deque[Message] = deque(maxlen=capacity)
         self._seq = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._changed: asyncio.Event | None = None
-        self._wake_pending = False
+        #: rung once a message is in the ring (its rings are not the messages' numbers)
+        self._bell = Bell()
         #: ids of the stored events published by this process, for :class:`Tail`
         self.published: set[int] = set()
         #: what each message kind is passed to besides the stream (metrics)
@@ -114,8 +114,7 @@ class Hub:
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Wake the clients on ``loop`` (the server's): called once it runs."""
-        self._loop = loop
-        self._changed = asyncio.Event()
+        self._bell.bind(loop)
 
     def publish(self, kind: str, data: dict[str, Any]) -> None:
         event_id = data.get("id") if kind == "event" else None
@@ -136,24 +135,13 @@ class Hub:
                 if len(self.published) > RING:  # no Tail reads them (a test's app)
                     self.published.clear()
                 self.published.add(event_id)
-            loop, wake = self._loop, not self._wake_pending
-            self._wake_pending = True
-        if loop is not None and wake:
-            with suppress(RuntimeError):  # the loop closed: the server is stopping
-                loop.call_soon_threadsafe(self._wake)
+        self._bell.ring()
 
     def event(self, row: m.NodeEvent) -> None:
         self.publish("event", event_out(row))
 
     def progress(self, data: dict[str, Any]) -> None:
         self.publish("progress", data | {"time": iso(time.time())})
-
-    def _wake(self) -> None:
-        with self._lock:
-            self._wake_pending = False
-        if self._changed is not None:
-            changed, self._changed = self._changed, asyncio.Event()
-            changed.set()
 
     def after(self, cursor: int) -> tuple[list[Message], bool]:
         """The messages past ``cursor``, and whether some were lost (the client fell more
@@ -168,13 +156,10 @@ class Hub:
 
     async def wait(self, cursor: int, timeout: float) -> None:
         """Until there is a message past ``cursor``, or ``timeout`` seconds."""
-        if self._changed is None:  # an app whose lifespan did not run (a test's client)
-            self.bind(asyncio.get_running_loop())
-        changed = self._changed
-        if self._seq > cursor or changed is None:
+        rings = self._bell.rings
+        if self._seq > cursor:
             return
-        with suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), timeout)
+        await self._bell.wait(rings, timeout)
 
 
 # -- stored events: published when their transaction commits -----------------------------

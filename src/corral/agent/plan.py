@@ -6,8 +6,10 @@ rest of the agent.
 
 The conversation, all over HTTP with ``Authorization: Bearer <node token>``:
 
-``GET  /api/v1/nodes/{node}/plan``
-    200 with a plan, or 204 when the node has nothing to do (the agent asks again later).
+``GET  /api/v1/nodes/{node}/plan?wait=SECONDS``
+    200 with a plan, or 204 when the node has nothing to do (the agent asks again). With
+    ``wait``, corral holds the request up to that long and answers as soon as there is a
+    plan (a chain forms when its last node asks: the others learn it then).
 ``POST /api/v1/deployments/{deployment}/nodes/{node}/progress``
     a :class:`Progress` as JSON, about once a second and at every change of phase; the
     answer is ``{"cancel": bool}`` (true: stop, the deployment was cancelled).

@@ -70,6 +70,7 @@ def spawn(
     argv: Sequence[str],
     *,
     env: Mapping[str, str] | None = None,
+    stdin: int | None = subprocess.DEVNULL,
     stdout: int | None = subprocess.DEVNULL,
     stderr: int | None = subprocess.PIPE,
 ) -> subprocess.Popen[bytes]:
@@ -81,7 +82,7 @@ def spawn(
     log.debug("+ %s &", shlex.join(args))
     try:
         return subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=_environment(env)
+            args, stdin=stdin, stdout=stdout, stderr=stderr, env=_environment(env)
         )
     except FileNotFoundError as exc:
         raise CorralError(

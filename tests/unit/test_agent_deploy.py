@@ -690,6 +690,22 @@ def test_reporter_sends_phase_changes_in_order_and_ticks() -> None:
     assert not cancel.is_set()
 
 
+def test_a_joined_session_is_told_once_and_not_resent_at_each_tick() -> None:
+    """An event (the receiver joined its session) goes out next, once; the report sent
+    at every interval stays the progress, without it."""
+    client = FakeClient()
+    reporter = Reporter(cast(Client, client), "/p", 0.05, threading.Event())
+    reporter.update(Progress("receiving", 0, 100))
+    reporter.start()
+    reporter.tell(Progress("receiving", 0, 100, joined="7/img:1/abc"))
+    deadline = time.monotonic() + 10
+    while len(client.posts) < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    reporter.stop()
+    assert [p["joined"] for p in client.posts].count("7/img:1/abc") == 1
+    assert client.posts[-1]["joined"] == ""
+
+
 # --- identity --------------------------------------------------------------------------
 
 IDENTITY = Identity(

@@ -7,6 +7,7 @@ orchestration around transports; the real ones are exercised in tests/integratio
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -600,6 +601,44 @@ def test_a_held_plan_request_is_answered_when_the_last_node_asks(
         for bad in ("61", "-1", "soon"):
             answer = client.get(f"/api/v1/nodes/n01/plan?wait={bad}", headers=auth["n01"])
             assert answer.status_code == 422, bad
+
+
+class Joining(FakeTransport):
+    """Records the sessions its nodes say they joined (as multicast starts on them)."""
+
+    joins: ClassVar[list[tuple[int, str, str]]] = []
+
+    def joined(self, deployment: int, node: str, tag: str) -> bool:
+        Joining.joins.append((deployment, node, tag))
+        return tag == "mine"
+
+
+def test_a_node_that_joined_its_session_tells_the_transport(
+    home: Path, nodes: None, image: ImageVersion, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent's report that its receiver joined reaches the node's transport, whose
+    session may start on it; a bar-only report does not, and neither does any report
+    of a node whose token is wrong."""
+    transports.register("fake", Joining)
+    Joining.joins = []
+    with node_n01_over_http() as (node, ident, auth):
+        path = f"/api/v1/deployments/{ident}/nodes/n01/progress"
+        for body in (
+            {"phase": "receiving", "bytes": 0, "total": 9},
+            {"phase": "receiving", "bytes": 0, "total": 9, "joined": "mine"},
+            {"phase": "receiving", "bytes": 5, "total": 9},
+        ):
+            answer = node.post(path, json=body, headers=auth)
+            assert answer.status_code == 200, answer.text
+        assert Joining.joins == [(ident, "n01", "mine")]
+        forged = {"Authorization": "Bearer wrong"}
+        body = {"phase": "receiving", "joined": "mine"}
+        assert node.post(path, json=body, headers=forged).status_code in (401, 403)
+        assert Joining.joins == [(ident, "n01", "mine")]
+        with caplog.at_level(logging.WARNING, logger="corral.deploy"):
+            body = {"phase": "receiving", "joined": "theirs"}
+            assert node.post(path, json=body, headers=auth).status_code == 200
+        assert f"n01 says it joined session theirs, which deployment {ident}" in caplog.text
 
 
 def test_a_nodes_phase_is_its_deployment_step_and_it_reports_only_its_own(

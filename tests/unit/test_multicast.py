@@ -102,15 +102,16 @@ def test_bitrates() -> None:
 
 
 def test_sender_args() -> None:
+    """udp-sender never starts on its own count (one above its nodes): corral starts it,
+    keeping min_receivers and min_wait itself (Session.ready); --max-wait stays."""
     args = MulticastOptions().sender_args(5)
     assert args == [
-        "--max-bitrate", "19000000", "--min-receivers", "5", "--max-wait", "60",
+        "--max-bitrate", "19000000", "--min-receivers", "6", "--max-wait", "60",
         "--retries-until-drop", "12", "--fec", "8x4/128",
     ]  # fmt: skip
-    args = MulticastOptions(fec="", min_receivers=9, min_wait=2.5).sender_args(3)
-    assert args[args.index("--min-receivers") + 1] == "3"  # never more than there are
-    assert args[args.index("--min-wait") + 1] == "2.5"
-    assert "--fec" not in args
+    args = MulticastOptions(fec="", min_receivers=2, min_wait=2.5).sender_args(3)
+    assert args[args.index("--min-receivers") + 1] == "4"
+    assert "--min-wait" not in args and "--fec" not in args
 
 
 def test_async_sender_args() -> None:
@@ -217,14 +218,18 @@ def test_the_sender_command(transport: MulticastTransport, tmp_path: Path) -> No
     assert pairs["--portbase"] == str(c.portbase)
     assert pairs["--mcast-rdv-address"] == c.rdv
     assert pairs["--mcast-data-address"] == c.data
-    assert pairs["--min-receivers"] == "2"
-    assert "--nokbd" in argv and "--async" not in argv
+    assert pairs["--min-receivers"] == "3"
+    # corral starts the transfer on its console
+    assert "--nokbd" not in argv and "--async" not in argv
+    session.options = MulticastOptions(mode="async")
+    assert "--nokbd" in session.argv()
 
 
 @dataclass
 class FakeProc:
     code: int | None = None
     pid: int = 4242
+    stdin: None = None
     signals: list[str] = field(default_factory=list)
 
     def poll(self) -> int | None:
@@ -298,6 +303,71 @@ def test_an_async_session_starts_once_its_nodes_asked(tmp_path: Path) -> None:
     assert session.ready(130.0)  # max_wait after the first: those there will do
     session.options = MulticastOptions(mode="async", min_receivers=1)
     assert session.ready(100.0 + settle)
+
+
+def test_an_acknowledged_session_starts_once_its_nodes_joined(tmp_path: Path) -> None:
+    """Not on udp-sender's count (which holds a node whose connect reply was lost): when
+    every node said it joined, at once; min_receivers and min_wait as the options say;
+    max_wait after the first with those there."""
+    transport = MulticastTransport.__new__(MulticastTransport)
+    transport.options = MulticastOptions(max_wait=30)
+    transport.directory = tmp_path
+    version = make_version(tmp_path, [b"a" * 10])
+    session = session_for(transport, version, {"n1": None, "n2": None, "n3": None})
+    assert not session.ready(100.0)  # nobody joined
+    session.asked = {"n1": 99.0, "n2": 99.0, "n3": 99.0}  # asking is not joining
+    session.joined = {"n1": 100.0, "n2": 101.0}
+    assert not session.ready(120.0)
+    session.joined["n3"] = 121.0
+    assert session.ready(121.0)  # no settle: they listen already
+    session.joined = {"n1": 100.0}
+    assert not session.ready(129.9)
+    assert session.ready(130.0)
+    session.options = MulticastOptions(min_receivers=2, min_wait=5)
+    session.joined = {"n1": 100.0, "n2": 101.0}
+    assert not session.ready(104.0)  # two are enough, but not before min_wait
+    assert session.ready(105.0)
+
+
+def test_an_acknowledged_session_is_started_on_its_console(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """corral runs udp-sender and holds its transfer until its nodes joined, then starts
+    it with a key on its stdin; a join for another session or node counts for nothing."""
+    if not shutil.which("udp-sender"):
+        pytest.skip("udpcast is not installed")
+    settings = Settings(home=tmp_path / "home", address="127.0.0.1")
+    transport = MulticastTransport(settings)
+    version = make_version(tmp_path, [b"x" * 100])
+    launched: list[list[str]] = []
+    real_argv = multicast.Session.argv
+
+    def argv(self: multicast.Session) -> list[str]:
+        launched.append(real_argv(self))  # what would run; a stand-in reads its console
+        return ["sh", "-c", "read -r key; echo 'Starting transfer: 00000009' >&2; sleep 60"]
+
+    monkeypatch.setattr(multicast.Session, "argv", argv)
+    transport.start(5, Chunked(version), [Member("n1", "127.0.0.2"), Member("n2", None)])
+    try:
+        session = transport.sessions[(5, version.ref)]
+        tag = transport.params(Chunked(version), "n1")["session"]["tag"]
+        assert transport.joined(5, "n1", tag)
+        assert not transport.joined(5, "n1", "5/other:1/abc")
+        assert not transport.joined(6, "n2", tag)
+        assert not transport.joined(5, "n9", tag)
+        time.sleep(0.5)
+        assert not session.transmitting()
+        assert transport.params(Chunked(version), "n2")["session"] is not None
+        assert transport.joined(5, "n2", tag)
+        deadline = time.monotonic() + 5
+        while not session.transmitting() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert session.transmitting() and session.running()
+        assert "--nokbd" not in launched[0]
+        assert transport.params(Chunked(version), "n1")["session"] is None  # too late now
+    finally:
+        transport.close()
+    assert session.proc is not None and session.proc.returncode is not None
 
 
 def test_an_async_session_launches_its_sender_and_then_sends_late_nodes_to_http(
@@ -628,6 +698,8 @@ class Harness:
     sleep: float = 0.0
     session: dict[str, Any] | None = None
     spawned: list[list[str]] = field(default_factory=list)
+    #: the session tags the receiver said it joined
+    joined: list[str] = field(default_factory=list)
 
     def run(
         self, interface: str | None = None, rx: Callable[[], int] | None = None, **attrs: Any
@@ -646,7 +718,7 @@ class Harness:
                     "yes" if harness.connect else "no", str(harness.sleep)]  # fmt: skip
             return subprocess.Popen(fake, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-        context = Context(cast(Client, server), tries=2, poll=0.02)
+        context = Context(cast(Client, server), tries=2, poll=0.02, joined=self.joined.append)
         receiver = Faked(context, spawn, unpacker, interface, rx)
         for name, value in attrs.items():
             setattr(receiver, name, value)
@@ -669,6 +741,7 @@ def test_all_by_multicast(tmp_path: Path, chunks: list[bytes]) -> None:
     receiver, server, unpacker, seen = h.run()
     assert unpacker.writes == chunks and unpacker.finished
     assert server.gets == [] and receiver.left == ""
+    assert h.joined == [session_params(chunks)["tag"]]  # told once, as udp-receiver said
     assert h.spawned[0][0] == "udp-receiver"
     # progress as the bytes arrive, not only at chunk boundaries
     assert any(0 < n < len(chunks[0]) for n in seen)
@@ -711,6 +784,7 @@ def test_a_late_node_that_finds_no_sender(tmp_path: Path, chunks: list[bytes]) -
     assert time.monotonic() - started < 10
     assert unpacker.writes == chunks and server.gets == [0, 1, 2]
     assert receiver.left.startswith("no udpcast sender answered")
+    assert h.joined == []
 
 
 def test_a_stalled_session_is_left(tmp_path: Path, chunks: list[bytes]) -> None:

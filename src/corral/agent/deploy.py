@@ -119,6 +119,11 @@ class Reporter:
         if now:
             self._queue.put(progress)
 
+    def tell(self, progress: Progress) -> None:
+        """Send ``progress`` once, next, without making it the state sent at every
+        interval (an event, such as a session joined)."""
+        self._queue.put(progress)
+
     def stop(self, timeout: float = 30.0) -> None:
         if self._thread.is_alive():
             self._queue.put(_Stop())
@@ -231,6 +236,13 @@ class Installer:
         self.bytes, self.total = done, total
         self.reporter.update(Progress(self.phase, done, total))
 
+    def _joined(self, tag: str) -> None:
+        self.reporter.tell(Progress(self.phase, self.bytes, self.total, joined=tag))
+
+    def context(self) -> Context:
+        """What this run's receiver may use."""
+        return Context(self.client, tries=self.settings.tries, joined=self._joined)
+
     @property
     def device(self) -> str:
         return self.settings.disk or self.plan.disk.device
@@ -306,7 +318,7 @@ class Installer:
             raise InstallError(f"unknown transport {plan.transport.name!r}: this agent has {known}")
         if not self.device:
             raise InstallError("no disk to install on (none in the plan, none found)")
-        context = Context(self.client, tries=self.settings.tries)
+        context = self.context()
         self.receiver = receiver = self.receivers[plan.transport.name](context)
 
         self._enter("partitioning", self.device)

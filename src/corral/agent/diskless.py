@@ -32,7 +32,7 @@ from corral.agent import disk, firstboot, identity
 from corral.agent.deploy import Installer
 from corral.agent.errors import InstallError
 from corral.agent.plan import Diskless, Plan, Progress
-from corral.agent.receivers.base import Context, Job
+from corral.agent.receivers.base import Job
 from corral.agent.run import check
 
 log = logging.getLogger("corral.agent")
@@ -94,7 +94,7 @@ class DisklessBoot(Installer):
         if plan.transport.name not in self.receivers:
             known = ", ".join(sorted(self.receivers))
             raise InstallError(f"unknown transport {plan.transport.name!r}: this agent has {known}")
-        context = Context(self.client, tries=self.settings.tries)
+        context = self.context()
         receiver = self.receivers[plan.transport.name](context)
         for relative in ("diskless", ""):
             self.mounts.clear(self.path(relative) if relative else self.target)

@@ -176,6 +176,8 @@ class Progress:
     first_boot: bool = False
     #: with ``done``: the agent reboots the machine now, into the installed system
     reboot: bool = False
+    #: the tag of the transfer session the node's receiver has just joined (multicast)
+    joined: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

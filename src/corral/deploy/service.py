@@ -66,7 +66,7 @@ from corral.deploy.power import NO_DRIVER, node_bmcs
 from corral.deploy.power import describe as describe_power
 from corral.deploy.store import RUNNING, Deployments, install_disk
 from corral.deploy.transports import Transports
-from corral.deploy.transports.base import Member, Meter, NotReady, Paced, RateBudget
+from corral.deploy.transports.base import Joinable, Member, Meter, NotReady, Paced, RateBudget
 from corral.errors import CorralError, NotFound
 from corral.images.catalog import image_store
 from corral.images.exports import Chunked
@@ -356,6 +356,7 @@ class DeployService:
             first_boot=body.get("first_boot") is True,
             reboot=body.get("reboot") is True,
         )
+        joined = str(body.get("joined") or "")
         key = (deployment, node)
         with self._steady_lock:
             self._pending.pop(key, None)  # this report is newer than any not yet written
@@ -363,7 +364,10 @@ class DeployService:
         def store(s: Session) -> tuple[str | None, dict[str, Any]]:
             self.authorize(s, node, token, client_ip)
             deployments = Deployments(s)
-            before = deployments.member(deployment, node).phase
+            member = deployments.member(deployment, node)
+            before = member.phase
+            if joined:  # its session may start now: not worth waiting for the commit
+                self.joined(deployment, node, member.transport, joined)
             row = deployments.report(deployment, node, progress, client_ip)
             said = {"node": node, "deployment": deployment, "phase": row.phase}
             return before, said | {"bytes": row.bytes, "total": row.total}
@@ -386,6 +390,18 @@ class DeployService:
 
         return self.writer.submit(store), answer
 
+    def joined(self, deployment: int, node: str, transport: str, tag: str) -> None:
+        """The node's receiver joined its transfer session ``tag``: tell the transport,
+        whose session may wait for its nodes to be in (multicast)."""
+        found = self.transports.get(transport)
+        if not (isinstance(found, Joinable) and found.joined(deployment, node, tag)):
+            log.warning(
+                "node %s says it joined session %s, which deployment %d does not run",
+                node,
+                tag,
+                deployment,
+            )
+
     def quick_progress(
         self, deployment: int, node: str, token: str | None, body: dict[str, Any], client_ip: str
     ) -> dict[str, Any] | None:
@@ -401,7 +417,7 @@ class DeployService:
         meanwhile still moves a bar for that long, and nothing else), and the deployment
         manager writes the numbers once a second, in one transaction (:meth:`flush`)."""
         phase = body.get("phase")
-        if any(body.get(k) for k in ("message", "log_tail", "first_boot", "reboot")):
+        if any(body.get(k) for k in ("message", "log_tail", "first_boot", "reboot", "joined")):
             return None
         key = (deployment, node)
         now = time.time()

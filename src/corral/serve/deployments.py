@@ -35,6 +35,11 @@ class ProgressIn(BaseModel):
     log_tail: str = ""
     first_boot: bool = Field(False, description="with done: the installed system will report")
     reboot: bool = Field(False, description="with done: the agent reboots into it now")
+    joined: str = Field(
+        "",
+        description="the tag of the transfer session the node's receiver has just joined "
+        "(multicast): a session starts once its nodes are in",
+    )
 
 
 class DeploymentIn(BaseModel):

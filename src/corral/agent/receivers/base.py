@@ -40,6 +40,9 @@ class Context:
     poll: float = 0.2
     #: the target's mount points below its root ("/boot/efi"), which the image may lack
     mount_points: tuple[str, ...] = ()
+    #: told the tag of a transfer session the receiver has just joined (multicast), for
+    #: corral, which starts the session once its nodes are in
+    joined: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True)

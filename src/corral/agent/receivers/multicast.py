@@ -422,6 +422,9 @@ class MulticastReceiver(StreamReceiver):
                     if errors.add(data):
                         connected = now
                         log.info("multicast: joined session %s (%s)", session.tag, errors.tail)
+                        if self.context.joined is not None:
+                            # the sender starts once its nodes said so (not on its count)
+                            self.context.joined(session.tag)
                     self.stderr_tail = errors.tail
                     continue
                 if not data:

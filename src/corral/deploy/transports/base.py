@@ -133,6 +133,15 @@ class Paced(Protocol):
     def pacer(self, deployment: int, ref: str) -> RateBudget | None: ...
 
 
+@runtime_checkable
+class Joinable(Protocol):
+    """A transport whose session starts once its nodes said they joined it (multicast's
+    acknowledged sessions: see :meth:`~corral.deploy.transports.multicast.Session.\
+start_when_joined`)."""
+
+    def joined(self, deployment: int, node: str, tag: str) -> bool: ...
+
+
 def url_host(url: str) -> str:
     """The host part of ``url`` (what nodes connect to), ``localhost`` if it has none."""
     return urlsplit(url).hostname or "localhost"

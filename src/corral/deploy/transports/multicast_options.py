@@ -191,19 +191,24 @@ class MulticastOptions:
         return args
 
     def _acked_args(self, members: int) -> list[str]:
-        wanted = self.min_receivers or members
+        """udp-sender counts a receiver as there once it has its connect request, whether
+        or not its reply arrived, and starts at once on that count: a node whose reply
+        was lost is then left out of the session it was counted in. So it is never let
+        start by count (``--min-receivers`` one above the session's nodes): corral starts
+        it through its console, once the nodes themselves said they joined
+        (:meth:`~corral.deploy.transports.multicast.Session.start_when_joined`, which
+        keeps ``min_receivers`` and ``min_wait``). Its own ``--max-wait`` stays, should
+        that never come."""
         args = [
             "--max-bitrate",
             str(self.max_bitrate),
             "--min-receivers",
-            str(max(1, min(wanted, members))),
+            str(members + 1),
             "--max-wait",
             _seconds(self.max_wait),
             "--retries-until-drop",
             str(self.retries_until_drop),
         ]
-        if self.min_wait:
-            args += ["--min-wait", _seconds(self.min_wait)]
         if self.fec_used:
             args += ["--fec", self.fec_used]
         return args

@@ -37,7 +37,8 @@ measures:
 
 ``--multicast-mode`` (``acked`` or ``async``) is written into the bench home's
 corral.toml as ``multicast_mode``; a run's ``transport`` then reads e.g.
-``multicast[async]``.
+``multicast[async]``. ``--multicast-fec`` is written there as ``multicast_fec`` (say it
+in ``--label`` too: the record keeps it as ``multicast_fec``).
 
 Every node's disk is discarded before each run, so each run is a full install.
 ``--repeat K`` makes K such runs, each a fresh deployment, and prints the median and the
@@ -92,7 +93,9 @@ RECEIVED = re.compile(
 )
 
 
-def use_home(link: str, server_link: str | None = None, multicast_mode: str = "") -> None:
+def use_home(
+    link: str, server_link: str | None = None, multicast_mode: str = "", multicast_fec: str = ""
+) -> None:
     """Make the bench's corral home the one in use, multicast sending just under ``link``
     and, given the ``server_link``, its HTTP catch-ups sharing half of that, as a site
     that knows its server's link sets ``multicast_catchup_bitrate`` (the default, the
@@ -106,6 +109,8 @@ def use_home(link: str, server_link: str | None = None, multicast_mode: str = ""
         toml += f'multicast_catchup_bitrate = "{parse_rate(server_link) // 2}"\n'
     if multicast_mode:
         toml += f'multicast_mode = "{multicast_mode}"\n'
+    if multicast_fec:
+        toml += f'multicast_fec = "{multicast_fec}"\n'
     (HOME / "corral.toml").write_text(toml)
     db.close()
 
@@ -634,6 +639,10 @@ def main() -> int:
         help="multicast_mode for the multicast transport (default: corral's)",
     )
     parser.add_argument(
+        "--multicast-fec",
+        help="multicast_fec for the multicast transport, e.g. 8x8/128 (default: the mode's)",
+    )
+    parser.add_argument(
         "--skew",
         type=float,
         help="power each node on at a random moment over this many seconds (the bench "
@@ -663,7 +672,7 @@ def main() -> int:
     if args.skew is not None:
         print(f"skew {args.skew:g} s, seed {seed} (--seed {seed} repeats these moments)")
     here, code = machine(), commit()
-    use_home(args.link, args.server_link, args.multicast_mode or "")
+    use_home(args.link, args.server_link, args.multicast_mode or "", args.multicast_fec or "")
     counts = sorted(int(x) for x in args.nodes.split(","))
     version = make_image(args.size_mib)
     s_bytes = int(version.manifest["exports"]["stream"]["size"])
@@ -709,6 +718,7 @@ def main() -> int:
                         + (mode if transport == "multicast" else "")
                         + (f" ({args.label})" if args.label else ""),
                         multicast_mode=args.multicast_mode,
+                        multicast_fec=args.multicast_fec,
                         n=n,
                         s_mib=s_bytes / 2**20,
                         s_over_b=s_over_b,

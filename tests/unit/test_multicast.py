@@ -794,6 +794,38 @@ def test_a_stalled_session_is_left(tmp_path: Path, chunks: list[bytes]) -> None:
     assert receiver.left.startswith("no data from the session")
 
 
+def test_a_session_that_resends_for_a_slower_node_is_waited_for(
+    tmp_path: Path, chunks: list[bytes]
+) -> None:
+    """No new byte, but the session's packets keep arriving (the sender resends for a
+    receiver slower than this one, which is judged on leave_window before it leaves):
+    the node stays 2 x leave_window past the stall limit. Without them, it leaves at the
+    limit."""
+    count = [0]
+
+    def arriving() -> int:
+        count[0] += 19_000_000 // 8 // 10  # the session's rate, sampled every 0.1 s
+        return count[0]
+
+    session = session_params(chunks, leave_window=1.0, leave_below=0.0)
+    h = Harness(tmp_path, chunks, chunks[0], sleep=30, session=session)
+    started = time.monotonic()
+    receiver, server, unpacker, _ = h.run(
+        interface="eth0", rx=arriving, rate_period=0.1, stall_timeout=0.5
+    )
+    assert time.monotonic() - started >= 2.5
+    assert unpacker.writes == chunks and server.gets == [1, 2]
+    assert receiver.left.startswith("the session sent nothing new for")
+
+    h = Harness(tmp_path, chunks, chunks[0], sleep=30, session=session)
+    started = time.monotonic()
+    receiver, server, unpacker, _ = h.run(
+        interface="eth0", rx=lambda: 1000, rate_period=0.1, stall_timeout=0.5
+    )
+    assert time.monotonic() - started < 2.5
+    assert receiver.left.startswith("no data from the session")
+
+
 def test_a_session_that_never_starts(tmp_path: Path, chunks: list[bytes]) -> None:
     h = Harness(tmp_path, chunks, b"", sleep=30, session=session_params(chunks, max_wait=0.2))
     receiver, server, _, _ = h.run(start_margin=0.3)

@@ -14,7 +14,9 @@ resumable fetch), so it catches up after the others:
 - nobody answers within :data:`CONNECT_TIMEOUT` (the node is late: the sender started
   or finished without it), or the sender never starts sending;
 - the sender dropped this node (it was not answering: udp-receiver exits non-zero), or
-  no byte came for :data:`STALL_TIMEOUT`;
+  no byte came for :data:`STALL_TIMEOUT` (longer while the session's packets still
+  arrive: the sender is resending for a slower node, which may take ``leave_window`` to
+  leave);
 - a chunk did not match the plan (a corrupted datagram that UDP's checksum let through,
   or another session's data);
 - this node's link is too slow for the session: its interface received less than
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -70,7 +73,11 @@ CONNECT_TIMEOUT = 10.0
 START_MARGIN = 20.0
 #: Seconds without a byte, once bytes flowed, before the session is given up: udp-sender
 #: pauses about 3 s to drop a dead receiver, so 20 s means it is gone or dropped us.
+#: Unless its packets still arrive (:data:`ALIVE_SHARE`): see :meth:`MulticastReceiver.stalled`.
 STALL_TIMEOUT = 20.0
+#: A share of the session's rate that, arriving on the node's interface, shows the session
+#: alive while no byte comes out: the sender resending for a slower receiver.
+ALIVE_SHARE = 0.1
 #: udp-receiver's own --receive-timeout, a backstop should the agent's watch fail.
 RECEIVE_TIMEOUT = 60
 #: Seconds to let udp-receiver end by itself after the last chunk (its final ACK lets
@@ -314,14 +321,15 @@ class MulticastReceiver(StreamReceiver):
             return
         interface = self.interface_name(address)
         watch = None
-        if session.leave_below > 0 and interface is not None:
-            watch = RateWatch(
-                lambda: self.rx_bytes(interface), session.leave_window, self.rate_period
-            )
+        rx: Callable[[], int | None] | None = None
+        if interface is not None:
+            rx = functools.partial(self.rx_bytes, interface)
+            if session.leave_below > 0:
+                watch = RateWatch(rx, session.leave_window, self.rate_period)
         out, err = proc.stdout, proc.stderr
         assert out is not None and err is not None
         try:
-            self._pump(proc, out, err, session, stream, progress, cancel, watch)
+            self._pump(proc, out, err, session, stream, progress, cancel, watch, rx)
         finally:
             if stream.complete:
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -398,6 +406,7 @@ class MulticastReceiver(StreamReceiver):
         progress: ProgressCallback,
         cancel: threading.Event,
         watch: RateWatch | None,
+        rx: Callable[[], int | None] | None = None,
     ) -> None:
         chunks = stream.plan.image.chunks
         total = stream.total
@@ -407,6 +416,9 @@ class MulticastReceiver(StreamReceiver):
         connected: float | None = None
         first: float | None = None
         last = started
+        #: when the session last showed life: a byte out, or its packets arriving
+        alive = started
+        counted: tuple[float, int] | None = None  # the interface's last count, and when
         readers: list[IO[bytes]] = [out, err]
         while not stream.complete:
             if cancel.is_set():
@@ -434,7 +446,7 @@ class MulticastReceiver(StreamReceiver):
                     self.left = _ended(proc, self.stderr_tail)
                     return
                 first = first or now
-                last = now
+                last = alive = now
                 buf += data
                 while not stream.complete and len(buf) >= chunks[stream.index].size:
                     piece = bytes(buf[: chunks[stream.index].size])
@@ -463,9 +475,19 @@ class MulticastReceiver(StreamReceiver):
             if waited > session.max_wait + self.start_margin:
                 self.left = "the session did not start sending"
                 return
-            if first is not None and now - last > self.stall_timeout:
-                self.left = f"no data from the session for {self.stall_timeout:.0f} s"
-                return
+            if rx is not None and (counted is None or now - counted[0] >= self.rate_period):
+                count = rx()
+                if count is not None:
+                    if counted is not None:
+                        arriving = (count - counted[1]) * 8 / (now - counted[0])
+                        if arriving >= ALIVE_SHARE * session.max_bitrate:
+                            alive = now
+                    counted = (now, count)
+            if first is not None:
+                why = self.stalled(now - last, now - alive, session)
+                if why:
+                    self.left = why
+                    return
             if watch is not None and first is not None:
                 rate = watch.sample(now, stream.busy)
                 if rate is not None:
@@ -477,6 +499,25 @@ class MulticastReceiver(StreamReceiver):
                             "the others"
                         )
                         return
+
+    def stalled(self, quiet: float, lifeless: float, session: Session) -> str:
+        """Why the session is given up after ``quiet`` seconds without a byte out of it,
+        its packets last arriving ``lifeless`` seconds ago; "" while it is not.
+
+        In acknowledged mode the sender waits for its slowest receiver. A receiver too
+        slow for the session is judged on ``leave_window`` before it leaves, and the
+        others may get no new byte for that long, while the sender resends to it (the
+        resent packets reach them too). Measured at N = 100 with a node at B/10 and a
+        20 s limit, the other 99 gave up on such a session a few seconds before the slow
+        node left it, all at once, and took the whole image over HTTP. So a session whose
+        packets still arrive gets ``2 x leave_window`` more."""
+        if quiet <= self.stall_timeout:
+            return ""
+        if lifeless > self.stall_timeout:
+            return f"no data from the session for {self.stall_timeout:.0f} s"
+        if quiet > self.stall_timeout + 2 * session.leave_window:
+            return f"the session sent nothing new for {quiet:.0f} s, only resent for others"
+        return ""
 
 
 def _leave(proc: subprocess.Popen[bytes]) -> None:

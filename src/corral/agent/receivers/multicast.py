@@ -194,6 +194,14 @@ class RateWatch:
         best = max((b[1] - a[1]) * 8 / max(b[0] - a[0], 1e-3) for a, b in pairs)
         return best, (busy - first[2]) / span
 
+    def latest(self) -> tuple[float, float] | None:
+        """(when the last sample was taken, the rate in bits/s since the one before), or
+        None before two samples."""
+        if len(self.samples) < 2:
+            return None
+        (t0, c0, _), (t1, c1, _) = self.samples[-2], self.samples[-1]
+        return t1, (c1 - c0) * 8 / max(t1 - t0, 1e-3)
+
 
 class MulticastReceiver(StreamReceiver):
     """udp-receiver into checked chunks; HTTP from the first chunk it did not deliver."""
@@ -321,15 +329,13 @@ class MulticastReceiver(StreamReceiver):
             return
         interface = self.interface_name(address)
         watch = None
-        rx: Callable[[], int | None] | None = None
         if interface is not None:
             rx = functools.partial(self.rx_bytes, interface)
-            if session.leave_below > 0:
-                watch = RateWatch(rx, session.leave_window, self.rate_period)
+            watch = RateWatch(rx, session.leave_window, self.rate_period)
         out, err = proc.stdout, proc.stderr
         assert out is not None and err is not None
         try:
-            self._pump(proc, out, err, session, stream, progress, cancel, watch, rx)
+            self._pump(proc, out, err, session, stream, progress, cancel, watch)
         finally:
             if stream.complete:
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -406,7 +412,6 @@ class MulticastReceiver(StreamReceiver):
         progress: ProgressCallback,
         cancel: threading.Event,
         watch: RateWatch | None,
-        rx: Callable[[], int | None] | None = None,
     ) -> None:
         chunks = stream.plan.image.chunks
         total = stream.total
@@ -418,7 +423,6 @@ class MulticastReceiver(StreamReceiver):
         last = started
         #: when the session last showed life: a byte out, or its packets arriving
         alive = started
-        counted: tuple[float, int] | None = None  # the interface's last count, and when
         readers: list[IO[bytes]] = [out, err]
         while not stream.complete:
             if cancel.is_set():
@@ -475,30 +479,26 @@ class MulticastReceiver(StreamReceiver):
             if waited > session.max_wait + self.start_margin:
                 self.left = "the session did not start sending"
                 return
-            if rx is not None and (counted is None or now - counted[0] >= self.rate_period):
-                count = rx()
-                if count is not None:
-                    if counted is not None:
-                        arriving = (count - counted[1]) * 8 / (now - counted[0])
-                        if arriving >= ALIVE_SHARE * session.max_bitrate:
-                            alive = now
-                    counted = (now, count)
-            if first is not None:
-                why = self.stalled(now - last, now - alive, session)
-                if why:
-                    self.left = why
+            if first is None:
+                continue
+            # the interface's counter, once a period: for the stall limit and the rate
+            rate = watch.sample(now, stream.busy) if watch is not None else None
+            arriving = watch.latest() if watch is not None else None
+            if arriving is not None and arriving[1] >= ALIVE_SHARE * session.max_bitrate:
+                alive = max(alive, arriving[0])
+            why = self.stalled(now - last, now - alive, session)
+            if why:
+                self.left = why
+                return
+            if rate is not None and session.leave_below > 0:
+                bps, busy = rate
+                if bps < session.leave_below * session.max_bitrate and busy < BUSY_FRACTION:
+                    self.left = (
+                        f"this node's link carried {bps / 1e6:.1f} Mbit/s of the session's "
+                        f"{session.max_bitrate / 1e6:.1f}: leaving it so as not to slow "
+                        "the others"
+                    )
                     return
-            if watch is not None and first is not None:
-                rate = watch.sample(now, stream.busy)
-                if rate is not None:
-                    bps, busy = rate
-                    if bps < session.leave_below * session.max_bitrate and busy < BUSY_FRACTION:
-                        self.left = (
-                            f"this node's link carried {bps / 1e6:.1f} Mbit/s of the session's "
-                            f"{session.max_bitrate / 1e6:.1f}: leaving it so as not to slow "
-                            "the others"
-                        )
-                        return
 
     def stalled(self, quiet: float, lifeless: float, session: Session) -> str:
         """Why the session is given up after ``quiet`` seconds without a byte out of it,

@@ -3,8 +3,8 @@ real deploy ramdisk: the image's kernel, the ramdisk followed by that kernel's m
 depmod run from the image), served over HTTP and TFTP to a diskless node and refused with
 the reason to others.
 
-The image is the one the VM install tests build and cache (``make vm-e2e`` builds it); the
-test reads it in place and writes the boot files into a scratch version directory.
+The image is the one the VM install tests build and cache (built here if it is not yet);
+the test reads it in place and writes the boot files into a scratch version directory.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from corral.kmod import builtin_modules
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
 from tests.unit.test_diskless_initrd import read_newc
-from tests.vm.installing import IMAGE, IMAGE_HOME
+from tests.vm.installing import IMAGE, built_image
 from tests.vm.test_ramdisk import ramdisk  # noqa: F401  (the fixture: a real, cached build)
 
-pytestmark = pytest.mark.integration
+# heavy: the image build, when nothing cached it yet
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 CLUSTER = f"""
 profiles:
@@ -48,10 +49,7 @@ nodes:
 
 
 def cached_image() -> Path:
-    version = IMAGE_HOME / "images" / IMAGE / "v1"
-    if not (version / "rootfs" / "boot").is_dir():
-        pytest.skip(f"no cached e2e image at {version}: 'make vm-e2e' builds it")
-    return version
+    return built_image() / IMAGE / "v1"
 
 
 def scratch_version(images: Path) -> ImageVersion:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from corral.deploy.keys import host_keys
 from corral.images.ramdisk import build_ramdisk
+from corral.images.store import flocked
 from corral.testbed.qemu import VM
 from corral.testbed.vmassets import default_cache_dir
 from tests.conftest import corral
@@ -25,7 +26,14 @@ IMAGE = "e2e"
 
 
 def built_image() -> Path:
-    """The images directory holding a bootable Debian 12 image ``e2e`` built by corral."""
+    """The images directory holding a bootable Debian 12 image ``e2e`` built by corral
+    (once: a test that needs it while another builds it waits for that build)."""
+    with flocked(IMAGE_HOME / "build.lock"):
+        _build_image()
+    return IMAGE_HOME / "images"
+
+
+def _build_image() -> None:
     if corral("image", "show", IMAGE, home=IMAGE_HOME).returncode != 0:
         started = time.monotonic()
         result = subprocess.run(
@@ -36,7 +44,6 @@ def built_image() -> Path:
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         print(f"image {IMAGE} built in {time.monotonic() - started:.0f} s")
-    return IMAGE_HOME / "images"
 
 
 def ssh(server: Server, key: Path, ip: str, command: str) -> str:

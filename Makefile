@@ -24,7 +24,8 @@ typecheck: setup
 # and shaped links assume it is theirs); then the VM tests and those marked heavy (an
 # image build) two modules at a time, each module's tests on one worker: one VM under
 # TCG keeps one core busy and leaves the other idle, and none of them times anything
-# tighter than minutes.
+# tighter than minutes. The long modules go first (their ``minutes`` marks, see
+# tests/conftest.py): one started last would leave a worker alone at the end.
 SHARED_TESTS := -m "(not integration and not vm) or parallel_safe" tests
 REAL_TESTS := -m "integration and not vm and not heavy and not parallel_safe"
 TWO_AT_A_TIME := -m "(vm or heavy) and not vm_e2e and not vm_harness"
@@ -32,7 +33,7 @@ TWO_AT_A_TIME := -m "(vm or heavy) and not vm_e2e and not vm_harness"
 test: lint typecheck
 	$(PY) -m pytest -q -n auto --durations=10 $(SHARED_TESTS)
 	$(PY) -m pytest -q --durations=20 $(REAL_TESTS)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 $(TWO_AT_A_TIME)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10 $(TWO_AT_A_TIME)
 
 unit: setup
 	$(PY) -m pytest -q -n auto -m "not integration and not vm" tests/unit tests/security
@@ -41,7 +42,7 @@ integration: setup
 	$(PY) -m pytest -q -m integration
 
 vm: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "vm and not vm_e2e and not vm_harness"
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "vm and not vm_e2e and not vm_harness"
 
 vm-e2e: setup
 	$(PY) -m pytest -q -m vm_e2e

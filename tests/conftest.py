@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh corral home per test, and the inventory inside it."""
+"""Shared fixtures: a fresh corral home per test, and the inventory inside it; and the
+order of the modules marked ``minutes``."""
 
 from __future__ import annotations
 
@@ -59,3 +60,16 @@ def corral(*args: str, home: Path, stdin: str | None = None) -> subprocess.Compl
         timeout=120,
         check=False,
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules marked ``minutes(N)`` first, the longest first, the others after them in
+    their order: ``make test`` runs the VM tests two modules at a time, in this order
+    (``--no-loadscope-reorder``), and a long module started last would keep one worker
+    busy alone at the end."""
+
+    def minutes(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("minutes")
+        return -float(marker.args[0]) if marker else 0.0
+
+    items.sort(key=minutes)

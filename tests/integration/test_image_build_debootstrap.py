@@ -35,6 +35,7 @@ from corral.images.layers import Layer
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.heavy,
+    pytest.mark.minutes(1.5),
     pytest.mark.skipif(os.geteuid() != 0, reason="building images needs root"),
     pytest.mark.skipif(shutil.which("debootstrap") is None, reason="apt-get install debootstrap"),
 ]

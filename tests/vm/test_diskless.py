@@ -37,6 +37,7 @@ from tests.vm.installing import IMAGE, InstallBed, empty_disk, install_bed, ssh
 
 pytestmark = [
     pytest.mark.vm,
+    pytest.mark.minutes(3.5),
     pytest.mark.skipif(os.geteuid() != 0, reason="VM tests need root (namespaces, taps)"),
 ]
 #: PXE, the squashfs into RAM and systemd up to multi-user, under TCG

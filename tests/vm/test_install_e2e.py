@@ -37,6 +37,7 @@ from tests.vm.installing import (
 
 pytestmark = [
     pytest.mark.vm,
+    pytest.mark.minutes(2),
     pytest.mark.skipif(os.geteuid() != 0, reason="VM tests need root (namespaces, taps)"),
 ]
 #: PXE + ramdisk + install + reboot + the image's first boot, under TCG

@@ -22,6 +22,7 @@ from tests.vm.serving import Server, corral_server
 
 pytestmark = [
     pytest.mark.vm,
+    pytest.mark.minutes(2),
     pytest.mark.skipif(os.geteuid() != 0, reason="VM tests need root (namespaces, taps)"),
 ]
 BOOT_TIMEOUT = 300

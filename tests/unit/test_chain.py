@@ -250,6 +250,10 @@ def test_a_node_refused_as_a_second_successor_goes_to_the_tail_then_http() -> No
     alone = Picker(chain_of("tb003"), tail=None)
     alone.exile()
     assert alone.current() is None
+    # a node that still feeds a successor: the tail is behind it, HTTP at once
+    feeding = Picker(chain_of("tb003", "tb002"), tail=tail)
+    feeding.exile(feeding=True)
+    assert feeding.current() is None and feeding.http_rest
 
 
 def test_a_node_is_slow_when_its_lag_grows_in_seconds_not_when_it_started_late() -> None:
@@ -616,6 +620,56 @@ def test_a_slow_node_is_passed_by_the_node_after_it(
         assert upstream is not None and not overlapping(upstream), [
             (s.peer, s.started, s.ended) for s in upstream.senders
         ]
+
+
+class SlowLinkChain(KeenChain):
+    """A node whose link is slow for its first 500 kB: it reads them at 100 kB/s."""
+
+    slow_bytes = 500_000
+
+    def _read(self, sock: socket.socket, n: int, cancel: threading.Event) -> bytes:
+        if self.slow_bytes > 0:
+            self.slow_bytes -= n
+            time.sleep(n / 100_000)
+        return super()._read(sock, n, cancel)
+
+
+def test_a_slow_node_cut_off_by_its_upstream_does_not_pass_it(
+    test_head: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tb003 is on a slow link and up before tb002 (it waits for it: start patience).
+    tb004 passes tb003 before tb003 has a whole chunk, and tb002 hands tb003's slot to
+    tb004 and cuts tb003 off. tb003 got bytes from tb002, so the drop is a new failure:
+    it asks tb002 again, is refused as passed, and takes the rest from the tail. Before,
+    its failures while tb002 was not up yet still counted, it passed tb002 at once, and
+    tb001 handed it tb002's slot: tb002, which fed tb004, pulled from the tail tb004, and
+    the two waited for each other for good (bench/deploy.py at N = 100, tb050 at B/10:
+    51 nodes never finished)."""
+    monkeypatch.setattr(wire, "SOCKET_BUFFER", 4096)
+    chunks = [os.urandom(400_000) for _ in range(4)]
+    relay, window = test_head([len(c) for c in chunks])
+    server = ChunkServer(chunks)
+    nodes = nodes_for(chunks, head_address(relay), 4, server, cls=KeenChain)
+    tb001, tb002, tb003, tb004 = nodes
+    slow = SlowLinkChain(Context(cast(Client, server), tries=2))
+    slow.make_unpacker = tb003.unpacker  # type: ignore[method-assign]
+    tb003.receiver = slow
+    for node in (tb001, tb003, tb004):
+        node.start()
+    time.sleep(1.0)  # tb003 cannot reach tb002 yet, and waits for it
+    tb002.start()
+    for i, data in enumerate(chunks):  # four times the pace tb003 can keep
+        window.complete(i, data)
+        time.sleep(1.0)
+    for node in nodes:
+        node.join()
+        assert node.error is None, f"{node.name}: {node.error!r}"
+        assert node.unpacker.data == b"".join(chunks)
+    assert tb004.result is not None and tb004.result.details["lag_passes"] >= 1
+    assert tb003.result is not None and tb003.result.details["exiled"] == 1
+    assert served_peers(tb001)[0] == "tb002"
+    for upstream in (relay, *(n.receiver.relay for n in nodes)):
+        assert upstream is not None and not overlapping(upstream)
 
 
 def served_peers(node: Node) -> list[str]:

@@ -30,7 +30,8 @@ An uplink feeds one successor (:class:`~corral.agent.wire.chain_sender.Slot`): a
 passes its upstream names it in its hello, and the node it reaches hands that node's slot
 over to it; the passed node is refused there from then on, and so is any node that would
 be a second successor (busy): such a node pulls from the tail of the chain, whose uplink
-feeds nobody, or else takes the rest over HTTP.
+feeds nobody, or else takes the rest over HTTP (at once if a node after it still pulls
+from it: the tail is behind it, and each would wait for the other).
 
 Failures, without restarting anyone:
 

@@ -251,7 +251,7 @@ class ChainReceiver(StreamReceiver):
             except _Switch as exc:
                 log.info("chain: %s: %s", upstream.name, exc)
                 if exc.exiled:
-                    picker.exile()
+                    picker.exile(feeding=self.relay is not None and self.relay.feeding())
                     after = picker.current()
                     log.warning(
                         "chain: %s refused us (%s): %s",
@@ -401,6 +401,7 @@ class ChainReceiver(StreamReceiver):
                     buf += piece
                     window.extend(piece)
                     state.stream.progress(state.done + len(buf), state.stream.total)
+                picker.succeeded()
             except (OSError, ProtocolError, struct.error) as exc:
                 fatal = isinstance(exc, ProtocolError)
                 raise _Switch(f"{type(exc).__name__}: {exc}", failure=True, fatal=fatal) from None
@@ -426,7 +427,6 @@ class ChainReceiver(StreamReceiver):
             state.from_relay += 1
             self._accept(data, window, state)
             buf = state.partial
-            picker.succeeded()
             # a slow upstream
             if lagging and picker.farther() is not None:
                 raise _Switch(

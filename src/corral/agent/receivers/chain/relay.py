@@ -119,6 +119,10 @@ class Relay:
     def _have_for(self, tag: str) -> int | None:
         return self.window.have if tag == self.tag else None
 
+    def feeding(self) -> bool:
+        """Whether a node after this one is pulling from it now."""
+        return self.slot.holder() is not None
+
     @property
     def served(self) -> int:
         with self._lock:

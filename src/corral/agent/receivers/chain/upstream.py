@@ -100,11 +100,14 @@ class Picker:
             return None
         return self.chain[self.index + 1] if self.index + 1 < len(self.chain) else None
 
-    def exile(self) -> None:
+    def exile(self, feeding: bool = False) -> None:
         """Refused as a second successor, or passed by its own successor: the tail once
-        (if it is not that which refused), then HTTP for the rest."""
+        (if it is not that which refused), then HTTP for the rest. A node that still
+        feeds a successor (``feeding``: it was passed by a node that was not its
+        successor) takes the rest over HTTP at once: the tail is behind it in the chain,
+        and pulling from there, each would wait for the other."""
         refused = self.chain[self.index]
-        if self.exiled or self.tail is None or refused.name == self.tail.name:
+        if feeding or self.exiled or self.tail is None or refused.name == self.tail.name:
             self.http_rest = True
             return
         self.exiled = True
@@ -119,7 +122,10 @@ class Picker:
         self.walked = 0
 
     def succeeded(self) -> None:
-        """The current upstream delivered a whole chunk: its next failure is a new one."""
+        """The current upstream delivered bytes: its next failure is a new one. (Counted
+        from a whole chunk instead, a slow node's failures from before its upstream was
+        up still counted when that upstream cut it off, hours of its pace later: it
+        passed that live upstream at once and took its slot, see :meth:`exile`.)"""
         self.answered()
         self.since = None
 

@@ -800,7 +800,8 @@ def test_a_session_that_resends_for_a_slower_node_is_waited_for(
     """No new byte, but the session's packets keep arriving (the sender resends for a
     receiver slower than this one, which is judged on leave_window before it leaves):
     the node stays 2 x leave_window past the stall limit. Without them, it leaves at the
-    limit."""
+    limit. (The reason says which limit it left at: the first is given only past the
+    longer one.)"""
     count = [0]
 
     def arriving() -> int:
@@ -809,20 +810,16 @@ def test_a_session_that_resends_for_a_slower_node_is_waited_for(
 
     session = session_params(chunks, leave_window=1.0, leave_below=0.0)
     h = Harness(tmp_path, chunks, chunks[0], sleep=30, session=session)
-    started = time.monotonic()
     receiver, server, unpacker, _ = h.run(
         interface="eth0", rx=arriving, rate_period=0.1, stall_timeout=0.5
     )
-    assert time.monotonic() - started >= 2.5
     assert unpacker.writes == chunks and server.gets == [1, 2]
     assert receiver.left.startswith("the session sent nothing new for")
 
     h = Harness(tmp_path, chunks, chunks[0], sleep=30, session=session)
-    started = time.monotonic()
     receiver, server, unpacker, _ = h.run(
         interface="eth0", rx=lambda: 1000, rate_period=0.1, stall_timeout=0.5
     )
-    assert time.monotonic() - started < 2.5
     assert receiver.left.startswith("no data from the session")
 
 

@@ -191,7 +191,7 @@ class RateWatch:
         if span < self.window:
             return None
         pairs = zip(self.samples, list(self.samples)[1:], strict=False)
-        best = max((b[1] - a[1]) * 8 / max(b[0] - a[0], 1e-3) for a, b in pairs)
+        best = max(_bps(a, b) for a, b in pairs)
         return best, (busy - first[2]) / span
 
     def latest(self) -> tuple[float, float] | None:
@@ -199,8 +199,12 @@ class RateWatch:
         None before two samples."""
         if len(self.samples) < 2:
             return None
-        (t0, c0, _), (t1, c1, _) = self.samples[-2], self.samples[-1]
-        return t1, (c1 - c0) * 8 / max(t1 - t0, 1e-3)
+        return self.samples[-1][0], _bps(self.samples[-2], self.samples[-1])
+
+
+def _bps(a: tuple[float, int, float], b: tuple[float, int, float]) -> float:
+    """The rate in bits/s between two of :class:`RateWatch`'s samples (time, count, busy)."""
+    return (b[1] - a[1]) * 8 / max(b[0] - a[0], 1e-3)
 
 
 class MulticastReceiver(StreamReceiver):

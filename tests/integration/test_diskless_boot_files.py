@@ -48,13 +48,9 @@ nodes:
 """
 
 
-def cached_image() -> Path:
-    return built_image() / IMAGE / "v1"
-
-
 def scratch_version(images: Path) -> ImageVersion:
     """A version of image e2e under ``images`` whose rootfs is the cached image's."""
-    cached = cached_image()
+    cached = built_image() / IMAGE / "v1"
     version = images / IMAGE / "v1"
     version.mkdir(parents=True)
     manifest = json.loads((cached / "manifest.json").read_text())

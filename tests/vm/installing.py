@@ -29,21 +29,17 @@ def built_image() -> Path:
     """The images directory holding a bootable Debian 12 image ``e2e`` built by corral
     (once: a test that needs it while another builds it waits for that build)."""
     with flocked(IMAGE_HOME / "build.lock"):
-        _build_image()
+        if corral("image", "show", IMAGE, home=IMAGE_HOME).returncode != 0:
+            started = time.monotonic()
+            result = subprocess.run(
+                [sys.executable, "-m", "corral", "image", "build", IMAGE, "--distro", "debian-12",
+                 "--no-exports"],
+                env=dict(os.environ, CORRAL_HOME=str(IMAGE_HOME)),
+                capture_output=True, text=True, timeout=1800, check=False,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr[-3000:]
+            print(f"image {IMAGE} built in {time.monotonic() - started:.0f} s")
     return IMAGE_HOME / "images"
-
-
-def _build_image() -> None:
-    if corral("image", "show", IMAGE, home=IMAGE_HOME).returncode != 0:
-        started = time.monotonic()
-        result = subprocess.run(
-            [sys.executable, "-m", "corral", "image", "build", IMAGE, "--distro", "debian-12",
-             "--no-exports"],
-            env=dict(os.environ, CORRAL_HOME=str(IMAGE_HOME)),
-            capture_output=True, text=True, timeout=1800, check=False,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        print(f"image {IMAGE} built in {time.monotonic() - started:.0f} s")
 
 
 def ssh(server: Server, key: Path, ip: str, command: str) -> str:

@@ -47,8 +47,10 @@ UPLINK = 4e6
 QUIET = 20_000
 
 # "serve ADDR COUNT SIZE": accept COUNT clients on ADDR, sending SIZE bytes to each at
-# once, one thread each. "fetch ADDR": read to the end, print bytes, start and end (the
-# host's monotonic clock, which network namespaces share).
+# once, one thread each, once all COUNT are connected. "fetch ADDR": read to the end,
+# print bytes, start and end (the host's monotonic clock, which network namespaces share).
+# The start is the first byte's arrival, not the connect: a client that connects early
+# waits for its slower-starting siblings, and that wait is no transfer.
 PEER = f"""
 import socket, sys, threading, time
 if sys.argv[1] == "serve":
@@ -69,7 +71,8 @@ if sys.argv[1] == "serve":
         feeder.join()
 else:
     conn = socket.create_connection((sys.argv[2], {PORT}), timeout=30)
-    got, start = 0, time.monotonic()
+    got = len(conn.recv(1))
+    start = time.monotonic()
     while data := conn.recv(1 << 20):
         got += len(data)
     print(got, start, time.monotonic())

@@ -146,18 +146,33 @@ def loopback_transport(chunk_server: str, tmp_path: Path) -> BitTorrentTransport
     return BitTorrentTransport(settings, tracker_port=0, seed_port=0)
 
 
+@pytest.mark.parametrize("racks", [("r1", "r1"), ("r1", "r2")], ids=["one rack", "two racks"])
 def test_two_agents_and_the_seed_on_loopback(
-    version: ImageVersion, chunk_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    version: ImageVersion,
+    chunk_server: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    racks: tuple[str, str],
 ) -> None:
+    caplog.set_level("INFO", logger="corral.agent")
     transport = loopback_transport(chunk_server, tmp_path)
     try:
         transport.prepare(Chunked(version))
-        # one rack: the tracker gives each the other, and the agents know their rack's
-        members = [Member(n, ip, "r1") for n, ip in NODE_ADDRESS.items()]
+        members = [Member(n, ip, r) for (n, ip), r in zip(NODE_ADDRESS.items(), racks, strict=True)]
         transport.start(1, Chunked(version), members)
         params = {n: transport.params(Chunked(version), n) for n in NODE_ADDRESS}
-        assert params["a"]["rack"] == "r1"
-        assert params["b"]["rack_peers"] == sorted(NODE_ADDRESS.values())
+        assert (params["a"]["rack"], params["b"]["rack"]) == racks
+        if racks[0] == racks[1]:
+            # one rack: the tracker gives each the other, and the agents know their rack's
+            assert params["b"]["rack_peers"] == sorted(NODE_ADDRESS.values())
+            assert params["a"]["lane"] == params["b"]["lane"] == []
+        else:
+            # two: each brings the other's stripe into its rack (its lane), from the other
+            # (its partner); then it trades with its own rack only (libtorrent's IP filter)
+            assert params["b"]["rack_peers"] == [NODE_ADDRESS["b"]]
+            assert (params["a"]["lane"], params["b"]["lane"]) == ([1], [0])
+            assert params["a"]["lane_peers"] == [NODE_ADDRESS["b"]]
         assert params["a"]["tracker"].startswith(f"http://{SERVER}:")
         assert params["a"]["seed"].startswith(f"{SERVER}:")
         assert params["a"]["base"] == f"{chunk_server}/images/small/1"
@@ -174,6 +189,7 @@ def test_two_agents_and_the_seed_on_loopback(
             assert result.details["swarm"] == chunks and result.details["http"] == 0
             assert not (tmp_path / node / SCRATCH).exists()  # the scratch copy is gone
             assert tree_digest(tmp_path / node) == tree_digest(version.rootfs)
+        assert caplog.text.count("my lane is here") == (0 if racks[0] == racks[1] else 2)
         assert transport.seeder is not None and transport.tracker is not None
         transport.finish(1, version)
         assert transport.seeder is None and transport.tracker is None  # the last session

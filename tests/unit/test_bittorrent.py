@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from corral.agent.receivers.bittorrent.libtorrent_swarm import session_settings
 from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver, _place
 from corral.agent.receivers.bittorrent.seed import (
     ALONE_WAIT,
+    LANE_HANDOVER,
     LATE_WAIT,
     STRIPE_TIMEOUT,
     PieceClock,
@@ -54,7 +55,9 @@ from corral.deploy.transports.bittorrent_tracker import (
     Tracker,
     _TrackerHandler,
     _TrackerServer,
+    lanes,
     parse_query,
+    partners,
 )
 from corral.images.exports import Chunked
 from tests.fakes import stream_plan, stream_version
@@ -422,6 +425,7 @@ class FakeSwarm:
         self.tracker_answered = True
         self.peers_connected = 3
         self.outside: set[str] = set()  # connected peers from other racks
+        self.without_mine: set[str] = set()  # connected peers that lack the node's stripe
         self.want_at: list[int] = []  # looks at the swarm before each want()
         self.partial = 0  # bytes of pieces still incomplete
         self.trickle = 0  # the next this many waits bring a byte of some piece each
@@ -456,6 +460,14 @@ class FakeSwarm:
     def use_seed(self, on: bool) -> None:
         self.calls.append(("seed", on))
         self.seed_connected = on and self.seed_up
+
+    def keep_to(self, addresses: Collection[str] | None) -> None:
+        self.calls.append(("keep_to", None if addresses is None else sorted(addresses)))
+        if addresses is not None:
+            self.outside = {a for a in self.outside if a in addresses}
+
+    def lacking(self, pieces: Collection[int]) -> set[str]:
+        return set(self.without_mine)
 
     def availability(self) -> Sequence[int]:
         """The connected peers' counts, and the seed (which has every piece) once the
@@ -498,6 +510,7 @@ def run_feeder(
     fetch_ok: bool = True,
     mine: Sequence[int] | None = None,
     rack: Sequence[str] | None = None,
+    lane: Sequence[int] = (),
     late: Any = frozenset,
 ) -> tuple[Feeder, list[bytes], list[int], list[tuple[int, int]]]:
     plan = make_plan(DATA, 8)
@@ -534,6 +547,7 @@ def run_feeder(
         clock=lambda: now[0],
         mine=mine,
         rack=rack,
+        lane=lane,
         late=late,
     )
     feeder.run()
@@ -849,32 +863,76 @@ def test_a_member_that_never_comes_is_waited_for_only_so_long(
 RACK = [f"10.0.1.{i}" for i in range(20)]
 
 
-def test_behind_a_racks_door_pieces_at_no_peer_wait_for_the_door(
+def test_in_a_rack_pieces_at_no_peer_wait_for_their_lane(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # the same, in a rack: 8 and 9 are at no peer of the rack because its door has not
-    # brought them in yet; asking the seed would carry them over the uplink again
+    # the same, in a rack: 8 and 9 are at no peer of the rack because the node whose lane
+    # they are has not brought them in yet; asking the seed would carry them over the
+    # uplink again
     monkeypatch.setattr(bittorrent_seed, "ORPHAN_PIECES", 0)
     arrivals = [[0, 2], [1], [3], [4], [5], [6], [7], [], [8, 9]]
     swarm = FakeSwarm(DATA, arrivals)
     swarm.avail = [1] * 8 + [0, 0]
+    swarm.outside = {"10.0.2.10"}  # a lane partner, still connected
     feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK)
     assert b"".join(fed) == DATA
     assert ("want", [8, 9]) not in swarm.calls and feeder.stats.rescues == 0
-    # the door (connected to a peer from elsewhere) does, as any node not in a rack
+    assert ("keep_to", sorted(RACK)) in swarm.calls and not swarm.outside
+    # a node in no rack asks the seed for them
     swarm = FakeSwarm(DATA, arrivals)
     swarm.avail = [1] * 8 + [0, 0]
-    swarm.outside = {"10.0.2.10"}
-    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK)
+    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60)
     assert ("want", [8, 9]) in swarm.calls and feeder.stats.rescues == 1
 
 
-def test_behind_a_racks_door_nothing_new_for_long_is_still_trouble() -> None:
-    # the door is slow or died: nothing new for RESCUE_IDLE, and the seed is asked
+def test_in_a_rack_nothing_new_for_long_is_still_trouble() -> None:
+    # the rack's nodes are slow or died: nothing new for RESCUE_IDLE, and the seed is asked
     swarm = FakeSwarm(DATA, [[0, 2], [1], [3], [4], [5], [6], [7]] + [[]] * 4 + [[8, 9]])
     swarm.avail = [1] * 8 + [0, 0]
     feeder, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK)
     assert b"".join(fed) == DATA and feeder.stats.rescues == 1 and fetched == []
+
+
+def test_a_node_brings_its_lane_into_its_rack_then_trades_inside_it() -> None:
+    # stripe 0, 2 from the seed; then its lane, 5 and 7, from its partner elsewhere with
+    # the seed kept away; then the rest from its rack only
+    swarm = FakeSwarm(DATA, [[], [0, 2], [], [5], [7], [1, 3, 4, 6, 8, 9]])
+    swarm.outside = {"10.0.2.10"}
+    swarm.avail = [0, 1, 0] + [1] * 7  # its stripe is at no peer
+    _, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK, lane=[5, 7])
+    assert b"".join(fed) == DATA and fetched == []
+    calls = [c for c in swarm.calls if c[0] != "prioritize"]
+    assert calls == [
+        ("seed", False), ("want", []),  # looking: nothing from the partner
+        ("want", [0, 2]), ("seed", True),
+        ("seed", False), ("want", [5, 7]),
+        ("keep_to", sorted(RACK)), ("want", None),
+    ]  # fmt: skip
+    # nothing of the next chunks was asked first before the node traded with its rack
+    first = [i for i, c in enumerate(swarm.calls) if c[0] == "prioritize"]
+    assert first and first[0] > swarm.calls.index(("keep_to", sorted(RACK)))
+
+
+def test_a_lane_piece_at_no_peer_is_asked_of_the_seed_and_a_partner_is_waited_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # piece 7 of its lane is at no peer (its partner died): after RESCUE_IDLE, from the
+    # seed. Then a partner still lacks the node's stripe: it waits LANE_HANDOVER for it
+    arrivals: list[list[int]] = [[], [0, 2], [5]] + [[]] * 8 + [[7]] + [[]] * 30 + [list(range(10))]
+    swarm = FakeSwarm(DATA, arrivals)
+    swarm.outside = {"10.0.2.10"}
+    swarm.avail = [0, 1, 0] + [1] * 4 + [0] + [1] * 2
+    swarm.without_mine = {"10.0.2.10"}
+    with caplog.at_level("INFO", logger="corral.agent"):
+        _, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK, lane=[5, 7])
+    assert b"".join(fed) == DATA and fetched == []
+    calls = [c for c in swarm.calls if c[0] != "prioritize"]
+    assert calls[4:9] == [
+        ("seed", False), ("want", [5, 7]), ("want", [7]), ("seed", True), ("seed", False)
+    ]  # fmt: skip
+    assert "10.0.2.10 still lack my stripe" in caplog.text
+    wants = [w for c, w in swarm.calls if c == "want"]
+    assert swarm.want_at[wants.index(None)] >= 12 + LANE_HANDOVER  # 7 came at the 12th look
 
 
 def test_before_the_tracker_answers_nothing_is_asked_of_the_seed_but_the_stripe() -> None:
@@ -913,7 +971,7 @@ def test_a_node_looks_until_it_has_met_a_peer(connected: int, looks: int) -> Non
     assert swarm.want_at[0] == looks  # LOOK_TIME, or four times that for the first node
 
 
-def test_a_rack_trades_with_other_racks_through_one_door() -> None:
+def test_a_rack_trades_with_its_lane_partners_and_itself() -> None:
     now = [0.0]
     racks = {f"10.0.{r}.{i}": f"r{r}" for r in (1, 2, 3) for i in range(10, 30)}
     swarms = Swarms(interval=10, clock=lambda: now[0], rng=random.Random(7))
@@ -926,28 +984,46 @@ def test_a_rack_trades_with_other_racks_through_one_door() -> None:
     def got(ip: str, n: int) -> set[str]:
         return {a for a, _ in peers(announce(swarms, ip, b"%020d" % n, left=1))}
 
-    # a node of rack r2: the seed and its own rack, and nobody from elsewhere
+    # a node of rack r2: the seed, the nodes at its place in the other racks (it brings
+    # their stripes into r2, they bring its own into theirs), and its own rack
     member = got("10.0.2.11", 21)
-    assert member == {"10.0.0.1"} | {f"10.0.2.{i}" for i in range(10, 30) if i != 11}
-    # the rack's first node is its door: the other racks' doors, and the node in no rack
-    door = got("10.0.2.10", 20)
-    assert door - member == {"10.0.1.10", "10.0.3.10", "10.0.9.9", "10.0.2.11"}
-    assert door - {"10.0.1.10", "10.0.3.10", "10.0.9.9"} <= member | {"10.0.2.11"}
-    # a door that leaves hands over to the next node of its rack that announces
-    announce(swarms, "10.0.2.10", b"%020d" % 20, left=1, event="stopped")
-    assert {"10.0.1.10", "10.0.3.10"} <= got("10.0.2.12", 22)
-    assert "10.0.1.10" not in got("10.0.2.13", 23)  # one door at a time
-    # a door not heard of for EXPIRE_INTERVALS is gone too
-    now[0] = 25.0
-    for n, ip in enumerate(racks):
-        if ip not in ("10.0.2.10", "10.0.2.12"):
-            announce(swarms, ip, b"%020d" % n, left=1)
-    now[0] = 35.0
-    assert "10.0.3.10" in got("10.0.2.13", 23)  # 10.0.2.12 went silent: 13 is the door
+    rack = {f"10.0.2.{i}" for i in range(10, 30) if i != 11}
+    assert member == {"10.0.0.1", "10.0.1.11", "10.0.3.11"} | rack
+    assert got("10.0.1.29", 19) - {f"10.0.1.{i}" for i in range(10, 30)} == {
+        "10.0.0.1", "10.0.2.29", "10.0.3.29",
+    }  # fmt: skip
     # a node in no rack gets peers from the whole swarm, as before racks
     anywhere = peers(announce(swarms, "10.0.9.9", b"z" * 20, left=1))
     assert len(anywhere) == MAX_PEERS
     assert len({racks.get(ip) for ip, _ in anywhere} - {None}) == 3
+
+
+def test_lanes_bring_each_stripe_into_each_rack_once() -> None:
+    # racks of 3, 2 and 4 nodes, and two members in no rack, "" of unknown address
+    racks = {"a1": "A", "a2": "A", "a3": "A", "b1": "B", "b2": "B"}
+    racks |= {f"c{i}": "C" for i in range(1, 5)}
+    members = ["a1", "a2", "a3", "b1", "b2", "c1", "c2", "c3", "c4", "x", ""]
+    got = lanes(members, racks)
+    assert set(got) == set(racks)
+    for rack in ("A", "B", "C"):
+        inside = [m for m in members if racks.get(m) == rack]
+        brought = sorted(g for m in inside for g in got[m])
+        elsewhere = [g for g, m in enumerate(members) if racks.get(m) != rack]
+        assert brought == elsewhere, rack  # every stripe from elsewhere, each once
+        loads = [len(got[m]) for m in inside]
+        assert max(loads) - min(loads) <= 1, (rack, loads)
+    # a rack's nodes take the stripes from elsewhere in turn, in stripe order
+    assert got["b1"] == [0, 2, 6, 8, 10] and got["b2"] == [1, 5, 7, 9]
+    assert got["a1"] == [3, 6, 9] and got["c4"] == [3]
+    pairs = partners(members, racks)
+    # a1 brings in b1's, c2's and x's stripes; b1 and c1 bring in a1's
+    assert pairs["a1"] == {"b1", "c2", "x", "c1"}
+    assert pairs["x"] == {"a1", "b2", "c2"} and "" not in pairs
+    # equal racks pair the nodes at the same place
+    even = {f"{r}{i}": r for r in "pq" for i in range(3)}
+    assert partners(list(even), even) == {
+        f"{r}{i}": {f"{o}{i}"} for r, o in ("pq", "qp") for i in range(3)
+    }
 
 
 def test_the_piece_clock_keeps_the_fastest_recent_pace() -> None:

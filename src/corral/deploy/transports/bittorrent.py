@@ -31,11 +31,11 @@ What a session is made of (:meth:`BitTorrentTransport.start`):
 A node's plan (:meth:`params`) holds the torrent (base64), the tracker's URL, the seed's
 address, the node's *stripe* (its position among the session's nodes: it takes every N-th
 piece from the seed and the rest from its peers, so that the seed sends about one copy;
-see :class:`corral.agent.receivers.bittorrent.seed.SeedUse`), its rack and the rack's
-addresses (the ``rack`` variable; the tracker keeps a rack's nodes among themselves but
-for one door, see :meth:`~corral.deploy.transports.bittorrent_tracker.Swarms.choose`) and
-the HTTP base of
-the chunks, which the agent falls back on for chunks the swarm does not deliver. The tracker
+see :class:`corral.agent.receivers.bittorrent.seed.SeedUse`), its rack, the rack's
+addresses and its *lane* (the ``rack`` variable: the stripes of other racks the node
+brings into its own, from the nodes there that hold them, before it trades with its own
+rack only; see :func:`~corral.deploy.transports.bittorrent_tracker.lanes`) and the HTTP
+base of the chunks, which the agent falls back on for chunks the swarm does not deliver. The tracker
 also tells the nodes which members have not joined yet or have just come
 (``/pending/INFOHASH``), so that the nodes there leave those members' stripes to them,
 and the nodes done first keep seeding for those still booting.
@@ -53,13 +53,14 @@ import base64
 import contextlib
 import hashlib
 import importlib
+import itertools
 import logging
 import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -69,7 +70,7 @@ from corral.agent.wire.lan_swarm import lan_settings, limit_local_peers
 from corral.config import Settings
 from corral.deploy.transports.base import Member, Meter, NotReady
 from corral.deploy.transports.bittorrent_seed import SeedProcess
-from corral.deploy.transports.bittorrent_tracker import Tracker
+from corral.deploy.transports.bittorrent_tracker import Tracker, lanes, partners
 from corral.errors import ConfigError
 from corral.images.exports import Chunked
 
@@ -274,9 +275,26 @@ class _Session:
     deployment: int
     ref: str
     torrent: Torrent
-    nodes: tuple[str, ...]  # sorted: a node's stripe is its position
+    nodes: tuple[str, ...]  # a node's stripe is its position (by_stripe)
     racks: dict[str, str]  # a node -> its rack, for the nodes in one
     addresses: dict[str, str]  # a node -> its address, for the nodes whose is known
+    lanes: dict[str, list[int]] = field(default_factory=dict)  # see bittorrent_tracker.lanes
+    partners: dict[str, frozenset[str]] = field(default_factory=dict)  # and .partners
+
+
+def by_stripe(nodes: Iterable[str], racks: Mapping[str, str]) -> tuple[str, ...]:
+    """The session's nodes in the order of their stripes: by name, the racks taking turns
+    (a node of each rack, then the second of each, ...; the nodes in no rack as one more
+    rack). A torrent rarely has a multiple of N pieces, and the first stripes then hold a
+    piece more (120 pieces, 100 nodes: stripes 0-19 hold two): taking turns spreads those
+    over the racks, so that each holds its share of the image and sends about as much
+    across its uplink as the others (in order of names, the first rack of four held
+    0.375 x S and sent 1.13 x S out)."""
+    groups: dict[str, list[str]] = {}
+    for node in sorted(nodes):
+        groups.setdefault(racks.get(node, ""), []).append(node)
+    turns = itertools.zip_longest(*(groups[r] for r in sorted(groups)))
+    return tuple(node for turn in turns for node in turn if node is not None)
 
 
 class BitTorrentTransport:
@@ -335,14 +353,17 @@ class BitTorrentTransport:
                 self.seeder = SeedProcess(self.address, self.seed_port)
             source = f"corral deployment {deployment} image {payload.ref}"
             torrent = make_torrent(self.layouts[payload.ref], self.tracker_url, source)
+            racks = {m.node: m.rack for m in members if m.rack}
             session = _Session(
                 deployment,
                 payload.ref,
                 torrent,
-                tuple(sorted({m.node for m in members})),
-                {m.node: m.rack for m in members if m.rack},
+                by_stripe({m.node for m in members}, racks),
+                racks,
                 {m.node: str(m.ip) for m in members if m.ip},
             )
+            session.lanes = lanes(session.nodes, racks)
+            session.partners = partners(session.nodes, racks)
             self.sessions[(deployment, payload.ref)] = session
             self.tracker.swarms.open(
                 session.torrent.info_hash,
@@ -405,6 +426,12 @@ class BitTorrentTransport:
         rack = session.racks.get(node)
         if rack is not None:
             params["rack"] = rack
+            params["lane"] = session.lanes.get(node, [])
+            params["lane_peers"] = sorted(
+                session.addresses[n]
+                for n in session.partners.get(node, ())
+                if n in session.addresses
+            )
             params["rack_peers"] = sorted(
                 session.addresses[n]
                 for n, r in session.racks.items()

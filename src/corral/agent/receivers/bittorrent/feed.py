@@ -70,6 +70,8 @@ class Feeder:
         *,
         mine: Sequence[int] | None = None,
         rack: Collection[str] | None = None,
+        lane: Sequence[int] = (),
+        partners: Collection[str] = (),
         late: Callable[[], Collection[int]] = frozenset,
         stall: float | None = None,
         ahead: int | None = None,
@@ -93,7 +95,7 @@ class Feeder:
         self._moved = clock()
         self._urgent: list[int] = []
         self._waited = -1e9
-        self.seed = SeedUse(swarm, mine, clock, rack=rack, late=late)
+        self.seed = SeedUse(swarm, mine, clock, rack=rack, lane=lane, partners=partners, late=late)
 
     def run(self) -> FeedStats:
         chunks = self.plan.image.chunks
@@ -109,9 +111,9 @@ class Feeder:
         return self.stats
 
     def _prioritize(self) -> None:
-        """The next chunks' pieces first, unless the node only wants its stripe, or the
-        pieces it asks the seed for."""
-        if self.ahead > 0 and self.seed.phase not in ("stripe", "rescue"):
+        """The next chunks' pieces first, unless the node only wants its stripe, its lane,
+        or the pieces it asks the seed for."""
+        if self.ahead > 0 and self.seed.in_order():
             self.swarm.prioritize(self._urgent)
 
     def _next(self, index: int) -> bytes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -90,6 +90,13 @@ class LibtorrentSwarm:
         self.num_files = int(info.num_files())
         self.session = lt.session(session_settings(lt, address, port), 0)  # no plugins
         limit_local_peers(self.session)  # UPLOAD_SLOTS holds on a LAN too
+        # The seed is kept away until the node says otherwise (use_seed): the torrent
+        # announces as it is added and connects to the peers the tracker names, the seed
+        # among them, and on a fast link pieces came from the seed before the node could
+        # block it (on loopback the whole image did).
+        self._seed_on = False
+        self._kept_to: frozenset[str] | None = None
+        self._filter()
         params = lt.add_torrent_params()
         params.ti = info
         params.save_path = str(save_path)
@@ -155,12 +162,37 @@ class LibtorrentSwarm:
     def use_seed(self, on: bool) -> None:
         if self.seed is None:
             return
-        rules = self.lt.ip_filter()
-        if not on:
-            rules.add_rule(self.seed[0], self.seed[0], 1)  # 1: blocked
-        self.session.set_ip_filter(rules)  # disconnects the seed at once
+        self._seed_on = on
+        self._filter()  # disconnects the seed at once
         if on:
             self.handle.connect_peer(self.seed)
+
+    def keep_to(self, addresses: Collection[str] | None) -> None:
+        self._kept_to = None if addresses is None else frozenset(addresses)
+        self._filter()
+
+    def _filter(self) -> None:
+        """libtorrent's IP filter from :meth:`use_seed` and :meth:`keep_to`; it applies to
+        the connections already open too."""
+        blocked, allowed = 1, 0
+        rules = self.lt.ip_filter()
+        seed = self.seed[0] if self.seed else None
+        if self._kept_to is not None:
+            rules.add_rule("0.0.0.0", "255.255.255.255", blocked)
+            for address in self._kept_to:
+                rules.add_rule(address, address, allowed)
+        if seed is not None:
+            rules.add_rule(seed, seed, allowed if self._seed_on else blocked)
+        self.session.set_ip_filter(rules)
+
+    def lacking(self, pieces: Collection[int]) -> set[str]:
+        wanted = list(pieces)
+        out = set()
+        for peer in self.handle.get_peer_info():
+            held = peer.pieces
+            if held and any(p < len(held) and not held[p] for p in wanted):
+                out.add(str(peer.ip[0]))
+        return out
 
     def availability(self) -> Sequence[int]:
         return list(self.handle.piece_availability())

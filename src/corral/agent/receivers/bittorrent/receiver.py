@@ -68,6 +68,17 @@ def _rack(params: dict[str, Any]) -> list[str] | None:
     return [str(a) for a in peers]
 
 
+def _lane(params: dict[str, Any], num_pieces: int, place: tuple[int, int] | None) -> list[int]:
+    """The pieces this node brings into its rack (the stripes of its lane, from the plan;
+    see :class:`~corral.agent.receivers.bittorrent.seed.SeedUse`)."""
+    lane = params.get("lane")
+    if place is None or not isinstance(lane, list):
+        return []
+    count = place[1]
+    stripes = {int(g) for g in lane if isinstance(g, int) and 0 <= g < count}
+    return sorted(p for g in stripes for p in stripe(num_pieces, g, count))
+
+
 def _import_libtorrent() -> ModuleType | None:
     try:
         return importlib.import_module("libtorrent")
@@ -147,6 +158,8 @@ class BitTorrentReceiver(StreamReceiver):
                     job.cancel,
                     mine=mine,
                     rack=_rack(params),
+                    lane=_lane(params, layout.num_pieces, place),
+                    partners=[str(a) for a in params.get("lane_peers") or []],
                     late=latecomers.pieces,
                 )
                 feeds.append(feeder.run())

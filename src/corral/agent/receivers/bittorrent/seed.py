@@ -102,8 +102,21 @@ class PieceClock:
         return floor if measured is None else max(floor, pieces * measured)
 
 
+#: Seconds a node that has its lane (see :class:`SeedUse`) waits, at most, for the nodes
+#: elsewhere that bring its own stripe into their racks to have it from it: once it trades
+#: with its own rack only, they can no longer take it from it (they take it from the seed
+#: then, which crosses their uplink once all the same).
+LANE_HANDOVER = 5.0
+#: ... and the lane's own patience: seconds in the import phase, the stripes of members
+#: still coming aside, before the node leaves what it lacks of its lane to its rack's
+#: rescues (floor of :data:`LANE_PIECES` pieces' time).
+LANE_TIMEOUT = 30.0
+LANE_PIECES = 20
+#: pieces' time of the handover (floor :data:`LANE_HANDOVER`)
+HANDOVER_PIECES = 5
+
 #: The phases before a node takes pieces from its peers.
-STARTING = ("look", "stripe")
+STARTING = ("look", "stripe", "import")
 
 
 class SeedUse:
@@ -149,18 +162,29 @@ class SeedUse:
 
     Without a stripe in the plan (a single node, an older server) the seed stays in use.
 
-    In a rack (``rack``: its nodes' addresses), only one node trades with other racks, its
-    door (:meth:`~corral.deploy.transports.bittorrent_tracker.Swarms.choose`): a node
-    connected to a peer outside its rack is the door, and behaves as above. Another node
-    of the rack gets what its rack lacks through the door, so it does not rescue the
-    pieces at no peer of its rack: the door is bringing them in, and the seed would send
-    them over the rack's uplink once more. It still rescues after :data:`RESCUE_IDLE`
-    without anything new (the door is too slow, or died). The door downloads each piece
-    once, from wherever it comes (the seed included).
+    In a rack (``rack``: its nodes' addresses), a node brings its *lane* into the rack
+    (``lane``: the pieces of the stripes of nodes elsewhere that it alone brings in; see
+    :func:`~corral.deploy.transports.bittorrent_tracker.lanes`), so that each piece
+    crosses the rack's uplink once and every node of the rack carries a share of it:
 
-    The door's upload, which carries the rack's pieces out and the others' in, bounds
-    the rack's pace, and these rescues relieve it: without them a rack at N = 100 took
-    3.9 x S/B (docs/benchmarks.md, racks).
+    ``import``
+        after its stripe, the seed kept away, it wants its lane only, from its lane
+        partners (the nodes elsewhere the tracker gave it: those whose stripes it brings
+        in, and those that bring its own into their racks). A partner wants nothing but
+        stripes of the lane either until its own import ends, and then cuts its
+        connections out of its rack, so nothing else crosses the uplink. Pieces of its
+        lane at no connected peer (the partner died; not a member still coming) are
+        asked of the seed after :data:`RESCUE_IDLE` without anything new. Once its lane
+        is here the node waits, up to :data:`LANE_HANDOVER`, for the partners still
+        lacking its own stripe; after :data:`LANE_TIMEOUT` it leaves what is missing of
+        its lane to the rack's rescues. (In ``look`` too, a node with a lane wants
+        nothing from its peers.)
+    ``swarm``, ``rescue``
+        then only its rack's nodes (and the seed, in a rescue) can reach it
+        (libtorrent's IP filter). It does not rescue the pieces at no peer of its rack:
+        a node of the rack is bringing them in, and the seed would send them over the
+        rack's uplink once more. It still rescues after :data:`RESCUE_IDLE` without
+        anything new.
     """
 
     def __init__(
@@ -170,6 +194,8 @@ class SeedUse:
         clock: Callable[[], float],
         *,
         rack: Collection[str] | None = None,
+        lane: Sequence[int] = (),
+        partners: Collection[str] = (),
         late: Callable[[], Collection[int]] = frozenset,
     ) -> None:
         self.swarm = swarm
@@ -179,7 +205,11 @@ class SeedUse:
         self.rack = None if rack is None else frozenset(rack)
         self.started = clock()
         self.mine = list(mine) if mine is not None else None
+        self.lane = sorted(set(lane)) if self.rack is not None else []
+        self.partners = frozenset(partners)
         self.rescue: list[int] = []
+        self._lane_since = 0.0  # the import phase's start, then the lane's arrival
+        self._lane_done = False
         self.since = 0.0
         self._looked = -1e9
         self._orphans_since = float("inf")
@@ -190,9 +220,12 @@ class SeedUse:
         self.started_swarming = self.started
         if self.mine is None:
             self.phase = "plain"
+            swarm.use_seed(True)
         else:
             self.phase = "look" if self.mine else "swarm"
             swarm.use_seed(False)
+            if self.lane and self.mine:
+                swarm.want([])  # what a partner elsewhere holds is not for it yet
 
     @property
     def phase(self) -> str:
@@ -207,9 +240,14 @@ class SeedUse:
                 self.started_swarming = self._phase_at
         self._phase = value
 
+    def in_order(self) -> bool:
+        """Whether the feed may ask for the next chunks' pieces first: not while the node
+        wants its stripe, its lane or a rescue only."""
+        return self._phase in ("plain", "swarm") or (self._phase == "look" and not self.lane)
+
     def starting(self) -> bool:
-        """Still meeting its peers or getting its stripe: no chunk is wanted yet, so none
-        can stall (the stripe has its own :data:`STRIPE_TIMEOUT`)."""
+        """Still meeting its peers or getting its stripe or its lane: no chunk is wanted
+        yet, so none can stall (the stripe and the lane have their own timeouts)."""
         return self._phase in STARTING
 
     def step(self, have: Sequence[bool], idle: float) -> bool:
@@ -238,8 +276,10 @@ class SeedUse:
                     "bittorrent: my stripe is %s; all from the peers",
                     "at peers already" if left else "here",
                 )
-                self.phase = "swarm"
-                return False
+                if self.rack is None:
+                    self.phase = "swarm"
+                    return False
+                return self._after_stripe(have, now)
             self.phase, self.started = "stripe", now
             self.swarm.want(left)
             self.swarm.use_seed(True)
@@ -270,10 +310,11 @@ class SeedUse:
                     else "my stripe is here",
                     now - self.started,
                 )
-                self.phase = "swarm"
                 self.swarm.use_seed(False)
-                self.swarm.want(None)
+                self._after_stripe(have, now)
                 return True
+        elif self.phase == "import":
+            return self._import(have, idle, now, rescue_idle)
         elif (
             self.phase == "swarm"
             and not all(have)
@@ -324,6 +365,84 @@ class SeedUse:
             return True
         return False
 
+    def _after_stripe(self, have: Sequence[bool], now: float) -> bool:
+        """The stripe is done with: the lane next, if the node has one to bring in, else
+        the swarm (its rack's only, in a rack); True (the wanted pieces changed)."""
+        left = [p for p in self.lane if not have[p]]
+        if left:
+            log.info("bittorrent: bringing %d pieces into my rack", len(left))
+            self.phase, self._lane_since = "import", now
+            self.swarm.want(left)
+        else:
+            self._to_swarm()
+        return True
+
+    def _to_swarm(self) -> None:
+        self.phase, self._orphans_since = "swarm", float("inf")
+        if self.rack is not None:
+            self.swarm.keep_to(self.rack)
+        self.swarm.want(None)
+
+    def _import(self, have: Sequence[bool], idle: float, now: float, rescue_idle: float) -> bool:
+        """One look in the import phase (see the class)."""
+        left = [p for p in self.lane if not have[p]]
+        if self.rescue:
+            if left and not all(have[p] for p in self.rescue) and now - self.since < RESCUE_MAX:
+                return False
+            self.rescue = []
+            self.swarm.use_seed(False)
+            if left:
+                self.swarm.want(left)
+                return True
+        if not left:
+            if not self._lane_done:
+                self._lane_done, self._lane_since = True, now
+                log.info("bittorrent: my lane is here")
+            handover = self.pace.scaled(LANE_HANDOVER, HANDOVER_PIECES)
+            waiting = self._partners_in_need()
+            if waiting and now - self._lane_since < handover:
+                return False
+            if waiting:
+                log.info(
+                    "bittorrent: %s still lack my stripe; my rack's only now",
+                    ", ".join(sorted(waiting)),
+                )
+            self._to_swarm()
+            return True
+        if now - self._lane_since >= self.pace.scaled(LANE_TIMEOUT, LANE_PIECES) and not (
+            self.waits_for_members(left)
+        ):
+            log.info(
+                "bittorrent: %d pieces of my lane late (%s); my rack's only now",
+                len(left),
+                ", ".join(map(str, left[:8])),
+            )
+            self._to_swarm()
+            return True
+        if idle < rescue_idle or not self.swarm.heard():
+            return False
+        awaited = self.awaited()
+        nowhere = [
+            p
+            for p, a in zip(left, self._available(left), strict=True)
+            if not a and p not in awaited
+        ]
+        if not nowhere:
+            return False
+        log.info("bittorrent: %d pieces of my lane at no peer; asking the seed", len(nowhere))
+        self.rescue, self.since = nowhere, now
+        self.swarm.want(nowhere)
+        self.swarm.use_seed(True)
+        return True
+
+    def _partners_in_need(self) -> set[str]:
+        """The connected lane partners that lack some of this node's stripe (without a
+        list of them: the peers elsewhere that do). One not connected has ended its
+        import or has not come: it takes what it lacks of its lane from the seed, which
+        crosses its rack's uplink once all the same."""
+        lacking = self.swarm.lacking(self.mine or [])
+        return lacking & self.partners if self.partners else lacking - (self.rack or frozenset())
+
     def awaited(self) -> Collection[int]:
         """The pieces left to members that have not joined yet (see :data:`LATE_WAIT`)."""
         if self.clock() - self.born >= LATE_WAIT:
@@ -337,8 +456,8 @@ class SeedUse:
         awaited = self.awaited()
         return all(p in awaited for p in pieces)
 
-    def behind_door(self) -> bool:
-        """In a rack, and not its door: no peer from elsewhere is connected."""
+    def in_rack(self) -> bool:
+        """Trading with its rack only (see the class)."""
         return self.rack is not None and self.swarm.addresses() <= self.rack
 
     def _met(self, waited: float) -> bool:
@@ -350,7 +469,7 @@ class SeedUse:
     ) -> bool:
         """Time to ask the seed (looked at once a second): nothing new for ``rescue_idle``
         seconds, or pieces at no peer for :data:`ORPHAN_WAIT` seconds (both scaled to the
-        node's pace; the second not behind a rack's door);
+        node's pace; the second not in a rack);
         but not while the node has no peer at all, for :data:`ALONE_WAIT` seconds (it is
         still connecting, or the first of its deployment: the others are booting)."""
         if now - self._looked < 1.0:
@@ -364,7 +483,7 @@ class SeedUse:
             self._alone_since = float("inf")
         if idle >= rescue_idle:
             return True
-        if self.behind_door():
+        if self.in_rack():
             return False
         available = self._counts(len(have))
         if available is None:

@@ -3,7 +3,7 @@ chunks lie in the torrent's pieces (:class:`PieceMap`, :func:`stripe`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,7 +40,16 @@ class Swarm(Protocol):
         ...
 
     def use_seed(self, on: bool) -> None:
-        """Connect to corral's seed, or keep away from it."""
+        """Connect to corral's seed, or keep away from it (as at the start)."""
+        ...
+
+    def keep_to(self, addresses: Collection[str] | None) -> None:
+        """Let only peers at these addresses reach the node (corral's seed aside, which
+        :meth:`use_seed` decides); None: anyone."""
+        ...
+
+    def lacking(self, pieces: Collection[int]) -> set[str]:
+        """The addresses of the connected peers that lack any of ``pieces``."""
         ...
 
     def availability(self) -> Sequence[int]:

@@ -4,8 +4,8 @@
 **Why a flow-level model, not a discrete-event simulation.** Every figure the issue asks
 for (the last node's T, the server's egress) is set by which link is the bottleneck and
 for how long: the server's link for unicast, one node's link for the chain, for
-multicast and for BitTorrent's swarm, a door's upload for BitTorrent across racks, a
-rack's uplink for traffic that crosses it. Max-min fair sharing of those links gives
+multicast and for BitTorrent's swarm (a rack's own, in racks), a rack's uplink for
+traffic that crosses it. Max-min fair sharing of those links gives
 each flow's rate in closed form, so the model is a few lines per transport, runs 10,000
 nodes in microseconds, and every term can be read and argued with. A packet-level
 simulation would need constants (switch buffers, TCP's state machine, libtorrent's
@@ -31,8 +31,7 @@ result, ``docs/benchmarks.md`` the table):
   peers, the first choke rounds), seconds; ``bt_depth``: the swarm's stretch of a node's
   S/B per doubling of N (its link is not busy all the time); ``bt_seed``: the seed's
   share of the server link (fitted when the seed bound the old swarm); ``bt_rescue``:
-  the share of S the seed sends again on one switch, for pieces no peer has (egress
-  only; behind doors it is about a copy per rack);
+  the share of S the seed sends again, for pieces no peer has (egress only);
 - ``ctl_bytes``: control traffic per node on the server's link (plan, reports, tokens);
 - ``host_ack``, ``host_relay``, ``host_disk``: the testbed only. Its nodes share two
   cores, so an acknowledgement (multicast, per slice) or a relay's turn (chain) waits
@@ -47,11 +46,12 @@ TCP's rate under loss by Mathis et al.'s 1.22 MSS / (RTT sqrt(p)), BitTorrent on
 flows per node (the agent's upload slots), the server at the spine outside every rack,
 and multicast's HTTP catch-ups sharing half the server link.
 
-**What the BitTorrent model leaves out** (``docs/benchmarks.md`` lists the rest): how
-far the seed's rescues relieve a door (T takes the door's bound as fitted, egress the
-rescues, at most what the seed's share carries meanwhile); a door that is slow or dies;
-rarest-first, endgame and choking beyond one stretch; the tracker at 10,000 peers; and
-the testbed's saturated host (its runs are excluded, not modelled).
+**What the BitTorrent model leaves out** (``docs/benchmarks.md`` lists the rest): the
+wait of a node whose lane partner is slow or dead (the seed's rescue of its pieces, and
+the 5 s handover); a rack's swarm is modelled as a flat one of its size, fitted on one
+switch; rarest-first, endgame and choking beyond one stretch; the tracker at 10,000
+peers (each node of 250 racks has 249 lane partners); and the testbed's saturated host
+(its runs are excluded, not modelled).
 """
 
 from __future__ import annotations
@@ -106,6 +106,9 @@ BT_STORM = 3.0
 # 2026-12-03 22:18 UTC): later runs that send that much (the current swarm under a start
 # skew) are the model's to predict.
 BT_MESHED = "2026-12-03 22:18"
+# ... and a rack run from when the doors were the design (99bee39's first run) that is
+# not labelled with them (c8b0633's) is of the doors.
+BT_DOORS = "2026-12-04 04:54"
 CATCHUP_SHARE = 0.5
 # udpcast with corral's --fec 8x4/128: slices of 8 x 128 blocks of 1456 bytes, 4 of 128
 # redundant per stripe.
@@ -240,35 +243,33 @@ def chain(c: Cluster, k: dict[str, float]) -> Prediction:
 
 
 def bittorrent(c: Cluster, k: dict[str, float]) -> Prediction:
-    """corral's swarm: stripes from the seed, then trading, racks joined by one door each.
+    """corral's swarm: stripes from the seed, then trading; in racks, lanes first.
 
     After ``bt_start`` (tracker, a look at the peers, the first choke rounds) every node
     takes its stripe, 1/N of the pieces, from the seed: the stripes together are one copy,
     sent at ``bt_seed`` of the server link. Then the nodes trade, each bound by its own
-    link, stretched by ``bt_depth`` per doubling of N. In racks, one door per rack is the
-    only node that trades across them; its upload carries its rack's pieces out and the
-    other racks' pieces in, 2 (1 - 1/R) S at one node's rate, with the same stretch: that
-    bounds T. A node that comes while the others still trade trades at their pace: the
-    runs at a start skew of 30 and 60 s took 1.5-1.7 x S/B from the last node's start,
-    not the 1 x S/B of its own link (a model that said so was 10-17 % short on them); one
-    that comes after they are done takes S at its own link's rate. The seed sends again
-    what no peer has: ``bt_rescue`` x S on one switch, and about a copy per rack behind
-    the doors (their nodes, idle, ask it), at most what its share of the link carries
-    while the swarm runs. The testbed's installs end on its one host's disks, as the
-    other transports' do (``host_disk``)."""
+    link, stretched by ``bt_depth`` per doubling of N. In R racks of n, each node first
+    brings its lane into its rack (the other racks' stripes at its place), (1 - 1/R) S
+    into each rack across its uplink, S/n-ish a node; then each rack trades on its own,
+    a swarm of n. A node that comes while the others still trade trades at their pace:
+    the runs at a start skew of 30 and 60 s took 1.5-1.7 x S/B from the last node's
+    start, not the 1 x S/B of its own link (a model that said so was 10-17 % short on
+    them); one that comes after they are done takes S at its own link's rate. The seed
+    sends again what no peer has: ``bt_rescue`` x S, at most what its share of the link
+    carries while the swarm runs. The testbed's installs end on its one host's disks, as
+    the other transports' do (``host_disk``)."""
     down = _tcp_rate(c, c.node_link, k, BT_FLOWS)
     if c.nodes == 1:  # the seed alone, as HTTP would
         t = k["t0"] + c.skew + c.size / down
         return Prediction(t, t, c.size / k["eta_tcp"] + k["ctl_bytes"])
     racks = c.nodes // c.rack_size if c.uplink < math.inf else 1
     seed = k["bt_seed"] * k["eta_tcp"] * c.server_link / 8
-    stretch = 1 + k["bt_depth"] * math.log2(c.nodes)
-    swarm = stretch * c.size / down * max(1.0, 2 * (1 - 1 / racks))
-    rescued = min(max(racks - 1, k["bt_rescue"]) * c.size, seed * swarm)
+    swarm_n = c.rack_size if racks > 1 else c.nodes
+    swarm = (1 + k["bt_depth"] * math.log2(swarm_n)) * c.size / down
     if racks > 1:
-        # into each rack: its share of what the seed sends, and from the other doors
-        crossing = (c.size + rescued) / racks + (1 - 1 / racks) * c.size
-        swarm = max(swarm, crossing / (k["eta_tcp"] * c.uplink / 8))
+        lane = (1 - 1 / racks) * c.size
+        swarm += max(lane / (k["eta_tcp"] * c.uplink / 8), lane / c.rack_size / down)
+    rescued = min(k["bt_rescue"] * c.size, seed * swarm)
     together = c.size / seed + swarm
     late = c.skew + (swarm if c.skew < together else c.size / down)
     t = k["t0"] + k["bt_start"] + max(late, together) + _host_finish(c, k)
@@ -328,9 +329,11 @@ def _bt_design(label: str, racks: int, egress_s: float, measured: str = "") -> s
     """Why a BitTorrent run is of a design the model no longer describes, or "".
 
     ``measured``: the run's date and time as recorded (none in the oldest records)."""
-    if racks > 1 and "one door per rack" not in label:
+    if racks > 1 and "lanes" not in label:
         if "doors," in label:
             return "a variant of the rack doors tried on the way (99bee39 replaced it)"
+        if "one door per rack" in label or measured >= BT_DOORS:
+            return "one door per rack (99bee39 to c8b0633; lanes replaced it at 3ea2f66)"
         return "racks before the doors: peers crossed the uplinks at will (replaced at 756f5bb)"
     if measured < BT_MESHED and egress_s > BT_STORM * max(racks, 1):
         return (

@@ -42,6 +42,7 @@ from corral.deploy.transports.base import NotReady
 from corral.deploy.transports.bittorrent import (
     BitTorrentTransport,
     Layout,
+    by_stripe,
     make_torrent,
     piece_hashes,
     piece_size_for,
@@ -996,6 +997,17 @@ def test_a_rack_trades_with_its_lane_partners_and_itself() -> None:
     anywhere = peers(announce(swarms, "10.0.9.9", b"z" * 20, left=1))
     assert len(anywhere) == MAX_PEERS
     assert len({racks.get(ip) for ip, _ in anywhere} - {None}) == 3
+
+
+def test_the_racks_take_turns_in_the_stripes() -> None:
+    # the first stripes hold a piece more when N does not divide the pieces: in name
+    # order the first rack would hold them all
+    racks = {f"n{i:02}": f"r{1 + i // 3}" for i in range(9)}  # and x in none
+    nodes = ["x", *racks]
+    assert by_stripe(nodes, racks) == (
+        "x", "n00", "n03", "n06", "n01", "n04", "n07", "n02", "n05", "n08",
+    )  # fmt: skip
+    assert by_stripe(["b", "c", "a"], {}) == ("a", "b", "c")  # no racks: by name
 
 
 def test_lanes_bring_each_stripe_into_each_rack_once() -> None:

@@ -25,7 +25,7 @@ from corral.agent.receivers import RECEIVERS
 from corral.agent.receivers.bittorrent import seed as bittorrent_seed
 from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, Latecomers, linger
 from corral.agent.receivers.bittorrent.libtorrent_swarm import session_settings
-from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver, _place
+from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver, _lane, _place, _rack
 from corral.agent.receivers.bittorrent.seed import (
     ALONE_WAIT,
     LANE_HANDOVER,
@@ -780,6 +780,17 @@ def test_the_stripe_from_the_plan() -> None:
     assert _place(None) is None
     assert _place(["x", 2]) is None
     assert _place([5, 3]) is None
+
+
+def test_the_rack_and_the_lane_from_the_plan() -> None:
+    plan = {"rack": "r2", "rack_peers": ["10.0.2.1", "10.0.2.2"], "lane": [0, 3, 9]}
+    assert _rack(plan, "10.0.2.2") == ["10.0.2.1", "10.0.2.2"]
+    # a node on DHCP, whose address the plan does not know: no rack to keep to
+    assert _rack(plan, "10.0.9.9") is None
+    assert _rack({"rack_peers": ["10.0.2.2"]}, "10.0.2.2") is None
+    # stripes 0 and 3 of 4 over 10 pieces (9 is no stripe of 4)
+    assert _lane(plan, 10, (1, 4)) == [0, 3, 4, 7, 8]
+    assert _lane(plan, 10, None) == [] and _lane({}, 10, (1, 4)) == []
 
 
 def test_a_rescue_goes_on_while_nobody_else_has_the_pieces() -> None:

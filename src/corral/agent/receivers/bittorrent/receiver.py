@@ -60,12 +60,15 @@ def _place(value: Any) -> tuple[int, int] | None:
     return index, count
 
 
-def _rack(params: dict[str, Any]) -> list[str] | None:
-    """The addresses of this node's rack, from the plan; None if it is in none."""
+def _rack(params: dict[str, Any], address: str) -> list[str] | None:
+    """The addresses of this node's rack, from the plan; None if it is in none, or if
+    the plan does not know its own address (a node on DHCP): the node would keep itself
+    to a rack it cannot name, and trade with nobody."""
     peers = params.get("rack_peers")
     if not params.get("rack") or not isinstance(peers, list):
         return None
-    return [str(a) for a in peers]
+    rack = [str(a) for a in peers]
+    return rack if address in rack else None
 
 
 def _lane(params: dict[str, Any], num_pieces: int, place: tuple[int, int] | None) -> list[int]:
@@ -157,7 +160,7 @@ class BitTorrentReceiver(StreamReceiver):
                     job.progress,
                     job.cancel,
                     mine=mine,
-                    rack=_rack(params),
+                    rack=_rack(params, address),
                     lane=_lane(params, layout.num_pieces, place),
                     partners=[str(a) for a in params.get("lane_peers") or []],
                     late=latecomers.pieces,

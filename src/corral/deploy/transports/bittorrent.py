@@ -289,7 +289,7 @@ def by_stripe(nodes: Iterable[str], racks: Mapping[str, str]) -> tuple[str, ...]
     piece more (120 pieces, 100 nodes: stripes 0-19 hold two): taking turns spreads those
     over the racks, so that each holds its share of the image and sends about as much
     across its uplink as the others (in order of names, the first rack of four held
-    0.375 x S and sent 1.13 x S out)."""
+    0.375 x S, and sent 1.22 x S out in a run of the unfinished branch)."""
     groups: dict[str, list[str]] = {}
     for node in sorted(nodes):
         groups.setdefault(racks.get(node, ""), []).append(node)

@@ -1038,13 +1038,13 @@ def test_lanes_bring_each_stripe_into_each_rack_once() -> None:
     # a rack's nodes take the stripes from elsewhere in turn, in stripe order
     assert got["b1"] == [0, 2, 6, 8, 10] and got["b2"] == [1, 5, 7, 9]
     assert got["a1"] == [3, 6, 9] and got["c4"] == [3]
-    pairs = partners(members, racks)
+    pairs = partners(members, got)
     # a1 brings in b1's, c2's and x's stripes; b1 and c1 bring in a1's
     assert pairs["a1"] == {"b1", "c2", "x", "c1"}
     assert pairs["x"] == {"a1", "b2", "c2"} and "" not in pairs
     # equal racks pair the nodes at the same place
     even = {f"{r}{i}": r for r in "pq" for i in range(3)}
-    assert partners(list(even), even) == {
+    assert partners(list(even), lanes(list(even), even)) == {
         f"{r}{i}": {f"{o}{i}"} for r, o in ("pq", "qp") for i in range(3)
     }
 

@@ -106,7 +106,7 @@ class Swarms:
                 old.peers if old else {},
                 old.seen if old else {},
                 old.opened if old else self.clock(),
-                partners(members, racks or {}),
+                partners(members, lanes(members, racks or {})),
             )
 
     def pending(self, info_hash: bytes) -> int:
@@ -257,11 +257,13 @@ def lanes(members: Sequence[str], racks: Mapping[str, str]) -> dict[str, list[in
     return out
 
 
-def partners(members: Sequence[str], racks: Mapping[str, str]) -> dict[str, frozenset[str]]:
-    """Each member's lane partners (see :func:`lanes`): the members whose stripes it brings
-    into its rack, and those that bring its own into theirs."""
+def partners(
+    members: Sequence[str], lane_of: Mapping[str, Sequence[int]]
+) -> dict[str, frozenset[str]]:
+    """Each member's lane partners, from the lanes (:func:`lanes`): the members whose
+    stripes it brings into its rack, and those that bring its own into theirs."""
     out: dict[str, set[str]] = {}
-    for member, lane in lanes(members, racks).items():
+    for member, lane in lane_of.items():
         for stripe in lane:
             owner = members[stripe]
             if owner and member:

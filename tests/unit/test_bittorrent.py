@@ -942,6 +942,7 @@ def test_a_lane_piece_at_no_peer_is_asked_of_the_seed_and_a_partner_is_waited_fo
     assert calls[4:9] == [
         ("seed", False), ("want", [5, 7]), ("want", [7]), ("seed", True), ("seed", False)
     ]  # fmt: skip
+    assert "1 piece of my lane at no peer; asking the seed" in caplog.text
     assert "10.0.2.10 still lack my stripe" in caplog.text
     wants = [w for c, w in swarm.calls if c == "want"]
     assert swarm.want_at[wants.index(None)] >= 12 + LANE_HANDOVER  # 7 came at the 12th look

@@ -23,7 +23,7 @@ from corral.agent.receivers.bittorrent.libtorrent_swarm import (
     LibtorrentSwarm,
     local_address,
 )
-from corral.agent.receivers.bittorrent.swarm import PieceMap, stripe
+from corral.agent.receivers.bittorrent.swarm import PieceMap, pieces, stripe
 from corral.agent.receivers.http import HttpReceiver
 from corral.agent.receivers.stream import VerifiedStream
 
@@ -134,7 +134,7 @@ class BitTorrentReceiver(StreamReceiver):
                 swarm.listen_port(),
                 params.get("tracker", "?"),
                 params.get("seed", "?"),
-                "none" if mine is None else f"{len(mine)} pieces",
+                "none" if mine is None else pieces(len(mine)),
                 f", rack {params['rack']}" if params.get("rack") else "",
             )
 

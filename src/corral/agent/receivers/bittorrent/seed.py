@@ -7,7 +7,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
 
-from corral.agent.receivers.bittorrent.swarm import Swarm
+from corral.agent.receivers.bittorrent.swarm import Swarm, pieces
 
 log = logging.getLogger("corral.agent")
 
@@ -336,10 +336,10 @@ class SeedUse:
             if not rare:
                 return False
             log.info(
-                "bittorrent: nothing new for %.0f s; asking the seed for %d pieces "
+                "bittorrent: nothing new for %.0f s; asking the seed for %s "
                 "(%d missing, %d at no peer, %d peers in need)",
                 idle,
-                len(rare),
+                pieces(len(rare)),
                 len(missing),
                 sum(1 for p in missing if not available[p]),
                 count,
@@ -370,7 +370,7 @@ class SeedUse:
         the swarm (its rack's only, in a rack); True (the wanted pieces changed)."""
         left = [p for p in self.lane if not have[p]]
         if left:
-            log.info("bittorrent: bringing %d pieces into my rack", len(left))
+            log.info("bittorrent: bringing %s into my rack", pieces(len(left)))
             self.phase, self._lane_since = "import", now
             self.swarm.want(left)
         else:
@@ -413,8 +413,8 @@ class SeedUse:
             self.waits_for_members(left)
         ):
             log.info(
-                "bittorrent: %d pieces of my lane late (%s); my rack's only now",
-                len(left),
+                "bittorrent: %s of my lane late (%s); my rack's only now",
+                pieces(len(left)),
                 ", ".join(map(str, left[:8])),
             )
             self._to_swarm()
@@ -429,7 +429,7 @@ class SeedUse:
         ]
         if not nowhere:
             return False
-        log.info("bittorrent: %d pieces of my lane at no peer; asking the seed", len(nowhere))
+        log.info("bittorrent: %s of my lane at no peer; asking the seed", pieces(len(nowhere)))
         self.rescue, self.since = nowhere, now
         self.swarm.want(nowhere)
         self.swarm.use_seed(True)

@@ -157,3 +157,8 @@ def stripe(num_pieces: int, index: int, count: int) -> list[int]:
     if count <= 0 or not 0 <= index < count:
         return list(range(num_pieces))
     return list(range(index, num_pieces, count))
+
+
+def pieces(count: int) -> str:
+    """A count of pieces for the log: "1 piece", "3 pieces"."""
+    return f"{count} piece" if count == 1 else f"{count} pieces"

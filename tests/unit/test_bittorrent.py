@@ -383,8 +383,6 @@ def test_agent_settings_are_pinned() -> None:
         "close_redundant_connections": False,
         "connections_limit": 200,
         "unchoke_slots_limit": 8,
-        "num_optimistic_unchoke_slots": 4,
-        "optimistic_unchoke_interval": 10,
         "listen_queue_size": 200,
         "tracker_completion_timeout": 30,
         "tracker_receive_timeout": 15,

@@ -36,11 +36,10 @@ def lan_settings(lt: Any, address: str, port: int) -> dict[str, Any]:
         # Choking exists to make strangers reciprocate (tit-for-tat). The nodes are not
         # strangers and there are no free riders to punish, so the seed unchokes every
         # peer that asks (fixed slots, unlimited), and no peer waits for an optimistic
-        # unchoke every 30 s; a node limits its slots for its links' sake only, and
-        # rotates half of them (session_settings). What the seed sends is limited by
-        # what the nodes ask of it (their stripes, see SeedUse), not by choking.
-        # Measured with 20 nodes at 20 Mbit/s and the seed at 200 Mbit/s, 16 MiB,
-        # before the stripes: every peer unchoked
+        # unchoke every 30 s; a node limits its slots for its links' sake only. What the
+        # seed sends is limited by what the nodes ask of it (their stripes, see
+        # SeedUse), not by choking. Measured with 20 nodes at 20 Mbit/s
+        # and the seed at 200 Mbit/s, 16 MiB, before the stripes: every peer unchoked
         # and asking freely, T = 1.5 x S/B but egress 8.7 x S (the seed, 10x faster
         # than a node, answered everything); 1 or 2 unchoke slots (rotated every 3-5 s),
         # egress 2.3-3.2 x S but T = 2-2.3 x S/B (the seed then injects new pieces

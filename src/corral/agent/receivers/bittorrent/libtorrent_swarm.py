@@ -26,8 +26,6 @@ PEER_PORT = 6881
 #: them, timed out (17 of 100 nodes failed at N = 100 on the testbed). The seed stays
 #: unlimited: the stripes, not choking, bound what it sends.
 UPLOAD_SLOTS = 8
-#: Seconds an optimistic upload slot stays with one peer (see :func:`session_settings`).
-OPTIMISTIC_TURN = 10
 #: How long a new torrent may take to check its (empty) save path before pieces are added.
 CHECK_WAIT = 5.0
 
@@ -48,16 +46,6 @@ def session_settings(lt: Any, address: str, port: int = PEER_PORT) -> dict[str, 
         "close_redundant_connections": False,
         "connections_limit": 200,
         "unchoke_slots_limit": UPLOAD_SLOTS,
-        # A downloading node's choker gives its regular slots to the peers that sent it
-        # the most in the last round (libtorrent's tit for tat, which no setting turns
-        # off): a node that fell behind early has little to send, gets little, and stays
-        # behind (20-40 s after the others, 25 nodes on one switch). Half the slots go
-        # round the interested peers instead (optimistic unchokes), a new peer every 10 s
-        # (libtorrent's default: one slot in five, every 30 s). Three runs each: 25 nodes
-        # on one switch, T 1.47 (1.51) x S/B against 1.60 (1.68), for 0.2 x S more from
-        # the seed; 100 in 4 racks of 25, 1.89 (1.90) against 1.95 (1.95).
-        "num_optimistic_unchoke_slots": UPLOAD_SLOTS // 2,
-        "optimistic_unchoke_interval": OPTIMISTIC_TURN,
         # the backlog of a listening socket (libtorrent's default: 5) overflows when a
         # wave of nodes connects to every peer at once
         "listen_queue_size": 200,

@@ -5,6 +5,7 @@ tests/integration/test_deploy_multicast.py."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -22,11 +23,19 @@ from typing import Any, cast
 import pytest
 
 from corral.agent.errors import Cancelled
+from corral.agent.network import raise_rmem_max
 from corral.agent.plan import Plan
 from corral.agent.receivers import multicast as rx_multicast
 from corral.agent.receivers import receiver_class
 from corral.agent.receivers.base import Context, Job
-from corral.agent.receivers.multicast import MulticastReceiver, RateWatch, Session, receiver_argv
+from corral.agent.receivers.multicast import (
+    RCVBUF,
+    MulticastReceiver,
+    RateWatch,
+    Session,
+    receive_buffer,
+    receiver_argv,
+)
 from corral.agent.receivers.stream import Unpacker
 from corral.agent.report import Client
 from corral.config import Settings, load_settings
@@ -558,6 +567,35 @@ def test_the_plan_session() -> None:
     assert argv[argv.index("--mcast-rdv-address") + 1] == "239.194.0.1"
     assert int(argv[argv.index("--start-timeout") + 1]) > session.max_wait
     assert pairs  # every option has its value
+    # a socket buffer of 4 MiB at least: the kernel's 208 KiB overflowed on a busy node
+    assert int(pairs["--rcvbuf"]) == RCVBUF == 4 * 2**20
+    fast = replace(session, max_bitrate=10**9)
+    assert receive_buffer(fast) == 125_000_000  # a second of the session
+
+
+def test_the_kernel_limit_is_raised_to_the_buffer_udp_receiver_asks_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    core = tmp_path / "sys" / "net" / "core"
+    core.mkdir(parents=True)
+    limit = core / "rmem_max"
+    limit.write_text("212992\n")
+    assert raise_rmem_max(RCVBUF, tmp_path) == RCVBUF
+    assert limit.read_text() == f"{RCVBUF}\n"
+    assert raise_rmem_max(1024, tmp_path) == RCVBUF  # never lowered
+    assert limit.read_text() == f"{RCVBUF}\n"
+    # a kernel that refuses (a network namespace): the limit it keeps
+    limit.write_text("212992\n")
+    real_write = Path.write_text
+
+    def refuse(path: Path, *args: Any, **kw: Any) -> int:
+        if path == limit:
+            raise PermissionError(errno.EINVAL, "Invalid argument")
+        return real_write(path, *args, **kw)
+
+    monkeypatch.setattr(Path, "write_text", refuse)
+    assert raise_rmem_max(RCVBUF, tmp_path) == 212992
+    assert raise_rmem_max(RCVBUF, tmp_path / "none") == 0  # no /proc: nothing known
 
 
 def test_a_node_is_judged_on_several_slices_and_at_least_the_leave_window() -> None:
@@ -672,9 +710,13 @@ class Faked(MulticastReceiver):
         self.unpacker = unpacker
         self.interface = interface
         self.rx = rx
+        self.room: list[int] = []
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
         return self.spawn_fn(argv)
+
+    def make_room(self, wanted: int) -> None:
+        self.room.append(wanted)
 
     def make_unpacker(self, target_dir: Path) -> Unpacker:
         if self.unpacker is None:
@@ -743,6 +785,9 @@ def test_all_by_multicast(tmp_path: Path, chunks: list[bytes]) -> None:
     assert server.gets == [] and receiver.left == ""
     assert h.joined == [session_params(chunks)["tag"]]  # told once, as udp-receiver said
     assert h.spawned[0][0] == "udp-receiver"
+    # room made in the kernel for the socket buffer udp-receiver asks for
+    rcvbuf = h.spawned[0][h.spawned[0].index("--rcvbuf") + 1]
+    assert cast(Faked, receiver).room == [int(rcvbuf)]
     # progress as the bytes arrive, not only at chunk boundaries
     assert any(0 < n < len(chunks[0]) for n in seen)
     assert seen[-1] == sum(map(len, chunks))

@@ -117,6 +117,24 @@ def has_default_route(proc: Path) -> bool:
     return False
 
 
+def raise_rmem_max(wanted: int, proc: Path = Path("/proc")) -> int:
+    """Let a socket ask for ``wanted`` bytes of receive buffer: raise the kernel's
+    ``net.core.rmem_max`` to it if it is lower. The limit it ends at, which is lower than
+    ``wanted`` when the kernel refuses (a network namespace cannot change it)."""
+    path = proc / "sys" / "net" / "core" / "rmem_max"
+    try:
+        limit = int(path.read_text())
+    except (OSError, ValueError):
+        return 0
+    if limit >= wanted:
+        return limit
+    try:
+        path.write_text(f"{wanted}\n")
+    except OSError:
+        return limit
+    return wanted
+
+
 def source_address(host: str, port: int) -> str | None:
     """The local address the kernel would use to reach ``host`` (nothing is sent)."""
     try:

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import IO
 
 from corral.agent.errors import Cancelled, ReceiveError
-from corral.agent.network import interface_ipv4, source_address
+from corral.agent.network import interface_ipv4, raise_rmem_max, source_address
 from corral.agent.plan import Plan
 from corral.agent.receivers.base import Context, Job, Received, StreamReceiver
 from corral.agent.receivers.multicast_async import AsyncReceiving, ReceiverStderr
@@ -83,6 +83,10 @@ RECEIVE_TIMEOUT = 60
 #: Seconds to let udp-receiver end by itself after the last chunk (its final ACK lets
 #: the sender finish at once instead of dropping this node after a few seconds).
 EXIT_GRACE = 3.0
+#: Bytes of socket buffer udp-receiver asks for, at least: the kernel's default (208 KiB,
+#: under a second at 2 Mbit/s) overflowed when 100 receivers shared two cores, and the
+#: sender resent 2-3 % of the stream for it. A second of the session's rate if that is more.
+RCVBUF = 4 * 2**20
 #: Unpacking that blocks the agent for more than this fraction of the window means the
 #: node itself, not its link, is slow: it stays (leaving would not make it faster).
 BUSY_FRACTION = 0.5
@@ -137,6 +141,11 @@ class Session:
         return session
 
 
+def receive_buffer(session: Session) -> int:
+    """The socket buffer udp-receiver asks for (:data:`RCVBUF`)."""
+    return max(RCVBUF, session.max_bitrate // 8)
+
+
 def receiver_argv(session: Session, address: str) -> list[str]:
     """udp-receiver for ``session`` on the interface that holds ``address``; the stream
     comes out on stdout."""
@@ -155,6 +164,8 @@ def receiver_argv(session: Session, address: str) -> list[str]:
         str(start_timeout),
         "--receive-timeout",
         str(RECEIVE_TIMEOUT),
+        "--rcvbuf",
+        str(receive_buffer(session)),
         # async: a slice FEC cannot rebuild is written in place, damaged, instead of
         # ending udp-receiver; the chunk's sha256 finds it
         *(["--ignore-lost-data"] if session.mode == "async" else []),
@@ -252,6 +263,18 @@ class MulticastReceiver(StreamReceiver):
                 return name
         return None
 
+    def make_room(self, wanted: int) -> None:
+        """Let udp-receiver's socket have ``wanted`` bytes (the kernel caps what a socket
+        asks for at ``net.core.rmem_max``)."""
+        limit = raise_rmem_max(wanted)
+        if limit < wanted:
+            log.info(
+                "multicast: the kernel caps socket buffers at %d KiB (net.core.rmem_max), "
+                "under the %d KiB udp-receiver asks for",
+                limit // 1024,
+                wanted // 1024,
+            )
+
     def rx_bytes(self, interface: str) -> int | None:
         try:
             return int(Path(f"/sys/class/net/{interface}/statistics/rx_bytes").read_text())
@@ -322,6 +345,7 @@ class MulticastReceiver(StreamReceiver):
             self.left = "no local address to receive the session on"
             return
         argv = receiver_argv(session, address)
+        self.make_room(receive_buffer(session))
         log.info("+ %s", shlex.join(argv))
         try:
             proc = self.spawn(argv)

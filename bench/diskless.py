@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 # bench/ is not a package: this script runs as bench/diskless.py, beside deploy.py
-from deploy import make_image, run_once, use_home
+from deploy import exit_on_sigterm, make_image, run_once, use_home
 
 from corral.deploy.store import Deployments
 from corral.images.exports import Chunked
@@ -221,6 +221,7 @@ def each_run(
 
 
 def main() -> int:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--transports", default="http,multicast,chain,bittorrent")
     parser.add_argument("--nodes", default="1,10,50,100", help="comma-separated N values")

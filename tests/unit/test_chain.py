@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Plan
 from corral.agent.receivers import receiver_class
 from corral.agent.receivers.base import Context, Job, Received
-from corral.agent.receivers.chain.receiver import ChainReceiver
+from corral.agent.receivers.chain.receiver import LAG_SECONDS, ChainReceiver
 from corral.agent.receivers.chain.relay import Relay
 from corral.agent.receivers.chain.upstream import ChainParams, LagWatch, Picker, Upstream
 from corral.agent.receivers.chain.window import Window
@@ -78,9 +79,11 @@ def test_hello_answer_and_frames_round_trip() -> None:
     hello = read_hello(reader(pack_hello(TAG, 12, "tb003", 65536)))
     assert (hello.tag, hello.index, hello.name, hello.offset) == (TAG, 12, "tb003", 65536)
     assert read_answer(reader(pack_answer(WRONG_SESSION, 3, "no"))) == (WRONG_SESSION, 3, "no")
-    frame = pack_frame(DATA, 4, 65536, b"xyz", have=4, lag=9)
+    frame = pack_frame(DATA, 4, 65536, b"xyz", have=4, lag=9, sent=2**32 - 1)
     assert len(frame) == wire.FRAME.size + 3
-    assert wire.FRAME.unpack(frame[: wire.FRAME.size]) == (DATA, 4, 65536, 3, 4, 9)
+    assert wire.FRAME.unpack(frame[: wire.FRAME.size]) == (DATA, 4, 65536, 3, 4, 9, 2**32 - 1)
+    stamped = wire.FRAME.unpack(pack_frame(IDLE, 0)[: wire.FRAME.size])[-1]
+    assert abs(stamped - wire.clock_ms()) < 1000  # the sender's clock, by default
 
 
 def test_a_hello_from_something_else_is_refused() -> None:
@@ -281,6 +284,28 @@ def test_a_node_is_slow_when_its_lag_grows_in_seconds_not_when_it_started_late()
     assert got[-1] <= 1000  # 920 KiB at 2 MiB/s: under half a second, and not growing
 
 
+def test_a_slow_node_is_judged_by_when_its_frames_were_sent_not_by_when_they_came() -> None:
+    # An upstream gets 256 KiB/s; its successor's link takes 25.6 KiB/s. The 128 KiB the
+    # sockets hold go out at once, at the upstream's pace, and then wait on the slow link:
+    # each frame tells what the upstream held up to 5 s before it arrives.
+    def first_judged(stamped: bool) -> float:
+        clock = Clock()
+        watch = LagWatch(clock=clock)
+        for tick in range(1, 200):
+            clock.now = tick * 0.25
+            holds = 25.6 * clock.now
+            sent = (holds - 128) / 25.6 if holds > 128 else holds / 256
+            stamp = int((sent + 5000) * 1000) & 0xFFFFFFFF  # another clock than ours
+            lag_ms = watch.growth(int(256 * sent) + 16, int(holds), stamp if stamped else None)
+            if lag_ms >= LAG_SECONDS * 1000:
+                return clock.now
+        return math.inf
+
+    # 0.9 s behind for every second: 8 s after 8.9 s
+    assert first_judged(stamped=True) <= 10
+    assert first_judged(stamped=False) >= 14  # by the frames' arrival: the old news of `have`
+
+
 def test_a_lag_far_in_the_past_is_forgotten() -> None:
     clock = Clock()
     watch = LagWatch(window=30, clock=clock)
@@ -327,7 +352,7 @@ def test_params_give_the_upstreams_nearest_first_without_addressless_nodes() -> 
 def frames(sock: socket.socket, n: int) -> list[tuple[int, int, int, bytes]]:
     out = []
     for _ in range(n):
-        kind, chunk, offset, length, _have, _front = wire.FRAME.unpack(
+        kind, chunk, offset, length, _have, _front, _sent = wire.FRAME.unpack(
             read_exact(sock, wire.FRAME.size)
         )
         out.append((kind, chunk, offset, read_exact(sock, length) if length else b""))

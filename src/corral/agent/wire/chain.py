@@ -1,4 +1,4 @@
-"""The chain transport's wire protocol, version 1: hello, answer and frames.
+"""The chain transport's wire protocol, version 2: hello, answer and frames.
 
 Stdlib only: both ends import it, the node's relay (:mod:`corral.agent.receivers.chain`)
 and the server's head (:mod:`corral.deploy.transports.chain`, which describes the
@@ -10,6 +10,7 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,7 +41,8 @@ SOCKET_BUFFER = 256 << 10
 UNSENT = 64 << 10
 
 MAGIC = b"CRLY"
-VERSION = 1
+#: 2: frames carry the sender's clock (``sent``)
+VERSION = 2
 #: answer statuses. BUSY: this end already feeds another successor of the chain (an
 #: uplink feeds one). PASSED: the asking node was passed by its own successor, which took
 #: its place here: it must not come back (see :class:`~corral.agent.wire.chain_sender.Slot`).
@@ -63,8 +65,10 @@ _HELLO_TAIL = struct.Struct("!IIB")  # next chunk, byte offset in it, name lengt
 _NAME = struct.Struct("!B")  # with PASSING: length of the passed node's name; name
 _ANSWER = struct.Struct("!4sBIH")  # magic, status, have, message length; message
 #: kind, chunk, offset, length, have (KiB of the stream the sender holds), lag (how many
-#: milliseconds the sender fell behind its own upstream lately: see ``TimeLag``)
-FRAME = struct.Struct("!BIIIII")
+#: milliseconds the sender fell behind its own upstream lately: see ``LagWatch``), sent
+#: (the sender's :func:`clock_ms` as it sent the frame: a receiver learns from it the
+#: sender's pace and how long frames now wait on their way, which ``have`` alone hides)
+FRAME = struct.Struct("!BIIIIII")
 
 
 class ProtocolError(AgentError):
@@ -143,10 +147,22 @@ def read_answer(read: Callable[[int], bytes]) -> tuple[int, int, str]:
     return status, have, read(length).decode("utf-8", "replace")
 
 
+def clock_ms() -> int:
+    """This node's monotonic clock in milliseconds, modulo 2**32, as frames carry it."""
+    return int(time.monotonic() * 1000) & 0xFFFFFFFF
+
+
 def pack_frame(
-    kind: int, chunk: int, offset: int = 0, data: bytes = b"", have: int = 0, lag: int = 0
+    kind: int,
+    chunk: int,
+    offset: int = 0,
+    data: bytes = b"",
+    have: int = 0,
+    lag: int = 0,
+    sent: int | None = None,
 ) -> bytes:
-    return FRAME.pack(kind, chunk, offset, len(data), have, lag) + data
+    stamp = clock_ms() if sent is None else sent
+    return FRAME.pack(kind, chunk, offset, len(data), have, lag, stamp) + data
 
 
 def read_exact(sock: socket.socket, n: int) -> bytes:

@@ -60,12 +60,12 @@ and chained again among themselves (those with a plan go on with theirs).
     head        [host, port] of the head
     base        http://server/images/NAME/VERSION, for chunks fetched over HTTP
 
-The wire protocol (all integers big-endian), version 1
+The wire protocol (all integers big-endian), version 2
 ------------------------------------------------------
 
 A downstream node connects and says hello::
 
-    "CRLY"  u8 version=1  u8 flags  u16 tag length  tag (utf-8)
+    "CRLY"  u8 version=2  u8 flags  u16 tag length  tag (utf-8)
     u32 index of the first chunk it needs  u32 byte offset in that chunk
     u8 name length  name (utf-8: the logs, and the successor slot)
     with flag 1 (PASSING): u8 length  name of the node it passed to come here
@@ -81,7 +81,7 @@ passed by its own successor, which took its place here); ``have`` is how many wh
 chunks, from the first, the upstream holds. Anything but 0 is followed by the close. After
 0, the upstream sends frames and the downstream sends nothing more::
 
-    u8 kind  u32 chunk  u32 offset  u32 length  u32 have  u32 lag  payload[length]
+    u8 kind  u32 chunk  u32 offset  u32 length  u32 have  u32 lag  u32 sent  payload[length]
 
 ``DATA`` (1)
     bytes ``[offset, offset + length)`` of ``chunk``. Chunks come in order, from the chunk
@@ -99,6 +99,11 @@ chunks, from the first, the upstream holds. Anything but 0 is followed by the cl
 chunks); ``lag`` is how many milliseconds, at its upstream's pace, it fell behind its own
 upstream in the last 30 s (0 from the head, and from a node pulling from the head). When
 that passes 8 s, the downstream pulls past it (a slow node): a time, the same on any link.
+``sent`` is the sender's monotonic clock in milliseconds (modulo 2**32) as it sent the
+frame: the receiver takes the sender's pace from ``have`` and ``sent`` together, and counts
+in its lag the time frames now spend on their way, queued ahead of a slow link (seconds
+at a tenth of the chain's rate, which ``have`` alone would hide). Version 1 had no
+``sent``; the two do not talk to each other.
 
 The downstream closes the connection when it holds the whole stream, or to resume
 elsewhere: a new connection's hello names the chunk and byte to resume from (the bytes are

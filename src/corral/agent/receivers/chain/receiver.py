@@ -373,11 +373,11 @@ class ChainReceiver(StreamReceiver):
                 raise Cancelled()
             try:
                 header = self._read(sock, FRAME.size, cancel)
-                kind, index, offset, length, have, lag = FRAME.unpack(header)
+                kind, index, offset, length, have, lag, sent = FRAME.unpack(header)
                 if kind == IDLE:
                     continue
                 if not from_head:
-                    window.lag = watch.growth(have, (state.done + len(buf)) >> 10)
+                    window.lag = watch.growth(have, (state.done + len(buf)) >> 10, sent)
                 if kind == SKIP:
                     state.skips += 1
                     end = min(index, count)

@@ -232,13 +232,19 @@ class LagWatch:
     """How far a node fell behind its upstream lately, in *seconds* of the upstream's
     pace, not in bytes (a byte count means 2 s on one link and 16 s on another).
 
-    The growth of ``what the upstream holds - what we hold`` above the least it was in
-    the last ``window`` seconds: the growth, not the lag, since a node that started late,
-    or just moved to an upstream further ahead, lags as much as that and no more and is
-    as fast as any, whereas a slow node's lag grows. It is divided by the upstream's pace
-    (the best growth of its holdings over ``span`` seconds seen on this connection): a
-    node that fell 8 s behind is 8 s behind at 2 Mbit/s as at 10 Gbit/s. Until a pace is
-    known (an upstream that already held everything) nothing is judged: 0."""
+    Each frame says what the upstream held and when it sent the frame, by its own clock.
+    Behind it, in seconds: ``what the upstream holds - what we hold`` at its pace, plus how
+    much longer than the first frame the frames now take to arrive. The second part is
+    the bytes queued ahead of a slow link: at a tenth of the chain's rate, seconds during
+    which ``have`` is old news. The offset between the two clocks cancels out.
+
+    What counts is the growth of that above the least it was in the last ``window``
+    seconds: a node that started late, or just moved to an upstream further ahead, lags
+    as much as that and no more and is as fast as any, whereas a slow node's lag grows.
+    The pace is the best growth of the upstream's holdings over ``span`` seconds of its
+    clock seen on this connection: a node that fell 8 s behind is 8 s behind at 2 Mbit/s
+    as at 10 Gbit/s. Until a pace is known (an upstream that already held everything)
+    nothing is judged: 0."""
 
     def __init__(
         self,
@@ -249,24 +255,37 @@ class LagWatch:
         self.window = window
         self.span = span
         self.clock = clock
-        self.samples: collections.deque[tuple[float, int, int]] = collections.deque()
+        #: (arrival, sent: s of the upstream's clock since the first frame, upstream holds
+        #: in KiB, behind in KiB, frames' extra delay in s)
+        self.samples: collections.deque[tuple[float, float, int, int, float]] = collections.deque()
         self.pace = 0.0  # KiB/s
-        self.least = 0
+        self.least = 0.0  # the least of the window's samples behind, in s
+        self.first: tuple[float, int] | None = None  # (arrival, sent in ms) of the first
 
-    def growth(self, upstream_holds: int, holds: int) -> int:
-        """Milliseconds the node fell behind lately (both holdings in KiB)."""
+    def growth(self, upstream_holds: int, holds: int, sent_ms: int | None = None) -> int:
+        """Milliseconds the node fell behind lately (both holdings in KiB; ``sent_ms``, the
+        frame's stamp by the upstream's clock; without it, the arrival time stands in)."""
         now = self.clock()
-        lag = upstream_holds - holds
+        if self.first is None:
+            self.first = (now, 0 if sent_ms is None else sent_ms)
+        if sent_ms is None:
+            sent = now - self.first[0]
+        else:
+            sent = ((sent_ms - self.first[1]) & 0xFFFFFFFF) / 1000
+        delay = (now - self.first[0]) - sent
+        current = (now, sent, upstream_holds, upstream_holds - holds, delay)
         samples = self.samples
         if not samples or now - samples[-1][0] >= self.span / 8:  # the sums: 4 times a second
-            samples.append((now, upstream_holds, lag))
+            samples.append(current)
             while len(samples) > 1 and now - samples[0][0] > self.window:
                 samples.popleft()
-            for t, held, _ in samples:
-                if now - t < self.span:
+            for _, then, held, _, _ in samples:
+                if sent - then < self.span:
                     break
-                self.pace = max(self.pace, (upstream_holds - held) / (now - t))
-            self.least = min(s[2] for s in samples)
+                self.pace = max(self.pace, (upstream_holds - held) / (sent - then))
+            if self.pace > 0:
+                self.least = min(s[3] / self.pace + s[4] for s in samples)
         if self.pace <= 0:
             return 0
-        return int(max(0, lag - min(self.least, lag)) / self.pace * 1000)
+        behind = current[3] / self.pace + delay
+        return int(max(0.0, behind - min(self.least, behind)) * 1000)

@@ -85,8 +85,10 @@ RECEIVE_TIMEOUT = 60
 EXIT_GRACE = 3.0
 #: Bytes of socket buffer udp-receiver asks for, at least: the kernel's default (208 KiB,
 #: under a second at 2 Mbit/s) overflowed when 100 receivers shared two cores, and the
-#: sender resent 2-3 % of the stream for it. A second of the session's rate if that is more.
+#: sender resent 2-3 % of the stream for it. A second of the session's rate if that is
+#: more, up to :data:`RCVBUF_MAX` (the kernel may hold twice that for the socket).
 RCVBUF = 4 * 2**20
+RCVBUF_MAX = 64 * 2**20
 #: Unpacking that blocks the agent for more than this fraction of the window means the
 #: node itself, not its link, is slow: it stays (leaving would not make it faster).
 BUSY_FRACTION = 0.5
@@ -143,7 +145,7 @@ class Session:
 
 def receive_buffer(session: Session) -> int:
     """The socket buffer udp-receiver asks for (:data:`RCVBUF`)."""
-    return max(RCVBUF, session.max_bitrate // 8)
+    return min(max(RCVBUF, session.max_bitrate // 8), RCVBUF_MAX)
 
 
 def receiver_argv(session: Session, address: str) -> list[str]:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from corral.run import stop as stop_process
+from corral.run import unwind_on_sigterm
 
 NS = f"cbs{os.getpid()}"
 SERVER = "10.200.0.1"
@@ -109,6 +110,7 @@ def main() -> None:
     if args.client:
         client(args.nodes)
         return
+    unwind_on_sigterm()  # kill removes the namespace and stops the server too
     work = Path(tempfile.mkdtemp(prefix="corral-bootstorm-"))
     env = dict(os.environ, CORRAL_HOME=str(work / "home"))
     home = work / "home"

@@ -57,7 +57,6 @@ import os
 import platform
 import random
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -77,6 +76,7 @@ from corral.images.store import ImageVersion
 from corral.inventory import db
 from corral.inventory import models as m
 from corral.inventory.schema import ProfileSpec
+from corral.run import unwind_on_sigterm
 from corral.testbed import cluster
 from corral.testbed.cluster import parse_rate
 
@@ -92,12 +92,6 @@ RECEIVED = re.compile(
     r"| by bittorrent: \d+ chunks from the swarm, (?P<swarm>\d+) over HTTP"
     r"|: \d+ bytes in (?P<http>\d+) chunks \()"
 )
-
-
-def exit_on_sigterm() -> None:
-    """Let ``kill`` (SIGTERM) end a bench the way Ctrl-C does: through its ``finally``,
-    which takes the testbed down, instead of leaving 100 nodes running."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def use_home(
@@ -629,7 +623,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> int:
-    exit_on_sigterm()
+    unwind_on_sigterm()  # kill takes the testbed down too, through the finally
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--transports", default="http,rsync")
     parser.add_argument("--nodes", default="1,10,50,100", help="comma-separated N values")

@@ -52,13 +52,14 @@ from pathlib import Path
 from typing import Any
 
 # bench/ is not a package: this script runs as bench/diskless.py, beside deploy.py
-from deploy import exit_on_sigterm, make_image, run_once, use_home
+from deploy import make_image, run_once, use_home
 
 from corral.deploy.store import Deployments
 from corral.images.exports import Chunked
 from corral.images.store import ImageVersion
 from corral.inventory import db
 from corral.inventory.schema import ProfileSpec
+from corral.run import unwind_on_sigterm
 from corral.testbed import cluster
 from corral.testbed.cluster import parse_rate
 
@@ -221,7 +222,7 @@ def each_run(
 
 
 def main() -> int:
-    exit_on_sigterm()
+    unwind_on_sigterm()  # kill takes the testbed down too, through the finally
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--transports", default="http,multicast,chain,bittorrent")
     parser.add_argument("--nodes", default="1,10,50,100", help="comma-separated N values")

@@ -76,7 +76,7 @@ from corral.images.catalog import image_store
 from corral.inventory import db
 from corral.inventory import models as m
 from corral.inventory.schema import InstallMethod, InterfaceSpec, NodeSpec
-from corral.run import run
+from corral.run import run, unwind_on_sigterm
 from corral.run import stop as stop_process
 from corral.serve.assets import api_token
 
@@ -763,6 +763,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
+    unwind_on_sigterm()  # kill stops the server it started too
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=60.0)

@@ -25,6 +25,17 @@ log = logging.getLogger(__name__)
 _PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR")
 
 
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM unwind the program as Ctrl-C does (:class:`KeyboardInterrupt`), so that
+    its ``finally`` blocks run on the way out: a build unmounts its chroot, a bench takes
+    its testbed down."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _environment(extra: Mapping[str, str] | None) -> dict[str, str]:
     env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")

@@ -17,6 +17,17 @@ IGNORES_SIGTERM = (
     "time.sleep(60)\n"
 )
 
+UNWINDS_ON_SIGTERM = (
+    "import time\n"
+    "from corral.run import unwind_on_sigterm\n"
+    "unwind_on_sigterm()\n"
+    "try:\n"
+    "    print('ready', flush=True)\n"
+    "    time.sleep(60)\n"
+    "finally:\n"
+    "    print('cleaned up', flush=True)\n"
+)
+
 
 def test_stop_ends_a_process_that_obeys_sigterm() -> None:
     proc = spawn(["sleep", "60"], stderr=subprocess.DEVNULL)
@@ -79,3 +90,16 @@ def test_stop_pids_ends_processes_known_by_pid_whether_or_not_they_obey_sigterm(
                 proc.kill()
                 proc.wait()
         ignores.stdout.close()
+
+
+def test_sigterm_unwinds_through_finally_as_ctrl_c_does() -> None:
+    # corral's CLI and the benches: kill unmounts a chroot, takes a testbed down
+    proc = spawn([sys.executable, "-c", UNWINDS_ON_SIGTERM], stdout=subprocess.PIPE, stderr=None)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        stop(proc, grace=1)
+    assert out == b"cleaned up\n"
+    assert proc.returncode != 0

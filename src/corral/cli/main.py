@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 
 import typer
@@ -26,6 +25,7 @@ from corral.cli import (
 from corral.cli.common import err, out
 from corral.errors import CorralError
 from corral.logfmt import OneLineFormatter
+from corral.run import unwind_on_sigterm
 
 app = typer.Typer(
     help="corral provisions clusters from bare metal.",
@@ -82,13 +82,8 @@ def _options(
         logging.getLogger("httpx").setLevel(logging.WARNING)  # corral watch's requests
 
 
-def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM unwinds like Ctrl-C, so that a build unmounts its chroot on the way out.
-    raise KeyboardInterrupt
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    unwind_on_sigterm()
     try:
         app()
     except CorralError as exc:

@@ -196,7 +196,7 @@ def test_racks_keep_local_traffic_off_the_uplink(testbed: cluster.Testbed, home:
     # 1.6 MB in 5.9 s). TCP can fall short of the uplink's rate that way, never exceed
     # it: every try must stay under the cap, and the best of up to three reach it.
     totals: list[float] = []
-    while len(totals) < 3 and not (totals and totals[-1] > 0.7 * UPLINK):
+    for _ in range(3):
         before = testbed.uplink_bytes()
         pulls = transfer("ctb-srv", "10.77.0.1", ["ctb-tb001", "ctb-tb002"], 800_000)
         crossed = moved(before, testbed.uplink_bytes())
@@ -207,6 +207,8 @@ def test_racks_keep_local_traffic_off_the_uplink(testbed: cluster.Testbed, home:
         assert all(f.rate < 1.15 * UPLINK for f in pulls), [f"{f.rate / 1e6:.2f}" for f in pulls]
         assert 1_600_000 <= crossed["r1"][0] < 1_800_000, crossed
         assert max(crossed["r2"]) < QUIET, crossed
+        if totals[-1] > 0.7 * UPLINK:
+            break
     total = max(totals)
     assert total > 0.7 * UPLINK, [f"{t / 1e6:.2f} Mbit/s together" for t in totals]
 

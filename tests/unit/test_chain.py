@@ -635,6 +635,10 @@ def test_a_slow_node_is_passed_by_the_node_after_it(
         assert node.unpacker.data == b"".join(chunks)
     last = nodes[2].result
     assert last is not None and last.details["lag_passes"] == 1
+    # each says how far it fell behind: tb002 past the threshold, tb001 not at all
+    slow, first = nodes[1].result, nodes[0].result
+    assert slow is not None and slow.details["most_lag_ms"] >= KeenChain.lag_seconds * 1000
+    assert first is not None and first.details["most_lag_ms"] == 0
     assert nodes[2].receiver.picker is not None
     current = nodes[2].receiver.picker.current()
     assert current is not None and current.name == "tb001"

@@ -110,6 +110,9 @@ class _State:
     bad: int = 0
     skips: int = 0
     lag_passes: int = 0
+    #: the most this node fell behind an upstream (ms, as :class:`LagWatch` measures it):
+    #: against :data:`LAG_SECONDS`, how near its successor came to passing it
+    most_lag: int = 0
 
     @property
     def next(self) -> int:
@@ -195,6 +198,7 @@ class ChainReceiver(StreamReceiver):
             "skips": state.skips,
             "switches": self.picker.switches,
             "lag_passes": state.lag_passes,
+            "most_lag_ms": state.most_lag,
             "exiled": int(self.picker.exiled or self.picker.http_rest),
             "served_bytes": relay.served,
         }
@@ -378,6 +382,7 @@ class ChainReceiver(StreamReceiver):
                     continue
                 if not from_head:
                     window.lag = watch.growth(have, (state.done + len(buf)) >> 10, sent)
+                    state.most_lag = max(state.most_lag, window.lag)
                 if kind == SKIP:
                     state.skips += 1
                     end = min(index, count)

@@ -267,7 +267,7 @@ def test_the_tracker_over_http() -> None:
         tracker.swarms.open(H1, None, ["10.0.0.11", "10.0.0.12"])
         pending = f"http://127.0.0.1:{tracker.port}/pending/{H1.hex()}"
         with urllib.request.urlopen(pending, timeout=5) as answer:
-            assert json.load(answer) == {"pending": 2, "coming": [0, 1]}
+            assert json.load(answer) == {"pending": 2, "coming": [0, 1], "every": 5.0}
         announce(tracker.swarms, "10.0.0.12", b"b" * 20, left=1)
         now[0] += STRIPE_GRACE  # 10.0.0.12 has had the time to take its stripe
         # 7 pieces in 2 stripes: 10.0.0.11's are 0, 2, 4, 6
@@ -1009,6 +1009,51 @@ def test_a_rack_trades_with_its_lane_partners_and_itself() -> None:
     anywhere = peers(announce(swarms, "10.0.9.9", b"z" * 20, left=1))
     assert len(anywhere) == MAX_PEERS
     assert len({racks.get(ip) for ip, _ in anywhere} - {None}) == 3
+
+
+def test_in_many_racks_a_node_gets_its_own_racks_peers_beside_its_lane() -> None:
+    # 100 racks of 40: each node has 99 lane partners, one a rack, who took every place of
+    # an answer before; now they take half, its own rack the other half
+    racks = {f"10.{r}.0.{i}": f"r{r}" for r in range(100) for i in range(1, 41)}
+    swarms = Swarms(rng=random.Random(3))
+    swarms.open(H1, None, list(racks), racks=racks)
+    for n, ip in enumerate(racks):
+        announce(swarms, ip, b"%020d" % n, left=1)
+    got = {ip for ip, _ in peers(announce(swarms, "10.7.0.5", b"%020d" % 285, left=1))}
+    mine = {ip for ip in got if racks[ip] == "r7"}
+    assert len(got) == MAX_PEERS and len(mine) == MAX_PEERS // 2
+    assert "10.7.0.5" not in got
+    # in small racks (fewer partners than places) every partner and rack peer is there
+    small = {f"10.{r}.1.{i}": f"s{r}" for r in range(40) for i in range(1, 6)}
+    swarms.open(H2, None, list(small), racks=small)
+    for n, ip in enumerate(small):
+        swarms.announce({"info_hash": H2, "peer_id": b"%020d" % n, "port": b"6881"}, ip)
+    answer = swarms.announce(
+        {"info_hash": H2, "peer_id": b"%020d" % 0, "port": b"6881"}, "10.0.1.1"
+    )
+    got = {ip for ip, _ in peers(answer)}
+    assert {ip for ip in got if small[ip] == "s0"} == {f"10.0.1.{i}" for i in range(2, 6)}
+    assert len(got) == 39 + 4  # its lane partners, one a rack, and the 4 others of its own
+
+
+def test_a_large_swarm_is_told_to_announce_and_ask_less_often() -> None:
+    members = [f"10.{i // 256}.{i % 256}.1" for i in range(10_000)]
+    swarms = Swarms()
+    swarms.open(H1, None, members)
+    first = announce(swarms, members[0], b"a" * 20, left=1)
+    assert (first["interval"], first["min interval"]) == (50, 25)  # 200 announces a second
+    tracker = Tracker("127.0.0.1", 0, swarms)
+    try:
+        late = Latecomers(f"http://127.0.0.1:{tracker.port}/announce", H1.hex())
+        assert late.every == Latecomers.ASK_EVERY and late.ask()
+        assert (late.pending(), late.every) == (9_999, 25.0)  # 400 questions a second
+    finally:
+        tracker.stop()
+    # a hundred nodes: the usual rates
+    swarms.open(H2, None, members[:100])
+    query = {"info_hash": H2, "peer_id": b"b" * 20, "port": b"6881"}
+    assert swarms.announce(query, members[1])["interval"] == 10
+    assert json.loads(swarms.latecomers(H2))["every"] == Latecomers.ASK_EVERY
 
 
 def test_the_racks_take_turns_in_the_stripes() -> None:

@@ -230,12 +230,15 @@ class Latecomers:
     """What corral's tracker tells of the session's members (``/pending/INFOHASH``): how
     many have not joined the swarm yet (:meth:`pending`), and the pieces of the stripes
     still on their way to their members (:meth:`pieces`: members not there yet, or just
-    come). A thread of its own asks every :data:`ASK_EVERY` seconds (:meth:`start`), so
-    that the feeding loop never waits on a busy server; an answer that does not come
+    come). A thread of its own asks every :data:`ASK_EVERY` seconds, or as often as the
+    tracker's last answer says (``every``: a large swarm asks less often) (:meth:`start`),
+    so that the feeding loop never waits on a busy server; an answer that does not come
     leaves the last one standing (nothing before the first)."""
 
-    #: Seconds between two questions to the tracker.
+    #: Seconds between two questions to the tracker, unless it says otherwise.
     ASK_EVERY = 5.0
+    #: The longest the tracker may make a node wait between two questions.
+    ASK_AT_MOST = 60.0
     #: Seconds to wait for its answer.
     TIMEOUT = 5.0
 
@@ -246,6 +249,7 @@ class Latecomers:
         self.stripes = stripes  # (number of pieces, number of stripes)
         self._pending = 0
         self._pieces: frozenset[int] = frozenset()
+        self.every = self.ASK_EVERY
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="corral-latecomers", daemon=True)
 
@@ -259,7 +263,7 @@ class Latecomers:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.ask()
-            self._stop.wait(self.ASK_EVERY)
+            self._stop.wait(self.every)
 
     def ask(self) -> bool:
         """Ask the tracker once; False if it did not answer."""
@@ -267,6 +271,7 @@ class Latecomers:
             with urllib.request.urlopen(self.url, timeout=self.TIMEOUT) as answer:
                 body = json.load(answer)
             pending, coming = int(body.get("pending", 0)), [int(i) for i in body.get("coming", [])]
+            every = float(body.get("every", self.ASK_EVERY))
         except (OSError, ValueError, TypeError, AttributeError):
             return False
         pieces: frozenset[int] = frozenset()
@@ -276,6 +281,7 @@ class Latecomers:
                 p for i in coming if 0 <= i < count for p in stripe(num_pieces, i, count)
             )
         self._pending, self._pieces = pending, pieces
+        self.every = min(max(every, self.ASK_EVERY), self.ASK_AT_MOST)
         return True
 
     def pending(self) -> int:

@@ -1,0 +1,186 @@
+"""Benchmark: corral's BitTorrent tracker at 100, 1,000 and 10,000 nodes.
+
+Every node of a BitTorrent deployment announces to corral's tracker every
+``ANNOUNCE_INTERVAL`` seconds (10) and asks ``/pending/INFOHASH`` every
+``Latecomers.ASK_EVERY`` seconds (5). The tracker runs in a thread of ``corral serve``, so
+what it costs per request, times the rate of requests, is taken from the API's CPU.
+
+Measured per N (members in racks of ``--rack-size``, lanes and all, as a deployment opens
+them), in a child process that holds the real tracker (:class:`Tracker`, its HTTP server
+on 127.0.0.1): its CPU seconds per announce and per ``/pending`` question, over
+``--requests`` of each, sent from this process by ``--clients`` threads, each request from
+the member's own loopback address (the tracker knows a node by its address). Printed:
+milliseconds of the tracker's CPU per request, and the share of one core that N nodes at
+the agent's usual rates take (``N / 10 x announce + N / 5 x pending``), and at the
+rates the tracker asks of a swarm that large (``ANNOUNCES_PER_SECOND``,
+``QUESTIONS_PER_SECOND``).
+
+    .venv/bin/python bench/tracker.py [--nodes 100,1000,10000] [--rack-size 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import quote_from_bytes
+
+from corral.agent.receivers.bittorrent.feed import Latecomers
+from corral.deploy.transports.bittorrent_tracker import (
+    ANNOUNCE_INTERVAL,
+    ANNOUNCES_PER_SECOND,
+    QUESTIONS_PER_SECOND,
+)
+
+INFO_HASH = bytes(range(1, 21))
+SEED = "127.255.255.254"
+
+#: The child: a tracker whose swarm has ``n`` members, answering until stdin closes.
+CHILD = """
+import sys
+from corral.deploy.transports.bittorrent_tracker import Tracker
+n, rack_size = int(sys.argv[1]), int(sys.argv[2])
+sys.path.insert(0, sys.argv[3])
+from tracker import member, INFO_HASH, SEED
+members = [member(i) for i in range(n)]
+racks = {m: f"r{i // rack_size}" for i, m in enumerate(members)}
+tracker = Tracker("127.0.0.1", 0)
+tracker.swarms.open(INFO_HASH, None, members, [SEED], racks=racks)
+print(tracker.port, flush=True)
+sys.stdin.read()
+tracker.stop()
+"""
+
+
+def member(i: int) -> str:
+    """Member ``i``'s address: one of its own in 127.0.0.0/8 (all of it is loopback)."""
+    return f"127.{1 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def announce_path(i: int) -> str:
+    peer = b"-LT2110-" + i.to_bytes(12, "big")
+    return (
+        f"/announce?info_hash={quote_from_bytes(INFO_HASH)}&peer_id={quote_from_bytes(peer)}"
+        f"&port=6881&uploaded=0&downloaded=0&left=1000&compact=1&numwant=50"
+    )
+
+
+def send(port: int, paths: list[tuple[str, str]], clients: int) -> int:
+    """GET each (source address, path), ``clients`` at a time; the number of failures."""
+    failures = [0]
+    work = iter(paths)
+    lock = threading.Lock()
+
+    def run() -> None:
+        while True:
+            with lock:
+                item = next(work, None)
+            if item is None:
+                return
+            source, path = item
+            try:
+                conn = http.client.HTTPConnection(
+                    "127.0.0.1", port, timeout=30, source_address=(source, 0)
+                )
+                conn.request("GET", path)
+                answer = conn.getresponse()
+                body = answer.read()
+                conn.close()
+                if answer.status != 200 or b"failure" in body:
+                    raise OSError(body[:80])
+            except OSError:
+                with lock:
+                    failures[0] += 1
+
+    threads = [threading.Thread(target=run) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failures[0]
+
+
+def measure(n: int, rack_size: int, requests: int, clients: int) -> dict[str, float]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(n), str(rack_size), str(Path(__file__).parent)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        rng = random.Random(n)
+        # every member announces once: the swarm as it is once the nodes are up
+        opened = cpu_seconds(child.pid)
+        failed = send(port, [(member(i), announce_path(i)) for i in range(n)], clients)
+        first = cpu_seconds(child.pid) - opened
+        picks = [rng.randrange(n) for _ in range(requests)]
+        before = cpu_seconds(child.pid)
+        failed += send(port, [(member(i), announce_path(i)) for i in picks], clients)
+        announce = (cpu_seconds(child.pid) - before) / requests
+        pending = f"/pending/{INFO_HASH.hex()}"
+        before = cpu_seconds(child.pid)
+        failed += send(port, [(member(i), pending) for i in picks], clients)
+        latecomers = (cpu_seconds(child.pid) - before) / requests
+    finally:
+        if child.stdin:
+            child.stdin.close()
+        child.wait(30)
+    usual = n / ANNOUNCE_INTERVAL * announce + n / Latecomers.ASK_EVERY * latecomers
+    interval = max(ANNOUNCE_INTERVAL, math.ceil(n / ANNOUNCES_PER_SECOND))
+    every = max(Latecomers.ASK_EVERY, n / QUESTIONS_PER_SECOND)
+    asked = n / interval * announce + n / every * latecomers
+    return {
+        "nodes": n,
+        "first_announces_s": round(first, 2),
+        "announce_ms": round(announce * 1000, 3),
+        "pending_ms": round(latecomers * 1000, 3),
+        "cores_usual": round(usual, 3),
+        "interval": interval,
+        "every": every,
+        "cores": round(asked, 3),
+        "failed": failed,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", default="100,1000,10000", help="comma-separated N values")
+    parser.add_argument("--rack-size", type=int, default=40)
+    parser.add_argument("--requests", type=int, default=3000, help="of each kind, per N")
+    parser.add_argument("--clients", type=int, default=16)
+    args = parser.parse_args()
+    print(
+        "| N | the first announce of every node (tracker CPU) | an announce | a /pending "
+        "| a core's share at 10 s and 5 s | the tracker asks for | a core's share then "
+        "| failed requests |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for n in (int(x) for x in args.nodes.split(",")):
+        r = measure(n, args.rack_size, args.requests, args.clients)
+        print(
+            f"| {n:,} | {r['first_announces_s']} s | {r['announce_ms']} ms | "
+            f"{r['pending_ms']} ms | {r['cores_usual'] * 100:.0f} % | "
+            f"announces every {r['interval']} s, questions every {r['every']:g} s | "
+            f"{r['cores'] * 100:.0f} % | {r['failed']} |",
+            flush=True,
+        )
+        print(json.dumps(r), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

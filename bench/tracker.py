@@ -159,9 +159,11 @@ def measure(n: int, rack_size: int, requests: int, clients: int) -> dict[str, fl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", default="100,1000,10000", help="comma-separated N values")
-    parser.add_argument("--rack-size", type=int, default=40)
-    parser.add_argument("--requests", type=int, default=3000, help="of each kind, per N")
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rack-size", type=int, default=40, help="members per rack")
+    parser.add_argument(
+        "--requests", type=int, default=3000, help="announces, and /pending questions, per N"
+    )
+    parser.add_argument("--clients", type=int, default=16, help="requests in flight at once")
     args = parser.parse_args()
     print(
         "| N | the first announce of every node (tracker CPU) | an announce | a /pending "

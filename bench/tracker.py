@@ -156,9 +156,22 @@ def measure(n: int, rack_size: int, requests: int, clients: int) -> dict[str, fl
     }
 
 
+def node_counts(text: str) -> list[int]:
+    """``--nodes``, e.g. "100,1000"."""
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give node counts of 1 or more, e.g. 100,1000")
+    return counts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nodes", default="100,1000,10000", help="comma-separated N values")
+    parser.add_argument(
+        "--nodes", type=node_counts, default="100,1000,10000", help="comma-separated N values"
+    )
     parser.add_argument("--rack-size", type=int, default=40, help="members per rack")
     parser.add_argument(
         "--requests", type=int, default=3000, help="announces, and /pending questions, per N"
@@ -171,7 +184,7 @@ def main() -> int:
         "| failed requests |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for n in (int(x) for x in args.nodes.split(",")):
+    for n in args.nodes:
         r = measure(n, args.rack_size, args.requests, args.clients)
         print(
             f"| {n:,} | {r['first_announces_s']} s | {r['announce_ms']} ms | "

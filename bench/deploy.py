@@ -670,12 +670,21 @@ def main() -> int:
     if (args.skew is not None and args.skew < 0) or args.repeat < 1:
         print("error: --skew must be >= 0 seconds and --repeat >= 1", file=sys.stderr)
         return 2
+    try:
+        counts = sorted(int(x) for x in args.nodes.split(","))
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        print(
+            f"error: --nodes {args.nodes!r}: give node counts of 1 or more, e.g. 10,100",
+            file=sys.stderr,
+        )
+        return 2
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
     if args.skew is not None:
         print(f"skew {args.skew:g} s, seed {seed} (--seed {seed} repeats these moments)")
     here, code = machine(), commit()
     use_home(args.link, args.server_link, args.multicast_mode or "", args.multicast_fec or "")
-    counts = sorted(int(x) for x in args.nodes.split(","))
     version = make_image(args.size_mib)
     s_bytes = int(version.manifest["exports"]["stream"]["size"])
     b = parse_rate(args.link)

@@ -94,6 +94,18 @@ RECEIVED = re.compile(
 )
 
 
+def node_counts(text: str) -> list[int]:
+    """``--nodes`` of the benches ("1,10,100"), in increasing order; ValueError, saying
+    what to give, for anything but counts of 1 or more."""
+    try:
+        counts = sorted(int(x) for x in text.split(","))
+    except ValueError:
+        counts = []
+    if not counts or counts[0] < 1:
+        raise ValueError(f"{text!r}: give node counts of 1 or more, e.g. 10,100")
+    return counts
+
+
 def use_home(
     link: str, server_link: str | None = None, multicast_mode: str = "", multicast_fec: str = ""
 ) -> None:
@@ -671,14 +683,9 @@ def main() -> int:
         print("error: --skew must be >= 0 seconds and --repeat >= 1", file=sys.stderr)
         return 2
     try:
-        counts = sorted(int(x) for x in args.nodes.split(","))
-    except ValueError:
-        counts = []
-    if not counts or counts[0] < 1:
-        print(
-            f"error: --nodes {args.nodes!r}: give node counts of 1 or more, e.g. 10,100",
-            file=sys.stderr,
-        )
+        counts = node_counts(args.nodes)
+    except ValueError as exc:
+        print(f"error: --nodes {exc}", file=sys.stderr)
         return 2
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
     if args.skew is not None:

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 # bench/ is not a package: this script runs as bench/diskless.py, beside deploy.py
-from deploy import make_image, run_once, use_home
+from deploy import make_image, node_counts, run_once, use_home
 
 from corral.deploy.store import Deployments
 from corral.images.exports import Chunked
@@ -243,8 +243,12 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench/diskless.py needs root (namespaces, mounts)", file=sys.stderr)
         return 2
+    try:
+        counts = node_counts(args.nodes)
+    except ValueError as exc:
+        print(f"error: --nodes {exc}", file=sys.stderr)
+        return 2
     use_home(args.link)
-    counts = sorted(int(x) for x in args.nodes.split(","))
     version = make_image(args.size_mib, exports=("stream", "squashfs"))
     s_bytes = int(Chunked(version, "squashfs").index()["size"])
     b = parse_rate(args.link)

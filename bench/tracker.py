@@ -24,13 +24,16 @@ import argparse
 import http.client
 import json
 import math
-import os
 import random
 import subprocess
 import sys
 import threading
 from pathlib import Path
 from urllib.parse import quote_from_bytes
+
+# bench/ is not a package: this script runs as bench/tracker.py, beside deploy.py
+from deploy import node_counts
+from events import proc_cpu
 
 from corral.agent.receivers.bittorrent.feed import Latecomers
 from corral.deploy.transports.bittorrent_tracker import (
@@ -62,11 +65,6 @@ tracker.stop()
 def member(i: int) -> str:
     """Member ``i``'s address: one of its own in 127.0.0.0/8 (all of it is loopback)."""
     return f"127.{1 + i // 65536}.{(i // 256) % 256}.{i % 256}"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def announce_path(i: int) -> str:
@@ -124,17 +122,17 @@ def measure(n: int, rack_size: int, requests: int, clients: int) -> dict[str, fl
         port = int(child.stdout.readline())
         rng = random.Random(n)
         # every member announces once: the swarm as it is once the nodes are up
-        opened = cpu_seconds(child.pid)
+        opened = proc_cpu(child.pid)
         failed = send(port, [(member(i), announce_path(i)) for i in range(n)], clients)
-        first = cpu_seconds(child.pid) - opened
+        first = proc_cpu(child.pid) - opened
         picks = [rng.randrange(n) for _ in range(requests)]
-        before = cpu_seconds(child.pid)
+        before = proc_cpu(child.pid)
         failed += send(port, [(member(i), announce_path(i)) for i in picks], clients)
-        announce = (cpu_seconds(child.pid) - before) / requests
+        announce = (proc_cpu(child.pid) - before) / requests
         pending = f"/pending/{INFO_HASH.hex()}"
-        before = cpu_seconds(child.pid)
+        before = proc_cpu(child.pid)
         failed += send(port, [(member(i), pending) for i in picks], clients)
-        latecomers = (cpu_seconds(child.pid) - before) / requests
+        latecomers = (proc_cpu(child.pid) - before) / requests
     finally:
         if child.stdin:
             child.stdin.close()
@@ -156,35 +154,27 @@ def measure(n: int, rack_size: int, requests: int, clients: int) -> dict[str, fl
     }
 
 
-def node_counts(text: str) -> list[int]:
-    """``--nodes``, e.g. "100,1000"."""
-    try:
-        counts = [int(x) for x in text.split(",")]
-    except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give node counts of 1 or more, e.g. 100,1000")
-    return counts
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--nodes", type=node_counts, default="100,1000,10000", help="comma-separated N values"
-    )
+    parser.add_argument("--nodes", default="100,1000,10000", help="comma-separated N values")
     parser.add_argument("--rack-size", type=int, default=40, help="members per rack")
     parser.add_argument(
         "--requests", type=int, default=3000, help="announces, and /pending questions, per N"
     )
     parser.add_argument("--clients", type=int, default=16, help="requests in flight at once")
     args = parser.parse_args()
+    try:
+        counts = node_counts(args.nodes)
+    except ValueError as exc:
+        print(f"error: --nodes {exc}", file=sys.stderr)
+        return 2
     print(
         "| N | the first announce of every node (tracker CPU) | an announce | a /pending "
         "| a core's share at 10 s and 5 s | the tracker asks for | a core's share then "
         "| failed requests |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for n in args.nodes:
+    for n in counts:
         r = measure(n, args.rack_size, args.requests, args.clients)
         print(
             f"| {n:,} | {r['first_announces_s']} s | {r['announce_ms']} ms | "

@@ -1,5 +1,6 @@
-"""``bench/deploy.py`` refuses bad arguments with a one-line error and exit 2, before it
-builds an image or brings a testbed up."""
+"""``bench/deploy.py`` (and ``bench/diskless.py``, which shares its ``--nodes``) refuses
+bad arguments with a one-line error and exit 2, before it builds an image or brings a
+testbed up."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="bench/deploy.py refuses to run but as root"),
 ]
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "deploy.py"
+DISKLESS = BENCH.with_name("diskless.py")
 
 
 @pytest.mark.parametrize(
@@ -37,3 +39,15 @@ def test_bad_arguments_get_one_line_and_exit_2(argv: list[str], says: str) -> No
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0]
+
+
+def test_the_diskless_bench_refuses_bad_node_counts_alike() -> None:
+    done = subprocess.run(
+        [sys.executable, str(DISKLESS), "--transports", "chain", "--nodes", "ten"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == "error: --nodes 'ten': give node counts of 1 or more, e.g. 10,100"

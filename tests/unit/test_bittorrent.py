@@ -988,7 +988,7 @@ def test_a_rack_trades_with_its_lane_partners_and_itself() -> None:
     now = [0.0]
     racks = {f"10.0.{r}.{i}": f"r{r}" for r in (1, 2, 3) for i in range(10, 30)}
     swarms = Swarms(interval=10, clock=lambda: now[0], rng=random.Random(7))
-    swarms.open(H1, None, list(racks), {"10.0.0.1"}, racks=racks)
+    swarms.open(H1, None, list(by_stripe(racks, racks)), {"10.0.0.1"}, racks=racks)
     announce(swarms, "10.0.0.1", b"s" * 20, left=0)
     for n, ip in enumerate(racks):
         announce(swarms, ip, b"%020d" % n, left=1)
@@ -1011,29 +1011,32 @@ def test_a_rack_trades_with_its_lane_partners_and_itself() -> None:
     assert len({racks.get(ip) for ip, _ in anywhere} - {None}) == 3
 
 
-def test_in_many_racks_a_node_gets_its_own_racks_peers_beside_its_lane() -> None:
-    # 100 racks of 40: each node has 99 lane partners, one a rack, who took every place of
-    # an answer before; now they take half, its own rack the other half
-    racks = {f"10.{r}.0.{i}": f"r{r}" for r in range(100) for i in range(1, 41)}
+def test_in_many_racks_a_node_gets_its_lane_partners_and_its_own_racks_peers() -> None:
+    # 100 racks of 40: a node's 14 lane partners (1, 2, 4, ... 64 racks away on either
+    # side) and 36 of its own rack's 39 fill an answer; paired with every other rack, it
+    # had 99, one a rack, who took every place before
+    racks = {f"10.{r}.0.{i}": f"r{r:02}" for r in range(100) for i in range(1, 41)}
+    members = list(by_stripe(racks, racks))
     swarms = Swarms(rng=random.Random(3))
-    swarms.open(H1, None, list(racks), racks=racks)
+    swarms.open(H1, None, members, racks=racks)
     for n, ip in enumerate(racks):
         announce(swarms, ip, b"%020d" % n, left=1)
     got = {ip for ip, _ in peers(announce(swarms, "10.7.0.5", b"%020d" % 285, left=1))}
-    mine = {ip for ip in got if racks[ip] == "r7"}
-    assert len(got) == MAX_PEERS and len(mine) == MAX_PEERS // 2
-    assert "10.7.0.5" not in got
-    # in small racks (fewer partners than places) every partner and rack peer is there
-    small = {f"10.{r}.1.{i}": f"s{r}" for r in range(40) for i in range(1, 6)}
-    swarms.open(H2, None, list(small), racks=small)
+    lane = got - {ip for ip in got if racks[ip] == "r07"}
+    assert len(got) == MAX_PEERS and "10.7.0.5" not in got
+    away = [d * 2**k for d in (1, -1) for k in range(7)]
+    assert {racks[ip] for ip in lane} == {f"r{(7 + d) % 100:02}" for d in away}
+    # in small racks every partner and rack peer is there
+    small = {f"10.{r}.1.{i}": f"s{r:02}" for r in range(40) for i in range(1, 6)}
+    swarms.open(H2, None, list(by_stripe(small, small)), racks=small)
     for n, ip in enumerate(small):
         swarms.announce({"info_hash": H2, "peer_id": b"%020d" % n, "port": b"6881"}, ip)
     answer = swarms.announce(
         {"info_hash": H2, "peer_id": b"%020d" % 0, "port": b"6881"}, "10.0.1.1"
     )
     got = {ip for ip, _ in peers(answer)}
-    assert {ip for ip in got if small[ip] == "s0"} == {f"10.0.1.{i}" for i in range(2, 6)}
-    assert len(got) == 39 + 4  # its lane partners, one a rack, and the 4 others of its own
+    assert {ip for ip in got if small[ip] == "s00"} == {f"10.0.1.{i}" for i in range(2, 6)}
+    assert len(got) == 10 + 4  # its lane partners, one a rack, and the 4 others of its own
 
 
 def test_a_large_swarm_is_told_to_announce_and_ask_less_often() -> None:
@@ -1081,18 +1084,46 @@ def test_lanes_bring_each_stripe_into_each_rack_once() -> None:
         assert brought == elsewhere, rack  # every stripe from elsewhere, each once
         loads = [len(got[m]) for m in inside]
         assert max(loads) - min(loads) <= 1, (rack, loads)
-    # a rack's nodes take the stripes from elsewhere in turn, in stripe order
-    assert got["b1"] == [0, 2, 6, 8, 10] and got["b2"] == [1, 5, 7, 9]
-    assert got["a1"] == [3, 6, 9] and got["c4"] == [3]
-    pairs = partners(members, got)
-    # a1 brings in b1's, c2's and x's stripes; b1 and c1 bring in a1's
-    assert pairs["a1"] == {"b1", "c2", "x", "c1"}
-    assert pairs["x"] == {"a1", "b2", "c2"} and "" not in pairs
-    # equal racks pair the nodes at the same place
-    even = {f"{r}{i}": r for r in "pq" for i in range(3)}
-    assert partners(list(even), lanes(list(even), even)) == {
-        f"{r}{i}": {f"{o}{i}"} for r, o in ("pq", "qp") for i in range(3)
+    # a rack's nodes take the stripes from elsewhere in runs, in stripe order
+    assert got["b1"] == [0, 1, 2, 5, 6] and got["b2"] == [7, 8, 9, 10]
+    assert got["a1"] == [3, 4, 5] and got["c4"] == [10]
+    pairs = partners(members, got, racks)
+    # in three racks every holder of a stripe pairs with its holders in the two others:
+    # a1 holds stripe 0 (its own; b1 and c1 bring it in) and 3, 4 and 5 (b1's, b2's and
+    # c1's; c2 and c3 bring in the first two); equal racks line up better (below)
+    assert pairs["a1"] == {"b1", "b2", "c1", "c2", "c3"}
+    assert pairs["x"] == {"a3", "b2", "c3"} and "" not in pairs
+    # equal racks, in the order of by_stripe, pair the nodes at the same place
+    even = {f"{r}{i}": r for r in "pqs" for i in range(3)}
+    order = list(by_stripe(even, even))
+    assert partners(order, lanes(order, even), even) == {
+        f"{r}{i}": {f"{o}{i}" for o in "pqs" if o != r} for r in "pqs" for i in range(3)
     }
+
+
+@pytest.mark.parametrize("sizes", [[10] * 64, [9, 10] * 30 + [10] * 3])
+def test_in_many_racks_a_node_has_a_few_lane_partners_that_carry_every_stripe_everywhere(
+    sizes: list[int],
+) -> None:
+    # 640 nodes in 64 racks of 10 (or of 9 and 10): a node paired with all the others'
+    # importers would have 63 partners; paired along the ring of racks, 1, 2, 4, ... 32
+    # racks away on either side, it has 11; where racks differ in size a node's stripes
+    # are held by two or three nodes of another rack
+    racks = {f"n{r:02}{i}": f"r{r:02}" for r, size in enumerate(sizes) for i in range(size)}
+    members = list(by_stripe(racks, racks))
+    got = lanes(members, racks)
+    pairs = partners(members, got, racks)
+    counts = sorted(len(pairs[m]) for m in members)
+    assert counts[-1] <= (11 if len(set(sizes)) == 1 else 3 * 12), counts
+    for g, owner in enumerate(members):
+        holders = {owner} | {m for m in members if g in got[m]}
+        assert len({racks[m] for m in holders}) == len(holders) == len(sizes)
+        reached, hops, edge = {owner}, 0, {owner}
+        while edge:  # a stripe goes from partner to partner, each a holder of it
+            edge = {p for m in edge for p in pairs[m] if p in holders} - reached
+            reached |= edge
+            hops += bool(edge)
+        assert reached == holders and hops <= 4, (g, hops)
 
 
 def test_the_piece_clock_keeps_the_fastest_recent_pace() -> None:

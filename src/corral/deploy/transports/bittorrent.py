@@ -363,7 +363,7 @@ class BitTorrentTransport:
                 {m.node: str(m.ip) for m in members if m.ip},
             )
             session.lanes = lanes(session.nodes, racks)
-            session.partners = partners(session.nodes, session.lanes)
+            session.partners = partners(session.nodes, session.lanes, racks)
             self.sessions[(deployment, payload.ref)] = session
             self.tracker.swarms.open(
                 session.torrent.info_hash,

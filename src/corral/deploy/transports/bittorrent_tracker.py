@@ -204,9 +204,10 @@ class Swarms:
         :meth:`pending`; "" for a node whose address is not known), ``servers`` corral's own,
         ``racks`` the rack of each node's address that is in one (see :meth:`choose`)."""
         # outside the lock, which every announce takes: at 10,000 members in 250 racks
-        # the lanes are millions of steps
+        # the lanes are millions of steps (a second)
+        racks = racks or {}
         pairs = {
-            m: tuple(sorted(p)) for m, p in partners(members, lanes(members, racks or {})).items()
+            m: tuple(sorted(p)) for m, p in partners(members, lanes(members, racks), racks).items()
         }
         with self._lock:
             old = self._swarms.get(info_hash)
@@ -358,9 +359,9 @@ class Swarms:
         first = [peers[k] for k in swarm.seeds if fit(k)][:want]
         rack = swarm.racks.get(ip)
         bag = swarm.everyone if rack is None else swarm.by_rack.get(rack, _Bag())
-        # the lane's partners, all of them over a few announces; but half the room at
-        # most while the rack has peers to fill the rest: in 100 racks a node has 99
-        # partners (one a rack), who would leave no room for its own rack
+        # the lane's partners (14 in 100 racks, 16 in 250); but half the room at most
+        # while the rack has peers to fill the rest: partnered with every other rack, a
+        # node of 100 racks had 99, who left no room for its own rack
         room = want - len(first)
         lane = _draw(
             rng,
@@ -394,39 +395,77 @@ def lanes(members: Sequence[str], racks: Mapping[str, str]) -> dict[str, list[in
     """The stripes each member in a rack brings into its rack from elsewhere: its *lane*.
 
     ``members`` are the session's nodes by stripe (node ``members[g]`` takes stripe ``g``
-    from the seed), ``racks`` their racks. A rack's nodes, in stripe order, take the
-    stripes of the nodes elsewhere (in stripe order too) in turn: with equal racks, node
-    ``i`` of a rack brings in the stripes of node ``i`` of every other rack. Each stripe
-    then enters each rack once, each node carries about ``S / n`` (a rack of ``n``) in
-    and out across its rack's uplink, and the rack's swarm has the whole image inside it.
-    Members in no rack have no lane."""
+    from the seed), ``racks`` their racks. A rack's nodes, in stripe order, share the
+    stripes of the nodes elsewhere (in stripe order too) in runs of equal length: node
+    ``i`` of a rack of ``n`` takes the ``i``-th ``n``-th of them. Each stripe then enters
+    each rack once, each node carries about ``S / n`` in and out across its rack's uplink,
+    and the rack's swarm has the whole image inside it. Runs, not turns, line the lanes of
+    the racks up: a node's stripes are held, in every other rack, by one node or two of
+    about the same place (with equal racks in the order of :func:`by_stripe`, node ``i``
+    of a rack brings in the stripes of node ``i`` of every other rack), which keeps a
+    node's partners few (see :func:`partners`). Members in no rack have no lane."""
     inside: dict[str, list[str]] = {}
     for member in members:
         rack = racks.get(member)
         if rack is not None:
             inside.setdefault(rack, []).append(member)
     out: dict[str, list[int]] = {m: [] for nodes in inside.values() for m in nodes}
-    turn = dict.fromkeys(inside, 0)
-    for stripe, owner in enumerate(members):
-        for rack, nodes in inside.items():
-            if racks.get(owner) != rack:
-                out[nodes[turn[rack] % len(nodes)]].append(stripe)
-                turn[rack] += 1
+    for rack, nodes in inside.items():
+        elsewhere = [g for g, owner in enumerate(members) if racks.get(owner) != rack]
+        for place, stripe in enumerate(elsewhere):
+            out[nodes[place * len(nodes) // len(elsewhere)]].append(stripe)
     return out
 
 
 def partners(
-    members: Sequence[str], lane_of: Mapping[str, Sequence[int]]
+    members: Sequence[str], lane_of: Mapping[str, Sequence[int]], racks: Mapping[str, str]
 ) -> dict[str, frozenset[str]]:
-    """Each member's lane partners, from the lanes (:func:`lanes`): the members whose
-    stripes it brings into its rack, and those that bring its own into theirs."""
+    """Each member's lane partners (see :func:`lanes`): the members elsewhere it takes the
+    stripes of its lane from, and those that take its own stripes from it.
+
+    A stripe is held by its owner and by one member in each other rack, its importer
+    there. Those holders pair along a ring of the racks (in name order), each with the
+    holders ``1, 2, 4, ...`` racks away on either side: a stripe reaches every rack in
+    about ``log2(R) / 2`` hops, and a node of ``R`` racks has about ``2 log2(R)``
+    partners, 16 in 250 racks, rather than all ``R - 1`` (249 connections, with its rack's
+    39, past libtorrent's 200 in the agent; and a tracker's answer gives 25 of them).
+    An importer takes a stripe from any partner that holds it, the owner or an importer
+    nearer to it: each stripe still crosses each rack's uplink once. An owner in no rack
+    pairs with the importers ``0, 1, 3, 7, ...`` racks along the ring."""
+    order = sorted({racks[m] for m in lane_of})
+    count = len(order)
+    steps = [1 << k for k in range(max(count - 1, 1).bit_length()) if 1 << k < count]
+    # each rack's holder of every stripe (its own stripes' owners, then its importers),
+    # and the stripes at which that holder changes: between two changes in both racks of
+    # a pair the same two members hold every stripe, so the changes (a rack's few runs,
+    # and its own stripes between them) are the only stripes to pair at; 10,000 members
+    # in 250 racks are 2.5 million stripe holders, but 120 changes a rack
+    holder: list[list[str]] = []
+    changes: list[set[int]] = []
+    for rack in order:
+        held = list(members)
+        for member, lane in lane_of.items():
+            if racks[member] == rack:
+                for stripe in lane:
+                    held[stripe] = member
+        holder.append(held)
+        changes.append({0, *(g for g in range(1, len(held)) if held[g] != held[g - 1])})
     out: dict[str, set[str]] = {}
-    for member, lane in lane_of.items():
-        for stripe in lane:
-            owner = members[stripe]
-            if owner and member:
-                out.setdefault(member, set()).add(owner)
-                out.setdefault(owner, set()).add(member)
+
+    def pair(one: str, other: str) -> None:
+        if one and other and one != other:
+            out.setdefault(one, set()).add(other)
+            out.setdefault(other, set()).add(one)
+
+    for place in range(count):
+        for step in steps:
+            other = (place + step) % count
+            for stripe in changes[place] | changes[other]:
+                pair(holder[place][stripe], holder[other][stripe])
+    for stripe, owner in enumerate(members):
+        if owner not in racks and holder:
+            for step in [*steps, count]:
+                pair(owner, holder[step - 1][stripe])
     return {m: frozenset(p) for m, p in out.items()}
 
 

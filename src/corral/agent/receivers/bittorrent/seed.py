@@ -169,9 +169,10 @@ class SeedUse:
 
     ``import``
         after its stripe, the seed kept away, it wants its lane only, from its lane
-        partners (the nodes elsewhere the tracker gave it: those whose stripes it brings
-        in, and those that bring its own into their racks). A partner wants nothing but
-        stripes of the lane either until its own import ends, and then cuts its
+        partners (the nodes elsewhere the tracker gave it, which hold stripes of its lane
+        or take stripes from it: see
+        :func:`~corral.deploy.transports.bittorrent_tracker.partners`). A partner wants
+        nothing but stripes of the lane either until its own import ends, and then cuts its
         connections out of its rack, so nothing else crosses the uplink. Pieces of its
         lane at no connected peer (the partner died; not a member still coming) are
         asked of the seed after :data:`RESCUE_IDLE` without anything new. Once its lane

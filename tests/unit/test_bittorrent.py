@@ -29,6 +29,7 @@ from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver, _lane
 from corral.agent.receivers.bittorrent.seed import (
     ALONE_WAIT,
     LANE_HANDOVER,
+    LANE_SLACK,
     LATE_WAIT,
     STRIPE_TIMEOUT,
     PieceClock,
@@ -946,6 +947,31 @@ def test_a_lane_piece_at_no_peer_is_asked_of_the_seed_and_a_partner_is_waited_fo
     assert "10.0.2.10 still lack my stripe" in caplog.text
     wants = [w for c, w in swarm.calls if c == "want"]
     assert swarm.want_at[wants.index(None)] >= 12 + LANE_HANDOVER  # 7 came at the 12th look
+
+
+@pytest.mark.parametrize("stops", [False, True])
+def test_a_lane_that_comes_slowly_is_waited_for_and_one_that_stops_is_not(
+    stops: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # its lane of six pieces through a slow uplink, one every 10 s: 60 s, past
+    # LANE_TIMEOUT, and the node takes them all; or two, and then none: at that pace the
+    # lane takes 60 s, and after LANE_SLACK times that the node trades with its rack
+    lane = [4, 5, 6, 7, 8, 9]
+    slow: list[list[int]] = [y for p in lane for y in ([[]] * 9 + [[p]])]
+    arrivals = [[], [0, 2], *(slow[:20] + [[]] * 120 if stops else slow), [1, 3, *lane]]
+    swarm = FakeSwarm(DATA, arrivals)
+    swarm.outside = {"10.0.2.10"}
+    with caplog.at_level("INFO", logger="corral.agent"):
+        _, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=600, rack=RACK, lane=lane)
+    assert b"".join(fed) == DATA and fetched == []
+    wants = [w for c, w in swarm.calls if c == "want"]
+    started, handed = swarm.want_at[wants.index(lane)], swarm.want_at[wants.index(None)]
+    if stops:
+        assert "4 pieces of my lane late" in caplog.text
+        assert LANE_SLACK * 60 <= handed - started <= LANE_SLACK * 60 + 8
+    else:
+        assert "my lane is here" in caplog.text and "late" not in caplog.text
+        assert handed - started >= 60
 
 
 def test_before_the_tracker_answers_nothing_is_asked_of_the_seed_but_the_stripe() -> None:

@@ -112,6 +112,12 @@ LANE_HANDOVER = 5.0
 #: rescues (floor of :data:`LANE_PIECES` pieces' time).
 LANE_TIMEOUT = 30.0
 LANE_PIECES = 20
+#: ... which is stretched to this many times the lane's own time at the pace its pieces
+#: have come so far: a rack's uplink may be slower than the node's link. In 20 racks of
+#: 5 behind 2.5 Mbit/s uplinks (4:1) a rack takes 95 s to bring in 0.95 x S, every
+#: node gave its lane up after 30 s, and the rack's rescues took the rest from the seed,
+#: once per node or so: 17.6 x S of egress at N = 100.
+LANE_SLACK = 1.5
 #: pieces' time of the handover (floor :data:`LANE_HANDOVER`)
 HANDOVER_PIECES = 5
 
@@ -177,8 +183,9 @@ class SeedUse:
         lane at no connected peer (the partner died; not a member still coming) are
         asked of the seed after :data:`RESCUE_IDLE` without anything new. Once its lane
         is here the node waits, up to :data:`LANE_HANDOVER`, for the partners still
-        lacking its own stripe; after :data:`LANE_TIMEOUT` it leaves what is missing of
-        its lane to the rack's rescues. (In ``look`` too, a node with a lane wants
+        lacking its own stripe; after :data:`LANE_TIMEOUT` (longer where the lane comes
+        slowly but comes: :data:`LANE_SLACK`) it leaves what is missing of its lane to the
+        rack's rescues. (In ``look`` too, a node with a lane wants
         nothing from its peers.)
     ``swarm``, ``rescue``
         then only its rack's nodes (and the seed, in a rescue) can reach it
@@ -210,6 +217,7 @@ class SeedUse:
         self.partners = frozenset(partners)
         self.rescue: list[int] = []
         self._lane_since = 0.0  # the import phase's start, then the lane's arrival
+        self._lane_got = (0, 0, 0.0)  # lane pieces at the start, then got, and when
         self._lane_done = False
         self.since = 0.0
         self._looked = -1e9
@@ -373,6 +381,7 @@ class SeedUse:
         if left:
             log.info("bittorrent: bringing %s into my rack", pieces(len(left)))
             self.phase, self._lane_since = "import", now
+            self._lane_got = (len(self.lane) - len(left), 0, now)
             self.swarm.want(left)
         else:
             self._to_swarm()
@@ -410,7 +419,7 @@ class SeedUse:
                 )
             self._to_swarm()
             return True
-        if now - self._lane_since >= self.pace.scaled(LANE_TIMEOUT, LANE_PIECES) and not (
+        if now - self._lane_since >= self._lane_patience(len(left), now) and not (
             self.waits_for_members(left)
         ):
             log.info(
@@ -435,6 +444,21 @@ class SeedUse:
         self.swarm.want(nowhere)
         self.swarm.use_seed(True)
         return True
+
+    def _lane_patience(self, left: int, now: float) -> float:
+        """Seconds the import may take, with ``left`` pieces of the lane still to come:
+        :data:`LANE_TIMEOUT` (or :data:`LANE_PIECES` pieces' time), stretched to
+        :data:`LANE_SLACK` times the whole lane's time at the pace of its pieces until the
+        last one came (a lane that stopped coming is not waited for any longer)."""
+        had, got, last = self._lane_got
+        arrived = len(self.lane) - left - had
+        if arrived > got:
+            self._lane_got = had, got, last = had, arrived, now
+        patience = self.pace.scaled(LANE_TIMEOUT, LANE_PIECES)
+        if got:
+            whole = (last - self._lane_since) * (len(self.lane) - had) / got
+            patience = max(patience, LANE_SLACK * whole)
+        return patience
 
     def _partners_in_need(self) -> set[str]:
         """The connected lane partners that lack some of this node's stripe (without a

@@ -10,10 +10,11 @@ them), in a child process that holds the real tracker (:class:`Tracker`, its HTT
 on 127.0.0.1): its CPU seconds per announce and per ``/pending`` question, over
 ``--requests`` of each, sent from this process by ``--clients`` threads, each request from
 the member's own loopback address (the tracker knows a node by its address). Printed:
-milliseconds of the tracker's CPU per request, and the share of one core that N nodes at
-the agent's usual rates take (``N / 10 x announce + N / 5 x pending``), and at the
-rates the tracker asks of a swarm that large (``ANNOUNCES_PER_SECOND``,
-``QUESTIONS_PER_SECOND``).
+the CPU seconds the swarm takes to open (its lanes and lane partners), the most lane
+partners a member has, milliseconds of the tracker's CPU per request, and the share of
+one core that N nodes at the agent's usual rates take (``N / 10 x announce + N / 5 x
+pending``), and at the rates the tracker asks of a swarm that large
+(``ANNOUNCES_PER_SECOND``, ``QUESTIONS_PER_SECOND``).
 
     .venv/bin/python bench/tracker.py [--nodes 100,1000,10000] [--rack-size 40]
 """
@@ -45,18 +46,24 @@ from corral.deploy.transports.bittorrent_tracker import (
 INFO_HASH = bytes(range(1, 21))
 SEED = "127.255.255.254"
 
-#: The child: a tracker whose swarm has ``n`` members, answering until stdin closes.
+#: The child: a tracker whose swarm has ``n`` members, answering until stdin closes. It
+#: prints its port, the CPU seconds the swarm took to open, and the most lane partners a
+#: member has.
 CHILD = """
-import sys
-from corral.deploy.transports.bittorrent_tracker import Tracker
+import sys, time
+from corral.deploy.transports.bittorrent import by_stripe
+from corral.deploy.transports.bittorrent_tracker import Tracker, lanes, partners
 n, rack_size = int(sys.argv[1]), int(sys.argv[2])
 sys.path.insert(0, sys.argv[3])
 from tracker import member, INFO_HASH, SEED
-members = [member(i) for i in range(n)]
-racks = {m: f"r{i // rack_size}" for i, m in enumerate(members)}
+racks = {member(i): f"r{i // rack_size:04}" for i in range(n)}
+members = list(by_stripe(racks, racks))
 tracker = Tracker("127.0.0.1", 0)
+start = time.process_time()
 tracker.swarms.open(INFO_HASH, None, members, [SEED], racks=racks)
-print(tracker.port, flush=True)
+opened = time.process_time() - start
+most = max(map(len, partners(members, lanes(members, racks), racks).values()), default=0)
+print(tracker.port, opened, most, flush=True)
 sys.stdin.read()
 tracker.stop()
 """
@@ -119,7 +126,8 @@ def measure(n: int, rack_size: int, requests: int, clients: int) -> dict[str, fl
     )
     try:
         assert child.stdout is not None
-        port = int(child.stdout.readline())
+        fields = child.stdout.readline().split()
+        port, opened_s, most = int(fields[0]), float(fields[1]), int(fields[2])
         rng = random.Random(n)
         # every member announces once: the swarm as it is once the nodes are up
         opened = proc_cpu(child.pid)
@@ -143,6 +151,8 @@ def measure(n: int, rack_size: int, requests: int, clients: int) -> dict[str, fl
     asked = n / interval * announce + n / every * latecomers
     return {
         "nodes": n,
+        "open_s": round(opened_s, 2),
+        "lane_partners": most,
         "first_announces_s": round(first, 2),
         "announce_ms": round(announce * 1000, 3),
         "pending_ms": round(latecomers * 1000, 3),
@@ -169,15 +179,17 @@ def main() -> int:
         print(f"error: --nodes {exc}", file=sys.stderr)
         return 2
     print(
-        "| N | the first announce of every node (tracker CPU) | an announce | a /pending "
+        "| N | opening the swarm (CPU) | lane partners of a node, at most "
+        "| the first announce of every node (tracker CPU) | an announce | a /pending "
         "| a core's share at 10 s and 5 s | the tracker asks for | a core's share then "
         "| failed requests |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n in counts:
         r = measure(n, args.rack_size, args.requests, args.clients)
         print(
-            f"| {n:,} | {r['first_announces_s']} s | {r['announce_ms']} ms | "
+            f"| {n:,} | {r['open_s']} s | {r['lane_partners']} "
+            f"| {r['first_announces_s']} s | {r['announce_ms']} ms | "
             f"{r['pending_ms']} ms | {r['cores_usual'] * 100:.0f} % | "
             f"announces every {r['interval']} s, questions every {r['every']:g} s | "
             f"{r['cores'] * 100:.0f} % | {r['failed']} |",

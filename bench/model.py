@@ -49,9 +49,9 @@ and multicast's HTTP catch-ups sharing half the server link.
 **What the BitTorrent model leaves out** (``docs/benchmarks.md`` lists the rest): the
 wait of a node whose lane partner is slow or dead (the seed's rescue of its pieces, and
 the 5 s handover); a rack's swarm is modelled as a flat one of its size, fitted on one
-switch; rarest-first, endgame and choking beyond one stretch; the tracker at 10,000
-peers (each node of 250 racks has 249 lane partners); and the testbed's saturated host
-(its runs are excluded, not modelled).
+switch; rarest-first, endgame and choking beyond one stretch; the lanes' relays (in 250
+racks a stripe reaches a rack through up to 4 lane partners, a piece's time each); and
+the testbed's saturated host (its runs are excluded, not modelled).
 """
 
 from __future__ import annotations

@@ -953,21 +953,15 @@ def test_while_it_brings_its_lane_in_a_node_takes_what_only_its_rack_has(
 
 
 def test_a_lane_piece_at_no_peer_waits_for_the_lanes_own_pace() -> None:
-    # the lane comes a piece every 10 s through a slow uplink; once 5 is here, piece 9 is
-    # at no peer for 15 s (the partner that had it left; another is still bringing it in
-    # from a rack further along): no rescue, which RESCUE_IDLE alone would have sent
+    # the lane comes a piece every 10 s through a slow uplink; piece 9 is at no peer for
+    # 36 s (a partner is still bringing it in from a rack further along): no rescue, which
+    # RESCUE_IDLE alone would have sent before the first piece of the lane came, and
+    # after each
     slow: list[list[int]] = [[]] * 9
     arrivals = [[], [0, 2], *slow, [5], *slow, [7], *([[]] * 15), [9], [1, 3, 4, 6, 8]]
     swarm = FakeSwarm(DATA, arrivals)
     swarm.outside = {"10.0.2.10"}
-    swarm.avail = [0] + [1] * 9
-    looked = swarm.wait
-
-    def wait(seconds: float) -> None:
-        looked(seconds)
-        swarm.avail[9] = 0 if swarm.have[5] else 1
-
-    swarm.wait = wait  # type: ignore[method-assign]
+    swarm.avail = [0] + [1] * 8 + [0]
     feeder, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=600, rack=RACK, lane=[5, 7, 9])
     assert b"".join(fed) == DATA and fetched == []
     assert feeder.stats.rescues == 0 and ("want", [9]) not in swarm.calls

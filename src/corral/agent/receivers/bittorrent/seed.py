@@ -438,10 +438,17 @@ class SeedUse:
             self._to_swarm()
             return True
         # nothing new of the lane, that is (the rack's pieces may come meanwhile), for
-        # IDLE_PIECES of the lane's own pieces' time: through a slow uplink a piece takes a
-        # partner elsewhere as long, and a piece of the lane a partner is still bringing
-        # in from a rack further along the ring is at no peer for a while
-        lane_idle = max(rescue_idle, IDLE_PIECES * self._lane_piece_time())
+        # IDLE_PIECES of the lane's own pieces' time, or the lane's patience before its
+        # first piece: through a slow uplink a piece takes as long at a partner elsewhere,
+        # and a piece that a partner is still bringing in from a rack further along the
+        # ring is at no peer for a while (in 20 racks of 5, 5-11 pieces of the lane were
+        # at no peer 10-15 s after the import began, and were asked of the seed)
+        lane_idle = max(
+            rescue_idle,
+            IDLE_PIECES * self._lane_piece_time()
+            if self._lane_got[1]
+            else self.pace.scaled(LANE_TIMEOUT, LANE_PIECES),
+        )
         if now - self._lane_got[2] < lane_idle or not self.swarm.heard():
             return changed
         awaited = self.awaited()

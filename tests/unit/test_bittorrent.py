@@ -427,7 +427,6 @@ class FakeSwarm:
         self.tracker_answered = True
         self.peers_connected = 3
         self.outside: set[str] = set()  # connected peers from other racks
-        self.rack_has: list[int] = []  # of avail, the peers in the node's rack
         self.without_mine: set[str] = set()  # connected peers that lack the node's stripe
         self.want_at: list[int] = []  # looks at the swarm before each want()
         self.partial = 0  # bytes of pieces still incomplete
@@ -476,10 +475,6 @@ class FakeSwarm:
         """The connected peers' counts, and the seed (which has every piece) once the
         node lets it in."""
         return [a + (1 if self.seed_connected else 0) for a in self.avail]
-
-    def held_at(self, addresses: Collection[str]) -> Sequence[int]:
-        """Of :attr:`avail`, the peers in the node's rack (``rack_has``; none unless set)."""
-        return self.rack_has or [0] * len(self.have)
 
     def present(self) -> tuple[int, int]:
         return self.position
@@ -929,42 +924,6 @@ def test_a_node_brings_its_lane_into_its_rack_then_trades_inside_it() -> None:
     # nothing of the next chunks was asked first before the node traded with its rack
     first = [i for i, c in enumerate(swarm.calls) if c[0] == "prioritize"]
     assert first and first[0] > swarm.calls.index(("keep_to", sorted(RACK)))
-
-
-def test_while_it_brings_its_lane_in_a_node_takes_what_only_its_rack_has(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # its lane, 5 and 7, comes through the slow uplink; meanwhile its rack has 1 and 3,
-    # which no peer elsewhere has, and it takes them through its own link; 4, which a
-    # partner elsewhere has too, and 6, 8 and 9, which only peers elsewhere have, wait
-    swarm = FakeSwarm(DATA, [[], [0, 2], [], [1, 3], [5], [], [7], [4, 6, 8, 9]])
-    swarm.outside = {"10.0.2.10"}
-    swarm.avail = [0, 1, 0, 1, 2, 1, 1, 1, 1, 1]
-    swarm.rack_has = [0, 1, 0, 1, 1, 0, 0, 0, 0, 0]
-    with caplog.at_level("INFO", logger="corral.agent"):
-        _, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK, lane=[5, 7])
-    assert b"".join(fed) == DATA and fetched == []
-    calls = [c for c in swarm.calls if c[0] != "prioritize"]
-    trading = calls.index(("keep_to", sorted(RACK)))
-    wants = [w for c, w in calls[:trading] if c == "want"]
-    assert [5, 7, 1, 3] in wants
-    assert not {4, 6, 8, 9} & {p for w in wants for p in w or ()}
-    assert "my lane is here (and 2 pieces from my rack meanwhile)" in caplog.text
-
-
-def test_a_lane_piece_at_no_peer_waits_for_the_lanes_own_pace() -> None:
-    # the lane comes a piece every 10 s through a slow uplink; piece 9 is at no peer for
-    # 36 s (a partner is still bringing it in from a rack further along): no rescue, which
-    # RESCUE_IDLE alone would have sent before the first piece of the lane came, and
-    # after each
-    slow: list[list[int]] = [[]] * 9
-    arrivals = [[], [0, 2], *slow, [5], *slow, [7], *([[]] * 15), [9], [1, 3, 4, 6, 8]]
-    swarm = FakeSwarm(DATA, arrivals)
-    swarm.outside = {"10.0.2.10"}
-    swarm.avail = [0] + [1] * 8 + [0]
-    feeder, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=600, rack=RACK, lane=[5, 7, 9])
-    assert b"".join(fed) == DATA and fetched == []
-    assert feeder.stats.rescues == 0 and ("want", [9]) not in swarm.calls
 
 
 def test_a_lane_piece_at_no_peer_is_asked_of_the_seed_and_a_partner_is_waited_for(

@@ -87,7 +87,6 @@ class LibtorrentSwarm:
                 f"transport bittorrent: the plan's torrent is unreadable: {exc}"
             ) from None
         self.piece_size = int(info.piece_length())
-        self.num_pieces = int(info.num_pieces())
         self.num_files = int(info.num_files())
         self.session = lt.session(session_settings(lt, address, port), 0)  # no plugins
         limit_local_peers(self.session)  # UPLOAD_SLOTS holds on a LAN too
@@ -197,14 +196,6 @@ class LibtorrentSwarm:
 
     def availability(self) -> Sequence[int]:
         return list(self.handle.piece_availability())
-
-    def held_at(self, addresses: Collection[str]) -> Sequence[int]:
-        counts = [0] * self.num_pieces
-        for peer in self.handle.get_peer_info():
-            if str(peer.ip[0]) in addresses:
-                for p, held in enumerate(peer.pieces[: len(counts)]):
-                    counts[p] += bool(held)
-        return counts
 
     def heard(self) -> bool:
         return self._heard

@@ -218,8 +218,6 @@ class SeedUse:
         self.rescue: list[int] = []
         self._lane_since = 0.0  # the import phase's start, then the lane's arrival
         self._lane_got = (0, 0, 0.0)  # lane pieces at the start, then got, and when
-        self._lane_set = frozenset(self.lane)
-        self._wanted: list[int] | None = None  # importing: the rack's pieces wanted too
         self._lane_done = False
         self.since = 0.0
         self._looked = -1e9
@@ -384,7 +382,6 @@ class SeedUse:
             log.info("bittorrent: bringing %s into my rack", pieces(len(left)))
             self.phase, self._lane_since = "import", now
             self._lane_got = (len(self.lane) - len(left), 0, now)
-            self._wanted = []
             self.swarm.want(left)
         else:
             self._to_swarm()
@@ -404,22 +401,17 @@ class SeedUse:
                 return False
             self.rescue = []
             self.swarm.use_seed(False)
-            self._wanted = None
-        changed = self._want_with_rack(left, have)
+            if left:
+                self.swarm.want(left)
+                return True
         if not left:
             if not self._lane_done:
                 self._lane_done, self._lane_since = True, now
-                mine = set(self.mine or ())
-                log.info(
-                    "bittorrent: my lane is here (and %s from my rack meanwhile)",
-                    pieces(
-                        sum(1 for p, h in enumerate(have) if h and p not in self._lane_set | mine)
-                    ),
-                )
+                log.info("bittorrent: my lane is here")
             handover = self.pace.scaled(LANE_HANDOVER, HANDOVER_PIECES)
             waiting = self._partners_in_need()
             if waiting and now - self._lane_since < handover:
-                return changed
+                return False
             if waiting:
                 log.info(
                     "bittorrent: %s still lack my stripe; my rack's only now",
@@ -437,20 +429,8 @@ class SeedUse:
             )
             self._to_swarm()
             return True
-        # nothing new of the lane, that is (the rack's pieces may come meanwhile), for
-        # IDLE_PIECES of the lane's own pieces' time, or the lane's patience before its
-        # first piece: through a slow uplink a piece takes as long at a partner elsewhere,
-        # and a piece that a partner is still bringing in from a rack further along the
-        # ring is at no peer for a while (in 20 racks of 5, 5-11 pieces of the lane were
-        # at no peer 10-15 s after the import began, and were asked of the seed)
-        lane_idle = max(
-            rescue_idle,
-            IDLE_PIECES * self._lane_piece_time()
-            if self._lane_got[1]
-            else self.pace.scaled(LANE_TIMEOUT, LANE_PIECES),
-        )
-        if now - self._lane_got[2] < lane_idle or not self.swarm.heard():
-            return changed
+        if idle < rescue_idle or not self.swarm.heard():
+            return False
         awaited = self.awaited()
         nowhere = [
             p
@@ -458,30 +438,11 @@ class SeedUse:
             if not a and p not in awaited
         ]
         if not nowhere:
-            return changed
+            return False
         log.info("bittorrent: %s of my lane at no peer; asking the seed", pieces(len(nowhere)))
         self.rescue, self.since = nowhere, now
         self.swarm.want(nowhere)
         self.swarm.use_seed(True)
-        return True
-
-    def _want_with_rack(self, left: Sequence[int], have: Sequence[bool]) -> bool:
-        """Beside what is left of its lane, the pieces its rack has and no connected peer
-        elsewhere has: a node that imports its lane takes those from its rack at once,
-        through its own link, which the lane leaves mostly idle (the lane comes through
-        its share of the uplink); a piece a peer elsewhere has too is left for later, so
-        that nothing but the lane crosses the uplink. True if the wanted pieces changed."""
-        inside = self.swarm.held_at(self.rack or ())
-        every = self.swarm.availability()
-        rack = [
-            p
-            for p, (i, a) in enumerate(zip(inside, every, strict=False))
-            if i and i >= a and not have[p] and p not in self._lane_set
-        ]
-        if rack == self._wanted:  # (the lane's own pieces need no new priorities)
-            return False
-        self._wanted = rack
-        self.swarm.want([*left, *rack])
         return True
 
     def _lane_patience(self, left: int, now: float) -> float:
@@ -489,18 +450,15 @@ class SeedUse:
         :data:`LANE_TIMEOUT` (or :data:`LANE_PIECES` pieces' time), stretched to
         :data:`LANE_SLACK` times the whole lane's time at the pace of its pieces until the
         last one came (a lane that stopped coming is not waited for any longer)."""
-        had, got, _ = self._lane_got
+        had, got, last = self._lane_got
         arrived = len(self.lane) - left - had
         if arrived > got:
-            self._lane_got = had, arrived, now
-        whole = self._lane_piece_time() * (len(self.lane) - had)
-        return max(self.pace.scaled(LANE_TIMEOUT, LANE_PIECES), LANE_SLACK * whole)
-
-    def _lane_piece_time(self) -> float:
-        """Seconds a piece of the lane has taken, on average, until the last one came (0
-        before the first)."""
-        _, got, last = self._lane_got
-        return (last - self._lane_since) / got if got else 0.0
+            self._lane_got = had, got, last = had, arrived, now
+        patience = self.pace.scaled(LANE_TIMEOUT, LANE_PIECES)
+        if got:
+            whole = (last - self._lane_since) * (len(self.lane) - had) / got
+            patience = max(patience, LANE_SLACK * whole)
+        return patience
 
     def _partners_in_need(self) -> set[str]:
         """The connected lane partners that lack some of this node's stripe (without a

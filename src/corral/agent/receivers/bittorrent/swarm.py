@@ -56,10 +56,6 @@ class Swarm(Protocol):
         """For each piece, how many connected peers have it."""
         ...
 
-    def held_at(self, addresses: Collection[str]) -> Sequence[int]:
-        """For each piece, how many connected peers at ``addresses`` have it."""
-        ...
-
     def present(self) -> tuple[int, int]:
         """This node's position among itself and the connected peers that still download
         (by address), and their count."""

@@ -329,6 +329,10 @@ def _bt_design(label: str, racks: int, egress_s: float, measured: str = "") -> s
     """Why a BitTorrent run is of a design the model no longer describes, or "".
 
     ``measured``: the run's date and time as recorded (none in the oldest records)."""
+    if racks > 1 and "lanes to every rack" in label:
+        return "lanes given up after 30 s behind slow uplinks, rescued from the seed (75bff76)"
+    if racks > 1 and "the rack's pieces while importing" in label:
+        return "a node took its rack's pieces while importing (77286c2; reverted in b80ae51)"
     if racks > 1 and "lanes" not in label:
         if "doors," in label:
             return "a variant of the rack doors tried on the way (99bee39 replaced it)"

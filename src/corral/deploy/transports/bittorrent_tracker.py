@@ -432,7 +432,10 @@ def partners(
     An importer takes a stripe from any partner that holds it, the owner or an importer
     nearer to it: each stripe still crosses each rack's uplink once. An owner in no rack
     pairs with the importers ``0, 1, 3, 7, ...`` racks along the ring."""
-    order = sorted({racks[m] for m in lane_of})
+    inside: dict[str, list[str]] = {}
+    for member in lane_of:
+        inside.setdefault(racks[member], []).append(member)
+    order = sorted(inside)
     count = len(order)
     steps = [1 << k for k in range(max(count - 1, 1).bit_length()) if 1 << k < count]
     # each rack's holder of every stripe (its own stripes' owners, then its importers),
@@ -444,10 +447,9 @@ def partners(
     changes: list[set[int]] = []
     for rack in order:
         held = list(members)
-        for member, lane in lane_of.items():
-            if racks[member] == rack:
-                for stripe in lane:
-                    held[stripe] = member
+        for member in inside[rack]:
+            for stripe in lane_of[member]:
+                held[stripe] = member
         holder.append(held)
         changes.append({0, *(g for g in range(1, len(held)) if held[g] != held[g - 1])})
     out: dict[str, set[str]] = {}

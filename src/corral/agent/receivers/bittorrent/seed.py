@@ -419,9 +419,8 @@ class SeedUse:
                 )
             self._to_swarm()
             return True
-        if now - self._lane_since >= self._lane_patience(len(left), now) and not (
-            self.waits_for_members(left)
-        ):
+        self._note_lane(len(left), now)
+        if now - self._lane_since >= self._lane_patience() and not (self.waits_for_members(left)):
             log.info(
                 "bittorrent: %s of my lane late (%s); my rack's only now",
                 pieces(len(left)),
@@ -445,15 +444,20 @@ class SeedUse:
         self.swarm.use_seed(True)
         return True
 
-    def _lane_patience(self, left: int, now: float) -> float:
-        """Seconds the import may take, with ``left`` pieces of the lane still to come:
-        :data:`LANE_TIMEOUT` (or :data:`LANE_PIECES` pieces' time), stretched to
-        :data:`LANE_SLACK` times the whole lane's time at the pace of its pieces until the
-        last one came (a lane that stopped coming is not waited for any longer)."""
-        had, got, last = self._lane_got
+    def _note_lane(self, left: int, now: float) -> None:
+        """Count the lane's pieces come during the import, ``left`` of them still to come,
+        and when the last one came."""
+        had, got, _ = self._lane_got
         arrived = len(self.lane) - left - had
         if arrived > got:
-            self._lane_got = had, got, last = had, arrived, now
+            self._lane_got = had, arrived, now
+
+    def _lane_patience(self) -> float:
+        """Seconds the import may take: :data:`LANE_TIMEOUT` (or :data:`LANE_PIECES`
+        pieces' time), stretched to :data:`LANE_SLACK` times the whole lane's time at the
+        pace of its pieces until the last one came (see :meth:`_note_lane`; a lane that
+        stopped coming is not waited for any longer)."""
+        had, got, last = self._lane_got
         patience = self.pace.scaled(LANE_TIMEOUT, LANE_PIECES)
         if got:
             whole = (last - self._lane_since) * (len(self.lane) - had) / got

@@ -34,7 +34,6 @@ from urllib.parse import quote_from_bytes
 
 # bench/ is not a package: this script runs as bench/tracker.py, beside deploy.py
 from deploy import node_counts
-from events import proc_cpu
 
 from corral.agent.receivers.bittorrent.feed import Latecomers
 from corral.deploy.transports.bittorrent_tracker import (
@@ -48,7 +47,9 @@ SEED = "127.255.255.254"
 
 #: The child: a tracker whose swarm has ``n`` members, answering until stdin closes. It
 #: prints its port, the CPU seconds the swarm took to open, and the most lane partners a
-#: member has.
+#: member has; then, for each line it reads, its CPU seconds so far. It counts them itself
+#: (nanoseconds, the request threads that ended included): /proc counts clock ticks of
+#: 10 ms, and 50 announces of 0.6 ms could fall under one.
 CHILD = """
 import sys, time
 from corral.deploy.transports.bittorrent import by_stripe
@@ -64,7 +65,8 @@ tracker.swarms.open(INFO_HASH, None, members, [SEED], racks=racks)
 opened = time.process_time() - start
 most = max(map(len, partners(members, lanes(members, racks), racks).values()), default=0)
 print(tracker.port, opened, most, flush=True)
-sys.stdin.read()
+for _ in sys.stdin:  # each line asks for the CPU seconds so far, all threads included
+    print(time.process_time(), flush=True)
 tracker.stop()
 """
 
@@ -128,19 +130,26 @@ def measure(n: int, rack_size: int, requests: int, clients: int) -> dict[str, fl
         assert child.stdout is not None
         fields = child.stdout.readline().split()
         port, opened_s, most = int(fields[0]), float(fields[1]), int(fields[2])
+
+        def cpu() -> float:
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write("\n")
+            child.stdin.flush()
+            return float(child.stdout.readline())
+
         rng = random.Random(n)
         # every member announces once: the swarm as it is once the nodes are up
-        opened = proc_cpu(child.pid)
+        opened = cpu()
         failed = send(port, [(member(i), announce_path(i)) for i in range(n)], clients)
-        first = proc_cpu(child.pid) - opened
+        first = cpu() - opened
         picks = [rng.randrange(n) for _ in range(requests)]
-        before = proc_cpu(child.pid)
+        before = cpu()
         failed += send(port, [(member(i), announce_path(i)) for i in picks], clients)
-        announce = (proc_cpu(child.pid) - before) / requests
+        announce = (cpu() - before) / requests
         pending = f"/pending/{INFO_HASH.hex()}"
-        before = proc_cpu(child.pid)
+        before = cpu()
         failed += send(port, [(member(i), pending) for i in picks], clients)
-        latecomers = (proc_cpu(child.pid) - before) / requests
+        latecomers = (cpu() - before) / requests
     finally:
         if child.stdin:
             child.stdin.close()

@@ -24,7 +24,7 @@ def test_the_tracker_bench_answers_every_member() -> None:
     assert figures["nodes"] == 50 and figures["failed"] == 0
     # 10 racks of 5: a node's lane partners are 1, 2, 4 and 8 racks away either side
     assert figures["lane_partners"] == 6
-    assert figures["announce_ms"] >= 0 and figures["pending_ms"] >= 0  # CPU in clock ticks
+    assert figures["announce_ms"] > 0 and figures["pending_ms"] > 0
     assert figures["interval"] == 10 and figures["every"] == 5.0  # the usual rates at 50
     assert "| 50 | " in done.stdout
     bad = subprocess.run([*argv[:2], "--nodes", "ten"], capture_output=True, text=True, check=False)

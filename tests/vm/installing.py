@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,9 +148,16 @@ def install_bed(
     cluster: Callable[[str], str] | None = None,
 ) -> Iterator[InstallBed]:
     """``cluster``: the cluster file for the administrator's public key, instead of
-    :func:`profile_cluster` of ``nodes``."""
-    ramdisk = build_ramdisk(work / "ramdisk", cache=default_cache_dir() / "ramdisk")
-    images = built_image()
+    :func:`profile_cluster` of ``nodes``.
+
+    The ramdisk and the image are built side by side, each under its own lock: on a fresh
+    machine, the first two install tests (two workers) would otherwise each wait for the
+    other's build with a core idle, two minutes before any VM starts."""
+    with ThreadPoolExecutor(2) as pool:
+        cache = default_cache_dir() / "ramdisk"
+        building = pool.submit(build_ramdisk, work / "ramdisk", cache=cache)
+        images = built_image()
+        ramdisk = building.result()
     (work / "ssh").mkdir()
     key = admin_key(work / "ssh")
     public = key.with_suffix(".pub").read_text().strip()

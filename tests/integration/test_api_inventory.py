@@ -12,7 +12,7 @@ from corral.inventory import db
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.parallel_safe]
 
 
 @pytest.fixture

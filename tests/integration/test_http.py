@@ -19,7 +19,7 @@ from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.parallel_safe]
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
 

@@ -14,7 +14,7 @@ from corral.images.catalog import image_store
 from corral.images.exports import squashfs_chunks
 from tests.conftest import corral
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.parallel_safe]
 
 
 @pytest.fixture

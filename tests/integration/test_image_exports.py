@@ -18,6 +18,7 @@ from corral.images.store import CorruptExport, ImageError, ImageStore, ImageVers
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.parallel_safe,
     pytest.mark.skipif(
         not all(shutil.which(t) for t in ("mksquashfs", "unsquashfs", "zstd", "tar", "rsync")),
         reason="needs squashfs-tools, zstd, tar and rsync",

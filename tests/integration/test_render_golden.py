@@ -21,7 +21,7 @@ GOLDEN = Path(__file__).parent.parent / "golden"
 NODES = ["c01", "bonded", "fed01", "img01", "ram01", "local01"]
 SECRET = "00" * 32
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.parallel_safe]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from corral.inventory.schema import NodeSpec, ProfileSpec
 from corral.render import sync as sync_module
 from corral.render.sync import Syncer, SyncReport
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.parallel_safe]
 
 
 def sync(settings: Settings, root: Path, full: bool = False) -> SyncReport:

@@ -23,7 +23,7 @@ from corral.inventory.clusterfile import apply_cluster, load_cluster
 from corral.serve.boot import BootService
 from corral.serve.http import create_app
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.parallel_safe]
 
 DATA = Path(__file__).parents[1] / "data" / "cluster.yaml"
 

@@ -420,7 +420,7 @@ class SeedUse:
             self._to_swarm()
             return True
         self._note_lane(len(left), now)
-        if now - self._lane_since >= self._lane_patience() and not (self.waits_for_members(left)):
+        if now - self._lane_since >= self._lane_patience() and not self.waits_for_members(left):
             log.info(
                 "bittorrent: %s of my lane late (%s); my rack's only now",
                 pieces(len(left)),

@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from corral.agent.errors import ReceiveError
+from corral.agent.receivers.bittorrent.swarm import Peer
 from corral.agent.wire.lan_swarm import lan_settings, limit_local_peers
 
 log = logging.getLogger("corral.agent")
@@ -204,11 +205,21 @@ class LibtorrentSwarm:
         return len(self.addresses())
 
     def addresses(self) -> set[str]:
+        return set(self._established())
+
+    def peers(self) -> dict[str, Peer]:
+        return {
+            address: Peer(list(peer.pieces), int(peer.total_download))
+            for address, peer in self._established().items()
+        }
+
+    def _established(self) -> dict[str, Any]:
+        """The connected peers' libtorrent peer_info, by address (the seed aside)."""
         flags = self.lt.peer_info
         pending = flags.connecting | flags.handshake
         seed = self.seed[0] if self.seed else ""
         return {
-            str(peer.ip[0])
+            str(peer.ip[0]): peer
             for peer in self.handle.get_peer_info()
             if not peer.flags & pending and str(peer.ip[0]) != seed
         }

@@ -194,7 +194,7 @@ class SeedUse:
         (libtorrent's IP filter). It does not rescue the pieces at no peer of its rack:
         a node of the rack is bringing them in, and the seed would send them over the
         rack's uplink once more. It still rescues after :data:`RESCUE_IDLE` without
-        anything new.
+        anything new, to itself or to its rack (see :meth:`_rack_quiet`).
     """
 
     def __init__(
@@ -230,6 +230,10 @@ class SeedUse:
         self._alone_since = float("inf")
         self._seedless_since = float("inf")
         self.pace = PieceClock(clock)
+        #: ... and of its lane's pieces alone, which come through the rack's uplink while
+        #: the rack's own come faster beside them: the lane's timings scale with this one
+        self.lane_pace = PieceClock(clock)
+        self._rack_got = (0, 0.0)  # pieces in the rack (see _rack_quiet), and since when
         #: when the node began taking pieces from its peers (the end of look and stripe)
         self.started_swarming = self.started
         if self.mine is None:
@@ -278,6 +282,8 @@ class SeedUse:
         waited = now - self.started
         idle = min(idle, now - self._phase_at)
         self.pace.observe(sum(have))
+        if self._phase == "import":
+            self.lane_pace.observe(sum(have[p] for p in self.lane))
         rescue_idle = self.pace.scaled(RESCUE_IDLE, IDLE_PIECES)
         if self.phase == "look" and (
             (self.swarm.heard() and waited >= LOOK_TIME and self._met(waited))
@@ -418,7 +424,7 @@ class SeedUse:
                     "bittorrent: my lane is here (and %s from my rack meanwhile)",
                     pieces(max(taken, 0)),
                 )
-            handover = self.pace.scaled(LANE_HANDOVER, HANDOVER_PIECES)
+            handover = self.lane_pace.scaled(LANE_HANDOVER, HANDOVER_PIECES)
             waiting = self._partners_in_need()
             if waiting and now - self._lane_since < handover:
                 return False
@@ -439,8 +445,9 @@ class SeedUse:
             )
             self._to_swarm()
             return True
-        # the lane's own idleness: pieces of the rack keep coming meanwhile
-        if now - self._from_outside[1] < rescue_idle or not self.swarm.heard():
+        # the lane's own idleness and pace: pieces of the rack keep coming meanwhile
+        lane_idle = self.lane_pace.scaled(RESCUE_IDLE, IDLE_PIECES)
+        if now - self._from_outside[1] < lane_idle or not self.swarm.heard():
             return changed
         awaited = self.awaited()
         nowhere = [
@@ -512,7 +519,7 @@ class SeedUse:
         pace of its pieces until the last one came (see :meth:`_note_lane`; a lane that
         stopped coming is not waited for any longer)."""
         had, got, last = self._lane_got
-        patience = self.pace.scaled(LANE_TIMEOUT, LANE_PIECES)
+        patience = self.lane_pace.scaled(LANE_TIMEOUT, LANE_PIECES)
         if got:
             whole = (last - self._lane_since) * (len(self.lane) - had) / got
             patience = max(patience, LANE_SLACK * whole)
@@ -564,6 +571,8 @@ class SeedUse:
                 return False
         else:
             self._alone_since = float("inf")
+        if self.rack is not None:
+            idle = min(idle, self._rack_quiet(have, now))
         if idle >= rescue_idle:
             return True
         if self.in_rack():
@@ -580,6 +589,19 @@ class SeedUse:
         else:
             self._orphans_since = float("inf")
         return now - self._orphans_since >= self.pace.scaled(ORPHAN_WAIT, ORPHAN_PIECES)
+
+    def _rack_quiet(self, have: Sequence[bool], now: float) -> float:
+        """Seconds since a piece last came into the node's rack: to the node, or to a
+        connected node of its rack that did not have it. The rack's lanes come through
+        its uplink, slower than a node's link: a node that has what its rack has waits for
+        the rest while it comes: asked of the seed, it would cross the uplink once more."""
+        peers = self.swarm.peers()
+        rack = self.rack or frozenset()
+        held = [peer.pieces for address, peer in peers.items() if address in rack]
+        count = sum(1 for p, h in enumerate(have) if h or any(p < len(b) and b[p] for b in held))
+        seen, since = self._rack_got
+        self._rack_got = (count, now if count > seen else since)  # fewer: a node left
+        return now - self._rack_got[1]
 
     def _available(self, pieces: Sequence[int]) -> list[int]:
         """How many connected sources have each of ``pieces`` (the seed counts for one;

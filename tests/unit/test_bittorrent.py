@@ -30,6 +30,7 @@ from corral.agent.receivers.bittorrent.seed import (
     ALONE_WAIT,
     LANE_HANDOVER,
     LANE_SLACK,
+    LANE_TIMEOUT,
     LATE_WAIT,
     STRIPE_TIMEOUT,
     PieceClock,
@@ -1032,6 +1033,39 @@ def test_a_lane_piece_at_no_peer_is_asked_of_the_seed_and_a_partner_is_waited_fo
     assert "10.0.2.10 still lack my stripe" in caplog.text
     wants = [w for c, w in swarm.calls if c == "want"]
     assert swarm.want_at[wants.index(None)] >= 12 + LANE_HANDOVER  # 7 came at the 12th look
+
+
+@pytest.mark.parametrize("shows", [40, None])
+def test_a_lane_at_no_peer_yet_is_on_its_way_not_late(
+    shows: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # its lane, 5 and 7, reaches its partners from rack to rack: at no peer for 40 s,
+    # past LANE_TIMEOUT, then here; neither asked of the seed nor given up meanwhile.
+    # Never at a peer (its partners are gone): late after twice LANE_TIMEOUT
+    lane: list[list[int]] = [[5], [7]] if shows else [[], []]
+    arrivals = [[], [0, 2]] + [[]] * 45 + lane + [[]] * 30 + [list(range(10))]
+    swarm = FakeSwarm(DATA, arrivals)
+    swarm.outside = {"10.0.2.10"}
+    swarm.avail = [0, 1, 0, 1, 1, 0, 1, 0, 1, 1]
+    real_wait = swarm.wait
+
+    def wait(seconds: float) -> None:
+        real_wait(seconds)
+        if swarm.waits == shows:
+            swarm.avail[5] = swarm.avail[7] = 1
+
+    swarm.wait = wait  # type: ignore[method-assign]
+    with caplog.at_level("INFO", logger="corral.agent"):
+        run_feeder(swarm, mine=[0, 2], stall=600, rack=RACK, lane=[5, 7])
+    wants = [w for c, w in swarm.calls if c == "want"]
+    assert [5] not in wants and [7] not in wants and [5, 7] in wants  # no lane rescue
+    handed = swarm.want_at[wants.index(None)]
+    if shows:
+        assert "my lane is here" in caplog.text and "late" not in caplog.text
+        assert handed >= 48
+    else:
+        assert "2 pieces of my lane late" in caplog.text
+        assert 2 * LANE_TIMEOUT <= handed <= 2 * LANE_TIMEOUT + 4
 
 
 @pytest.mark.parametrize("stops", [False, True])

@@ -221,6 +221,7 @@ class SeedUse:
         self._lane_since = 0.0  # the import phase's start, then the lane's arrival
         self._lane_got = (0, 0, 0.0)  # lane pieces at the start, then got, and when
         self._lane_done = False
+        self._lane_shown: float | None = None  # when a piece of it was first at a peer
         self._meanwhile: list[int] = []  # pieces of its rack wanted during the import
         self._from_outside = (0, 0.0)  # bytes taken from peers outside the rack, and when
         self._looked_inside = -1e9
@@ -437,7 +438,10 @@ class SeedUse:
             return True
         self._note_lane(len(left), now)
         changed = self._inside_meanwhile(have, left, now)
-        if now - self._lane_since >= self._lane_patience() and not self.waits_for_members(left):
+        available = self._available(left)
+        if self._lane_shown is None and (self._lane_got[1] or any(available)):
+            self._lane_shown = now
+        if self._lane_late(now) and not self.waits_for_members(left):
             log.info(
                 "bittorrent: %s of my lane late (%s); my rack's only now",
                 pieces(len(left)),
@@ -446,15 +450,14 @@ class SeedUse:
             self._to_swarm()
             return True
         # the lane's own idleness and pace: pieces of the rack keep coming meanwhile
+        # (before any of its lane is at a peer, its pieces are on their way to its
+        # partners, from rack to rack: at no peer, but not lost)
         lane_idle = self.lane_pace.scaled(RESCUE_IDLE, IDLE_PIECES)
-        if now - self._from_outside[1] < lane_idle or not self.swarm.heard():
+        quiet = now - self._from_outside[1] >= lane_idle
+        if not quiet or self._lane_shown is None or not self.swarm.heard():
             return changed
         awaited = self.awaited()
-        nowhere = [
-            p
-            for p, a in zip(left, self._available(left), strict=True)
-            if not a and p not in awaited
-        ]
+        nowhere = [p for p, a in zip(left, available, strict=True) if not a and p not in awaited]
         if not nowhere:
             return changed
         log.info("bittorrent: %s of my lane at no peer; asking the seed", pieces(len(nowhere)))
@@ -512,6 +515,16 @@ class SeedUse:
         arrived = len(self.lane) - left - had
         if arrived > got:
             self._lane_got = had, arrived, now
+
+    def _lane_late(self, now: float) -> bool:
+        """Whether the lane has had its time (:meth:`_lane_patience`), counted from when a
+        piece of it was first at a peer: a lane's stripes reach a node's partners from
+        rack to rack, and in 20 racks of 5 at N = 100, 8 nodes got nothing of theirs (or
+        one piece) in the first 30 s, gave them up, and their racks asked the seed for
+        them. A lane at no peer for twice that time (its partners are gone) is late."""
+        if self._lane_shown is None:
+            return now - self._lane_since >= 2 * self._lane_patience()
+        return now - self._lane_shown >= self._lane_patience()
 
     def _lane_patience(self) -> float:
         """Seconds the import may take: :data:`LANE_TIMEOUT` (or :data:`LANE_PIECES`

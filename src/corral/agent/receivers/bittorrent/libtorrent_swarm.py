@@ -12,7 +12,6 @@ from types import ModuleType
 from typing import Any
 
 from corral.agent.errors import ReceiveError
-from corral.agent.receivers.bittorrent.swarm import Peer
 from corral.agent.wire.lan_swarm import lan_settings, limit_local_peers
 
 log = logging.getLogger("corral.agent")
@@ -207,11 +206,8 @@ class LibtorrentSwarm:
     def addresses(self) -> set[str]:
         return set(self._established())
 
-    def peers(self) -> dict[str, Peer]:
-        return {
-            address: Peer(list(peer.pieces), int(peer.total_download))
-            for address, peer in self._established().items()
-        }
+    def holdings(self) -> dict[str, Sequence[bool]]:
+        return {address: list(peer.pieces) for address, peer in self._established().items()}
 
     def _established(self) -> dict[str, Any]:
         """The connected peers' libtorrent peer_info, by address (the seed aside)."""

@@ -5,19 +5,18 @@ Every node of a BitTorrent deployment announces to corral's tracker every
 ``Latecomers.ASK_EVERY`` seconds (5). The tracker runs in a thread of ``corral serve``, so
 what it costs per request, times the rate of requests, is taken from the API's CPU.
 
-Measured per N (members in racks of ``--rack-size``, lanes and all, as a deployment of
-a torrent of ``--pieces`` opens them), in a child process that holds the real tracker
-(:class:`Tracker`, its HTTP server on 127.0.0.1): its CPU seconds per announce and per
-``/pending`` question, over ``--requests`` of each, sent from this process by
-``--clients`` threads, each request from the member's own loopback address (the tracker
-knows a node by its address). Printed:
+Measured per N (members in racks of ``--rack-size``, lanes and all, as a deployment opens
+them), in a child process that holds the real tracker (:class:`Tracker`, its HTTP server
+on 127.0.0.1): its CPU seconds per announce and per ``/pending`` question, over
+``--requests`` of each, sent from this process by ``--clients`` threads, each request from
+the member's own loopback address (the tracker knows a node by its address). Printed:
 the CPU seconds the swarm takes to open (its lanes and lane partners), the most lane
 partners a member has, milliseconds of the tracker's CPU per request, and the share of
 one core that N nodes at the agent's usual rates take (``N / 10 x announce + N / 5 x
 pending``), and at the rates the tracker asks of a swarm that large
 (``ANNOUNCES_PER_SECOND``, ``QUESTIONS_PER_SECOND``).
 
-    .venv/bin/python bench/tracker.py [--nodes 100,1000,10000] [--rack-size 40] [--pieces 1024]
+    .venv/bin/python bench/tracker.py [--nodes 100,1000,10000] [--rack-size 40]
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ from urllib.parse import quote_from_bytes
 from deploy import node_counts
 
 from corral.agent.receivers.bittorrent.feed import Latecomers
-from corral.deploy.transports.bittorrent import TARGET_PIECES
 from corral.deploy.transports.bittorrent_tracker import (
     ANNOUNCE_INTERVAL,
     ANNOUNCES_PER_SECOND,
@@ -56,17 +54,16 @@ CHILD = """
 import sys, time
 from corral.deploy.transports.bittorrent import by_stripe
 from corral.deploy.transports.bittorrent_tracker import Tracker, lanes, partners
-n, rack_size, pieces = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
+n, rack_size = int(sys.argv[1]), int(sys.argv[2])
 sys.path.insert(0, sys.argv[3])
 from tracker import member, INFO_HASH, SEED
 racks = {member(i): f"r{i // rack_size:04}" for i in range(n)}
 members = list(by_stripe(racks, racks))
 tracker = Tracker("127.0.0.1", 0)
 start = time.process_time()
-tracker.swarms.open(INFO_HASH, None, members, [SEED], racks=racks, pieces=pieces)
+tracker.swarms.open(INFO_HASH, None, members, [SEED], racks=racks)
 opened = time.process_time() - start
-lane = lanes(members, racks, pieces)
-most = max(map(len, partners(members, lane, racks).values()), default=0)
+most = max(map(len, partners(members, lanes(members, racks), racks).values()), default=0)
 print(tracker.port, opened, most, flush=True)
 for _ in sys.stdin:  # each line asks for the CPU seconds so far, all threads included
     print(time.process_time(), flush=True)
@@ -122,12 +119,9 @@ def send(port: int, paths: list[tuple[str, str]], clients: int) -> int:
     return failures[0]
 
 
-def measure(
-    n: int, rack_size: int, requests: int, clients: int, pieces: int = TARGET_PIECES
-) -> dict[str, float]:
-    here = str(Path(__file__).parent)
+def measure(n: int, rack_size: int, requests: int, clients: int) -> dict[str, float]:
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(n), str(rack_size), here, str(pieces)],
+        [sys.executable, "-c", CHILD, str(n), str(rack_size), str(Path(__file__).parent)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -187,13 +181,6 @@ def main() -> int:
         "--requests", type=int, default=3000, help="announces, and /pending questions, per N"
     )
     parser.add_argument("--clients", type=int, default=16, help="requests in flight at once")
-    parser.add_argument(
-        "--pieces",
-        type=int,
-        default=TARGET_PIECES,
-        help=f"the torrent's pieces (the lanes are even in pieces; default {TARGET_PIECES}, "
-        "what corral aims at for an image of 256 MiB to 4 GiB)",
-    )
     args = parser.parse_args()
     try:
         counts = node_counts(args.nodes)
@@ -208,7 +195,7 @@ def main() -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in counts:
-        r = measure(n, args.rack_size, args.requests, args.clients, args.pieces)
+        r = measure(n, args.rack_size, args.requests, args.clients)
         print(
             f"| {n:,} | {r['open_s']} s | {r['lane_partners']} "
             f"| {r['first_announces_s']} s | {r['announce_ms']} ms | "

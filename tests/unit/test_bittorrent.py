@@ -1189,24 +1189,6 @@ def test_lanes_bring_each_stripe_into_each_rack_once() -> None:
     }
 
 
-@pytest.mark.parametrize(("racks", "pieces"), [(20, 120), (4, 120), (20, 128), (10, 64)])
-def test_lanes_are_even_in_pieces_not_stripes(racks: int, pieces: int) -> None:
-    # stripe g of 100 holds pieces g, g + 100, ...: with 120 pieces stripes 0-19 hold
-    # two, and in runs of equal length the node of each of 20 racks that brought in
-    # stripes 0-19 had 38 pieces to bring in, the four others 19; with 64 pieces stripes
-    # 64-99 hold none, and are in no lane
-    rack_of = {f"n{i:03}": f"r{i * racks // 100:02}" for i in range(100)}
-    members = list(by_stripe(rack_of, rack_of))
-    got = lanes(members, rack_of, pieces)
-    for rack in set(rack_of.values()):
-        inside = [m for m in members if rack_of[m] == rack]
-        brought = sorted(g for m in inside for g in got[m])
-        assert brought == [g for g in range(min(pieces, 100)) if rack_of[members[g]] != rack]
-        loads = [sum(len(range(g, pieces, 100)) for g in got[m]) for m in inside]
-        share = sum(loads) / len(inside)  # each within a stripe's pieces of its share
-        assert all(abs(load - share) < -(-pieces // 100) for load in loads), (rack, loads)
-
-
 @pytest.mark.parametrize("sizes", [[10] * 64, [9, 10] * 30 + [10] * 3])
 def test_in_many_racks_a_node_has_a_few_lane_partners_that_carry_every_stripe_everywhere(
     sizes: list[int],

@@ -144,10 +144,6 @@ class Layout:
     piece_size: int
     hashes: bytes
 
-    @property
-    def pieces(self) -> int:
-        return len(self.hashes) // 20
-
 
 def stream_layout(payload: Chunked) -> Layout:
     """Read the export's index and hash its chunk files into pieces."""
@@ -342,7 +338,7 @@ class BitTorrentTransport:
                 log.info(
                     "bittorrent: %s is %d pieces of %d KiB (hashed in %.1f s)",
                     payload.ref,
-                    layout.pieces,
+                    len(layout.hashes) // 20,
                     layout.piece_size >> 10,
                     time.monotonic() - started,
                 )
@@ -366,8 +362,7 @@ class BitTorrentTransport:
                 racks,
                 {m.node: str(m.ip) for m in members if m.ip},
             )
-            pieces = self.layouts[payload.ref].pieces
-            session.lanes = lanes(session.nodes, racks, pieces)
+            session.lanes = lanes(session.nodes, racks)
             session.partners = partners(session.nodes, session.lanes, racks)
             self.sessions[(deployment, payload.ref)] = session
             self.tracker.swarms.open(
@@ -376,7 +371,6 @@ class BitTorrentTransport:
                 [session.addresses.get(node, "") for node in session.nodes],
                 self._servers(),
                 racks={str(m.ip): m.rack for m in members if m.ip and m.rack},
-                pieces=pieces,
             )
             self.seeder.add(torrent, payload.directory)
             log.info(

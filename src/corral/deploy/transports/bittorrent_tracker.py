@@ -198,19 +198,16 @@ class Swarms:
         members: Sequence[str] = (),
         servers: Iterable[str] = (),
         racks: Mapping[str, str] | None = None,
-        pieces: int | None = None,
     ) -> None:
         """Answer for ``info_hash``, to ``allowed`` addresses (None: any); ``members`` are
         the addresses of the nodes expected to join, in the order of their stripes (see
         :meth:`pending`; "" for a node whose address is not known), ``servers`` corral's own,
-        ``racks`` the rack of each node's address that is in one (see :meth:`choose`),
-        ``pieces`` the torrent's (see :func:`lanes`)."""
+        ``racks`` the rack of each node's address that is in one (see :meth:`choose`)."""
         # outside the lock, which every announce takes: at 10,000 members in 250 racks
         # the lanes are millions of steps (a second)
         racks = racks or {}
         pairs = {
-            m: tuple(sorted(p))
-            for m, p in partners(members, lanes(members, racks, pieces), racks).items()
+            m: tuple(sorted(p)) for m, p in partners(members, lanes(members, racks), racks).items()
         }
         with self._lock:
             old = self._swarms.get(info_hash)
@@ -394,46 +391,29 @@ def _draw(rng: random.Random, items: Sequence[T], need: int, ok: Callable[[T], b
     return rng.sample(pool, min(need, len(pool)))
 
 
-def lanes(
-    members: Sequence[str], racks: Mapping[str, str], pieces: int | None = None
-) -> dict[str, list[int]]:
+def lanes(members: Sequence[str], racks: Mapping[str, str]) -> dict[str, list[int]]:
     """The stripes each member in a rack brings into its rack from elsewhere: its *lane*.
 
     ``members`` are the session's nodes by stripe (node ``members[g]`` takes stripe ``g``
-    from the seed), ``racks`` their racks, ``pieces`` the torrent's (None: a piece a
-    stripe). A rack's nodes, in stripe order, share the stripes of the nodes elsewhere (in
-    stripe order too) in runs of equal weight: node ``i`` of a rack of ``n`` takes those
-    that start in the ``i``-th ``n``-th of their pieces. Each stripe then enters each rack
-    once, each node carries about ``S / n`` in and out across its rack's uplink, and the
-    rack's swarm has the whole image inside it.
-
-    Weight, not length: stripe ``g`` of ``N`` holds pieces ``g, g + N, ...``, so the first
-    stripes hold a piece more when ``N`` does not divide the pieces (and those past the
-    pieces, none: they are in no lane). With 120 pieces and 100 nodes in 20 racks of 5,
-    runs of equal length gave one node of each rack 38 pieces to bring in and the four
-    others 19; the four, done early, asked the seed for what the fifth had not brought in
-    yet, and the seed sent 2-3 x S.
-
-    Runs, not turns, line the lanes of the racks up: a node's stripes are held, in every
-    other rack, by a few nodes of about the same place (with equal racks in the order of
-    :func:`by_stripe` and a piece a stripe, node ``i`` of a rack brings in the stripes of
-    node ``i`` of every other rack), which keeps a node's partners few (see
-    :func:`partners`): 8 in 20 racks of 5, 24 with the 120 pieces' weights, whose cuts
-    fall at other stripes in each rack. Members in no rack have no lane."""
+    from the seed), ``racks`` their racks. A rack's nodes, in stripe order, share the
+    stripes of the nodes elsewhere (in stripe order too) in runs of equal length: node
+    ``i`` of a rack of ``n`` takes the ``i``-th ``n``-th of them. Each stripe then enters
+    each rack once, each node carries about ``S / n`` in and out across its rack's uplink,
+    and the rack's swarm has the whole image inside it. Runs, not turns, line the lanes of
+    the racks up: a node's stripes are held, in every other rack, by one node or two of
+    about the same place (with equal racks in the order of :func:`by_stripe`, node ``i``
+    of a rack brings in the stripes of node ``i`` of every other rack), which keeps a
+    node's partners few (see :func:`partners`). Members in no rack have no lane."""
     inside: dict[str, list[str]] = {}
     for member in members:
         rack = racks.get(member)
         if rack is not None:
             inside.setdefault(rack, []).append(member)
     out: dict[str, list[int]] = {m: [] for nodes in inside.values() for m in nodes}
-    count = len(members)
-    weight = [1 if pieces is None else len(range(g, pieces, count)) for g in range(count)]
     for rack, nodes in inside.items():
         elsewhere = [g for g, owner in enumerate(members) if racks.get(owner) != rack]
-        total, start = sum(weight[g] for g in elsewhere) or 1, 0
-        for stripe in filter(weight.__getitem__, elsewhere):  # none for a stripe of no piece
-            out[nodes[min(start * len(nodes) // total, len(nodes) - 1)]].append(stripe)
-            start += weight[stripe]
+        for place, stripe in enumerate(elsewhere):
+            out[nodes[place * len(nodes) // len(elsewhere)]].append(stripe)
     return out
 
 

@@ -333,7 +333,11 @@ def _bt_design(label: str, racks: int, egress_s: float, measured: str = "") -> s
         return "lanes given up after 30 s behind slow uplinks, rescued from the seed (75bff76)"
     if racks > 1 and "the rack's pieces while importing" in label:
         return "a node took its rack's pieces while importing (77286c2; reverted in b80ae51)"
-    if racks > 1 and "lanes" not in label:
+    if racks > 1 and "the rack's pieces during the lane" in label:
+        return "a node took its rack's pieces during its lane (745edd0; reverted in 50ce200)"
+    if racks > 1 and "lanes even in pieces" in label:
+        return "lanes cut by pieces, not stripes (da9d253; reverted in 342d5fe)"
+    if racks > 1 and "lane" not in label:
         if "doors," in label:
             return "a variant of the rack doors tried on the way (99bee39 replaced it)"
         if "one door per rack" in label or measured >= BT_DOORS:

@@ -337,6 +337,8 @@ def _bt_design(label: str, racks: int, egress_s: float, measured: str = "") -> s
         return "a node took its rack's pieces during its lane (745edd0; reverted in 50ce200)"
     if racks > 1 and "lanes even in pieces" in label:
         return "lanes cut by pieces, not stripes (da9d253; reverted in 342d5fe)"
+    if racks > 1 and "lane patience from its first piece" in label:
+        return "a lane's patience from its first piece at a peer (342d5fe; reverted)"
     if racks > 1 and "lane" not in label:
         if "doors," in label:
             return "a variant of the rack doors tried on the way (99bee39 replaced it)"

@@ -30,7 +30,6 @@ from corral.agent.receivers.bittorrent.seed import (
     ALONE_WAIT,
     LANE_HANDOVER,
     LANE_SLACK,
-    LANE_TIMEOUT,
     LATE_WAIT,
     STRIPE_TIMEOUT,
     PieceClock,
@@ -428,7 +427,6 @@ class FakeSwarm:
         self.tracker_answered = True
         self.peers_connected = 3
         self.outside: set[str] = set()  # connected peers from other racks
-        self.held: dict[str, list[bool]] = {}  # the pieces of connected peers, by address
         self.without_mine: set[str] = set()  # connected peers that lack the node's stripe
         self.want_at: list[int] = []  # looks at the swarm before each want()
         self.partial = 0  # bytes of pieces still incomplete
@@ -489,9 +487,6 @@ class FakeSwarm:
 
     def addresses(self) -> set[str]:
         return {f"10.0.1.{i}" for i in range(self.peers_connected)} | self.outside
-
-    def holdings(self) -> dict[str, Sequence[bool]]:
-        return {a: self.held.get(a, [False] * len(self.have)) for a in self.addresses()}
 
     def peers_in_need(self, min_rate: float) -> int:
         self.min_rates.append(min_rate)
@@ -911,30 +906,6 @@ def test_in_a_rack_nothing_new_for_long_is_still_trouble() -> None:
     assert b"".join(fed) == DATA and feeder.stats.rescues == 1 and fetched == []
 
 
-@pytest.mark.parametrize("rack_moves", [True, False])
-def test_in_a_rack_nothing_new_is_trouble_only_when_the_rack_gets_nothing_either(
-    rack_moves: bool,
-) -> None:
-    # nothing new for 7 s, but a node of its rack brings 8 in after 2 s and 9 after 5 s
-    # (its lane, through the uplink): the node waits for them rather than ask the seed,
-    # which would send them over the uplink once more; if the rack gets nothing either,
-    # the seed is asked after RESCUE_IDLE, as before
-    swarm = FakeSwarm(DATA, [[0, 2], [1], [3], [4], [5], [6], [7]] + [[]] * 6 + [[8, 9]])
-    swarm.avail = [1] * 8 + [0, 0]
-    mate = swarm.held["10.0.1.1"] = [p < 8 for p in range(10)]
-    real_wait = swarm.wait
-
-    def wait(seconds: float) -> None:
-        real_wait(seconds)
-        if rack_moves and swarm.waits in (9, 12):
-            mate[8 if swarm.waits == 9 else 9] = True
-
-    swarm.wait = wait  # type: ignore[method-assign]
-    feeder, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK)
-    assert b"".join(fed) == DATA and fetched == []
-    assert feeder.stats.rescues == (0 if rack_moves else 1)
-
-
 def test_a_node_brings_its_lane_into_its_rack_then_trades_inside_it() -> None:
     # stripe 0, 2 from the seed; then its lane, 5 and 7, from its partner elsewhere with
     # the seed kept away; then the rest from its rack only
@@ -976,39 +947,6 @@ def test_a_lane_piece_at_no_peer_is_asked_of_the_seed_and_a_partner_is_waited_fo
     assert "10.0.2.10 still lack my stripe" in caplog.text
     wants = [w for c, w in swarm.calls if c == "want"]
     assert swarm.want_at[wants.index(None)] >= 12 + LANE_HANDOVER  # 7 came at the 12th look
-
-
-@pytest.mark.parametrize("shows", [40, None])
-def test_a_lane_at_no_peer_yet_is_on_its_way_not_late(
-    shows: int | None, caplog: pytest.LogCaptureFixture
-) -> None:
-    # its lane, 5 and 7, reaches its partners from rack to rack: at no peer for 40 s,
-    # past LANE_TIMEOUT, then here; neither asked of the seed nor given up meanwhile.
-    # Never at a peer (its partners are gone): late after twice LANE_TIMEOUT
-    lane: list[list[int]] = [[5], [7]] if shows else [[], []]
-    arrivals = [[], [0, 2]] + [[]] * 45 + lane + [[]] * 30 + [list(range(10))]
-    swarm = FakeSwarm(DATA, arrivals)
-    swarm.outside = {"10.0.2.10"}
-    swarm.avail = [0, 1, 0, 1, 1, 0, 1, 0, 1, 1]
-    real_wait = swarm.wait
-
-    def wait(seconds: float) -> None:
-        real_wait(seconds)
-        if swarm.waits == shows:
-            swarm.avail[5] = swarm.avail[7] = 1
-
-    swarm.wait = wait  # type: ignore[method-assign]
-    with caplog.at_level("INFO", logger="corral.agent"):
-        run_feeder(swarm, mine=[0, 2], stall=600, rack=RACK, lane=[5, 7])
-    wants = [w for c, w in swarm.calls if c == "want"]
-    assert [5] not in wants and [7] not in wants and [5, 7] in wants  # no lane rescue
-    handed = swarm.want_at[wants.index(None)]
-    if shows:
-        assert "my lane is here" in caplog.text and "late" not in caplog.text
-        assert handed >= 48
-    else:
-        assert "2 pieces of my lane late" in caplog.text
-        assert 2 * LANE_TIMEOUT <= handed <= 2 * LANE_TIMEOUT + 4
 
 
 @pytest.mark.parametrize("stops", [False, True])

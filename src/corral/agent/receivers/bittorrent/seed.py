@@ -181,8 +181,7 @@ class SeedUse:
         nothing but stripes of the lane either until its own import ends, and then cuts its
         connections out of its rack, so nothing else crosses the uplink. Pieces of its
         lane at no connected peer (the partner died; not a member still coming) are
-        asked of the seed after :data:`RESCUE_IDLE` without anything new, once some of
-        its lane has been at a peer (see :meth:`_lane_late`). Once its lane
+        asked of the seed after :data:`RESCUE_IDLE` without anything new. Once its lane
         is here the node waits, up to :data:`LANE_HANDOVER`, for the partners still
         lacking its own stripe; after :data:`LANE_TIMEOUT` (longer where the lane comes
         slowly but comes: :data:`LANE_SLACK`) it leaves what is missing of its lane to the
@@ -193,7 +192,7 @@ class SeedUse:
         (libtorrent's IP filter). It does not rescue the pieces at no peer of its rack:
         a node of the rack is bringing them in, and the seed would send them over the
         rack's uplink once more. It still rescues after :data:`RESCUE_IDLE` without
-        anything new, to itself or to its rack (see :meth:`_rack_quiet`).
+        anything new.
     """
 
     def __init__(
@@ -220,17 +219,12 @@ class SeedUse:
         self._lane_since = 0.0  # the import phase's start, then the lane's arrival
         self._lane_got = (0, 0, 0.0)  # lane pieces at the start, then got, and when
         self._lane_done = False
-        self._lane_shown: float | None = None  # when a piece of it was first at a peer
         self.since = 0.0
         self._looked = -1e9
         self._orphans_since = float("inf")
         self._alone_since = float("inf")
         self._seedless_since = float("inf")
         self.pace = PieceClock(clock)
-        #: ... and of its lane's pieces alone, which come through the rack's uplink: the
-        #: lane's timings scale with this one, not with its stripe's from the seed
-        self.lane_pace = PieceClock(clock)
-        self._rack_got = (0, 0.0)  # pieces in the rack (see _rack_quiet), and since when
         #: when the node began taking pieces from its peers (the end of look and stripe)
         self.started_swarming = self.started
         if self.mine is None:
@@ -279,8 +273,6 @@ class SeedUse:
         waited = now - self.started
         idle = min(idle, now - self._phase_at)
         self.pace.observe(sum(have))
-        if self._phase == "import":
-            self.lane_pace.observe(sum(have[p] for p in self.lane))
         rescue_idle = self.pace.scaled(RESCUE_IDLE, IDLE_PIECES)
         if self.phase == "look" and (
             (self.swarm.heard() and waited >= LOOK_TIME and self._met(waited))
@@ -416,7 +408,7 @@ class SeedUse:
             if not self._lane_done:
                 self._lane_done, self._lane_since = True, now
                 log.info("bittorrent: my lane is here")
-            handover = self.lane_pace.scaled(LANE_HANDOVER, HANDOVER_PIECES)
+            handover = self.pace.scaled(LANE_HANDOVER, HANDOVER_PIECES)
             waiting = self._partners_in_need()
             if waiting and now - self._lane_since < handover:
                 return False
@@ -428,10 +420,7 @@ class SeedUse:
             self._to_swarm()
             return True
         self._note_lane(len(left), now)
-        available = self._available(left)
-        if self._lane_shown is None and (self._lane_got[1] or any(available)):
-            self._lane_shown = now
-        if self._lane_late(now) and not self.waits_for_members(left):
+        if now - self._lane_since >= self._lane_patience() and not self.waits_for_members(left):
             log.info(
                 "bittorrent: %s of my lane late (%s); my rack's only now",
                 pieces(len(left)),
@@ -439,14 +428,14 @@ class SeedUse:
             )
             self._to_swarm()
             return True
-        # the lane's own idleness and pace: pieces of the rack keep coming meanwhile
-        # before any of its lane is at a peer, its pieces are on their way to its
-        # partners, from rack to rack: at no peer, but not lost
-        lane_idle = self.lane_pace.scaled(RESCUE_IDLE, IDLE_PIECES)
-        if idle < lane_idle or self._lane_shown is None or not self.swarm.heard():
+        if idle < rescue_idle or not self.swarm.heard():
             return False
         awaited = self.awaited()
-        nowhere = [p for p, a in zip(left, available, strict=True) if not a and p not in awaited]
+        nowhere = [
+            p
+            for p, a in zip(left, self._available(left), strict=True)
+            if not a and p not in awaited
+        ]
         if not nowhere:
             return False
         log.info("bittorrent: %s of my lane at no peer; asking the seed", pieces(len(nowhere)))
@@ -463,23 +452,13 @@ class SeedUse:
         if arrived > got:
             self._lane_got = had, arrived, now
 
-    def _lane_late(self, now: float) -> bool:
-        """Whether the lane has had its time (:meth:`_lane_patience`), counted from when a
-        piece of it was first at a peer: a lane's stripes reach a node's partners from
-        rack to rack, and in 20 racks of 5 at N = 100, 8 nodes got nothing of theirs (or
-        one piece) in the first 30 s, gave them up, and their racks asked the seed for
-        them. A lane at no peer for twice that time (its partners are gone) is late."""
-        if self._lane_shown is None:
-            return now - self._lane_since >= 2 * self._lane_patience()
-        return now - self._lane_shown >= self._lane_patience()
-
     def _lane_patience(self) -> float:
         """Seconds the import may take: :data:`LANE_TIMEOUT` (or :data:`LANE_PIECES`
         pieces' time), stretched to :data:`LANE_SLACK` times the whole lane's time at the
         pace of its pieces until the last one came (see :meth:`_note_lane`; a lane that
         stopped coming is not waited for any longer)."""
         had, got, last = self._lane_got
-        patience = self.lane_pace.scaled(LANE_TIMEOUT, LANE_PIECES)
+        patience = self.pace.scaled(LANE_TIMEOUT, LANE_PIECES)
         if got:
             whole = (last - self._lane_since) * (len(self.lane) - had) / got
             patience = max(patience, LANE_SLACK * whole)
@@ -531,8 +510,6 @@ class SeedUse:
                 return False
         else:
             self._alone_since = float("inf")
-        if self.rack is not None:
-            idle = min(idle, self._rack_quiet(have, now))
         if idle >= rescue_idle:
             return True
         if self.in_rack():
@@ -549,18 +526,6 @@ class SeedUse:
         else:
             self._orphans_since = float("inf")
         return now - self._orphans_since >= self.pace.scaled(ORPHAN_WAIT, ORPHAN_PIECES)
-
-    def _rack_quiet(self, have: Sequence[bool], now: float) -> float:
-        """Seconds since a piece last came into the node's rack: to the node, or to a
-        connected node of its rack that did not have it. The rack's lanes come through
-        its uplink, slower than a node's link: a node that has what its rack has waits for
-        the rest while it comes: asked of the seed, it would cross the uplink once more."""
-        rack = self.rack or frozenset()
-        held = [pieces for address, pieces in self.swarm.holdings().items() if address in rack]
-        count = sum(1 for p, h in enumerate(have) if h or any(p < len(b) and b[p] for b in held))
-        seen, since = self._rack_got
-        self._rack_got = (count, now if count > seen else since)  # fewer: a node left
-        return now - self._rack_got[1]
 
     def _available(self, pieces: Sequence[int]) -> list[int]:
         """How many connected sources have each of ``pieces`` (the seed counts for one;

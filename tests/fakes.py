@@ -333,9 +333,6 @@ class WorldSwarm:
     def addresses(self) -> set[str]:
         return {s.name for s in self.world.live(self.name)}
 
-    def holdings(self) -> dict[str, Sequence[bool]]:
-        return {s.name: list(s.have) for s in self.world.live(self.name)}
-
     def wait(self, seconds: float) -> None:
         time.sleep(min(seconds, 0.01))
         world = self.world

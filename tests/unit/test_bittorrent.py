@@ -427,7 +427,6 @@ class FakeSwarm:
         self.tracker_answered = True
         self.peers_connected = 3
         self.outside: set[str] = set()  # connected peers from other racks
-        self.held: dict[str, list[bool]] = {}  # the pieces of connected peers, by address
         self.without_mine: set[str] = set()  # connected peers that lack the node's stripe
         self.want_at: list[int] = []  # looks at the swarm before each want()
         self.partial = 0  # bytes of pieces still incomplete
@@ -488,9 +487,6 @@ class FakeSwarm:
 
     def addresses(self) -> set[str]:
         return {f"10.0.1.{i}" for i in range(self.peers_connected)} | self.outside
-
-    def holdings(self) -> dict[str, Sequence[bool]]:
-        return {a: self.held.get(a, [False] * len(self.have)) for a in self.addresses()}
 
     def peers_in_need(self, min_rate: float) -> int:
         self.min_rates.append(min_rate)
@@ -908,30 +904,6 @@ def test_in_a_rack_nothing_new_for_long_is_still_trouble() -> None:
     swarm.avail = [1] * 8 + [0, 0]
     feeder, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK)
     assert b"".join(fed) == DATA and feeder.stats.rescues == 1 and fetched == []
-
-
-@pytest.mark.parametrize("rack_moves", [True, False])
-def test_in_a_rack_nothing_new_is_trouble_only_when_the_rack_gets_nothing_either(
-    rack_moves: bool,
-) -> None:
-    # nothing new for 7 s, but a node of its rack brings 8 in after 2 s and 9 after 5 s
-    # (its lane, through the uplink): the node waits for them rather than ask the seed,
-    # which would send them over the uplink once more; if the rack gets nothing either,
-    # the seed is asked after RESCUE_IDLE, as before
-    swarm = FakeSwarm(DATA, [[0, 2], [1], [3], [4], [5], [6], [7]] + [[]] * 6 + [[8, 9]])
-    swarm.avail = [1] * 8 + [0, 0]
-    mate = swarm.held["10.0.1.1"] = [p < 8 for p in range(10)]
-    real_wait = swarm.wait
-
-    def wait(seconds: float) -> None:
-        real_wait(seconds)
-        if rack_moves and swarm.waits in (9, 12):
-            mate[8 if swarm.waits == 9 else 9] = True
-
-    swarm.wait = wait  # type: ignore[method-assign]
-    feeder, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK)
-    assert b"".join(fed) == DATA and fetched == []
-    assert feeder.stats.rescues == (0 if rack_moves else 1)
 
 
 def test_a_node_brings_its_lane_into_its_rack_then_trades_inside_it() -> None:

@@ -204,18 +204,11 @@ class LibtorrentSwarm:
         return len(self.addresses())
 
     def addresses(self) -> set[str]:
-        return set(self._established())
-
-    def holdings(self) -> dict[str, Sequence[bool]]:
-        return {address: list(peer.pieces) for address, peer in self._established().items()}
-
-    def _established(self) -> dict[str, Any]:
-        """The connected peers' libtorrent peer_info, by address (the seed aside)."""
         flags = self.lt.peer_info
         pending = flags.connecting | flags.handshake
         seed = self.seed[0] if self.seed else ""
         return {
-            str(peer.ip[0]): peer
+            str(peer.ip[0])
             for peer in self.handle.get_peer_info()
             if not peer.flags & pending and str(peer.ip[0]) != seed
         }

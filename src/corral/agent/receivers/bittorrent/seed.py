@@ -192,7 +192,7 @@ class SeedUse:
         (libtorrent's IP filter). It does not rescue the pieces at no peer of its rack:
         a node of the rack is bringing them in, and the seed would send them over the
         rack's uplink once more. It still rescues after :data:`RESCUE_IDLE` without
-        anything new, to itself or to its rack (see :meth:`_rack_quiet`).
+        anything new.
     """
 
     def __init__(
@@ -225,7 +225,6 @@ class SeedUse:
         self._alone_since = float("inf")
         self._seedless_since = float("inf")
         self.pace = PieceClock(clock)
-        self._rack_got = (0, 0.0)  # pieces in the rack (see _rack_quiet), and since when
         #: when the node began taking pieces from its peers (the end of look and stripe)
         self.started_swarming = self.started
         if self.mine is None:
@@ -511,8 +510,6 @@ class SeedUse:
                 return False
         else:
             self._alone_since = float("inf")
-        if self.rack is not None:
-            idle = min(idle, self._rack_quiet(have, now))
         if idle >= rescue_idle:
             return True
         if self.in_rack():
@@ -529,18 +526,6 @@ class SeedUse:
         else:
             self._orphans_since = float("inf")
         return now - self._orphans_since >= self.pace.scaled(ORPHAN_WAIT, ORPHAN_PIECES)
-
-    def _rack_quiet(self, have: Sequence[bool], now: float) -> float:
-        """Seconds since a piece last came into the node's rack: to the node, or to a
-        connected node of its rack that did not have it. The rack's lanes come through
-        its uplink, slower than a node's link: a node that has what its rack has waits for
-        the rest while it comes: asked of the seed, it would cross the uplink once more."""
-        rack = self.rack or frozenset()
-        held = [pieces for address, pieces in self.swarm.holdings().items() if address in rack]
-        count = sum(1 for p, h in enumerate(have) if h or any(p < len(b) and b[p] for b in held))
-        seen, since = self._rack_got
-        self._rack_got = (count, now if count > seen else since)  # fewer: a node left
-        return now - self._rack_got[1]
 
     def _available(self, pieces: Sequence[int]) -> list[int]:
         """How many connected sources have each of ``pieces`` (the seed counts for one;

@@ -82,10 +82,6 @@ class Swarm(Protocol):
         """The addresses of the peers :meth:`connected` counts."""
         ...
 
-    def holdings(self) -> dict[str, Sequence[bool]]:
-        """The pieces of each peer :meth:`connected` counts, by address."""
-        ...
-
 
 @dataclass(frozen=True)
 class PieceMap:

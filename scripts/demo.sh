@@ -15,6 +15,12 @@ if [[ $(id -u) -ne 0 ]]; then
     echo "error: the demo builds namespaces and loop devices; run it as root" >&2
     exit 2
 fi
+# the demo empties its directory: never the one that holds this clone
+if [[ "$(pwd -P)/" == "$(realpath -m "$demo")/"* ]]; then
+    echo "error: $demo holds this clone, and the demo empties it first; give it another" \
+        "directory (make demo DEMO_DIR=/tmp/somewhere-else)" >&2
+    exit 2
+fi
 trap '$corral testbed down --forget >/dev/null 2>&1 || true' EXIT
 $corral testbed down --forget >/dev/null 2>&1 || true
 # Start afresh, but keep the image store and package cache: the image is built once.

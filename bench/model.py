@@ -338,9 +338,9 @@ def _bt_design(label: str, racks: int, egress_s: float, measured: str = "") -> s
     if racks > 1 and "lanes even in pieces" in label:
         return "lanes cut by pieces, not stripes (da9d253; reverted in 342d5fe)"
     if racks > 1 and "lane patience from its first piece" in label:
-        return "a lane's patience from its first piece at a peer (342d5fe; reverted)"
+        return "a lane's patience from its first piece at a peer (342d5fe; reverted in e7f6166)"
     if racks > 1 and "rescues when the rack is quiet" in label:
-        return "rescues only when the rack is quiet (04e035f; reverted)"
+        return "rescues only when the rack is quiet (04e035f; reverted in 9e08444)"
     if racks > 1 and "lane" not in label:
         if "doors," in label:
             return "a variant of the rack doors tried on the way (99bee39 replaced it)"

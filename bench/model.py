@@ -325,22 +325,41 @@ def _exclusion(record: dict[str, object], transport: str, egress_s: float) -> st
     return ""
 
 
+#: Lane designs in racks that were tried and left: the words of their runs' labels, and
+#: why the model leaves those runs out.
+BT_LANES_LEFT = (
+    (
+        "lanes to every rack",
+        "lanes given up after 30 s behind slow uplinks, rescued from the seed (75bff76)",
+    ),
+    (
+        "the rack's pieces while importing",
+        "a node took its rack's pieces while importing (77286c2; reverted in b80ae51)",
+    ),
+    (
+        "the rack's pieces during the lane",
+        "a node took its rack's pieces during its lane (745edd0; reverted in 50ce200)",
+    ),
+    ("lanes even in pieces", "lanes cut by pieces, not stripes (da9d253; reverted in 342d5fe)"),
+    (
+        "lane patience from its first piece",
+        "a lane's patience from its first piece at a peer (342d5fe; reverted in e7f6166)",
+    ),
+    (
+        "rescues when the rack is quiet",
+        "rescues only when the rack is quiet (04e035f; reverted in 9e08444)",
+    ),
+)
+
+
 def _bt_design(label: str, racks: int, egress_s: float, measured: str = "") -> str:
     """Why a BitTorrent run is of a design the model no longer describes, or "".
 
     ``measured``: the run's date and time as recorded (none in the oldest records)."""
-    if racks > 1 and "lanes to every rack" in label:
-        return "lanes given up after 30 s behind slow uplinks, rescued from the seed (75bff76)"
-    if racks > 1 and "the rack's pieces while importing" in label:
-        return "a node took its rack's pieces while importing (77286c2; reverted in b80ae51)"
-    if racks > 1 and "the rack's pieces during the lane" in label:
-        return "a node took its rack's pieces during its lane (745edd0; reverted in 50ce200)"
-    if racks > 1 and "lanes even in pieces" in label:
-        return "lanes cut by pieces, not stripes (da9d253; reverted in 342d5fe)"
-    if racks > 1 and "lane patience from its first piece" in label:
-        return "a lane's patience from its first piece at a peer (342d5fe; reverted in e7f6166)"
-    if racks > 1 and "rescues when the rack is quiet" in label:
-        return "rescues only when the rack is quiet (04e035f; reverted in 9e08444)"
+    if racks > 1:
+        for words, why in BT_LANES_LEFT:
+            if words in label:
+                return why
     if racks > 1 and "lane" not in label:
         if "doors," in label:
             return "a variant of the rack doors tried on the way (99bee39 replaced it)"

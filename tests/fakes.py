@@ -310,6 +310,10 @@ class WorldSwarm:
     def use_seed(self, on: bool) -> None:
         self.seeding = on
 
+    def reannounce(self) -> None:
+        """The world has no tracker: the agent's Latecomers find none, and linger by the
+        peers alone."""
+
     def availability(self) -> Sequence[int]:
         peers = self.world.live(self.name)
         return [sum(s.have[p] for s in peers) for p in range(self.world.count)]

@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from unittest.mock import MagicMock
 
 import libtorrent as lt
 import pytest
@@ -24,7 +25,7 @@ from corral.agent.plan import Plan
 from corral.agent.receivers import RECEIVERS
 from corral.agent.receivers.bittorrent import seed as bittorrent_seed
 from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, Latecomers, linger
-from corral.agent.receivers.bittorrent.libtorrent_swarm import session_settings
+from corral.agent.receivers.bittorrent.libtorrent_swarm import LibtorrentSwarm, session_settings
 from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver, _lane, _place, _rack
 from corral.agent.receivers.bittorrent.seed import (
     ALONE_WAIT,
@@ -268,18 +269,29 @@ def test_the_tracker_over_http() -> None:
         tracker.swarms.open(H1, None, ["10.0.0.11", "10.0.0.12"])
         pending = f"http://127.0.0.1:{tracker.port}/pending/{H1.hex()}"
         with urllib.request.urlopen(pending, timeout=5) as answer:
-            assert json.load(answer) == {"pending": 2, "coming": [0, 1], "every": 5.0}
+            assert json.load(answer) == {
+                "pending": 2,
+                "coming": [0, 1],
+                "unfinished": 0,
+                "every": 5.0,
+            }
         announce(tracker.swarms, "10.0.0.12", b"b" * 20, left=1)
         now[0] += STRIPE_GRACE  # 10.0.0.12 has had the time to take its stripe
         # 7 pieces in 2 stripes: 10.0.0.11's are 0, 2, 4, 6
         late = Latecomers(f"http://127.0.0.1:{tracker.port}/announce", H1.hex(), stripes=(7, 2))
         assert (late.pending(), set(late.pieces())) == (0, set())  # not asked yet
+        assert late.unfinished() is None  # nothing known: linger by the peers alone
         assert late.ask()
         assert (late.pending(), set(late.pieces())) == (1, {0, 2, 4, 6})
+        assert late.unfinished() == 2  # 10.0.0.12 has pieces left, 10.0.0.11 is to come
         announce(tracker.swarms, "10.0.0.11", b"a" * 20, left=1)
         now[0] += STRIPE_GRACE
         assert late.ask()
-        assert (late.pending(), set(late.pieces())) == (0, set())
+        assert (late.pending(), set(late.pieces()), late.unfinished()) == (0, set(), 2)
+        announce(tracker.swarms, "10.0.0.11", b"a" * 20, left=0)  # done
+        announce(tracker.swarms, "10.0.0.12", b"b" * 20, left=0, event="stopped")  # gone
+        now[0] += 1
+        assert late.ask() and late.unfinished() == 0
         tracker.swarms.open(H1, None, ["10.0.0.11", "10.0.0.13"])  # a new member
         late.start()  # its thread asks at once
         deadline = time.monotonic() + 5
@@ -384,6 +396,8 @@ def test_agent_settings_are_pinned() -> None:
         "close_redundant_connections": False,
         "connections_limit": 200,
         "unchoke_slots_limit": 8,
+        "num_optimistic_unchoke_slots": 4,
+        "optimistic_unchoke_interval": 10,
         "listen_queue_size": 200,
         "tracker_completion_timeout": 30,
         "tracker_receive_timeout": 15,
@@ -674,6 +688,42 @@ def test_linger_stays_while_peers_need_this_node() -> None:
     swarm.in_need = 0
     now[0] = 0.0
     assert linger(swarm, cancel, own_rate=1, budget=4, clock=lambda: now[0]) == pytest.approx(0.5)
+
+
+def test_linger_leaves_when_the_tracker_counts_no_member_with_pieces_left() -> None:
+    # libtorrent shows peers in need that have finished and gone; the tracker knows
+    swarm = FakeSwarm(DATA, [])
+    now = [0.0]
+    swarm.wait = lambda seconds: now.__setitem__(0, now[0] + seconds)  # type: ignore[method-assign]
+    swarm.in_need = 3
+    left = [2]
+
+    def unfinished() -> int | None:
+        if now[0] >= 3:
+            left[0] = 0
+        return left[0]
+
+    cancel = threading.Event()
+    stayed = linger(
+        swarm, cancel, own_rate=1, unfinished=unfinished, budget=60, clock=lambda: now[0]
+    )
+    assert stayed == pytest.approx(3.5)  # two looks after the last member finished
+    now[0] = 0.0
+    stayed = linger(
+        swarm, cancel, own_rate=1, unfinished=lambda: None, budget=4, clock=lambda: now[0]
+    )
+    assert stayed == pytest.approx(4)  # the tracker has not said: the peers in need count
+    now[0] = 0.0
+    stayed = linger(
+        swarm,
+        cancel,
+        own_rate=1,
+        pending=lambda: 1,
+        unfinished=lambda: 0,
+        budget=4,
+        clock=lambda: now[0],
+    )
+    assert stayed == pytest.approx(4)  # members still to come are waited for all the same
 
 
 def test_linger_waits_for_members_that_have_not_joined_yet() -> None:
@@ -1208,3 +1258,18 @@ def test_a_seed_that_is_not_there_makes_the_stripe_late_soon(
     assert seed_calls[:3] == [False, True, False]
     late = re.search(r"my stripe is late after ([\d.]+) s", caplog.text)
     assert late is not None and float(late.group(1)) < STRIPE_TIMEOUT / 2, caplog.text
+
+
+def test_a_node_that_wants_every_piece_again_tells_the_tracker_at_once() -> None:
+    # after its stripe or a rescue, the tracker last heard "0 bytes left" from it
+    swarm = LibtorrentSwarm.__new__(LibtorrentSwarm)
+    swarm.lt, swarm.handle, swarm._subset = lt, MagicMock(), False
+    swarm.handle.status.return_value.pieces = [False] * 4
+    swarm.want(None)
+    swarm.handle.force_reannounce.assert_not_called()  # it wanted every piece already
+    swarm.want([1, 3])
+    swarm.handle.prioritize_pieces.assert_called_with([0, 4, 0, 4])
+    swarm.want(None)
+    swarm.handle.force_reannounce.assert_called_once_with(
+        0, -1, lt.reannounce_flags_t.ignore_min_interval
+    )

@@ -247,6 +247,15 @@ class Swarms:
                 if ip and now - swarm.seen.get(ip, now) < STRIPE_GRACE
             ]
 
+    def unfinished(self, info_hash: bytes) -> int:
+        """Peers in the swarm whose last announce had bytes left: the members still
+        downloading, which the nodes that are done linger for (the agent's linger()). A
+        node that wants only its stripe says 0 left once it has it, until its next
+        announce; the agents also count the members that joined just now (``coming``)."""
+        with self._lock:
+            swarm = self._swarms.get(info_hash)
+            return 0 if swarm is None else len(swarm.peers) - swarm.complete
+
     def interval_of(self, swarm: _Swarm) -> int:
         """Seconds between two announces of a member of ``swarm``."""
         return max(self.interval, math.ceil(len(swarm.members) / ANNOUNCES_PER_SECOND))
@@ -269,6 +278,7 @@ class Swarms:
         answer = {
             "pending": self.pending(info_hash),
             "coming": self.coming(info_hash),
+            "unfinished": self.unfinished(info_hash),
             "every": round(every, 1),
         }
         fresh = json.dumps(answer).encode()

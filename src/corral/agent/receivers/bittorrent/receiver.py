@@ -170,11 +170,13 @@ class BitTorrentReceiver(StreamReceiver):
             self.unpack(job, fill)
             stats = feeds[0]
             elapsed = time.monotonic() - started
+            swarm.reannounce()  # done: no bytes left
             stayed = linger(
                 swarm,
                 job.cancel,
                 own_rate=job.plan.image.stream_size / max(elapsed, 0.1),
                 pending=latecomers.pending,
+                unfinished=latecomers.unfinished,
             )
         finally:
             if latecomers is not None:

@@ -261,10 +261,11 @@ class Swarms:
         return max(self.interval, math.ceil(len(swarm.members) / ANNOUNCES_PER_SECOND))
 
     def latecomers(self, info_hash: bytes) -> bytes:
-        """The answer to ``/pending/INFOHASH``: :meth:`pending` and :meth:`coming` as
-        JSON, and how often to ask (``every``, seconds: longer in a large swarm, see
-        :data:`QUESTIONS_PER_SECOND`). ``coming`` lists up to every member: the answer is
-        made again only when a member came or a second went by, not for each node."""
+        """The answer to ``/pending/INFOHASH``: :meth:`pending`, :meth:`coming` and
+        :meth:`unfinished` as JSON, and how often to ask (``every``, seconds: longer in a
+        large swarm, see :data:`QUESTIONS_PER_SECOND`). ``coming`` lists up to every
+        member: the answer is made again only when a member came or a second went by, not
+        for each node."""
         now = self.clock()
         with self._lock:
             swarm = self._swarms.get(info_hash)
@@ -521,9 +522,10 @@ class _TrackerHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _pending(self, hexdigest: str) -> None:
-        """``{"pending": N, "coming": [STRIPE, ...]}``: how many members have not joined
-        yet, and the stripes still on their way to their members (not BitTorrent; the
-        agents ask it while they download and while they linger)."""
+        """``{"pending": N, "coming": [STRIPE, ...], "unfinished": N, "every": S}``: how
+        many members have not joined yet, the stripes still on their way to their members,
+        how many peers have bytes left, and how often to ask (not BitTorrent; the agents
+        ask it while they download and while they linger)."""
         try:
             key = bytes.fromhex(hexdigest)
         except ValueError:

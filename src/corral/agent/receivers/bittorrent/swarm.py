@@ -48,8 +48,9 @@ class Swarm(Protocol):
         :meth:`use_seed` decides); None: anyone."""
         ...
 
-    def lacking(self, pieces: Collection[int]) -> set[str]:
-        """The addresses of the connected peers that lack any of ``pieces``."""
+    def still_to_serve(self) -> set[str]:
+        """The addresses of the connected peers that want some piece this node has, or
+        have taken none from it yet."""
         ...
 
     def availability(self) -> Sequence[int]:

@@ -1041,19 +1041,6 @@ def test_peers_still_to_serve_want_pieces_or_have_taken_none_yet() -> None:
     assert swarm.still_to_serve() == {"10.0.2.1", "10.0.2.3"}
 
 
-def test_a_peer_that_says_it_is_done_does_not_share_the_rescues() -> None:
-    # a done peer may not look like a seed (no redundant haves), but says "upload only"
-    swarm = LibtorrentSwarm.__new__(LibtorrentSwarm)
-    swarm.lt, swarm.handle, swarm.seed, swarm.address = lt, MagicMock(), None, "10.0.1.5"
-    info = lt.peer_info
-    swarm.handle.get_peer_info.return_value = [
-        _peer("10.0.1.2", info.upload_only),
-        _peer("10.0.1.3", info.seed),
-        _peer("10.0.1.7"),
-    ]
-    assert swarm.present() == (0, 2)  # 10.0.1.5 and 10.0.1.7 still download
-
-
 @pytest.mark.parametrize("stops", [False, True])
 def test_a_lane_that_comes_slowly_is_waited_for_and_one_that_stops_is_not(
     stops: bool, caplog: pytest.LogCaptureFixture

@@ -58,7 +58,9 @@ def session_settings(lt: Any, address: str, port: int = PEER_PORT) -> dict[str, 
         # announced to ~99 peers, and libtorrent's network thread took most of a node's CPU.
         # Peers then do not say they got a piece this node has: which of its pieces a peer
         # holds is unknown (see SeedUse._partners_in_need), and a peer that is done may not
-        # look like a seed (present() counts libtorrent's upload_only too).
+        # look like a seed (present() counts it; libtorrent's upload_only is no better: a
+        # node that has the pieces it wants for now says it too, and in 20 racks of 5
+        # rescues asked the seed for a whole rack's share).
         "send_redundant_have": False,
         "connections_limit": 200,
         "unchoke_slots_limit": UPLOAD_SLOTS,
@@ -263,8 +265,7 @@ class LibtorrentSwarm:
         others = {
             str(peer.ip[0])
             for peer in peers
-            if not peer.flags
-            & (flags.seed | flags.upload_only | flags.connecting | flags.handshake)
+            if not peer.flags & (flags.seed | flags.connecting | flags.handshake)
         }
         everyone = sorted(others | {self.address}, key=_address_key)
         return everyone.index(self.address), len(everyone)

@@ -393,7 +393,6 @@ def test_agent_settings_are_pinned() -> None:
         "outgoing_interfaces": "10.0.0.2",
         "user_agent": "corral-agent",
         "apply_ip_filter_to_trackers": False,
-        "send_redundant_have": False,
         "close_redundant_connections": False,
         "connections_limit": 200,
         "unchoke_slots_limit": 8,
@@ -442,7 +441,7 @@ class FakeSwarm:
         self.tracker_answered = True
         self.peers_connected = 3
         self.outside: set[str] = set()  # connected peers from other racks
-        self.to_serve_until: dict[str, int] = {}  # peers still to serve, to a look
+        self.without_mine: set[str] = set()  # connected peers that lack the node's stripe
         self.want_at: list[int] = []  # looks at the swarm before each want()
         self.partial = 0  # bytes of pieces still incomplete
         self.trickle = 0  # the next this many waits bring a byte of some piece each
@@ -483,8 +482,8 @@ class FakeSwarm:
         if addresses is not None:
             self.outside = {a for a in self.outside if a in addresses}
 
-    def still_to_serve(self) -> set[str]:
-        return {a for a, until in self.to_serve_until.items() if self.waits < until}
+    def lacking(self, pieces: Collection[int]) -> set[str]:
+        return set(self.without_mine)
 
     def availability(self) -> Sequence[int]:
         """The connected peers' counts, and the seed (which has every piece) once the
@@ -962,7 +961,6 @@ def test_a_node_brings_its_lane_into_its_rack_then_trades_inside_it() -> None:
     # the seed kept away; then the rest from its rack only
     swarm = FakeSwarm(DATA, [[], [0, 2], [], [5], [7], [1, 3, 4, 6, 8, 9]])
     swarm.outside = {"10.0.2.10"}
-    swarm.to_serve_until = {"10.0.2.10": 4}  # the partner takes the node's stripe meanwhile
     swarm.avail = [0, 1, 0] + [1] * 7  # its stripe is at no peer
     _, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK, lane=[5, 7])
     assert b"".join(fed) == DATA and fetched == []
@@ -987,7 +985,7 @@ def test_a_lane_piece_at_no_peer_is_asked_of_the_seed_and_a_partner_is_waited_fo
     swarm = FakeSwarm(DATA, arrivals)
     swarm.outside = {"10.0.2.10"}
     swarm.avail = [0, 1, 0] + [1] * 4 + [0] + [1] * 2
-    swarm.to_serve_until = {"10.0.2.10": 10**6}
+    swarm.without_mine = {"10.0.2.10"}
     with caplog.at_level("INFO", logger="corral.agent"):
         _, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK, lane=[5, 7])
     assert b"".join(fed) == DATA and fetched == []
@@ -999,46 +997,6 @@ def test_a_lane_piece_at_no_peer_is_asked_of_the_seed_and_a_partner_is_waited_fo
     assert "10.0.2.10 still lack my stripe" in caplog.text
     wants = [w for c, w in swarm.calls if c == "want"]
     assert swarm.want_at[wants.index(None)] >= 12 + LANE_HANDOVER  # 7 came at the 12th look
-
-
-@pytest.mark.parametrize("served", [True, False], ids=["served", "still-to-serve"])
-def test_a_node_hands_over_to_its_rack_once_its_partners_are_served(
-    served: bool, caplog: pytest.LogCaptureFixture
-) -> None:
-    # its lane is here at the 5th look: the node trades with its rack at once if its
-    # partner has taken what it wanted of it, and waits LANE_HANDOVER for it if not
-    arrivals: list[list[int]] = [[], [0, 2], [], [5], [7]] + [[]] * 20 + [list(range(10))]
-    swarm = FakeSwarm(DATA, arrivals)
-    swarm.outside = {"10.0.2.10"}
-    swarm.to_serve_until = {"10.0.2.10": 4 if served else 10**6}
-    with caplog.at_level("INFO", logger="corral.agent"):
-        _, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK, lane=[5, 7])
-    assert b"".join(fed) == DATA and fetched == []
-    wants = [w for c, w in swarm.calls if c == "want"]
-    handed = swarm.want_at[wants.index(None)]
-    assert ("10.0.2.10 still lack my stripe" in caplog.text) is not served
-    assert handed <= 6 if served else handed >= 5 + LANE_HANDOVER
-
-
-def _peer(address: str, flags: int = 0, uploaded: int = 0) -> MagicMock:
-    """A connected peer as libtorrent's ``get_peer_info`` describes it."""
-    return MagicMock(ip=(address, 6881), flags=flags, total_upload=uploaded)
-
-
-def test_peers_still_to_serve_want_pieces_or_have_taken_none_yet() -> None:
-    # peers do not say they got a piece the node has (no redundant haves): one that took
-    # pieces and wants no more is served; one that took none is still getting its stripe
-    swarm = LibtorrentSwarm.__new__(LibtorrentSwarm)
-    swarm.lt, swarm.handle, swarm.seed = lt, MagicMock(), ("10.0.0.1", 6881)
-    info = lt.peer_info
-    swarm.handle.get_peer_info.return_value = [
-        _peer("10.0.2.1", info.remote_interested, uploaded=1 << 20),  # taking
-        _peer("10.0.2.2", uploaded=1 << 20),  # served
-        _peer("10.0.2.3"),  # not yet asked
-        _peer("10.0.2.4", info.connecting),
-        _peer("10.0.0.1"),  # corral's seed
-    ]
-    assert swarm.still_to_serve() == {"10.0.2.1", "10.0.2.3"}
 
 
 @pytest.mark.parametrize("stops", [False, True])
@@ -1053,7 +1011,6 @@ def test_a_lane_that_comes_slowly_is_waited_for_and_one_that_stops_is_not(
     arrivals = [[], [0, 2], *(slow[:20] + [[]] * 120 if stops else slow), [1, 3, *lane]]
     swarm = FakeSwarm(DATA, arrivals)
     swarm.outside = {"10.0.2.10"}
-    swarm.to_serve_until = {"10.0.2.10": 5}  # the partner has taken the node's stripe
     with caplog.at_level("INFO", logger="corral.agent"):
         _, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=600, rack=RACK, lane=lane)
     assert b"".join(fed) == DATA and fetched == []

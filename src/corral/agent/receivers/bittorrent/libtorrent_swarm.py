@@ -54,14 +54,9 @@ def session_settings(lt: Any, address: str, port: int = PEER_PORT) -> dict[str, 
         # and libtorrent would drop its connections to seeds and to other finished nodes;
         # its peers would reconnect seconds later. Nodes leave the swarm on their own.
         "close_redundant_connections": False,
-        # A "have" only to the peers that lack the piece: at N = 100 each piece was
-        # announced to ~99 peers, and libtorrent's network thread took most of a node's CPU.
-        # Peers then do not say they got a piece this node has: which of its pieces a peer
-        # holds is unknown (see SeedUse._partners_in_need), and a peer that is done may not
-        # look like a seed (present() counts it; libtorrent's upload_only is no better: a
-        # node that has the pieces it wants for now says it too, and in 20 racks of 5
-        # rescues asked the seed for a whole rack's share).
-        "send_redundant_have": False,
+        # send_redundant_have stays on (libtorrent's default): off, the testbed's host
+        # spent less CPU on one switch, but in 20 racks of 5 every run carried 1.22-1.24
+        # x S into a rack (docs/benchmarks.md, "BitTorrent without redundant haves").
         "connections_limit": 200,
         "unchoke_slots_limit": UPLOAD_SLOTS,
         # Half the slots go round the peers that want pieces, each for OPTIMISTIC_TURN
@@ -222,16 +217,14 @@ class LibtorrentSwarm:
             rules.add_rule(seed, seed, allowed if self._seed_on else blocked)
         self.session.set_ip_filter(rules)
 
-    def still_to_serve(self) -> set[str]:
-        flags = self.lt.peer_info
-        seed = self.seed[0] if self.seed else ""
-        return {
-            str(peer.ip[0])
-            for peer in self.handle.get_peer_info()
-            if (peer.flags & flags.remote_interested or peer.total_upload == 0)
-            and not peer.flags & (flags.connecting | flags.handshake)
-            and str(peer.ip[0]) != seed
-        }
+    def lacking(self, pieces: Collection[int]) -> set[str]:
+        wanted = list(pieces)
+        out = set()
+        for peer in self.handle.get_peer_info():
+            held = peer.pieces
+            if held and any(p < len(held) and not held[p] for p in wanted):
+                out.add(str(peer.ip[0]))
+        return out
 
     def availability(self) -> Sequence[int]:
         return list(self.handle.piece_availability())

@@ -465,15 +465,12 @@ class SeedUse:
         return patience
 
     def _partners_in_need(self) -> set[str]:
-        """The connected lane partners (without a list of them: the peers elsewhere) still
-        to be served: they want pieces of this node, or have taken none yet (they are
-        still getting their own stripes). Peers do not say they got a piece this node has
-        (libtorrent's ``send_redundant_have`` is off), so one that took pieces of it and
-        wants no more has its stripe. One not connected has ended its import or has not
-        come: it takes what it lacks of its lane from the seed, which crosses its rack's
-        uplink once all the same."""
-        waiting = self.swarm.still_to_serve()
-        return waiting & self.partners if self.partners else waiting - (self.rack or frozenset())
+        """The connected lane partners that lack some of this node's stripe (without a
+        list of them: the peers elsewhere that do). One not connected has ended its
+        import or has not come: it takes what it lacks of its lane from the seed, which
+        crosses its rack's uplink once all the same."""
+        lacking = self.swarm.lacking(self.mine or [])
+        return lacking & self.partners if self.partners else lacking - (self.rack or frozenset())
 
     def awaited(self) -> Collection[int]:
         """The pieces left to members that have not joined yet (see :data:`LATE_WAIT`)."""

@@ -48,9 +48,8 @@ class Swarm(Protocol):
         :meth:`use_seed` decides); None: anyone."""
         ...
 
-    def still_to_serve(self) -> set[str]:
-        """The addresses of the connected peers that want some piece this node has, or
-        have taken none from it yet."""
+    def lacking(self, pieces: Collection[int]) -> set[str]:
+        """The addresses of the connected peers that lack any of ``pieces``."""
         ...
 
     def availability(self) -> Sequence[int]:

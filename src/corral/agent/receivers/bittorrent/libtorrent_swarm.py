@@ -55,8 +55,8 @@ def session_settings(lt: Any, address: str, port: int = PEER_PORT) -> dict[str, 
         # its peers would reconnect seconds later. Nodes leave the swarm on their own.
         "close_redundant_connections": False,
         # send_redundant_have stays on (libtorrent's default): off, the testbed's host
-        # spent less CPU on one switch, but in 20 racks of 5 every run carried 1.22-1.24
-        # x S into a rack (docs/benchmarks.md, "BitTorrent without redundant haves").
+        # spent less CPU on one switch, but in 20 racks of 5 every run carried 1.22 x S
+        # or more into a rack (docs/benchmarks.md, "BitTorrent without redundant haves").
         "connections_limit": 200,
         "unchoke_slots_limit": UPLOAD_SLOTS,
         # Half the slots go round the peers that want pieces, each for OPTIMISTIC_TURN

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, cast
 
 from corral.agent.plan import Chunk, Disk, Identity, ImageInfo, Plan, TransportInfo
-from corral.agent.receivers.bittorrent.swarm import Peer
 from corral.agent.receivers.stream import Unpacker
 from corral.images.store import ImageVersion
 
@@ -337,9 +336,6 @@ class WorldSwarm:
 
     def addresses(self) -> set[str]:
         return {s.name for s in self.world.live(self.name)}
-
-    def peers(self) -> dict[str, Peer]:
-        return {s.name: Peer(list(s.have), 0) for s in self.world.live(self.name)}
 
     def wait(self, seconds: float) -> None:
         time.sleep(min(seconds, 0.01))

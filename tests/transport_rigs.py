@@ -438,7 +438,7 @@ class BitTorrentRig(Rig):
             engine = staticmethod(lambda: types.ModuleType("libtorrent"))
 
             def make_swarm(self, lt: Any, torrent: bytes, scratch: Path, address: str,
-                           seed: tuple[str, int] | None, partners: Any = ()) -> Any:  # fmt: skip
+                           seed: tuple[str, int] | None) -> Any:  # fmt: skip
                 return rig.world.swarms[self.node_name]
 
             node_name = ""

@@ -35,7 +35,7 @@ from corral.agent.receivers.bittorrent.seed import (
     STRIPE_TIMEOUT,
     PieceClock,
 )
-from corral.agent.receivers.bittorrent.swarm import Peer, PieceMap, stripe
+from corral.agent.receivers.bittorrent.swarm import PieceMap, stripe
 from corral.agent.receivers.stream import VerifiedStream
 from corral.agent.wire.bencode import bencode
 from corral.config import Settings
@@ -408,42 +408,6 @@ def test_agent_settings_are_pinned() -> None:
     assert session_settings(lt, "0.0.0.0", 6882)["outgoing_interfaces"] == ""
 
 
-def test_lane_partners_are_unchoked_beside_the_upload_slots(tmp_path: Path) -> None:
-    """Real libtorrent on loopback: a node with one upload slot, three peers asking, one of
-    them its lane partner. The partner is served at once, the slot goes to another, and the
-    third waits: the rack's peers cannot take the partners' slots."""
-    layout, data = _layout(tmp_path, [256 * KiB], 16 * KiB)
-    torrent = make_torrent(layout, "http://127.0.0.1:9/announce", "corral deployment 1").data
-    partner = "127.0.0.3"
-    swarms: list[LibtorrentSwarm] = []
-    try:
-        node = LibtorrentSwarm(lt, torrent, tmp_path / "node", "127.0.0.1", 0, None, [partner])
-        swarms.append(node)
-        node.session.apply_settings({"unchoke_slots_limit": 1, "num_optimistic_unchoke_slots": 0})
-        node.add({p: data[p * 16 * KiB : (p + 1) * 16 * KiB] for p in range(16)})
-        for address in ("127.0.0.2", partner, "127.0.0.4"):
-            peer = LibtorrentSwarm(lt, torrent, tmp_path / address, address, 0)
-            swarms.append(peer)
-            peer.session.apply_settings({"download_rate_limit": 16 * KiB})  # still asking
-            peer.handle.connect_peer(("127.0.0.1", node.listen_port()))
-        deadline = time.monotonic() + 10
-        unchoked: set[str] = set()
-        while time.monotonic() < deadline:
-            unchoked = {
-                str(p.ip[0])
-                for p in node.handle.get_peer_info()
-                if p.flags & lt.peer_info.remote_interested and not p.flags & lt.peer_info.choked
-            }
-            if len(unchoked) >= 2:
-                break
-            time.sleep(0.1)
-        assert partner in unchoked
-        assert len(unchoked) == 2  # the partner and the one slot's peer
-    finally:
-        for swarm in swarms:
-            swarm.close()
-
-
 # --- the agent's in-order feed ---------------------------------------------------------
 
 PIECE = 4
@@ -477,8 +441,6 @@ class FakeSwarm:
         self.tracker_answered = True
         self.peers_connected = 3
         self.outside: set[str] = set()  # connected peers from other racks
-        self.held: dict[str, list[bool]] = {}  # the pieces of connected peers, by address
-        self.from_rack: set[int] = set()  # pieces that come from the rack's peers
         self.without_mine: set[str] = set()  # connected peers that lack the node's stripe
         self.want_at: list[int] = []  # looks at the swarm before each want()
         self.partial = 0  # bytes of pieces still incomplete
@@ -539,18 +501,6 @@ class FakeSwarm:
 
     def addresses(self) -> set[str]:
         return {f"10.0.1.{i}" for i in range(self.peers_connected)} | self.outside
-
-    def peers(self) -> dict[str, Peer]:
-        """The connected peers, holding :attr:`held`; the pieces in :attr:`from_rack`
-        came from the first of the rack, the other bytes from the first peer elsewhere (a
-        lane partner)."""
-        partner, mate = min(self.outside, default=None), "10.0.1.0"
-        inside = sum(PIECE for p in self.from_rack if self.have[p])
-        got = {partner: self.received() - inside, mate: inside}
-        return {
-            a: Peer(self.held.get(a, [False] * len(self.have)), got.get(a, 0))
-            for a in self.addresses()
-        }
 
     def peers_in_need(self, min_rate: float) -> int:
         self.min_rates.append(min_rate)
@@ -1024,53 +974,6 @@ def test_a_node_brings_its_lane_into_its_rack_then_trades_inside_it() -> None:
     # nothing of the next chunks was asked first before the node traded with its rack
     first = [i for i, c in enumerate(swarm.calls) if c[0] == "prioritize"]
     assert first and first[0] > swarm.calls.index(("keep_to", sorted(RACK)))
-
-
-def test_while_its_lane_comes_a_node_takes_what_only_its_rack_has(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # lane 5 and 7 from the partner elsewhere; meanwhile 1 and 3 from a rack-mate, but
-    # not 8, which the partner has too (libtorrent could take it from the partner, and
-    # it would cross the rack's uplink twice), nor 4, which nobody connected has
-    swarm = FakeSwarm(DATA, [[], [0, 2], [], [1, 5], [3], [7], [4, 6, 8, 9]])
-    swarm.outside = {"10.0.2.10"}
-    swarm.avail = [0, 1, 0] + [1] * 7
-    ten = [False] * 10
-    swarm.held = {
-        "10.0.1.1": [p in (1, 3, 8) for p in range(10)],
-        "10.0.2.10": [p in (5, 7, 8) for p in range(10)],
-        "10.0.1.2": ten,
-    }
-    swarm.from_rack = {1, 3}
-    with caplog.at_level("INFO", logger="corral.agent"):
-        _, fed, fetched, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK, lane=[5, 7])
-    assert b"".join(fed) == DATA and fetched == []
-    calls = [c for c in swarm.calls if c[0] != "prioritize"]
-    assert calls[5:] == [
-        ("want", [5, 7]), ("want", [5, 7, 1, 3]), ("keep_to", sorted(RACK)), ("want", None),
-    ]  # fmt: skip
-    assert "my lane is here (and 2 pieces from my rack meanwhile)" in caplog.text
-
-
-def test_a_lane_piece_at_no_peer_is_rescued_while_the_rack_keeps_giving(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # 7 of its lane is at no peer; the rack gives a piece at every look, but nothing of
-    # the lane comes: after RESCUE_IDLE of the lane's own, 7 from the seed
-    arrivals: list[list[int]] = [[], [0, 2], [5], [1], [3], [4], [6], [8], [9], [], [7]]
-    swarm = FakeSwarm(DATA, arrivals)
-    swarm.outside = {"10.0.2.10"}
-    swarm.avail = [0, 1, 0] + [1] * 4 + [0] + [1] * 2
-    swarm.held = {"10.0.1.1": [p not in (0, 2, 5, 7) for p in range(10)]}
-    swarm.from_rack = {1, 3, 4, 6, 8, 9}
-    with caplog.at_level("INFO", logger="corral.agent"):
-        _, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=RACK, lane=[5, 7])
-    assert b"".join(fed) == DATA
-    assert "1 piece of my lane at no peer; asking the seed" in caplog.text
-    wants = [w for c, w in swarm.calls if c == "want"]
-    # 5 came at the 3rd look; RESCUE_IDLE later, give or take the lane's looks once a
-    # second, and before the rack's pieces stopped coming (the 9th)
-    assert swarm.want_at[wants.index([7])] <= 8
 
 
 def test_a_lane_piece_at_no_peer_is_asked_of_the_seed_and_a_partner_is_waited_for(

@@ -12,7 +12,6 @@ from types import ModuleType
 from typing import Any
 
 from corral.agent.errors import ReceiveError
-from corral.agent.receivers.bittorrent.swarm import Peer
 from corral.agent.wire.lan_swarm import lan_settings, limit_local_peers
 
 log = logging.getLogger("corral.agent")
@@ -39,16 +38,6 @@ OPTIMISTIC_SLOTS = UPLOAD_SLOTS // 2
 OPTIMISTIC_TURN = 10
 #: How long a new torrent may take to check its (empty) save path before pieces are added.
 CHECK_WAIT = 5.0
-#: The address ranges libtorrent puts in its "local" peer class by default (private
-#: networks, link-local, loopback): :meth:`LibtorrentSwarm._serve_always` rebuilds its
-#: peer class filter and must keep them there.
-LOCAL_RANGES = (
-    ("10.0.0.0", "10.255.255.255"),
-    ("172.16.0.0", "172.31.255.255"),
-    ("192.168.0.0", "192.168.255.255"),
-    ("169.254.0.0", "169.254.255.255"),
-    ("127.0.0.0", "127.255.255.255"),
-)
 
 
 def session_settings(lt: Any, address: str, port: int = PEER_PORT) -> dict[str, Any]:
@@ -104,7 +93,6 @@ class LibtorrentSwarm:
         address: str,
         port: int = PEER_PORT,
         seed: tuple[str, int] | None = None,
-        partners: Collection[str] = (),
     ) -> None:
         self.lt = lt
         self.seed = seed
@@ -119,8 +107,6 @@ class LibtorrentSwarm:
         self.num_files = int(info.num_files())
         self.session = lt.session(session_settings(lt, address, port), 0)  # no plugins
         limit_local_peers(self.session)  # UPLOAD_SLOTS holds on a LAN too
-        if partners:  # before any connection: libtorrent classes a peer as it connects
-            self._serve_always(partners)
         # The seed is kept away until the node says otherwise (use_seed): the torrent
         # announces as it is added and connects to the peers the tracker names, the seed
         # among them, and on a fast link pieces came from the seed before the node could
@@ -142,28 +128,6 @@ class LibtorrentSwarm:
         self._heard = False
         self._described = 0.0
         self._checked(CHECK_WAIT)
-
-    def _serve_always(self, addresses: Collection[str]) -> None:
-        """Unchoke the peers at ``addresses`` (the node's lane partners, in other racks)
-        whenever they want pieces, outside :data:`UPLOAD_SLOTS`: a peer class of their own
-        that ignores the slots. A node that takes its rack's pieces while its lane comes
-        in (see ``SeedUse``) has rack-mates asking it too, and they took its slots from
-        its partners: in 20 racks of 5, lanes stalled and were given up, and the seed sent
-        them again."""
-        session, lt = self.session, self.lt
-        lane = session.create_peer_class("lane partners")
-        info = session.get_peer_class(lane)
-        info["ignore_unchoke_slots"] = True
-        session.set_peer_class(lane, info)
-        everyone = 1 << int(session.global_peer_class_id)
-        local = 1 << int(session.local_peer_class_id)
-        classes = lt.ip_filter()
-        classes.add_rule("0.0.0.0", "255.255.255.255", everyone)
-        for first, last in LOCAL_RANGES:
-            classes.add_rule(first, last, local)
-        for address in addresses:
-            classes.add_rule(address, address, classes.access(address) | 1 << int(lane))
-        session.set_peer_class_filter(classes)
 
     def _checked(self, timeout: float) -> None:
         """Wait, at most ``timeout`` s, for libtorrent to check the (empty) save path:
@@ -272,21 +236,11 @@ class LibtorrentSwarm:
         return len(self.addresses())
 
     def addresses(self) -> set[str]:
-        return set(self._established())
-
-    def peers(self) -> dict[str, Peer]:
-        return {
-            address: Peer(list(peer.pieces), int(peer.total_download))
-            for address, peer in self._established().items()
-        }
-
-    def _established(self) -> dict[str, Any]:
-        """The connected peers' libtorrent peer_info, by address (the seed aside)."""
         flags = self.lt.peer_info
         pending = flags.connecting | flags.handshake
         seed = self.seed[0] if self.seed else ""
         return {
-            str(peer.ip[0]): peer
+            str(peer.ip[0])
             for peer in self.handle.get_peer_info()
             if not peer.flags & pending and str(peer.ip[0]) != seed
         }

@@ -9,7 +9,7 @@ import logging
 import shutil
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -122,10 +122,7 @@ class BitTorrentReceiver(StreamReceiver):
         swarm: LibtorrentSwarm | None = None
         latecomers: Latecomers | None = None
         try:
-            partners = [str(a) for a in params.get("lane_peers") or []]
-            swarm = live = self.make_swarm(
-                lt, torrent, scratch, address or "0.0.0.0", seed, partners
-            )
+            swarm = live = self.make_swarm(lt, torrent, scratch, address or "0.0.0.0", seed)
             layout = self._layout(job.plan, swarm)
             place = _place(params.get("stripe")) if seed else None
             mine = None if place is None else stripe(layout.num_pieces, *place)
@@ -165,7 +162,7 @@ class BitTorrentReceiver(StreamReceiver):
                     mine=mine,
                     rack=_rack(params, address),
                     lane=_lane(params, layout.num_pieces, place),
-                    partners=partners,
+                    partners=[str(a) for a in params.get("lane_peers") or []],
                     late=latecomers.pieces,
                 )
                 feeds.append(feeder.run())
@@ -219,12 +216,10 @@ class BitTorrentReceiver(StreamReceiver):
         scratch: Path,
         address: str,
         seed: tuple[str, int] | None,
-        partners: Sequence[str] = (),
     ) -> LibtorrentSwarm:
-        """The node's swarm for ``torrent``, downloading into ``scratch``, its lane
-        ``partners`` unchoked whenever they ask (the tests replace it, as
-        :meth:`make_unpacker`)."""
-        return LibtorrentSwarm(lt, torrent, scratch, address, self.port, seed, partners)
+        """The node's swarm for ``torrent``, downloading into ``scratch`` (the tests
+        replace it, as :meth:`make_unpacker`)."""
+        return LibtorrentSwarm(lt, torrent, scratch, address, self.port, seed)
 
     @staticmethod
     def _no_swarm(plan: Plan, target_dir: Path) -> str:

@@ -179,11 +179,9 @@ class SeedUse:
         or take stripes from it: see
         :func:`~corral.deploy.transports.bittorrent_tracker.partners`). A partner wants
         nothing but stripes of the lane either until its own import ends, and then cuts its
-        connections out of its rack, so nothing else crosses the uplink. Meanwhile it also
-        takes from its rack's nodes the pieces that no connected peer elsewhere has (see
-        :meth:`_inside_meanwhile`). Pieces of its lane at no connected peer (the partner
-        died; not a member still coming) are asked of the seed after :data:`RESCUE_IDLE`
-        without anything new from its peers elsewhere. Once its lane
+        connections out of its rack, so nothing else crosses the uplink. Pieces of its
+        lane at no connected peer (the partner died; not a member still coming) are
+        asked of the seed after :data:`RESCUE_IDLE` without anything new. Once its lane
         is here the node waits, up to :data:`LANE_HANDOVER`, for the partners still
         lacking its own stripe; after :data:`LANE_TIMEOUT` (longer where the lane comes
         slowly but comes: :data:`LANE_SLACK`) it leaves what is missing of its lane to the
@@ -221,9 +219,6 @@ class SeedUse:
         self._lane_since = 0.0  # the import phase's start, then the lane's arrival
         self._lane_got = (0, 0, 0.0)  # lane pieces at the start, then got, and when
         self._lane_done = False
-        self._meanwhile: list[int] = []  # pieces of its rack wanted during the import
-        self._from_outside = (0, 0.0)  # bytes taken from peers outside the rack, and when
-        self._looked_inside = -1e9
         self.since = 0.0
         self._looked = -1e9
         self._orphans_since = float("inf")
@@ -387,7 +382,6 @@ class SeedUse:
             log.info("bittorrent: bringing %s into my rack", pieces(len(left)))
             self.phase, self._lane_since = "import", now
             self._lane_got = (len(self.lane) - len(left), 0, now)
-            self._from_outside = (0, now)
             self.swarm.want(left)
         else:
             self._to_swarm()
@@ -408,16 +402,12 @@ class SeedUse:
             self.rescue = []
             self.swarm.use_seed(False)
             if left:
-                self.swarm.want(left + self._meanwhile)
+                self.swarm.want(left)
                 return True
         if not left:
             if not self._lane_done:
                 self._lane_done, self._lane_since = True, now
-                taken = sum(have) - len(self.lane) - len(set(self.mine or []) - set(self.lane))
-                log.info(
-                    "bittorrent: my lane is here (and %s from my rack meanwhile)",
-                    pieces(max(taken, 0)),
-                )
+                log.info("bittorrent: my lane is here")
             handover = self.pace.scaled(LANE_HANDOVER, HANDOVER_PIECES)
             waiting = self._partners_in_need()
             if waiting and now - self._lane_since < handover:
@@ -430,7 +420,6 @@ class SeedUse:
             self._to_swarm()
             return True
         self._note_lane(len(left), now)
-        changed = self._inside_meanwhile(have, left, now)
         if now - self._lane_since >= self._lane_patience() and not self.waits_for_members(left):
             log.info(
                 "bittorrent: %s of my lane late (%s); my rack's only now",
@@ -439,9 +428,8 @@ class SeedUse:
             )
             self._to_swarm()
             return True
-        # the lane's own idleness: pieces of the rack keep coming meanwhile
-        if now - self._from_outside[1] < rescue_idle or not self.swarm.heard():
-            return changed
+        if idle < rescue_idle or not self.swarm.heard():
+            return False
         awaited = self.awaited()
         nowhere = [
             p
@@ -449,53 +437,11 @@ class SeedUse:
             if not a and p not in awaited
         ]
         if not nowhere:
-            return changed
+            return False
         log.info("bittorrent: %s of my lane at no peer; asking the seed", pieces(len(nowhere)))
         self.rescue, self.since = nowhere, now
         self.swarm.want(nowhere)
         self.swarm.use_seed(True)
-        return True
-
-    def _inside_meanwhile(self, have: Sequence[bool], left: Sequence[int], now: float) -> bool:
-        """While its lane comes in, the node takes from its own rack the pieces that only
-        its rack has among its connected peers: the lanes its rack-mates have brought in
-        so far, and their stripes. The lane comes through the rack's uplink, whose share
-        is a fraction of the node's own link; the rest of the link took nothing until the
-        lane was whole (20 racks of 5 behind 4:1 uplinks: a lane of 24 pieces in 107 s,
-        then 94 pieces from the rack in 140 s more). A piece that a peer elsewhere has
-        too waits for the swarm phase, when only the rack can reach the node: libtorrent
-        takes a wanted piece from any peer that has it, and from a peer elsewhere it
-        would cross the uplink twice. Looked at once a second (also: when the lane last
-        moved, for its rescues); True when the wanted pieces changed."""
-        if now - self._looked_inside < 1.0:
-            return False
-        self._looked_inside = now
-        peers = self.swarm.peers()
-        rack = self.rack or frozenset()
-        outside = sum(peer.received for address, peer in peers.items() if address not in rack)
-        if outside > self._from_outside[0]:
-            self._from_outside = (outside, now)
-        else:
-            self._from_outside = (outside, self._from_outside[1])  # a partner gone
-        lane = set(self.lane)
-
-        def held(p: int, inside: bool) -> bool:
-            return any(
-                p < len(peer.pieces) and peer.pieces[p]
-                for address, peer in peers.items()
-                if (address in rack) == inside
-            )
-
-        meanwhile = [
-            p
-            for p, h in enumerate(have)
-            if not h and p not in lane and held(p, True) and not held(p, False)
-        ]
-        new, old = set(meanwhile), set(self._meanwhile)
-        self._meanwhile = meanwhile
-        if not new - old and all(have[p] for p in old - new):
-            return False  # only pieces that came: what is wanted is the same
-        self.swarm.want([*left, *meanwhile])
         return True
 
     def _note_lane(self, left: int, now: float) -> None:

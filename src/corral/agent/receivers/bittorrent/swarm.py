@@ -82,18 +82,6 @@ class Swarm(Protocol):
         """The addresses of the peers :meth:`connected` counts."""
         ...
 
-    def peers(self) -> dict[str, Peer]:
-        """The peers :meth:`connected` counts, by address."""
-        ...
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A connected peer, as :meth:`Swarm.peers` sees it."""
-
-    pieces: Sequence[bool]  # which pieces it has
-    received: int  # payload bytes this node took from it over this connection
-
 
 @dataclass(frozen=True)
 class PieceMap:

@@ -349,6 +349,16 @@ BT_LANES_LEFT = (
         "rescues when the rack is quiet",
         "rescues only when the rack is quiet (04e035f; reverted in 9e08444)",
     ),
+    (
+        "partners unchoked, rack pieces during the lane",
+        "lane partners unchoked beside the slots, the rack's pieces during the lane "
+        "(0917b94; reverted in 60d286e)",
+    ),
+    (
+        "spare pieces spread over the turns",
+        "lanes of one size, the spare pieces spread over the racks' turns (ee825ba; "
+        "reverted in 2ae4358)",
+    ),
 )
 
 

@@ -190,11 +190,13 @@ def test_the_check_leaves_out_bittorrents_old_designs_with_a_reason() -> None:
                 "lanes even in pieces",
                 "lane patience from its first piece",
                 "rescues when the rack is quiet",
+                "partners unchoked, rack pieces during the lane",
+                "spare pieces spread over the turns",
             )
         )
     ]
     assert all(r.excluded for r in given_up + reverted) and len(given_up) >= 3
-    assert len(reverted) >= 3 + 5 + 3 + 1 + 3
+    assert len(reverted) >= 3 + 5 + 3 + 1 + 3 + 6 + 6
     lanes = [r for r in lanes if r not in given_up + reverted]
     assert len(lanes) >= 3 and not any(r.excluded for r in lanes)
     for r in runs:

@@ -735,6 +735,9 @@ def test_a_node_up_before_its_predecessor_never_makes_an_uplink_feed_two(
     window.complete(0, chunks[0])
     wait_for(lambda: len(tb004.unpacker.data) == 100_000, "tb004 to have chunk 0 via tb003")
     tb002.start()
+    # the rest only once tb002 pulls from the tail: on a busy host the tail could be done
+    # and gone before tb002 came to it, and tb002 would rightly go elsewhere
+    wait_for(lambda: served_peers(tb004) == ["tb002"], "tb002 to pull from the tail, tb004")
     for i in range(1, len(chunks)):
         window.complete(i, chunks[i])
     for node in nodes:

@@ -189,7 +189,11 @@ def test_two_agents_and_the_seed_on_loopback(
             assert result.details["swarm"] == chunks and result.details["http"] == 0
             assert not (tmp_path / node / SCRATCH).exists()  # the scratch copy is gone
             assert tree_digest(tmp_path / node) == tree_digest(version.rootfs)
-        assert caplog.text.count("my lane is here") == (0 if racks[0] == racks[1] else 2)
+        # in two racks, each node's lane came from the other's lane session, not the seed
+        lanes = 0 if racks[0] == racks[1] else 2
+        assert caplog.text.count("my lane is here") == lanes
+        assert caplog.text.count("my lane's session on") == lanes
+        assert "of my lane at no peer" not in caplog.text
         assert transport.seeder is not None and transport.tracker is not None
         transport.finish(1, version)
         assert transport.seeder is None and transport.tracker is None  # the last session

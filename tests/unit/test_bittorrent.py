@@ -506,6 +506,9 @@ class FakeSwarm:
         self.min_rates.append(min_rate)
         return self.in_need
 
+    def meet(self) -> None:
+        self.calls.append(("meet", None))
+
     def wait(self, seconds: float) -> None:
         self.waits += 1
         for p in self.arrivals.pop(0) if self.arrivals else []:
@@ -528,6 +531,7 @@ def run_feeder(
     rack: Sequence[str] | None = None,
     lane: Sequence[int] = (),
     late: Any = frozenset,
+    lane_swarm: FakeSwarm | None = None,
 ) -> tuple[Feeder, list[bytes], list[int], list[tuple[int, int]]]:
     plan = make_plan(DATA, 8)
     fed: list[bytes] = []
@@ -539,6 +543,8 @@ def run_feeder(
     def wait(seconds: float) -> None:  # each look at the swarm takes a second
         now[0] += 1
         real_wait(seconds)
+        if lane_swarm is not None:  # the lane's session moves in the same second
+            lane_swarm.wait(seconds)
 
     swarm.wait = wait  # type: ignore[method-assign]
 
@@ -565,6 +571,7 @@ def run_feeder(
         rack=rack,
         lane=lane,
         late=late,
+        lane_swarm=lane_swarm,
     )
     feeder.run()
     return feeder, fed, fetched, progress
@@ -1273,3 +1280,63 @@ def test_a_node_that_wants_every_piece_again_tells_the_tracker_at_once() -> None
     swarm.handle.force_reannounce.assert_called_once_with(
         0, -1, lt.reannounce_flags_t.ignore_min_interval
     )
+
+
+class StoringSwarm(FakeSwarm):
+    """A session that keeps the pieces added to it (libtorrent's ``add_piece``)."""
+
+    def add(self, pieces: Mapping[int, bytes]) -> None:
+        super().add(pieces)
+        for piece in pieces:
+            self.have[piece] = True
+
+
+def test_with_a_session_for_its_lane_a_node_trades_with_its_rack_meanwhile() -> None:
+    # stripe 0, 2 from the seed; then its lane, 5 and 7, comes in the lane's session from
+    # a partner, slowly, while the rack's session takes the rest from the rack; each lane
+    # piece is handed to the rack's session as it comes, the stripe to the lane's
+    rack_swarm = StoringSwarm(DATA, [[], [0, 2], [1], [3], [4, 6], [8], [9]])
+    rack_swarm.avail = [0, 1, 0] + [1] * 7  # its stripe is at no peer
+    lane_swarm = StoringSwarm(DATA, [[]] * 5 + [[5]] + [[]] * 3 + [[7]])
+    lane_swarm.avail = [0] * 5 + [1, 0, 1, 0, 0]  # the partner holds the lane
+    _, fed, fetched, _ = run_feeder(
+        rack_swarm, mine=[0, 2], stall=60, rack=RACK, lane=[5, 7], lane_swarm=lane_swarm
+    )
+    assert b"".join(fed) == DATA and fetched == []
+    assert sorted(rack_swarm.added) == [5, 7] and sorted(lane_swarm.added) == [0, 2]
+    calls = [c for c in rack_swarm.calls if c[0] not in ("prioritize", "meet")]
+    assert calls == [
+        ("seed", False), ("keep_to", sorted(RACK)), ("want", []),  # the partners: elsewhere
+        ("want", [0, 2]), ("seed", True),
+        ("seed", False), ("want", [0, 1, 2, 3, 4, 6, 8, 9]),  # all but the lane, meanwhile
+        ("keep_to", sorted(RACK)), ("want", None),
+    ]  # fmt: skip
+    assert [c for c in lane_swarm.calls if c[0] != "meet"] == [("want", [5, 7]), ("want", [])]
+    # the rack's pieces came before the lane was in
+    wants = [w for c, w in rack_swarm.calls if c == "want"]
+    assert rack_swarm.want_at[wants.index(None)] >= 9
+    assert all(rack_swarm.have[p] for p in (1, 3, 4, 6)) and rack_swarm.waits >= 9
+
+
+def test_a_lane_piece_at_no_partner_is_asked_of_the_seed_in_the_lanes_session(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # piece 7 of the lane is at no partner (one died): once the lane's session has
+    # received nothing for RESCUE_IDLE, though the rack's pieces keep coming, that session
+    # asks the seed for it; the rack's session never lets the seed in for it
+    rack_swarm = StoringSwarm(DATA, [[], [0, 2], [1], [3], [4], [6], [8], [9]])
+    rack_swarm.avail = [0, 1, 0] + [1] * 7
+    lane_swarm = StoringSwarm(DATA, [[]] * 3 + [[5]] + [[]] * 6 + [[7]])
+    lane_swarm.avail = [0] * 5 + [1, 0, 0, 0, 0]
+    with caplog.at_level("INFO", logger="corral.agent"):
+        _, fed, fetched, _ = run_feeder(
+            rack_swarm, mine=[0, 2], stall=60, rack=RACK, lane=[5, 7], lane_swarm=lane_swarm
+        )
+    assert b"".join(fed) == DATA and fetched == []
+    assert "1 piece of my lane at no peer; asking the seed" in caplog.text
+    assert [c for c in lane_swarm.calls if c[0] != "meet"][:4] == [
+        ("want", [5, 7]), ("want", [7]), ("seed", True), ("seed", False)
+    ]  # fmt: skip
+    assert [c for c in rack_swarm.calls if c[0] == "seed"] == [
+        ("seed", False), ("seed", True), ("seed", False)  # the stripe only
+    ]  # fmt: skip

@@ -73,6 +73,7 @@ class Feeder:
         lane: Sequence[int] = (),
         partners: Collection[str] = (),
         late: Callable[[], Collection[int]] = frozenset,
+        lane_swarm: Swarm | None = None,
         stall: float | None = None,
         ahead: int | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -95,7 +96,16 @@ class Feeder:
         self._moved = clock()
         self._urgent: list[int] = []
         self._waited = -1e9
-        self.seed = SeedUse(swarm, mine, clock, rack=rack, lane=lane, partners=partners, late=late)
+        self.seed = SeedUse(
+            swarm,
+            mine,
+            clock,
+            rack=rack,
+            lane=lane,
+            partners=partners,
+            late=late,
+            lane_swarm=lane_swarm,
+        )
 
     def run(self) -> FeedStats:
         chunks = self.plan.image.chunks

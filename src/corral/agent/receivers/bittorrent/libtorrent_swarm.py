@@ -19,6 +19,8 @@ log = logging.getLogger("corral.agent")
 #: The port the agent's libtorrent listens on, on the node's own address. A fixed,
 #: well-known one so that a site's firewall can let the swarm through.
 PEER_PORT = 6881
+#: The port of a node's second session, for its lane (:class:`LaneSwarm`): the next one.
+LANE_PORT = PEER_PORT + 1
 #: Peers a node uploads to at once (libtorrent's own default). Unlimited, as the seed is,
 #: each of 100 nodes sent to 80 peers and took from 80: so many TCP flows through each
 #: link's queue that all of them lost packets and waited out retransmission timeouts,
@@ -93,6 +95,9 @@ class LibtorrentSwarm:
         address: str,
         port: int = PEER_PORT,
         seed: tuple[str, int] | None = None,
+        *,
+        kept_to: Collection[str] | None = None,
+        announce: bool = True,
     ) -> None:
         self.lt = lt
         self.seed = seed
@@ -112,7 +117,7 @@ class LibtorrentSwarm:
         # among them, and on a fast link pieces came from the seed before the node could
         # block it (on loopback the whole image did).
         self._seed_on = False
-        self._kept_to: frozenset[str] | None = None
+        self._kept_to = None if kept_to is None else frozenset(kept_to)
         self._filter()
         params = lt.add_torrent_params()
         params.ti = info
@@ -121,7 +126,15 @@ class LibtorrentSwarm:
         params.flags = (
             params.flags & ~flags.auto_managed & ~flags.paused
         ) | (flags.disable_dht | flags.disable_lsd | flags.disable_pex)  # fmt: skip
+        if not announce:
+            # added paused, so that nothing is announced or asked for before the trackers
+            # are gone and no piece is wanted
+            params.flags |= flags.paused
         self.handle = self.session.add_torrent(params)
+        if not announce:
+            self.handle.replace_trackers([])
+            self.handle.prioritize_pieces([0] * int(info.num_pieces()))
+            self.handle.resume()
         self._reads: dict[int, bytes] = {}
         self._subset = False  # wants only some pieces (see want)
         self._warned: set[str] = set()
@@ -245,6 +258,9 @@ class LibtorrentSwarm:
             if not peer.flags & pending and str(peer.ip[0]) != seed
         }
 
+    def meet(self) -> None:
+        """Nothing: the tracker names the peers (see :class:`LaneSwarm`)."""
+
     def present(self) -> tuple[int, int]:
         flags = self.lt.peer_info
         peers = self.handle.get_peer_info()
@@ -329,6 +345,55 @@ class LibtorrentSwarm:
         finally:
             del self.handle
             del self.session  # joins libtorrent's threads (the tracker gets 1 s)
+
+
+class LaneSwarm(LibtorrentSwarm):
+    """A node's second session, for its lane alone (see
+    :class:`~corral.agent.receivers.bittorrent.seed.SeedUse`): the same torrent, in a
+    scratch copy of its own, reachable on :data:`LANE_PORT` by the node's lane partners
+    only (and corral's seed, for the lane's rescues; libtorrent's IP filter). It never
+    announces: the node connects to its partners itself (:meth:`meet`), and they to it.
+
+    One session cannot take the lane from the partners while the node trades with its
+    rack: libtorrent takes any piece from any peer that has it, so rack pieces came across
+    the uplink from partners too. Here the lane's session wants the lane only, and the
+    rack's session (the node's first, on :data:`PEER_PORT`) is kept to the rack."""
+
+    #: Seconds between two attempts to connect to the partners not connected yet (they
+    #: start at their own time; libtorrent itself waits a minute before it tries a peer
+    #: that refused it again).
+    MEET_EVERY = 2.0
+
+    def __init__(
+        self,
+        lt: ModuleType,
+        torrent: bytes,
+        save_path: Path,
+        address: str,
+        partners: Collection[str],
+        seed: tuple[str, int] | None = None,
+        port: int = LANE_PORT,
+    ) -> None:
+        self.partners = sorted(set(partners))
+        self.partner_port = port
+        self._met = -1e9
+        super().__init__(
+            lt, torrent, save_path, address, port, seed, kept_to=self.partners, announce=False
+        )
+        self.meet()
+
+    def meet(self) -> None:
+        """Connect to the partners not connected yet (every :attr:`MEET_EVERY` seconds at
+        most), and take the alerts nobody waits for (the rack's session waits, not this)."""
+        if time.monotonic() - self._met < self.MEET_EVERY:
+            return
+        self._met = time.monotonic()
+        for alert in self.session.pop_alerts():
+            self._alert(alert)
+        connected = {str(peer.ip[0]) for peer in self.handle.get_peer_info()}
+        for partner in self.partners:
+            if partner not in connected:
+                self.handle.connect_peer((partner, self.partner_port))
 
 
 def local_address(host: str, port: int) -> str:

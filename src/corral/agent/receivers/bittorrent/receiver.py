@@ -19,7 +19,9 @@ from corral.agent.plan import Plan
 from corral.agent.receivers.base import Job, Received, StreamReceiver
 from corral.agent.receivers.bittorrent.feed import Feeder, FeedStats, Latecomers, linger
 from corral.agent.receivers.bittorrent.libtorrent_swarm import (
+    LANE_PORT,
     PEER_PORT,
+    LaneSwarm,
     LibtorrentSwarm,
     local_address,
 )
@@ -97,6 +99,8 @@ class BitTorrentReceiver(StreamReceiver):
 
     #: the port to listen on (0: any, for tests that run several agents on one address)
     port: ClassVar[int] = PEER_PORT
+    #: the port of the lane's session, the node's and its partners' (see :class:`LaneSwarm`)
+    lane_port: ClassVar[int] = LANE_PORT
     #: the address to use ("": the one the node reaches corral's server from)
     address: ClassVar[str] = ""
     #: the engine, replaced by the tests
@@ -120,12 +124,20 @@ class BitTorrentReceiver(StreamReceiver):
         torrent = base64.b64decode(str(params["torrent"]))
         started = time.monotonic()
         swarm: LibtorrentSwarm | None = None
+        lane_swarm: LaneSwarm | None = None
         latecomers: Latecomers | None = None
         try:
             swarm = live = self.make_swarm(lt, torrent, scratch, address or "0.0.0.0", seed)
             layout = self._layout(job.plan, swarm)
             place = _place(params.get("stripe")) if seed else None
             mine = None if place is None else stripe(layout.num_pieces, *place)
+            rack = _rack(params, address)
+            lane = _lane(params, layout.num_pieces, place) if rack is not None else []
+            partners = [str(a) for a in params.get("lane_peers") or []]
+            if lane and partners:
+                lane_swarm = LaneSwarm(
+                    lt, torrent, scratch / "lane", address, partners, seed, self.lane_port
+                )
             log.info(
                 "bittorrent: %d pieces of %d KiB on %s:%d, tracker %s, seed %s, my stripe %s%s",
                 layout.num_pieces,
@@ -137,6 +149,13 @@ class BitTorrentReceiver(StreamReceiver):
                 "none" if mine is None else pieces(len(mine)),
                 f", rack {params['rack']}" if params.get("rack") else "",
             )
+            if lane_swarm is not None:
+                log.info(
+                    "bittorrent: my lane's session on %s:%d, %d partners elsewhere",
+                    address,
+                    lane_swarm.listen_port(),
+                    len(partners),
+                )
 
             latecomers = Latecomers(
                 str(params.get("tracker", "")),
@@ -160,10 +179,11 @@ class BitTorrentReceiver(StreamReceiver):
                     job.progress,
                     job.cancel,
                     mine=mine,
-                    rack=_rack(params, address),
-                    lane=_lane(params, layout.num_pieces, place),
-                    partners=[str(a) for a in params.get("lane_peers") or []],
+                    rack=rack,
+                    lane=lane,
+                    partners=partners,
                     late=latecomers.pieces,
+                    lane_swarm=lane_swarm,
                 )
                 feeds.append(feeder.run())
 
@@ -182,8 +202,9 @@ class BitTorrentReceiver(StreamReceiver):
             if latecomers is not None:
                 latecomers.close()
             try:
-                if swarm is not None:
-                    swarm.close()
+                for session in (lane_swarm, swarm):
+                    if session is not None:
+                        session.close()
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         log.info(

@@ -121,6 +121,10 @@ LANE_SLACK = 1.5
 #: pieces' time of the handover (floor :data:`LANE_HANDOVER`)
 HANDOVER_PIECES = 5
 
+#: Seconds to wait for libtorrent to read back the pieces moved between a node's two
+#: sessions (see :class:`SeedUse`).
+MOVE_TIMEOUT = 10.0
+
 #: The phases before a node takes pieces from its peers.
 STARTING = ("look", "stripe", "import")
 
@@ -205,6 +209,7 @@ class SeedUse:
         lane: Sequence[int] = (),
         partners: Collection[str] = (),
         late: Callable[[], Collection[int]] = frozenset,
+        lane_swarm: Swarm | None = None,
     ) -> None:
         self.swarm = swarm
         self.clock = clock
@@ -215,6 +220,10 @@ class SeedUse:
         self.mine = list(mine) if mine is not None else None
         self.lane = sorted(set(lane)) if self.rack is not None else []
         self.partners = frozenset(partners)
+        #: the lane's own session, if the node has one (see the class)
+        self.lane_swarm = lane_swarm if self.lane else None
+        self._moved: set[int] = set()  # pieces moved from one session to the other
+        self._lane_moved = (0, 0.0)  # bytes the lane's session had received, and when
         self.rescue: list[int] = []
         self._lane_since = 0.0  # the import phase's start, then the lane's arrival
         self._lane_got = (0, 0, 0.0)  # lane pieces at the start, then got, and when
@@ -233,6 +242,8 @@ class SeedUse:
         else:
             self.phase = "look" if self.mine else "swarm"
             swarm.use_seed(False)
+            if self.lane_swarm is not None and self.rack is not None:
+                swarm.keep_to(self.rack)  # the partners are met in the lane's session
             if self.lane and self.mine:
                 swarm.want([])  # what a partner elsewhere holds is not for it yet
 
@@ -273,6 +284,8 @@ class SeedUse:
         waited = now - self.started
         idle = min(idle, now - self._phase_at)
         self.pace.observe(sum(have))
+        if self.lane_swarm is not None:
+            self._move(have)
         rescue_idle = self.pace.scaled(RESCUE_IDLE, IDLE_PIECES)
         if self.phase == "look" and (
             (self.swarm.heard() and waited >= LOOK_TIME and self._met(waited))
@@ -377,12 +390,17 @@ class SeedUse:
     def _after_stripe(self, have: Sequence[bool], now: float) -> bool:
         """The stripe is done with: the lane next, if the node has one to bring in, else
         the swarm (its rack's only, in a rack); True (the wanted pieces changed)."""
-        left = [p for p in self.lane if not have[p]]
+        importer = self.lane_swarm or self.swarm
+        held = have if self.lane_swarm is None else importer.pieces()
+        left = [p for p in self.lane if not held[p]]
         if left:
             log.info("bittorrent: bringing %s into my rack", pieces(len(left)))
             self.phase, self._lane_since = "import", now
             self._lane_got = (len(self.lane) - len(left), 0, now)
-            self.swarm.want(left)
+            importer.want(left)
+            if self.lane_swarm is not None:  # the rack's trade meanwhile
+                lane = set(self.lane)
+                self.swarm.want([p for p in range(len(have)) if p not in lane])
         else:
             self._to_swarm()
         return True
@@ -392,22 +410,48 @@ class SeedUse:
         if self.rack is not None:
             self.swarm.keep_to(self.rack)
         self.swarm.want(None)
+        if self.lane_swarm is not None:
+            self.lane_swarm.want([])  # it goes on serving the partners what it has
+
+    def _move(self, have: Sequence[bool]) -> None:
+        """With the lane in a session of its own: the node's stripe into it, for the
+        partners, and the lane's pieces out of it, for the rack, as each comes."""
+        lane = self.lane_swarm
+        assert lane is not None
+        lane.meet()
+        held = lane.pieces()
+        for source, target, wanted in (
+            (self.swarm, lane, [p for p in self.mine or () if have[p] and not held[p]]),
+            (lane, self.swarm, [p for p in self.lane if held[p] and not have[p]]),
+        ):
+            wanted = [p for p in wanted if p not in self._moved]
+            if wanted:
+                got = source.read(wanted, MOVE_TIMEOUT)
+                target.add(got)
+                self._moved.update(got)
 
     def _import(self, have: Sequence[bool], idle: float, now: float, rescue_idle: float) -> bool:
         """One look in the import phase (see the class)."""
+        importer = self.lane_swarm or self.swarm
+        if self.lane_swarm is not None:
+            have = importer.pieces()
+            idle = self._lane_idle(now)
         left = [p for p in self.lane if not have[p]]
         if self.rescue:
             if left and not all(have[p] for p in self.rescue) and now - self.since < RESCUE_MAX:
                 return False
             self.rescue = []
-            self.swarm.use_seed(False)
+            importer.use_seed(False)
             if left:
-                self.swarm.want(left)
+                importer.want(left)
                 return True
         if not left:
             if not self._lane_done:
                 self._lane_done, self._lane_since = True, now
                 log.info("bittorrent: my lane is here")
+            if self.lane_swarm is not None:  # its session goes on serving the partners
+                self._to_swarm()
+                return True
             handover = self.pace.scaled(LANE_HANDOVER, HANDOVER_PIECES)
             waiting = self._partners_in_need()
             if waiting and now - self._lane_since < handover:
@@ -433,16 +477,26 @@ class SeedUse:
         awaited = self.awaited()
         nowhere = [
             p
-            for p, a in zip(left, self._available(left), strict=True)
+            for p, a in zip(left, self._available(left, importer), strict=True)
             if not a and p not in awaited
         ]
         if not nowhere:
             return False
         log.info("bittorrent: %s of my lane at no peer; asking the seed", pieces(len(nowhere)))
         self.rescue, self.since = nowhere, now
-        self.swarm.want(nowhere)
-        self.swarm.use_seed(True)
+        importer.want(nowhere)
+        importer.use_seed(True)
         return True
+
+    def _lane_idle(self, now: float) -> float:
+        """Seconds since the lane's own session last received a byte (its rescues ask
+        for that, not for the rack's pieces that keep coming meanwhile)."""
+        assert self.lane_swarm is not None
+        received = self.lane_swarm.received()
+        before, since = self._lane_moved
+        if received > before or not since:
+            self._lane_moved = received, now
+        return now - max(self._lane_moved[1], self._lane_since)
 
     def _note_lane(self, left: int, now: float) -> None:
         """Count the lane's pieces come during the import, ``left`` of them still to come,
@@ -527,10 +581,10 @@ class SeedUse:
             self._orphans_since = float("inf")
         return now - self._orphans_since >= self.pace.scaled(ORPHAN_WAIT, ORPHAN_PIECES)
 
-    def _available(self, pieces: Sequence[int]) -> list[int]:
+    def _available(self, pieces: Sequence[int], swarm: Swarm | None = None) -> list[int]:
         """How many connected sources have each of ``pieces`` (the seed counts for one;
-        0 if libtorrent cannot say)."""
-        available = self.swarm.availability()
+        0 if libtorrent cannot say), in ``swarm`` (the node's, or its lane's)."""
+        available = (swarm or self.swarm).availability()
         return [available[p] if p < len(available) else 0 for p in pieces]
 
     def _counts(self, num_pieces: int) -> list[int] | None:

@@ -82,6 +82,11 @@ class Swarm(Protocol):
         """The addresses of the peers :meth:`connected` counts."""
         ...
 
+    def meet(self) -> None:
+        """Connect to the peers the node reaches by itself, not through the tracker (a
+        lane's partners); called once a look."""
+        ...
+
 
 @dataclass(frozen=True)
 class PieceMap:

@@ -177,6 +177,7 @@ def test_two_agents_and_the_seed_on_loopback(
         assert params["a"]["seed"].startswith(f"{SERVER}:")
         assert params["a"]["base"] == f"{chunk_server}/images/small/1"
         assert (params["a"]["stripe"], params["b"]["stripe"]) == ([0, 2], [1, 2])
+        assert params["a"]["stripe_turn"] == len(set(racks))  # the racks take turns
         with ThreadPoolExecutor(2) as pool:
             jobs = [
                 pool.submit(receive, loop_plan(version, n, params[n]), chunk_server, tmp_path / n)

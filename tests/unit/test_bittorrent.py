@@ -26,7 +26,13 @@ from corral.agent.receivers import RECEIVERS
 from corral.agent.receivers.bittorrent import seed as bittorrent_seed
 from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, Latecomers, linger
 from corral.agent.receivers.bittorrent.libtorrent_swarm import LibtorrentSwarm, session_settings
-from corral.agent.receivers.bittorrent.receiver import BitTorrentReceiver, _lane, _place, _rack
+from corral.agent.receivers.bittorrent.receiver import (
+    BitTorrentReceiver,
+    _lane,
+    _place,
+    _rack,
+    _turn,
+)
 from corral.agent.receivers.bittorrent.seed import (
     ALONE_WAIT,
     LANE_HANDOVER,
@@ -1182,6 +1188,56 @@ def test_lanes_bring_each_stripe_into_each_rack_once() -> None:
     assert partners(order, lanes(order, even), even) == {
         f"{r}{i}": {f"{o}{i}" for o in "pqs" if o != r} for r in "pqs" for i in range(3)
     }
+
+
+@pytest.mark.parametrize(
+    ("nodes", "count", "num_pieces"),
+    [(100, 20, 120), (100, 4, 120), (1000, 25, 2800), (10000, 250, 28000)],
+)
+def test_the_spare_pieces_spread_over_the_lanes_and_the_racks(
+    nodes: int, count: int, num_pieces: int
+) -> None:
+    """The pieces left over when the torrent's are not a multiple of the nodes go to
+    stripes spread over the racks' turns: every lane brings in about as many pieces, and
+    every rack holds its share. Taken from the first stripes, one node of each rack brought
+    them all in (at N = 100 in 20 racks of 5: 38 pieces beside 19; at 1,000 in 25 racks of
+    40 with 2,800 pieces: 72 beside 48)."""
+    size = nodes // count
+    racks = {f"n{i:05}": f"r{i // size:03}" for i in range(nodes)}
+    members = list(by_stripe(racks, racks))
+    got = lanes(members, racks)
+
+    def spread(turn: int) -> tuple[list[int], list[int]]:
+        held = sorted(p for g in range(nodes) for p in stripe(num_pieces, g, nodes, turn))
+        assert held == list(range(num_pieces))  # each piece in one stripe
+        lane = [sum(len(stripe(num_pieces, g, nodes, turn)) for g in got[m]) for m in members]
+        own = [
+            sum(
+                len(stripe(num_pieces, g, nodes, turn))
+                for g, m in enumerate(members)
+                if racks[m] == rack
+            )
+            for rack in set(racks.values())
+        ]
+        return lane, own
+
+    lane, own = spread(count)
+    assert max(lane) - min(lane) <= 1 and max(own) == min(own), (lane, own)
+    lane, own = spread(0)  # without racks, the first stripes (as before)
+    assert max(lane) >= 1.5 * min(lane)
+    assert stripe(num_pieces, 0, nodes) == list(range(0, num_pieces, nodes))
+
+
+def test_the_racks_turn_from_the_plan() -> None:
+    # 14 pieces, 6 nodes in 2 racks (3 turns): the 2 spare pieces go to the first stripe
+    # of turn 0 and the second of turn 1, not to stripes 0 and 1 (both turn 0)
+    assert stripe(14, 1, 6) == [1, 7, 13] and stripe(14, 1, 6, 2) == [1, 7]
+    assert stripe(14, 3, 6, 2) == [3, 9, 13]
+    assert _turn(2) == 2
+    assert _turn(None) == _turn("2") == _turn(-1) == 0  # an older server, or nonsense
+    plan = {"rack": "r2", "rack_peers": ["10.0.2.1"], "lane": [1, 2]}
+    assert _lane(plan, 14, (0, 6), 2) == [1, 2, 7, 8]
+    assert _lane(plan, 14, (0, 6)) == [1, 2, 7, 8, 13]
 
 
 @pytest.mark.parametrize("sizes", [[10] * 64, [9, 10] * 30 + [10] * 3])

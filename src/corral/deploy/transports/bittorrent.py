@@ -285,11 +285,13 @@ class _Session:
 def by_stripe(nodes: Iterable[str], racks: Mapping[str, str]) -> tuple[str, ...]:
     """The session's nodes in the order of their stripes: by name, the racks taking turns
     (a node of each rack, then the second of each, ...; the nodes in no rack as one more
-    rack). A torrent rarely has a multiple of N pieces, and the first stripes then hold a
-    piece more (120 pieces, 100 nodes: stripes 0-19 hold two): taking turns spreads those
-    over the racks, so that each holds its share of the image and sends about as much
-    across its uplink as the others (in order of names, the first rack of four held
-    0.375 x S, and sent 1.22 x S out in a run of the unfinished branch)."""
+    rack). A torrent rarely has a multiple of N pieces, and some stripes then hold a
+    piece more (120 pieces, 100 nodes: 20 stripes hold two): the agent spreads those over
+    the turns and the racks (``stripe_turn`` in the plan, see
+    :func:`~corral.agent.receivers.bittorrent.swarm.spare_stripes`), so that each rack
+    holds its share of the image and sends about as much across its uplink as the others
+    (in order of names, the first rack of four held 0.375 x S, and sent 1.22 x S out in a
+    run of the unfinished branch), and its nodes bring in lanes of about one size."""
     groups: dict[str, list[str]] = {}
     for node in sorted(nodes):
         groups.setdefault(racks.get(node, ""), []).append(node)
@@ -423,6 +425,10 @@ class BitTorrentTransport:
             params["seed"] = f"{self.seed_host}:{self.seeder.port}"
         if node in session.nodes:
             params["stripe"] = [session.nodes.index(node), len(session.nodes)]
+            if session.racks:
+                # the turns in which by_stripe deals the stripes to the racks: the agent
+                # spreads the spare pieces over them (swarm.spare_stripes)
+                params["stripe_turn"] = len({session.racks.get(n, "") for n in session.nodes})
         rack = session.racks.get(node)
         if rack is not None:
             params["rack"] = rack

@@ -262,10 +262,16 @@ class Latecomers:
     TIMEOUT = 5.0
 
     def __init__(
-        self, tracker: str, info_hash: str, *, stripes: tuple[int, int] | None = None
+        self,
+        tracker: str,
+        info_hash: str,
+        *,
+        stripes: tuple[int, int] | None = None,
+        turn: int = 0,
     ) -> None:
         self.url = tracker.rsplit("/", 1)[0] + f"/pending/{info_hash}"
         self.stripes = stripes  # (number of pieces, number of stripes)
+        self.turn = turn  # the racks' turn in the stripes (swarm.spare_stripes)
         self._pending = 0
         self._unfinished: int | None = None
         self._pieces: frozenset[int] = frozenset()
@@ -300,7 +306,7 @@ class Latecomers:
         if self.stripes is not None:
             num_pieces, count = self.stripes
             pieces = frozenset(
-                p for i in coming if 0 <= i < count for p in stripe(num_pieces, i, count)
+                p for i in coming if 0 <= i < count for p in stripe(num_pieces, i, count, self.turn)
             )
         self._pending, self._pieces, self._unfinished = pending, pieces, unfinished
         self.every = min(max(every, self.ASK_EVERY), self.ASK_AT_MOST)

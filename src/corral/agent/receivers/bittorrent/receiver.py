@@ -73,7 +73,16 @@ def _rack(params: dict[str, Any], address: str) -> list[str] | None:
     return rack if address in rack else None
 
 
-def _lane(params: dict[str, Any], num_pieces: int, place: tuple[int, int] | None) -> list[int]:
+def _turn(value: Any) -> int:
+    """The racks' turn in the session's stripes (``stripe_turn``: see
+    :func:`~corral.agent.receivers.bittorrent.swarm.spare_stripes`); 0 without racks, or
+    from a server that does not say."""
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def _lane(
+    params: dict[str, Any], num_pieces: int, place: tuple[int, int] | None, turn: int = 0
+) -> list[int]:
     """The pieces this node brings into its rack (the stripes of its lane, from the plan;
     see :class:`~corral.agent.receivers.bittorrent.seed.SeedUse`)."""
     lane = params.get("lane")
@@ -81,7 +90,7 @@ def _lane(params: dict[str, Any], num_pieces: int, place: tuple[int, int] | None
         return []
     count = place[1]
     stripes = {int(g) for g in lane if isinstance(g, int) and 0 <= g < count}
-    return sorted(p for g in stripes for p in stripe(num_pieces, g, count))
+    return sorted(p for g in stripes for p in stripe(num_pieces, g, count, turn))
 
 
 def _import_libtorrent() -> ModuleType | None:
@@ -130,9 +139,10 @@ class BitTorrentReceiver(StreamReceiver):
             swarm = live = self.make_swarm(lt, torrent, scratch, address or "0.0.0.0", seed)
             layout = self._layout(job.plan, swarm)
             place = _place(params.get("stripe")) if seed else None
-            mine = None if place is None else stripe(layout.num_pieces, *place)
+            turn = _turn(params.get("stripe_turn"))
+            mine = None if place is None else stripe(layout.num_pieces, *place, turn)
             rack = _rack(params, address)
-            lane = _lane(params, layout.num_pieces, place) if rack is not None else []
+            lane = _lane(params, layout.num_pieces, place, turn) if rack is not None else []
             partners = [str(a) for a in params.get("lane_peers") or []]
             if lane and partners:
                 lane_swarm = LaneSwarm(
@@ -161,6 +171,7 @@ class BitTorrentReceiver(StreamReceiver):
                 str(params.get("tracker", "")),
                 str(params.get("info_hash", "")),
                 stripes=None if place is None else (layout.num_pieces, place[1]),
+                turn=turn,
             ).start()
 
             def fetch(index: int, partial: Callable[[int], None]) -> bytes:

@@ -3,6 +3,7 @@ chunks lie in the torrent's pieces (:class:`PieceMap`, :func:`stripe`)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -155,13 +156,53 @@ class PieceMap:
         return out
 
 
-def stripe(num_pieces: int, index: int, count: int) -> list[int]:
+def stripe(num_pieces: int, index: int, count: int, turn: int = 0) -> list[int]:
     """The pieces member ``index`` of ``count`` takes from the seed: every count-th one,
     so that the members' first requests to the seed never overlap and the early chunks
-    (unpacked first) are spread over all of them."""
+    (unpacked first) are spread over all of them. A torrent rarely has a multiple of
+    ``count`` pieces: the pieces left over at the end go one each to the stripes
+    :func:`spare_stripes` picks (``turn``: see there)."""
     if count <= 0 or not 0 <= index < count:
         return list(range(num_pieces))
-    return list(range(index, num_pieces, count))
+    whole = num_pieces - num_pieces % count
+    out = list(range(index, whole, count))
+    spare = spare_stripes(num_pieces % count, count, turn).get(index)
+    if spare is not None:
+        out.append(whole + spare)
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def spare_stripes(extra: int, count: int, turn: int = 0) -> Mapping[int, int]:
+    """Which ``extra`` of the ``count`` stripes hold a piece more (the pieces left over
+    when the torrent's are not a multiple of ``count``), as {stripe: which spare piece}.
+
+    Without racks (``turn`` 0), the first ones. In racks, the session deals its stripes
+    to the racks in turns of ``turn`` stripes, one per rack (``by_stripe``), and a node
+    brings into its rack the stripes of one turn from the other racks (its lane:
+    ``bittorrent_tracker.lanes``). The first stripes would all fall in the first turn, and
+    one node of each rack would bring in all the spare pieces: at N = 100 in 20 racks of
+    5 with 120 pieces, lanes of 38 pieces beside lanes of 19, and each rack waited for
+    its long lane, or asked the seed for the rest of it. So the spare pieces are spread
+    over the turns and over the racks: spare piece ``r`` goes to the stripe of rack
+    ``r mod turn`` in turn ``r * turns // extra``; lanes then differ by a piece or so, and
+    each rack still holds its share (a stripe taken twice, where racks are uneven, gives
+    way to the first stripe free)."""
+    if turn <= 0:
+        return {r: r for r in range(extra)}
+    turns = -(-count // turn)
+    spread: dict[int, int] = {}
+    unplaced = []
+    for r in range(extra):
+        g = r % turn + turn * (r * turns // extra)
+        if g < count and g not in spread:
+            spread[g] = r
+        else:
+            unplaced.append(r)
+    free = (g for g in range(count) if g not in spread)
+    for r in unplaced:
+        spread[next(free)] = r
+    return spread
 
 
 def pieces(count: int) -> str:

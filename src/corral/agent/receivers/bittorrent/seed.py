@@ -433,6 +433,7 @@ class SeedUse:
     def _import(self, have: Sequence[bool], idle: float, now: float, rescue_idle: float) -> bool:
         """One look in the import phase (see the class)."""
         importer = self.lane_swarm or self.swarm
+        traded = sum(have)  # the rack's session's pieces, the lane's moved in so far too
         if self.lane_swarm is not None:
             have = importer.pieces()
             idle = self._lane_idle(now)
@@ -448,7 +449,10 @@ class SeedUse:
         if not left:
             if not self._lane_done:
                 self._lane_done, self._lane_since = True, now
-                log.info("bittorrent: my lane is here")
+                log.info(
+                    "bittorrent: my lane is here%s",
+                    f", with {traded} of {len(have)} pieces" if self.lane_swarm else "",
+                )
             if self.lane_swarm is not None:  # its session goes on serving the partners
                 self._to_swarm()
                 return True

@@ -38,6 +38,9 @@ from corral.agent.receivers.bittorrent.seed import (
     LANE_HANDOVER,
     LANE_SLACK,
     LATE_WAIT,
+    RESCUE_IDLE,
+    SHARE_IDLES,
+    SHARE_IDLES_RACK,
     STRIPE_TIMEOUT,
     PieceClock,
 )
@@ -525,6 +528,7 @@ class FakeSwarm:
 
 
 DATA = bytes(range(40))  # 5 chunks of 8 bytes, 10 pieces of 4
+RACK = [f"10.0.1.{i}" for i in range(20)]
 
 
 def run_feeder(
@@ -870,19 +874,25 @@ def test_a_rescue_goes_on_while_nobody_else_has_the_pieces() -> None:
     assert feeder.stats.rescues == 1
 
 
-def test_peers_lacking_the_same_pieces_share_the_rescue() -> None:
+@pytest.mark.parametrize("rack", [None, RACK], ids=["no rack", "in a rack"])
+def test_peers_lacking_the_same_pieces_share_the_rescue(rack: list[str] | None) -> None:
     # second of three peers in need: pieces 7 (7 % 3 == 1) first; piece 6 and 8 are
-    # the others' to fetch, and they pass them on; 9 never comes: after three times
-    # RESCUE_IDLE this node asks the seed for everything it lacks
-    arrivals = [[0, 2], [1, 3, 4, 5], [], [], [], [7], [6, 8]] + [[]] * 7 + [[9]]
+    # the others' to fetch, and they pass them on; 9 never comes: after SHARE_IDLES times
+    # RESCUE_IDLE this node asks the seed for everything it lacks, and in a rack (whose
+    # nodes pass their parts on) only after SHARE_IDLES_RACK times
+    arrivals = [[0, 2], [1, 3, 4, 5], [], [], [], [7], [6, 8]] + [[]] * 20 + [[9]]
     swarm = FakeSwarm(DATA, arrivals)
     swarm.avail = [1] * 6 + [0] * 4
     swarm.position = (1, 3)
-    _, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60)
+    _, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60, rack=rack)
     assert b"".join(fed) == DATA
     wants = [w for call, w in swarm.calls if call == "want"]
-    assert wants[0] == [7]
-    assert [9] in wants[2:]
+    assert [7] in wants[:2]
+    waited = swarm.want_at[wants.index([9])] - 7  # 6 and 8 came with the 7th look
+    if rack is None:
+        assert SHARE_IDLES * RESCUE_IDLE <= waited < SHARE_IDLES_RACK * RESCUE_IDLE
+    else:
+        assert waited >= SHARE_IDLES_RACK * RESCUE_IDLE
 
 
 def test_a_latecomer_takes_its_stripe_from_the_peers_that_have_it() -> None:
@@ -934,9 +944,6 @@ def test_a_member_that_never_comes_is_waited_for_only_so_long(
     assert ("want", [8, 9]) in swarm.calls and feeder.stats.rescues == 1
     rescued = swarm.want_at[[w for c, w in swarm.calls if c == "want"].index([8, 9])]
     assert LATE_WAIT <= rescued < LATE_WAIT + 10  # one look a second
-
-
-RACK = [f"10.0.1.{i}" for i in range(20)]
 
 
 def test_in_a_rack_pieces_at_no_peer_wait_for_their_lane(
@@ -1364,14 +1371,12 @@ def test_with_a_session_for_its_lane_a_node_trades_with_its_rack_meanwhile() -> 
     assert calls == [
         ("seed", False), ("keep_to", sorted(RACK)), ("want", []),  # the partners: elsewhere
         ("want", [0, 2]), ("seed", True),
-        ("seed", False), ("want", [0, 1, 2, 3, 4, 6, 8, 9]),  # all but the lane, meanwhile
+        ("seed", False), ("want", None),  # its rack's pieces meanwhile
         ("keep_to", sorted(RACK)), ("want", None),
     ]  # fmt: skip
     assert [c for c in lane_swarm.calls if c[0] != "meet"] == [("want", [5, 7]), ("want", [])]
-    # the rack's pieces came before the lane was in
-    wants = [w for c, w in rack_swarm.calls if c == "want"]
-    assert rack_swarm.want_at[wants.index(None)] >= 9
-    assert all(rack_swarm.have[p] for p in (1, 3, 4, 6)) and rack_swarm.waits >= 9
+    # the rack's pieces were wanted from the lane's start, not after its last piece
+    assert rack_swarm.want_at[-2:] == [2, 10]  # the stripe came with the 2nd look, 7 the 10th
 
 
 def test_a_lane_piece_at_no_partner_is_asked_of_the_seed_in_the_lanes_session(
@@ -1396,3 +1401,21 @@ def test_a_lane_piece_at_no_partner_is_asked_of_the_seed_in_the_lanes_session(
     assert [c for c in rack_swarm.calls if c[0] == "seed"] == [
         ("seed", False), ("seed", True), ("seed", False)  # the stripe only
     ]  # fmt: skip
+
+
+def test_a_lane_piece_its_rack_brought_is_not_brought_in_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # piece 7 of the lane comes to the rack's session from a rack-mate (who asked the seed
+    # for it): it goes into the lane's session, and the lane is in without it from there
+    rack_swarm = StoringSwarm(DATA, [[], [0, 2], [1, 3], [4, 6, 7], [8, 9]])
+    rack_swarm.avail = [0, 1, 0] + [1] * 7
+    lane_swarm = StoringSwarm(DATA, [[]] * 3 + [[5]])
+    lane_swarm.avail = [0] * 5 + [1] + [0] * 4  # no partner has 7
+    with caplog.at_level("INFO", logger="corral.agent"):
+        _, fed, fetched, _ = run_feeder(
+            rack_swarm, mine=[0, 2], stall=60, rack=RACK, lane=[5, 7], lane_swarm=lane_swarm
+        )
+    assert b"".join(fed) == DATA and fetched == []
+    assert sorted(lane_swarm.added) == [0, 2, 7] and sorted(rack_swarm.added) == [5]
+    assert "my lane is here" in caplog.text and "of my lane at no peer" not in caplog.text

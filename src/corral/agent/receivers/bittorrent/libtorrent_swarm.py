@@ -164,6 +164,10 @@ class LibtorrentSwarm:
     def received(self) -> int:
         return int(self.handle.status(0).total_payload_download)
 
+    def sent(self) -> int:
+        """Payload bytes given to peers so far."""
+        return int(self.handle.status(0).total_payload_upload)
+
     def read(self, pieces: Sequence[int], timeout: float) -> dict[int, bytes]:
         wanted = set(pieces)
         for piece in wanted - set(self._reads):

@@ -209,6 +209,15 @@ class BitTorrentReceiver(StreamReceiver):
                 pending=latecomers.pending,
                 unfinished=latecomers.unfinished,
             )
+            if lane_swarm is not None:
+                log.info(
+                    "bittorrent: my lane's session took %.1f MiB from my partners and the "
+                    "seed and gave them %.1f MiB; my rack's took %.1f MiB and gave %.1f MiB",
+                    lane_swarm.received() / 2**20,
+                    lane_swarm.sent() / 2**20,
+                    swarm.received() / 2**20,
+                    swarm.sent() / 2**20,
+                )
         finally:
             if latecomers is not None:
                 latecomers.close()

@@ -24,6 +24,14 @@ STRIPE_TIMEOUT = 20.0
 RESCUE_IDLE = 2.0
 #: How often a rescue looks whether another peer has the pieces by now.
 RESCUE_MAX = 5.0
+#: The peers in need share a rescue (each asks the seed for its part) until nothing new
+#: has come for this many times the rescue's idle time; then each asks for all of it ...
+SHARE_IDLES = 3
+#: ... and in a rack, where the peers in need are the rack's nodes, connected to each other
+#: and sure to pass their parts on, this many: at the end of a deployment in 20 racks of 5
+#: the five nodes of a rack, all waiting for the rest of a lane, each asked the seed for
+#: all of it, five copies across the rack's uplink.
+SHARE_IDLES_RACK = 6
 #: Seconds a node looks at its peers before it asks the seed for its stripe, from the
 #: start; it also waits for the tracker's first answer (the connections to the peers it
 #: names take a fraction of a second on a LAN)...
@@ -353,7 +361,8 @@ class SeedUse:
             # each asks the seed for its share only and gets the others' from them. If
             # that has not worked out (they see other peers), all of them.
             position, count = self.swarm.present()
-            if idle < 3 * rescue_idle and count > 1:
+            idles = SHARE_IDLES_RACK if self.in_rack() else SHARE_IDLES
+            if idle < idles * rescue_idle and count > 1:
                 rare = [p for p in rare if p % count == position]
             if not rare:
                 return False
@@ -398,9 +407,8 @@ class SeedUse:
             self.phase, self._lane_since = "import", now
             self._lane_got = (len(self.lane) - len(left), 0, now)
             importer.want(left)
-            if self.lane_swarm is not None:  # the rack's trade meanwhile
-                lane = set(self.lane)
-                self.swarm.want([p for p in range(len(have)) if p not in lane])
+            if self.lane_swarm is not None:  # the rack's trade meanwhile, all of it
+                self.swarm.want(None)
         else:
             self._to_swarm()
         return True
@@ -415,13 +423,16 @@ class SeedUse:
 
     def _move(self, have: Sequence[bool]) -> None:
         """With the lane in a session of its own: the node's stripe into it, for the
-        partners, and the lane's pieces out of it, for the rack, as each comes."""
+        partners, and the lane's pieces out of it, for the rack, as each comes. Pieces of
+        the lane that the rack's session got from the rack (a rack-mate asked the seed for
+        them) go into the lane's session too: it does not bring them in again."""
         lane = self.lane_swarm
         assert lane is not None
         lane.meet()
         held = lane.pieces()
+        ours = [*(self.mine or ()), *self.lane]
         for source, target, wanted in (
-            (self.swarm, lane, [p for p in self.mine or () if have[p] and not held[p]]),
+            (self.swarm, lane, [p for p in ours if have[p] and not held[p]]),
             (lane, self.swarm, [p for p in self.lane if held[p] and not have[p]]),
         ):
             wanted = [p for p in wanted if p not in self._moved]

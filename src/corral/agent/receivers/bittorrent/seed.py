@@ -204,7 +204,21 @@ class SeedUse:
         (libtorrent's IP filter). It does not rescue the pieces at no peer of its rack:
         a node of the rack is bringing them in, and the seed would send them over the
         rack's uplink once more. It still rescues after :data:`RESCUE_IDLE` without
-        anything new.
+        anything new, the rack's nodes in need sharing the rescue for
+        :data:`SHARE_IDLES_RACK` times that.
+
+    With a session of its own for the lane (``lane_swarm``: a
+    :class:`~corral.agent.receivers.bittorrent.libtorrent_swarm.LaneSwarm`, which the agent
+    opens when its plan gives it a lane and partners), the import does not hold up the
+    rack's trade. The node's own session is kept to its rack from the start and, from the
+    import's start, takes every piece its rack has; the lane's session wants the lane
+    only, from the partners, and asks the seed for what none of them has after
+    :data:`RESCUE_IDLE` without a byte *in that session*. Each piece of the lane is handed
+    to the node's session as it comes, for the rack; the node's stripe, and the lane's
+    pieces the rack brought first, go the other way, for the partners. The lane's session
+    serves the partners until the node leaves: there is no handover to wait for. In one
+    session, the node could not take its rack's pieces during the import: libtorrent
+    takes a piece from any peer that has it, the partners too, across the uplink.
     """
 
     def __init__(

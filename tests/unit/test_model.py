@@ -198,7 +198,10 @@ def test_the_check_leaves_out_bittorrents_old_designs_with_a_reason() -> None:
     assert all(r.excluded for r in given_up + reverted) and len(given_up) >= 3
     assert len(reverted) >= 3 + 5 + 3 + 1 + 3 + 6 + 6
     lanes = [r for r in lanes if r not in given_up + reverted]
-    assert len(lanes) >= 3 and not any(r.excluded for r in lanes)
+    # what the model keeps of the lanes it leaves out only for the host (a CPU over 90 %)
+    assert len(lanes) >= 3 and not any(
+        r.excluded and "recorded invalid" not in r.excluded for r in lanes
+    )
     for r in runs:
         if r.cluster.rack_size and "lane" not in r.label:
             assert r.excluded  # racks before the doors, the doors and their variants

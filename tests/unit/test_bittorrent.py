@@ -29,6 +29,7 @@ from corral.agent.receivers.bittorrent.libtorrent_swarm import LibtorrentSwarm, 
 from corral.agent.receivers.bittorrent.receiver import (
     BitTorrentReceiver,
     _lane,
+    _lane_apart,
     _place,
     _rack,
     _turn,
@@ -1419,3 +1420,10 @@ def test_a_lane_piece_its_rack_brought_is_not_brought_in_again(
     assert b"".join(fed) == DATA and fetched == []
     assert sorted(lane_swarm.added) == [0, 2, 7] and sorted(rack_swarm.added) == [5]
     assert "my lane is here" in caplog.text and "of my lane at no peer" not in caplog.text
+
+
+def test_a_lane_has_a_session_of_its_own_in_small_racks_only() -> None:
+    # 120 pieces: in 20 racks of 5 a lane of 22 pieces; in 4 racks of 25, 4
+    assert _lane_apart(list(range(22)), 120, ["10.0.2.1"])
+    assert not _lane_apart(list(range(4)), 120, ["10.0.2.1"])
+    assert not _lane_apart(list(range(22)), 120, [])  # nobody to take it from

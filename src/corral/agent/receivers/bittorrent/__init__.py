@@ -24,9 +24,10 @@ How a node receives (:class:`Feeder`):
   chunks to unpack come first, so the stream is fed to ``zstd -d | tar -x`` nearly as it
   arrives.
 - In a rack, a node brings its share of the other racks' pieces (its *lane*) into its
-  rack in a second libtorrent session of the same torrent, on :data:`LANE_PORT`, that
-  only its lane partners elsewhere can reach, while its first session, kept to its rack,
-  trades with the rack meanwhile (:class:`SeedUse`).
+  rack, then trades with its rack only. In small racks it does both at once: the lane in
+  a second libtorrent session of the same torrent, on :data:`LANE_PORT`, that only its
+  lane partners elsewhere can reach, while its first session, kept to its rack, trades
+  with the rack (:class:`SeedUse`, :data:`LANE_SESSION_SHARE`).
 - Each chunk, read back through libtorrent (``read_piece``: coherent with its own disk
   cache), is checked against the plan's sha256 before a byte of it is unpacked.
 - When the swarm brings no new piece for :data:`STALL_TIMEOUT` seconds (no seed, a dead

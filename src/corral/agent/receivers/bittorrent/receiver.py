@@ -9,7 +9,7 @@ import logging
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -36,6 +36,17 @@ SCRATCH = ".corral-bittorrent"
 #: Room left over on the target beyond the tree and the stream (filesystem metadata, the
 #: identity files, the bootloader).
 SPACE_MARGIN = 64 << 20
+#: A node brings its lane into its rack in a session of its own (:class:`LaneSwarm`),
+#: trading with its rack meanwhile, when the lane is at least this share of the pieces: in
+#: racks of up to about ten nodes, where the import is a large part of the work (behind a
+#: 4:1 uplink, a rack of 5 takes as long to bring in the image as a node to take it from
+#: its rack). On the testbed at N = 100, in 20 racks of 5 (lanes of 22-23 pieces of 120)
+#: T fell from 2.43 to 1.85 x S/B. In racks of 25 (lanes of 3-4 pieces) the import takes
+#: 15-25 s alone, and beside the rack's trade the partners' links, busy with their own
+#: racks, brought the lanes in at half the pace: a tenth of them were given up, their
+#: pieces came from the seed, and the busiest uplink carried 1.22-1.50 x S into its rack
+#: (1.18-1.21 with the import first).
+LANE_SESSION_SHARE = 0.1
 
 
 def _endpoint(text: str) -> tuple[str, int] | None:
@@ -93,6 +104,12 @@ def _lane(
     return sorted(p for g in stripes for p in stripe(num_pieces, g, count, turn))
 
 
+def _lane_apart(lane: Sequence[int], num_pieces: int, partners: Sequence[str]) -> bool:
+    """Whether the node brings its lane in a session of its own (see
+    :data:`LANE_SESSION_SHARE`)."""
+    return bool(partners) and len(lane) >= LANE_SESSION_SHARE * num_pieces
+
+
 def _import_libtorrent() -> ModuleType | None:
     try:
         return importlib.import_module("libtorrent")
@@ -144,7 +161,7 @@ class BitTorrentReceiver(StreamReceiver):
             rack = _rack(params, address)
             lane = _lane(params, layout.num_pieces, place, turn) if rack is not None else []
             partners = [str(a) for a in params.get("lane_peers") or []]
-            if lane and partners:
+            if _lane_apart(lane, layout.num_pieces, partners):
                 lane_swarm = LaneSwarm(
                     lt, torrent, scratch / "lane", address, partners, seed, self.lane_port
                 )

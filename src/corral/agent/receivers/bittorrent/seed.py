@@ -209,8 +209,9 @@ class SeedUse:
 
     With a session of its own for the lane (``lane_swarm``: a
     :class:`~corral.agent.receivers.bittorrent.libtorrent_swarm.LaneSwarm`, which the agent
-    opens when its plan gives it a lane and partners), the import does not hold up the
-    rack's trade. The node's own session is kept to its rack from the start and, from the
+    opens in small racks, where the lane is a large share of the image: see
+    :data:`~corral.agent.receivers.bittorrent.receiver.LANE_SESSION_SHARE`), the import
+    does not hold up the rack's trade. The node's own session is kept to its rack from the start and, from the
     import's start, takes every piece its rack has; the lane's session wants the lane
     only, from the partners, and asks the seed for what none of them has after
     :data:`RESCUE_IDLE` without a byte *in that session*. Each piece of the lane is handed

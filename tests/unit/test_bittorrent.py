@@ -38,6 +38,7 @@ from corral.agent.receivers.bittorrent.seed import (
     ALONE_WAIT,
     LANE_HANDOVER,
     LANE_SLACK,
+    LANE_TIMEOUT,
     LATE_WAIT,
     RESCUE_IDLE,
     SHARE_IDLES,
@@ -1427,3 +1428,27 @@ def test_a_lane_has_a_session_of_its_own_in_small_racks_only() -> None:
     assert _lane_apart(list(range(22)), 120, ["10.0.2.1"])
     assert not _lane_apart(list(range(4)), 120, ["10.0.2.1"])
     assert not _lane_apart(list(range(22)), 120, [])  # nobody to take it from
+
+
+@pytest.mark.parametrize("flowing", [True, False], ids=["bytes flowing", "nothing"])
+def test_a_lane_in_its_own_session_is_late_only_when_nothing_comes(
+    flowing: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the lane's two pieces complete after 50 s: past LANE_TIMEOUT, but bytes of them came
+    # all along (8 partners sending at once complete nothing for a while), or none did
+    rack_swarm = StoringSwarm(DATA, [[], [0, 2], [1], [3], [4], [6], [8], [9]])
+    rack_swarm.avail = [0, 1, 0] + [1] * 7
+    lane_swarm = StoringSwarm(DATA, [[]] * 50 + [[5, 7]])
+    lane_swarm.avail = [0] * 5 + [1, 0, 1, 0, 0]
+    lane_swarm.trickle = 60 if flowing else 0
+    with caplog.at_level("INFO", logger="corral.agent"):
+        _, fed, fetched, _ = run_feeder(
+            rack_swarm, mine=[0, 2], stall=600, rack=RACK, lane=[5, 7], lane_swarm=lane_swarm
+        )
+    assert b"".join(fed) == DATA and fetched == []
+    if flowing:
+        assert "late" not in caplog.text and "my lane is here" in caplog.text
+    else:
+        assert "2 pieces of my lane late" in caplog.text
+        wants = [w for c, w in lane_swarm.calls if c == "want"]
+        assert lane_swarm.want_at[wants.index([])] <= 2 + LANE_TIMEOUT + 2

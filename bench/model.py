@@ -32,6 +32,9 @@ result, ``docs/benchmarks.md`` the table):
   S/B per doubling of N (its link is not busy all the time); ``bt_seed``: the seed's
   share of the server link (fitted when the seed bound the old swarm); ``bt_rescue``:
   the share of S the seed sends again, for pieces no peer has (egress only);
+  ``bt_overlap``: in small racks, where a node brings its lane in beside its rack's
+  trade, the share of the shorter of the two that still adds to the longer (the last
+  lane pieces spread when the lane is in, the links the two share);
 - ``ctl_bytes``: control traffic per node on the server's link (plan, reports, tokens);
 - ``host_ack``, ``host_relay``, ``host_disk``: the testbed only. Its nodes share two
   cores, so an acknowledgement (multicast, per slice) or a relay's turn (chain) waits
@@ -67,6 +70,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from corral.agent.receivers.bittorrent.libtorrent_swarm import UPLOAD_SLOTS
+from corral.agent.receivers.bittorrent.receiver import LANE_SESSION_SHARE
 from corral.agent.receivers.chain.receiver import LAG_SECONDS
 from corral.errors import InvalidValue
 from corral.testbed.plan import parse_rate, parse_size
@@ -87,6 +91,7 @@ CALIBRATION: dict[str, float] = {
     "bt_depth": 0.025,
     "bt_rescue": 0.6,
     "bt_seed": 0.75,
+    "bt_overlap": 0.4,
     "ctl_bytes": 30_000,
     "host_ack": 0.0052,
     "host_relay": 0.035,
@@ -249,15 +254,17 @@ def bittorrent(c: Cluster, k: dict[str, float]) -> Prediction:
     takes its stripe, 1/N of the pieces, from the seed: the stripes together are one copy,
     sent at ``bt_seed`` of the server link. Then the nodes trade, each bound by its own
     link, stretched by ``bt_depth`` per doubling of N. In R racks of n, each node first
-    brings its lane into its rack (the other racks' stripes at its place), (1 - 1/R) S
-    into each rack across its uplink, S/n-ish a node; then each rack trades on its own,
-    a swarm of n. A node that comes while the others still trade trades at their pace:
-    the runs at a start skew of 30 and 60 s took 1.5-1.7 x S/B from the last node's
-    start, not the 1 x S/B of its own link (a model that said so was 10-17 % short on
-    them); one that comes after they are done takes S at its own link's rate. The seed
-    sends again what no peer has: ``bt_rescue`` x S, at most what its share of the link
-    carries while the swarm runs. The testbed's installs end on its one host's disks, as
-    the other transports' do (``host_disk``)."""
+    brings its lane into its rack (the other racks' stripes at its place), (1 - 1/R) S into
+    each rack across its uplink, S/n-ish a node; then each rack trades on its own, a swarm
+    of n. In small racks, where a lane is a tenth of the image or more
+    (``LANE_SESSION_SHARE``), a node does both at once, in two sessions: the slower of the
+    two counts, and ``bt_overlap`` of the other. A node that comes while the others still
+    trade trades at their pace: the runs at a start skew of 30 and 60 s took 1.5-1.7 x S/B
+    from the last node's start, not the 1 x S/B of its own link (a model that said so was
+    10-17 % short on them); one that comes after they are done takes S at its own link's
+    rate. The seed sends again what no peer has: ``bt_rescue`` x S, at most what its share
+    of the link carries while the swarm runs. The testbed's installs end on its one host's
+    disks, as the other transports' do (``host_disk``)."""
     down = _tcp_rate(c, c.node_link, k, BT_FLOWS)
     if c.nodes == 1:  # the seed alone, as HTTP would
         t = k["t0"] + c.skew + c.size / down
@@ -268,7 +275,11 @@ def bittorrent(c: Cluster, k: dict[str, float]) -> Prediction:
     swarm = (1 + k["bt_depth"] * math.log2(swarm_n)) * c.size / down
     if racks > 1:
         lane = (1 - 1 / racks) * c.size
-        swarm += max(lane / (k["eta_tcp"] * c.uplink / 8), lane / c.rack_size / down)
+        bring = max(lane / (k["eta_tcp"] * c.uplink / 8), lane / c.rack_size / down)
+        if _lane_apart(c.nodes, racks):  # in small racks, the lane's session beside the trade
+            swarm = max(swarm, bring) + k["bt_overlap"] * min(swarm, bring)
+        else:
+            swarm += bring
     rescued = min(k["bt_rescue"] * c.size, seed * swarm)
     together = c.size / seed + swarm
     late = c.skew + (swarm if c.skew < together else c.size / down)
@@ -321,6 +332,7 @@ def _exclusion(record: dict[str, object], transport: str, egress_s: float) -> st
             int(record.get("racks") or 0),  # type: ignore[call-overload]
             egress_s,
             str(record.get("measured") or ""),
+            int(record.get("n") or 0),  # type: ignore[call-overload]
         )
     return ""
 
@@ -355,6 +367,10 @@ BT_LANES_LEFT = (
         "(0917b94; reverted in 60d286e)",
     ),
     (
+        "lanes in a session of their own, 20 racks",
+        "the lane's own session, lanes of unequal size (48526b3; 8244cbb evened them)",
+    ),
+    (
         "spare pieces spread over the turns",
         "lanes of one size, the spare pieces spread over the racks' turns (ee825ba; "
         "reverted in 2ae4358)",
@@ -362,7 +378,13 @@ BT_LANES_LEFT = (
 )
 
 
-def _bt_design(label: str, racks: int, egress_s: float, measured: str = "") -> str:
+def _lane_apart(nodes: int, racks: int) -> bool:
+    """Whether a node brings its lane in a session of its own (as the agent decides, from
+    its lane's share of the pieces: ``LANE_SESSION_SHARE``)."""
+    return racks > 1 and (1 - 1 / racks) / (nodes / racks) >= LANE_SESSION_SHARE
+
+
+def _bt_design(label: str, racks: int, egress_s: float, measured: str = "", nodes: int = 0) -> str:
     """Why a BitTorrent run is of a design the model no longer describes, or "".
 
     ``measured``: the run's date and time as recorded (none in the oldest records)."""
@@ -370,6 +392,14 @@ def _bt_design(label: str, racks: int, egress_s: float, measured: str = "") -> s
         for words, why in BT_LANES_LEFT:
             if words in label:
                 return why
+        apart = "session of their own" in label
+        if "lane" in label and apart != _lane_apart(nodes, racks):
+            if apart:
+                return (
+                    "the lane's own session in racks of 25 (4b8dae3, e6dfe27): since "
+                    "b6cc1d0 they bring the lane in first"
+                )
+            return "in small racks the lane first, then the trade (before 48526b3)"
     if racks > 1 and "lane" not in label:
         if "doors," in label:
             return "a variant of the rack doors tried on the way (99bee39 replaced it)"

@@ -192,12 +192,20 @@ def test_the_check_leaves_out_bittorrents_old_designs_with_a_reason() -> None:
                 "rescues when the rack is quiet",
                 "partners unchoked, rack pieces during the lane",
                 "spare pieces spread over the turns",
+                "lanes in a session of their own, 20 racks",
             )
         )
     ]
+    # the lane first in small racks (before its own session there), and its own session
+    # in racks of 25 (where it goes first again since b6cc1d0)
+    small = [r for r in lanes if r.cluster.rack_size <= 10]
+    moved = [r for r in small if "session of their own" not in r.label] + [
+        r for r in lanes if r.cluster.rack_size > 10 and "session of their own" in r.label
+    ]
+    assert all(r.excluded for r in moved) and len(moved) >= 3 + 6
     assert all(r.excluded for r in given_up + reverted) and len(given_up) >= 3
     assert len(reverted) >= 3 + 5 + 3 + 1 + 3 + 6 + 6
-    lanes = [r for r in lanes if r not in given_up + reverted]
+    lanes = [r for r in lanes if r not in given_up + reverted + moved]
     # what the model keeps of the lanes it leaves out only for the host (a CPU over 90 %)
     assert len(lanes) >= 3 and not any(
         r.excluded and "recorded invalid" not in r.excluded for r in lanes
@@ -219,7 +227,31 @@ def test_the_check_leaves_out_bittorrents_old_designs_with_a_reason() -> None:
         # the meshed swarm under a start skew sends that much too: the model's to predict
         ("bittorrent", 0, 3.8, True, "2026-12-04 08:40", ""),
         ("bittorrent (4 racks, 4:1; lanes)", 4, 1.8, True, "", ""),
-        ("bittorrent (20 racks of 5, 4:1; lanes 1, 2, 4, 8 racks away)", 20, 2.4, True, "", ""),
+        (
+            "bittorrent (20 racks of 5, 4:1; lanes 1, 2, 4, 8 racks away)",
+            20,
+            2.4,
+            True,
+            "",
+            "first",
+        ),
+        (
+            "bittorrent (lanes in a session of their own, 20 racks of 5)",
+            20,
+            2.0,
+            True,
+            "",
+            "unequal",
+        ),
+        (
+            "bittorrent (lanes in a session of their own in small racks, 20 racks of 5)",
+            20,
+            2,
+            True,
+            "",
+            "",
+        ),
+        ("bittorrent (lanes in a session of their own, 4 racks of 25)", 4, 1.7, True, "", "25"),
         ("bittorrent (20 racks of 5, 4:1; lanes to every rack)", 20, 17.6, True, "", "given up"),
         (
             "bittorrent (4 racks, 4:1; lanes along a ring; the rack's pieces while importing)",

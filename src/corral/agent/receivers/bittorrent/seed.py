@@ -24,14 +24,6 @@ STRIPE_TIMEOUT = 20.0
 RESCUE_IDLE = 2.0
 #: How often a rescue looks whether another peer has the pieces by now.
 RESCUE_MAX = 5.0
-#: The peers in need share a rescue (each asks the seed for its part) until nothing new
-#: has come for this many times the rescue's idle time; then each asks for all of it ...
-SHARE_IDLES = 3
-#: ... and in a rack, where the peers in need are the rack's nodes, connected to each other
-#: and sure to pass their parts on, this many: at the end of a deployment in 20 racks of 5
-#: the five nodes of a rack, all waiting for the rest of a lane, each asked the seed for
-#: all of it, five copies across the rack's uplink.
-SHARE_IDLES_RACK = 6
 #: Seconds a node looks at its peers before it asks the seed for its stripe, from the
 #: start; it also waits for the tracker's first answer (the connections to the peers it
 #: names take a fraction of a second on a LAN)...
@@ -204,8 +196,7 @@ class SeedUse:
         (libtorrent's IP filter). It does not rescue the pieces at no peer of its rack:
         a node of the rack is bringing them in, and the seed would send them over the
         rack's uplink once more. It still rescues after :data:`RESCUE_IDLE` without
-        anything new, the rack's nodes in need sharing the rescue for
-        :data:`SHARE_IDLES_RACK` times that.
+        anything new.
 
     With a session of its own for the lane (``lane_swarm``: a
     :class:`~corral.agent.receivers.bittorrent.libtorrent_swarm.LaneSwarm`, which the agent
@@ -378,8 +369,7 @@ class SeedUse:
             # each asks the seed for its share only and gets the others' from them. If
             # that has not worked out (they see other peers), all of them.
             position, count = self.swarm.present()
-            idles = SHARE_IDLES_RACK if self.in_rack() else SHARE_IDLES
-            if idle < idles * rescue_idle and count > 1:
+            if idle < 3 * rescue_idle and count > 1:
                 rare = [p for p in rare if p % count == position]
             if not rare:
                 return False

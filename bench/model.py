@@ -367,6 +367,11 @@ BT_LANES_LEFT = (
         "(0917b94; reverted in 60d286e)",
     ),
     (
+        "(import first here), 4 racks",
+        "the rack's rescue shared for six idle times (e6dfe27 to f6c06f2; three again since "
+        "0bafd5b)",
+    ),
+    (
         "lanes in a session of their own, 20 racks",
         "the lane's own session, lanes of unequal size (48526b3; 8244cbb evened them)",
     ),

@@ -193,6 +193,7 @@ def test_the_check_leaves_out_bittorrents_old_designs_with_a_reason() -> None:
                 "partners unchoked, rack pieces during the lane",
                 "spare pieces spread over the turns",
                 "lanes in a session of their own, 20 racks",
+                "(import first here), 4 racks",
             )
         )
     ]

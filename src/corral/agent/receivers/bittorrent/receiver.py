@@ -41,10 +41,10 @@ SPACE_MARGIN = 64 << 20
 #: racks of up to about ten nodes, where the import is a large part of the work (behind a
 #: 4:1 uplink, a rack of 5 takes as long to bring in the image as a node to take it from
 #: its rack). On the testbed at N = 100, in 20 racks of 5 (lanes of 22-23 pieces of 120)
-#: T fell from 2.43 to 1.85 x S/B. In racks of 25 (lanes of 3-4 pieces) the import takes
+#: T fell from 2.43 to 1.87 x S/B. In racks of 25 (lanes of 3-4 pieces) the import takes
 #: 15-25 s alone, and beside the rack's trade the partners' links, busy with their own
 #: racks, brought the lanes in at half the pace: a tenth of them were given up, their
-#: pieces came from the seed, and the busiest uplink carried 1.22-1.50 x S into its rack
+#: pieces came from the seed, and the busiest uplink carried 1.27-1.51 x S into its rack
 #: (1.18-1.21 with the import first).
 LANE_SESSION_SHARE = 0.1
 

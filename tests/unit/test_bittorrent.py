@@ -3,11 +3,13 @@ the tracker's answers, the LAN settings, and the agent's in-order feed with a fa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
 import re
 import select
+import shutil
 import socket
 import threading
 import time
@@ -27,9 +29,11 @@ from corral.agent.receivers.bittorrent import seed as bittorrent_seed
 from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, Latecomers, linger
 from corral.agent.receivers.bittorrent.libtorrent_swarm import LibtorrentSwarm, session_settings
 from corral.agent.receivers.bittorrent.receiver import (
+    SPACE_MARGIN,
     BitTorrentReceiver,
     _lane,
     _lane_apart,
+    _lane_room,
     _place,
     _rack,
     _turn,
@@ -1443,3 +1447,29 @@ def test_a_lane_in_its_own_session_is_late_only_when_nothing_comes(
         assert "2 pieces of my lane late" in caplog.text
         wants = [w for c, w in lane_swarm.calls if c == "want"]
         assert lane_swarm.want_at[wants.index([])] <= 2 + LANE_TIMEOUT + 2
+
+
+def test_a_target_without_room_for_the_scratch_copies_takes_http(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1,000 MiB of stream, a lane of 2 stripes of 10 beside the node's own: 300 MiB more
+    mib = 1 << 20
+    plan = make_plan(DATA, 8)
+    params = {"torrent": "x", "stripe": [3, 10], "lane": [5, 6], "rack": "r1"}
+    plan = dataclasses.replace(
+        plan,
+        image=dataclasses.replace(plan.image, stream_size=1000 * mib, tree_bytes=2000 * mib),
+        transport=dataclasses.replace(plan.transport, params=params),
+    )
+    assert _lane_room(params, 1000 * mib) == 300 * mib
+    need = (2000 + 1000 + 300) * mib + SPACE_MARGIN
+
+    def free(left: int) -> None:
+        usage = shutil.disk_usage(tmp_path)._replace(free=left)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+
+    free(need)
+    assert BitTorrentReceiver._no_swarm(plan, tmp_path) == ""
+    free(need - 1)
+    why = BitTorrentReceiver._no_swarm(plan, tmp_path)
+    assert "scratch copy of the stream (and of its lane) need 3364 MiB" in why

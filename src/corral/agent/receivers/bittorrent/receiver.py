@@ -104,6 +104,15 @@ def _lane(
     return sorted(p for g in stripes for p in stripe(num_pieces, g, count, turn))
 
 
+def _lane_room(params: dict[str, Any], stream_size: int) -> int:
+    """Bytes the lane's own scratch copy may take (see :class:`LaneSwarm`): the stripes of
+    the lane and the node's own, a share of the stream, in sparse files."""
+    place, lane = _place(params.get("stripe")), params.get("lane")
+    if place is None or not isinstance(lane, list) or not lane:
+        return 0
+    return stream_size * (len(lane) + 1) // place[1]
+
+
 def _lane_apart(lane: Sequence[int], num_pieces: int, partners: Sequence[str]) -> bool:
     """Whether the node brings its lane in a session of its own (see
     :data:`LANE_SESSION_SHARE`)."""
@@ -284,12 +293,14 @@ class BitTorrentReceiver(StreamReceiver):
         """Why this node cannot join the swarm ("" if it can)."""
         if not plan.transport.params.get("torrent"):
             return "the plan has no torrent (the session had not started on the server)"
-        need = plan.image.tree_bytes + plan.image.stream_size + SPACE_MARGIN
+        stream = plan.image.stream_size
+        lane = _lane_room(plan.transport.params, stream)
+        need = plan.image.tree_bytes + stream + lane + SPACE_MARGIN
         free = shutil.disk_usage(target_dir).free
         if free < need:
             return (
                 f"the target has {free >> 20} MiB free, the tree and a scratch copy of the "
-                f"stream need {need >> 20} MiB"
+                f"stream{' (and of its lane)' if lane else ''} need {need >> 20} MiB"
             )
         return ""
 

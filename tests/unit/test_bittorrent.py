@@ -518,8 +518,8 @@ class FakeSwarm:
         self.min_rates.append(min_rate)
         return self.in_need
 
-    def meet(self) -> None:
-        self.calls.append(("meet", None))
+    def meet(self, dial: bool = True) -> None:
+        self.calls.append(("meet", dial))
 
     def wait(self, seconds: float) -> None:
         self.waits += 1
@@ -1374,6 +1374,9 @@ def test_with_a_session_for_its_lane_a_node_trades_with_its_rack_meanwhile() -> 
     assert [c for c in lane_swarm.calls if c[0] != "meet"] == [("want", [5, 7]), ("want", [])]
     # the rack's pieces were wanted from the lane's start, not after its last piece
     assert rack_swarm.want_at[-2:] == [2, 10]  # the stripe came with the 2nd look, 7 the 10th
+    # it dials its partners until its lane is in; those still in need come to it then
+    dials = [dial for call, dial in lane_swarm.calls if call == "meet"]
+    assert dials[0] and not dials[-1] and dials == sorted(dials, reverse=True)
 
 
 def test_a_lane_piece_at_no_partner_is_asked_of_the_seed_in_the_lanes_session(

@@ -262,7 +262,7 @@ class LibtorrentSwarm:
             if not peer.flags & pending and str(peer.ip[0]) != seed
         }
 
-    def meet(self) -> None:
+    def meet(self, dial: bool = True) -> None:
         """Nothing: the tracker names the peers (see :class:`LaneSwarm`)."""
 
     def present(self) -> tuple[int, int]:
@@ -386,14 +386,18 @@ class LaneSwarm(LibtorrentSwarm):
         )
         self.meet()
 
-    def meet(self) -> None:
+    def meet(self, dial: bool = True) -> None:
         """Connect to the partners not connected yet (every :attr:`MEET_EVERY` seconds at
-        most), and take the alerts nobody waits for (the rack's session waits, not this)."""
+        most; not if not ``dial``: the node's lane is in, and the partners that lack its
+        pieces come to it), and take the alerts nobody waits for (the rack's session waits,
+        not this)."""
         if time.monotonic() - self._met < self.MEET_EVERY:
             return
         self._met = time.monotonic()
         for alert in self.session.pop_alerts():
             self._alert(alert)
+        if not dial:
+            return
         connected = {str(peer.ip[0]) for peer in self.handle.get_peer_info()}
         for partner in self.partners:
             if partner not in connected:

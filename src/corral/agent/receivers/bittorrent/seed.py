@@ -239,6 +239,7 @@ class SeedUse:
         #: the lane's own session, if the node has one (see the class)
         self.lane_swarm = lane_swarm if self.lane else None
         self._moved: set[int] = set()  # pieces moved from one session to the other
+        self._lane_held: Sequence[bool] = ()  # the lane's session's pieces, at this look
         self._lane_moved = (0, 0.0)  # bytes the lane's session had received, and when
         self.rescue: list[int] = []
         self._lane_since = 0.0  # the import phase's start, then the lane's arrival
@@ -407,7 +408,7 @@ class SeedUse:
         """The stripe is done with: the lane next, if the node has one to bring in, else
         the swarm (its rack's only, in a rack); True (the wanted pieces changed)."""
         importer = self.lane_swarm or self.swarm
-        held = have if self.lane_swarm is None else importer.pieces()
+        held = have if self.lane_swarm is None else self._lane_held
         left = [p for p in self.lane if not held[p]]
         if left:
             log.info("bittorrent: bringing %s into my rack", pieces(len(left)))
@@ -435,8 +436,9 @@ class SeedUse:
         them) go into the lane's session too: it does not bring them in again."""
         lane = self.lane_swarm
         assert lane is not None
-        lane.meet()
-        held = lane.pieces()
+        # once its lane is in, the partners still in need come to the node by themselves
+        lane.meet(dial=not self._lane_done)
+        held = list(lane.pieces())
         ours = [*(self.mine or ()), *self.lane]
         for source, target, wanted in (
             (self.swarm, lane, [p for p in ours if have[p] and not held[p]]),
@@ -447,13 +449,17 @@ class SeedUse:
                 got = source.read(wanted, MOVE_TIMEOUT)
                 target.add(got)
                 self._moved.update(got)
+                if target is lane:
+                    for piece in got:
+                        held[piece] = True
+        self._lane_held = held
 
     def _import(self, have: Sequence[bool], idle: float, now: float, rescue_idle: float) -> bool:
         """One look in the import phase (see the class)."""
         importer = self.lane_swarm or self.swarm
         traded = sum(have)  # the rack's session's pieces, the lane's moved in so far too
         if self.lane_swarm is not None:
-            have = importer.pieces()
+            have = self._lane_held
             idle = self._lane_idle(now)
         left = [p for p in self.lane if not have[p]]
         if self.rescue:

@@ -83,9 +83,9 @@ class Swarm(Protocol):
         """The addresses of the peers :meth:`connected` counts."""
         ...
 
-    def meet(self) -> None:
+    def meet(self, dial: bool = True) -> None:
         """Connect to the peers the node reaches by itself, not through the tracker (a
-        lane's partners); called once a look."""
+        lane's partners), unless not ``dial``; called once a look."""
         ...
 
 

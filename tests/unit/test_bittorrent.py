@@ -27,7 +27,12 @@ from corral.agent.plan import Plan
 from corral.agent.receivers import RECEIVERS
 from corral.agent.receivers.bittorrent import seed as bittorrent_seed
 from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, Latecomers, linger
-from corral.agent.receivers.bittorrent.libtorrent_swarm import LibtorrentSwarm, session_settings
+from corral.agent.receivers.bittorrent.libtorrent_swarm import (
+    UPLOAD_SLOTS,
+    LaneSwarm,
+    LibtorrentSwarm,
+    session_settings,
+)
 from corral.agent.receivers.bittorrent.receiver import (
     SPACE_MARGIN,
     BitTorrentReceiver,
@@ -357,6 +362,21 @@ def test_lan_settings_are_accepted_by_libtorrent(which: str) -> None:
         assert have[key] is False
     assert have["in_enc_policy"] == int(lt.enc_policy.disabled)
     assert have["allow_multiple_connections_per_ip"] is True
+
+
+def test_a_lanes_session_uploads_to_fewer_peers_at_once_than_the_nodes(tmp_path: Path) -> None:
+    layout, _ = _layout(tmp_path, [128 * KiB], 32 * KiB)
+    torrent = make_torrent(layout, "http://127.0.0.1:9/announce", "corral deployment 7 image a:1")
+    lane = LaneSwarm(lt, torrent.data, tmp_path / "lane", "127.0.0.1", ["127.0.0.2"], port=0)
+    node = LibtorrentSwarm(lt, torrent.data, tmp_path / "node", "127.0.0.1", 0)
+    try:
+        lanes, nodes = lane.session.get_settings(), node.session.get_settings()
+        assert lanes["unchoke_slots_limit"] == LaneSwarm.UPLOAD_SLOTS < UPLOAD_SLOTS
+        assert lanes["num_optimistic_unchoke_slots"] == LaneSwarm.UPLOAD_SLOTS // 2
+        assert nodes["unchoke_slots_limit"] == UPLOAD_SLOTS
+    finally:
+        lane.close()
+        node.close()
 
 
 #: Both sides' settings as they were before the shared LAN base was factored out.

@@ -397,7 +397,7 @@ def _bt_design(label: str, racks: int, egress_s: float, measured: str = "", node
         for words, why in BT_LANES_LEFT:
             if words in label:
                 return why
-        apart = "session of their own" in label
+        apart = "session of their own" in label or "lane's session" in label
         if "lane" in label and apart != _lane_apart(nodes, racks):
             if apart:
                 return (

@@ -200,8 +200,9 @@ def test_the_check_leaves_out_bittorrents_old_designs_with_a_reason() -> None:
     # the lane first in small racks (before its own session there), and its own session
     # in racks of 25 (where it goes first again since b6cc1d0)
     small = [r for r in lanes if r.cluster.rack_size <= 10]
-    moved = [r for r in small if "session of their own" not in r.label] + [
-        r for r in lanes if r.cluster.rack_size > 10 and "session of their own" in r.label
+    apart = ("session of their own", "lane's session")
+    moved = [r for r in small if not any(words in r.label for words in apart)] + [
+        r for r in lanes if r.cluster.rack_size > 10 and any(words in r.label for words in apart)
     ]
     assert all(r.excluded for r in moved) and len(moved) >= 3 + 6
     assert all(r.excluded for r in given_up + reverted) and len(given_up) >= 3
@@ -248,6 +249,14 @@ def test_the_check_leaves_out_bittorrents_old_designs_with_a_reason() -> None:
             "bittorrent (lanes in a session of their own in small racks, 20 racks of 5)",
             20,
             2,
+            True,
+            "",
+            "",
+        ),
+        (
+            "bittorrent (lanes, 4 upload slots in the lane's session, 20 racks of 5, 4:1)",
+            20,
+            1.7,
             True,
             "",
             "",

@@ -1403,12 +1403,11 @@ def test_a_lane_piece_at_no_partner_is_asked_of_the_seed_in_the_lanes_session(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # piece 7 of the lane is at no partner (one died): once the lane's session has
-    # received nothing for IDLE_PIECES of its own pieces' time (RESCUE_IDLE at least),
-    # though the rack's pieces keep coming, that session asks the seed for it; the rack's
-    # session never lets the seed in for it
+    # received nothing for RESCUE_IDLE, though the rack's pieces keep coming, that session
+    # asks the seed for it; the rack's session never lets the seed in for it
     rack_swarm = StoringSwarm(DATA, [[], [0, 2], [1], [3], [4], [6], [8], [9]])
     rack_swarm.avail = [0, 1, 0] + [1] * 7
-    lane_swarm = StoringSwarm(DATA, [[]] * 3 + [[5]] + [[]] * 14 + [[7]])
+    lane_swarm = StoringSwarm(DATA, [[]] * 3 + [[5]] + [[]] * 6 + [[7]])
     lane_swarm.avail = [0] * 5 + [1, 0, 0, 0, 0]
     with caplog.at_level("INFO", logger="corral.agent"):
         _, fed, fetched, _ = run_feeder(
@@ -1422,25 +1421,6 @@ def test_a_lane_piece_at_no_partner_is_asked_of_the_seed_in_the_lanes_session(
     assert [c for c in rack_swarm.calls if c[0] == "seed"] == [
         ("seed", False), ("seed", True), ("seed", False)  # the stripe only
     ]  # fmt: skip
-
-
-def test_a_lanes_rescue_waits_for_the_lanes_own_pace_not_the_racks(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # the lane's pieces come every 3 s (across two uplinks), the rack's every second; piece
-    # 7 is at no partner for 6 s (a relay is bringing it): not a reason to ask the seed,
-    # which the rack's pace (4 of its pieces' time: 4 s) would have made it
-    rack_swarm = StoringSwarm(DATA, [[], [0, 2], [1], [3], [4], [8], [9]])
-    rack_swarm.avail = [0, 1, 0] + [1] * 7
-    lane_swarm = StoringSwarm(DATA, [[], [], [5], [], [], [6], [], [], [], [], [], [7]])
-    lane_swarm.avail = [0] * 5 + [1, 1, 0, 0, 0]
-    with caplog.at_level("INFO", logger="corral.agent"):
-        _, fed, fetched, _ = run_feeder(
-            rack_swarm, mine=[0, 2], stall=60, rack=RACK, lane=[5, 6, 7], lane_swarm=lane_swarm
-        )
-    assert b"".join(fed) == DATA and fetched == []
-    assert "my lane is here" in caplog.text and "of my lane at no peer" not in caplog.text
-    assert ("seed", True) not in lane_swarm.calls
 
 
 def test_a_lane_piece_its_rack_brought_is_not_brought_in_again(

@@ -251,9 +251,6 @@ class SeedUse:
         self._alone_since = float("inf")
         self._seedless_since = float("inf")
         self.pace = PieceClock(clock)
-        #: the pace of the lane's own session, if it has one: its pieces come across two
-        #: uplinks, slower than the rack's (see :meth:`_import`)
-        self._lane_pace = PieceClock(clock)
         #: when the node began taking pieces from its peers (the end of look and stripe)
         self.started_swarming = self.started
         if self.mine is None:
@@ -453,11 +450,9 @@ class SeedUse:
                 target.add(got)
                 self._moved.update(got)
                 if target is lane:
-                    self._lane_pace.came_elsewhere(len(got))
                     for piece in got:
                         held[piece] = True
         self._lane_held = held
-        self._lane_pace.observe(sum(held))
 
     def _import(self, have: Sequence[bool], idle: float, now: float, rescue_idle: float) -> bool:
         """One look in the import phase (see the class)."""
@@ -466,11 +461,6 @@ class SeedUse:
         if self.lane_swarm is not None:
             have = self._lane_held
             idle = self._lane_idle(now)
-            # Its rescue waits for as many of the lane's own pieces' time: with fewer
-            # upload slots than partners, a lane's session goes seconds without a byte
-            # while its pieces are on their way (at the rack's pace, in 20 racks of 5,
-            # 17-24 lane rescues a run asked the seed for 75-169 pieces a relay held soon).
-            rescue_idle = self._lane_pace.scaled(RESCUE_IDLE, IDLE_PIECES)
         left = [p for p in self.lane if not have[p]]
         if self.rescue:
             if left and not all(have[p] for p in self.rescue) and now - self.since < RESCUE_MAX:

@@ -376,6 +376,10 @@ BT_LANES_LEFT = (
         "the lane's own session, lanes of unequal size (48526b3; 8244cbb evened them)",
     ),
     (
+        "rescues at the lane's pace",
+        "a lane's rescue at its own session's pace (70fab7a; reverted in bb454a3)",
+    ),
+    (
         "spare pieces spread over the turns",
         "lanes of one size, the spare pieces spread over the racks' turns (ee825ba; "
         "reverted in 2ae4358)",

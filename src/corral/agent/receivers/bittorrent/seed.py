@@ -129,6 +129,59 @@ MOVE_TIMEOUT = 10.0
 STARTING = ("look", "stripe", "import")
 
 
+class LaneSession:
+    """A lane's session of its own beside the node's (see :class:`SeedUse`): the pieces
+    moved between the two, and when it last received a byte.
+
+    ``ours`` are the pieces it serves the partners (the node's stripe and its lane),
+    ``lane`` those it brings in."""
+
+    def __init__(self, swarm: Swarm, node: Swarm, ours: Sequence[int], lane: Sequence[int]) -> None:
+        self.swarm = swarm
+        self.node = node
+        self.ours = list(ours)
+        self.lane = list(lane)
+        #: its pieces at the last look, those moved into it counted
+        self.held: Sequence[bool] = ()
+        self._moved: set[int] = set()  # pieces moved from one session to the other
+        self._received = (0, 0.0)  # bytes it had received, and when
+
+    def look(self, have: Sequence[bool], dial: bool) -> Sequence[bool]:
+        """Move what came since the last look, ``have`` being the node's session's pieces:
+        the node's stripe into the lane's session, for the partners, and the lane's pieces
+        out of it, for the rack, as each comes. Pieces of the lane that the node's session
+        got from the rack (a rack-mate asked the seed for them) go into the lane's session
+        too: it does not bring them in again. Dial the partners not connected if ``dial``
+        (once its lane is in, those still in need come to the node by themselves). The
+        lane's session's pieces."""
+        lane = self.swarm
+        lane.meet(dial=dial)
+        held = list(lane.pieces())
+        for source, target, wanted in (
+            (self.node, lane, [p for p in self.ours if have[p] and not held[p]]),
+            (lane, self.node, [p for p in self.lane if held[p] and not have[p]]),
+        ):
+            wanted = [p for p in wanted if p not in self._moved]
+            if wanted:
+                got = source.read(wanted, MOVE_TIMEOUT)
+                target.add(got)
+                self._moved.update(got)
+                if target is lane:
+                    for piece in got:
+                        held[piece] = True
+        self.held = held
+        return held
+
+    def idle(self, now: float, since: float) -> float:
+        """Seconds since it last received a byte, and since ``since`` at most (its rescues
+        ask for that, not for the rack's pieces that keep coming meanwhile)."""
+        received = self.swarm.received()
+        before, when = self._received
+        if received > before or not when:
+            self._received = received, now
+        return now - max(self._received[1], since)
+
+
 class SeedUse:
     """When a node talks to corral's seed: the server's egress.
 
@@ -237,10 +290,11 @@ class SeedUse:
         self.lane = sorted(set(lane)) if self.rack is not None else []
         self.partners = frozenset(partners)
         #: the lane's own session, if the node has one (see the class)
-        self.lane_swarm = lane_swarm if self.lane else None
-        self._moved: set[int] = set()  # pieces moved from one session to the other
-        self._lane_held: Sequence[bool] = ()  # the lane's session's pieces, at this look
-        self._lane_moved = (0, 0.0)  # bytes the lane's session had received, and when
+        self.own = (
+            LaneSession(lane_swarm, swarm, [*(self.mine or ()), *self.lane], self.lane)
+            if lane_swarm is not None and self.lane
+            else None
+        )
         self.rescue: list[int] = []
         self._lane_since = 0.0  # the import phase's start, then the lane's arrival
         self._lane_got = (0, 0, 0.0)  # lane pieces at the start, then got, and when
@@ -259,7 +313,7 @@ class SeedUse:
         else:
             self.phase = "look" if self.mine else "swarm"
             swarm.use_seed(False)
-            if self.lane_swarm is not None and self.rack is not None:
+            if self.own is not None and self.rack is not None:
                 swarm.keep_to(self.rack)  # the partners are met in the lane's session
             if self.lane and self.mine:
                 swarm.want([])  # what a partner elsewhere holds is not for it yet
@@ -301,8 +355,8 @@ class SeedUse:
         waited = now - self.started
         idle = min(idle, now - self._phase_at)
         self.pace.observe(sum(have))
-        if self.lane_swarm is not None:
-            self._move(have)
+        if self.own is not None:
+            self.own.look(have, dial=not self._lane_done)
         rescue_idle = self.pace.scaled(RESCUE_IDLE, IDLE_PIECES)
         if self.phase == "look" and (
             (self.swarm.heard() and waited >= LOOK_TIME and self._met(waited))
@@ -407,15 +461,15 @@ class SeedUse:
     def _after_stripe(self, have: Sequence[bool], now: float) -> bool:
         """The stripe is done with: the lane next, if the node has one to bring in, else
         the swarm (its rack's only, in a rack); True (the wanted pieces changed)."""
-        importer = self.lane_swarm or self.swarm
-        held = have if self.lane_swarm is None else self._lane_held
+        importer = self.swarm if self.own is None else self.own.swarm
+        held = have if self.own is None else self.own.held
         left = [p for p in self.lane if not held[p]]
         if left:
             log.info("bittorrent: bringing %s into my rack", pieces(len(left)))
             self.phase, self._lane_since = "import", now
             self._lane_got = (len(self.lane) - len(left), 0, now)
             importer.want(left)
-            if self.lane_swarm is not None:  # the rack's trade meanwhile, all of it
+            if self.own is not None:  # the rack's trade meanwhile, all of it
                 self.swarm.want(None)
         else:
             self._to_swarm()
@@ -426,41 +480,16 @@ class SeedUse:
         if self.rack is not None:
             self.swarm.keep_to(self.rack)
         self.swarm.want(None)
-        if self.lane_swarm is not None:
-            self.lane_swarm.want([])  # it goes on serving the partners what it has
-
-    def _move(self, have: Sequence[bool]) -> None:
-        """With the lane in a session of its own: the node's stripe into it, for the
-        partners, and the lane's pieces out of it, for the rack, as each comes. Pieces of
-        the lane that the rack's session got from the rack (a rack-mate asked the seed for
-        them) go into the lane's session too: it does not bring them in again."""
-        lane = self.lane_swarm
-        assert lane is not None
-        # once its lane is in, the partners still in need come to the node by themselves
-        lane.meet(dial=not self._lane_done)
-        held = list(lane.pieces())
-        ours = [*(self.mine or ()), *self.lane]
-        for source, target, wanted in (
-            (self.swarm, lane, [p for p in ours if have[p] and not held[p]]),
-            (lane, self.swarm, [p for p in self.lane if held[p] and not have[p]]),
-        ):
-            wanted = [p for p in wanted if p not in self._moved]
-            if wanted:
-                got = source.read(wanted, MOVE_TIMEOUT)
-                target.add(got)
-                self._moved.update(got)
-                if target is lane:
-                    for piece in got:
-                        held[piece] = True
-        self._lane_held = held
+        if self.own is not None:
+            self.own.swarm.want([])  # it goes on serving the partners what it has
 
     def _import(self, have: Sequence[bool], idle: float, now: float, rescue_idle: float) -> bool:
         """One look in the import phase (see the class)."""
-        importer = self.lane_swarm or self.swarm
+        importer = self.swarm if self.own is None else self.own.swarm
         traded = sum(have)  # the rack's session's pieces, the lane's moved in so far too
-        if self.lane_swarm is not None:
-            have = self._lane_held
-            idle = self._lane_idle(now)
+        if self.own is not None:
+            have = self.own.held
+            idle = self.own.idle(now, self._lane_since)
         left = [p for p in self.lane if not have[p]]
         if self.rescue:
             if left and not all(have[p] for p in self.rescue) and now - self.since < RESCUE_MAX:
@@ -475,9 +504,9 @@ class SeedUse:
                 self._lane_done, self._lane_since = True, now
                 log.info(
                     "bittorrent: my lane is here%s",
-                    f", with {traded} of {len(have)} pieces" if self.lane_swarm else "",
+                    f", with {traded} of {len(have)} pieces" if self.own else "",
                 )
-            if self.lane_swarm is not None:  # its session goes on serving the partners
+            if self.own is not None:  # its session goes on serving the partners
                 self._to_swarm()
                 return True
             handover = self.pace.scaled(LANE_HANDOVER, HANDOVER_PIECES)
@@ -516,16 +545,6 @@ class SeedUse:
         importer.use_seed(True)
         return True
 
-    def _lane_idle(self, now: float) -> float:
-        """Seconds since the lane's own session last received a byte (its rescues ask
-        for that, not for the rack's pieces that keep coming meanwhile)."""
-        assert self.lane_swarm is not None
-        received = self.lane_swarm.received()
-        before, since = self._lane_moved
-        if received > before or not since:
-            self._lane_moved = received, now
-        return now - max(self._lane_moved[1], self._lane_since)
-
     def _note_lane(self, left: int, now: float) -> None:
         """Count the lane's pieces come during the import, ``left`` of them still to come,
         and when the last one came."""
@@ -540,7 +559,7 @@ class SeedUse:
         has received nothing for as long (at 4:1 behind a rack's uplink of 2.5 Mbit/s, a
         lane of 23 pieces from 8 partners completed its first piece after more than 30 s,
         was given up, and its pieces came from the seed)."""
-        if self.lane_swarm is not None:
+        if self.own is not None:
             return idle >= self.pace.scaled(LANE_TIMEOUT, LANE_PIECES)
         return now - self._lane_since >= self._lane_patience()
 

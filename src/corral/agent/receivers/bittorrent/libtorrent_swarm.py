@@ -367,10 +367,10 @@ class LaneSwarm(LibtorrentSwarm):
     #: serves 8). Every flow of the lane crosses two racks' uplinks, oversubscribed: in 20
     #: racks of 5 on the testbed, with 8 each, about 32 flows left a rack at once through
     #: its 2.5 Mbit/s uplink, which dropped 4.6 % of their packets, and they held a share
-    #: of each node's link the rack's trade lacked. With 4, T fell from 1.85 to 1.76 x S/B
-    #: (the seed sent 0.2-0.4 x S more, for lane pieces still on their way); with 2, the
-    #: lanes waited on each other at their start, and the seed sent their pieces instead
-    #: (3.1 x S of egress).
+    #: of each node's link the rack's trade lacked. With 4, T was 1.81 x S/B at the median
+    #: of six runs against 1.855 with 8 (1.85 and 1.88 at the worst), and the seed sent
+    #: 0.2-0.4 x S more, for lane pieces still on their way; with 2, the lanes waited on
+    #: each other at their start, and the seed sent their pieces instead (3.1 x S).
     UPLOAD_SLOTS = 4
 
     #: Seconds between two attempts to connect to the partners not connected yet (they

@@ -146,14 +146,14 @@ class LaneSession:
         self._moved: set[int] = set()  # pieces moved from one session to the other
         self._received = (0, 0.0)  # bytes it had received, and when
 
-    def look(self, have: Sequence[bool], dial: bool) -> Sequence[bool]:
+    def look(self, have: Sequence[bool], dial: bool) -> None:
         """Move what came since the last look, ``have`` being the node's session's pieces:
         the node's stripe into the lane's session, for the partners, and the lane's pieces
         out of it, for the rack, as each comes. Pieces of the lane that the node's session
         got from the rack (a rack-mate asked the seed for them) go into the lane's session
         too: it does not bring them in again. Dial the partners not connected if ``dial``
-        (once its lane is in, those still in need come to the node by themselves). The
-        lane's session's pieces."""
+        (once its lane is in, those still in need come to the node by themselves); its
+        pieces are :attr:`held` then."""
         lane = self.swarm
         lane.meet(dial=dial)
         held = list(lane.pieces())
@@ -170,7 +170,6 @@ class LaneSession:
                     for piece in got:
                         held[piece] = True
         self.held = held
-        return held
 
     def idle(self, now: float, since: float) -> float:
         """Seconds since it last received a byte, and since ``since`` at most (its rescues

@@ -61,6 +61,7 @@ from corral.deploy.transports.base import NotReady
 from corral.deploy.transports.bittorrent import (
     BitTorrentTransport,
     Layout,
+    Seeder,
     by_stripe,
     make_torrent,
     piece_hashes,
@@ -379,6 +380,50 @@ def test_a_lanes_session_uploads_to_fewer_peers_at_once_than_the_nodes(tmp_path:
         node.close()
 
 
+def test_the_seed_does_not_dial_a_node_that_keeps_it_away(tmp_path: Path) -> None:
+    # A node takes its stripe from the seed, then keeps it away (the IP filter). The seed
+    # used to dial it again every 2 s for as long as the deployment ran.
+    layout, _ = _layout(tmp_path, [1 * MiB], 256 * KiB)
+    torrent = make_torrent(layout, "http://127.0.0.1:9/announce", "corral deployment 7 image a:1")
+    seeder = Seeder(ENGINE, "127.0.0.1", 0)
+    node = None
+    try:
+        seeder.add(torrent, tmp_path / "exports")
+        seed = ("127.0.0.1", seeder.port)
+        node = LibtorrentSwarm(
+            lt, torrent.data, tmp_path / "node", "127.0.0.2", 0, seed, announce=False
+        )
+        node.want([0])
+        node.use_seed(True)
+        deadline = time.monotonic() + 10
+        while not node.pieces()[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert node.pieces()[0]  # it came from the seed: they were connected
+        node.want(None)  # the node wants the rest, from its peers
+        node.use_seed(False)
+        time.sleep(5)  # libtorrent redials a peer after min_reconnect_time (2 s)
+        counters = _session_counters(seeder.session)
+        assert counters["peer.incoming_connections"] == 1
+        assert counters["peer.connection_attempts"] == 0
+        assert sum(node.pieces()) == 1
+    finally:
+        if node is not None:
+            node.close()
+        seeder.close()
+
+
+def _session_counters(session: Any) -> dict[str, int]:
+    """libtorrent's session counters by name (``peer.connection_attempts``, ...)."""
+    session.post_session_stats()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for alert in session.pop_alerts():
+            if isinstance(alert, lt.session_stats_alert):
+                return dict(alert.values)
+        time.sleep(0.05)
+    raise AssertionError("libtorrent posted no session stats")
+
+
 #: Both sides' settings as they were before the shared LAN base was factored out.
 SHARED_LAN = {
     "allow_multiple_connections_per_ip": True,
@@ -413,6 +458,7 @@ def test_seed_settings_are_pinned() -> None:
         "user_agent": "corral",
         "connections_limit": 1000,
         "listen_queue_size": 1000,
+        "connection_speed": 0,
         "aio_threads": 4,
         "alert_mask": 1,
     }

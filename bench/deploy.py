@@ -573,6 +573,7 @@ def run_once(
         "cpu_seconds": cpu_seconds,
         "http_chunks": http_chunks,
         "repaired_chunks": repaired_chunks,
+        "tcp_congestion": bed.tcp_congestion(),
     }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from corral.errors import AlreadyExists
+from corral.images.ramdisk.contents import KERNEL_TCP_CONGESTION
 from corral.inventory import db
 from corral.inventory.state import NodeStates
 from corral.run import pid_alive, run
@@ -145,6 +146,13 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
     assert "rate 2Mbit" in qdiscs("ctb-tb003", "eth0")
     assert "rate 20Mbit" in qdiscs("ctb-tb001", "eth0")
     assert "rate 200Mbit" in qdiscs("ctb-srv", "eth0")
+
+    # A node's TCP is its kernel's (corral's ramdisk: Debian's), the server's the host's.
+    host = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    assert testbed.tcp_congestion() == {"server": host, "nodes": KERNEL_TCP_CONGESTION}
+    assert in_ns("ctb-tb005", "cat", "/proc/sys/net/ipv4/tcp_congestion_control").strip() == (
+        KERNEL_TCP_CONGESTION
+    )
 
     # A node reaches corral serve.
     probe = "import urllib.request as u; print(u.urlopen('http://10.77.0.1:8080/boot/ipxe').status)"

@@ -549,6 +549,24 @@ def test_tcp_segments_are_read_from_snmp() -> None:
         cluster.tcp_segments("Ip: Forwarding\nIp: 1\n")
 
 
+def test_the_nodes_congestion_control_is_allowed_in_their_namespaces(tmp_path: Path) -> None:
+    # the host's kernel lists (as /proc/sys/net/ipv4 does): it has cubic, allows bbr only
+    (tmp_path / "tcp_available_congestion_control").write_text("reno bbr cubic\n")
+    loaded: list[str] = []
+    allowed = tmp_path / "tcp_allowed_congestion_control"
+    allowed.write_text("reno bbr\n")
+    assert cluster.allow_congestion_control("cubic", tmp_path, loaded.append)
+    assert allowed.read_text() == "reno bbr cubic\n"
+    # allowed already: unchanged
+    assert cluster.allow_congestion_control("cubic", tmp_path, loaded.append)
+    assert allowed.read_text() == "reno bbr cubic\n"
+    assert loaded == []  # available: nothing to load
+    # a kernel without it, whose module does not load either
+    assert not cluster.allow_congestion_control("vegas", tmp_path, loaded.append)
+    assert loaded == ["tcp_vegas"]
+    assert allowed.read_text() == "reno bbr cubic\n"
+
+
 def test_firmware_waits_while_the_node_boots_its_disk(
     boot_server: BootServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -134,6 +134,41 @@ class TestbedError(CorralError):
     """The testbed could not be built, changed or taken down."""
 
 
+#: Where the host's kernel lists the TCP congestion controls it has, and those that a
+#: network namespace other than the host's may choose.
+_TCP_CONGESTION = Path("/proc/sys/net/ipv4")
+
+
+def _load_module(name: str) -> None:
+    if shutil.which("modprobe"):
+        run(["modprobe", name], check=False)
+
+
+def allow_congestion_control(
+    name: str, sysctl: Path = _TCP_CONGESTION, load: Callable[[str], None] = _load_module
+) -> bool:
+    """Let the nodes' namespaces run TCP congestion control ``name``; False if the host's
+    kernel has none of that name (its module ``tcp_NAME`` is loaded first if it can be).
+
+    A namespace starts with the host's congestion control, which is the host's choice
+    (BBR on the machine the benchmarks ran on), not that of the kernel a node boots. A
+    namespace may set only one the host allows (``tcp_allowed_congestion_control``), so
+    ``name`` is added to that list if it is missing; that lets the host's unprivileged
+    processes choose it for their sockets too, and nothing else changes on the host."""
+    available = (sysctl / "tcp_available_congestion_control").read_text().split()
+    if name not in available:
+        load(f"tcp_{name}")
+        available = (sysctl / "tcp_available_congestion_control").read_text().split()
+        if name not in available:
+            return False
+    allowed_file = sysctl / "tcp_allowed_congestion_control"
+    allowed = allowed_file.read_text().split()
+    if name not in allowed:
+        allowed_file.write_text(" ".join([*allowed, name]) + "\n")
+        log.info("allowed TCP congestion control %s in the host's network namespaces", name)
+    return True
+
+
 def yield_cpu(pid: int, nice: int) -> None:
     """Give the session of ``pid`` (its autogroup: every process it has and will have)
     the scheduling weight of ``nice``. Without autogroup scheduling (a kernel built
@@ -282,6 +317,17 @@ class Testbed:
         out = run(["ip", "netns", "exec", SERVER_NS, "cat", "/proc/net/snmp"]).stdout
         return tcp_segments(out)
 
+    def tcp_congestion(self) -> dict[str, str]:
+        """The TCP congestion control of the server's namespace and of the first node's
+        (``{"server": "bbr", "nodes": "cubic"}``): the nodes run their kernel's, the server
+        the host's (see :func:`allow_congestion_control`)."""
+        state = self.require_state()
+        read = ["cat", str(_TCP_CONGESTION / "tcp_congestion_control")]
+        found = {}
+        for role, namespace in (("server", SERVER_NS), ("nodes", state.nodes[0].namespace)):
+            found[role] = run(["ip", "netns", "exec", namespace, *read]).stdout.strip()
+        return found
+
     def uplink_bytes(self) -> dict[str, tuple[int, int]]:
         """Rack name -> (bytes into the rack, bytes out of it) through its uplink since
         ``up``; empty for a testbed without racks.
@@ -385,6 +431,16 @@ class Testbed:
         jobs += [(n.namespace, n.ip, n.rate) for n in state.nodes]
 
         neighbours = neighbour_commands(state)
+        # a node's TCP is its kernel's, not this host's (the server's stays the host's)
+        from corral.images.ramdisk.contents import KERNEL_TCP_CONGESTION  # 0.2 s: lazily
+
+        tcp: str | None = KERNEL_TCP_CONGESTION
+        if not allow_congestion_control(KERNEL_TCP_CONGESTION):
+            tcp = None
+            host = (_TCP_CONGESTION / "tcp_congestion_control").read_text().strip()
+            self.progress(
+                f"warning: this kernel has no TCP {KERNEL_TCP_CONGESTION}: the nodes run {host}"
+            )
 
         def configure(job: tuple[str, str, int | None]) -> None:
             namespace, address, rate = job
@@ -393,6 +449,9 @@ class Testbed:
             if rate is not None:
                 tc = "\n".join(host_shaping("eth0", rate)) + "\n"
                 run(["tc", "-n", namespace, "-batch", "-"], input=tc)
+            if tcp is not None and namespace != SERVER_NS:
+                congestion = str(_TCP_CONGESTION / "tcp_congestion_control")
+                run(["ip", "netns", "exec", namespace, "tee", congestion], input=tcp + "\n")
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(configure, jobs))

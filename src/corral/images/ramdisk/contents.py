@@ -6,6 +6,11 @@ from __future__ import annotations
 import re
 
 KERNEL_METAPACKAGE = "linux-image-amd64"
+#: The TCP congestion control a node's transfers run on: the ramdisk sets none, so it is
+#: the default of Debian's kernel, CUBIC (``CONFIG_DEFAULT_TCP_CONG="cubic"`` in
+#: linux-image-6.1.0-57-amd64; BBR is a module it does not load). The testbed gives its
+#: nodes the same (:mod:`corral.testbed.cluster`).
+KERNEL_TCP_CONGESTION = "cubic"
 
 #: What the ramdisk is made of (their dependencies come along).
 PACKAGES: tuple[str, ...] = (

@@ -431,8 +431,9 @@ class Testbed:
         jobs += [(n.namespace, n.ip, n.rate) for n in state.nodes]
 
         neighbours = neighbour_commands(state)
-        # a node's TCP is its kernel's, not this host's (the server's stays the host's)
-        from corral.images.ramdisk.contents import KERNEL_TCP_CONGESTION  # 0.2 s: lazily
+        # a node's TCP is its kernel's, not this host's (the server's stays the host's);
+        # imported here, as the ramdisk's package takes 0.2 s to import
+        from corral.images.ramdisk.contents import KERNEL_TCP_CONGESTION
 
         tcp: str | None = KERNEL_TCP_CONGESTION
         if not allow_congestion_control(KERNEL_TCP_CONGESTION):

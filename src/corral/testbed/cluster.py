@@ -137,6 +137,8 @@ class TestbedError(CorralError):
 #: Where the host's kernel lists the TCP congestion controls it has, and those that a
 #: network namespace other than the host's may choose.
 _TCP_CONGESTION = Path("/proc/sys/net/ipv4")
+#: ... and the one its network namespace runs (each namespace reads its own there).
+_CONGESTION_CONTROL = _TCP_CONGESTION / "tcp_congestion_control"
 
 
 def _load_module(name: str) -> None:
@@ -322,7 +324,7 @@ class Testbed:
         (``{"server": "bbr", "nodes": "cubic"}``): the nodes run their kernel's, the server
         the host's (see :func:`allow_congestion_control`)."""
         state = self.require_state()
-        read = ["cat", str(_TCP_CONGESTION / "tcp_congestion_control")]
+        read = ["cat", str(_CONGESTION_CONTROL)]
         found = {}
         for role, namespace in (("server", SERVER_NS), ("nodes", state.nodes[0].namespace)):
             found[role] = run(["ip", "netns", "exec", namespace, *read]).stdout.strip()
@@ -438,7 +440,7 @@ class Testbed:
         tcp: str | None = KERNEL_TCP_CONGESTION
         if not allow_congestion_control(KERNEL_TCP_CONGESTION):
             tcp = None
-            host = (_TCP_CONGESTION / "tcp_congestion_control").read_text().strip()
+            host = _CONGESTION_CONTROL.read_text().strip()
             self.progress(
                 f"warning: this kernel has no TCP {KERNEL_TCP_CONGESTION}: the nodes run {host}"
             )
@@ -451,8 +453,8 @@ class Testbed:
                 tc = "\n".join(host_shaping("eth0", rate)) + "\n"
                 run(["tc", "-n", namespace, "-batch", "-"], input=tc)
             if tcp is not None and namespace != SERVER_NS:
-                congestion = str(_TCP_CONGESTION / "tcp_congestion_control")
-                run(["ip", "netns", "exec", namespace, "tee", congestion], input=tcp + "\n")
+                tee = ["tee", str(_CONGESTION_CONTROL)]
+                run(["ip", "netns", "exec", namespace, *tee], input=tcp + "\n")
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(configure, jobs))

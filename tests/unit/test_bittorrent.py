@@ -28,6 +28,7 @@ from corral.agent.receivers import RECEIVERS
 from corral.agent.receivers.bittorrent import seed as bittorrent_seed
 from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, Latecomers, linger
 from corral.agent.receivers.bittorrent.libtorrent_swarm import (
+    PACE_PIECES,
     UPLOAD_SLOTS,
     LaneSwarm,
     LibtorrentSwarm,
@@ -410,6 +411,45 @@ def test_the_seed_does_not_dial_a_node_that_keeps_it_away(tmp_path: Path) -> Non
         if node is not None:
             node.close()
         seeder.close()
+
+
+def test_a_peer_far_below_the_rate_asked_is_not_in_need(tmp_path: Path) -> None:
+    # A node that has the image seeds to a peer at half the rate asked, and to one at four
+    # times it. libtorrent's own estimate of a peer's rate reads 0 for a minute,
+    # and the slow peer kept whole swarms lingering for it.
+    piece = 16 * KiB
+    layout, data = _layout(tmp_path, [4 * MiB], piece)
+    torrent = make_torrent(layout, "http://127.0.0.1:9/announce", "corral deployment 7 image a:1")
+    done = LibtorrentSwarm(lt, torrent.data, tmp_path / "done", "127.0.0.1", 0, announce=False)
+    peers: list[LibtorrentSwarm] = []
+    try:
+        done.add({i: data[i * piece : (i + 1) * piece] for i in range(len(data) // piece)})
+        seed = ("127.0.0.1", done.listen_port())
+        rate = 16 * KiB
+        for address, limit in (("127.0.0.2", rate // 2), ("127.0.0.3", 4 * rate)):
+            peer = LibtorrentSwarm(lt, torrent.data, tmp_path / address, address, 0, seed)
+            local = peer.session.local_peer_class_id
+            peer_class = peer.session.get_peer_class(local)
+            peer_class["download_limit"] = limit
+            peer.session.set_peer_class(local, peer_class)
+            peer.want(None)
+            peer.use_seed(True)
+            peers.append(peer)
+        deadline = time.monotonic() + 10
+        while done.peers_in_need(rate) < 2 and time.monotonic() < deadline:
+            done.wait(0.1)
+        assert done.peers_in_need(rate) == 2  # both just came: not judged yet
+        # judged after two pieces' time at the rate asked (2 s); a margin for the slow
+        # start of TCP and of libtorrent's rate limiter
+        end = time.monotonic() + 3 * PACE_PIECES * piece / rate
+        while time.monotonic() < end:
+            done.wait(0.1)
+        assert sum(peers[0].pieces()) < sum(peers[1].pieces()) < len(peers[1].pieces())
+        assert done.peers_in_need(rate) == 1
+    finally:
+        for peer in peers:
+            peer.close()
+        done.close()
 
 
 def _session_counters(session: Any) -> dict[str, int]:

@@ -40,6 +40,16 @@ OPTIMISTIC_SLOTS = UPLOAD_SLOTS // 2
 OPTIMISTIC_TURN = 10
 #: How long a new torrent may take to check its (empty) save path before pieces are added.
 CHECK_WAIT = 5.0
+#: A peer's pace (:meth:`LibtorrentSwarm.peers_in_need`) is its pieces since this node
+#: first saw it, judged once it has had the time for this many at the rate asked of it.
+#: libtorrent's own estimate (``remote_dl_rate``) is updated once a minute and reads 0
+#: for a connection's first minute, and for a peer that took less than a piece in it:
+#: beside a node at a tenth of B, a sixth of the 99 others stayed their whole 60 s to
+#: seed it, and the deployment waited for them.
+PACE_PIECES = 2
+#: Seconds between two looks at the peers during the download, so that a node that is
+#: done already knows since when, and with how many pieces, it has seen each of them.
+PACE_EVERY = 2.0
 
 
 def session_settings(lt: Any, address: str, port: int = PEER_PORT) -> dict[str, Any]:
@@ -140,6 +150,9 @@ class LibtorrentSwarm:
         self._warned: set[str] = set()
         self._heard = False
         self._described = 0.0
+        #: each peer (address, peer id) when this node first saw it, and its pieces then
+        self._first_seen: dict[tuple[str, str], tuple[float, int]] = {}
+        self._paced = 0.0
         self._checked(CHECK_WAIT)
 
     def _checked(self, timeout: float) -> None:
@@ -295,15 +308,32 @@ class LibtorrentSwarm:
                 sum(1 for p in peers if p.flags & flags.connecting),
                 sum(1 for p in peers if p.flags & flags.seed),
             )
-        return sum(
-            1
-            for peer in peers
-            if peer.flags & flags.remote_interested
-            and not peer.flags & flags.seed
-            and (peer.remote_dl_rate == 0 or peer.remote_dl_rate >= min_rate)
-        )
+        now = self._look_at(peers)
+        # a peer at min_rate takes PACE_PIECES pieces in this time
+        judged_after = PACE_PIECES * self.piece_size / min_rate if min_rate > 0 else float("inf")
+        in_need = 0
+        for peer in peers:
+            if not peer.flags & flags.remote_interested or peer.flags & flags.seed:
+                continue
+            since, had = self._first_seen.get(_peer_key(peer), (now, 0))
+            took = now - since
+            if took < judged_after or (peer.num_pieces - had) * self.piece_size >= min_rate * took:
+                in_need += 1
+        return in_need
+
+    def _look_at(self, peers: Sequence[Any]) -> float:
+        """Note when each of ``peers`` is first seen, with its pieces then; the time now."""
+        now = time.monotonic()
+        self._paced = now
+        flags = self.lt.peer_info
+        for peer in peers:
+            if not peer.flags & (flags.connecting | flags.handshake):
+                self._first_seen.setdefault(_peer_key(peer), (now, int(peer.num_pieces)))
+        return now
 
     def wait(self, seconds: float) -> None:
+        if time.monotonic() - self._paced >= PACE_EVERY:
+            self._look_at(self.handle.get_peer_info())
         if self.session.wait_for_alert(int(seconds * 1000)) is None:
             return
         for alert in self.session.pop_alerts():
@@ -431,6 +461,12 @@ def local_address(host: str, port: int) -> str:
             return str(probe.getsockname()[0])
         except OSError:
             return "0.0.0.0"
+
+
+def _peer_key(peer: Any) -> tuple[str, str]:
+    """A peer, across its reconnections: its address and its peer id (several agents may
+    share an address)."""
+    return str(peer.ip[0]), str(peer.pid)
 
 
 def _address_key(address: str) -> tuple[int, str]:

@@ -64,7 +64,8 @@ class Swarm(Protocol):
 
     def peers_in_need(self, min_rate: float) -> int:
         """Connected peers that still want pieces from this node and download at
-        ``min_rate`` bytes/s or more (or have no rate measured yet)."""
+        ``min_rate`` bytes/s or more, by the pieces they gained since this node first saw
+        them (or not judged yet: seen for less than two pieces' time at that rate)."""
         ...
 
     def wait(self, seconds: float) -> None:

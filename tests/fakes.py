@@ -324,7 +324,7 @@ class WorldSwarm:
         )
         return names.index(self.name), len(names)
 
-    def peers_in_need(self, min_rate: float) -> int:
+    def peers_in_need(self, min_rate: float, known_for: float = 0.0) -> int:
         mine = {p for p, h in enumerate(self.have) if h}
         return sum(1 for s in self.world.live(self.name) if any(not s.have[p] for p in mine))
 

@@ -300,13 +300,16 @@ def test_the_tracker_over_http() -> None:
         late = Latecomers(f"http://127.0.0.1:{tracker.port}/announce", H1.hex(), stripes=(7, 2))
         assert (late.pending(), set(late.pieces())) == (0, set())  # not asked yet
         assert late.unfinished() is None  # nothing known: linger by the peers alone
+        assert late.joined_lately()  # nor whether a peer seen now has just come
         assert late.ask()
         assert (late.pending(), set(late.pieces())) == (1, {0, 2, 4, 6})
         assert late.unfinished() == 2  # 10.0.0.12 has pieces left, 10.0.0.11 is to come
+        assert late.joined_lately()
         announce(tracker.swarms, "10.0.0.11", b"a" * 20, left=1)
         now[0] += STRIPE_GRACE
         assert late.ask()
         assert (late.pending(), set(late.pieces()), late.unfinished()) == (0, set(), 2)
+        assert not late.joined_lately()  # everyone came more than STRIPE_GRACE ago
         announce(tracker.swarms, "10.0.0.11", b"a" * 20, left=0)  # done
         announce(tracker.swarms, "10.0.0.12", b"b" * 20, left=0, event="stopped")  # gone
         now[0] += 1
@@ -415,26 +418,37 @@ def test_the_seed_does_not_dial_a_node_that_keeps_it_away(tmp_path: Path) -> Non
 
 def test_a_peer_far_below_the_rate_asked_is_not_in_need(tmp_path: Path) -> None:
     # A node that has the image seeds to a peer at half the rate asked, and to one at four
-    # times it. libtorrent's own estimate of a peer's rate reads 0 for a minute,
-    # and the slow peer kept whole swarms lingering for it.
-    piece = 16 * KiB
+    # times it. libtorrent's own estimate of a peer's rate reads 0 for a minute, and the
+    # slow peer kept whole swarms lingering for it.
+    piece, rate = 16 * KiB, 16 * KiB
     layout, data = _layout(tmp_path, [4 * MiB], piece)
     torrent = make_torrent(layout, "http://127.0.0.1:9/announce", "corral deployment 7 image a:1")
     done = LibtorrentSwarm(lt, torrent.data, tmp_path / "done", "127.0.0.1", 0, announce=False)
     peers: list[LibtorrentSwarm] = []
+
+    def peer(address: str, limit: int) -> LibtorrentSwarm:
+        """A peer taking everything from ``done``, at ``limit`` bytes/s at most."""
+        swarm = LibtorrentSwarm(
+            lt, torrent.data, tmp_path / address, address, 0, ("127.0.0.1", done.listen_port())
+        )
+        peers.append(swarm)
+        local = swarm.session.local_peer_class_id
+        peer_class = swarm.session.get_peer_class(local)
+        peer_class["download_limit"] = limit
+        swarm.session.set_peer_class(local, peer_class)
+        swarm.want(None)
+        swarm.use_seed(True)
+        return swarm
+
+    def connected(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(done.handle.get_peer_info()) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     try:
         done.add({i: data[i * piece : (i + 1) * piece] for i in range(len(data) // piece)})
-        seed = ("127.0.0.1", done.listen_port())
-        rate = 16 * KiB
-        for address, limit in (("127.0.0.2", rate // 2), ("127.0.0.3", 4 * rate)):
-            peer = LibtorrentSwarm(lt, torrent.data, tmp_path / address, address, 0, seed)
-            local = peer.session.local_peer_class_id
-            peer_class = peer.session.get_peer_class(local)
-            peer_class["download_limit"] = limit
-            peer.session.set_peer_class(local, peer_class)
-            peer.want(None)
-            peer.use_seed(True)
-            peers.append(peer)
+        slow, fast = peer("127.0.0.2", rate // 2), peer("127.0.0.3", 4 * rate)
+        connected(2)
         deadline = time.monotonic() + 10
         while done.peers_in_need(rate) < 2 and time.monotonic() < deadline:
             done.wait(0.1)
@@ -444,11 +458,16 @@ def test_a_peer_far_below_the_rate_asked_is_not_in_need(tmp_path: Path) -> None:
         end = time.monotonic() + 3 * PACE_PIECES * piece / rate
         while time.monotonic() < end:
             done.wait(0.1)
-        assert sum(peers[0].pieces()) < sum(peers[1].pieces()) < len(peers[1].pieces())
+        assert sum(slow.pieces()) < sum(fast.pieces()) < len(fast.pieces())
         assert done.peers_in_need(rate) == 1
+        # a slow peer it first sees now, in a swarm that everyone joined 60 s ago: judged
+        # at once on its pieces (a node at B/10 met some nodes only once they were done)
+        peer("127.0.0.4", rate // 2)
+        connected(3)
+        assert done.peers_in_need(rate, known_for=60.0) == 1
     finally:
-        for peer in peers:
-            peer.close()
+        for swarm in peers:
+            swarm.close()
         done.close()
 
 
@@ -556,6 +575,7 @@ class FakeSwarm:
         self.calls: list[tuple[str, Any]] = []  # want and use_seed, in order
         self.position = (0, 1)  # alone among the peers still downloading
         self.min_rates: list[float] = []
+        self.known_for: list[float] = []
         self.tracker_answered = True
         self.peers_connected = 3
         self.outside: set[str] = set()  # connected peers from other racks
@@ -620,8 +640,9 @@ class FakeSwarm:
     def addresses(self) -> set[str]:
         return {f"10.0.1.{i}" for i in range(self.peers_connected)} | self.outside
 
-    def peers_in_need(self, min_rate: float) -> int:
+    def peers_in_need(self, min_rate: float, known_for: float = 0.0) -> int:
         self.min_rates.append(min_rate)
+        self.known_for.append(known_for)
         return self.in_need
 
     def meet(self, dial: bool = True) -> None:
@@ -868,6 +889,25 @@ def test_linger_waits_for_members_that_have_not_joined_yet() -> None:
     )
     assert asked == [0.0, 5.0, 10.0]  # every 5 s
     assert stayed == pytest.approx(10.5)  # then two looks without a reason
+
+
+def test_linger_judges_a_peer_it_first_sees_by_its_pieces_unless_a_member_joined_lately() -> None:
+    swarm = FakeSwarm(DATA, [])
+    now = [0.0]
+    swarm.wait = lambda seconds: now.__setitem__(0, now[0] + seconds)  # type: ignore[method-assign]
+    lately = [True]
+    linger(
+        swarm, threading.Event(), own_rate=1, age=200.0, joined_lately=lambda: lately[0],
+        budget=1, clock=lambda: now[0],
+    )  # fmt: skip
+    assert set(swarm.known_for) == {0.0}  # a peer first seen now may have just come
+    lately[0], now[0] = False, 0.0
+    swarm.known_for.clear()
+    linger(
+        swarm, threading.Event(), own_rate=1, age=200.0, joined_lately=lambda: lately[0],
+        budget=1, clock=lambda: now[0],
+    )  # fmt: skip
+    assert set(swarm.known_for) == {200.0}  # everyone has been in the swarm as long
 
 
 # --- when a node uses the seed ---------------------------------------------------------

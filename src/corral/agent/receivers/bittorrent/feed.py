@@ -204,8 +204,10 @@ def linger(
     cancel: threading.Event,
     *,
     own_rate: float,
+    age: float = 0.0,
     pending: Callable[[], int] = lambda: 0,
     unfinished: Callable[[], int | None] = lambda: None,
+    joined_lately: Callable[[], bool] = lambda: True,
     budget: float | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> float:
@@ -214,13 +216,19 @@ def linger(
 
     Of use: a connected peer still wants pieces from it and downloads at LAN speed (at
     least :data:`LINGER_SHARE` of ``own_rate``, this node's own average, by the pieces it
-    gained since the node first saw it; or not judged yet: it has just come); or members
+    gained since the node first saw it, or not judged yet); or members
     of the session have not joined yet (``pending``, asked of corral's tracker every 5 s),
     since the nodes of a large deployment boot over a minute or more, in waves, and each
     wave would otherwise have to take the whole stream from the server again. Every piece
     this node serves is one the server does not send. A slow peer is no reason to stay:
     the seed serves it (:class:`SeedUse`), and the others would all wait for it. Two looks
     in a row without a reason end it, since a peer between two requests may look idle once.
+
+    A peer the node first sees now has just come only if a member joined the swarm lately
+    (``joined_lately``, from corral's tracker); otherwise it has been in the swarm as long
+    as this node (``age``, seconds) and its pieces are its pace. A node at a tenth of B had
+    connected to some of its peers only when they were done: judged on its pace from then,
+    it kept each of them two pieces' time (12-13 s, and the deployment with them).
 
     A peer in need counts only while corral's tracker says that some member has pieces
     left (``unfinished``; None: the tracker has not said). libtorrent goes on showing a
@@ -235,8 +243,9 @@ def linger(
     while clock() - start < budget and not cancel.is_set():
         if clock() - asked >= 5.0:
             asked, waiting = clock(), pending()
+        known_for = 0.0 if joined_lately() else age
         busy = waiting > 0 or (
-            unfinished() != 0 and swarm.peers_in_need(LINGER_SHARE * own_rate) > 0
+            unfinished() != 0 and swarm.peers_in_need(LINGER_SHARE * own_rate, known_for) > 0
         )
         idle = 0 if busy else idle + 1
         if idle >= 2:
@@ -273,6 +282,7 @@ class Latecomers:
         self.stripes = stripes  # (number of pieces, number of stripes)
         self.turn = turn  # the racks' turn in the stripes (swarm.spare_stripes)
         self._pending = 0
+        self._joined = 0  # members that joined lately (the tracker's "coming")
         self._unfinished: int | None = None
         self._pieces: frozenset[int] = frozenset()
         self.every = self.ASK_EVERY
@@ -309,6 +319,7 @@ class Latecomers:
                 p for i in coming if 0 <= i < count for p in stripe(num_pieces, i, count, self.turn)
             )
         self._pending, self._pieces, self._unfinished = pending, pieces, unfinished
+        self._joined = len(coming)
         self.every = min(max(every, self.ASK_EVERY), self.ASK_AT_MOST)
         return True
 
@@ -324,3 +335,9 @@ class Latecomers:
     def pieces(self) -> frozenset[int]:
         """The pieces of the stripes still on their way to their members."""
         return self._pieces
+
+    def joined_lately(self) -> bool:
+        """Whether a member joined the swarm lately or has yet to (its stripe is on its
+        way), or the tracker has not answered yet: a peer first seen now may have just
+        come."""
+        return self._unfinished is None or self._pending > 0 or self._joined > 0

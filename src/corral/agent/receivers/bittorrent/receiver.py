@@ -232,8 +232,10 @@ class BitTorrentReceiver(StreamReceiver):
                 swarm,
                 job.cancel,
                 own_rate=job.plan.image.stream_size / max(elapsed, 0.1),
+                age=elapsed,
                 pending=latecomers.pending,
                 unfinished=latecomers.unfinished,
+                joined_lately=latecomers.joined_lately,
             )
             if lane_swarm is not None:
                 log.info(

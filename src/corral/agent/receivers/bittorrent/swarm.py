@@ -62,10 +62,12 @@ class Swarm(Protocol):
         (by address), and their count."""
         ...
 
-    def peers_in_need(self, min_rate: float) -> int:
+    def peers_in_need(self, min_rate: float, known_for: float = 0.0) -> int:
         """Connected peers that still want pieces from this node and download at
         ``min_rate`` bytes/s or more, by the pieces they gained since this node first saw
-        them (or not judged yet: seen for less than two pieces' time at that rate)."""
+        them (or not judged yet: seen for less than two pieces' time at that rate). A peer
+        seen here for the first time counts as seen ``known_for`` seconds ago with no
+        piece: in a swarm that everyone joined that long ago, its pieces are its pace."""
         ...
 
     def wait(self, seconds: float) -> None:

@@ -224,11 +224,13 @@ def linger(
     the seed serves it (:class:`SeedUse`), and the others would all wait for it. Two looks
     in a row without a reason end it, since a peer between two requests may look idle once.
 
-    A peer the node first sees now has just come only if a member joined the swarm lately
-    (``joined_lately``, from corral's tracker); otherwise it has been in the swarm as long
-    as this node (``age``, seconds) and its pieces are its pace. A node at a tenth of B had
-    connected to some of its peers only when they were done: judged on its pace from then,
-    it kept each of them two pieces' time (12-13 s, and the deployment with them).
+    Unless a member joined the swarm lately (``joined_lately``, from corral's tracker),
+    every peer has been in it about as long as this node (``age``, seconds), and its pieces
+    over that time are its pace. Judged on the pieces it gained since the node first saw
+    it, a node at a tenth of B kept its peers: some had met it only once they were done
+    (two pieces' time to judge it, 12-13 s, and the deployment waited), and pieces it had
+    half-received before completed in a burst, which lifted its pace over the line for
+    the last node (60 s).
 
     A peer in need counts only while corral's tracker says that some member has pieces
     left (``unfinished``; None: the tracker has not said). libtorrent goes on showing a

@@ -299,14 +299,17 @@ class LibtorrentSwarm:
     def peers_in_need(self, min_rate: float, known_for: float = 0.0) -> int:
         flags = self.lt.peer_info
         peers = self.handle.get_peer_info()
-        now = self._look_at(peers, known_for)
+        now = self._look_at(peers)
         # a peer at min_rate takes PACE_PIECES pieces in this time
         judged_after = PACE_PIECES * self.piece_size / min_rate if min_rate > 0 else float("inf")
         in_need: list[str] = []
         for peer in peers:
             if not peer.flags & flags.remote_interested or peer.flags & flags.seed:
                 continue
-            since, had = self._first_seen.get(_peer_key(peer), (now, 0))
+            if known_for > 0:
+                since, had = now - known_for, 0
+            else:
+                since, had = self._first_seen.get(_peer_key(peer), (now, 0))
             took, gained = now - since, peer.num_pieces - had
             if took < judged_after or gained * self.piece_size >= min_rate * took:
                 in_need.append(f"{peer.ip[0]} ({gained} pieces in {took:.0f} s)")
@@ -323,17 +326,14 @@ class LibtorrentSwarm:
             )
         return len(in_need)
 
-    def _look_at(self, peers: Sequence[Any], known_for: float = 0.0) -> float:
-        """Note when each of ``peers`` is first seen, with its pieces then (a peer seen for
-        the first time with ``known_for``: as if seen that long ago with none); the time
-        now."""
+    def _look_at(self, peers: Sequence[Any]) -> float:
+        """Note when each of ``peers`` is first seen, with its pieces then; the time now."""
         now = time.monotonic()
         self._paced = now
         flags = self.lt.peer_info
         for peer in peers:
             if not peer.flags & (flags.connecting | flags.handshake):
-                first = (now - known_for, 0) if known_for > 0 else (now, int(peer.num_pieces))
-                self._first_seen.setdefault(_peer_key(peer), first)
+                self._first_seen.setdefault(_peer_key(peer), (now, int(peer.num_pieces)))
         return now
 
     def wait(self, seconds: float) -> None:

@@ -65,9 +65,9 @@ class Swarm(Protocol):
     def peers_in_need(self, min_rate: float, known_for: float = 0.0) -> int:
         """Connected peers that still want pieces from this node and download at
         ``min_rate`` bytes/s or more, by the pieces they gained since this node first saw
-        them (or not judged yet: seen for less than two pieces' time at that rate). A peer
-        seen here for the first time counts as seen ``known_for`` seconds ago with no
-        piece: in a swarm that everyone joined that long ago, its pieces are its pace."""
+        them (or not judged yet: seen for less than two pieces' time at that rate); with
+        ``known_for``, by their pieces over that many seconds: in a swarm that everyone
+        joined that long ago, a peer's pieces are its pace."""
         ...
 
     def wait(self, seconds: float) -> None:

@@ -387,6 +387,12 @@ BT_LANES_LEFT = (
 )
 
 
+#: From this run on, a node that is done judges a slow peer on its pieces over the swarm's
+#: age (3eb1f2e): before, the nodes lingered for a node at B/10, up to a minute, and the
+#: model, whose nodes leave a straggler to the seed, does not describe those runs.
+BT_LINGER_BY_PIECES = "2026-12-06 23:05"
+
+
 def _lane_apart(nodes: int, racks: int) -> bool:
     """Whether a node brings its lane in a session of its own (as the agent decides, from
     its lane's share of the pieces: ``LANE_SESSION_SHARE``)."""
@@ -415,6 +421,11 @@ def _bt_design(label: str, racks: int, egress_s: float, measured: str = "", node
         if "one door per rack" in label or measured >= BT_DOORS:
             return "one door per rack (99bee39 to c8b0633; lanes replaced it at 3ea2f66)"
         return "racks before the doors: peers crossed the uplinks at will (replaced at 756f5bb)"
+    if "B/10" in label and measured < BT_LINGER_BY_PIECES:
+        return (
+            "the others lingered for the node at B/10 (libtorrent's once-a-minute rate "
+            "estimate, then their own; 3eb1f2e judges it on its pieces)"
+        )
     if measured < BT_MESHED and egress_s > BT_STORM * max(racks, 1):
         return (
             f"egress {egress_s:.1f} x S recorded: the seed re-sent most pieces, the swarm "

@@ -216,11 +216,11 @@ def linger(
 
     Of use: a connected peer still wants pieces from it and downloads at LAN speed (at
     least :data:`LINGER_SHARE` of ``own_rate``, this node's own average, by the pieces it
-    gained since the node first saw it, or not judged yet); or members
-    of the session have not joined yet (``pending``, asked of corral's tracker every 5 s),
-    since the nodes of a large deployment boot over a minute or more, in waves, and each
-    wave would otherwise have to take the whole stream from the server again. Every piece
-    this node serves is one the server does not send. A slow peer is no reason to stay:
+    gained since the node first saw it, or not judged yet); or members of the session
+    have not joined yet (``pending``, asked of corral's tracker every 5 s), since the
+    nodes of a large deployment boot over a minute or more, in waves, and each wave would
+    otherwise have to take the whole stream from the server again. Every piece this node
+    serves is one the server does not send. A slow peer is no reason to stay:
     the seed serves it (:class:`SeedUse`), and the others would all wait for it. Two looks
     in a row without a reason end it, since a peer between two requests may look idle once.
 

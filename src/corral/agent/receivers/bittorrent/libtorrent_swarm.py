@@ -41,7 +41,8 @@ OPTIMISTIC_TURN = 10
 #: How long a new torrent may take to check its (empty) save path before pieces are added.
 CHECK_WAIT = 5.0
 #: A peer's pace (:meth:`LibtorrentSwarm.peers_in_need`) is its pieces since this node
-#: first saw it, judged once it has had the time for this many at the rate asked of it.
+#: first saw it (or over ``known_for``, when nobody joined lately), judged once it has had
+#: the time for this many at the rate asked of it.
 #: libtorrent's own estimate (``remote_dl_rate``) is updated once a minute and reads 0
 #: for a connection's first minute, and for a peer that took less than a piece in it:
 #: beside a node at a tenth of B, a sixth of the 99 others stayed their whole 60 s to

@@ -24,7 +24,9 @@ typecheck: setup
 # 132 s on three, on two cores). Then two runs side by side:
 # - the other tests of real parts, one at a time, as they take the host's namespaces, loop
 #   devices and timing (their timeouts and shaped links assume the host answers at once);
-#   they wait on shaped links most of the time, using about a third of two cores;
+#   they wait on shaped links most of the time, using about a third of two cores, and
+#   keep their temporary files in RAM (scripts/in-ram.sh), since on the host's disk an
+#   fsync of theirs waits for what the image builds and the VMs wrote;
 # - the VM tests and those marked heavy (an image build), at nice 19 so that they take only
 #   the CPU the first run leaves, two modules at a time, each module's tests on one worker:
 #   one VM under TCG keeps one core busy, and none of them times anything tighter than
@@ -44,7 +46,7 @@ test: lint typecheck
 	echo "VM and heavy tests started at nice 19, beside the next run; their output: $$log"; \
 	nice -n 19 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10 \
 		$(TWO_AT_A_TIME) > $$log 2>&1 & vms=$$!; \
-	$(PY) -m pytest -q --durations=20 $(REAL_TESTS); real=$$?; \
+	scripts/in-ram.sh $(PY) -m pytest -q --durations=20 $(REAL_TESTS); real=$$?; \
 	echo "waiting for the VM and heavy tests ($$log)"; \
 	wait $$vms; vm=$$?; \
 	cat $$log; \

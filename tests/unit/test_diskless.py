@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import pytest
 
 from corral.agent.deploy import InstallSettings
-from corral.agent.diskless import DisklessBoot, machine_id
+from corral.agent.diskless import DisklessBoot, machine_id, mount_unit
 from corral.agent.plan import Diskless, Plan
 from corral.agent.receivers.base import Job, Received, Receiver
 from corral.deploy import diskless
@@ -116,6 +116,50 @@ def test_persistent_paths_come_from_the_partition_found_by_its_label(tmp_path: P
         ("scratch", str(root / "scratch")),
     ]
     assert not [c for c in runner.calls if c[0] in ("sfdisk", "mkfs.ext4")]  # found, kept
+
+
+def test_the_running_system_leaves_what_the_ramdisk_mounted_to_the_end(tmp_path: Path) -> None:
+    """Each mount the root keeps has a unit file in the new root, without the default
+    dependencies by which a reboot would try (and fail) to unmount it among the units."""
+    runner = FakeRunner(0)
+    runner.outputs["blkid"] = "/dev/sdb1\n"
+    _, phase = boot(tmp_path, diskless_plan(persistent=["/var/log", "/my data"]), runner)
+    assert phase == "done"
+    systemd = tmp_path / "newroot/etc/systemd/system"
+    units = {p.name: p.read_text() for p in systemd.glob("*.mount")}
+    run = tmp_path / "run/diskless"  # where /run/corral/diskless is on a node
+    made = {mount_unit(str(run / d)) for d in ("image", "lower", "overlay", "state")}
+    assert set(units) == made | {
+        "var-lib-corral\\x2dstate.mount",
+        "var-log.mount",
+        "my\\x20data.mount",
+    }
+    for text in units.values():
+        assert "[Unit]\nDefaultDependencies=no\n" in text
+    assert units["var-log.mount"].endswith(
+        f"What={run}/state/var/log\nWhere=/var/log\nType=none\nOptions=bind\n"
+    )
+    assert (
+        f"\nWhere={run}/overlay\nType=tmpfs\nOptions=size=25%%,mode=0755\n"
+        in units[mount_unit(str(run / "overlay"))]
+    )
+    assert "\nWhat=/dev/sdb1\n" in units[mount_unit(str(run / "state"))]
+    assert "\nWhere=/my data\n" in units["my\\x20data.mount"]
+
+
+@pytest.mark.parametrize(
+    ("path", "unit"),
+    [  # as systemd-escape --path --suffix=mount gives them
+        ("/run/corral/diskless/image", "run-corral-diskless-image.mount"),
+        ("/var/lib/corral-state", "var-lib-corral\\x2dstate.mount"),
+        ("/my data/.hidden/", "my\\x20data-.hidden.mount"),
+        ("/.snapshots", "\\x2esnapshots.mount"),
+        ("/srv/café", "srv-caf\\xc3\\xa9.mount"),
+        ("/", "-.mount"),
+    ],
+)
+def test_mount_units_are_named_as_systemd_names_them(path: str, unit: str) -> None:
+    assert mount_unit(path) == unit
 
 
 def test_a_disk_holding_something_else_is_never_formatted_unless_the_profile_says(

@@ -15,7 +15,8 @@ Checked from outside: the ``running`` event came from the node's reserved addres
 with the profile's key; the hostname; ``ssh-keyscan`` gives the host key corral keeps;
 after dl2's reboot a file written to /root is gone, the identity is the same, and its
 /var/log kept what was written there (on the partition labelled corral-state that its
-first boot made on the empty disk).
+first boot made on the empty disk); and its shutdown left what the ramdisk mounted to
+systemd's last pass, with no "Failed unmounting" on the console.
 """
 
 from __future__ import annotations
@@ -152,6 +153,10 @@ def test_diskless_nodes_boot_from_ram_as_themselves_and_forget(
         seen = {"dl2": len(running_events(bed, "dl2"))}
         ssh(server, bed.key, dl2, "systemctl reboot || true")
         again = wait_running(bed, {"dl2": vms["dl2"]}, seen)["dl2"]
+        # what the ramdisk mounted is left to systemd's last pass, not failed in red
+        console = vms["dl2"].console()
+        failed = console.find("Failed unmounting")
+        assert failed < 0, console[failed - 3000 : failed + 500]
         check_identity(bed, "dl2")
         assert ssh(server, bed.key, dl2, "ls /root").split() == []
         assert ssh(server, bed.key, dl2, "cat /var/log/corral-kept").strip() == "kept"

@@ -17,7 +17,8 @@ different and whose mounts stay when it succeeds. Its phases, reported like an i
 
 Everything it mounts lies under ``run_dir`` (``/run/corral``), which ``/init`` moves into
 the new root with ``/run``: the running system shows the squashfs and the overlay at
-``/run/corral/diskless``.
+``/run/corral/diskless``, each mount with a unit that leaves it to systemd's last pass at
+shutdown (:data:`KEEP_MOUNTED`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,41 @@ SQUASHFS = "image.squashfs"
 IMAGE_MARGIN = 16 << 20
 #: Where the running system has the state partition (and so its persistent paths).
 STATE_MOUNT = "var/lib/corral-state"
+#: The unit the running system's systemd gets for each mount made here. Without default
+#: dependencies a mount unit does not conflict with umount.target: systemd unmounts it in
+#: its last pass at shutdown, after every process has ended. Otherwise it stops it among the
+#: other units, and fails for the squashfs's tmpfs (which the loop device holds while the
+#: overlay is the root) and for a persistent /var/log (journald writes there): "FAILED" in
+#: red on the console of every reboot. A unit file, not a drop-in: systemd loads the unit
+#: of /var/log (which systemd-journal-flush.service requires) before it reads the mount
+#: table, and such a unit found mounted later never reads its drop-ins; and not fstab's
+#: x-initrd.mount, since systemd takes a mounted file system's options from
+#: /proc/self/mountinfo, where busybox's mount does not record it.
+KEEP_MOUNTED = """\
+# Mounted by corral's ramdisk before systemd started; unmounted in systemd's last pass
+# at shutdown, after every process has ended, not stopped among the units.
+[Unit]
+DefaultDependencies=no
+
+[Mount]
+What={what}
+Where={where}
+Type={type}
+Options={options}
+"""
+
+
+def mount_unit(path: str) -> str:
+    """systemd's name of the mount unit of ``path`` (as ``systemd-escape --path
+    --suffix=mount`` gives it)."""
+    name = "/".join(p for p in path.split("/") if p)
+    escaped = "".join(
+        "-" if c == "/"
+        else c if c.isascii() and (c.isalnum() or c in ":_.") and not (i == 0 and c == ".")
+        else "".join(f"\\x{b:02x}" for b in c.encode())
+        for i, c in enumerate(name)
+    )  # fmt: skip
+    return (escaped or "-") + ".mount"
 
 
 def machine_id(node: str, host_key: str) -> str:
@@ -63,6 +99,8 @@ class DisklessBoot(Installer):
         super().__init__(plan, *args, **kwargs)  # type: ignore[arg-type]
         self.run_dir = run_dir
         self.diskless = plan.diskless or Diskless()
+        #: (source, mount point, type, options) of each mount the new root keeps
+        self.made: list[tuple[str, Path, str, str]] = []
 
     @property
     def device(self) -> str:
@@ -104,9 +142,7 @@ class DisklessBoot(Installer):
         self._enter("receiving", f"{plan.image.ref} by {plan.transport.name} into RAM")
         room = 2 * plan.image.stream_size if plan.transport.name == "bittorrent" else 0
         size = plan.image.stream_size + room + IMAGE_MARGIN
-        self.mounts.mount(
-            "corral-image", image_dir, fstype="tmpfs", options=f"size={size},mode=0700"
-        )
+        self.mount("corral-image", image_dir, "tmpfs", f"size={size},mode=0700")
         squashfs = image_dir / SQUASHFS
         self.received = receiver.receive(
             Job(plan, image_dir, self._progress, self.cancel, into_file=squashfs)
@@ -118,6 +154,7 @@ class DisklessBoot(Installer):
         if self.diskless.persistent:
             self.persistent_paths()
         identity.configure(self.target, plan.identity, None)
+        self.keep_mounts()
         self.install_first_boot()
 
         if plan.post_script.strip():
@@ -129,12 +166,39 @@ class DisklessBoot(Installer):
                 for name in ("sys", "proc", "dev"):
                     self.mounts.unmount(self.target / name)
 
+    def mount(self, source: str, where: Path, fstype: str, options: str | None = None) -> None:
+        """Mount for good: the new root keeps it (see :meth:`keep_mounts`)."""
+        self.mounts.mount(source, where, fstype=fstype, options=options)
+        self.made.append((source, where, fstype, options or "defaults"))
+
+    def bind(self, source: str, where: Path) -> None:
+        self.mounts.bind(source, where)
+        self.made.append((source, where, "none", "bind"))
+
+    def keep_mounts(self) -> None:
+        """A unit file (:data:`KEEP_MOUNTED`) in the new root for each mount made here, as
+        the running system sees it: ``run_dir`` is where it was, since ``/init`` moves
+        ``/run`` into the new root."""
+
+        def seen(path: str) -> str:
+            if Path(path).is_relative_to(self.target):
+                return f"/{Path(path).relative_to(self.target)}"
+            return path
+
+        for source, where, fstype, options in self.made:
+            # a unit file expands % specifiers in What= and Options= (size=25%): %% is a %
+            what, point = seen(source).replace("%", "%%"), seen(str(where))
+            options = options.replace("%", "%%")
+            text = KEEP_MOUNTED.format(what=what, where=point, type=fstype, options=options)
+            identity.write_atomic(self.target / "etc/systemd/system" / mount_unit(point), text)
+        log.info("%d mounts left to systemd's last pass at shutdown", len(self.made))
+
     def mount_root(self, squashfs: Path) -> None:
         lower, overlay = self.path(LOWER), self.path(OVERLAY)
-        self.mounts.mount(str(squashfs), lower, fstype="squashfs", options="loop,ro")
+        self.mount(str(squashfs), lower, "squashfs", "loop,ro")
         size = self.diskless.overlay_size
         options = f"size={size}" + ("" if size.endswith("%") else "m") + ",mode=0755"
-        self.mounts.mount("corral-overlay", overlay, fstype="tmpfs", options=options)
+        self.mount("corral-overlay", overlay, "tmpfs", options)
         for name in ("upper", "work"):
             (overlay / name).mkdir(exist_ok=True)
         self.mounts.mount(
@@ -174,9 +238,9 @@ class DisklessBoot(Installer):
         """Bind each persistent path of the profile from the state partition."""
         state = self.path(STATE)
         device = self.state_device()
-        self.mounts.mount(device, state, fstype="ext4")
+        self.mount(device, state, "ext4")
         shown = self.target / STATE_MOUNT
-        self.mounts.bind(str(state), shown)
+        self.bind(str(state), shown)
         for path in self.diskless.persistent:
             relative = path.strip("/")
             kept, where = state / relative, self.target / relative
@@ -188,7 +252,7 @@ class DisklessBoot(Installer):
                         self.run_command(["cp", "-a", f"{where}/.", str(kept)], timeout=600),
                         f"copying {path} to the state partition",
                     )
-            self.mounts.bind(str(kept), where)
+            self.bind(str(kept), where)
         log.info(
             "persistent on %s (%s): %s",
             device,

@@ -24,17 +24,17 @@ typecheck: setup
 # 132 s on three, on two cores). Then two runs side by side:
 # - the other tests of real parts, one at a time, as they take the host's namespaces, loop
 #   devices and timing (their timeouts and shaped links assume the host answers at once);
-#   they wait on shaped links most of the time, using about a third of two cores, and
-#   keep their temporary files in RAM (scripts/in-ram.sh), since on the host's disk an
-#   fsync of theirs waits for what the image builds and the VMs wrote;
-# - the VM tests and those marked heavy (an image build), at nice 19 so that they take only
-#   the CPU the first run leaves, two modules at a time, each module's tests on one worker:
-#   one VM under TCG keeps one core busy, and none of them times anything tighter than
-#   minutes. The long modules go first (their ``minutes`` marks, see tests/conftest.py):
-#   one started last would leave a worker alone at the end. Their output is shown when
-#   both runs are over (the file it is kept in is named at their start).
-# One after the other, the two took 559 s and 561 s on two cores; side by side, about the
-# time of the second alone.
+#   they wait on shaped links most of the time, using about a third of two cores;
+# - the VM tests and those marked heavy (an image build), as SCHED_IDLE (chrt --idle) so
+#   that they take only the CPU the first run leaves, two modules at a time, each module's
+#   tests on one worker: one VM under TCG keeps one core busy, and none of them times
+#   anything tighter than minutes. The long modules go first (their ``minutes`` marks, see
+#   tests/conftest.py): one started last would leave a worker alone at the end. Their
+#   output is shown when both runs are over (the file it is kept in is named at their start).
+# One after the other, the two took 588 s and 561 s on two cores; side by side, with the VM
+# tests at nice 19, 917-928 s and 724-738 s: the tests of real parts lost more than nice
+# gave them, though neither the disk (their temporary files in RAM: the same) nor their
+# share of the CPU held them.
 SHARED_TESTS := -m "(not integration and not vm) or parallel_safe" tests
 REAL_TESTS := -m "integration and not vm and not heavy and not parallel_safe"
 TWO_AT_A_TIME := -m "(vm or heavy) and not vm_e2e and not vm_harness"
@@ -43,10 +43,10 @@ SHARED_WORKERS := $(shell echo $$(( $$(nproc) + 1 )))
 test: lint typecheck
 	$(PY) -m pytest -q -n $(SHARED_WORKERS) --durations=10 $(SHARED_TESTS)
 	@log=$$(mktemp /tmp/corral-vm-tests.XXXXXX.log); \
-	echo "VM and heavy tests started at nice 19, beside the next run; their output: $$log"; \
-	nice -n 19 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10 \
+	echo "VM and heavy tests started as SCHED_IDLE, beside the next run; their output: $$log"; \
+	chrt --idle 0 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=10 \
 		$(TWO_AT_A_TIME) > $$log 2>&1 & vms=$$!; \
-	scripts/in-ram.sh $(PY) -m pytest -q --durations=20 $(REAL_TESTS); real=$$?; \
+	$(PY) -m pytest -q --durations=20 $(REAL_TESTS); real=$$?; \
 	echo "waiting for the VM and heavy tests ($$log)"; \
 	wait $$vms; vm=$$?; \
 	cat $$log; \

@@ -31,10 +31,10 @@ typecheck: setup
 #   anything tighter than minutes. The long modules go first (their ``minutes`` marks, see
 #   tests/conftest.py): one started last would leave a worker alone at the end. Their
 #   output is shown when both runs are over (the file it is kept in is named at their start).
-# One after the other, the two took 588 s and 561 s on two cores; side by side, with the VM
-# tests at nice 19, 917-928 s and 724-738 s: the tests of real parts lost more than nice
-# gave them, though neither the disk (their temporary files in RAM: the same) nor their
-# share of the CPU held them.
+# One after the other, the two took 588 s and 561 s on two cores; side by side 780 s and
+# 770 s (one run, the whole suite 16 min against 22). With the VM tests at nice 19 rather
+# than SCHED_IDLE, the tests of real parts took 917-928 s beside them, with their temporary
+# files on disk or in RAM alike: not the disk, and more than their share of the CPU.
 SHARED_TESTS := -m "(not integration and not vm) or parallel_safe" tests
 REAL_TESTS := -m "integration and not vm and not heavy and not parallel_safe"
 TWO_AT_A_TIME := -m "(vm or heavy) and not vm_e2e and not vm_harness"

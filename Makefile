@@ -31,8 +31,8 @@ typecheck: setup
 #   anything tighter than minutes. The long modules go first (their ``minutes`` marks, see
 #   tests/conftest.py): one started last would leave a worker alone at the end. Their
 #   output is shown when both runs are over (the file it is kept in is named at their start).
-# One after the other, the two took 588 s and 561 s on two cores; side by side 780 s and
-# 770 s (one run, the whole suite 16 min against 22). With the VM tests at nice 19 rather
+# One after the other, the two took 588 s and 561 s on two cores; side by side 778-780 s
+# and 746-770 s (two runs on fresh clones, the whole suite 16 min against 22). With the VM tests at nice 19 rather
 # than SCHED_IDLE, the tests of real parts took 917-928 s beside them, with their temporary
 # files on disk or in RAM alike: not the disk, and more than their share of the CPU.
 SHARED_TESTS := -m "(not integration and not vm) or parallel_safe" tests

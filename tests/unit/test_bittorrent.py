@@ -70,6 +70,7 @@ from corral.deploy.transports.bittorrent import (
     seed_settings,
 )
 from corral.deploy.transports.bittorrent_tracker import (
+    ARRIVAL_QUIET,
     JOIN_WINDOW,
     MAX_PEERS,
     STRIPE_GRACE,
@@ -266,6 +267,29 @@ def test_members_that_do_not_come_are_not_waited_for_forever() -> None:
     now[0] = 100.0 + JOIN_WINDOW + 1
     assert (swarms.pending(H1), swarms.coming(H1)) == (0, [])
     assert (swarms.pending(H2), swarms.coming(H2)) == (0, [])  # not a session
+
+
+def test_members_missing_are_waited_for_while_others_still_come() -> None:
+    # a boot wave longer than a minute: the members still missing are named for as long
+    # as others keep joining, and no longer once none has for ARRIVAL_QUIET seconds
+    now = [0.0]
+    swarms = Swarms(clock=lambda: now[0])
+    members = [f"10.0.0.{i}" for i in range(11, 16)]
+    swarms.open(H1, None, members, servers=["10.0.0.1"])
+    assert swarms.coming(H1) == [0, 1, 2, 3, 4]  # nobody yet: all are on their way
+    for i, ip in enumerate(members[:4]):  # one every 25 s, for 75 s
+        now[0] = 25.0 * i
+        announce(swarms, ip, b"%020d" % i, left=1)
+    now[0] = 75.0 + STRIPE_GRACE
+    assert swarms.coming(H1) == [4]  # those that came have had their stripes' time
+    now[0] = 75.0 + ARRIVAL_QUIET - 1
+    announce(swarms, "10.0.0.1", b"s" * 20, left=0)  # the seed coming is no member
+    assert swarms.coming(H1) == [4]
+    now[0] = 75.0 + ARRIVAL_QUIET
+    assert (swarms.pending(H1), swarms.coming(H1)) == (1, [])  # the wave is over
+    now[0] = 110.0  # it comes after all: its stripe is its own again
+    announce(swarms, members[4], b"e" * 20, left=1)
+    assert swarms.coming(H1) == [4]
 
 
 def test_the_tracker_over_http() -> None:

@@ -48,6 +48,14 @@ EXPIRE_INTERVALS = 3
 #: that have not joined yet (see :meth:`Swarms.pending`). On the virtual cluster, 50 nodes
 #: power-cycled 8 at a time reach the swarm over about 65 s.
 JOIN_WINDOW = 180.0
+#: Seconds without a member joining after which the members still missing are not waited
+#: for (see :meth:`Swarms.coming`): the boot wave is over, and their power-on failed. Nodes
+#: powered on over a minute or more come a few seconds apart, however long the wave; a
+#: bound counted from each node's own start instead (the agent's, 60 s until 2026-12) ran
+#: out for the first nodes at a start skew of 60 s, whose last nodes came 84-92 s after
+#: the first on the testbed: 35 of them asked the seed for the stripes of the 20 still
+#: booting, which then took them from the seed again, 0.3 x S more egress.
+ARRIVAL_QUIET = 30.0
 #: Seconds after a member's first announce during which its stripe is still its own to
 #: take from the seed (see :meth:`Swarms.coming`): the agent gives its stripe up after 20 s
 #: (its STRIPE_TIMEOUT), and at N = 100 the seed's 20 Mbit/s send the stripes in 10 s or
@@ -233,18 +241,22 @@ class Swarms:
 
     def coming(self, info_hash: bytes) -> list[int]:
         """The stripes (positions in ``members``) still on their way to their members:
-        members that have not joined yet (within :data:`JOIN_WINDOW`, as :meth:`pending`),
-        or joined less than :data:`STRIPE_GRACE` seconds ago. The nodes there leave those
-        pieces to them (the agent's ``SeedUse``): each member takes its own stripe from
-        the seed, once, and passes it on."""
+        members that joined less than :data:`STRIPE_GRACE` seconds ago, and those that have
+        not joined yet while members still come (the last joined less than
+        :data:`ARRIVAL_QUIET` seconds ago, or none has yet; within :data:`JOIN_WINDOW`, as
+        :meth:`pending`). The nodes there leave those pieces to them (the agent's
+        ``SeedUse``): each member takes its own stripe from the seed, once, and passes it
+        on."""
         with self._lock:
             swarm, now = self._joining(info_hash), self.clock()
             if swarm is None:
                 return []
+            joins = [t for ip, t in swarm.seen.items() if ip not in swarm.servers]
+            arriving = now - max(joins, default=now) < ARRIVAL_QUIET
             return [
                 i
                 for i, ip in enumerate(swarm.members)
-                if ip and now - swarm.seen.get(ip, now) < STRIPE_GRACE
+                if ip and (now - swarm.seen[ip] < STRIPE_GRACE if ip in swarm.seen else arriving)
             ]
 
     def unfinished(self, info_hash: bytes) -> int:

@@ -42,9 +42,11 @@ ORPHAN_WAIT = 5.0
 #: each takes its own from the seed, and the seed sends it once. Rescued by the nodes
 #: there instead, those pieces went out once per node in need, and again as the member's
 #: own stripe: at a start skew of 30 s, 1.8-2.0 x S from the seed against 1.15 x S
-#: without skew. A minute covers nodes powered on over a minute; a member that has not
-#: come by then (its power-on failed) is not waited for.
-LATE_WAIT = 60.0
+#: without skew. The tracker stops naming the members still missing once none has joined
+#: for a while (its ``ARRIVAL_QUIET``: the boot wave is over, their power-on failed), and
+#: after its ``JOIN_WINDOW``; this bound, the same as the latter, is for a tracker that
+#: stopped answering and left its last answer standing.
+LATE_WAIT = 180.0
 
 
 #: The timings above are floors, for a node that has not measured its pace yet and for
@@ -218,9 +220,9 @@ class SeedUse:
         peer has those still missing. The peers in need (likely all lacking the same
         pieces) share the rescue: each asks for every k-th piece by their order of
         address, and all of them if that has not helped after three times
-        :data:`RESCUE_IDLE`. A node that starts more than :data:`LATE_WAIT` before the
-        others gets most of the image this way, unicast: there is nobody to share with
-        yet.
+        :data:`RESCUE_IDLE`. A node that starts half a minute or more before the
+        others (the tracker's ``ARRIVAL_QUIET``) gets most of the image this way,
+        unicast: there is nobody to share with yet.
 
     Without a stripe in the plan (a single node, an older server) the seed stays in use.
 

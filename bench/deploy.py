@@ -16,7 +16,9 @@ measures:
   TCP segments that were retransmissions (``tcp_segments``: sent, resent, from its
   namespace's /proc/net/snmp): egress that the transports' own counts (the seed's upload,
   the chunks served) do not show; those counts are recorded too (``payload``: image bytes
-  by transport, from corral serve's ``corral_image_bytes_sent`` metric);
+  by transport, from corral serve's ``corral_image_bytes_sent`` metric), and where the
+  links' queues dropped packets (``queue_drops``: at the hub's ports toward the nodes, at
+  the server's own eth0), which is where what TCP sent again was lost, but for ``--loss``;
 - the spread of completion times (last - first), and the skew of the nodes' first
   reports (last - first): the testbed boots every node on the host's few cores, where a
   real cluster boots them in parallel, so at 100 nodes the skew is part of T;
@@ -481,6 +483,7 @@ def run_once(
     consoles = console_sizes(bed, names)
     egress0 = bed.server_egress_bytes()
     segments0 = bed.server_tcp_segments()
+    drops0 = bed.queue_drops()
     payload0 = image_bytes_sent(bed)
     uplinks0 = bed.uplink_bytes()
     busy0, total0 = cpu_times()
@@ -535,6 +538,7 @@ def run_once(
     segments = [
         now - before for now, before in zip(bed.server_tcp_segments(), segments0, strict=True)
     ]
+    drops = {where: count - drops0[where] for where, count in bed.queue_drops().items()}
     payload = {
         transport: sent - payload0.get(transport, 0)
         for transport, sent in image_bytes_sent(bed).items()
@@ -568,6 +572,7 @@ def run_once(
         "egress": egress,
         "uplinks": uplinks,
         "tcp_segments": segments,
+        "queue_drops": drops,
         "payload": payload,
         "cpu": (busy1 - busy0) / max(1, total1 - total0),
         "cpu_seconds": cpu_seconds,

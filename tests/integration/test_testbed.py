@@ -173,6 +173,20 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
     after = testbed.server_tcp_segments()
     segments, resent = after[0] - segments_before[0], after[1] - segments_before[1]
     assert segments >= 2_800_000 // 1448 and 0 <= resent < segments, (segments, resent)
+    # ... and a burst of 300 datagrams of 1,400 bytes at tb003's 2 Mbit/s port is more
+    # than that port's queue holds (about 45 KB): the port's drops count them, the server's
+    # own queue (20 Mbit/s, its bulk class as deep in time) far fewer
+    drops_before = testbed.queue_drops()
+    tb003 = next(n.ip for n in state.nodes if n.name == "tb003")
+    blast = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"for _ in range(300): s.sendto(bytes(1400), ('{tb003}', 9))"
+    )
+    in_ns("ctb-srv", sys.executable, "-c", blast)
+    drops = testbed.queue_drops()
+    assert set(drops) == {"to_nodes", "server"}
+    assert drops["to_nodes"] - drops_before["to_nodes"] >= 100, (drops_before, drops)
+    assert drops["server"] >= drops_before["server"] >= 0
 
     # The inventory holds the nodes with their loop devices.
     with db.inventory() as inv:

@@ -549,6 +549,21 @@ def test_tcp_segments_are_read_from_snmp() -> None:
         cluster.tcp_segments("Ip: Forwarding\nIp: 1\n")
 
 
+def test_queue_drops_are_the_root_qdiscs_of_the_ports_asked() -> None:
+    shown = json.dumps(
+        [
+            {"kind": "tbf", "handle": "8001:", "dev": "p1", "root": True, "drops": 7},
+            {"kind": "bfifo", "handle": "8002:", "dev": "p1", "parent": "8001:1", "drops": 7},
+            {"kind": "tbf", "handle": "8001:", "dev": "p2", "root": True, "drops": 5},
+            {"kind": "tbf", "handle": "8001:", "dev": "r1-core", "root": True, "drops": 100},
+            {"kind": "noqueue", "handle": "0:", "dev": "lo", "root": True},
+        ]
+    )
+    assert cluster.qdisc_drops(shown, {"p1", "p2"}) == 12  # the child's are the root's
+    assert cluster.qdisc_drops(shown, set()) == 0
+    assert cluster.qdisc_drops("", {"p1"}) == 0
+
+
 def test_the_nodes_congestion_control_is_allowed_in_their_namespaces(tmp_path: Path) -> None:
     # the host's kernel lists (as /proc/sys/net/ipv4 does): it has cubic, allows bbr only
     (tmp_path / "tcp_available_congestion_control").write_text("reno bbr cubic\n")

@@ -358,6 +358,25 @@ class Testbed:
             found[rack.name] = (int(counters["tx"]["bytes"]), int(counters["rx"]["bytes"]))
         return found
 
+    def queue_drops(self) -> dict[str, int]:
+        """Packets the links' queues have dropped since ``up``: ``to_nodes``, at the hub's
+        ports toward the nodes (what the server and the other nodes sent them: a full
+        switch port), and ``server``, at the server's own ``eth0`` (its queue before its
+        link). Two ``tc`` calls; what a transport's TCP sent again was lost there, or to
+        ``--loss``."""
+        state = self.require_state()
+        hub = run(["tc", "-n", HUB, "-j", "-s", "qdisc", "show"], check=False)
+        server = run(["tc", "-n", SERVER_NS, "-j", "-s", "qdisc", "show"], check=False)
+        if hub.returncode or server.returncode:
+            raise TestbedError(
+                f"cannot read the queues' counters: {(hub.stderr or server.stderr).strip()}",
+                "the testbed is half down: run 'corral testbed down' and up again",
+            )
+        return {
+            "to_nodes": qdisc_drops(hub.stdout, {n.port for n in state.nodes}),
+            "server": qdisc_drops(server.stdout, {"eth0"}),
+        }
+
     # --- up ------------------------------------------------------------------------------
 
     def up(
@@ -665,6 +684,18 @@ class Testbed:
                 raise
             log.warning("cannot read the inventory: %s", exc)
             return [], []
+
+
+def qdisc_drops(tc_json: str, devices: Iterable[str]) -> int:
+    """The packets dropped by the root qdiscs of ``devices`` in the output of
+    ``tc -j -s qdisc show`` with no ``dev`` (with one, tc leaves the device's name out). A
+    root's count includes its children's: tbf counts what the queue under it refused."""
+    wanted = set(devices)
+    return sum(
+        int(q.get("drops", 0))
+        for q in json.loads(tc_json or "[]")
+        if q.get("root") and q.get("dev") in wanted
+    )
 
 
 def tcp_segments(snmp: str) -> tuple[int, int]:

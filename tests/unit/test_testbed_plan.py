@@ -232,6 +232,22 @@ def test_up_checks_input_before_creating_anything(tmp_path: Path) -> None:
     assert not (tmp_path / "home").exists()
 
 
+def test_down_asks_a_busy_loop_device_again_until_it_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # losetup --detach of a device still open only marks it; down asks again
+    testbed = cluster.Testbed(Settings(home=tmp_path / "home"))
+    listed = iter([["/dev/loop7"], ["/dev/loop7"], []])
+    asked: list[list[str]] = []
+    monkeypatch.setattr(testbed, "loop_devices", lambda: next(listed))
+    monkeypatch.setattr(cluster, "run", lambda argv, **_: asked.append(argv))
+    assert testbed._detached(5.0) == []
+    assert asked == [["losetup", "--detach", "/dev/loop7"]] * 2
+    # one that never goes is reported once the wait is over
+    monkeypatch.setattr(testbed, "loop_devices", lambda: ["/dev/loop7"])
+    assert testbed._detached(0.6) == ["/dev/loop7"]
+
+
 # --- racks -----------------------------------------------------------------------------
 
 

@@ -121,6 +121,11 @@ POWER_ACTIONS = ("on", "off", "cycle")
 #: minutes. The niceness is therefore their session's (``/proc/PID/autogroup``) too.
 NODE_NICE = 19
 _DISK_FILE = re.compile(r"/testbed/disks/tb\d{3}\.img$")
+#: Seconds ``down`` waits for the disks' loop devices to go. ``losetup --detach`` of a
+#: device something still holds open only marks it to go when that is closed (a fresh-clone
+#: CI run saw one left right after the nodes' processes were stopped, while other tests
+#: ran beside them), so down asks again until they are gone or this is over.
+LOOP_DETACH_WAIT = 10.0
 _PROBE = "import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=2).read()"
 _GET = (
     "import os, sys, urllib.request as u; "
@@ -274,6 +279,17 @@ class Testbed:
             if back.startswith(ours) or _DISK_FILE.search(back):
                 found.append(str(device["name"]))
         return found
+
+    def _detached(self, seconds: float) -> list[str]:
+        """The testbed's loop devices still there after asking them to detach, once more
+        every half second, for up to ``seconds`` (see :data:`LOOP_DETACH_WAIT`)."""
+        deadline = time.monotonic() + seconds
+        left = self.loop_devices()
+        while left and time.monotonic() < deadline:
+            time.sleep(0.5)
+            run(["losetup", "--detach", *left], check=False)
+            left = self.loop_devices()
+        return left
 
     def node_power(self, name: str) -> tuple[str, list[int]]:
         """("off" | "firmware" | "agent" | "on", pids) of a node: what runs in its namespace."""
@@ -665,7 +681,7 @@ class Testbed:
         self.state_path.unlink(missing_ok=True)
         report.forgotten, report.kept_nodes = self._inventory_nodes(forget)
         left_ns = [n for n in list_namespaces() if n.startswith(PREFIX)]
-        left_loops = self.loop_devices()
+        left_loops = self._detached(LOOP_DETACH_WAIT)
         if survivors or left_ns or left_loops:
             raise TestbedError(
                 f"testbed only partly down: {len(survivors)} processes, {len(left_ns)} "

@@ -32,9 +32,10 @@ typecheck: setup
 #   tests/conftest.py): one started last would leave a worker alone at the end. Their
 #   output is shown when both runs are over (the file it is kept in is named at their start).
 # One after the other, the two took 588 s and 561 s on two cores; side by side 778-780 s
-# and 746-770 s (two runs on fresh clones, the whole suite 16 min against 22). With the VM tests at nice 19 rather
-# than SCHED_IDLE, the tests of real parts took 917-928 s beside them, with their temporary
-# files on disk or in RAM alike: not the disk, and more than their share of the CPU.
+# and 746-770 s (two runs on fresh clones, the whole suite 16 min against 22). With the VM
+# tests at nice 19 rather than SCHED_IDLE, the tests of real parts took 917-928 s beside
+# them, with their temporary files on disk or in RAM alike: not the disk, and more than
+# their share of the CPU.
 SHARED_TESTS := -m "(not integration and not vm) or parallel_safe" tests
 REAL_TESTS := -m "integration and not vm and not heavy and not parallel_safe"
 TWO_AT_A_TIME := -m "(vm or heavy) and not vm_e2e and not vm_harness"

@@ -174,8 +174,8 @@ def test_up_power_down(testbed: cluster.Testbed, home: Path) -> None:
     segments, resent = after[0] - segments_before[0], after[1] - segments_before[1]
     assert segments >= 2_800_000 // 1448 and 0 <= resent < segments, (segments, resent)
     # ... and a burst of 300 datagrams of 1,400 bytes at tb003's 2 Mbit/s port is more
-    # than that port's queue holds (about 45 KB): the port's drops count them, the server's
-    # own queue (20 Mbit/s, its bulk class as deep in time) far fewer
+    # than that port's queue holds (about 45 KB): the port's drops count them; the
+    # server's own queue (200 Mbit/s here) is read too, and never goes back
     drops_before = testbed.queue_drops()
     tb003 = next(n.ip for n in state.nodes if n.name == "tb003")
     blast = (

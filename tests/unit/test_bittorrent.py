@@ -28,7 +28,6 @@ from corral.agent.receivers import RECEIVERS
 from corral.agent.receivers.bittorrent import seed as bittorrent_seed
 from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, Latecomers, linger
 from corral.agent.receivers.bittorrent.libtorrent_swarm import (
-    LOOK_AGE,
     PACE_PIECES,
     UPLOAD_SLOTS,
     LaneSwarm,
@@ -1504,7 +1503,6 @@ def test_a_node_that_wants_every_piece_again_tells_the_tracker_at_once() -> None
     # after its stripe or a rescue, the tracker last heard "0 bytes left" from it
     swarm = LibtorrentSwarm.__new__(LibtorrentSwarm)
     swarm.lt, swarm.handle, swarm._subset = lt, MagicMock(), False
-    swarm._looks = {}
     swarm.handle.status.return_value.pieces = [False] * 4
     swarm.want(None)
     swarm.handle.force_reannounce.assert_not_called()  # it wanted every piece already
@@ -1514,42 +1512,6 @@ def test_a_node_that_wants_every_piece_again_tells_the_tracker_at_once() -> None
     swarm.handle.force_reannounce.assert_called_once_with(
         0, -1, lt.reannounce_flags_t.ignore_min_interval
     )
-
-
-def test_one_look_at_libtorrent_answers_the_questions_of_a_turn() -> None:
-    # The feeding loop asks for the pieces, the bytes received and the bytes wanted every
-    # 0.2 s, and the seed's rules for the peers once a second: each was a call waiting for
-    # libtorrent's network thread, made by a hundred agents on the testbed's two cores.
-    swarm = LibtorrentSwarm.__new__(LibtorrentSwarm)
-    swarm.lt, swarm.handle, swarm._subset, swarm._looks = lt, MagicMock(), False, {}
-    swarm.seed = None
-    status, handle = MagicMock(), swarm.handle
-    status.pieces, status.total_payload_download, status.total_wanted_done = [1, 0, 1], 5, 7
-    handle.status.return_value = status
-    handle.get_peer_info.return_value = []
-    handle.piece_availability.return_value = [1, 1, 2]
-
-    def asked() -> tuple[int, int, int]:
-        calls = handle.status, handle.get_peer_info, handle.piece_availability
-        return tuple(call.call_count for call in calls)
-
-    def a_turn() -> None:
-        assert (list(swarm.pieces()), swarm.received(), swarm.downloaded()) == ([1, 0, 1], 5, 7)
-        assert (swarm.connected(), swarm.addresses(), list(swarm.availability())) == (
-            0,
-            set(),
-            [1, 1, 2],
-        )
-
-    a_turn()
-    a_turn()
-    assert asked() == (1, 1, 1)
-    time.sleep(LOOK_AGE)  # the next turn looks again
-    a_turn()
-    assert asked() == (2, 2, 2)
-    swarm.want([1])  # what the node wants changed: the next question looks again
-    a_turn()
-    assert asked() == (3, 3, 3)
 
 
 class StoringSwarm(FakeSwarm):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -51,14 +51,6 @@ PACE_PIECES = 2
 #: Seconds between two looks at the peers during the download, so that a node that is
 #: done already knows since when, and with how many pieces, it has seen each of them.
 PACE_EVERY = 2.0
-#: Seconds one look at the torrent's status, its peers or its pieces' availability
-#: answers every question asked of it. Each look is a call that waits for libtorrent's
-#: network thread, and the feeding loop asks for the pieces, the bytes received and the
-#: bytes wanted on every turn (every 0.2 s), the seed's rules for the peers and their
-#: pieces once a second: a hundred agents on the testbed's two cores made those calls
-#: tens of thousands of times a minute, each waiting for a thread the host had not
-#: scheduled yet.
-LOOK_AGE = 0.1
 
 
 def session_settings(lt: Any, address: str, port: int = PEER_PORT) -> dict[str, Any]:
@@ -155,8 +147,6 @@ class LibtorrentSwarm:
             self.handle.prioritize_pieces([0] * int(info.num_pieces()))
             self.handle.resume()
         self._reads: dict[int, bytes] = {}
-        #: libtorrent's last answers, each with its time (see LOOK_AGE)
-        self._looks: dict[str, tuple[float, Any]] = {}
         self._subset = False  # wants only some pieces (see want)
         self._warned: set[str] = set()
         self._heard = False
@@ -180,38 +170,17 @@ class LibtorrentSwarm:
         return int(self.session.listen_port())
 
     def pieces(self) -> Sequence[bool]:
-        return list(self._status().pieces)
+        return list(self.handle.status(self.lt.status_flags_t.query_pieces).pieces)
 
     def downloaded(self) -> int:
-        return int(self._status().total_wanted_done)
+        return int(self.handle.status(0).total_wanted_done)
 
     def received(self) -> int:
-        return int(self._status().total_payload_download)
+        return int(self.handle.status(0).total_payload_download)
 
     def sent(self) -> int:
         """Payload bytes given to peers so far."""
-        return int(self._status().total_payload_upload)
-
-    def _status(self) -> Any:
-        """The torrent's status, its pieces included."""
-        return self._look("status", lambda: self.handle.status(self.lt.status_flags_t.query_pieces))
-
-    def _peers(self) -> Sequence[Any]:
-        """The torrent's peers (libtorrent's ``peer_info``)."""
-        return self._look("peers", self.handle.get_peer_info)  # type: ignore[no-any-return]
-
-    def _look(self, what: str, ask: Callable[[], Any]) -> Any:
-        """``ask()``, or its answer of less than :data:`LOOK_AGE` ago."""
-        now = time.monotonic()
-        seen = self._looks.get(what)
-        if seen is None or now - seen[0] >= LOOK_AGE:
-            seen = self._looks[what] = now, ask()
-        return seen[1]
-
-    def _forget(self) -> None:
-        """Look again at the next question: the node changed what it wants, what it has,
-        or whom it trades with."""
-        self._looks.clear()
+        return int(self.handle.status(0).total_payload_upload)
 
     def read(self, pieces: Sequence[int], timeout: float) -> dict[int, bytes]:
         wanted = set(pieces)
@@ -227,14 +196,12 @@ class LibtorrentSwarm:
     def add(self, pieces: Mapping[int, bytes]) -> None:
         for piece, data in pieces.items():
             self.handle.add_piece(piece, data, 0)
-        self._forget()
 
     def prioritize(self, urgent: Sequence[int]) -> None:
         self.handle.prioritize_pieces([(p, 7) for p in urgent])
 
     def want(self, pieces: Sequence[int] | None) -> None:
         count = len(self.pieces())
-        self._forget()  # the bytes wanted change
         if pieces is None:
             self.handle.prioritize_pieces([4] * count)
             if self._subset:
@@ -260,14 +227,12 @@ class LibtorrentSwarm:
             return
         self._seed_on = on
         self._filter()  # disconnects the seed at once
-        self._forget()
         if on:
             self.handle.connect_peer(self.seed)
 
     def keep_to(self, addresses: Collection[str] | None) -> None:
         self._kept_to = None if addresses is None else frozenset(addresses)
         self._filter()
-        self._forget()
 
     def _filter(self) -> None:
         """libtorrent's IP filter from :meth:`use_seed` and :meth:`keep_to`; it applies to
@@ -286,14 +251,14 @@ class LibtorrentSwarm:
     def lacking(self, pieces: Collection[int]) -> set[str]:
         wanted = list(pieces)
         out = set()
-        for peer in self._peers():
+        for peer in self.handle.get_peer_info():
             held = peer.pieces
             if held and any(p < len(held) and not held[p] for p in wanted):
                 out.add(str(peer.ip[0]))
         return out
 
     def availability(self) -> Sequence[int]:
-        return list(self._look("availability", self.handle.piece_availability))
+        return list(self.handle.piece_availability())
 
     def heard(self) -> bool:
         return self._heard
@@ -307,7 +272,7 @@ class LibtorrentSwarm:
         seed = self.seed[0] if self.seed else ""
         return {
             str(peer.ip[0])
-            for peer in self._peers()
+            for peer in self.handle.get_peer_info()
             if not peer.flags & pending and str(peer.ip[0]) != seed
         }
 
@@ -316,7 +281,7 @@ class LibtorrentSwarm:
 
     def present(self) -> tuple[int, int]:
         flags = self.lt.peer_info
-        peers = self._peers()
+        peers = self.handle.get_peer_info()
         log.debug(
             "bittorrent: %d peers: %d seeds, %d connecting, %d in handshake",
             len(peers),
@@ -334,7 +299,7 @@ class LibtorrentSwarm:
 
     def peers_in_need(self, min_rate: float, known_for: float = 0.0) -> int:
         flags = self.lt.peer_info
-        peers = self._peers()
+        peers = self.handle.get_peer_info()
         now = self._look_at(peers)
         # a peer at min_rate takes PACE_PIECES pieces in this time
         judged_after = PACE_PIECES * self.piece_size / min_rate if min_rate > 0 else float("inf")
@@ -374,7 +339,7 @@ class LibtorrentSwarm:
 
     def wait(self, seconds: float) -> None:
         if time.monotonic() - self._paced >= PACE_EVERY:
-            self._look_at(self._peers())
+            self._look_at(self.handle.get_peer_info())
         if self.session.wait_for_alert(int(seconds * 1000)) is None:
             return
         for alert in self.session.pop_alerts():
@@ -485,7 +450,7 @@ class LaneSwarm(LibtorrentSwarm):
             self._alert(alert)
         if not dial:
             return
-        connected = {str(peer.ip[0]) for peer in self._peers()}
+        connected = {str(peer.ip[0]) for peer in self.handle.get_peer_info()}
         for partner in self.partners:
             if partner not in connected:
                 self.handle.connect_peer((partner, self.partner_port))

@@ -1483,6 +1483,36 @@ def test_the_look_at_the_peers_does_not_make_the_stripe_late(
     assert "my stripe is here" in caplog.text and "late" not in caplog.text
 
 
+def test_a_stripe_that_keeps_coming_is_not_late(caplog: pytest.LogCaptureFixture) -> None:
+    # The seed sends every stripe at once, each at its share of the server's link: on a
+    # 10 Mbit/s server link at N = 100 they take 25 s. Bytes of the stripe keep coming for
+    # longer than STRIPE_TIMEOUT; the node waits for them rather than dropping a stripe the
+    # seed is sending (its pieces would then come from the seed again, as rescues).
+    coming = int(STRIPE_TIMEOUT) + 10
+    swarm = FakeSwarm(DATA, [[]] * coming + [[0, 2]] + [list(range(10))])
+    swarm.avail = [0] * 10
+    swarm.trickle = coming
+    with caplog.at_level("INFO", logger="corral.agent"):
+        feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60)
+    assert b"".join(fed) == DATA
+    assert "my stripe is here" in caplog.text and "late" not in caplog.text, caplog.text
+    assert [c[1] for c in swarm.calls if c[0] == "seed"][:3] == [False, True, False]
+    assert feeder.stats.rescues == 0
+
+
+def test_a_stripe_that_stops_coming_is_late(caplog: pytest.LogCaptureFixture) -> None:
+    # a seed that is connected but sends nothing of the stripe: late after STRIPE_TIMEOUT
+    # without a byte
+    swarm = FakeSwarm(DATA, [[]] * 60 + [list(range(10))])
+    swarm.avail = [0] * 10
+    swarm.trickle = 5
+    with caplog.at_level("INFO", logger="corral.agent"):
+        run_feeder(swarm, mine=[0, 2], stall=120)
+    late = re.search(r"my stripe is late after ([\d.]+) s", caplog.text)
+    assert late is not None, caplog.text
+    assert STRIPE_TIMEOUT <= float(late.group(1)) <= STRIPE_TIMEOUT + 8, caplog.text
+
+
 def test_a_seed_that_is_not_there_makes_the_stripe_late_soon(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

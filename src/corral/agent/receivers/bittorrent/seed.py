@@ -11,12 +11,16 @@ from corral.agent.receivers.bittorrent.swarm import Swarm, pieces
 
 log = logging.getLogger("corral.agent")
 
-#: Seconds a node may spend getting its stripe from the seed before it turns to its peers
-#: anyway (a slow link or a dead seed; its peers will ask the seed for the rest). A busy
-#: seed is no reason: at N = 100 on a 20 Mbit/s server link, the stripes together (one
-#: copy) take 10 s to go out, and a node whose stripe came last waited that long for its
-#: first byte. Giving up sooner made nodes drop stripes the seed was about to send, and
-#: the pieces nobody then held came from the seed again, as rescues, once per node.
+#: Seconds without a byte of its stripe after which a node turns to its peers anyway (a
+#: seed that stopped sending; its peers will ask the seed for the rest). A busy seed is no
+#: reason: it sends every stripe at once, each at its share of the server's link, so the
+#: stripes together (one copy) take S / B_server to go out and every node's ends about
+#: then: 10 s at N = 100 on the testbed's 20 Mbit/s server link, 25 s on a 10 Mbit/s one.
+#: Giving up sooner made nodes drop stripes the seed was about to send, and the pieces
+#: nobody then held came from the seed again, as rescues, once per node. A bound counted
+#: from the stripe's start (20 s, until 2026-12) did that on the 10 Mbit/s link: a
+#: quarter of the nodes gave their stripes up while they were coming, and the seed sent
+#: 1.7-1.9 x S instead of about one copy.
 STRIPE_TIMEOUT = 20.0
 #: Seconds without a new piece after which the node asks the seed for the pieces that at
 #: most one peer has (see :class:`SeedUse`). A 256 KiB piece takes 0.1 s at 20 Mbit/s, so
@@ -57,7 +61,7 @@ LATE_WAIT = 180.0
 IDLE_PIECES = 4
 #: ... pieces at no peer for this many, an orphan rescue ...
 ORPHAN_PIECES = 10
-#: ... and a stripe from the seed is late after this many.
+#: ... and a stripe from the seed is late after this many without a byte.
 STRIPE_PIECES = 10
 
 
@@ -201,9 +205,9 @@ class SeedUse:
         seed for, and nothing else (the other pieces are not wanted yet, so no request
         for them can reach the seed); the stripes together are one copy of the stream.
         It ends when the stripe is here, when peers have what is left of it (a node
-        that comes late finds the others seeding), after :data:`STRIPE_TIMEOUT` seconds,
-        or when for twice :data:`RESCUE_IDLE` not even the seed has it (it is not
-        connected);
+        that comes late finds the others seeding), after :data:`STRIPE_TIMEOUT` seconds
+        without a byte of it, or when for twice :data:`RESCUE_IDLE` not even the seed
+        has it (it is not connected);
     ``swarm``
         then, the seed blocked (libtorrent's IP filter), every other piece from the peers,
         who hold each other's stripes;
@@ -391,7 +395,7 @@ class SeedUse:
             else:
                 self._seedless_since = float("inf")
             late = (
-                now - self.started >= self.pace.scaled(STRIPE_TIMEOUT, STRIPE_PIECES)
+                idle >= self.pace.scaled(STRIPE_TIMEOUT, STRIPE_PIECES)
                 or now - self._seedless_since >= 2 * rescue_idle
             )
             if not left or shared or late:

@@ -59,8 +59,11 @@ ARRIVAL_QUIET = 30.0
 #: Seconds after a member's first announce during which its stripe is still its own to
 #: take from the seed (see :meth:`Swarms.coming`): at N = 100 the seed's 20 Mbit/s send
 #: the stripes in 10 s or more (the agent gives its stripe up after 20 s without a byte
-#: of it, its STRIPE_TIMEOUT). Rescued by the others before, those pieces went out from the seed once per node
-#: in need: at a start skew of 30 s, 1.8-2.0 x S from the seed, against 1.15 x S without.
+#: of it, its STRIPE_TIMEOUT). Rescued by the others before, those pieces went out from
+#: the seed once per node in need: at a start skew of 30 s, 1.8-2.0 x S from the seed,
+#: against 1.15 x S without. A bound fixed in seconds has the flaw the agent's had: on a
+#: 10 Mbit/s server link the stripes take 25 s, and from 20 s the first nodes done with
+#: theirs asked the seed for the pieces of stripes still on their way.
 STRIPE_GRACE = 20.0
 #: Seconds between two sweeps of a swarm for silent peers (each announce skips those it
 #: meets, so a sweep only bounds the memory they hold).

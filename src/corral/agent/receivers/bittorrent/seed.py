@@ -18,8 +18,8 @@ log = logging.getLogger("corral.agent")
 #: then: 10 s at N = 100 on the testbed's 20 Mbit/s server link, 25 s on a 10 Mbit/s one.
 #: Giving up sooner made nodes drop stripes the seed was about to send, and the pieces
 #: nobody then held came from the seed again, as rescues, once per node. A bound counted
-#: from the stripe's start (20 s, until 2026-12) did that on the 10 Mbit/s link: a
-#: quarter of the nodes gave their stripes up while they were coming, and the seed sent
+#: from the stripe's start (20 s, until 2026-12) did that on the 10 Mbit/s link: 11-15
+#: nodes of 100 a run gave their stripes up while they were coming, and the seed sent
 #: 1.7-1.9 x S instead of about one copy.
 STRIPE_TIMEOUT = 20.0
 #: Seconds without a new piece after which the node asks the seed for the pieces that at

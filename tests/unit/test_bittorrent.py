@@ -74,6 +74,7 @@ from corral.deploy.transports.bittorrent_tracker import (
     JOIN_WINDOW,
     MAX_PEERS,
     STRIPE_GRACE,
+    STRIPE_LEASE,
     Swarms,
     Tracker,
     _TrackerHandler,
@@ -292,6 +293,33 @@ def test_members_missing_are_waited_for_while_others_still_come() -> None:
     assert swarms.coming(H1) == [4]
 
 
+def test_a_stripe_is_on_its_way_while_its_member_says_so() -> None:
+    # on a slow server link the stripes take longer than STRIPE_GRACE: a member still
+    # taking its own is named until it stops saying so, and no longer than the lease
+    now = [0.0]
+    swarms = Swarms(clock=lambda: now[0])
+    swarms.open(H1, None, ["10.0.0.11", "10.0.0.12"], servers=["10.0.0.1"])
+    announce(swarms, "10.0.0.11", b"a" * 20, left=1)
+    announce(swarms, "10.0.0.12", b"b" * 20, left=1)
+    every = 5.0  # the questions' interval at two members
+    for t in (5.0, 10.0, 15.0, 20.0):  # 10.0.0.11 asks every 5 s while its stripe comes
+        now[0] = t
+        swarms.striping(H1, "10.0.0.11")
+    swarms.striping(H1, "10.0.0.1")  # the seed is no member: not heard
+    swarms.striping(H1, "10.0.0.99")  # nor is a stranger
+    now[0] = STRIPE_GRACE
+    assert swarms.coming(H1) == [0]  # 10.0.0.12 said nothing: its grace is over
+    now[0] = 20.0 + STRIPE_LEASE * every - 0.1
+    assert swarms.coming(H1) == [0]
+    now[0] = 20.0 + STRIPE_LEASE * every  # it stopped saying so (here, given up, or dead)
+    assert swarms.coming(H1) == []
+    swarms.open(H1, None, ["10.0.0.11", "10.0.0.12"])  # opened again: what was said stands
+    swarms.striping(H1, "10.0.0.12")
+    assert swarms.coming(H1) == [1]
+    swarms.striping(H2, "10.0.0.12")  # not a session: nothing to note
+    assert swarms.coming(H2) == []
+
+
 def test_the_tracker_over_http() -> None:
     now = [0.0]
     tracker = Tracker("127.0.0.1", 0, Swarms(clock=lambda: now[0]))
@@ -338,10 +366,20 @@ def test_the_tracker_over_http() -> None:
         announce(tracker.swarms, "10.0.0.12", b"b" * 20, left=0, event="stopped")  # gone
         now[0] += 1
         assert late.ask() and late.unfinished() == 0
+        tracker.swarms.open(H1, None, ["10.0.0.11", "127.0.0.1"])  # this host a member
+        announce(tracker.swarms, "127.0.0.1", b"c" * 20, left=1)
+        now[0] += STRIPE_GRACE
+        assert late.ask() and set(late.pieces()) == set()  # had the time to take its stripe
+        late.striping = lambda: True  # asks with ?stripe=coming: its stripe still comes
+        assert late.ask()
+        now[0] += 1  # the answer is made again after a second
+        assert late.ask() and set(late.pieces()) == {1, 3, 5}
+        late.striping = lambda: False
+        now[0] += 1
         tracker.swarms.open(H1, None, ["10.0.0.11", "10.0.0.13"])  # a new member
         late.start()  # its thread asks at once
         deadline = time.monotonic() + 5
-        while late.pieces() != {1, 3, 5} and time.monotonic() < deadline:
+        while late.pending() != 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         late.close()
         assert (late.pending(), set(late.pieces())) == (1, {1, 3, 5})

@@ -57,14 +57,20 @@ JOIN_WINDOW = 180.0
 #: booting, which then took them from the seed again, 0.3 x S more egress.
 ARRIVAL_QUIET = 30.0
 #: Seconds after a member's first announce during which its stripe is still its own to
-#: take from the seed (see :meth:`Swarms.coming`): at N = 100 the seed's 20 Mbit/s send
-#: the stripes in 10 s or more (the agent gives its stripe up after 20 s without a byte
-#: of it, its STRIPE_TIMEOUT). Rescued by the others before, those pieces went out from
-#: the seed once per node in need: at a start skew of 30 s, 1.8-2.0 x S from the seed,
-#: against 1.15 x S without. A bound fixed in seconds has the flaw the agent's had: on a
-#: 10 Mbit/s server link the stripes take 25 s, and from 20 s the first nodes done with
-#: theirs asked the seed for the pieces of stripes still on their way.
+#: take from the seed (see :meth:`Swarms.coming`), whatever it says: a node asks the seed
+#: for its stripe a few seconds after it joins, and says so at its next question to
+#: ``/pending`` (:data:`STRIPE_LEASE`). Rescued by the others before, those pieces went out
+#: from the seed once per node in need: at a start skew of 30 s, 1.8-2.0 x S from the seed,
+#: against 1.15 x S without.
 STRIPE_GRACE = 20.0
+#: A member's questions to ``/pending`` say whether its stripe is still coming from the
+#: seed (``?stripe=coming``), and it is named as on its way for this many times the
+#: questions' interval after the last that said so. The stripes come together, each at its
+#: share of the server's link, so they take S / B_server: 25 s at N = 100 on a 10 Mbit/s
+#: server link, where STRIPE_GRACE alone ran out and from 20 s the first nodes done with
+#: theirs asked the seed for the pieces of stripes still on their way (0.26-0.33 x S more
+#: from the seed). A node that gives its stripe up, or dies, stops saying so.
+STRIPE_LEASE = 3
 #: Seconds between two sweeps of a swarm for silent peers (each announce skips those it
 #: meets, so a sweep only bounds the memory they hold).
 SWEEP_EVERY = 1.0
@@ -124,6 +130,7 @@ class _Swarm:
     seen: dict[str, float] = field(default_factory=dict)  # address -> its first announce
     opened: float = 0.0
     partners: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # see lanes()
+    striping: dict[str, float] = field(default_factory=dict)  # address -> its last "coming"
     # indexes of ``peers``, kept by put() and drop()
     seeds: dict[bytes, None] = field(default_factory=dict)  # peers at corral's addresses
     everyone: _Bag = field(default_factory=_Bag)  # the others
@@ -231,6 +238,7 @@ class Swarms:
                 old.seen if old else {},
                 old.opened if old else self.clock(),
                 pairs,
+                old.striping if old else {},
             )
 
     def pending(self, info_hash: bytes) -> int:
@@ -244,23 +252,38 @@ class Swarms:
 
     def coming(self, info_hash: bytes) -> list[int]:
         """The stripes (positions in ``members``) still on their way to their members:
-        members that joined less than :data:`STRIPE_GRACE` seconds ago, and those that have
-        not joined yet while members still come (the last joined less than
-        :data:`ARRIVAL_QUIET` seconds ago, or none has yet; within :data:`JOIN_WINDOW`, as
-        :meth:`pending`). The nodes there leave those pieces to them (the agent's
-        ``SeedUse``): each member takes its own stripe from the seed, once, and passes it
-        on."""
+        members that joined less than :data:`STRIPE_GRACE` seconds ago or said lately that
+        theirs is still coming (:meth:`striping`), and those that have not joined yet while
+        members still come (the last joined less than :data:`ARRIVAL_QUIET` seconds ago,
+        or none has yet; within :data:`JOIN_WINDOW`, as :meth:`pending`). The nodes there
+        leave those pieces to them (the agent's ``SeedUse``): each member takes its own
+        stripe from the seed, once, and passes it on."""
         with self._lock:
             swarm, now = self._joining(info_hash), self.clock()
             if swarm is None:
                 return []
             joins = [t for ip, t in swarm.seen.items() if ip not in swarm.servers]
             arriving = now - max(joins, default=now) < ARRIVAL_QUIET
-            return [
-                i
-                for i, ip in enumerate(swarm.members)
-                if ip and (now - swarm.seen[ip] < STRIPE_GRACE if ip in swarm.seen else arriving)
-            ]
+            lease = STRIPE_LEASE * self.ask_every(swarm)
+
+            def on_its_way(ip: str) -> bool:
+                if ip not in swarm.seen:
+                    return arriving
+                return (
+                    now - swarm.seen[ip] < STRIPE_GRACE
+                    or now - swarm.striping.get(ip, -math.inf) < lease
+                )
+
+            return [i for i, ip in enumerate(swarm.members) if ip and on_its_way(ip)]
+
+    def striping(self, info_hash: bytes, ip: str) -> None:
+        """The member at ``ip`` says its stripe is still coming from the seed (it asked
+        ``/pending`` with ``stripe=coming``): :meth:`coming` names it for
+        :data:`STRIPE_LEASE` questions' time more. Anyone else is not heard."""
+        with self._lock:
+            swarm = self._swarms.get(info_hash)
+            if swarm is not None and ip in swarm.seen and ip not in swarm.servers:
+                swarm.striping[ip] = self.clock()
 
     def unfinished(self, info_hash: bytes) -> int:
         """Peers in the swarm whose last announce had bytes left: the members still
@@ -275,6 +298,12 @@ class Swarms:
         """Seconds between two announces of a member of ``swarm``."""
         return max(self.interval, math.ceil(len(swarm.members) / ANNOUNCES_PER_SECOND))
 
+    @staticmethod
+    def ask_every(swarm: _Swarm | None) -> float:
+        """Seconds between two questions of a member of ``swarm`` to ``/pending``."""
+        members = 0 if swarm is None else len(swarm.members)
+        return round(max(Latecomers.ASK_EVERY, members / QUESTIONS_PER_SECOND), 1)
+
     def latecomers(self, info_hash: bytes) -> bytes:
         """The answer to ``/pending/INFOHASH``: :meth:`pending`, :meth:`coming` and
         :meth:`unfinished` as JSON, and how often to ask (``every``, seconds: longer in a
@@ -285,17 +314,16 @@ class Swarms:
         with self._lock:
             swarm = self._swarms.get(info_hash)
             count = 0 if swarm is None else len(swarm.seen)
-            members = 0 if swarm is None else len(swarm.members)
+            every = self.ask_every(swarm)
             if swarm is not None and swarm.latecomers is not None:
                 made, seen, body = swarm.latecomers
                 if seen == count and 0 <= now - made < LATECOMERS_FRESH:
                     return body
-        every = max(Latecomers.ASK_EVERY, members / QUESTIONS_PER_SECOND)
         answer = {
             "pending": self.pending(info_hash),
             "coming": self.coming(info_hash),
             "unfinished": self.unfinished(info_hash),
-            "every": round(every, 1),
+            "every": every,
         }
         fresh = json.dumps(answer).encode()
         with self._lock:
@@ -521,7 +549,7 @@ class _TrackerHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path, _, query = self.path.partition("?")
         if path.startswith("/pending/"):
-            self._pending(path.removeprefix("/pending/"))
+            self._pending(path.removeprefix("/pending/"), urllib.parse.parse_qs(query))
             return
         if path != "/announce":
             self.send_error(404, "this tracker answers /announce and /pending/INFOHASH")
@@ -536,16 +564,19 @@ class _TrackerHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _pending(self, hexdigest: str) -> None:
+    def _pending(self, hexdigest: str, query: Mapping[str, list[str]]) -> None:
         """``{"pending": N, "coming": [STRIPE, ...], "unfinished": N, "every": S}``: how
         many members have not joined yet, the stripes still on their way to their members,
         how many peers have bytes left, and how often to ask (not BitTorrent; the agents
-        ask it while they download and while they linger)."""
+        ask it while they download and while they linger). ``?stripe=coming``: the asking
+        member's stripe is still on its way to it (:meth:`Swarms.striping`)."""
         try:
             key = bytes.fromhex(hexdigest)
         except ValueError:
             self.send_error(400, "give the info-hash in hex")
             return
+        if query.get("stripe") == ["coming"]:
+            self.server.swarms.striping(key, self.client_address[0])
         body = self.server.swarms.latecomers(key)
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

@@ -263,7 +263,10 @@ class Latecomers:
     come). A thread of its own asks every :data:`ASK_EVERY` seconds, or as often as the
     tracker's last answer says (``every``: a large swarm asks less often) (:meth:`start`),
     so that the feeding loop never waits on a busy server; an answer that does not come
-    leaves the last one standing (nothing before the first)."""
+    leaves the last one standing (nothing before the first). While ``striping`` says the
+    node's own stripe is coming from the seed, each question says so (``?stripe=coming``):
+    the tracker names that stripe as on its way to the others for as long (its
+    ``STRIPE_LEASE``), however long the seed takes to send the stripes."""
 
     #: Seconds between two questions to the tracker, unless it says otherwise.
     ASK_EVERY = 5.0
@@ -283,6 +286,7 @@ class Latecomers:
         self.url = tracker.rsplit("/", 1)[0] + f"/pending/{info_hash}"
         self.stripes = stripes  # (number of pieces, number of stripes)
         self.turn = turn  # the racks' turn in the stripes (swarm.spare_stripes)
+        self.striping: Callable[[], bool] = lambda: False  # set by the feed's SeedUse
         self._pending = 0
         self._joined = 0  # members that joined lately (the tracker's "coming")
         self._unfinished: int | None = None
@@ -306,7 +310,8 @@ class Latecomers:
     def ask(self) -> bool:
         """Ask the tracker once; False if it did not answer."""
         try:
-            with urllib.request.urlopen(self.url, timeout=self.TIMEOUT) as answer:
+            url = self.url + ("?stripe=coming" if self.striping() else "")
+            with urllib.request.urlopen(url, timeout=self.TIMEOUT) as answer:
                 body = json.load(answer)
             pending, coming = int(body.get("pending", 0)), [int(i) for i in body.get("coming", [])]
             every = float(body.get("every", self.ASK_EVERY))

@@ -222,6 +222,7 @@ class BitTorrentReceiver(StreamReceiver):
                     late=latecomers.pieces,
                     lane_swarm=lane_swarm,
                 )
+                latecomers.striping = lambda: feeder.seed.phase == "stripe"
                 feeds.append(feeder.run())
 
             self.unpack(job, fill)

@@ -279,7 +279,8 @@ class Swarms:
     def striping(self, info_hash: bytes, ip: str) -> None:
         """The member at ``ip`` says its stripe is still coming from the seed (it asked
         ``/pending`` with ``stripe=coming``): :meth:`coming` names it for
-        :data:`STRIPE_LEASE` questions' time more. Anyone else is not heard."""
+        :data:`STRIPE_LEASE` questions' time more. An address that has not announced, or
+        corral's own, is not heard; one that is no member is noted and never named."""
         with self._lock:
             swarm = self._swarms.get(info_hash)
             if swarm is not None and ip in swarm.seen and ip not in swarm.servers:

@@ -286,7 +286,7 @@ class Latecomers:
         self.url = tracker.rsplit("/", 1)[0] + f"/pending/{info_hash}"
         self.stripes = stripes  # (number of pieces, number of stripes)
         self.turn = turn  # the racks' turn in the stripes (swarm.spare_stripes)
-        self.striping: Callable[[], bool] = lambda: False  # set by the feed's SeedUse
+        self.striping: Callable[[], bool] = lambda: False  # the receiver: SeedUse's phase
         self._pending = 0
         self._joined = 0  # members that joined lately (the tracker's "coming")
         self._unfinished: int | None = None

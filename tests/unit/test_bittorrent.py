@@ -1124,6 +1124,44 @@ def test_pieces_at_no_peer_for_long_are_asked_of_the_seed_even_while_others_come
     assert ("want", [8, 9]) in swarm.calls and feeder.stats.rescues == 1
 
 
+def test_only_the_pieces_at_no_peer_are_asked_of_the_seed_for_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 8 and 9 are at no peer for long, 6 and 7 at one and still to come: the seed is
+    # asked for 8 and 9 alone (a stall would be a reason to ask for 6 and 7 too)
+    monkeypatch.setattr(bittorrent_seed, "ORPHAN_PIECES", 0)
+    arrivals = [[0, 2], [1], [3], [4], [5], [], [], [], [6], [7], [], [8, 9]]
+    swarm = FakeSwarm(DATA, arrivals)
+    swarm.avail = [1] * 8 + [0, 0]
+    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60)
+    assert b"".join(fed) == DATA
+    rescues = [w for c, w in swarm.calls if c == "want" and w and set(w) & {6, 7, 8, 9}]
+    assert rescues[0] == [8, 9] and feeder.stats.rescues == 1
+
+
+class MovingOrphans(FakeSwarm):
+    """Each piece from 3 on is at no connected peer for two looks, then at one, and comes
+    a look later: while the stripes spread from their members, some piece is always at no
+    peer, but none for long."""
+
+    def availability(self) -> Sequence[int]:
+        orphan = 3 + self.waits // 2
+        return [0 if p == orphan else 1 for p in range(len(self.have))]
+
+
+def test_pieces_at_no_peer_for_a_moment_each_are_not_asked_of_the_seed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bittorrent_seed, "ORPHAN_PIECES", 0)  # ORPHAN_WAIT: 5 s
+    arrivals: list[list[int]] = [[0, 2], [1]] + [[] for _ in range(30)]
+    for k, piece in enumerate(range(3, 10)):
+        arrivals[2 * k + 3].append(piece)
+    swarm = MovingOrphans(DATA, arrivals)
+    feeder, fed, _, _ = run_feeder(swarm, mine=[0, 2], stall=60)
+    assert b"".join(fed) == DATA
+    assert ("seed", True) not in swarm.calls[2:] and feeder.stats.rescues == 0
+
+
 def test_the_stripes_of_members_still_booting_are_left_to_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -37,9 +37,14 @@ LOOK_TIME = 1.0
 TRACKER_WAIT = 15.0
 #: Seconds a node with no peer at all waits for some before it asks the seed for pieces.
 ALONE_WAIT = 10.0
-#: Seconds that pieces may be at no peer before the node asks the seed for them even
-#: though other pieces keep coming: the first nodes of a deployment that boots in waves
-#: would otherwise wait for the stripes of the last ones.
+#: Seconds that a piece may be at no connected peer before the node asks the seed for it
+#: even though other pieces keep coming (its member died before passing it on; without
+#: a tracker that names the members still coming, the first nodes of a deployment that
+#: boots in waves would wait for the stripes of the last ones). Counted for each piece:
+#: counted from the first piece at no peer, while other pieces came and went, at N = 100
+#: on 1 Mbit/s links every node found "pieces at no peer for long" in the minute after
+#: the stripes, which were only on their way from their members, and asked the seed for
+#: 0.6 x S in all.
 ORPHAN_WAIT = 5.0
 #: Seconds, from the node's start, during which it leaves the stripes of the members that
 #: have not joined yet or have just come (corral's tracker names them) to those members:
@@ -59,8 +64,10 @@ LATE_WAIT = 180.0
 #: pieces is not read as trouble (a rescue from the seed: egress) or a stall (HTTP):
 #: nothing new for this many pieces' time is a rescue ...
 IDLE_PIECES = 4
-#: ... pieces at no peer for this many, an orphan rescue ...
-ORPHAN_PIECES = 10
+#: ... a piece at no peer for this many, an orphan rescue (a member serves eight peers at
+#: once, the agent's upload slots, so the first copy of its piece elsewhere takes eight
+#: pieces' time at its link, more while those peers take from others too) ...
+ORPHAN_PIECES = 20
 #: ... and a stripe from the seed is late after this many without a byte.
 STRIPE_PIECES = 10
 
@@ -213,12 +220,13 @@ class SeedUse:
         who hold each other's stripes;
     ``rescue``
         when the node has received nothing for :data:`RESCUE_IDLE` seconds (on a LAN a
-        piece takes a fraction of a second), or has lacked pieces that no peer has for
-        :data:`ORPHAN_WAIT` seconds, the seed again, for the pieces that at most
+        piece takes a fraction of a second), the seed again, for the pieces that at most
         one connected peer has: their stripe's member died before passing it on, or is
-        slow. Not the stripes of members that have not joined yet or have just come
-        (``late``, from corral's tracker), for up to :data:`LATE_WAIT` seconds: those
-        members take them from the seed, and a node waiting for them is not stalled.
+        slow; and for a piece that no connected peer has had for :data:`ORPHAN_WAIT`
+        seconds while others came, that piece. Not the stripes of members that have not
+        joined yet or have just come (``late``, from corral's tracker), for up to
+        :data:`LATE_WAIT` seconds: those members take them from the seed, and a node
+        waiting for them is not stalled.
         Only those are wanted meanwhile, so the seed sends nothing the peers could, and
         only until they are here or, every :data:`RESCUE_MAX` seconds, until a second
         peer has those still missing. The peers in need (likely all lacking the same
@@ -306,7 +314,9 @@ class SeedUse:
         self._lane_done = False
         self.since = 0.0
         self._looked = -1e9
-        self._orphans_since = float("inf")
+        #: since when each piece it lacks has been at no connected peer (see
+        #: :data:`ORPHAN_WAIT`)
+        self._orphaned: dict[int, float] = {}
         self._alone_since = float("inf")
         self._seedless_since = float("inf")
         self.pace = PieceClock(clock)
@@ -417,33 +427,38 @@ class SeedUse:
             self.phase == "swarm"
             and not all(have)
             and (self.swarm.heard() or waited >= TRACKER_WAIT)
-            and self._rescue_due(have, idle, now, rescue_idle)
+            and (due := self._rescue_due(have, idle, now, rescue_idle)) is not None
         ):
             available = self._counts(len(have))  # the seed is not connected: peers only
             if available is None:
                 return False
             missing = [p for p, h in enumerate(have) if not h]
+            # stalled: the pieces at most one peer has; else the orphans that are due
+            rare = due or [p for p in missing if available[p] <= 1]
             awaited = self.awaited()
-            rare = [p for p in missing if available[p] <= 1 and p not in awaited]
+            rare = [p for p in rare if p not in awaited]
             # The connected peers that still download lack the same pieces, most likely:
             # each asks the seed for its share only and gets the others' from them. If
             # that has not worked out (they see other peers), all of them.
             position, count = self.swarm.present()
             if idle < 3 * rescue_idle and count > 1:
                 rare = [p for p in rare if p % count == position]
+            for piece in due:  # the others' shares get their time too
+                self._orphaned[piece] = now
             if not rare:
                 return False
             log.info(
-                "bittorrent: nothing new for %.0f s; asking the seed for %s "
+                "bittorrent: %s; asking the seed for %s "
                 "(%d missing, %d at no peer, %d peers in need)",
-                idle,
+                f"{pieces(len(due))} at no peer for long"
+                if due
+                else f"nothing new for {idle:.0f} s",
                 pieces(len(rare)),
                 len(missing),
                 sum(1 for p in missing if not available[p]),
                 count,
             )
             self.phase, self.rescue, self.since = "rescue", rare, now
-            self._orphans_since = float("inf")  # the others' shares get their time too
             self.swarm.want(rare)  # those only: the seed must not send what peers have
             self.swarm.use_seed(True)
             return True
@@ -481,7 +496,8 @@ class SeedUse:
         return True
 
     def _to_swarm(self) -> None:
-        self.phase, self._orphans_since = "swarm", float("inf")
+        self.phase = "swarm"
+        self._orphaned.clear()
         if self.rack is not None:
             self.swarm.keep_to(self.rack)
         self.swarm.want(None)
@@ -611,37 +627,39 @@ class SeedUse:
 
     def _rescue_due(
         self, have: Sequence[bool], idle: float, now: float, rescue_idle: float
-    ) -> bool:
-        """Time to ask the seed (looked at once a second): nothing new for ``rescue_idle``
-        seconds, or pieces at no peer for :data:`ORPHAN_WAIT` seconds (both scaled to the
-        node's pace; the second not in a rack);
-        but not while the node has no peer at all, for :data:`ALONE_WAIT` seconds (it is
-        still connecting, or the first of its deployment: the others are booting)."""
+    ) -> list[int] | None:
+        """Whether to ask the seed (looked at once a second): ``[]`` when nothing new came
+        for ``rescue_idle`` seconds; the pieces at no connected peer for
+        :data:`ORPHAN_WAIT` seconds, each (both scaled to the node's pace; the second not
+        in a rack), if there are any; None otherwise, and while the node has no peer at
+        all, for :data:`ALONE_WAIT` seconds (it is still connecting, or the first of its
+        deployment: the others are booting)."""
         if now - self._looked < 1.0:
-            return False
+            return None
         self._looked = now
         if self.swarm.connected() == 0:
             self._alone_since = min(self._alone_since, now)
             if now - self._alone_since < ALONE_WAIT:
-                return False
+                return None
         else:
             self._alone_since = float("inf")
         if idle >= rescue_idle:
-            return True
+            return []
         if self.in_rack():
-            return False
+            return None
         available = self._counts(len(have))
         if available is None:
-            return False
+            return None
         awaited = self.awaited()
-        if any(
-            not h and not a and p not in awaited
+        since = self._orphaned
+        self._orphaned = {
+            p: since.get(p, now)
             for p, (h, a) in enumerate(zip(have, available, strict=False))
-        ):
-            self._orphans_since = min(self._orphans_since, now)
-        else:
-            self._orphans_since = float("inf")
-        return now - self._orphans_since >= self.pace.scaled(ORPHAN_WAIT, ORPHAN_PIECES)
+            if not h and not a and p not in awaited
+        }
+        wait = self.pace.scaled(ORPHAN_WAIT, ORPHAN_PIECES)
+        due = [p for p, first in self._orphaned.items() if now - first >= wait]
+        return due or None
 
     def _available(self, pieces: Sequence[int], swarm: Swarm | None = None) -> list[int]:
         """How many connected sources have each of ``pieces`` (the seed counts for one;

@@ -40,11 +40,11 @@ ALONE_WAIT = 10.0
 #: Seconds that a piece may be at no connected peer before the node asks the seed for it
 #: even though other pieces keep coming (its member died before passing it on; without
 #: a tracker that names the members still coming, the first nodes of a deployment that
-#: boots in waves would wait for the stripes of the last ones). Counted for each piece:
-#: counted from the first piece at no peer, while other pieces came and went, at N = 100
-#: on 1 Mbit/s links every node found "pieces at no peer for long" in the minute after
-#: the stripes, which were only on their way from their members, and asked the seed for
-#: 0.6 x S in all.
+#: boots in waves would wait for the stripes of the last ones). Counted for each piece.
+#: Counted from the first piece at no peer while others came and went (until 2026-12),
+#: at N = 100 on 1 Mbit/s links every node found pieces at no peer for long in the
+#: minute after the stripes, which were only on their way from their members, and the
+#: seed sent 0.6 x S more on a 62 MiB image.
 ORPHAN_WAIT = 5.0
 #: Seconds, from the node's start, during which it leaves the stripes of the members that
 #: have not joined yet or have just come (corral's tracker names them) to those members:

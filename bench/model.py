@@ -31,7 +31,10 @@ result, ``docs/benchmarks.md`` the table):
   peers, the first choke rounds), seconds; ``bt_depth``: the swarm's stretch of a node's
   S/B per doubling of N (its link is not busy all the time); ``bt_seed``: the seed's
   share of the server link (fitted when the seed bound the old swarm); ``bt_rescue``:
-  the share of S the seed sends again, for pieces no peer has (egress only);
+  the share of S the seed sends again in small racks, for lane pieces no partner
+  brought (egress only; on one switch and in large racks the seed sends one copy);
+  ``bt_ctl``: what the seed and the tracker send each node per second besides pieces
+  (announces, the protocol's messages, acknowledgements; egress only);
   ``bt_overlap``: in small racks, where a node brings its lane in beside its rack's
   trade, the share of the shorter of the two that still adds to the longer (the last
   lane pieces spread when the lane is in, the links the two share);
@@ -89,10 +92,11 @@ CALIBRATION: dict[str, float] = {
     "hop_bytes": 15_000,
     "bt_start": 14.0,
     "bt_depth": 0.025,
-    "bt_rescue": 0.6,
+    "bt_rescue": 0.2,
     "bt_seed": 0.75,
     "bt_overlap": 0.4,
     "ctl_bytes": 30_000,
+    "bt_ctl": 250,
     "host_ack": 0.0052,
     "host_relay": 0.035,
     "host_disk": 0.2,
@@ -105,7 +109,7 @@ MSS = 1448
 BT_FLOWS = UPLOAD_SLOTS
 # Egress per rack, in copies of S, above which a recorded BitTorrent run is of the old
 # swarm, whose seed re-sent most pieces (20-28 x S at N = 100); the model's sends one
-# copy per rack, and on one switch 0.6 of a copy more (bt_rescue).
+# copy, and in small racks 0.2 of a copy more (bt_rescue).
 BT_STORM = 3.0
 # ... if it was measured before the swarm meshed (afbc2e8, the testbed's neighbour tables,
 # 2026-12-03 22:18 UTC): later runs that send that much (the current swarm under a start
@@ -262,9 +266,11 @@ def bittorrent(c: Cluster, k: dict[str, float]) -> Prediction:
     trade trades at their pace: the runs at a start skew of 30 and 60 s took 1.5-1.7 x S/B
     from the last node's start, not the 1 x S/B of its own link (a model that said so was
     10-17 % short on them); one that comes after they are done takes S at its own link's
-    rate. The seed sends again what no peer has: ``bt_rescue`` x S, at most what its share
-    of the link carries while the swarm runs. The testbed's installs end on its one host's
-    disks, as the other transports' do (``host_disk``)."""
+    rate. The seed sends the image once; in small racks, where lanes are apart, it sends
+    again what no lane partner brought: ``bt_rescue`` x S, at most what its share of the
+    link carries while the swarm runs. Besides pieces, the seed and the tracker send each
+    node ``bt_ctl`` bytes a second for as long as the deployment runs. The testbed's
+    installs end on its one host's disks, as the other transports' do (``host_disk``)."""
     down = _tcp_rate(c, c.node_link, k, BT_FLOWS)
     if c.nodes == 1:  # the seed alone, as HTTP would
         t = k["t0"] + c.skew + c.size / down
@@ -273,18 +279,19 @@ def bittorrent(c: Cluster, k: dict[str, float]) -> Prediction:
     seed = k["bt_seed"] * k["eta_tcp"] * c.server_link / 8
     swarm_n = c.rack_size if racks > 1 else c.nodes
     swarm = (1 + k["bt_depth"] * math.log2(swarm_n)) * c.size / down
+    apart = _lane_apart(c.nodes, racks)  # in small racks, the lane's session beside the trade
     if racks > 1:
         lane = (1 - 1 / racks) * c.size
         bring = max(lane / (k["eta_tcp"] * c.uplink / 8), lane / c.rack_size / down)
-        if _lane_apart(c.nodes, racks):  # in small racks, the lane's session beside the trade
+        if apart:
             swarm = max(swarm, bring) + k["bt_overlap"] * min(swarm, bring)
         else:
             swarm += bring
-    rescued = min(k["bt_rescue"] * c.size, seed * swarm)
+    rescued = min(k["bt_rescue"] * c.size, seed * swarm) if apart else 0.0
     together = c.size / seed + swarm
     late = c.skew + (swarm if c.skew < together else c.size / down)
     t = k["t0"] + k["bt_start"] + max(late, together) + _host_finish(c, k)
-    egress = (c.size + rescued) / k["eta_tcp"] + c.nodes * k["ctl_bytes"]
+    egress = (c.size + rescued) / k["eta_tcp"] + c.nodes * (k["ctl_bytes"] + k["bt_ctl"] * t)
     return Prediction(_stragglers_done(c, k, t), t, egress)
 
 

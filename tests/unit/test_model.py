@@ -142,10 +142,36 @@ def test_bittorrent_racks_bring_their_lanes_in_then_trade_inside() -> None:
         assert p.t >= lane + c.one_copy
         # then it trades inside: a smaller swarm than the flat one, so the two come close
         assert abs(p.t - flat.t) < lane + 0.1 * c.one_copy
-        # the seed sends one copy and its rescues, as on one switch
-        assert p.egress == pytest.approx(flat.egress)
-    # on one switch, the stripes are one copy and the seed sends a little more
-    assert 1 < flat.egress / TESTBED.size < 2
+        # the seed sends one copy, as on one switch; the rest is control traffic
+        assert _bt_payload(c, p) == pytest.approx(_bt_payload(TESTBED, flat))
+    # on one switch, the stripes are one copy and the seed sends nothing twice
+    assert _bt_payload(TESTBED, flat) == pytest.approx(TESTBED.size / model.CALIBRATION["eta_tcp"])
+    assert 1 < flat.egress / TESTBED.size < 1.5
+
+
+def _bt_payload(c: model.Cluster, p: model.Prediction) -> float:
+    """A BitTorrent prediction's egress without its control traffic."""
+    k = model.CALIBRATION
+    return float(p.egress - c.nodes * (k["ctl_bytes"] + k["bt_ctl"] * p.t))
+
+
+def test_in_small_racks_the_bittorrent_seed_sends_lane_pieces_again() -> None:
+    # 20 racks of 5: a lane is a fifth of the image, brought in a session of its own
+    small = replace(TESTBED, rack_size=5, oversubscription=4)
+    rescued = _bt_payload(small, model.predict("bittorrent", small)) - _bt_payload(
+        TESTBED, model.predict("bittorrent", TESTBED)
+    )
+    k = model.CALIBRATION
+    assert rescued == pytest.approx(k["bt_rescue"] * TESTBED.size / k["eta_tcp"])
+
+
+def test_bittorrent_control_traffic_grows_with_the_time_the_deployment_runs() -> None:
+    fast = model.predict("bittorrent", TESTBED)
+    slow = model.predict("bittorrent", replace(TESTBED, node_link=1e6, server_link=10e6))
+    # the same image and nodes at half the rates: the same payload, control for longer
+    assert slow.t > 1.9 * fast.t
+    extra = TESTBED.nodes * model.CALIBRATION["bt_ctl"] * (slow.t - fast.t)
+    assert slow.egress - fast.egress == pytest.approx(extra)
 
 
 def test_a_late_bittorrent_node_takes_the_image_at_its_own_links_rate() -> None:

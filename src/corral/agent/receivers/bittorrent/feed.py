@@ -141,10 +141,10 @@ class Feeder:
             if count != self._have or received > self._received:
                 self._have, self._received, self._moved = count, received, self.clock()
             self._report()
-            before = self.seed.phase
+            before = self.seed.rescuing()
             if self.seed.step(have, self.clock() - self._moved):
                 self._prioritize()
-            if self.seed.phase == "rescue" and before != "rescue":
+            if self.seed.rescuing() and not before:
                 self.stats.rescues += 1
             if all(have[p] for p in span):
                 data = self._from_swarm(index, span)
@@ -286,7 +286,7 @@ class Latecomers:
         self.url = tracker.rsplit("/", 1)[0] + f"/pending/{info_hash}"
         self.stripes = stripes  # (number of pieces, number of stripes)
         self.turn = turn  # the racks' turn in the stripes (swarm.spare_stripes)
-        self.striping: Callable[[], bool] = lambda: False  # the receiver: SeedUse's phase
+        self.striping: Callable[[], bool] = lambda: False  # the receiver: SeedUse.striping
         self._pending = 0
         self._joined = 0  # members that joined lately (the tracker's "coming")
         self._unfinished: int | None = None

@@ -222,7 +222,7 @@ class BitTorrentReceiver(StreamReceiver):
                     late=latecomers.pieces,
                     lane_swarm=lane_swarm,
                 )
-                latecomers.striping = lambda: feeder.seed.phase == "stripe"
+                latecomers.striping = feeder.seed.striping
                 feeds.append(feeder.run())
 
             self.unpack(job, fill)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
+from typing import Literal
 
 from corral.agent.receivers.bittorrent.swarm import Swarm, pieces
 
@@ -138,8 +139,10 @@ HANDOVER_PIECES = 5
 #: sessions (see :class:`SeedUse`).
 MOVE_TIMEOUT = 10.0
 
+#: Where a node is in its use of the seed (see :class:`SeedUse`).
+Phase = Literal["plain", "look", "stripe", "import", "swarm", "rescue"]
 #: The phases before a node takes pieces from its peers.
-STARTING = ("look", "stripe", "import")
+STARTING: tuple[Phase, ...] = ("look", "stripe", "import")
 
 
 class LaneSession:
@@ -334,11 +337,11 @@ class SeedUse:
                 swarm.want([])  # what a partner elsewhere holds is not for it yet
 
     @property
-    def phase(self) -> str:
+    def phase(self) -> Phase:
         return self._phase
 
     @phase.setter
-    def phase(self, value: str) -> None:
+    def phase(self, value: Phase) -> None:
         old = getattr(self, "_phase", None)
         if value != old:
             self._phase_at = self.clock()
@@ -355,6 +358,14 @@ class SeedUse:
         """Still meeting its peers or getting its stripe or its lane: no chunk is wanted
         yet, so none can stall (the stripe and the lane have their own timeouts)."""
         return self._phase in STARTING
+
+    def striping(self) -> bool:
+        """Taking its stripe from the seed."""
+        return self._phase == "stripe"
+
+    def rescuing(self) -> bool:
+        """Taking from the seed pieces that no peer has (a rescue)."""
+        return self._phase == "rescue"
 
     def step(self, have: Sequence[bool], idle: float) -> bool:
         """Move on if it is time, given the pieces here and the seconds since the last new

@@ -170,6 +170,7 @@ def test_bittorrent_control_traffic_grows_with_the_time_the_deployment_runs() ->
     slow = model.predict("bittorrent", replace(TESTBED, node_link=1e6, server_link=10e6))
     # the same image and nodes at half the rates: the same payload, control for longer
     assert slow.t > 1.9 * fast.t
+    assert slow.egress > fast.egress
     extra = TESTBED.nodes * model.CALIBRATION["bt_ctl"] * (slow.t - fast.t)
     assert slow.egress - fast.egress == pytest.approx(extra)
 

@@ -143,35 +143,6 @@ def test_a_reader_waits_for_the_next_piece_and_wakes_on_close() -> None:
         window.read(0, 5, 5, timeout=5)
 
 
-def test_a_relay_forwards_what_came_once_a_few_kib_are_here_not_a_whole_piece() -> None:
-    """The receiver's read returns the 5 KiB that came (FORWARD and more) without waiting
-    for the 16 KiB it may read at once, and a frame's rest smaller than FORWARD at once;
-    with the kernel holding the poll (SO_RCVLOWAT), 1 KiB does not wake it."""
-    receiver = ChainReceiver(Context(cast(Client, None)))
-    cancel = threading.Event()
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        theirs = socket.create_connection(listener.getsockname())
-        ours, _ = listener.accept()
-    with ours, theirs:
-        theirs.sendall(b"a" * 1024)
-        started = time.monotonic()
-        got: list[bytes] = []
-        t = threading.Thread(
-            target=lambda: got.append(receiver._read(ours, wire.PIECE, cancel, wire.FORWARD))
-        )
-        t.start()
-        time.sleep(0.3)
-        assert not got  # 1 KiB is not worth a turn
-        theirs.sendall(b"b" * (5 << 10))
-        t.join(5)
-        assert got == [b"a" * 1024 + b"b" * (5 << 10)]
-        assert time.monotonic() - started < 2
-        theirs.sendall(b"c" * 100)  # the rest of a frame, fewer bytes than FORWARD
-        assert receiver._read(ours, 100, cancel, wire.FORWARD) == b"c" * 100
-        theirs.sendall(b"d" * 28)  # a heartbeat's header: the exact read waits for it only
-        assert receiver._read(ours, 28, cancel) == b"d" * 28
-
-
 # --- choosing the upstream -----------------------------------------------------------
 
 
@@ -685,14 +656,11 @@ class SlowLinkChain(KeenChain):
 
     slow_bytes = 500_000
 
-    def _read(
-        self, sock: socket.socket, n: int, cancel: threading.Event, least: int | None = None
-    ) -> bytes:
-        data = super()._read(sock, n, cancel, least)
+    def _read(self, sock: socket.socket, n: int, cancel: threading.Event) -> bytes:
         if self.slow_bytes > 0:
-            self.slow_bytes -= len(data)
-            time.sleep(len(data) / 100_000)
-        return data
+            self.slow_bytes -= n
+            time.sleep(n / 100_000)
+        return super()._read(sock, n, cancel)
 
 
 def test_a_slow_node_cut_off_by_its_upstream_does_not_pass_it(

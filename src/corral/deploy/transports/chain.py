@@ -86,7 +86,7 @@ chunks, from the first, the upstream holds. Anything but 0 is followed by the cl
 ``DATA`` (1)
     bytes ``[offset, offset + length)`` of ``chunk``. Chunks come in order, from the chunk
     and offset of the hello, each then from offset 0, with no gap. A relay forwards a piece
-    as soon as it has it (every 4 to 16 KiB; at most 64 KiB in a frame), before its chunk is
+    as soon as it has it (16 KiB pieces; at most 64 KiB in a frame), before its chunk is
     whole and checked; every node checks each whole chunk against the plan's sha256
     before unpacking it.
 ``SKIP`` (2)

@@ -11,11 +11,11 @@ What one node does, in :meth:`ChainReceiver.receive`:
 - it listens on :data:`RELAY_PORT` for nodes after it (:class:`Relay`);
 - it connects *upstream* (:class:`Picker`): to the node just before it, or to the head for
   the first node, says which chunk it needs next, and reads pieces of chunks;
-- what it reads is put in a :class:`Window` every few KiB as it arrives and forwarded at
-  once to whoever pulls from this node (cut-through: a hop costs 4 KiB, not a 4 MiB chunk,
-  so a hundred hops add a second or two at 2 Mbit/s, not minutes); a whole chunk is
-  checked against the plan's sha256 before a byte of it is unpacked, and a node that
-  pulled a corrupt piece finds out the same way;
+- every piece is put in a :class:`Window` as it arrives and forwarded at once to whoever
+  pulls from this node (cut-through: a hop costs one 16 KiB piece, not a 4 MiB chunk, so
+  a hundred hops add about a second, not minutes); a whole chunk is checked against the
+  plan's sha256 before a byte of it is unpacked, and a node that pulled a corrupt piece
+  finds out the same way;
 - it feeds the checked chunks to ``zstd -d | tar -x``
   (:class:`~corral.agent.receivers.stream.Unpacker`).
 

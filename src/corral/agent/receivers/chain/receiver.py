@@ -29,7 +29,6 @@ from corral.agent.receivers.stream import VerifiedStream
 from corral.agent.wire.chain import (
     BUSY,
     DATA,
-    FORWARD,
     FRAME,
     HEARTBEAT,
     HELLO_TIMEOUT,
@@ -146,7 +145,6 @@ class ChainReceiver(StreamReceiver):
         super().__init__(context)
         self.picker: Picker | None = None
         self.relay: Relay | None = None
-        self._lowat: tuple[socket.socket | None, int] = (None, 1)  # see _rcvlowat
 
     def receive(self, job: Job) -> Received:
         params = ChainParams.from_dict(job.plan.transport.params)
@@ -328,21 +326,14 @@ class ChainReceiver(StreamReceiver):
         slow node."""
         return lag_ms >= self.lag_seconds * 1000
 
-    def _read(
-        self, sock: socket.socket, n: int, cancel: threading.Event, least: int | None = None
-    ) -> bytes:
-        """``n`` bytes, or as soon as ``least`` of them are here (fewer than ``n``: what
-        came), looking at the cancel flag and the upstream's silence meanwhile. The kernel
-        wakes the read only once what is missing of ``least`` is there (SO_RCVLOWAT), not
-        at every segment."""
-        least = n if least is None else min(least, n)
+    def _read(self, sock: socket.socket, n: int, cancel: threading.Event) -> bytes:
+        """``n`` bytes, looking at the cancel flag and the upstream's silence meanwhile."""
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         quiet_since = time.monotonic()
         sock.settimeout(0.2)
-        while got < least:
-            self._rcvlowat(sock, least - got)
+        while got < n:
             try:
                 k = sock.recv_into(view[got:])
             except TimeoutError:
@@ -355,14 +346,7 @@ class ChainReceiver(StreamReceiver):
                 raise ConnectionError("the connection closed")
             got += k
             quiet_since = time.monotonic()
-        return bytes(view[:got])
-
-    def _rcvlowat(self, sock: socket.socket, least: int) -> None:
-        """Have ``sock``'s reads (and its polls) wait for ``least`` bytes; a syscall only
-        when that changes (one socket at a time: the upstream's)."""
-        if self._lowat != (sock, least):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, least)
-            self._lowat = (sock, least)
+        return bytes(buf)
 
     def _stream(
         self,
@@ -417,7 +401,7 @@ class ChainReceiver(StreamReceiver):
                     raise ProtocolError(f"{length} bytes at {offset} of a {size}-byte chunk")
                 lagging = self.too_slow(lag)
                 while length:
-                    piece = self._read(sock, min(length, PIECE), cancel, least=FORWARD)
+                    piece = self._read(sock, min(length, PIECE), cancel)
                     length -= len(piece)
                     buf += piece
                     window.extend(piece)

@@ -23,8 +23,9 @@ result, ``docs/benchmarks.md`` the table):
 - ``eta_rsync``: rsync's rate on a node's link against a plain HTTP stream (it walks the
   tree; its bytes on the server's link are about those of http);
 - ``eta_mc``: multicast's data rate against B (udp-sender capped at 95 % of B, 3 % FEC,
-  UDP headers); ``repair``: the share of a stripe re-sent when some receiver lost more
-  than the FEC repairs;
+  UDP headers), with corral's default FEC (8x4/128); a run with another ``--fec`` (async
+  mode's 8x8/128, or the site's) pays that one's redundancy instead; ``repair``: the
+  share of a stripe re-sent when some receiver lost more than its FEC repairs;
 - ``hop_bytes``: what each chain relay holds before it forwards (a store-and-forward
   delay of hop_bytes / B per hop; 60 ms a hop was measured at 2 Mbit/s);
 - ``bt_start``: BitTorrent's start-up with peers (the tracker's answer, a look at the
@@ -75,6 +76,7 @@ from pathlib import Path
 from corral.agent.receivers.bittorrent.libtorrent_swarm import UPLOAD_SLOTS
 from corral.agent.receivers.bittorrent.receiver import LANE_SESSION_SHARE
 from corral.agent.receivers.chain.receiver import LAG_SECONDS
+from corral.deploy.transports.multicast_options import MODE_FEC, fec_parts
 from corral.errors import InvalidValue
 from corral.testbed.plan import parse_rate, parse_size
 
@@ -119,9 +121,11 @@ BT_MESHED = "2026-12-03 22:18"
 # not labelled with them (c8b0633's) is of the doors.
 BT_DOORS = "2026-12-04 04:54"
 CATCHUP_SHARE = 0.5
-# udpcast with corral's --fec 8x4/128: slices of 8 x 128 blocks of 1456 bytes, 4 of 128
-# redundant per stripe.
-MC_BLOCK, MC_STRIPE, MC_REDUNDANCY, MC_SLICE = 1456, 128, 4, 8 * 128
+# udpcast's data blocks, in bytes; the FEC of a run is its ``--fec``, corral's default for
+# acknowledged mode (8x4/128: slices of 8 stripes of 128 blocks, 4 redundant per stripe)
+# unless the run set one. ``eta_mc`` was fitted with that default's 4 of 128.
+MC_BLOCK = 1456
+MC_DEFAULT_FEC = MODE_FEC["acked"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,7 @@ class Cluster:
     skew: float = 0.0  # nodes start at random over this window
     host_load: float = 0.0  # the testbed's shared CPU (0 on real hardware)
     host_disks: bool = False  # the testbed's nodes write their disks on one host
+    fec: str = MC_DEFAULT_FEC  # multicast's --fec (interleave x redundancy / stripe)
 
     @property
     def slow(self) -> int:
@@ -212,10 +217,11 @@ def _mc_repair(c: Cluster, k: dict[str, float]) -> float:
     """The share of S re-sent: stripes where some receiver lost more than the FEC repairs."""
     if c.loss <= 0:
         return 0.0
-    blocks = MC_STRIPE + MC_REDUNDANCY
+    _, redundancy, stripe = fec_parts(c.fec)
+    blocks = stripe + redundancy
     within = sum(
         math.comb(blocks, i) * c.loss**i * (1 - c.loss) ** (blocks - i)
-        for i in range(MC_REDUNDANCY + 1)
+        for i in range(redundancy + 1)
     )
     return k["repair"] * (1 - within ** (c.nodes - c.slow))
 
@@ -225,13 +231,17 @@ def multicast(c: Cluster, k: dict[str, float]) -> Prediction:
     a straggler leaves it and catches up by HTTP."""
     link = min(c.node_link, c.uplink)
     repair = _mc_repair(c, k)
-    stream = c.size * (1 + repair) * 8 / (k["eta_mc"] * link)
-    slices = math.ceil(c.size / (MC_BLOCK * MC_SLICE))
+    interleave, redundancy, stripe = fec_parts(c.fec)
+    fec = redundancy / stripe
+    _, default_redundancy, default_stripe = fec_parts(MC_DEFAULT_FEC)
+    # eta_mc holds the default FEC's share; another FEC's replaces it
+    eta = k["eta_mc"] * (1 + default_redundancy / default_stripe) / (1 + fec)
+    stream = c.size * (1 + repair) * 8 / (eta * link)
+    slices = math.ceil(c.size / (MC_BLOCK * interleave * stripe))
     acks = slices * (RTT + c.nodes * ACK_CPU + _host_wait(c, k["host_ack"]))
     t = k["t0"] + c.skew + stream + acks + _host_finish(c, k)
     catch_up = c.slow * c.size / (CATCHUP_SHARE * k["eta_tcp"] * c.server_link / 8)
     t_all = max(_stragglers_done(c, k, t), k["t0"] + c.skew + catch_up)
-    fec = MC_REDUNDANCY / MC_STRIPE
     egress = c.size * (1 + fec) * (1 + repair) / k["eta_tcp"]
     egress += c.slow * c.size + c.nodes * k["ctl_bytes"]
     return Prediction(t_all, t, egress)
@@ -473,6 +483,7 @@ def load_runs(paths: Iterable[Path] = RUNS) -> list[Run]:
                 skew=r.get("skew") or 0.0,
                 host_load=r.get("cpu") or 0.0,
                 host_disks=kind == "deploy",
+                fec=r.get("multicast_fec") or MODE_FEC[r.get("multicast_mode") or "acked"],
             )
             egress = float(r["egress"])
             t = r.get("t_others") or r["t"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ import uvicorn
 
 from corral.config import Settings, load_settings
 from corral.errors import ConfigError
+from corral.serve import server
 from corral.serve.server import QuietAgentTraffic, access_log_mode
 
 
@@ -153,3 +155,22 @@ def test_uvicorn_access_lines_are_filtered(
     lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
     assert len(lines) == 1
     assert '"GET /boot/ipxe HTTP/1.1" 200' in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("limits", "raised"),
+    [
+        ((1024, 524288), (65536, 524288)),  # a systemd service's usual limits
+        ((1024, 4096), (4096, 4096)),  # no more than the hard limit allows
+        ((1024, resource.RLIM_INFINITY), (65536, resource.RLIM_INFINITY)),
+        ((100_000, 524288), None),  # already enough: left alone
+    ],
+)
+def test_corral_serve_asks_for_enough_open_files_for_thousands_of_nodes(
+    monkeypatch: pytest.MonkeyPatch, limits: tuple[int, int], raised: tuple[int, int] | None
+) -> None:
+    set_to: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: limits)
+    monkeypatch.setattr(resource, "setrlimit", lambda _which, value: set_to.append(value))
+    server._more_open_files()
+    assert set_to == ([] if raised is None else [raised])

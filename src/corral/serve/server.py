@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import re
+import resource
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -294,6 +295,7 @@ def serve(settings: Settings, engine: Engine) -> None:
             proxy_headers=bool(proxies),
             forwarded_allow_ips=proxies or [],
         )
+        _more_open_files()
         _Server(config).run(sockets=[_listen(settings.address, settings.http_port)])
     finally:
         if tail.is_alive():
@@ -311,6 +313,21 @@ def serve(settings: Settings, engine: Engine) -> None:
         access_logger.removeFilter(quiet)
         access_logger.removeFilter(masked)
         log.info("corral serve stopped")
+
+
+#: Open files corral serve asks for: every node of a deployment may hold a connection at
+#: once (a BitTorrent stripe waiting for its turn, a chunk, its progress reports), and the
+#: usual soft limit, 1,024, is short of a few thousand nodes.
+OPEN_FILES = 65536
+
+
+def _more_open_files() -> None:
+    """Raise the soft limit of open files to :data:`OPEN_FILES`, or the hard limit if lower."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        log.info("open files: up to %d (from %d)", want, soft)
 
 
 class _Server(uvicorn.Server):

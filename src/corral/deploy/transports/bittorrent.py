@@ -30,8 +30,10 @@ What a session is made of (:meth:`BitTorrentTransport.start`):
 
 A node's plan (:meth:`params`) holds the torrent (base64), the tracker's URL, the seed's
 address, the node's *stripe* (its position among the session's nodes: it takes every N-th
-piece from the seed and the rest from its peers, so that the seed sends about one copy;
-see :class:`corral.agent.receivers.bittorrent.seed.SeedUse`), its rack, the rack's
+piece from the server and the rest from its peers, so that the server sends about one
+copy; see :class:`corral.agent.receivers.bittorrent.seed.SeedUse`; the stripe comes over
+HTTP, from the chunk files, in the session's :meth:`~BitTorrentTransport.turns`), its
+rack, the rack's
 addresses and its *lane* (the ``rack`` variable: the stripes of other racks the node
 brings into its own, from the nodes there that hold them, before it trades with its own
 rack only; see :func:`~corral.deploy.transports.bittorrent_tracker.lanes`) and the HTTP

@@ -213,12 +213,19 @@ class SeedUse:
         seeding), it never asks the seed for anything but rescues;
     ``stripe``
         otherwise its stripe (:func:`stripe`), the 1/N of the pieces nobody else asks the
-        seed for, and nothing else (the other pieces are not wanted yet, so no request
-        for them can reach the seed); the stripes together are one copy of the stream.
-        It ends when the stripe is here, when peers have what is left of it (a node
-        that comes late finds the others seeding), after :data:`STRIPE_TIMEOUT` seconds
-        without a byte of it, or when for twice :data:`RESCUE_IDLE` not even the seed
-        has it (it is not connected);
+        server for; the stripes together are one copy of the stream. From a server that
+        sends stripes over HTTP (``by_http``: the plan's ``stripe_over_http``), the
+        stripe comes from there in the server's turns
+        (:class:`~corral.agent.receivers.bittorrent.http_stripe.HttpStripe`) while the
+        node takes every other piece from its peers (in a rack, nothing yet: its lane
+        comes first); it ends when the stripe is here, when peers have what is left of
+        it, or once the fetch stopped without it (the peers' rescues then take those
+        pieces from the seed). From the seed (an older server), nothing else is wanted
+        meanwhile (no request for another piece can reach the seed), and it ends when the
+        stripe is here, when peers have what is left of it (a node that comes late finds
+        the others seeding), after :data:`STRIPE_TIMEOUT` seconds without a byte of it,
+        or when for twice :data:`RESCUE_IDLE` not even the seed has it (it is not
+        connected);
     ``swarm``
         then, the seed blocked (libtorrent's IP filter), every other piece from the peers,
         who hold each other's stripes;

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -77,33 +75,22 @@ def version(tmp_path: Path) -> ImageVersion:
 
 @pytest.fixture
 def chunk_server(version: ImageVersion) -> Iterator[str]:
-    """corral's chunk URLs, /images/small/1/chunks/N.bin: for the stripes (``?stripe=1``,
-    Range requests of a piece) and the HTTP fallback."""
+    """corral's chunk URLs for the HTTP fallback: /images/small/1/chunks/N.bin."""
     served: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            url = urllib.parse.urlsplit(self.path)
-            name = url.path.rsplit("/", 1)[-1]
+            name = self.path.rsplit("/", 1)[-1]
             path = version.exports_dir / "chunks" / name
             if not path.is_file():
                 self.send_error(404)
                 return
             data = path.read_bytes()
-            served.append(self.path)
-            wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-            if wanted:
-                start = int(wanted.group(1))
-                end = int(wanted.group(2)) if wanted.group(2) else len(data) - 1
-                part = data[start : end + 1]
-                self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-            else:
-                part = data
-                self.send_response(200)
-            self.send_header("Content-Length", str(len(part)))
+            served.append(name)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(part)
+            self.wfile.write(data)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -208,9 +195,6 @@ def test_two_agents_and_the_seed_on_loopback(
         assert caplog.text.count("my lane is here") == lanes
         assert caplog.text.count("my lane's session on") == lanes
         assert "of my lane at no peer" not in caplog.text
-        # each took its stripe from the server over HTTP, in its turns, and nothing else
-        assert caplog.text.count("over HTTP, trading with my peers meanwhile") == 2
-        assert caplog.text.count("my stripe is here") == 2
         assert transport.seeder is not None and transport.tracker is not None
         transport.finish(1, version)
         assert transport.seeder is None and transport.tracker is None  # the last session

@@ -16,7 +16,7 @@ import time
 import urllib.request
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from unittest.mock import MagicMock
 
 import libtorrent as lt
@@ -25,10 +25,8 @@ import pytest
 from corral.agent.errors import Cancelled, ReceiveError
 from corral.agent.plan import Plan
 from corral.agent.receivers import RECEIVERS
-from corral.agent.receivers.bittorrent import http_stripe
 from corral.agent.receivers.bittorrent import seed as bittorrent_seed
 from corral.agent.receivers.bittorrent.feed import LINGER_SHARE, Feeder, Latecomers, linger
-from corral.agent.receivers.bittorrent.http_stripe import HttpStripe, fetch_piece
 from corral.agent.receivers.bittorrent.libtorrent_swarm import (
     PACE_PIECES,
     UPLOAD_SLOTS,
@@ -57,7 +55,6 @@ from corral.agent.receivers.bittorrent.seed import (
 )
 from corral.agent.receivers.bittorrent.swarm import PieceMap, stripe
 from corral.agent.receivers.stream import VerifiedStream
-from corral.agent.report import Client
 from corral.agent.wire.bencode import bencode
 from corral.config import Settings
 from corral.deploy import transports
@@ -739,7 +736,6 @@ def run_feeder(
     lane: Sequence[int] = (),
     late: Any = frozenset,
     lane_swarm: FakeSwarm | None = None,
-    by_http: Any = None,
 ) -> tuple[Feeder, list[bytes], list[int], list[tuple[int, int]]]:
     plan = make_plan(DATA, 8)
     fed: list[bytes] = []
@@ -753,8 +749,6 @@ def run_feeder(
         real_wait(seconds)
         if lane_swarm is not None:  # the lane's session moves in the same second
             lane_swarm.wait(seconds)
-        if isinstance(by_http, ScriptedStripes):
-            by_http.look(now[0])
 
     swarm.wait = wait  # type: ignore[method-assign]
 
@@ -782,46 +776,9 @@ def run_feeder(
         lane=lane,
         late=late,
         lane_swarm=lane_swarm,
-        by_http=by_http,
     )
     feeder.run()
     return feeder, fed, fetched, progress
-
-
-class ScriptedStripes:
-    """The server's HTTP stripes for :func:`run_feeder`: the swarm's script brings the
-    stripe's pieces (as ``HttpStripe`` adds them); it is done once they are all here, or
-    fails at the look ``fail_at``."""
-
-    def __init__(self, swarm: FakeSwarm, fail_at: int = 0) -> None:
-        self.swarm = swarm
-        self.fail_at = fail_at
-        self.asked: list[list[int]] = []
-        self.added = 0
-        self.failed = ""
-        self.ended = 0.0
-        self.stopped = False
-        self.done = threading.Event()
-        self.looks = 0
-
-    def __call__(self, wanted: Sequence[int]) -> ScriptedStripes:
-        self.asked.append(list(wanted))
-        return self
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.done.set()
-
-    def look(self, now: float) -> None:
-        if not self.asked or self.done.is_set():
-            return
-        self.looks += 1
-        wanted = self.asked[-1]
-        self.added = sum(1 for p in wanted if self.swarm.have[p])
-        if self.added == len(wanted) or self.looks == self.fail_at:
-            self.failed = "" if self.added == len(wanted) else "HTTP 503"
-            self.ended = now
-            self.done.set()
 
 
 def test_chunks_are_fed_in_order_as_their_pieces_complete() -> None:
@@ -1095,114 +1052,6 @@ def test_a_late_stripe_is_given_up_for_the_peers() -> None:
         ("seed", False),
         ("want", None),
     ]
-
-
-def test_a_node_takes_its_stripe_over_http_and_trades_meanwhile() -> None:
-    # stripe 1 of 2 (1, 3, 5, 7, 9) comes over HTTP in the server's turns; the peers'
-    # pieces come meanwhile, and the seed is never let in
-    swarm = FakeSwarm(DATA, [[], [0, 2], [1, 4], [3, 5, 6, 8], [7, 9]])
-    swarm.avail = [0] * 10
-    stripes = ScriptedStripes(swarm)
-    _, fed, fetched, _ = run_feeder(swarm, mine=stripe(10, 1, 2), by_http=stripes)
-    assert b"".join(fed) == DATA and fetched == []
-    assert stripes.asked == [[1, 3, 5, 7, 9]] and not stripes.stopped
-    assert ("seed", True) not in swarm.calls
-    calls = [c for c in swarm.calls if c[0] != "prioritize"]
-    assert calls[:2] == [("seed", False), ("want", None)]  # everything, from the peers
-
-
-def test_a_stripe_over_http_that_stops_is_left_to_the_seeds_rescue() -> None:
-    # the server stopped answering after piece 1 came: pieces 3, 5, 7, 9 are at no peer,
-    # and once the fetch has stopped the node asks the seed for them
-    swarm = FakeSwarm(DATA, [[], [0, 1, 2], [4, 6, 8], *[[]] * 10, [3, 5, 7, 9]])
-    swarm.avail = [1, 1, 1, 0, 1, 0, 1, 0, 1, 0]
-    stripes = ScriptedStripes(swarm, fail_at=2)
-    feeder, fed, fetched, _ = run_feeder(swarm, mine=stripe(10, 1, 2), by_http=stripes)
-    assert b"".join(fed) == DATA and fetched == []
-    assert ("seed", True) in swarm.calls and feeder.stats.rescues == 1
-    assert ("want", [3, 5, 7, 9]) in swarm.calls  # those only, from the seed
-
-
-def test_a_stripe_over_http_is_stopped_once_the_peers_have_it() -> None:
-    # its turn at the server is long in coming, and meanwhile a peer got its stripe (a
-    # rescue by another node): the fetch is stopped, the peers give it
-    swarm = FakeSwarm(DATA, [[], [], [], [], [], list(range(10))])
-    swarm.avail = [0] * 10
-    stripes = ScriptedStripes(swarm)
-
-    def peers_get_it(now: float, look: Any = stripes.look) -> None:
-        look(now)
-        if stripes.asked:
-            swarm.avail = [1] * 10
-
-    stripes.look = peers_get_it  # type: ignore[method-assign]
-    _, fed, _, _ = run_feeder(swarm, mine=stripe(10, 1, 2), by_http=stripes)
-    assert b"".join(fed) == DATA
-    assert stripes.asked == [[1, 3, 5, 7, 9]] and stripes.stopped
-
-
-class RangeClient:
-    """A server's chunk files for ``fetch_piece``: answers ``bytes=start-end``, the first
-    ``fail`` requests with a broken connection."""
-
-    def __init__(self, chunks: Sequence[bytes], fail: int = 0) -> None:
-        self.chunks = chunks
-        self.fail = fail
-        self.asked: list[tuple[str, int, int | None, float | None]] = []
-
-    def download(
-        self, url: str, *, start: int = 0, end: int | None = None, timeout: float | None = None
-    ) -> Any:
-        self.asked.append((url, start, end, timeout))
-        if self.fail:
-            self.fail -= 1
-            raise ConnectionResetError("reset")
-        index = int(url.rsplit("/", 1)[1].split(".")[0])
-        body = self.chunks[index][start : None if end is None else end + 1]
-        answer = MagicMock(status=206, offset=start, length=len(body))
-        answer.__enter__.return_value = answer
-        answer.read.side_effect = [body[:3], body[3:], b""]
-        return answer
-
-
-def test_a_piece_of_the_stripe_comes_from_its_chunks_in_ranges_that_wait_for_a_turn() -> None:
-    layout = PieceMap(4, (10, 6, 3))
-    client = RangeClient([DATA[:10], DATA[10:16], DATA[16:19]], fail=1)
-    cancel = threading.Event()
-
-    def url(chunk: int) -> str:
-        return f"http://x/chunks/{chunk:08d}.bin"
-
-    # piece 2 straddles chunks 0 and 1 (corral's own torrents never do); the first try
-    # breaks and is made again
-    data = fetch_piece(cast(Client, client), url, layout, 2, cancel)
-    assert data == DATA[8:12]
-    assert [a[:3] for a in client.asked] == [
-        ("http://x/chunks/00000000.bin?stripe=1", 8, 9),
-        ("http://x/chunks/00000000.bin?stripe=1", 8, 9),
-        ("http://x/chunks/00000001.bin?stripe=1", 0, 1),
-    ]
-    assert all(a[3] == http_stripe.WAIT for a in client.asked)  # its turn may be long
-    client.fail = http_stripe.TRIES
-    with pytest.raises(ReceiveError, match="piece 4 of my stripe over HTTP"):
-        fetch_piece(cast(Client, client), url, layout, 4, cancel)
-
-
-def test_the_stripe_over_http_adds_what_the_swarm_lacks_and_says_why_it_stopped() -> None:
-    swarm = FakeSwarm(DATA, [])
-    swarm.have[3] = True  # a peer gave it first
-    got: list[int] = []
-
-    def fetch(piece: int, cancel: threading.Event, opened: Any) -> bytes:
-        got.append(piece)
-        if piece == 7:
-            raise ReceiveError("piece 7 of my stripe over HTTP: HTTP 503")
-        return DATA[piece * PIECE : (piece + 1) * PIECE]
-
-    fetcher = HttpStripe(fetch, cast(Any, swarm), [1, 3, 5, 7, 9]).start()
-    assert fetcher.done.wait(5)
-    assert got == [1, 5, 7] and sorted(swarm.added) == [1, 5] and fetcher.added == 2
-    assert fetcher.failed == "piece 7 of my stripe over HTTP: HTTP 503"
 
 
 def test_the_stripe_from_the_plan() -> None:

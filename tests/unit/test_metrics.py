@@ -5,7 +5,6 @@ sent; /metrics behind the admin token, one registry per app."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -21,7 +20,7 @@ from corral.agent import phases
 from corral.config import Settings
 from corral.deploy import transports
 from corral.deploy.service import DeployService
-from corral.deploy.transports.base import Meter, RateBudget, Turns, Unicast
+from corral.deploy.transports.base import Meter, RateBudget, Unicast
 from corral.inventory import db
 from corral.inventory.state import NodeStates
 from corral.serve.boot import BootService
@@ -268,43 +267,6 @@ def test_a_metered_file_with_a_budget_waits_its_turn(tmp_path: Path) -> None:
         assert client.get("/chunk").content == path.read_bytes()
         # 512 KiB at 1 MB/s, the first 64 KiB at once: 0.46 s at least
         assert time.monotonic() - started >= 0.45
-
-
-def test_metered_files_in_turns_go_out_one_after_the_other(tmp_path: Path) -> None:
-    """Two stripes asked at once with one turn: the second answer starts once the first
-    has ended (each sent at 1 MB/s, so each takes 0.45 s at least); the turn is free again
-    for a third after both."""
-    path = tmp_path / "00000000.bin"
-    path.write_bytes(os.urandom(512 << 10))
-    turns = Turns(1)
-    app = FastAPI()
-
-    @app.get("/chunk")
-    def chunk() -> MeteredFile:
-        return MeteredFile(path, Meter(), "small:1", RateBudget(8_000_000, 64 << 10), turns)
-
-    with TestClient(app) as client:
-        started = time.monotonic()
-        ended: list[float] = []
-
-        def fetch() -> None:
-            assert client.get("/chunk").content == path.read_bytes()
-            ended.append(time.monotonic() - started)
-
-        threads = [threading.Thread(target=fetch) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(10)
-        assert len(ended) == 2 and max(ended) >= 0.9  # one after the other
-        assert turns.waiting == 0
-        part = client.get("/chunk", headers={"Range": "bytes=100-199"})
-        assert part.status_code == 206 and part.content == path.read_bytes()[100:200]
-
-
-def test_turns_need_a_slot() -> None:
-    with pytest.raises(ValueError, match="at least one slot"):
-        Turns(0)
 
 
 def test_metrics_need_the_admin_token_and_each_app_has_its_registry(

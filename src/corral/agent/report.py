@@ -74,16 +74,13 @@ class Client:
     def _connection(self) -> http.client.HTTPConnection:
         return self._connection_to(self.scheme, self.host, self.port)
 
-    def _connection_to(
-        self, scheme: str, host: str, port: int, timeout: float | None = None
-    ) -> http.client.HTTPConnection:
-        timeout = self.timeout if timeout is None else timeout
+    def _connection_to(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
         if scheme == "https":
             import ssl
 
             context = ssl.create_default_context()
-            return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-        return http.client.HTTPConnection(host, port, timeout=timeout)
+            return http.client.HTTPSConnection(host, port, timeout=self.timeout, context=context)
+        return http.client.HTTPConnection(host, port, timeout=self.timeout)
 
     def _send_once(
         self, method: str, path: str, body: bytes | None, auth: bool
@@ -179,19 +176,9 @@ class Client:
         """
         return self._json("GET", path, None, auth)
 
-    def download(
-        self,
-        url: str,
-        *,
-        start: int = 0,
-        end: int | None = None,
-        auth: bool = True,
-        timeout: float | None = None,
-    ) -> Download:
+    def download(self, url: str, *, start: int = 0, auth: bool = True) -> Download:
         """Open a binary GET of ``url`` (absolute, or a path on the server), from byte
-        ``start`` on (``Range: bytes=start-``), up to byte ``end`` if given
-        (``bytes=start-end``, inclusive), waiting up to ``timeout`` seconds (the client's)
-        for each answer.
+        ``start`` on (``Range: bytes=start-``).
 
         Only opening is retried (connection errors, 5xx, with backoff); a connection that
         drops while its body is read is the caller's to resume, since only the caller knows
@@ -211,14 +198,14 @@ class Client:
         if target.query:
             path += "?" + target.query
         headers = {"User-Agent": "corral-agent", "Accept": "application/octet-stream"}
-        if start or end is not None:
-            headers["Range"] = f"bytes={start}-{'' if end is None else end}"
+        if start:
+            headers["Range"] = f"bytes={start}-"
         if auth and self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         what = f"GET {url}" + (f" from byte {start}" if start else "")
         error = ""
         for attempt, last in self._attempts():
-            conn = self._connection_to(scheme, host, port, timeout)
+            conn = self._connection_to(scheme, host, port)
             try:
                 conn.request("GET", path, headers=headers)
                 response = conn.getresponse()

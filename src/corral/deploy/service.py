@@ -66,16 +66,7 @@ from corral.deploy.power import NO_DRIVER, node_bmcs
 from corral.deploy.power import describe as describe_power
 from corral.deploy.store import RUNNING, Deployments, install_disk
 from corral.deploy.transports import Transports
-from corral.deploy.transports.base import (
-    Joinable,
-    Member,
-    Meter,
-    NotReady,
-    Paced,
-    RateBudget,
-    Taking,
-    Turns,
-)
+from corral.deploy.transports.base import Joinable, Member, Meter, NotReady, Paced, RateBudget
 from corral.errors import CorralError, NotFound
 from corral.images.catalog import image_store
 from corral.images.exports import Chunked
@@ -498,11 +489,9 @@ class DeployService:
         token: str | None,
         ip: str,
         export: str = "stream",
-        stripe: bool = False,
-    ) -> tuple[Path, RateBudget | None, Turns | None]:
-        """:meth:`chunk_path`, the rate its sending must share, if its transport paces its
-        nodes' HTTP fetches (multicast's catch-ups), and for a node's ``stripe`` the turns
-        it waits for (BitTorrent's)."""
+    ) -> tuple[Path, RateBudget | None]:
+        """:meth:`chunk_path`, and the rate its sending must share, if its transport
+        paces its nodes' HTTP fetches (multicast's catch-ups)."""
         ref = f"{name}:{version}"
         with self.session() as s:
             node = _node_at(s, ip)
@@ -517,17 +506,12 @@ class DeployService:
                 if isinstance(transport, Paced)
                 else None
             )
-            turns = (
-                transport.turns(row.deployment_id, payload.ref)
-                if stripe and isinstance(transport, Taking)
-                else None
-            )
         if not index.isdigit():
             raise NotFound("image chunk", index)
         path = payload.chunk_path(int(index))
         if not path.is_file():
             raise NotFound("image chunk", f"{payload.ref}/{index}")
-        return path, budget, turns
+        return path, budget
 
     # -- the manager ----------------------------------------------------------------------
 

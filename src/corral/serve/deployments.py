@@ -17,7 +17,7 @@ from starlette.types import Message, Receive, Scope, Send
 from corral.agent.phases import CANCELLED, DEPLOY_STEPS
 from corral.deploy.service import DeployService
 from corral.deploy.store import Deployments, new_deployment
-from corral.deploy.transports.base import Meter, RateBudget, Turns
+from corral.deploy.transports.base import Meter, RateBudget
 from corral.deploy.view import DeploymentOut, deployment_out
 
 #: The longest a plan request may wait for the node's plan (``?wait=``); agents ask for
@@ -54,19 +54,13 @@ class DeploymentIn(BaseModel):
 class MeteredFile(FileResponse):
     """A chunk file whose body bytes are counted in ``meter`` under ``ref`` once the
     response ends: a Range request counts its part, a client that left what it got.
-    With a ``budget``, each piece waits its turn in it (multicast's catch-ups); with
-    ``turns``, the whole answer waits for one of them (BitTorrent's stripes)."""
+    With a ``budget``, each piece waits its turn in it (multicast's catch-ups)."""
 
     def __init__(
-        self,
-        path: Path,
-        meter: Meter,
-        ref: str,
-        budget: RateBudget | None = None,
-        turns: Turns | None = None,
+        self, path: Path, meter: Meter, ref: str, budget: RateBudget | None = None
     ) -> None:
         super().__init__(path, media_type="application/octet-stream")
-        self.meter, self.ref, self.budget, self.turns = meter, ref, budget, turns
+        self.meter, self.ref, self.budget = meter, ref, budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         sent = 0
@@ -84,11 +78,7 @@ class MeteredFile(FileResponse):
                 sent += Path(self.path).stat().st_size
 
         try:
-            if self.turns is None:
-                await super().__call__(scope, receive, counted)
-            else:
-                async with self.turns:  # nothing goes out, headers either, before its turn
-                    await super().__call__(scope, receive, counted)
+            await super().__call__(scope, receive, counted)
         finally:
             self.meter.add(self.ref, sent)
 
@@ -158,21 +148,12 @@ def agent_router(
         version: int,
         index: str,
         request: Request,
-        stripe: Annotated[
-            bool,
-            Query(
-                description="the node's BitTorrent stripe: the answer waits for one of the "
-                "session's turns"
-            ),
-        ] = False,
         authorization: Annotated[str | None, Header()] = None,
     ) -> Response:
         """One chunk of an image's stream (Range requests supported), for the nodes that
         are installing that image."""
-        path, budget, turns = deploy.chunk(
-            name, version, index, bearer(authorization), client(request), stripe=stripe
-        )
-        return MeteredFile(path, deploy.served, f"{name}:{version}", budget, turns)
+        path, budget = deploy.chunk(name, version, index, bearer(authorization), client(request))
+        return MeteredFile(path, deploy.served, f"{name}:{version}", budget)
 
     @router.get("/images/{name}/{version}/squashfs/chunks/{index}.bin")
     def squashfs_chunk(

@@ -315,9 +315,9 @@ def serve(settings: Settings, engine: Engine) -> None:
         log.info("corral serve stopped")
 
 
-#: Open files corral serve asks for: every node of a deployment may hold a connection at
-#: once (a BitTorrent stripe waiting for its turn, a chunk, its progress reports), and the
-#: usual soft limit, 1,024, is short of a few thousand nodes.
+#: Open files corral serve asks for: every node of a deployment holds a connection for its
+#: progress reports (kept alive) and another while it fetches a chunk, and the usual soft
+#: limit, 1,024, is short of a thousand nodes.
 OPEN_FILES = 65536
 
 

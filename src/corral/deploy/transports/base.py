@@ -3,7 +3,6 @@ the unicast ones share (:class:`Unicast`), and a session's :class:`Member`."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -124,42 +123,6 @@ class RateBudget:
             now = self.clock()
             self._free = max(self._free, now) + n / self.rate
             return max(0.0, self._free - now - self.slack)
-
-
-class Turns:
-    """At most ``slots`` answers of a session going out at once, the others waiting in the
-    order they came (BitTorrent's stripes over HTTP: see
-    :meth:`~corral.deploy.transports.bittorrent.BitTorrentTransport.turns`). An async
-    context manager, entered on the event loop that serves the answers."""
-
-    def __init__(self, slots: int) -> None:
-        if slots < 1:
-            raise ValueError(f"turns need at least one slot, not {slots}")
-        self.slots = slots
-        self._free: asyncio.Semaphore | None = None  # made on the serving loop
-        self.waiting = 0
-
-    async def __aenter__(self) -> Turns:
-        if self._free is None:
-            self._free = asyncio.Semaphore(self.slots)
-        self.waiting += 1
-        try:
-            await self._free.acquire()  # asyncio's semaphore wakes its waiters in order
-        finally:
-            self.waiting -= 1
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._free is not None
-        self._free.release()
-
-
-@runtime_checkable
-class Taking(Protocol):
-    """A transport whose nodes take parts of the stream over HTTP in turns (BitTorrent's
-    stripes): the chunk route asks it for the session's :class:`Turns`."""
-
-    def turns(self, deployment: int, ref: str) -> Turns | None: ...
 
 
 @runtime_checkable

@@ -30,10 +30,8 @@ What a session is made of (:meth:`BitTorrentTransport.start`):
 
 A node's plan (:meth:`params`) holds the torrent (base64), the tracker's URL, the seed's
 address, the node's *stripe* (its position among the session's nodes: it takes every N-th
-piece from the server and the rest from its peers, so that the server sends about one
-copy; see :class:`corral.agent.receivers.bittorrent.seed.SeedUse`; the stripe comes over
-HTTP, from the chunk files, in the session's :meth:`~BitTorrentTransport.turns`), its
-rack, the rack's
+piece from the seed and the rest from its peers, so that the seed sends about one copy;
+see :class:`corral.agent.receivers.bittorrent.seed.SeedUse`), its rack, the rack's
 addresses and its *lane* (the ``rack`` variable: the stripes of other racks the node
 brings into its own, from the nodes there that hold them, before it trades with its own
 rack only; see :func:`~corral.deploy.transports.bittorrent_tracker.lanes`) and the HTTP
@@ -70,7 +68,7 @@ from typing import Any
 from corral.agent.wire.bencode import bencode
 from corral.agent.wire.lan_swarm import lan_settings, limit_local_peers
 from corral.config import Settings
-from corral.deploy.transports.base import Member, Meter, NotReady, Turns
+from corral.deploy.transports.base import Member, Meter, NotReady
 from corral.deploy.transports.bittorrent_seed import SeedProcess
 from corral.deploy.transports.bittorrent_tracker import Tracker, lanes, partners
 from corral.errors import ConfigError
@@ -83,9 +81,6 @@ TRACKER_PORT = 6969
 #: The seed's listening port (the agents use
 #: :data:`corral.agent.receivers.bittorrent.libtorrent_swarm.PEER_PORT`).
 SEED_PORT = 6881
-
-#: Stripes sent over HTTP at once, per session (see :meth:`BitTorrentTransport.turns`).
-STRIPE_TURNS = 16
 
 #: Piece sizes (see :func:`piece_size_for`).
 MIN_PIECE = 256 << 10
@@ -293,8 +288,6 @@ class _Session:
     addresses: dict[str, str]  # a node -> its address, for the nodes whose is known
     lanes: dict[str, list[int]] = field(default_factory=dict)  # see bittorrent_tracker.lanes
     partners: dict[str, frozenset[str]] = field(default_factory=dict)  # and .partners
-    #: the stripes' turns over HTTP (see BitTorrentTransport.turns)
-    turns: Turns = field(default_factory=lambda: Turns(STRIPE_TURNS))
 
 
 def by_stripe(nodes: Iterable[str], racks: Mapping[str, str]) -> tuple[str, ...]:
@@ -440,7 +433,6 @@ class BitTorrentTransport:
             params["seed"] = f"{self.seed_host}:{self.seeder.port}"
         if node in session.nodes:
             params["stripe"] = [session.nodes.index(node), len(session.nodes)]
-            params["stripe_over_http"] = True  # from `base`, in the session's turns
             if session.racks:
                 # the turns in which by_stripe deals the stripes to the racks: the agent
                 # spreads the spare pieces over them (swarm.spare_stripes)
@@ -460,23 +452,6 @@ class BitTorrentTransport:
                 if r == rack and n in session.addresses
             )
         return params
-
-    def turns(self, deployment: int, ref: str) -> Turns | None:
-        """The turns in which the session's nodes take their stripes over HTTP: at most
-        :data:`STRIPE_TURNS` at once, the others waiting in the order they asked.
-
-        A stripe is the 1/N of the pieces a node alone takes from the server; the stripes
-        together are one copy. Sent all at once, each at 1/N of the server's link, every
-        stripe's pieces end at about the same moment, S / B_server after the first request
-        (12.5 s on the testbed's 20 Mbit/s server, 2 s for 5 GB at 25 GbE), and until then
-        no node holds a whole piece to trade: the swarm waits that long. In turns, the
-        first pieces are whole within a piece's time at B_server / 16, and from then on
-        the nodes trade what came while the rest comes. 16: enough that the turns fill a
-        server link ten times a node's (10 GbE for 1 GbE nodes) while each node's downlink
-        is also busy with its peers."""
-        with self._lock:
-            session = self.sessions.get((deployment, ref))
-        return None if session is None else session.turns
 
     @property
     def seed_host(self) -> str:

@@ -12,7 +12,6 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from corral.agent.errors import Cancelled
-from corral.agent.receivers.bittorrent.http_stripe import HttpStripe
 from corral.agent.receivers.bittorrent.seed import SeedUse
 from corral.agent.receivers.bittorrent.swarm import PieceMap, Swarm, stripe
 from corral.agent.receivers.stream import ProgressCallback, VerifiedStream, chunk_mismatch
@@ -75,7 +74,6 @@ class Feeder:
         partners: Collection[str] = (),
         late: Callable[[], Collection[int]] = frozenset,
         lane_swarm: Swarm | None = None,
-        by_http: Callable[[Sequence[int]], HttpStripe] | None = None,
         stall: float | None = None,
         ahead: int | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -107,7 +105,6 @@ class Feeder:
             partners=partners,
             late=late,
             lane_swarm=lane_swarm,
-            by_http=by_http,
         )
 
     def run(self) -> FeedStats:

@@ -8,7 +8,6 @@ import importlib
 import logging
 import shutil
 import socket
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +18,6 @@ from corral.agent.errors import ReceiveError
 from corral.agent.plan import Plan
 from corral.agent.receivers.base import Job, Received, StreamReceiver
 from corral.agent.receivers.bittorrent.feed import Feeder, FeedStats, Latecomers, linger
-from corral.agent.receivers.bittorrent.http_stripe import HttpStripe, fetch_piece
 from corral.agent.receivers.bittorrent.libtorrent_swarm import (
     LANE_PORT,
     PEER_PORT,
@@ -207,20 +205,6 @@ class BitTorrentReceiver(StreamReceiver):
                     raise ReceiveError("transport bittorrent: no server to fetch chunks from")
                 return self.fetch_chunk(client, job.plan, index, partial, job.cancel)
 
-            by_http: Callable[[Sequence[int]], HttpStripe] | None = None
-            if client is not None and mine and params.get("stripe_over_http"):
-
-                def by_http(wanted: Sequence[int]) -> HttpStripe:
-                    assert client is not None
-
-                    def piece(p: int, cancel: threading.Event, opened: Any) -> bytes:
-                        def url(chunk: int) -> str:
-                            return self.chunk_url(job.plan, chunk)
-
-                        return fetch_piece(client, url, layout, p, cancel, opened)
-
-                    return HttpStripe(piece, live, wanted).start()
-
             feeds: list[FeedStats] = []
 
             def fill(stream: VerifiedStream) -> None:
@@ -237,7 +221,6 @@ class BitTorrentReceiver(StreamReceiver):
                     partners=partners,
                     late=latecomers.pieces,
                     lane_swarm=lane_swarm,
-                    by_http=by_http,
                 )
                 latecomers.striping = feeder.seed.striping
                 feeds.append(feeder.run())

@@ -8,7 +8,6 @@ from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from typing import Literal
 
-from corral.agent.receivers.bittorrent.http_stripe import HttpStripe
 from corral.agent.receivers.bittorrent.swarm import Swarm, pieces
 
 log = logging.getLogger("corral.agent")
@@ -213,19 +212,12 @@ class SeedUse:
         seeding), it never asks the seed for anything but rescues;
     ``stripe``
         otherwise its stripe (:func:`stripe`), the 1/N of the pieces nobody else asks the
-        server for; the stripes together are one copy of the stream. From a server that
-        sends stripes over HTTP (``by_http``: the plan's ``stripe_over_http``), the
-        stripe comes from there in the server's turns
-        (:class:`~corral.agent.receivers.bittorrent.http_stripe.HttpStripe`) while the
-        node takes every other piece from its peers (in a rack, nothing yet: its lane
-        comes first); it ends when the stripe is here, when peers have what is left of
-        it, or once the fetch stopped without it (the peers' rescues then take those
-        pieces from the seed). From the seed (an older server), nothing else is wanted
-        meanwhile (no request for another piece can reach the seed), and it ends when the
-        stripe is here, when peers have what is left of it (a node that comes late finds
-        the others seeding), after :data:`STRIPE_TIMEOUT` seconds without a byte of it,
-        or when for twice :data:`RESCUE_IDLE` not even the seed has it (it is not
-        connected);
+        seed for, and nothing else (the other pieces are not wanted yet, so no request
+        for them can reach the seed); the stripes together are one copy of the stream.
+        It ends when the stripe is here, when peers have what is left of it (a node
+        that comes late finds the others seeding), after :data:`STRIPE_TIMEOUT` seconds
+        without a byte of it, or when for twice :data:`RESCUE_IDLE` not even the seed
+        has it (it is not connected);
     ``swarm``
         then, the seed blocked (libtorrent's IP filter), every other piece from the peers,
         who hold each other's stripes;
@@ -303,13 +295,8 @@ class SeedUse:
         partners: Collection[str] = (),
         late: Callable[[], Collection[int]] = frozenset,
         lane_swarm: Swarm | None = None,
-        by_http: Callable[[Sequence[int]], HttpStripe] | None = None,
     ) -> None:
         self.swarm = swarm
-        #: takes the stripe from the server over HTTP, in its turns (started), if it can
-        self.by_http = by_http
-        self.http_stripe: HttpStripe | None = None
-        self._http_counted = 0  # pieces of it the pace was told of
         self.clock = clock
         self.late = late
         self.born = clock()
@@ -413,21 +400,9 @@ class SeedUse:
                     return False
                 return self._after_stripe(have, now)
             self.phase, self.started = "stripe", now
-            if self.by_http is not None:
-                log.info(
-                    "bittorrent: asking the server for my stripe (%s) over HTTP, "
-                    "trading with my peers meanwhile",
-                    pieces(len(left)),
-                )
-                self.http_stripe = self.by_http(left)
-                # in a rack, the lane first, as before: nothing from the peers yet
-                self.swarm.want(None if self.rack is None else [])
-                return True
             self.swarm.want(left)
             self.swarm.use_seed(True)
             return True
-        if self.phase == "stripe" and self.http_stripe is not None:
-            return self._stripe_over_http(have, now, rescue_idle)
         if self.phase == "stripe":
             assert self.mine is not None
             left = [p for p in self.mine if not have[p]]
@@ -513,35 +488,6 @@ class SeedUse:
             self.swarm.want(None)
             return True
         return False
-
-    def _stripe_over_http(self, have: Sequence[bool], now: float, rescue_idle: float) -> bool:
-        """One look while the stripe comes over HTTP (:attr:`http_stripe`) and the node
-        trades meanwhile. It ends when the stripe is here, when peers have what is left of
-        it, or once the fetch stopped without it (it failed, or libtorrent refused a piece;
-        ``rescue_idle`` later, for libtorrent to check the last piece added): the peers
-        then rescue those pieces from the seed, as any piece at no peer."""
-        fetch = self.http_stripe
-        assert fetch is not None and self.mine is not None
-        if fetch.added > self._http_counted:  # not the swarm's pace
-            self.pace.came_elsewhere(fetch.added - self._http_counted)
-            self._http_counted = fetch.added
-        left = [p for p in self.mine if not have[p]]
-        shared = bool(left) and all(a >= 1 for a in self._available(left))
-        late = bool(left) and fetch.done.is_set() and now - fetch.ended >= rescue_idle
-        if left and not shared and not late:
-            return False
-        if not fetch.done.is_set():
-            fetch.stop()
-        log.info(
-            "bittorrent: %s after %.1f s",
-            "my stripe is at peers"
-            if shared
-            else f"my stripe over HTTP stopped ({fetch.failed or 'a piece was refused'})"
-            if left
-            else "my stripe is here",
-            now - self.started,
-        )
-        return self._after_stripe(have, now)
 
     def _after_stripe(self, have: Sequence[bool], now: float) -> bool:
         """The stripe is done with: the lane next, if the node has one to bring in, else

@@ -3,7 +3,6 @@ chunks lie in the torrent's pieces (:class:`PieceMap`, :func:`stripe`)."""
 
 from __future__ import annotations
 
-import bisect
 import functools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -143,21 +142,6 @@ class PieceMap:
         if end == self.total:
             last = self.num_pieces
         return range(first, max(first, last))
-
-    def spans(self, piece: int) -> list[tuple[int, int, int]]:
-        """Where ``piece`` lies in the chunk files: (chunk, offset in it, length) for
-        each chunk it covers (one, in corral's torrents)."""
-        start = piece * self.piece_size
-        end = start + self.piece_length(piece)
-        out = []
-        chunk = bisect.bisect_right(self.offsets, start) - 1
-        while start < end and chunk < len(self.chunk_sizes):
-            stop = min(end, self.offsets[chunk] + self.chunk_sizes[chunk])
-            if stop > start:
-                out.append((chunk, start - self.offsets[chunk], stop - start))
-                start = stop
-            chunk += 1
-        return out
 
     def chunk_bytes(self, chunk: int, data: Mapping[int, bytes]) -> bytes:
         """Chunk ``chunk`` cut out of its pieces' bytes."""

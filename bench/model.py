@@ -26,8 +26,9 @@ result, ``docs/benchmarks.md`` the table):
   UDP headers), with corral's default FEC (8x4/128); a run with another ``--fec`` (async
   mode's 8x8/128, or the site's) pays that one's redundancy instead; ``repair``: the
   share of a stripe re-sent when some receiver lost more than its FEC repairs;
-- ``hop_bytes``: what each chain relay holds before it forwards (a store-and-forward
-  delay of hop_bytes / B per hop; 60 ms a hop was measured at 2 Mbit/s);
+- ``hop_bytes``: a chain hop's delay at the stream's end, as bytes at B (hop_bytes / B
+  a hop; 40-76 ms were measured at 1 and 2 Mbit/s, where the relays wait for the host's
+  cores while the nodes before them unpack; mid-stream a hop takes 15 ms there);
 - ``bt_start``: BitTorrent's start-up with peers (the tracker's answer, a look at the
   peers, the first choke rounds), seconds; ``bt_depth``: the swarm's stretch of a node's
   S/B per doubling of N (its link is not busy all the time); ``bt_seed``: the seed's

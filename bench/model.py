@@ -214,11 +214,17 @@ def unicast(c: Cluster, k: dict[str, float], eta: float = 1.0) -> Prediction:
     return Prediction(_stragglers_done(c, k, t), t, egress)
 
 
+def _fec(text: str) -> tuple[int, int, int]:
+    """(interleave, redundancy, stripe size) of a ``--fec`` value; "" (no FEC) as slices
+    of 8 stripes of 128 blocks with no redundancy."""
+    return fec_parts(text) if text else (8, 0, 128)
+
+
 def _mc_repair(c: Cluster, k: dict[str, float]) -> float:
     """The share of S re-sent: stripes where some receiver lost more than the FEC repairs."""
     if c.loss <= 0:
         return 0.0
-    _, redundancy, stripe = fec_parts(c.fec)
+    _, redundancy, stripe = _fec(c.fec)
     blocks = stripe + redundancy
     within = sum(
         math.comb(blocks, i) * c.loss**i * (1 - c.loss) ** (blocks - i)
@@ -232,9 +238,9 @@ def multicast(c: Cluster, k: dict[str, float]) -> Prediction:
     a straggler leaves it and catches up by HTTP."""
     link = min(c.node_link, c.uplink)
     repair = _mc_repair(c, k)
-    interleave, redundancy, stripe = fec_parts(c.fec)
+    interleave, redundancy, stripe = _fec(c.fec)
     fec = redundancy / stripe
-    _, default_redundancy, default_stripe = fec_parts(MC_DEFAULT_FEC)
+    _, default_redundancy, default_stripe = _fec(MC_DEFAULT_FEC)
     # eta_mc holds the default FEC's share; another FEC's replaces it
     eta = k["eta_mc"] * (1 + default_redundancy / default_stripe) / (1 + fec)
     stream = c.size * (1 + repair) * 8 / (eta * link)
@@ -484,7 +490,9 @@ def load_runs(paths: Iterable[Path] = RUNS) -> list[Run]:
                 skew=r.get("skew") or 0.0,
                 host_load=r.get("cpu") or 0.0,
                 host_disks=kind == "deploy",
-                fec=r.get("multicast_fec") or MODE_FEC[r.get("multicast_mode") or "acked"],
+                fec=r["multicast_fec"]
+                if r.get("multicast_fec") is not None
+                else MODE_FEC[r.get("multicast_mode") or "acked"],
             )
             egress = float(r["egress"])
             t = r.get("t_others") or r["t"]

@@ -61,6 +61,8 @@ def test_multicast_pays_its_fec_and_more_fec_spares_the_resends_under_loss() -> 
     assert more.t > plain.t
     lossy = replace(BASE, nodes=1000, loss=0.01)
     assert t("multicast", lossy, fec="8x8/128") < t("multicast", lossy)
+    bare = model.predict("multicast", replace(BASE, fec=""))  # no FEC at all
+    assert bare.egress < plain.egress and bare.t < plain.t
 
 
 def test_egress_is_one_copy_for_multicast_and_n_copies_for_http() -> None:

@@ -77,7 +77,7 @@ from pathlib import Path
 from corral.agent.receivers.bittorrent.libtorrent_swarm import UPLOAD_SLOTS
 from corral.agent.receivers.bittorrent.receiver import LANE_SESSION_SHARE
 from corral.agent.receivers.chain.receiver import LAG_SECONDS
-from corral.deploy.transports.multicast_options import MODE_FEC, fec_parts
+from corral.deploy.transports.multicast_options import MODE_FEC, MulticastOptions, fec_parts
 from corral.errors import InvalidValue
 from corral.testbed.plan import parse_rate, parse_size
 
@@ -220,11 +220,16 @@ def _fec(text: str) -> tuple[int, int, int]:
     return fec_parts(text) if text else (8, 0, 128)
 
 
-def _mc_repair(c: Cluster, k: dict[str, float]) -> float:
-    """The share of S re-sent: stripes where some receiver lost more than the FEC repairs."""
+#: the default FEC's redundancy share, which ``eta_mc`` holds
+_, _redundancy, _stripe = _fec(MC_DEFAULT_FEC)
+MC_DEFAULT_SHARE = _redundancy / _stripe
+
+
+def _mc_repair(c: Cluster, k: dict[str, float], redundancy: int, stripe: int) -> float:
+    """The share of S re-sent: stripes where some receiver lost more than the FEC
+    (``redundancy`` blocks of each ``stripe``) repairs."""
     if c.loss <= 0:
         return 0.0
-    _, redundancy, stripe = _fec(c.fec)
     blocks = stripe + redundancy
     within = sum(
         math.comb(blocks, i) * c.loss**i * (1 - c.loss) ** (blocks - i)
@@ -237,12 +242,11 @@ def multicast(c: Cluster, k: dict[str, float]) -> Prediction:
     """One session at the pace of the slowest receiver left in it, acknowledged per slice;
     a straggler leaves it and catches up by HTTP."""
     link = min(c.node_link, c.uplink)
-    repair = _mc_repair(c, k)
     interleave, redundancy, stripe = _fec(c.fec)
+    repair = _mc_repair(c, k, redundancy, stripe)
     fec = redundancy / stripe
-    _, default_redundancy, default_stripe = _fec(MC_DEFAULT_FEC)
     # eta_mc holds the default FEC's share; another FEC's replaces it
-    eta = k["eta_mc"] * (1 + default_redundancy / default_stripe) / (1 + fec)
+    eta = k["eta_mc"] * (1 + MC_DEFAULT_SHARE) / (1 + fec)
     stream = c.size * (1 + repair) * 8 / (eta * link)
     slices = math.ceil(c.size / (MC_BLOCK * interleave * stripe))
     acks = slices * (RTT + c.nodes * ACK_CPU + _host_wait(c, k["host_ack"]))
@@ -490,9 +494,10 @@ def load_runs(paths: Iterable[Path] = RUNS) -> list[Run]:
                 skew=r.get("skew") or 0.0,
                 host_load=r.get("cpu") or 0.0,
                 host_disks=kind == "deploy",
-                fec=r["multicast_fec"]
-                if r.get("multicast_fec") is not None
-                else MODE_FEC[r.get("multicast_mode") or "acked"],
+                # the FEC the run's udp-sender used, by corral's own rule
+                fec=MulticastOptions(
+                    mode=r.get("multicast_mode") or "acked", fec=r.get("multicast_fec")
+                ).fec_used,
             )
             egress = float(r["egress"])
             t = r.get("t_others") or r["t"]

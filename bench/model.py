@@ -578,7 +578,8 @@ SCALE = Cluster(
     rack_size=40,
     oversubscription=4,
 )
-SCENARIOS = {"clean": {}, "1 % loss, 1 % stragglers": {"loss": 0.01, "stragglers": 0.01}}
+#: scenario: (loss, the share of stragglers)
+SCENARIOS = {"clean": (0.0, 0.0), "1 % loss, 1 % stragglers": (0.01, 0.01)}
 PLOT_NODES = (10, 20, 40, 80, 200, 400, 1000, 2000, 4000, 10_000)
 
 
@@ -588,9 +589,9 @@ def prediction_table(base: Cluster = SCALE) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for transport in TRANSPORTS:
-        for name, changes in SCENARIOS.items():
+        for name, (loss, stragglers) in SCENARIOS.items():
             for n in (1000, 10_000):
-                c = replace(base, nodes=n, **changes)
+                c = replace(base, nodes=n, loss=loss, stragglers=stragglers)
                 p = predict(transport, c)
                 lines.append(
                     f"| {transport} | {name} | {n:,} | {p.t:,.1f} | {p.t / c.one_copy:,.2f} "
@@ -606,9 +607,12 @@ def plot(path: Path, base: Cluster = SCALE) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for ax, (name, changes) in zip(axes, SCENARIOS.items(), strict=True):
+    for ax, (name, (loss, stragglers)) in zip(axes, SCENARIOS.items(), strict=True):
         for transport in TRANSPORTS:
-            ts = [predict(transport, replace(base, nodes=n, **changes)).t for n in PLOT_NODES]
+            ts = [
+                predict(transport, replace(base, nodes=n, loss=loss, stragglers=stragglers)).t
+                for n in PLOT_NODES
+            ]
             ax.plot(PLOT_NODES, ts, marker="o", label=transport)
         ax.set_xscale("log")
         ax.set_yscale("log")

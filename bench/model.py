@@ -119,8 +119,11 @@ BT_STORM = 3.0
 # skew) are the model's to predict.
 BT_MESHED = "2026-12-03 22:18"
 # ... and a rack run from when the doors were the design (99bee39's first run) that is
-# not labelled with them (c8b0633's) is of the doors.
+# not labelled with them (c8b0633's) is of the doors ...
 BT_DOORS = "2026-12-04 04:54"
+# ... until the lanes replaced them (3ea2f66's first run): a rack run from then on is of
+# the lanes, whether its label says so or not.
+BT_LANES = "2026-12-05 07:03"
 CATCHUP_SHARE = 0.5
 # udpcast's data blocks, in bytes; the FEC of a run is its ``--fec``, corral's default for
 # acknowledged mode (8x4/128: slices of 8 stripes of 128 blocks, 4 redundant per stripe)
@@ -443,7 +446,7 @@ def _bt_design(label: str, racks: int, egress_s: float, measured: str = "", node
                     "b6cc1d0 they bring the lane in first"
                 )
             return "in small racks the lane first, then the trade (before 48526b3)"
-    if racks > 1 and "lane" not in label:
+    if racks > 1 and "lane" not in label and measured < BT_LANES:
         if "doors," in label:
             return "a variant of the rack doors tried on the way (99bee39 replaced it)"
         if "one door per rack" in label or measured >= BT_DOORS:

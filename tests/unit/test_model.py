@@ -255,8 +255,13 @@ def test_the_check_leaves_out_bittorrents_old_designs_with_a_reason() -> None:
     assert len(lanes) >= 3 and not any(
         r.excluded and "recorded invalid" not in r.excluded for r in lanes
     )
+    unlabelled = [r for r in runs if r.cluster.rack_size and "lane" not in r.label]
+    current = [r for r in unlabelled if "current code" in r.label]  # after the lanes came
+    assert len(current) >= 3 and not any(
+        r.excluded and "recorded invalid" not in r.excluded for r in current
+    )
     for r in runs:
-        if r.cluster.rack_size and "lane" not in r.label:
+        if r in unlabelled and r not in current:
             assert r.excluded  # racks before the doors, the doors and their variants
         if r.egress / r.cluster.size > 10:
             assert r.excluded  # the seed's rescue storms
@@ -317,6 +322,8 @@ def test_the_check_leaves_out_bittorrents_old_designs_with_a_reason() -> None:
         ("bittorrent (4 racks, 4:1; one door per rack)", 4, 4.3, True, "", "lanes replaced"),
         ("bittorrent (4 racks, 4:1)", 4, 4.3, True, "2026-12-05 03:18", "one door per rack"),
         ("bittorrent (4 racks, 4:1)", 4, 4.2, True, "", "before the doors"),
+        # since the lanes came, a rack run is theirs whatever its label says
+        ("bittorrent (4 racks of 25, current code)", 4, 1.4, True, "2026-12-07 23:47", ""),
         (
             "bittorrent (4 racks, 4:1; doors, no rescue behind the door)",
             4,

@@ -629,6 +629,40 @@ def test_mount_waits_for_a_busy_device(tmp_path: Path) -> None:
     assert len(runner.calls) == 3  # not busy: no second try
 
 
+def test_partitioning_waits_for_a_disk_in_use_for_a_moment(tmp_path: Path) -> None:
+    layout = layout_of([Partition("/", "ext4", 0, True)])
+    in_use = "This disk is currently in use - repartitioning is probably a bad idea."
+    runner = FakeRunner(0)
+    answers = [(1, in_use), (1, in_use), (0, "")]
+
+    def in_use_twice(args: list[str], env: Any) -> None:
+        if args[0] == "sfdisk":
+            code, err = answers.pop(0)
+            runner.fail.pop("sfdisk", None)
+            if code:
+                runner.fail["sfdisk"] = (code, err)
+
+    runner.hook = in_use_twice
+    slept: list[float] = []
+    disk.partition(
+        runner, layout, 10 << 30, sleep=slept.append, exists=lambda d: True, sysfs=tmp_path
+    )
+    assert [c[0] for c in runner.calls].count("sfdisk") == 3 and slept == [0.5, 0.5]
+    # in use for good (or for another reason): refused as before, never forced
+    runner.hook = None
+    runner.fail["sfdisk"] = (1, in_use)
+    with pytest.raises(disk.CommandFailed, match="partitioning /dev/sda: sfdisk exited with 1"):
+        disk.partition(
+            runner, layout, 10 << 30, sleep=lambda s: None, exists=lambda d: True, sysfs=tmp_path
+        )
+    assert [c[0] for c in runner.calls].count("sfdisk") == 3 + disk.table.IN_USE_TRIES
+    runner.fail["sfdisk"] = (1, "sfdisk: cannot open /dev/sda: No such device")
+    with pytest.raises(disk.CommandFailed, match="No such device"):
+        disk.partition(runner, layout, 10 << 30, sleep=lambda s: None, exists=lambda d: True)
+    assert [c[0] for c in runner.calls].count("sfdisk") == 3 + disk.table.IN_USE_TRIES + 1
+    assert not any("--force" in c for c in runner.calls)
+
+
 def test_wait_partitions_nudges_the_kernel_until_the_new_table_shows(tmp_path: Path) -> None:
     layout = layout_of([Partition("/boot", "ext4", 100), Partition("/", "ext4", 0, True)])
     sysfs = tmp_path / "sys"

@@ -29,6 +29,12 @@ GPT_TYPES = {
 }
 
 DOS_TYPES = {"linux": "83", "swap": "82", "efi": "ef"}
+#: Tries of ``sfdisk`` while it finds the disk in use, half a second apart. A partition
+#: unmounted a moment ago (the agent's own look at the system already on the disk) can
+#: still be held by udev probing it: sfdisk then refuses ("This disk is currently in
+#: use"), which a fresh-clone CI run saw once on a loop device. A disk still in use after
+#: that is refused as before: corral never repartitions a disk by ``--force``.
+IN_USE_TRIES = 6
 
 
 def sfdisk_script(layout: Layout, disk_bytes: int) -> str:
@@ -70,7 +76,14 @@ def partition(
     for line in script.splitlines():
         log.debug("sfdisk: %s", line)
     argv = ["sfdisk", "--quiet", "--wipe", "always", "--wipe-partitions", "always", layout.device]
-    check(run(argv, input=script, timeout=120), f"partitioning {layout.device}")
+    result = run(argv, input=script, timeout=120)
+    for _ in range(IN_USE_TRIES - 1):
+        if result.ok or "currently in use" not in result.stderr + result.stdout:
+            break
+        log.info("%s is in use for a moment: partitioning it again in 0.5 s", layout.device)
+        sleep(0.5)
+        result = run(argv, input=script, timeout=120)
+    check(result, f"partitioning {layout.device}")
     wait_partitions(
         run,
         layout,

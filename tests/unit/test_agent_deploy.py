@@ -238,6 +238,19 @@ class FakeRunner:
     outputs: dict[str, str] = field(default_factory=dict)
     hook: Any = None
 
+    def answer(self, name: str, answers: list[tuple[int, str]]) -> None:
+        """Answer the next calls of program ``name`` with these (exit code, stderr) in
+        turn; code 0 lets the call go as it would (through :attr:`hook`)."""
+
+        def next_answer(args: list[str], env: Any) -> None:
+            if args[0] == name:
+                code, err = answers.pop(0)
+                self.fail.pop(name, None)
+                if code:
+                    self.fail[name] = (code, err)
+
+        self.hook = next_answer
+
     def __call__(
         self,
         argv: Sequence[str],
@@ -609,15 +622,9 @@ def test_an_incremental_receiver_keeps_the_filesystems_it_made(machine: tuple[Pa
 
 def test_mount_waits_for_a_busy_device(tmp_path: Path) -> None:
     runner = FakeRunner(0)
-    answers = [(32, "mount: /t: /dev/sda1 already mounted or mount point busy."), (0, "")]
-
-    def busy_once(args: list[str], env: Any) -> None:
-        code, err = answers.pop(0)
-        runner.fail.pop("mount", None)
-        if code:
-            runner.fail["mount"] = (code, err)
-
-    runner.hook = busy_once
+    runner.answer(
+        "mount", [(32, "mount: /t: /dev/sda1 already mounted or mount point busy."), (0, "")]
+    )
     slept: list[float] = []
     mounts = disk.Mounts(runner, sleep=slept.append)
     mounts.mount("/dev/sda1", tmp_path / "t", fstype="ext4")
@@ -633,16 +640,7 @@ def test_partitioning_waits_for_a_disk_in_use_for_a_moment(tmp_path: Path) -> No
     layout = layout_of([Partition("/", "ext4", 0, True)])
     in_use = "This disk is currently in use - repartitioning is probably a bad idea."
     runner = FakeRunner(0)
-    answers = [(1, in_use), (1, in_use), (0, "")]
-
-    def in_use_twice(args: list[str], env: Any) -> None:
-        if args[0] == "sfdisk":
-            code, err = answers.pop(0)
-            runner.fail.pop("sfdisk", None)
-            if code:
-                runner.fail["sfdisk"] = (code, err)
-
-    runner.hook = in_use_twice
+    runner.answer("sfdisk", [(1, in_use), (1, in_use), (0, "")])
     slept: list[float] = []
     disk.partition(
         runner, layout, 10 << 30, sleep=slept.append, exists=lambda d: True, sysfs=tmp_path

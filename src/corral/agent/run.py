@@ -19,7 +19,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
@@ -82,6 +82,33 @@ class Runner(Protocol):
         env: Mapping[str, str] | None = None,
         cancel: threading.Event | None = None,
     ) -> Result: ...
+
+
+def run_while_held(
+    run: Runner,
+    argv: Sequence[str],
+    *,
+    held: str,
+    tries: int,
+    sleep: Callable[[float], None] = time.sleep,
+    note: str = "",
+    input: str | None = None,
+    timeout: float = 600.0,
+) -> Result:
+    """Run ``argv``, and again half a second later while it fails saying ``held`` (a device
+    still held for a moment: by the kernel tearing a filesystem down, or udev probing a
+    partition just unmounted), at most ``tries`` times in all; the last result.
+
+    ``note``, if given, is logged before each new try."""
+    result = run(argv, input=input, timeout=timeout)
+    for _ in range(tries - 1):
+        if result.ok or held not in result.stderr + result.stdout:
+            break
+        if note:
+            log.info("%s", note)
+        sleep(0.5)
+        result = run(argv, input=input, timeout=timeout)
+    return result
 
 
 class SubprocessRunner:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from corral.agent.disk.layout import Layout
-from corral.agent.run import Runner, check
+from corral.agent.run import Runner, check, run_while_held
 
 log = logging.getLogger("corral.agent")
 
@@ -68,14 +68,10 @@ class Mounts:
         if options:
             argv += ["-o", options]
         argv += [source, str(target)]
-        result = self.run(argv, timeout=120)
-        for _ in range(self.tries - 1):
-            # a device unmounted a moment ago can still be held (by the kernel tearing its
-            # filesystem down, or by a tool probing it): "already mounted or busy"
-            if result.ok or "busy" not in result.stderr:
-                break
-            self.sleep(0.5)
-            result = self.run(argv, timeout=120)
+        # a device unmounted a moment ago can still be held: "already mounted or busy"
+        result = run_while_held(
+            self.run, argv, held="busy", tries=self.tries, sleep=self.sleep, timeout=120
+        )
         check(result, f"mounting {source}")
         self.stack.append(str(target))
 

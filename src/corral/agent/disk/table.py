@@ -16,7 +16,7 @@ from typing import Any
 from corral.agent.disk.layout import Layout
 from corral.agent.disk.sizes import MiB, geometry, sizes_mb
 from corral.agent.errors import DiskError
-from corral.agent.run import Runner, check
+from corral.agent.run import Runner, check, run_while_held
 
 log = logging.getLogger("corral.agent")
 
@@ -76,13 +76,16 @@ def partition(
     for line in script.splitlines():
         log.debug("sfdisk: %s", line)
     argv = ["sfdisk", "--quiet", "--wipe", "always", "--wipe-partitions", "always", layout.device]
-    result = run(argv, input=script, timeout=120)
-    for _ in range(IN_USE_TRIES - 1):
-        if result.ok or "currently in use" not in result.stderr + result.stdout:
-            break
-        log.info("%s is in use for a moment: partitioning it again in 0.5 s", layout.device)
-        sleep(0.5)
-        result = run(argv, input=script, timeout=120)
+    result = run_while_held(
+        run,
+        argv,
+        held="currently in use",
+        tries=IN_USE_TRIES,
+        sleep=sleep,
+        note=f"{layout.device} is in use for a moment: partitioning it again in 0.5 s",
+        input=script,
+        timeout=120,
+    )
     check(result, f"partitioning {layout.device}")
     wait_partitions(
         run,

@@ -146,6 +146,49 @@ def test_a_reader_waits_for_the_next_piece_and_wakes_on_close() -> None:
 # --- choosing the upstream -----------------------------------------------------------
 
 
+def test_the_window_holds_the_stream_for_the_node_after_it_within_a_budget() -> None:
+    window = Window([10] * 8, keep=2, hold=0.4)
+    needs = ["tb002", 0]
+    window.successor = lambda: (str(needs[0]), int(needs[1]))
+
+    def complete(i: int) -> threading.Thread:
+        t = threading.Thread(target=window.complete, args=(i, bytes([i]) * 10))
+        t.start()
+        return t
+
+    for i in range(2):
+        complete(i).join(1)  # nothing forgotten yet
+    assert window.held == 0
+    t = complete(2)  # chunk 0 would be forgotten, and tb002 still needs it
+    t.join(0.1)
+    assert t.is_alive() and window.low == 0
+    needs[1] = 1
+    window.read(1, 0, 10, timeout=0)  # its sender moved on: that wakes the hold
+    t.join(1)
+    assert not t.is_alive() and window.low == 1 and 0.1 <= window.held < 0.4
+    # tb002 stays at chunk 1: held for what is left of the budget, then forgotten
+    complete(3).join(2)
+    assert window.low == 2 and window.given_up == "tb002" and window.held >= 0.39
+    started = time.monotonic()
+    complete(4).join(1)  # not held for again...
+    assert time.monotonic() - started < 0.2 and window.low == 3
+    needs[1] = 4  # ...until it is back in the window (it took the gap from the server)
+    complete(5).join(1)
+    assert window.given_up is None
+
+
+def test_without_a_successor_or_a_budget_the_window_never_waits() -> None:
+    for window in (Window([1] * 4, keep=1, hold=5), Window([1] * 4, keep=1)):
+        if window.hold:
+            window.successor = lambda: None
+        else:
+            window.successor = lambda: ("tb002", 0)
+        started = time.monotonic()
+        for i in range(4):
+            window.complete(i, b"x")
+        assert time.monotonic() - started < 0.5 and window.low == 3
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -751,6 +794,43 @@ def test_a_node_up_before_its_predecessor_never_makes_an_uplink_feed_two(
     assert relay.served == len(b"".join(chunks)) and server.gets == []
 
 
+class TightChain(SteadyChain):
+    """Keeps two chunks: on loopback, the stream outruns a node that starts late."""
+
+    window_chunks = 2
+
+
+class TightChainNoHold(TightChain):
+    hold_seconds = 0.0
+
+
+@pytest.mark.parametrize("cls", [TightChain, TightChainNoHold])
+def test_a_relay_holds_the_stream_for_a_successor_that_starts_late(
+    test_head: Any, cls: type[ChainReceiver]
+) -> None:
+    chunks = [os.urandom(50_000) for _ in range(8)]
+    relay, window = test_head([len(c) for c in chunks])
+    for i, data in enumerate(chunks):
+        window.complete(i, data)  # the head has it all (a server's chunk files)
+    server = ChunkServer(chunks)
+    nodes = nodes_for(chunks, head_address(relay), 3, server, cls=cls)
+    for node in nodes:
+        node.start()
+        time.sleep(0.5)  # each starts half a second after the one before it
+    for node in nodes:
+        node.join()
+        assert node.error is None, f"{node.name}: {node.error!r}"
+        assert node.unpacker.data == b"".join(chunks)
+    details = [n.result.details for n in nodes if n.result]
+    if cls.hold_seconds:
+        # tb001 and tb002 waited for the next one; nothing came from the server
+        assert server.gets == [] and relay.served == len(b"".join(chunks))
+        assert [d["held_ms"] > 0 for d in details] == [True, True, False]
+    else:
+        # without the hold, what a relay forgot before its successor came: over HTTP
+        assert server.gets and sum(d["skips"] for d in details) >= 1
+
+
 def test_a_node_goes_on_while_it_still_serves_a_slow_successor(test_head: Any) -> None:
     chunks = [os.urandom(20_000) for _ in range(12)]
     relay, window = test_head([len(c) for c in chunks])
@@ -953,6 +1033,27 @@ def test_an_uplink_feeds_one_successor_and_hands_it_over_to_whoever_passed_it() 
     other.done.set()
     assert slot.claim(hello("tb009")) is None
     other.sock.close()
+
+
+def test_the_slot_says_what_the_node_after_this_one_needs() -> None:
+    slot = Slot()
+    after = {"tb003", "tb004"}
+    assert slot.needs(after, expected=True) == ("", 0)  # it has not come yet
+    assert slot.needs(after, expected=False) is None  # the chain's last node
+    assert slot.claim(Hello(TAG, 2, "tb003", 0)) is None
+    assert slot.needs(after, expected=True) == ("tb003", 2)  # its hello's chunk
+    a, b = socket.socketpair()
+    with a, b:
+        sender = Sender(a, Window([1] * 6), [1] * 6, 2, "tb003")
+        sender.at = 4
+        slot.attach("tb003", sender)
+        assert slot.needs(after, expected=True) == ("tb003", 4)
+        sender.done.set()
+        assert slot.needs(after, expected=True) is None  # it has everything and left
+    # a node before this one, pulling from the tail, is not held for
+    tail = Slot()
+    assert tail.claim(Hello(TAG, 0, "tb001", 0)) is None
+    assert tail.needs(after, expected=False) is None
 
 
 def test_order_is_by_name_and_drops_duplicates() -> None:

@@ -13,7 +13,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Protocol
 
@@ -115,6 +115,8 @@ class Sender:
         self.peer = peer
         self.heartbeat = heartbeat
         self.wait_close = wait_close
+        #: the chunk being sent now: everything before it went out
+        self.at = start
         self.sent = 0
         self.skips = 0
         self.complete = False
@@ -161,6 +163,7 @@ class Sender:
                 self._send(pack_frame(SKIP, gone.low, have=source.held_kib, lag=source.lag))
                 self.skips += 1
                 index, offset = gone.low, 0
+                self.at = index
                 continue
             if data is None:
                 if peer_closed(self.sock):
@@ -173,6 +176,7 @@ class Sender:
             offset += len(data)
             if offset >= self.sizes[index]:
                 index, offset = index + 1, 0
+                self.at = index
         # everything went out; the downstream closes once it has checked the last chunk
         deadline = time.monotonic() + self.wait_close
         while time.monotonic() < deadline:
@@ -203,6 +207,7 @@ class Slot:
         self.name: str | None = None
         self.sender: Sender | None = None
         self.claimed = 0.0
+        self.index = 0  # the chunk its hello asked for
         self.passed: set[str] = set()
 
     def _live(self) -> bool:
@@ -226,6 +231,7 @@ class Slot:
             elif self.name == hello.name:
                 displaced = self.sender  # its old connection, if it still looks alive
             self.name, self.sender, self.claimed = hello.name, None, self.clock()
+            self.index = hello.index
         if displaced is not None:
             with contextlib.suppress(OSError):
                 displaced.sock.shutdown(socket.SHUT_RDWR)
@@ -240,6 +246,17 @@ class Slot:
     def holder(self) -> str | None:
         with self.lock:
             return self.name if self._live() else None
+
+    def needs(self, after: Collection[str], expected: bool) -> tuple[str, int] | None:
+        """The node fed here and the chunk it needs now, if it comes after this one in the
+        chain (its name in ``after``: not a node pulling from the tail); ``("", 0)`` if
+        nobody came yet and one is ``expected``; else None."""
+        with self.lock:
+            if self.name is None:
+                return ("", 0) if expected else None
+            if self.name not in after or not self._live():
+                return None
+            return self.name, self.index if self.sender is None else self.sender.at
 
 
 def answer_hello(

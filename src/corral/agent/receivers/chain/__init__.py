@@ -44,7 +44,9 @@ Failures, without restarting anyone:
   started listening yet gets :data:`START_PATIENCE` seconds (nodes boot at slightly
   different times) before it is bypassed;
 - the upstream no longer holds the chunk it needs (a relay keeps the last
-  :data:`WINDOW_CHUNKS` chunks in memory, since what is unpacked is gone): it says so
+  :data:`WINDOW_CHUNKS` chunks in memory, since what is unpacked is gone, and holds the
+  stream for the node after it, one that has not come yet included, at most
+  :data:`HOLD_SECONDS` within 30 s, while that node still needs the oldest): it says so
   (``SKIP``) and the node fetches the gap from the server over HTTP
   (:meth:`~corral.agent.receivers.base.StreamReceiver.fetch_chunk`, checked), then goes on
   reading from the same upstream;

@@ -24,7 +24,7 @@ from corral.agent.receivers.chain.upstream import (
     Picker,
     Upstream,
 )
-from corral.agent.receivers.chain.window import WINDOW_CHUNKS, Window
+from corral.agent.receivers.chain.window import HOLD_SECONDS, WINDOW_CHUNKS, Window
 from corral.agent.receivers.stream import VerifiedStream
 from corral.agent.wire.chain import (
     BUSY,
@@ -140,6 +140,7 @@ class ChainReceiver(StreamReceiver):
     lag_seconds = LAG_SECONDS
     lag_span = PACE_SPAN
     unpack_queue = UNPACK_QUEUE
+    hold_seconds = HOLD_SECONDS
 
     def __init__(self, context: Context) -> None:
         super().__init__(context)
@@ -150,10 +151,15 @@ class ChainReceiver(StreamReceiver):
         params = ChainParams.from_dict(job.plan.transport.params)
         image = job.plan.image
         sizes = [c.size for c in image.chunks]
-        window = Window(sizes, self.window_chunks)
+        window = Window(sizes, self.window_chunks, hold=self.hold_seconds)
         name, ip = params.me
         self.relay = relay = Relay(
-            (ip or "", params.relay_port), params.session, window, heartbeat=self.heartbeat
+            (ip or "", params.relay_port),
+            params.session,
+            window,
+            heartbeat=self.heartbeat,
+            after=[m for m, _ in params.members[params.position + 1 :]],
+            expected=not params.is_last,
         )
         relay.start()
         self.picker = Picker(
@@ -199,6 +205,7 @@ class ChainReceiver(StreamReceiver):
             "switches": self.picker.switches,
             "lag_passes": state.lag_passes,
             "most_lag_ms": state.most_lag,
+            "held_ms": int(window.held * 1000),
             "exiled": int(self.picker.exiled or self.picker.http_rest),
             "served_bytes": relay.served,
         }

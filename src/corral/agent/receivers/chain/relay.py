@@ -10,6 +10,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Collection
 
 from corral.agent.receivers.chain.window import Window
 from corral.agent.wire.chain import HEARTBEAT, tune
@@ -33,6 +34,8 @@ class Relay:
         window: Window,
         *,
         heartbeat: float = HEARTBEAT,
+        after: Collection[str] = (),
+        expected: bool = False,
     ) -> None:
         self.tag = tag
         self.window = window
@@ -40,6 +43,11 @@ class Relay:
         self.senders: list[Sender] = []
         #: the one node after this one that it feeds
         self.slot = Slot()
+        #: the nodes after this one in the chain (the window holds the stream for the one
+        #: fed here if it is one of them), and whether one is to come
+        self.after = frozenset(after)
+        self.expected = expected
+        window.successor = self._successor
         self.closing = False
         self.last_event = time.monotonic()
         self._lock = threading.Lock()
@@ -115,6 +123,11 @@ class Relay:
             sender.sent,
             f" ({sender.error})" if sender.error else "",
         )
+
+    def _successor(self) -> tuple[str, int] | None:
+        """Whom the window holds the stream for (see :meth:`Slot.needs`): nobody if this
+        relay could not listen (the nodes after it pull past it)."""
+        return None if self.sock is None else self.slot.needs(self.after, self.expected)
 
     def _have_for(self, tag: str) -> int | None:
         return self.window.have if tag == self.tag else None

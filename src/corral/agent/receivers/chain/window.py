@@ -3,14 +3,27 @@ nodes after it from."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
 
+from corral.agent.receivers.chain.upstream import LAG_WINDOW
 from corral.agent.wire.chain import Closed, Gone
+
+log = logging.getLogger("corral.agent")
 
 #: Whole chunks a relay keeps for nodes that (re)connect behind it: 8 x 4 MiB = 32 MiB of
 #: the node's RAM, 13 s of data at 20 Mbit/s, enough for a bypassing node to resume.
 WINDOW_CHUNKS = 8
+#: The most a relay holds the stream for the node after it, in seconds within any
+#: LAG_WINDOW (refilled evenly). 32 MiB is 128 s at 2 Mbit/s but 27 ms at 10 Gbit/s: on
+#: fast links a successor that starts half a second late, or runs a little slower, would
+#: fall out of the window and take the gap from the server. Held, it stays on the chain,
+#: and the hold reaches up the chain (a relay that does not read fills its upstream's
+#: window). Half of LAG_SECONDS: a relay's own lag grows by at most what it held, so a
+#: relay that waits for a slow successor never looks slow itself to that successor.
+HOLD_SECONDS = 4.0
 
 
 class Window:
@@ -18,7 +31,14 @@ class Window:
     pieces of the chunk arriving now (forwarded before it is checked; each node checks for
     itself). Chunks arrive in order; everything below :attr:`have` was checked."""
 
-    def __init__(self, sizes: list[int], keep: int = WINDOW_CHUNKS) -> None:
+    def __init__(
+        self,
+        sizes: list[int],
+        keep: int = WINDOW_CHUNKS,
+        *,
+        hold: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.sizes = sizes
         self.starts = [0]
         for size in sizes:
@@ -30,6 +50,16 @@ class Window:
         self.partial = bytearray()
         self.lag = 0  # see LagWatch: what this node tells the nodes after it
         self.closed = False
+        #: who the node after this one is ("" before it came) and the chunk it still
+        #: needs, or None: nobody to hold the stream for (set by the relay)
+        self.successor: Callable[[], tuple[str, int] | None] = lambda: None
+        self.hold = hold
+        self.clock = clock
+        self.budget = hold  # seconds of holding left
+        self.refilled = clock()
+        self.held = 0.0  # seconds held in all
+        self.given_up: str | None = None  # the successor held for in vain
+        self._read_at = -1
 
     @property
     def have(self) -> int:
@@ -64,9 +94,53 @@ class Window:
             self.chunks[index] = data
             self._have = index + 1
             self.partial = bytearray()
+            self.cond.notify_all()
+            self._hold_for_successor(self._have - self.keep)
             for old in [k for k in self.chunks if k < self._have - self.keep]:
                 del self.chunks[old]
             self.cond.notify_all()
+
+    def _hold_for_successor(self, low: int) -> None:
+        """Wait (the lock held, released while waiting) while the node after this one still
+        needs a chunk below ``low``, which would be forgotten: at most the budget left. A
+        successor held for in vain is not held for again until it is back in the window
+        (it took the gap from the server), so that one that is gone, or slow, costs the
+        chain one budget, not a slower pace."""
+        if self.hold <= 0:
+            return
+        now = self.clock()
+        rate = self.hold / LAG_WINDOW
+        self.budget = min(self.hold, self.budget + (now - self.refilled) * rate)
+        self.refilled = now
+        started = now
+        waited = False
+        while not self.closed:
+            wanted = self.successor()
+            if wanted is None or wanted[1] >= low:
+                if wanted is not None and wanted[0] == self.given_up:
+                    self.given_up = None  # back in the window
+                break
+            who, needs = wanted
+            if who == self.given_up:
+                break
+            if self.clock() - started >= self.budget:
+                self.given_up = who
+                log.info(
+                    "chain: %s needs chunk %d, which this relay forgets now: held the "
+                    "stream for it %.1f s, going on without it (it takes the gap from "
+                    "the server)",
+                    who or "the node after this one, not here yet,",
+                    needs,
+                    self.clock() - started,
+                )
+                break
+            self.cond.wait(min(0.05, self.budget - (self.clock() - started)))
+            waited = True
+        if waited:
+            spent = self.clock() - started
+            self.budget = max(0.0, self.budget - spent)
+            self.held += spent
+            self.refilled = self.clock()
 
     def close(self) -> None:
         with self.cond:
@@ -76,6 +150,9 @@ class Window:
     def read(self, index: int, offset: int, size: int, timeout: float) -> bytes | None:
         deadline = time.monotonic() + timeout
         with self.cond:
+            if index != self._read_at:  # a sender moved on: a hold may be over
+                self._read_at = index
+                self.cond.notify_all()
             while True:
                 if self.closed:
                     raise Closed()

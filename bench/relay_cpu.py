@@ -1,0 +1,175 @@
+"""Benchmark: what the chain's agent code costs in CPU per MiB, on loopback.
+
+On the testbed's links (1 to 20 Mbit/s) the agents are never the bound; on 10 GbE they
+may be (docs/real-hardware.md, "Fast links"). This measures the agent's own share without
+a testbed: in one process, a head (a relay whose window holds every chunk) and N chain
+receivers (:class:`ChainReceiver`, the agent's code, each on its own 127.0.0.x address)
+pull an image of random chunks through each other, each checking every chunk and the
+whole stream, and throwing the checked bytes away (no ``zstd | tar``: their cost is the
+image's, not the chain's). Printed per run: the wall time, the process's user and system
+CPU, and the CPU per MiB per node (the head's sending included, one node's worth), then
+the median and the worst of the runs.
+
+    .venv/bin/python bench/relay_cpu.py [--nodes 1,2] [--size-mib 512] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+# bench/ is not a package: the test fakes come from the repository's root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from corral.agent.receivers.base import Context, Job
+from corral.agent.receivers.chain.receiver import ChainReceiver
+from corral.agent.receivers.chain.relay import Relay
+from corral.agent.receivers.chain.window import Window
+from corral.agent.receivers.stream import Unpacker
+from corral.agent.report import Client
+from corral.agent.wire.chain import session_tag
+from tests.fakes import ChunkServer, free_port, stream_plan
+
+CHUNK = 4 << 20
+TAG = session_tag(1, "bench:1", "00" * 32)
+
+
+class Discard:
+    """An unpacker that keeps nothing: its own factory, as a receiver's ``make_unpacker``."""
+
+    def __call__(self, target_dir: Path) -> Unpacker:
+        return cast(Unpacker, self)
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def finish(self, timeout: float = 600) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+class Quick(ChainReceiver):
+    """Closes its relay a second after the last node has everything, not 20 s."""
+
+    drain_idle = 1.0
+    linger = 1.0
+
+
+@dataclass
+class Run:
+    nodes: int
+    mib: int
+    wall: float
+    user: float
+    system: float
+
+    @property
+    def per_mib(self) -> float:
+        """Milliseconds of CPU per MiB per node."""
+        return 1000 * (self.user + self.system) / self.mib / self.nodes
+
+
+def run_once(nodes: int, mib: int) -> Run:
+    block = os.urandom(CHUNK)
+    chunks = [i.to_bytes(4, "big") + block[4:] for i in range(max(1, mib * (1 << 20) // CHUNK))]
+    window = Window([len(c) for c in chunks], keep=len(chunks))
+    head = Relay(("127.0.0.1", 0), TAG, window)
+    head.start()
+    for i, data in enumerate(chunks):
+        window.complete(i, data)
+    assert head.sock is not None
+    address = head.sock.getsockname()
+    port = free_port()
+    members = [[f"tb{i + 1:03d}", f"127.0.0.{i + 2}"] for i in range(nodes)]
+    jobs: list[tuple[ChainReceiver, Any]] = []
+    for i in range(nodes):
+        params = {
+            "session": TAG,
+            "position": i,
+            "members": members,
+            "relay_port": port,
+            "head": list(address),
+            "base": "http://127.0.0.1:1/images/bench/1",
+        }
+        receiver = Quick(Context(cast(Client, ChunkServer(chunks)), tries=2))
+        receiver.make_unpacker = Discard()  # type: ignore[method-assign]
+        jobs.append((receiver, stream_plan(chunks, "chain", params, node=members[i][0])))
+    errors: list[BaseException] = []
+
+    def receive(receiver: ChainReceiver, plan: Any) -> None:
+        try:
+            receiver.receive(Job(plan, Path("/nonexistent"), lambda d, t: None, threading.Event()))
+        except BaseException as exc:  # reported after the run
+            errors.append(exc)
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.monotonic()
+    threads = [threading.Thread(target=receive, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    head.close()
+    if errors:
+        raise SystemExit(f"error: a receiver failed: {errors[0]!r}")
+    size = sum(map(len, chunks)) / (1 << 20)
+    return Run(
+        nodes,
+        round(size),
+        wall,
+        after.ru_utime - before.ru_utime,
+        after.ru_stime - before.ru_stime,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", default="1,2", help="comma-separated numbers of nodes")
+    parser.add_argument("--size-mib", type=int, default=512, help="the image, in MiB")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each")
+    args = parser.parse_args()
+    try:
+        counts = [int(n) for n in args.nodes.split(",")]
+    except ValueError:
+        print(f"error: --nodes {args.nodes!r}: give numbers, e.g. 1,2", file=sys.stderr)
+        return 2
+    if any(not 1 <= n <= 200 for n in counts) or args.size_mib < 4 or args.repeat < 1:
+        print(
+            "error: --nodes from 1 to 200, --size-mib at least 4 (one chunk), --repeat 1 or more",
+            file=sys.stderr,
+        )
+        return 2
+    print("| N | MiB | wall (s) | user (s) | system (s) | CPU ms per MiB per node |")
+    print("|---|---|---|---|---|---|")
+    summary = []
+    for n in counts:
+        runs = []
+        for _ in range(args.repeat):
+            r = run_once(n, args.size_mib)
+            runs.append(r)
+            print(
+                f"| {n} | {r.mib} | {r.wall:.2f} | {r.user:.2f} | {r.system:.2f} "
+                f"| {r.per_mib:.2f} |",
+                flush=True,
+            )
+        figures = [r.per_mib for r in runs]
+        summary.append((n, statistics.median(figures), max(figures)))
+    for n, median, worst in summary:
+        print(f"N = {n}: {median:.2f} ({worst:.2f}) ms of CPU per MiB per node, median (worst)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

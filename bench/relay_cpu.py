@@ -2,13 +2,13 @@
 
 On the testbed's links (1 to 20 Mbit/s) the agents are never the bound; on 10 GbE they
 may be (docs/real-hardware.md, "Fast links"). This measures the agent's own share without
-a testbed: in one process, a head (a relay whose window holds every chunk) and N chain
-receivers (:class:`ChainReceiver`, the agent's code, each on its own 127.0.0.x address)
-pull an image of random chunks through each other, each checking every chunk and the
-whole stream, and throwing the checked bytes away (no ``zstd | tar``: their cost is the
-image's, not the chain's). Printed per run: the wall time, the process's user and system
-CPU, and the CPU per MiB per node (the head's sending included, one node's worth), then
-the median and the worst of the runs.
+a testbed: a head (a relay whose window holds every chunk, in this process) and N chain
+receivers (:class:`ChainReceiver`, the agent's code, each in a process of its own as on
+its own node, on its own 127.0.0.x address) pull an image of random chunks through each
+other, each checking every chunk and the whole stream, and throwing the checked bytes
+away (no ``zstd | tar``: their cost is the image's, not the chain's). Printed per run:
+the wall time, the nodes' user and system CPU, the CPU per MiB per node, and the head's;
+then the median and the worst of the runs.
 
     .venv/bin/python bench/relay_cpu.py [--nodes 1,2] [--size-mib 512] [--repeat 3]
 """
@@ -16,6 +16,7 @@ the median and the worst of the runs.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import resource
 import statistics
@@ -72,65 +73,80 @@ class Run:
     wall: float
     user: float
     system: float
+    head: float
 
     @property
     def per_mib(self) -> float:
-        """Milliseconds of CPU per MiB per node."""
+        """Milliseconds of the nodes' CPU per MiB per node."""
         return 1000 * (self.user + self.system) / self.mib / self.nodes
+
+
+def receive(name: str, receiver: ChainReceiver, plan: Any, go: Any) -> None:
+    """One node, in a process of its own: wait for the head, receive, exit 0 (or 1)."""
+    go.wait()
+    try:
+        receiver.receive(Job(plan, Path("/nonexistent"), lambda d, t: None, threading.Event()))
+    except Exception as exc:
+        print(f"error: {name}: {exc!r}", file=sys.stderr)
+        os._exit(1)
+    os._exit(0)
+
+
+def node(
+    position: int, members: list[list[str]], ports: tuple[int, int], chunks: list[bytes]
+) -> tuple[str, ChainReceiver, Any]:
+    """A node's receiver and plan, made before its process (the plan's checksums are not
+    the node's work)."""
+    params = {
+        "session": TAG,
+        "position": position,
+        "members": members,
+        "relay_port": ports[1],
+        "head": ["127.0.0.1", ports[0]],
+        "base": "http://127.0.0.1:1/images/bench/1",
+    }
+    receiver = Quick(Context(cast(Client, ChunkServer(chunks)), tries=2))
+    receiver.make_unpacker = Discard()  # type: ignore[method-assign]
+    name = members[position][0]
+    return name, receiver, stream_plan(chunks, "chain", params, node=name)
 
 
 def run_once(nodes: int, mib: int) -> Run:
     block = os.urandom(CHUNK)
     chunks = [i.to_bytes(4, "big") + block[4:] for i in range(max(1, mib * (1 << 20) // CHUNK))]
+    ports = (free_port(), free_port())
+    members = [[f"tb{i + 1:03d}", f"127.0.0.{i + 2}"] for i in range(nodes)]
+    # the nodes are forked before this process has a thread of its own, and wait
+    fork = multiprocessing.get_context("fork")
+    go = fork.Event()
+    made = [node(i, members, ports, chunks) for i in range(nodes)]
+    procs = [fork.Process(target=receive, args=(*m, go)) for m in made]
+    for proc in procs:
+        proc.start()
     window = Window([len(c) for c in chunks], keep=len(chunks))
-    head = Relay(("127.0.0.1", 0), TAG, window)
-    head.start()
     for i, data in enumerate(chunks):
         window.complete(i, data)
-    assert head.sock is not None
-    address = head.sock.getsockname()
-    port = free_port()
-    members = [[f"tb{i + 1:03d}", f"127.0.0.{i + 2}"] for i in range(nodes)]
-    jobs: list[tuple[ChainReceiver, Any]] = []
-    for i in range(nodes):
-        params = {
-            "session": TAG,
-            "position": i,
-            "members": members,
-            "relay_port": port,
-            "head": list(address),
-            "base": "http://127.0.0.1:1/images/bench/1",
-        }
-        receiver = Quick(Context(cast(Client, ChunkServer(chunks)), tries=2))
-        receiver.make_unpacker = Discard()  # type: ignore[method-assign]
-        jobs.append((receiver, stream_plan(chunks, "chain", params, node=members[i][0])))
-    errors: list[BaseException] = []
-
-    def receive(receiver: ChainReceiver, plan: Any) -> None:
-        try:
-            receiver.receive(Job(plan, Path("/nonexistent"), lambda d, t: None, threading.Event()))
-        except BaseException as exc:  # reported after the run
-            errors.append(exc)
-
-    before = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    head = Relay(("127.0.0.1", ports[0]), TAG, window)
+    head.start()
     started = time.monotonic()
-    threads = [threading.Thread(target=receive, args=job) for job in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    go.set()
+    for proc in procs:
+        proc.join()
     wall = time.monotonic() - started
-    after = resource.getrusage(resource.RUSAGE_SELF)
     head.close()
-    if errors:
-        raise SystemExit(f"error: a receiver failed: {errors[0]!r}")
-    size = sum(map(len, chunks)) / (1 << 20)
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own_done = resource.getrusage(resource.RUSAGE_SELF)
+    if any(proc.exitcode for proc in procs):
+        raise SystemExit("error: a node failed to receive the image (its error is above)")
     return Run(
         nodes,
-        round(size),
+        round(sum(map(len, chunks)) / (1 << 20)),
         wall,
-        after.ru_utime - before.ru_utime,
-        after.ru_stime - before.ru_stime,
+        done.ru_utime - children.ru_utime,
+        done.ru_stime - children.ru_stime,
+        own_done.ru_utime + own_done.ru_stime - own.ru_utime - own.ru_stime,
     )
 
 
@@ -151,8 +167,8 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    print("| N | MiB | wall (s) | user (s) | system (s) | CPU ms per MiB per node |")
-    print("|---|---|---|---|---|---|")
+    print("| N | MiB | wall (s) | nodes' user (s) | nodes' system (s) | ms/MiB a node | head (s) |")
+    print("|---|---|---|---|---|---|---|")
     summary = []
     for n in counts:
         runs = []
@@ -161,13 +177,13 @@ def main() -> int:
             runs.append(r)
             print(
                 f"| {n} | {r.mib} | {r.wall:.2f} | {r.user:.2f} | {r.system:.2f} "
-                f"| {r.per_mib:.2f} |",
+                f"| {r.per_mib:.2f} | {r.head:.2f} |",
                 flush=True,
             )
         figures = [r.per_mib for r in runs]
         summary.append((n, statistics.median(figures), max(figures)))
     for n, median, worst in summary:
-        print(f"N = {n}: {median:.2f} ({worst:.2f}) ms of CPU per MiB per node, median (worst)")
+        print(f"N = {n}: {median:.2f} ({worst:.2f}) ms of CPU per MiB a node, median (worst)")
     return 0
 
 

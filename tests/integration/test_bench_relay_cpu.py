@@ -22,7 +22,7 @@ def test_the_relay_cpu_bench_measures_each_run_and_sums_them_up() -> None:
     assert len(rows) == 4
     summary = [line for line in done.stdout.splitlines() if line.startswith("N = ")]
     assert [line.split(":")[0] for line in summary] == ["N = 1", "N = 2"]
-    assert all("ms of CPU per MiB per node, median (worst)" in line for line in summary)
+    assert all("ms of CPU per MiB a node, median (worst)" in line for line in summary)
     for bad, why in ((["--nodes", "two"], "give numbers"), (["--size-mib", "1"], "at least 4")):
         refused = subprocess.run(
             [sys.executable, str(BENCH), *bad], capture_output=True, text=True, check=False

@@ -40,6 +40,8 @@ from corral.agent.wire.chain import session_tag
 from tests.fakes import ChunkServer, free_port, stream_plan
 
 CHUNK = 4 << 20
+#: Seconds the nodes have to receive the image, all of them (a node that hangs is killed)
+NODE_TIMEOUT = 600.0
 TAG = session_tag(1, "bench:1", "00" * 32)
 
 
@@ -129,17 +131,26 @@ def run_once(nodes: int, mib: int) -> Run:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     own = resource.getrusage(resource.RUSAGE_SELF)
     head = Relay(("127.0.0.1", ports[0]), TAG, window)
-    head.start()
-    started = time.monotonic()
-    go.set()
-    for proc in procs:
-        proc.join()
-    wall = time.monotonic() - started
-    head.close()
+    try:
+        head.start()
+        started = time.monotonic()
+        go.set()
+        for proc in procs:
+            proc.join(max(1.0, started + NODE_TIMEOUT - time.monotonic()))
+        wall = time.monotonic() - started
+    finally:
+        for proc in procs:  # none is left behind, whatever happened
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        head.close()
     done = resource.getrusage(resource.RUSAGE_CHILDREN)
     own_done = resource.getrusage(resource.RUSAGE_SELF)
     if any(proc.exitcode for proc in procs):
-        raise SystemExit("error: a node failed to receive the image (its error is above)")
+        raise SystemExit(
+            f"error: a node did not receive the image within {NODE_TIMEOUT:.0f} s "
+            "(its error, if it had one, is above)"
+        )
     return Run(
         nodes,
         round(sum(map(len, chunks)) / (1 << 20)),
